@@ -1,0 +1,198 @@
+"""The one model of a process with its federated parameters, and the layout both sides share.
+
+The base model is loaded once per process (:class:`ModelRuntime`); clients and the evaluator
+take turns by loading a global state into it *in place* (:meth:`ModelRuntime.load`).
+
+Federated parameter names (the keys of every global state):
+- ``<module>.A`` (r × d_in) and ``<module>.B`` (d_out × r) for every LoRA target module;
+- ``head.<param>`` for the classifier head when it is trained (``model.head = "trained"``);
+- ``full.<param>`` for every model parameter under ``fedavg-full`` (no LoRA).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .config import ModelConfig
+from .models import LoraModule, find_head, find_target_modules, load_base_model
+
+GROUPS = ("A", "B", "head", "full")
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """Names and shapes of the federated parameters, in a fixed order both sides derive."""
+
+    modules: tuple[LoraModule, ...]
+    rank: int
+    head: tuple[tuple[str, tuple[int, ...]], ...]
+    full: tuple[tuple[str, tuple[int, ...]], ...] = ()
+
+    @property
+    def num_modules(self) -> int:
+        return len(self.modules)
+
+    def names(self, group: str) -> list[str]:
+        if group == "A":
+            return [f"{m.name}.A" for m in self.modules]
+        if group == "B":
+            return [f"{m.name}.B" for m in self.modules]
+        if group == "head":
+            return [n for n, _ in self.head]
+        if group == "full":
+            return [n for n, _ in self.full]
+        raise KeyError(group)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes()[name]
+
+    def shapes(self, names: list[str]) -> list[tuple[int, ...]]:
+        table = self._shapes()
+        return [table[n] for n in names]
+
+    def _shapes(self) -> dict[str, tuple[int, ...]]:
+        table: dict[str, tuple[int, ...]] = {}
+        for m in self.modules:
+            table[f"{m.name}.A"] = (self.rank, m.d_in)
+            table[f"{m.name}.B"] = (m.d_out, self.rank)
+        table.update(dict(self.head))
+        table.update(dict(self.full))
+        return table
+
+    def group_names(self, groups: list[str]) -> list[str]:
+        return [n for g in groups for n in self.names(g)]
+
+    def size(self, groups: list[str]) -> int:
+        return sum(math.prod(self.shape(n)) for n in self.group_names(groups))
+
+
+class ModelRuntime:
+    """The process's single model: base weights loaded once, LoRA (rank ``lora_rank``) attached.
+
+    Parameters
+    ----------
+    cfg : model options.
+    num_labels : classes of the task.
+    lora_rank : rank of the attached adapter; ``None`` for full fine-tuning (no LoRA).
+    seed : seeds the random head and A's init, so every process builds the same start.
+    device : where the model runs.
+    """
+
+    def __init__(self, cfg: ModelConfig, num_labels: int, lora_rank: int | None, seed: int,
+                 device: torch.device) -> None:
+        self.cfg = cfg
+        self.device = device
+        self.num_labels = num_labels
+        base, self.tokenizer, self.source = load_base_model(cfg.name, num_labels, seed)
+        self._tiny_base = ({k: v.clone() for k, v in base.state_dict().items()}, base.config) \
+            if self.source is None else None
+        self.head_attr = find_head(base)
+        self.params: dict[str, nn.Parameter] = {}
+        head: list[tuple[str, tuple[int, ...]]] = []
+        if lora_rank is None:
+            self.model = base
+            modules: list[LoraModule] = []
+            full = [(f"full.{n}", tuple(p.shape)) for n, p in base.named_parameters()]
+            self.params = {f"full.{n}": p for n, p in base.named_parameters()}
+            rank = 0
+        else:
+            from peft import LoraConfig, get_peft_model
+
+            modules = find_target_modules(base, list(cfg.target_modules) or None)
+            self.peft_config = LoraConfig(
+                r=lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                target_modules=[m.name for m in modules], task_type="SEQ_CLS")
+            self.model = get_peft_model(base, self.peft_config)
+            inner = self.model.base_model.model
+            for m in modules:
+                layer = inner.get_submodule(m.name)
+                self.params[f"{m.name}.A"] = layer.lora_A["default"].weight
+                self.params[f"{m.name}.B"] = layer.lora_B["default"].weight
+            head_mod = getattr(inner, self.head_attr)
+            head_params = head_mod.modules_to_save["default"] if hasattr(head_mod, "modules_to_save") \
+                else head_mod
+            for n, p in head_params.named_parameters():
+                self.params[f"head.{n}"] = p
+                if cfg.head == "trained":
+                    head.append((f"head.{n}", tuple(p.shape)))
+            full = []
+            rank = lora_rank
+            self._init_lora(seed)
+        self.layout = ParamLayout(tuple(modules), rank, tuple(head), tuple(full))
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.model.to(device)
+
+    # ------------------------------------------------------------------ state in and out
+    def _init_lora(self, seed: int) -> None:
+        """B = 0, A ~ N(0, σ²) (DESIGN §2 step 1), drawn in module order from ``seed``."""
+        gen = torch.Generator().manual_seed(seed + 7919)
+        with torch.no_grad():
+            for name, p in self.params.items():
+                if name.endswith(".B"):
+                    p.zero_()
+                elif name.endswith(".A"):
+                    d_in = p.shape[1]
+                    std = self.cfg.init_std or 1.0 / math.sqrt(3.0 * d_in)
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+    def initial_state(self) -> dict[str, Tensor]:
+        """The starting global state: every federated parameter, on the CPU."""
+        names = self.layout.group_names(self.federated_groups())
+        return self.snapshot(names)
+
+    def federated_groups(self) -> list[str]:
+        if self.layout.full:
+            return ["full"]
+        return ["A", "B"] + (["head"] if self.layout.head else [])
+
+    def snapshot(self, names: list[str]) -> dict[str, Tensor]:
+        """Copies (CPU) of the named parameters' current values."""
+        return {n: self.params[n].detach().to("cpu", copy=True) for n in names}
+
+    @torch.no_grad()
+    def load(self, tensors: dict[str, Tensor]) -> None:
+        """Write values into the model in place (no new model, no reallocation)."""
+        for n, t in tensors.items():
+            self.params[n].copy_(t.to(self.params[n].dtype))
+
+    # ------------------------------------------------------------------ export
+    def export(self, out_dir: Path) -> Path:
+        """Save the model's current adapter in PEFT's format (or the full model, no LoRA).
+
+        ``PeftModel.from_pretrained(base, out_dir)`` restores it; the classifier head is saved
+        with it (``modules_to_save``) because a fresh base model would draw another random head.
+        For ``tiny-random-bert`` the random base is saved beside it in ``base_model/``.
+        """
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if self.layout.full:
+            self.model.save_pretrained(out_dir)
+            self.tokenizer.save_pretrained(out_dir)
+            return out_dir
+        base_ref = self.source
+        if self._tiny_base is not None:
+            base_ref = str((out_dir.parent / "base_model").resolve())
+            self._save_tiny_base(Path(base_ref))
+        self.model.peft_config["default"].base_model_name_or_path = base_ref
+        self.model.save_pretrained(out_dir)
+        self.tokenizer.save_pretrained(out_dir)
+        (out_dir / "lora_a2.json").write_text(json.dumps(
+            {"base_model": base_ref, "num_labels": self.num_labels, "model_name": self.cfg.name},
+            indent=2))
+        return out_dir
+
+    def _save_tiny_base(self, path: Path) -> None:
+        from transformers import BertForSequenceClassification
+
+        state, config = self._tiny_base
+        base = BertForSequenceClassification(config)
+        base.load_state_dict(state)
+        base.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)

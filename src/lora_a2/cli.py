@@ -1,0 +1,83 @@
+"""Command line: ``lora-a2 run | config | strategies``.
+
+Every user mistake (bad flag, config key, value, data file) is one line on stderr and exit
+code 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
+        print(f"lora-a2: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="lora-a2", description="Federated LoRA fine-tuning with LoRA-A2 and baselines.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    run = sub.add_parser("run", help="run one federated experiment (default: the embedded demo)")
+    run.add_argument("--config", "-c", help="TOML config file (keys: see README)")
+    run.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config key, e.g. --set data.alpha=0.5 (repeatable)")
+    run.add_argument("--out", "-o", help="output directory (default: runs/<time>-<strategy>)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace a non-empty output directory")
+    run.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    cfg = sub.add_parser("config", help="print the fully resolved config as TOML")
+    cfg.add_argument("--config", "-c")
+    cfg.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE")
+    sub.add_parser("strategies", help="list the available strategies")
+    return p
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .runner import print_summary, run_experiment
+
+    cfg = load_config(args.config, args.set)
+    out = Path(args.out) if args.out else Path("runs") / (
+        time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.strategy.name}")
+    summary = run_experiment(cfg, out, overwrite=args.overwrite, progress=not args.quiet)
+    print_summary(summary)
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from .config import load_config
+
+    print(load_config(args.config, args.set).to_toml(), end="")
+    return 0
+
+
+def _cmd_strategies(_: argparse.Namespace) -> int:
+    from .strategies import REGISTRY
+
+    for name, cls in sorted(REGISTRY.items()):
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        print(f"{name:12s} {doc}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"run": _cmd_run, "config": _cmd_config, "strategies": _cmd_strategies}[args.command]
+    try:
+        return handler(args)
+    except UserError as e:
+        print(f"lora-a2: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("lora-a2: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

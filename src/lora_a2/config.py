@@ -1,0 +1,336 @@
+"""Typed run configuration: TOML file + ``--set key=value`` overrides, validated with clear errors.
+
+Every key is documented in the field's docstring-comment below and in the README's config
+reference. Unknown keys and bad values raise :class:`~lora_a2.errors.UserError` with a one-line
+message naming the key (and the nearest valid key for a typo).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import tomli_w
+
+from .errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    name: str = "minilm"
+    """`minilm` (offline all-MiniLM-L6-v2), `tiny-random-bert`, a hub name or a local folder."""
+    max_length: int = 64
+    """Tokens per example (truncation and padding)."""
+    head: str = "frozen"
+    """Classifier head: `frozen` (the paper; seeded random init, never sent) or `trained`."""
+    target_modules: list[str] = field(default_factory=list)
+    """Linear layers that get LoRA; empty = every linear layer of every encoder block."""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator: ΔW = (lora_alpha / rank) · B A."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA input (not stated in the paper)."""
+    init_std: float = 0.0
+    """Std of A's Gaussian init; 0 = 1/sqrt(3·d_in) (the variance of PEFT's default init)."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "bbc-news"
+    """`bbc-news`, `rotten-tomatoes`, `twitter-sentiment`, `csv:PATH`, `json:PATH`,
+    `parquet:PATH` (or `csv:TRAIN,TEST`), `hf:NAME[:CONFIG]`."""
+    text_column: str = ""
+    """Text column for file/hub datasets; empty = `text`."""
+    label_column: str = ""
+    """Label column for file/hub datasets; empty = `label`."""
+    num_clients: int = 10
+    partition: str = "dirichlet"
+    """`dirichlet`, `pathological`, `paired`, `iid`."""
+    alpha: float = 0.1
+    """Dirichlet concentration (smaller = more heterogeneous)."""
+    classes_per_client: int = 2
+    """Classes per client for `pathological` / `paired`."""
+    min_examples_per_client: int = 8
+    """Every client gets at least this many training examples (topped up from the largest)."""
+    test_fraction: float = 0.2
+    """Held-out fraction when the source has no test split (stratified, seeded)."""
+    max_train_examples: int = 0
+    """Cap on training examples (stratified subsample); 0 = all."""
+    max_test_examples: int = 0
+    """Cap on test examples; 0 = all."""
+    local_test_fraction: float = 0.0
+    """If > 0, each client holds out this fraction of its data to report per-client accuracy."""
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "lora-a2"
+    """`lora-a2`, `fl-lora`, `ffa-lora`, `fedavg-full` (see `lora-a2 strategies`)."""
+    global_rank: int = 8
+    """r_G: rank of the global adapter (LoRA-A2) / the LoRA rank of the other strategies."""
+    rank_budget: Any = 2
+    """Per-client rank budget r_k: an int (all clients) or a list of one int per client."""
+    lr: float = 5e-4
+    """Learning rate of A (lr_A). AdamW."""
+    lr_ratio: float = 5.0
+    """lr_B = lr_ratio · lr_A (the paper's LoRA+-style ratio)."""
+    head_lr: float = 0.0
+    """Learning rate of a trained head; 0 = lr_B."""
+    full_lr: float = 5e-5
+    """Learning rate for `fedavg-full` (all weights)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (never moves a frozen or unselected entry)."""
+    probe_epochs: int = 1
+    """LoRA-A2: local epochs of the probe that scores the slots (paper: 1)."""
+    renormalize: bool = False
+    """LoRA-A2: divide each slot's sum by the weight of the clients that selected it."""
+
+
+@dataclass
+class TrainConfig:
+    rounds: int = 8
+    local_epochs: int = 1
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    clients_per_round: float = 0
+    """Clients sampled per round: 0 = all, an int ≥ 1 = that many, a float in (0, 1) = fraction."""
+    max_grad_norm: float = 0.0
+    """Gradient clipping per step; 0 = off."""
+
+
+@dataclass
+class EngineConfig:
+    name: str = "local"
+    """`local` (one process simulates every client). `flower` comes in a later release."""
+    device: str = "auto"
+    """`auto` (CUDA when present), `cpu`, `cuda`, `cuda:N`."""
+    threads: int = 0
+    """torch CPU threads; 0 = torch's default."""
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    # ------------------------------------------------------------------ derived values
+    def budgets(self) -> list[int]:
+        """Resolved per-client rank budgets r_k (one per client)."""
+        rb = self.strategy.rank_budget
+        if isinstance(rb, list):
+            return [int(b) for b in rb]
+        return [int(rb)] * self.data.num_clients
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(_drop_none(self.to_dict()))
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "strategy": StrategyConfig,
+    "train": TrainConfig,
+    "engine": EngineConfig,
+}
+
+STRATEGY_NAMES = ("lora-a2", "fl-lora", "ffa-lora", "fedavg-full")
+PARTITIONS = ("dirichlet", "pathological", "paired", "iid")
+
+
+def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (_drop_none(v) if isinstance(v, dict) else v) for k, v in d.items() if v is not None}
+
+
+def all_keys() -> list[str]:
+    """Every valid dotted key, for error messages and the README."""
+    keys = ["seed"]
+    for sec, cls in SECTIONS.items():
+        keys += [f"{sec}.{f.name}" for f in fields(cls)]
+    return keys
+
+
+def _unknown(key: str) -> UserError:
+    near = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+    hint = f" (did you mean '{near[0]}'?)" if near else ""
+    return UserError(f"unknown config key '{key}'{hint}")
+
+
+def _coerce(key: str, value: Any, annot: Any) -> Any:
+    """Check a value's type against the field annotation; ints are accepted for floats."""
+    if annot is Any:
+        return value
+    if annot is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"config key '{key}' must be true or false, got {value!r}")
+    if annot is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise UserError(f"config key '{key}' must be an integer, got {value!r}")
+    if annot is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return value if isinstance(value, int) and key == "train.clients_per_round" else float(value)
+        raise UserError(f"config key '{key}' must be a number, got {value!r}")
+    if annot is str:
+        if isinstance(value, str):
+            return value
+        raise UserError(f"config key '{key}' must be a string, got {value!r}")
+    if get_origin(annot) is list:
+        (item,) = get_args(annot)
+        if not isinstance(value, list):
+            raise UserError(f"config key '{key}' must be a list, got {value!r}")
+        return [_coerce(key, v, item) for v in value]
+    return value
+
+
+def _apply(cfg: Config, key: str, value: Any) -> None:
+    parts = key.split(".")
+    if parts == ["seed"]:
+        cfg.seed = _coerce(key, value, int)
+        return
+    if len(parts) != 2 or parts[0] not in SECTIONS:
+        raise _unknown(key)
+    sec, name = parts
+    obj = getattr(cfg, sec)
+    hints = get_type_hints(type(obj))
+    if name not in hints:
+        raise _unknown(key)
+    setattr(obj, name, _coerce(key, value, hints[name]))
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and not prefix and k in SECTIONS:
+            out += _flatten(v, key + ".")
+        elif isinstance(v, dict):
+            raise _unknown(key)
+        else:
+            out.append((key, v))
+    return out
+
+
+def parse_set(item: str) -> tuple[str, Any]:
+    """Parse one ``--set key=value``; the value is a TOML literal, else a bare string."""
+    if "=" not in item:
+        raise UserError(f"--set expects key=value, got '{item}'")
+    key, raw = item.split("=", 1)
+    key, raw = key.strip(), raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Build a validated :class:`Config` from defaults, an optional TOML file and overrides."""
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file '{p}' does not exist")
+        try:
+            data = tomllib.loads(p.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"config file '{p}' is not valid TOML: {str(e).splitlines()[0]}") from None
+        for key, value in _flatten(data):
+            _apply(cfg, key, value)
+    for item in overrides or []:
+        key, value = parse_set(item)
+        _apply(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def _require(cond: bool, key: str, msg: str, value: Any) -> None:
+    if not cond:
+        raise UserError(f"config key '{key}' {msg}, got {value!r}")
+
+
+def validate(cfg: Config) -> None:
+    """Range and consistency checks; each failure is a one-line :class:`UserError`."""
+    m, d, s, t, e = cfg.model, cfg.data, cfg.strategy, cfg.train, cfg.engine
+    _require(cfg.seed >= 0, "seed", "must be ≥ 0", cfg.seed)
+    _require(m.max_length >= 8, "model.max_length", "must be ≥ 8", m.max_length)
+    _require(m.head in ("frozen", "trained"), "model.head", "must be 'frozen' or 'trained'", m.head)
+    _require(m.lora_alpha > 0, "model.lora_alpha", "must be > 0", m.lora_alpha)
+    _require(0 <= m.lora_dropout < 1, "model.lora_dropout", "must be in [0, 1)", m.lora_dropout)
+    _require(m.init_std >= 0, "model.init_std", "must be ≥ 0", m.init_std)
+    _require(d.num_clients >= 1, "data.num_clients", "must be ≥ 1", d.num_clients)
+    _require(d.partition in PARTITIONS, "data.partition", f"must be one of {', '.join(PARTITIONS)}",
+             d.partition)
+    _require(d.alpha > 0, "data.alpha", "must be > 0", d.alpha)
+    _require(d.classes_per_client >= 1, "data.classes_per_client", "must be ≥ 1", d.classes_per_client)
+    _require(d.min_examples_per_client >= 1, "data.min_examples_per_client", "must be ≥ 1",
+             d.min_examples_per_client)
+    _require(0 < d.test_fraction < 1, "data.test_fraction", "must be in (0, 1)", d.test_fraction)
+    _require(d.max_train_examples >= 0, "data.max_train_examples", "must be ≥ 0 (0 = all)",
+             d.max_train_examples)
+    _require(d.max_test_examples >= 0, "data.max_test_examples", "must be ≥ 0 (0 = all)",
+             d.max_test_examples)
+    _require(0 <= d.local_test_fraction < 1, "data.local_test_fraction", "must be in [0, 1)",
+             d.local_test_fraction)
+    if s.name not in STRATEGY_NAMES:
+        near = difflib.get_close_matches(s.name, STRATEGY_NAMES, n=1, cutoff=0.4)
+        hint = f" (did you mean '{near[0]}'?)" if near else ""
+        raise UserError(f"config key 'strategy.name': unknown strategy '{s.name}'{hint}; "
+                        f"valid: {', '.join(STRATEGY_NAMES)}")
+    _require(s.global_rank >= 1, "strategy.global_rank", "must be ≥ 1", s.global_rank)
+    rb = s.rank_budget
+    if isinstance(rb, list):
+        _require(len(rb) == d.num_clients, "strategy.rank_budget",
+                 f"must list one budget per client ({d.num_clients})", rb)
+        for b in rb:
+            _require(isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= s.global_rank,
+                     "strategy.rank_budget", f"entries must be integers in [1, {s.global_rank}]", b)
+    else:
+        _require(isinstance(rb, int) and not isinstance(rb, bool), "strategy.rank_budget",
+                 "must be an integer or a list of integers", rb)
+        _require(1 <= rb <= s.global_rank, "strategy.rank_budget",
+                 f"must be in [1, strategy.global_rank = {s.global_rank}]", rb)
+    for key, v in (("strategy.lr", s.lr), ("strategy.lr_ratio", s.lr_ratio),
+                   ("strategy.full_lr", s.full_lr)):
+        _require(v > 0, key, "must be > 0", v)
+    _require(s.head_lr >= 0, "strategy.head_lr", "must be ≥ 0 (0 = lr_B)", s.head_lr)
+    _require(s.weight_decay >= 0, "strategy.weight_decay", "must be ≥ 0", s.weight_decay)
+    _require(s.probe_epochs >= 1, "strategy.probe_epochs", "must be ≥ 1", s.probe_epochs)
+    _require(t.rounds >= 1, "train.rounds", "must be ≥ 1", t.rounds)
+    _require(t.local_epochs >= 1, "train.local_epochs", "must be ≥ 1", t.local_epochs)
+    _require(t.batch_size >= 1, "train.batch_size", "must be ≥ 1", t.batch_size)
+    _require(t.eval_batch_size >= 1, "train.eval_batch_size", "must be ≥ 1", t.eval_batch_size)
+    _require(t.max_grad_norm >= 0, "train.max_grad_norm", "must be ≥ 0", t.max_grad_norm)
+    cpr = t.clients_per_round
+    if isinstance(cpr, float) and not cpr.is_integer():
+        _require(0 < cpr < 1, "train.clients_per_round",
+                 "must be 0 (all), an integer count, or a fraction in (0, 1)", cpr)
+    else:
+        _require(0 <= cpr <= d.num_clients, "train.clients_per_round",
+                 f"must be 0 (all) or a count ≤ data.num_clients = {d.num_clients}", cpr)
+    if e.name == "flower":
+        raise UserError("config key 'engine.name': the 'flower' engine is not available yet; use 'local'")
+    _require(e.name == "local", "engine.name", "must be 'local'", e.name)
+    _require(e.device == "auto" or e.device == "cpu" or e.device.startswith("cuda"),
+             "engine.device", "must be 'auto', 'cpu' or 'cuda[:N]'", e.device)
+    _require(e.threads >= 0, "engine.threads", "must be ≥ 0", e.threads)
+
+
+def clients_per_round(cfg: Config) -> int:
+    """Resolved number of clients sampled each round."""
+    cpr, k = cfg.train.clients_per_round, cfg.data.num_clients
+    if cpr == 0:
+        return k
+    if isinstance(cpr, float) and not cpr.is_integer():
+        return max(1, round(cpr * k))
+    return int(cpr)

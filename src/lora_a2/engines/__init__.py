@@ -1,0 +1,1 @@
+"""Engines that run a federated experiment: ``local`` (in-process)."""

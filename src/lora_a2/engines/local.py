@@ -1,0 +1,105 @@
+"""The embedded engine: one process simulates every client on one model, loaded once.
+
+Each round: sample clients → for each, ``strategy.configure`` → encode the download → the client
+decodes it and runs ``strategy.client_update`` → encode the upload → the server decodes and
+validates it → ``strategy.aggregate`` → evaluate → metrics line. Every message really is encoded
+to bytes and decoded again, so the byte counts are those a network would carry.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ..client import evaluate
+from ..experiment import Experiment
+from ..config import clients_per_round
+from ..payload import InvalidPayload, decode, encode
+from ..strategies.base import ClientContext, ServerState, Task, Update
+
+RoundCallback = Callable[[dict[str, Any]], None]
+
+
+def sample_clients(num_clients: int, per_round: int, seed: int, rnd: int) -> list[int]:
+    """Seeded sample of ``per_round`` distinct clients for round ``rnd`` (all when equal)."""
+    if per_round >= num_clients:
+        return list(range(num_clients))
+    rng = np.random.default_rng([seed, rnd, 15485863])
+    return sorted(int(c) for c in rng.choice(num_clients, size=per_round, replace=False))
+
+
+def run_round(exp: Experiment, rnd: int, state: ServerState,
+              on_client: Callable[[int], None] | None = None) -> tuple[ServerState, dict[str, Any]]:
+    """Run one federated round; return the new state and its metrics record (no evaluation)."""
+    cfg, strategy, layout = exp.cfg, exp.strategy, exp.runtime.layout
+    t0 = time.perf_counter()
+    clients = sample_clients(cfg.data.num_clients, clients_per_round(cfg), cfg.seed, rnd)
+    replies: list[tuple[Task, Update]] = []
+    per_client: list[dict[str, Any]] = []
+    reasons: list[str] = []
+    for c in clients:
+        task = strategy.configure(rnd, c, state)
+        down_payload = task.to_payload(layout)
+        down = encode(down_payload)
+        # ---- client side: only the bytes cross over -------------------------------------
+        ctx = ClientContext(exp.runtime, exp.enc_train, exp.client_train[c], cfg)
+        client_task = Task.from_payload(decode(down), layout)
+        up = encode(strategy.client_update(ctx, client_task).to_payload())
+        # ---- server side -----------------------------------------------------------------
+        record = {"client": c, "download_bytes": len(down),
+                  "download_params": down_payload.num_values, "upload_bytes": len(up)}
+        try:
+            update = Update.from_payload(decode(up))
+            if update.client_id != c:
+                raise InvalidPayload(f"upload names client {update.client_id}, expected {c}")
+            strategy.validate(task, update)
+            replies.append((task, update))
+            record.update(upload_params=int(update.values.numel()),
+                          upload_slot_ids=0 if update.slots is None else int(update.slots.numel()),
+                          num_examples=update.num_examples, train_loss=update.meta.get("loss"))
+        except InvalidPayload as e:
+            reasons.append(f"client {c}: {e}")
+            record.update(upload_params=0, rejected=str(e))
+        per_client.append(record)
+        if on_client is not None:
+            on_client(c)
+    info: dict[str, Any] = {}
+    if replies:
+        state, info = strategy.aggregate(rnd, state, replies)
+    losses = [r["train_loss"] for r in per_client if r.get("train_loss") is not None]
+    record = {
+        "round": rnd,
+        "strategy": strategy.name,
+        "active_factor": strategy.active_factor(rnd),
+        "clients": clients,
+        "num_replies": len(replies),
+        "upload_bytes": sum(r["upload_bytes"] for r in per_client),
+        "download_bytes": sum(r["download_bytes"] for r in per_client),
+        "upload_params": sum(r["upload_params"] for r in per_client),
+        "upload_slot_ids": sum(r.get("upload_slot_ids", 0) for r in per_client),
+        "download_params": sum(r["download_params"] for r in per_client),
+        "train_loss": float(np.mean(losses)) if losses else None,
+        "rejected": len(reasons),
+        "reject_reasons": reasons,
+        **info,
+        "per_client": per_client,
+        "train_wall_s": time.perf_counter() - t0,
+    }
+    return state, record
+
+
+def evaluate_state(exp: Experiment, state: ServerState) -> dict[str, Any]:
+    """Load the global state into the model and evaluate it on the global test set
+    (and on each client's held-out data when ``data.local_test_fraction`` > 0)."""
+    exp.runtime.load(state.tensors)
+    metrics: dict[str, Any] = evaluate(exp.runtime, exp.enc_test, exp.cfg.train.eval_batch_size)
+    if any(len(t) for t in exp.client_test):
+        local = [evaluate(exp.runtime, exp.enc_train, exp.cfg.train.eval_batch_size, idx)["accuracy"]
+                 if len(idx) else None for idx in exp.client_test]
+        valid = [a for a in local if a is not None]
+        metrics["local_accuracy"] = local
+        metrics["local_accuracy_mean"] = float(np.mean(valid)) if valid else None
+    return metrics

@@ -1,0 +1,105 @@
+"""Run outputs: metrics.jsonl (one line per round), summary.json, plots, and the console summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file + rename, so a crash never leaves a half-written file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class MetricsWriter:
+    """Appends one JSON object per round to ``metrics.jsonl``, flushed and fsynced per line."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def write(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record, separators=(",", ":"), allow_nan=True) + "\n"
+        with open(self.path, "a") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def make_plots(records: list[dict[str, Any]], out_dir: Path, initial_accuracy: float | None,
+               title: str) -> list[Path]:
+    """accuracy per round, and accuracy against cumulative upload (MB)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rounds = [r["round"] for r in records]
+    acc = [100 * r["accuracy"] for r in records]
+    cum = [r["cumulative_upload_bytes"] / 1e6 for r in records]
+    if initial_accuracy is not None:
+        rounds, acc, cum = [0] + rounds, [100 * initial_accuracy] + acc, [0.0] + cum
+    paths = []
+    for name, xs, xlabel in (("accuracy_per_round.png", rounds, "round"),
+                             ("accuracy_vs_upload.png", cum, "cumulative upload (MB, all clients)")):
+        fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=110)
+        ax.plot(xs, acc, marker="o", ms=3)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out_dir / name)
+        plt.close(fig)
+        paths.append(out_dir / name)
+    return paths
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    lines = [
+        f"strategy {s['strategy']} · model {s['model']} · data {s['data']} · "
+        f"{s['num_clients']} clients · {s['rounds']} rounds",
+        f"  accuracy   final {100 * s['final_accuracy']:.2f}%  best {100 * s['best_accuracy']:.2f}% "
+        f"(round {s['best_round']})  start {100 * s['initial_accuracy']:.2f}%  "
+        f"macro-F1 {100 * s['final_macro_f1']:.2f}%",
+        f"  upload     {human_bytes(s['total_upload_bytes'])} ({s['total_upload_params']:,} values)"
+        f" = {100 * s['upload_fraction_of_fedavg_full']:.3f}% of fedavg-full's "
+        f"{human_bytes(s['fedavg_full_upload_bytes'])}",
+        f"  download   {human_bytes(s['total_download_bytes'])} "
+        f"({s['total_download_params']:,} values)",
+        f"  wall time  {s['wall_s']:.1f} s",
+        f"  outputs    {s['out_dir']}",
+    ]
+    if s.get("rejected_updates"):
+        lines.insert(3, f"  rejected   {s['rejected_updates']} updates")
+    return "\n".join(lines)

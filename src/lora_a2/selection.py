@@ -1,0 +1,114 @@
+"""LoRA-A2 adaptive rank selection: slot scores, one global top-k, masks. Pure tensor math.
+
+A *slot* (m, i) is rank index i < r_G of target module m; there are N · r_G slots. Scores and
+selections are (N, r_G) tensors whose rows follow the module order of the adapter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+FACTORS = ("A", "B")
+
+
+def slot_scores(active_factor: str, delta: Sequence[Tensor], frozen: Sequence[Tensor]) -> Tensor:
+    """Importance of every slot, DESIGN §2 step 4b (paper Eq. for the rank-wise contribution).
+
+    B-round (``delta`` = ΔB_m, d_out × r; ``frozen`` = A_m, r × d_in):
+        score(m, i) = ‖ΔB_m[:, i] A_m[i, :]‖_F = ‖ΔB_m[:, i]‖ · ‖A_m[i, :]‖.
+    A-round (``delta`` = ΔA_m; ``frozen`` = B_m):
+        score(m, i) = ‖B_m[:, i] ΔA_m[i, :]‖_F = ‖B_m[:, i]‖ · ‖ΔA_m[i, :]‖.
+    The identity ‖u vᵀ‖_F = ‖u‖ ‖v‖ means the rank-1 product never has to be formed.
+    The LoRA scaling α/r is common to all slots and does not change the ranking, so it is left out.
+    """
+    if active_factor == "B":
+        rows = [d.float().norm(dim=0) * f.float().norm(dim=1) for d, f in zip(delta, frozen)]
+    elif active_factor == "A":
+        rows = [f.float().norm(dim=0) * d.float().norm(dim=1) for d, f in zip(delta, frozen)]
+    else:
+        raise ValueError(f"active_factor must be 'A' or 'B', got {active_factor!r}")
+    return torch.stack(rows)
+
+
+def select_top_k(scores: Tensor, k: int) -> Tensor:
+    """Boolean (N, r_G) selection of the k highest-scoring slots over the *whole* model.
+
+    One global top-k (DESIGN §2 step 4c): a module may receive 0 slots or all r_G of them.
+    Ties are broken by slot order (stable sort), so the selection is deterministic.
+    """
+    if k < 0:
+        raise ValueError(f"k must be ≥ 0, got {k}")
+    flat = scores.reshape(-1)
+    k = min(k, flat.numel())
+    order = torch.sort(flat, descending=True, stable=True).indices[:k]
+    selected = torch.zeros(flat.numel(), dtype=torch.bool)
+    selected[order] = True
+    return selected.reshape(scores.shape)
+
+
+def slot_ids(selected: Tensor) -> Tensor:
+    """Flat slot ids m · r_G + i of a boolean (N, r_G) selection, ascending (the wire format)."""
+    return torch.nonzero(selected.reshape(-1), as_tuple=False).reshape(-1).to(torch.int32)
+
+
+def selection_from_ids(ids: Tensor, num_modules: int, rank: int) -> Tensor:
+    """Inverse of :func:`slot_ids`."""
+    sel = torch.zeros(num_modules * rank, dtype=torch.bool)
+    sel[ids.long()] = True
+    return sel.reshape(num_modules, rank)
+
+
+def factor_mask(active_factor: str, row: Tensor) -> Tensor:
+    """Broadcastable mask for one module's active factor from its (r_G,) selection row.
+
+    B is d_out × r (a slot is a column) → shape (1, r); A is r × d_in (a slot is a row) → (r, 1).
+    """
+    if active_factor == "B":
+        return row.reshape(1, -1)
+    if active_factor == "A":
+        return row.reshape(-1, 1)
+    raise ValueError(f"active_factor must be 'A' or 'B', got {active_factor!r}")
+
+
+def slot_size(active_factor: str, d_in: int, d_out: int) -> int:
+    """Number of values one slot of the active factor carries (a B column or an A row)."""
+    return d_out if active_factor == "B" else d_in
+
+
+def gather_slots(active_factor: str, delta: Sequence[Tensor], selected: Tensor) -> Tensor:
+    """Flat vector of the selected slots' values, in slot-id order (what a client uploads)."""
+    parts: list[Tensor] = []
+    for m, d in enumerate(delta):
+        idx = torch.nonzero(selected[m]).reshape(-1)
+        if idx.numel() == 0:
+            continue
+        part = d[:, idx].T if active_factor == "B" else d[idx, :]
+        parts.append(part.reshape(-1))
+    if not parts:
+        return torch.zeros(0)
+    return torch.cat(parts)
+
+
+def scatter_slots(active_factor: str, values: Tensor, selected: Tensor,
+                  shapes: Sequence[tuple[int, int]]) -> list[Tensor]:
+    """Inverse of :func:`gather_slots`: dense per-module deltas, zero at unselected slots."""
+    out: list[Tensor] = []
+    pos = 0
+    for m, shape in enumerate(shapes):
+        dense = torch.zeros(shape, dtype=values.dtype)
+        idx = torch.nonzero(selected[m]).reshape(-1)
+        if idx.numel():
+            if active_factor == "B":
+                n = shape[0] * idx.numel()
+                dense[:, idx] = values[pos:pos + n].reshape(idx.numel(), shape[0]).T
+            else:
+                n = shape[1] * idx.numel()
+                dense[idx, :] = values[pos:pos + n].reshape(idx.numel(), shape[1])
+            pos += n
+        out.append(dense)
+    if pos != values.numel():
+        raise ValueError(f"{values.numel()} values for selected slots that hold {pos}")
+    return out

@@ -1,0 +1,264 @@
+"""The strategy interface every federated method implements, and its registry.
+
+A strategy owns the whole method: what the server sends each client (:meth:`Strategy.configure`),
+what the client does with it (:meth:`Strategy.client_update`, run wherever the client runs), how an
+upload is checked (:meth:`Strategy.validate`) and how uploads are combined
+(:meth:`Strategy.aggregate`). Engines only move :class:`Task` and :class:`Update` payloads and call
+these four methods; they contain no aggregation math. Adding a method is one new file with a
+``@register`` class.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..adapter import ModelRuntime, ParamLayout
+from ..aggregation import data_weights, weighted_sum
+from ..client import EncodedData, ParamGroup, train_local
+from ..config import Config
+from ..errors import UserError
+from ..payload import InvalidPayload, Payload, flatten, unflatten
+
+REGISTRY: dict[str, type[Strategy]] = {}
+
+
+def register(cls: type[Strategy]) -> type[Strategy]:
+    """Class decorator: make a strategy available by its ``name``."""
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_strategy(cfg: Config) -> Strategy:
+    from . import load_all  # noqa: F401  (imports every strategy module)
+
+    name = cfg.strategy.name
+    if name not in REGISTRY:
+        raise UserError(f"unknown strategy '{name}'; valid: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name](cfg)
+
+
+# ---------------------------------------------------------------------- messages
+@dataclass
+class Task:
+    """What the server sends one client for one round.
+
+    ``config`` is small and JSON-able (it travels in the payload header); ``download`` holds the
+    federated parameters of the groups listed in ``config["send"]``, in layout order.
+    """
+
+    round: int
+    client_id: int
+    config: dict[str, Any]
+    download: dict[str, Tensor]
+
+    def to_payload(self, layout: ParamLayout) -> Payload:
+        names = layout.group_names(self.config["send"])
+        meta = {"round": self.round, "client": self.client_id, **self.config}
+        return Payload(values=flatten(self.download, names), meta=meta)
+
+    @classmethod
+    def from_payload(cls, payload: Payload, layout: ParamLayout) -> Task:
+        meta = dict(payload.meta)
+        rnd, client = int(meta.pop("round")), int(meta.pop("client"))
+        names = layout.group_names(meta["send"])
+        return cls(rnd, client, meta, unflatten(payload.values, names, layout.shapes(names)))
+
+
+@dataclass
+class Update:
+    """What one client uploads: flat values (+ slot ids for sparse uploads) and a few scalars."""
+
+    client_id: int
+    num_examples: int
+    values: Tensor
+    slots: Tensor | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_payload(self) -> Payload:
+        meta = {"client": self.client_id, "num_examples": self.num_examples, **self.meta}
+        return Payload(values=self.values, slots=self.slots, meta=meta)
+
+    @classmethod
+    def from_payload(cls, payload: Payload) -> Update:
+        meta = dict(payload.meta)
+        try:
+            client, n = int(meta.pop("client")), int(meta.pop("num_examples"))
+        except (KeyError, TypeError, ValueError):
+            raise InvalidPayload("upload header lacks an integer 'client' or 'num_examples'") from None
+        if n <= 0:
+            raise InvalidPayload(f"upload claims {n} training examples")
+        return cls(client, n, payload.values, payload.slots, meta)
+
+
+@dataclass
+class ServerState:
+    """The global federated parameters plus whatever else a strategy keeps between rounds."""
+
+    tensors: dict[str, Tensor]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ClientContext:
+    """Everything a client needs locally: the shared model, its data, and training options."""
+
+    runtime: ModelRuntime
+    data: EncodedData
+    indices: np.ndarray
+    cfg: Config
+
+    @property
+    def num_examples(self) -> int:
+        return int(len(self.indices))
+
+    def train(self, groups: list[ParamGroup], epochs: int, generator: torch.Generator,
+              masks: dict[str, Tensor] | None = None) -> float:
+        t = self.cfg.train
+        return train_local(self.runtime, self.data, self.indices, groups, epochs, t.batch_size,
+                           self.cfg.strategy.weight_decay, generator, masks, t.max_grad_norm)
+
+
+def client_seed(seed: int, rnd: int, client_id: int) -> int:
+    """A seed per (run, round, client): results do not depend on the order clients run in."""
+    digest = hashlib.sha256(f"{seed}/{rnd}/{client_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+# ---------------------------------------------------------------------- interface
+class Strategy(ABC):
+    """Base class of every federated method (see module docstring)."""
+
+    name: ClassVar[str]
+    #: the strategy trains every model weight (no LoRA adapter is attached)
+    full_model: ClassVar[bool] = False
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.budgets = cfg.budgets()
+        self.layout: ParamLayout | None = None
+
+    # -- set-up ---------------------------------------------------------------
+    def lora_rank(self) -> int | None:
+        """Rank of the adapter every client holds (None: no LoRA)."""
+        return self.cfg.strategy.global_rank
+
+    def bind(self, layout: ParamLayout) -> None:
+        """Learn the shared layout (after the runtime built the model)."""
+        self.layout = layout
+
+    def init_state(self, initial: dict[str, Tensor]) -> ServerState:
+        return ServerState({k: v.clone() for k, v in initial.items()})
+
+    def active_factor(self, rnd: int) -> str | None:
+        """`A`, `B`, or None when both (or no) LoRA factors train in round ``rnd``."""
+        return None
+
+    # -- the round ------------------------------------------------------------
+    @abstractmethod
+    def configure(self, rnd: int, client_id: int, state: ServerState) -> Task:
+        """The task (config + download) for one client this round."""
+
+    @abstractmethod
+    def client_update(self, ctx: ClientContext, task: Task) -> Update:
+        """Client side: train from the task's download and return the upload."""
+
+    @abstractmethod
+    def validate(self, task: Task, update: Update) -> None:
+        """Raise :class:`InvalidPayload` (with the reason) if the upload must not be used."""
+
+    @abstractmethod
+    def aggregate(self, rnd: int, state: ServerState,
+                  replies: list[tuple[Task, Update]]) -> tuple[ServerState, dict[str, Any]]:
+        """New global state from the validated replies, plus round info for the metrics."""
+
+    # -- shared helpers -------------------------------------------------------
+    def lr_of(self, group: str) -> float:
+        s = self.cfg.strategy
+        return {"A": s.lr, "B": s.lr * s.lr_ratio, "head": s.head_lr or s.lr * s.lr_ratio,
+                "full": s.full_lr}[group]
+
+    def head_groups(self) -> list[str]:
+        assert self.layout is not None
+        return ["head"] if self.layout.head else []
+
+    def base_config(self, rnd: int, client_id: int, send: list[str]) -> dict[str, Any]:
+        return {"send": send, "seed": client_seed(self.cfg.seed, rnd, client_id),
+                "budget": self.budgets[client_id]}
+
+    def make_task(self, rnd: int, client_id: int, state: ServerState, send: list[str],
+                  **config: Any) -> Task:
+        assert self.layout is not None
+        names = self.layout.group_names(send)
+        return Task(rnd, client_id, {**self.base_config(rnd, client_id, send), **config},
+                    {n: state.tensors[n] for n in names})
+
+
+def check_finite(update: Update) -> None:
+    if not torch.isfinite(update.values).all():
+        raise InvalidPayload("upload contains NaN or Inf values")
+
+
+class DenseStrategy(Strategy):
+    """A method whose clients upload full deltas of fixed parameter groups (FedAvg-style).
+
+    Subclasses say which groups are sent, trained and uploaded; the server adds the
+    data-weighted mean delta, Σ_k w_k Δ_k, to each uploaded parameter.
+    """
+
+    def send_groups(self, rnd: int, client_id: int, state: ServerState) -> list[str]:
+        """Groups downloaded by a client (default: exactly the trained ones)."""
+        return self.train_groups(rnd)
+
+    @abstractmethod
+    def train_groups(self, rnd: int) -> list[str]:
+        """Parameter groups trained (and uploaded) in round ``rnd``."""
+
+    def configure(self, rnd: int, client_id: int, state: ServerState) -> Task:
+        return self.make_task(rnd, client_id, state, self.send_groups(rnd, client_id, state),
+                              train=self.train_groups(rnd))
+
+    def client_update(self, ctx: ClientContext, task: Task) -> Update:
+        assert self.layout is not None
+        ctx.runtime.load(task.download)
+        names = self.layout.group_names(task.config["train"])
+        before = ctx.runtime.snapshot(names)
+        gen = torch.Generator().manual_seed(task.config["seed"])
+        torch.manual_seed(task.config["seed"])
+        groups = [ParamGroup(self.layout.names(g), self.lr_of(g)) for g in task.config["train"]]
+        loss = ctx.train(groups, self.cfg.train.local_epochs, gen)
+        after = ctx.runtime.snapshot(names)
+        delta = {n: after[n] - before[n] for n in names}
+        return Update(task.client_id, ctx.num_examples, flatten(delta, names),
+                      meta={"loss": loss})
+
+    def validate(self, task: Task, update: Update) -> None:
+        assert self.layout is not None
+        expected = self.layout.size(task.config["train"])
+        if update.slots is not None:
+            raise InvalidPayload("dense upload must not carry slot indices")
+        if update.values.numel() != expected:
+            raise InvalidPayload(f"expected {expected} values, got {update.values.numel()}")
+        check_finite(update)
+
+    def aggregate(self, rnd: int, state: ServerState,
+                  replies: list[tuple[Task, Update]]) -> tuple[ServerState, dict[str, Any]]:
+        assert self.layout is not None
+        names = self.layout.group_names(replies[0][0].config["train"])
+        shapes = self.layout.shapes(names)
+        weights = data_weights([u.num_examples for _, u in replies])
+        deltas = [unflatten(u.values, names, shapes) for _, u in replies]
+        tensors = dict(state.tensors)
+        for n in names:
+            tensors[n] = state.tensors[n] + weighted_sum([d[n] for d in deltas], weights)
+        return ServerState(tensors, state.extra), {}
+
+
+StrategyFactory = Callable[[Config], Strategy]

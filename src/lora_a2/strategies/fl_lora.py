@@ -1,0 +1,32 @@
+"""FL+LoRA (FedIT): every client trains A and B; the server averages each factor separately.
+
+The average of products is not the product of averages — mean(B)·mean(A) ≠ mean(B·A) — which is
+the *discordance* LoRA-A2 removes. Kept exactly as the baseline does it.
+"""
+
+from __future__ import annotations
+
+from ..errors import UserError
+from .base import DenseStrategy, register
+
+
+def uniform_rank(strategy: DenseStrategy) -> int:
+    """The single LoRA rank of a homogeneous-rank baseline: ``strategy.rank_budget``."""
+    budgets = set(strategy.budgets)
+    if len(budgets) != 1:
+        raise UserError(f"strategy '{strategy.name}' trains one rank on every client; "
+                        f"strategy.rank_budget must be a single integer, got {strategy.budgets}")
+    return budgets.pop()
+
+
+@register
+class FlLora(DenseStrategy):
+    """FedIT: upload ΔA and ΔB at rank ``rank_budget``; A ← A + Σ w_k ΔA_k, B ← B + Σ w_k ΔB_k."""
+
+    name = "fl-lora"
+
+    def lora_rank(self) -> int:
+        return uniform_rank(self)
+
+    def train_groups(self, rnd: int) -> list[str]:
+        return ["A", "B"] + self.head_groups()

@@ -1,0 +1,151 @@
+"""LoRA-A2 (Koo, Jang, Ok — ACL 2025): alternating freeze + adaptive rank selection.
+
+Round t (1-indexed), DESIGN §2:
+- odd t trains B with A frozen, even t trains A with B frozen (B first: while B = 0, A gets no
+  gradient); lr_B = ``lr_ratio`` · lr_A;
+- each client probes (``probe_epochs`` of training of the active factor from the global state),
+  scores every slot (m, i) by the Frobenius norm of its contribution to ΔW, keeps the top
+  r_k · N slots over the whole model, resets to the global state, and trains only those slots;
+- it uploads the selected columns of ΔB (rows of ΔA) and their slot ids, nothing else;
+- the server adds Σ_k w_k Δ_k to the active factor (zero where a client did not select a slot),
+  which is exact because the frozen factor is the same on every client.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import torch
+
+from ..aggregation import aggregate_slots, data_weights, weighted_sum
+from ..client import ParamGroup
+from ..payload import InvalidPayload, flatten, unflatten
+from ..selection import (factor_mask, gather_slots, scatter_slots, select_top_k, selection_from_ids,
+                         slot_ids, slot_scores, slot_size)
+from .base import ClientContext, ServerState, Strategy, Task, Update, check_finite, register
+
+
+@register
+class LoraA2(Strategy):
+    """LoRA-A2 with per-client rank budgets r_k ≤ r_G (``strategy.rank_budget``)."""
+
+    name = "lora-a2"
+
+    def active_factor(self, rnd: int) -> str:
+        return "B" if rnd % 2 == 1 else "A"
+
+    # -- server → client ------------------------------------------------------
+    def configure(self, rnd: int, client_id: int, state: ServerState) -> Task:
+        # The full global A and B (rank r_G) go to every client (DESIGN §2 step 7).
+        return self.make_task(rnd, client_id, state, ["A", "B"] + self.head_groups(),
+                              factor=self.active_factor(rnd))
+
+    # -- client ---------------------------------------------------------------
+    def client_update(self, ctx: ClientContext, task: Task) -> Update:
+        layout = self.layout
+        assert layout is not None
+        factor, frozen_factor = task.config["factor"], "A" if task.config["factor"] == "B" else "B"
+        active = layout.names(factor)
+        head = layout.names("head")
+        ctx.runtime.load(task.download)
+        glob = {n: task.download[n].clone() for n in active + head}
+        groups = [ParamGroup(active, self.lr_of(factor))]
+        if head:
+            groups.append(ParamGroup(head, self.lr_of("head")))
+        gen = torch.Generator().manual_seed(task.config["seed"])
+        torch.manual_seed(task.config["seed"])
+
+        # (a) probe from the global state; (b) score; (c) one global top-(r_k · N).
+        ctx.train(groups, self.cfg.strategy.probe_epochs, gen)
+        probe = ctx.runtime.snapshot(active)
+        delta = [probe[n] - glob[n] for n in active]
+        scores = slot_scores(factor, delta, [task.download[n] for n in layout.names(frozen_factor)])
+        selected = select_top_k(scores, task.config["budget"] * layout.num_modules)
+
+        # (d) reset to the global state (fresh optimiser inside ctx.train); (e) masked training.
+        ctx.runtime.load(glob)
+        masks = {n: factor_mask(factor, selected[m]) for m, n in enumerate(active)}
+        loss = ctx.train(groups, self.cfg.train.local_epochs, gen, masks=masks)
+
+        final = ctx.runtime.snapshot(active + head)
+        values = gather_slots(factor, [final[n] - glob[n] for n in active], selected)
+        if head:
+            values = torch.cat([values, flatten({n: final[n] - glob[n] for n in head}, head)])
+        return Update(task.client_id, ctx.num_examples, values, slot_ids(selected),
+                      meta={"loss": loss, "factor": factor})
+
+    # -- server ---------------------------------------------------------------
+    def _split(self, task: Task, update: Update):
+        """Dense per-module deltas (zero at unselected slots), the selection, the head delta."""
+        layout = self.layout
+        assert layout is not None and update.slots is not None
+        factor = task.config["factor"]
+        selected = selection_from_ids(update.slots, layout.num_modules, layout.rank)
+        n_slot_values = sum(slot_size(factor, m.d_in, m.d_out) * int(selected[i].sum())
+                            for i, m in enumerate(layout.modules))
+        names = layout.names(factor)
+        dense = scatter_slots(factor, update.values[:n_slot_values], selected, layout.shapes(names))
+        head = unflatten(update.values[n_slot_values:], layout.names("head"),
+                         layout.shapes(layout.names("head")))
+        return dense, selected, head
+
+    def validate(self, task: Task, update: Update) -> None:
+        layout = self.layout
+        assert layout is not None
+        if update.meta.get("factor") != task.config["factor"]:
+            raise InvalidPayload(f"upload is for factor {update.meta.get('factor')!r}, "
+                                 f"round trains {task.config['factor']!r}")
+        slots = update.slots
+        if slots is None:
+            raise InvalidPayload("LoRA-A2 upload carries no slot indices")
+        total = layout.num_modules * layout.rank
+        if slots.numel() and (int(slots.min()) < 0 or int(slots.max()) >= total):
+            raise InvalidPayload(f"slot index out of range [0, {total})")
+        if torch.unique(slots).numel() != slots.numel():
+            raise InvalidPayload("duplicate slot indices")
+        allowed = task.config["budget"] * layout.num_modules
+        if slots.numel() > allowed:
+            raise InvalidPayload(f"{slots.numel()} slots exceed the budget of {allowed}")
+        factor = task.config["factor"]
+        per_module = [slot_size(factor, m.d_in, m.d_out) for m in layout.modules]
+        expected = sum(per_module[int(s) // layout.rank] for s in slots) + layout.size(
+            self.head_groups())
+        if update.values.numel() != expected:
+            raise InvalidPayload(f"expected {expected} values for {slots.numel()} slots, "
+                                 f"got {update.values.numel()}")
+        check_finite(update)
+
+    def aggregate(self, rnd: int, state: ServerState,
+                  replies: list[tuple[Task, Update]]) -> tuple[ServerState, dict[str, Any]]:
+        layout = self.layout
+        assert layout is not None
+        factor = replies[0][0].config["factor"]
+        weights = data_weights([u.num_examples for _, u in replies])
+        parts = [self._split(t, u) for t, u in replies]
+        summed = aggregate_slots(factor, [p[0] for p in parts], [p[1] for p in parts], weights,
+                                 renormalize=self.cfg.strategy.renormalize)
+        tensors = dict(state.tensors)
+        for n, d in zip(layout.names(factor), summed):
+            tensors[n] = state.tensors[n] + d
+        for n in layout.names("head"):
+            tensors[n] = state.tensors[n] + weighted_sum([p[2][n] for p in parts], weights)
+        return ServerState(tensors, state.extra), {"rank_allocation": rank_allocation(
+            layout, [p[1] for p in parts])}
+
+
+def rank_allocation(layout, selections: list[torch.Tensor]) -> dict[str, int]:
+    """Slots selected this round, summed over clients, per module type (e.g. ``query``)."""
+    counts: Counter[str] = Counter()
+    for sel in selections:
+        for m, row in zip(layout.modules, sel):
+            kind = module_kind(m.name)
+            counts[kind] += int(row.sum())
+    return dict(sorted(counts.items()))
+
+
+def module_kind(name: str) -> str:
+    """The part of a module name after its layer number: ``attention.self.query``."""
+    parts = name.split(".")
+    last_digit = max((i for i, p in enumerate(parts) if p.isdigit()), default=-1)
+    return ".".join(parts[last_digit + 1:])
