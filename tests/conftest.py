@@ -1,0 +1,38 @@
+"""Shared fixtures: a tiny random BERT built in code and a small synthetic text task."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+WORDS = [["apple", "banana", "cherry", "grape"], ["dog", "cat", "mouse", "horse"],
+         ["red", "blue", "green", "yellow"]]
+
+
+def synthetic_texts(n: int, seed: int = 0) -> tuple[list[str], np.ndarray]:
+    """Three trivially separable classes of short texts."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, n)
+    texts = [" ".join(rng.choice(WORDS[label], 5)) for label in labels]
+    return texts, labels
+
+
+@pytest.fixture
+def synthetic_csv(tmp_path):
+    """A CSV file with text/label columns (labels as strings) for end-to-end runs."""
+    texts, labels = synthetic_texts(240)
+    names = np.array(["fruit", "animal", "colour"])
+    path = tmp_path / "toy.csv"
+    with open(path, "w") as f:
+        f.write("text,label\n")
+        for t, y in zip(texts, labels):
+            f.write(f"{t},{names[y]}\n")
+    return path

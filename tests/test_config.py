@@ -1,0 +1,94 @@
+"""Config: TOML + --set, validation, one-line errors naming the key, exit code 2 from the CLI."""
+
+import pytest
+
+from lora_a2.cli import main
+from lora_a2.config import Config, all_keys, load_config
+from lora_a2.errors import UserError
+
+STABLE_KEYS = """seed model.name model.max_length model.head data.name data.text_column
+data.label_column data.num_clients data.partition data.alpha data.classes_per_client
+data.max_train_examples data.max_test_examples strategy.name strategy.global_rank
+strategy.rank_budget strategy.lr strategy.lr_ratio train.rounds train.local_epochs
+train.batch_size train.clients_per_round engine.name""".split()
+
+
+def test_stable_keys_exist():
+    assert set(STABLE_KEYS) <= set(all_keys())
+
+
+def test_defaults_are_the_embedded_demo():
+    cfg = load_config()
+    assert (cfg.model.name, cfg.data.name, cfg.data.num_clients, cfg.data.partition,
+            cfg.data.alpha, cfg.strategy.name, cfg.strategy.global_rank,
+            cfg.strategy.rank_budget) == ("minilm", "bbc-news", 10, "dirichlet", 0.1, "lora-a2", 8, 2)
+
+
+def test_toml_file_and_overrides(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text('seed = 3\n[data]\nalpha = 0.5\n[strategy]\nrank_budget = [1, 2]\n'
+                 '[train]\nrounds = 2\n')
+    cfg = load_config(p, ["data.num_clients=2", "strategy.name=fl-lora", "train.rounds=4"])
+    assert cfg.seed == 3 and cfg.data.alpha == 0.5 and cfg.train.rounds == 4
+    assert cfg.strategy.name == "fl-lora" and cfg.budgets() == [1, 2]
+    # the resolved config round-trips through TOML
+    again = tmp_path / "again.toml"
+    again.write_text(cfg.to_toml())
+    assert load_config(again) == cfg
+
+
+@pytest.mark.parametrize("sets,needle", [
+    (["data.alpah=0.5"], "did you mean 'data.alpha'"),
+    (["rounds=3"], "did you mean 'train.rounds'"),
+    (["train.rounds=0"], "'train.rounds' must be ≥ 1"),
+    (["train.rounds=two"], "'train.rounds' must be an integer"),
+    (["data.alpha=0"], "'data.alpha' must be > 0"),
+    (["data.alpha=-1"], "'data.alpha' must be > 0"),
+    (["strategy.rank_budget=9"], "'strategy.rank_budget' must be in [1, strategy.global_rank = 8]"),
+    (["strategy.rank_budget=[1, 2]"], "one budget per client (10)"),
+    (["strategy.name=lora-a3"], "did you mean 'lora-a2'"),
+    (["model.head=thawed"], "'model.head'"),
+    (["data.partition=random"], "'data.partition'"),
+    (["train.clients_per_round=1.5"], "'train.clients_per_round'"),
+    (["train.clients_per_round=11"], "'train.clients_per_round'"),
+    (["engine.name=flower"], "not available yet"),
+    (["engine.name=ray"], "'engine.name'"),
+    (["novalue"], "key=value"),
+])
+def test_bad_values_are_one_line_errors(sets, needle):
+    with pytest.raises(UserError) as e:
+        load_config(None, sets)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_config(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[data\nalpha = ")
+    with pytest.raises(UserError, match="not valid TOML"):
+        load_config(bad)
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text("[dataa]\nalpha = 1\n")
+    with pytest.raises(UserError, match="unknown config key 'dataa'"):
+        load_config(unknown)
+
+
+def test_cli_exit_code_2_and_one_line(capsys):
+    assert main(["run", "--set", "data.alpah=0.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "data.alpha" in err
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--bogus"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0
+
+
+def test_cli_config_prints_resolved_toml(capsys):
+    assert main(["config", "--set", "train.rounds=3"]) == 0
+    out = capsys.readouterr().out
+    assert "rounds = 3" in out and "[strategy]" in out
+
+
+def test_config_equality_default():
+    assert Config() == load_config()

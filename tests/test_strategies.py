@@ -1,0 +1,195 @@
+"""Strategies on the tiny random BERT: masked training, uploads, and each aggregation rule."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lora_a2.adapter import ModelRuntime
+from lora_a2.client import ParamGroup, encode_texts, train_local
+from lora_a2.config import load_config
+from lora_a2.payload import InvalidPayload, decode, encode
+from lora_a2.selection import selection_from_ids, slot_size
+from lora_a2.strategies import get_strategy
+from lora_a2.strategies.base import ClientContext, Task, Update
+
+from conftest import synthetic_texts
+
+
+def make(strategy: str, head: str = "trained", budget=2, clients: int = 3, extra=()):
+    sets = [f"strategy.name='{strategy}'", "model.name='tiny-random-bert'", f"model.head='{head}'",
+            f"strategy.rank_budget={budget}", f"data.num_clients={clients}",
+            "strategy.global_rank=4", *extra]
+    cfg = load_config(None, sets)
+    s = get_strategy(cfg)
+    rt = ModelRuntime(cfg.model, 3, s.lora_rank(), cfg.seed, torch.device("cpu"))
+    s.bind(rt.layout)
+    texts, labels = synthetic_texts(90)
+    enc = encode_texts(rt.tokenizer, texts, labels, 24)
+    parts = np.array_split(np.arange(90), clients)
+    ctxs = [ClientContext(rt, enc, parts[c], cfg) for c in range(clients)]
+    return cfg, s, rt, ctxs
+
+
+def wire(s, rt, task: Task, ctx) -> tuple[Update, int]:
+    """Send the task and the upload through real encoding, as an engine does."""
+    t = Task.from_payload(decode(encode(task.to_payload(rt.layout))), rt.layout)
+    blob = encode(s.client_update(ctx, t).to_payload())
+    return Update.from_payload(decode(blob)), len(blob)
+
+
+def test_masked_adamw_keeps_unselected_entries_bit_identical():
+    # Prepare: weight decay on (AdamW would otherwise shrink every entry).
+    cfg, s, rt, ctxs = make("lora-a2", extra=["strategy.weight_decay=0.5"])
+    names = rt.layout.names("B")
+    with torch.no_grad():  # non-zero B so weight decay has something to move
+        for n in names:
+            rt.params[n].normal_()
+    before = rt.snapshot(names)
+    masks = {n: torch.tensor([[True, False, False, True]]) for n in names}
+    gen = torch.Generator().manual_seed(0)
+    # Execute
+    train_local(rt, ctxs[0].data, ctxs[0].indices, [ParamGroup(names, 1e-2)], 2, 8, 0.5, gen, masks)
+    after = rt.snapshot(names)
+    # Assert
+    for n in names:
+        assert torch.equal(after[n][:, [1, 2]], before[n][:, [1, 2]])  # bit-identical
+        assert not torch.equal(after[n][:, [0, 3]], before[n][:, [0, 3]])  # did move
+
+
+def test_lora_a2_round_trip_upload_counts_and_exact_aggregation():
+    cfg, s, rt, ctxs = make("lora-a2")
+    state = s.init_state(rt.initial_state())
+    # Round 1 (B) then round 2 (A): check each.
+    for rnd, factor in ((1, "B"), (2, "A")):
+        assert s.active_factor(rnd) == factor
+        replies, client_products = [], []
+        frozen_name = {"B": "A", "A": "B"}[factor]
+        for c, ctx in enumerate(ctxs):
+            task = s.configure(rnd, c, state)
+            upd, nbytes = wire(s, rt, task, ctx)
+            # upload_bytes is the encoded length; upload_params the selected slots' sizes.
+            assert nbytes == len(encode(upd.to_payload()))
+            sel = selection_from_ids(upd.slots, rt.layout.num_modules, rt.layout.rank)
+            assert int(sel.sum()) == task.config["budget"] * rt.layout.num_modules
+            slot_vals = sum(slot_size(factor, m.d_in, m.d_out) * int(sel[i].sum())
+                            for i, m in enumerate(rt.layout.modules))
+            assert upd.values.numel() == slot_vals + rt.layout.size(["head"])
+            s.validate(task, upd)
+            replies.append((task, upd))
+            # The client's own factors after local training, rebuilt from its upload.
+            dense, _, _ = s._split(task, upd)
+            client_products.append([
+                ((state.tensors[f"{m.name}.B"] + (d if factor == "B" else 0))
+                 @ (state.tensors[f"{m.name}.A"] + (d if factor == "A" else 0))).double()
+                for m, d in zip(rt.layout.modules, dense)])
+        new, info = s.aggregate(rnd, state, replies)
+        w = [u.num_examples / sum(u.num_examples for _, u in replies) for _, u in replies]
+        for i, m in enumerate(rt.layout.modules):
+            expected = sum(wk * p[i] for wk, p in zip(w, client_products))
+            got = (new.tensors[f"{m.name}.B"] @ new.tensors[f"{m.name}.A"]).double()
+            assert torch.allclose(got, expected, atol=1e-6)
+            # the frozen factor did not change
+            assert torch.equal(new.tensors[f"{m.name}.{frozen_name}"],
+                               state.tensors[f"{m.name}.{frozen_name}"])
+        assert sum(info["rank_allocation"].values()) == sum(
+            t.config["budget"] for t, _ in replies) * rt.layout.num_modules
+        state = new
+    # After round 1, B is no longer zero: LoRA-A2 trained B first.
+    assert any(state.tensors[n].abs().sum() > 0 for n in rt.layout.names("B"))
+
+
+def test_lora_a2_unselected_slots_of_client_upload_zero_delta():
+    cfg, s, rt, ctxs = make("lora-a2", budget=1)
+    state = s.init_state(rt.initial_state())
+    task = s.configure(1, 0, state)
+    upd, _ = wire(s, rt, task, ctxs[0])
+    dense, sel, _ = s._split(task, upd)
+    for m, d in enumerate(dense):
+        assert torch.all(d[:, ~sel[m]] == 0)
+    # only the selected columns are non-zero in the model the client trained
+    assert int(sel.sum()) == rt.layout.num_modules
+
+
+def test_fl_lora_is_separate_weighted_means():
+    cfg, s, rt, ctxs = make("fl-lora", budget=2)
+    state = s.init_state(rt.initial_state())
+    replies, client_states = [], []
+    for c, ctx in enumerate(ctxs):
+        task = s.configure(1, c, state)
+        upd, _ = wire(s, rt, task, ctx)
+        s.validate(task, upd)
+        replies.append((task, upd))
+        client_states.append(rt.snapshot(list(state.tensors)))  # the client's trained factors
+    new, _ = s.aggregate(1, state, replies)
+    n = [u.num_examples for _, u in replies]
+    w = [k / sum(n) for k in n]
+    for name in rt.layout.group_names(["A", "B", "head"]):
+        expected = sum(wk * cs[name].double() for wk, cs in zip(w, client_states))
+        assert torch.allclose(new.tensors[name].double(), expected, atol=1e-6)
+    assert rt.layout.rank == 2
+
+
+def test_ffa_lora_never_changes_a_and_sends_it_once():
+    cfg, s, rt, ctxs = make("ffa-lora", budget=2)
+    state = s.init_state(rt.initial_state())
+    a0 = {n: state.tensors[n].clone() for n in rt.layout.names("A")}
+    sizes = []
+    for rnd in (1, 2):
+        replies = []
+        for c, ctx in enumerate(ctxs):
+            task = s.configure(rnd, c, state)
+            sizes.append(("A" in task.config["send"], rnd))
+            upd, _ = wire(s, rt, task, ctx)
+            s.validate(task, upd)
+            replies.append((task, upd))
+        state, _ = s.aggregate(rnd, state, replies)
+    for n, a in a0.items():
+        assert torch.equal(state.tensors[n], a)
+    assert all(has_a == (rnd == 1) for has_a, rnd in sizes)
+
+
+def test_fedavg_full_uploads_every_weight():
+    cfg, s, rt, ctxs = make("fedavg-full")
+    state = s.init_state(rt.initial_state())
+    task = s.configure(1, 0, state)
+    upd, _ = wire(s, rt, task, ctxs[0])
+    assert upd.values.numel() == sum(p.numel() for p in rt.model.parameters())
+
+
+@pytest.mark.parametrize("mutate,reason", [
+    (lambda u: setattr(u, "slots", torch.cat([u.slots, u.slots[:1]])), "duplicate"),
+    (lambda u: setattr(u, "slots", u.slots + 10_000), "out of range"),
+    (lambda u: setattr(u, "values", u.values[:-1]), "expected"),
+    (lambda u: u.values.__setitem__(0, float("nan")), "NaN"),
+    (lambda u: setattr(u, "slots", None), "no slot"),
+    (lambda u: u.meta.__setitem__("factor", "A"), "factor"),
+])
+def test_lora_a2_rejects_bad_uploads(mutate, reason):
+    cfg, s, rt, ctxs = make("lora-a2")
+    state = s.init_state(rt.initial_state())
+    task = s.configure(1, 0, state)
+    upd, _ = wire(s, rt, task, ctxs[0])
+    mutate(upd)
+    with pytest.raises(InvalidPayload, match=reason):
+        s.validate(task, upd)
+
+
+def test_lora_a2_rejects_more_slots_than_budget():
+    cfg, s, rt, ctxs = make("lora-a2", budget=1)
+    state = s.init_state(rt.initial_state())
+    task = s.configure(1, 0, state)
+    upd, _ = wire(s, rt, task, ctxs[0])
+    upd.slots = torch.arange(rt.layout.num_modules * 2, dtype=torch.int32)
+    with pytest.raises(InvalidPayload, match="budget"):
+        s.validate(task, upd)
+
+
+def test_homogeneous_baselines_refuse_per_client_rank_lists():
+    from lora_a2.errors import UserError
+
+    cfg = load_config(None, ["strategy.name='fl-lora'", "data.num_clients=2",
+                             "strategy.rank_budget=[1, 2]"])
+    with pytest.raises(UserError, match="single integer"):
+        get_strategy(cfg).lora_rank()
