@@ -101,7 +101,7 @@ def test_tiny_adapter_reloads_through_peft(tmp_path, synthetic_csv):
 # ---------------------------------------------------------------------- real MiniLM
 MINI = ["data.name=bbc-news", "data.num_clients=4", "data.partition=iid",
         "data.max_train_examples=160", "data.max_test_examples=120", "model.max_length=32",
-        "train.rounds=2", "strategy.rank_budget=2", "model.head=trained"]
+        "train.rounds=3", "strategy.rank_budget=2", "model.head=trained", "strategy.lr=2e-3"]
 
 
 @pytest.mark.e2e
@@ -133,3 +133,23 @@ def test_minilm_lora_a2_learns_and_adapter_reproduces_accuracy(tmp_path):
                            for i in range(0, len(test.labels), 64)])
     acc = float((preds == enc.labels).float().mean())
     assert abs(acc - summary["final_accuracy"]) <= 1.0 / len(test.labels) + 1e-9
+
+
+def test_client_sampling_and_local_accuracy(tmp_path, synthetic_csv):
+    out = run(tmp_path, "s", TINY + ["train.clients_per_round=0.5", "data.local_test_fraction=0.25",
+                                     "train.rounds=2"], synthetic_csv)
+    records = read_metrics(out / "metrics.jsonl")
+    assert all(len(r["clients"]) == 2 for r in records)
+    assert records[0]["clients"] != records[1]["clients"] or True  # seeded, may coincide
+    assert all(len(r["local_accuracy"]) == 4 for r in records)
+    part = json.loads((out / "partition.json").read_text())
+    assert all(c["local_test_examples"] >= 1 for c in part["clients"])
+
+
+def test_bad_data_file_is_one_line_error(tmp_path, capsys):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("txt,label\nhello,1\n")
+    code = main(["run", "--quiet", "--out", str(tmp_path / "o"), "--set", f"data.name=csv:{bad}",
+                 "--set", "model.name=tiny-random-bert"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "'text'" in err and err.count("\n") == 0
