@@ -6,7 +6,10 @@ take turns by loading a global state into it *in place* (:meth:`ModelRuntime.loa
 Federated parameter names (the keys of every global state):
 - ``<module>.A`` (r × d_in) and ``<module>.B`` (d_out × r) for every LoRA target module;
 - ``head.<param>`` for the classifier head when it is trained (``model.head = "trained"``);
-- ``full.<param>`` for every model parameter under ``fedavg-full`` (no LoRA).
+- ``full.<param>`` for every model parameter under ``fedavg-full`` (no LoRA);
+- ``merged.<module>`` (d_out × d_in): a dense additive delta on a target module's frozen base
+  weight, for methods that merge into the base (FLoRA) or keep a full-rank global delta
+  (FlexLoRA). Loading one sets W = W0 + Δ on that module (:meth:`ModelRuntime.set_weight_delta`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from torch import Tensor, nn
 from .config import ModelConfig
 from .models import LoraModule, find_head, find_target_modules, load_base_model
 
-GROUPS = ("A", "B", "head", "full")
+GROUPS = ("A", "B", "head", "full", "merged")
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,8 @@ class ParamLayout:
             return [n for n, _ in self.head]
         if group == "full":
             return [n for n, _ in self.full]
+        if group == "merged":
+            return [f"merged.{m.name}" for m in self.modules]
         raise KeyError(group)
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -61,6 +66,7 @@ class ParamLayout:
         for m in self.modules:
             table[f"{m.name}.A"] = (self.rank, m.d_in)
             table[f"{m.name}.B"] = (m.d_out, self.rank)
+            table[f"merged.{m.name}"] = (m.d_out, m.d_in)
         table.update(dict(self.head))
         table.update(dict(self.full))
         return table
@@ -94,6 +100,9 @@ class ModelRuntime:
             if self.source is None else None
         self.head_attr = find_head(base)
         self.params: dict[str, nn.Parameter] = {}
+        self._base_weights: dict[str, tuple[nn.Parameter, Tensor]] = {}
+        self._lora_layers: list[nn.Module] = []
+        self.default_scaling = 0.0
         head: list[tuple[str, tuple[int, ...]]] = []
         if lora_rank is None:
             self.model = base
@@ -114,6 +123,9 @@ class ModelRuntime:
                 layer = inner.get_submodule(m.name)
                 self.params[f"{m.name}.A"] = layer.lora_A["default"].weight
                 self.params[f"{m.name}.B"] = layer.lora_B["default"].weight
+                self._lora_layers.append(layer)
+            self.default_scaling = float(self._lora_layers[0].scaling["default"]) \
+                if self._lora_layers else 0.0
             head_mod = getattr(inner, self.head_attr)
             head_params = head_mod.modules_to_save["default"] if hasattr(head_mod, "modules_to_save") \
                 else head_mod
@@ -158,9 +170,60 @@ class ModelRuntime:
 
     @torch.no_grad()
     def load(self, tensors: dict[str, Tensor]) -> None:
-        """Write values into the model in place (no new model, no reallocation)."""
+        """Write values into the model in place (no new model, no reallocation).
+
+        ``merged.<module>`` entries set that module's additive base-weight delta
+        (:meth:`set_weight_delta`); every other name is a federated parameter.
+        """
+        merged = {n[len("merged."):]: t for n, t in tensors.items() if n.startswith("merged.")}
         for n, t in tensors.items():
-            self.params[n].copy_(t.to(self.params[n].dtype))
+            if not n.startswith("merged."):
+                self.params[n].copy_(t.to(self.params[n].dtype))
+        if merged:
+            self.set_weight_delta(merged)
+
+    @torch.no_grad()
+    def set_weight_delta(self, deltas: dict[str, Tensor] | None) -> None:
+        """Set each target module's frozen base weight to W0 + ``deltas[module]`` (d_out × d_in).
+
+        Reversible: W0 is kept (copied on first use) and every call starts from it, so deltas
+        never accumulate; a module absent from ``deltas`` (or ``deltas=None``) gets W0 back.
+        The delta is added in float32 once, so the forward pass costs nothing extra.
+        """
+        deltas = deltas or {}
+        inner = self.model.base_model.model
+        for m in self.layout.modules:
+            if m.name not in deltas and m.name not in self._base_weights:
+                continue  # never changed: already W0
+            if m.name not in self._base_weights:
+                w = inner.get_submodule(m.name).get_base_layer().weight
+                self._base_weights[m.name] = (w, w.detach().clone())
+            w, w0 = self._base_weights[m.name]
+            if m.name in deltas:
+                w.copy_(w0 + deltas[m.name].to(w0.device, w0.dtype))
+            else:
+                w.copy_(w0)
+
+    @torch.no_grad()
+    def weight_deltas(self) -> dict[str, Tensor]:
+        """The current non-zero base-weight deltas W − W0 per module (CPU copies)."""
+        out = {}
+        for name, (w, w0) in self._base_weights.items():
+            d = (w - w0).detach().to("cpu", copy=True)
+            if bool(d.any()):
+                out[name] = d
+        return out
+
+    def set_lora_scaling(self, scaling: float | None) -> None:
+        """LoRA scaling s of every target module (ΔW = s·B·A); None restores lora_alpha / rank.
+
+        Methods whose clients train at their own scaling (FlexLoRA: α / r_k; FLoRA: 2) set it
+        around local training, so the training dynamics are those of a rank-r_k LoRA exactly
+        (folding the ratio into B instead would change AdamW's effective step size).
+        """
+        value = self.default_scaling if scaling is None else float(scaling)
+        for layer in self._lora_layers:
+            layer.scaling["default"] = value
 
     # ------------------------------------------------------------------ export
     def export(self, out_dir: Path) -> Path:
@@ -183,9 +246,16 @@ class ModelRuntime:
         self.model.peft_config["default"].base_model_name_or_path = base_ref
         self.model.save_pretrained(out_dir)
         self.tokenizer.save_pretrained(out_dir)
-        (out_dir / "lora_a2.json").write_text(json.dumps(
-            {"base_model": base_ref, "num_labels": self.num_labels, "model_name": self.cfg.name},
-            indent=2))
+        info = {"base_model": base_ref, "num_labels": self.num_labels, "model_name": self.cfg.name}
+        deltas = self.weight_deltas()
+        if deltas:
+            # FLoRA / FlexLoRA: the global model is base + these deltas (+ the adapter).
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in deltas.items()},
+                      str(out_dir / "merged_delta.safetensors"))
+            info["merged_delta"] = "merged_delta.safetensors: add to each module's base weight"
+        (out_dir / "lora_a2.json").write_text(json.dumps(info, indent=2))
         return out_dir
 
     def _save_tiny_base(self, path: Path) -> None:

@@ -8,6 +8,7 @@ entry stays bit-identical to the global state.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,12 +57,15 @@ class ParamGroup:
 def train_local(runtime: ModelRuntime, data: EncodedData, indices: np.ndarray,
                 groups: list[ParamGroup], epochs: int, batch_size: int, weight_decay: float,
                 generator: torch.Generator, masks: dict[str, Tensor] | None = None,
-                max_grad_norm: float = 0.0) -> float:
+                max_grad_norm: float = 0.0,
+                regularizer: Callable[[], Tensor] | None = None) -> float:
     """Train the named parameters for ``epochs`` passes over ``indices``; return the mean loss.
 
     ``masks[name]`` is a boolean tensor broadcastable to the parameter: True where the entry may
     change. Masked entries keep exactly the value they had when this call started.
     A fresh AdamW each call: optimiser state never leaks between clients or rounds.
+    ``regularizer()``, when given, is added to each step's loss (HetLoRA's self-pruning term);
+    the returned mean loss is the cross-entropy alone.
     """
     model = runtime.model
     params = {n: runtime.params[n] for g in groups for n in g.names}
@@ -84,7 +88,7 @@ def train_local(runtime: ModelRuntime, data: EncodedData, indices: np.ndarray,
             logits = model(input_ids=ids, attention_mask=att).logits
             loss = F.cross_entropy(logits, y)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss + regularizer() if regularizer is not None else loss).backward()
             for n, (mask, _) in frozen.items():
                 if params[n].grad is not None:
                     params[n].grad.mul_(mask)

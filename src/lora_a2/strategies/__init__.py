@@ -5,7 +5,7 @@ from .base import REGISTRY, Strategy, get_strategy, register
 
 def load_all() -> None:
     """Import every strategy module so that each registers itself."""
-    from . import fedavg_full, ffa_lora, fl_lora, lora_a2  # noqa: F401
+    from . import fedavg_full, ffa_lora, fl_lora, flexlora, flora, hetlora, lora_a2  # noqa: F401
 
 
 load_all()

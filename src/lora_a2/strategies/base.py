@@ -52,6 +52,8 @@ class Task:
 
     ``config`` is small and JSON-able (it travels in the payload header); ``download`` holds the
     federated parameters of the groups listed in ``config["send"]``, in layout order.
+    With ``config["rank"] = r`` (heterogeneous-rank methods) only the first r slots of every A
+    (rows) and B (columns) travel; the receiver zero-pads them back to the layout's rank.
     """
 
     round: int
@@ -62,14 +64,52 @@ class Task:
     def to_payload(self, layout: ParamLayout) -> Payload:
         names = layout.group_names(self.config["send"])
         meta = {"round": self.round, "client": self.client_id, **self.config}
-        return Payload(values=flatten(self.download, names), meta=meta)
+        rank = self.config.get("rank")
+        tensors = self.download if rank is None else {
+            n: truncate_factor(n, t, rank) for n, t in self.download.items() if n in names}
+        return Payload(values=flatten(tensors, names), meta=meta)
 
     @classmethod
     def from_payload(cls, payload: Payload, layout: ParamLayout) -> Task:
         meta = dict(payload.meta)
         rnd, client = int(meta.pop("round")), int(meta.pop("client"))
         names = layout.group_names(meta["send"])
-        return cls(rnd, client, meta, unflatten(payload.values, names, layout.shapes(names)))
+        rank = meta.get("rank")
+        if rank is None:
+            return cls(rnd, client, meta, unflatten(payload.values, names, layout.shapes(names)))
+        if not isinstance(rank, int) or not 0 <= rank <= layout.rank:
+            raise InvalidPayload(f"task rank {rank!r} outside [0, {layout.rank}]")
+        shapes = [_rank_shape(n, s, rank) for n, s in zip(names, layout.shapes(names))]
+        got = unflatten(payload.values, names, shapes)
+        return cls(rnd, client, meta, {n: pad_factor(n, t, layout.rank) for n, t in got.items()})
+
+
+def _rank_shape(name: str, shape: tuple[int, ...], rank: int) -> tuple[int, ...]:
+    if name.endswith(".A"):
+        return (rank, shape[1])
+    if name.endswith(".B"):
+        return (shape[0], rank)
+    return shape
+
+
+def truncate_factor(name: str, t: Tensor, rank: int) -> Tensor:
+    """The first ``rank`` slots of a LoRA factor (rows of ``*.A``, columns of ``*.B``)."""
+    if name.endswith(".A"):
+        return t[:rank]
+    if name.endswith(".B"):
+        return t[:, :rank]
+    return t
+
+
+def pad_factor(name: str, t: Tensor, rank: int) -> Tensor:
+    """Zero-pad a LoRA factor to ``rank`` slots (inverse of :func:`truncate_factor`)."""
+    from ..lowrank import pad_rank
+
+    if name.endswith(".A"):
+        return pad_rank(t, rank, axis=0)
+    if name.endswith(".B"):
+        return pad_rank(t, rank, axis=1)
+    return t
 
 
 @dataclass
@@ -120,10 +160,12 @@ class ClientContext:
         return int(len(self.indices))
 
     def train(self, groups: list[ParamGroup], epochs: int, generator: torch.Generator,
-              masks: dict[str, Tensor] | None = None) -> float:
+              masks: dict[str, Tensor] | None = None,
+              regularizer: Callable[[], Tensor] | None = None) -> float:
         t = self.cfg.train
         return train_local(self.runtime, self.data, self.indices, groups, epochs, t.batch_size,
-                           self.cfg.strategy.weight_decay, generator, masks, t.max_grad_norm)
+                           self.cfg.strategy.weight_decay, generator, masks, t.max_grad_norm,
+                           regularizer)
 
 
 def client_seed(seed: int, rnd: int, client_id: int) -> int:
@@ -156,6 +198,11 @@ class Strategy(ABC):
 
     def init_state(self, initial: dict[str, Tensor]) -> ServerState:
         return ServerState({k: v.clone() for k, v in initial.items()})
+
+    def restore_state(self, state: ServerState) -> ServerState:
+        """Continue from a checkpointed state (after a crash). A strategy that keeps anything
+        outside ``state`` (e.g. weights merged into the base model) re-applies it here."""
+        return state
 
     def active_factor(self, rnd: int) -> str | None:
         """`A`, `B`, or None when both (or no) LoRA factors train in round ``rnd``."""

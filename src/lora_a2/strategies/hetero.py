@@ -1,0 +1,166 @@
+"""Shared machinery of the heterogeneous-rank baselines (FlexLoRA, HetLoRA, FLoRA).
+
+One model per process holds one adapter of rank r_max = max_k r_k (``lora_rank``). A client of
+rank r_k uses only the first r_k slots: the other rows of A and columns of B are zero and masked
+in :func:`~lora_a2.client.train_local`, so they stay exactly zero and the model computes exactly
+what a rank-r_k LoRA computes. Downloads carry only the first r_k slots (``Task.config["rank"]``,
+zero-padded on arrival); uploads carry the client's final A_k[:r_k] and B_k[:, :r_k] (all
+modules' A, then all modules' B, layout order) followed by the head delta when the head trains.
+
+LoRA scaling: PEFT scales the whole adapter by α / r_max. A method whose clients need another
+scaling s_k (FlexLoRA: α / r_k; FLoRA: 2) sets it on the model for the client's local training
+(:meth:`~lora_a2.adapter.ModelRuntime.set_lora_scaling`) and restores it afterwards, so both the
+effective ΔW = s_k B_k A_k and AdamW's dynamics are those of a rank-r_k LoRA with scaling s_k.
+(Folding s_k / s_max into B would give the right ΔW but rescale B's effective step size.)
+Every global state is kept so that loading it at the default scaling evaluates the global model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..aggregation import data_weights, weighted_sum
+from ..client import ParamGroup
+from ..payload import InvalidPayload, flatten, unflatten
+from .base import ClientContext, ServerState, Strategy, Task, Update, check_finite, truncate_factor
+
+
+class HeteroRankStrategy(Strategy):
+    """Base of the methods whose clients train A and B at their own rank r_k."""
+
+    #: the global state carries ``merged.<module>`` dense deltas (FlexLoRA's W_g, FLoRA's merge)
+    uses_merged = False
+
+    def lora_rank(self) -> int:
+        return max(self.budgets)
+
+    def init_state(self, initial: dict[str, Tensor]) -> ServerState:
+        state = super().init_state(initial)
+        if self.uses_merged:
+            assert self.layout is not None
+            for m in self.layout.modules:
+                state.tensors[f"merged.{m.name}"] = torch.zeros(m.d_out, m.d_in)
+        return state
+
+    # -- helpers --------------------------------------------------------------------------
+    def factor_names(self) -> list[str]:
+        assert self.layout is not None
+        return self.layout.names("A") + self.layout.names("B")
+
+    def upload_size(self, rank: int) -> int:
+        assert self.layout is not None
+        return rank * sum(m.d_in + m.d_out for m in self.layout.modules) + self.layout.size(
+            self.head_groups())
+
+    def rank_masks(self, rank: int) -> dict[str, Tensor]:
+        """True on the first ``rank`` slots of every A (rows) and B (columns)."""
+        assert self.layout is not None
+        keep = torch.arange(self.layout.rank) < rank
+        masks = {n: keep.reshape(-1, 1) for n in self.layout.names("A")}
+        masks.update({n: keep.reshape(1, -1) for n in self.layout.names("B")})
+        return masks
+
+    def scaling_for(self, rank: int) -> float | None:
+        """LoRA scaling a client of ``rank`` trains with (None: the adapter's α / r_max)."""
+        return None
+
+    # -- client side ----------------------------------------------------------------------
+    def train_client(self, ctx: ClientContext, task: Task, *, fresh: bool = False,
+                     regularizer_for=None) -> tuple[dict[str, Tensor], dict[str, Tensor], float]:
+        """Load the task, train the first r slots of A and B (and the head), return
+        (final A and B, padded to r_max; head delta; mean loss).
+
+        ``fresh``: start from a new LoRA (A ~ N(0, σ²) on the first r rows from the task's seed,
+        B = 0) instead of the downloaded factors (FLoRA). ``regularizer_for(params)`` may return
+        an extra loss term (HetLoRA's self-pruning).
+        """
+        layout, rt = self.layout, ctx.runtime
+        assert layout is not None
+        rank = int(task.config["rank"])
+        rt.set_weight_delta(None)  # a "merged.*" download below sets it again
+        rt.load(task.download)
+        gen = torch.Generator().manual_seed(task.config["seed"])
+        torch.manual_seed(task.config["seed"])
+        if fresh:
+            rt.load(self.fresh_factors(rank, gen))
+        head = layout.names("head")
+        head_before = rt.snapshot(head)
+        groups = [ParamGroup(layout.names("A"), self.lr_of("A")),
+                  ParamGroup(layout.names("B"), self.lr_of("B"))]
+        if head:
+            groups.append(ParamGroup(head, self.lr_of("head")))
+        reg = regularizer_for({n: rt.params[n] for n in self.factor_names()}, rank) \
+            if regularizer_for is not None else None
+        rt.set_lora_scaling(self.scaling_for(rank))
+        try:
+            loss = ctx.train(groups, self.cfg.train.local_epochs, gen, masks=self.rank_masks(rank),
+                             regularizer=reg)
+        finally:
+            rt.set_lora_scaling(None)
+        final = rt.snapshot(self.factor_names() + head)
+        head_delta = {n: final[n] - head_before[n] for n in head}
+        return {n: final[n] for n in self.factor_names()}, head_delta, loss
+
+    def fresh_factors(self, rank: int, gen: torch.Generator) -> dict[str, Tensor]:
+        """A new LoRA at ``rank``: A ~ N(0, σ²) (σ as the runtime's init), B = 0, padded."""
+        layout = self.layout
+        assert layout is not None
+        out: dict[str, Tensor] = {}
+        for m in layout.modules:
+            std = self.cfg.model.init_std or 1.0 / math.sqrt(3.0 * m.d_in)
+            a = torch.zeros(layout.rank, m.d_in)
+            a[:rank] = torch.randn(rank, m.d_in, generator=gen) * std
+            out[f"{m.name}.A"] = a
+            out[f"{m.name}.B"] = torch.zeros(m.d_out, layout.rank)
+        return out
+
+    def make_upload(self, ctx: ClientContext, task: Task, factors: dict[str, Tensor],
+                    head_delta: dict[str, Tensor], rank: int, **meta: Any) -> Update:
+        names = self.factor_names()
+        values = flatten({n: truncate_factor(n, factors[n], rank) for n in names}, names)
+        head = list(head_delta)
+        if head:
+            values = torch.cat([values, flatten(head_delta, head)])
+        return Update(task.client_id, ctx.num_examples, values, meta={"rank": rank, **meta})
+
+    # -- server side ----------------------------------------------------------------------
+    def upload_rank(self, task: Task, update: Update) -> int:
+        """The rank the upload is at (default: the task's)."""
+        return int(task.config["rank"])
+
+    def validate(self, task: Task, update: Update) -> None:
+        if update.slots is not None:
+            raise InvalidPayload("dense upload must not carry slot indices")
+        if update.meta.get("rank") != self.upload_rank(task, update):
+            raise InvalidPayload(f"upload is at rank {update.meta.get('rank')!r}, "
+                                 f"expected {self.upload_rank(task, update)}")
+        expected = self.upload_size(self.upload_rank(task, update))
+        if update.values.numel() != expected:
+            raise InvalidPayload(f"expected {expected} values, got {update.values.numel()}")
+        check_finite(update)
+
+    def split(self, task: Task, update: Update) -> tuple[list[Tensor], list[Tensor],
+                                                         dict[str, Tensor], int]:
+        """(A_k per module (r × d_in), B_k per module (d_out × r), head delta, r)."""
+        layout = self.layout
+        assert layout is not None
+        rank = self.upload_rank(task, update)
+        a_names, b_names = layout.names("A"), layout.names("B")
+        shapes = [(rank, m.d_in) for m in layout.modules] + [(m.d_out, rank) for m in layout.modules]
+        n_factor = sum(math.prod(s) for s in shapes)
+        fac = unflatten(update.values[:n_factor], a_names + b_names, shapes)
+        head_names = layout.names("head")
+        head = unflatten(update.values[n_factor:], head_names, layout.shapes(head_names))
+        return [fac[n] for n in a_names], [fac[n] for n in b_names], head, rank
+
+    def aggregate_head(self, state: ServerState, tensors: dict[str, Tensor],
+                       heads: list[dict[str, Tensor]], num_examples: list[int]) -> None:
+        """head += Σ_k p_k Δhead_k (data weights), in ``tensors``."""
+        assert self.layout is not None
+        w = data_weights(num_examples)
+        for n in self.layout.names("head"):
+            tensors[n] = state.tensors[n] + weighted_sum([h[n] for h in heads], w)

@@ -1,0 +1,132 @@
+"""HetLoRA (Cho et al., EMNLP 2024): zero-padding, norm-weighted factor averaging, self-pruning.
+
+Rules (paper §3 / Fig. 2, as summarised in DESIGN §3a):
+- **download**: the global rank-r_max adapter truncated to the client's current rank r_k
+  (only those r_k slots travel);
+- **local training** of A and B at rank r_k with *rank self-pruning*: the loss gets
+  λ · Σ_m ‖B_m[:, t:r_k] A_m[t:r_k, :]‖_F with t = max(1, ⌊γ r_k⌋) — the tail a prune would
+  drop. After training the client computes the same tail norm T (no λ); if T fell below the T
+  it reported in its previous round, it prunes: r_k ← t, and uploads only the first t slots.
+  First participation, r_k = 1, or ⌊γ r_k⌋ = r_k: no prune. γ = ``strategy.prune_gamma``
+  (0.99), λ = ``strategy.prune_lambda`` (1e-3). A pruned rank is permanent (the server sends
+  the client r_k slots from then on). DESIGN writes the tail as [⌈γ r_k⌉:]; with γ = 0.99 and
+  r_k ≤ 16 that tail is empty and nothing could ever prune, so the tail here is exactly the
+  slots the prune removes, [⌊γ r_k⌋:] (clamped to keep ≥ 1 slot).
+  The client's rank and previous T are client state; this simulation keeps them on the server
+  (``state.extra``) and sends them back in the task header (counted in the download bytes).
+- **aggregation**: every client's A_k, B_k are zero-padded to r_max and averaged with weights
+  S_k / Σ_j S_j, S_k = ‖B_k A_k‖_F (not data size). **S_k is per module**: the paper defines it
+  for one LoRA module W0 + B_k A_k; per module, a client's weight in a module reflects how much
+  it changed *that* module, and the biggest module does not decide every module's weights.
+  If every S_k of a module is 0, data weights are used. The head (when trained) is averaged
+  with data weights.
+- **scaling**: one α / r_max for every client. The global adapter is one rank-r_max LoRA and a
+  client's model is exactly its first r_k components, so no rescaling is needed on either side.
+
+Note: the pruning criterion's source is DESIGN §3a (recalled from the paper, not re-read here:
+the paper's text could not be retrieved offline).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..aggregation import data_weights
+from ..lowrank import norm_weights, pad_and_average, product_norm, prune_decision, pruned_rank
+from ..payload import InvalidPayload
+from .base import ClientContext, ServerState, Task, Update, register
+from .hetero import HeteroRankStrategy
+
+
+@register
+class HetLora(HeteroRankStrategy):
+    """Rank r_k with self-pruning; server zero-pads and averages with ‖B_k A_k‖ weights."""
+
+    name = "hetlora"
+
+    def current_rank(self, state: ServerState, client_id: int) -> int:
+        return int(state.extra.get("ranks", {}).get(str(client_id), self.budgets[client_id]))
+
+    def configure(self, rnd: int, client_id: int, state: ServerState) -> Task:
+        rank = self.current_rank(state, client_id)
+        prev = state.extra.get("tails", {}).get(str(client_id))
+        return self.make_task(rnd, client_id, state, ["A", "B"] + self.head_groups(),
+                              rank=rank, prev_tail=prev)
+
+    # -- client -----------------------------------------------------------------------
+    def _tail_names(self):
+        assert self.layout is not None
+        return list(zip(self.layout.names("A"), self.layout.names("B")))
+
+    def tail_norm(self, params: dict[str, Tensor], rank: int) -> float:
+        """Σ_m ‖B_m[:, t:r] A_m[t:r, :]‖_F with t = pruned_rank(r, γ) (0 if nothing can go)."""
+        t = pruned_rank(rank, self.cfg.strategy.prune_gamma)
+        if t >= rank:
+            return 0.0
+        return float(sum(product_norm(params[b][:, t:rank].detach(), params[a][t:rank].detach())
+                         for a, b in self._tail_names()))
+
+    def regularizer_for(self, params: dict[str, Tensor], rank: int):
+        lam, t = self.cfg.strategy.prune_lambda, pruned_rank(rank, self.cfg.strategy.prune_gamma)
+        if lam <= 0 or t >= rank:
+            return None
+        pairs = [(params[a], params[b]) for a, b in self._tail_names()]
+
+        def reg() -> Tensor:
+            # sqrt(‖·‖² + ε): the norm's gradient is undefined at 0 (B starts at 0).
+            return lam * sum(torch.sqrt(((b[:, t:rank] @ a[t:rank]) ** 2).sum() + 1e-12)
+                             for a, b in pairs)
+
+        return reg
+
+    def client_update(self, ctx: ClientContext, task: Task) -> Update:
+        rank = int(task.config["rank"])
+        factors, head, loss = self.train_client(ctx, task, regularizer_for=self.regularizer_for)
+        tail = self.tail_norm(factors, rank)
+        new_rank = prune_decision(rank, self.cfg.strategy.prune_gamma, tail,
+                                  task.config.get("prev_tail"))
+        return self.make_upload(ctx, task, factors, head, new_rank, loss=loss, tail=tail)
+
+    # -- server -----------------------------------------------------------------------
+    def upload_rank(self, task: Task, update: Update) -> int:
+        r = update.meta.get("rank")
+        allowed = (int(task.config["rank"]),
+                   pruned_rank(int(task.config["rank"]), self.cfg.strategy.prune_gamma))
+        if not isinstance(r, int) or r not in allowed:
+            raise InvalidPayload(f"upload rank {r!r} is neither the task's rank nor its pruned "
+                                 f"rank {allowed}")
+        return r
+
+    def validate(self, task: Task, update: Update) -> None:
+        tail = update.meta.get("tail")
+        if not isinstance(tail, (int, float)) or not math.isfinite(tail) or tail < 0:
+            raise InvalidPayload(f"upload's tail norm {tail!r} is not a finite number ≥ 0")
+        super().validate(task, update)
+
+    def aggregate(self, rnd: int, state: ServerState,
+                  replies: list[tuple[Task, Update]]) -> tuple[ServerState, dict[str, Any]]:
+        layout = self.layout
+        assert layout is not None
+        parts = [self.split(t, u) for t, u in replies]
+        p = data_weights([u.num_examples for _, u in replies])
+        tensors = dict(state.tensors)
+        for i, m in enumerate(layout.modules):
+            As, Bs = [pt[0][i] for pt in parts], [pt[1][i] for pt in parts]
+            w = norm_weights([product_norm(b, a) for a, b in zip(As, Bs)], fallback=p)
+            tensors[f"{m.name}.A"] = pad_and_average(As, w, layout.rank, axis=0)
+            tensors[f"{m.name}.B"] = pad_and_average(Bs, w, layout.rank, axis=1)
+        self.aggregate_head(state, tensors, [pt[2] for pt in parts],
+                            [u.num_examples for _, u in replies])
+        extra = dict(state.extra)
+        ranks, tails = dict(extra.get("ranks", {})), dict(extra.get("tails", {}))
+        for (t, u), pt in zip(replies, parts):
+            ranks[str(u.client_id)] = pt[3]  # str keys: the extra state is saved as JSON
+            tails[str(u.client_id)] = float(u.meta["tail"])
+        extra.update(ranks=ranks, tails=tails)
+        return ServerState(tensors, extra), {
+            "client_ranks": {c: ranks[c] for c in sorted(ranks, key=int)},
+            "pruned": sum(pt[3] < int(t.config["rank"]) for (t, _), pt in zip(replies, parts))}
