@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", "-o", help="output directory (default: runs/<time>-<strategy>)")
     run.add_argument("--overwrite", action="store_true",
                      help="replace a non-empty output directory")
+    run.add_argument("--resume", metavar="DIR",
+                     help="continue the run in DIR after its last complete round")
     run.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     cfg = sub.add_parser("config", help="print the fully resolved config as TOML")
     cfg.add_argument("--config", "-c")
@@ -40,8 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .runner import print_summary, run_experiment
+    from .runner import print_summary, resume_config, run_experiment
 
+    if args.resume:
+        if args.config or args.set or args.out or args.overwrite:
+            raise UserError("--resume DIR continues a run with its own config; "
+                            "do not combine it with --config, --set, --out or --overwrite")
+        summary = run_experiment(resume_config(args.resume), Path(args.resume),
+                                 progress=not args.quiet, resume=True)
+        print_summary(summary)
+        return 0
     cfg = load_config(args.config, args.set)
     out = Path(args.out) if args.out else Path("runs") / (
         time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.strategy.name}")

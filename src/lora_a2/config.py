@@ -69,11 +69,14 @@ class DataConfig:
 @dataclass
 class StrategyConfig:
     name: str = "lora-a2"
-    """`lora-a2`, `fl-lora`, `ffa-lora`, `fedavg-full` (see `lora-a2 strategies`)."""
+    """`lora-a2`, `fl-lora`, `ffa-lora`, `flexlora`, `hetlora`, `flora`, `fedavg-full`
+    (see `lora-a2 strategies`)."""
     global_rank: int = 8
     """r_G: rank of the global adapter (LoRA-A2) / the LoRA rank of the other strategies."""
     rank_budget: Any = 2
-    """Per-client rank budget r_k: an int (all clients) or a list of one int per client."""
+    """Per-client rank budget r_k: an int (all clients), a list of one int per client, or a
+    distribution over {1, 2, 4, 8, 16} ≤ global_rank drawn from the seed: `uniform`,
+    `heavy-tail` (most clients small), `normal` (most in the middle); see `lora_a2.budgets`."""
     lr: float = 5e-4
     """Learning rate of A (lr_A). AdamW."""
     lr_ratio: float = 5.0
@@ -88,6 +91,10 @@ class StrategyConfig:
     """LoRA-A2: local epochs of the probe that scores the slots (paper: 1)."""
     renormalize: bool = False
     """LoRA-A2: divide each slot's sum by the weight of the clients that selected it."""
+    prune_gamma: float = 0.99
+    """HetLoRA: rank self-pruning decay γ (r_k ← max(1, ⌊γ r_k⌋)); 1 = never prune."""
+    prune_lambda: float = 1e-3
+    """HetLoRA: weight λ of the self-pruning regulariser on the rank tail."""
 
 
 @dataclass
@@ -100,6 +107,18 @@ class TrainConfig:
     """Clients sampled per round: 0 = all, an int ≥ 1 = that many, a float in (0, 1) = fraction."""
     max_grad_norm: float = 0.0
     """Gradient clipping per step; 0 = off."""
+    dropout: float = 0.0
+    """Simulated failures: probability that a sampled client receives its task but never replies."""
+    min_replies: int = 1
+    """A round with fewer valid replies fails: recorded, and the global state stays unchanged."""
+
+
+@dataclass
+class ServerConfig:
+    max_update_bytes: int = 2 * 1024**3
+    """Uploads larger than this are rejected unread."""
+    max_update_norm: float = 0.0
+    """Reject an upload whose values have a larger L2 norm; 0 = no bound."""
 
 
 @dataclass
@@ -120,14 +139,15 @@ class Config:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
 
     # ------------------------------------------------------------------ derived values
     def budgets(self) -> list[int]:
         """Resolved per-client rank budgets r_k (one per client)."""
-        rb = self.strategy.rank_budget
-        if isinstance(rb, list):
-            return [int(b) for b in rb]
-        return [int(rb)] * self.data.num_clients
+        from .budgets import resolve
+
+        s = self.strategy
+        return resolve(s.rank_budget, self.data.num_clients, s.global_rank, self.seed)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -142,9 +162,10 @@ SECTIONS: dict[str, type] = {
     "strategy": StrategyConfig,
     "train": TrainConfig,
     "engine": EngineConfig,
+    "server": ServerConfig,
 }
 
-STRATEGY_NAMES = ("lora-a2", "fl-lora", "ffa-lora", "fedavg-full")
+STRATEGY_NAMES = ("lora-a2", "fl-lora", "ffa-lora", "flexlora", "hetlora", "flora", "fedavg-full")
 PARTITIONS = ("dirichlet", "pathological", "paired", "iid")
 
 
@@ -296,9 +317,14 @@ def validate(cfg: Config) -> None:
         for b in rb:
             _require(isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= s.global_rank,
                      "strategy.rank_budget", f"entries must be integers in [1, {s.global_rank}]", b)
+    elif isinstance(rb, str):
+        from .budgets import DISTRIBUTIONS
+
+        _require(rb in DISTRIBUTIONS, "strategy.rank_budget",
+                 f"must be an integer, a list, or one of {', '.join(DISTRIBUTIONS)}", rb)
     else:
         _require(isinstance(rb, int) and not isinstance(rb, bool), "strategy.rank_budget",
-                 "must be an integer or a list of integers", rb)
+                 "must be an integer, a list of integers, or a distribution name", rb)
         _require(1 <= rb <= s.global_rank, "strategy.rank_budget",
                  f"must be in [1, strategy.global_rank = {s.global_rank}]", rb)
     for key, v in (("strategy.lr", s.lr), ("strategy.lr_ratio", s.lr_ratio),
@@ -306,12 +332,20 @@ def validate(cfg: Config) -> None:
         _require(v > 0, key, "must be > 0", v)
     _require(s.head_lr >= 0, "strategy.head_lr", "must be ≥ 0 (0 = lr_B)", s.head_lr)
     _require(s.weight_decay >= 0, "strategy.weight_decay", "must be ≥ 0", s.weight_decay)
+    _require(0 < s.prune_gamma <= 1, "strategy.prune_gamma", "must be in (0, 1]", s.prune_gamma)
+    _require(s.prune_lambda >= 0, "strategy.prune_lambda", "must be ≥ 0", s.prune_lambda)
     _require(s.probe_epochs >= 1, "strategy.probe_epochs", "must be ≥ 1", s.probe_epochs)
     _require(t.rounds >= 1, "train.rounds", "must be ≥ 1", t.rounds)
     _require(t.local_epochs >= 1, "train.local_epochs", "must be ≥ 1", t.local_epochs)
     _require(t.batch_size >= 1, "train.batch_size", "must be ≥ 1", t.batch_size)
     _require(t.eval_batch_size >= 1, "train.eval_batch_size", "must be ≥ 1", t.eval_batch_size)
     _require(t.max_grad_norm >= 0, "train.max_grad_norm", "must be ≥ 0", t.max_grad_norm)
+    _require(0 <= t.dropout < 1, "train.dropout", "must be in [0, 1)", t.dropout)
+    _require(t.min_replies >= 1, "train.min_replies", "must be ≥ 1", t.min_replies)
+    _require(cfg.server.max_update_bytes >= 1024, "server.max_update_bytes", "must be ≥ 1024",
+             cfg.server.max_update_bytes)
+    _require(cfg.server.max_update_norm >= 0, "server.max_update_norm", "must be ≥ 0 (0 = off)",
+             cfg.server.max_update_norm)
     cpr = t.clients_per_round
     if isinstance(cpr, float) and not cpr.is_integer():
         _require(0 < cpr < 1, "train.clients_per_round",
@@ -319,6 +353,9 @@ def validate(cfg: Config) -> None:
     else:
         _require(0 <= cpr <= d.num_clients, "train.clients_per_round",
                  f"must be 0 (all) or a count ≤ data.num_clients = {d.num_clients}", cpr)
+    _require(t.min_replies <= clients_per_round(cfg), "train.min_replies",
+             f"must not exceed the clients sampled per round ({clients_per_round(cfg)})",
+             t.min_replies)
     if e.name == "flower":
         raise UserError("config key 'engine.name': the 'flower' engine is not available yet; use 'local'")
     _require(e.name == "local", "engine.name", "must be 'local'", e.name)

@@ -46,6 +46,26 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def truncate_metrics(path: Path, last_round: int) -> None:
+    """Keep only complete lines of rounds ≤ ``last_round`` (drops a torn tail after a crash)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    raw = path.read_bytes()
+    keep: list[str] = []
+    for line in raw.decode("utf-8", errors="replace").split("\n"):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("round"), int) \
+                and record["round"] <= last_round:
+            keep.append(line)
+    text = "".join(k + "\n" for k in keep)
+    if text.encode() != raw:
+        atomic_write_text(path, text)
+
+
 def make_plots(records: list[dict[str, Any]], out_dir: Path, initial_accuracy: float | None,
                title: str) -> list[Path]:
     """accuracy per round, and accuracy against cumulative upload (MB)."""

@@ -13,12 +13,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import Config, clients_per_round
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import Config, clients_per_round, load_config
 from .data import label_histogram
 from .engines.local import evaluate_state, run_round
 from .errors import UserError
 from .experiment import Experiment, prepare
-from .report import MetricsWriter, atomic_write_text, format_summary, make_plots
+from .report import (MetricsWriter, atomic_write_text, format_summary, make_plots, read_metrics,
+                     truncate_metrics)
 
 
 def prepare_out_dir(out: Path, overwrite: bool) -> Path:
@@ -41,23 +43,53 @@ def fedavg_full_params(exp: Experiment) -> int:
                if "lora_" not in n and "modules_to_save" not in n)
 
 
-def run_experiment(cfg: Config, out: Path, *, overwrite: bool = False,
-                   progress: bool = True) -> dict[str, Any]:
-    """Run ``cfg`` on the local engine, writing every output under ``out``; return the summary."""
-    out = prepare_out_dir(out, overwrite)
+def resume_config(out: Path) -> Config:
+    """The config a run in ``out`` was started with (``--resume`` takes no other)."""
+    out = Path(out)
+    if not (out / "config.toml").is_file():
+        raise UserError(f"cannot resume: '{out}' holds no run (no config.toml)")
+    return load_config(out / "config.toml")
+
+
+def run_experiment(cfg: Config, out: Path, *, overwrite: bool = False, progress: bool = True,
+                   resume: bool = False) -> dict[str, Any]:
+    """Run ``cfg`` on the local engine, writing every output under ``out``; return the summary.
+
+    After every round the metrics line is appended and then an atomic checkpoint written; with
+    ``resume`` the run continues after the last checkpointed round (metrics lines past it, or a
+    torn last line, are dropped and those rounds recomputed — identically, as every draw is
+    seeded by (seed, round, client)).
+    """
     t_start = time.perf_counter()
-    atomic_write_text(out / "config.toml", cfg.to_toml())
+    if resume:
+        out = Path(out)
+    else:
+        out = prepare_out_dir(out, overwrite)
+        atomic_write_text(out / "config.toml", cfg.to_toml())
     exp = prepare(cfg)
-    write_partition(exp, out)
     strategy = exp.strategy
-    state = strategy.init_state(exp.runtime.initial_state())
-    initial = evaluate_state(exp, state)
+    ckpt = load_checkpoint(out) if resume else None
+    if ckpt is None:
+        start, state = 1, strategy.init_state(exp.runtime.initial_state())
+        write_partition(exp, out)
+    else:
+        start, state = ckpt[0] + 1, strategy.restore_state(ckpt[1])
+    initial_path = out / "initial_eval.json"
+    if ckpt is not None and initial_path.exists():
+        initial = json.loads(initial_path.read_text())
+    else:
+        initial = evaluate_state(exp, strategy.init_state(exp.runtime.initial_state())
+                                 if ckpt is not None else state)
+        atomic_write_text(initial_path, json.dumps(initial))
+    truncate_metrics(out / "metrics.jsonl", start - 1)
+    records: list[dict[str, Any]] = read_metrics(out / "metrics.jsonl")
     writer = MetricsWriter(out / "metrics.jsonl")
-    records: list[dict[str, Any]] = []
     per_round = clients_per_round(cfg)
     bar = _progress(cfg.train.rounds * per_round, progress)
-    cumulative = 0
-    for rnd in range(1, cfg.train.rounds + 1):
+    if bar is not None:
+        bar.update((start - 1) * per_round)
+    cumulative = records[-1]["cumulative_upload_bytes"] if records else 0
+    for rnd in range(start, cfg.train.rounds + 1):
         t0 = time.perf_counter()
         if bar is not None:
             bar.set_description(f"round {rnd}/{cfg.train.rounds}")
@@ -70,6 +102,7 @@ def run_experiment(cfg: Config, out: Path, *, overwrite: bool = False,
                                                                   "active_factor")},
                   "cumulative_upload_bytes": cumulative, "wall_s": time.perf_counter() - t0}
         writer.write(record)
+        save_checkpoint(out, rnd, state)
         records.append(record)
         if bar is not None:
             bar.set_postfix(acc=f"{100 * metrics['accuracy']:.1f}%",
@@ -80,6 +113,7 @@ def run_experiment(cfg: Config, out: Path, *, overwrite: bool = False,
     exp.runtime.load(state.tensors)
     exp.runtime.export(out / "adapter")
     summary = summarize(exp, records, initial, out, time.perf_counter() - t_start)
+    summary["resumed_from_round"] = start - 1 if resume else None
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     make_plots(records, out / "plots", initial["accuracy"],
                f"{strategy.name} · {cfg.data.name} · {cfg.data.partition}"
@@ -91,6 +125,7 @@ def summarize(exp: Experiment, records: list[dict[str, Any]], initial: dict[str,
               wall_s: float) -> dict[str, Any]:
     cfg = exp.cfg
     best = max(records, key=lambda r: r["accuracy"])
+    failed = sum(r.get("status") == "failed" for r in records)
     client_rounds = sum(r["num_replies"] for r in records)
     full = fedavg_full_params(exp)
     total_up_params = sum(r["upload_params"] for r in records)
@@ -120,6 +155,8 @@ def summarize(exp: Experiment, records: list[dict[str, Any]], initial: dict[str,
         "total_download_params": sum(r["download_params"] for r in records),
         "client_rounds": client_rounds,
         "rejected_updates": sum(r["rejected"] for r in records),
+        "dropped_clients": sum(len(r.get("dropped", [])) for r in records),
+        "failed_rounds": failed,
         "fedavg_full_params_per_client_round": full,
         "fedavg_full_upload_params": full * client_rounds,
         "fedavg_full_upload_bytes": full_bytes,

@@ -19,6 +19,7 @@ from ..experiment import Experiment
 from ..config import clients_per_round
 from ..payload import InvalidPayload, decode, encode
 from ..strategies.base import ClientContext, ServerState, Task, Update
+from ..validation import UploadLimits, receive_upload
 
 RoundCallback = Callable[[dict[str, Any]], None]
 
@@ -31,6 +32,13 @@ def sample_clients(num_clients: int, per_round: int, seed: int, rnd: int) -> lis
     return sorted(int(c) for c in rng.choice(num_clients, size=per_round, replace=False))
 
 
+def drops_out(seed: int, rnd: int, client: int, probability: float) -> bool:
+    """Seeded simulated failure: the client got its task but never replies."""
+    if probability <= 0:
+        return False
+    return bool(np.random.default_rng([seed, rnd, client, 2038074743]).random() < probability)
+
+
 def run_round(exp: Experiment, rnd: int, state: ServerState,
               on_client: Callable[[int], None] | None = None) -> tuple[ServerState, dict[str, Any]]:
     """Run one federated round; return the new state and its metrics record (no evaluation)."""
@@ -40,10 +48,20 @@ def run_round(exp: Experiment, rnd: int, state: ServerState,
     replies: list[tuple[Task, Update]] = []
     per_client: list[dict[str, Any]] = []
     reasons: list[str] = []
+    dropped: list[int] = []
+    limits = UploadLimits(cfg.server.max_update_bytes, cfg.server.max_update_norm)
     for c in clients:
         task = strategy.configure(rnd, c, state)
         down_payload = task.to_payload(layout)
         down = encode(down_payload)
+        if drops_out(cfg.seed, rnd, c, cfg.train.dropout):
+            dropped.append(c)
+            per_client.append({"client": c, "download_bytes": len(down),
+                               "download_params": down_payload.num_values, "upload_bytes": 0,
+                               "upload_params": 0, "dropped": True})
+            if on_client is not None:
+                on_client(c)
+            continue
         # ---- client side: only the bytes cross over -------------------------------------
         ctx = ClientContext(exp.runtime, exp.enc_train, exp.client_train[c], cfg)
         client_task = Task.from_payload(decode(down), layout)
@@ -52,10 +70,7 @@ def run_round(exp: Experiment, rnd: int, state: ServerState,
         record = {"client": c, "download_bytes": len(down),
                   "download_params": down_payload.num_values, "upload_bytes": len(up)}
         try:
-            update = Update.from_payload(decode(up))
-            if update.client_id != c:
-                raise InvalidPayload(f"upload names client {update.client_id}, expected {c}")
-            strategy.validate(task, update)
+            update = receive_upload(strategy, task, up, limits)
             replies.append((task, update))
             record.update(upload_params=int(update.values.numel()),
                           upload_slot_ids=0 if update.slots is None else int(update.slots.numel()),
@@ -67,7 +82,9 @@ def run_round(exp: Experiment, rnd: int, state: ServerState,
         if on_client is not None:
             on_client(c)
     info: dict[str, Any] = {}
-    if replies:
+    # Too few replies: the round fails and the global state stays as it was.
+    failed = len(replies) < max(1, cfg.train.min_replies)
+    if not failed:
         state, info = strategy.aggregate(rnd, state, replies)
     losses = [r["train_loss"] for r in per_client if r.get("train_loss") is not None]
     record = {
@@ -76,6 +93,8 @@ def run_round(exp: Experiment, rnd: int, state: ServerState,
         "active_factor": strategy.active_factor(rnd),
         "clients": clients,
         "num_replies": len(replies),
+        "status": "failed" if failed else "ok",
+        "dropped": dropped,
         "upload_bytes": sum(r["upload_bytes"] for r in per_client),
         "download_bytes": sum(r["download_bytes"] for r in per_client),
         "upload_params": sum(r["upload_params"] for r in per_client),

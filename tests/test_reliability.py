@@ -1,0 +1,287 @@
+"""Untrusted uploads, dropouts, crash-safe resume, and bad input (issue: reliability)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save as st_save
+
+from lora_a2.cli import main
+from lora_a2.config import load_config
+from lora_a2.engines.local import drops_out, run_round
+from lora_a2.experiment import prepare
+from lora_a2.payload import InvalidPayload, Payload, encode
+from lora_a2.report import read_metrics
+from lora_a2.strategies.base import ClientContext, Task, Update
+from lora_a2.validation import UploadLimits, receive_upload
+
+TINY = ["model.name=tiny-random-bert", "data.num_clients=4", "model.head=trained",
+        "strategy.global_rank=4", "strategy.rank_budget=2", "model.max_length=24"]
+
+
+def tiny_exp(csv, *sets):
+    return prepare(load_config(None, TINY + [f"data.name=csv:{csv}", *sets]))
+
+
+# ---------------------------------------------------------------------- fuzzing the validator
+@pytest.fixture(scope="module")
+def honest(tmp_path_factory):
+    """A real task and honest upload for lora-a2 and fl-lora, to mutate."""
+    from conftest import synthetic_texts
+
+    path = tmp_path_factory.mktemp("fuzz") / "toy.csv"
+    texts, labels = synthetic_texts(120)
+    path.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in zip(texts, labels)))
+    out = {}
+    for name in ("lora-a2", "fl-lora"):
+        exp = tiny_exp(path, f"strategy.name={name}")
+        s = exp.strategy
+        state = s.init_state(exp.runtime.initial_state())
+        task = s.configure(1, 0, state)
+        ctx = ClientContext(exp.runtime, exp.enc_train, exp.client_train[0], exp.cfg)
+        upd = s.client_update(ctx, task)
+        receive_upload(s, task, encode(upd.to_payload()), UploadLimits())  # honest passes
+        out[name] = (s, task, upd)
+    return out
+
+
+def _mutants(upd: Update, kind: str, n: int, x: float):
+    meta = {"client": upd.client_id, "num_examples": upd.num_examples, **upd.meta}
+    v, sl = upd.values.clone(), None if upd.slots is None else upd.slots.clone()
+    blob = encode(upd.to_payload())
+    if kind == "truncate":
+        return blob[: n % len(blob)]
+    if kind == "nan":
+        v[n % v.numel()] = float("nan") if x > 0 else float("inf")
+    elif kind == "drop-values":
+        v = v[: max(0, v.numel() - 1 - n % 50)]
+    elif kind == "extra-values":
+        v = torch.cat([v, torch.zeros(1 + n % 50)])
+    elif kind == "dtype":
+        return st_save({"values": v.double()}, metadata={"meta": json.dumps(meta)})
+    elif kind == "slot-range":
+        if sl is None:
+            sl = torch.tensor([0], dtype=torch.int32)
+        sl[n % sl.numel()] = 10_000 + n if x > 0 else -1 - n
+    elif kind == "slot-dup":
+        if sl is None or sl.numel() < 2:
+            sl = torch.tensor([0, 0], dtype=torch.int32)
+        else:
+            sl[1] = sl[0]
+    elif kind == "too-many-slots":
+        sl = torch.arange(10_000, dtype=torch.int32)
+    elif kind == "wrong-client":
+        meta["client"] = upd.client_id + 1 + n
+    elif kind == "bad-examples":
+        meta["num_examples"] = -n
+    elif kind == "huge":
+        return encode(Payload(torch.zeros(300_000), None, meta))
+    elif kind == "garbage":
+        return os.urandom(1 + n % 200)
+    elif kind == "header-json":
+        return (8).to_bytes(8, "little") + b"{notjson"
+    return encode(Payload(v, sl, meta))
+
+
+KINDS = ["truncate", "nan", "drop-values", "extra-values", "dtype", "slot-range", "slot-dup",
+         "too-many-slots", "wrong-client", "bad-examples", "huge", "garbage", "header-json"]
+FUZZ_CASES = 400
+
+
+@settings(max_examples=FUZZ_CASES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.sampled_from(["lora-a2", "fl-lora"]), st.sampled_from(KINDS), st.integers(0, 10**6),
+       st.floats(-1, 1))
+def test_fuzzed_uploads_are_all_rejected_with_a_reason(honest, strategy, kind, n, x):
+    s, task, upd = honest[strategy]
+    if kind in ("slot-range", "slot-dup", "too-many-slots") and strategy == "fl-lora":
+        kind = kind  # dense uploads must carry no slots at all: still invalid
+    blob = _mutants(upd, kind, n, x)
+    with pytest.raises(InvalidPayload) as e:
+        receive_upload(s, task, blob, UploadLimits(max_bytes=1_000_000))
+    assert str(e.value)
+
+
+def test_norm_bound_rejects(honest):
+    s, task, upd = honest["lora-a2"]
+    norm = float(upd.values.norm())
+    blob = encode(upd.to_payload())
+    receive_upload(s, task, blob, UploadLimits(max_norm=norm * 1.01))
+    with pytest.raises(InvalidPayload, match="norm"):
+        receive_upload(s, task, blob, UploadLimits(max_norm=norm * 0.5))
+
+
+# ---------------------------------------------------------------------- dropouts
+def test_dropout_half_renormalises_weights_by_hand(synthetic_csv):
+    exp = tiny_exp(synthetic_csv, "strategy.name=fl-lora", "train.dropout=0.5", "seed=3")
+    s = exp.strategy
+    state = s.init_state(exp.runtime.initial_state())
+    new, record = run_round(exp, 1, state)
+    replied = [c for c in record["clients"] if c not in record["dropped"]]
+    assert record["dropped"] and replied, "seed 3 drops some but not all of 4 clients"
+    assert record["dropped"] == [c for c in range(4) if drops_out(exp.cfg.seed, 1, c, 0.5)]
+    # By hand: rerun each replying client (deterministic) and average its factors with
+    # weights n_k / Σ_{replied} n_j.
+    finals, sizes = [], []
+    for c in replied:
+        ctx = ClientContext(exp.runtime, exp.enc_train, exp.client_train[c], exp.cfg)
+        s.client_update(ctx, s.configure(1, c, state))
+        finals.append(exp.runtime.snapshot(list(state.tensors)))
+        sizes.append(len(exp.client_train[c]))
+    for name in state.tensors:
+        expected = sum(n / sum(sizes) * f[name].double() for n, f in zip(sizes, finals))
+        assert torch.allclose(new.tensors[name].double(), expected, atol=1e-6)
+    assert all(c["upload_bytes"] == 0 for c in record["per_client"] if c.get("dropped"))
+
+
+def test_too_few_replies_fail_the_round_and_keep_the_state(synthetic_csv):
+    exp = tiny_exp(synthetic_csv, "strategy.name=fl-lora", "train.dropout=0.5", "seed=3",
+                   "train.min_replies=4")
+    s = exp.strategy
+    state = s.init_state(exp.runtime.initial_state())
+    new, record = run_round(exp, 1, state)
+    assert record["status"] == "failed"
+    assert all(torch.equal(new.tensors[n], state.tensors[n]) for n in state.tensors)
+
+
+def test_run_with_dropouts_completes(tmp_path, synthetic_csv):
+    out = tmp_path / "d"
+    args = ["run", "--quiet", "--out", str(out), "--set", f"data.name=csv:{synthetic_csv}",
+            "--set", "train.dropout=0.5", "--set", "train.rounds=3"]
+    for s in TINY:
+        args += ["--set", s]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dropped_clients"] > 0
+
+
+# ---------------------------------------------------------------------- crash-safe resume
+def _cli(out: Path, csv: Path, rounds: int, *extra: str) -> list[str]:
+    args = [sys.executable, "-m", "lora_a2.cli", "run", "--quiet", "--out", str(out),
+            "--set", f"data.name=csv:{csv}", "--set", f"train.rounds={rounds}"]
+    for s in TINY + list(extra):
+        args += ["--set", s]
+    return args
+
+
+def _final(out: Path):
+    records = [{k: v for k, v in r.items() if not k.endswith("wall_s")}
+               for r in read_metrics(out / "metrics.jsonl")]
+    return records, (out / "adapter" / "adapter_model.safetensors").read_bytes()
+
+
+def _kill_after(args, out: Path, lines: int, delay: float) -> None:
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            m = out / "metrics.jsonl"
+            if m.exists() and m.read_bytes().count(b"\n") >= lines:
+                break
+            if proc.poll() is not None:
+                break
+            time.sleep(0.01)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+KILL_POINTS = [(1, 0.0), (3, 0.05)]
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path, synthetic_csv):
+    rounds = 6
+    ref = tmp_path / "ref"
+    subprocess.run(_cli(ref, synthetic_csv, rounds, "strategy.name=lora-a2"), check=True,
+                   capture_output=True)
+    expected = _final(ref)
+    for i, (lines, delay) in enumerate(KILL_POINTS):
+        out = tmp_path / f"k{i}"
+        _kill_after(_cli(out, synthetic_csv, rounds, "strategy.name=lora-a2"), out, lines, delay)
+        done = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
+        assert len(done) < rounds, "the kill came too late to test anything"
+        r = subprocess.run([sys.executable, "-m", "lora_a2.cli", "run", "--quiet", "--resume",
+                            str(out)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        got = _final(out)
+        assert got[0] == expected[0]
+        assert got[1] == expected[1]
+
+
+def test_torn_metrics_line_is_dropped_on_resume(tmp_path, synthetic_csv):
+    def args(out, rounds):
+        a = ["run", "--quiet", "--out", str(out), "--set", f"data.name=csv:{synthetic_csv}",
+             "--set", f"train.rounds={rounds}"]
+        for s in TINY:
+            a += ["--set", s]
+        return a
+
+    assert main(args(tmp_path / "ref", 2)) == 0
+    out = tmp_path / "t"
+    # A 2-round run that crashed while writing round 2's metrics line: round 1 complete and
+    # checkpointed, then a torn line (the checkpoint of round 2 is only written after its line).
+    assert main(args(out, 1)) == 0
+    cfg = (out / "config.toml").read_text().replace("rounds = 1", "rounds = 2")
+    (out / "config.toml").write_text(cfg)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"round":2,"strategy":"lora-a2","accur')
+    assert main(["run", "--quiet", "--resume", str(out)]) == 0
+    again = _final(out)
+    assert [r["round"] for r in again[0]] == [1, 2]
+    assert again == _final(tmp_path / "ref")
+
+
+# ---------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("sets,needle", [
+    (["strategy.name=fedprox"], "unknown strategy"),
+    (["data.name=nonexistent-corpus"], "nonexistent-corpus"),
+    (["model.name=/no/such/model/folder"], "/no/such/model/folder"),
+    (["data.alpha=-0.5"], "data.alpha"),
+    (["strategy.rank_budget=5"], "strategy.rank_budget"),
+    (["train.rounds=-1"], "train.rounds"),
+    (["train.clients_per_round=1.5"], "train.clients_per_round"),
+    (["train.dropout=1.0"], "train.dropout"),
+    (["data.num_clients=500"], "clients"),
+])
+def test_bad_input_one_line_exit_2(tmp_path, synthetic_csv, capsys, sets, needle):
+    args = ["run", "--quiet", "--out", str(tmp_path / "o")]
+    for s in TINY + [f"data.name=csv:{synthetic_csv}"] + sets:
+        args += ["--set", s]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and err.count("\n") == 0, err
+
+
+@pytest.mark.parametrize("content,needle", [
+    (b"", "empty"),
+    (b"\xff\xfe\x00garbage\x00\x00", "bad.csv"),
+    (b"text,lbl\nhello,1\n", "'label'"),
+    (b"txt,label\nhello,1\n", "'text'"),
+])
+def test_bad_data_files(tmp_path, capsys, content, needle):
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(content)
+    args = ["run", "--quiet", "--out", str(tmp_path / "o"), "--set", f"data.name=csv:{bad}"]
+    for s in TINY:
+        args += ["--set", s]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and err.count("\n") == 0, err
+
+
+def test_resume_misuse(tmp_path, capsys):
+    assert main(["run", "--resume", str(tmp_path / "none")]) == 2
+    assert "no config.toml" in capsys.readouterr().err
+    assert main(["run", "--resume", str(tmp_path), "--set", "seed=1"]) == 2
+    assert "do not combine" in capsys.readouterr().err
