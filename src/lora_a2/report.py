@@ -114,7 +114,9 @@ def format_summary(s: dict[str, Any]) -> str:
         f"macro-F1 {100 * s['final_macro_f1']:.2f}%",
         f"  upload     {human_bytes(s['total_upload_bytes'])} ({s['total_upload_params']:,} values)"
         f" = {100 * s['upload_fraction_of_fedavg_full']:.3f}% of fedavg-full's "
-        f"{human_bytes(s['fedavg_full_upload_bytes'])}",
+        f"{human_bytes(s['fedavg_full_upload_bytes'])}"
+        + (f", {100 * s['upload_fraction_of_fl_lora']:.1f}% of fl-lora's at the same rank"
+           if s.get("fl_lora_upload_params") else ""),
         f"  download   {human_bytes(s['total_download_bytes'])} "
         f"({s['total_download_params']:,} values)",
         f"  wall time  {s['wall_s']:.1f} s",

@@ -128,6 +128,7 @@ def summarize(exp: Experiment, records: list[dict[str, Any]], initial: dict[str,
     failed = sum(r.get("status") == "failed" for r in records)
     client_rounds = sum(r["num_replies"] for r in records)
     full = fedavg_full_params(exp)
+    fl_lora = fl_lora_params(exp, records)
     total_up_params = sum(r["upload_params"] for r in records)
     # One float32 per value; the safetensors header adds ~100 bytes per message on top.
     full_bytes = full * 4 * client_rounds
@@ -161,12 +162,25 @@ def summarize(exp: Experiment, records: list[dict[str, Any]], initial: dict[str,
         "fedavg_full_upload_params": full * client_rounds,
         "fedavg_full_upload_bytes": full_bytes,
         "upload_fraction_of_fedavg_full": total_up_params / max(full * client_rounds, 1),
+        "fl_lora_upload_params": fl_lora,
+        "upload_fraction_of_fl_lora": total_up_params / max(fl_lora, 1),
         "train_examples": len(exp.train),
         "test_examples": len(exp.test),
         "device": str(exp.runtime.device),
         "wall_s": wall_s,
         "out_dir": str(out),
     }
+
+
+def fl_lora_params(exp: Experiment, records: list[dict[str, Any]]) -> int:
+    """Values ``fl-lora`` would upload on the same schedule with each client at the same rank
+    as its budget here: r_k · Σ_m (d_in + d_out) per accepted client-round (+ a trained head)."""
+    layout = exp.runtime.layout
+    per_rank = sum(m.d_in + m.d_out for m in layout.modules)
+    head = layout.size(["head"]) if layout.head else 0
+    budgets = exp.strategy.budgets
+    return sum(budgets[c["client"]] * per_rank + head for r in records for c in r["per_client"]
+               if c.get("num_examples") and not c.get("rejected"))
 
 
 def write_partition(exp: Experiment, out: Path) -> None:
