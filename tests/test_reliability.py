@@ -285,3 +285,29 @@ def test_resume_misuse(tmp_path, capsys):
     assert "no config.toml" in capsys.readouterr().err
     assert main(["run", "--resume", str(tmp_path), "--set", "seed=1"]) == 2
     assert "do not combine" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sigkill_at_many_points(tmp_path, synthetic_csv):
+    """More kill points (after each round's line, with delays that land inside the next round's
+    training, its metrics write or its checkpoint write). Run with ``-m slow``."""
+    rounds = 6
+    ref = tmp_path / "ref"
+    subprocess.run(_cli(ref, synthetic_csv, rounds, "strategy.name=fl-lora"), check=True,
+                   capture_output=True)
+    expected = _final(ref)
+    points = [(lines, delay) for lines in (0, 1, 2, 3, 4, 5) for delay in (0.0, 0.03, 0.11)]
+    tried = 0
+    for i, (lines, delay) in enumerate(points):
+        out = tmp_path / f"k{i}"
+        _kill_after(_cli(out, synthetic_csv, rounds, "strategy.name=fl-lora"), out, lines, delay)
+        if (out / "summary.json").exists():
+            continue  # the run finished before the kill landed
+        tried += 1
+        if not (out / "config.toml").exists():
+            continue  # killed before the run existed: nothing to resume, nothing lost
+        r = subprocess.run([sys.executable, "-m", "lora_a2.cli", "run", "--quiet", "--resume",
+                            str(out)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        assert _final(out) == expected, (lines, delay)
+    assert tried >= 12
