@@ -37,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     cfg.add_argument("--config", "-c")
     cfg.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE")
     sub.add_parser("strategies", help="list the available strategies")
+    bench = sub.add_parser("bench", help="run a benchmark grid (resumable), then tabulate it")
+    bench.add_argument("grid", help="built-in grid name (main, hetero, smoke, ...) or a TOML file")
+    bench.add_argument("--out", "-o", help="results directory (default: bench/<grid>[-smoke])")
+    bench.add_argument("--smoke", action="store_true",
+                       help="tiny model, few examples and rounds: every cell in seconds")
+    bench.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     return p
 
 
@@ -60,6 +66,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import load_grid, run_grid
+
+    grid = load_grid(args.grid)
+    out = Path(args.out) if args.out else Path("bench") / (grid["name"] + ("-smoke" if args.smoke
+                                                                         else ""))
+    result = run_grid(args.grid, out, smoke=args.smoke, progress=not args.quiet)
+    print(f"{result['finished']}/{result['cells']} cells finished ({result['counts']}); "
+          f"table: {result['table']}")
+    print((out / "table.md").read_text(), end="")
+    return 0 if result["finished"] == result["cells"] else 1
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     from .config import load_config
 
@@ -78,7 +97,8 @@ def _cmd_strategies(_: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"run": _cmd_run, "config": _cmd_config, "strategies": _cmd_strategies}[args.command]
+    handler = {"run": _cmd_run, "config": _cmd_config, "strategies": _cmd_strategies,
+               "bench": _cmd_bench}[args.command]
     try:
         return handler(args)
     except UserError as e:

@@ -1,0 +1,261 @@
+"""Benchmark grids: many runs, resumable, aggregated into tables and plots.
+
+A grid is a TOML file (built-ins live in ``lora_a2/grids/``)::
+
+    name = "main"
+    seeds = [0, 1]
+    [base]                       # dotted config keys applied to every cell
+    "model.name" = "minilm"
+    [axes]                       # crossed; a value is a config value or a table of overrides
+    "strategy.name" = ["fl-lora", "lora-a2"]
+    split = [{ label = "dir0.5", "data.partition" = "dirichlet", "data.alpha" = 0.5 }]
+    [[include]]                  # extra cells crossed only with the axes it names (and seeds)
+    overrides = { "strategy.name" = "fedavg-full" }
+    axes = ["split"]
+
+Every cell is an ordinary run in ``OUT/cells/<cell-id>/``. A cell with a ``summary.json`` is
+skipped, one with only a checkpoint is resumed, so a grid that outlasts a session continues in
+the next one from its finished cells (and from the last finished round of the cell that was
+running). ``OUT/results.json``, ``OUT/table.md`` and ``OUT/plots/`` aggregate all finished cells.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import itertools
+import json
+import statistics
+import sys
+import time
+import tomllib
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import load_config
+from .errors import UserError
+from .report import atomic_write_text
+
+# What --smoke changes in any grid: the tiny model and a few examples and rounds, so the whole
+# grid runs in about a minute (CI) while every axis and code path stays exercised.
+SMOKE = {"model.name": "tiny-random-bert", "model.max_length": 16, "data.max_train_examples": 60,
+         "data.max_test_examples": 40, "train.rounds": 2, "data.min_examples_per_client": 2}
+
+
+@dataclass
+class Cell:
+    """One run of a grid: its id, the axis labels it sits at, and its config overrides."""
+
+    cell_id: str
+    labels: dict[str, str]
+    seed: int
+    overrides: dict[str, Any]
+
+
+def builtin_grids() -> list[str]:
+    root = importlib.resources.files("lora_a2") / "grids"
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".toml"))
+
+
+def load_grid(spec: str) -> dict[str, Any]:
+    """A grid by built-in name or TOML path."""
+    path = Path(spec)
+    if not path.is_file():
+        res = importlib.resources.files("lora_a2") / "grids" / f"{spec}.toml"
+        if not res.is_file():
+            raise UserError(f"unknown grid '{spec}': not a file, and not a built-in grid "
+                            f"({', '.join(builtin_grids())})")
+        text = res.read_text()
+    else:
+        text = path.read_text()
+    try:
+        grid = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"grid '{spec}' is not valid TOML: {str(e).splitlines()[0]}") from None
+    unknown = set(grid) - {"name", "description", "seeds", "base", "axes", "include"}
+    if unknown:
+        raise UserError(f"grid '{spec}': unknown top-level keys {sorted(unknown)}")
+    grid.setdefault("name", Path(spec).stem)
+    grid.setdefault("seeds", [0])
+    grid.setdefault("base", {})
+    grid.setdefault("axes", {})
+    grid.setdefault("include", [])
+    return grid
+
+
+def _label(value: Any) -> str:
+    if isinstance(value, dict):
+        return str(value.get("label") or "+".join(f"{k}={v}" for k, v in value.items()))
+    return str(value)
+
+
+def _overrides(axis: str, value: Any) -> dict[str, Any]:
+    if isinstance(value, dict):
+        return {k: v for k, v in value.items() if k != "label"}
+    return {axis: value}
+
+
+def expand(grid: dict[str, Any], smoke: bool = False) -> list[Cell]:
+    """All cells of a grid, in a stable order."""
+    axes: dict[str, list[Any]] = grid["axes"]
+    blocks: list[tuple[dict[str, Any], list[str]]] = [({}, list(axes))]
+    blocks += [(inc.get("overrides", {}), list(inc.get("axes", []))) for inc in grid["include"]]
+    cells: list[Cell] = []
+    seen: set[str] = set()
+    for extra, names in blocks:
+        for name in names:
+            if name not in axes:
+                raise UserError(f"grid include names unknown axis '{name}'")
+        for combo in itertools.product(*[axes[n] for n in names]):
+            for seed in grid["seeds"]:
+                labels = {n: _label(v) for n, v in zip(names, combo)}
+                overrides = dict(grid["base"])
+                for n, v in zip(names, combo):
+                    overrides.update(_overrides(n, v))
+                overrides.update(extra)
+                overrides["seed"] = seed
+                if smoke:
+                    overrides.update(SMOKE)
+                extra_label = "-".join(_label(v) for k, v in sorted(extra.items()))
+                parts = [labels[n] for n in names] + ([extra_label] if extra_label else [])
+                cell_id = "__".join(p.replace("/", "_").replace(" ", "") for p in parts)
+                cell_id = f"{cell_id}__seed{seed}" if cell_id else f"seed{seed}"
+                if cell_id in seen:
+                    continue
+                seen.add(cell_id)
+                cells.append(Cell(cell_id, {**labels, **{k: _label(v) for k, v in extra.items()}},
+                                  seed, overrides))
+    return cells
+
+
+def _to_sets(overrides: dict[str, Any]) -> list[str]:
+    """``--set`` strings; JSON literals of str/number/bool/list are valid TOML literals."""
+    return [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
+
+
+def run_cell(cell: Cell, out: Path) -> tuple[str, dict[str, Any] | None]:
+    """Run (or resume, or skip) one cell; returns (status, summary)."""
+    from .runner import run_experiment
+
+    cell_dir = out / "cells" / cell.cell_id
+    summary_path = cell_dir / "summary.json"
+    if summary_path.exists():
+        return "skipped", json.loads(summary_path.read_text())
+    cfg = load_config(None, _to_sets(cell.overrides))
+    resume = (cell_dir / "config.toml").exists()
+    try:
+        summary = run_experiment(cfg, cell_dir, overwrite=not resume, progress=False,
+                                 resume=resume)
+    except UserError as e:
+        cell_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cell_dir / "error.txt", f"{e}\n")
+        return "error", None
+    except Exception:  # noqa: BLE001  (one broken cell must not stop an overnight grid)
+        cell_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cell_dir / "error.txt", traceback.format_exc())
+        return "error", None
+    return ("resumed" if resume else "ran"), summary
+
+
+def run_grid(spec: str, out: Path, smoke: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Run every unfinished cell of a grid, then aggregate all finished ones."""
+    grid = load_grid(spec)
+    cells = expand(grid, smoke)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "grid.json", json.dumps({"grid": grid, "smoke": smoke,
+                                                     "cells": [c.cell_id for c in cells]},
+                                                    indent=1, default=str))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(cells), unit="cell", file=sys.stderr, dynamic_ncols=True)
+    counts: dict[str, int] = {}
+    t0 = time.perf_counter()
+    for cell in cells:
+        if bar is not None:
+            bar.set_description(cell.cell_id[:60])
+        status, _ = run_cell(cell, out)
+        counts[status] = counts.get(status, 0) + 1
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(counts)
+    if bar is not None:
+        bar.close()
+    result = aggregate(out, cells, grid)
+    result.update(counts=counts, wall_s=time.perf_counter() - t0)
+    return result
+
+
+def _fmt(xs: list[float], scale: float = 100.0) -> str:
+    if not xs:
+        return "—"
+    mean = statistics.fmean(xs) * scale
+    if len(xs) == 1:
+        return f"{mean:.2f}"
+    return f"{mean:.2f} ± {statistics.stdev(xs) * scale:.2f}"
+
+
+def aggregate(out: Path, cells: list[Cell], grid: dict[str, Any]) -> dict[str, Any]:
+    """results.json (one row per finished cell), table.md (mean ± std over seeds), plots."""
+    rows = []
+    for cell in cells:
+        path = out / "cells" / cell.cell_id / "summary.json"
+        if not path.exists():
+            continue
+        s = json.loads(path.read_text())
+        rows.append({"cell": cell.cell_id, "seed": cell.seed, **cell.labels,
+                     "final_accuracy": s["final_accuracy"], "best_accuracy": s["best_accuracy"],
+                     "total_upload_bytes": s["total_upload_bytes"],
+                     "total_download_bytes": s["total_download_bytes"],
+                     "total_upload_params": s["total_upload_params"],
+                     "upload_fraction_of_fedavg_full": s["upload_fraction_of_fedavg_full"],
+                     "epsilon": s.get("epsilon"), "wall_s": s["wall_s"]})
+    label_keys = [k for k in dict.fromkeys(k for c in cells for k in c.labels)]
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r.get(k, "") for k in label_keys), []).append(r)
+    table = [{**dict(zip(label_keys, key)), "seeds": len(rs),
+              "final_accuracy": _fmt([r["final_accuracy"] for r in rs]),
+              "best_accuracy": _fmt([r["best_accuracy"] for r in rs]),
+              "upload_MB": f"{statistics.fmean(r['total_upload_bytes'] for r in rs) / 1e6:.2f}",
+              "upload_%_of_fedavg_full": _fmt([r["upload_fraction_of_fedavg_full"] for r in rs],
+                                               100.0)}
+             for key, rs in groups.items()]
+    atomic_write_text(out / "results.json", json.dumps({"rows": rows, "table": table}, indent=1))
+    cols = label_keys + ["seeds", "final_accuracy", "best_accuracy", "upload_MB",
+                         "upload_%_of_fedavg_full"]
+    md = [f"# {grid['name']}: {len(rows)} of {len(cells)} cells finished", "",
+          "Accuracy in %, mean ± std over seeds.", "",
+          "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    md += ["| " + " | ".join(str(t.get(c, "")) for c in cols) + " |" for t in table]
+    atomic_write_text(out / "table.md", "\n".join(md) + "\n")
+    if rows:
+        _plot(rows, out / "plots", label_keys)
+    return {"finished": len(rows), "cells": len(cells), "table": str(out / "table.md")}
+
+
+def _plot(rows: list[dict[str, Any]], out_dir: Path, label_keys: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    colour_key = "strategy.name" if "strategy.name" in label_keys else label_keys[0] \
+        if label_keys else None
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    for name in sorted({str(r.get(colour_key, "")) for r in rows}):
+        sel = [r for r in rows if str(r.get(colour_key, "")) == name]
+        ax.scatter([r["total_upload_bytes"] / 1e6 for r in sel],
+                   [100 * r["final_accuracy"] for r in sel], label=name, s=14)
+    ax.set_xscale("log")
+    ax.set_xlabel("total upload (MB, log)")
+    ax.set_ylabel("final test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "accuracy_vs_upload.png")
+    plt.close(fig)

@@ -1,0 +1,47 @@
+"""Benchmark grids: expansion, resumability, aggregation (on the smoke grid)."""
+
+import json
+
+import pytest
+
+from lora_a2.bench import builtin_grids, expand, load_grid, run_grid
+from lora_a2.cli import main
+from lora_a2.errors import UserError
+
+
+def test_builtin_grids_expand():
+    assert {"main", "hetero", "smoke"} <= set(builtin_grids())
+    main_cells = expand(load_grid("main"))
+    # 2 datasets × 4 splits × 3 budgets × 4 strategies × 2 seeds + fedavg-full 2 × 4 × 2
+    assert len(main_cells) == 2 * 4 * 3 * 4 * 2 + 2 * 4 * 2
+    assert len({c.cell_id for c in main_cells}) == len(main_cells)
+    assert all(c.overrides["strategy.global_rank"] == 16 for c in main_cells)
+
+
+def test_smoke_grid_runs_resumes_and_tabulates(tmp_path):
+    out = tmp_path / "b"
+    first = run_grid("smoke", out, smoke=True, progress=False)
+    assert first["finished"] == first["cells"] == 20
+    table = (out / "table.md").read_text()
+    assert "lora-a2" in table and "fedavg-full" in table
+    # Resumable: a second invocation skips every finished cell...
+    again = run_grid("smoke", out, smoke=True, progress=False)
+    assert again["counts"] == {"skipped": 20}
+    # ...and a cell whose summary is gone (killed mid-run) is resumed from its checkpoint.
+    cell = next((out / "cells").iterdir())
+    before = (cell / "metrics.jsonl").read_text()
+    (cell / "summary.json").unlink()
+    third = run_grid("smoke", out, smoke=True, progress=False)
+    assert third["counts"] == {"skipped": 19, "resumed": 1}
+    assert (cell / "metrics.jsonl").read_text() == before
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert len(rows) == 20
+
+
+def test_bad_grid_is_one_line_error(tmp_path, capsys):
+    assert main(["bench", "nope"]) == 2
+    assert "unknown grid" in capsys.readouterr().err
+    bad = tmp_path / "g.toml"
+    bad.write_text("name = 'x'\nsurprise = 1\n")
+    with pytest.raises(UserError, match="unknown top-level"):
+        load_grid(str(bad))
