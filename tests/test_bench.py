@@ -45,3 +45,15 @@ def test_bad_grid_is_one_line_error(tmp_path, capsys):
     bad.write_text("name = 'x'\nsurprise = 1\n")
     with pytest.raises(UserError, match="unknown top-level"):
         load_grid(str(bad))
+
+
+def test_speed_command_reports_every_figure(tmp_path, capsys):
+    out = tmp_path / "speed.json"
+    assert main(["speed", "--model", "tiny-random-bert", "--repeats", "1", "--clients", "10,20",
+                 "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["engine_overhead"]["ratio"] > 0 and r["lora_a2_vs_fl_lora"]["ratio"] > 0
+    assert r["upload_vs_information_minimum"]["ratio"] >= 1.0
+    assert [m["clients"] for m in r["memory"]] == [10, 20]
+    assert "engine overhead" in capsys.readouterr().out
+    assert main(["speed", "--clients", "x"]) == 2

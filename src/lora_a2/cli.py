@@ -43,6 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--smoke", action="store_true",
                        help="tiny model, few examples and rounds: every cell in seconds")
     bench.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    speed = sub.add_parser("speed", help="measure engine overhead, LoRA-A2 cost, memory, bytes")
+    speed.add_argument("--model", default="minilm", help="minilm (default) or tiny-random-bert")
+    speed.add_argument("--repeats", type=int, default=3)
+    speed.add_argument("--local-epochs", type=int, default=1)
+    speed.add_argument("--clients", default="10,100,1000",
+                       help="client counts for the memory measurement (comma-separated)")
+    speed.add_argument("--json", help="also write the figures to this JSON file")
     return p
 
 
@@ -79,6 +86,21 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0 if result["finished"] == result["cells"] else 1
 
 
+def _cmd_speed(args: argparse.Namespace) -> int:
+    from .speed import main_speed
+
+    try:
+        clients = [int(c) for c in args.clients.split(",") if c.strip()]
+    except ValueError:
+        raise UserError(f"--clients expects comma-separated integers, got '{args.clients}'") \
+            from None
+    if args.repeats < 1 or args.local_epochs < 1 or any(c < 10 for c in clients):
+        raise UserError("--repeats and --local-epochs must be ≥ 1 and every --clients value ≥ 10")
+    main_speed(args.model, args.repeats, args.local_epochs, clients,
+               Path(args.json) if args.json else None)
+    return 0
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     from .config import load_config
 
@@ -98,7 +120,7 @@ def _cmd_strategies(_: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"run": _cmd_run, "config": _cmd_config, "strategies": _cmd_strategies,
-               "bench": _cmd_bench}[args.command]
+               "bench": _cmd_bench, "speed": _cmd_speed}[args.command]
     try:
         return handler(args)
     except UserError as e:

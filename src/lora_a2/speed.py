@@ -1,0 +1,187 @@
+"""Speed and cost of the engine, as ratios measured in one run (``lora-a2 speed``).
+
+- engine overhead: the local engine's round (fl-lora, all clients, no evaluation) divided by the
+  same optimiser steps on the same batches in a bare PyTorch loop (goal ≤ 1.05);
+- LoRA-A2 / FL+LoRA wall time of a round at the same budget (the paper reports 1.17 at 5 local
+  epochs; the probe epoch is the cost);
+- peak RSS with 10, 100 and 1,000 simulated clients, 10 sampled per round, each in a fresh
+  process (the per-client cost must be the partition, not a model copy);
+- upload bytes divided by the information minimum (values × 4 bytes + 4 bytes per slot id).
+
+Medians over ``repeats``; everything in one process run, so the ratios compare like with like.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .client import _batch
+from .config import load_config
+from .engines.local import run_round
+from .experiment import prepare
+
+BASE = ["data.name=bbc-news", "data.num_clients=4", "data.partition=iid",
+        "data.max_train_examples=160", "data.max_test_examples=40", "model.max_length=32",
+        "strategy.rank_budget=2", "strategy.global_rank=8"]
+
+
+def bare_round(exp, state) -> float:
+    """The optimiser steps of one fl-lora round, written as a plain PyTorch loop."""
+    rt, cfg, s = exp.runtime, exp.cfg, exp.strategy
+    names = rt.layout.group_names(["A", "B"])
+    t0 = time.perf_counter()
+    for c in range(cfg.data.num_clients):
+        rt.load(state.tensors)
+        seed = s.configure(1, c, state).config["seed"]
+        gen = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        params = [rt.params[n] for n in names]
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.AdamW([{"params": [rt.params[n] for n in rt.layout.names("A")],
+                                  "lr": s.lr_of("A")},
+                                 {"params": [rt.params[n] for n in rt.layout.names("B")],
+                                  "lr": s.lr_of("B")}], weight_decay=cfg.strategy.weight_decay)
+        idx = torch.as_tensor(exp.client_train[c])
+        order = idx[torch.randperm(len(idx), generator=gen)]
+        rt.model.train()
+        for start in range(0, len(order), cfg.train.batch_size):
+            ids, att, y = _batch(exp.enc_train, order[start:start + cfg.train.batch_size],
+                                 rt.device)
+            loss = F.cross_entropy(rt.model(input_ids=ids, attention_mask=att).logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        for p in params:
+            p.requires_grad_(False)
+        _ = {n: rt.params[n].detach().clone() for n in names}  # the client's snapshot
+    return time.perf_counter() - t0
+
+
+def engine_round(exp, state, rnd: int = 1) -> float:
+    t0 = time.perf_counter()
+    run_round(exp, rnd, state)
+    return time.perf_counter() - t0
+
+
+def measure_overhead(model: str, repeats: int) -> dict[str, Any]:
+    exp = prepare(load_config(None, BASE + [f"model.name={model}", "strategy.name=fl-lora"]))
+    state = exp.strategy.init_state(exp.runtime.initial_state())
+    engine_round(exp, state)  # warm-up
+    bare, eng = [], []
+    for _ in range(repeats):
+        bare.append(bare_round(exp, state))
+        eng.append(engine_round(exp, state))
+    return {"bare_s": statistics.median(bare), "engine_s": statistics.median(eng),
+            "ratio": statistics.median(e / b for e, b in zip(eng, bare))}
+
+
+def measure_a2_vs_fl(model: str, repeats: int, local_epochs: int) -> dict[str, Any]:
+    out: dict[str, list[float]] = {}
+    exps = {}
+    for name in ("fl-lora", "lora-a2"):
+        exps[name] = prepare(load_config(None, BASE + [f"model.name={model}",
+                                                       f"strategy.name={name}",
+                                                       f"train.local_epochs={local_epochs}"]))
+    states = {n: e.strategy.init_state(e.runtime.initial_state()) for n, e in exps.items()}
+    for n in exps:
+        engine_round(exps[n], states[n])  # warm-up
+    for _ in range(repeats):
+        for n, e in exps.items():  # interleaved, so drift hits both alike
+            out.setdefault(n, []).append(engine_round(e, states[n], rnd=1))
+    ratios = [a / f for a, f in zip(out["lora-a2"], out["fl-lora"])]
+    return {"fl_lora_s": statistics.median(out["fl-lora"]),
+            "lora_a2_s": statistics.median(out["lora-a2"]), "ratio": statistics.median(ratios),
+            "local_epochs": local_epochs}
+
+
+def measure_bytes(model: str) -> dict[str, Any]:
+    exp = prepare(load_config(None, BASE + [f"model.name={model}", "strategy.name=lora-a2"]))
+    state = exp.strategy.init_state(exp.runtime.initial_state())
+    _, record = run_round(exp, 1, state)
+    minimum = 4 * record["upload_params"] + 4 * record["upload_slot_ids"]
+    return {"upload_bytes": record["upload_bytes"], "information_minimum": minimum,
+            "ratio": record["upload_bytes"] / minimum}
+
+
+def measure_memory(model: str, clients: list[int]) -> list[dict[str, Any]]:
+    """Peak RSS of a 1-round run per client count, each in a fresh process."""
+    rows = []
+    for k in clients:
+        with tempfile.TemporaryDirectory() as tmp:
+            code = (
+                "import resource, sys\n"
+                "from lora_a2.cli import main\n"
+                f"rc = main(['run', '--quiet', '--out', {str(Path(tmp) / 'r')!r}, "
+                f"'--set', 'model.name={model}', '--set', 'data.name=twitter-sentiment', "
+                f"'--set', 'data.num_clients={k}', '--set', 'train.clients_per_round=10', "
+                "'--set', 'data.max_train_examples=4000', '--set', 'data.max_test_examples=200', "
+                "'--set', 'data.min_examples_per_client=2', '--set', 'model.max_length=16', "
+                "'--set', 'data.partition=iid', '--set', 'train.rounds=1'])\n"
+                "print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+                "sys.exit(rc)\n")
+            t0 = time.perf_counter()
+            res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+            if res.returncode != 0:
+                raise RuntimeError(res.stderr.strip().splitlines()[-1])
+            rss_kb = int(res.stdout.split("RSS")[-1].split()[0])
+            rows.append({"clients": k, "peak_rss_mb": rss_kb / 1024,
+                         "wall_s": time.perf_counter() - t0})
+    return rows
+
+
+def run_speed(model: str = "minilm", repeats: int = 3, local_epochs: int = 1,
+              memory_clients: list[int] | None = None) -> dict[str, Any]:
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    result = {
+        "model": model,
+        "threads": torch.get_num_threads(),
+        "engine_overhead": measure_overhead(model, repeats),
+        "lora_a2_vs_fl_lora": measure_a2_vs_fl(model, repeats, local_epochs),
+        "upload_vs_information_minimum": measure_bytes(model),
+        "memory": measure_memory(model, memory_clients or [10, 100, 1000]),
+    }
+    mem = result["memory"]
+    result["memory_per_client_kb"] = float(np.polyfit(
+        [m["clients"] for m in mem], [m["peak_rss_mb"] * 1024 for m in mem], 1)[0]) \
+        if len(mem) > 1 else None
+    return result
+
+
+def format_speed(r: dict[str, Any]) -> str:
+    o, a, b = r["engine_overhead"], r["lora_a2_vs_fl_lora"], r["upload_vs_information_minimum"]
+    lines = [
+        f"model {r['model']}, {r['threads']} torch threads (medians)",
+        f"engine overhead     local round {o['engine_s']:.3f} s / bare loop {o['bare_s']:.3f} s"
+        f" = {o['ratio']:.3f}  (goal ≤ 1.05)",
+        f"lora-a2 / fl-lora   {a['lora_a2_s']:.3f} s / {a['fl_lora_s']:.3f} s = {a['ratio']:.2f}"
+        f"  at {a['local_epochs']} local epoch(s) (paper: 1.17 at 5)",
+        f"upload / minimum    {b['upload_bytes']} B / {b['information_minimum']} B = "
+        f"{b['ratio']:.4f}  (goal ≤ 1.02)",
+    ]
+    for m in r["memory"]:
+        lines.append(f"peak RSS            {m['clients']:5d} clients: {m['peak_rss_mb']:.0f} MB"
+                     f"  ({m['wall_s']:.0f} s)")
+    if r.get("memory_per_client_kb") is not None:
+        lines.append(f"                    ≈ {r['memory_per_client_kb']:.1f} KB per extra client")
+    return "\n".join(lines)
+
+
+def main_speed(model: str, repeats: int, local_epochs: int, clients: list[int],
+               out: Path | None) -> None:
+    r = run_speed(model, repeats, local_epochs, clients)
+    print(format_speed(r))
+    if out is not None:
+        out.write_text(json.dumps(r, indent=1))
