@@ -51,7 +51,7 @@ def test_toml_file_and_overrides(tmp_path):
     (["data.partition=random"], "'data.partition'"),
     (["train.clients_per_round=1.5"], "'train.clients_per_round'"),
     (["train.clients_per_round=11"], "'train.clients_per_round'"),
-    (["engine.name=flower"], "not available yet"),
+    (["engine.name=ray"], "must be 'local' or 'flower'"),
     (["engine.name=ray"], "'engine.name'"),
     (["novalue"], "key=value"),
 ])

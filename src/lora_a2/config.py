@@ -124,11 +124,37 @@ class ServerConfig:
 @dataclass
 class EngineConfig:
     name: str = "local"
-    """`local` (one process simulates every client). `flower` comes in a later release."""
+    """`local` (one process simulates every client) or `flower` (Flower's Simulation Engine;
+    the Deployment Engine runs the app in `flower_app/`)."""
     device: str = "auto"
     """`auto` (CUDA when present), `cpu`, `cuda`, `cuda:N`."""
     threads: int = 0
     """torch CPU threads; 0 = torch's default."""
+    num_workers: int = 0
+    """flower: ClientApp worker processes (Ray actors); 0 = min(CPU cores, clients per round)."""
+    round_timeout_s: float = 3600.0
+    """flower: a node that has not replied this many seconds after the round's messages were
+    sent is dropped for the round; 0 = wait for every reply."""
+    connect_timeout_s: float = 60.0
+    """flower: before round 1, wait up to this long for a node per client (deployment)."""
+
+
+@dataclass
+class PrivacyConfig:
+    mechanism: str = "none"
+    """Client-level DP on uploads: `none`, `gaussian` (L2 clip) or `laplace` (L1 clip, pure ε
+    per round); see `lora_a2.privacy` and the README's "Differential privacy"."""
+    mode: str = "local"
+    """`local` (each client noises its upload; untrusted server) or `central` (clients clip, the
+    trusted server noises the aggregate; lora-a2, fl-lora, ffa-lora, fedavg-full only)."""
+    clip: float = 1.0
+    """Bound C on the norm of each client's transmitted change (L2; L1 for `laplace`)."""
+    noise_multiplier: float | None = None
+    """z: noise std (Laplace: scale) = z · clip. Give this or `privacy.epsilon`, not both."""
+    epsilon: float | None = None
+    """Target ε over `train.rounds`; the noise multiplier is calibrated to reach it."""
+    delta: float = 1e-5
+    """δ of the reported (ε, δ); should be well below 1 / data.num_clients."""
 
 
 @dataclass
@@ -140,6 +166,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     # ------------------------------------------------------------------ derived values
     def budgets(self) -> list[int]:
@@ -163,6 +190,7 @@ SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "engine": EngineConfig,
     "server": ServerConfig,
+    "privacy": PrivacyConfig,
 }
 
 STRATEGY_NAMES = ("lora-a2", "fl-lora", "ffa-lora", "flexlora", "hetlora", "flora", "fedavg-full")
@@ -356,12 +384,42 @@ def validate(cfg: Config) -> None:
     _require(t.min_replies <= clients_per_round(cfg), "train.min_replies",
              f"must not exceed the clients sampled per round ({clients_per_round(cfg)})",
              t.min_replies)
-    if e.name == "flower":
-        raise UserError("config key 'engine.name': the 'flower' engine is not available yet; use 'local'")
-    _require(e.name == "local", "engine.name", "must be 'local'", e.name)
+    _require(e.name in ("local", "flower"), "engine.name", "must be 'local' or 'flower'", e.name)
+    _require(e.num_workers >= 0, "engine.num_workers", "must be ≥ 0 (0 = auto)", e.num_workers)
+    _require(e.round_timeout_s >= 0, "engine.round_timeout_s", "must be ≥ 0 (0 = no limit)",
+             e.round_timeout_s)
+    _require(e.connect_timeout_s >= 0, "engine.connect_timeout_s", "must be ≥ 0",
+             e.connect_timeout_s)
     _require(e.device == "auto" or e.device == "cpu" or e.device.startswith("cuda"),
              "engine.device", "must be 'auto', 'cpu' or 'cuda[:N]'", e.device)
     _require(e.threads >= 0, "engine.threads", "must be ≥ 0", e.threads)
+    _validate_privacy(cfg)
+
+
+def _validate_privacy(cfg: Config) -> None:
+    from .privacy import CENTRAL_STRATEGIES, MECHANISMS, MODES
+
+    p = cfg.privacy
+    _require(p.mechanism in MECHANISMS, "privacy.mechanism", f"must be one of {', '.join(MECHANISMS)}",
+             p.mechanism)
+    _require(p.mode in MODES, "privacy.mode", "must be 'local' or 'central'", p.mode)
+    _require(p.clip > 0, "privacy.clip", "must be > 0", p.clip)
+    _require(0 < p.delta < 1, "privacy.delta", "must be in (0, 1)", p.delta)
+    for key, v in (("privacy.noise_multiplier", p.noise_multiplier), ("privacy.epsilon", p.epsilon)):
+        if v is not None:
+            _require(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, key,
+                     "must be a number > 0", v)
+    if p.mechanism == "none":
+        return
+    if (p.noise_multiplier is None) == (p.epsilon is None):
+        raise UserError("config keys 'privacy.noise_multiplier' and 'privacy.epsilon': give exactly "
+                        f"one of them with privacy.mechanism = '{p.mechanism}'")
+    if p.mode == "central":
+        _require(cfg.strategy.name in CENTRAL_STRATEGIES, "privacy.mode",
+                 f"'central' needs a strategy with a linear aggregate ({', '.join(CENTRAL_STRATEGIES)}); "
+                 f"use 'local' with '{cfg.strategy.name}'", p.mode)
+        _require(not cfg.strategy.renormalize, "privacy.mode",
+                 "'central' cannot be combined with strategy.renormalize = true", p.mode)
 
 
 def clients_per_round(cfg: Config) -> int:

@@ -122,6 +122,11 @@ def format_summary(s: dict[str, Any]) -> str:
         f"  wall time  {s['wall_s']:.1f} s",
         f"  outputs    {s['out_dir']}",
     ]
+    if s.get("epsilon") is not None:
+        p = s.get("privacy", {})
+        lines.insert(4, f"  privacy    ε = {s['epsilon']:.3g}, δ = {s['delta']:g} "
+                        f"({p.get('mechanism', '?')}, {p.get('mode', '?')}, clip "
+                        f"{p.get('clip', '?')}, noise multiplier {p.get('noise_multiplier', '?')})")
     if s.get("rejected_updates"):
         lines.insert(3, f"  rejected   {s['rejected_updates']} updates")
     return "\n".join(lines)

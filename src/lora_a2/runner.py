@@ -19,6 +19,7 @@ from .data import label_histogram
 from .engines.local import evaluate_state, run_round
 from .errors import UserError
 from .experiment import Experiment, prepare
+from .privacy import round_record
 from .report import (MetricsWriter, atomic_write_text, format_summary, make_plots, read_metrics,
                      truncate_metrics)
 
@@ -52,7 +53,7 @@ def resume_config(out: Path) -> Config:
 
 
 def run_experiment(cfg: Config, out: Path, *, overwrite: bool = False, progress: bool = True,
-                   resume: bool = False) -> dict[str, Any]:
+                   resume: bool = False, round_fn=None) -> dict[str, Any]:
     """Run ``cfg`` on the local engine, writing every output under ``out``; return the summary.
 
     After every round the metrics line is appended and then an atomic checkpoint written; with
@@ -60,6 +61,11 @@ def run_experiment(cfg: Config, out: Path, *, overwrite: bool = False, progress:
     torn last line, are dropped and those rounds recomputed — identically, as every draw is
     seeded by (seed, round, client)).
     """
+    if cfg.engine.name == "flower" and round_fn is None:
+        from .engines.flower import run_simulation  # Flower's Simulation Engine drives the loop
+
+        return run_simulation(cfg, out, overwrite=overwrite, progress=progress, resume=resume)
+    round_fn = round_fn or run_round  # engines.flower.FlowerRounds when run inside a ServerApp
     t_start = time.perf_counter()
     if resume:
         out = Path(out)
@@ -93,14 +99,16 @@ def run_experiment(cfg: Config, out: Path, *, overwrite: bool = False, progress:
         t0 = time.perf_counter()
         if bar is not None:
             bar.set_description(f"round {rnd}/{cfg.train.rounds}")
-        state, record = run_round(exp, rnd, state, on_client=(lambda c: bar.update(1)) if bar
+        state, record = round_fn(exp, rnd, state, on_client=(lambda c: bar.update(1)) if bar
                                   else None)
         metrics = evaluate_state(exp, state)
         cumulative += record["upload_bytes"]
         record = {**{k: record[k] for k in ("round", "strategy", "active_factor")}, **metrics,
                   **{k: v for k, v in record.items() if k not in ("round", "strategy",
                                                                   "active_factor")},
-                  "cumulative_upload_bytes": cumulative, "wall_s": time.perf_counter() - t0}
+                  "cumulative_upload_bytes": cumulative,
+                  **round_record(strategy.privacy, rnd),  # (ε, δ) so far under DP
+                  "wall_s": time.perf_counter() - t0}
         writer.write(record)
         save_checkpoint(out, rnd, state)
         records.append(record)
@@ -169,7 +177,16 @@ def summarize(exp: Experiment, records: list[dict[str, Any]], initial: dict[str,
         "device": str(exp.runtime.device),
         "wall_s": wall_s,
         "out_dir": str(out),
+        **_privacy_summary(exp, records),
     }
+
+
+def _privacy_summary(exp: Experiment, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """(ε, δ) spent by the run and the resolved DP settings; {} without DP."""
+    plan = exp.strategy.privacy
+    if plan is None:
+        return {}
+    return {"epsilon": records[-1]["epsilon"], "delta": plan.delta, "privacy": plan.summary()}
 
 
 def fl_lora_params(exp: Experiment, records: list[dict[str, Any]]) -> int:

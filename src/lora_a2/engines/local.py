@@ -65,7 +65,7 @@ def run_round(exp: Experiment, rnd: int, state: ServerState,
         # ---- client side: only the bytes cross over -------------------------------------
         ctx = ClientContext(exp.runtime, exp.enc_train, exp.client_train[c], cfg)
         client_task = Task.from_payload(decode(down), layout)
-        up = encode(strategy.client_update(ctx, client_task).to_payload())
+        up = encode(strategy.upload(ctx, client_task).to_payload())  # DP clip/noise inside
         # ---- server side -----------------------------------------------------------------
         record = {"client": c, "download_bytes": len(down),
                   "download_params": down_payload.num_values, "upload_bytes": len(up)}
@@ -85,7 +85,7 @@ def run_round(exp: Experiment, rnd: int, state: ServerState,
     # Too few replies: the round fails and the global state stays as it was.
     failed = len(replies) < max(1, cfg.train.min_replies)
     if not failed:
-        state, info = strategy.aggregate(rnd, state, replies)
+        state, info = strategy.aggregate_round(rnd, state, replies)  # + central DP noise
     losses = [r["train_loss"] for r in per_client if r.get("train_loss") is not None]
     record = {
         "round": rnd,

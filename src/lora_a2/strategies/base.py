@@ -10,6 +10,7 @@ these four methods; they contain no aggregation math. Adding a method is one new
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from ..client import EncodedData, ParamGroup, train_local
 from ..config import Config
 from ..errors import UserError
 from ..payload import InvalidPayload, Payload, flatten, unflatten
+from .. import privacy as dp
 
 REGISTRY: dict[str, type[Strategy]] = {}
 
@@ -225,6 +227,86 @@ class Strategy(ABC):
     def aggregate(self, rnd: int, state: ServerState,
                   replies: list[tuple[Task, Update]]) -> tuple[ServerState, dict[str, Any]]:
         """New global state from the validated replies, plus round info for the metrics."""
+
+    # -- differential privacy (lora_a2.privacy); engines call these two ----------
+    def upload(self, ctx: ClientContext, task: Task) -> Update:
+        """Client side: :meth:`client_update`, then the DP transform of what will be sent
+        (clip; in ``local`` mode also the noise). Without DP, exactly :meth:`client_update`."""
+        return self.privatize_upload(task, self.client_update(ctx, task))
+
+    def aggregate_round(self, rnd: int, state: ServerState, replies: list[tuple[Task, Update]]
+                        ) -> tuple[ServerState, dict[str, Any]]:
+        """Server side: :meth:`aggregate` of the validated replies; in ``central`` DP mode the
+        replies are clipped again and the aggregate gets the noise."""
+        plan = self.privacy
+        if plan is None or plan.mode != "central":
+            return self.aggregate(rnd, state, replies)
+        replies = [(t, self.clip_update(t, u)) for t, u in replies]
+        new, info = self.aggregate(rnd, state, replies)
+        return self._noise_aggregate(rnd, new, replies), info
+
+    @functools.cached_property
+    def privacy(self) -> dp.PrivacyPlan | None:
+        """The run's resolved DP plan (None: no DP)."""
+        return dp.resolve(self.cfg)
+
+    def upload_reference(self, task: Task, update: Update) -> Tensor | None:
+        """What ``update.values`` would be had the client not trained; DP clips and noises
+        ``values − reference``. None (the default): the values already are the change."""
+        return None
+
+    def clip_update(self, task: Task, update: Update) -> Update:
+        """The update with its transmitted change clipped to ``privacy.clip``."""
+        plan = self.privacy
+        assert plan is not None
+        ref = self.upload_reference(task, update)
+        change = update.values if ref is None else update.values - ref
+        clipped = dp.clip(change, plan.clip, plan.mechanism)
+        values = clipped if ref is None else ref + clipped
+        # float32 rounding of ref + clipped can push the sent change past the bound: shrink.
+        shrink = 1.0
+        while ref is not None and dp.norm_of(values - ref, plan.mechanism) > plan.clip:
+            shrink *= 0.99
+            values = ref + clipped * shrink if shrink > 1e-3 else ref.clone()  # no change: 0
+        return Update(update.client_id, update.num_examples, values, update.slots,
+                      dict(update.meta))
+
+    def privatize_upload(self, task: Task, update: Update) -> Update:
+        plan = self.privacy
+        if plan is None:
+            return update
+        out = self.clip_update(task, update)
+        if plan.mode == "local":
+            gen = dp.noise_generator(self.cfg.seed, task.round, task.client_id)
+            scale = plan.noise_multiplier * plan.clip
+            out.values = out.values + dp.noise(out.values.numel(), plan.mechanism, scale, gen)
+            out.meta.pop("loss", None)  # a data-dependent scalar the server must not see
+        return out
+
+    def _noise_aggregate(self, rnd: int, state: ServerState,
+                         replies: list[tuple[Task, Update]]) -> ServerState:
+        """Add N(0, (z·C·w_max)²) (Laplace: scale z·C·w_max) to every entry of the aggregate
+        that some upload contributed to. The support is found by aggregating all-ones uploads
+        into a zero state (valid because central mode needs a linear aggregate)."""
+        plan = self.privacy
+        assert plan is not None
+        zero = ServerState({n: torch.zeros_like(t) for n, t in state.tensors.items()},
+                           dict(state.extra))
+        ones = [(t, Update(u.client_id, u.num_examples, torch.ones_like(u.values), u.slots,
+                           dict(u.meta))) for t, u in replies]
+        support, _ = self.aggregate(rnd, zero, ones)
+        w_max = max(data_weights([u.num_examples for _, u in replies]))
+        scale = plan.noise_multiplier * plan.clip * w_max
+        gen = dp.noise_generator(self.cfg.seed, rnd, "server")
+        tensors = dict(state.tensors)
+        for n in sorted(support.tensors):
+            mask = support.tensors[n] != 0
+            k = int(mask.sum())
+            if k:
+                t = tensors[n].clone()
+                t[mask] += dp.noise(k, plan.mechanism, scale, gen).to(t.dtype)
+                tensors[n] = t
+        return ServerState(tensors, state.extra)
 
     # -- shared helpers -------------------------------------------------------
     def lr_of(self, group: str) -> float:

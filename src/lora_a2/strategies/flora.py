@@ -54,6 +54,11 @@ class Flora(HeteroRankStrategy):
         factors, head, loss = self.train_client(ctx, task, fresh=True)
         return self.make_upload(ctx, task, factors, head, int(task.config["rank"]), loss=loss)
 
+    def reference_factors(self, task: Task) -> dict[str, torch.Tensor]:
+        # The fresh LoRA drawn first from the task seed's generator (see ``train_client``).
+        return self.fresh_factors(int(task.config["rank"]),
+                                  torch.Generator().manual_seed(task.config["seed"]))
+
     def aggregate(self, rnd: int, state: ServerState,
                   replies: list[tuple[Task, Update]]) -> tuple[ServerState, dict[str, Any]]:
         layout = self.layout

@@ -127,6 +127,19 @@ class HeteroRankStrategy(Strategy):
             values = torch.cat([values, flatten(head_delta, head)])
         return Update(task.client_id, ctx.num_examples, values, meta={"rank": rank, **meta})
 
+    def reference_factors(self, task: Task) -> dict[str, Tensor]:
+        """The factors the client starts training from (default: the download, padded)."""
+        return task.download
+
+    def upload_reference(self, task: Task, update: Update) -> Tensor:
+        """DP: the upload had the client not trained — its starting factors at the upload's
+        rank, and a zero head delta. Clipping bounds the change the client made."""
+        assert self.layout is not None
+        rank = update.meta.get("rank", task.config["rank"])
+        start, names = self.reference_factors(task), self.factor_names()
+        values = flatten({n: truncate_factor(n, start[n], int(rank)) for n in names}, names)
+        return torch.cat([values, torch.zeros(self.layout.size(self.head_groups()))])
+
     # -- server side ----------------------------------------------------------------------
     def upload_rank(self, task: Task, update: Update) -> int:
         """The rank the upload is at (default: the task's)."""

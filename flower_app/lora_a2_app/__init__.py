@@ -1,0 +1,1 @@
+"""Flower App entry points for lora-a2 (the code lives in the installed `lora_a2` package)."""

@@ -1,0 +1,469 @@
+"""The Flower engine: the same experiment on Flower's Simulation Engine or Deployment Engine.
+
+Flower moves the messages; everything else is ours and identical to the local engine:
+
+- **ServerApp** (:func:`deployment_main`; :func:`run_simulation` builds one in-process) runs
+  :func:`lora_a2.runner.run_experiment` with :class:`FlowerRounds` as its round function: the
+  same sampling, checkpoints, metrics, summary and export as ``engine.name = "local"``.
+- **Per-node payloads** (Flower's own strategies send one shared payload and insist on identical
+  reply keys, so we do not use them): for every sampled client, ``strategy.configure`` builds its
+  :class:`~lora_a2.strategies.base.Task`, which is encoded to our safetensors bytes
+  (:mod:`lora_a2.payload`) and carried in the message as one ``ArrayRecord`` entry ``payload``
+  (an ``Array`` of ``dtype="uint8"``, ``stype="safetensors"`` whose ``data`` *is* those bytes;
+  Flower chunks large arrays itself) plus a ``ConfigRecord`` with the run's config TOML (the
+  ClientApp needs it to build the model and its data partition; a few KB, counted as Flower
+  overhead, not as payload). The reply carries the upload bytes the same way.
+- **Server side of a reply**: OUR :func:`~lora_a2.validation.receive_upload`, then OUR
+  ``strategy.aggregate_round`` (``aggregate`` + central DP; no aggregation math here).
+  ``upload_bytes``/``download_bytes`` are the lengths of our encoded payloads, exactly as on the
+  local engine; ``flower_*_bytes`` are what Flower serialised for the same messages
+  (see :func:`message_bytes`).
+- **ClientApp** (:func:`make_client_app`): decodes the task, runs ``strategy.upload``
+  (``client_update`` plus any DP transform, as the local engine) on the node's partition,
+  encodes the upload. The experiment (base model, data, partition) is built once per worker
+  process and cached at module level, keyed by the config. (Simulation: a worker is a Ray actor
+  and serves many rounds. Deployment: Flower 1.42's SuperNode starts a fresh ``flwr-clientapp``
+  process per message, so the cache lives for one message there.)
+- **Node ↔ client**: a client id is a data partition. Each node reports its ``partition-id``
+  from its node config (simulation: set by Flower to 0…N-1; deployment: the SuperNode's
+  ``--node-config 'partition-id=K'``) in reply to a ``query`` message sent once per new node.
+- **Failures**: a node whose ClientApp raises, or that does not answer within
+  ``engine.round_timeout_s``, is listed in ``dropped`` with its reason in ``failures``; the
+  round aggregates what came back when at least ``train.min_replies`` valid uploads arrived
+  (else it is recorded ``failed`` and the global state stays unchanged, as on the local engine).
+
+Fault injection for tests: ``LORA_A2_FLOWER_FAULT="ROUND:CLIENT[:hang]"`` (comma-separated
+entries) makes that client's ClientApp raise (or sleep) in that round.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import Config, clients_per_round, load_config
+from ..errors import UserError
+from ..payload import InvalidPayload, decode, encode
+from ..strategies.base import ClientContext, ServerState, Task, Update
+from ..validation import UploadLimits, receive_upload
+from .local import drops_out, sample_clients
+
+log = logging.getLogger(__name__)
+
+RECORD = "lora_a2"  # ArrayRecord holding the payload bytes
+CONFIG_RECORD = "lora_a2_config"  # ConfigRecord holding the run config (TOML) / node info
+PAYLOAD_KEY = "payload"
+STYPE = "safetensors"
+FAULT_ENV = "LORA_A2_FLOWER_FAULT"
+
+
+# ---------------------------------------------------------------------- wire helpers
+def pack(blob: bytes, config_toml: str | None = None):
+    """Our payload bytes (and optionally the run config) as Flower records."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+    rd = RecordDict({RECORD: ArrayRecord({PAYLOAD_KEY: Array(
+        dtype="uint8", shape=(len(blob),), stype=STYPE, data=bytes(blob))})})
+    if config_toml is not None:
+        rd[CONFIG_RECORD] = ConfigRecord({"config": config_toml})
+    return rd
+
+
+def unpack(content) -> bytes:
+    """The payload bytes of a message; :class:`InvalidPayload` if they are not there."""
+    try:
+        arr = content.array_records[RECORD][PAYLOAD_KEY]
+    except (KeyError, AttributeError, TypeError):
+        raise InvalidPayload(f"message holds no '{RECORD}.{PAYLOAD_KEY}' array") from None
+    if arr.stype != STYPE:
+        raise InvalidPayload(f"payload array has stype {arr.stype!r}, expected {STYPE!r}")
+    return bytes(arr.data)
+
+
+def message_bytes(msg) -> int:
+    """Bytes Flower serialises for ``msg``: the sum of the deflated bodies (with headers) of
+    every object in the message's object tree (message, record dict, records, arrays, array
+    chunks) — what the SuperLink stores and pushes/pulls object by object. gRPC/HTTP framing
+    and the message-id bookkeeping calls are not included."""
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    return sum(len(o.deflate()) for o in get_all_nested_objects(msg).values())
+
+
+# ---------------------------------------------------------------------- client side
+_CACHE: dict[str, Any] = {}
+
+
+def _experiment(config_toml: str):
+    """The experiment for this config, built once per worker process."""
+    key = hashlib.sha256(config_toml.encode()).hexdigest()
+    if key not in _CACHE:
+        from ..experiment import prepare
+
+        _CACHE.clear()  # one run per worker at a time: free the previous model
+        _CACHE[key] = prepare(config_from_toml(config_toml))
+    return _CACHE[key]
+
+
+def config_from_toml(text: str) -> Config:
+    """The validated config the server sent (same rules as a config file)."""
+    import tomllib
+
+    from ..config import _apply, _flatten, validate
+
+    cfg = Config()
+    for key, value in _flatten(tomllib.loads(text)):
+        _apply(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def partition_of(context) -> int:
+    try:
+        return int(context.node_config["partition-id"])
+    except (KeyError, TypeError, ValueError):
+        raise UserError("this SuperNode has no integer 'partition-id' in its node config; start "
+                        "it with --node-config 'partition-id=K'") from None
+
+
+def _fault(rnd: int, client: int) -> None:
+    for entry in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
+        parts = entry.strip().split(":")
+        if int(parts[0]) == rnd and int(parts[1]) == client:
+            if len(parts) > 2 and parts[2] == "hang":
+                time.sleep(float(parts[3]) if len(parts) > 3 else 3600)
+            else:
+                raise RuntimeError(f"injected fault: client {client} in round {rnd}")
+
+
+def client_train(msg, context):
+    """ClientApp ``train``: decode the task, train, return the encoded upload."""
+    from flwr.app import Message
+
+    config_toml = msg.content.config_records[CONFIG_RECORD]["config"]
+    exp = _experiment(str(config_toml))
+    task = Task.from_payload(decode(unpack(msg.content)), exp.runtime.layout)
+    pid = partition_of(context)
+    if task.client_id != pid:
+        raise RuntimeError(f"task for client {task.client_id} sent to the node holding "
+                           f"partition {pid}")
+    _fault(task.round, task.client_id)
+    ctx = ClientContext(exp.runtime, exp.enc_train, exp.client_train[pid], exp.cfg)
+    # ``Strategy.upload`` = client_update + the DP transform of what is sent (as on local)
+    upload = getattr(exp.strategy, "upload", exp.strategy.client_update)
+    up = encode(upload(ctx, task).to_payload())
+    return Message(pack(up), reply_to=msg)
+
+
+def client_query(msg, context):
+    """ClientApp ``query``: report which partition (client id) this node holds."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    info: dict[str, Any] = {"partition-id": partition_of(context)}
+    if "num-partitions" in context.node_config:
+        info["num-partitions"] = int(context.node_config["num-partitions"])
+    return Message(RecordDict({CONFIG_RECORD: ConfigRecord(info)}), reply_to=msg)
+
+
+def make_client_app():
+    from flwr.clientapp import ClientApp
+
+    app = ClientApp()
+    app.train()(client_train)
+    app.query()(client_query)
+    return app
+
+
+# ---------------------------------------------------------------------- server side
+class FlowerRounds:
+    """Round function for :func:`lora_a2.runner.run_experiment` that moves the messages
+    through a Flower ``Grid`` (same signature and record as ``engines.local.run_round``)."""
+
+    def __init__(self, grid, cfg: Config, connect_timeout_s: float | None = None) -> None:
+        self.grid = grid
+        self.cfg = cfg
+        self.config_toml = cfg.to_toml()
+        self.node_of: dict[int, int] = {}  # client (partition) id → node id
+        self.known: set[int] = set()  # node ids already asked for their partition
+        self.connect_timeout_s = (cfg.engine.connect_timeout_s if connect_timeout_s is None
+                                  else connect_timeout_s)
+        self.query_bytes = 0
+
+    # -- node discovery -------------------------------------------------------
+    def _timeout(self) -> float | None:
+        t = self.cfg.engine.round_timeout_s
+        return t if t > 0 else None
+
+    def discover(self, wait: bool) -> list[str]:
+        """Ask new nodes for their partition; on the first call wait (up to
+        ``engine.connect_timeout_s``) until every client has a node."""
+        from flwr.app import Message, MessageType, RecordDict
+
+        warnings: list[str] = []
+        deadline = time.monotonic() + (self.connect_timeout_s if wait else 0)
+        num_clients = self.cfg.data.num_clients
+        while True:
+            new = [n for n in self.grid.get_node_ids() if n not in self.known]
+            if new:
+                msgs = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY,
+                                group_id="discover") for n in new]
+                self.query_bytes += sum(message_bytes(m) for m in msgs)
+                replies = list(self.grid.send_and_receive(msgs, timeout=self._timeout()))
+                for r in replies:
+                    node = r.metadata.src_node_id
+                    self.query_bytes += message_bytes(r)
+                    if r.has_error():
+                        warnings.append(f"node {node}: query failed: {r.error.reason[:200]}")
+                        continue
+                    info = r.content.config_records[CONFIG_RECORD]
+                    pid = int(info["partition-id"])
+                    n_parts = info.get("num-partitions")
+                    self.known.add(node)
+                    if not 0 <= pid < num_clients:
+                        warnings.append(f"node {node}: partition-id {pid} outside "
+                                        f"[0, {num_clients}) — ignored")
+                    elif n_parts is not None and int(n_parts) != num_clients:
+                        warnings.append(f"node {node}: num-partitions {n_parts} ≠ "
+                                        f"data.num_clients {num_clients} — ignored")
+                    elif pid in self.node_of and self.node_of[pid] != node:
+                        warnings.append(f"node {node}: partition {pid} already held by node "
+                                        f"{self.node_of[pid]} — ignored")
+                    else:
+                        self.node_of[pid] = node
+            if len(self.node_of) >= num_clients or time.monotonic() >= deadline:
+                break
+            time.sleep(0.5)
+        for w in warnings:
+            log.warning(w)
+        return warnings
+
+    # -- one round ------------------------------------------------------------
+    def __call__(self, exp, rnd: int, state: ServerState,
+                 on_client: Callable[[int], None] | None = None
+                 ) -> tuple[ServerState, dict[str, Any]]:
+        from flwr.app import Message, MessageType
+
+        cfg, strategy, layout = exp.cfg, exp.strategy, exp.runtime.layout
+        t0 = time.perf_counter()
+        query_before = self.query_bytes
+        node_warnings = self.discover(wait=not self.known)
+        clients = sample_clients(cfg.data.num_clients, clients_per_round(cfg), cfg.seed, rnd)
+        limits = UploadLimits(cfg.server.max_update_bytes, cfg.server.max_update_norm)
+        per_client: dict[int, dict[str, Any]] = {}
+        tasks: dict[int, Task] = {}
+        messages: dict[int, Any] = {}  # client → message
+        dropped: list[int] = []
+        failures: list[str] = []
+        flower_down = flower_up = 0
+        for c in clients:
+            task = strategy.configure(rnd, c, state)
+            down_payload = task.to_payload(layout)
+            down = encode(down_payload)
+            per_client[c] = {"client": c, "download_bytes": len(down),
+                             "download_params": down_payload.num_values}
+            if drops_out(cfg.seed, rnd, c, cfg.train.dropout):
+                # Simulated drop-out (train.dropout), decided as on the local engine: the task
+                # counts as downloaded, the node is not contacted, nothing comes back.
+                per_client[c].update(upload_bytes=0, upload_params=0, dropped=True)
+                dropped.append(c)
+                continue
+            if c not in self.node_of:
+                per_client[c].update(download_bytes=0, download_params=0, upload_bytes=0,
+                                     upload_params=0, dropped=True)
+                dropped.append(c)
+                failures.append(f"client {c}: no connected node holds this partition")
+                continue
+            tasks[c] = task
+            msg = Message(pack(down, self.config_toml), dst_node_id=self.node_of[c],
+                          message_type=MessageType.TRAIN, group_id=str(rnd))
+            flower_down += message_bytes(msg)
+            messages[c] = msg
+        replies = list(self.grid.send_and_receive(list(messages.values()),
+                                                  timeout=self._timeout())) if messages else []
+        by_node = {r.metadata.src_node_id: r for r in replies}
+        ok: list[tuple[Task, Update]] = []
+        reasons: list[str] = []
+        for c in clients:
+            record = per_client[c]
+            if c in messages:
+                reply = by_node.get(self.node_of[c])
+                if reply is None:
+                    record.update(upload_bytes=0, upload_params=0, dropped=True,
+                                  failure="no reply within engine.round_timeout_s")
+                    dropped.append(c)
+                    failures.append(f"client {c}: no reply within {self._timeout()} s")
+                elif reply.has_error():
+                    flower_up += message_bytes(reply)
+                    reason = f"ClientApp error {reply.error.code}: {error_text(reply.error.reason)}"
+                    record.update(upload_bytes=0, upload_params=0, dropped=True, failure=reason)
+                    dropped.append(c)
+                    failures.append(f"client {c}: {reason}")
+                else:
+                    flower_up += message_bytes(reply)
+                    try:
+                        up = unpack(reply.content)
+                    except InvalidPayload as e:
+                        reasons.append(f"client {c}: {e}")
+                        record.update(upload_bytes=0, upload_params=0, rejected=str(e))
+                    else:
+                        record["upload_bytes"] = len(up)
+                        try:
+                            update = receive_upload(strategy, tasks[c], up, limits)
+                            ok.append((tasks[c], update))
+                            record.update(
+                                upload_params=int(update.values.numel()),
+                                upload_slot_ids=0 if update.slots is None
+                                else int(update.slots.numel()),
+                                num_examples=update.num_examples,
+                                train_loss=update.meta.get("loss"))
+                        except InvalidPayload as e:
+                            reasons.append(f"client {c}: {e}")
+                            record.update(upload_params=0, rejected=str(e))
+            if on_client is not None:
+                on_client(c)
+        dropped.sort()
+        info: dict[str, Any] = {}
+        failed = len(ok) < max(1, cfg.train.min_replies)
+        if not failed:
+            aggregate = getattr(strategy, "aggregate_round", strategy.aggregate)  # + central DP
+            state, info = aggregate(rnd, state, ok)
+        rows = [per_client[c] for c in clients]
+        losses = [r["train_loss"] for r in rows if r.get("train_loss") is not None]
+        record = {
+            "round": rnd,
+            "strategy": strategy.name,
+            "active_factor": strategy.active_factor(rnd),
+            "clients": clients,
+            "num_replies": len(ok),
+            "status": "failed" if failed else "ok",
+            "dropped": dropped,
+            "upload_bytes": sum(r["upload_bytes"] for r in rows),
+            "download_bytes": sum(r["download_bytes"] for r in rows),
+            "upload_params": sum(r["upload_params"] for r in rows),
+            "upload_slot_ids": sum(r.get("upload_slot_ids", 0) for r in rows),
+            "download_params": sum(r["download_params"] for r in rows),
+            "train_loss": float(np.mean(losses)) if losses else None,
+            "rejected": len(reasons),
+            "reject_reasons": reasons,
+            **info,
+            "failures": failures,
+            "node_warnings": node_warnings,
+            "flower_download_bytes": flower_down,
+            "flower_upload_bytes": flower_up,
+            "flower_query_bytes": self.query_bytes - query_before,
+            "per_client": rows,
+            "train_wall_s": time.perf_counter() - t0,
+        }
+        return state, record
+
+
+def error_text(reason: str | None, limit: int = 300) -> str:
+    """The useful tail of a Flower error reason (Ray wraps the exception in a long banner)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", reason or "")
+    if "Message: " in text:
+        text = text.rsplit("Message: ", 1)[1]
+    text = " ".join(text.split())
+    return text if len(text) <= limit else "…" + text[-limit:]
+
+
+def add_flower_totals(out: Path, summary: dict[str, Any], engine: str) -> dict[str, Any]:
+    """Totals of the Flower-measured bytes, added to ``summary.json``."""
+    from ..report import atomic_write_text, read_metrics
+
+    records = read_metrics(out / "metrics.jsonl")
+    summary = {**summary, "engine": engine,
+               "total_flower_download_bytes": sum(r.get("flower_download_bytes", 0)
+                                                  for r in records),
+               "total_flower_upload_bytes": sum(r.get("flower_upload_bytes", 0) for r in records),
+               "total_flower_query_bytes": sum(r.get("flower_query_bytes", 0) for r in records),
+               "failed_client_rounds": sum(len(r.get("failures", [])) for r in records)}
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+# ---------------------------------------------------------------------- simulation
+def num_workers(cfg: Config) -> int:
+    n = cfg.engine.num_workers
+    return n if n > 0 else max(1, min(os.cpu_count() or 1, clients_per_round(cfg)))
+
+
+def backend_config(cfg: Config) -> dict[str, Any]:
+    """Ray backend: ``engine.num_workers`` actors, one CPU each (and a GPU share on CUDA)."""
+    import torch
+
+    workers = num_workers(cfg)
+    gpu = cfg.engine.device != "cpu" and torch.cuda.is_available()
+    threads = cfg.engine.threads or 1
+    return {"client_resources": {"num_cpus": threads, "num_gpus": 1.0 / workers if gpu else 0.0},
+            "init_args": {"num_cpus": workers * threads, "num_gpus": 1 if gpu else 0,
+                          "include_dashboard": False, "log_to_driver": True,
+                          "logging_level": "warning"}}
+
+
+def run_simulation(cfg: Config, out: Path, *, overwrite: bool = False, progress: bool = True,
+                   resume: bool = False) -> dict[str, Any]:
+    """``lora-a2 run`` with ``engine.name = "flower"``: the experiment on Flower's Simulation
+    Engine (Ray backend), one virtual SuperNode per client (``partition-id`` = client id)."""
+    try:
+        from flwr.serverapp import ServerApp
+        from flwr.simulation import run_simulation as flwr_run_simulation
+    except ImportError:
+        raise UserError("engine.name = 'flower' needs Flower: pip install 'lora-a2[flower]'") \
+            from None
+    from ..runner import run_experiment
+
+    result: dict[str, Any] = {}
+    server = ServerApp()
+
+    @server.main()
+    def _main(grid, context) -> None:
+        try:
+            result["summary"] = run_experiment(cfg, out, overwrite=overwrite, progress=progress,
+                                               resume=resume, round_fn=FlowerRounds(grid, cfg))
+        except BaseException as e:  # re-raised in the caller's thread below
+            result["error"] = e
+
+    _quiet_flower()
+    flwr_run_simulation(server_app=server, client_app=make_client_app(),
+                        num_supernodes=cfg.data.num_clients, backend_config=backend_config(cfg))
+    if "error" in result:
+        raise result["error"]
+    if "summary" not in result:
+        raise RuntimeError("the Flower simulation ended without finishing the run "
+                           "(see the log above)")
+    return add_flower_totals(Path(out), result["summary"], "flower-simulation")
+
+
+def _quiet_flower() -> None:
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+
+
+# ---------------------------------------------------------------------- deployment
+def deployment_main(grid, context) -> None:
+    """ServerApp ``main`` for the Deployment Engine (``flwr run`` of ``flower_app/``).
+
+    Run config keys (``--run-config``): ``config`` (path to a lora-a2 TOML config on the
+    SuperLink machine; "" = defaults), ``set`` (``;``-separated ``KEY=VALUE`` overrides),
+    ``out`` (output directory on the SuperLink machine), ``overwrite`` (bool).
+    """
+    from ..runner import run_experiment
+
+    rc = context.run_config
+    overrides = [s.strip() for s in str(rc.get("set", "")).split(";") if s.strip()]
+    cfg = load_config(str(rc.get("config", "")) or None, overrides)
+    cfg.engine.name = "flower"
+    out = Path(str(rc.get("out", "runs/flower-deployment")))
+    summary = run_experiment(cfg, out, overwrite=bool(rc.get("overwrite", False)),
+                             progress=False, round_fn=FlowerRounds(grid, cfg))
+    add_flower_totals(out, summary, "flower-deployment")

@@ -1,0 +1,208 @@
+"""The Flower engine: Simulation Engine vs local engine, node failures, and the Deployment Engine
+against real SuperLink/SuperNode processes on 127.0.0.1 (every process stopped by pid)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("flwr")
+
+from lora_a2.cli import main  # noqa: E402
+from lora_a2.report import read_metrics  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TINY = ["model.name=tiny-random-bert", "model.head=trained", "strategy.global_rank=4",
+        "strategy.rank_budget=2", "model.max_length=24", "data.partition=dirichlet",
+        "data.alpha=0.5", "engine.threads=1"]
+SAME = ("round", "active_factor", "clients", "num_replies", "status", "dropped", "upload_bytes",
+        "download_bytes", "upload_params", "download_params", "upload_slot_ids", "rejected")
+
+
+def run(out: Path, data: Path, sets: list[str]) -> Path:
+    args = ["run", "--quiet", "--out", str(out), "--set", f"data.name=csv:{data}"]
+    for s in TINY + sets:
+        args += ["--set", s]
+    assert main(args) == 0
+    return out
+
+
+def assert_same_run(local: list[dict], flower: list[dict], tol: float = 1e-4) -> None:
+    assert len(local) == len(flower)
+    for a, b in zip(local, flower):
+        assert {k: a[k] for k in SAME} == {k: b[k] for k in SAME}
+        for k in ("accuracy", "macro_f1", "loss", "train_loss"):
+            assert b[k] == pytest.approx(a[k], abs=tol), (a["round"], k)
+        assert [c["upload_bytes"] for c in a["per_client"]] == \
+            [c["upload_bytes"] for c in b["per_client"]]
+        # what Flower itself moved: our payload plus its records/metadata (and the config TOML)
+        assert b["flower_download_bytes"] > b["download_bytes"]
+        assert b["flower_upload_bytes"] > b["upload_bytes"]
+
+
+def test_simulation_matches_local_engine(tmp_path, synthetic_csv):
+    sets = ["data.num_clients=4", "train.rounds=2"]
+    local = run(tmp_path / "local", synthetic_csv, sets)
+    flower = run(tmp_path / "flower", synthetic_csv,
+                 sets + ["engine.name=flower", "engine.num_workers=2"])
+    for f in ("config.toml", "metrics.jsonl", "summary.json", "partition.json",
+              "checkpoint.safetensors", "adapter/adapter_model.safetensors"):
+        assert (flower / f).is_file(), f
+    assert_same_run(read_metrics(local / "metrics.jsonl"), read_metrics(flower / "metrics.jsonl"))
+    summary = json.loads((flower / "summary.json").read_text())
+    ref = json.loads((local / "summary.json").read_text())
+    assert summary["engine"] == "flower-simulation"
+    assert summary["total_upload_bytes"] == ref["total_upload_bytes"]
+    assert summary["total_download_bytes"] == ref["total_download_bytes"]
+    assert summary["total_flower_query_bytes"] > 0
+
+
+def test_simulation_node_that_raises_is_dropped(tmp_path, synthetic_csv, monkeypatch):
+    # client 1 raises in round 2 (inherited by the Ray workers through the environment)
+    monkeypatch.setenv("LORA_A2_FLOWER_FAULT", "2:1")
+    out = run(tmp_path / "f", synthetic_csv, ["data.num_clients=3", "train.rounds=2",
+                                             "train.min_replies=2", "engine.name=flower",
+                                             "engine.num_workers=2"])
+    r1, r2 = read_metrics(out / "metrics.jsonl")
+    assert r1["dropped"] == [] and r1["num_replies"] == 3
+    assert r2["status"] == "ok" and r2["num_replies"] == 2 and r2["dropped"] == [1]
+    assert len(r2["failures"]) == 1 and "injected fault" in r2["failures"][0]
+    failed = [c for c in r2["per_client"] if c["client"] == 1][0]
+    assert failed["dropped"] and failed["upload_bytes"] == 0 and failed["download_bytes"] > 0
+    assert json.loads((out / "summary.json").read_text())["dropped_clients"] == 1
+
+
+# ---------------------------------------------------------------------- deployment
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM each process we started (by pid), then SIGKILL what did not exit. The
+    superexec/serverapp/clientapp helpers Flower spawns watch their parent's pid and exit."""
+    for p in reversed(procs):
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGTERM)
+    for p in reversed(procs):
+        try:
+            p.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.kill(p.pid, signal.SIGKILL)
+            p.wait(timeout=5)
+
+
+@pytest.fixture
+def federation(tmp_path):
+    """A SuperLink and two SuperNodes (partitions 0 and 1) on 127.0.0.1, insecure (loopback)."""
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    port = free_port()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{port}"\n'
+        f'insecure = true\n')
+    env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    procs: list[subprocess.Popen] = []
+    logs = []
+    try:
+        def start(name: str, cmd: list[str]) -> None:
+            log = open(tmp_path / f"{name}.log", "w")
+            logs.append(log)
+            procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
+
+        start("superlink", [str(BIN / "flower-superlink"), "--insecure", "--port", str(port),
+                            "--disable-runtime-dependency-installation"])
+        for k in range(2):
+            start(f"supernode{k}", [str(BIN / "flower-supernode"), "--insecure", "--superlink",
+                                    f"127.0.0.1:{port}", "--port", str(free_port()),
+                                    "--node-config", f"partition-id={k} num-partitions=2"])
+        wait_for_nodes(tmp_path / "superlink.log", port, nodes=2)
+        yield env, tmp_path
+    finally:
+        stop(procs)
+        for log in logs:
+            log.close()
+    assert all(p.poll() is not None for p in procs)
+
+
+def wait_for_nodes(log: Path, port: int, nodes: int, timeout: float = 90.0) -> None:
+    """Block until the SuperLink accepts connections and ``nodes`` SuperNodes activated: a
+    ``flwr run`` issued earlier fails with "Connection to the SuperLink is unavailable"."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                pass
+            if log.read_text(errors="replace").count("Activated node_id") >= nodes:
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"SuperLink on port {port} / {nodes} SuperNodes not up in {timeout} s")
+
+
+def done(out: Path) -> bool:
+    """The ServerApp re-writes summary.json with the engine's totals as its very last step."""
+    try:
+        return "engine" in json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def test_deployment_engine_end_to_end(federation, synthetic_csv):
+    env, tmp = federation
+    sets = ["data.num_clients=2", "train.rounds=1"]
+    local = run(tmp / "local", synthetic_csv, sets)
+    out = tmp / "deployed"
+    overrides = ";".join(TINY + sets + [f"data.name=csv:{synthetic_csv}"])
+    cmd = [str(BIN / "flwr"), "run", str(ROOT / "flower_app"), "test", "--stream",
+           "--run-config", f'set="{overrides}" out="{out}" overwrite=true']
+    for attempt in range(3):  # a loaded machine can refuse the very first control connection
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+        try:
+            deadline = time.monotonic() + 240
+            while not done(out) and time.monotonic() < deadline:
+                if proc.poll() is not None and proc.returncode != 0:
+                    break
+                time.sleep(1)
+        finally:
+            stop([proc])
+        if done(out) or proc.returncode in (0, None):
+            break
+        first = proc.stdout.read() if proc.stdout else ""
+        if "unavailable" not in first:
+            break
+        time.sleep(2)
+    logs = "".join((tmp / f"{n}.log").read_text()[-3000:] for n in ("superlink", "supernode0"))
+    assert done(out), (proc.stdout.read() if proc.stdout else "") + logs
+    assert json.loads((out / "summary.json").read_text())["engine"] == "flower-deployment"
+    flower = read_metrics(out / "metrics.jsonl")
+    assert_same_run(read_metrics(local / "metrics.jsonl"), flower)
+    assert flower[0]["failures"] == [] and flower[0]["flower_query_bytes"] > 0
+    for f in ("checkpoint.safetensors", "adapter/adapter_model.safetensors", "partition.json"):
+        assert (out / f).is_file(), f
+
+
+@pytest.mark.slow
+def test_simulation_node_that_times_out_is_dropped(tmp_path, synthetic_csv, monkeypatch):
+    # client 2 sleeps 120 s in round 2; the round proceeds after engine.round_timeout_s
+    monkeypatch.setenv("LORA_A2_FLOWER_FAULT", "2:2:hang:120")
+    out = run(tmp_path / "t", synthetic_csv, ["data.num_clients=3", "train.rounds=2",
+                                             "train.min_replies=2", "engine.name=flower",
+                                             "engine.num_workers=3", "engine.round_timeout_s=45"])
+    r1, r2 = read_metrics(out / "metrics.jsonl")
+    assert r1["num_replies"] == 3
+    assert r2["status"] == "ok" and r2["num_replies"] == 2 and r2["dropped"] == [2]
+    assert "no reply within" in r2["failures"][0]

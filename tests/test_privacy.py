@@ -1,0 +1,286 @@
+"""Differential privacy for uploads (issue 6): clipping, noise, accounting, calibration, config."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+
+from lora_a2 import privacy as dp
+from lora_a2.adapter import ModelRuntime
+from lora_a2.aggregation import data_weights
+from lora_a2.cli import main
+from lora_a2.client import encode_texts
+from lora_a2.config import load_config
+from lora_a2.payload import decode, encode
+from lora_a2.report import read_metrics
+from lora_a2.selection import selection_from_ids
+from lora_a2.strategies import get_strategy
+from lora_a2.strategies.base import ClientContext, Task, Update
+
+from conftest import synthetic_texts
+
+ALL = ["lora-a2", "fl-lora", "ffa-lora", "flexlora", "hetlora", "flora", "fedavg-full"]
+
+
+def make(strategy: str, *extra: str, clients: int = 3):
+    sets = [f"strategy.name='{strategy}'", "model.name='tiny-random-bert'", "model.head='trained'",
+            "strategy.rank_budget=2", f"data.num_clients={clients}", "strategy.global_rank=4",
+            *extra]
+    cfg = load_config(None, sets)
+    s = get_strategy(cfg)
+    rt = ModelRuntime(cfg.model, 3, s.lora_rank(), cfg.seed, torch.device("cpu"))
+    s.bind(rt.layout)
+    texts, labels = synthetic_texts(60)
+    enc = encode_texts(rt.tokenizer, texts, labels, 16)
+    parts = np.array_split(np.arange(60), clients)
+    return s, rt, [ClientContext(rt, enc, parts[c], cfg) for c in range(clients)]
+
+
+def client_side(s, rt, task: Task, ctx) -> tuple[Task, Update]:
+    """The decoded task and the raw (pre-DP) upload, as a client computes them."""
+    t = Task.from_payload(decode(encode(task.to_payload(rt.layout))), rt.layout)
+    return t, s.client_update(ctx, t)
+
+
+def change(s, task, upd) -> torch.Tensor:
+    ref = s.upload_reference(task, upd)
+    return upd.values if ref is None else upd.values - ref
+
+
+# ---------------------------------------------------------------------- pure functions
+def test_clip_bounds_l2_and_l1_and_leaves_small_vectors_alone():
+    v = torch.randn(10_000, generator=torch.Generator().manual_seed(0)) * 3
+    assert dp.norm_of(dp.clip(v, 0.5, "gaussian"), "gaussian") <= 0.5
+    assert dp.norm_of(dp.clip(v, 0.5, "laplace"), "laplace") <= 0.5
+    small = v * 1e-6
+    assert torch.equal(dp.clip(small, 0.5), small)
+    # direction is kept
+    c = dp.clip(v, 0.5)
+    assert torch.allclose(c / c.norm(), v / v.norm(), atol=1e-6)
+
+
+def test_empirical_noise_scale_matches_configured():
+    n = 400_000
+    g = dp.gaussian_noise(n, 0.7, torch.Generator().manual_seed(1)).double()
+    assert abs(g.mean()) < 0.01 and abs(g.std() / 0.7 - 1) < 0.01
+    lap = dp.laplace_noise(n, 0.7, torch.Generator().manual_seed(2)).double()
+    # Laplace(b): E|x| = b, std = √2 b
+    assert abs(lap.abs().mean() / 0.7 - 1) < 0.01 and abs(lap.std() / (0.7 * 2 ** 0.5) - 1) < 0.01
+
+
+# ---------------------------------------------------------------------- every strategy
+@pytest.mark.parametrize("name", ALL)
+def test_clip_bound_holds_on_every_upload(name):
+    clip = 1e-3  # far below any real update's norm: every upload is clipped
+    s, rt, ctxs = make(name, "privacy.mechanism='gaussian'", f"privacy.clip={clip}",
+                       "privacy.noise_multiplier=0.5")
+    state = s.init_state(rt.initial_state())
+    for c, ctx in enumerate(ctxs):
+        task, raw = client_side(s, rt, s.configure(1, c, state), ctx)
+        assert dp.norm_of(change(s, task, raw), "gaussian") > clip
+        clipped = s.clip_update(task, raw)
+        assert dp.norm_of(change(s, task, clipped), "gaussian") <= clip
+        # local mode: the upload is the clipped one plus exactly the seeded noise, nothing else
+        sent = Update.from_payload(decode(encode(s.privatize_upload(task, raw).to_payload())))
+        expect = dp.gaussian_noise(raw.values.numel(), 0.5 * clip,
+                                   dp.noise_generator(s.cfg.seed, 1, c))
+        assert torch.allclose(sent.values - clipped.values, expect, atol=1e-6)
+        assert "loss" not in sent.meta
+        s.validate(task, sent)  # a DP upload is still a valid upload
+
+
+@pytest.mark.parametrize("name", ["flexlora", "hetlora", "flora"])
+def test_hetero_reference_is_what_the_client_started_from(name):
+    # With a vanishing learning rate the client changes (almost) nothing: values ≈ reference.
+    s, rt, ctxs = make(name, "privacy.mechanism='gaussian'", "privacy.noise_multiplier=1",
+                       "strategy.lr=1e-12", "strategy.lr_ratio=1")
+    state = s.init_state(rt.initial_state())
+    task, raw = client_side(s, rt, s.configure(1, 0, state), ctxs[0])
+    assert raw.values.norm() > 1e-2  # the factors themselves are not small
+    assert change(s, task, raw).norm() < 1e-6
+
+
+# ---------------------------------------------------------------------- lora-a2 sparsity
+def _round(s, rt, ctxs, rnd, state):
+    replies = []
+    for c, ctx in enumerate(ctxs):
+        task = s.configure(rnd, c, state)
+        _, sent = client_side(s, rt, task, ctx)
+        sent = s.privatize_upload(task, sent)
+        s.validate(task, sent)
+        replies.append((task, sent))
+    return replies
+
+
+@pytest.mark.parametrize("mode", ["local", "central"])
+def test_lora_a2_noise_only_on_transmitted_slots(mode):
+    s, rt, ctxs = make("lora-a2", "privacy.mechanism='gaussian'", f"privacy.mode='{mode}'",
+                       "privacy.noise_multiplier=2", "privacy.clip=0.01", "model.head='frozen'")
+    state = s.init_state(rt.initial_state())
+    with torch.no_grad():  # non-zero B so every slot of A can be selected in round 2
+        for n in rt.layout.names("B"):
+            state.tensors[n] = torch.randn_like(state.tensors[n])
+    L = rt.layout
+    for rnd, factor in ((1, "B"), (2, "A")):
+        replies = _round(s, rt, ctxs, rnd, state)
+        budget = s.budgets[0] * L.num_modules
+        union = torch.zeros(L.num_modules, L.rank, dtype=torch.bool)
+        for task, upd in replies:
+            # the upload still carries exactly the selected slots' values
+            assert upd.slots.numel() == budget
+            sel = selection_from_ids(upd.slots, L.num_modules, L.rank)
+            union |= sel
+        new, _ = s.aggregate_round(rnd, state, replies)
+        assert not bool(union.all())  # some slot was selected by nobody
+        frozen = "A" if factor == "B" else "B"
+        for n in L.names(frozen):
+            assert torch.equal(new.tensors[n], state.tensors[n])
+        for m, n in enumerate(L.names(factor)):
+            diff = new.tensors[n] - state.tensors[n]
+            slot_axis = 1 if factor == "B" else 0
+            changed = (diff != 0).any(dim=1 - slot_axis)
+            assert torch.equal(changed, union[m])  # unselected slots bit-identical
+        state = new
+
+
+def test_central_noise_on_the_aggregate_has_the_configured_scale():
+    z, clip = 3.0, 0.01
+    s, rt, ctxs = make("fedavg-full", "privacy.mechanism='gaussian'", "privacy.mode='central'",
+                       f"privacy.noise_multiplier={z}", f"privacy.clip={clip}", clients=3)
+    state = s.init_state(rt.initial_state())
+    replies = _round(s, rt, ctxs, 1, state)
+    for t, u in replies:  # central: uploads are clipped, not noised
+        assert dp.norm_of(u.values, "gaussian") <= clip
+    clean, _ = s.aggregate(1, state, replies)
+    noisy, _ = s.aggregate_round(1, state, replies)
+    names = rt.layout.group_names(["full"])
+    noise = torch.cat([(noisy.tensors[n] - clean.tensors[n]).reshape(-1) for n in names]).double()
+    expected = z * clip * max(data_weights([u.num_examples for _, u in replies]))
+    assert noise.numel() > 30_000
+    assert abs(noise.std() / expected - 1) < 0.02
+    # the per-client sensitivity of the aggregate is w_max · C
+    assert abs(noise.mean()) < 0.05 * expected
+
+
+# ---------------------------------------------------------------------- accounting
+@pytest.mark.parametrize("z,q,steps,delta", [(1.0, 0.5, 10, 1e-5), (0.8, 0.1, 100, 1e-6),
+                                             (2.5, 1.0, 50, 1e-5)])
+def test_accountant_agrees_with_opacus(z, q, steps, delta):
+    direct = RDPAccountant()
+    for _ in range(steps):
+        direct.step(noise_multiplier=z, sample_rate=q)
+    alphas = dp.rdp_alphas()
+    expect = direct.get_epsilon(delta, alphas=alphas)
+    assert dp.gaussian_epsilon(z, q, steps, delta) == pytest.approx(expect, rel=1e-12)
+    # the extended orders only ever tighten Opacus' default bound
+    assert expect <= direct.get_epsilon(delta) * (1 + 1e-12)
+    # a central plan uses (z, q) as given; a local plan (replace-one, 2C) z / 2 at q = 1
+    central = dp.PrivacyPlan("gaussian", "central", 1.0, z, delta, q, steps)
+    assert central.epsilon(steps) == pytest.approx(expect, rel=1e-12)
+    local_direct = RDPAccountant()
+    local_direct.history = [(z / 2, 1.0, steps)]
+    local = dp.PrivacyPlan("gaussian", "local", 1.0, z, delta, 1.0, steps)
+    assert local.epsilon(steps) == pytest.approx(local_direct.get_epsilon(delta, alphas=alphas),
+                                                 rel=1e-12)
+
+
+def test_known_setting_pinned():
+    # The classic DP-SGD MNIST setting: σ = 1.1, q = 256/60000, 60 epochs, δ = 1e-5. Opacus 1.6's
+    # RDP accountant gives ε = 2.597 (a pinned value: guards against a silent accountant change).
+    q, steps = 256 / 60000, int(60 * 60000 / 256)
+    acc = RDPAccountant()
+    acc.history = [(1.1, q, steps)]
+    eps = dp.gaussian_epsilon(1.1, q, steps, 1e-5)
+    assert eps == pytest.approx(acc.get_epsilon(1e-5), rel=1e-6)
+    assert eps == pytest.approx(2.597, abs=0.005)
+
+
+def test_laplace_composition_known_values():
+    # basic composition wins for few rounds, advanced for many
+    assert dp.laplace_epsilon(0.1, 1.0, 5, 1e-5) == pytest.approx(0.5)
+    e0, T, d = 0.01, 10_000, 1e-5
+    adv = e0 * np.sqrt(2 * T * np.log(1 / d)) + T * e0 * np.expm1(e0)
+    assert dp.laplace_epsilon(e0, 1.0, T, d) == pytest.approx(adv) and adv < T * e0
+    # amplification by sampling
+    assert dp.laplace_epsilon(1.0, 0.1, 1, d) == pytest.approx(np.log1p(0.1 * np.expm1(1.0)))
+    # local Laplace: scale z·C, sensitivity 2C → ε₀ = 2 / z per round
+    assert dp.PrivacyPlan("laplace", "local", 1.0, 4.0, d, 1.0, 3).epsilon(3) == pytest.approx(1.5)
+
+
+@pytest.mark.parametrize("mechanism,mode,cpr", [("gaussian", "central", 3), ("gaussian", "local", 0),
+                                                ("laplace", "local", 0), ("laplace", "central", 5)])
+@pytest.mark.parametrize("target", [1.0, 3.0, 6.0])
+def test_calibrated_noise_reaches_target_epsilon(mechanism, mode, cpr, target):
+    cfg = load_config(None, ["strategy.name='fl-lora'", "data.num_clients=10", "train.rounds=20",
+                             f"train.clients_per_round={cpr}", f"privacy.mechanism='{mechanism}'",
+                             f"privacy.mode='{mode}'", f"privacy.epsilon={target}"])
+    plan = dp.resolve(cfg)
+    eps = plan.epsilon(20)
+    assert eps <= target * (1 + 1e-9) and eps == pytest.approx(target, abs=0.01)
+    assert plan.sample_rate == (1.0 if mode == "local" else (cpr or 10) / 10)
+    # ε grows with the rounds and the report of the last round is the whole run's
+    assert plan.epsilon(1) < plan.epsilon(10) < eps
+
+
+# ---------------------------------------------------------------------- end to end
+TINY = ["model.name=tiny-random-bert", "data.num_clients=4", "train.rounds=3", "model.head=trained",
+        "strategy.global_rank=4", "strategy.rank_budget=2", "model.max_length=24"]
+
+
+def _run(tmp_path, name, data, *sets):
+    out = tmp_path / name
+    args = ["run", "--quiet", "--out", str(out), "--set", f"data.name=csv:{data}"]
+    for item in TINY + list(sets):
+        args += ["--set", item]
+    assert main(args) == 0
+    return out
+
+
+def _strip(records):
+    return [{k: v for k, v in r.items() if not k.endswith("wall_s")} for r in records]
+
+
+def test_dp_runs_are_reproducible_and_report_epsilon(tmp_path, synthetic_csv):
+    sets = ["privacy.mechanism=gaussian", "privacy.epsilon=3", "train.clients_per_round=2"]
+    a = _run(tmp_path, "a", synthetic_csv, *sets)
+    b = _run(tmp_path, "b", synthetic_csv, *sets)
+    ra, rb = read_metrics(a / "metrics.jsonl"), read_metrics(b / "metrics.jsonl")
+    assert _strip(ra) == _strip(rb)
+    eps = [r["epsilon"] for r in ra]
+    assert eps == sorted(eps) and eps[-1] == pytest.approx(3.0, abs=0.01)
+    assert all(r["delta"] == 1e-5 for r in ra)
+    summary = json.loads((a / "summary.json").read_text())
+    assert summary["epsilon"] == eps[-1] and summary["privacy"]["mode"] == "local"
+    # central Laplace on fl-lora runs too, and differs from no DP
+    c = _run(tmp_path, "c", synthetic_csv, "strategy.name=fl-lora", "privacy.mechanism=laplace",
+             "privacy.mode=central", "privacy.noise_multiplier=2")
+    rc = read_metrics(c / "metrics.jsonl")
+    assert [r["epsilon"] for r in rc] == pytest.approx([0.5, 1.0, 1.5])
+
+
+@pytest.mark.parametrize("sets,needle", [
+    (["privacy.mechanism=gaussian", "privacy.epsilon=0"], "privacy.epsilon"),
+    (["privacy.mechanism=laplace", "privacy.epsilon=-1"], "privacy.epsilon"),
+    (["privacy.mechanism=gaussian", "privacy.noise_multiplier=1", "privacy.delta=1"], "privacy.delta"),
+    (["privacy.mechanism=gaussian", "privacy.noise_multiplier=1", "privacy.delta=0"], "privacy.delta"),
+    (["privacy.mechanism=gaussian", "privacy.noise_multiplier=1", "privacy.clip=0"], "privacy.clip"),
+    (["privacy.mechanism=gaussian"], "exactly one"),
+    (["privacy.mechanism=gaussian", "privacy.epsilon=1", "privacy.noise_multiplier=1"], "exactly one"),
+    (["privacy.mechanism=gauss"], "privacy.mechanism"),
+    (["privacy.mechanism=gaussian", "privacy.epsilon=1", "privacy.mode=global"], "privacy.mode"),
+    (["privacy.mechanism=gaussian", "privacy.epsilon=1", "privacy.mode=central",
+      "strategy.name=flexlora"], "linear aggregate"),
+    (["privacy.mechanism=gaussian", "privacy.epsilon='x'"], "privacy.epsilon"),
+    (["privacy.epsilson=1"], "did you mean 'privacy.epsilon'"),
+])
+def test_bad_privacy_config_is_one_line_exit_2(capsys, sets, needle):
+    args = ["config"]
+    for item in sets:
+        args += ["--set", item]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and needle in err
