@@ -57,3 +57,15 @@ def test_speed_command_reports_every_figure(tmp_path, capsys):
     assert [m["clients"] for m in r["memory"]] == [10, 20]
     assert "engine overhead" in capsys.readouterr().out
     assert main(["speed", "--clients", "x"]) == 2
+
+
+def test_only_selects_cells_and_bad_pattern_is_an_error(tmp_path):
+    from lora_a2.bench import select
+
+    cells = expand(load_grid("smoke"), smoke=True)
+    chosen = select(cells, ["dir0.5__1__*__seed0"])
+    assert [c.cell_id for c in chosen] == ["dir0.5__1__fl-lora__seed0", "dir0.5__1__lora-a2__seed0"]
+    with pytest.raises(UserError, match="matches no cell"):
+        select(cells, ["nothing*"])
+    r = run_grid("smoke", tmp_path / "o", smoke=True, progress=False, only=["path2__2__lora-a2*"])
+    assert r["selected"] == 2 and r["finished"] == 2 and r["cells"] == 20

@@ -22,6 +22,7 @@ running). ``OUT/results.json``, ``OUT/table.md`` and ``OUT/plots/`` aggregate al
 from __future__ import annotations
 
 import importlib.resources
+import fnmatch
 import itertools
 import json
 import statistics
@@ -158,10 +159,24 @@ def run_cell(cell: Cell, out: Path) -> tuple[str, dict[str, Any] | None]:
     return ("resumed" if resume else "ran"), summary
 
 
-def run_grid(spec: str, out: Path, smoke: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Run every unfinished cell of a grid, then aggregate all finished ones."""
+def select(cells: list[Cell], only: list[str] | None) -> list[Cell]:
+    """Cells whose id matches any of the glob patterns in ``only`` (all when empty)."""
+    if not only:
+        return cells
+    chosen = [c for c in cells if any(fnmatch.fnmatchcase(c.cell_id, pat) for pat in only)]
+    if not chosen:
+        raise UserError(f"--only {' '.join(only)} matches no cell of this grid "
+                        f"(ids look like '{cells[0].cell_id}')")
+    return chosen
+
+
+def run_grid(spec: str, out: Path, smoke: bool = False, progress: bool = True,
+             only: list[str] | None = None) -> dict[str, Any]:
+    """Run every unfinished cell of a grid (or those matching ``only``), then aggregate all
+    finished cells of the whole grid."""
     grid = load_grid(spec)
-    cells = expand(grid, smoke)
+    all_cells = expand(grid, smoke)
+    cells = select(all_cells, only)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "grid.json", json.dumps({"grid": grid, "smoke": smoke,
@@ -184,8 +199,8 @@ def run_grid(spec: str, out: Path, smoke: bool = False, progress: bool = True) -
             bar.set_postfix(counts)
     if bar is not None:
         bar.close()
-    result = aggregate(out, cells, grid)
-    result.update(counts=counts, wall_s=time.perf_counter() - t0)
+    result = aggregate(out, all_cells, grid)
+    result.update(counts=counts, wall_s=time.perf_counter() - t0, selected=len(cells))
     return result
 
 

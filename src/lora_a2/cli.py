@@ -39,7 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("strategies", help="list the available strategies")
     bench = sub.add_parser("bench", help="run a benchmark grid (resumable), then tabulate it")
     bench.add_argument("grid", help="built-in grid name (main, hetero, smoke, ...) or a TOML file")
-    bench.add_argument("--out", "-o", help="results directory (default: bench/<grid>[-smoke])")
+    bench.add_argument("--out", "-o",
+                       help="results directory (default: benchmarks/results/<grid>[-smoke])")
+    bench.add_argument("--only", action="append", default=[], metavar="GLOB",
+                       help="run only cells whose id matches (repeatable), e.g. "
+                            "'bbc-news__dir0.01__1__*__seed0'")
     bench.add_argument("--smoke", action="store_true",
                        help="tiny model, few examples and rounds: every cell in seconds")
     bench.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -77,13 +81,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench import load_grid, run_grid
 
     grid = load_grid(args.grid)
-    out = Path(args.out) if args.out else Path("bench") / (grid["name"] + ("-smoke" if args.smoke
-                                                                         else ""))
-    result = run_grid(args.grid, out, smoke=args.smoke, progress=not args.quiet)
-    print(f"{result['finished']}/{result['cells']} cells finished ({result['counts']}); "
-          f"table: {result['table']}")
+    out = Path(args.out) if args.out else Path("benchmarks") / "results" / (
+        grid["name"] + ("-smoke" if args.smoke else ""))
+    result = run_grid(args.grid, out, smoke=args.smoke, progress=not args.quiet,
+                      only=args.only or None)
+    print(f"{result['finished']}/{result['cells']} cells of the grid finished "
+          f"(this call: {result['counts']}); table: {result['table']}")
     print((out / "table.md").read_text(), end="")
-    return 0 if result["finished"] == result["cells"] else 1
+    return 0 if "error" not in result["counts"] else 1
 
 
 def _cmd_speed(args: argparse.Namespace) -> int:
