@@ -40,8 +40,11 @@ def assert_same_run(local: list[dict], flower: list[dict], tol: float = 1e-4) ->
     assert len(local) == len(flower)
     for a, b in zip(local, flower):
         assert {k: a[k] for k in SAME} == {k: b[k] for k in SAME}
-        for k in ("accuracy", "macro_f1", "loss", "train_loss"):
-            assert b[k] == pytest.approx(a[k], abs=tol), (a["round"], k)
+        for k in ("accuracy", "macro_f1", "loss", "train_loss", "epsilon"):
+            if a.get(k) is None:  # e.g. no train_loss under local DP, no epsilon without DP
+                assert b.get(k) is None, (a["round"], k)
+            else:
+                assert b[k] == pytest.approx(a[k], abs=tol), (a["round"], k)
         assert [c["upload_bytes"] for c in a["per_client"]] == \
             [c["upload_bytes"] for c in b["per_client"]]
         # what Flower itself moved: our payload plus its records/metadata (and the config TOML)
@@ -64,6 +67,24 @@ def test_simulation_matches_local_engine(tmp_path, synthetic_csv):
     assert summary["total_upload_bytes"] == ref["total_upload_bytes"]
     assert summary["total_download_bytes"] == ref["total_download_bytes"]
     assert summary["total_flower_query_bytes"] > 0
+
+
+@pytest.mark.parametrize("strategy,privacy", [
+    ("lora-a2", ["privacy.mechanism=gaussian", "privacy.mode=local", "privacy.noise_multiplier=0.5"]),
+    ("fl-lora", ["privacy.mechanism=gaussian", "privacy.mode=central", "privacy.epsilon=8.0"]),
+    ("flexlora", []),
+])
+def test_simulation_matches_local_for_other_strategies_and_dp(tmp_path, synthetic_csv, strategy,
+                                                              privacy):
+    """The same hooks (DP clip/noise, central noise, heterogeneous ranks) run on both engines."""
+    sets = ["data.num_clients=3", "train.rounds=2", f"strategy.name={strategy}", *privacy]
+    local = run(tmp_path / "local", synthetic_csv, sets)
+    flower = run(tmp_path / "flower", synthetic_csv,
+                 sets + ["engine.name=flower", "engine.num_workers=2"])
+    assert_same_run(read_metrics(local / "metrics.jsonl"), read_metrics(flower / "metrics.jsonl"))
+    if privacy:
+        eps = [r["epsilon"] for r in read_metrics(flower / "metrics.jsonl")]
+        assert eps[0] < eps[1]
 
 
 def test_simulation_node_that_raises_is_dropped(tmp_path, synthetic_csv, monkeypatch):
