@@ -166,6 +166,38 @@ def test_central_noise_on_the_aggregate_has_the_configured_scale():
     assert abs(noise.mean()) < 0.05 * expected
 
 
+@pytest.mark.parametrize("name", ["flexlora", "flora"])
+@pytest.mark.parametrize("mechanism", ["gaussian", "laplace"])
+def test_central_product_clip_bounds_what_the_aggregate_sums(name, mechanism):
+    """FlexLoRA / FLoRA merge Σ p_k s_k B_k A_k: in central mode the clip bounds the products
+    (and the head delta), and the aggregate's noise lands on the merged delta."""
+    clip = 1e-3
+    s, rt, ctxs = make(name, f"privacy.mechanism='{mechanism}'", "privacy.mode='central'",
+                       f"privacy.clip={clip}", "privacy.noise_multiplier=2.0",
+                       "strategy.rank_budget=[1, 2, 2]")
+    state = s.init_state(rt.initial_state())
+    replies = []
+    for c, ctx in enumerate(ctxs):
+        task, raw = client_side(s, rt, s.configure(1, c, state), ctx)
+        clipped = s.clip_update(task, raw)
+        a_list, b_list, head, rank = s.split(task, clipped)
+        prods = [s.scaling_for(rank) * (b.double() @ a.double()) for a, b in zip(a_list, b_list)]
+        flat = torch.cat([p.reshape(-1) for p in prods] + [h.double().reshape(-1)
+                                                           for h in head.values()])
+        assert dp.norm_of(flat, mechanism) <= clip * (1 + 1e-5)
+        assert torch.equal(clipped.values[:sum(a.numel() for a in a_list)],
+                           raw.values[:sum(a.numel() for a in a_list)])  # A untouched
+        replies.append((task, s.privatize_upload(task, raw)))
+    clean, _ = s.aggregate(
+        1, state, [(t, s.clip_update(t, u)) for t, u in replies])
+    noisy, _ = s.aggregate_round(1, state, replies)
+    merged = rt.layout.names("merged")
+    noise = torch.cat([(noisy.tensors[n] - clean.tensors[n]).reshape(-1) for n in merged]).double()
+    expected = 2.0 * clip * max(data_weights([u.num_examples for _, u in replies]))
+    spread = noise.std() if mechanism == "gaussian" else noise.abs().mean()  # Laplace: E|x| = b
+    assert abs(spread / expected - 1) < 0.05
+
+
 # ---------------------------------------------------------------------- accounting
 @pytest.mark.parametrize("z,q,steps,delta", [(1.0, 0.5, 10, 1e-5), (0.8, 0.1, 100, 1e-6),
                                              (2.5, 1.0, 50, 1e-5)])
@@ -273,7 +305,7 @@ def test_dp_runs_are_reproducible_and_report_epsilon(tmp_path, synthetic_csv):
     (["privacy.mechanism=gauss"], "privacy.mechanism"),
     (["privacy.mechanism=gaussian", "privacy.epsilon=1", "privacy.mode=global"], "privacy.mode"),
     (["privacy.mechanism=gaussian", "privacy.epsilon=1", "privacy.mode=central",
-      "strategy.name=flexlora"], "linear aggregate"),
+      "strategy.name=hetlora"], "linear aggregate"),
     (["privacy.mechanism=gaussian", "privacy.epsilon='x'"], "privacy.epsilon"),
     (["privacy.epsilson=1"], "did you mean 'privacy.epsilon'"),
 ])

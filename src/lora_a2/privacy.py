@@ -43,7 +43,12 @@ Removing one client changes the data-weighted aggregate Σ w_k Δ_k by at most w
 are treated as public: exact for equal-sized clients, where this is DP-FedAvg's w = 1/K), so the
 aggregate noise is σ = z·C·w_max (Laplace: b = z·C·w_max): noise multiplier z with respect to
 add/remove-one-client sensitivity, which is what the accountant assumes, with sampling rate
-q = clients_per_round / num_clients. Central mode needs an aggregate that is linear in the
+q = clients_per_round / num_clients. For ``flexlora`` and ``flora`` the server merges
+Σ_k p_k s_k B_k A_k, so in central mode the clip bounds those products (and the head delta) —
+:meth:`~lora_a2.strategies.hetero.HeteroRankStrategy.clip_update` — and the noise lands on the
+merged delta. ``hetlora`` is refused: its weights ‖B_k A_k‖ / Σ_j ‖B_j A_j‖ depend on every
+upload, so no per-client bound on the aggregate's change exists.
+Central mode needs an aggregate that is linear in the
 uploads (``lora-a2`` without renormalisation, ``fl-lora``, ``ffa-lora``, ``fedavg-full``).
 
 Accounting
@@ -77,8 +82,11 @@ from torch import Tensor
 
 MECHANISMS = ("none", "gaussian", "laplace")
 MODES = ("local", "central")
-#: strategies whose aggregate is linear in the uploads (central noise on the aggregate is valid)
-CENTRAL_STRATEGIES = ("lora-a2", "fl-lora", "ffa-lora", "fedavg-full")
+#: strategies whose aggregate is linear in what the server clips (central noise on the aggregate
+#: is valid): the uploads themselves, or for flexlora / flora the clients' products s_k B_k A_k
+#: (see HeteroRankStrategy.clip_update). HetLoRA is not: its weights ‖B_k A_k‖ / Σ_j ‖B_j A_j‖
+#: depend on every client's update, so one client can move every term (unbounded sensitivity).
+CENTRAL_STRATEGIES = ("lora-a2", "fl-lora", "ffa-lora", "fedavg-full", "flexlora", "flora")
 
 
 # ---------------------------------------------------------------------- pure mechanisms

@@ -34,6 +34,7 @@ class FlexLora(HeteroRankStrategy):
 
     name = "flexlora"
     uses_merged = True
+    merges_products = True
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)

@@ -42,6 +42,7 @@ class Flora(HeteroRankStrategy):
 
     name = "flora"
     uses_merged = True
+    merges_products = True
 
     def scaling_for(self, rank: int) -> float:
         return FLORA_SCALING

@@ -140,6 +140,37 @@ class HeteroRankStrategy(Strategy):
         values = flatten({n: truncate_factor(n, start[n], int(rank)) for n in names}, names)
         return torch.cat([values, torch.zeros(self.layout.size(self.head_groups()))])
 
+    # -- central DP for product-merging methods (FlexLoRA, FLoRA) ---------------------------
+    #: the server's aggregate is linear in the clients' products P_k = s_k B_k A_k (+ head delta)
+    merges_products = False
+
+    def clip_update(self, task: Task, update: Update) -> Update:
+        """Central DP for FlexLoRA / FLoRA: bound what the aggregate actually sums.
+
+        Their merged delta Σ_k p_k s_k B_k A_k is linear in the products P_k, not in the uploaded
+        factors, so the clip bounds ‖(P_k per module, head delta)‖ ≤ C (L2; L1 for Laplace) by
+        scaling B_k and the head delta by C / ‖·‖ — then removing one client moves the aggregate
+        by at most w_max·C, which is what the central noise z·C·w_max and the accountant assume.
+        Local mode keeps the factor-change clip of :class:`Strategy` (it protects the upload).
+        """
+        plan = self.privacy
+        if plan is None or plan.mode != "central" or not self.merges_products:
+            return super().clip_update(task, update)
+        a_list, b_list, head, rank = self.split(task, update)
+        s = self.scaling_for(rank) or self.cfg.model.lora_alpha / self.layout.rank
+        parts = [(s * (b.double() @ a.double())).reshape(-1) for a, b in zip(a_list, b_list)]
+        parts += [h.double().reshape(-1) for h in head.values()]
+        from .. import privacy as dp
+
+        norm = dp.norm_of(torch.cat(parts), plan.mechanism) if parts else 0.0
+        values = update.values.clone()
+        if norm > plan.clip:
+            factor = plan.clip / norm * (1 - 1e-6)
+            n_a = sum(a.numel() for a in a_list)
+            values[n_a:] = (values[n_a:].double() * factor).to(values.dtype)  # B's and the head
+        return Update(update.client_id, update.num_examples, values, update.slots,
+                      dict(update.meta))
+
     # -- server side ----------------------------------------------------------------------
     def upload_rank(self, task: Task, update: Update) -> int:
         """The rank the upload is at (default: the task's)."""
