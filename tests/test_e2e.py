@@ -82,7 +82,7 @@ def test_tiny_adapter_reloads_through_peft(tmp_path, synthetic_csv):
     from peft import PeftModel
     from transformers import BertForSequenceClassification
 
-    from lora_a2.client import encode_texts, evaluate
+    from lora_a2.client import encode_texts
     from lora_a2.data import load_dataset
     from lora_a2.models import tiny_tokenizer
 

@@ -13,8 +13,6 @@ draws exactly what it would have drawn without the crash.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .errors import UserError
+from .report import atomic_write_bytes
 from .strategies.base import ServerState
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -75,22 +74,7 @@ def save_checkpoint(out_dir: Path, rnd: int, state: ServerState) -> Path:
     blob = st_save(tensors, metadata={"round": str(rnd), "extra": json.dumps(plain),
                                       "state_order": json.dumps(list(state.tensors))})
     path = out_dir / CHECKPOINT
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".checkpoint.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(out_dir, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, blob)
     return path
 
 

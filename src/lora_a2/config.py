@@ -193,7 +193,6 @@ SECTIONS: dict[str, type] = {
     "privacy": PrivacyConfig,
 }
 
-STRATEGY_NAMES = ("lora-a2", "fl-lora", "ffa-lora", "flexlora", "hetlora", "flora", "fedavg-full")
 PARTITIONS = ("dirichlet", "pathological", "paired", "iid")
 
 
@@ -332,11 +331,14 @@ def validate(cfg: Config) -> None:
              d.max_test_examples)
     _require(0 <= d.local_test_fraction < 1, "data.local_test_fraction", "must be in [0, 1)",
              d.local_test_fraction)
-    if s.name not in STRATEGY_NAMES:
-        near = difflib.get_close_matches(s.name, STRATEGY_NAMES, n=1, cutoff=0.4)
+    from .strategies import strategy_names  # the registry: a new strategy file is enough
+
+    names = strategy_names()
+    if s.name not in names:
+        near = difflib.get_close_matches(s.name, names, n=1, cutoff=0.4)
         hint = f" (did you mean '{near[0]}'?)" if near else ""
         raise UserError(f"config key 'strategy.name': unknown strategy '{s.name}'{hint}; "
-                        f"valid: {', '.join(STRATEGY_NAMES)}")
+                        f"valid: {', '.join(names)}")
     _require(s.global_rank >= 1, "strategy.global_rank", "must be ≥ 1", s.global_rank)
     rb = s.rank_budget
     if isinstance(rb, list):

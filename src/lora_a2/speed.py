@@ -14,7 +14,6 @@ Medians over ``repeats``; everything in one process run, so the ratios compare l
 from __future__ import annotations
 
 import json
-import resource
 import statistics
 import subprocess
 import sys

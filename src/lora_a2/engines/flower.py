@@ -48,14 +48,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from ..config import Config, clients_per_round, load_config
 from ..errors import UserError
 from ..payload import InvalidPayload, decode, encode
 from ..strategies.base import ClientContext, ServerState, Task, Update
 from ..validation import UploadLimits, receive_upload
-from .local import drops_out, sample_clients
+from .local import drops_out, round_record, sample_clients
 
 log = logging.getLogger(__name__)
 
@@ -337,24 +336,9 @@ class FlowerRounds:
             aggregate = getattr(strategy, "aggregate_round", strategy.aggregate)  # + central DP
             state, info = aggregate(rnd, state, ok)
         rows = [per_client[c] for c in clients]
-        losses = [r["train_loss"] for r in rows if r.get("train_loss") is not None]
-        record = {
-            "round": rnd,
-            "strategy": strategy.name,
-            "active_factor": strategy.active_factor(rnd),
-            "clients": clients,
-            "num_replies": len(ok),
-            "status": "failed" if failed else "ok",
-            "dropped": dropped,
-            "upload_bytes": sum(r["upload_bytes"] for r in rows),
-            "download_bytes": sum(r["download_bytes"] for r in rows),
-            "upload_params": sum(r["upload_params"] for r in rows),
-            "upload_slot_ids": sum(r.get("upload_slot_ids", 0) for r in rows),
-            "download_params": sum(r["download_params"] for r in rows),
-            "train_loss": float(np.mean(losses)) if losses else None,
-            "rejected": len(reasons),
-            "reject_reasons": reasons,
-            **info,
+        record = round_record(strategy, rnd, clients, rows, num_replies=len(ok), failed=failed,
+                              dropped=dropped, reasons=reasons, info=info)
+        record.update({
             "failures": failures,
             "node_warnings": node_warnings,
             "flower_download_bytes": flower_down,
@@ -362,7 +346,7 @@ class FlowerRounds:
             "flower_query_bytes": self.query_bytes - query_before,
             "per_client": rows,
             "train_wall_s": time.perf_counter() - t0,
-        }
+        })
         return state, record
 
 

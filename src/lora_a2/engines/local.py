@@ -86,13 +86,23 @@ def run_round(exp: Experiment, rnd: int, state: ServerState,
     failed = len(replies) < max(1, cfg.train.min_replies)
     if not failed:
         state, info = strategy.aggregate_round(rnd, state, replies)  # + central DP noise
+    record = round_record(strategy, rnd, clients, per_client, num_replies=len(replies),
+                          failed=failed, dropped=dropped, reasons=reasons, info=info)
+    record.update(per_client=per_client, train_wall_s=time.perf_counter() - t0)
+    return state, record
+
+
+def round_record(strategy, rnd: int, clients: list[int], per_client: list[dict[str, Any]], *,
+                 num_replies: int, failed: bool, dropped: list[int], reasons: list[str],
+                 info: dict[str, Any]) -> dict[str, Any]:
+    """The engine-independent part of a round's metrics line (both engines build it here)."""
     losses = [r["train_loss"] for r in per_client if r.get("train_loss") is not None]
-    record = {
+    return {
         "round": rnd,
         "strategy": strategy.name,
         "active_factor": strategy.active_factor(rnd),
         "clients": clients,
-        "num_replies": len(replies),
+        "num_replies": num_replies,
         "status": "failed" if failed else "ok",
         "dropped": dropped,
         "upload_bytes": sum(r["upload_bytes"] for r in per_client),
@@ -104,10 +114,7 @@ def run_round(exp: Experiment, rnd: int, state: ServerState,
         "rejected": len(reasons),
         "reject_reasons": reasons,
         **info,
-        "per_client": per_client,
-        "train_wall_s": time.perf_counter() - t0,
     }
-    return state, record
 
 
 def evaluate_state(exp: Experiment, state: ServerState) -> dict[str, Any]:

@@ -39,8 +39,9 @@ def register(cls: type[Strategy]) -> type[Strategy]:
 
 
 def get_strategy(cfg: Config) -> Strategy:
-    from . import load_all  # noqa: F401  (imports every strategy module)
+    from . import load_all
 
+    load_all()
     name = cfg.strategy.name
     if name not in REGISTRY:
         raise UserError(f"unknown strategy '{name}'; valid: {', '.join(sorted(REGISTRY))}")
