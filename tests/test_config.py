@@ -54,6 +54,15 @@ def test_toml_file_and_overrides(tmp_path):
     (["engine.name=ray"], "must be 'local' or 'flower'"),
     (["engine.name=ray"], "'engine.name'"),
     (["novalue"], "key=value"),
+    (["train.dropout=1.5"], "'train.dropout'"),
+    (["train.min_replies=0"], "'train.min_replies'"),
+    (["train.min_replies=11"], "must not exceed"),
+    (["server.max_update_bytes=10"], "'server.max_update_bytes'"),
+    (["server.max_update_norm=-1"], "'server.max_update_norm'"),
+    (["engine.num_workers=-1"], "'engine.num_workers'"),
+    (["engine.round_timeout_s=-5"], "'engine.round_timeout_s'"),
+    (["engine.connect_timeout_s=-1"], "'engine.connect_timeout_s'"),
+    (["engine.device=tpu"], "'engine.device'"),
 ])
 def test_bad_values_are_one_line_errors(sets, needle):
     with pytest.raises(UserError) as e:
