@@ -13,7 +13,8 @@ def test_builtin_grids_expand():
     assert {"main", "hetero", "smoke"} <= set(builtin_grids())
     main_cells = expand(load_grid("main"))
     # 2 datasets × 4 splits × 3 budgets × 4 strategies × 2 seeds + fedavg-full 2 × 4 × 2
-    assert len(main_cells) == 2 * 4 * 3 * 4 * 2 + 2 * 4 * 2
+    # + lora-a2 at the baselines' scaling, 3 budgets × 2 × 4 × 2
+    assert len(main_cells) == 2 * 4 * 3 * 4 * 2 + 2 * 4 * 2 + 3 * 2 * 4 * 2
     assert len({c.cell_id for c in main_cells}) == len(main_cells)
     assert all(c.overrides["strategy.global_rank"] == 16 for c in main_cells)
 
