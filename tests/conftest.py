@@ -36,3 +36,23 @@ def synthetic_csv(tmp_path):
         for t, y in zip(texts, labels):
             f.write(f"{t},{names[y]}\n")
     return path
+
+
+def tiny_setup(sets: list[str], clients: int, n: int = 90, max_length: int = 24):
+    """(cfg, strategy, runtime, client contexts) on the tiny random BERT and synthetic texts,
+    the clients holding equal contiguous shares of ``n`` examples."""
+    from lora_a2.adapter import ModelRuntime
+    from lora_a2.client import encode_texts
+    from lora_a2.config import load_config
+    from lora_a2.strategies import get_strategy
+    from lora_a2.strategies.base import ClientContext
+
+    cfg = load_config(None, ["model.name='tiny-random-bert'", "strategy.global_rank=4",
+                             f"data.num_clients={clients}", *sets])
+    s = get_strategy(cfg)
+    rt = ModelRuntime(cfg.model, 3, s.lora_rank(), cfg.seed, torch.device("cpu"))
+    s.bind(rt.layout)
+    texts, labels = synthetic_texts(n)
+    enc = encode_texts(rt.tokenizer, texts, labels, max_length)
+    parts = np.array_split(np.arange(n), clients)
+    return cfg, s, rt, [ClientContext(rt, enc, parts[c], cfg) for c in range(clients)]

@@ -13,35 +13,22 @@ import pytest
 import torch
 
 from lora_a2 import budgets as B
-from lora_a2.adapter import ModelRuntime
 from lora_a2.cli import main
-from lora_a2.client import encode_texts
 from lora_a2.config import load_config
 from lora_a2.errors import UserError
 from lora_a2.lowrank import (norm_weights, pad_and_average, pad_rank, prune_decision, pruned_rank,
                              stack_lora, truncate_rank, truncated_svd, weighted_product_sum)
 from lora_a2.payload import decode, encode
-from lora_a2.strategies import get_strategy
-from lora_a2.strategies.base import ClientContext, Task, Update
+from lora_a2.strategies.base import Task, Update
 
-from conftest import synthetic_texts
+from conftest import tiny_setup
 
 RANKS = [1, 2, 4]
 
 
 def make(strategy: str, ranks=RANKS, head: str = "trained", extra=()):
-    sets = [f"strategy.name='{strategy}'", "model.name='tiny-random-bert'", f"model.head='{head}'",
-            f"strategy.rank_budget={list(ranks)}", f"data.num_clients={len(ranks)}",
-            "strategy.global_rank=4", *extra]
-    cfg = load_config(None, sets)
-    s = get_strategy(cfg)
-    rt = ModelRuntime(cfg.model, 3, s.lora_rank(), cfg.seed, torch.device("cpu"))
-    s.bind(rt.layout)
-    texts, labels = synthetic_texts(90)
-    enc = encode_texts(rt.tokenizer, texts, labels, 24)
-    parts = np.array_split(np.arange(90), len(ranks))
-    ctxs = [ClientContext(rt, enc, parts[c], cfg) for c in range(len(ranks))]
-    return cfg, s, rt, ctxs
+    return tiny_setup([f"strategy.name='{strategy}'", f"model.head='{head}'",
+                       f"strategy.rank_budget={list(ranks)}", *extra], len(ranks))
 
 
 def wire(s, rt, task: Task, ctx):

@@ -10,34 +10,23 @@ import torch
 from opacus.accountants import RDPAccountant
 
 from lora_a2 import privacy as dp
-from lora_a2.adapter import ModelRuntime
 from lora_a2.aggregation import data_weights
 from lora_a2.cli import main
-from lora_a2.client import encode_texts
 from lora_a2.config import load_config
 from lora_a2.payload import decode, encode
 from lora_a2.report import read_metrics
 from lora_a2.selection import selection_from_ids
-from lora_a2.strategies import get_strategy
-from lora_a2.strategies.base import ClientContext, Task, Update
+from lora_a2.strategies.base import Task, Update
 
-from conftest import synthetic_texts
+from conftest import tiny_setup
 
 ALL = ["lora-a2", "fl-lora", "ffa-lora", "flexlora", "hetlora", "flora", "fedavg-full"]
 
 
 def make(strategy: str, *extra: str, clients: int = 3):
-    sets = [f"strategy.name='{strategy}'", "model.name='tiny-random-bert'", "model.head='trained'",
-            "strategy.rank_budget=2", f"data.num_clients={clients}", "strategy.global_rank=4",
-            *extra]
-    cfg = load_config(None, sets)
-    s = get_strategy(cfg)
-    rt = ModelRuntime(cfg.model, 3, s.lora_rank(), cfg.seed, torch.device("cpu"))
-    s.bind(rt.layout)
-    texts, labels = synthetic_texts(60)
-    enc = encode_texts(rt.tokenizer, texts, labels, 16)
-    parts = np.array_split(np.arange(60), clients)
-    return s, rt, [ClientContext(rt, enc, parts[c], cfg) for c in range(clients)]
+    _, s, rt, ctxs = tiny_setup([f"strategy.name='{strategy}'", "model.head='trained'",
+                                 "strategy.rank_budget=2", *extra], clients, n=60, max_length=16)
+    return s, rt, ctxs
 
 
 def client_side(s, rt, task: Task, ctx) -> tuple[Task, Update]:

@@ -2,34 +2,22 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
-from lora_a2.adapter import ModelRuntime
-from lora_a2.client import ParamGroup, encode_texts, train_local
+from lora_a2.client import ParamGroup, train_local
 from lora_a2.config import load_config
 from lora_a2.payload import InvalidPayload, decode, encode
 from lora_a2.selection import selection_from_ids, slot_size
 from lora_a2.strategies import get_strategy
-from lora_a2.strategies.base import ClientContext, Task, Update
+from lora_a2.strategies.base import Task, Update
 
-from conftest import synthetic_texts
+from conftest import tiny_setup
 
 
 def make(strategy: str, head: str = "trained", budget=2, clients: int = 3, extra=()):
-    sets = [f"strategy.name='{strategy}'", "model.name='tiny-random-bert'", f"model.head='{head}'",
-            f"strategy.rank_budget={budget}", f"data.num_clients={clients}",
-            "strategy.global_rank=4", *extra]
-    cfg = load_config(None, sets)
-    s = get_strategy(cfg)
-    rt = ModelRuntime(cfg.model, 3, s.lora_rank(), cfg.seed, torch.device("cpu"))
-    s.bind(rt.layout)
-    texts, labels = synthetic_texts(90)
-    enc = encode_texts(rt.tokenizer, texts, labels, 24)
-    parts = np.array_split(np.arange(90), clients)
-    ctxs = [ClientContext(rt, enc, parts[c], cfg) for c in range(clients)]
-    return cfg, s, rt, ctxs
+    return tiny_setup([f"strategy.name='{strategy}'", f"model.head='{head}'",
+                       f"strategy.rank_budget={budget}", *extra], clients)
 
 
 def wire(s, rt, task: Task, ctx) -> tuple[Update, int]:

@@ -22,7 +22,6 @@ from typing import Any
 
 from torch import Tensor
 
-from ..aggregation import data_weights
 from ..lowrank import SvdResult, pad_rank, truncated_svd, weighted_product_sum
 from .base import ClientContext, ServerState, Task, Update, register
 from .hetero import HeteroRankStrategy
@@ -83,10 +82,8 @@ class FlexLora(HeteroRankStrategy):
                   replies: list[tuple[Task, Update]]) -> tuple[ServerState, dict[str, Any]]:
         layout = self.layout
         assert layout is not None
-        parts = [self.split(t, u) for t, u in replies]
-        p = data_weights([u.num_examples for _, u in replies])
+        parts, p, tensors = self.unpack_replies(state, replies)
         scalings = [self.scaling_for(r) for *_, r in parts]
-        tensors = dict(state.tensors)
         for i, m in enumerate(layout.modules):
             tensors[f"merged.{m.name}"] = weighted_product_sum(
                 [pt[1][i] for pt in parts], [pt[0][i] for pt in parts], p, scalings)

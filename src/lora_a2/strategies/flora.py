@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 
-from ..aggregation import data_weights
 from ..lowrank import stack_lora
 from .base import ClientContext, ServerState, Task, Update, register
 from .hetero import HeteroRankStrategy
@@ -64,9 +63,7 @@ class Flora(HeteroRankStrategy):
                   replies: list[tuple[Task, Update]]) -> tuple[ServerState, dict[str, Any]]:
         layout = self.layout
         assert layout is not None
-        parts = [self.split(t, u) for t, u in replies]
-        p = data_weights([u.num_examples for _, u in replies])
-        tensors = dict(state.tensors)
+        parts, p, tensors = self.unpack_replies(state, replies)
         for i, m in enumerate(layout.modules):
             B, A = stack_lora([pt[1][i] for pt in parts], [pt[0][i] for pt in parts], p)
             name = f"merged.{m.name}"

@@ -201,6 +201,13 @@ class HeteroRankStrategy(Strategy):
         head = unflatten(update.values[n_factor:], head_names, layout.shapes(head_names))
         return [fac[n] for n in a_names], [fac[n] for n in b_names], head, rank
 
+    def unpack_replies(self, state: ServerState, replies: list[tuple[Task, Update]]):
+        """(per-reply (A's, B's, head delta, rank), data weights p_k, a copy of the state's
+        tensors to write the new global into) — the common start of every aggregate here."""
+        assert self.layout is not None
+        parts = [self.split(t, u) for t, u in replies]
+        return parts, data_weights([u.num_examples for _, u in replies]), dict(state.tensors)
+
     def aggregate_head(self, state: ServerState, tensors: dict[str, Tensor],
                        heads: list[dict[str, Tensor]], num_examples: list[int]) -> None:
         """head += Σ_k p_k Δhead_k (data weights), in ``tensors``."""

@@ -35,7 +35,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..aggregation import data_weights
 from ..lowrank import norm_weights, pad_and_average, product_norm, prune_decision, pruned_rank
 from ..payload import InvalidPayload
 from .base import ClientContext, ServerState, Task, Update, register
@@ -111,9 +110,7 @@ class HetLora(HeteroRankStrategy):
                   replies: list[tuple[Task, Update]]) -> tuple[ServerState, dict[str, Any]]:
         layout = self.layout
         assert layout is not None
-        parts = [self.split(t, u) for t, u in replies]
-        p = data_weights([u.num_examples for _, u in replies])
-        tensors = dict(state.tensors)
+        parts, p, tensors = self.unpack_replies(state, replies)
         for i, m in enumerate(layout.modules):
             As, Bs = [pt[0][i] for pt in parts], [pt[1][i] for pt in parts]
             w = norm_weights([product_norm(b, a) for a, b in zip(As, Bs)], fallback=p)
