@@ -70,3 +70,32 @@ def test_only_selects_cells_and_bad_pattern_is_an_error(tmp_path):
         select(cells, ["nothing*"])
     r = run_grid("smoke", tmp_path / "o", smoke=True, progress=False, only=["path2__2__lora-a2*"])
     assert r["selected"] == 2 and r["finished"] == 2 and r["cells"] == 20
+
+
+def test_cell_locks_let_workers_share_a_grid(tmp_path):
+    """A cell held by a live worker is left alone ('busy'); a dead worker's lock is taken over;
+    a lock from another host is respected; no lock file is left behind."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    out = tmp_path / "g"
+    cells = out / "cells"
+    cells.mkdir(parents=True)
+    host = socket.gethostname()
+    (cells / "dir0.5__1__fl-lora__seed0.lock").write_text(f"{host} {os.getpid()}\n")
+    (cells / "dir0.5__1__lora-a2__seed0.lock").write_text(f"another-host-{host} 1\n")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    (cells / "path2__2__fl-lora__seed0.lock").write_text(f"{host} {dead.stdout.strip()}\n")
+    r = run_grid("smoke", out, smoke=True, progress=False,
+                 only=["dir0.5__1__*__seed0", "path2__2__fl-lora__seed0"])
+    assert r["counts"] == {"busy": 2, "ran": 1}
+    assert (cells / "path2__2__fl-lora__seed0" / "summary.json").exists()
+    assert not (cells / "path2__2__fl-lora__seed0.lock").exists()
+    assert not (cells / "dir0.5__1__fl-lora__seed0").exists()
+    # The live worker's lock is released: the cell runs on the next invocation.
+    (cells / "dir0.5__1__fl-lora__seed0.lock").unlink()
+    r = run_grid("smoke", out, smoke=True, progress=False, only=["dir0.5__1__fl-lora__seed0"])
+    assert r["counts"] == {"ran": 1}

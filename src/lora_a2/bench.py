@@ -25,6 +25,8 @@ import importlib.resources
 import fnmatch
 import itertools
 import json
+import os
+import socket
 import statistics
 import sys
 import time
@@ -136,13 +138,65 @@ def _to_sets(overrides: dict[str, Any]) -> list[str]:
 
 
 def run_cell(cell: Cell, out: Path) -> tuple[str, dict[str, Any] | None]:
-    """Run (or resume, or skip) one cell; returns (status, summary)."""
-    from .runner import run_experiment
-
+    """Run (or resume, or skip) one cell; returns (status, summary). Status ``busy``: another
+    live worker holds the cell's lock."""
     cell_dir = out / "cells" / cell.cell_id
     summary_path = cell_dir / "summary.json"
     if summary_path.exists():
         return "skipped", json.loads(summary_path.read_text())
+    lock = cell_dir.parent / f"{cell.cell_id}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    if not _take_lock(lock):
+        return "busy", None
+    try:
+        if summary_path.exists():  # finished by another worker between the check and the lock
+            return "skipped", json.loads(summary_path.read_text())
+        return _run_locked(cell, cell_dir)
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+# A worker holds ``cells/<cell>.lock`` (host and pid) while it runs the cell, so several
+# ``lora-a2 bench`` processes (terminals, machines sharing the folder) can work through one grid
+# together: each skips the cells another one holds. A lock left by a dead process on this host is
+# taken over; one from another host is respected until someone deletes it.
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _take_lock(path: Path) -> bool:
+    """Create the lock file ``path`` atomically; False when a live worker holds it."""
+    me = f"{socket.gethostname()} {os.getpid()}\n"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                host, pid = path.read_text().split()
+                stale = host == socket.gethostname() and not _pid_alive(int(pid))
+            except (OSError, ValueError):
+                stale = False  # being written right now, or unreadable: leave it alone
+            if not stale:
+                return False
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        return True
+    return False
+
+
+def _run_locked(cell: Cell, cell_dir: Path) -> tuple[str, dict[str, Any] | None]:
+    from .runner import run_experiment
+
     cfg = load_config(None, _to_sets(cell.overrides))
     resume = (cell_dir / "config.toml").exists()
     try:
