@@ -54,10 +54,13 @@ def test_speed_command_reports_every_figure(tmp_path, capsys):
                  "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["engine_overhead"]["ratio"] > 0 and r["lora_a2_vs_fl_lora"]["ratio"] > 0
+    assert r["lora_a2_vs_fl_lora"]["probe_fraction"] == 0.25
+    assert r["lora_a2_vs_fl_lora"]["short_probe_ratio"] > 0
     assert r["upload_vs_information_minimum"]["ratio"] >= 1.0
     assert [m["clients"] for m in r["memory"]] == [10, 20]
     assert "engine overhead" in capsys.readouterr().out
     assert main(["speed", "--clients", "x"]) == 2
+    assert main(["speed", "--probe-fraction", "0"]) == 2
 
 
 def test_only_selects_cells_and_bad_pattern_is_an_error(tmp_path):

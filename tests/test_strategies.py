@@ -181,3 +181,39 @@ def test_homogeneous_baselines_refuse_per_client_rank_lists():
                              "strategy.rank_budget=[1, 2]"])
     with pytest.raises(UserError, match="single integer"):
         get_strategy(cfg).lora_rank()
+
+
+def test_shortened_probe_runs_the_asked_fraction_of_steps(monkeypatch):
+    """strategy.probe_fraction: the probe stops after ⌈f · steps per epoch⌉ optimiser steps; the
+    masked training still runs its full epochs; the upload stays within the budget."""
+    import lora_a2.strategies.base as base
+
+    cfg, s, rt, ctxs = make("lora-a2", budget=1, clients=1,
+                            extra=["strategy.probe_fraction=0.25", "train.batch_size=8"])
+    steps: list[int] = []
+    hook = rt.model.register_forward_hook(lambda *_: steps.append(1))
+    calls: list[int | None] = []
+    orig = base.train_local
+
+    def spy(*a, **k):
+        before = len(steps)
+        out = orig(*a, **k)
+        calls.append(len(steps) - before)
+        return out
+
+    monkeypatch.setattr(base, "train_local", spy)
+    task = s.configure(1, 0, s.init_state(rt.initial_state()))
+    upd, _ = wire(s, rt, task, ctxs[0])
+    hook.remove()
+    per_epoch = ctxs[0].steps_per_epoch()
+    assert per_epoch == 12  # 90 examples, batches of 8
+    assert calls == [3, per_epoch]  # ⌈0.25 · 12⌉ probe steps, then one full masked epoch
+    assert upd.slots is not None and 0 < upd.slots.numel() <= rt.layout.num_modules
+
+
+def test_probe_fraction_out_of_range_is_a_one_line_error():
+    from lora_a2.errors import UserError
+
+    for bad in ("0", "1.5", "-0.1"):
+        with pytest.raises(UserError, match="strategy.probe_fraction"):
+            load_config(None, [f"strategy.probe_fraction={bad}"])

@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--local-epochs", type=int, default=1)
     speed.add_argument("--clients", default="10,100,1000",
                        help="client counts for the memory measurement (comma-separated)")
+    speed.add_argument("--probe-fraction", type=float, default=0.25,
+                       help="also time LoRA-A2 with its probe cut to this fraction of its steps "
+                            "(1 = skip that variant)")
     speed.add_argument("--json", help="also write the figures to this JSON file")
     return p
 
@@ -101,8 +104,10 @@ def _cmd_speed(args: argparse.Namespace) -> int:
             from None
     if args.repeats < 1 or args.local_epochs < 1 or any(c < 10 for c in clients):
         raise UserError("--repeats and --local-epochs must be ≥ 1 and every --clients value ≥ 10")
+    if not 0.0 < args.probe_fraction <= 1.0:
+        raise UserError(f"--probe-fraction must be in (0, 1], got {args.probe_fraction}")
     main_speed(args.model, args.repeats, args.local_epochs, clients,
-               Path(args.json) if args.json else None)
+               Path(args.json) if args.json else None, args.probe_fraction)
     return 0
 
 

@@ -58,14 +58,16 @@ def train_local(runtime: ModelRuntime, data: EncodedData, indices: np.ndarray,
                 groups: list[ParamGroup], epochs: int, batch_size: int, weight_decay: float,
                 generator: torch.Generator, masks: dict[str, Tensor] | None = None,
                 max_grad_norm: float = 0.0,
-                regularizer: Callable[[], Tensor] | None = None) -> float:
+                regularizer: Callable[[], Tensor] | None = None,
+                max_steps: int | None = None) -> float:
     """Train the named parameters for ``epochs`` passes over ``indices``; return the mean loss.
 
     ``masks[name]`` is a boolean tensor broadcastable to the parameter: True where the entry may
     change. Masked entries keep exactly the value they had when this call started.
     A fresh AdamW each call: optimiser state never leaks between clients or rounds.
     ``regularizer()``, when given, is added to each step's loss (HetLoRA's self-pruning term);
-    the returned mean loss is the cross-entropy alone.
+    the returned mean loss is the cross-entropy alone. ``max_steps`` stops after that many
+    optimiser steps (LoRA-A2's shortened probe); the epochs' shuffles are drawn as usual.
     """
     model = runtime.model
     params = {n: runtime.params[n] for g in groups for n in g.names}
@@ -84,6 +86,8 @@ def train_local(runtime: ModelRuntime, data: EncodedData, indices: np.ndarray,
     for _ in range(epochs):
         order = idx_all[torch.randperm(len(idx_all), generator=generator)]
         for start in range(0, len(order), batch_size):
+            if max_steps is not None and len(losses) >= max_steps:
+                break
             ids, att, y = _batch(data, order[start:start + batch_size], runtime.device)
             logits = model(input_ids=ids, attention_mask=att).logits
             loss = F.cross_entropy(logits, y)

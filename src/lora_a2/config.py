@@ -89,6 +89,9 @@ class StrategyConfig:
     """AdamW weight decay (never moves a frozen or unselected entry)."""
     probe_epochs: int = 1
     """LoRA-A2: local epochs of the probe that scores the slots (paper: 1)."""
+    probe_fraction: float = 1.0
+    """LoRA-A2: run only this fraction of the probe's optimiser steps (at least one), a cheaper
+    probe; 1 = the paper's full probe. The slots are scored on the shorter probe's change."""
     renormalize: bool = False
     """LoRA-A2: divide each slot's sum by the weight of the clients that selected it."""
     prune_gamma: float = 0.99
@@ -365,6 +368,8 @@ def validate(cfg: Config) -> None:
     _require(0 < s.prune_gamma <= 1, "strategy.prune_gamma", "must be in (0, 1]", s.prune_gamma)
     _require(s.prune_lambda >= 0, "strategy.prune_lambda", "must be ≥ 0", s.prune_lambda)
     _require(s.probe_epochs >= 1, "strategy.probe_epochs", "must be ≥ 1", s.probe_epochs)
+    _require(0.0 < s.probe_fraction <= 1.0, "strategy.probe_fraction", "must be in (0, 1]",
+             s.probe_fraction)
     _require(t.rounds >= 1, "train.rounds", "must be ≥ 1", t.rounds)
     _require(t.local_epochs >= 1, "train.local_epochs", "must be ≥ 1", t.local_epochs)
     _require(t.batch_size >= 1, "train.batch_size", "must be ≥ 1", t.batch_size)

@@ -87,23 +87,35 @@ def measure_overhead(model: str, repeats: int) -> dict[str, Any]:
             "ratio": statistics.median(e / b for e, b in zip(eng, bare))}
 
 
-def measure_a2_vs_fl(model: str, repeats: int, local_epochs: int) -> dict[str, Any]:
-    out: dict[str, list[float]] = {}
-    exps = {}
-    for name in ("fl-lora", "lora-a2"):
-        exps[name] = prepare(load_config(None, BASE + [f"model.name={model}",
-                                                       f"strategy.name={name}",
-                                                       f"train.local_epochs={local_epochs}"]))
+def measure_a2_vs_fl(model: str, repeats: int, local_epochs: int,
+                     probe_fraction: float = 0.25) -> dict[str, Any]:
+    """Round wall time of lora-a2 (full probe, and the probe cut to ``probe_fraction`` of its
+    steps) over fl-lora at the same budget; rounds interleaved, medians of per-repeat ratios."""
+    variants = {"fl-lora": ["strategy.name=fl-lora"], "lora-a2": ["strategy.name=lora-a2"]}
+    if probe_fraction < 1.0:
+        variants["lora-a2-short-probe"] = ["strategy.name=lora-a2",
+                                           f"strategy.probe_fraction={probe_fraction}"]
+    exps = {n: prepare(load_config(None, BASE + [f"model.name={model}",
+                                                 f"train.local_epochs={local_epochs}", *sets]))
+            for n, sets in variants.items()}
     states = {n: e.strategy.init_state(e.runtime.initial_state()) for n, e in exps.items()}
     for n in exps:
         engine_round(exps[n], states[n])  # warm-up
+    out: dict[str, list[float]] = {}
     for _ in range(repeats):
-        for n, e in exps.items():  # interleaved, so drift hits both alike
+        for n, e in exps.items():  # interleaved, so drift hits all alike
             out.setdefault(n, []).append(engine_round(e, states[n], rnd=1))
-    ratios = [a / f for a, f in zip(out["lora-a2"], out["fl-lora"])]
-    return {"fl_lora_s": statistics.median(out["fl-lora"]),
-            "lora_a2_s": statistics.median(out["lora-a2"]), "ratio": statistics.median(ratios),
-            "local_epochs": local_epochs}
+    result: dict[str, Any] = {
+        "fl_lora_s": statistics.median(out["fl-lora"]),
+        "lora_a2_s": statistics.median(out["lora-a2"]),
+        "ratio": statistics.median(a / f for a, f in zip(out["lora-a2"], out["fl-lora"])),
+        "local_epochs": local_epochs}
+    if "lora-a2-short-probe" in out:
+        short = out["lora-a2-short-probe"]
+        result.update(probe_fraction=probe_fraction, lora_a2_short_probe_s=statistics.median(short),
+                      short_probe_ratio=statistics.median(a / f for a, f in
+                                                          zip(short, out["fl-lora"])))
+    return result
 
 
 def measure_bytes(model: str) -> dict[str, Any]:
@@ -142,13 +154,14 @@ def measure_memory(model: str, clients: list[int]) -> list[dict[str, Any]]:
 
 
 def run_speed(model: str = "minilm", repeats: int = 3, local_epochs: int = 1,
-              memory_clients: list[int] | None = None) -> dict[str, Any]:
+              memory_clients: list[int] | None = None,
+              probe_fraction: float = 0.25) -> dict[str, Any]:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     result = {
         "model": model,
         "threads": torch.get_num_threads(),
         "engine_overhead": measure_overhead(model, repeats),
-        "lora_a2_vs_fl_lora": measure_a2_vs_fl(model, repeats, local_epochs),
+        "lora_a2_vs_fl_lora": measure_a2_vs_fl(model, repeats, local_epochs, probe_fraction),
         "upload_vs_information_minimum": measure_bytes(model),
         "memory": measure_memory(model, memory_clients or [10, 100, 1000]),
     }
@@ -167,6 +180,11 @@ def format_speed(r: dict[str, Any]) -> str:
         f" = {o['ratio']:.3f}  (goal ≤ 1.05)",
         f"lora-a2 / fl-lora   {a['lora_a2_s']:.3f} s / {a['fl_lora_s']:.3f} s = {a['ratio']:.2f}"
         f"  at {a['local_epochs']} local epoch(s) (paper: 1.17 at 5)",
+    ]
+    if "short_probe_ratio" in a:
+        lines.append(f"  probe cut to {a['probe_fraction']:g}: {a['lora_a2_short_probe_s']:.3f} s / "
+                     f"{a['fl_lora_s']:.3f} s = {a['short_probe_ratio']:.2f}")
+    lines += [
         f"upload / minimum    {b['upload_bytes']} B / {b['information_minimum']} B = "
         f"{b['ratio']:.4f}  (goal ≤ 1.02)",
     ]
@@ -179,8 +197,8 @@ def format_speed(r: dict[str, Any]) -> str:
 
 
 def main_speed(model: str, repeats: int, local_epochs: int, clients: list[int],
-               out: Path | None) -> None:
-    r = run_speed(model, repeats, local_epochs, clients)
+               out: Path | None, probe_fraction: float = 0.25) -> None:
+    r = run_speed(model, repeats, local_epochs, clients, probe_fraction)
     print(format_speed(r))
     if out is not None:
         out.write_text(json.dumps(r, indent=1))

@@ -164,11 +164,16 @@ class ClientContext:
 
     def train(self, groups: list[ParamGroup], epochs: int, generator: torch.Generator,
               masks: dict[str, Tensor] | None = None,
-              regularizer: Callable[[], Tensor] | None = None) -> float:
+              regularizer: Callable[[], Tensor] | None = None,
+              max_steps: int | None = None) -> float:
         t = self.cfg.train
         return train_local(self.runtime, self.data, self.indices, groups, epochs, t.batch_size,
                            self.cfg.strategy.weight_decay, generator, masks, t.max_grad_norm,
-                           regularizer)
+                           regularizer, max_steps)
+
+    def steps_per_epoch(self) -> int:
+        """Optimiser steps in one local epoch (batches of ``train.batch_size``)."""
+        return -(-len(self.indices) // self.cfg.train.batch_size)
 
 
 def client_seed(seed: int, rnd: int, client_id: int) -> int:

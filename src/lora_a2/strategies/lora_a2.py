@@ -13,6 +13,8 @@ Round t (1-indexed), DESIGN §2:
 
 from __future__ import annotations
 
+import math
+
 from collections import Counter
 from typing import Any
 
@@ -57,7 +59,12 @@ class LoraA2(Strategy):
         torch.manual_seed(task.config["seed"])
 
         # (a) probe from the global state; (b) score; (c) one global top-(r_k · N).
-        ctx.train(groups, self.cfg.strategy.probe_epochs, gen)
+        st = self.cfg.strategy
+        probe_steps = None
+        if st.probe_fraction < 1.0:
+            probe_steps = max(1, math.ceil(st.probe_fraction * st.probe_epochs
+                                           * ctx.steps_per_epoch()))
+        ctx.train(groups, st.probe_epochs, gen, max_steps=probe_steps)
         probe = ctx.runtime.snapshot(active)
         delta = [probe[n] - glob[n] for n in active]
         scores = slot_scores(factor, delta, [task.download[n] for n in layout.names(frozen_factor)])
