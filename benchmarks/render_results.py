@@ -1,0 +1,172 @@
+"""Render the benchmark tables of docs/RESULTS.md from the finished grid cells.
+
+    python benchmarks/render_results.py            # rewrite the generated blocks of RESULTS.md
+    python benchmarks/render_results.py --print    # print them instead
+
+Reads ``benchmarks/results/<grid>/cells/*/summary.json`` (through :func:`lora_a2.bench.aggregate`,
+which also refreshes each grid's results.json / table.md) and replaces every block
+``<!-- BEGIN name -->`` … ``<!-- END name -->`` of docs/RESULTS.md with a pivot table:
+mean ± sample std over seeds of the final test accuracy (%); a value from one seed only is
+marked ``¹``; ``·`` = not run yet. Nothing is typed in by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from lora_a2.bench import aggregate, expand, load_grid
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+DOC = ROOT / "docs" / "RESULTS.md"
+
+SPLITS = ["dir0.5", "dir0.1", "dir0.01", "path2"]
+SPLIT_NAMES = {"dir0.5": "Dir(0.5)", "dir0.1": "Dir(0.1)", "dir0.01": "Dir(0.01)",
+               "path2": "2 classes/client"}
+
+
+def rows_of(grid_name: str) -> list[dict[str, Any]]:
+    """One row per finished cell of a built-in grid (its label values, accuracy, bytes, time)."""
+    grid = load_grid(grid_name)
+    out = RESULTS / grid_name
+    if not (out / "cells").is_dir():
+        return []
+    cells = expand(grid)
+    aggregate(out, cells, grid)
+    return json.loads((out / "results.json").read_text())["rows"]
+
+
+def fmt(xs: list[float]) -> str:
+    if not xs:
+        return "·"
+    if len(xs) == 1:
+        return f"{100 * xs[0]:.1f}¹"
+    return f"{100 * statistics.fmean(xs):.1f} ± {100 * statistics.stdev(xs):.1f}"
+
+
+def mb(xs: list[float]) -> str:
+    return f"{statistics.fmean(xs) / 1e6:.1f}" if xs else "·"
+
+
+def pivot(rows: list[dict[str, Any]], row_key: Callable[[dict], tuple | None],
+          row_order: list[tuple], col_key: Callable[[dict], str], cols: list[str],
+          col_names: list[str], row_names: list[str], upload: bool = True) -> str:
+    """A markdown table: one line per row key, one column per column key, plus mean upload."""
+    head = row_names + col_names + (["upload MB (mean)"] if upload else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for rk in row_order:
+        mine = [r for r in rows if row_key(r) == rk]
+        accs = [fmt([r["final_accuracy"] for r in mine if col_key(r) == c]) for c in cols]
+        line = [str(x) for x in rk] + accs
+        if upload:
+            line.append(mb([r["total_upload_bytes"] for r in mine]))
+        lines.append("| " + " | ".join(line) + " |")
+    return "\n".join(lines)
+
+
+def method(r: dict[str, Any]) -> str:
+    alpha = r.get("model.lora_alpha")
+    name = r["strategy.name"]
+    return f"{name} (α = {float(alpha):g})" if alpha else name
+
+
+def main_tables(rows: list[dict[str, Any]]) -> dict[str, str]:
+    blocks = {}
+    for data in ("bbc-news", "rotten-tomatoes"):
+        mine = [r for r in rows if r["data.name"] == data]
+        order: list[tuple] = [("—", "fedavg-full")]
+        for budget, alpha in (("1", 256.0), ("2", 128.0), ("8", 32.0)):
+            for m in ("fl-lora", "ffa-lora", "flexlora", "lora-a2", f"lora-a2 (α = {alpha:g})"):
+                order.append((budget, m))
+
+        def key(r: dict[str, Any]) -> tuple:
+            if r["strategy.name"] == "fedavg-full":
+                return ("—", "fedavg-full")
+            return (r["strategy.rank_budget"], method(r))
+
+        blocks[f"main:{data}"] = pivot(mine, key, order, lambda r: r["split"], SPLITS,
+                                       [SPLIT_NAMES[s] for s in SPLITS], ["budget", "method"])
+    return blocks
+
+
+def hetero_table(rows: list[dict[str, Any]]) -> str:
+    order = [(b, m) for b in ("uniform", "heavy-tail", "normal")
+             for m in ("hetlora", "flexlora", "flora", "lora-a2", "lora-a2 (α = 64)")]
+    return pivot(rows, lambda r: (r["strategy.rank_budget"], method(r)), order,
+                 lambda r: r["split"], ["dir0.1", "dir0.01"], ["Dir(0.1)", "Dir(0.01)"],
+                 ["budgets", "method"])
+
+
+def dp_table(rows: list[dict[str, Any]]) -> str:
+    order = [(m,) for m in ("fl-lora", "flexlora", "lora-a2", "lora-a2 (α = 128)")]
+    eps = ["eps_inf", "eps6", "eps3", "eps1"]
+    return pivot(rows, lambda r: (method(r),), order, lambda r: r["privacy"], eps,
+                 ["ε = ∞", "ε = 6", "ε = 3", "ε = 1"], ["method"])
+
+
+def probe_table(main_rows: list[dict[str, Any]], probe_rows: list[dict[str, Any]]) -> str:
+    """LoRA-A2 (scaled α) with the full probe (main grid) vs the probe cut to 0.25 (probe grid):
+    accuracy and mean cell wall time, at the same split, budget and seeds."""
+    lines = ["| split | budget | full probe: acc. | wall s | probe × 0.25: acc. | wall s "
+             "| time ratio |", "|---|---|---|---|---|---|---|"]
+    for split in ("dir0.1", "dir0.01"):
+        for budget, alpha in (("1", "256.0"), ("8", "32.0")):
+            full = {r["seed"]: r for r in main_rows if r["data.name"] == "bbc-news"
+                    and r["split"] == split and r["strategy.rank_budget"] == budget
+                    and r.get("model.lora_alpha") == alpha}
+            short = {r["seed"]: r for r in probe_rows if r["split"] == split
+                     and r["budget"] == budget}
+            seeds = sorted(set(full) & set(short))  # paired: the same seeds on both sides
+            f, p = [full[x] for x in seeds], [short[x] for x in seeds]
+            if not seeds:
+                lines.append(f"| {SPLIT_NAMES[split]} | {budget} | · | · | · | · | · |")
+                continue
+            wf = statistics.fmean(x["wall_s"] for x in f)
+            wp = statistics.fmean(x["wall_s"] for x in p)
+            lines.append(f"| {SPLIT_NAMES[split]} | {budget} | "
+                         f"{fmt([x['final_accuracy'] for x in f])} | {wf:.0f} | "
+                         f"{fmt([x['final_accuracy'] for x in p])} | {wp:.0f} | {wp / wf:.2f} |")
+    return "\n".join(lines)
+
+
+def render() -> dict[str, str]:
+    rows = {g: rows_of(g) for g in ("main", "hetero", "dp", "probe")}
+    blocks = main_tables(rows["main"])
+    blocks["hetero"] = hetero_table(rows["hetero"])
+    blocks["dp"] = dp_table(rows["dp"])
+    blocks["probe"] = probe_table(rows["main"], rows["probe"])
+    counts = {g: (len(r), len(expand(load_grid(g)))) for g, r in rows.items()}
+    blocks["progress"] = ", ".join(f"`{g}` {n} of {t} cells" for g, (n, t) in counts.items())
+    return blocks
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--print", action="store_true", help="print the blocks, leave the doc alone")
+    args = ap.parse_args(argv)
+    blocks = render()
+    if args.print:
+        for name, text in blocks.items():
+            print(f"## {name}\n{text}\n")
+        return 0
+    doc = DOC.read_text()
+    for name, text in blocks.items():
+        pat = re.compile(rf"(<!-- BEGIN {re.escape(name)} -->\n).*?(<!-- END {re.escape(name)} -->)",
+                         re.S)
+        if not pat.search(doc):
+            print(f"note: docs/RESULTS.md has no block '{name}'", file=sys.stderr)
+            continue
+        doc = pat.sub(lambda m: m.group(1) + text + "\n" + m.group(2), doc)
+    DOC.write_text(doc)
+    print(f"rewrote {len(blocks)} blocks of {DOC.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,55 @@
+"""The RESULTS.md renderer: pivot tables agree with independently computed means and stds."""
+
+import importlib.util
+import statistics
+from pathlib import Path
+
+import pytest
+
+spec = importlib.util.spec_from_file_location(
+    "render_results", Path(__file__).resolve().parents[1] / "benchmarks" / "render_results.py")
+render = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(render)
+
+
+def row(split, budget, name, acc, seed, alpha=None, up=1e6):
+    r = {"data.name": "bbc-news", "split": split, "strategy.rank_budget": budget,
+         "strategy.name": name, "final_accuracy": acc, "seed": seed, "total_upload_bytes": up,
+         "wall_s": 10.0}
+    if alpha:
+        r["model.lora_alpha"] = alpha
+    return r
+
+
+def test_main_table_means_stds_and_missing_cells():
+    rows = [row("dir0.1", "1", "fl-lora", 0.60, 0), row("dir0.1", "1", "fl-lora", 0.70, 1),
+            row("dir0.01", "1", "fl-lora", 0.42, 0, up=3e6),
+            row("dir0.1", "1", "lora-a2", 0.75, 0, alpha="256.0")]
+    text = render.main_tables(rows)["main:bbc-news"]
+    line = next(x for x in text.splitlines() if x.startswith("| 1 | fl-lora |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    m, s = statistics.fmean([60.0, 70.0]), statistics.stdev([60.0, 70.0])
+    assert cells[3] == f"{m:.1f} ± {s:.1f}"     # Dir(0.1): two seeds
+    assert cells[4] == "42.0¹"                    # Dir(0.01): one seed
+    assert cells[2] == "·" and cells[5] == "·"    # Dir(0.5), path2: not run
+    assert cells[6] == f"{(1e6 + 1e6 + 3e6) / 3 / 1e6:.1f}"
+    a2 = next(x for x in text.splitlines() if x.startswith("| 1 | lora-a2 (α = 256) |"))
+    assert "75.0¹" in a2
+    assert "| 1 | lora-a2 | · |" in text          # the paper-α variant is a separate row
+
+
+@pytest.mark.parametrize("xs,expected", [([], "·"), ([0.5], "50.0¹"),
+                                         ([0.5, 0.7, 0.9], "70.0 ± 20.0")])
+def test_fmt(xs, expected):
+    assert render.fmt(xs) == expected
+
+
+def test_probe_table_pairs_the_same_seeds():
+    main = [row("dir0.1", "1", "lora-a2", 0.8, 0, alpha="256.0"),
+            row("dir0.1", "1", "lora-a2", 0.6, 1, alpha="256.0")]
+    for r in main:
+        r["wall_s"] = 200.0
+    probe = [{"split": "dir0.1", "budget": "1", "seed": 0, "final_accuracy": 0.7,
+              "wall_s": 150.0}]
+    line = render.probe_table(main, probe).splitlines()[2]
+    assert line == "| Dir(0.1) | 1 | 80.0¹ | 200 | 70.0¹ | 150 | 0.75 |"
