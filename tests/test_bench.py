@@ -42,6 +42,8 @@ def test_smoke_grid_runs_resumes_and_tabulates(tmp_path):
 def test_bad_grid_is_one_line_error(tmp_path, capsys):
     assert main(["bench", "nope"]) == 2
     assert "unknown grid" in capsys.readouterr().err
+    assert main(["bench", "smoke", "--smoke", "--list", "--out", str(tmp_path / "l")]) == 0
+    assert "todo 20 (of 20)" in capsys.readouterr().out
     bad = tmp_path / "g.toml"
     bad.write_text("name = 'x'\nsurprise = 1\n")
     with pytest.raises(UserError, match="unknown top-level"):
@@ -92,9 +94,15 @@ def test_cell_locks_let_workers_share_a_grid(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)
     (cells / "path2__2__fl-lora__seed0.lock").write_text(f"{host} {dead.stdout.strip()}\n")
+    from lora_a2.bench import list_grid
+
+    status = dict(list_grid("smoke", out, smoke=True))
+    assert status["dir0.5__1__fl-lora__seed0"] == f"running {host} {os.getpid()}"
+    assert status["dir0.5__2__fl-lora__seed0"] == "todo"
     r = run_grid("smoke", out, smoke=True, progress=False,
                  only=["dir0.5__1__*__seed0", "path2__2__fl-lora__seed0"])
     assert r["counts"] == {"busy": 2, "ran": 1}
+    assert dict(list_grid("smoke", out, smoke=True))["path2__2__fl-lora__seed0"] == "done"
     assert (cells / "path2__2__fl-lora__seed0" / "summary.json").exists()
     assert not (cells / "path2__2__fl-lora__seed0.lock").exists()
     assert not (cells / "dir0.5__1__fl-lora__seed0").exists()
@@ -102,3 +110,9 @@ def test_cell_locks_let_workers_share_a_grid(tmp_path):
     (cells / "dir0.5__1__fl-lora__seed0.lock").unlink()
     r = run_grid("smoke", out, smoke=True, progress=False, only=["dir0.5__1__fl-lora__seed0"])
     assert r["counts"] == {"ran": 1}
+    # A cell killed after its first round reads as partial.
+    metrics = cells / "path2__2__fl-lora__seed0" / "metrics.jsonl"
+    (cells / "path2__2__fl-lora__seed0" / "summary.json").unlink()
+    metrics.write_text(metrics.read_text().splitlines()[0] + "\n")
+    assert dict(list_grid("smoke", out, smoke=True))["path2__2__fl-lora__seed0"] == \
+        "partial 1/2 rounds"

@@ -224,6 +224,33 @@ def select(cells: list[Cell], only: list[str] | None) -> list[Cell]:
     return chosen
 
 
+def cell_status(cell: Cell, out: Path) -> str:
+    """``done``, ``running <host> <pid>``, ``partial <r>/<T> rounds``, ``error`` or ``todo``."""
+    cell_dir = out / "cells" / cell.cell_id
+    if (cell_dir / "summary.json").exists():
+        return "done"
+    lock = out / "cells" / f"{cell.cell_id}.lock"
+    if lock.exists():
+        try:
+            return "running " + " ".join(lock.read_text().split())
+        except OSError:
+            return "running"
+    if (cell_dir / "error.txt").exists():
+        return "error"
+    metrics = cell_dir / "metrics.jsonl"
+    if metrics.exists():
+        rounds = sum(1 for line in metrics.read_text().splitlines() if line.strip())
+        return f"partial {rounds}/{cell.overrides.get('train.rounds', '?')} rounds"
+    return "todo"
+
+
+def list_grid(spec: str, out: Path, smoke: bool = False,
+              only: list[str] | None = None) -> list[tuple[str, str]]:
+    """(cell id, status) of every selected cell; runs nothing."""
+    cells = select(expand(load_grid(spec), smoke), only)
+    return [(c.cell_id, cell_status(c, Path(out))) for c in cells]
+
+
 def run_grid(spec: str, out: Path, smoke: bool = False, progress: bool = True,
              only: list[str] | None = None) -> dict[str, Any]:
     """Run every unfinished cell of a grid (or those matching ``only``), then aggregate all

@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--smoke", action="store_true",
                        help="tiny model, few examples and rounds: every cell in seconds")
     bench.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    bench.add_argument("--list", action="store_true",
+                       help="print every (selected) cell's status — done, running, partial, "
+                            "error, todo — and run nothing")
     speed = sub.add_parser("speed", help="measure engine overhead, LoRA-A2 cost, memory, bytes")
     speed.add_argument("--model", default="minilm", help="minilm (default) or tiny-random-bert")
     speed.add_argument("--repeats", type=int, default=3)
@@ -81,11 +84,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import load_grid, run_grid
+    from .bench import list_grid, load_grid, run_grid
 
     grid = load_grid(args.grid)
     out = Path(args.out) if args.out else Path("benchmarks") / "results" / (
         grid["name"] + ("-smoke" if args.smoke else ""))
+    if args.list:
+        rows = list_grid(args.grid, out, smoke=args.smoke, only=args.only or None)
+        width = max(len(c) for c, _ in rows)
+        for cell_id, status in rows:
+            print(f"{cell_id:{width}s}  {status}")
+        counts: dict[str, int] = {}
+        for _, status in rows:
+            counts[status.split()[0]] = counts.get(status.split()[0], 0) + 1
+        print(", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + f" (of {len(rows)})")
+        return 0
     result = run_grid(args.grid, out, smoke=args.smoke, progress=not args.quiet,
                       only=args.only or None)
     print(f"{result['finished']}/{result['cells']} cells of the grid finished "
