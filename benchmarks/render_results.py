@@ -135,12 +135,49 @@ def probe_table(main_rows: list[dict[str, Any]], probe_rows: list[dict[str, Any]
     return "\n".join(lines)
 
 
+MODULE_TYPES = ["attention.self.query", "attention.self.key", "attention.self.value",
+                "attention.output.dense", "intermediate.dense", "output.dense"]
+
+
+def allocation_table(grid_name: str = "main") -> str:
+    """Where LoRA-A2 clients put their slots: share (%) of all selected slots per module type,
+    summed over rounds, clients, splits and seeds of the grid's finished LoRA-A2 cells, for
+    B-rounds and A-rounds apart (``rank_allocation`` in each cell's metrics.jsonl)."""
+    grid = load_grid(grid_name)
+    totals: dict[tuple, dict[str, int]] = {}
+    for cell in expand(grid):
+        if cell.overrides.get("strategy.name") != "lora-a2":
+            continue
+        cell_dir = RESULTS / grid_name / "cells" / cell.cell_id
+        if not (cell_dir / "summary.json").exists():
+            continue
+        alpha = cell.overrides.get("model.lora_alpha")
+        variant = f"α = {float(alpha):g}" if alpha else "α = 16"
+        for line in (cell_dir / "metrics.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            key = (str(cell.overrides["strategy.rank_budget"]), variant, rec["active_factor"])
+            acc = totals.setdefault(key, {})
+            for module, n in (rec.get("rank_allocation") or {}).items():
+                acc[module] = acc.get(module, 0) + n
+    short = ["query", "key", "value", "attn.out", "intermediate", "output"]
+    lines = ["| budget | LoRA-A2 | round | " + " | ".join(short) + " |",
+             "|" + "---|" * (3 + len(short))]
+    for key in sorted(totals, key=lambda k: (int(k[0]), k[1], k[2] != "B")):
+        acc = totals[key]
+        total = sum(acc.values()) or 1
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | "
+                     + " | ".join(f"{100 * acc.get(m, 0) / total:.0f}" for m in MODULE_TYPES)
+                     + " |")
+    return "\n".join(lines)
+
+
 def render() -> dict[str, str]:
     rows = {g: rows_of(g) for g in ("main", "hetero", "dp", "probe")}
     blocks = main_tables(rows["main"])
     blocks["hetero"] = hetero_table(rows["hetero"])
     blocks["dp"] = dp_table(rows["dp"])
     blocks["probe"] = probe_table(rows["main"], rows["probe"])
+    blocks["allocation"] = allocation_table("main")
     counts = {g: (len(r), len(expand(load_grid(g)))) for g, r in rows.items()}
     blocks["progress"] = ", ".join(f"`{g}` {n} of {t} cells" for g, (n, t) in counts.items())
     return blocks
