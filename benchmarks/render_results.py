@@ -135,6 +135,25 @@ def probe_table(main_rows: list[dict[str, Any]], probe_rows: list[dict[str, Any]
     return "\n".join(lines)
 
 
+def lr_table(main_rows: list[dict[str, Any]], lr_rows: list[dict[str, Any]]) -> str:
+    """Final accuracy by lr_A at BBC News, Dir(0.01), budget 1, seed 0 (lr grid + the main
+    grid's 5e-4 cells)."""
+    lrs = ["0.0002", "0.0005", "0.001", "0.002", "0.008"]
+    acc: dict[tuple[str, str], float] = {}
+    for r in main_rows:
+        if (r["data.name"], r["split"], r["seed"]) == ("bbc-news", "dir0.01", 0) and \
+                r["strategy.rank_budget"] == "1" and not r.get("model.lora_alpha"):
+            acc[(r["strategy.name"], "0.0005")] = r["final_accuracy"]
+    for r in lr_rows:
+        acc[(r["strategy.name"], r["strategy.lr"])] = r["final_accuracy"]
+    lines = ["| method | " + " | ".join(f"lr_A = {float(x):g}" for x in lrs) + " |",
+             "|" + "---|" * (1 + len(lrs))]
+    for m in ("fl-lora", "ffa-lora", "flexlora", "lora-a2"):
+        cells = [f"{100 * acc[(m, x)]:.1f}" if (m, x) in acc else "·" for x in lrs]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 MODULE_TYPES = ["attention.self.query", "attention.self.key", "attention.self.value",
                 "attention.output.dense", "intermediate.dense", "output.dense"]
 
@@ -172,12 +191,13 @@ def allocation_table(grid_name: str = "main") -> str:
 
 
 def render() -> dict[str, str]:
-    rows = {g: rows_of(g) for g in ("main", "hetero", "dp", "probe")}
+    rows = {g: rows_of(g) for g in ("main", "hetero", "dp", "probe", "lr")}
     blocks = main_tables(rows["main"])
     blocks["hetero"] = hetero_table(rows["hetero"])
     blocks["dp"] = dp_table(rows["dp"])
     blocks["probe"] = probe_table(rows["main"], rows["probe"])
     blocks["allocation"] = allocation_table("main")
+    blocks["lr"] = lr_table(rows["main"], rows["lr"])
     counts = {g: (len(r), len(expand(load_grid(g)))) for g, r in rows.items()}
     blocks["progress"] = ", ".join(f"`{g}` {n} of {t} cells" for g, (n, t) in counts.items())
     return blocks

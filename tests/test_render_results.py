@@ -53,3 +53,13 @@ def test_probe_table_pairs_the_same_seeds():
               "wall_s": 150.0}]
     line = render.probe_table(main, probe).splitlines()[2]
     assert line == "| Dir(0.1) | 1 | 80.0¹ | 200 | 70.0¹ | 150 | 0.75 |"
+
+
+def test_lr_table_takes_5e4_from_the_main_grid():
+    main = [row("dir0.01", "1", "fl-lora", 0.44, 0), row("dir0.01", "1", "fl-lora", 0.99, 1),
+            row("dir0.01", "1", "lora-a2", 0.99, 0, alpha="256.0")]
+    lr = [{"strategy.name": "fl-lora", "strategy.lr": "0.002", "final_accuracy": 0.5},
+          {"strategy.name": "lora-a2", "strategy.lr": "0.008", "final_accuracy": 0.7}]
+    text = render.lr_table(main, lr).splitlines()
+    assert text[2] == "| fl-lora | · | 44.0 | · | 50.0 | · |"   # seed 0 only
+    assert text[5] == "| lora-a2 | · | · | · | · | 70.0 |"     # the scaled-α cell is not lr 5e-4
