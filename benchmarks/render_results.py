@@ -190,6 +190,60 @@ def allocation_table(grid_name: str = "main") -> str:
     return "\n".join(lines)
 
 
+FIGURES = ROOT / "docs" / "figures"
+
+
+def curves_figure(grid_name: str = "main", data: str = "bbc-news") -> Path | None:
+    """docs/figures/curves_<data>.png: test accuracy after each round, one panel per
+    (split, budget) among Dir(0.1)/Dir(0.01) × budgets 1/8, one line per method (mean over the
+    finished seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(sp, b) for b in ("1", "8") for sp in ("dir0.1", "dir0.01")]
+    curves: dict[tuple, dict[str, list[list[float]]]] = {p: {} for p in panels}
+    for cell in expand(load_grid(grid_name)):
+        o = cell.overrides
+        if o.get("data.name") != data:
+            continue
+        cell_dir = RESULTS / grid_name / "cells" / cell.cell_id
+        if not (cell_dir / "summary.json").exists():
+            continue
+        key = (cell.labels.get("split"), str(o.get("strategy.rank_budget")))
+        if key not in curves:
+            continue
+        name = o["strategy.name"]
+        if o.get("model.lora_alpha"):
+            name += f" (α = {float(o['model.lora_alpha']):g})"
+        first = json.loads((cell_dir / "initial_eval.json").read_text())["accuracy"]
+        accs = [first] + [json.loads(x)["accuracy"]
+                          for x in (cell_dir / "metrics.jsonl").read_text().splitlines()]
+        curves[key].setdefault(name, []).append(accs)
+    if not any(curves.values()):
+        return None
+    fig, axes = plt.subplots(2, 2, figsize=(9, 6.5), dpi=100, sharey=True)
+    for ax, (sp, b) in zip(axes.flat, panels):
+        for name, runs in sorted(curves[(sp, b)].items()):
+            n = min(len(r) for r in runs)
+            mean = [100 * statistics.fmean(r[i] for r in runs) for i in range(n)]
+            ax.plot(range(n), mean, marker="o", ms=3, label=f"{name} ({len(runs)})")
+        ax.set_title(f"{SPLIT_NAMES[sp]}, budget {b}", fontsize=9)
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("test accuracy (%)")
+    fig.suptitle(f"{data}: mean over finished seeds (count in brackets)", fontsize=10)
+    fig.tight_layout()
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    path = FIGURES / f"curves_{data}.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def render() -> dict[str, str]:
     rows = {g: rows_of(g) for g in ("main", "hetero", "dp", "probe", "lr")}
     blocks = main_tables(rows["main"])
@@ -198,6 +252,7 @@ def render() -> dict[str, str]:
     blocks["probe"] = probe_table(rows["main"], rows["probe"])
     blocks["allocation"] = allocation_table("main")
     blocks["lr"] = lr_table(rows["main"], rows["lr"])
+    curves_figure("main", "bbc-news")
     counts = {g: (len(r), len(expand(load_grid(g)))) for g, r in rows.items()}
     blocks["progress"] = ", ".join(f"`{g}` {n} of {t} cells" for g, (n, t) in counts.items())
     return blocks
