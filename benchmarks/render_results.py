@@ -97,7 +97,8 @@ def main_tables(rows: list[dict[str, Any]]) -> dict[str, str]:
 
 def hetero_table(rows: list[dict[str, Any]]) -> str:
     order = [(b, m) for b in ("uniform", "heavy-tail", "normal")
-             for m in ("hetlora", "flexlora", "flora", "lora-a2", "lora-a2 (α = 64)")]
+             for m in ("hetlora", "hetlora (α = 64)", "flexlora", "flora", "lora-a2",
+                       "lora-a2 (α = 64)")]
     return pivot(rows, lambda r: (r["strategy.rank_budget"], method(r)), order,
                  lambda r: r["split"], ["dir0.1", "dir0.01"], ["Dir(0.1)", "Dir(0.01)"],
                  ["budgets", "method"])
