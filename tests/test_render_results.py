@@ -63,3 +63,16 @@ def test_lr_table_takes_5e4_from_the_main_grid():
     text = render.lr_table(main, lr).splitlines()
     assert text[2] == "| fl-lora | · | 44.0 | · | 50.0 | · |"   # seed 0 only
     assert text[5] == "| lora-a2 | · | · | · | · | 70.0 |"     # the scaled-α cell is not lr 5e-4
+
+
+def test_dp_table_fills_eps_inf_from_identical_main_cells_only_when_missing():
+    main = [row("dir0.01", "2", "fl-lora", 0.59, 0), row("dir0.1", "2", "flexlora", 0.99, 0),
+            row("dir0.01", "2", "lora-a2", 0.40, 0)]
+    dp = [{"privacy": "eps1", "strategy.name": "fl-lora", "seed": 0, "final_accuracy": 0.2,
+           "total_upload_bytes": 1e6},
+          {"privacy": "eps_inf", "strategy.name": "lora-a2", "seed": 0, "final_accuracy": 0.41,
+           "total_upload_bytes": 1e6}]
+    lines = render.dp_table(dp, main).splitlines()
+    assert lines[2].startswith("| fl-lora | 59.0¹ | · | · | 20.0¹ |")
+    assert lines[3].startswith("| flexlora | · |")      # the Dir(0.1) cell is not used
+    assert lines[4].startswith("| lora-a2 | 41.0¹ |")   # the dp grid's own cell wins
