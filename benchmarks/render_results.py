@@ -165,6 +165,25 @@ def lr_table(main_rows: list[dict[str, Any]], lr_rows: list[dict[str, Any]]) -> 
     return "\n".join(lines)
 
 
+def score_table(main_rows: list[dict[str, Any]], score_rows: list[dict[str, Any]]) -> str:
+    """LoRA-A2 (scaled α) with the paper's Frobenius slot score (main grid) vs the RMS score
+    (score grid): final accuracy at the same split, budget and seeds (paired)."""
+    lines = ["| split | budget | seeds | Frobenius (paper) | RMS |", "|---|---|---|---|---|"]
+    for split in ("dir0.1", "dir0.01"):
+        for budget, alpha in (("1", "256.0"), ("2", "128.0")):
+            fro = {r["seed"]: r for r in main_rows if r["data.name"] == "bbc-news"
+                   and r["split"] == split and r["strategy.rank_budget"] == budget
+                   and r.get("model.lora_alpha") == alpha}
+            rms = {r["seed"]: r for r in score_rows if r["split"] == split
+                   and r["budget"] == budget}
+            seeds = sorted(set(fro) & set(rms))
+            lines.append(f"| {SPLIT_NAMES[split]} | {budget} | "
+                         f"{', '.join(map(str, seeds)) or '·'} | "
+                         f"{fmt([fro[x]['final_accuracy'] for x in seeds])} | "
+                         f"{fmt([rms[x]['final_accuracy'] for x in seeds])} |")
+    return "\n".join(lines)
+
+
 MODULE_TYPES = ["attention.self.query", "attention.self.key", "attention.self.value",
                 "attention.output.dense", "intermediate.dense", "output.dense"]
 
@@ -183,6 +202,8 @@ def allocation_table(grid_name: str = "main") -> str:
             continue
         alpha = cell.overrides.get("model.lora_alpha")
         variant = f"α = {float(alpha):g}" if alpha else "α = 16"
+        if cell.overrides.get("strategy.slot_score", "frobenius") != "frobenius":
+            variant += f", {cell.overrides['strategy.slot_score']} score"
         for line in (cell_dir / "metrics.jsonl").read_text().splitlines():
             rec = json.loads(line)
             key = (str(cell.overrides["strategy.rank_budget"]), variant, rec["active_factor"])
@@ -256,13 +277,15 @@ def curves_figure(grid_name: str = "main", data: str = "bbc-news") -> Path | Non
 
 
 def render() -> dict[str, str]:
-    rows = {g: rows_of(g) for g in ("main", "hetero", "dp", "probe", "lr")}
+    rows = {g: rows_of(g) for g in ("main", "hetero", "dp", "probe", "lr", "score")}
     blocks = main_tables(rows["main"])
     blocks["hetero"] = hetero_table(rows["hetero"])
     blocks["dp"] = dp_table(rows["dp"], rows["main"])
     blocks["probe"] = probe_table(rows["main"], rows["probe"])
     blocks["allocation"] = allocation_table("main")
     blocks["lr"] = lr_table(rows["main"], rows["lr"])
+    blocks["score"] = score_table(rows["main"], rows["score"])
+    blocks["allocation_score"] = allocation_table("score")
     curves_figure("main", "bbc-news")
     counts = {g: (len(r), len(expand(load_grid(g)))) for g, r in rows.items()}
     blocks["progress"] = ", ".join(f"`{g}` {n} of {t} cells" for g, (n, t) in counts.items())

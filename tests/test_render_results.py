@@ -76,3 +76,16 @@ def test_dp_table_fills_eps_inf_from_identical_main_cells_only_when_missing():
     assert lines[2].startswith("| fl-lora | 59.0¹ | · | · | 20.0¹ |")
     assert lines[3].startswith("| flexlora | · |")      # the Dir(0.1) cell is not used
     assert lines[4].startswith("| lora-a2 | 41.0¹ |")   # the dp grid's own cell wins
+
+
+def test_score_table_pairs_the_same_seeds_and_ignores_the_paper_alpha():
+    main = [row("dir0.01", "2", "lora-a2", 0.50, 0, alpha="128.0"),
+            row("dir0.01", "2", "lora-a2", 0.60, 1, alpha="128.0"),
+            row("dir0.01", "2", "lora-a2", 0.99, 0)]          # α = 16: not the comparison
+    score = [{"split": "dir0.01", "budget": "2", "seed": 0, "final_accuracy": 0.70},
+             {"split": "dir0.01", "budget": "2", "seed": 1, "final_accuracy": 0.80}]
+    lines = render.score_table(main, score).splitlines()
+    m = f"{statistics.fmean([50.0, 60.0]):.1f} ± {statistics.stdev([50.0, 60.0]):.1f}"
+    r = f"{statistics.fmean([70.0, 80.0]):.1f} ± {statistics.stdev([70.0, 80.0]):.1f}"
+    assert f"| Dir(0.01) | 2 | 0, 1 | {m} | {r} |" in lines
+    assert "| Dir(0.1) | 1 | · | · | · |" in lines

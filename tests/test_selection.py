@@ -1,5 +1,6 @@
 """Scores, one global top-k, masks, and the slot wire layout (DESIGN §2 step 4)."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -20,6 +21,47 @@ def test_score_is_frobenius_norm_of_rank1_contribution_b_round():
         for i in range(4):
             contrib = torch.outer(dB[m][:, i], A[m][i, :])
             assert torch.allclose(scores[m, i], torch.linalg.matrix_norm(contrib, "fro"), rtol=1e-5)
+
+
+@given(st.sampled_from("AB"), st.integers(1, 6), st.integers(1, 6), st.integers(1, 6),
+       st.integers(1, 4), st.integers(0, 2**31 - 1))
+@settings(max_examples=40, deadline=None)
+def test_rms_score_is_root_mean_square_of_rank1_contribution(factor, d_out0, d_out1, d_in, r,
+                                                             seed):
+    # Two modules of different shapes; the rank-1 product is formed explicitly.
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(d_out0, d_in + 1), (d_out1, d_in)]
+    B = [torch.randn(o, r, generator=g) for o, _ in shapes]
+    A = [torch.randn(r, i, generator=g) for _, i in shapes]
+    delta, frozen = (B, A) if factor == "B" else (A, B)
+    scores = slot_scores(factor, delta, frozen, kind="rms")
+    for m in range(2):
+        for i in range(r):
+            contrib = torch.outer(B[m][:, i], A[m][i, :])
+            rms = contrib.pow(2).mean().sqrt()
+            assert torch.allclose(scores[m, i], rms, rtol=1e-4, atol=1e-7)
+
+
+def test_rms_score_removes_the_size_advantage_of_large_modules():
+    # Every entry of ΔB moved by the same amount (AdamW's sign-like step), A entries all ±1:
+    # the literal score ranks the 1536-row module first, the RMS score ties all modules.
+    dB = [torch.full((1536, 2), 1e-3), torch.full((384, 2), 1e-3)]
+    A = [torch.ones(2, 384), torch.ones(2, 384)]
+    fro = slot_scores("B", dB, A)
+    rms = slot_scores("B", dB, A, kind="rms")
+    assert bool((fro[0] > fro[1]).all())
+    assert torch.allclose(rms[0], rms[1])
+    assert select_top_k(fro, 2)[0].all()  # both slots go to the large module
+
+
+def test_slot_score_kinds_agree_between_config_and_selection():
+    from lora_a2 import config, selection
+    assert config.SLOT_SCORES == selection.SLOT_SCORES
+
+
+def test_unknown_slot_score_kind_is_rejected():
+    with pytest.raises(ValueError, match="kind"):
+        slot_scores("B", [torch.zeros(2, 1)], [torch.zeros(1, 2)], kind="l1")
 
 
 def test_score_is_frobenius_norm_of_rank1_contribution_a_round():

@@ -217,3 +217,32 @@ def test_probe_fraction_out_of_range_is_a_one_line_error():
     for bad in ("0", "1.5", "-0.1"):
         with pytest.raises(UserError, match="strategy.probe_fraction"):
             load_config(None, [f"strategy.probe_fraction={bad}"])
+
+
+@pytest.mark.parametrize("kind", ["frobenius", "rms"])
+def test_slot_score_setting_reaches_the_client_scoring(monkeypatch, kind):
+    """strategy.slot_score picks the score the client ranks its slots by; the upload stays a
+    global top-(r_k · N) either way."""
+    import lora_a2.strategies.lora_a2 as mod
+
+    seen: list[str] = []
+    orig = mod.slot_scores
+
+    def spy(*a, **k):
+        seen.append(k.get("kind", "frobenius"))
+        return orig(*a, **k)
+
+    monkeypatch.setattr(mod, "slot_scores", spy)
+    cfg, s, rt, ctxs = make("lora-a2", budget=1, clients=1,
+                            extra=[f"strategy.slot_score='{kind}'"])
+    task = s.configure(1, 0, s.init_state(rt.initial_state()))
+    upd, _ = wire(s, rt, task, ctxs[0])
+    assert seen == [kind]
+    assert upd.slots is not None and upd.slots.numel() == rt.layout.num_modules
+
+
+def test_unknown_slot_score_is_a_one_line_error():
+    from lora_a2.errors import UserError
+
+    with pytest.raises(UserError, match="strategy.slot_score"):
+        load_config(None, ["strategy.slot_score='l1'"])

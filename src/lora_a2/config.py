@@ -18,6 +18,9 @@ import tomli_w
 
 from .errors import UserError
 
+SLOT_SCORES = ("frobenius", "rms")
+"""Values of strategy.slot_score (the same tuple as selection.SLOT_SCORES, kept torch-free here)."""
+
 
 @dataclass
 class ModelConfig:
@@ -92,6 +95,9 @@ class StrategyConfig:
     probe_fraction: float = 1.0
     """LoRA-A2: run only this fraction of the probe's optimiser steps (at least one), a cheaper
     probe; 1 = the paper's full probe. The slots are scored on the shorter probe's change."""
+    slot_score: str = "frobenius"
+    """LoRA-A2: how slots are scored. "frobenius" = ‖ΔB_i A_i‖_F (the paper); "rms" divides it by
+    √(d_out · d_in) so large modules are not favoured for their size alone (an experiment knob)."""
     renormalize: bool = False
     """LoRA-A2: divide each slot's sum by the weight of the clients that selected it."""
     prune_gamma: float = 0.99
@@ -370,6 +376,8 @@ def validate(cfg: Config) -> None:
     _require(s.probe_epochs >= 1, "strategy.probe_epochs", "must be ≥ 1", s.probe_epochs)
     _require(0.0 < s.probe_fraction <= 1.0, "strategy.probe_fraction", "must be in (0, 1]",
              s.probe_fraction)
+    _require(s.slot_score in SLOT_SCORES, "strategy.slot_score",
+             f"must be one of {', '.join(SLOT_SCORES)}", s.slot_score)
     _require(t.rounds >= 1, "train.rounds", "must be ≥ 1", t.rounds)
     _require(t.local_epochs >= 1, "train.local_epochs", "must be ≥ 1", t.local_epochs)
     _require(t.batch_size >= 1, "train.batch_size", "must be ≥ 1", t.batch_size)

@@ -6,6 +6,7 @@ selections are (N, r_G) tensors whose rows follow the module order of the adapte
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -14,7 +15,11 @@ from torch import Tensor
 FACTORS = ("A", "B")
 
 
-def slot_scores(active_factor: str, delta: Sequence[Tensor], frozen: Sequence[Tensor]) -> Tensor:
+SLOT_SCORES = ("frobenius", "rms")
+
+
+def slot_scores(active_factor: str, delta: Sequence[Tensor], frozen: Sequence[Tensor],
+                kind: str = "frobenius") -> Tensor:
     """Importance of every slot, DESIGN §2 step 4b (paper Eq. for the rank-wise contribution).
 
     B-round (``delta`` = ΔB_m, d_out × r; ``frozen`` = A_m, r × d_in):
@@ -23,13 +28,25 @@ def slot_scores(active_factor: str, delta: Sequence[Tensor], frozen: Sequence[Te
         score(m, i) = ‖B_m[:, i] ΔA_m[i, :]‖_F = ‖B_m[:, i]‖ · ‖ΔA_m[i, :]‖.
     The identity ‖u vᵀ‖_F = ‖u‖ ‖v‖ means the rank-1 product never has to be formed.
     The LoRA scaling α/r is common to all slots and does not change the ranking, so it is left out.
+
+    ``kind = "frobenius"`` is that literal score (the paper's rule, the default). ``kind = "rms"``
+    divides each module's scores by √(d_out · d_in), the root mean square of the slot's rank-1
+    ΔW entries. It is an experiment knob, not the paper's: under AdamW every entry of the active
+    factor moves by about the learning rate, so the Frobenius score grows with √(d_out · d_in)
+    and the global top-k favours the largest modules; the RMS score removes that size term.
     """
+    if kind not in SLOT_SCORES:
+        raise ValueError(f"kind must be one of {SLOT_SCORES}, got {kind!r}")
     if active_factor == "B":
         rows = [d.float().norm(dim=0) * f.float().norm(dim=1) for d, f in zip(delta, frozen)]
+        sizes = [d.shape[0] * f.shape[1] for d, f in zip(delta, frozen)]
     elif active_factor == "A":
         rows = [f.float().norm(dim=0) * d.float().norm(dim=1) for d, f in zip(delta, frozen)]
+        sizes = [f.shape[0] * d.shape[1] for d, f in zip(delta, frozen)]
     else:
         raise ValueError(f"active_factor must be 'A' or 'B', got {active_factor!r}")
+    if kind == "rms":
+        rows = [row / math.sqrt(size) for row, size in zip(rows, sizes)]
     return torch.stack(rows)
 
 

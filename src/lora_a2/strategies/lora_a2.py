@@ -67,7 +67,8 @@ class LoraA2(Strategy):
         ctx.train(groups, st.probe_epochs, gen, max_steps=probe_steps)
         probe = ctx.runtime.snapshot(active)
         delta = [probe[n] - glob[n] for n in active]
-        scores = slot_scores(factor, delta, [task.download[n] for n in layout.names(frozen_factor)])
+        scores = slot_scores(factor, delta, [task.download[n] for n in layout.names(frozen_factor)],
+                             kind=st.slot_score)
         selected = select_top_k(scores, task.config["budget"] * layout.num_modules)
 
         # (d) reset to the global state (fresh optimiser inside ctx.train); (e) masked training.
