@@ -123,15 +123,64 @@ def stop(procs: list[subprocess.Popen]) -> None:
             p.wait(timeout=5)
 
 
-@pytest.fixture
-def federation(tmp_path):
-    """A SuperLink and two SuperNodes (partitions 0 and 1) on 127.0.0.1, insecure (loopback)."""
+def make_credentials(d: Path, nodes: int) -> None:
+    """A throw-away CA, a server certificate for 127.0.0.1 signed by it, and one P-384 key pair
+    per SuperNode (OpenSSH format, as ``ssh-keygen -t ecdsa -b 384`` writes them)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    d.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    span = (now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=1))
+
+    def cert(subject: str, key, issuer: x509.Name, signer, ca: bool) -> x509.Certificate:
+        b = (x509.CertificateBuilder()
+             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+             .issuer_name(issuer).public_key(key.public_key())
+             .serial_number(x509.random_serial_number())
+             .not_valid_before(span[0]).not_valid_after(span[1]))
+        if ca:
+            b = b.add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        else:
+            b = b.add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False)
+        return b.sign(signer, hashes.SHA256())
+
+    pem, none = serialization.Encoding.PEM, serialization.NoEncryption()
+    ca_key, key = ec.generate_private_key(ec.SECP384R1()), ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "lora-a2 test CA")])
+    ca = cert("lora-a2 test CA", ca_key, ca_name, ca_key, ca=True)
+    (d / "ca.crt").write_bytes(ca.public_bytes(pem))
+    (d / "server.pem").write_bytes(cert("127.0.0.1", key, ca_name, ca_key, ca=False).public_bytes(pem))
+    (d / "server.key").write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8, none))
+    for k in range(nodes):
+        nk = ec.generate_private_key(ec.SECP384R1())
+        (d / f"node{k}.key").write_bytes(
+            nk.private_bytes(pem, serialization.PrivateFormat.OpenSSH, none))
+        (d / f"node{k}.pub").write_bytes(nk.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+
+
+def start_federation(tmp_path: Path, secure: bool):
+    """A SuperLink and two SuperNodes (partitions 0 and 1) on 127.0.0.1. ``secure=False``:
+    ``--insecure`` (loopback only). ``secure=True``: the README's production setup — TLS with a
+    CA certificate and SuperNode authentication, each node's public key registered with
+    ``flwr supernode register`` before the node starts. Yields (env, tmp_path, port, creds)."""
     home = tmp_path / "flwr-home"
     home.mkdir()
     port = free_port()
+    creds = tmp_path / "creds"
+    if secure:
+        make_credentials(creds, nodes=3)  # node2 is never registered
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{port}"\n'
-        f'insecure = true\n')
+        + (f'root-certificates = "{creds / "ca.crt"}"\n' if secure else "insecure = true\n"))
     env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
            "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     procs: list[subprocess.Popen] = []
@@ -142,19 +191,53 @@ def federation(tmp_path):
             logs.append(log)
             procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
 
-        start("superlink", [str(BIN / "flower-superlink"), "--insecure", "--port", str(port),
+        link = ["--insecure"] if not secure else [
+            "--ssl-ca-certfile", str(creds / "ca.crt"), "--ssl-certfile", str(creds / "server.pem"),
+            "--ssl-keyfile", str(creds / "server.key"), "--enable-supernode-auth"]
+        start("superlink", [str(BIN / "flower-superlink"), *link, "--port", str(port),
                             "--disable-runtime-dependency-installation"])
+        if secure:
+            wait_for_port(port)
+            for k in range(2):
+                r = subprocess.run([str(BIN / "flwr"), "supernode", "register",
+                                    str(creds / f"node{k}.pub"), "test"], env=env,
+                                   capture_output=True, text=True, timeout=120)
+                assert "registered successfully" in r.stdout, r.stdout + r.stderr
         for k in range(2):
-            start(f"supernode{k}", [str(BIN / "flower-supernode"), "--insecure", "--superlink",
+            node = ["--insecure"] if not secure else [
+                "--root-certificates", str(creds / "ca.crt"),
+                "--auth-supernode-private-key", str(creds / f"node{k}.key")]
+            start(f"supernode{k}", [str(BIN / "flower-supernode"), *node, "--superlink",
                                     f"127.0.0.1:{port}", "--port", str(free_port()),
                                     "--node-config", f"partition-id={k} num-partitions=2"])
         wait_for_nodes(tmp_path / "superlink.log", port, nodes=2)
-        yield env, tmp_path
+        yield env, tmp_path, port, creds
     finally:
         stop(procs)
         for log in logs:
             log.close()
     assert all(p.poll() is not None for p in procs)
+
+
+@pytest.fixture
+def federation(tmp_path):
+    yield from start_federation(tmp_path, secure=False)
+
+
+@pytest.fixture
+def secure_federation(tmp_path):
+    yield from start_federation(tmp_path, secure=True)
+
+
+def wait_for_port(port: int, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"SuperLink on port {port} not up in {timeout} s")
 
 
 def wait_for_nodes(log: Path, port: int, nodes: int, timeout: float = 90.0) -> None:
@@ -182,7 +265,34 @@ def done(out: Path) -> bool:
 
 
 def test_deployment_engine_end_to_end(federation, synthetic_csv):
-    env, tmp = federation
+    env, tmp, _, _ = federation
+    deploy_and_compare(env, tmp, synthetic_csv)
+
+
+def test_deployment_engine_with_tls_and_supernode_auth(secure_federation, synthetic_csv):
+    """The README's production commands: TLS + registered SuperNodes run the same experiment as
+    the local engine, and a SuperNode whose key was never registered is refused."""
+    env, tmp, port, creds = secure_federation
+    deploy_and_compare(env, tmp, synthetic_csv)
+    # (a log file, not a pipe: the node's helper process may hold a pipe open after it exits)
+    with open(tmp / "rogue.log", "w") as log:
+        rogue = subprocess.Popen(
+            [str(BIN / "flower-supernode"), "--root-certificates", str(creds / "ca.crt"),
+             "--auth-supernode-private-key", str(creds / "node2.key"), "--superlink",
+             f"127.0.0.1:{port}", "--port", str(free_port()), "--max-retries", "1",
+             "--node-config", "partition-id=0 num-partitions=2"],
+            env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            rogue.wait(timeout=120)
+        finally:
+            stop([rogue])
+    assert rogue.returncode != 0
+    assert "Failed to activate SuperNode" in (tmp / "rogue.log").read_text()
+
+
+def deploy_and_compare(env: dict, tmp: Path, synthetic_csv: Path) -> None:
+    """``flwr run`` a 2-client, 1-round experiment on the running federation; it must match the
+    same experiment on the local engine."""
     sets = ["data.num_clients=2", "train.rounds=1"]
     local = run(tmp / "local", synthetic_csv, sets)
     out = tmp / "deployed"
