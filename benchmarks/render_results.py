@@ -121,6 +121,18 @@ def dp_table(rows: list[dict[str, Any]], main_rows: list[dict[str, Any]] = ()) -
                  ["ε = ∞", "ε = 6", "ε = 3", "ε = 1"], ["method"])
 
 
+def paired(main_rows: list[dict[str, Any]], rows: list[dict[str, Any]], split: str,
+           budget: str, alpha: str) -> tuple[list[dict], list[dict], list[int]]:
+    """The main grid's scaled-α LoRA-A2 cells (BBC News) and an ablation grid's cells (labelled
+    ``split`` and ``budget``) at one split and budget, restricted to the seeds both have."""
+    base = {r["seed"]: r for r in main_rows if r["data.name"] == "bbc-news"
+            and r["split"] == split and r["strategy.rank_budget"] == budget
+            and r.get("model.lora_alpha") == alpha}
+    other = {r["seed"]: r for r in rows if r["split"] == split and r["budget"] == budget}
+    seeds = sorted(set(base) & set(other))
+    return [base[x] for x in seeds], [other[x] for x in seeds], seeds
+
+
 def probe_table(main_rows: list[dict[str, Any]], probe_rows: list[dict[str, Any]]) -> str:
     """LoRA-A2 (scaled α) with the full probe (main grid) vs the probe cut to 0.25 (probe grid):
     accuracy and mean cell wall time, at the same split, budget and seeds."""
@@ -128,13 +140,7 @@ def probe_table(main_rows: list[dict[str, Any]], probe_rows: list[dict[str, Any]
              "| time ratio |", "|---|---|---|---|---|---|---|"]
     for split in ("dir0.1", "dir0.01"):
         for budget, alpha in (("1", "256.0"), ("8", "32.0")):
-            full = {r["seed"]: r for r in main_rows if r["data.name"] == "bbc-news"
-                    and r["split"] == split and r["strategy.rank_budget"] == budget
-                    and r.get("model.lora_alpha") == alpha}
-            short = {r["seed"]: r for r in probe_rows if r["split"] == split
-                     and r["budget"] == budget}
-            seeds = sorted(set(full) & set(short))  # paired: the same seeds on both sides
-            f, p = [full[x] for x in seeds], [short[x] for x in seeds]
+            f, p, seeds = paired(main_rows, probe_rows, split, budget, alpha)
             if not seeds:
                 lines.append(f"| {SPLIT_NAMES[split]} | {budget} | · | · | · | · | · |")
                 continue
@@ -171,16 +177,11 @@ def score_table(main_rows: list[dict[str, Any]], score_rows: list[dict[str, Any]
     lines = ["| split | budget | seeds | Frobenius (paper) | RMS |", "|---|---|---|---|---|"]
     for split in ("dir0.1", "dir0.01"):
         for budget, alpha in (("1", "256.0"), ("2", "128.0")):
-            fro = {r["seed"]: r for r in main_rows if r["data.name"] == "bbc-news"
-                   and r["split"] == split and r["strategy.rank_budget"] == budget
-                   and r.get("model.lora_alpha") == alpha}
-            rms = {r["seed"]: r for r in score_rows if r["split"] == split
-                   and r["budget"] == budget}
-            seeds = sorted(set(fro) & set(rms))
+            fro, rms, seeds = paired(main_rows, score_rows, split, budget, alpha)
             lines.append(f"| {SPLIT_NAMES[split]} | {budget} | "
                          f"{', '.join(map(str, seeds)) or '·'} | "
-                         f"{fmt([fro[x]['final_accuracy'] for x in seeds])} | "
-                         f"{fmt([rms[x]['final_accuracy'] for x in seeds])} |")
+                         f"{fmt([x['final_accuracy'] for x in fro])} | "
+                         f"{fmt([x['final_accuracy'] for x in rms])} |")
     return "\n".join(lines)
 
 
