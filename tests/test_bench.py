@@ -43,7 +43,8 @@ def test_bad_grid_is_one_line_error(tmp_path, capsys):
     assert main(["bench", "nope"]) == 2
     assert "unknown grid" in capsys.readouterr().err
     assert main(["bench", "smoke", "--smoke", "--list", "--out", str(tmp_path / "l")]) == 0
-    assert "todo 20 (of 20)" in capsys.readouterr().out
+    listed = capsys.readouterr().out
+    assert "todo 20 (of 20)" in listed and "time left: unknown" in listed
     bad = tmp_path / "g.toml"
     bad.write_text("name = 'x'\nsurprise = 1\n")
     with pytest.raises(UserError, match="unknown top-level"):
@@ -119,3 +120,23 @@ def test_cell_locks_let_workers_share_a_grid(tmp_path):
     metrics.write_text(metrics.read_text().splitlines()[0] + "\n")
     assert dict(list_grid("smoke", out, smoke=True))["path2__2__fl-lora__seed0"] == \
         "partial 1/2 rounds"
+
+
+def test_time_left_is_costed_from_finished_cells_of_the_same_strategy_and_data():
+    from lora_a2.bench import Cell, estimate_remaining
+
+    def cell(i, name, data):
+        return Cell(f"c{i}", {}, 0, {"strategy.name": name, "data.name": data})
+
+    cells = [cell(0, "fl-lora", "bbc"), cell(1, "fl-lora", "bbc"), cell(2, "lora-a2", "bbc"),
+             cell(3, "fl-lora", "bbc"), cell(4, "fl-lora", "rt"), cell(5, "lora-a2", "rt"),
+             cell(6, "flora", "bbc")]
+    wall = {"c0": 100.0, "c1": 200.0, "c2": 400.0}
+    statuses = ["done", "done", "done", "todo", "partial 3/8 rounds", "todo", "error"]
+    left, guessed = estimate_remaining(cells, statuses, wall)
+    # c3: fl-lora on bbc → 150; c4: no fl-lora on rt → fl-lora anywhere → 150;
+    # c5: lora-a2 anywhere → 400; c6: no flora cell → grid mean (700 / 3), counted as guessed.
+    assert left == pytest.approx(150 + 150 + 400 + 700 / 3)
+    assert guessed == 1
+    nothing, n = estimate_remaining(cells, ["todo"] * 7, {})
+    assert nothing != nothing and n == 7  # NaN: nothing to time yet

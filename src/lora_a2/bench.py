@@ -251,6 +251,58 @@ def list_grid(spec: str, out: Path, smoke: bool = False,
     return [(c.cell_id, cell_status(c, Path(out))) for c in cells]
 
 
+def remaining_time(spec: str, out: Path, smoke: bool = False,
+                   only: list[str] | None = None) -> tuple[float, int]:
+    """:func:`estimate_remaining` for the selected cells of a grid, from the wall times in the
+    finished cells' summary.json (all finished cells of the grid inform the means)."""
+    out = Path(out)
+    all_cells = expand(load_grid(spec), smoke)
+    wall: dict[str, float] = {}
+    for c in all_cells:
+        f = out / "cells" / c.cell_id / "summary.json"
+        try:
+            wall[c.cell_id] = float(json.loads(f.read_text())["wall_s"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    chosen = select(all_cells, only)
+    known = [c for c in all_cells if c.cell_id in wall]
+    ids = {c.cell_id for c in chosen}
+    cells = chosen + [c for c in known if c.cell_id not in ids]
+    statuses = [cell_status(c, out) for c in chosen] + ["done"] * (len(cells) - len(chosen))
+    return estimate_remaining(cells, statuses, wall)
+
+
+def estimate_remaining(cells: list[Cell], statuses: list[str],
+                       wall: dict[str, float]) -> tuple[float, int]:
+    """Seconds one worker needs for the cells not yet done, and how many of them were guessed
+    from the grid-wide mean. ``wall`` maps finished cell ids to their measured wall time. A cell
+    not done is costed at the mean wall time of the finished cells with the same strategy and
+    dataset, else the same strategy, else all finished cells (a partial cell counts whole)."""
+    if not wall:
+        return float("nan"), sum(st != "done" for st in statuses)
+
+    def mean(pred) -> float | None:
+        xs = [wall[c.cell_id] for c in cells if c.cell_id in wall and pred(c)]
+        return sum(xs) / len(xs) if xs else None
+
+    def key(c: Cell, *names: str) -> tuple:
+        return tuple(c.overrides.get(n) for n in names)
+
+    total, guessed = 0.0, 0
+    overall = sum(wall.values()) / len(wall)
+    for cell, st in zip(cells, statuses):
+        if st == "done":
+            continue
+        est = mean(lambda c: key(c, "strategy.name", "data.name")
+                   == key(cell, "strategy.name", "data.name"))
+        if est is None:
+            est = mean(lambda c: key(c, "strategy.name") == key(cell, "strategy.name"))
+        if est is None:
+            est, guessed = overall, guessed + 1
+        total += est
+    return total, guessed
+
+
 def run_grid(spec: str, out: Path, smoke: bool = False, progress: bool = True,
              only: list[str] | None = None) -> dict[str, Any]:
     """Run every unfinished cell of a grid (or those matching ``only``), then aggregate all

@@ -84,7 +84,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import list_grid, load_grid, run_grid
+    from .bench import list_grid, load_grid, remaining_time, run_grid
 
     grid = load_grid(args.grid)
     out = Path(args.out) if args.out else Path("benchmarks") / "results" / (
@@ -98,6 +98,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         for _, status in rows:
             counts[status.split()[0]] = counts.get(status.split()[0], 0) + 1
         print(", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + f" (of {len(rows)})")
+        left, guessed = remaining_time(args.grid, out, smoke=args.smoke, only=args.only or None)
+        if counts.get("done", 0) < len(rows):
+            if left != left:  # NaN: nothing finished yet to time
+                print("time left: unknown until a cell has finished")
+            else:
+                print(f"time left: ≈ {left / 3600:.1f} h of one worker at the speed the "
+                      f"finished cells ran (mean of those with the same strategy and dataset, "
+                      f"else the same strategy)"
+                      + (f" ({guessed} cells costed at the grid mean)" if guessed else "")
+                      + "; divide by the number of workers")
         return 0
     result = run_grid(args.grid, out, smoke=args.smoke, progress=not args.quiet,
                       only=args.only or None)
