@@ -32,8 +32,11 @@ def slot_scores(active_factor: str, delta: Sequence[Tensor], frozen: Sequence[Te
     ``kind = "frobenius"`` is that literal score (the paper's rule, the default). ``kind = "rms"``
     divides each module's scores by √(d_out · d_in), the root mean square of the slot's rank-1
     ΔW entries. It is an experiment knob, not the paper's: under AdamW every entry of the active
-    factor moves by about the learning rate, so the Frobenius score grows with √(d_out · d_in)
-    and the global top-k favours the largest modules; the RMS score removes that size term.
+    factor moves by about the learning rate, so the Frobenius score grows with the module's size
+    (√d_out through ΔB in a B-round; both dimensions in an A-round) and the global top-k favours
+    the largest modules. The RMS score removes that size term; with A initialised at std
+    1/√(3·d_in), ‖A[i,:]‖ does not grow with d_in, so it over-corrects for a large d_in
+    (docs/RESULTS.md, the score ablation).
     """
     if kind not in SLOT_SCORES:
         raise ValueError(f"kind must be one of {SLOT_SCORES}, got {kind!r}")
