@@ -281,22 +281,22 @@ def estimate_remaining(cells: list[Cell], statuses: list[str],
     if not wall:
         return float("nan"), sum(st != "done" for st in statuses)
 
-    def mean(pred) -> float | None:
-        xs = [wall[c.cell_id] for c in cells if c.cell_id in wall and pred(c)]
-        return sum(xs) / len(xs) if xs else None
+    def means(*names: str) -> dict[tuple, float]:
+        groups: dict[tuple, list[float]] = {}
+        for c in cells:
+            if c.cell_id in wall:
+                groups.setdefault(tuple(c.overrides.get(n) for n in names), []).append(
+                    wall[c.cell_id])
+        return {k: sum(v) / len(v) for k, v in groups.items()}
 
-    def key(c: Cell, *names: str) -> tuple:
-        return tuple(c.overrides.get(n) for n in names)
-
+    by_data, by_strategy = means("strategy.name", "data.name"), means("strategy.name")
     total, guessed = 0.0, 0
     overall = sum(wall.values()) / len(wall)
     for cell, st in zip(cells, statuses):
         if st == "done":
             continue
-        est = mean(lambda c: key(c, "strategy.name", "data.name")
-                   == key(cell, "strategy.name", "data.name"))
-        if est is None:
-            est = mean(lambda c: key(c, "strategy.name") == key(cell, "strategy.name"))
+        name, data = cell.overrides.get("strategy.name"), cell.overrides.get("data.name")
+        est = by_data.get((name, data), by_strategy.get((name,)))
         if est is None:
             est, guessed = overall, guessed + 1
         total += est
