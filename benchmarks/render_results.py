@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from lora_a2.bench import aggregate, expand, load_grid
+from lora_a2.bench import aggregate, expand, last_rounds_accuracy, load_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -56,13 +56,15 @@ def mb(xs: list[float]) -> str:
 
 def pivot(rows: list[dict[str, Any]], row_key: Callable[[dict], tuple | None],
           row_order: list[tuple], col_key: Callable[[dict], str], cols: list[str],
-          col_names: list[str], row_names: list[str], upload: bool = True) -> str:
+          col_names: list[str], row_names: list[str], upload: bool = True,
+          metric: str = "final_accuracy") -> str:
     """A markdown table: one line per row key, one column per column key, plus mean upload."""
     head = row_names + col_names + (["upload MB (mean)"] if upload else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for rk in row_order:
         mine = [r for r in rows if row_key(r) == rk]
-        accs = [fmt([r["final_accuracy"] for r in mine if col_key(r) == c]) for c in cols]
+        accs = [fmt([r[metric] for r in mine if col_key(r) == c and r.get(metric) is not None])
+                for c in cols]
         line = [str(x) for x in rk] + accs
         if upload:
             line.append(mb([r["total_upload_bytes"] for r in mine]))
@@ -92,6 +94,10 @@ def main_tables(rows: list[dict[str, Any]]) -> dict[str, str]:
 
         blocks[f"main:{data}"] = pivot(mine, key, order, lambda r: r["split"], SPLITS,
                                        [SPLIT_NAMES[s] for s in SPLITS], ["budget", "method"])
+        blocks[f"main_last3:{data}"] = pivot(mine, key, order, lambda r: r["split"], SPLITS,
+                                             [SPLIT_NAMES[s] for s in SPLITS],
+                                             ["budget", "method"], upload=False,
+                                             metric="last3_accuracy")
     return blocks
 
 
@@ -277,6 +283,33 @@ def curves_figure(grid_name: str = "main", data: str = "bbc-news") -> Path | Non
     return path
 
 
+def xdev_table() -> str:
+    """The same main-grid cells run on the CPU (the grid's own) and on a GPU
+    (``benchmarks/results/xdev``): same config and seed, different floating-point rounding."""
+    lines = ["| cell | CPU final | GPU final | CPU last-3 | GPU last-3 | CPU s | GPU s |",
+             "|---|---|---|---|---|---|---|"]
+    d_final, d_last = [], []
+    for gdir in sorted((RESULTS / "xdev" / "cells").glob("*/summary.json")):
+        cdir = RESULTS / "main" / "cells" / gdir.parent.name
+        if not (cdir / "summary.json").exists():
+            continue
+        g, c = json.loads(gdir.read_text()), json.loads((cdir / "summary.json").read_text())
+        if c.get("device", "cpu") != "cpu":
+            continue
+        gl = last_rounds_accuracy(gdir.parent / "metrics.jsonl")
+        cl = last_rounds_accuracy(cdir / "metrics.jsonl")
+        d_final.append(abs(g["final_accuracy"] - c["final_accuracy"]))
+        d_last.append(abs(gl - cl))
+        lines.append(f"| {gdir.parent.name} | {100 * c['final_accuracy']:.1f} | "
+                     f"{100 * g['final_accuracy']:.1f} | {100 * cl:.1f} | {100 * gl:.1f} | "
+                     f"{c['wall_s']:.0f} | {g['wall_s']:.0f} |")
+    if d_final:
+        lines += ["", f"Mean |CPU − GPU| over these {len(d_final)} cells: "
+                      f"{100 * statistics.fmean(d_final):.1f} points on the final round's accuracy, "
+                      f"{100 * statistics.fmean(d_last):.1f} on the mean of the last three rounds."]
+    return "\n".join(lines)
+
+
 def render() -> dict[str, str]:
     rows = {g: rows_of(g) for g in ("main", "hetero", "dp", "probe", "lr", "score")}
     blocks = main_tables(rows["main"])
@@ -288,8 +321,12 @@ def render() -> dict[str, str]:
     blocks["score"] = score_table(rows["main"], rows["score"])
     blocks["allocation_score"] = allocation_table("score")
     curves_figure("main", "bbc-news")
-    counts = {g: (len(r), len(expand(load_grid(g)))) for g, r in rows.items()}
-    blocks["progress"] = ", ".join(f"`{g}` {n} of {t} cells" for g, (n, t) in counts.items())
+    blocks["xdev"] = xdev_table()
+    counts = {g: (len(r), len(expand(load_grid(g))), sum(x.get("device", "cpu") != "cpu"
+                                                         for x in r))
+              for g, r in rows.items()}
+    blocks["progress"] = ", ".join(f"`{g}` {n} of {t} cells" + (f" ({k} on a GPU)" if k else "")
+                                   for g, (n, t, k) in counts.items())
     return blocks
 
 

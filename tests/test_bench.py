@@ -37,6 +37,8 @@ def test_smoke_grid_runs_resumes_and_tabulates(tmp_path):
     assert (cell / "metrics.jsonl").read_text() == before
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert len(rows) == 20
+    assert all(r["device"] == "cpu" and 0 <= r["last3_accuracy"] <= 1 for r in rows)
+    assert "last3_accuracy" in table and "| cpu |" in (out / "table.md").read_text()
 
 
 def test_bad_grid_is_one_line_error(tmp_path, capsys):
@@ -140,3 +142,37 @@ def test_time_left_is_costed_from_finished_cells_of_the_same_strategy_and_data()
     assert guessed == 1
     nothing, n = estimate_remaining(cells, ["todo"] * 7, {})
     assert nothing != nothing and n == 7  # NaN: nothing to time yet
+
+
+def test_last_rounds_accuracy_is_the_mean_of_the_last_evaluated_rounds(tmp_path):
+    from lora_a2.bench import last_rounds_accuracy
+
+    m = tmp_path / "metrics.jsonl"
+    recs = [{"round": 1, "accuracy": 0.1}, {"round": 2, "status": "failed"},
+            {"round": 3, "accuracy": 0.5}, {"round": 4, "accuracy": 0.2},
+            {"round": 5, "accuracy": 0.8}]
+    m.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    assert last_rounds_accuracy(m) == pytest.approx((0.5 + 0.2 + 0.8) / 3)
+    assert last_rounds_accuracy(m, n=10) == pytest.approx((0.1 + 0.5 + 0.2 + 0.8) / 4)
+    m.write_text(json.dumps({"round": 1, "status": "failed"}) + "\n")
+    assert last_rounds_accuracy(m) is None
+    assert last_rounds_accuracy(tmp_path / "missing.jsonl") is None
+
+
+def test_time_left_uses_cells_of_this_machines_device_kind(tmp_path, monkeypatch):
+    import lora_a2.bench as bench
+
+    out = tmp_path / "g"
+    cells = bench.expand(bench.load_grid("smoke"), smoke=True)
+    fl = [c for c in cells if c.overrides["strategy.name"] == "fl-lora"]
+    for c, wall, dev in ((fl[0], 100.0, "cpu"), (fl[1], 4.0, "cuda:0")):
+        d = out / "cells" / c.cell_id
+        d.mkdir(parents=True)
+        (d / "summary.json").write_text(json.dumps({"wall_s": wall, "device": dev}))
+    todo = [c.cell_id for c in fl[2:]]
+    monkeypatch.setattr(bench, "torch_cuda_available", lambda: False)
+    cpu_left, _ = bench.remaining_time("smoke", out, smoke=True, only=todo)
+    monkeypatch.setattr(bench, "torch_cuda_available", lambda: True)
+    gpu_left, _ = bench.remaining_time("smoke", out, smoke=True, only=todo)
+    assert cpu_left == pytest.approx(100.0 * len(todo))
+    assert gpu_left == pytest.approx(4.0 * len(todo))

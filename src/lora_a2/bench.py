@@ -251,19 +251,33 @@ def list_grid(spec: str, out: Path, smoke: bool = False,
     return [(c.cell_id, cell_status(c, Path(out))) for c in cells]
 
 
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def remaining_time(spec: str, out: Path, smoke: bool = False,
                    only: list[str] | None = None) -> tuple[float, int]:
     """:func:`estimate_remaining` for the selected cells of a grid, from the wall times in the
-    finished cells' summary.json (all finished cells of the grid inform the means)."""
+    finished cells' summary.json (all finished cells of the grid that ran on this machine's kind
+    of device inform the means; all of them when none did)."""
     out = Path(out)
     all_cells = expand(load_grid(spec), smoke)
     wall: dict[str, float] = {}
+    device: dict[str, str] = {}
     for c in all_cells:
         f = out / "cells" / c.cell_id / "summary.json"
         try:
-            wall[c.cell_id] = float(json.loads(f.read_text())["wall_s"])
+            s = json.loads(f.read_text())
+            wall[c.cell_id] = float(s["wall_s"])
+            device[c.cell_id] = str(s.get("device", "cpu")).split(":")[0]
         except (OSError, ValueError, KeyError, TypeError):
             continue
+    # Cost the rest at this machine's speed: a GPU cell takes a fraction of a CPU cell's time.
+    here = "cuda" if torch_cuda_available() else "cpu"
+    if any(d == here for d in device.values()):
+        wall = {k: v for k, v in wall.items() if device[k] == here}
     chosen = select(all_cells, only)
     known = [c for c in all_cells if c.cell_id in wall]
     ids = {c.cell_id for c in chosen}
@@ -346,6 +360,24 @@ def _fmt(xs: list[float], scale: float = 100.0) -> str:
     return f"{mean:.2f} ± {statistics.stdev(xs) * scale:.2f}"
 
 
+def last_rounds_accuracy(metrics: Path, n: int = 3) -> float | None:
+    """Mean test accuracy of the last ``n`` evaluated rounds of a run (None if none).
+
+    The final round alone is a noisy statistic under strong non-IID splits: the global model
+    oscillates from round to round (client drift), so the same cell run on another device, whose
+    floating-point rounding differs, can end several points apart with the same trajectory.
+    """
+    accs = []
+    try:
+        for line in metrics.read_text().splitlines():
+            rec = json.loads(line) if line.strip() else {}
+            if isinstance(rec.get("accuracy"), (int, float)):
+                accs.append(float(rec["accuracy"]))
+    except (OSError, ValueError):
+        return None
+    return statistics.fmean(accs[-n:]) if accs else None
+
+
 def aggregate(out: Path, cells: list[Cell], grid: dict[str, Any]) -> dict[str, Any]:
     """results.json (one row per finished cell), table.md (mean ± std over seeds), plots."""
     rows = []
@@ -356,6 +388,8 @@ def aggregate(out: Path, cells: list[Cell], grid: dict[str, Any]) -> dict[str, A
         s = json.loads(path.read_text())
         rows.append({"cell": cell.cell_id, "seed": cell.seed, **cell.labels,
                      "final_accuracy": s["final_accuracy"], "best_accuracy": s["best_accuracy"],
+                     "last3_accuracy": last_rounds_accuracy(path.parent / "metrics.jsonl"),
+                     "device": s.get("device", "cpu"),
                      "total_upload_bytes": s["total_upload_bytes"],
                      "total_download_bytes": s["total_download_bytes"],
                      "total_upload_params": s["total_upload_params"],
@@ -368,15 +402,19 @@ def aggregate(out: Path, cells: list[Cell], grid: dict[str, Any]) -> dict[str, A
     table = [{**dict(zip(label_keys, key)), "seeds": len(rs),
               "final_accuracy": _fmt([r["final_accuracy"] for r in rs]),
               "best_accuracy": _fmt([r["best_accuracy"] for r in rs]),
+              "last3_accuracy": _fmt([r["last3_accuracy"] for r in rs
+                                      if r["last3_accuracy"] is not None]),
+              "devices": "+".join(sorted({r["device"] for r in rs})),
               "upload_MB": f"{statistics.fmean(r['total_upload_bytes'] for r in rs) / 1e6:.2f}",
               "upload_%_of_fedavg_full": _fmt([r["upload_fraction_of_fedavg_full"] for r in rs],
                                                100.0)}
              for key, rs in groups.items()]
     atomic_write_text(out / "results.json", json.dumps({"rows": rows, "table": table}, indent=1))
-    cols = label_keys + ["seeds", "final_accuracy", "best_accuracy", "upload_MB",
-                         "upload_%_of_fedavg_full"]
+    cols = label_keys + ["seeds", "final_accuracy", "best_accuracy", "last3_accuracy",
+                         "upload_MB", "upload_%_of_fedavg_full", "devices"]
     md = [f"# {grid['name']}: {len(rows)} of {len(cells)} cells finished", "",
-          "Accuracy in %, mean ± std over seeds.", "",
+          "Accuracy in %, mean ± std over seeds; last3 = mean of the last three rounds' "
+          "accuracy.", "",
           "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     md += ["| " + " | ".join(str(t.get(c, "")) for c in cols) + " |" for t in table]
     atomic_write_text(out / "table.md", "\n".join(md) + "\n")
