@@ -95,7 +95,7 @@ class ModelRuntime:
         self.cfg = cfg
         self.device = device
         self.num_labels = num_labels
-        base, self.tokenizer, self.source = load_base_model(cfg.name, num_labels, seed)
+        base, self.tokenizer, self.source = load_base_model(cfg.name, num_labels, seed, cfg.dtype)
         self._tiny_base = ({k: v.clone() for k, v in base.state_dict().items()}, base.config) \
             if self.source is None else None
         self.head_attr = find_head(base)

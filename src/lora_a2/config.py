@@ -22,6 +22,9 @@ SLOT_SCORES = ("frobenius", "rms")
 """Values of strategy.slot_score (the same tuple as selection.SLOT_SCORES, kept torch-free here)."""
 
 
+MODEL_DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
 @dataclass
 class ModelConfig:
     name: str = "minilm"
@@ -38,6 +41,10 @@ class ModelConfig:
     """Dropout on the LoRA input (not stated in the paper)."""
     init_std: float = 0.0
     """Std of A's Gaussian init; 0 = 1/sqrt(3·d_in) (the variance of PEFT's default init)."""
+    dtype: str = "float32"
+    """Dtype of the base weights: `float32` (whatever the checkpoint stores), `bfloat16`,
+    `float16`, or `auto` (the checkpoint's own, transformers 5's default). The LoRA factors stay
+    float32 (PEFT casts adapters up), so do uploads."""
 
 
 @dataclass
@@ -326,6 +333,8 @@ def validate(cfg: Config) -> None:
     _require(m.lora_alpha > 0, "model.lora_alpha", "must be > 0", m.lora_alpha)
     _require(0 <= m.lora_dropout < 1, "model.lora_dropout", "must be in [0, 1)", m.lora_dropout)
     _require(m.init_std >= 0, "model.init_std", "must be ≥ 0", m.init_std)
+    _require(m.dtype in MODEL_DTYPES, "model.dtype", f"must be one of {', '.join(MODEL_DTYPES)}",
+             m.dtype)
     _require(d.num_clients >= 1, "data.num_clients", "must be ≥ 1", d.num_clients)
     _require(d.partition in PARTITIONS, "data.partition", f"must be one of {', '.join(PARTITIONS)}",
              d.partition)

@@ -88,15 +88,19 @@ def tiny_random_bert(num_labels: int, seed: int):
     return BertForSequenceClassification(config), tokenizer
 
 
-def load_base_model(name: str, num_labels: int, seed: int):
+def load_base_model(name: str, num_labels: int, seed: int, dtype: str = "float32"):
     """Load (model, tokenizer, source) for a model name; the head is initialised from ``seed``.
 
     ``source`` is what a PEFT adapter config should record as its base (a path or hub name);
-    None for ``tiny-random-bert``, whose weights exist only in memory.
+    None for ``tiny-random-bert``, whose weights exist only in memory. ``dtype`` is the base
+    weights' dtype (``auto`` = the checkpoint's own). A checkpoint whose classifier has another
+    number of labels loads with a fresh head of the right size.
     """
     _quiet_transformers()
     if name == "tiny-random-bert":
         model, tok = tiny_random_bert(num_labels, seed)
+        if dtype in ("bfloat16", "float16"):
+            model = model.to(getattr(torch, dtype))
         return model, tok, None
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -107,8 +111,14 @@ def load_base_model(name: str, num_labels: int, seed: int):
     torch.manual_seed(seed)  # the freshly initialised head must be the same in every process
     try:
         tok = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels)
-    except (OSError, ValueError) as e:
+        import transformers
+
+        # transformers 5 names the argument `dtype` (and defaults to "auto"); 4.x `torch_dtype`.
+        key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+        model = AutoModelForSequenceClassification.from_pretrained(
+            source, num_labels=num_labels, ignore_mismatched_sizes=True,
+            **{key: dtype if dtype == "auto" else getattr(torch, dtype)})
+    except (OSError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"could not load model '{name}': {first}") from None
     return model, tok, source

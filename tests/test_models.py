@@ -1,0 +1,64 @@
+"""Loading checkpoints from local folders: dtype, a classifier of another size, bad folders."""
+
+import json
+
+import pytest
+import torch
+
+from lora_a2.adapter import ModelRuntime
+from lora_a2.cli import main
+from lora_a2.config import load_config
+from lora_a2.errors import UserError
+from lora_a2.models import load_base_model, tiny_random_bert
+
+
+@pytest.fixture(scope="module")
+def bf16_folder(tmp_path_factory):
+    """A tiny BERT saved in bfloat16 with a 3-label head, like a hub checkpoint on disk."""
+    path = tmp_path_factory.mktemp("bf16bert")
+    model, tok = tiny_random_bert(3, seed=0)
+    model.to(torch.bfloat16).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_float32_by_default_whatever_the_checkpoint_stores(bf16_folder):
+    model, _, source = load_base_model(str(bf16_folder), num_labels=3, seed=0)
+    assert source == str(bf16_folder)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_auto_keeps_the_checkpoint_dtype_and_lora_stays_float32(bf16_folder):
+    cfg = load_config(None, [f"model.name={bf16_folder}", "model.dtype=auto"])
+    rt = ModelRuntime(cfg.model, 3, 4, 0, torch.device("cpu"))
+    base = [p for n, p in rt.model.named_parameters() if "lora_" not in n]
+    assert {p.dtype for p in base} == {torch.bfloat16}
+    assert {p.dtype for n, p in rt.params.items() if n.endswith((".A", ".B"))} == {torch.float32}
+
+
+def test_a_checkpoint_with_another_number_of_labels_gets_a_fresh_head(bf16_folder):
+    model, _, _ = load_base_model(str(bf16_folder), num_labels=5, seed=0)
+    assert model.classifier.out_features == 5
+    again, _, _ = load_base_model(str(bf16_folder), num_labels=5, seed=0)
+    assert torch.equal(model.classifier.weight, again.classifier.weight)  # seeded
+
+
+def test_run_on_a_bf16_checkpoint_in_both_dtypes(bf16_folder, tmp_path, capsys):
+    base = ["--set", f"model.name={bf16_folder}", "--set", "data.name=bbc-news",
+            "--set", "data.max_train_examples=60", "--set", "data.max_test_examples=20",
+            "--set", "data.num_clients=2", "--set", "train.rounds=1",
+            "--set", "model.max_length=16", "--set", "strategy.name=lora-a2"]
+    for dtype in ("float32", "auto"):
+        out = tmp_path / dtype
+        assert main(["run", "-q", "--out", str(out), *base, "--set", f"model.dtype={dtype}"]) == 0
+        summary = json.loads((out / "summary.json").read_text())
+        # uploads are float32 values either way: 4 bytes each plus slot ids and a small header
+        assert summary["total_upload_bytes"] >= 4 * summary["total_upload_params"]
+
+
+def test_bad_model_folder_and_dtype_are_one_line_errors(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(UserError, match="could not load model"):
+        load_base_model(str(tmp_path), num_labels=2, seed=0)
+    with pytest.raises(UserError, match="model.dtype"):
+        load_config(None, ["model.dtype=float64"])
