@@ -54,6 +54,9 @@ def test_run_on_a_bf16_checkpoint_in_both_dtypes(bf16_folder, tmp_path, capsys):
         summary = json.loads((out / "summary.json").read_text())
         # uploads are float32 values either way: 4 bytes each plus slot ids and a small header
         assert summary["total_upload_bytes"] >= 4 * summary["total_upload_params"]
+        # what ran it, so wall times from different machines are not compared blindly
+        assert summary["device"] == "cpu" and summary["torch_version"] == torch.__version__
+        assert summary["device_name"] and summary["torch_threads"] >= 1
 
 
 def test_bad_model_folder_and_dtype_are_one_line_errors(tmp_path):

@@ -175,10 +175,24 @@ def summarize(exp: Experiment, records: list[dict[str, Any]], initial: dict[str,
         "train_examples": len(exp.train),
         "test_examples": len(exp.test),
         "device": str(exp.runtime.device),
+        **_machine(exp.runtime.device),
         "wall_s": wall_s,
         "out_dir": str(out),
         **_privacy_summary(exp, records),
     }
+
+
+def _machine(device: Any) -> dict[str, Any]:
+    """What ran the job, so wall times and cross-device differences can be told apart."""
+    import platform
+
+    import torch
+
+    dev = torch.device(device)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else \
+        (platform.processor() or platform.machine())
+    return {"device_name": name, "torch_version": torch.__version__,
+            "torch_threads": torch.get_num_threads()}
 
 
 def _privacy_summary(exp: Experiment, records: list[dict[str, Any]]) -> dict[str, Any]:
