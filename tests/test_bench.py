@@ -227,3 +227,19 @@ def test_list_piped_into_a_reader_that_stops_ends_quietly(tmp_path):
     err = p.stderr.read()
     p.wait(timeout=120)
     assert "Traceback" not in err and "BrokenPipe" not in err
+
+
+def test_workers_share_a_grid_and_each_cell_runs_once(tmp_path, capsys):
+    out = tmp_path / "w"
+    assert main(["bench", "smoke", "--smoke", "-q", "--workers", "2", "--out", str(out)]) == 0
+    assert "this call: {'ran': 20}" in capsys.readouterr().out
+    cells = [d for d in (out / "cells").iterdir() if d.is_dir()]
+    assert len(cells) == 20 and not list((out / "cells").glob("*.lock"))
+    for d in cells:  # no cell was run twice: one line per round, one summary
+        rounds = json.loads((d / "summary.json").read_text())["rounds"]
+        assert len((d / "metrics.jsonl").read_text().splitlines()) == rounds
+    assert len(json.loads((out / "results.json").read_text())["rows"]) == 20
+    assert sorted(p.name for p in (out / "workers").iterdir()) == ["0.log", "1.log"]
+    assert main(["bench", "smoke", "--smoke", "-q", "-j", "2", "--out", str(out)]) == 0
+    assert "this call: {'skipped': 20}" in capsys.readouterr().out
+    assert main(["bench", "smoke", "--smoke", "--workers", "0", "--out", str(out)]) == 2

@@ -351,6 +351,77 @@ def run_grid(spec: str, out: Path, smoke: bool = False, progress: bool = True,
     return result
 
 
+def run_grid_workers(spec: str, out: Path, workers: int, smoke: bool = False,
+                     progress: bool = True, only: list[str] | None = None) -> dict[str, Any]:
+    """:func:`run_grid` with ``workers`` processes on this machine, sharing the grid through the
+    cell locks (each process is a plain ``lora-a2 bench -q``), one progress bar over all of them.
+
+    Each worker gets ``cpu_count // workers`` torch threads unless ``OMP_NUM_THREADS`` is set;
+    its output goes to ``OUT/workers/<n>.log``. Ctrl-C stops the workers (SIGINT: a cell in
+    progress keeps its checkpoint and resumes on the next call).
+    """
+    import signal
+    import subprocess
+
+    grid = load_grid(spec)
+    all_cells = expand(grid, smoke)
+    cells = select(all_cells, only)
+    out = Path(out)
+    logs = out / "workers"
+    logs.mkdir(parents=True, exist_ok=True)
+    done_before = {c.cell_id for c in cells if cell_status(c, out) == "done"}
+    env = dict(os.environ)
+    threads = str(max(1, (os.cpu_count() or 1) // workers))
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.setdefault(var, threads)
+    cmd = [sys.executable, "-m", "lora_a2.cli", "bench", spec, "--out", str(out), "--quiet"]
+    cmd += ["--smoke"] if smoke else []
+    for pattern in only or []:
+        cmd += ["--only", pattern]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(cells), initial=len(done_before), unit="cell", file=sys.stderr,
+                   dynamic_ncols=True, desc=f"{workers} workers")
+    t0 = time.perf_counter()
+    procs = []
+    try:
+        for n in range(workers):
+            with open(logs / f"{n}.log", "w") as log:
+                procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
+            time.sleep(0.2)  # stagger the first lock grabs a little
+        while any(p.poll() is None for p in procs):
+            time.sleep(1.0)
+            if bar is not None:
+                bar.n = sum(cell_status(c, out) == "done" for c in cells)
+                bar.refresh()
+    except KeyboardInterrupt:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        for p in procs:
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        raise
+    finally:
+        if bar is not None:
+            bar.n = sum(cell_status(c, out) == "done" for c in cells)
+            bar.close()
+    statuses = {c.cell_id: cell_status(c, out) for c in cells}
+    counts: dict[str, int] = {}
+    for cid, st in statuses.items():
+        key = "skipped" if cid in done_before else ("ran" if st == "done" else st.split()[0])
+        counts[key] = counts.get(key, 0) + 1
+    failed = [n for n, p in enumerate(procs) if p.returncode not in (0, 1)]
+    result = aggregate(out, all_cells, grid)
+    result.update(counts=counts, wall_s=time.perf_counter() - t0, selected=len(cells),
+                  failed_workers=[str(logs / f"{n}.log") for n in failed])
+    return result
+
+
 def _fmt(xs: list[float], scale: float = 100.0) -> str:
     if not xs:
         return "—"

@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--smoke", action="store_true",
                        help="tiny model, few examples and rounds: every cell in seconds")
     bench.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    bench.add_argument("--workers", "-j", type=int, default=1, metavar="N",
+                       help="run N worker processes on this machine (they share the grid "
+                            "through cell locks; each gets cpu_count/N threads)")
     bench.add_argument("--list", action="store_true",
                        help="print every (selected) cell's status — done, running, partial, "
                             "error, todo — and run nothing")
@@ -85,7 +88,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import list_grid, load_grid, remaining_time, run_grid
+    from .bench import list_grid, load_grid, remaining_time, run_grid, run_grid_workers
 
     grid = load_grid(args.grid)
     out = Path(args.out) if args.out else Path("benchmarks") / "results" / (
@@ -110,12 +113,20 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                       + (f" ({guessed} cells costed at the grid mean)" if guessed else "")
                       + "; divide by the number of workers")
         return 0
-    result = run_grid(args.grid, out, smoke=args.smoke, progress=not args.quiet,
-                      only=args.only or None)
+    if not 1 <= args.workers <= 256:
+        raise UserError(f"--workers must be between 1 and 256, got {args.workers}")
+    if args.workers > 1:
+        result = run_grid_workers(args.grid, out, args.workers, smoke=args.smoke,
+                                  progress=not args.quiet, only=args.only or None)
+    else:
+        result = run_grid(args.grid, out, smoke=args.smoke, progress=not args.quiet,
+                          only=args.only or None)
     print(f"{result['finished']}/{result['cells']} cells of the grid finished "
           f"(this call: {result['counts']}); table: {result['table']}")
     print((out / "table.md").read_text(), end="")
-    return 0 if "error" not in result["counts"] else 1
+    for log in result.get("failed_workers", []):
+        print(f"lora-a2: a worker failed; see {log}", file=sys.stderr)
+    return 0 if "error" not in result["counts"] and not result.get("failed_workers") else 1
 
 
 def _cmd_speed(args: argparse.Namespace) -> int:
