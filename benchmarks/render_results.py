@@ -1,7 +1,7 @@
 """Render the benchmark tables of docs/RESULTS.md from the finished grid cells.
 
     python benchmarks/render_results.py            # rewrite the generated blocks of RESULTS.md
-    python benchmarks/render_results.py --print    # print them instead
+    python benchmarks/render_results.py --print    # print them instead; writes nothing
 
 Reads ``benchmarks/results/<grid>/cells/*/summary.json`` (through :func:`lora_a2.bench.aggregate`,
 which also refreshes each grid's results.json / table.md) and replaces every block
@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from lora_a2.bench import aggregate, expand, last_rounds_accuracy, load_grid
+from lora_a2.bench import aggregate, collect_rows, expand, last_rounds_accuracy, load_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -31,15 +31,17 @@ SPLIT_NAMES = {"dir0.5": "Dir(0.5)", "dir0.1": "Dir(0.1)", "dir0.01": "Dir(0.01)
                "path2": "2 classes/client"}
 
 
-def rows_of(grid_name: str) -> list[dict[str, Any]]:
-    """One row per finished cell of a built-in grid (its label values, accuracy, bytes, time)."""
+def rows_of(grid_name: str, write: bool = True) -> list[dict[str, Any]]:
+    """One row per finished cell of a built-in grid (its label values, accuracy, bytes, time);
+    with ``write`` the grid's results.json / table.md / plots are refreshed too."""
     grid = load_grid(grid_name)
     out = RESULTS / grid_name
     if not (out / "cells").is_dir():
         return []
     cells = expand(grid)
-    aggregate(out, cells, grid)
-    return json.loads((out / "results.json").read_text())["rows"]
+    if write:
+        aggregate(out, cells, grid)
+    return json.loads(json.dumps(collect_rows(out, cells)))
 
 
 def fmt(xs: list[float]) -> str:
@@ -310,8 +312,9 @@ def xdev_table() -> str:
     return "\n".join(lines)
 
 
-def render() -> dict[str, str]:
-    rows = {g: rows_of(g) for g in ("main", "hetero", "dp", "probe", "lr", "score")}
+def render(write: bool = True) -> dict[str, str]:
+    """Every generated block; with ``write`` also the grids' aggregate files and the figure."""
+    rows = {g: rows_of(g, write) for g in ("main", "hetero", "dp", "probe", "lr", "score")}
     blocks = main_tables(rows["main"])
     blocks["hetero"] = hetero_table(rows["hetero"])
     blocks["dp"] = dp_table(rows["dp"], rows["main"])
@@ -320,7 +323,8 @@ def render() -> dict[str, str]:
     blocks["lr"] = lr_table(rows["main"], rows["lr"])
     blocks["score"] = score_table(rows["main"], rows["score"])
     blocks["allocation_score"] = allocation_table("score")
-    curves_figure("main", "bbc-news")
+    if write:
+        curves_figure("main", "bbc-news")
     blocks["xdev"] = xdev_table()
     counts = {g: (len(r), len(expand(load_grid(g))), sum(x.get("device", "cpu") != "cpu"
                                                          for x in r))
@@ -334,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--print", action="store_true", help="print the blocks, leave the doc alone")
     args = ap.parse_args(argv)
-    blocks = render()
+    blocks = render(write=not args.print)
     if args.print:
         for name, text in blocks.items():
             print(f"## {name}\n{text}\n")

@@ -89,3 +89,12 @@ def test_score_table_pairs_the_same_seeds_and_ignores_the_paper_alpha():
     r = f"{statistics.fmean([70.0, 80.0]):.1f} ± {statistics.stdev([70.0, 80.0]):.1f}"
     assert f"| Dir(0.01) | 2 | 0, 1 | {m} | {r} |" in lines
     assert "| Dir(0.1) | 1 | · | · | · |" in lines
+
+
+def test_print_writes_nothing(capsys):
+    files = sorted((render.RESULTS).glob("*/results.json")) + \
+        sorted((render.RESULTS).glob("*/table.md")) + [render.DOC]
+    before = {f: f.read_bytes() for f in files}
+    assert render.main(["--print"]) == 0
+    assert "## main:bbc-news" in capsys.readouterr().out
+    assert {f: f.read_bytes() for f in files} == before

@@ -449,8 +449,8 @@ def last_rounds_accuracy(metrics: Path, n: int = 3) -> float | None:
     return statistics.fmean(accs[-n:]) if accs else None
 
 
-def aggregate(out: Path, cells: list[Cell], grid: dict[str, Any]) -> dict[str, Any]:
-    """results.json (one row per finished cell), table.md (mean ± std over seeds), plots."""
+def collect_rows(out: Path, cells: list[Cell]) -> list[dict[str, Any]]:
+    """One row per finished cell (labels, accuracy, bytes, device, time); reads, writes nothing."""
     rows = []
     for cell in cells:
         path = out / "cells" / cell.cell_id / "summary.json"
@@ -466,6 +466,12 @@ def aggregate(out: Path, cells: list[Cell], grid: dict[str, Any]) -> dict[str, A
                      "total_upload_params": s["total_upload_params"],
                      "upload_fraction_of_fedavg_full": s["upload_fraction_of_fedavg_full"],
                      "epsilon": s.get("epsilon"), "wall_s": s["wall_s"]})
+    return rows
+
+
+def aggregate(out: Path, cells: list[Cell], grid: dict[str, Any]) -> dict[str, Any]:
+    """results.json (one row per finished cell), table.md (mean ± std over seeds), plots."""
+    rows = collect_rows(out, cells)
     label_keys = [k for k in dict.fromkeys(k for c in cells for k in c.labels)]
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
