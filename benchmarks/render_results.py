@@ -3,8 +3,9 @@
     python benchmarks/render_results.py            # rewrite the generated blocks of RESULTS.md
     python benchmarks/render_results.py --print    # print them instead; writes nothing
 
-Reads ``benchmarks/results/<grid>/cells/*/summary.json`` (through :func:`lora_a2.bench.aggregate`,
-which also refreshes each grid's results.json / table.md) and replaces every block
+Reads ``benchmarks/results/<grid>/cells/*/summary.json`` (through
+:func:`lora_a2.bench.collect_rows`; without ``--print`` it also refreshes each grid's
+results.json / table.md / plots through :func:`lora_a2.bench.aggregate`) and replaces every block
 ``<!-- BEGIN name -->`` … ``<!-- END name -->`` of docs/RESULTS.md with a pivot table:
 mean ± sample std over seeds of the final test accuracy (%); a value from one seed only is
 marked ``¹``; ``·`` = not run yet. Nothing is typed in by hand.

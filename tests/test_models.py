@@ -47,7 +47,8 @@ def test_run_on_a_bf16_checkpoint_in_both_dtypes(bf16_folder, tmp_path, capsys):
     base = ["--set", f"model.name={bf16_folder}", "--set", "data.name=bbc-news",
             "--set", "data.max_train_examples=60", "--set", "data.max_test_examples=20",
             "--set", "data.num_clients=2", "--set", "train.rounds=1",
-            "--set", "model.max_length=16", "--set", "strategy.name=lora-a2"]
+            "--set", "model.max_length=16", "--set", "strategy.name=lora-a2",
+            "--set", "engine.device=cpu"]
     for dtype in ("float32", "auto"):
         out = tmp_path / dtype
         assert main(["run", "-q", "--out", str(out), *base, "--set", f"model.dtype={dtype}"]) == 0
@@ -57,6 +58,18 @@ def test_run_on_a_bf16_checkpoint_in_both_dtypes(bf16_folder, tmp_path, capsys):
         # what ran it, so wall times from different machines are not compared blindly
         assert summary["device"] == "cpu" and summary["torch_version"] == torch.__version__
         assert summary["device_name"] and summary["torch_threads"] >= 1
+
+
+def test_a_checkpoint_whose_body_does_not_match_its_config_is_an_error(bf16_folder, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(bf16_folder, broken)
+    cfg = json.loads((broken / "config.json").read_text())
+    cfg["intermediate_size"] = 2 * cfg["intermediate_size"]  # the weights stay the old size
+    (broken / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="does not have the shape its config.json implies"):
+        load_base_model(str(broken), num_labels=3, seed=0)
 
 
 def test_bad_model_folder_and_dtype_are_one_line_errors(tmp_path):

@@ -137,13 +137,22 @@ def _to_sets(overrides: dict[str, Any]) -> list[str]:
     return [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
 
 
-def run_cell(cell: Cell, out: Path) -> tuple[str, dict[str, Any] | None]:
+# Set by ``run_grid_workers`` for its workers: a cell that failed after this time (seconds since
+# the epoch) failed in this same call, under a sibling worker, and is not tried again.
+SINCE_ENV = "LORA_A2_BENCH_SINCE"
+
+
+def run_cell(cell: Cell, out: Path, since: float | None = None) -> tuple[str, dict[str, Any] | None]:
     """Run (or resume, or skip) one cell; returns (status, summary). Status ``busy``: another
-    live worker holds the cell's lock."""
+    live worker holds the cell's lock. A cell whose ``error.txt`` is newer than ``since`` is not
+    retried (``error``)."""
     cell_dir = out / "cells" / cell.cell_id
     summary_path = cell_dir / "summary.json"
     if summary_path.exists():
         return "skipped", json.loads(summary_path.read_text())
+    error = cell_dir / "error.txt"
+    if since is not None and error.exists() and error.stat().st_mtime >= since:
+        return "error", None
     lock = cell_dir.parent / f"{cell.cell_id}.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
     if not _take_lock(lock):
@@ -172,6 +181,34 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _is_stale(path: Path) -> bool:
+    """The lock was left by a dead process of this host (False if unreadable or mid-write)."""
+    try:
+        host, pid = path.read_text().split()
+        return host == socket.gethostname() and not _pid_alive(int(pid))
+    except (OSError, ValueError):
+        return False
+
+
+def _remove_if_stale(path: Path) -> None:
+    """Delete a stale lock, serialised through ``cells/.takeover`` so that two workers that both
+    saw the same stale lock cannot delete each other's fresh one (check and delete under one
+    exclusive ``flock``; without ``fcntl`` the check is simply repeated)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        if _is_stale(path):
+            path.unlink(missing_ok=True)
+        return
+    with open(path.parent / ".takeover", "a") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        try:
+            if _is_stale(path):
+                path.unlink(missing_ok=True)
+        finally:
+            fcntl.flock(guard, fcntl.LOCK_UN)
+
+
 def _take_lock(path: Path) -> bool:
     """Create the lock file ``path`` atomically; False when a live worker holds it."""
     me = f"{socket.gethostname()} {os.getpid()}\n"
@@ -179,14 +216,9 @@ def _take_lock(path: Path) -> bool:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            try:
-                host, pid = path.read_text().split()
-                stale = host == socket.gethostname() and not _pid_alive(int(pid))
-            except (OSError, ValueError):
-                stale = False  # being written right now, or unreadable: leave it alone
-            if not stale:
+            if not _is_stale(path):
                 return False
-            path.unlink(missing_ok=True)
+            _remove_if_stale(path)
             continue
         with os.fdopen(fd, "w") as f:
             f.write(me)
@@ -197,9 +229,9 @@ def _take_lock(path: Path) -> bool:
 def _run_locked(cell: Cell, cell_dir: Path) -> tuple[str, dict[str, Any] | None]:
     from .runner import run_experiment
 
-    cfg = load_config(None, _to_sets(cell.overrides))
     resume = (cell_dir / "config.toml").exists()
     try:
+        cfg = load_config(None, _to_sets(cell.overrides))  # a bad value fails this cell only
         summary = run_experiment(cfg, cell_dir, overwrite=not resume, progress=False,
                                  resume=resume)
     except UserError as e:
@@ -215,6 +247,8 @@ def _run_locked(cell: Cell, cell_dir: Path) -> tuple[str, dict[str, Any] | None]
 
 def select(cells: list[Cell], only: list[str] | None) -> list[Cell]:
     """Cells whose id matches any of the glob patterns in ``only`` (all when empty)."""
+    if not cells:
+        raise UserError("the grid has no cells (is its 'seeds' list empty?)")
     if not only:
         return cells
     chosen = [c for c in cells if any(fnmatch.fnmatchcase(c.cell_id, pat) for pat in only)]
@@ -336,10 +370,14 @@ def run_grid(spec: str, out: Path, smoke: bool = False, progress: bool = True,
         bar = tqdm(total=len(cells), unit="cell", file=sys.stderr, dynamic_ncols=True)
     counts: dict[str, int] = {}
     t0 = time.perf_counter()
+    try:
+        since = float(os.environ[SINCE_ENV])
+    except (KeyError, ValueError):
+        since = None
     for cell in cells:
         if bar is not None:
             bar.set_description(cell.cell_id[:60])
-        status, _ = run_cell(cell, out)
+        status, _ = run_cell(cell, out, since)
         counts[status] = counts.get(status, 0) + 1
         if bar is not None:
             bar.update(1)
@@ -357,8 +395,11 @@ def run_grid_workers(spec: str, out: Path, workers: int, smoke: bool = False,
     cell locks (each process is a plain ``lora-a2 bench -q``), one progress bar over all of them.
 
     Each worker gets ``cpu_count // workers`` torch threads unless ``OMP_NUM_THREADS`` is set;
-    its output goes to ``OUT/workers/<n>.log``. Ctrl-C stops the workers (SIGINT: a cell in
-    progress keeps its checkpoint and resumes on the next call).
+    its output goes to ``OUT/workers/<host>-<pid>-<n>.log``. A cell that fails is not retried by
+    a sibling in the same call. Ctrl-C or SIGTERM stops the workers (SIGINT: a cell in progress
+    keeps its checkpoint and resumes on the next call). ``unfinished`` in the result counts the
+    selected cells that are neither done nor failed nor held by a live worker elsewhere when the
+    workers have ended (a worker that crashed leaves them).
     """
     import signal
     import subprocess
@@ -367,58 +408,79 @@ def run_grid_workers(spec: str, out: Path, workers: int, smoke: bool = False,
     all_cells = expand(grid, smoke)
     cells = select(all_cells, only)
     out = Path(out)
-    logs = out / "workers"
-    logs.mkdir(parents=True, exist_ok=True)
     done_before = {c.cell_id for c in cells if cell_status(c, out) == "done"}
-    env = dict(os.environ)
-    threads = str(max(1, (os.cpu_count() or 1) // workers))
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        env.setdefault(var, threads)
-    cmd = [sys.executable, "-m", "lora_a2.cli", "bench", spec, "--out", str(out), "--quiet"]
-    cmd += ["--smoke"] if smoke else []
-    for pattern in only or []:
-        cmd += ["--only", pattern]
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(cells), initial=len(done_before), unit="cell", file=sys.stderr,
-                   dynamic_ncols=True, desc=f"{workers} workers")
     t0 = time.perf_counter()
-    procs = []
-    try:
-        for n in range(workers):
-            with open(logs / f"{n}.log", "w") as log:
-                procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
-            time.sleep(0.2)  # stagger the first lock grabs a little
-        while any(p.poll() is None for p in procs):
-            time.sleep(1.0)
+    procs: list[subprocess.Popen] = []
+    logs: list[Path] = []
+    if len(done_before) < len(cells):
+        log_dir = out / "workers"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            env.setdefault(var, threads)
+        env[SINCE_ENV] = repr(time.time())
+        cmd = [sys.executable, "-m", "lora_a2.cli", "bench", spec, "--out", str(out), "--quiet"]
+        cmd += ["--smoke"] if smoke else []
+        for pattern in only or []:
+            cmd += ["--only", pattern]
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(cells), initial=len(done_before), unit="cell",
+                       file=sys.stderr, dynamic_ncols=True, desc=f"{workers} workers")
+
+        def on_term(signum, frame):  # SIGTERM: stop like Ctrl-C
+            raise KeyboardInterrupt
+
+        old_term = signal.signal(signal.SIGTERM, on_term)
+        try:
+            for n in range(workers):
+                logs.append(log_dir / f"{socket.gethostname()}-{os.getpid()}-{n}.log")
+                with open(logs[-1], "w") as log:
+                    procs.append(subprocess.Popen(cmd, env=env, stdout=log,
+                                                  stderr=subprocess.STDOUT))
+                time.sleep(0.2)  # stagger the first lock grabs a little
+            while any(p.poll() is None for p in procs):
+                time.sleep(1.0)
+                if bar is not None:
+                    bar.n = sum(cell_status(c, out) == "done" for c in cells)
+                    bar.refresh()
+        except KeyboardInterrupt:
+            for p in procs:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGINT)
+            raise
+        finally:
+            signal.signal(signal.SIGTERM, old_term)
+            deadline = time.monotonic() + 60
+            for p in procs:  # whatever ended the loop, no worker outlives this call
+                try:
+                    p.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except (subprocess.TimeoutExpired, KeyboardInterrupt):
+                    p.kill()
+                    p.wait()
             if bar is not None:
                 bar.n = sum(cell_status(c, out) == "done" for c in cells)
-                bar.refresh()
-    except KeyboardInterrupt:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
-        for p in procs:
-            try:
-                p.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        raise
-    finally:
-        if bar is not None:
-            bar.n = sum(cell_status(c, out) == "done" for c in cells)
-            bar.close()
-    statuses = {c.cell_id: cell_status(c, out) for c in cells}
+                bar.close()
     counts: dict[str, int] = {}
-    for cid, st in statuses.items():
-        key = "skipped" if cid in done_before else ("ran" if st == "done" else st.split()[0])
+    unfinished = 0
+    for c in cells:
+        st = cell_status(c, out)
+        if c.cell_id in done_before:
+            key = "skipped"
+        elif st == "done":
+            key = "ran"  # or resumed
+        else:
+            key = st.split()[0]
+            unfinished += key in ("todo", "partial")
         counts[key] = counts.get(key, 0) + 1
-    failed = [n for n, p in enumerate(procs) if p.returncode not in (0, 1)]
+    failed = [str(logs[n]) for n, p in enumerate(procs) if p.returncode not in (0, 1)]
     result = aggregate(out, all_cells, grid)
     result.update(counts=counts, wall_s=time.perf_counter() - t0, selected=len(cells),
-                  failed_workers=[str(logs / f"{n}.log") for n in failed])
+                  failed_workers=failed, unfinished=unfinished,
+                  worker_logs=[str(p) for p in logs])
     return result
 
 

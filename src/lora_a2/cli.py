@@ -126,7 +126,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     print((out / "table.md").read_text(), end="")
     for log in result.get("failed_workers", []):
         print(f"lora-a2: a worker failed; see {log}", file=sys.stderr)
-    return 0 if "error" not in result["counts"] and not result.get("failed_workers") else 1
+    if result.get("unfinished"):
+        logs = ", ".join(result.get("worker_logs", []))
+        print(f"lora-a2: {result['unfinished']} selected cells were left unfinished when the "
+              f"workers ended; see {logs}", file=sys.stderr)
+    ok = "error" not in result["counts"] and not result.get("failed_workers") \
+        and not result.get("unfinished")
+    return 0 if ok else 1
 
 
 def _cmd_speed(args: argparse.Namespace) -> int:
@@ -167,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"run": _cmd_run, "config": _cmd_config, "strategies": _cmd_strategies,
                "bench": _cmd_bench, "speed": _cmd_speed}[args.command]
     try:
-        return handler(args)
+        rc = handler(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler below, not at exit
+        return rc
     except UserError as e:
         print(f"lora-a2: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -115,12 +115,21 @@ def load_base_model(name: str, num_labels: int, seed: int, dtype: str = "float32
 
         # transformers 5 names the argument `dtype` (and defaults to "auto"); 4.x `torch_dtype`.
         key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-        model = AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=num_labels, ignore_mismatched_sizes=True,
+        # ignore_mismatched_sizes lets a classifier of another size be replaced; any other
+        # weight whose shape differs from the config is a broken checkpoint (checked below).
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            source, num_labels=num_labels, ignore_mismatched_sizes=True, output_loading_info=True,
             **{key: dtype if dtype == "auto" else getattr(torch, dtype)})
     except (OSError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"could not load model '{name}': {first}") from None
+    bad = sorted({str(k[0] if isinstance(k, (tuple, list)) else k)
+                  for k in (info or {}).get("mismatched_keys", ())})
+    bad = [k for k in bad if not any(part in HEAD_NAMES for part in k.split("."))]
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise UserError(f"could not load model '{name}': weight '{bad[0]}'{more} does not have "
+                        f"the shape its config.json implies (a broken or mismatched checkpoint)")
     return model, tok, source
 
 

@@ -189,8 +189,17 @@ def _machine(device: Any) -> dict[str, Any]:
     import torch
 
     dev = torch.device(device)
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else \
-        (platform.processor() or platform.machine())
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev)
+    else:
+        name = platform.processor() or platform.machine()
+        try:  # Linux: platform.processor() is empty; the CPU model is in /proc/cpuinfo
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.lower().startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
     return {"device_name": name, "torch_version": torch.__version__,
             "torch_threads": torch.get_num_threads()}
 

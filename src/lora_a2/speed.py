@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from .client import _batch
 from .config import load_config
 from .engines.local import run_round
-from .errors import UserError
 from .experiment import prepare
 from .models import pick_device
 
@@ -129,9 +128,10 @@ def measure_bytes(model: str) -> dict[str, Any]:
             "ratio": record["upload_bytes"] / minimum}
 
 
-def measure_memory(model: str, clients: list[int]) -> list[dict[str, Any]]:
-    """Peak RSS of a 1-round run per client count, each in a fresh process."""
-    rows = []
+def measure_memory(model: str, clients: list[int]) -> tuple[list[dict[str, Any]], str | None]:
+    """Peak RSS of a 1-round run per client count, each in a fresh process: the rows measured
+    and, if a run failed, why (the counts after it are not tried)."""
+    rows: list[dict[str, Any]] = []
     for k in clients:
         with tempfile.TemporaryDirectory() as tmp:
             code = (
@@ -149,11 +149,11 @@ def measure_memory(model: str, clients: list[int]) -> list[dict[str, Any]]:
             res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
             if res.returncode != 0:
                 last = (res.stderr.strip().splitlines() or ["no output"])[-1]
-                raise UserError(f"memory run with {k} clients failed: {last}")
+                return rows, f"memory run with {k} clients failed: {last}"
             rss_kb = int(res.stdout.split("RSS")[-1].split()[0])
             rows.append({"clients": k, "peak_rss_mb": rss_kb / 1024,
                          "wall_s": time.perf_counter() - t0})
-    return rows
+    return rows, None
 
 
 def run_speed(model: str = "minilm", repeats: int = 3, local_epochs: int = 1,
@@ -170,10 +170,9 @@ def run_speed(model: str = "minilm", repeats: int = 3, local_epochs: int = 1,
     }
     # The memory runs use the twitter-sentiment data (enough examples for 1,000 clients); when
     # they cannot run, keep the timings measured so far and say why memory is missing.
-    try:
-        result["memory"] = measure_memory(model, memory_clients or [10, 100, 1000])
-    except UserError as e:
-        result["memory"], result["memory_error"] = [], str(e)
+    result["memory"], error = measure_memory(model, memory_clients or [10, 100, 1000])
+    if error:
+        result["memory_error"] = error
     mem = result["memory"]
     result["memory_per_client_kb"] = float(np.polyfit(
         [m["clients"] for m in mem], [m["peak_rss_mb"] * 1024 for m in mem], 1)[0]) \
