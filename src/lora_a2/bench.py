@@ -416,7 +416,11 @@ def run_grid_workers(spec: str, out: Path, workers: int, smoke: bool = False,
         log_dir = out / "workers"
         log_dir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
-        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        try:  # the cores this process may use (affinity, containers), not the machine's
+            cores = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cores = os.cpu_count() or 1
+        threads = str(max(1, cores // workers))
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             env.setdefault(var, threads)
         env[SINCE_ENV] = repr(time.time())
