@@ -409,6 +409,10 @@ def run_grid_workers(spec: str, out: Path, workers: int, smoke: bool = False,
     cells = select(all_cells, only)
     out = Path(out)
     done_before = {c.cell_id for c in cells if cell_status(c, out) == "done"}
+
+    def n_done() -> int:  # polled every second: one stat per cell, no file reads
+        return sum((out / "cells" / c.cell_id / "summary.json").exists() for c in cells)
+
     t0 = time.perf_counter()
     procs: list[subprocess.Popen] = []
     logs: list[Path] = []
@@ -449,7 +453,7 @@ def run_grid_workers(spec: str, out: Path, workers: int, smoke: bool = False,
             while any(p.poll() is None for p in procs):
                 time.sleep(1.0)
                 if bar is not None:
-                    bar.n = sum(cell_status(c, out) == "done" for c in cells)
+                    bar.n = n_done()
                     bar.refresh()
         except KeyboardInterrupt:
             for p in procs:
@@ -466,7 +470,7 @@ def run_grid_workers(spec: str, out: Path, workers: int, smoke: bool = False,
                     p.kill()
                     p.wait()
             if bar is not None:
-                bar.n = sum(cell_status(c, out) == "done" for c in cells)
+                bar.n = n_done()
                 bar.close()
     counts: dict[str, int] = {}
     unfinished = 0
