@@ -1,6 +1,8 @@
 """Benchmark grids: expansion, resumability, aggregation (on the smoke grid)."""
 
+import ast
 import json
+import re
 
 import pytest
 
@@ -252,6 +254,11 @@ def test_workers_share_a_grid_and_each_cell_runs_once(tmp_path, capsys):
     assert len(list((out / "workers").glob("*.log"))) == 2
     assert main(["bench", "smoke", "--smoke", "-q", "-j", "2", "--out", str(out)]) == 0
     assert "this call: {'skipped': 20}" in capsys.readouterr().out
+    # a cell killed mid-run (checkpoint, no summary) is counted as resumed, not ran
+    (cells[0] / "summary.json").unlink()
+    assert main(["bench", "smoke", "--smoke", "-q", "-j", "2", "--out", str(out)]) == 0
+    said = re.search(r"this call: (\{.*?\})", capsys.readouterr().out)
+    assert said and ast.literal_eval(said.group(1)) == {"skipped": 19, "resumed": 1}
     assert main(["bench", "smoke", "--smoke", "--workers", "0", "--out", str(out)]) == 2
 
 

@@ -408,7 +408,8 @@ def run_grid_workers(spec: str, out: Path, workers: int, smoke: bool = False,
     all_cells = expand(grid, smoke)
     cells = select(all_cells, only)
     out = Path(out)
-    done_before = {c.cell_id for c in cells if cell_status(c, out) == "done"}
+    before = {c.cell_id: cell_status(c, out) for c in cells}
+    done_before = {cid for cid, st in before.items() if st == "done"}
 
     def n_done() -> int:  # polled every second: one stat per cell, no file reads
         return sum((out / "cells" / c.cell_id / "summary.json").exists() for c in cells)
@@ -479,7 +480,7 @@ def run_grid_workers(spec: str, out: Path, workers: int, smoke: bool = False,
         if c.cell_id in done_before:
             key = "skipped"
         elif st == "done":
-            key = "ran"  # or resumed
+            key = "resumed" if before[c.cell_id].startswith("partial") else "ran"
         else:
             key = st.split()[0]
             unfinished += key in ("todo", "partial")
