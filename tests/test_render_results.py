@@ -100,3 +100,25 @@ def test_print_writes_nothing(monkeypatch, capsys):
     monkeypatch.setattr(render.Path, "write_text", no_writes)
     assert render.main(["--print"]) == 0
     assert "## main:bbc-news" in capsys.readouterr().out
+
+
+def test_claim_table_pairs_seeds_and_takes_the_best_baseline_per_column():
+    rows = [row("dir0.01", "1", "fl-lora", 0.50, 0), row("dir0.01", "1", "fl-lora", 0.60, 1),
+            row("dir0.01", "1", "ffa-lora", 0.58, 0), row("dir0.01", "1", "ffa-lora", 0.56, 1),
+            row("dir0.01", "1", "flexlora", 0.40, 0), row("dir0.01", "1", "flexlora", 0.90, 2),
+            row("dir0.01", "1", "lora-a2", 0.64, 0, alpha="256.0"),
+            row("dir0.01", "1", "lora-a2", 0.62, 1, alpha="256.0"),
+            row("dir0.01", "1", "lora-a2", 0.30, 0)]
+    for r, l3 in zip(rows, [0.5, 0.7, 0.5, 0.5, 0.4, 0.9, 0.6, 0.6, 0.3]):
+        r["last3_accuracy"] = l3
+    rows[6]["last3_accuracy"] = None   # a cell without metrics drops out of the last-3 pairing
+    lines = render.claim_table(rows, "bbc-news").splitlines()
+    line = next(x for x in lines if x.startswith("| 1 | Dir(0.01) |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    # α = 16 has seed 0 only (flexlora seed 2 pairs with nothing): best of 50, 58, 40 is 58
+    assert cells[2] == f"{30.0 - 58.0:+.1f} (n=1)"
+    # scaled: seeds 0 and 1 lack flexlora seed 1 -> only seed 0 pairs all three baselines
+    assert cells[3] == "ffa-lora 58.0" and cells[4] == f"{64.0 - 58.0:+.1f} (n=1)"
+    assert cells[5] == "·"                          # seed 0's scaled cell has no last-3
+    assert cells[6] == f"{68.88 - 45.78:+.1f}"      # the paper: LoRA-A2 − FL+LoRA at rank 1
+    assert "| 1 | 2 classes/client | · | · | · | · | · |" in lines
