@@ -112,6 +112,8 @@ def test_cell_locks_let_workers_share_a_grid(tmp_path):
                  only=["dir0.5__1__*__seed0", "path2__2__*__seed0"])
     # An unreadable lock is respected (never deleted on a guess): the cell waits for a human.
     assert r["counts"] == {"busy": 3, "ran": 1}
+    # grid.json describes the whole grid, not this call's --only selection
+    assert len(json.loads((out / "grid.json").read_text())["cells"]) == 20
     assert (cells / "path2__2__lora-a2__seed0.lock").exists()
     assert dict(list_grid("smoke", out, smoke=True))["path2__2__fl-lora__seed0"] == "done"
     assert (cells / "path2__2__fl-lora__seed0" / "summary.json").exists()

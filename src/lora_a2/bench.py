@@ -360,8 +360,9 @@ def run_grid(spec: str, out: Path, smoke: bool = False, progress: bool = True,
     cells = select(all_cells, only)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    # the grid as a whole (not this call's --only selection), so the file does not churn
     atomic_write_text(out / "grid.json", json.dumps({"grid": grid, "smoke": smoke,
-                                                     "cells": [c.cell_id for c in cells]},
+                                                     "cells": [c.cell_id for c in all_cells]},
                                                     indent=1, default=str))
     bar = None
     if progress:
