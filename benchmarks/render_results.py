@@ -340,6 +340,94 @@ def curves_figure(grid_name: str = "main", data: str = "bbc-news") -> Path | Non
     return path
 
 
+def round_accuracies(cell_dir: Path) -> list[float]:
+    """Test accuracy after each round 1..N of a cell (from its metrics.jsonl)."""
+    return [json.loads(x)["accuracy"]
+            for x in (cell_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+def _cell_method(o: dict[str, Any]) -> str:
+    name = o["strategy.name"]
+    return name + (f" (α = {float(o['model.lora_alpha']):g})" if o.get("model.lora_alpha") else "")
+
+
+def rounds_runs() -> list[dict[str, Any]]:
+    """The finished cells of the ``rounds`` grid with their per-round accuracies, each paired
+    with the main grid's cell of the same dataset, split, budget, method and seed (if any)."""
+    main_cells = {}
+    for c in expand(load_grid("main")):
+        o = c.overrides
+        main_cells[(o.get("data.name"), c.labels.get("split"), o.get("strategy.rank_budget"),
+                    _cell_method(o), c.seed)] = c.cell_id
+    runs = []
+    for c in expand(load_grid("rounds")):
+        cell_dir = RESULTS / "rounds" / "cells" / c.cell_id
+        if not (cell_dir / "summary.json").exists():
+            continue
+        o = c.overrides
+        key = (o.get("data.name"), c.labels.get("split"), o.get("strategy.rank_budget"),
+               _cell_method(o), c.seed)
+        main_dir = RESULTS / "main" / "cells" / main_cells.get(key, "-")
+        runs.append({"split": key[1], "method": key[3], "seed": c.seed,
+                     "accs": round_accuracies(cell_dir),
+                     "main": (round_accuracies(main_dir)
+                              if (main_dir / "summary.json").exists() else None)})
+    return runs
+
+
+def rounds_table(runs: list[dict[str, Any]]) -> str:
+    """Accuracy at rounds 8 / 16 / 24 of the longer schedule, the mean of its last three rounds,
+    and whether its first rounds repeat the main grid's 8-round cell."""
+    head = ["split", "method", "round 8", "round 16", "round 24", "mean of last 3",
+            "best (round)", "rounds 1–8 vs main grid"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in sorted(runs, key=lambda r: (SPLITS.index(r["split"]), r["method"], r["seed"])):
+        a = r["accs"]
+        at = [f"{100 * a[i - 1]:.1f}" if len(a) >= i else "·" for i in (8, 16, 24)]
+        best = max(range(len(a)), key=lambda i: a[i])
+        if r["main"] is None:
+            same = "·"
+        else:
+            n = min(len(a), len(r["main"]))
+            diff = max(abs(x - y) for x, y in zip(a[:n], r["main"][:n]))
+            same = "identical" if diff == 0 else f"max diff {100 * diff:.1f} points"
+        lines.append(f"| {SPLIT_NAMES[r['split']]} | {r['method']} | " + " | ".join(at)
+                     + f" | {100 * statistics.fmean(a[-3:]):.1f} | {100 * a[best]:.1f} "
+                       f"({best + 1}) | {same} |")
+    return "\n".join(lines)
+
+
+def rounds_figure(runs: list[dict[str, Any]]) -> Path | None:
+    """docs/figures/curves_rounds.png: accuracy per round of the longer schedule, one panel
+    per split, one line per method."""
+    if not runs:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    splits = [s for s in SPLITS if any(r["split"] == s for r in runs)]
+    fig, axes = plt.subplots(1, len(splits), figsize=(4.5 * len(splits), 3.6), dpi=100,
+                             sharey=True, squeeze=False)
+    for ax, sp in zip(axes.flat, splits):
+        for r in sorted((r for r in runs if r["split"] == sp), key=lambda r: r["method"]):
+            ax.plot(range(1, len(r["accs"]) + 1), [100 * x for x in r["accs"]], marker="o",
+                    ms=2.5, label=f"{r['method']} (seed {r['seed']})")
+        ax.axvline(8, color="grey", lw=0.8, ls="--")
+        ax.set_title(f"BBC News {SPLIT_NAMES[sp]}, budget 2", fontsize=9)
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    axes[0, 0].set_ylabel("test accuracy (%)")
+    fig.tight_layout()
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    path = FIGURES / "curves_rounds.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def xdev_table() -> str:
     """The same main-grid cells run on the CPU (the grid's own) and on a GPU
     (``benchmarks/results/xdev``): same config and seed, different floating-point rounding."""
@@ -369,7 +457,8 @@ def xdev_table() -> str:
 
 def render(write: bool = True) -> dict[str, str]:
     """Every generated block; with ``write`` also the grids' aggregate files and the figure."""
-    rows = {g: rows_of(g, write) for g in ("main", "hetero", "dp", "probe", "lr", "score")}
+    rows = {g: rows_of(g, write)
+            for g in ("main", "hetero", "dp", "probe", "lr", "score", "rounds")}
     blocks = main_tables(rows["main"])
     blocks["hetero"] = hetero_table(rows["hetero"])
     blocks["dp"] = dp_table(rows["dp"], rows["main"])
@@ -381,6 +470,10 @@ def render(write: bool = True) -> dict[str, str]:
     if write:
         curves_figure("main", "bbc-news")
     blocks["xdev"] = xdev_table()
+    runs = rounds_runs()
+    blocks["rounds"] = rounds_table(runs)
+    if write:
+        rounds_figure(runs)
     counts = {g: (len(r), len(expand(load_grid(g))), sum(x.get("device", "cpu") != "cpu"
                                                          for x in r))
               for g, r in rows.items()}

@@ -22,6 +22,17 @@ def test_builtin_grids_expand():
     assert all(c.overrides["strategy.global_rank"] == 16 for c in main_cells)
 
 
+@pytest.mark.parametrize("name", builtin_grids())
+def test_every_builtin_grid_expands_to_unique_valid_configs(name):
+    from lora_a2.bench import _to_sets
+    from lora_a2.config import load_config
+
+    cells = expand(load_grid(name))
+    assert cells and len({c.cell_id for c in cells}) == len(cells)
+    for c in cells:  # load_config validates: a typo in a grid fails here, not overnight
+        load_config(None, _to_sets(c.overrides))
+
+
 def test_smoke_grid_runs_resumes_and_tabulates(tmp_path):
     out = tmp_path / "b"
     first = run_grid("smoke", out, smoke=True, progress=False)
