@@ -376,10 +376,13 @@ def rounds_runs() -> list[dict[str, Any]]:
 
 
 def rounds_table(runs: list[dict[str, Any]]) -> str:
-    """Accuracy at rounds 8 / 16 / 24 of the longer schedule, the mean of its last three rounds,
-    and whether its first rounds repeat the main grid's 8-round cell."""
+    """Accuracy at rounds 8 / 16 / 24 of the longer schedule, the mean of its last three rounds
+    and of rounds 17–24, the mean absolute change from one round to the next after round 8 (how
+    much the global model swings), the best round, and whether its first rounds repeat the main
+    grid's 8-round cell."""
     head = ["split", "method", "round 8", "round 16", "round 24", "mean of last 3",
-            "best (round)", "rounds 1–8 vs main grid"]
+            "mean of rounds 17–24", "mean \\|change\\| per round after 8", "best (round)",
+            "rounds 1–8 vs main grid"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sorted(runs, key=lambda r: (SPLITS.index(r["split"]), r["method"], r["seed"])):
         a = r["accs"]
@@ -391,9 +394,12 @@ def rounds_table(runs: list[dict[str, Any]]) -> str:
             n = min(len(a), len(r["main"]))
             diff = max(abs(x - y) for x, y in zip(a[:n], r["main"][:n]))
             same = "identical" if diff == 0 else f"max diff {100 * diff:.1f} points"
+        tail = f"{100 * statistics.fmean(a[16:24]):.1f}" if len(a) >= 24 else "·"
+        swing = (f"{100 * statistics.fmean(abs(a[i] - a[i - 1]) for i in range(8, len(a))):.1f}"
+                 if len(a) > 8 else "·")
         lines.append(f"| {SPLIT_NAMES[r['split']]} | {r['method']} | " + " | ".join(at)
-                     + f" | {100 * statistics.fmean(a[-3:]):.1f} | {100 * a[best]:.1f} "
-                       f"({best + 1}) | {same} |")
+                     + f" | {100 * statistics.fmean(a[-3:]):.1f} | {tail} | {swing} "
+                       f"| {100 * a[best]:.1f} ({best + 1}) | {same} |")
     return "\n".join(lines)
 
 

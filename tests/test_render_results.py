@@ -134,11 +134,13 @@ def test_rounds_table_reads_rounds_and_compares_with_the_main_cell():
     lines = render.rounds_table(runs).splitlines()
     # the table is ordered by split (Dir(0.1) first), then method
     assert lines[2] == ("| Dir(0.1) | fl-lora | 37.0 | 45.0 | 53.0 | "
-                        f"{100 * statistics.fmean(accs[-3:]):.1f} | 53.0 (24) | identical |")
+                        f"{100 * statistics.fmean(accs[-3:]):.1f} | "
+                        f"{100 * statistics.fmean(accs[16:]):.1f} | 1.0 | 53.0 (24) | identical |")
     assert lines[3].startswith("| Dir(0.01) | flexlora |") and lines[3].endswith("| · |")
     rev = accs[::-1]
     diff = max(abs(x - y) for x, y in zip(rev[:8], accs[:7] + [0.99]))
     assert lines[4] == (f"| Dir(0.01) | lora-a2 (α = 128) | {100 * rev[7]:.1f} | "
                         f"{100 * rev[15]:.1f} | {100 * rev[23]:.1f} | "
-                        f"{100 * statistics.fmean(rev[-3:]):.1f} | 53.0 (1) | "
+                        f"{100 * statistics.fmean(rev[-3:]):.1f} | "
+                        f"{100 * statistics.fmean(rev[16:]):.1f} | 1.0 | 53.0 (1) | "
                         f"max diff {100 * diff:.1f} points |")
