@@ -310,9 +310,7 @@ def curves_figure(grid_name: str = "main", data: str = "bbc-news") -> Path | Non
         key = (cell.labels.get("split"), str(o.get("strategy.rank_budget")))
         if key not in curves:
             continue
-        name = o["strategy.name"]
-        if o.get("model.lora_alpha"):
-            name += f" (α = {float(o['model.lora_alpha']):g})"
+        name = _cell_method(o)
         first = json.loads((cell_dir / "initial_eval.json").read_text())["accuracy"]
         accs = [first] + [json.loads(x)["accuracy"]
                           for x in (cell_dir / "metrics.jsonl").read_text().splitlines()]
