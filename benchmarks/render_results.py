@@ -310,7 +310,7 @@ def curves_figure(grid_name: str = "main", data: str = "bbc-news") -> Path | Non
         key = (cell.labels.get("split"), str(o.get("strategy.rank_budget")))
         if key not in curves:
             continue
-        name = _cell_method(o)
+        name = method(o)
         first = json.loads((cell_dir / "initial_eval.json").read_text())["accuracy"]
         accs = [first] + [json.loads(x)["accuracy"]
                           for x in (cell_dir / "metrics.jsonl").read_text().splitlines()]
@@ -344,11 +344,6 @@ def round_accuracies(cell_dir: Path) -> list[float]:
             for x in (cell_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
 
 
-def _cell_method(o: dict[str, Any]) -> str:
-    name = o["strategy.name"]
-    return name + (f" (α = {float(o['model.lora_alpha']):g})" if o.get("model.lora_alpha") else "")
-
-
 def rounds_runs() -> list[dict[str, Any]]:
     """The finished cells of the ``rounds`` grid with their per-round accuracies, each paired
     with the main grid's cell of the same dataset, split, budget, method and seed (if any)."""
@@ -356,7 +351,7 @@ def rounds_runs() -> list[dict[str, Any]]:
     for c in expand(load_grid("main")):
         o = c.overrides
         main_cells[(o.get("data.name"), c.labels.get("split"), o.get("strategy.rank_budget"),
-                    _cell_method(o), c.seed)] = c.cell_id
+                    method(o), c.seed)] = c.cell_id
     runs = []
     for c in expand(load_grid("rounds")):
         cell_dir = RESULTS / "rounds" / "cells" / c.cell_id
@@ -364,7 +359,7 @@ def rounds_runs() -> list[dict[str, Any]]:
             continue
         o = c.overrides
         key = (o.get("data.name"), c.labels.get("split"), o.get("strategy.rank_budget"),
-               _cell_method(o), c.seed)
+               method(o), c.seed)
         main_dir = RESULTS / "main" / "cells" / main_cells.get(key, "-")
         runs.append({"split": key[1], "method": key[3], "seed": c.seed,
                      "accs": round_accuracies(cell_dir),
