@@ -307,3 +307,65 @@ def test_an_empty_grid_is_a_one_line_error(tmp_path, capsys):
     for extra in ([], ["--list"], ["--only", "x*"], ["--workers", "2"]):
         assert main(["bench", str(grid), "-q", "--out", str(tmp_path / "o"), *extra]) == 2
         assert "the grid has no cells" in capsys.readouterr().err
+
+
+SLOW_GRID = """
+name = "slow"
+seeds = [0]
+[base]
+"model.name" = "tiny-random-bert"
+"data.name" = "bbc-news"
+"data.num_clients" = 2
+"data.max_train_examples" = 40
+"data.max_test_examples" = 20
+"model.max_length" = 16
+"train.rounds" = 40
+[axes]
+"data.alpha" = [0.5, 1.0]
+"""
+
+
+def test_sigterm_stops_background_workers_that_ignore_sigint(tmp_path):
+    """`nohup lora-a2 bench --workers 2 &` starts every process with SIGINT ignored: SIGTERM to
+    the parent must still stop both workers cleanly (checkpoint kept, lock released), and the
+    next call resumes the cells instead of starting them again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    grid = tmp_path / "g.toml"
+    grid.write_text(SLOW_GRID)
+    out = tmp_path / "o"
+    cmd = [sys.executable, "-m", "lora_a2.cli", "bench", str(grid), "-q", "-j", "2",
+           "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        deadline = time.time() + 180
+        started = False
+        while time.time() < deadline and proc.poll() is None and not started:
+            time.sleep(0.2)  # both workers hold a cell and have checkpointed a round
+            started = len(list(out.glob("cells/*.lock"))) == 2 and all(
+                (out / "cells" / p.stem / "metrics.jsonl").exists()
+                for p in out.glob("cells/*.lock"))
+        assert started, "the workers did not start their cells"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    logs = [p.read_text() for p in (out / "workers").glob("*.log")]
+    assert len(logs) == 2 and all("lora-a2: interrupted" in log for log in logs), logs
+    cells = [d for d in (out / "cells").iterdir() if d.is_dir()]
+    assert not list((out / "cells").glob("*.lock"))
+    assert len(cells) == 2 and not any((d / "summary.json").exists() for d in cells)
+    assert all(not (d / "error.txt").exists() for d in cells)
+    assert main(["bench", str(grid), "-q", "--out", str(out)]) == 0
+    for d in cells:  # resumed after the last checkpoint: every round exactly once
+        rounds = [json.loads(line)["round"] for line in (d / "metrics.jsonl").read_text().splitlines()]
+        assert rounds == list(range(1, 41))

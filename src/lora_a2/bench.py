@@ -397,8 +397,9 @@ def run_grid_workers(spec: str, out: Path, workers: int, smoke: bool = False,
 
     Each worker gets ``cpu_count // workers`` torch threads unless ``OMP_NUM_THREADS`` is set;
     its output goes to ``OUT/workers/<host>-<pid>-<n>.log``. A cell that fails is not retried by
-    a sibling in the same call. Ctrl-C or SIGTERM stops the workers (SIGINT: a cell in progress
-    keeps its checkpoint and resumes on the next call). ``unfinished`` in the result counts the
+    a sibling in the same call. Ctrl-C or SIGTERM stops the workers (each gets SIGTERM, which it
+    treats like Ctrl-C: a cell in progress keeps its last round's checkpoint, releases its lock
+    and resumes on the next call; a worker still alive 60 s later is killed). ``unfinished`` in the result counts the
     selected cells that are neither done nor failed nor held by a live worker elsewhere when the
     workers have ended (a worker that crashed leaves them).
     """
@@ -458,9 +459,11 @@ def run_grid_workers(spec: str, out: Path, workers: int, smoke: bool = False,
                     bar.n = n_done()
                     bar.refresh()
         except KeyboardInterrupt:
+            # SIGTERM, not SIGINT: a worker started in the background (`nohup ... &`) has SIGINT
+            # ignored, and every bench process treats SIGTERM like Ctrl-C (see cli.main)
             for p in procs:
                 if p.poll() is None:
-                    p.send_signal(signal.SIGINT)
+                    p.send_signal(signal.SIGTERM)
             raise
         finally:
             signal.signal(signal.SIGTERM, old_term)

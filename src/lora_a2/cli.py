@@ -7,9 +7,13 @@ code 2; no traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import UserError
@@ -168,12 +172,48 @@ def _cmd_strategies(_: argparse.Namespace) -> int:
     return 0
 
 
+# A second stop signal this soon after the first is the same request arriving twice (Ctrl-C
+# reaches a bench worker from the terminal and again, as SIGTERM, from its parent): ignored, so
+# that it cannot cut short the clean-up the first one started. A later one interrupts again.
+_REPEAT_WINDOW_S = 2.0
+
+
+@contextlib.contextmanager
+def _stop_signals_interrupt() -> Iterator[None]:
+    """SIGTERM stops a command the way Ctrl-C does: ``KeyboardInterrupt`` in the main thread, so
+    a run or bench cell ends after writing nothing half-done (checkpoints are atomic, the cell
+    lock is released) and resumes on the next call. SIGINT gets the same handler unless it was
+    ignored when the process started (``nohup cmd &``), which is left as it is; SIGTERM then
+    still works. Handlers are restored on exit (tests call :func:`main` in-process)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    last = [float("-inf")]
+
+    def on_signal(signum: int, frame: object) -> None:
+        now = time.monotonic()
+        if now - last[0] < _REPEAT_WINDOW_S:
+            return
+        last[0] = now
+        raise KeyboardInterrupt
+
+    old = {signal.SIGTERM: signal.signal(signal.SIGTERM, on_signal)}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        old[signal.SIGINT] = signal.signal(signal.SIGINT, on_signal)
+    try:
+        yield
+    finally:
+        for signum, handler in old.items():
+            signal.signal(signum, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"run": _cmd_run, "config": _cmd_config, "strategies": _cmd_strategies,
                "bench": _cmd_bench, "speed": _cmd_speed}[args.command]
     try:
-        rc = handler(args)
+        with _stop_signals_interrupt():
+            rc = handler(args)
         sys.stdout.flush()  # a closed pipe shows here, inside the handler below, not at exit
         return rc
     except UserError as e:
