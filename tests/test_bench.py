@@ -140,6 +140,9 @@ def test_cell_locks_let_workers_share_a_grid(tmp_path):
     metrics.write_text(metrics.read_text().splitlines()[0] + "\n")
     assert dict(list_grid("smoke", out, smoke=True))["path2__2__fl-lora__seed0"] == \
         "partial 1/2 rounds"
+    (cells / "path2__2__fl-lora__seed0.lock").write_text(f"{host} {os.getpid()}\n")
+    assert dict(list_grid("smoke", out, smoke=True))["path2__2__fl-lora__seed0"] == \
+        f"running {host} {os.getpid()}, 1/2 rounds"
 
 
 def test_time_left_is_costed_from_finished_cells_of_the_same_strategy_and_data():
@@ -154,10 +157,13 @@ def test_time_left_is_costed_from_finished_cells_of_the_same_strategy_and_data()
     wall = {"c0": 100.0, "c1": 200.0, "c2": 400.0}
     statuses = ["done", "done", "done", "todo", "partial 3/8 rounds", "todo", "error"]
     left, guessed = estimate_remaining(cells, statuses, wall)
-    # c3: fl-lora on bbc → 150; c4: no fl-lora on rt → fl-lora anywhere → 150;
-    # c5: lora-a2 anywhere → 400; c6: no flora cell → grid mean (700 / 3), counted as guessed.
-    assert left == pytest.approx(150 + 150 + 400 + 700 / 3)
+    # c3: fl-lora on bbc → 150; c4: no fl-lora on rt → fl-lora anywhere → 150, 5 of 8 rounds
+    # left; c5: lora-a2 anywhere → 400; c6: no flora cell → grid mean (700 / 3), guessed.
+    assert left == pytest.approx(150 + 150 * 5 / 8 + 400 + 700 / 3)
     assert guessed == 1
+    statuses[5] = "running vm 12, 6/8 rounds"  # a running cell: what it has left, too
+    assert estimate_remaining(cells, statuses, wall)[0] == pytest.approx(
+        150 + 150 * 5 / 8 + 400 / 4 + 700 / 3)
     nothing, n = estimate_remaining(cells, ["todo"] * 7, {})
     assert nothing != nothing and n == 7  # NaN: nothing to time yet
 

@@ -26,6 +26,7 @@ import fnmatch
 import itertools
 import json
 import os
+import re
 import socket
 import statistics
 import sys
@@ -259,23 +260,29 @@ def select(cells: list[Cell], only: list[str] | None) -> list[Cell]:
 
 
 def cell_status(cell: Cell, out: Path) -> str:
-    """``done``, ``running <host> <pid>``, ``partial <r>/<T> rounds``, ``error`` or ``todo``."""
+    """``done``, ``running <host> <pid>[, <r>/<T> rounds]``, ``partial <r>/<T> rounds``,
+    ``error`` or ``todo`` (``r``: rounds in the cell's metrics.jsonl so far)."""
     cell_dir = out / "cells" / cell.cell_id
     if (cell_dir / "summary.json").exists():
         return "done"
+    metrics = cell_dir / "metrics.jsonl"
+    rounds = None
+    if metrics.exists():
+        try:
+            n = sum(1 for line in metrics.read_text().splitlines() if line.strip())
+            rounds = f"{n}/{cell.overrides.get('train.rounds', '?')} rounds"
+        except OSError:
+            pass
     lock = out / "cells" / f"{cell.cell_id}.lock"
     if lock.exists():
         try:
-            return "running " + " ".join(lock.read_text().split())
+            holder = "running " + " ".join(lock.read_text().split())
         except OSError:
-            return "running"
+            holder = "running"
+        return holder + (f", {rounds}" if rounds else "")
     if (cell_dir / "error.txt").exists():
         return "error"
-    metrics = cell_dir / "metrics.jsonl"
-    if metrics.exists():
-        rounds = sum(1 for line in metrics.read_text().splitlines() if line.strip())
-        return f"partial {rounds}/{cell.overrides.get('train.rounds', '?')} rounds"
-    return "todo"
+    return f"partial {rounds}" if rounds else "todo"
 
 
 def list_grid(spec: str, out: Path, smoke: bool = False,
@@ -325,7 +332,8 @@ def estimate_remaining(cells: list[Cell], statuses: list[str],
     """Seconds one worker needs for the cells not yet done, and how many of them were guessed
     from the grid-wide mean. ``wall`` maps finished cell ids to their measured wall time. A cell
     not done is costed at the mean wall time of the finished cells with the same strategy and
-    dataset, else the same strategy, else all finished cells (a partial cell counts whole)."""
+    dataset, else the same strategy, else all finished cells; a partial or running cell whose
+    status says ``r/T rounds`` is costed at the ``(T - r) / T`` it has left."""
     if not wall:
         return float("nan"), sum(st != "done" for st in statuses)
 
@@ -347,8 +355,14 @@ def estimate_remaining(cells: list[Cell], statuses: list[str],
         est = by_data.get((name, data), by_strategy.get((name,)))
         if est is None:
             est, guessed = overall, guessed + 1
+        m = _ROUNDS.search(st)
+        if m and int(m.group(2)) > 0:
+            est *= max(0.0, 1.0 - int(m.group(1)) / int(m.group(2)))
         total += est
     return total, guessed
+
+
+_ROUNDS = re.compile(r"(\d+)/(\d+) rounds")
 
 
 def run_grid(spec: str, out: Path, smoke: bool = False, progress: bool = True,
