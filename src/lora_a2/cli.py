@@ -1,4 +1,4 @@
-"""Command line: ``lora-a2 run | config | strategies``.
+"""Command line: ``lora-a2 run | config | strategies | bench | speed``.
 
 Every user mistake (bad flag, config key, value, data file) is one line on stderr and exit
 code 2; no traceback.
@@ -180,9 +180,9 @@ _REPEAT_WINDOW_S = 2.0
 
 @contextlib.contextmanager
 def _stop_signals_interrupt() -> Iterator[None]:
-    """SIGTERM stops a command the way Ctrl-C does: ``KeyboardInterrupt`` in the main thread, so
-    a run or bench cell ends after writing nothing half-done (checkpoints are atomic, the cell
-    lock is released) and resumes on the next call. SIGINT gets the same handler unless it was
+    """SIGTERM stops ``lora-a2 bench`` the way Ctrl-C does: ``KeyboardInterrupt`` in the main
+    thread, so the cell in progress ends with nothing half-written (checkpoints are atomic), its
+    lock released, and resumes on the next call. SIGINT gets the same handler unless it was
     ignored when the process started (``nohup cmd &``), which is left as it is; SIGTERM then
     still works. Handlers are restored on exit (tests call :func:`main` in-process)."""
     if threading.current_thread() is not threading.main_thread():
@@ -212,7 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"run": _cmd_run, "config": _cmd_config, "strategies": _cmd_strategies,
                "bench": _cmd_bench, "speed": _cmd_speed}[args.command]
     try:
-        with _stop_signals_interrupt():
+        # bench only: its workers are the long background processes (and a cell's lock is
+        # released on the way out); `run` keeps the default SIGTERM, which its atomic
+        # checkpoints survive, and which Flower's simulation may handle its own way
+        with _stop_signals_interrupt() if args.command == "bench" else contextlib.nullcontext():
             rc = handler(args)
         sys.stdout.flush()  # a closed pipe shows here, inside the handler below, not at exit
         return rc
