@@ -158,6 +158,47 @@ def claim_table(rows: list[dict[str, Any]], data: str) -> str:
     return "\n".join(lines)
 
 
+def weighted_local_steps(clients: list[dict[str, Any]], batch_size: int, epochs: int) -> float:
+    """Optimizer steps per round of the data-weighted average update: Σ_k (n_k / n) ·
+    ⌈n_k / batch⌉ · epochs (every client trains ``epochs`` passes of ⌈n_k / batch⌉ batches, and
+    FedAvg weights its update by n_k / n — so one big client's many steps dominate)."""
+    n = sum(c["num_examples"] for c in clients)
+    return sum(c["num_examples"] / n * -(-c["num_examples"] // batch_size) * epochs
+               for c in clients if c["num_examples"])
+
+
+def steps_table(rows: list[dict[str, Any]], grid_name: str = "main") -> str:
+    """Per dataset × split × seed of the main grid: the partition's largest client (share of
+    the training examples), the data-weighted local steps per round
+    (:func:`weighted_local_steps`), fedavg-full's final accuracy and the mean final accuracy of
+    the LoRA cells (all methods and budgets) on that partition."""
+    import tomllib
+
+    head = ["dataset", "split", "seed", "largest client %", "weighted steps / round",
+            "fedavg-full final", "LoRA cells: mean final (n)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    keys = sorted({(r["data.name"], r["split"], r["seed"]) for r in rows},
+                  key=lambda k: (k[0], SPLITS.index(k[1]) if k[1] in SPLITS else 9, k[2]))
+    for data, split, seed in keys:
+        mine = [r for r in rows if (r["data.name"], r["split"], r["seed"]) == (data, split, seed)]
+        cell = RESULTS / grid_name / "cells" / mine[0]["cell"]
+        try:
+            clients = json.loads((cell / "partition.json").read_text())["clients"]
+            train = tomllib.loads((cell / "config.toml").read_text())["train"]
+        except (OSError, ValueError, KeyError):
+            continue
+        n = sum(c["num_examples"] for c in clients)
+        steps = weighted_local_steps(clients, int(train["batch_size"]),
+                                     int(train["local_epochs"]))
+        full = [r["final_accuracy"] for r in mine if r["strategy.name"] == "fedavg-full"]
+        lora = [r["final_accuracy"] for r in mine if r["strategy.name"] != "fedavg-full"]
+        lines.append(f"| {data} | {SPLIT_NAMES.get(split, split)} | {seed} | "
+                     f"{100 * max(c['num_examples'] for c in clients) / n:.0f} | {steps:.1f} | "
+                     f"{f'{100 * full[0]:.1f}' if full else '·'} | "
+                     f"{f'{100 * statistics.fmean(lora):.1f} ({len(lora)})' if lora else '·'} |")
+    return "\n".join(lines)
+
+
 def hetero_table(rows: list[dict[str, Any]]) -> str:
     order = [(b, m) for b in ("uniform", "heavy-tail", "normal")
              for m in ("hetlora", "hetlora (α = 64)", "flexlora", "flora", "lora-a2",
@@ -459,6 +500,7 @@ def render(write: bool = True) -> dict[str, str]:
     rows = {g: rows_of(g, write)
             for g in ("main", "hetero", "dp", "probe", "lr", "score", "rounds")}
     blocks = main_tables(rows["main"])
+    blocks["steps"] = steps_table(rows["main"])
     blocks["hetero"] = hetero_table(rows["hetero"])
     blocks["dp"] = dp_table(rows["dp"], rows["main"])
     blocks["probe"] = probe_table(rows["main"], rows["probe"])

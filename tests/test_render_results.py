@@ -144,3 +144,31 @@ def test_rounds_table_reads_rounds_and_compares_with_the_main_cell():
                         f"{100 * statistics.fmean(rev[-3:]):.1f} | "
                         f"{100 * statistics.fmean(rev[16:]):.1f} | 1.0 | 53.0 (1) | "
                         f"max diff {100 * diff:.1f} points |")
+
+
+def test_weighted_local_steps_by_hand():
+    clients = [{"num_examples": 300}, {"num_examples": 17}, {"num_examples": 3},
+               {"num_examples": 0}]
+    # batches: ceil(300/16) = 19, ceil(17/16) = 2, ceil(3/16) = 1; weights n_k / 320
+    expected = (300 * 19 + 17 * 2 + 3 * 1) / 320 * 2
+    assert render.weighted_local_steps(clients, 16, 2) == pytest.approx(expected)
+    even = [{"num_examples": 32}] * 4  # equal clients: every one does 2 steps
+    assert render.weighted_local_steps(even, 16, 1) == pytest.approx(2.0)
+
+
+def test_steps_table_reads_the_partition_and_config_of_a_cell(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setattr(render, "RESULTS", tmp_path)
+    cell = tmp_path / "main" / "cells" / "c0"
+    cell.mkdir(parents=True)
+    (cell / "partition.json").write_text(json.dumps(
+        {"clients": [{"num_examples": 48}, {"num_examples": 16}]}))
+    (cell / "config.toml").write_text("[train]\nbatch_size = 16\nlocal_epochs = 1\n")
+    rows = [dict(row("dir0.1", "1", "fl-lora", 0.6, 0), cell="c0"),
+            dict(row("dir0.1", "1", "lora-a2", 0.8, 0), cell="c1"),
+            dict(row("dir0.1", "1", "fedavg-full", 0.9, 0), cell="c2")]
+    lines = render.steps_table(rows).splitlines()
+    assert len(lines) == 3
+    steps = 48 / 64 * 3 + 16 / 64 * 1
+    assert lines[2] == f"| bbc-news | Dir(0.1) | 0 | 75 | {steps:.1f} | 90.0 | 70.0 (2) |"
