@@ -281,9 +281,9 @@ def test_workers_share_a_grid_and_each_cell_runs_once(tmp_path, capsys):
     assert main(["bench", "smoke", "--smoke", "--workers", "0", "--out", str(out)]) == 2
 
 
-def test_workers_do_not_retry_a_cell_that_failed_in_the_same_call(tmp_path, capsys):
-    grid = tmp_path / "g.toml"
-    grid.write_text("""
+def tiny_grid(rounds: int, alphas: str) -> str:
+    """A two-cell grid of tiny-model runs (one cell per ``data.alpha``; -1 is invalid)."""
+    return f"""
 name = "g"
 seeds = [0]
 [base]
@@ -293,10 +293,15 @@ seeds = [0]
 "data.max_train_examples" = 40
 "data.max_test_examples" = 20
 "model.max_length" = 16
-"train.rounds" = 1
+"train.rounds" = {rounds}
 [axes]
-"data.alpha" = [0.5, -1.0]
-""")
+"data.alpha" = [{alphas}]
+"""
+
+
+def test_workers_do_not_retry_a_cell_that_failed_in_the_same_call(tmp_path, capsys):
+    grid = tmp_path / "g.toml"
+    grid.write_text(tiny_grid(rounds=1, alphas="0.5, -1.0"))
     out = tmp_path / "o"
     assert main(["bench", str(grid), "-q", "--workers", "2", "--out", str(out)]) == 1
     assert "'error': 1" in capsys.readouterr().out
@@ -315,20 +320,6 @@ def test_an_empty_grid_is_a_one_line_error(tmp_path, capsys):
         assert "the grid has no cells" in capsys.readouterr().err
 
 
-SLOW_GRID = """
-name = "slow"
-seeds = [0]
-[base]
-"model.name" = "tiny-random-bert"
-"data.name" = "bbc-news"
-"data.num_clients" = 2
-"data.max_train_examples" = 40
-"data.max_test_examples" = 20
-"model.max_length" = 16
-"train.rounds" = 40
-[axes]
-"data.alpha" = [0.5, 1.0]
-"""
 
 
 def test_sigterm_stops_background_workers_that_ignore_sigint(tmp_path):
@@ -342,7 +333,7 @@ def test_sigterm_stops_background_workers_that_ignore_sigint(tmp_path):
     import time
 
     grid = tmp_path / "g.toml"
-    grid.write_text(SLOW_GRID)
+    grid.write_text(tiny_grid(rounds=40, alphas="0.5, 1.0"))
     out = tmp_path / "o"
     cmd = [sys.executable, "-m", "lora_a2.cli", "bench", str(grid), "-q", "-j", "2",
            "--out", str(out)]
