@@ -242,6 +242,34 @@ def test_torn_metrics_line_is_dropped_on_resume(tmp_path, synthetic_csv):
     assert again == _final(tmp_path / "ref")
 
 
+def test_a_round_written_twice_is_kept_once_on_resume(tmp_path, synthetic_csv):
+    """Two processes that ran the same folder at once can leave a round's line twice (seen once
+    in a benchmark cell after its lock file was deleted by hand): the resume keeps one line per
+    round, so the per-round records and the summary's totals equal an uninterrupted run's."""
+    def args(out, rounds):
+        a = ["run", "--quiet", "--out", str(out), "--set", f"data.name=csv:{synthetic_csv}",
+             "--set", f"train.rounds={rounds}"]
+        for s in TINY:
+            a += ["--set", s]
+        return a
+
+    assert main(args(tmp_path / "ref", 3)) == 0
+    out = tmp_path / "d"
+    assert main(args(out, 2)) == 0
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text("\n".join([lines[0], lines[1], lines[1]]) + "\n")
+    cfg = (out / "config.toml").read_text().replace("rounds = 2", "rounds = 3")
+    (out / "config.toml").write_text(cfg)
+    assert main(["run", "--quiet", "--resume", str(out)]) == 0
+    got = _final(out)
+    assert [r["round"] for r in got[0]] == [1, 2, 3]
+    assert got == _final(tmp_path / "ref")
+    totals = ("total_upload_bytes", "total_download_bytes", "total_upload_params")
+    ref = json.loads((tmp_path / "ref" / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    assert {k: summary[k] for k in totals} == {k: ref[k] for k in totals}
+
+
 # ---------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("sets,needle", [
     (["strategy.name=fedprox"], "unknown strategy"),

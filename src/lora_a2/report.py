@@ -57,12 +57,14 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def truncate_metrics(path: Path, last_round: int) -> None:
-    """Keep only complete lines of rounds ≤ ``last_round`` (drops a torn tail after a crash)."""
+    """Keep only complete lines of rounds ≤ ``last_round``, one per round in round order (drops
+    a torn tail after a crash, and a round written twice — by two processes that ran the same
+    folder at once — keeps its last line, so totals summed over the lines stay right)."""
     path = Path(path)
     if not path.exists():
         return
     raw = path.read_bytes()
-    keep: list[str] = []
+    by_round: dict[int, str] = {}
     for line in raw.decode("utf-8", errors="replace").split("\n"):
         try:
             record = json.loads(line)
@@ -70,8 +72,8 @@ def truncate_metrics(path: Path, last_round: int) -> None:
             continue
         if isinstance(record, dict) and isinstance(record.get("round"), int) \
                 and record["round"] <= last_round:
-            keep.append(line)
-    text = "".join(k + "\n" for k in keep)
+            by_round[record["round"]] = line
+    text = "".join(by_round[r] + "\n" for r in sorted(by_round))
     if text.encode() != raw:
         atomic_write_text(path, text)
 
