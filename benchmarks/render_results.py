@@ -102,6 +102,8 @@ def main_tables(rows: list[dict[str, Any]]) -> dict[str, str]:
                                              ["budget", "method"], upload=False,
                                              metric="last3_accuracy")
         blocks[f"claim:{data}"] = claim_table(rows, data)
+        if data == "rotten-tomatoes":  # on BBC News no method ends a cell predicting one class
+            blocks[f"plateau:{data}"] = plateau_table(rows, data)
     return blocks
 
 
@@ -196,6 +198,57 @@ def steps_table(rows: list[dict[str, Any]], grid_name: str = "main") -> str:
                      f"{100 * max(c['num_examples'] for c in clients) / n:.0f} | {steps:.1f} | "
                      f"{f'{100 * full[0]:.1f}' if full else '·'} | "
                      f"{f'{100 * statistics.fmean(lora):.1f} ({len(lora)})' if lora else '·'} |")
+    return "\n".join(lines)
+
+
+def predicts_one_class(record: dict[str, Any], num_classes: int) -> bool:
+    """Whether a round's test predictions were all one class, read from its accuracy a and
+    macro-F1: a constant predictor has precision a and recall 1 on the class it predicts and F1
+    0 on the others, so its macro-F1 is exactly 2a / (1 + a) / K."""
+    a, f1 = record.get("accuracy"), record.get("macro_f1")
+    if a is None or f1 is None:
+        return False
+    return abs(f1 - 2 * a / (1 + a) / num_classes) < 1e-6
+
+
+def plateau_table(rows: list[dict[str, Any]], data: str, grid_name: str = "main") -> str:
+    """Per split × method (all budgets together; LoRA-A2 at the baselines' scale is its own
+    line): how many cells still predict one class after their last round, the median first
+    round whose predictions were mixed, and the mean final test loss."""
+    head = ["split", "method", "cells", "one class at the end", "first mixed round (median)",
+            "final test loss (mean)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    order = ["fedavg-full", "fl-lora", "ffa-lora", "flexlora", "lora-a2", "lora-a2 (scaled α)"]
+
+    def kind(r: dict[str, Any]) -> str:
+        return "lora-a2 (scaled α)" if r.get("model.lora_alpha") else r["strategy.name"]
+
+    for split in SPLITS:
+        for m in order:
+            mine = [r for r in rows if r["data.name"] == data and r["split"] == split
+                    and kind(r) == m]
+            stuck, firsts, losses = 0, [], []
+            for r in mine:
+                cell = RESULTS / grid_name / "cells" / r["cell"]
+                try:
+                    k = len(json.loads((cell / "partition.json").read_text())["label_names"])
+                    recs = [json.loads(x) for x in
+                            (cell / "metrics.jsonl").read_text().splitlines() if x.strip()]
+                except (OSError, ValueError, KeyError):
+                    continue
+                recs = [x for x in recs if x.get("accuracy") is not None]
+                if not recs:
+                    continue
+                stuck += predicts_one_class(recs[-1], k)
+                first = next((x["round"] for x in recs if not predicts_one_class(x, k)), None)
+                if first is not None:
+                    firsts.append(first)
+                losses.append(recs[-1]["loss"])
+            if not losses:
+                continue
+            med = f"{statistics.median(firsts):g}" if firsts else "—"
+            lines.append(f"| {SPLIT_NAMES[split]} | {m} | {len(losses)} | {stuck} | {med} | "
+                         f"{statistics.fmean(losses):.3f} |")
     return "\n".join(lines)
 
 

@@ -172,3 +172,37 @@ def test_steps_table_reads_the_partition_and_config_of_a_cell(tmp_path, monkeypa
     assert len(lines) == 3
     steps = 48 / 64 * 3 + 16 / 64 * 1
     assert lines[2] == f"| bbc-news | Dir(0.1) | 0 | 75 | {steps:.1f} | 90.0 | 70.0 (2) |"
+
+
+def test_predicts_one_class_matches_a_constant_predictors_macro_f1():
+    import numpy as np
+
+    from lora_a2.client import macro_f1  # the metric the cells' metrics.jsonl records
+
+    y = np.array([0] * 7 + [1] * 3 + [2] * 2)
+    for pred, expected in (([0] * 12, True), ([1] * 12, True), ([0] * 11 + [1], False)):
+        pred = np.array(pred)
+        rec = {"accuracy": float((pred == y).mean()), "macro_f1": macro_f1(y, pred, 3)}
+        assert render.predicts_one_class(rec, 3) is expected
+    assert render.predicts_one_class({"accuracy": 0.5}, 2) is False
+
+
+def test_plateau_table_counts_cells_stuck_on_one_class(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setattr(render, "RESULTS", tmp_path)
+    const = {"accuracy": 0.6, "macro_f1": 2 * 0.6 / 1.6 / 2, "loss": 0.7}
+    mixed = {"accuracy": 0.7, "macro_f1": 0.69, "loss": 0.5}
+    cells = {"a": [const, const], "b": [const, mixed], "c": [mixed, const]}
+    for name, recs in cells.items():
+        d = tmp_path / "main" / "cells" / name
+        d.mkdir(parents=True)
+        (d / "partition.json").write_text(json.dumps({"label_names": ["x", "y"]}))
+        (d / "metrics.jsonl").write_text("".join(
+            json.dumps({"round": i + 1, **r}) + "\n" for i, r in enumerate(recs)))
+    rows = [dict(row("path2", "1", "fl-lora", 0.6, s), cell=c, **{"data.name": "rt"})
+            for s, c in enumerate(cells)]
+    lines = render.plateau_table(rows, "rt").splitlines()
+    # a and c end on one class; b and c had mixed predictions first in rounds 2 and 1
+    assert lines[2:] == [f"| 2 classes/client | fl-lora | 3 | 2 | 1.5 | "
+                         f"{(0.7 + 0.5 + 0.7) / 3:.3f} |"]
