@@ -439,27 +439,33 @@ def round_accuracies(cell_dir: Path) -> list[float]:
 
 
 def rounds_runs() -> list[dict[str, Any]]:
-    """The finished cells of the ``rounds`` grid with their per-round accuracies, each paired
-    with the main grid's cell of the same dataset, split, budget, method and seed (if any)."""
+    """The finished cells of the longer-schedule grids (``rounds``: BBC News, ``rounds-rt``:
+    Rotten Tomatoes) with their per-round accuracies, each paired with the main grid's cell of
+    the same dataset, split, budget, method and seed (if any)."""
     main_cells = {}
     for c in expand(load_grid("main")):
         o = c.overrides
         main_cells[(o.get("data.name"), c.labels.get("split"), o.get("strategy.rank_budget"),
                     method(o), c.seed)] = c.cell_id
     runs = []
-    for c in expand(load_grid("rounds")):
-        cell_dir = RESULTS / "rounds" / "cells" / c.cell_id
-        if not (cell_dir / "summary.json").exists():
-            continue
-        o = c.overrides
-        key = (o.get("data.name"), c.labels.get("split"), o.get("strategy.rank_budget"),
-               method(o), c.seed)
-        main_dir = RESULTS / "main" / "cells" / main_cells.get(key, "-")
-        runs.append({"split": key[1], "method": key[3], "seed": c.seed,
-                     "accs": round_accuracies(cell_dir),
-                     "main": (round_accuracies(main_dir)
-                              if (main_dir / "summary.json").exists() else None)})
+    for grid_name in ROUNDS_GRIDS:
+        for c in expand(load_grid(grid_name)):
+            cell_dir = RESULTS / grid_name / "cells" / c.cell_id
+            if not (cell_dir / "summary.json").exists():
+                continue
+            o = c.overrides
+            key = (o.get("data.name"), c.labels.get("split"), o.get("strategy.rank_budget"),
+                   method(o), c.seed)
+            main_dir = RESULTS / "main" / "cells" / main_cells.get(key, "-")
+            runs.append({"data": key[0], "split": key[1], "method": key[3], "seed": c.seed,
+                         "accs": round_accuracies(cell_dir),
+                         "main": (round_accuracies(main_dir)
+                                  if (main_dir / "summary.json").exists() else None)})
     return runs
+
+
+ROUNDS_GRIDS = ("rounds", "rounds-rt")
+DATA_NAMES = {"bbc-news": "BBC News", "rotten-tomatoes": "Rotten Tomatoes"}
 
 
 def rounds_table(runs: list[dict[str, Any]]) -> str:
@@ -467,11 +473,13 @@ def rounds_table(runs: list[dict[str, Any]]) -> str:
     and of rounds 17–24, the mean absolute change from one round to the next after round 8 (how
     much the global model swings), the best round, and whether its first rounds repeat the main
     grid's 8-round cell."""
-    head = ["split", "method", "round 8", "round 16", "round 24", "mean of last 3",
+    head = ["dataset", "split", "method", "round 8", "round 16", "round 24", "mean of last 3",
             "mean of rounds 17–24", "mean \\|change\\| per round after 8", "best (round)",
             "rounds 1–8 vs main grid"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in sorted(runs, key=lambda r: (SPLITS.index(r["split"]), r["method"], r["seed"])):
+    data_order = list(DATA_NAMES)
+    for r in sorted(runs, key=lambda r: (data_order.index(r["data"]), SPLITS.index(r["split"]),
+                                         r["method"], r["seed"])):
         a = r["accs"]
         at = [f"{100 * a[i - 1]:.1f}" if len(a) >= i else "·" for i in (8, 16, 24)]
         best = max(range(len(a)), key=lambda i: a[i])
@@ -484,7 +492,8 @@ def rounds_table(runs: list[dict[str, Any]]) -> str:
         tail = f"{100 * statistics.fmean(a[16:24]):.1f}" if len(a) >= 24 else "·"
         swing = (f"{100 * statistics.fmean(abs(a[i] - a[i - 1]) for i in range(8, len(a))):.1f}"
                  if len(a) > 8 else "·")
-        lines.append(f"| {SPLIT_NAMES[r['split']]} | {r['method']} | " + " | ".join(at)
+        lines.append(f"| {DATA_NAMES[r['data']]} | {SPLIT_NAMES[r['split']]} | {r['method']} | "
+                     + " | ".join(at)
                      + f" | {100 * statistics.fmean(a[-3:]):.1f} | {tail} | {swing} "
                        f"| {100 * a[best]:.1f} ({best + 1}) | {same} |")
     return "\n".join(lines)
@@ -492,7 +501,7 @@ def rounds_table(runs: list[dict[str, Any]]) -> str:
 
 def rounds_figure(runs: list[dict[str, Any]]) -> Path | None:
     """docs/figures/curves_rounds.png: accuracy per round of the longer schedule, one panel
-    per split, one line per method."""
+    per dataset and split, one line per method."""
     if not runs:
         return None
     import matplotlib
@@ -500,15 +509,17 @@ def rounds_figure(runs: list[dict[str, Any]]) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    splits = [s for s in SPLITS if any(r["split"] == s for r in runs)]
-    fig, axes = plt.subplots(1, len(splits), figsize=(4.5 * len(splits), 3.6), dpi=100,
+    panels = [(d, sp) for d in DATA_NAMES for sp in SPLITS
+              if any((r["data"], r["split"]) == (d, sp) for r in runs)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), dpi=100,
                              sharey=True, squeeze=False)
-    for ax, sp in zip(axes.flat, splits):
-        for r in sorted((r for r in runs if r["split"] == sp), key=lambda r: r["method"]):
+    for ax, (data, sp) in zip(axes.flat, panels):
+        for r in sorted((r for r in runs if (r["data"], r["split"]) == (data, sp)),
+                        key=lambda r: r["method"]):
             ax.plot(range(1, len(r["accs"]) + 1), [100 * x for x in r["accs"]], marker="o",
                     ms=2.5, label=f"{r['method']} (seed {r['seed']})")
         ax.axvline(8, color="grey", lw=0.8, ls="--")
-        ax.set_title(f"BBC News {SPLIT_NAMES[sp]}, budget 2", fontsize=9)
+        ax.set_title(f"{DATA_NAMES[data]} {SPLIT_NAMES[sp]}, budget 2", fontsize=9)
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
@@ -551,7 +562,7 @@ def xdev_table() -> str:
 def render(write: bool = True) -> dict[str, str]:
     """Every generated block; with ``write`` also the grids' aggregate files and the figure."""
     rows = {g: rows_of(g, write)
-            for g in ("main", "hetero", "dp", "probe", "lr", "score", "rounds")}
+            for g in ("main", "hetero", "dp", "probe", "lr", "score", *ROUNDS_GRIDS)}
     blocks = main_tables(rows["main"])
     blocks["steps"] = steps_table(rows["main"])
     blocks["hetero"] = hetero_table(rows["hetero"])

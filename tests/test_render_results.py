@@ -126,20 +126,24 @@ def test_claim_table_pairs_seeds_and_takes_the_best_baseline_per_column():
 
 def test_rounds_table_reads_rounds_and_compares_with_the_main_cell():
     accs = [0.30 + 0.01 * i for i in range(24)]
-    runs = [{"split": "dir0.1", "method": "fl-lora", "seed": 0, "accs": accs,
-             "main": accs[:8]},
-            {"split": "dir0.01", "method": "lora-a2 (α = 128)", "seed": 0,
+    runs = [{"data": "rotten-tomatoes", "split": "path2", "method": "fl-lora", "seed": 0,
+             "accs": accs, "main": None},
+            {"data": "bbc-news", "split": "dir0.1", "method": "fl-lora", "seed": 0,
+             "accs": accs, "main": accs[:8]},
+            {"data": "bbc-news", "split": "dir0.01", "method": "lora-a2 (α = 128)", "seed": 0,
              "accs": accs[::-1], "main": accs[:7] + [0.99]},
-            {"split": "dir0.01", "method": "flexlora", "seed": 0, "accs": accs, "main": None}]
+            {"data": "bbc-news", "split": "dir0.01", "method": "flexlora", "seed": 0,
+             "accs": accs, "main": None}]
     lines = render.rounds_table(runs).splitlines()
-    # the table is ordered by split (Dir(0.1) first), then method
-    assert lines[2] == ("| Dir(0.1) | fl-lora | 37.0 | 45.0 | 53.0 | "
+    # the table is ordered by dataset (BBC News first), split (Dir(0.1) first), then method
+    assert lines[2] == ("| BBC News | Dir(0.1) | fl-lora | 37.0 | 45.0 | 53.0 | "
                         f"{100 * statistics.fmean(accs[-3:]):.1f} | "
                         f"{100 * statistics.fmean(accs[16:]):.1f} | 1.0 | 53.0 (24) | identical |")
-    assert lines[3].startswith("| Dir(0.01) | flexlora |") and lines[3].endswith("| · |")
+    assert lines[3].startswith("| BBC News | Dir(0.01) | flexlora |") and lines[3].endswith("| · |")
+    assert lines[5].startswith("| Rotten Tomatoes | 2 classes/client | fl-lora | 37.0 |")
     rev = accs[::-1]
     diff = max(abs(x - y) for x, y in zip(rev[:8], accs[:7] + [0.99]))
-    assert lines[4] == (f"| Dir(0.01) | lora-a2 (α = 128) | {100 * rev[7]:.1f} | "
+    assert lines[4] == (f"| BBC News | Dir(0.01) | lora-a2 (α = 128) | {100 * rev[7]:.1f} | "
                         f"{100 * rev[15]:.1f} | {100 * rev[23]:.1f} | "
                         f"{100 * statistics.fmean(rev[-3:]):.1f} | "
                         f"{100 * statistics.fmean(rev[16:]):.1f} | 1.0 | 53.0 (1) | "
