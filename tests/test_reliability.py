@@ -221,11 +221,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, synthetic_csv):
 
 def test_torn_metrics_line_is_dropped_on_resume(tmp_path, synthetic_csv):
     def args(out, rounds):
-        a = ["run", "--quiet", "--out", str(out), "--set", f"data.name=csv:{synthetic_csv}",
-             "--set", f"train.rounds={rounds}"]
-        for s in TINY:
-            a += ["--set", s]
-        return a
+        return _cli(out, synthetic_csv, rounds)[3:]  # the same flags, for main() in-process
 
     assert main(args(tmp_path / "ref", 2)) == 0
     out = tmp_path / "t"
@@ -247,11 +243,7 @@ def test_a_round_written_twice_is_kept_once_on_resume(tmp_path, synthetic_csv):
     in a benchmark cell after its lock file was deleted by hand): the resume keeps one line per
     round, so the per-round records and the summary's totals equal an uninterrupted run's."""
     def args(out, rounds):
-        a = ["run", "--quiet", "--out", str(out), "--set", f"data.name=csv:{synthetic_csv}",
-             "--set", f"train.rounds={rounds}"]
-        for s in TINY:
-            a += ["--set", s]
-        return a
+        return _cli(out, synthetic_csv, rounds)[3:]  # the same flags, for main() in-process
 
     assert main(args(tmp_path / "ref", 3)) == 0
     out = tmp_path / "d"
