@@ -413,9 +413,9 @@ def run_grid_workers(spec: str, out: Path, workers: int, smoke: bool = False,
     its output goes to ``OUT/workers/<host>-<pid>-<n>.log``. A cell that fails is not retried by
     a sibling in the same call. Ctrl-C or SIGTERM stops the workers (each gets SIGTERM, which it
     treats like Ctrl-C: a cell in progress keeps its last round's checkpoint, releases its lock
-    and resumes on the next call; a worker still alive 60 s later is killed). ``unfinished`` in the result counts the
-    selected cells that are neither done nor failed nor held by a live worker elsewhere when the
-    workers have ended (a worker that crashed leaves them).
+    and resumes on the next call; a worker still alive 60 s later is killed). ``unfinished`` in
+    the result counts the selected cells that are neither done nor failed nor held by a live
+    worker elsewhere when the workers have ended (a worker that crashed leaves them).
     """
     import signal
     import subprocess
