@@ -11,6 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lora_a2 import budgets as B
 from lora_a2.cli import main
@@ -225,6 +226,26 @@ def test_hetlora_rounds_norm_weighted_padding_and_self_pruning():
         assert upd.meta["rank"] == (pruned_rank(r, 0.5) if fell else r)
         assert new2.extra["ranks"][str(c)] == upd.meta["rank"]
         assert s.configure(3, c, new2).config["rank"] == upd.meta["rank"]
+
+
+def test_hetlora_client_weights_are_one_weight_per_client_for_every_module():
+    cfg, s, rt, ctxs = make("hetlora", ranks=[4, 2, 4], extra=["strategy.hetlora_weights='client'"])
+    new, _, _, trained, _, _ = run_round(s, rt, ctxs, 1, s.init_state(rt.initial_state()))
+    S = [sum(float(torch.linalg.matrix_norm(b @ a)) for a, b, *_ in trained[k].values())
+         for k in range(3)]
+    w = [x / sum(S) for x in S]
+    assert len(set(round(x, 9) for x in w)) == 3  # the weights differ, so the check can fail
+    for m in rt.layout.modules:
+        fac = [trained[k][m.name] for k in range(3)]
+        exp_a = sum(wk * F.pad(f[0], (0, 0, 0, 4 - f[0].shape[0])) for wk, f in zip(w, fac))
+        exp_b = sum(wk * F.pad(f[1], (0, 4 - f[1].shape[1])) for wk, f in zip(w, fac))
+        assert torch.allclose(new.tensors[f"{m.name}.A"].double(), exp_a, atol=1e-6)
+        assert torch.allclose(new.tensors[f"{m.name}.B"].double(), exp_b, atol=1e-6)
+
+
+def test_hetlora_weights_must_be_module_or_client():
+    with pytest.raises(UserError, match="strategy.hetlora_weights"):
+        make("hetlora", extra=["strategy.hetlora_weights='layer'"])
 
 
 # ---------------------------------------------------------------------- FLoRA

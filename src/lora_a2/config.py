@@ -21,6 +21,9 @@ from .errors import UserError
 SLOT_SCORES = ("frobenius", "rms")
 """Values of strategy.slot_score (the same tuple as selection.SLOT_SCORES, kept torch-free here)."""
 
+NORM_WEIGHTS = ("module", "client")
+"""Values of strategy.hetlora_weights: where HetLoRA's sparsity weight S_k is computed."""
+
 
 MODEL_DTYPES = ("float32", "bfloat16", "float16", "auto")
 
@@ -111,6 +114,10 @@ class StrategyConfig:
     """HetLoRA: rank self-pruning decay γ (r_k ← max(1, ⌊γ r_k⌋)); 1 = never prune."""
     prune_lambda: float = 1e-3
     """HetLoRA: weight λ of the self-pruning regulariser on the rank tail."""
+    hetlora_weights: str = "module"
+    """HetLoRA: "module" = S_k = ‖B_k A_k‖_F of each module weights that module (the paper's
+    definition for one LoRA module); "client" = S_k = Σ_m ‖B_km A_km‖_F, one weight per client
+    for every module (as some third-party reimplementations do)."""
 
 
 @dataclass
@@ -385,6 +392,8 @@ def validate(cfg: Config) -> None:
     _require(s.probe_epochs >= 1, "strategy.probe_epochs", "must be ≥ 1", s.probe_epochs)
     _require(0.0 < s.probe_fraction <= 1.0, "strategy.probe_fraction", "must be in (0, 1]",
              s.probe_fraction)
+    _require(s.hetlora_weights in NORM_WEIGHTS, "strategy.hetlora_weights",
+             f"must be one of {', '.join(NORM_WEIGHTS)}", s.hetlora_weights)
     _require(s.slot_score in SLOT_SCORES, "strategy.slot_score",
              f"must be one of {', '.join(SLOT_SCORES)}", s.slot_score)
     _require(t.rounds >= 1, "train.rounds", "must be ≥ 1", t.rounds)

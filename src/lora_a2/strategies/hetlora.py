@@ -19,12 +19,17 @@ Rules (paper §3 / Fig. 2, as summarised in DESIGN §3a):
   for one LoRA module W0 + B_k A_k; per module, a client's weight in a module reflects how much
   it changed *that* module, and the biggest module does not decide every module's weights.
   If every S_k of a module is 0, data weights are used. The head (when trained) is averaged
-  with data weights.
+  with data weights. ``strategy.hetlora_weights = "client"`` instead gives each client one
+  weight for every module, S_k = Σ_m ‖B_km A_km‖_F (what one third-party reimplementation
+  does; another weights per transformer layer), to check whether the choice matters.
 - **scaling**: one α / r_max for every client. The global adapter is one rank-r_max LoRA and a
   client's model is exactly its first r_k components, so no rescaling is needed on either side.
 
 Note: the pruning criterion's source is DESIGN §3a (recalled from the paper, not re-read here:
-the paper's text could not be retrieved offline).
+the paper's text could not be retrieved offline). Two third-party reimplementations (not the
+authors') use the regulariser Σ_m ‖A_m[t:]‖_F · ‖B_m[:, t:]‖_F with t = ⌊γ r⌋. With γ = 0.99
+and r ≤ 100 the tail is one slot, a rank-1 product b aᵀ, and ‖b aᵀ‖_F = ‖b‖ ‖a‖: the same
+value as the tail norm here.
 """
 
 from __future__ import annotations
@@ -111,9 +116,12 @@ class HetLora(HeteroRankStrategy):
         layout = self.layout
         assert layout is not None
         parts, p, tensors = self.unpack_replies(state, replies)
+        norms = [[product_norm(b, a) for a, b in zip(pt[0], pt[1])] for pt in parts]  # [k][m]
+        per_client = norm_weights([sum(n) for n in norms], fallback=p)
         for i, m in enumerate(layout.modules):
             As, Bs = [pt[0][i] for pt in parts], [pt[1][i] for pt in parts]
-            w = norm_weights([product_norm(b, a) for a, b in zip(As, Bs)], fallback=p)
+            w = (per_client if self.cfg.strategy.hetlora_weights == "client"
+                 else norm_weights([n[i] for n in norms], fallback=p))
             tensors[f"{m.name}.A"] = pad_and_average(As, w, layout.rank, axis=0)
             tensors[f"{m.name}.B"] = pad_and_average(Bs, w, layout.rank, axis=1)
         self.aggregate_head(state, tensors, [pt[2] for pt in parts],
