@@ -117,7 +117,7 @@ class StrategyConfig:
     hetlora_weights: str = "module"
     """HetLoRA: "module" = S_k = ‖B_k A_k‖_F of each module weights that module (the paper's
     definition for one LoRA module); "client" = S_k = Σ_m ‖B_km A_km‖_F, one weight per client
-    for every module (as some third-party reimplementations do)."""
+    for every module (as one third-party reimplementation does)."""
 
 
 @dataclass
