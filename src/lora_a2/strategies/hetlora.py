@@ -117,11 +117,11 @@ class HetLora(HeteroRankStrategy):
         assert layout is not None
         parts, p, tensors = self.unpack_replies(state, replies)
         norms = [[product_norm(b, a) for a, b in zip(pt[0], pt[1])] for pt in parts]  # [k][m]
-        per_client = norm_weights([sum(n) for n in norms], fallback=p)
+        per_client = (norm_weights([sum(n) for n in norms], fallback=p)
+                      if self.cfg.strategy.hetlora_weights == "client" else None)
         for i, m in enumerate(layout.modules):
             As, Bs = [pt[0][i] for pt in parts], [pt[1][i] for pt in parts]
-            w = (per_client if self.cfg.strategy.hetlora_weights == "client"
-                 else norm_weights([n[i] for n in norms], fallback=p))
+            w = per_client or norm_weights([n[i] for n in norms], fallback=p)
             tensors[f"{m.name}.A"] = pad_and_average(As, w, layout.rank, axis=0)
             tensors[f"{m.name}.B"] = pad_and_average(Bs, w, layout.rank, axis=1)
         self.aggregate_head(state, tensors, [pt[2] for pt in parts],
