@@ -42,7 +42,7 @@ def tiny_setup(sets: list[str], clients: int, n: int = 90, max_length: int = 24)
     """(cfg, strategy, runtime, client contexts) on the tiny random BERT and synthetic texts,
     the clients holding equal contiguous shares of ``n`` examples."""
     from lora_a2.adapter import ModelRuntime
-    from lora_a2.client import encode_texts
+    from lora_a2.tasks.classification import encode_texts
     from lora_a2.config import load_config
     from lora_a2.strategies import get_strategy
     from lora_a2.strategies.base import ClientContext

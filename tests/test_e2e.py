@@ -82,7 +82,7 @@ def test_tiny_adapter_reloads_through_peft(tmp_path, synthetic_csv):
     from peft import PeftModel
     from transformers import BertForSequenceClassification
 
-    from lora_a2.client import encode_texts
+    from lora_a2.tasks.classification import encode_texts
     from lora_a2.data import load_dataset
     from lora_a2.models import tiny_tokenizer
 
@@ -109,7 +109,7 @@ def test_minilm_lora_a2_learns_and_adapter_reproduces_accuracy(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from lora_a2.client import encode_texts
+    from lora_a2.tasks.classification import encode_texts
     from lora_a2.data import load_dataset
     from lora_a2.models import minilm_path
 

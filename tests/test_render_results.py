@@ -181,7 +181,7 @@ def test_steps_table_reads_the_partition_and_config_of_a_cell(tmp_path, monkeypa
 def test_predicts_one_class_matches_a_constant_predictors_macro_f1():
     import numpy as np
 
-    from lora_a2.client import macro_f1  # the metric the cells' metrics.jsonl records
+    from lora_a2.tasks.classification import macro_f1  # the metric the cells' metrics.jsonl records
 
     y = np.array([0] * 7 + [1] * 3 + [2] * 2)
     for pred, expected in (([0] * 12, True), ([1] * 12, True), ([0] * 11 + [1], False)):

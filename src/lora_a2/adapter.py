@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .config import ModelConfig
-from .models import LoraModule, find_head, find_target_modules, load_base_model
+from .config import Config, ModelConfig
+from .models import LoraModule, find_target_modules
 
 GROUPS = ("A", "B", "head", "full", "merged")
 
@@ -88,17 +88,36 @@ class ModelRuntime:
     lora_rank : rank of the attached adapter; ``None`` for full fine-tuning (no LoRA).
     seed : seeds the random head and A's init, so every process builds the same start.
     device : where the model runs.
+    task : the run's :class:`~lora_a2.tasks.LearningTask` (loads the base model, gives the loss
+        and PEFT's task type); default: classification with these model options.
     """
 
     def __init__(self, cfg: ModelConfig, num_labels: int, lora_rank: int | None, seed: int,
-                 device: torch.device) -> None:
+                 device: torch.device, task=None) -> None:
+        if task is None:
+            from .tasks.classification import Classification
+
+            task = Classification(Config(model=cfg))
         self.cfg = cfg
+        self.task = task
         self.device = device
         self.num_labels = num_labels
-        base, self.tokenizer, self.source = load_base_model(cfg.name, num_labels, seed, cfg.dtype)
-        self._tiny_base = ({k: v.clone() for k, v in base.state_dict().items()}, base.config) \
-            if self.source is None else None
-        self.head_attr = find_head(base)
+        base, self.tokenizer, self.source = task.load_model(num_labels, seed)
+        self._tiny_base = ({k: v.clone() for k, v in base.state_dict().items()}, base.config,
+                           type(base)) if self.source is None else None
+        if cfg.gradient_checkpointing:
+            if not getattr(base, "supports_gradient_checkpointing", False):
+                from .errors import UserError
+
+                raise UserError(f"model '{cfg.name}' does not support "
+                                f"model.gradient_checkpointing")
+            # non-reentrant: gradients reach the LoRA factors although every base weight and
+            # the inputs are frozen (the reentrant variant would drop them)
+            base.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        if getattr(base.config, "use_cache", None):
+            base.config.use_cache = False  # a KV cache is for generation, not training
+        self.head_attr = task.head_attr(base)
         self.params: dict[str, nn.Parameter] = {}
         self._base_weights: dict[str, tuple[nn.Parameter, Tensor]] = {}
         self._lora_layers: list[nn.Module] = []
@@ -116,7 +135,7 @@ class ModelRuntime:
             modules = find_target_modules(base, list(cfg.target_modules) or None)
             self.peft_config = LoraConfig(
                 r=lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                target_modules=[m.name for m in modules], task_type="SEQ_CLS")
+                target_modules=[m.name for m in modules], task_type=task.peft_task_type)
             self.model = get_peft_model(base, self.peft_config)
             inner = self.model.base_model.model
             for m in modules:
@@ -126,10 +145,10 @@ class ModelRuntime:
                 self._lora_layers.append(layer)
             self.default_scaling = float(self._lora_layers[0].scaling["default"]) \
                 if self._lora_layers else 0.0
-            head_mod = getattr(inner, self.head_attr)
+            head_mod = getattr(inner, self.head_attr) if self.head_attr else None
             head_params = head_mod.modules_to_save["default"] if hasattr(head_mod, "modules_to_save") \
                 else head_mod
-            for n, p in head_params.named_parameters():
+            for n, p in head_params.named_parameters() if head_params is not None else ():
                 self.params[f"head.{n}"] = p
                 if cfg.head == "trained":
                     head.append((f"head.{n}", tuple(p.shape)))
@@ -231,7 +250,8 @@ class ModelRuntime:
 
         ``PeftModel.from_pretrained(base, out_dir)`` restores it; the classifier head is saved
         with it (``modules_to_save``) because a fresh base model would draw another random head.
-        For ``tiny-random-bert`` the random base is saved beside it in ``base_model/``.
+        For a model built in code (``tiny-random-bert``, ``tiny-random-llama``) the random base
+        is saved beside it in ``base_model/``.
         """
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -246,7 +266,8 @@ class ModelRuntime:
         self.model.peft_config["default"].base_model_name_or_path = base_ref
         self.model.save_pretrained(out_dir)
         self.tokenizer.save_pretrained(out_dir)
-        info = {"base_model": base_ref, "num_labels": self.num_labels, "model_name": self.cfg.name}
+        info = {"base_model": base_ref, "model_name": self.cfg.name, "task": self.task.name,
+                **self.task.describe(self)}
         deltas = self.weight_deltas()
         if deltas:
             # FLoRA / FlexLoRA: the global model is base + these deltas (+ the adapter).
@@ -259,10 +280,8 @@ class ModelRuntime:
         return out_dir
 
     def _save_tiny_base(self, path: Path) -> None:
-        from transformers import BertForSequenceClassification
-
-        state, config = self._tiny_base
-        base = BertForSequenceClassification(config)
+        state, config, cls = self._tiny_base
+        base = cls(config)
         base.load_state_dict(state)
         base.save_pretrained(path)
         self.tokenizer.save_pretrained(path)

@@ -1,5 +1,8 @@
 """Client-side local training and evaluation on the shared model.
 
+The loss comes from the run's task (:meth:`lora_a2.tasks.LearningTask.loss`); nothing here knows
+whether the model classifies or generates.
+
 Masked training (DESIGN §2 step 4e): only selected slots may change. Gradients of unselected
 entries are zeroed before each optimiser step, and after each step every unselected entry is
 written back from the global value, so AdamW's weight decay and momentum cannot move it: the
@@ -9,11 +12,11 @@ entry stays bit-identical to the global state.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .adapter import ModelRuntime
@@ -21,29 +24,32 @@ from .adapter import ModelRuntime
 
 @dataclass
 class EncodedData:
-    """A tokenised dataset (tokenised once per process, reused by every client and round)."""
+    """A tokenised dataset (tokenised once per process, reused by every client and round).
+
+    ``labels`` is (n,) class ids for classification, or (n, L) target token ids with -100 where
+    no loss is taken (prompt and padding) for causal LMs. Padding is on the right. ``meta``
+    holds whatever else the task keeps beside the tensors (e.g. generation prompts).
+    """
 
     input_ids: Tensor  # (n, L) int64
     attention_mask: Tensor  # (n, L) int64
-    labels: Tensor  # (n,) int64
+    labels: Tensor  # (n,) or (n, L) int64
+    meta: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
-        return int(self.labels.numel())
+        return int(self.input_ids.shape[0])
 
 
-def encode_texts(tokenizer, texts: list[str], labels: np.ndarray, max_length: int) -> EncodedData:
-    enc = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length,
-                    return_tensors="pt")
-    return EncodedData(enc["input_ids"].long(), enc["attention_mask"].long(),
-                       torch.as_tensor(np.asarray(labels), dtype=torch.long))
-
-
-def _batch(data: EncodedData, idx: Tensor, device: torch.device):
+def batch_of(data: EncodedData, idx: Tensor, device: torch.device):
+    """``(input_ids, attention_mask, labels)`` of the examples ``idx`` on ``device``."""
     mask = data.attention_mask[idx]
     # Trim padding shared by the whole batch: same result, less compute on short texts.
     length = max(int(mask.sum(dim=1).max()), 1)
+    labels = data.labels[idx]
+    if labels.dim() == 2:
+        labels = labels[:, :length]
     return (data.input_ids[idx, :length].to(device), mask[:, :length].to(device),
-            data.labels[idx].to(device))
+            labels.to(device))
 
 
 @dataclass
@@ -66,7 +72,7 @@ def train_local(runtime: ModelRuntime, data: EncodedData, indices: np.ndarray,
     change. Masked entries keep exactly the value they had when this call started.
     A fresh AdamW each call: optimiser state never leaks between clients or rounds.
     ``regularizer()``, when given, is added to each step's loss (HetLoRA's self-pruning term);
-    the returned mean loss is the cross-entropy alone. ``max_steps`` stops after that many
+    the returned mean loss is the task's loss alone. ``max_steps`` stops after that many
     optimiser steps (LoRA-A2's shortened probe); the epochs' shuffles are drawn as usual.
     """
     model = runtime.model
@@ -88,9 +94,8 @@ def train_local(runtime: ModelRuntime, data: EncodedData, indices: np.ndarray,
         for start in range(0, len(order), batch_size):
             if max_steps is not None and len(losses) >= max_steps:
                 break
-            ids, att, y = _batch(data, order[start:start + batch_size], runtime.device)
-            logits = model(input_ids=ids, attention_mask=att).logits
-            loss = F.cross_entropy(logits, y)
+            loss = runtime.task.loss(model, batch_of(data, order[start:start + batch_size],
+                                                     runtime.device))
             opt.zero_grad(set_to_none=True)
             (loss + regularizer() if regularizer is not None else loss).backward()
             for n, (mask, _) in frozen.items():
@@ -107,37 +112,3 @@ def train_local(runtime: ModelRuntime, data: EncodedData, indices: np.ndarray,
         p.requires_grad_(False)
     model.eval()
     return float(np.mean(losses)) if losses else float("nan")
-
-
-@torch.no_grad()
-def evaluate(runtime: ModelRuntime, data: EncodedData, batch_size: int,
-             indices: np.ndarray | None = None) -> dict[str, float]:
-    """Accuracy, macro-F1 and mean cross-entropy of the model's current state."""
-    model = runtime.model
-    model.eval()
-    idx_all = torch.arange(len(data)) if indices is None else torch.as_tensor(indices)
-    preds, total_loss = [], 0.0
-    for start in range(0, len(idx_all), batch_size):
-        ids, att, y = _batch(data, idx_all[start:start + batch_size], runtime.device)
-        logits = model(input_ids=ids, attention_mask=att).logits.float()
-        total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
-        preds.append(logits.argmax(dim=-1).cpu())
-    pred = torch.cat(preds).numpy() if preds else np.zeros(0, dtype=np.int64)
-    true = data.labels[idx_all].numpy()
-    n = max(len(true), 1)
-    return {"accuracy": float((pred == true).mean()) if len(true) else float("nan"),
-            "macro_f1": macro_f1(true, pred, runtime.num_labels),
-            "loss": total_loss / n}
-
-
-def macro_f1(true: np.ndarray, pred: np.ndarray, num_classes: int) -> float:
-    """Unweighted mean of per-class F1 over the classes present in ``true`` or ``pred``."""
-    f1s = []
-    for c in range(num_classes):
-        tp = int(((pred == c) & (true == c)).sum())
-        fp = int(((pred == c) & (true != c)).sum())
-        fn = int(((pred != c) & (true == c)).sum())
-        if tp + fp + fn == 0:
-            continue
-        f1s.append(2 * tp / (2 * tp + fp + fn))
-    return float(np.mean(f1s)) if f1s else float("nan")

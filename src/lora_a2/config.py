@@ -31,9 +31,12 @@ MODEL_DTYPES = ("float32", "bfloat16", "float16", "auto")
 @dataclass
 class ModelConfig:
     name: str = "minilm"
-    """`minilm` (offline all-MiniLM-L6-v2), `tiny-random-bert`, a hub name or a local folder."""
+    """Classification: `minilm` (offline all-MiniLM-L6-v2), `tiny-random-bert`; causal LM:
+    `smollm2` (offline SmolLM2-135M-Instruct), `tiny-random-llama`; or a hub name, a local
+    folder, or a local `.gguf` file."""
     max_length: int = 64
-    """Tokens per example (truncation and padding)."""
+    """Tokens per example (truncation and padding). Causal LM: prompt + response; a longer
+    example has its input shortened, or is skipped (counted) when even that cannot fit."""
     head: str = "frozen"
     """Classifier head: `frozen` (the paper; seeded random init, never sent) or `trained`."""
     target_modules: list[str] = field(default_factory=list)
@@ -48,6 +51,9 @@ class ModelConfig:
     """Dtype of the base weights: `float32` (whatever the checkpoint stores), `bfloat16`,
     `float16`, or `auto` (the checkpoint's own, transformers 5's default). The LoRA factors stay
     float32 (PEFT casts adapters up), so do uploads."""
+    gradient_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass instead of keeping them: less
+    memory for longer sequences and bigger models, at about one extra forward pass of time."""
 
 
 @dataclass
@@ -77,6 +83,31 @@ class DataConfig:
     """Cap on test examples; 0 = all."""
     local_test_fraction: float = 0.0
     """If > 0, each client holds out this fraction of its data to report per-client accuracy."""
+    instruction_column: str = ""
+    """Causal LM, file/hub data: the instruction (prompt) column; empty = `instruction`."""
+    input_column: str = ""
+    """Causal LM: optional context column appended to the instruction; empty = `input` when the
+    data has it, else none."""
+    response_column: str = ""
+    """Causal LM: the reference answer column; empty = `response` (setting it on file data
+    selects the causal-lm task)."""
+    category_column: str = ""
+    """Causal LM: the category the non-IID split is made over; empty = `category` when the data
+    has it, else one category for all rows."""
+
+
+@dataclass
+class TaskConfig:
+    name: str = "auto"
+    """`classification` (encoder + classifier head), `causal-lm` (instruction tuning of a
+    decoder), or `auto`: the task the model or data belongs to (classification otherwise)."""
+    generate_examples: int = 32
+    """Causal LM: held-out examples answered by greedy decoding each round for ROUGE-L and
+    exact match (a fixed, seeded subset of the test set); 0 = no generation metric."""
+    max_new_tokens: int = 32
+    """Causal LM: tokens generated per answer at most."""
+    samples: int = 3
+    """Causal LM: sample generations written to samples.jsonl per round."""
 
 
 @dataclass
@@ -183,6 +214,7 @@ class PrivacyConfig:
 @dataclass
 class Config:
     seed: int = 0
+    task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
@@ -207,6 +239,7 @@ class Config:
 
 
 SECTIONS: dict[str, type] = {
+    "task": TaskConfig,
     "model": ModelConfig,
     "data": DataConfig,
     "strategy": StrategyConfig,
@@ -427,6 +460,31 @@ def validate(cfg: Config) -> None:
              "engine.device", "must be 'auto', 'cpu' or 'cuda[:N]'", e.device)
     _require(e.threads >= 0, "engine.threads", "must be ≥ 0", e.threads)
     _validate_privacy(cfg)
+    _validate_task(cfg)
+
+
+def _validate_task(cfg: Config) -> None:
+    from .tasks import resolve_task_name, task_names  # the registry: a new task file is enough
+
+    t = cfg.task
+    names = task_names()
+    _require(t.name == "auto" or t.name in names, "task.name",
+             f"must be 'auto' or one of {', '.join(names)}", t.name)
+    _require(t.generate_examples >= 0, "task.generate_examples", "must be ≥ 0",
+             t.generate_examples)
+    _require(t.max_new_tokens >= 1, "task.max_new_tokens", "must be ≥ 1", t.max_new_tokens)
+    _require(t.samples >= 0, "task.samples", "must be ≥ 0", t.samples)
+    resolved = resolve_task_name(cfg)
+    from .tasks import TASKS
+
+    TASKS[resolved](cfg).check(cfg)  # a model or dataset of another task: one line, here
+    if resolved != "classification":
+        _require(cfg.model.head == "frozen", "model.head",
+                 f"must be 'frozen' for task '{resolved}' (it has no classifier head)",
+                 cfg.model.head)
+        _require(cfg.data.local_test_fraction == 0, "data.local_test_fraction",
+                 f"is for classification; task '{resolved}' reports each client's loss on "
+                 f"its own categories instead", cfg.data.local_test_fraction)
 
 
 def _validate_privacy(cfg: Config) -> None:

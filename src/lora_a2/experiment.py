@@ -1,34 +1,39 @@
 """Everything a run needs before its first round, built once: data, partition, model, strategy.
 
 Shared by every engine, so the same config gives the same clients, model and start everywhere.
+The task (:mod:`lora_a2.tasks`) loads and encodes the data and builds the model; nothing here
+depends on which task it is.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from .adapter import ModelRuntime
-from .client import EncodedData, encode_texts
+from .client import EncodedData
 from .config import Config
-from .data import TextDataset, load_dataset, partition  # noqa
+from .data import partition
 from .models import pick_device
 from .strategies import Strategy, get_strategy
+from .tasks import LearningTask, get_task
 
 
 @dataclass
 class Experiment:
     cfg: Config
-    train: TextDataset
-    test: TextDataset
+    train: Any  # the task's dataset type: ``labels`` (class / category ids), ``label_names``
+    test: Any
     client_train: list[np.ndarray]  # per client: indices into ``train`` it trains on
     client_test: list[np.ndarray]  # per client: held-out local indices (empty unless enabled)
     strategy: Strategy
     runtime: ModelRuntime
     enc_train: EncodedData
     enc_test: EncodedData
+    task: LearningTask
 
     @property
     def num_labels(self) -> int:
@@ -49,24 +54,23 @@ def split_local_test(parts: list[np.ndarray], fraction: float, seed: int):
 
 
 def prepare(cfg: Config) -> Experiment:
-    """Load and split the data, partition it over clients, build the model and the strategy."""
+    """Load and encode the data, build the model and the strategy, partition the clients."""
     if cfg.engine.threads:
         torch.set_num_threads(cfg.engine.threads)
     d = cfg.data
-    train, test = load_dataset(
-        d.name, text_column=d.text_column or None, label_column=d.label_column or None,
-        seed=cfg.seed, test_fraction=d.test_fraction,
-        max_train_examples=d.max_train_examples or None,
-        max_test_examples=d.max_test_examples or None)
+    task = get_task(cfg)
+    train, test = task.load_data()
+    strategy = get_strategy(cfg)
+    runtime = ModelRuntime(cfg.model, len(train.label_names), strategy.lora_rank(), cfg.seed,
+                           pick_device(cfg.engine.device), task=task)
+    strategy.bind(runtime.layout)
+    # Encoding may drop examples that cannot fit (counted in the datasets' stats), so the
+    # partition is drawn over what was encoded.
+    enc_train, train = task.encode(runtime.tokenizer, train, "train")
+    enc_test, test = task.encode(runtime.tokenizer, test, "test")
     parts = partition(train.labels, d.num_clients, d.partition, alpha=d.alpha,
                       classes_per_client=d.classes_per_client,
                       min_examples=d.min_examples_per_client, seed=cfg.seed)
     client_train, client_test = split_local_test(parts, d.local_test_fraction, cfg.seed)
-    strategy = get_strategy(cfg)
-    runtime = ModelRuntime(cfg.model, len(train.label_names), strategy.lora_rank(), cfg.seed,
-                           pick_device(cfg.engine.device))
-    strategy.bind(runtime.layout)
-    enc_train = encode_texts(runtime.tokenizer, train.texts, train.labels, cfg.model.max_length)
-    enc_test = encode_texts(runtime.tokenizer, test.texts, test.labels, cfg.model.max_length)
     return Experiment(cfg, train, test, client_train, client_test, strategy, runtime, enc_train,
-                      enc_test)
+                      enc_test, task)

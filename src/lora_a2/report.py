@@ -79,8 +79,10 @@ def truncate_metrics(path: Path, last_round: int) -> None:
 
 
 def make_plots(records: list[dict[str, Any]], out_dir: Path, initial_accuracy: float | None,
-               title: str) -> list[Path]:
-    """accuracy per round, and accuracy against cumulative upload (MB)."""
+               title: str, metric: str = "accuracy",
+               label: str = "test accuracy (%)") -> list[Path]:
+    """The task's metric (accuracy; ROUGE-L for causal LMs) per round and against cumulative
+    upload (MB); file names keep the ``accuracy_*`` names whatever the metric."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -89,7 +91,7 @@ def make_plots(records: list[dict[str, Any]], out_dir: Path, initial_accuracy: f
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rounds = [r["round"] for r in records]
-    acc = [100 * r["accuracy"] for r in records]
+    acc = [100 * r[metric] for r in records]
     cum = [r["cumulative_upload_bytes"] / 1e6 for r in records]
     if initial_accuracy is not None:
         rounds, acc, cum = [0] + rounds, [100 * initial_accuracy] + acc, [0.0] + cum
@@ -99,7 +101,7 @@ def make_plots(records: list[dict[str, Any]], out_dir: Path, initial_accuracy: f
         fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=110)
         ax.plot(xs, acc, marker="o", ms=3)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylabel(label)
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
         fig.tight_layout()
@@ -117,13 +119,12 @@ def human_bytes(n: float) -> str:
     return f"{n:.2f} TB"
 
 
-def format_summary(s: dict[str, Any]) -> str:
+def format_summary(s: dict[str, Any], metric_lines: list[str]) -> str:
+    """The console summary; ``metric_lines`` are the task's (accuracy, or loss and ROUGE-L)."""
     lines = [
         f"strategy {s['strategy']} · model {s['model']} · data {s['data']} · "
         f"{s['num_clients']} clients · {s['rounds']} rounds",
-        f"  accuracy   final {100 * s['final_accuracy']:.2f}%  best {100 * s['best_accuracy']:.2f}% "
-        f"(round {s['best_round']})  start {100 * s['initial_accuracy']:.2f}%  "
-        f"macro-F1 {100 * s['final_macro_f1']:.2f}%",
+        *metric_lines,
         f"  upload     {human_bytes(s['total_upload_bytes'])} ({s['total_upload_params']:,} values)"
         f" = {100 * s['upload_fraction_of_fedavg_full']:.3f}% of fedavg-full's "
         f"{human_bytes(s['fedavg_full_upload_bytes'])}"
@@ -134,11 +135,21 @@ def format_summary(s: dict[str, Any]) -> str:
         f"  wall time  {s['wall_s']:.1f} s",
         f"  outputs    {s['out_dir']}",
     ]
+    rows = s.get("data_rows") or {}
+    skipped = {k: v for k, v in rows.get("skipped", {}).items() if v}
+    if skipped or rows.get("truncated"):
+        why = ", ".join(f"{v:,} {k}" for k, v in skipped.items())
+        lines.insert(1 + len(metric_lines),
+                     f"  data       {rows.get('read', 0):,} rows read, "
+                     f"{rows.get('kept', 0):,} kept"
+                     + (f"; skipped: {why}" if why else "")
+                     + (f"; {rows['truncated']:,} inputs shortened to fit"
+                        if rows.get("truncated") else ""))
     if s.get("epsilon") is not None:
         p = s.get("privacy", {})
-        lines.insert(4, f"  privacy    ε = {s['epsilon']:.3g}, δ = {s['delta']:g} "
+        lines.insert(len(lines) - 2, f"  privacy    ε = {s['epsilon']:.3g}, δ = {s['delta']:g} "
                         f"({p.get('mechanism', '?')}, {p.get('mode', '?')}, clip "
                         f"{p.get('clip', '?')}, noise multiplier {p.get('noise_multiplier', '?')})")
     if s.get("rejected_updates"):
-        lines.insert(3, f"  rejected   {s['rejected_updates']} updates")
+        lines.insert(len(lines) - 2, f"  rejected   {s['rejected_updates']} updates")
     return "\n".join(lines)

@@ -1,7 +1,8 @@
 """Run one experiment end to end and write its outputs.
 
 ``DIR/config.toml`` (fully resolved) · ``DIR/metrics.jsonl`` (a line per round) ·
-``DIR/summary.json`` · ``DIR/adapter/`` (PEFT format) · ``DIR/plots/`` · ``DIR/partition.json``.
+``DIR/summary.json`` · ``DIR/adapter/`` (PEFT format) · ``DIR/plots/`` · ``DIR/partition.json`` ·
+``DIR/samples.jsonl`` (causal LM: a few generations per round, round 0 = the base model).
 """
 
 from __future__ import annotations
@@ -81,13 +82,16 @@ def run_experiment(cfg: Config, out: Path, *, overwrite: bool = False, progress:
     else:
         start, state = ckpt[0] + 1, strategy.restore_state(ckpt[1])
     initial_path = out / "initial_eval.json"
+    metric = exp.task.metric
     if ckpt is not None and initial_path.exists():
         initial = json.loads(initial_path.read_text())
     else:
         initial = evaluate_state(exp, strategy.init_state(exp.runtime.initial_state())
                                  if ckpt is not None else state)
+        write_samples(out, 0, initial.pop("samples", None), first=ckpt is None)
         atomic_write_text(initial_path, json.dumps(initial))
     truncate_metrics(out / "metrics.jsonl", start - 1)
+    truncate_metrics(out / "samples.jsonl", start - 1)
     records: list[dict[str, Any]] = read_metrics(out / "metrics.jsonl")
     writer = MetricsWriter(out / "metrics.jsonl")
     per_round = clients_per_round(cfg)
@@ -102,6 +106,7 @@ def run_experiment(cfg: Config, out: Path, *, overwrite: bool = False, progress:
         state, record = round_fn(exp, rnd, state, on_client=(lambda c: bar.update(1)) if bar
                                   else None)
         metrics = evaluate_state(exp, state)
+        samples = metrics.pop("samples", None)
         cumulative += record["upload_bytes"]
         record = {**{k: record[k] for k in ("round", "strategy", "active_factor")}, **metrics,
                   **{k: v for k, v in record.items() if k not in ("round", "strategy",
@@ -109,12 +114,13 @@ def run_experiment(cfg: Config, out: Path, *, overwrite: bool = False, progress:
                   "cumulative_upload_bytes": cumulative,
                   **round_record(strategy.privacy, rnd),  # (ε, δ) so far under DP
                   "wall_s": time.perf_counter() - t0}
+        write_samples(out, rnd, samples)
         writer.write(record)
         save_checkpoint(out, rnd, state)
         records.append(record)
         if bar is not None:
-            bar.set_postfix(acc=f"{100 * metrics['accuracy']:.1f}%",
-                            up=f"{cumulative / 1e6:.1f}MB")
+            bar.set_postfix({metric: f"{100 * metrics[metric]:.1f}%", "loss": f"{metrics['loss']:.3f}",
+                             "up": f"{cumulative / 1e6:.1f}MB"})
     if bar is not None:
         bar.close()
 
@@ -123,16 +129,27 @@ def run_experiment(cfg: Config, out: Path, *, overwrite: bool = False, progress:
     summary = summarize(exp, records, initial, out, time.perf_counter() - t_start)
     summary["resumed_from_round"] = start - 1 if resume else None
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
-    make_plots(records, out / "plots", initial["accuracy"],
+    make_plots(records, out / "plots", initial[metric],
                f"{strategy.name} · {cfg.data.name} · {cfg.data.partition}"
-               + (f"({cfg.data.alpha})" if cfg.data.partition == "dirichlet" else ""))
+               + (f"({cfg.data.alpha})" if cfg.data.partition == "dirichlet" else ""),
+               metric=metric, label=exp.task.metric_label)
     return summary
+
+
+def write_samples(out: Path, rnd: int, samples: list[dict[str, Any]] | None,
+                  first: bool = False) -> None:
+    """Append the round's sample generations to ``samples.jsonl`` (one line per round)."""
+    if samples is None:
+        return
+    path = out / "samples.jsonl"
+    if first and path.exists():
+        path.unlink()
+    MetricsWriter(path).write({"round": rnd, "samples": samples})
 
 
 def summarize(exp: Experiment, records: list[dict[str, Any]], initial: dict[str, Any], out: Path,
               wall_s: float) -> dict[str, Any]:
     cfg = exp.cfg
-    best = max(records, key=lambda r: r["accuracy"])
     failed = sum(r.get("status") == "failed" for r in records)
     client_rounds = sum(r["num_replies"] for r in records)
     full = fedavg_full_params(exp)
@@ -141,6 +158,8 @@ def summarize(exp: Experiment, records: list[dict[str, Any]], initial: dict[str,
     # One float32 per value; the safetensors header adds ~100 bytes per message on top.
     full_bytes = full * 4 * client_rounds
     return {
+        "task": exp.task.name,
+        "metric": exp.task.metric,
         "strategy": cfg.strategy.name,
         "model": cfg.model.name,
         "data": cfg.data.name,
@@ -152,12 +171,7 @@ def summarize(exp: Experiment, records: list[dict[str, Any]], initial: dict[str,
         "global_rank": cfg.strategy.global_rank,
         "lora_rank": exp.strategy.lora_rank(),
         "num_lora_modules": exp.runtime.layout.num_modules,
-        "initial_accuracy": initial["accuracy"],
-        "final_accuracy": records[-1]["accuracy"],
-        "final_macro_f1": records[-1]["macro_f1"],
-        "final_loss": records[-1]["loss"],
-        "best_accuracy": best["accuracy"],
-        "best_round": best["round"],
+        **exp.task.summary(initial, records),
         "total_upload_bytes": sum(r["upload_bytes"] for r in records),
         "total_download_bytes": sum(r["download_bytes"] for r in records),
         "total_upload_params": total_up_params,
@@ -174,6 +188,7 @@ def summarize(exp: Experiment, records: list[dict[str, Any]], initial: dict[str,
         "upload_fraction_of_fl_lora": total_up_params / max(fl_lora, 1),
         "train_examples": len(exp.train),
         "test_examples": len(exp.test),
+        "data_rows": exp.train.stats,  # rows read, kept, skipped (with the reason), shortened
         "device": str(exp.runtime.device),
         **_machine(exp.runtime.device),
         "wall_s": wall_s,
@@ -247,4 +262,8 @@ def _progress(total: int, enabled: bool):
 
 
 def print_summary(summary: dict[str, Any]) -> None:
-    print(format_summary(summary))
+    from .tasks import TASKS, load_all
+
+    load_all()
+    task = TASKS[summary.get("task", "classification")]
+    print(format_summary(summary, task.summary_lines(summary)))

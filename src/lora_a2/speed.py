@@ -24,9 +24,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .client import _batch
+from .client import batch_of
 from .config import load_config
 from .engines.local import run_round
 from .experiment import prepare
@@ -58,9 +57,9 @@ def bare_round(exp, state) -> float:
         order = idx[torch.randperm(len(idx), generator=gen)]
         rt.model.train()
         for start in range(0, len(order), cfg.train.batch_size):
-            ids, att, y = _batch(exp.enc_train, order[start:start + cfg.train.batch_size],
-                                 rt.device)
-            loss = F.cross_entropy(rt.model(input_ids=ids, attention_mask=att).logits, y)
+            batch = batch_of(exp.enc_train, order[start:start + cfg.train.batch_size],
+                             rt.device)
+            loss = exp.task.loss(rt.model, batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

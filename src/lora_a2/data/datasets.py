@@ -37,7 +37,7 @@ import json
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,9 @@ class TextDataset:
     texts: list[str]
     labels: np.ndarray
     label_names: list[str]
+    stats: dict[str, Any] = field(default_factory=dict)
+    """Rows of the source: ``read``, ``kept``, ``skipped`` ({reason: count}); shared by the
+    train and test splits of one load (see :func:`load_dataset`)."""
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64)
@@ -106,6 +109,7 @@ class TextDataset:
             texts=[self.texts[i] for i in idx],
             labels=self.labels[idx].copy(),
             label_names=list(self.label_names),
+            stats=self.stats,
         )
 
 
@@ -179,11 +183,13 @@ def load_dataset(
     _check_options(seed, test_fraction, max_train_examples, max_test_examples)
     source = _read_source(name, text_column, label_column)
 
-    train_texts, train_values = _clean(source.train, dedupe=source.dedupe)
+    stats: dict[str, Any] = {"read": 0, "kept": 0, "skipped": {}}
+    train_texts, train_values = _clean(source.train, dedupe=source.dedupe, stats=stats)
     test_rows = None
     if source.test is not None:
         test_rows = _clean(
-            source.test, dedupe=source.dedupe, allow_empty=source.test_may_be_unlabelled
+            source.test, dedupe=source.dedupe, allow_empty=source.test_may_be_unlabelled,
+            stats=stats,
         )
         if not test_rows[0]:
             logger.warning("%s has no labelled rows; splitting train instead", source.test.where)
@@ -194,7 +200,7 @@ def load_dataset(
     )
     train_labels = np.array([to_id[v] for v in train_values], dtype=np.int64)
     _require_two_classes(train_labels, names, source.train.where)
-    full_train = TextDataset(train_texts, train_labels, names)
+    full_train = TextDataset(train_texts, train_labels, names, stats)
 
     if test_rows is None:
         rng = np.random.default_rng([seed, _SPLIT_STREAM])
@@ -202,7 +208,7 @@ def load_dataset(
         train, test = full_train.subset(train_idx), full_train.subset(test_idx)
     else:
         test_labels = np.array([to_id[v] for v in test_rows[1]], dtype=np.int64)
-        train, test = full_train, TextDataset(test_rows[0], test_labels, names)
+        train, test = full_train, TextDataset(test_rows[0], test_labels, names, stats)
 
     train = _maybe_subsample(train, max_train_examples, [seed, _TRAIN_SUBSAMPLE_STREAM])
     test = _maybe_subsample(test, max_test_examples, [seed, _TEST_SUBSAMPLE_STREAM])
@@ -616,10 +622,24 @@ def _normalise_label(value: Any) -> str | int | float:
     return str(value)
 
 
+SKIP_EMPTY = "empty text or label"
+SKIP_DUPLICATE = "duplicate or conflicting text"
+
+
+def count_skip(stats: dict[str, Any] | None, reason: str, n: int) -> None:
+    """Record ``n`` rows skipped for ``reason`` in a dataset's ``stats`` (no-op without)."""
+    if stats is None or n <= 0:
+        return
+    stats["skipped"][reason] = stats["skipped"].get(reason, 0) + n
+    stats["kept"] -= n
+
+
 def _clean(
-    split: _RawSplit, *, dedupe: bool, allow_empty: bool = False
+    split: _RawSplit, *, dedupe: bool, allow_empty: bool = False,
+    stats: dict[str, Any] | None = None,
 ) -> tuple[list[str], list[Any]]:
-    """Drop rows without text or label (counted, logged); optionally drop duplicate texts."""
+    """Drop rows without text or label and optionally duplicate texts, counting each reason in
+    ``stats`` (rows read, kept, skipped) so the run's summary can say what was left out."""
     texts: list[str] = []
     labels: list[Any] = []
     missing = 0
@@ -631,8 +651,14 @@ def _clean(
         labels.append(_normalise_label(label))
     if missing:
         logger.info("%s: dropped %d rows with empty text or missing label", split.where, missing)
+    if stats is not None:
+        stats["read"] += len(split.texts)
+        stats["kept"] += len(split.texts)
+    count_skip(stats, SKIP_EMPTY, missing)
     if dedupe:
+        before = len(texts)
         texts, labels = _drop_duplicates(texts, labels, split.where)
+        count_skip(stats, SKIP_DUPLICATE, before - len(texts))
     if not texts and not allow_empty:
         raise UserError(
             f"{split.where} has no usable rows ({len(split.texts)} rows, {missing} dropped "

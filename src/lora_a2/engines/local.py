@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 
-from ..client import evaluate
 from ..experiment import Experiment
 from ..config import clients_per_round
 from ..payload import InvalidPayload, decode, encode
@@ -118,14 +117,7 @@ def round_record(strategy, rnd: int, clients: list[int], per_client: list[dict[s
 
 
 def evaluate_state(exp: Experiment, state: ServerState) -> dict[str, Any]:
-    """Load the global state into the model and evaluate it on the global test set
-    (and on each client's held-out data when ``data.local_test_fraction`` > 0)."""
+    """Load the global state into the model and evaluate it with the run's task (the global
+    test set, and per client where the task defines it)."""
     exp.runtime.load(state.tensors)
-    metrics: dict[str, Any] = evaluate(exp.runtime, exp.enc_test, exp.cfg.train.eval_batch_size)
-    if any(len(t) for t in exp.client_test):
-        local = [evaluate(exp.runtime, exp.enc_train, exp.cfg.train.eval_batch_size, idx)["accuracy"]
-                 if len(idx) else None for idx in exp.client_test]
-        valid = [a for a in local if a is not None]
-        metrics["local_accuracy"] = local
-        metrics["local_accuracy_mean"] = float(np.mean(valid)) if valid else None
-    return metrics
+    return exp.task.evaluate(exp)

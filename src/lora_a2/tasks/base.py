@@ -1,0 +1,136 @@
+"""The task interface and its registry.
+
+A :class:`LearningTask` is everything that depends on *what* is learned: which data sources and
+base models fit it, how examples become tensors, the loss, the evaluation, the headline metric
+and PEFT's ``task_type`` for the exported adapter. Everything that depends on *how* a federation
+learns (strategies, aggregation, privacy, payloads, validation, checkpoints, engines) only sees
+the model's federated parameters and calls :meth:`LearningTask.loss` through the client loop.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from torch import Tensor, nn
+
+from ..config import Config
+from ..errors import UserError
+
+if TYPE_CHECKING:  # only for annotations: tasks are imported by the runtime, not the reverse
+    from ..adapter import ModelRuntime
+    from ..client import EncodedData
+    from ..experiment import Experiment
+
+TASKS: dict[str, type[LearningTask]] = {}
+
+
+def register_task(cls: type[LearningTask]) -> type[LearningTask]:
+    """Class decorator: make a task available by its ``name`` (``task.name``)."""
+    TASKS[cls.name] = cls
+    return cls
+
+
+def resolve_task_name(cfg: Config) -> str:
+    """``task.name``, or with ``auto`` the task that claims the model or the data (see
+    :meth:`LearningTask.claims`); classification when none does."""
+    from . import load_all
+
+    load_all()
+    if cfg.task.name != "auto":
+        return cfg.task.name
+    for name in sorted(TASKS):
+        if name != "classification" and TASKS[name].claims(cfg):
+            return name
+    return "classification"
+
+
+def get_task(cfg: Config) -> LearningTask:
+    name = resolve_task_name(cfg)
+    if name not in TASKS:
+        raise UserError(f"unknown task '{name}'; valid: auto, {', '.join(sorted(TASKS))}")
+    task = TASKS[name](cfg)
+    task.check(cfg)
+    return task
+
+
+class LearningTask(ABC):
+    """What is learned: data, encoding, loss, evaluation and export type (module docstring)."""
+
+    name: ClassVar[str]
+    #: the headline metric in ``metrics.jsonl`` (higher is better), e.g. ``accuracy``
+    metric: ClassVar[str]
+    #: how plots and the console name it
+    metric_label: ClassVar[str]
+    #: PEFT's ``task_type`` of the exported adapter
+    peft_task_type: ClassVar[str]
+    #: built-in model and dataset names that belong to this task (for ``task.name = "auto"``)
+    model_names: ClassVar[tuple[str, ...]] = ()
+    data_names: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+
+    @classmethod
+    def claims(cls, cfg: Config) -> bool:
+        """True when the config's model or data can only mean this task."""
+        return cfg.model.name in cls.model_names or cfg.data.name in cls.data_names
+
+    def check(self, cfg: Config) -> None:
+        """Refuse a model or dataset that belongs to another task (one-line :class:`UserError`)."""
+        for other in TASKS.values():
+            if other is type(self):
+                continue
+            if cfg.model.name in other.model_names:
+                raise UserError(f"model '{cfg.model.name}' is for task '{other.name}', but the "
+                                f"task is '{self.name}' (set task.name = \"auto\" or "
+                                f"\"{other.name}\", or pick another model)")
+            if cfg.data.name in other.data_names:
+                raise UserError(f"dataset '{cfg.data.name}' is for task '{other.name}', but the "
+                                f"task is '{self.name}' (set task.name = \"auto\" or "
+                                f"\"{other.name}\", or pick another dataset)")
+
+    # -- data -------------------------------------------------------------------
+    @abstractmethod
+    def load_data(self) -> tuple[Any, Any]:
+        """``(train, test)`` datasets. Each has ``labels`` (the int class or category per
+        example, which the non-IID partitioners split on), ``label_names`` and ``stats``
+        (rows read / kept / skipped with reasons), and a ``subset(idx)`` method."""
+
+    @abstractmethod
+    def encode(self, tokenizer, dataset: Any, split: str) -> tuple[EncodedData, Any]:
+        """Tokenise ``dataset`` once; return the tensors and the dataset they cover (rows that
+        cannot be encoded are dropped *and counted* in ``stats``)."""
+
+    # -- model ------------------------------------------------------------------
+    @abstractmethod
+    def load_model(self, num_labels: int, seed: int) -> tuple[nn.Module, Any, str | None]:
+        """``(base model, tokenizer, source)``; ``source`` is what the adapter records as its
+        base (None for a model built in code)."""
+
+    def head_attr(self, model: nn.Module) -> str | None:
+        """Attribute of a task head outside the LoRA targets (a classifier), or None."""
+        return None
+
+    # -- training and evaluation ------------------------------------------------
+    @abstractmethod
+    def loss(self, model: nn.Module, batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        """Mean training loss of one batch ``(input_ids, attention_mask, labels)``."""
+
+    @abstractmethod
+    def evaluate(self, exp: Experiment) -> dict[str, Any]:
+        """Metrics of the model's current state (the global test set, and per client where the
+        task defines it). A ``samples`` entry, if any, goes to ``samples.jsonl``, not metrics."""
+
+    @abstractmethod
+    def summary(self, initial: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
+        """Task-specific entries of ``summary.json`` (start, final and best figures)."""
+
+    @staticmethod
+    @abstractmethod
+    def summary_lines(summary: dict[str, Any]) -> list[str]:
+        """The console summary's metric line(s)."""
+
+    def describe(self, runtime: ModelRuntime) -> dict[str, Any]:
+        """Extra entries for the exported adapter's ``lora_a2.json``."""
+        return {}

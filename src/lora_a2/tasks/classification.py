@@ -1,0 +1,126 @@
+"""Sequence classification with an encoder (the LoRA-A2 paper's task).
+
+Examples are (text, label); the loss is cross-entropy on the classifier's logits; the headline
+metric is test accuracy (plus macro-F1 and loss), and per client the accuracy on its own
+held-out examples when ``data.local_test_fraction`` > 0. The classifier head is the one weight
+outside the LoRA targets (frozen and seeded, or trained: ``model.head``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..client import EncodedData, batch_of
+from ..data import DATASET_NAMES, load_dataset
+from ..models import find_head, load_base_model
+from .base import LearningTask, register_task
+
+
+@register_task
+class Classification(LearningTask):
+    """Sequence classification: text → one of K labels (encoders such as MiniLM, BERT)."""
+
+    name = "classification"
+    metric = "accuracy"
+    metric_label = "test accuracy (%)"
+    peft_task_type = "SEQ_CLS"
+    model_names = ("minilm", "tiny-random-bert")
+    data_names = DATASET_NAMES
+
+    def load_data(self):
+        d, cfg = self.cfg.data, self.cfg
+        return load_dataset(
+            d.name, text_column=d.text_column or None, label_column=d.label_column or None,
+            seed=cfg.seed, test_fraction=d.test_fraction,
+            max_train_examples=d.max_train_examples or None,
+            max_test_examples=d.max_test_examples or None)
+
+    def encode(self, tokenizer, dataset, split: str):
+        return encode_texts(tokenizer, dataset.texts, dataset.labels,
+                            self.cfg.model.max_length), dataset
+
+    def load_model(self, num_labels: int, seed: int):
+        m = self.cfg.model
+        return load_base_model(m.name, num_labels, seed, m.dtype)
+
+    def head_attr(self, model: nn.Module) -> str | None:
+        return find_head(model)
+
+    def loss(self, model: nn.Module, batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        ids, att, y = batch
+        return F.cross_entropy(model(input_ids=ids, attention_mask=att).logits, y)
+
+    def evaluate(self, exp) -> dict[str, Any]:
+        bs = exp.cfg.train.eval_batch_size
+        metrics: dict[str, Any] = evaluate(exp.runtime, exp.enc_test, bs)
+        if any(len(t) for t in exp.client_test):
+            local = [evaluate(exp.runtime, exp.enc_train, bs, idx)["accuracy"]
+                     if len(idx) else None for idx in exp.client_test]
+            valid = [a for a in local if a is not None]
+            metrics["local_accuracy"] = local
+            metrics["local_accuracy_mean"] = float(np.mean(valid)) if valid else None
+        return metrics
+
+    def summary(self, initial, records):
+        best = max(records, key=lambda r: r["accuracy"])
+        return {"initial_accuracy": initial["accuracy"],
+                "final_accuracy": records[-1]["accuracy"],
+                "final_macro_f1": records[-1]["macro_f1"],
+                "final_loss": records[-1]["loss"],
+                "best_accuracy": best["accuracy"],
+                "best_round": best["round"]}
+
+    @staticmethod
+    def summary_lines(s):
+        return [f"  accuracy   final {100 * s['final_accuracy']:.2f}%  best "
+                f"{100 * s['best_accuracy']:.2f}% (round {s['best_round']})  start "
+                f"{100 * s['initial_accuracy']:.2f}%  macro-F1 {100 * s['final_macro_f1']:.2f}%"]
+
+    def describe(self, runtime) -> dict[str, Any]:
+        return {"num_labels": runtime.num_labels}
+
+
+def encode_texts(tokenizer, texts: list[str], labels: np.ndarray, max_length: int) -> EncodedData:
+    enc = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length,
+                    return_tensors="pt")
+    return EncodedData(enc["input_ids"].long(), enc["attention_mask"].long(),
+                       torch.as_tensor(np.asarray(labels), dtype=torch.long))
+
+
+@torch.no_grad()
+def evaluate(runtime, data: EncodedData, batch_size: int,
+             indices: np.ndarray | None = None) -> dict[str, float]:
+    """Accuracy, macro-F1 and mean cross-entropy of the model's current state."""
+    model = runtime.model
+    model.eval()
+    idx_all = torch.arange(len(data)) if indices is None else torch.as_tensor(indices)
+    preds, total_loss = [], 0.0
+    for start in range(0, len(idx_all), batch_size):
+        ids, att, y = batch_of(data, idx_all[start:start + batch_size], runtime.device)
+        logits = model(input_ids=ids, attention_mask=att).logits.float()
+        total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
+        preds.append(logits.argmax(dim=-1).cpu())
+    pred = torch.cat(preds).numpy() if preds else np.zeros(0, dtype=np.int64)
+    true = data.labels[idx_all].numpy()
+    n = max(len(true), 1)
+    return {"accuracy": float((pred == true).mean()) if len(true) else float("nan"),
+            "macro_f1": macro_f1(true, pred, runtime.num_labels),
+            "loss": total_loss / n}
+
+
+def macro_f1(true: np.ndarray, pred: np.ndarray, num_classes: int) -> float:
+    """Unweighted mean of per-class F1 over the classes present in ``true`` or ``pred``."""
+    f1s = []
+    for c in range(num_classes):
+        tp = int(((pred == c) & (true == c)).sum())
+        fp = int(((pred == c) & (true != c)).sum())
+        fn = int(((pred != c) & (true == c)).sum())
+        if tp + fp + fn == 0:
+            continue
+        f1s.append(2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(f1s)) if f1s else float("nan")
