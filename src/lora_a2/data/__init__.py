@@ -1,10 +1,15 @@
-"""Text-classification data: loaders (offline corpora, local files, HF hub) and partitioners."""
+"""Data: classification and instruction loaders (offline corpora, local files, HF hub) and the
+non-IID partitioners (over class labels or instruction categories)."""
 
 from lora_a2.data.datasets import DATASET_NAMES, SOURCE_PREFIXES, TextDataset, load_dataset
+from lora_a2.data.instructions import INSTRUCTION_DATASETS, InstructionDataset, load_instructions
 from lora_a2.data.partition import PARTITION_METHODS, label_histogram, partition
 
 __all__ = [
     "DATASET_NAMES",
+    "INSTRUCTION_DATASETS",
+    "InstructionDataset",
+    "load_instructions",
     "PARTITION_METHODS",
     "SOURCE_PREFIXES",
     "TextDataset",
