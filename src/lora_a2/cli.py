@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also time LoRA-A2 with its probe cut to this fraction of its steps "
                             "(1 = skip that variant)")
     speed.add_argument("--json", help="also write the figures to this JSON file")
+    speed.add_argument("--causal-lm", metavar="MODEL",
+                       help="instead: causal-LM step time and peak RSS with and without the "
+                            "memory knobs, e.g. --causal-lm smollm2 (or tiny-random-llama)")
+    speed.add_argument("--steps", type=int, default=3, help="--causal-lm: timed steps")
+    speed.add_argument("--batch-size", type=int, default=8, help="--causal-lm: batch size")
+    speed.add_argument("--length", type=int, default=128, help="--causal-lm: tokens per row")
     return p
 
 
@@ -140,8 +146,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_speed(args: argparse.Namespace) -> int:
-    from .speed import main_speed
+    from .speed import main_causal_speed, main_speed
 
+    if args.causal_lm:
+        if args.steps < 1 or args.batch_size < 1 or args.length < 16:
+            raise UserError("--steps and --batch-size must be ≥ 1 and --length ≥ 16")
+        main_causal_speed(args.causal_lm, args.steps, args.batch_size, args.length,
+                          Path(args.json) if args.json else None)
+        return 0
     try:
         clients = [int(c) for c in args.clients.split(",") if c.strip()]
     except ValueError:

@@ -211,3 +211,107 @@ def main_speed(model: str, repeats: int, local_epochs: int, clients: list[int],
     print(format_speed(r))
     if out is not None:
         out.write_text(json.dumps(r, indent=1))
+
+
+# ---------------------------------------------------------------------- causal LM
+CAUSAL_VARIANTS = {
+    # name: (loss on response positions only, gradient checkpointing, dtype)
+    "full logits, fp32": (False, False, "float32"),
+    "response-only logits, fp32": (True, False, "float32"),
+    "response-only + checkpointing, fp32": (True, True, "float32"),
+    "response-only + checkpointing, bf16": (True, True, "bfloat16"),
+}
+
+
+def full_logits_loss(model, batch) -> torch.Tensor:
+    """The textbook causal-LM loss: logits at every position (batch × length × vocabulary),
+    then cross-entropy where a label exists — what ``response_logits`` avoids."""
+    import torch.nn.functional as F
+
+    ids, att, labels = batch
+    logits = model(input_ids=ids, attention_mask=att).logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                           ignore_index=-100)
+
+
+def causal_step_child(model: str, variant: str, steps: int, batch_size: int,
+                      length: int) -> dict[str, Any]:
+    """In a fresh process: ``steps`` LoRA training steps (r 8 on every attention and MLP
+    projection) on ``batch_size`` × ``length``-token bbc-headlines examples; the median step
+    time and the process's peak RSS."""
+    import resource
+
+    response_only, checkpointing, dtype = CAUSAL_VARIANTS[variant]
+    cfg = load_config(None, [f"model.name={model}", "data.name=bbc-headlines",
+                             "strategy.name=fl-lora", "strategy.global_rank=8",
+                             "strategy.rank_budget=8", f"model.max_length={length}",
+                             f"model.dtype={dtype}", f"model.gradient_checkpointing={str(checkpointing).lower()}",
+                             "data.num_clients=1", "data.partition=iid",
+                             f"data.max_train_examples={batch_size * 4}", "data.max_test_examples=8"])
+    exp = prepare(cfg)
+    rt = exp.runtime
+    params = [rt.params[n] for n in rt.layout.group_names(["A", "B"])]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    rt.model.train()
+    # full-length rows only, so every step is exactly batch × length tokens
+    full = (exp.enc_train.attention_mask.sum(dim=1) == length).nonzero()[:, 0]
+    if len(full) < batch_size:
+        raise RuntimeError(f"only {len(full)} examples fill {length} tokens")
+    idx = full[:batch_size]
+    batch = (exp.enc_train.input_ids[idx].to(rt.device),
+             exp.enc_train.attention_mask[idx].to(rt.device),
+             exp.enc_train.labels[idx].to(rt.device))
+    times = []
+    for _ in range(steps + 1):  # the first step warms up
+        t0 = time.perf_counter()
+        loss = exp.task.loss(rt.model, batch) if response_only else full_logits_loss(rt.model,
+                                                                                      batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return {"variant": variant, "step_s": statistics.median(times[1:]),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "loss": float(loss.detach()), "trainable": sum(p.numel() for p in params),
+            "tokens": batch_size * length}
+
+
+def measure_causal(model: str, steps: int = 3, batch_size: int = 8,
+                   length: int = 128) -> list[dict[str, Any]]:
+    """Each :data:`CAUSAL_VARIANTS` entry in its own process (peak RSS is per process)."""
+    rows = []
+    for variant in CAUSAL_VARIANTS:
+        code = ("import json\nfrom lora_a2.speed import causal_step_child\n"
+                f"print('JSON' + json.dumps(causal_step_child({model!r}, {variant!r}, {steps}, "
+                f"{batch_size}, {length})))\n")
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        if res.returncode != 0:
+            last = (res.stderr.strip().splitlines() or ["no output"])[-1]
+            rows.append({"variant": variant, "error": last})
+            continue
+        rows.append(json.loads(res.stdout.split("JSON")[-1]))
+    return rows
+
+
+def format_causal(model: str, rows: list[dict[str, Any]], batch_size: int, length: int) -> str:
+    lines = [f"causal LM {model}: LoRA r 8 on q/k/v/o/gate/up/down, batch {batch_size} × "
+             f"{length} tokens (median step, peak RSS of a fresh process)"]
+    base = next((r for r in rows if "error" not in r), None)
+    for r in rows:
+        if "error" in r:
+            lines.append(f"  {r['variant']:38s} failed: {r['error']}")
+            continue
+        lines.append(f"  {r['variant']:38s} {r['step_s']:6.2f} s/step ({r['step_s'] / base['step_s']:.2f}×)"
+                     f"  peak RSS {r['peak_rss_mb']:6.0f} MB ({r['peak_rss_mb'] / base['peak_rss_mb']:.2f}×)")
+    return "\n".join(lines)
+
+
+def main_causal_speed(model: str, steps: int, batch_size: int, length: int,
+                      out: Path | None) -> None:
+    rows = measure_causal(model, steps, batch_size, length)
+    print(format_causal(model, rows, batch_size, length))
+    if out is not None:
+        out.write_text(json.dumps({"model": model, "batch_size": batch_size, "length": length,
+                                   "threads": torch.get_num_threads(), "rows": rows}, indent=1))
