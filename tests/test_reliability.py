@@ -331,3 +331,23 @@ def test_sigkill_at_many_points(tmp_path, synthetic_csv):
         assert r.returncode == 0, r.stderr
         assert _final(out) == expected, (lines, delay)
     assert tried >= 12
+
+
+def test_rows_skipped_from_a_classification_file_are_counted_and_reported(tmp_path, capsys):
+    """Empty text or label cells are skipped, and the run says how many and why."""
+    from conftest import synthetic_texts
+
+    texts, labels = synthetic_texts(60)
+    lines = ["text,label"] + [f"{t},{'abc'[y]}" for t, y in zip(texts, labels)]
+    lines[1] = ",a"  # empty text
+    lines[2] = "some text,"  # empty label
+    lines[3] = lines[4]  # a duplicate is kept in user files (taken as given)
+    path = tmp_path / "holes.csv"
+    path.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "o"
+    assert main(["run", "--out", str(out), "--quiet", "--set", f"data.name=csv:{path}",
+                 "--set", "model.name=tiny-random-bert", "--set", "train.rounds=1",
+                 "--set", "data.num_clients=2"]) == 0
+    rows = json.loads((out / "summary.json").read_text())["data_rows"]
+    assert rows == {"read": 60, "kept": 58, "skipped": {"empty text or label": 2}}
+    assert "60 rows read, 58 kept; skipped: 2 empty text or label" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""Command line: ``lora-a2 run | config | strategies | bench | speed``.
+"""Command line: ``lora-a2 run | config | strategies | bench | speed | generate``.
 
 Every user mistake (bad flag, config key, value, data file) is one line on stderr and exit
 code 2; no traceback.
@@ -58,6 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--list", action="store_true",
                        help="print every (selected) cell's status — done, running, partial, "
                             "error, todo — and run nothing")
+    gen = sub.add_parser("generate", help="answer prompts with a finished causal-LM run's "
+                                          "base model + adapter")
+    gen.add_argument("run_dir", metavar="RUN_DIR", help="the run's output directory")
+    gen.add_argument("--prompt", "-p", action="append", default=[],
+                     help="an instruction to answer (repeatable; none = one per stdin line)")
+    gen.add_argument("--input", default="", help="optional context appended to each prompt "
+                                                 "(as the training data's input column)")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--base", action="store_true",
+                     help="answer with the base model alone (to compare)")
+    gen.add_argument("--json", action="store_true", help="one JSON object per answer")
     speed = sub.add_parser("speed", help="measure engine overhead, LoRA-A2 cost, memory, bytes")
     speed.add_argument("--model", default="minilm", help="minilm (default) or tiny-random-bert")
     speed.add_argument("--repeats", type=int, default=3)
@@ -168,6 +179,16 @@ def _cmd_speed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import main_generate
+
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be ≥ 1, got {args.max_new_tokens}")
+    main_generate(Path(args.run_dir), args.prompt, args.input, args.max_new_tokens, args.base,
+                  args.json)
+    return 0
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     from .config import load_config
 
@@ -222,7 +243,8 @@ def _stop_signals_interrupt() -> Iterator[None]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"run": _cmd_run, "config": _cmd_config, "strategies": _cmd_strategies,
-               "bench": _cmd_bench, "speed": _cmd_speed}[args.command]
+               "bench": _cmd_bench, "speed": _cmd_speed,
+               "generate": _cmd_generate}[args.command]
     try:
         # bench only: its workers are the long background processes (and a cell's lock is
         # released on the way out); `run` keeps the default SIGTERM, which its atomic

@@ -52,6 +52,8 @@ def _quiet_transformers() -> None:
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
+                            category=FutureWarning)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

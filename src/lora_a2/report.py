@@ -78,11 +78,12 @@ def truncate_metrics(path: Path, last_round: int) -> None:
         atomic_write_text(path, text)
 
 
-def make_plots(records: list[dict[str, Any]], out_dir: Path, initial_accuracy: float | None,
-               title: str, metric: str = "accuracy",
-               label: str = "test accuracy (%)") -> list[Path]:
-    """The task's metric (accuracy; ROUGE-L for causal LMs) per round and against cumulative
-    upload (MB); file names keep the ``accuracy_*`` names whatever the metric."""
+def make_plots(records: list[dict[str, Any]], out_dir: Path, initial: dict[str, Any] | None,
+               title: str, metrics: tuple[tuple[str, str, float], ...] = (
+                   ("accuracy", "test accuracy (%)", 100.0),)) -> list[Path]:
+    """For each (key, axis label, scale) of ``metrics``: ``<key>_per_round.png`` and
+    ``<key>_vs_upload.png`` (against cumulative upload, MB); round 0 is ``initial``. Rounds
+    without a value (None) are left out."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -90,24 +91,27 @@ def make_plots(records: list[dict[str, Any]], out_dir: Path, initial_accuracy: f
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rounds = [r["round"] for r in records]
-    acc = [100 * r[metric] for r in records]
-    cum = [r["cumulative_upload_bytes"] / 1e6 for r in records]
-    if initial_accuracy is not None:
-        rounds, acc, cum = [0] + rounds, [100 * initial_accuracy] + acc, [0.0] + cum
     paths = []
-    for name, xs, xlabel in (("accuracy_per_round.png", rounds, "round"),
-                             ("accuracy_vs_upload.png", cum, "cumulative upload (MB, all clients)")):
-        fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=110)
-        ax.plot(xs, acc, marker="o", ms=3)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(label)
-        ax.set_title(title, fontsize=9)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out_dir / name)
-        plt.close(fig)
-        paths.append(out_dir / name)
+    for key, label, scale in metrics:
+        rows = [(r["round"], r[key], r["cumulative_upload_bytes"] / 1e6) for r in records]
+        if initial is not None:
+            rows = [(0, initial.get(key), 0.0)] + rows
+        rows = [(rnd, scale * v, cum) for rnd, v, cum in rows if v is not None]
+        if not rows:
+            continue
+        for suffix, col, xlabel in (("per_round", 0, "round"),
+                                    ("vs_upload", 2, "cumulative upload (MB, all clients)")):
+            fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=110)
+            ax.plot([r[col] for r in rows], [r[1] for r in rows], marker="o", ms=3)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(label)
+            ax.set_title(title, fontsize=9)
+            ax.grid(alpha=0.3)
+            fig.tight_layout()
+            path = out_dir / f"{key}_{suffix}.png"
+            fig.savefig(path)
+            plt.close(fig)
+            paths.append(path)
     return paths
 
 

@@ -119,7 +119,9 @@ def run_experiment(cfg: Config, out: Path, *, overwrite: bool = False, progress:
         save_checkpoint(out, rnd, state)
         records.append(record)
         if bar is not None:
-            bar.set_postfix({metric: f"{100 * metrics[metric]:.1f}%", "loss": f"{metrics['loss']:.3f}",
+            shown = {metric: f"{100 * metrics[metric]:.1f}%"} \
+                if metrics.get(metric) is not None else {}
+            bar.set_postfix({**shown, "loss": f"{metrics['loss']:.3f}",
                              "up": f"{cumulative / 1e6:.1f}MB"})
     if bar is not None:
         bar.close()
@@ -129,10 +131,10 @@ def run_experiment(cfg: Config, out: Path, *, overwrite: bool = False, progress:
     summary = summarize(exp, records, initial, out, time.perf_counter() - t_start)
     summary["resumed_from_round"] = start - 1 if resume else None
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
-    make_plots(records, out / "plots", initial[metric],
+    make_plots(records, out / "plots", initial,
                f"{strategy.name} · {cfg.data.name} · {cfg.data.partition}"
                + (f"({cfg.data.alpha})" if cfg.data.partition == "dirichlet" else ""),
-               metric=metric, label=exp.task.metric_label)
+               exp.task.plots)
     return summary
 
 

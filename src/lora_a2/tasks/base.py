@@ -62,6 +62,8 @@ class LearningTask(ABC):
     metric: ClassVar[str]
     #: how plots and the console name it
     metric_label: ClassVar[str]
+    #: (metrics key, axis label, scale) of each plot in ``DIR/plots/``
+    plots: ClassVar[tuple[tuple[str, str, float], ...]] = ()
     #: PEFT's ``task_type`` of the exported adapter
     peft_task_type: ClassVar[str]
     #: built-in model and dataset names that belong to this task (for ``task.name = "auto"``)
@@ -78,17 +80,19 @@ class LearningTask(ABC):
 
     def check(self, cfg: Config) -> None:
         """Refuse a model or dataset that belongs to another task (one-line :class:`UserError`)."""
+        why = (f"the data '{cfg.data.name}' is {self.name} data" if cfg.task.name == "auto"
+               else f"task.name is '{self.name}'")
         for other in TASKS.values():
             if other is type(self):
                 continue
             if cfg.model.name in other.model_names:
-                raise UserError(f"model '{cfg.model.name}' is for task '{other.name}', but the "
-                                f"task is '{self.name}' (set task.name = \"auto\" or "
-                                f"\"{other.name}\", or pick another model)")
+                mine = ", ".join(self.model_names)
+                raise UserError(f"model '{cfg.model.name}' is a {other.name} model, but {why}; "
+                                f"use a {self.name} model ({mine}, or a hub name / folder)")
             if cfg.data.name in other.data_names:
-                raise UserError(f"dataset '{cfg.data.name}' is for task '{other.name}', but the "
-                                f"task is '{self.name}' (set task.name = \"auto\" or "
-                                f"\"{other.name}\", or pick another dataset)")
+                raise UserError(f"dataset '{cfg.data.name}' is {other.name} data, but the task "
+                                f"is '{self.name}' (model '{cfg.model.name}'); use "
+                                f"{self.name} data ({', '.join(self.data_names)}, or a file)")
 
     # -- data -------------------------------------------------------------------
     @abstractmethod

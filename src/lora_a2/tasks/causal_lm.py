@@ -54,6 +54,8 @@ class CausalLM(LearningTask):
     metric = "rouge_l"
     metric_label = "ROUGE-L (%)"
     peft_task_type = "CAUSAL_LM"
+    plots = (("rouge_l", "ROUGE-L of greedy answers (%)", 100.0),
+             ("loss", "test loss (response tokens)", 1.0))
     model_names = ("smollm2", "tiny-random-llama")
     data_names = INSTRUCTION_DATASETS
 

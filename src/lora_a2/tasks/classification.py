@@ -29,6 +29,7 @@ class Classification(LearningTask):
     metric = "accuracy"
     metric_label = "test accuracy (%)"
     peft_task_type = "SEQ_CLS"
+    plots = (("accuracy", "test accuracy (%)", 100.0),)
     model_names = ("minilm", "tiny-random-bert")
     data_names = DATASET_NAMES
 

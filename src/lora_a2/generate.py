@@ -1,0 +1,89 @@
+"""``lora-a2 generate RUN_DIR``: answer prompts with what a causal-LM federation trained.
+
+Loads the run's base model as the run did (``config.toml``: the same model name, dtype, and
+for ``tiny-random-llama`` its saved random base), adds the exported adapter with PEFT
+(``PeftModel.from_pretrained``) and, for FlexLoRA / FLoRA, the dense deltas they keep in the
+base weights (``adapter/merged_delta.safetensors``); ``fedavg-full`` exports the whole model.
+Prompts go through the same chat template as training, and answers are greedy.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from .config import load_config
+from .errors import UserError
+
+
+def load_trained(run_dir: Path, base_only: bool = False):
+    """(model, tokenizer) of a finished causal-LM run (or its base model alone)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .models import _quiet_transformers, load_causal_lm, pick_device
+    from .tasks import resolve_task_name
+
+    _quiet_transformers()
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.toml").is_file():
+        raise UserError(f"'{run_dir}' holds no run (no config.toml)")
+    cfg = load_config(run_dir / "config.toml")
+    if resolve_task_name(cfg) != "causal-lm":
+        raise UserError(f"run '{run_dir}' is a {resolve_task_name(cfg)} run; generate needs a "
+                        "causal-lm run")
+    adapter = run_dir / "adapter"
+    if not (adapter / "lora_a2.json").is_file() and not (adapter / "config.json").is_file():
+        raise UserError(f"run '{run_dir}' has no exported adapter yet (it has not finished; "
+                        f"resume it with lora-a2 run --resume {run_dir})")
+    device = pick_device(cfg.engine.device)
+    tok = AutoTokenizer.from_pretrained(str(adapter))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    if cfg.strategy.name == "fedavg-full" and not base_only:
+        model = AutoModelForCausalLM.from_pretrained(str(adapter))
+        return model.to(device).eval(), tok
+    if cfg.model.name == "tiny-random-llama":
+        base = AutoModelForCausalLM.from_pretrained(str(run_dir / "base_model"))
+    else:
+        base, _, _ = load_causal_lm(cfg.model.name, cfg.seed, cfg.model.dtype)
+    if base_only:
+        return base.to(device).eval(), tok
+    deltas = adapter / "merged_delta.safetensors"
+    if deltas.is_file():
+        from safetensors.torch import load_file
+
+        with torch.no_grad():
+            for name, delta in load_file(str(deltas)).items():
+                w = base.get_submodule(name).weight
+                w.add_(delta.to(w.dtype))
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(base, str(adapter))
+    return model.to(device).eval(), tok
+
+
+def answer(model, tokenizer, prompts: list[str], input_: str = "",
+           max_new_tokens: int = 64) -> list[str]:
+    from .tasks.causal_lm import format_prompt, generate
+
+    device = next(model.parameters()).device
+    ids = [list(tokenizer(format_prompt(tokenizer, p, input_), add_special_tokens=False)
+                ["input_ids"]) for p in prompts]
+    return generate(model, tokenizer, ids, max_new_tokens, 8, device)
+
+
+def main_generate(run_dir: Path, prompts: list[str], input_: str, max_new_tokens: int,
+                  base_only: bool, as_json: bool) -> None:
+    model, tok = load_trained(run_dir, base_only)
+    interactive = not prompts
+    if interactive:
+        print("(one prompt per line; Ctrl-D to end)", file=sys.stderr)
+        prompts = [line.strip() for line in sys.stdin if line.strip()]
+    for prompt, reply in zip(prompts, answer(model, tok, prompts, input_, max_new_tokens)):
+        if as_json:
+            print(json.dumps({"prompt": prompt, "answer": reply}))
+        else:
+            print(reply if len(prompts) == 1 else f"> {prompt}\n{reply}\n")

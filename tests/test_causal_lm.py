@@ -1,0 +1,370 @@
+"""The causal-LM task on tiny-random-llama: encoding and labels, the response-only loss, every
+strategy, resume, DP, export / generate, bad instruction data, and the offline sources."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lora_a2.cli import main
+from lora_a2.config import load_config
+from lora_a2.errors import UserError
+from lora_a2.report import read_metrics
+
+TOPICS = {"fruit": ["apple", "banana", "cherry", "grape"],
+          "animal": ["dog", "cat", "mouse", "horse"],
+          "colour": ["red", "blue", "green", "yellow"]}
+LLAMA = ["model.name=tiny-random-llama", "model.max_length=64", "strategy.global_rank=4",
+         "strategy.rank_budget=2", "data.alpha=0.5", "task.generate_examples=4",
+         "task.max_new_tokens=6", "task.samples=2", "engine.threads=1"]
+
+
+def instruction_rows(n: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        topic = list(TOPICS)[i % 3]
+        word = TOPICS[topic][int(rng.integers(4))]
+        rows.append({"instruction": f"Name a {topic}.", "input": "" if i % 2 else f"like {word}",
+                     "response": word, "category": topic})
+    return rows
+
+
+@pytest.fixture
+def instr_json(tmp_path) -> Path:
+    path = tmp_path / "instr.json"
+    path.write_text(json.dumps(instruction_rows(72)))
+    return path
+
+
+def run_cli(out: Path, data: str, *sets: str) -> Path:
+    args = ["run", "--quiet", "--out", str(out), "--set", f"data.name={data}"]
+    for s in [*LLAMA, *sets]:
+        args += ["--set", s]
+    assert main(args) == 0
+    return out
+
+
+def tiny_task(data: str, *sets: str):
+    from lora_a2.experiment import prepare
+
+    return prepare(load_config(None, [f"data.name={data}", *LLAMA, "data.num_clients=3",
+                                      *sets]))
+
+
+# ---------------------------------------------------------------------- encoding
+def test_task_is_chosen_by_model_and_data(instr_json):
+    from lora_a2.tasks import resolve_task_name
+
+    assert resolve_task_name(load_config(None, [])) == "classification"
+    assert resolve_task_name(load_config(None, ["model.name=tiny-random-llama",
+                                                f"data.name=json:{instr_json}"])) == "causal-lm"
+    assert resolve_task_name(load_config(None, ["data.name=chatterbot",
+                                                "model.name=tiny-random-llama"])) == "causal-lm"
+    with pytest.raises(UserError, match="model 'minilm' is a classification model, but the data 'chatterbot' is causal-lm data"):
+        load_config(None, ["data.name=chatterbot"])  # minilm is a classifier
+    with pytest.raises(UserError, match="model.head"):
+        load_config(None, ["model.name=tiny-random-llama", "data.name=chatterbot",
+                           "model.head=trained"])
+
+
+def test_labels_cover_exactly_the_response_and_its_eos(instr_json):
+    """Pad and end-of-turn are the same id: the response's own EOS is labelled, padding is not."""
+    exp = tiny_task(f"json:{instr_json}")
+    tok, enc = exp.runtime.tokenizer, exp.enc_train
+    assert tok.pad_token_id == tok.eos_token_id
+    for j in range(5):
+        n = int(enc.attention_mask[j].sum())
+        lab = enc.labels[j]
+        labelled = lab[lab != -100].tolist()
+        assert tok.decode(labelled) == exp.train.responses[j] + tok.eos_token
+        assert (lab[n:] == -100).all() and (enc.input_ids[j, n:] == tok.pad_token_id).all()
+        # the labelled tokens are the last ones of the sequence, after the prompt
+        assert enc.input_ids[j, n - len(labelled):n].tolist() == labelled
+        prompt = tok.decode(enc.input_ids[j, :n - len(labelled)])
+        assert prompt.startswith("<|im_start|>user\n") and prompt.endswith("<|im_start|>assistant\n")
+
+
+def test_prompt_without_chat_template_is_an_alpaca_block():
+    from lora_a2.models import tiny_byte_tokenizer
+    from lora_a2.tasks.causal_lm import format_prompt
+
+    tok = tiny_byte_tokenizer()
+    tok.chat_template = None
+    assert format_prompt(tok, "Do X.", "ctx") == \
+        "### Instruction:\nDo X.\n\n### Input:\nctx\n\n### Response:\n"
+    assert format_prompt(tok, "Do X.") == "### Instruction:\nDo X.\n\n### Response:\n"
+
+
+def test_too_long_examples_are_shortened_or_skipped_and_counted(tmp_path):
+    rows = instruction_rows(30)
+    rows[0]["input"] = "word " * 200  # shortened to fit
+    rows[1]["response"] = "r" * 300  # cannot fit: skipped
+    rows[2]["response"] = ""  # empty: skipped
+    path = tmp_path / "long.json"
+    path.write_text(json.dumps(rows))
+    exp = tiny_task(f"json:{path}", "data.min_examples_per_client=2")
+    stats = exp.train.stats
+    assert stats["read"] == 30
+    assert stats["skipped"] == {"empty instruction or response": 1,
+                                "too long for model.max_length": 1}
+    assert stats["truncated"] == 1
+    assert stats["kept"] == 28 == len(exp.train) + len(exp.test)
+    assert (exp.enc_train.attention_mask.sum(dim=1) <= 64).all()
+
+
+@pytest.mark.parametrize("rows,sets,needle", [
+    ([{"prompt": "a", "response": "b"}], [], "no column 'instruction'"),
+    ([{"instruction": "a", "answer": "b"}], ["data.response_column=reply"], "no column 'reply'"),
+    ([{"instruction": "", "response": ""}] * 3, [], "no usable rows"),
+    ([{"instruction": "Say something long.", "response": "x" * 500}] * 6, [],
+     "no train example fits"),
+])
+def test_bad_instruction_files_are_one_line_errors(tmp_path, capsys, rows, sets, needle):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(rows))
+    args = ["run", "--quiet", "--out", str(tmp_path / "o"), "--set", f"data.name=json:{path}",
+            "--set", "model.name=tiny-random-llama"]
+    for s in sets:
+        args += ["--set", s]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_csv_and_parquet_instruction_files_with_named_columns(tmp_path):
+    import pandas as pd
+
+    frame = pd.DataFrame(instruction_rows(60)).rename(
+        columns={"instruction": "q", "response": "a", "category": "topic", "input": "ctx"})
+    frame.to_csv(tmp_path / "d.csv", index=False)
+    frame.to_parquet(tmp_path / "d.parquet")
+    for fmt in ("csv", "parquet"):
+        exp = tiny_task(f"{fmt}:{tmp_path / f'd.{fmt}'}", "data.instruction_column=q",
+                        "data.response_column=a", "data.category_column=topic",
+                        "data.input_column=ctx")
+        assert exp.train.label_names == ["animal", "colour", "fruit"]
+        assert len(exp.train) + len(exp.test) == 60
+        assert any(i for i in exp.train.inputs)  # the input column was read (NaN = no input)
+
+
+def test_hf_saved_dataset_folder(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_list(instruction_rows(60)).save_to_disk(str(tmp_path / "ds"))
+    exp = tiny_task(f"hf:{tmp_path / 'ds'}")
+    assert len(exp.train) + len(exp.test) == 60
+
+
+# ---------------------------------------------------------------------- loss
+def test_response_only_loss_equals_the_full_logits_loss(instr_json):
+    """Gathering hidden states before lm_head gives the same loss and gradients as computing
+    every position's logits and masking (computed independently here)."""
+    from lora_a2.client import batch_of
+
+    exp = tiny_task(f"json:{instr_json}")
+    model = exp.runtime.model
+    torch.nn.init.normal_(exp.runtime.params[exp.runtime.layout.names("B")[0]], std=0.1)
+    batch = batch_of(exp.enc_train, torch.arange(6), torch.device("cpu"))
+    ids, att, labels = batch
+    p = exp.runtime.params[exp.runtime.layout.names("B")[0]]
+    p.requires_grad_(True)
+    ours = exp.task.loss(model, batch)
+    (g_ours,) = torch.autograd.grad(ours, p)
+    logits = model(input_ids=ids, attention_mask=att).logits
+    ref = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                          ignore_index=-100)
+    (g_ref,) = torch.autograd.grad(ref, p)
+    assert float(ours.detach()) == pytest.approx(float(ref.detach()), rel=1e-5)
+    assert torch.allclose(g_ours, g_ref, atol=1e-6)
+
+
+def test_gradient_checkpointing_and_bf16_train_the_same_factors(instr_json):
+    from lora_a2.client import batch_of
+
+    grads = {}
+    for sets in ([], ["model.gradient_checkpointing=true"], ["model.dtype=bfloat16"]):
+        exp = tiny_task(f"json:{instr_json}", *sets)
+        p = exp.runtime.params[exp.runtime.layout.names("A")[0]]
+        q = exp.runtime.params[exp.runtime.layout.names("B")[0]]
+        with torch.no_grad():
+            q.fill_(0.05)
+        p.requires_grad_(True)
+        exp.runtime.model.train()
+        loss = exp.task.loss(exp.runtime.model, batch_of(exp.enc_train, torch.arange(4),
+                                                         torch.device("cpu")))
+        grads[tuple(sets)] = torch.autograd.grad(loss, p)[0]
+        assert p.dtype == torch.float32  # adapters stay float32 (and so do uploads)
+    plain = grads[()]
+    assert plain.abs().sum() > 0
+    assert torch.allclose(grads[("model.gradient_checkpointing=true",)], plain, atol=1e-6)
+    assert torch.allclose(grads[("model.dtype=bfloat16",)], plain, rtol=0.1, atol=1e-3)
+
+
+def test_client_loss_weights_its_categories_by_its_examples():
+    from lora_a2.tasks.causal_lm import client_category_loss
+
+    names = ["a", "b", "c"]
+    got = client_category_loss(np.array([0, 0, 0, 1, 2]), {"a": 1.0, "b": 4.0}, names)
+    assert got == pytest.approx((3 * 1.0 + 1 * 4.0) / 4)  # c has no test example: left out
+    assert client_category_loss(np.array([2, 2]), {"a": 1.0}, names) is None
+
+
+def test_rouge_l_and_exact_match():
+    from lora_a2.tasks.causal_lm import exact_match, rouge_l
+
+    assert rouge_l(["the cat sat"], ["the cat sat"]) == [1.0]
+    # LCS "cat sat" of 3 and 4 tokens: P = 2/3, R = 2/4, F = 2PR/(P+R)
+    assert rouge_l(["a cat sat"], ["the cat sat down"])[0] == pytest.approx(
+        2 * (2 / 3) * (2 / 4) / (2 / 3 + 2 / 4))
+    assert exact_match("The Apple!", "apple") == 1.0 and exact_match("pear", "apple") == 0.0
+
+
+# ---------------------------------------------------------------------- runs
+STRATEGIES = ["lora-a2", "fl-lora", "ffa-lora", "flexlora", "hetlora", "flora", "fedavg-full"]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategy_runs_on_a_decoder(tmp_path, instr_json, strategy):
+    out = run_cli(tmp_path / strategy, f"json:{instr_json}", f"strategy.name={strategy}",
+                  "data.num_clients=3", "train.rounds=2")
+    records = read_metrics(out / "metrics.jsonl")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["task"] == "causal-lm" and summary["metric"] == "rouge_l"
+    for r in records:
+        assert r["upload_bytes"] > 0 and r["download_bytes"] > 0
+        assert math.isfinite(r["loss"]) and r["perplexity"] == pytest.approx(math.exp(r["loss"]))
+        assert 0 <= r["rouge_l"] <= 1 and len(r["client_loss"]) == 3
+    assert summary["final_loss"] == records[-1]["loss"]
+    assert summary["initial_loss"] > 0 and summary["initial_rouge_l"] is not None
+    samples = read_metrics(out / "samples.jsonl")
+    assert [s["round"] for s in samples] == [0, 1, 2] and len(samples[0]["samples"]) == 2
+    if strategy == "lora-a2":
+        # slots over the decoder's N = 2 layers × 7 projections, budget 2: 28 per client
+        assert records[0]["active_factor"] == "B"
+        assert records[0]["upload_slot_ids"] == 3 * 2 * 14
+    if strategy != "fedavg-full":
+        cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+        assert cfg["task_type"] == "CAUSAL_LM"
+        assert sorted(cfg["target_modules"])[:1] == ["model.layers.0.mlp.down_proj"]
+
+
+def test_lora_a2_learns_and_the_adapter_reloads_with_peft(tmp_path, instr_json):
+    """The federation lowers the held-out loss; base + exported adapter reproduces it."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lora_a2.tasks.causal_lm import example_nll
+
+    out = run_cli(tmp_path / "r", f"json:{instr_json}", "data.num_clients=3", "train.rounds=4",
+                  "strategy.lr=5e-3", "train.local_epochs=2")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_loss"] < summary["initial_loss"] - 0.1
+    base = AutoModelForCausalLM.from_pretrained(str(out / "base_model"))
+    model = PeftModel.from_pretrained(base, str(out / "adapter")).eval()
+    exp = tiny_task(f"json:{instr_json}")
+    nll, tokens = example_nll(model, exp.enc_test, 16, torch.device("cpu"))
+    assert nll.sum() / tokens.sum() == pytest.approx(summary["final_loss"], rel=1e-5)
+    # lora-a2 generate answers from the same files
+    r = subprocess.run([sys.executable, "-m", "lora_a2.cli", "generate", str(out), "-p",
+                        "Name a fruit.", "--max-new-tokens", "4", "--json"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["prompt"] == "Name a fruit."
+
+
+def test_generate_refuses_a_classification_run(tmp_path, synthetic_csv, capsys):
+    out = tmp_path / "cls"
+    assert main(["run", "--quiet", "--out", str(out), "--set", f"data.name=csv:{synthetic_csv}",
+                 "--set", "model.name=tiny-random-bert", "--set", "train.rounds=1"]) == 0
+    assert main(["generate", str(out), "-p", "hi"]) == 2
+    assert "generate needs a causal-lm run" in capsys.readouterr().err
+
+
+def test_resume_after_kill_equals_uninterrupted(tmp_path, instr_json):
+    def cli(out):
+        args = [sys.executable, "-m", "lora_a2.cli", "run", "--quiet", "--out", str(out),
+                "--set", f"data.name=json:{instr_json}", "--set", "train.rounds=4",
+                "--set", "data.num_clients=3"]
+        for s in LLAMA:
+            args += ["--set", s]
+        return args
+
+    subprocess.run(cli(tmp_path / "ref"), check=True, capture_output=True)
+    from test_reliability import _kill_after
+
+    out = tmp_path / "k"
+    _kill_after(cli(out), out, 2, 0.0)
+    assert len(read_metrics(out / "metrics.jsonl")) < 4
+    r = subprocess.run([sys.executable, "-m", "lora_a2.cli", "run", "--quiet", "--resume",
+                        str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+    def strip(path):
+        return [{k: v for k, v in rec.items() if not k.endswith("wall_s")}
+                for rec in read_metrics(path)]
+    assert strip(out / "metrics.jsonl") == strip(tmp_path / "ref" / "metrics.jsonl")
+    assert strip(out / "samples.jsonl") == strip(tmp_path / "ref" / "samples.jsonl")
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == \
+        (tmp_path / "ref" / "adapter" / "adapter_model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("privacy", [
+    ["privacy.mechanism=gaussian", "privacy.mode=local", "privacy.noise_multiplier=0.5"],
+    ["privacy.mechanism=gaussian", "privacy.mode=central", "privacy.epsilon=8.0"],
+])
+def test_dp_on_a_decoder(tmp_path, instr_json, privacy):
+    out = run_cli(tmp_path / "dp", f"json:{instr_json}", "data.num_clients=3", "train.rounds=2",
+                  *privacy)
+    eps = [r["epsilon"] for r in read_metrics(out / "metrics.jsonl")]
+    assert 0 < eps[0] < eps[1]
+    assert json.loads((out / "summary.json").read_text())["epsilon"] == eps[-1]
+
+
+def test_flower_simulation_equals_local_on_a_decoder(tmp_path, instr_json):
+    pytest.importorskip("flwr")
+    sets = ["data.num_clients=3", "train.rounds=2"]
+    local = run_cli(tmp_path / "local", f"json:{instr_json}", *sets)
+    flower = run_cli(tmp_path / "flower", f"json:{instr_json}", *sets, "engine.name=flower",
+                     "engine.num_workers=2")
+    a, b = read_metrics(local / "metrics.jsonl"), read_metrics(flower / "metrics.jsonl")
+    assert len(a) == len(b) == 2
+    for x, y in zip(a, b):
+        for k in ("upload_bytes", "download_bytes", "upload_params", "upload_slot_ids", "clients"):
+            assert x[k] == y[k], k
+        for k in ("loss", "perplexity", "rouge_l", "exact_match", "train_loss"):
+            assert y[k] == pytest.approx(x[k], abs=1e-4), k
+
+
+# ---------------------------------------------------------------------- offline sources
+def test_offline_instruction_sources():
+    pytest.importorskip("yaml")
+    from lora_a2.data.instructions import HEADLINE_INSTRUCTION, load_instructions
+
+    train, test = load_instructions("bbc-headlines")
+    assert train.label_names == ["business", "entertainment", "politics", "sports", "tech"]
+    assert train.instructions[0] == HEADLINE_INSTRUCTION and train.responses[0]
+    assert train.stats["read"] == 2225 and len(train) + len(test) == train.stats["kept"]
+    train, test = load_instructions("chatterbot")
+    assert len(train.label_names) == 21 and train.stats["read"] == 2026
+    assert train.stats["skipped"]["empty instruction or response"] == 1
+
+
+def test_chatterbot_on_the_tiny_llama_from_the_cli(tmp_path, capsys):
+    out = tmp_path / "cb"
+    assert main(["run", "--out", str(out), "--set", "model.name=tiny-random-llama",
+                 "--set", "data.name=chatterbot", "--set", "train.rounds=1",
+                 "--set", "data.max_train_examples=60", "--set", "data.max_test_examples=20",
+                 "--set", "task.generate_examples=4", "--set", "model.max_length=96",
+                 "--set", "data.min_examples_per_client=2", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "ROUGE-L" in printed and "perplexity" in printed and "too long" in printed
+    assert (out / "plots" / "rouge_l_per_round.png").is_file()
