@@ -45,6 +45,25 @@ from .report import atomic_write_text
 # grid runs in about a minute (CI) while every axis and code path stays exercised.
 SMOKE = {"model.name": "tiny-random-bert", "model.max_length": 16, "data.max_train_examples": 60,
          "data.max_test_examples": 40, "train.rounds": 2, "data.min_examples_per_client": 2}
+# The same for a causal-LM grid (a decoder model or instruction data in its base).
+SMOKE_CAUSAL = {**SMOKE, "model.name": "tiny-random-llama", "model.max_length": 160,
+                "model.dtype": "float32", "task.generate_examples": 4, "task.max_new_tokens": 4}
+_CAUSAL_MODELS = ("smollm2", "tiny-random-llama")
+_CAUSAL_DATA = ("bbc-headlines", "chatterbot")
+
+# Headline figures of the cells' summaries per task metric: (key, scale in the table).
+METRIC_COLUMNS = {
+    "accuracy": (("final_accuracy", 100.0), ("best_accuracy", 100.0), ("last3_accuracy", 100.0)),
+    "rouge_l": (("final_rouge_l", 100.0), ("best_rouge_l", 100.0), ("last3_rouge_l", 100.0),
+                ("initial_rouge_l", 100.0), ("final_loss", 1.0), ("initial_loss", 1.0)),
+}
+METRIC_NOTES = {
+    "accuracy": "Accuracy in %, mean ± std over seeds; last3 = mean of the last three rounds' "
+                "accuracy.",
+    "rouge_l": "ROUGE-L (F, %) of greedy answers to the fixed held-out subset and test loss "
+               "(mean NLL per response token), mean ± std over seeds; initial = the base model; "
+               "last3 = mean of the last three rounds.",
+}
 
 
 @dataclass
@@ -120,7 +139,9 @@ def expand(grid: dict[str, Any], smoke: bool = False) -> list[Cell]:
                 overrides.update(extra)
                 overrides["seed"] = seed
                 if smoke:
-                    overrides.update(SMOKE)
+                    causal = overrides.get("model.name") in _CAUSAL_MODELS \
+                        or overrides.get("data.name") in _CAUSAL_DATA
+                    overrides.update(SMOKE_CAUSAL if causal else SMOKE)
                 extra_label = "-".join(_label(v) for k, v in sorted(extra.items()))
                 parts = [labels[n] for n in names] + ([extra_label] if extra_label else [])
                 cell_id = "__".join(p.replace("/", "_").replace(" ", "") for p in parts)
@@ -520,8 +541,9 @@ def _fmt(xs: list[float], scale: float = 100.0) -> str:
     return f"{mean:.2f} ± {statistics.stdev(xs) * scale:.2f}"
 
 
-def last_rounds_accuracy(metrics: Path, n: int = 3) -> float | None:
-    """Mean test accuracy of the last ``n`` evaluated rounds of a run (None if none).
+def last_rounds_accuracy(metrics: Path, n: int = 3, key: str = "accuracy") -> float | None:
+    """Mean of ``key`` (test accuracy by default) over the last ``n`` evaluated rounds of a run
+    (None if none).
 
     The final round alone is a noisy statistic under strong non-IID splits: the global model
     oscillates from round to round (client drift), so the same cell run on another device, whose
@@ -531,24 +553,29 @@ def last_rounds_accuracy(metrics: Path, n: int = 3) -> float | None:
     try:
         for line in metrics.read_text().splitlines():
             rec = json.loads(line) if line.strip() else {}
-            if isinstance(rec.get("accuracy"), (int, float)):
-                accs.append(float(rec["accuracy"]))
+            if isinstance(rec.get(key), (int, float)):
+                accs.append(float(rec[key]))
     except (OSError, ValueError):
         return None
     return statistics.fmean(accs[-n:]) if accs else None
 
 
 def collect_rows(out: Path, cells: list[Cell]) -> list[dict[str, Any]]:
-    """One row per finished cell (labels, accuracy, bytes, device, time); reads, writes nothing."""
+    """One row per finished cell (labels, the task's headline figures, bytes, device, time);
+    reads, writes nothing."""
     rows = []
     for cell in cells:
         path = out / "cells" / cell.cell_id / "summary.json"
         if not path.exists():
             continue
         s = json.loads(path.read_text())
-        rows.append({"cell": cell.cell_id, "seed": cell.seed, **cell.labels,
-                     "final_accuracy": s["final_accuracy"], "best_accuracy": s["best_accuracy"],
-                     "last3_accuracy": last_rounds_accuracy(path.parent / "metrics.jsonl"),
+        metric = s.get("metric", "accuracy")
+        figures = {}
+        for key, _ in METRIC_COLUMNS.get(metric, ()):
+            figures[key] = last_rounds_accuracy(path.parent / "metrics.jsonl", key=metric) \
+                if key == f"last3_{metric}" else s.get(key)
+        rows.append({"cell": cell.cell_id, "seed": cell.seed, **cell.labels, "metric": metric,
+                     **figures,
                      "device": s.get("device", "cpu"),
                      "total_upload_bytes": s["total_upload_bytes"],
                      "total_download_bytes": s["total_download_bytes"],
@@ -561,35 +588,35 @@ def collect_rows(out: Path, cells: list[Cell]) -> list[dict[str, Any]]:
 def aggregate(out: Path, cells: list[Cell], grid: dict[str, Any]) -> dict[str, Any]:
     """results.json (one row per finished cell), table.md (mean ± std over seeds), plots."""
     rows = collect_rows(out, cells)
+    metric = rows[0]["metric"] if rows else "accuracy"
+    columns = METRIC_COLUMNS.get(metric, ())
     label_keys = [k for k in dict.fromkeys(k for c in cells for k in c.labels)]
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault(tuple(r.get(k, "") for k in label_keys), []).append(r)
     table = [{**dict(zip(label_keys, key)), "seeds": len(rs),
-              "final_accuracy": _fmt([r["final_accuracy"] for r in rs]),
-              "best_accuracy": _fmt([r["best_accuracy"] for r in rs]),
-              "last3_accuracy": _fmt([r["last3_accuracy"] for r in rs
-                                      if r["last3_accuracy"] is not None]),
+              **{col: _fmt([r[col] for r in rs if r.get(col) is not None], scale)
+                 for col, scale in columns},
               "devices": "+".join(sorted({r["device"] for r in rs})),
               "upload_MB": f"{statistics.fmean(r['total_upload_bytes'] for r in rs) / 1e6:.2f}",
               "upload_%_of_fedavg_full": _fmt([r["upload_fraction_of_fedavg_full"] for r in rs],
                                                100.0)}
              for key, rs in groups.items()]
     atomic_write_text(out / "results.json", json.dumps({"rows": rows, "table": table}, indent=1))
-    cols = label_keys + ["seeds", "final_accuracy", "best_accuracy", "last3_accuracy",
+    cols = label_keys + ["seeds", *(c for c, _ in columns),
                          "upload_MB", "upload_%_of_fedavg_full", "devices"]
     md = [f"# {grid['name']}: {len(rows)} of {len(cells)} cells finished", "",
-          "Accuracy in %, mean ± std over seeds; last3 = mean of the last three rounds' "
-          "accuracy.", "",
+          METRIC_NOTES.get(metric, ""), "",
           "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     md += ["| " + " | ".join(str(t.get(c, "")) for c in cols) + " |" for t in table]
     atomic_write_text(out / "table.md", "\n".join(md) + "\n")
     if rows:
-        _plot(rows, out / "plots", label_keys)
+        _plot(rows, out / "plots", label_keys, metric)
     return {"finished": len(rows), "cells": len(cells), "table": str(out / "table.md")}
 
 
-def _plot(rows: list[dict[str, Any]], out_dir: Path, label_keys: list[str]) -> None:
+def _plot(rows: list[dict[str, Any]], out_dir: Path, label_keys: list[str],
+          metric: str = "accuracy") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -602,12 +629,13 @@ def _plot(rows: list[dict[str, Any]], out_dir: Path, label_keys: list[str]) -> N
     for name in sorted({str(r.get(colour_key, "")) for r in rows}):
         sel = [r for r in rows if str(r.get(colour_key, "")) == name]
         ax.scatter([r["total_upload_bytes"] / 1e6 for r in sel],
-                   [100 * r["final_accuracy"] for r in sel], label=name, s=14)
+                   [100 * r[f"final_{metric}"] for r in sel], label=name, s=14)
     ax.set_xscale("log")
     ax.set_xlabel("total upload (MB, log)")
-    ax.set_ylabel("final test accuracy (%)")
+    ax.set_ylabel("final test accuracy (%)" if metric == "accuracy"
+                  else f"final {metric.replace('_', '-').upper()} (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out_dir / "accuracy_vs_upload.png")
+    fig.savefig(out_dir / f"{metric}_vs_upload.png")
     plt.close(fig)
