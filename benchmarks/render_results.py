@@ -559,10 +559,43 @@ def xdev_table() -> str:
     return "\n".join(lines)
 
 
+def instruct_table(rows: list[dict[str, Any]]) -> str:
+    """Causal-LM instruction tuning (grid ``instruct``): per strategy and budget, ROUGE-L and
+    test loss of the base model and after the last round, mean ± std over seeds."""
+    if not rows:
+        return "_No finished cells yet (`lora-a2 bench instruct`)._"
+
+    def pm(xs: list[float], scale: float, digits: int) -> str:
+        if not xs:
+            return "·"
+        mean = statistics.fmean(xs) * scale
+        if len(xs) == 1:
+            return f"{mean:.{digits}f}¹"
+        return f"{mean:.{digits}f} ± {statistics.stdev(xs) * scale:.{digits}f}"
+
+    lines = ["| budget / rank | strategy | seeds | ROUGE-L base → final (%) | last 3 rounds (%) | "
+             "test loss base → final | upload (MB) |", "|---|---|---|---|---|---|---|"]
+    order = ["lora-a2", "fl-lora", "ffa-lora", "flexlora"]
+    keys = sorted({(int(r["strategy.rank_budget"]), r["strategy.name"]) for r in rows},
+                  key=lambda k: (k[0], order.index(k[1]) if k[1] in order else 99))
+    for budget, name in keys:
+        sel = [r for r in rows if int(r["strategy.rank_budget"]) == budget
+               and r["strategy.name"] == name]
+        lines.append(
+            f"| {budget} | {name} | {len(sel)} | "
+            f"{pm([r['initial_rouge_l'] for r in sel], 100, 1)} → "
+            f"**{pm([r['final_rouge_l'] for r in sel], 100, 1)}** | "
+            f"{pm([r['last3_rouge_l'] for r in sel], 100, 1)} | "
+            f"{pm([r['initial_loss'] for r in sel], 1, 3)} → "
+            f"**{pm([r['final_loss'] for r in sel], 1, 3)}** | "
+            f"{mb([r['total_upload_bytes'] for r in sel])} |")
+    return "\n".join(lines)
+
+
 def render(write: bool = True) -> dict[str, str]:
     """Every generated block; with ``write`` also the grids' aggregate files and the figure."""
     rows = {g: rows_of(g, write)
-            for g in ("main", "hetero", "dp", "probe", "lr", "score", *ROUNDS_GRIDS)}
+            for g in ("main", "hetero", "dp", "probe", "lr", "score", *ROUNDS_GRIDS, "instruct")}
     blocks = main_tables(rows["main"])
     blocks["steps"] = steps_table(rows["main"])
     blocks["hetero"] = hetero_table(rows["hetero"])
@@ -575,6 +608,7 @@ def render(write: bool = True) -> dict[str, str]:
     if write:
         curves_figure("main", "bbc-news")
     blocks["xdev"] = xdev_table()
+    blocks["instruct"] = instruct_table(rows["instruct"])
     runs = rounds_runs()
     blocks["rounds"] = rounds_table(runs)
     if write:
