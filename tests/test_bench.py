@@ -84,6 +84,33 @@ def test_speed_command_reports_every_figure(tmp_path, capsys):
     assert main(["speed", "--probe-fraction", "0"]) == 2
 
 
+def test_speed_causal_lm_row(tmp_path, capsys):
+    """Every memory-knob variant runs in its own process; the knobs that only change memory
+    and time give the same training loss as the textbook loss."""
+    out = tmp_path / "causal.json"
+    assert main(["speed", "--causal-lm", "tiny-random-llama", "--steps", "1", "--length", "400",
+                 "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == list(__import__("lora_a2.speed").speed.CAUSAL_VARIANTS)
+    assert all("error" not in r and r["step_s"] > 0 and r["peak_rss_mb"] > 0 for r in rows)
+    assert rows[1]["loss"] == pytest.approx(rows[0]["loss"], rel=1e-4)
+    assert rows[2]["loss"] == pytest.approx(rows[0]["loss"], rel=1e-4)
+    assert "peak RSS" in capsys.readouterr().out
+    assert main(["speed", "--causal-lm", "tiny-random-llama", "--length", "4"]) == 2
+
+
+def test_instruct_grid_smoke_tabulates_rouge_and_loss(tmp_path):
+    out = tmp_path / "instruct"
+    assert main(["bench", "instruct", "--smoke", "--quiet", "--out", str(out),
+                 "--only", "1__lora-a2__seed0", "--only", "1__fl-lora__seed0"]) == 0
+    table = (out / "table.md").read_text()
+    assert "final_rouge_l" in table and "final_loss" in table and "2 of 16" in table
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert {r["metric"] for r in rows} == {"rouge_l"}
+    assert all(r["final_loss"] > 0 and r["last3_rouge_l"] is not None for r in rows)
+    assert (out / "plots" / "rouge_l_vs_upload.png").is_file()
+
+
 def test_only_selects_cells_and_bad_pattern_is_an_error(tmp_path):
     from lora_a2.bench import select
 

@@ -368,3 +368,24 @@ def test_chatterbot_on_the_tiny_llama_from_the_cli(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "ROUGE-L" in printed and "perplexity" in printed and "too long" in printed
     assert (out / "plots" / "rouge_l_per_round.png").is_file()
+
+
+def test_a_local_causal_lm_folder_is_loaded_as_a_decoder(tmp_path, instr_json):
+    """Any HF causal LM by folder: the task is found from its config's architecture."""
+    first = run_cli(tmp_path / "a", f"json:{instr_json}", "data.num_clients=2", "train.rounds=1",
+                    "task.generate_examples=0")
+    folder = first / "base_model"
+    sets = [s for s in LLAMA if not s.startswith("model.name")]
+    args = ["run", "--quiet", "--out", str(tmp_path / "b"), "--set", f"data.name=json:{instr_json}",
+            "--set", f"model.name={folder}", "--set", "data.num_clients=2",
+            "--set", "train.rounds=1"]
+    for s in sets:
+        args += ["--set", s]
+    assert main(args) == 0
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert summary["task"] == "causal-lm"
+    # same weights as the tiny model the first run built: the same base-model loss
+    assert summary["initial_loss"] == pytest.approx(
+        json.loads((first / "summary.json").read_text())["initial_loss"], rel=1e-5)
+    adapter = json.loads((tmp_path / "b" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(folder)
