@@ -575,12 +575,15 @@ def instruct_table(rows: list[dict[str, Any]]) -> str:
 
     lines = ["| budget / rank | strategy | seeds | ROUGE-L base → final (%) | last 3 rounds (%) | "
              "test loss base → final | upload (MB) |", "|---|---|---|---|---|---|---|"]
+    def method(r: dict[str, Any]) -> str:
+        alpha = r.get("model.lora_alpha")
+        return r["strategy.name"] + (f" (α = {float(alpha):g})" if alpha else "")
+
     order = ["lora-a2", "fl-lora", "ffa-lora", "flexlora"]
-    keys = sorted({(int(r["strategy.rank_budget"]), r["strategy.name"]) for r in rows},
-                  key=lambda k: (k[0], order.index(k[1]) if k[1] in order else 99))
+    keys = sorted({(int(r["strategy.rank_budget"]), method(r)) for r in rows},
+                  key=lambda k: (k[0], order.index(k[1]) if k[1] in order else 99 - k[1].count("α")))
     for budget, name in keys:
-        sel = [r for r in rows if int(r["strategy.rank_budget"]) == budget
-               and r["strategy.name"] == name]
+        sel = [r for r in rows if int(r["strategy.rank_budget"]) == budget and method(r) == name]
         lines.append(
             f"| {budget} | {name} | {len(sel)} | "
             f"{pm([r['initial_rouge_l'] for r in sel], 100, 1)} → "

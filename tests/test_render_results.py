@@ -210,3 +210,25 @@ def test_plateau_table_counts_cells_stuck_on_one_class(tmp_path, monkeypatch):
     # a and c end on one class; b and c had mixed predictions first in rounds 2 and 1
     assert lines[2:] == [f"| 2 classes/client | fl-lora | 3 | 2 | 1.5 | "
                          f"{(0.7 + 0.5 + 0.7) / 3:.3f} |"]
+
+
+def test_instruct_table_keeps_scaled_lora_a2_apart_and_averages_seeds():
+    def cell(name, seed, final, alpha=None):
+        r = {"strategy.rank_budget": "1", "strategy.name": name, "seed": seed,
+             "initial_rouge_l": 0.10, "final_rouge_l": final, "last3_rouge_l": final,
+             "initial_loss": 5.0, "final_loss": 4.0 + seed, "total_upload_bytes": 2e6}
+        if alpha:
+            r["model.lora_alpha"] = alpha
+        return r
+
+    rows = [cell("lora-a2", 0, 0.20), cell("lora-a2", 1, 0.30), cell("lora-a2", 0, 0.5, "128.0"),
+            cell("fl-lora", 0, 0.25)]
+    lines = render.instruct_table(rows).splitlines()
+    a2 = next(x for x in lines if x.startswith("| 1 | lora-a2 |"))
+    assert f"**{100 * statistics.fmean([0.2, 0.3]):.1f} ± {100 * statistics.stdev([0.2, 0.3]):.1f}**" in a2
+    assert "**4.500 ± 0.707**" in a2 and "| 2 |" in a2
+    scaled = next(x for x in lines if x.startswith("| 1 | lora-a2 (α = 128) |"))
+    assert "**50.0¹**" in scaled
+    assert [x.split("|")[2].strip() for x in lines[2:]] == ["lora-a2", "fl-lora",
+                                                            "lora-a2 (α = 128)"]
+    assert "No finished cells" in render.instruct_table([])
