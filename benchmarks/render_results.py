@@ -45,12 +45,13 @@ def rows_of(grid_name: str, write: bool = True) -> list[dict[str, Any]]:
     return json.loads(json.dumps(collect_rows(out, cells)))
 
 
-def fmt(xs: list[float]) -> str:
+def fmt(xs: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    """mean ± std of ``scale``·xs (¹: a single seed; ·: none)."""
     if not xs:
         return "·"
     if len(xs) == 1:
-        return f"{100 * xs[0]:.1f}¹"
-    return f"{100 * statistics.fmean(xs):.1f} ± {100 * statistics.stdev(xs):.1f}"
+        return f"{scale * xs[0]:.{digits}f}¹"
+    return f"{scale * statistics.fmean(xs):.{digits}f} ± {scale * statistics.stdev(xs):.{digits}f}"
 
 
 def mb(xs: list[float]) -> str:
@@ -565,14 +566,6 @@ def instruct_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "_No finished cells yet (`lora-a2 bench instruct`)._"
 
-    def pm(xs: list[float], scale: float, digits: int) -> str:
-        if not xs:
-            return "·"
-        mean = statistics.fmean(xs) * scale
-        if len(xs) == 1:
-            return f"{mean:.{digits}f}¹"
-        return f"{mean:.{digits}f} ± {statistics.stdev(xs) * scale:.{digits}f}"
-
     lines = ["| budget / rank | strategy | seeds | ROUGE-L base → final (%) | last 3 rounds (%) | "
              "test loss base → final | upload (MB) |", "|---|---|---|---|---|---|---|"]
     def method(r: dict[str, Any]) -> str:
@@ -586,11 +579,11 @@ def instruct_table(rows: list[dict[str, Any]]) -> str:
         sel = [r for r in rows if int(r["strategy.rank_budget"]) == budget and method(r) == name]
         lines.append(
             f"| {budget} | {name} | {len(sel)} | "
-            f"{pm([r['initial_rouge_l'] for r in sel], 100, 1)} → "
-            f"**{pm([r['final_rouge_l'] for r in sel], 100, 1)}** | "
-            f"{pm([r['last3_rouge_l'] for r in sel], 100, 1)} | "
-            f"{pm([r['initial_loss'] for r in sel], 1, 3)} → "
-            f"**{pm([r['final_loss'] for r in sel], 1, 3)}** | "
+            f"{fmt([r['initial_rouge_l'] for r in sel])} → "
+            f"**{fmt([r['final_rouge_l'] for r in sel])}** | "
+            f"{fmt([r['last3_rouge_l'] for r in sel])} | "
+            f"{fmt([r['initial_loss'] for r in sel], 1, 3)} → "
+            f"**{fmt([r['final_loss'] for r in sel], 1, 3)}** | "
             f"{mb([r['total_upload_bytes'] for r in sel])} |")
     return "\n".join(lines)
 
