@@ -422,3 +422,19 @@ def test_smollm2_end_to_end(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip()
+
+
+def test_batched_greedy_generation_equals_one_prompt_at_a_time():
+    """Left padding in a batch must not change any answer."""
+    from lora_a2.models import tiny_random_llama
+    from lora_a2.tasks.causal_lm import generate
+
+    model, tok = tiny_random_llama(3)
+    tok.eos_token = "<|endoftext|>"  # a token the random model does not stop on: long answers
+    # raw prompts (a chat prompt ends in a newline, which a random tied model just repeats)
+    prompts = [list(tok(p, add_special_tokens=False)["input_ids"])
+               for p in ("Hi", "Name a fruit, please", "What is the capital of France")]
+    together = generate(model, tok, prompts, 10, 8, torch.device("cpu"))
+    alone = [generate(model, tok, [p], 10, 1, torch.device("cpu"))[0] for p in prompts]
+    assert together == alone
+    assert all(len(a) > 0 for a in alone)
