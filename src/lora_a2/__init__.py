@@ -2,6 +2,127 @@
 
 Koo, Jang, Ok. "Towards Robust and Efficient Federated Low-Rank Adaptation with Heterogeneous
 Clients", ACL 2025 (arXiv 2410.22815).
+
+The Python API (for notebooks and scripts)::
+
+    import lora_a2
+    cfg = lora_a2.load_config(overrides={"strategy.name": "fl-lora", "train.rounds": 2})
+    summary = lora_a2.run(cfg, out="runs/try")          # the same outputs as `lora-a2 run`
+    rounds = lora_a2.read_metrics("runs/try")           # one dict per round
+
+Strategies (``lora_a2.Strategy``, ``lora_a2.register``) and tasks (``lora_a2.LearningTask``,
+``lora_a2.register_task``) are the extension points; another installed package registers a
+strategy through the ``lora_a2.strategies`` entry-point group (docs/STRATEGIES.md).
+Everything is imported on first use, so ``import lora_a2`` stays light.
 """
 
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .config import Config
+
+_LAZY = {
+    "Config": ("lora_a2.config", "Config"),
+    "Strategy": ("lora_a2.strategies.base", "Strategy"),
+    "DenseStrategy": ("lora_a2.strategies.base", "DenseStrategy"),
+    "register": ("lora_a2.strategies.base", "register"),
+    "strategy_names": ("lora_a2.strategies", "strategy_names"),
+    "LearningTask": ("lora_a2.tasks.base", "LearningTask"),
+    "register_task": ("lora_a2.tasks.base", "register_task"),
+    "UserError": ("lora_a2.errors", "UserError"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'lora_a2' has no attribute '{name}'")
+
+
+def load_config(path: str | Path | None = None,
+                overrides: dict[str, Any] | list[str] | str | None = None) -> Config:
+    """A validated config from defaults, an optional TOML file and overrides.
+
+    ``overrides`` is a dict of dotted keys (``{"data.alpha": 0.5}``; nested tables such as
+    ``{"data": {"alpha": 0.5}}`` work too), a list of ``key=value`` strings as ``--set`` takes
+    them, or one string of space-separated pairs (``"data.alpha=0.5 train.rounds=2"``).
+    A bad key or value raises :class:`lora_a2.UserError` with a one-line message.
+    """
+    from .config import load_config as _load, overrides_to_sets
+
+    return _load(path, overrides_to_sets(overrides))
+
+
+def run(config: Config | str | Path | dict[str, Any] | None = None, *,
+        out: str | Path | None = None, overrides: dict[str, Any] | list[str] | str | None = None,
+        overwrite: bool = False, progress: bool = False) -> dict[str, Any]:
+    """Run one experiment and return its summary (the contents of ``summary.json``).
+
+    ``config`` is a :class:`Config`, a TOML path, a dict of overrides, or None (the defaults);
+    ``overrides`` apply on top. ``out`` defaults to ``runs/<time>-<strategy>``.
+    """
+    import time
+
+    from .config import Config as _Config
+    from .runner import run_experiment
+
+    if isinstance(config, _Config):
+        cfg = config if overrides is None else _apply_overrides(config, overrides)
+    elif isinstance(config, dict):
+        cfg = load_config(None, {**config, **_as_dict(overrides)})
+    else:
+        cfg = load_config(config, overrides)
+    if out is None:
+        out = Path("runs") / (time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.strategy.name}")
+    return run_experiment(cfg, Path(out), overwrite=overwrite, progress=progress)
+
+
+def resume(run_dir: str | Path, *, progress: bool = False) -> dict[str, Any]:
+    """Continue a crashed or stopped run after its last complete round; its summary."""
+    from .runner import resume_config, run_experiment
+
+    return run_experiment(resume_config(Path(run_dir)), Path(run_dir), progress=progress,
+                          resume=True)
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The run's ``metrics.jsonl``: one dict per finished round."""
+    from .report import read_metrics as _read
+
+    path = Path(run_dir)
+    return _read(path / "metrics.jsonl" if path.is_dir() else path)
+
+
+def read_summary(run_dir: str | Path) -> dict[str, Any]:
+    """The run's ``summary.json`` (written when the run finished)."""
+    import json
+
+    from .errors import UserError
+
+    path = Path(run_dir) / "summary.json"
+    if not path.is_file():
+        raise UserError(f"'{run_dir}' has no summary.json (not a finished run)")
+    return json.loads(path.read_text())
+
+
+def _as_dict(overrides: Any) -> dict[str, Any]:
+    if overrides is None:
+        return {}
+    if isinstance(overrides, dict):
+        return overrides
+    from .config import parse_set, split_sets
+
+    return dict(parse_set(item) for item in split_sets(overrides))
+
+
+def _apply_overrides(cfg: Config, overrides: Any) -> Config:
+    from .config import config_from_dict, overrides_to_sets
+
+    return config_from_dict(cfg.to_dict(), overrides_to_sets(overrides))

@@ -30,8 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = sub.add_parser("run", help="run one federated experiment (default: the embedded demo)")
     run.add_argument("--config", "-c", help="TOML config file (keys: see README)")
-    run.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config key, e.g. --set data.alpha=0.5 (repeatable)")
+    run.add_argument("--set", "-s", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                     help="override config keys, e.g. --set data.alpha=0.5 train.rounds=2 "
+                          "(repeatable; a quoted 'a=1 b=2' works too)")
     run.add_argument("--out", "-o", help="output directory (default: runs/<time>-<strategy>)")
     run.add_argument("--overwrite", action="store_true",
                      help="replace a non-empty output directory")
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     cfg = sub.add_parser("config", help="print the fully resolved config as TOML")
     cfg.add_argument("--config", "-c")
-    cfg.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE")
+    cfg.add_argument("--set", "-s", action="extend", nargs="+", default=[], metavar="KEY=VALUE")
     sub.add_parser("strategies", help="list the available strategies")
     bench = sub.add_parser("bench", help="run a benchmark grid (resumable), then tabulate it")
     bench.add_argument("grid", help="built-in grid name (main, hetero, smoke, ...) or a TOML file")
@@ -89,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .config import load_config
+    from .config import load_config, split_sets
     from .runner import print_summary, resume_config, run_experiment
 
     if args.resume:
@@ -100,7 +101,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                                  progress=not args.quiet, resume=True)
         print_summary(summary)
         return 0
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, split_sets(args.set))
     out = Path(args.out) if args.out else Path("runs") / (
         time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.strategy.name}")
     summary = run_experiment(cfg, out, overwrite=args.overwrite, progress=not args.quiet)
@@ -190,18 +191,22 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    from .config import load_config
+    from .config import load_config, split_sets
 
-    print(load_config(args.config, args.set).to_toml(), end="")
+    print(load_config(args.config, split_sets(args.set)).to_toml(), end="")
     return 0
 
 
 def _cmd_strategies(_: argparse.Namespace) -> int:
-    from .strategies import REGISTRY
+    from .strategies import PLUGIN_ERRORS, PLUGINS, REGISTRY, load_all
 
+    load_all()
     for name, cls in sorted(REGISTRY.items()):
-        doc = (cls.__doc__ or "").strip().splitlines()[0]
-        print(f"{name:12s} {doc}")
+        doc = ((cls.__doc__ or "").strip().splitlines() or [""])[0]
+        origin = f"  [plugin: {PLUGINS[name]}]" if name in PLUGINS else ""
+        print(f"{name:12s} {doc}{origin}")
+    for reason in PLUGIN_ERRORS.values():
+        print(f"lora-a2: warning: skipped {reason}", file=sys.stderr)
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -145,6 +146,9 @@ class StrategyConfig:
     """HetLoRA: rank self-pruning decay γ (r_k ← max(1, ⌊γ r_k⌋)); 1 = never prune."""
     prune_lambda: float = 1e-3
     """HetLoRA: weight λ of the self-pruning regulariser on the rank tail."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Options of a plugin strategy (`[strategy.options]` table, or `--set
+    strategy.options.NAME=VALUE`); each strategy declares the names it accepts."""
     hetlora_weights: str = "module"
     """HetLoRA: "module" = S_k = ‖B_k A_k‖_F of each module weights that module (the paper's
     definition for one LoRA module); "client" = S_k = Σ_m ‖B_km A_km‖_F, one weight per client
@@ -300,6 +304,16 @@ def _coerce(key: str, value: Any, annot: Any) -> Any:
 
 def _apply(cfg: Config, key: str, value: Any) -> None:
     parts = key.split(".")
+    if parts[:2] == ["strategy", "options"]:
+        if len(parts) == 2:
+            if not isinstance(value, dict):
+                raise UserError(f"config key 'strategy.options' must be a table, got {value!r}")
+            cfg.strategy.options = dict(value)
+        elif len(parts) == 3 and parts[2]:
+            cfg.strategy.options[parts[2]] = value
+        else:
+            raise _unknown(key)
+        return
     if parts == ["seed"]:
         cfg.seed = _coerce(key, value, int)
         return
@@ -319,6 +333,8 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
         key = f"{prefix}{k}"
         if isinstance(v, dict) and not prefix and k in SECTIONS:
             out += _flatten(v, key + ".")
+        elif isinstance(v, dict) and key == "strategy.options":
+            out.append((key, v))
         elif isinstance(v, dict):
             raise _unknown(key)
         else:
@@ -339,8 +355,54 @@ def parse_set(item: str) -> tuple[str, Any]:
     return key, value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Build a validated :class:`Config` from defaults, an optional TOML file and overrides."""
+_PAIR = re.compile(r"^[A-Za-z_][\w.]*=")
+
+
+def split_sets(items: str | list[str]) -> list[str]:
+    """``key=value`` items; one item holding several space-separated pairs (``"a=1 b=2"``, as
+    flwr's ``--run-config``) is split, but only when every piece is itself ``key=...`` — so a
+    value with spaces (``strategy.rank_budget=[1, 2]``, ``data.name=csv:my file.csv``) is not."""
+    out: list[str] = []
+    for item in [items] if isinstance(items, str) else items:
+        parts = item.split()
+        if len(parts) > 1 and all(_PAIR.match(p) for p in parts):
+            out += parts
+        else:
+            out.append(item.strip())
+    return [o for o in out if o]
+
+
+def overrides_to_sets(overrides: Any) -> list[str | tuple[str, Any]]:
+    """Overrides as :func:`load_config` takes them, from a dict of dotted keys (or nested
+    tables), a list of ``key=value`` strings, or one string of space-separated pairs."""
+    if overrides is None:
+        return []
+    if isinstance(overrides, dict):
+        return [(k, v) for k, v in _flatten(overrides) if v is not None]
+    if isinstance(overrides, (str, list, tuple)):
+        return list(split_sets(list(overrides) if not isinstance(overrides, str) else overrides))
+    raise UserError(f"overrides must be a dict, a list of 'key=value' strings or one string, "
+                    f"got {type(overrides).__name__}")
+
+
+def config_from_dict(data: dict[str, Any], overrides: list[str | tuple[str, Any]] | None = None
+                     ) -> Config:
+    """A validated config from a nested dict (``Config.to_dict()``) plus overrides."""
+    cfg = Config()
+    for key, value in _flatten(data):
+        if value is not None:
+            _apply(cfg, key, value)
+    for item in overrides or []:
+        key, value = item if isinstance(item, tuple) else parse_set(item)
+        _apply(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None,
+                overrides: list[str | tuple[str, Any]] | None = None) -> Config:
+    """Build a validated :class:`Config` from defaults, an optional TOML file and overrides
+    (``key=value`` strings as ``--set`` takes them, or ``(key, value)`` pairs)."""
     cfg = Config()
     if path is not None:
         p = Path(path)
@@ -353,7 +415,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         for key, value in _flatten(data):
             _apply(cfg, key, value)
     for item in overrides or []:
-        key, value = parse_set(item)
+        key, value = item if isinstance(item, tuple) else parse_set(item)
         _apply(cfg, key, value)
     validate(cfg)
     return cfg
@@ -389,14 +451,24 @@ def validate(cfg: Config) -> None:
              d.max_test_examples)
     _require(0 <= d.local_test_fraction < 1, "data.local_test_fraction", "must be in [0, 1)",
              d.local_test_fraction)
-    from .strategies import strategy_names  # the registry: a new strategy file is enough
+    from .strategies import plugin_error_for, strategy_names  # the registry (+ plugins)
 
     names = strategy_names()
+    if s.name not in names and plugin_error_for(s.name):
+        raise UserError(f"config key 'strategy.name': strategy '{s.name}' is not available: "
+                        f"{plugin_error_for(s.name)}")
     if s.name not in names:
         near = difflib.get_close_matches(s.name, names, n=1, cutoff=0.4)
         hint = f" (did you mean '{near[0]}'?)" if near else ""
         raise UserError(f"config key 'strategy.name': unknown strategy '{s.name}'{hint}; "
                         f"valid: {', '.join(names)}")
+    from .strategies import REGISTRY
+
+    accepted = REGISTRY[s.name].option_defaults
+    for opt in s.options:
+        if opt not in accepted:
+            raise UserError(f"config key 'strategy.options.{opt}': strategy '{s.name}' has no "
+                            f"such option (its options: {', '.join(sorted(accepted)) or 'none'})")
     _require(s.global_rank >= 1, "strategy.global_rank", "must be ≥ 1", s.global_rank)
     rb = s.rank_budget
     if isinstance(rb, list):

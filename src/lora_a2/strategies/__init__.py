@@ -2,21 +2,84 @@
 
 Adding a method is one new module in this package with a ``@register`` class: every module here
 is imported by :func:`load_all`, and the config accepts every registered name.
+
+Another installed package adds strategies through the entry-point group ``lora_a2.strategies``
+(``[project.entry-points."lora_a2.strategies"] my-method = "my_pkg.strategy:MyMethod"``; the
+object may be a :class:`Strategy` subclass or a module whose classes use ``@register``). A
+plugin that fails to import, leaves a method unimplemented, or takes a built-in's name is
+skipped with a one-line reason (:data:`PLUGIN_ERRORS`) and never breaks the other strategies;
+asking for it by name gives that reason as the error.
 """
 
 import importlib
+import inspect
 import pkgutil
+from importlib import metadata
 
+from ..errors import UserError
 from .base import REGISTRY, Strategy, get_strategy, register
 
 _SHARED = {"base", "hetero"}  # helpers, not strategies
+ENTRY_POINT_GROUP = "lora_a2.strategies"
+PLUGIN_ERRORS: dict[str, str] = {}
+"""Entry-point name → why that plugin was not registered (one line)."""
+PLUGINS: dict[str, str] = {}
+"""Strategy name → the distribution (package) that provided it."""
+_plugins_loaded = False
 
 
 def load_all() -> None:
-    """Import every strategy module of this package so that each registers itself."""
+    """Import every strategy module of this package, then the installed plugins (once)."""
     for info in pkgutil.iter_modules(__path__):
         if info.name not in _SHARED:
             importlib.import_module(f"{__name__}.{info.name}")
+    _load_plugins()
+
+
+def _entry_points() -> list[metadata.EntryPoint]:
+    return list(metadata.entry_points(group=ENTRY_POINT_GROUP))
+
+
+def _load_plugins() -> None:
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    builtin = dict(REGISTRY)
+    for ep in _entry_points():
+        dist = getattr(getattr(ep, "dist", None), "name", None) or ep.value
+        where = f"plugin '{ep.name}' ({dist})"
+        before = dict(REGISTRY)
+        try:
+            obj = ep.load()
+            classes = [obj] if inspect.isclass(obj) else [
+                c for c in vars(obj).values() if inspect.isclass(c) and issubclass(c, Strategy)
+                and c.__module__ == obj.__name__ and getattr(c, "name", None)]
+            if not classes:
+                raise TypeError(f"'{ep.value}' is not a Strategy subclass or a module with one")
+            for cls in classes:
+                _check_plugin(cls, builtin)
+                REGISTRY[cls.name] = cls
+                PLUGINS[cls.name] = dist
+        except Exception as e:  # anything a third-party import can raise: skip it, say why
+            REGISTRY.clear()
+            REGISTRY.update(before)  # a half-registered or clashing plugin leaves no trace
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            PLUGIN_ERRORS[ep.name] = f"{where}: {type(e).__name__}" + (f": {first}" if first
+                                                                       else "")
+
+
+def _check_plugin(cls: type, builtin: dict[str, type]) -> None:
+    if not (inspect.isclass(cls) and issubclass(cls, Strategy)):
+        raise TypeError(f"{cls!r} is not a lora_a2 Strategy subclass")
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{cls.__name__} has no 'name'")
+    if name in builtin and builtin[name] is not cls:
+        raise ValueError(f"its strategy name '{name}' is already a built-in strategy")
+    missing = sorted(getattr(cls, "__abstractmethods__", ()))
+    if missing:
+        raise TypeError(f"{cls.__name__} does not implement {', '.join(missing)}")
 
 
 def strategy_names() -> list[str]:
@@ -25,6 +88,15 @@ def strategy_names() -> list[str]:
     return sorted(REGISTRY)
 
 
+def plugin_error_for(name: str) -> str | None:
+    """Why a plugin that would have provided strategy ``name`` is missing, if one failed."""
+    load_all()
+    if name in PLUGIN_ERRORS:
+        return PLUGIN_ERRORS[name]
+    return None
+
+
 load_all()
 
-__all__ = ["REGISTRY", "Strategy", "get_strategy", "register", "load_all", "strategy_names"]
+__all__ = ["ENTRY_POINT_GROUP", "PLUGINS", "PLUGIN_ERRORS", "REGISTRY", "Strategy", "UserError",
+           "get_strategy", "load_all", "plugin_error_for", "register", "strategy_names"]

@@ -189,11 +189,20 @@ class Strategy(ABC):
     name: ClassVar[str]
     #: the strategy trains every model weight (no LoRA adapter is attached)
     full_model: ClassVar[bool] = False
+    #: options this strategy accepts in ``strategy.options`` (name → default); a plugin's own
+    #: knobs live here, since the config's ``strategy`` table knows only the built-ins'
+    option_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.budgets = cfg.budgets()
         self.layout: ParamLayout | None = None
+        unknown = sorted(set(cfg.strategy.options) - set(self.option_defaults))
+        if unknown:
+            valid = ", ".join(sorted(self.option_defaults)) or "none"
+            raise UserError(f"config key 'strategy.options.{unknown[0]}': strategy '{self.name}' "
+                            f"has no such option (its options: {valid})")
+        self.options = {**self.option_defaults, **cfg.strategy.options}
 
     # -- set-up ---------------------------------------------------------------
     def lora_rank(self) -> int | None:
@@ -356,6 +365,12 @@ class DenseStrategy(Strategy):
     def train_groups(self, rnd: int) -> list[str]:
         """Parameter groups trained (and uploaded) in round ``rnd``."""
 
+    def local_regularizer(self, ctx: ClientContext, task: Task,
+                          start: dict[str, Tensor]) -> Callable[[], Tensor] | None:
+        """A term added to every local step's loss (None: plain local training). ``start``
+        holds the trained parameters' values at the start of local training (CPU copies)."""
+        return None
+
     def configure(self, rnd: int, client_id: int, state: ServerState) -> Task:
         return self.make_task(rnd, client_id, state, self.send_groups(rnd, client_id, state),
                               train=self.train_groups(rnd))
@@ -368,7 +383,8 @@ class DenseStrategy(Strategy):
         gen = torch.Generator().manual_seed(task.config["seed"])
         torch.manual_seed(task.config["seed"])
         groups = [ParamGroup(self.layout.names(g), self.lr_of(g)) for g in task.config["train"]]
-        loss = ctx.train(groups, self.cfg.train.local_epochs, gen)
+        loss = ctx.train(groups, self.cfg.train.local_epochs, gen,
+                         regularizer=self.local_regularizer(ctx, task, before))
         after = ctx.runtime.snapshot(names)
         delta = {n: after[n] - before[n] for n in names}
         return Update(task.client_id, ctx.num_examples, flatten(delta, names),

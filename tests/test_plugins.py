@@ -1,0 +1,167 @@
+"""The public API and the strategy plugin point: the example plugin installed into a temporary
+site folder runs on both engines; bad plugins are skipped with a one-line reason."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import lora_a2
+from lora_a2.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model.name=tiny-random-bert", "strategy.global_rank=4", "strategy.rank_budget=2",
+        "model.max_length=24", "data.alpha=0.5", "engine.threads=1", "data.num_clients=3",
+        "train.rounds=2"]
+
+
+def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lora_a2.cli", *args], capture_output=True,
+                          text=True, env=env)
+
+
+def with_path(folder: Path) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(folder), env.get("PYTHONPATH", "")])
+    return env
+
+
+@pytest.fixture(scope="module")
+def plugin_site(tmp_path_factory) -> Path:
+    """examples/lora-a2-fedprox installed (with its entry point) into a throw-away folder."""
+    site = tmp_path_factory.mktemp("site")
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                        "--no-build-isolation", "--no-index", "--target", str(site),
+                        str(ROOT / "examples" / "lora-a2-fedprox")], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.fail(f"could not install the example plugin: {r.stderr[-500:]}")
+    return site
+
+
+def fake_plugin(site: Path, name: str, value: str, module: str, code: str) -> None:
+    """A distribution with one lora_a2.strategies entry point, written by hand."""
+    (site / f"{module}.py").write_text(code)
+    info = site / f"{module}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[lora_a2.strategies]\n{name} = {value}\n")
+
+
+# ---------------------------------------------------------------------- the Python API
+def test_python_api_runs_reads_and_overrides(tmp_path, synthetic_csv):
+    cfg = lora_a2.load_config(overrides=[f"data.name=csv:{synthetic_csv}", *TINY])
+    assert cfg.train.rounds == 2 and cfg.data.num_clients == 3
+    nested = lora_a2.load_config(overrides={"data": {"alpha": 0.25}, "train.rounds": 5})
+    assert nested.data.alpha == 0.25 and nested.train.rounds == 5
+    summary = lora_a2.run(cfg, out=tmp_path / "r", overrides="strategy.name=fl-lora seed=1")
+    assert summary["strategy"] == "fl-lora"
+    assert lora_a2.read_summary(tmp_path / "r") == summary
+    rounds = lora_a2.read_metrics(tmp_path / "r")
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert lora_a2.load_config(overrides=["data.alpha=0.3 train.rounds=4"]).train.rounds == 4
+    with pytest.raises(lora_a2.UserError, match="unknown config key 'data.alpah'"):
+        lora_a2.load_config(overrides={"data.alpah": 1})
+    assert issubclass(lora_a2.DenseStrategy, lora_a2.Strategy)
+
+
+def test_set_takes_several_pairs(tmp_path, capsys):
+    assert main(["config", "--set", "data.alpha=0.5", "train.rounds=3", "--set",
+                 "seed=2 strategy.lr=0.001", "--set", "strategy.rank_budget=[1, 2, 1, 2, 1, 2, "
+                 "1, 2, 1, 2]"]) == 0
+    text = capsys.readouterr().out
+    assert "alpha = 0.5" in text and "rounds = 3" in text and "seed = 2" in text
+    assert "lr = 0.001" in text
+
+
+# ---------------------------------------------------------------------- the example plugin
+def test_example_plugin_is_listed_and_runs_on_both_engines(tmp_path, plugin_site, synthetic_csv):
+    env = with_path(plugin_site)
+    r = cli("strategies", env=env)
+    assert r.returncode == 0 and "fedprox-lora" in r.stdout and "[plugin: lora-a2-fedprox]" in \
+        r.stdout, r.stdout + r.stderr
+    outs = {}
+    for engine in ("local", "flower"):
+        if engine == "flower":
+            pytest.importorskip("flwr")
+        args = ["run", "--quiet", "--out", str(tmp_path / engine), "--set",
+                f"data.name=csv:{synthetic_csv}", "strategy.name=fedprox-lora",
+                "strategy.options.mu=0.5", f"engine.name={engine}", *TINY]
+        r = cli(*args, env=env)
+        assert r.returncode == 0, r.stderr[-2000:]
+        outs[engine] = lora_a2.read_metrics(tmp_path / engine)
+    for a, b in zip(outs["local"], outs["flower"]):
+        assert a["upload_bytes"] == b["upload_bytes"] and a["download_bytes"] == b["download_bytes"]
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-4)
+        assert b["accuracy"] == pytest.approx(a["accuracy"], abs=1e-4)
+    # its option is validated like any other key
+    r = cli("config", "--set", "strategy.name=fedprox-lora", "strategy.options.nu=1", env=env)
+    assert r.returncode == 2 and "has no such option (its options: mu)" in r.stderr
+
+
+def test_fedprox_term_pulls_towards_the_global_adapter(plugin_site, synthetic_csv):
+    """μ = 0 is FedIT exactly; a large μ keeps the local change smaller (same seed and data)."""
+    sys.path.insert(0, str(plugin_site))
+    try:
+        import importlib
+
+        import lora_a2_fedprox
+        importlib.reload(lora_a2_fedprox)
+        from conftest import tiny_setup
+
+        norms = {}
+        for mu in (0.0, 50.0):
+            cfg, s, rt, ctxs = tiny_setup(["strategy.name=fl-lora", "strategy.lr=0.01"], 2)
+            prox = lora_a2_fedprox.FedProxLora(cfg)
+            prox.options["mu"] = mu
+            prox.mu = mu
+            prox.bind(rt.layout)
+            init = rt.initial_state()  # before any training moves the shared model
+            state = prox.init_state(init)
+            task = prox.configure(1, 0, state)
+            up = prox.client_update(ctxs[0], task)
+            norms[mu] = float(up.values.norm())
+            if mu == 0.0:
+                s.bind(rt.layout)
+                ref = s.client_update(ctxs[0], s.configure(1, 0, s.init_state(init)))
+                assert bool((ref.values == up.values).all())
+        assert norms[50.0] < norms[0.0]
+    finally:
+        sys.path.remove(str(plugin_site))
+
+
+# ---------------------------------------------------------------------- bad plugins
+def test_bad_plugins_are_skipped_with_one_line_each(tmp_path, synthetic_csv):
+    site = tmp_path / "site"
+    site.mkdir()
+    fake_plugin(site, "broken", "broken_pkg:Nope", "broken_pkg", "import does_not_exist\n")
+    fake_plugin(site, "half", "half_pkg:Half", "half_pkg",
+                "from lora_a2.strategies.base import Strategy\n"
+                "class Half(Strategy):\n    name = 'half'\n"
+                "    def configure(self, rnd, client_id, state): ...\n")
+    fake_plugin(site, "clash", "clash_pkg:Clash", "clash_pkg",
+                "from lora_a2.strategies.fl_lora import FlLora\n"
+                "class Clash(FlLora):\n    name = 'fl-lora'\n")
+    env = with_path(site)
+    r = cli("strategies", env=env)
+    assert r.returncode == 0
+    assert "fl-lora" in r.stdout and "lora-a2" in r.stdout  # the built-ins are untouched
+    warnings = r.stderr.strip().splitlines()
+    assert len(warnings) == 3, r.stderr
+    assert any("plugin 'broken' (broken_pkg): ModuleNotFoundError" in w for w in warnings)
+    assert any("plugin 'half' (half_pkg): TypeError: Half does not implement "
+               "aggregate, client_update, validate" in w for w in warnings)
+    assert any("plugin 'clash' (clash_pkg): ValueError: its strategy name 'fl-lora' is "
+               "already a built-in" in w for w in warnings)
+    r = cli("run", "--quiet", "--out", str(tmp_path / "o"), "--set", "strategy.name=broken",
+            env=env)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "plugin 'broken'" in r.stderr
+    # the built-in fl-lora still runs as the built-in (not the clashing plugin)
+    r = cli("run", "--quiet", "--out", str(tmp_path / "ok"), "--set",
+            f"data.name=csv:{synthetic_csv}", "strategy.name=fl-lora", *TINY, env=env)
+    assert r.returncode == 0, r.stderr
