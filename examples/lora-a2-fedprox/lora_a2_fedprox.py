@@ -32,6 +32,7 @@ class FedProxLora(DenseStrategy):
 
     name = "fedprox-lora"
     option_defaults = {"mu": 0.01}
+    central_dp = True  # the server's rule is FedAvg's weighted mean: linear in the uploads
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)

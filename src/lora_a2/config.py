@@ -560,7 +560,8 @@ def _validate_task(cfg: Config) -> None:
 
 
 def _validate_privacy(cfg: Config) -> None:
-    from .privacy import CENTRAL_STRATEGIES, MECHANISMS, MODES
+    from .privacy import MECHANISMS, MODES
+    from .strategies import REGISTRY
 
     p = cfg.privacy
     _require(p.mechanism in MECHANISMS, "privacy.mechanism", f"must be one of {', '.join(MECHANISMS)}",
@@ -578,8 +579,9 @@ def _validate_privacy(cfg: Config) -> None:
         raise UserError("config keys 'privacy.noise_multiplier' and 'privacy.epsilon': give exactly "
                         f"one of them with privacy.mechanism = '{p.mechanism}'")
     if p.mode == "central":
-        _require(cfg.strategy.name in CENTRAL_STRATEGIES, "privacy.mode",
-                 f"'central' needs a strategy with a linear aggregate ({', '.join(CENTRAL_STRATEGIES)}); "
+        central = sorted(n for n, c in REGISTRY.items() if c.central_dp)
+        _require(REGISTRY[cfg.strategy.name].central_dp, "privacy.mode",
+                 f"'central' needs a strategy with a linear aggregate ({', '.join(central)}); "
                  f"use 'local' with '{cfg.strategy.name}'", p.mode)
         _require(not cfg.strategy.renormalize, "privacy.mode",
                  "'central' cannot be combined with strategy.renormalize = true", p.mode)

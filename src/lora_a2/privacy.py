@@ -87,6 +87,7 @@ MODES = ("local", "central")
 #: (see HeteroRankStrategy.clip_update). HetLoRA is not: its weights ‖B_k A_k‖ / Σ_j ‖B_j A_j‖
 #: depend on every client's update, so one client can move every term (unbounded sensitivity).
 CENTRAL_STRATEGIES = ("lora-a2", "fl-lora", "ffa-lora", "fedavg-full", "flexlora", "flora")
+"""The built-ins that declare ``Strategy.central_dp`` (a plugin declares its own)."""
 
 
 # ---------------------------------------------------------------------- pure mechanisms

@@ -192,6 +192,9 @@ class Strategy(ABC):
     #: options this strategy accepts in ``strategy.options`` (name → default); a plugin's own
     #: knobs live here, since the config's ``strategy`` table knows only the built-ins'
     option_defaults: ClassVar[dict[str, Any]] = {}
+    #: central DP is sound for this strategy: its aggregate is linear in the uploads (so the
+    #: server can clip each upload and noise the sum); ``local`` DP works for every strategy
+    central_dp: ClassVar[bool] = False
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg

@@ -10,6 +10,7 @@ class FedAvgFull(DenseStrategy):
     """Every client trains all weights (lr ``strategy.full_lr``) and uploads their full delta."""
 
     name = "fedavg-full"
+    central_dp = True
     full_model = True
 
     def lora_rank(self) -> None:

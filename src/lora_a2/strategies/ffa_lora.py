@@ -14,6 +14,7 @@ class FfaLora(DenseStrategy):
     """Train and upload B only. A is sent once, on a client's first participation."""
 
     name = "ffa-lora"
+    central_dp = True
 
     def lora_rank(self) -> int:
         return uniform_rank(self)

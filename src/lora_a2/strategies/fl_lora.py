@@ -24,6 +24,7 @@ class FlLora(DenseStrategy):
     """FedIT: upload ΔA and ΔB at rank ``rank_budget``; A ← A + Σ w_k ΔA_k, B ← B + Σ w_k ΔB_k."""
 
     name = "fl-lora"
+    central_dp = True
 
     def lora_rank(self) -> int:
         return uniform_rank(self)

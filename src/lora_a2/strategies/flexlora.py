@@ -32,6 +32,7 @@ class FlexLora(HeteroRankStrategy):
     """Train A, B at rank r_k; server sums Σ p_k s_k B_k A_k and sends its rank-r_k SVD."""
 
     name = "flexlora"
+    central_dp = True
     uses_merged = True
     merges_products = True
 

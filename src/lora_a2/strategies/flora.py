@@ -40,6 +40,7 @@ class Flora(HeteroRankStrategy):
     """Fresh rank-r_k LoRA each round; server stacks them exactly and merges into the base."""
 
     name = "flora"
+    central_dp = True
     uses_merged = True
     merges_products = True
 

@@ -33,6 +33,7 @@ class LoraA2(Strategy):
     """LoRA-A2 with per-client rank budgets r_k ≤ r_G (``strategy.rank_budget``)."""
 
     name = "lora-a2"
+    central_dp = True
 
     def active_factor(self, rnd: int) -> str:
         return "B" if rnd % 2 == 1 else "A"
