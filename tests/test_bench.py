@@ -104,7 +104,7 @@ def test_instruct_grid_smoke_tabulates_rouge_and_loss(tmp_path):
     assert main(["bench", "instruct", "--smoke", "--quiet", "--out", str(out),
                  "--only", "1__lora-a2__seed0", "--only", "1__fl-lora__seed0"]) == 0
     table = (out / "table.md").read_text()
-    assert "final_rouge_l" in table and "final_loss" in table and "2 of 16" in table
+    assert "final_rouge_l" in table and "final_loss" in table and "2 of 20" in table
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert {r["metric"] for r in rows} == {"rouge_l"}
     assert all(r["final_loss"] > 0 and r["last3_rouge_l"] is not None for r in rows)
