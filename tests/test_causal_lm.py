@@ -438,3 +438,16 @@ def test_batched_greedy_generation_equals_one_prompt_at_a_time():
     alone = [generate(model, tok, [p], 10, 1, torch.device("cpu"))[0] for p in prompts]
     assert together == alone
     assert all(len(a) > 0 for a in alone)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["generate", "/nonexistent/run", "-p", "hi"], "holds no run"),
+    (["generate", ".", "--max-new-tokens", "0", "-p", "hi"], "--max-new-tokens must be ≥ 1"),
+    (["config", "--set", "strategy.options=3"], "'strategy.options' must be a table"),
+    (["config", "--set", "task.name=poetry"], "config key 'task.name' must be 'auto' or one of"),
+    (["config", "--set", "task.max_new_tokens=0"], "config key 'task.max_new_tokens'"),
+])
+def test_bad_generate_and_task_flags_are_one_line_errors(capsys, args, needle):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err

@@ -48,8 +48,6 @@ SMOKE = {"model.name": "tiny-random-bert", "model.max_length": 16, "data.max_tra
 # The same for a causal-LM grid (a decoder model or instruction data in its base).
 SMOKE_CAUSAL = {**SMOKE, "model.name": "tiny-random-llama", "model.max_length": 160,
                 "model.dtype": "float32", "task.generate_examples": 4, "task.max_new_tokens": 4}
-_CAUSAL_MODELS = ("smollm2", "tiny-random-llama")
-_CAUSAL_DATA = ("bbc-headlines", "chatterbot")
 
 # Headline figures of the cells' summaries per task metric: (key, scale in the table).
 METRIC_COLUMNS = {
@@ -139,8 +137,10 @@ def expand(grid: dict[str, Any], smoke: bool = False) -> list[Cell]:
                 overrides.update(extra)
                 overrides["seed"] = seed
                 if smoke:
-                    causal = overrides.get("model.name") in _CAUSAL_MODELS \
-                        or overrides.get("data.name") in _CAUSAL_DATA
+                    from .tasks.causal_lm import CausalLM  # its own model and data names
+
+                    causal = overrides.get("model.name") in CausalLM.model_names \
+                        or overrides.get("data.name") in CausalLM.data_names
                     overrides.update(SMOKE_CAUSAL if causal else SMOKE)
                 extra_label = "-".join(_label(v) for k, v in sorted(extra.items()))
                 parts = [labels[n] for n in names] + ([extra_label] if extra_label else [])

@@ -403,7 +403,7 @@ def load_config(path: str | Path | None = None,
                 overrides: list[str | tuple[str, Any]] | None = None) -> Config:
     """Build a validated :class:`Config` from defaults, an optional TOML file and overrides
     (``key=value`` strings as ``--set`` takes them, or ``(key, value)`` pairs)."""
-    cfg = Config()
+    data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -412,13 +412,7 @@ def load_config(path: str | Path | None = None,
             data = tomllib.loads(p.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"config file '{p}' is not valid TOML: {str(e).splitlines()[0]}") from None
-        for key, value in _flatten(data):
-            _apply(cfg, key, value)
-    for item in overrides or []:
-        key, value = item if isinstance(item, tuple) else parse_set(item)
-        _apply(cfg, key, value)
-    validate(cfg)
-    return cfg
+    return config_from_dict(data, overrides)
 
 
 def _require(cond: bool, key: str, msg: str, value: Any) -> None:
