@@ -294,7 +294,7 @@ def test_dp_runs_are_reproducible_and_report_epsilon(tmp_path, synthetic_csv):
     (["privacy.mechanism=gauss"], "privacy.mechanism"),
     (["privacy.mechanism=gaussian", "privacy.epsilon=1", "privacy.mode=global"], "privacy.mode"),
     (["privacy.mechanism=gaussian", "privacy.epsilon=1", "privacy.mode=central",
-      "strategy.name=hetlora"], "linear aggregate"),
+      "strategy.name=hetlora"], "not linear in the uploads"),
     (["privacy.mechanism=gaussian", "privacy.epsilon='x'"], "privacy.epsilon"),
     (["privacy.epsilson=1"], "did you mean 'privacy.epsilon'"),
 ])

@@ -201,10 +201,15 @@ def _cmd_strategies(_: argparse.Namespace) -> int:
     from .strategies import PLUGIN_ERRORS, PLUGINS, REGISTRY, load_all
 
     load_all()
+    width = max(map(len, REGISTRY)) + 1
     for name, cls in sorted(REGISTRY.items()):
         doc = ((cls.__doc__ or "").strip().splitlines() or [""])[0]
         origin = f"  [plugin: {PLUGINS[name]}]" if name in PLUGINS else ""
-        print(f"{name:12s} {doc}{origin}")
+        print(f"{name:{width}s} {doc}{origin}")
+        lr = "full-model lr" if cls.full_model else f"lr_B/lr_A = {cls.paper_lr_ratio:g}"
+        dp = ", ".join(f"{m} DP" if not cls.dp_refusal(m) else f"no {m} DP"
+                       for m in ("local", "central"))
+        print(f"{'':{width}s}   paper rule: {lr}; {dp}")
     for reason in PLUGIN_ERRORS.values():
         print(f"lora-a2: warning: skipped {reason}", file=sys.stderr)
     return 0

@@ -124,8 +124,10 @@ class StrategyConfig:
     `heavy-tail` (most clients small), `normal` (most in the middle); see `lora_a2.budgets`."""
     lr: float = 5e-4
     """Learning rate of A (lr_A). AdamW."""
-    lr_ratio: float = 5.0
-    """lr_B = lr_ratio · lr_A (the paper's LoRA+-style ratio)."""
+    lr_ratio: float = 0.0
+    """lr_B = lr_ratio · lr_A. 0 (default) = the strategy's own paper rule: 5 for LoRA-A2 (the
+    LoRA-A2 paper's LoRA+-style ratio), 1 (one learning rate) for every baseline whose paper
+    trains A and B at one rate; see `lora-a2 strategies`. Any value > 0 overrides it."""
     head_lr: float = 0.0
     """Learning rate of a trained head; 0 = lr_B."""
     full_lr: float = 5e-5
@@ -481,9 +483,10 @@ def validate(cfg: Config) -> None:
                  "must be an integer, a list of integers, or a distribution name", rb)
         _require(1 <= rb <= s.global_rank, "strategy.rank_budget",
                  f"must be in [1, strategy.global_rank = {s.global_rank}]", rb)
-    for key, v in (("strategy.lr", s.lr), ("strategy.lr_ratio", s.lr_ratio),
-                   ("strategy.full_lr", s.full_lr)):
+    for key, v in (("strategy.lr", s.lr), ("strategy.full_lr", s.full_lr)):
         _require(v > 0, key, "must be > 0", v)
+    _require(s.lr_ratio >= 0, "strategy.lr_ratio", "must be ≥ 0 (0 = the strategy's paper rule)",
+             s.lr_ratio)
     _require(s.head_lr >= 0, "strategy.head_lr", "must be ≥ 0 (0 = lr_B)", s.head_lr)
     _require(s.weight_decay >= 0, "strategy.weight_decay", "must be ≥ 0", s.weight_decay)
     _require(0 < s.prune_gamma <= 1, "strategy.prune_gamma", "must be in (0, 1]", s.prune_gamma)
@@ -572,11 +575,13 @@ def _validate_privacy(cfg: Config) -> None:
     if (p.noise_multiplier is None) == (p.epsilon is None):
         raise UserError("config keys 'privacy.noise_multiplier' and 'privacy.epsilon': give exactly "
                         f"one of them with privacy.mechanism = '{p.mechanism}'")
+    refusal = REGISTRY[cfg.strategy.name].dp_refusal(p.mode)
+    if refusal:
+        ok = sorted(n for n, c in REGISTRY.items() if not c.dp_refusal(p.mode))
+        raise UserError(f"config key 'privacy.mode': '{p.mode}' DP is not available with "
+                        f"strategy '{cfg.strategy.name}': {refusal} (it is with "
+                        f"{', '.join(ok)})")
     if p.mode == "central":
-        central = sorted(n for n, c in REGISTRY.items() if c.central_dp)
-        _require(REGISTRY[cfg.strategy.name].central_dp, "privacy.mode",
-                 f"'central' needs a strategy with a linear aggregate ({', '.join(central)}); "
-                 f"use 'local' with '{cfg.strategy.name}'", p.mode)
         _require(not cfg.strategy.renormalize, "privacy.mode",
                  "'central' cannot be combined with strategy.renormalize = true", p.mode)
 

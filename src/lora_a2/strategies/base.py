@@ -195,6 +195,12 @@ class Strategy(ABC):
     #: central DP is sound for this strategy: its aggregate is linear in the uploads (so the
     #: server can clip each upload and noise the sum); ``local`` DP works for every strategy
     central_dp: ClassVar[bool] = False
+    #: DP modes this strategy refuses, each with its one-line reason (mode → reason); central
+    #: mode is refused without a reason entry when ``central_dp`` is False
+    dp_refusals: ClassVar[dict[str, str]] = {}
+    #: lr_B / lr_A of the method's paper, used when ``strategy.lr_ratio`` is 0 (the default):
+    #: 1 = one learning rate for A and B, as most papers train LoRA
+    paper_lr_ratio: ClassVar[float] = 1.0
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -206,6 +212,17 @@ class Strategy(ABC):
             raise UserError(f"config key 'strategy.options.{unknown[0]}': strategy '{self.name}' "
                             f"has no such option (its options: {valid})")
         self.options = {**self.option_defaults, **cfg.strategy.options}
+
+    @classmethod
+    def dp_refusal(cls, mode: str) -> str | None:
+        """Why DP mode ``mode`` (``local`` / ``central``) cannot be used with this strategy;
+        None when it can."""
+        if mode in cls.dp_refusals:
+            return cls.dp_refusals[mode]
+        if mode == "central" and not cls.central_dp:
+            return "its aggregate is not linear in the uploads, so noise on the sum would not " \
+                   "cover what it releases"
+        return None
 
     # -- set-up ---------------------------------------------------------------
     def lora_rank(self) -> int | None:
@@ -255,13 +272,21 @@ class Strategy(ABC):
     def aggregate_round(self, rnd: int, state: ServerState, replies: list[tuple[Task, Update]]
                         ) -> tuple[ServerState, dict[str, Any]]:
         """Server side: :meth:`aggregate` of the validated replies; in ``central`` DP mode the
-        replies are clipped again and the aggregate gets the noise."""
+        replies are clipped again and the aggregate gets the noise; then :meth:`finalize`."""
         plan = self.privacy
         if plan is None or plan.mode != "central":
-            return self.aggregate(rnd, state, replies)
-        replies = [(t, self.clip_update(t, u)) for t, u in replies]
-        new, info = self.aggregate(rnd, state, replies)
-        return self._noise_aggregate(rnd, new, replies), info
+            new, info = self.aggregate(rnd, state, replies)
+        else:
+            replies = [(t, self.clip_update(t, u)) for t, u in replies]
+            new, info = self.aggregate(rnd, state, replies)
+            new = self._noise_aggregate(rnd, new, replies)
+        return self.finalize(rnd, new, info)
+
+    def finalize(self, rnd: int, state: ServerState, info: dict[str, Any]
+                 ) -> tuple[ServerState, dict[str, Any]]:
+        """Server post-processing of the aggregate (after central DP's noise, so it costs no
+        privacy), e.g. FedSVD's re-factorisation. Default: none. It must not read uploads."""
+        return state, info
 
     @functools.cached_property
     def privacy(self) -> dp.PrivacyPlan | None:
@@ -327,10 +352,15 @@ class Strategy(ABC):
         return ServerState(tensors, state.extra)
 
     # -- shared helpers -------------------------------------------------------
+    @property
+    def lr_ratio(self) -> float:
+        """lr_B / lr_A of this run: ``strategy.lr_ratio`` if set (> 0), else the paper's."""
+        return self.cfg.strategy.lr_ratio or self.paper_lr_ratio
+
     def lr_of(self, group: str) -> float:
         s = self.cfg.strategy
-        return {"A": s.lr, "B": s.lr * s.lr_ratio, "head": s.head_lr or s.lr * s.lr_ratio,
-                "full": s.full_lr}[group]
+        lr_b = s.lr * self.lr_ratio
+        return {"A": s.lr, "B": lr_b, "head": s.head_lr or lr_b, "full": s.full_lr}[group]
 
     def head_groups(self) -> list[str]:
         assert self.layout is not None

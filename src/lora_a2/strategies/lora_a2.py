@@ -34,6 +34,7 @@ class LoraA2(Strategy):
 
     name = "lora-a2"
     central_dp = True
+    paper_lr_ratio = 5.0  # the LoRA-A2 paper trains B at 5 × the learning rate of A
 
     def active_factor(self, rnd: int) -> str:
         return "B" if rnd % 2 == 1 else "A"
