@@ -190,3 +190,44 @@ def stack_lora(Bs: Sequence[Tensor], As: Sequence[Tensor],
     B = torch.cat(list(Bs), dim=1)
     A = torch.cat([float(w) * a for a, w in zip(As, weights)], dim=0)
     return B, A
+
+
+# ---------------------------------------------------------------------- FedEx-LoRA
+def exact_residual(Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """FedEx-LoRA's residual Σ_k w_k B_k A_k − (Σ_k w_k B_k)(Σ_k w_k A_k) (weights sum to 1).
+
+    What averaging the factors separately loses: folded into the frozen base (times the LoRA
+    scaling), it makes base + s·B̄Ā equal base + s·Σ_k w_k B_k A_k exactly. Equals
+    Σ_k w_k (B_k − B̄)(A_k − Ā), so it vanishes when all clients agree on either factor.
+    """
+    if not Bs or len(Bs) != len(As) or len(Bs) != len(weights):
+        raise ValueError("need one B, one A and one weight per client, and at least one client")
+    b_mean = sum(float(w) * b.to(torch.float64) for b, w in zip(Bs, weights))
+    a_mean = sum(float(w) * a.to(torch.float64) for a, w in zip(As, weights))
+    return (_product_sum64(Bs, As, weights) - b_mean @ a_mean).to(Bs[0].dtype)
+
+
+def _product_sum64(Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    acc = torch.zeros(Bs[0].shape[0], As[0].shape[1], dtype=torch.float64)
+    for b, a, w in zip(Bs, As, weights):
+        acc += float(w) * (b.to(torch.float64) @ a.to(torch.float64))
+    return acc
+
+
+# ---------------------------------------------------------------------- FedSVD
+def orthonormal_refactor(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
+    """FedSVD's re-factorisation: (B', A') with B'A' = BA, A' = Vᵀ[:r] (orthonormal rows) and
+    B' = U[:, :r] Σ[:r] (every singular value on B), where BA = U Σ Vᵀ.
+
+    BA has rank ≤ r, so the rank-r SVD is exact. It is computed without forming the
+    d_out × d_in product: B = Q_B R_B and Aᵀ = Q_A R_A (thin QR), R_B R_Aᵀ = u s vᵀ (r × r), so
+    U = Q_B u, V = Q_A v. Float64 throughout; returned in the inputs' dtypes. Where BA has rank
+    < r the extra rows of A' are still orthonormal and the matching columns of B' are zero.
+    """
+    b64, a64 = B.to(torch.float64), A.to(torch.float64)
+    q_b, r_b = torch.linalg.qr(b64)  # (d_out × r), (r × r)
+    q_a, r_a = torch.linalg.qr(a64.T)  # (d_in × r), (r × r)
+    u, s, vh = torch.linalg.svd(r_b @ r_a.T)
+    new_b = (q_b @ u) * s.unsqueeze(0)
+    new_a = (q_a @ vh.T).T
+    return new_b.to(B.dtype), new_a.to(A.dtype)

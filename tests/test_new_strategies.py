@@ -1,0 +1,188 @@
+"""RoLoRA, FedEx-LoRA, FedSVD and FedSA-LoRA on the tiny random BERT: each aggregation rule
+against an identity computed here from the clients' own trained factors, and what travels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lora_a2.cli import main
+from lora_a2.strategies.base import ClientContext, Task
+
+from conftest import tiny_setup
+from test_strategies import wire
+
+
+def make(strategy: str, budget: int = 2, head: str = "trained", extra=()):
+    """Three clients holding 10, 30 and 50 examples (unequal data weights 1/9, 3/9, 5/9)."""
+    cfg, s, rt, ctxs = tiny_setup([f"strategy.name='{strategy}'", f"model.head='{head}'",
+                                   f"strategy.rank_budget={budget}", *extra], 3)
+    bounds = [(0, 10), (10, 40), (40, 90)]
+    ctxs = [ClientContext(rt, c.data, np.arange(a, b), cfg) for c, (a, b) in zip(ctxs, bounds)]
+    return cfg, s, rt, ctxs
+
+
+def run_round(s, rt, ctxs, state, rnd):
+    """One round through real encoding: (replies, each client's parameters after training)."""
+    replies, trained = [], []
+    for c, ctx in enumerate(ctxs):
+        task = s.configure(rnd, c, state)
+        upd, _ = wire(s, rt, task, ctx)
+        s.validate(task, upd)
+        replies.append((task, upd))
+        trained.append(rt.snapshot(rt.layout.group_names(["A", "B", "head"])))
+    return replies, trained
+
+
+def weights(replies):
+    n = [u.num_examples for _, u in replies]
+    return [k / sum(n) for k in n]
+
+
+def mean_of(trained, w, name):
+    return sum(wk * t[name].double() for wk, t in zip(w, trained))
+
+
+# ---------------------------------------------------------------------- RoLoRA
+def test_rolora_alternates_b_then_a_and_averages_the_trained_factor_exactly():
+    cfg, s, rt, ctxs = make("rolora")
+    lay = rt.layout
+    state = s.init_state(rt.initial_state())
+    for rnd, active, frozen in ((1, "B", "A"), (2, "A", "B"), (3, "B", "A")):
+        replies, trained = run_round(s, rt, ctxs, state, rnd)
+        w = weights(replies)
+        for task, upd in replies:  # both factors down, only the active one (+ head) up
+            assert set(task.config["send"]) == {"A", "B", "head"}
+            assert upd.values.numel() == lay.size([active, "head"])
+        for t in trained:  # the frozen factor never moved on a client
+            for n in lay.names(frozen):
+                assert torch.equal(t[n], state.tensors[n])
+        new, _ = s.aggregate_round(rnd, state, replies)
+        for n in lay.names(active) + lay.names("head"):
+            assert torch.allclose(new.tensors[n].double(), mean_of(trained, w, n), atol=1e-6)
+        for n in lay.names(frozen):
+            assert torch.equal(new.tensors[n], state.tensors[n])
+        # exact: the new global product is the weighted mean of the clients' products
+        for m in lay.modules:
+            a, b = f"{m.name}.A", f"{m.name}.B"
+            mean_prod = sum(wk * (t[b].double() @ t[a].double()) for wk, t in zip(w, trained))
+            got = new.tensors[b].double() @ new.tensors[a].double()
+            assert torch.allclose(got, mean_prod, atol=1e-6)
+        state = new
+        assert s.active_factor(rnd) == active
+
+
+# ---------------------------------------------------------------------- FedEx-LoRA
+def test_fedex_lora_folds_the_exact_residual_into_the_base():
+    cfg, s, rt, ctxs = make("fedex-lora")
+    lay = rt.layout
+    scale = cfg.model.lora_alpha / 2
+    state = s.init_state(rt.initial_state())
+    implied = {m.name: torch.zeros(m.d_out, m.d_in, dtype=torch.float64) for m in lay.modules}
+    for rnd in (1, 2):
+        replies, trained = run_round(s, rt, ctxs, state, rnd)
+        w = weights(replies)
+        new, info = s.aggregate_round(rnd, state, replies)
+        assert info["residual_norm"] > 0
+        for m in lay.modules:
+            a, b = f"{m.name}.A", f"{m.name}.B"
+            # the global model is base + merged + s·B̄Ā; it must equal the previous global
+            # delta plus s·Σ w_k B_k A_k of this round's clients (their ΔW on the same base)
+            prev = state.tensors[f"merged.{m.name}"].double() + scale * (
+                state.tensors[b].double() @ state.tensors[a].double())
+            client_avg = sum(wk * scale * (t[b].double() @ t[a].double())
+                             for wk, t in zip(w, trained))
+            implied[m.name] = prev - scale * (state.tensors[b].double() @ state.tensors[a].double()
+                                              ) + client_avg
+            got = new.tensors[f"merged.{m.name}"].double() + scale * (
+                new.tensors[b].double() @ new.tensors[a].double())
+            assert torch.allclose(got, implied[m.name], atol=1e-5)
+            # the factors are the plain means (FedIT); the residual is what that loses
+            assert torch.allclose(new.tensors[a].double(), mean_of(trained, w, a), atol=1e-6)
+            assert torch.allclose(new.tensors[b].double(), mean_of(trained, w, b), atol=1e-6)
+        state = new
+    # round 2's download carries the dense residual of every module; round 1's does not
+    t1, t2 = s.configure(1, 0, s.init_state(rt.initial_state())), s.configure(2, 0, state)
+    dense = sum(m.d_out * m.d_in for m in lay.modules)
+    n1, n2 = t1.to_payload(lay).num_values, t2.to_payload(lay).num_values
+    assert n2 - n1 == dense and "merged" in t2.config["send"]
+
+
+def test_fedex_lora_clients_train_on_the_merged_base():
+    cfg, s, rt, ctxs = make("fedex-lora")
+    state = s.init_state(rt.initial_state())
+    replies, _ = run_round(s, rt, ctxs, state, 1)
+    state, _ = s.aggregate_round(1, state, replies)
+    task = Task.from_payload(s.configure(2, 0, state).to_payload(rt.layout), rt.layout)
+    rt.set_weight_delta(None)
+    rt.load(task.download)
+    assert {k: v for k, v in rt.weight_deltas().items()}, "the residual must reach the base"
+    m = rt.layout.modules[0]
+    assert torch.allclose(rt.weight_deltas()[m.name], state.tensors[f"merged.{m.name}"],
+                          atol=1e-6)
+
+
+def test_fedex_lora_refuses_central_dp_with_its_reason(capsys):
+    assert main(["config", "--set", "strategy.name=fedex-lora", "privacy.mechanism=gaussian",
+                 "privacy.epsilon=1", "privacy.mode=central"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "product of uploads" in err
+
+
+# ---------------------------------------------------------------------- FedSVD
+def test_fedsvd_trains_b_only_and_reorthonormalises_a_without_changing_the_product():
+    cfg, s, rt, ctxs = make("fedsvd")
+    lay = rt.layout
+    state = s.init_state(rt.initial_state())
+    for rnd in (1, 2):
+        replies, trained = run_round(s, rt, ctxs, state, rnd)
+        w = weights(replies)
+        for task, upd in replies:
+            assert set(task.config["send"]) == {"A", "B", "head"}
+            assert upd.values.numel() == lay.size(["B", "head"])
+        new, _ = s.aggregate_round(rnd, state, replies)
+        for m in lay.modules:
+            a, b = f"{m.name}.A", f"{m.name}.B"
+            for t in trained:
+                assert torch.equal(t[a], state.tensors[a])  # A frozen on the client
+            b_mean = mean_of(trained, w, b)
+            want = b_mean @ state.tensors[a].double()  # FedAvg of B on the shared A
+            assert torch.allclose(new.tensors[b].double() @ new.tensors[a].double(), want,
+                                  atol=1e-5)
+            eye = torch.eye(lay.rank, dtype=torch.float64)
+            assert torch.allclose(new.tensors[a].double() @ new.tensors[a].double().T, eye,
+                                  atol=1e-5)
+            # Σ on B: its columns are orthogonal with norms = the singular values, descending
+            gram = new.tensors[b].double().T @ new.tensors[b].double()
+            assert torch.allclose(gram, torch.diag(torch.diagonal(gram)), atol=1e-5)
+            sv = torch.linalg.svdvals(want)[:lay.rank]
+            assert torch.allclose(torch.diagonal(gram).sqrt(), sv, atol=1e-5)
+        state = new
+
+
+def test_fedsvd_central_noise_goes_on_b_before_the_refactorisation():
+    """Central DP: the noise is added to the B average, then the SVD re-split — so the
+    released A still has orthonormal rows (post-processing of the noised aggregate)."""
+    cfg, s, rt, ctxs = make("fedsvd", extra=["privacy.mechanism='gaussian'",
+                                             "privacy.noise_multiplier=1.0",
+                                             "privacy.mode='central'"])
+    lay = rt.layout
+    state = s.init_state(rt.initial_state())
+    replies, _ = run_round(s, rt, ctxs, state, 1)
+    noisy, _ = s.aggregate_round(1, state, replies)
+    for m in lay.modules:
+        a = noisy.tensors[f"{m.name}.A"].double()
+        assert torch.allclose(a @ a.T, torch.eye(lay.rank, dtype=torch.float64), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["rolora", "fedex-lora", "fedsvd"])
+def test_new_uniform_rank_methods_refuse_a_rank_list(name):
+    from lora_a2.config import load_config
+    from lora_a2.errors import UserError
+    from lora_a2.strategies import get_strategy
+
+    cfg = load_config(None, [f"strategy.name='{name}'", "data.num_clients=2",
+                             "strategy.rank_budget=[1, 2]"])
+    with pytest.raises(UserError, match="single integer"):
+        get_strategy(cfg).lora_rank()
