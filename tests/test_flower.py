@@ -337,3 +337,24 @@ def test_simulation_node_that_times_out_is_dropped(tmp_path, synthetic_csv, monk
     assert r1["num_replies"] == 3
     assert r2["status"] == "ok" and r2["num_replies"] == 2 and r2["dropped"] == [2]
     assert "no reply within" in r2["failures"][0]
+
+
+@pytest.mark.parametrize("strategy", ["rolora", "fedsa-lora", "fedex-lora", "fedsvd"])
+def test_newer_methods_match_on_both_engines(tmp_path, synthetic_csv, strategy):
+    """RoLoRA, FedSA-LoRA, FedEx-LoRA and FedSVD give the same metrics and bytes on Flower's
+    Simulation Engine as on the local engine. Three rounds: FedSA-LoRA's clients must find their
+    own B again on their node (Flower's Context.state) in rounds 2 and 3, and evaluate it there."""
+    sets = ["data.num_clients=3", "train.rounds=3", f"strategy.name={strategy}"]
+    local = read_metrics(run(tmp_path / "local", synthetic_csv, sets) / "metrics.jsonl")
+    flower = read_metrics(run(tmp_path / "flower", synthetic_csv,
+                              sets + ["engine.name=flower", "engine.num_workers=2"])
+                          / "metrics.jsonl")
+    assert_same_run(local, flower)
+    for a, b in zip(local, flower):
+        assert b["local_accuracy"] == pytest.approx(a["local_accuracy"], abs=1e-4)
+        assert b.get("eval_download_bytes") == a.get("eval_download_bytes")
+        assert b.get("eval_upload_bytes") == a.get("eval_upload_bytes")
+    if strategy == "fedsa-lora":  # each client evaluated its own B: the clients differ
+        assert local[-1]["eval_download_bytes"] > 0
+        assert len(set(local[-1]["local_accuracy"])) > 1 or \
+            local[-1]["accuracy"] != local[-1]["shared_model_accuracy"]

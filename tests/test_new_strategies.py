@@ -186,3 +186,104 @@ def test_new_uniform_rank_methods_refuse_a_rank_list(name):
                              "strategy.rank_budget=[1, 2]"])
     with pytest.raises(UserError, match="single integer"):
         get_strategy(cfg).lora_rank()
+
+
+# ---------------------------------------------------------------------- FedSA-LoRA
+def test_fedsa_lora_shares_a_keeps_each_clients_b_and_evaluates_it():
+    from lora_a2.tasks.classification import evaluate
+
+    cfg, s, rt, ctxs = make("fedsa-lora", head="frozen")
+    lay = rt.layout
+    state = s.init_state(rt.initial_state())
+    stores = [{} for _ in ctxs]
+    own_b = [None] * len(ctxs)
+    for rnd in (1, 2):
+        replies, trained = [], []
+        for c, ctx in enumerate(ctxs):
+            ctx.store = stores[c]
+            task = s.configure(rnd, c, state)
+            assert task.config["send"] == ["A"]  # B never travels down ...
+            if rnd == 2:  # ... the client starts from the B it trained in round 1
+                rt.load({n: torch.full_like(t, 7.0) for n, t in rt.snapshot(
+                    lay.names("B")).items()})  # poison the shared model: must be overwritten
+            started = {}
+            real_train = ClientContext.train.__get__(ctx)
+
+            def spy(*a, _started=started, _train=real_train, **k):
+                _started.update(rt.snapshot(lay.names("B")))
+                return _train(*a, **k)
+
+            ctx.train = spy
+            upd, _ = wire(s, rt, task, ctx)
+            for n in lay.names("B"):  # round 1 from B = 0, round 2 from its own round-1 B
+                want = torch.zeros_like(started[n]) if rnd == 1 else own_b[c][n]
+                assert torch.equal(started[n], want)
+            assert upd.values.numel() == lay.size(["A"])  # ... nor up
+            s.validate(task, upd)
+            replies.append((task, upd))
+            trained.append(rt.snapshot(lay.group_names(["A", "B"])))
+            for n in lay.names("B"):
+                assert torch.equal(stores[c][n], trained[-1][n])
+            own_b[c] = {n: trained[-1][n].clone() for n in lay.names("B")}
+        w = weights(replies)
+        new, _ = s.aggregate_round(rnd, state, replies)
+        for n in lay.names("A"):
+            assert torch.allclose(new.tensors[n].double(), mean_of(trained, w, n), atol=1e-6)
+        for n in lay.names("B"):  # the server's B is never touched
+            assert torch.equal(new.tensors[n], state.tensors[n])
+        state = new
+    # each client's evaluation is the global A with its own B, computed here independently
+    test = ctxs[0].data
+    for c, ctx in enumerate(ctxs):
+        ctx.test_data, ctx.local_test = test, np.zeros(0, dtype=np.int64)
+        task = Task.from_payload(s.eval_task(2, c, state).to_payload(lay), lay)
+        got = s.client_evaluate(ctx, task)
+        rt.load({n: state.tensors[n] for n in lay.names("A")})
+        rt.load(own_b[c])
+        want = evaluate(rt, test, 64)
+        assert got["accuracy"] == pytest.approx(want["accuracy"])
+        assert got["loss"] == pytest.approx(want["loss"])
+
+
+def test_label_weighted_local_accuracy_is_the_clients_label_mix():
+    from lora_a2.tasks.classification import label_weighted_accuracy
+
+    per_class = [1.0, 0.5, 0.0, float("nan")]  # class 3 absent from the test set
+    assert label_weighted_accuracy(per_class, np.array([0, 0, 0, 1])) == pytest.approx(0.875)
+    assert label_weighted_accuracy(per_class, np.array([2, 3, 3])) == pytest.approx(0.0)
+    assert label_weighted_accuracy(per_class, np.array([3])) is None
+
+
+def test_fedsa_lora_resume_restores_every_clients_own_b(tmp_path, synthetic_csv):
+    """The clients' B live in the checkpoint: an interrupted personalised run resumes to the
+    same metrics and adapter as one that ran straight through."""
+    from lora_a2.config import load_config
+    from lora_a2.engines.local import run_round
+    from lora_a2.report import read_metrics
+    from lora_a2.runner import run_experiment
+
+    cfg = load_config(None, [f"data.name='csv:{synthetic_csv}'", "model.name='tiny-random-bert'",
+                             "model.max_length=24", "strategy.global_rank=4",
+                             "strategy.rank_budget=2", "data.num_clients=3", "train.rounds=3",
+                             "strategy.name='fedsa-lora'", "data.partition='dirichlet'",
+                             "data.alpha=0.5"])
+    run_experiment(cfg, tmp_path / "ref", progress=False)
+
+    def crash_in_round_3(exp, rnd, state, on_client=None):
+        if rnd == 3:
+            raise KeyboardInterrupt
+        return run_round(exp, rnd, state, on_client)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, tmp_path / "cut", progress=False, round_fn=crash_in_round_3)
+    run_experiment(cfg, tmp_path / "cut", progress=False, resume=True)
+    strip = lambda rs: [{k: v for k, v in r.items() if not k.endswith("wall_s")} for r in rs]
+    assert strip(read_metrics(tmp_path / "cut" / "metrics.jsonl")) == \
+        strip(read_metrics(tmp_path / "ref" / "metrics.jsonl"))
+
+
+def test_fedsa_lora_refuses_the_causal_lm_task(capsys):
+    assert main(["config", "--set", "strategy.name=fedsa-lora", "model.name=tiny-random-llama",
+                 "data.name=chatterbot", "model.head=frozen"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "supports task classification" in err

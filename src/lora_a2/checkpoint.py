@@ -26,7 +26,7 @@ from .report import atomic_write_bytes
 from .strategies.base import ServerState
 
 CHECKPOINT = "checkpoint.safetensors"
-_STATE, _EXTRA = "state/", "extra/"
+_STATE, _EXTRA, _CLIENT = "state/", "extra/", "client/"
 
 
 def _split_extra(extra: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -65,12 +65,19 @@ def _join_extra(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> dict
     return extra
 
 
-def save_checkpoint(out_dir: Path, rnd: int, state: ServerState) -> Path:
-    """Atomically replace ``DIR/checkpoint.safetensors`` with the state after round ``rnd``."""
+def save_checkpoint(out_dir: Path, rnd: int, state: ServerState,
+                    client_stores: dict[int, dict[str, torch.Tensor]] | None = None) -> Path:
+    """Atomically replace ``DIR/checkpoint.safetensors`` with the state after round ``rnd``.
+
+    ``client_stores``: what the simulated clients keep between their rounds (local engine), so
+    that a resumed personalised run continues with each client's own tensors."""
     out_dir = Path(out_dir)
     extra_tensors, plain = _split_extra(state.extra)
     tensors = {f"{_STATE}{k}": v.detach().cpu().contiguous() for k, v in state.tensors.items()}
     tensors.update({k: v.detach().cpu().contiguous() for k, v in extra_tensors.items()})
+    for c, store in (client_stores or {}).items():
+        tensors.update({f"{_CLIENT}{c}/{k}": v.detach().cpu().contiguous()
+                        for k, v in store.items()})
     blob = st_save(tensors, metadata={"round": str(rnd), "extra": json.dumps(plain),
                                       "state_order": json.dumps(list(state.tensors))})
     path = out_dir / CHECKPOINT
@@ -96,3 +103,20 @@ def load_checkpoint(out_dir: Path) -> tuple[int, ServerState] | None:
     state = {k: tensors[f"{_STATE}{k}"] for k in order}
     extra = _join_extra({k: v for k, v in tensors.items() if k.startswith(_EXTRA)}, plain)
     return rnd, ServerState(state, extra)
+
+
+def load_client_stores(out_dir: Path) -> dict[int, dict[str, torch.Tensor]]:
+    """The clients' own tensors saved with the last checkpoint (empty when none)."""
+    path = Path(out_dir) / CHECKPOINT
+    if not path.exists():
+        return {}
+    try:
+        tensors = st_load(path.read_bytes())
+    except SafetensorError:
+        raise UserError(f"checkpoint '{path}' is unreadable; cannot resume this run") from None
+    stores: dict[int, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        if key.startswith(_CLIENT):
+            client, name = key[len(_CLIENT):].split("/", 1)
+            stores.setdefault(int(client), {})[name] = t
+    return stores

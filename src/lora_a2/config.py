@@ -544,7 +544,13 @@ def _validate_task(cfg: Config) -> None:
     _require(t.max_new_tokens >= 1, "task.max_new_tokens", "must be ≥ 1", t.max_new_tokens)
     _require(t.samples >= 0, "task.samples", "must be ≥ 0", t.samples)
     resolved = resolve_task_name(cfg)
+    from .strategies import REGISTRY
     from .tasks import TASKS
+
+    supported = REGISTRY[cfg.strategy.name].tasks
+    _require(supported is None or resolved in supported, "strategy.name",
+             f"strategy '{cfg.strategy.name}' supports task "
+             f"{', '.join(supported or ())}, not '{resolved}'", cfg.strategy.name)
 
     TASKS[resolved](cfg).check(cfg)  # a model or dataset of another task: one line, here
     if resolved != "classification":

@@ -7,7 +7,7 @@ depends on which task it is.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -19,6 +19,7 @@ from .config import Config
 from .data import partition
 from .models import pick_device
 from .strategies import Strategy, get_strategy
+from .strategies.base import ClientContext
 from .tasks import LearningTask, get_task
 
 
@@ -34,10 +35,24 @@ class Experiment:
     enc_train: EncodedData
     enc_test: EncodedData
     task: LearningTask
+    #: per client: what it keeps between its rounds (``ClientContext.store``). On the local
+    #: engine the clients live in this process, so their memory lives here (and in the
+    #: checkpoint); on Flower it lives on the nodes
+    client_stores: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def num_labels(self) -> int:
         return len(self.train.label_names)
+
+    def client_context(self, client: int, store: dict[str, torch.Tensor] | None = None
+                       ) -> ClientContext:
+        """Client ``client``'s view: its training examples, its own test split, its store
+        (default: the in-process one of :attr:`client_stores`)."""
+        if store is None:
+            store = self.client_stores.setdefault(client, {})
+        return ClientContext(self.runtime, self.enc_train, self.client_train[client], self.cfg,
+                             store=store, test_data=self.enc_test,
+                             local_test=self.client_test[client])
 
 
 def split_local_test(parts: list[np.ndarray], fraction: float, seed: int):

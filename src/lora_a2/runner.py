@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, load_client_stores, save_checkpoint
 from .config import Config, clients_per_round, load_config
 from .data import label_histogram
 from .engines.local import evaluate_state, run_round
@@ -81,6 +81,7 @@ def run_experiment(cfg: Config, out: Path, *, overwrite: bool = False, progress:
         write_partition(exp, out)
     else:
         start, state = ckpt[0] + 1, strategy.restore_state(ckpt[1])
+        exp.client_stores.update(load_client_stores(out))
     initial_path = out / "initial_eval.json"
     metric = exp.task.metric
     if ckpt is not None and initial_path.exists():
@@ -105,7 +106,10 @@ def run_experiment(cfg: Config, out: Path, *, overwrite: bool = False, progress:
             bar.set_description(f"round {rnd}/{cfg.train.rounds}")
         state, record = round_fn(exp, rnd, state, on_client=(lambda c: bar.update(1)) if bar
                                   else None)
+        client_evals = record.pop("client_eval", None)  # personalised: each client's own model
         metrics = evaluate_state(exp, state)
+        if client_evals is not None:
+            metrics = exp.task.merge_client_evals(metrics, client_evals)
         samples = metrics.pop("samples", None)
         cumulative += record["upload_bytes"]
         record = {**{k: record[k] for k in ("round", "strategy", "active_factor")}, **metrics,
@@ -116,7 +120,7 @@ def run_experiment(cfg: Config, out: Path, *, overwrite: bool = False, progress:
                   "wall_s": time.perf_counter() - t0}
         write_samples(out, rnd, samples)
         writer.write(record)
-        save_checkpoint(out, rnd, state)
+        save_checkpoint(out, rnd, state, exp.client_stores)
         records.append(record)
         if bar is not None:
             shown = {metric: f"{100 * metrics[metric]:.1f}%"} \
@@ -178,6 +182,11 @@ def summarize(exp: Experiment, records: list[dict[str, Any]], initial: dict[str,
         "total_download_bytes": sum(r["download_bytes"] for r in records),
         "total_upload_params": total_up_params,
         "total_download_params": sum(r["download_params"] for r in records),
+        "personalized": exp.strategy.personalized,
+        # evaluate messages of a personalised strategy (each client evaluates its own model)
+        "total_eval_download_bytes": sum(r.get("eval_download_bytes", 0) for r in records),
+        "total_eval_upload_bytes": sum(r.get("eval_upload_bytes", 0) for r in records),
+        "lr_ratio": exp.strategy.lr_ratio,
         "client_rounds": client_rounds,
         "rejected_updates": sum(r["rejected"] for r in records),
         "dropped_clients": sum(len(r.get("dropped", [])) for r in records),

@@ -52,7 +52,7 @@ from typing import Any
 from ..config import Config, clients_per_round, load_config
 from ..errors import UserError
 from ..payload import InvalidPayload, decode, encode
-from ..strategies.base import ClientContext, ServerState, Task, Update
+from ..strategies.base import ServerState, Task, Update
 from ..validation import UploadLimits, receive_upload
 from .local import drops_out, round_record, sample_clients
 
@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 
 RECORD = "lora_a2"  # ArrayRecord holding the payload bytes
 CONFIG_RECORD = "lora_a2_config"  # ConfigRecord holding the run config (TOML) / node info
+STORE_RECORD = "lora_a2_client_store"  # node-side Context.state: a client's own tensors
 PAYLOAD_KEY = "payload"
 STYPE = "safetensors"
 FAULT_ENV = "LORA_A2_FLOWER_FAULT"
@@ -156,11 +157,44 @@ def client_train(msg, context):
         raise RuntimeError(f"task for client {task.client_id} sent to the node holding "
                            f"partition {pid}")
     _fault(task.round, task.client_id)
-    ctx = ClientContext(exp.runtime, exp.enc_train, exp.client_train[pid], exp.cfg)
+    ctx = exp.client_context(pid, read_store(context))
     # ``Strategy.upload`` = client_update + the DP transform of what is sent (as on local)
     upload = getattr(exp.strategy, "upload", exp.strategy.client_update)
     up = encode(upload(ctx, task).to_payload())
+    write_store(context, ctx.store)
     return Message(pack(up), reply_to=msg)
+
+
+def read_store(context) -> dict[str, Any]:
+    """What this node's client kept from its earlier rounds (``Context.state``, which Flower
+    keeps on the node between messages of a run)."""
+    record = context.state.array_records.get(STORE_RECORD)
+    return dict(record.to_torch_state_dict()) if record is not None else {}
+
+
+def write_store(context, store: dict[str, Any]) -> None:
+    from flwr.app import ArrayRecord
+
+    if store:
+        context.state[STORE_RECORD] = ArrayRecord(torch_state_dict={
+            k: v.detach().cpu().contiguous() for k, v in store.items()})
+
+
+def client_evaluate(msg, context):
+    """ClientApp ``evaluate`` (personalised strategies): load the shared part, this node's own
+    tensors, and answer with the metrics of that model."""
+    from flwr.app import Message
+
+    from .local import eval_reply
+
+    exp = _experiment(str(msg.content.config_records[CONFIG_RECORD]["config"]))
+    task = Task.from_payload(decode(unpack(msg.content)), exp.runtime.layout)
+    pid = partition_of(context)
+    if task.client_id != pid:
+        raise RuntimeError(f"evaluation for client {task.client_id} sent to the node holding "
+                           f"partition {pid}")
+    metrics = exp.strategy.client_evaluate(exp.client_context(pid, read_store(context)), task)
+    return Message(pack(encode(eval_reply(pid, metrics))), reply_to=msg)
 
 
 def client_query(msg, context):
@@ -178,6 +212,7 @@ def make_client_app():
 
     app = ClientApp()
     app.train()(client_train)
+    app.evaluate()(client_evaluate)
     app.query()(client_query)
     return app
 
@@ -347,7 +382,44 @@ class FlowerRounds:
             "per_client": rows,
             "train_wall_s": time.perf_counter() - t0,
         })
+        if strategy.personalized:
+            record.update(self.evaluate_clients(exp, rnd, state))
         return state, record
+
+    def evaluate_clients(self, exp, rnd: int, state: ServerState) -> dict[str, Any]:
+        """A personalised strategy's evaluate phase (as ``engines.local.evaluate_clients``):
+        an EVALUATE message to every client's node; a node that fails answers None."""
+        from flwr.app import Message, MessageType
+
+        from .local import read_eval_reply
+
+        strategy, layout = exp.strategy, exp.runtime.layout
+        messages, down_bytes, up_bytes = {}, 0, 0
+        for c in range(exp.cfg.data.num_clients):
+            if c not in self.node_of:
+                continue
+            down = encode(strategy.eval_task(rnd, c, state).to_payload(layout))
+            down_bytes += len(down)
+            messages[c] = Message(pack(down, self.config_toml), dst_node_id=self.node_of[c],
+                                  message_type=MessageType.EVALUATE, group_id=f"{rnd}-eval")
+        replies = list(self.grid.send_and_receive(list(messages.values()),
+                                                  timeout=self._timeout())) if messages else []
+        by_node = {r.metadata.src_node_id: r for r in replies}
+        evals: list[dict[str, Any] | None] = []
+        for c in range(exp.cfg.data.num_clients):
+            reply = by_node.get(self.node_of.get(c, -1))
+            if reply is None or reply.has_error():
+                evals.append(None)
+                continue
+            try:
+                up = unpack(reply.content)
+            except InvalidPayload:
+                evals.append(None)
+                continue
+            up_bytes += len(up)
+            evals.append(read_eval_reply(up, c))
+        return {"client_eval": evals, "eval_download_bytes": down_bytes,
+                "eval_upload_bytes": up_bytes}
 
 
 def error_text(reason: str | None, limit: int = 300) -> str:

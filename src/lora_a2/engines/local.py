@@ -8,17 +8,22 @@ to bytes and decoded again, so the byte counts are those a network would carry.
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import torch
 
 from ..experiment import Experiment
 from ..config import clients_per_round
-from ..payload import InvalidPayload, decode, encode
-from ..strategies.base import ClientContext, ServerState, Task, Update
+from ..payload import InvalidPayload, Payload, decode, encode
+from ..strategies.base import ServerState, Task, Update
 from ..validation import UploadLimits, receive_upload
+
+log = logging.getLogger(__name__)
 
 RoundCallback = Callable[[dict[str, Any]], None]
 
@@ -62,7 +67,7 @@ def run_round(exp: Experiment, rnd: int, state: ServerState,
                 on_client(c)
             continue
         # ---- client side: only the bytes cross over -------------------------------------
-        ctx = ClientContext(exp.runtime, exp.enc_train, exp.client_train[c], cfg)
+        ctx = exp.client_context(c)
         client_task = Task.from_payload(decode(down), layout)
         up = encode(strategy.upload(ctx, client_task).to_payload())  # DP clip/noise inside
         # ---- server side -----------------------------------------------------------------
@@ -88,7 +93,49 @@ def run_round(exp: Experiment, rnd: int, state: ServerState,
     record = round_record(strategy, rnd, clients, per_client, num_replies=len(replies),
                           failed=failed, dropped=dropped, reasons=reasons, info=info)
     record.update(per_client=per_client, train_wall_s=time.perf_counter() - t0)
+    if strategy.personalized:
+        record.update(evaluate_clients(exp, rnd, state))
     return state, record
+
+
+def evaluate_clients(exp: Experiment, rnd: int, state: ServerState) -> dict[str, Any]:
+    """A personalised strategy's evaluate phase: every client gets the shared part
+    (``strategy.eval_task``), evaluates its own model and answers with its metrics; both
+    directions go through real encoding and are counted (``eval_*_bytes``)."""
+    strategy, layout = exp.strategy, exp.runtime.layout
+    evals: list[dict[str, Any] | None] = []
+    down_bytes = up_bytes = 0
+    for c in range(exp.cfg.data.num_clients):
+        down = encode(strategy.eval_task(rnd, c, state).to_payload(layout))
+        task = Task.from_payload(decode(down), layout)  # ---- client side
+        up = encode(eval_reply(c, strategy.client_evaluate(exp.client_context(c), task)))
+        evals.append(read_eval_reply(up, c))  # ---- server side
+        down_bytes += len(down)
+        up_bytes += len(up)
+    return {"client_eval": evals, "eval_download_bytes": down_bytes,
+            "eval_upload_bytes": up_bytes}
+
+
+def eval_reply(client: int, metrics: dict[str, Any]) -> Payload:
+    """A client's evaluation answer: no tensors, its metrics in the header."""
+    return Payload(values=torch.zeros(0), meta={"client": client, "metrics": metrics})
+
+
+def read_eval_reply(blob: bytes, client: int) -> dict[str, Any] | None:
+    """The metrics of an evaluation answer, or None (logged) when it is not a well-formed
+    answer from ``client`` with finite numbers in [0, ∞)."""
+    try:
+        meta = decode(blob).meta
+        metrics = meta["metrics"]
+        if meta.get("client") != client or not isinstance(metrics, dict):
+            raise InvalidPayload("not an evaluation answer from this client")
+        for k, v in metrics.items():
+            if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise InvalidPayload(f"metric {k!r} = {v!r}")
+        return metrics
+    except (InvalidPayload, KeyError, TypeError) as e:
+        log.warning("client %d: evaluation answer rejected: %s", client, e)
+        return None
 
 
 def round_record(strategy, rnd: int, clients: list[int], per_client: list[dict[str, Any]], *,

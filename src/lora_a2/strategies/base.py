@@ -157,6 +157,14 @@ class ClientContext:
     data: EncodedData
     indices: np.ndarray
     cfg: Config
+    #: what this client keeps between its rounds (a personalised method's own factors); the
+    #: engine persists it on the client's side (local: in memory and in the checkpoint;
+    #: Flower: the node's ``Context.state``) and never sends it to the server
+    store: dict[str, Tensor] = field(default_factory=dict)
+    #: the shared test set and this client's held-out examples (indices into ``data``; empty
+    #: unless ``data.local_test_fraction`` > 0), for a client that evaluates its own model
+    test_data: EncodedData | None = None
+    local_test: np.ndarray | None = None
 
     @property
     def num_examples(self) -> int:
@@ -201,6 +209,13 @@ class Strategy(ABC):
     #: lr_B / lr_A of the method's paper, used when ``strategy.lr_ratio`` is 0 (the default):
     #: 1 = one learning rate for A and B, as most papers train LoRA
     paper_lr_ratio: ClassVar[float] = 1.0
+
+    #: clients keep part of the model (``ClientContext.store``) that never reaches the server,
+    #: so there is no one global model: after each round every client evaluates its own
+    #: (:meth:`eval_task` → :meth:`client_evaluate`, sent as evaluate messages and counted)
+    personalized: ClassVar[bool] = False
+    #: the tasks this strategy can run (None: every task)
+    tasks: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -262,6 +277,25 @@ class Strategy(ABC):
     def aggregate(self, rnd: int, state: ServerState,
                   replies: list[tuple[Task, Update]]) -> tuple[ServerState, dict[str, Any]]:
         """New global state from the validated replies, plus round info for the metrics."""
+
+    # -- personalised evaluation (``personalized`` strategies only) ------------------
+    def eval_task(self, rnd: int, client_id: int, state: ServerState) -> Task:
+        """What the server sends a client so it can evaluate its own model after round
+        ``rnd`` (default: the shared groups a training task would carry)."""
+        task = self.configure(rnd, client_id, state)
+        return Task(rnd, client_id, {**task.config, "evaluate": True}, task.download)
+
+    def client_evaluate(self, ctx: ClientContext, task: Task) -> dict[str, Any]:
+        """Client side: load the shared download, then this client's own part
+        (:meth:`personal_tensors`), and evaluate with the run's task on the shared test set
+        and on the client's own test split (``LearningTask.evaluate_client``)."""
+        ctx.runtime.load(task.download)
+        ctx.runtime.load(self.personal_tensors(ctx))
+        return ctx.runtime.task.evaluate_client(ctx)
+
+    def personal_tensors(self, ctx: ClientContext) -> dict[str, Tensor]:
+        """The federated tensors this client holds for itself (from ``ctx.store``)."""
+        return {}
 
     # -- differential privacy (lora_a2.privacy); engines call these two ----------
     def upload(self, ctx: ClientContext, task: Task) -> Update:

@@ -126,6 +126,18 @@ class LearningTask(ABC):
         """Metrics of the model's current state (the global test set, and per client where the
         task defines it). A ``samples`` entry, if any, goes to ``samples.jsonl``, not metrics."""
 
+    def evaluate_client(self, ctx) -> dict[str, Any]:
+        """Metrics of one client's own model (already loaded), computed on the client: the
+        shared test set and the client's own split (``ctx.test_data`` / ``ctx.local_test``).
+        Needed only by personalised strategies (``Strategy.personalized``)."""
+        raise NotImplementedError(f"task '{self.name}' has no per-client evaluation")
+
+    def merge_client_evals(self, metrics: dict[str, Any], evals: list[dict[str, Any] | None]
+                           ) -> dict[str, Any]:
+        """The round's metrics of a personalised run: the server's ``metrics`` (of the shared
+        state) combined with every client's :meth:`evaluate_client` (None: no answer)."""
+        raise NotImplementedError(f"task '{self.name}' has no per-client evaluation")
+
     @abstractmethod
     def summary(self, initial: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
         """Task-specific entries of ``summary.json`` (start, final and best figures)."""

@@ -57,30 +57,73 @@ class Classification(LearningTask):
         return F.cross_entropy(model(input_ids=ids, attention_mask=att).logits, y)
 
     def evaluate(self, exp) -> dict[str, Any]:
+        """The global model on the test set, and each client's ``local_accuracy``: on its own
+        held-out examples when ``data.local_test_fraction`` > 0, else the test set's per-class
+        accuracy weighted by the client's own label mix (:func:`label_weighted_accuracy`)."""
         bs = exp.cfg.train.eval_batch_size
-        metrics: dict[str, Any] = evaluate(exp.runtime, exp.enc_test, bs)
+        metrics: dict[str, Any] = evaluate(exp.runtime, exp.enc_test, bs, per_class=True)
+        per_class = metrics.pop("class_accuracy")
         if any(len(t) for t in exp.client_test):
             local = [evaluate(exp.runtime, exp.enc_train, bs, idx)["accuracy"]
                      if len(idx) else None for idx in exp.client_test]
-            valid = [a for a in local if a is not None]
-            metrics["local_accuracy"] = local
-            metrics["local_accuracy_mean"] = float(np.mean(valid)) if valid else None
+        else:
+            local = [label_weighted_accuracy(per_class, exp.enc_train.labels[idx].numpy())
+                     for idx in exp.client_train]
+        metrics.update(local_accuracy_fields(local))
         return metrics
+
+    def evaluate_client(self, ctx) -> dict[str, Any]:
+        """One client's own model (loaded): the test set, and its own split as above."""
+        bs = ctx.cfg.train.eval_batch_size
+        assert ctx.test_data is not None
+        metrics: dict[str, Any] = evaluate(ctx.runtime, ctx.test_data, bs, per_class=True)
+        per_class = metrics.pop("class_accuracy")
+        if ctx.local_test is not None and len(ctx.local_test):
+            metrics["local_accuracy"] = evaluate(ctx.runtime, ctx.data, bs,
+                                                 ctx.local_test)["accuracy"]
+        else:
+            metrics["local_accuracy"] = label_weighted_accuracy(
+                per_class, ctx.data.labels[ctx.indices].numpy())
+        return metrics
+
+    def merge_client_evals(self, metrics: dict[str, Any], evals: list[dict[str, Any] | None]
+                           ) -> dict[str, Any]:
+        """A personalised method has no single global model: its test accuracy (and macro-F1,
+        loss) is the mean over clients of each client's own model on the test set, its
+        ``local_accuracy`` each client's own model on its own split. What the server alone
+        holds is kept as ``shared_model_accuracy``."""
+        got = [e for e in evals if e is not None]
+        out = {**metrics, "shared_model_accuracy": metrics["accuracy"]}
+        if got:
+            for key in ("accuracy", "macro_f1", "loss"):
+                out[key] = float(np.mean([e[key] for e in got]))
+        out.update(local_accuracy_fields([None if e is None else e["local_accuracy"]
+                                          for e in evals]))
+        return out
 
     def summary(self, initial, records):
         best = max(records, key=lambda r: r["accuracy"])
+        last = records[-1]
         return {"initial_accuracy": initial["accuracy"],
-                "final_accuracy": records[-1]["accuracy"],
-                "final_macro_f1": records[-1]["macro_f1"],
-                "final_loss": records[-1]["loss"],
+                "final_accuracy": last["accuracy"],
+                "final_macro_f1": last["macro_f1"],
+                "final_loss": last["loss"],
                 "best_accuracy": best["accuracy"],
-                "best_round": best["round"]}
+                "best_round": best["round"],
+                "initial_local_accuracy": initial.get("local_accuracy_mean"),
+                "final_local_accuracy": last.get("local_accuracy_mean"),
+                "local_accuracy_split": ("held-out" if self.cfg.data.local_test_fraction > 0
+                                         else "test set weighted by each client's label mix")}
 
     @staticmethod
     def summary_lines(s):
-        return [f"  accuracy   final {100 * s['final_accuracy']:.2f}%  best "
-                f"{100 * s['best_accuracy']:.2f}% (round {s['best_round']})  start "
-                f"{100 * s['initial_accuracy']:.2f}%  macro-F1 {100 * s['final_macro_f1']:.2f}%"]
+        lines = [f"  accuracy   final {100 * s['final_accuracy']:.2f}%  best "
+                 f"{100 * s['best_accuracy']:.2f}% (round {s['best_round']})  start "
+                 f"{100 * s['initial_accuracy']:.2f}%  macro-F1 {100 * s['final_macro_f1']:.2f}%"]
+        if s.get("final_local_accuracy") is not None:
+            lines.append(f"  local      final {100 * s['final_local_accuracy']:.2f}% (mean over "
+                         f"clients, each on its own split: {s['local_accuracy_split']})")
+        return lines
 
     def describe(self, runtime) -> dict[str, Any]:
         return {"num_labels": runtime.num_labels}
@@ -93,10 +136,28 @@ def encode_texts(tokenizer, texts: list[str], labels: np.ndarray, max_length: in
                        torch.as_tensor(np.asarray(labels), dtype=torch.long))
 
 
+def local_accuracy_fields(local: list[float | None]) -> dict[str, Any]:
+    valid = [a for a in local if a is not None and not np.isnan(a)]
+    return {"local_accuracy": local,
+            "local_accuracy_mean": float(np.mean(valid)) if valid else None}
+
+
+def label_weighted_accuracy(class_accuracy: list[float], labels: np.ndarray) -> float | None:
+    """Σ_c p(c) · acc_c: the test set's per-class accuracy weighted by the label mix ``labels``
+    (a client's training labels) — the accuracy on a test set drawn like that client's data.
+    Classes absent from the test set are left out and the weights renormalised; None when
+    none of the client's classes is in the test set."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(class_accuracy))
+    pairs = [(n, a) for n, a in zip(counts, class_accuracy) if n and not np.isnan(a)]
+    total = sum(n for n, _ in pairs)
+    return float(sum(n * a for n, a in pairs) / total) if total else None
+
+
 @torch.no_grad()
 def evaluate(runtime, data: EncodedData, batch_size: int,
-             indices: np.ndarray | None = None) -> dict[str, float]:
-    """Accuracy, macro-F1 and mean cross-entropy of the model's current state."""
+             indices: np.ndarray | None = None, per_class: bool = False) -> dict[str, Any]:
+    """Accuracy, macro-F1 and mean cross-entropy of the model's current state (and with
+    ``per_class`` the accuracy on each class's examples, NaN for a class with none)."""
     model = runtime.model
     model.eval()
     idx_all = torch.arange(len(data)) if indices is None else torch.as_tensor(indices)
@@ -109,9 +170,13 @@ def evaluate(runtime, data: EncodedData, batch_size: int,
     pred = torch.cat(preds).numpy() if preds else np.zeros(0, dtype=np.int64)
     true = data.labels[idx_all].numpy()
     n = max(len(true), 1)
-    return {"accuracy": float((pred == true).mean()) if len(true) else float("nan"),
-            "macro_f1": macro_f1(true, pred, runtime.num_labels),
-            "loss": total_loss / n}
+    out: dict[str, Any] = {"accuracy": float((pred == true).mean()) if len(true) else float("nan"),
+                           "macro_f1": macro_f1(true, pred, runtime.num_labels),
+                           "loss": total_loss / n}
+    if per_class:
+        out["class_accuracy"] = [float((pred[true == c] == c).mean()) if (true == c).any()
+                                 else float("nan") for c in range(runtime.num_labels)]
+    return out
 
 
 def macro_f1(true: np.ndarray, pred: np.ndarray, num_classes: int) -> float:
