@@ -161,6 +161,116 @@ def claim_table(rows: list[dict[str, Any]], data: str) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------- issue 17: fairness views
+CLAIM_CELLS = [("1", "dir0.1"), ("1", "dir0.01"), ("2", "dir0.1"), ("2", "dir0.01")]
+CLAIM_METHODS = ("fl-lora", "ffa-lora", "flexlora", "rolora", "fedsa-lora", "fedex-lora",
+                 "fedsvd")
+LORA_A2_VARIANTS = ("lora-a2", "lora-a2 (scaled α)")
+PAPER_LR = "0.0005"
+
+
+def claim_method(r: dict[str, Any]) -> str:
+    """The method of a claim-cell row; LoRA-A2 at the baselines' scaling is one method."""
+    return "lora-a2 (scaled α)" if r["strategy.name"] == "lora-a2" and r.get(
+        "model.lora_alpha") else r["strategy.name"]
+
+
+def claim_rows(claim: list[dict[str, Any]], claim_lr: list[dict[str, Any]],
+               main: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every claim-cell run as one list with ``lr`` set: the paper-rule grid (lr 5e-4), the
+    sweep, and — where the claim grid has not rerun it yet — LoRA-A2's main-grid cell at 5e-4
+    (the same config: LoRA-A2's paper rule is lr_ratio 5, which the main grid pins)."""
+    out = [{**r, "lr": PAPER_LR} for r in claim]
+    out += [{**r, "lr": f"{float(r['strategy.lr']):g}"} for r in claim_lr]
+    for r in out:
+        r["method"] = claim_method(r)
+        r["cell_key"] = (str(r["strategy.rank_budget"]), r["split"])
+    have = {(r["method"], r["cell_key"], r["seed"]) for r in out if r["lr"] == PAPER_LR}
+    for r in main:
+        r = {**r, "lr": PAPER_LR, "method": claim_method(r),
+             "cell_key": (str(r["strategy.rank_budget"]), r["split"])}
+        if r["data.name"] == "bbc-news" and r["strategy.name"] == "lora-a2" \
+                and r["cell_key"] in CLAIM_CELLS \
+                and (r["method"], r["cell_key"], r["seed"]) not in have:
+            out.append(r)
+    return out
+
+
+def lr_score(rows: list[dict[str, Any]], m: str, lr: str) -> float | None:
+    """Mean final accuracy of method ``m`` at ``lr`` over the 8 claim runs (4 cells × 2 seeds);
+    None unless all 8 have finished."""
+    got = [r["final_accuracy"] for r in rows if r["method"] == m and r["lr"] == lr
+           and r["cell_key"] in CLAIM_CELLS and r["seed"] in (0, 1)]
+    return statistics.fmean(got) if len(got) == 8 else None
+
+
+def best_lrs(rows: list[dict[str, Any]]) -> dict[str, tuple[str, list[str]]]:
+    """Per method: (its best lr among those with all 8 runs, the lrs that were complete)."""
+    out = {}
+    for m in (*CLAIM_METHODS, *LORA_A2_VARIANTS):
+        scores = {lr: lr_score(rows, m, lr) for lr in sorted({r["lr"] for r in rows
+                                                              if r["method"] == m})}
+        done = {lr: v for lr, v in scores.items() if v is not None}
+        if done:
+            out[m] = (max(done, key=lambda lr: done[lr]), sorted(done, key=float))
+    return out
+
+
+def claim_view(rows: list[dict[str, Any]], lr_of: dict[str, str], metric: str = "final_accuracy"
+               ) -> str:
+    """Rows = methods (each at ``lr_of[method]``), columns = the four claim cells; then LoRA-A2
+    minus the best other method per cell, on the seeds every method has."""
+    head = ["method", "lr_A"] + [f"budget {b}, {SPLIT_NAMES[sp]}" for b, sp in CLAIM_CELLS] \
+        + ["upload MB (mean)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    by: dict[tuple, dict[int, float]] = {}
+    for m in (*CLAIM_METHODS, *LORA_A2_VARIANTS):
+        lr = lr_of.get(m)
+        mine = [r for r in rows if r["method"] == m and r["lr"] == lr]
+        cells = []
+        for ck in CLAIM_CELLS:
+            vals = {r["seed"]: r[metric] for r in mine if r["cell_key"] == ck
+                    and r.get(metric) is not None}
+            by[(m, ck)] = vals
+            cells.append(fmt(list(vals.values())))
+        lines.append(f"| {m} | {lr or '·'} | " + " | ".join(cells) + " | "
+                     + mb([r["total_upload_bytes"] for r in mine]) + " |")
+    for variant in LORA_A2_VARIANTS:
+        gaps = []
+        for ck in CLAIM_CELLS:
+            seeds = sorted(set(by[(variant, ck)]).intersection(
+                *(by[(m, ck)] for m in CLAIM_METHODS)))
+            if not seeds:
+                gaps.append("·")
+                continue
+            mean = {m: 100 * statistics.fmean(by[(m, ck)][sd] for sd in seeds)
+                    for m in (*CLAIM_METHODS, variant)}
+            best = max(CLAIM_METHODS, key=lambda m: mean[m])
+            gaps.append(f"{mean[variant] - mean[best]:+.1f} vs {best} (n={len(seeds)})")
+        lines.append(f"| **{variant} − best other** | | " + " | ".join(gaps) + " | |")
+    return "\n".join(lines)
+
+
+def claim_blocks(claim: list[dict[str, Any]], claim_lr: list[dict[str, Any]],
+                 main: list[dict[str, Any]]) -> dict[str, str]:
+    rows = claim_rows(claim, claim_lr, main)
+    paper = {m: PAPER_LR for m in (*CLAIM_METHODS, *LORA_A2_VARIANTS)}
+    best = best_lrs(rows)
+    sweep = ["| method | complete lrs (mean final accuracy over the 8 runs) | best lr_A |",
+             "|---|---|---|"]
+    for m in (*CLAIM_METHODS, *LORA_A2_VARIANTS):
+        if m in best:
+            lr, done = best[m]
+            sweep.append(f"| {m} | " + ", ".join(f"{x}: {100 * lr_score(rows, m, x):.1f}"
+                                                 for x in done) + f" | {lr} |")
+        else:
+            sweep.append(f"| {m} | · | · |")
+    return {"claim_paper": claim_view(rows, paper),
+            "claim_paper_local": claim_view(rows, paper, "final_local_accuracy"),
+            "claim_sweep": "\n".join(sweep),
+            "claim_best": claim_view(rows, {m: b[0] for m, b in best.items()})}
+
+
 def weighted_local_steps(clients: list[dict[str, Any]], batch_size: int, epochs: int) -> float:
     """Optimizer steps per round of the data-weighted average update: Σ_k (n_k / n) ·
     ⌈n_k / batch⌉ · epochs (every client trains ``epochs`` passes of ⌈n_k / batch⌉ batches, and
@@ -591,8 +701,10 @@ def instruct_table(rows: list[dict[str, Any]]) -> str:
 def render(write: bool = True) -> dict[str, str]:
     """Every generated block; with ``write`` also the grids' aggregate files and the figure."""
     rows = {g: rows_of(g, write)
-            for g in ("main", "hetero", "dp", "probe", "lr", "score", *ROUNDS_GRIDS, "instruct")}
+            for g in ("main", "hetero", "dp", "probe", "lr", "score", *ROUNDS_GRIDS, "instruct",
+                      "claim", "claim-lr")}
     blocks = main_tables(rows["main"])
+    blocks.update(claim_blocks(rows["claim"], rows["claim-lr"], rows["main"]))
     blocks["steps"] = steps_table(rows["main"])
     blocks["hetero"] = hetero_table(rows["hetero"])
     blocks["dp"] = dp_table(rows["dp"], rows["main"])

@@ -232,3 +232,43 @@ def test_instruct_table_keeps_scaled_lora_a2_apart_and_averages_seeds():
     assert [x.split("|")[2].strip() for x in lines[2:]] == ["lora-a2", "fl-lora",
                                                             "lora-a2 (α = 128)"]
     assert "No finished cells" in render.instruct_table([])
+
+
+def test_claim_views_pick_each_methods_best_complete_lr_and_the_gap():
+    """View a: every method at lr 5e-4; view b: each method at the lr with the best mean over
+    all 8 claim runs, an lr missing a run is not a candidate; the gap is LoRA-A2 minus the best
+    other method per cell, on the seeds every method has."""
+    cells = render.CLAIM_CELLS
+    others = render.CLAIM_METHODS
+
+    def runs(name, lr, acc, alpha=None, skip=None):
+        out = []
+        for budget, split in cells:
+            for seed in (0, 1):
+                if skip == (budget, split, seed):
+                    continue
+                r = row(split, budget, name, acc + 0.01 * seed, seed, alpha)
+                if lr is not None:
+                    r["strategy.lr"] = lr
+                out.append(r)
+        return out
+
+    claim = [r for m in others for r in runs(m, None, 0.50)]
+    claim += runs("lora-a2", None, 0.30) + runs("lora-a2", None, 0.60, alpha="256.0")
+    sweep = runs("fl-lora", 0.001, 0.70)  # fl-lora is better at 1e-3 ...
+    sweep += runs("ffa-lora", 0.002, 0.90, skip=("1", "dir0.1", 1))  # ... ffa-lora's is partial
+    blocks = render.claim_blocks(claim, sweep, [])
+    best = {}
+    for line in blocks["claim_sweep"].splitlines()[2:]:
+        parts = [p.strip() for p in line.strip().strip("|").split("|")]
+        best[parts[0]] = parts[2]
+    assert best["fl-lora"] == "0.001"
+    assert best["ffa-lora"] == "0.0005"  # its 2e-3 runs are not all there
+    paper = blocks["claim_paper"].splitlines()
+    gap = next(x for x in paper if x.startswith("| **lora-a2 (scaled α) − best other**"))
+    assert gap.count("+10.0 vs") == 4  # 60.5 − 50.5 in every cell, n = 2
+    best_view = blocks["claim_best"].splitlines()
+    fl = next(x for x in best_view if x.startswith("| fl-lora |"))
+    assert "| 0.001 |" in fl and "70.5 ± 0.7" in fl
+    gap = next(x for x in best_view if x.startswith("| **lora-a2 (scaled α) − best other**"))
+    assert gap.count("-10.0 vs fl-lora") == 4
