@@ -393,3 +393,22 @@ def test_sigterm_stops_background_workers_that_ignore_sigint(tmp_path):
     for d in cells:  # resumed after the last checkpoint: every round exactly once
         rounds = [json.loads(line)["round"] for line in (d / "metrics.jsonl").read_text().splitlines()]
         assert rounds == list(range(1, 41))
+
+
+def test_claim_grid_smoke_runs_every_newer_method_with_local_accuracy(tmp_path):
+    """The fairness grid runs the four newer methods through `lora-a2 bench` like any other;
+    every row has its local accuracy, and each strategy used its paper's lr rule."""
+    out = tmp_path / "claim"
+    assert main(["bench", "claim", "--smoke", "--quiet", "--out", str(out),
+                 "--only", "dir0.1__1__*__seed0"]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    names = {r["strategy.name"] for r in rows}
+    assert {"rolora", "fedsa-lora", "fedex-lora", "fedsvd", "lora-a2"} <= names
+    assert all(r["final_local_accuracy"] is not None for r in rows)
+    assert "final_local_accuracy" in (out / "table.md").read_text()
+    ratios = {json.loads((out / "cells" / r["cell"] / "summary.json").read_text())["lr_ratio"]
+              for r in rows if r["strategy.name"] != "lora-a2"}
+    assert ratios == {1.0}
+    lora_a2 = next(r for r in rows if r["strategy.name"] == "lora-a2")
+    assert json.loads((out / "cells" / lora_a2["cell"] / "summary.json").read_text()
+                      )["lr_ratio"] == 5.0
