@@ -106,7 +106,7 @@ def _round(s, rt, ctxs, rnd, state):
 
 
 @pytest.mark.parametrize("mode", ["local", "central"])
-def test_lora_a2_noise_only_on_transmitted_slots(mode):
+def test_lora_a2_local_noise_on_sent_slots_central_noise_on_every_slot(mode):
     s, rt, ctxs = make("lora-a2", "privacy.mechanism='gaussian'", f"privacy.mode='{mode}'",
                        "privacy.noise_multiplier=2", "privacy.clip=0.01", "model.head='frozen'")
     state = s.init_state(rt.initial_state())
@@ -132,7 +132,10 @@ def test_lora_a2_noise_only_on_transmitted_slots(mode):
             diff = new.tensors[n] - state.tensors[n]
             slot_axis = 1 if factor == "B" else 0
             changed = (diff != 0).any(dim=1 - slot_axis)
-            assert torch.equal(changed, union[m])  # unselected slots bit-identical
+            if mode == "local":
+                assert torch.equal(changed, union[m])  # unselected slots bit-identical
+            else:  # central: the release is noised everywhere it could have changed
+                assert bool(changed.all())
         state = new
 
 
@@ -305,3 +308,40 @@ def test_bad_privacy_config_is_one_line_exit_2(capsys, sets, needle):
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and needle in err
+
+
+@pytest.mark.parametrize("name", ["lora-a2", "fl-lora", "ffa-lora", "rolora", "fedsvd",
+                                  "fedsa-lora", "flexlora", "flora"])
+def test_central_release_changes_a_data_independent_set_with_the_configured_noise(name):
+    """Central mode: which coordinates of the released state change does not depend on the
+    clients' data (two different datasets move exactly the same set: every entry of the
+    round's noise groups), and a slot no client selected moves by noise of scale z·C·w_max."""
+    z, clip = 2.0, 0.01
+    sets = ("privacy.mechanism='gaussian'", "privacy.mode='central'",
+            f"privacy.noise_multiplier={z}", f"privacy.clip={clip}", "model.head='frozen'")
+    moved = []
+    for data_seed in (0, 1):
+        s, rt, ctxs = make(name, *sets)
+        if data_seed:  # other data (the clients share one encoded set): relabel every example
+            ctxs[0].data.labels[:] = (ctxs[0].data.labels + 1) % 3
+        state = s.init_state(rt.initial_state())
+        replies = _round(s, rt, ctxs, 1, state)
+        new, _ = s.aggregate_round(1, state, replies)
+        moved.append({n for n in new.tensors
+                      if not torch.equal(new.tensors[n], state.tensors[n])})
+        full = {n for n in new.tensors if n in moved[-1]
+                and bool(((new.tensors[n] - state.tensors[n]) != 0).all())}
+        assert full == moved[-1], "a released tensor changed only partly"
+        # (FedSVD's re-split of the noised B·A then moves A too: post-processing)
+        extra = ["A"] if name == "fedsvd" else []
+        assert moved[-1] == set(rt.layout.group_names(s.noise_groups(1) + extra))
+        if name == "lora-a2":  # the noise on slots nobody selected has the configured scale
+            union = torch.zeros(rt.layout.num_modules, rt.layout.rank, dtype=torch.bool)
+            for _, u in replies:
+                union |= selection_from_ids(u.slots, rt.layout.num_modules, rt.layout.rank)
+            noise = torch.cat([(new.tensors[n] - state.tensors[n])[:, ~union[m]].reshape(-1)
+                               for m, n in enumerate(rt.layout.names("B"))]).double()
+            expected = z * clip * max(data_weights([u.num_examples for _, u in replies]))
+            assert noise.numel() > 300  # std within 10 %: ≈ 3 standard errors
+            assert abs(noise.std() / expected - 1) < 0.1
+    assert moved[0] == moved[1]

@@ -360,29 +360,30 @@ class Strategy(ABC):
             out.meta.pop("loss", None)  # a data-dependent scalar the server must not see
         return out
 
+    def noise_groups(self, rnd: int) -> list[str]:
+        """Central DP: the parameter groups whose every entry the server's release in round
+        ``rnd`` could change, whatever the clients sent — all of them get noise, so which
+        coordinates move reveals nothing about the data. Must not depend on the uploads.
+        Default: the round's active factor (A and B when both train) plus the head."""
+        active = self.active_factor(rnd)
+        return ([active] if active else ["A", "B"]) + self.head_groups()
+
     def _noise_aggregate(self, rnd: int, state: ServerState,
                          replies: list[tuple[Task, Update]]) -> ServerState:
-        """Add N(0, (z·C·w_max)²) (Laplace: scale z·C·w_max) to every entry of the aggregate
-        that some upload contributed to. The support is found by aggregating all-ones uploads
-        into a zero state (valid because central mode needs a linear aggregate)."""
+        """Add N(0, (z·C·w_max)²) (Laplace: scale z·C·w_max) to **every** entry of every
+        tensor in :meth:`noise_groups` — not only where some upload contributed (for a sparse
+        method such as LoRA-A2 that set is the clients' slot selection, which depends on their
+        data and would show in the released model)."""
         plan = self.privacy
-        assert plan is not None
-        zero = ServerState({n: torch.zeros_like(t) for n, t in state.tensors.items()},
-                           dict(state.extra))
-        ones = [(t, Update(u.client_id, u.num_examples, torch.ones_like(u.values), u.slots,
-                           dict(u.meta))) for t, u in replies]
-        support, _ = self.aggregate(rnd, zero, ones)
+        assert plan is not None and self.layout is not None
         w_max = max(data_weights([u.num_examples for _, u in replies]))
         scale = plan.noise_multiplier * plan.clip * w_max
         gen = dp.noise_generator(self.cfg.seed, rnd, "server")
         tensors = dict(state.tensors)
-        for n in sorted(support.tensors):
-            mask = support.tensors[n] != 0
-            k = int(mask.sum())
-            if k:
-                t = tensors[n].clone()
-                t[mask] += dp.noise(k, plan.mechanism, scale, gen).to(t.dtype)
-                tensors[n] = t
+        for n in self.layout.group_names(self.noise_groups(rnd)):
+            t = tensors[n]
+            tensors[n] = t + dp.noise(t.numel(), plan.mechanism, scale, gen).reshape(
+                t.shape).to(t.dtype)
         return ServerState(tensors, state.extra)
 
     # -- shared helpers -------------------------------------------------------
@@ -437,6 +438,9 @@ class DenseStrategy(Strategy):
         """A term added to every local step's loss (None: plain local training). ``start``
         holds the trained parameters' values at the start of local training (CPU copies)."""
         return None
+
+    def noise_groups(self, rnd: int) -> list[str]:
+        return self.train_groups(rnd)
 
     def configure(self, rnd: int, client_id: int, state: ServerState) -> Task:
         return self.make_task(rnd, client_id, state, self.send_groups(rnd, client_id, state),

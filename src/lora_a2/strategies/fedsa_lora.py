@@ -59,6 +59,9 @@ class FedSaLora(Strategy):
     def lora_rank(self) -> int:
         return uniform_rank(self)
 
+    def noise_groups(self, rnd: int) -> list[str]:
+        return ["A"]  # all the server releases (B and the head stay on the clients)
+
     def personal_names(self) -> list[str]:
         assert self.layout is not None
         return self.layout.names("B") + self.layout.names("head")

@@ -38,6 +38,10 @@ class HeteroRankStrategy(Strategy):
     def lora_rank(self) -> int:
         return max(self.budgets)
 
+    def noise_groups(self, rnd: int) -> list[str]:
+        # a merging method releases the dense merged delta; the others their A and B
+        return (["merged"] if self.uses_merged else ["A", "B"]) + self.head_groups()
+
     def init_state(self, initial: dict[str, Tensor]) -> ServerState:
         state = super().init_state(initial)
         if self.uses_merged:
