@@ -383,9 +383,18 @@ def dp_table(rows: list[dict[str, Any]], main_rows: list[dict[str, Any]] = ()) -
         if (r["data.name"], r["split"], r["strategy.rank_budget"]) == ("bbc-news", "dir0.01", "2") \
                 and (r["strategy.name"], r.get("model.lora_alpha"), r["seed"]) not in have:
             rows.append({**r, "privacy": "eps_inf"})
-    order = [(m,) for m in ("fl-lora", "flexlora", "lora-a2", "lora-a2 (α = 128)")]
+    for i, r in enumerate(rows):  # private-selection cells (issue 18): their own rows
+        if r.get("privacy.selection") == "private":
+            rows[i] = {**r, "privacy": f"eps{float(r['privacy.epsilon']):g}",
+                       "selection": "private"}
+    order = [(m,) for m in ("fl-lora", "flexlora", "lora-a2", "lora-a2 (α = 128)",
+                            "lora-a2, private selection", "lora-a2 (α = 128), private selection")]
     eps = ["eps_inf", "eps6", "eps3", "eps1"]
-    return pivot(rows, lambda r: (method(r),), order, lambda r: r["privacy"], eps,
+
+    def key(r: dict[str, Any]) -> tuple:
+        return (method(r) + (", private selection" if r.get("selection") == "private" else ""),)
+
+    return pivot(rows, key, order, lambda r: r["privacy"], eps,
                  ["ε = ∞", "ε = 6", "ε = 3", "ε = 1"], ["method"])
 
 

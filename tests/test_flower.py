@@ -73,6 +73,8 @@ def test_simulation_matches_local_engine(tmp_path, synthetic_csv):
     ("lora-a2", ["privacy.mechanism=gaussian", "privacy.mode=local", "privacy.noise_multiplier=0.5"]),
     ("fl-lora", ["privacy.mechanism=gaussian", "privacy.mode=central", "privacy.epsilon=8.0"]),
     ("flexlora", []),
+    ("lora-a2", ["privacy.mechanism=laplace", "privacy.mode=local", "privacy.epsilon=40",
+                 "privacy.selection=private", "privacy.selection_epsilon=2"]),
 ])
 def test_simulation_matches_local_for_other_strategies_and_dp(tmp_path, synthetic_csv, strategy,
                                                               privacy):

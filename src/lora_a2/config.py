@@ -206,7 +206,7 @@ class PrivacyConfig:
     per round); see `lora_a2.privacy` and the README's "Differential privacy"."""
     mode: str = "local"
     """`local` (each client noises its upload; untrusted server) or `central` (clients clip, the
-    trusted server noises the aggregate; lora-a2, fl-lora, ffa-lora, fedavg-full only)."""
+    trusted server noises the aggregate; strategies with a linear aggregate only)."""
     clip: float = 1.0
     """Bound C on the norm of each client's transmitted change (L2; L1 for `laplace`)."""
     noise_multiplier: float | None = None
@@ -215,6 +215,13 @@ class PrivacyConfig:
     """Target ε over `train.rounds`; the noise multiplier is calibrated to reach it."""
     delta: float = 1e-5
     """δ of the reported (ε, δ); should be well below 1 / data.num_clients."""
+    selection: str = "public"
+    """LoRA-A2's slot selection: `public` (the paper: each client's top r_k·N slot ids are
+    sent in the clear, chosen from its private data — not covered by ε) or `private` (an
+    ε-DP top-k, `privacy.selection_epsilon` per client and round, composed into ε)."""
+    selection_epsilon: float = 1.0
+    """`private` selection: ε of one client's whole top-k selection in one round (pure DP; the
+    one-shot Gumbel mechanism, see `lora_a2.selection.private_top_k`)."""
 
 
 @dataclass
@@ -566,7 +573,7 @@ def _validate_privacy(cfg: Config) -> None:
     from .privacy import MECHANISMS, MODES
     from .strategies import REGISTRY
 
-    p = cfg.privacy
+    p, t = cfg.privacy, cfg.train
     _require(p.mechanism in MECHANISMS, "privacy.mechanism", f"must be one of {', '.join(MECHANISMS)}",
              p.mechanism)
     _require(p.mode in MODES, "privacy.mode", "must be 'local' or 'central'", p.mode)
@@ -576,11 +583,34 @@ def _validate_privacy(cfg: Config) -> None:
         if v is not None:
             _require(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, key,
                      "must be a number > 0", v)
+    _require(p.selection in ("public", "private"), "privacy.selection",
+             "must be 'public' or 'private'", p.selection)
+    _require(isinstance(p.selection_epsilon, (int, float)) and p.selection_epsilon > 0,
+             "privacy.selection_epsilon", "must be a number > 0", p.selection_epsilon)
+    if p.selection == "private":
+        _require(p.mechanism != "none", "privacy.selection",
+                 "'private' needs DP on the uploads too (set privacy.mechanism); a private "
+                 "selection of a non-private update protects nothing", p.selection)
+        _require(p.mode == "local", "privacy.selection",
+                 "'private' is for local mode: in central mode the slot ids reach only the "
+                 "trusted server and the release is noised on every slot", p.selection)
+        _require(REGISTRY[cfg.strategy.name].selects_slots, "privacy.selection",
+                 f"'private' applies to strategies that select slots from client data "
+                 f"(lora-a2); '{cfg.strategy.name}' selects none", p.selection)
     if p.mechanism == "none":
         return
     if (p.noise_multiplier is None) == (p.epsilon is None):
         raise UserError("config keys 'privacy.noise_multiplier' and 'privacy.epsilon': give exactly "
                         f"one of them with privacy.mechanism = '{p.mechanism}'")
+    if p.selection == "private" and p.epsilon is not None:
+        from .privacy import PrivacyPlan
+
+        floor = PrivacyPlan(p.mechanism, p.mode, p.clip, 1e12, p.delta, 1.0, t.rounds, None,
+                            "private", float(p.selection_epsilon)).epsilon(t.rounds)
+        if floor >= p.epsilon:
+            raise UserError(f"config key 'privacy.epsilon': {p.epsilon:g} is not reachable: the "
+                            f"private selection alone spends ε = {floor:.3g} over {t.rounds} "
+                            f"rounds (lower privacy.selection_epsilon or raise privacy.epsilon)")
     refusal = REGISTRY[cfg.strategy.name].dp_refusal(p.mode)
     if refusal:
         ok = sorted(n for n, c in REGISTRY.items() if not c.dp_refusal(p.mode))

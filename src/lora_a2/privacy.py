@@ -14,9 +14,15 @@ truncated to the upload rank, or FLoRA's fresh seeded init), and the upload beco
 ``reference + clip(values − reference) + noise``.
 
 Not covered by the guarantee (sent in the clear, as in the paper): LoRA-A2's slot ids (which
-slots a client selected), HetLoRA's rank and tail norm, and the client's example count
-(used for the data weights). In ``local`` mode the client's training loss is dropped from the
-upload header.
+slots a client selected) unless ``privacy.selection = "private"`` (below), HetLoRA's rank and
+tail norm, and the client's example count (used for the data weights). In ``local`` mode the
+client's training loss is dropped from the upload header.
+
+Private slot selection (``privacy.selection = "private"``, local mode, LoRA-A2): the client picks
+its r_k·N slots with the one-shot Gumbel top-k mechanism (Durfee & Rogers, NeurIPS 2019;
+:func:`lora_a2.selection.private_top_k`), ``privacy.selection_epsilon`` = ε_sel-DP per client
+and round. The accountant composes it with the upload noise (see :meth:`PrivacyPlan.epsilon`),
+and each round's metrics carry ``selection_epsilon``, the selection's own share so far.
 
 Mechanisms and sensitivities
 ----------------------------
@@ -37,8 +43,10 @@ so no amplification by sampling is claimed (sampling rate 1), and every round is
 the adversary is anyone who sees the released global models after each round (other clients,
 the public: honest-but-curious observers). Clients clip (and the server clips again on
 arrival, so a client that does not clip cannot raise the sensitivity); after validation and
-aggregation the server adds one noise draw to the round's aggregate, on the coordinates the
-aggregate touched (for ``lora-a2`` the union of the slots any client selected, + the head).
+aggregation the server adds one noise draw to the round's aggregate, on **every** coordinate
+the round could change (:meth:`~lora_a2.strategies.base.Strategy.noise_groups`: for ``lora-a2``
+every slot of the active factor, selected or not, + the head), so which coordinates move in the
+release does not depend on the data.
 Removing one client changes the data-weighted aggregate Σ w_k Δ_k by at most w_max·C (weights
 are treated as public: exact for equal-sized clients, where this is DP-FedAvg's w = 1/K), so the
 aggregate noise is σ = z·C·w_max (Laplace: b = z·C·w_max): noise multiplier z with respect to
@@ -49,7 +57,9 @@ q = clients_per_round / num_clients. For ``flexlora`` and ``flora`` the server m
 merged delta. ``hetlora`` is refused: its weights ‖B_k A_k‖ / Σ_j ‖B_j A_j‖ depend on every
 upload, so no per-client bound on the aggregate's change exists.
 Central mode needs an aggregate that is linear in the
-uploads (``lora-a2`` without renormalisation, ``fl-lora``, ``ffa-lora``, ``fedavg-full``).
+uploads (each strategy declares it: ``Strategy.central_dp`` / ``dp_refusals``; ``lora-a2 strategies``
+lists them). Post-processing of the noised aggregate (FedSVD's SVD re-split) happens after the
+noise (``Strategy.finalize``).
 
 Accounting
 ----------
@@ -82,12 +92,6 @@ from torch import Tensor
 
 MECHANISMS = ("none", "gaussian", "laplace")
 MODES = ("local", "central")
-#: strategies whose aggregate is linear in what the server clips (central noise on the aggregate
-#: is valid): the uploads themselves, or for flexlora / flora the clients' products s_k B_k A_k
-#: (see HeteroRankStrategy.clip_update). HetLoRA is not: its weights ‖B_k A_k‖ / Σ_j ‖B_j A_j‖
-#: depend on every client's update, so one client can move every term (unbounded sensitivity).
-CENTRAL_STRATEGIES = ("lora-a2", "fl-lora", "ffa-lora", "fedavg-full", "flexlora", "flora")
-"""The built-ins that declare ``Strategy.central_dp`` (a plugin declares its own)."""
 
 
 # ---------------------------------------------------------------------- pure mechanisms
@@ -201,6 +205,20 @@ def calibrate_laplace(target_epsilon: float, sample_rate: float, steps: int,
 
 
 # ---------------------------------------------------------------------- the run's plan
+def gaussian_with_selection_epsilon(noise_multiplier: float, steps: int, rho_per_step: float,
+                                    delta: float) -> float:
+    """ε after ``steps`` rounds of a Gaussian mechanism (sampling rate 1) composed with a
+    ρ-zCDP mechanism each round: RDP(α) = T·(α / (2σ²) + α·ρ), then Opacus' conversion."""
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+    if steps <= 0:
+        return 0.0
+    orders = rdp_alphas()
+    rdp = compute_rdp(q=1.0, noise_multiplier=noise_multiplier, steps=steps, orders=orders)
+    rdp = [r + steps * a * rho_per_step for r, a in zip(rdp, orders)]
+    return float(get_privacy_spent(orders=orders, rdp=rdp, delta=delta)[0])
+
+
 @dataclass(frozen=True)
 class PrivacyPlan:
     """The resolved DP settings of one run (see module docstring)."""
@@ -213,24 +231,50 @@ class PrivacyPlan:
     sample_rate: float  # q used by the accountant (1 in local mode)
     rounds: int
     target_epsilon: float | None = None
+    selection: str = "public"  # LoRA-A2's slot ids: "public" (in the clear) or "private"
+    selection_epsilon: float = 0.0  # private: pure ε of one client's selection per round
 
     @property
     def sensitivity_factor(self) -> float:
         """Sensitivity / clip: 2 in local mode (replace-one), 1 in central (add/remove)."""
         return 2.0 if self.mode == "local" else 1.0
 
+    @property
+    def private_selection(self) -> bool:
+        return self.selection == "private"
+
     def epsilon(self, rounds: int) -> float:
-        """Total ε after ``rounds`` rounds at this plan's δ."""
+        """Total ε after ``rounds`` rounds at this plan's δ: the upload noise composed with
+        the private selection when there is one (local mode, sampling rate 1).
+
+        The selection is ``selection_epsilon``-DP per round and, as a composition of
+        exponential mechanisms, (ε_sel²/8)-zCDP (bounded range; Cesar & Rogers 2021 — k-fold
+        ε_sel/k gives ε_sel²/(8k), so this is conservative by the number of slots k). Gaussian:
+        its RDP α·ρ is added to the Gaussian's at every order. Laplace: the per-round pure ε's
+        add (2/z + ε_sel), then compose over rounds as without selection."""
         z = self.noise_multiplier / self.sensitivity_factor
+        sel = self.selection_epsilon if self.private_selection else 0.0
         if self.mechanism == "gaussian":
+            if sel:
+                return gaussian_with_selection_epsilon(z, rounds, sel * sel / 8, self.delta)
             return gaussian_epsilon(z, self.sample_rate, rounds, self.delta)
-        return laplace_epsilon(1.0 / z, self.sample_rate, rounds, self.delta)
+        return laplace_epsilon(1.0 / z + sel, self.sample_rate, rounds, self.delta)
+
+    def selection_spent(self, rounds: int) -> float | None:
+        """ε of the private selection alone after ``rounds`` rounds (pure ε_sel per round,
+        basic or advanced composition at δ); None with public selection."""
+        if not self.private_selection:
+            return None
+        return laplace_epsilon(self.selection_epsilon, 1.0, rounds, self.delta)
 
     def summary(self) -> dict[str, Any]:
         return {"mechanism": self.mechanism, "mode": self.mode, "clip": self.clip,
                 "noise_multiplier": self.noise_multiplier, "delta": self.delta,
                 "sample_rate": self.sample_rate, "target_epsilon": self.target_epsilon,
-                "epsilon": self.epsilon(self.rounds)}
+                "epsilon": self.epsilon(self.rounds), "selection": self.selection,
+                "selection_epsilon_per_round": self.selection_epsilon
+                if self.private_selection else None,
+                "selection_epsilon": self.selection_spent(self.rounds)}
 
 
 def resolve(cfg) -> PrivacyPlan | None:
@@ -243,18 +287,51 @@ def resolve(cfg) -> PrivacyPlan | None:
     q = 1.0 if p.mode == "local" else clients_per_round(cfg) / cfg.data.num_clients
     rounds = cfg.train.rounds
     factor = 2.0 if p.mode == "local" else 1.0
+    target = None if p.epsilon is None else float(p.epsilon)
+
+    def plan(z: float) -> PrivacyPlan:
+        return PrivacyPlan(p.mechanism, p.mode, float(p.clip), z, float(p.delta), q, rounds,
+                           target, p.selection, float(p.selection_epsilon))
+
     if p.noise_multiplier is not None:
         z = float(p.noise_multiplier)
+    elif p.selection == "private":
+        z = calibrate_with_selection(plan, float(p.epsilon), rounds)
     elif p.mechanism == "gaussian":
         z = factor * calibrate_gaussian(p.epsilon, q, rounds, p.delta)
     else:
         z = factor / calibrate_laplace(p.epsilon, q, rounds, p.delta)
-    return PrivacyPlan(p.mechanism, p.mode, float(p.clip), z, float(p.delta), q, rounds,
-                       None if p.epsilon is None else float(p.epsilon))
+    return plan(z)
+
+
+def calibrate_with_selection(plan, target: float, rounds: int) -> float:
+    """Smallest noise multiplier z whose upload noise and private selection together reach
+    ``target`` over ``rounds`` (bisection on z; ``plan(z)`` builds the run's plan)."""
+    from .errors import UserError
+
+    floor = plan(1e12).epsilon(rounds)  # the selection alone (the upload noise ~ infinite)
+    if floor >= target:
+        raise UserError(f"config key 'privacy.epsilon': {target:g} is not reachable: the private "
+                        f"selection alone spends ε = {floor:.3g} over {rounds} rounds (lower "
+                        f"privacy.selection_epsilon or raise privacy.epsilon)")
+    lo, hi = 1e-3, 1.0
+    while plan(hi).epsilon(rounds) > target:
+        hi *= 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if plan(mid).epsilon(rounds) > target:
+            lo = mid
+        else:
+            hi = mid
+    return hi
 
 
 def round_record(plan: PrivacyPlan | None, rnd: int) -> dict[str, Any]:
-    """The ``epsilon``/``delta`` fields of round ``rnd``'s metrics line ({} without DP)."""
+    """The ``epsilon``/``delta`` (and ``selection_epsilon``) fields of round ``rnd``'s metrics
+    line ({} without DP)."""
     if plan is None:
         return {}
-    return {"epsilon": plan.epsilon(rnd), "delta": plan.delta}
+    out = {"epsilon": plan.epsilon(rnd), "delta": plan.delta}
+    if plan.private_selection:
+        out["selection_epsilon"] = plan.selection_spent(rnd)
+    return out

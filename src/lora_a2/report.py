@@ -153,7 +153,12 @@ def format_summary(s: dict[str, Any], metric_lines: list[str]) -> str:
         p = s.get("privacy", {})
         lines.insert(len(lines) - 2, f"  privacy    ε = {s['epsilon']:.3g}, δ = {s['delta']:g} "
                         f"({p.get('mechanism', '?')}, {p.get('mode', '?')}, clip "
-                        f"{p.get('clip', '?')}, noise multiplier {p.get('noise_multiplier', '?')})")
+                        f"{p.get('clip', '?')}, noise multiplier {p.get('noise_multiplier', '?')})"
+                        + (f"; slot selection private, its share ε = "
+                           f"{s['selection_epsilon']:.3g}" if s.get("selection_epsilon")
+                           is not None else "; slot ids (lora-a2) public: not covered"
+                           if p.get("selection") == "public" and s.get("strategy") == "lora-a2"
+                           else ""))
     if s.get("rejected_updates"):
         lines.insert(len(lines) - 2, f"  rejected   {s['rejected_updates']} updates")
     return "\n".join(lines)

@@ -235,7 +235,9 @@ def _privacy_summary(exp: Experiment, records: list[dict[str, Any]]) -> dict[str
     plan = exp.strategy.privacy
     if plan is None:
         return {}
-    return {"epsilon": records[-1]["epsilon"], "delta": plan.delta, "privacy": plan.summary()}
+    return {"epsilon": records[-1]["epsilon"], "delta": plan.delta,
+            "selection_epsilon": records[-1].get("selection_epsilon"),
+            "privacy": plan.summary()}
 
 
 def fl_lora_params(exp: Experiment, records: list[dict[str, Any]]) -> int:

@@ -132,3 +132,32 @@ def scatter_slots(active_factor: str, values: Tensor, selected: Tensor,
     if pos != values.numel():
         raise ValueError(f"{values.numel()} values for selected slots that hold {pos}")
     return out
+
+
+def private_top_k(scores: Tensor, k: int, epsilon: float, generator: torch.Generator) -> Tensor:
+    """ε-DP top-k selection: the one-shot Gumbel mechanism of Durfee & Rogers ("Practical
+    Differentially Private Top-k Selection with Pay-what-you-get Composition", NeurIPS 2019).
+
+    Utilities u_i = s_i / max_j s_j ∈ [0, 1] (0 everywhere when every score is 0). Against a
+    client-level neighbour (the client's whole data replaced) any utility vector in [0, 1]^m is
+    possible on either side, so each u_i has sensitivity Δ = 1 whatever the normalisation. Add
+    i.i.d. Gumbel(0, 2Δ/ε₀) to every u_i and keep the k largest: this has the same distribution
+    as k rounds of peeling exponential mechanisms, each ε₀-DP (their Lemma 4.2), so the whole
+    selection is (k·ε₀)-DP (basic composition) and, each exponential mechanism being
+    ε₀-bounded-range, (k·ε₀²/8)-zCDP (Cesar & Rogers, ALT 2021). ε₀ = ``epsilon`` / k, so the
+    selection is ``epsilon``-DP per call. Ties of the noisy values (probability 0) fall back to
+    slot order, as in :func:`select_top_k`.
+    """
+    if k <= 0:
+        return torch.zeros(scores.shape, dtype=torch.bool)
+    if epsilon <= 0:
+        raise ValueError(f"epsilon must be > 0, got {epsilon}")
+    flat = scores.reshape(-1).to(torch.float64)
+    top = float(flat.max()) if flat.numel() else 0.0
+    utility = flat / top if top > 0 else torch.zeros_like(flat)
+    k = min(k, flat.numel())
+    eps0 = epsilon / k
+    u = torch.rand(flat.numel(), generator=generator, dtype=torch.float64).clamp_min(1e-300)
+    gumbel = -torch.log(-torch.log(u))  # standard Gumbel
+    noisy = utility + (2.0 / eps0) * gumbel
+    return select_top_k(noisy.reshape(scores.shape), k)

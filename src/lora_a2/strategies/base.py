@@ -214,6 +214,9 @@ class Strategy(ABC):
     #: so there is no one global model: after each round every client evaluates its own
     #: (:meth:`eval_task` → :meth:`client_evaluate`, sent as evaluate messages and counted)
     personalized: ClassVar[bool] = False
+    #: the client chooses which slots it uploads from its own data (LoRA-A2): such a strategy
+    #: honours ``privacy.selection = "private"``
+    selects_slots: ClassVar[bool] = False
     #: the tasks this strategy can run (None: every task)
     tasks: ClassVar[tuple[str, ...] | None] = None
 

@@ -23,8 +23,9 @@ import torch
 from ..aggregation import aggregate_slots, data_weights, weighted_sum
 from ..client import ParamGroup
 from ..payload import InvalidPayload, flatten, unflatten
-from ..selection import (factor_mask, gather_slots, scatter_slots, select_top_k, selection_from_ids,
-                         slot_ids, slot_scores, slot_size)
+from .. import privacy as dp
+from ..selection import (factor_mask, gather_slots, private_top_k, scatter_slots, select_top_k,
+                         selection_from_ids, slot_ids, slot_scores, slot_size)
 from .base import ClientContext, ServerState, Strategy, Task, Update, check_finite, register
 
 
@@ -35,6 +36,7 @@ class LoraA2(Strategy):
     name = "lora-a2"
     central_dp = True
     paper_lr_ratio = 5.0  # the LoRA-A2 paper trains B at 5 × the learning rate of A
+    selects_slots = True
 
     def active_factor(self, rnd: int) -> str:
         return "B" if rnd % 2 == 1 else "A"
@@ -71,7 +73,13 @@ class LoraA2(Strategy):
         delta = [probe[n] - glob[n] for n in active]
         scores = slot_scores(factor, delta, [task.download[n] for n in layout.names(frozen_factor)],
                              kind=st.slot_score)
-        selected = select_top_k(scores, task.config["budget"] * layout.num_modules)
+        k = task.config["budget"] * layout.num_modules
+        plan = self.privacy
+        if plan is not None and plan.selection == "private":  # ε-DP top-k (privacy.selection)
+            selected = private_top_k(scores, k, plan.selection_epsilon, dp.noise_generator(
+                self.cfg.seed, task.round, f"select/{task.client_id}"))
+        else:
+            selected = select_top_k(scores, k)
 
         # (d) reset to the global state (fresh optimiser inside ctx.train); (e) masked training.
         ctx.runtime.load(glob)
