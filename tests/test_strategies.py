@@ -246,3 +246,34 @@ def test_unknown_slot_score_is_a_one_line_error():
 
     with pytest.raises(UserError, match="strategy.slot_score"):
         load_config(None, ["strategy.slot_score='l1'"])
+
+
+def test_top_k_never_takes_a_zero_or_non_finite_score():
+    from lora_a2.selection import select_top_k
+
+    scores = torch.tensor([[0.0, 3.0, float("nan")], [0.0, 1.0, float("inf")]])
+    sel = select_top_k(scores, 5, positive_only=True)
+    assert sel.tolist() == [[False, True, False], [False, True, False]]
+    # the paper's plain top-k fills the budget (NaN first, then zeros by slot order)
+    assert int(select_top_k(scores, 5).sum()) == 5
+
+
+def test_lora_a2_a_round_uploads_only_slots_whose_b_column_is_non_zero():
+    """An A-round slot whose B column is zero scores 0 and gets no gradient: the client skips
+    it and uploads fewer slots than its budget; validation accepts that."""
+    cfg, s, rt, ctxs = make("lora-a2", budget=4, head="frozen")
+    lay = rt.layout
+    state = s.init_state(rt.initial_state())
+    first = lay.names("B")[0]
+    for n in lay.names("B"):
+        state.tensors[n] = torch.zeros_like(state.tensors[n])
+    state.tensors[first][:, :2] = torch.randn(state.tensors[first].shape[0], 2)
+    task = s.configure(2, 0, state)
+    assert task.config["factor"] == "A"
+    upd, nbytes = wire(s, rt, task, ctxs[0])
+    s.validate(task, upd)
+    assert sorted(upd.slots.tolist()) == [0, 1]  # module 0, slots 0 and 1: the only useful ones
+    assert upd.values.numel() == 2 * lay.modules[0].d_in
+    new, _ = s.aggregate_round(2, state, [(task, upd)])
+    for n in lay.names("A")[1:]:
+        assert torch.equal(new.tensors[n], state.tensors[n])

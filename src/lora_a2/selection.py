@@ -53,15 +53,22 @@ def slot_scores(active_factor: str, delta: Sequence[Tensor], frozen: Sequence[Te
     return torch.stack(rows)
 
 
-def select_top_k(scores: Tensor, k: int) -> Tensor:
+def select_top_k(scores: Tensor, k: int, positive_only: bool = False) -> Tensor:
     """Boolean (N, r_G) selection of the k highest-scoring slots over the *whole* model.
 
     One global top-k (DESIGN §2 step 4c): a module may receive 0 slots or all r_G of them.
     Ties are broken by slot order (stable sort), so the selection is deterministic.
+    ``positive_only``: never select a slot whose score is 0 or not finite — such a slot's
+    trained factor gets no gradient (in an A-round, a B column that is still zero), so its
+    upload would be pure weight-decay shrinkage; fewer than k slots are then selected.
     """
     if k < 0:
         raise ValueError(f"k must be ≥ 0, got {k}")
     flat = scores.reshape(-1)
+    if positive_only:
+        useful = torch.isfinite(flat) & (flat > 0)
+        flat = torch.where(useful, flat, torch.full_like(flat, -1.0))
+        k = min(k, int(useful.sum()))
     k = min(k, flat.numel())
     order = torch.sort(flat, descending=True, stable=True).indices[:k]
     selected = torch.zeros(flat.numel(), dtype=torch.bool)
@@ -152,7 +159,8 @@ def private_top_k(scores: Tensor, k: int, epsilon: float, generator: torch.Gener
         return torch.zeros(scores.shape, dtype=torch.bool)
     if epsilon <= 0:
         raise ValueError(f"epsilon must be > 0, got {epsilon}")
-    flat = scores.reshape(-1).to(torch.float64)
+    flat = torch.nan_to_num(scores.reshape(-1).to(torch.float64), nan=0.0, posinf=0.0,
+                            neginf=0.0).clamp_min(0.0)  # a non-finite score counts as 0
     top = float(flat.max()) if flat.numel() else 0.0
     utility = flat / top if top > 0 else torch.zeros_like(flat)
     k = min(k, flat.numel())

@@ -78,8 +78,8 @@ class LoraA2(Strategy):
         if plan is not None and plan.selection == "private":  # ε-DP top-k (privacy.selection)
             selected = private_top_k(scores, k, plan.selection_epsilon, dp.noise_generator(
                 self.cfg.seed, task.round, f"select/{task.client_id}"))
-        else:
-            selected = select_top_k(scores, k)
+        else:  # a slot that would get no gradient (score 0 or not finite) is never taken
+            selected = select_top_k(scores, k, positive_only=True)
 
         # (d) reset to the global state (fresh optimiser inside ctx.train); (e) masked training.
         ctx.runtime.load(glob)
