@@ -277,3 +277,111 @@ def test_lora_a2_a_round_uploads_only_slots_whose_b_column_is_non_zero():
     new, _ = s.aggregate_round(2, state, [(task, upd)])
     for n in lay.names("A")[1:]:
         assert torch.equal(new.tensors[n], state.tensors[n])
+
+
+# ---------------------------------------------------------------------- cheaper probes (issue 19)
+def _spy_train(ctx):
+    """Record every local-training call of ``ctx`` (epochs, masked or not)."""
+    from lora_a2.strategies.base import ClientContext
+
+    calls = []
+    real = ClientContext.train.__get__(ctx)
+
+    def spy(groups, epochs, gen, masks=None, **kw):
+        calls.append((epochs, masks is not None, kw.get("max_steps")))
+        return real(groups, epochs, gen, masks=masks, **kw)
+
+    ctx.train = spy
+    return calls
+
+
+def test_reused_probe_trains_one_epoch_and_uploads_the_probes_progress():
+    cfg, s, rt, ctxs = make("lora-a2", budget=1, head="frozen",
+                            extra=["strategy.probe='reuse'"])
+    lay = rt.layout
+    state = s.init_state(rt.initial_state())
+    task = s.configure(1, 0, state)
+    calls = _spy_train(ctxs[0])
+    probe_state = {}
+    real_select = s.select
+
+    def select(scores, k, t):  # the probe's state, captured when the slots are chosen
+        probe_state.update(rt.snapshot(lay.names("B")))
+        return real_select(scores, k, t)
+
+    s.select = select
+    upd, _ = wire(s, rt, task, ctxs[0])
+    assert calls == [(1, False, None)]  # one epoch in all, as FL+LoRA trains at 1 local epoch
+    dense, sel, _ = s._split(task, upd)
+    for m, n in enumerate(lay.names("B")):
+        want = probe_state[n] - state.tensors[n]
+        assert torch.allclose(dense[m][:, sel[m]], want[:, sel[m]])
+        assert torch.all(dense[m][:, ~sel[m]] == 0)
+
+
+@pytest.mark.parametrize("optimizer", ["fresh", "kept"])
+def test_reused_probe_at_two_epochs_trains_the_selection_once_more(optimizer):
+    cfg, s, rt, ctxs = make("lora-a2", budget=1, head="frozen",
+                            extra=["strategy.probe='reuse'", "train.local_epochs=2",
+                                   f"strategy.probe_optimizer='{optimizer}'"])
+    calls = _spy_train(ctxs[0])
+    upd, _ = wire(s, rt, s.configure(1, 0, s.init_state(rt.initial_state())), ctxs[0])
+    assert calls == [(1, False, None), (1, True, None)]
+    assert upd.slots.numel() == rt.layout.num_modules
+
+
+def test_gradient_probe_scores_by_the_gradient_and_trains_only_the_selection():
+    from lora_a2.client import accumulate_gradients
+    from lora_a2.selection import select_top_k, slot_scores
+
+    cfg, s, rt, ctxs = make("lora-a2", budget=1, head="frozen",
+                            extra=["strategy.probe='gradient'", "strategy.probe_batches=2"])
+    lay = rt.layout
+    state = s.init_state(rt.initial_state())
+    task = s.configure(1, 0, state)
+    # the expected selection, computed here from gradients at the global state
+    rt.load(state.tensors)
+    seed = task.config["seed"]
+    torch.manual_seed(seed)  # the model's dropout draws, as the client seeds them
+    grads = accumulate_gradients(rt, ctxs[0].data, ctxs[0].indices, lay.names("B"),
+                                 cfg.train.batch_size, torch.Generator().manual_seed(seed), 2)
+    want = select_top_k(slot_scores("B", [grads[n] for n in lay.names("B")],
+                                    [state.tensors[n] for n in lay.names("A")]),
+                        lay.num_modules, positive_only=True)
+    calls = _spy_train(ctxs[0])
+    upd, _ = wire(s, rt, task, ctxs[0])
+    assert calls == [(1, True, None)]  # no probe training: straight to the masked epoch
+    got = selection_from_ids(upd.slots, lay.num_modules, lay.rank)
+    assert torch.equal(got, want)
+
+
+def test_reselect_every_two_reuses_the_last_selection_of_the_same_factor():
+    cfg, s, rt, ctxs = make("lora-a2", budget=1, head="frozen",
+                            extra=["strategy.reselect_every=2"])
+    lay = rt.layout
+    state = s.init_state(rt.initial_state())
+    picked, probes = {}, {}
+    for rnd in (1, 2, 3, 4, 5):
+        calls = _spy_train(ctxs[0])
+        task = s.configure(rnd, 0, state)
+        upd, _ = wire(s, rt, task, ctxs[0])
+        picked[rnd] = selection_from_ids(upd.slots, lay.num_modules, lay.rank)
+        probes[rnd] = any(not masked for _, masked, _ in calls)
+        state, _ = s.aggregate_round(rnd, state, [(task, upd)])
+    assert probes == {1: True, 2: True, 3: False, 4: False, 5: True}
+    assert torch.equal(picked[3], picked[1]) and torch.equal(picked[4], picked[2])
+    assert "selection.B" in ctxs[0].store and "selection.A" in ctxs[0].store
+
+
+@pytest.mark.parametrize("sets,needle", [
+    (["strategy.probe=cheap"], "strategy.probe"),
+    (["strategy.probe=reuse", "strategy.probe_fraction=0.5"], "cannot be combined"),
+    (["strategy.reselect_every=0"], "strategy.reselect_every"),
+    (["strategy.probe_optimizer=old"], "strategy.probe_optimizer"),
+])
+def test_bad_probe_settings_are_one_line_errors(capsys, sets, needle):
+    from lora_a2.cli import main
+
+    assert main(["config", "--set", *sets]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err

@@ -65,7 +65,8 @@ def train_local(runtime: ModelRuntime, data: EncodedData, indices: np.ndarray,
                 generator: torch.Generator, masks: dict[str, Tensor] | None = None,
                 max_grad_norm: float = 0.0,
                 regularizer: Callable[[], Tensor] | None = None,
-                max_steps: int | None = None) -> float:
+                max_steps: int | None = None,
+                optimizer_holder: dict[str, Any] | None = None) -> float:
     """Train the named parameters for ``epochs`` passes over ``indices``; return the mean loss.
 
     ``masks[name]`` is a boolean tensor broadcastable to the parameter: True where the entry may
@@ -74,6 +75,9 @@ def train_local(runtime: ModelRuntime, data: EncodedData, indices: np.ndarray,
     ``regularizer()``, when given, is added to each step's loss (HetLoRA's self-pruning term);
     the returned mean loss is the task's loss alone. ``max_steps`` stops after that many
     optimiser steps (LoRA-A2's shortened probe); the epochs' shuffles are drawn as usual.
+    ``optimizer_holder``: a dict that keeps the AdamW between calls of one client's round (its
+    ``"optimizer"`` entry is reused when present, stored when not) — LoRA-A2's reused probe
+    continues with the probe's moments; never shared between clients.
     """
     model = runtime.model
     params = {n: runtime.params[n] for g in groups for n in g.names}
@@ -81,9 +85,13 @@ def train_local(runtime: ModelRuntime, data: EncodedData, indices: np.ndarray,
         p.requires_grad_(False)
     for p in params.values():
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(
-        [{"params": [params[n] for n in g.names], "lr": g.lr} for g in groups if g.names],
-        weight_decay=weight_decay)
+    opt = (optimizer_holder or {}).get("optimizer")
+    if opt is None:
+        opt = torch.optim.AdamW(
+            [{"params": [params[n] for n in g.names], "lr": g.lr} for g in groups if g.names],
+            weight_decay=weight_decay)
+        if optimizer_holder is not None:
+            optimizer_holder["optimizer"] = opt
     masks = masks or {}
     frozen = {n: (m.to(params[n].device), params[n].detach().clone()) for n, m in masks.items()}
     idx_all = torch.as_tensor(np.asarray(indices), dtype=torch.long)
@@ -112,3 +120,36 @@ def train_local(runtime: ModelRuntime, data: EncodedData, indices: np.ndarray,
         p.requires_grad_(False)
     model.eval()
     return float(np.mean(losses)) if losses else float("nan")
+
+
+def accumulate_gradients(runtime: ModelRuntime, data: EncodedData, indices: np.ndarray,
+                         names: list[str], batch_size: int, generator: torch.Generator,
+                         batches: int) -> dict[str, Tensor]:
+    """Mean gradient of the task loss w.r.t. the named parameters over the first ``batches``
+    shuffled batches of ``indices``, at the model's current state; no optimiser step, nothing
+    changes (LoRA-A2's gradient probe)."""
+    model = runtime.model
+    params = {n: runtime.params[n] for n in names}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+        p.grad = None
+    idx_all = torch.as_tensor(np.asarray(indices), dtype=torch.long)
+    order = idx_all[torch.randperm(len(idx_all), generator=generator)]
+    model.train()
+    done = 0
+    for start in range(0, len(order), batch_size):
+        if done >= batches:
+            break
+        loss = runtime.task.loss(model, batch_of(data, order[start:start + batch_size],
+                                                 runtime.device))
+        loss.backward()
+        done += 1
+    grads = {n: (p.grad.detach().to("cpu", copy=True) / max(done, 1)) if p.grad is not None
+             else torch.zeros(p.shape) for n, p in params.items()}
+    for p in params.values():
+        p.grad = None
+        p.requires_grad_(False)
+    model.eval()
+    return grads

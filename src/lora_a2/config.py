@@ -23,6 +23,8 @@ SLOT_SCORES = ("frobenius", "rms")
 """Values of strategy.slot_score (the same tuple as selection.SLOT_SCORES, kept torch-free here)."""
 
 NORM_WEIGHTS = ("module", "client")
+PROBES = ("full", "reuse", "gradient")
+"""Values of strategy.probe (LoRA-A2's slot scoring)."""
 """Values of strategy.hetlora_weights: where HetLoRA's sparsity weight S_k is computed."""
 
 
@@ -139,6 +141,21 @@ class StrategyConfig:
     probe_fraction: float = 1.0
     """LoRA-A2: run only this fraction of the probe's optimiser steps (at least one), a cheaper
     probe; 1 = the paper's full probe. The slots are scored on the shorter probe's change."""
+    probe: str = "full"
+    """LoRA-A2: how the slots are scored. "full" = the paper: `probe_epochs` of training of the
+    active factor from the global state, then reset and train the selected slots; "reuse" = the
+    probe is the first training epoch (unselected slots go back to their global values, the
+    selected ones keep the probe's progress and train on for the remaining local epochs);
+    "gradient" = no probe training: score by the mean gradient over `probe_batches` batches at
+    the global state, ‖∂L/∂B[:,i]‖·‖A[i,:]‖ (A-rounds: ‖B[:,i]‖·‖∂L/∂A[i,:]‖)."""
+    probe_batches: int = 4
+    """LoRA-A2 with probe = "gradient": batches whose gradients are averaged for the scores."""
+    probe_optimizer: str = "fresh"
+    """LoRA-A2 with probe = "reuse": the training after the probe starts a "fresh" AdamW or
+    keeps the probe's ("kept")."""
+    reselect_every: int = 1
+    """LoRA-A2: a client re-scores its slots every this many rounds of the same factor and
+    reuses its last selection for that factor in between (kept on the client); 1 = the paper."""
     slot_score: str = "frobenius"
     """LoRA-A2: how slots are scored. "frobenius" = ‖ΔB_i A_i‖_F (the paper); "rms" divides it by
     √(d_out · d_in) so large modules are not favoured for their size alone (an experiment knob)."""
@@ -503,6 +520,14 @@ def validate(cfg: Config) -> None:
              s.probe_fraction)
     _require(s.hetlora_weights in NORM_WEIGHTS, "strategy.hetlora_weights",
              f"must be one of {', '.join(NORM_WEIGHTS)}", s.hetlora_weights)
+    _require(s.probe in PROBES, "strategy.probe", f"must be one of {', '.join(PROBES)}", s.probe)
+    _require(s.probe_batches >= 1, "strategy.probe_batches", "must be ≥ 1", s.probe_batches)
+    _require(s.probe_optimizer in ("fresh", "kept"), "strategy.probe_optimizer",
+             "must be 'fresh' or 'kept'", s.probe_optimizer)
+    _require(s.reselect_every >= 1, "strategy.reselect_every", "must be ≥ 1", s.reselect_every)
+    _require(s.probe_fraction == 1.0 or s.probe == "full", "strategy.probe_fraction",
+             f"shortens the full probe; it cannot be combined with strategy.probe = '{s.probe}'",
+             s.probe_fraction)
     _require(s.slot_score in SLOT_SCORES, "strategy.slot_score",
              f"must be one of {', '.join(SLOT_SCORES)}", s.slot_score)
     _require(t.rounds >= 1, "train.rounds", "must be ≥ 1", t.rounds)

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..adapter import ModelRuntime, ParamLayout
 from ..aggregation import data_weights, weighted_sum
-from ..client import EncodedData, ParamGroup, train_local
+from ..client import EncodedData, ParamGroup, accumulate_gradients, train_local
 from ..config import Config
 from ..errors import UserError
 from ..payload import InvalidPayload, Payload, flatten, unflatten
@@ -173,11 +173,18 @@ class ClientContext:
     def train(self, groups: list[ParamGroup], epochs: int, generator: torch.Generator,
               masks: dict[str, Tensor] | None = None,
               regularizer: Callable[[], Tensor] | None = None,
-              max_steps: int | None = None) -> float:
+              max_steps: int | None = None,
+              optimizer_holder: dict[str, Any] | None = None) -> float:
         t = self.cfg.train
         return train_local(self.runtime, self.data, self.indices, groups, epochs, t.batch_size,
                            self.cfg.strategy.weight_decay, generator, masks, t.max_grad_norm,
-                           regularizer, max_steps)
+                           regularizer, max_steps, optimizer_holder)
+
+    def gradients(self, names: list[str], generator: torch.Generator,
+                  batches: int) -> dict[str, Tensor]:
+        """Mean gradient over ``batches`` of this client's batches at the current state."""
+        return accumulate_gradients(self.runtime, self.data, self.indices, names,
+                                    self.cfg.train.batch_size, generator, batches)
 
     def steps_per_epoch(self) -> int:
         """Optimiser steps in one local epoch (batches of ``train.batch_size``)."""

@@ -61,30 +61,49 @@ class LoraA2(Strategy):
             groups.append(ParamGroup(head, self.lr_of("head")))
         gen = torch.Generator().manual_seed(task.config["seed"])
         torch.manual_seed(task.config["seed"])
-
-        # (a) probe from the global state; (b) score; (c) one global top-(r_k · N).
         st = self.cfg.strategy
-        probe_steps = None
-        if st.probe_fraction < 1.0:
-            probe_steps = max(1, math.ceil(st.probe_fraction * st.probe_epochs
-                                           * ctx.steps_per_epoch()))
-        ctx.train(groups, st.probe_epochs, gen, max_steps=probe_steps)
-        probe = ctx.runtime.snapshot(active)
-        delta = [probe[n] - glob[n] for n in active]
-        scores = slot_scores(factor, delta, [task.download[n] for n in layout.names(frozen_factor)],
-                             kind=st.slot_score)
+        frozen = [task.download[n] for n in layout.names(frozen_factor)]
         k = task.config["budget"] * layout.num_modules
-        plan = self.privacy
-        if plan is not None and plan.selection == "private":  # ε-DP top-k (privacy.selection)
-            selected = private_top_k(scores, k, plan.selection_epsilon, dp.noise_generator(
-                self.cfg.seed, task.round, f"select/{task.client_id}"))
-        else:  # a slot that would get no gradient (score 0 or not finite) is never taken
-            selected = select_top_k(scores, k, positive_only=True)
+        epochs_left = self.cfg.train.local_epochs
+        holder: dict[str, Any] | None = {} if st.probe_optimizer == "kept" else None
+        loss = float("nan")
 
-        # (d) reset to the global state (fresh optimiser inside ctx.train); (e) masked training.
-        ctx.runtime.load(glob)
+        # (a)–(c): score the slots and pick one global top-(r_k · N) — or reuse the client's
+        # last selection for this factor (strategy.reselect_every)
+        selected = self.stored_selection(ctx, task)
+        if selected is None:
+            if st.probe == "gradient":  # no training: the mean gradient at the global state
+                grads = ctx.gradients(active, gen, st.probe_batches)
+                scores = slot_scores(factor, [grads[n] for n in active], frozen,
+                                     kind=st.slot_score)
+            else:  # "full" (the paper) or "reuse": train every slot of the factor first
+                probe_steps = None
+                if st.probe_fraction < 1.0:
+                    probe_steps = max(1, math.ceil(st.probe_fraction * st.probe_epochs
+                                                   * ctx.steps_per_epoch()))
+                epochs = st.probe_epochs if st.probe == "full" else 1
+                loss = ctx.train(groups, epochs, gen, max_steps=probe_steps,
+                                 optimizer_holder=holder)
+                probe = ctx.runtime.snapshot(active)
+                scores = slot_scores(factor, [probe[n] - glob[n] for n in active], frozen,
+                                     kind=st.slot_score)
+            selected = self.select(scores, k, task)
+            self.remember_selection(ctx, task, selected)
+            if st.probe == "reuse":  # the probe was the first epoch of training
+                epochs_left -= 1
+
+        # (d) unselected slots back to the global state (a "full" probe: every slot);
+        # (e) masked training of the selected slots for the epochs left
         masks = {n: factor_mask(factor, selected[m]) for m, n in enumerate(active)}
-        loss = ctx.train(groups, self.cfg.train.local_epochs, gen, masks=masks)
+        if st.probe == "reuse" and epochs_left < self.cfg.train.local_epochs:
+            now = ctx.runtime.snapshot(active)
+            ctx.runtime.load({n: torch.where(masks[n], now[n], glob[n]) for n in active})
+            # the head trained in the probe epoch too: it keeps that progress
+        else:
+            ctx.runtime.load(glob)
+            holder = None  # a fresh optimiser for training from the global state
+        if epochs_left > 0:
+            loss = ctx.train(groups, epochs_left, gen, masks=masks, optimizer_holder=holder)
 
         final = ctx.runtime.snapshot(active + head)
         values = gather_slots(factor, [final[n] - glob[n] for n in active], selected)
@@ -92,6 +111,30 @@ class LoraA2(Strategy):
             values = torch.cat([values, flatten({n: final[n] - glob[n] for n in head}, head)])
         return Update(task.client_id, ctx.num_examples, values, slot_ids(selected),
                       meta={"loss": loss, "factor": factor})
+
+    def select(self, scores: torch.Tensor, k: int, task: Task) -> torch.Tensor:
+        """The client's top-k slots: ε-DP under ``privacy.selection = "private"``, else the
+        plain top-k that never takes a slot with score 0 (it would get no gradient)."""
+        plan = self.privacy
+        if plan is not None and plan.selection == "private":
+            return private_top_k(scores, k, plan.selection_epsilon, dp.noise_generator(
+                self.cfg.seed, task.round, f"select/{task.client_id}"))
+        return select_top_k(scores, k, positive_only=True)
+
+    def stored_selection(self, ctx: ClientContext, task: Task) -> torch.Tensor | None:
+        """The client's last selection for this round's factor when ``strategy.reselect_every``
+        says it is not time to re-score: factor-rounds j = (t − 1) // 2 re-score when
+        j % reselect_every == 0 (and whenever the client has none)."""
+        every = self.cfg.strategy.reselect_every
+        j = (task.round - 1) // 2
+        key = f"selection.{task.config['factor']}"
+        if every <= 1 or j % every == 0 or key not in ctx.store:
+            return None
+        return ctx.store[key].bool()
+
+    def remember_selection(self, ctx: ClientContext, task: Task, selected: torch.Tensor) -> None:
+        if self.cfg.strategy.reselect_every > 1:
+            ctx.store[f"selection.{task.config['factor']}"] = selected.to(torch.uint8)
 
     # -- server ---------------------------------------------------------------
     def _split(self, task: Task, update: Update):
