@@ -360,3 +360,71 @@ def test_newer_methods_match_on_both_engines(tmp_path, synthetic_csv, strategy):
         assert local[-1]["eval_download_bytes"] > 0
         assert len(set(local[-1]["local_accuracy"])) > 1 or \
             local[-1]["accuracy"] != local[-1]["shared_model_accuracy"]
+
+
+# ---------------------------------------------------------------------- SecAgg+ (issue 18)
+def _state(out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "checkpoint.safetensors"))
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert set(a) == set(b)
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+@pytest.mark.parametrize("strategy", ["lora-a2", "fl-lora"])
+def test_secagg_simulation_gives_the_plain_aggregate_up_to_quantisation(tmp_path, synthetic_csv,
+                                                                       strategy):
+    """Flower's SecAgg+ on the Simulation Engine: the server only ever holds the masked sum,
+    and the global state after two rounds equals the plain run's up to the quantisation step
+    (2c/Q per entry and client, c = clipping_range, Q = quantization_range)."""
+    sets = ["data.num_clients=4", "train.rounds=2", f"strategy.name={strategy}",
+            "engine.name=flower", "engine.num_workers=2"]
+    plain = run(tmp_path / "plain", synthetic_csv, sets)
+    secure = run(tmp_path / "secure", synthetic_csv, sets + ["secagg.enabled=true"])
+    step = 2 * 8.0 / 4194304
+    diff = _max_diff(_state(plain), _state(secure))
+    assert 0 < diff < 4 * 4 * step  # not bit-identical (it was quantised), but within n steps
+    rows = read_metrics(secure / "metrics.jsonl")
+    for r in rows:
+        assert r["status"] == "ok" and r["secagg"]["survivors"] == [0, 1, 2, 3]
+        assert set(r["secagg"]["stages"]) == {"setup", "share_keys", "collect_masked_vectors",
+                                              "unmask"}
+        assert r["upload_bytes"] == sum(v[1] for v in r["secagg"]["stages"].values())
+    plain_rows = read_metrics(plain / "metrics.jsonl")
+    # the dense masked upload gives up LoRA-A2's sparsity: it costs more than the plain one
+    assert rows[0]["upload_bytes"] > plain_rows[0]["upload_bytes"]
+
+
+def test_secagg_survives_a_client_that_drops_out(tmp_path, synthetic_csv, monkeypatch):
+    """Client 2 fails in round 1 after the key exchange: SecAgg+ rebuilds its masks from the
+    others' shares and the round aggregates the three survivors — the same state as the plain
+    Flower run with the same failure, up to quantisation."""
+    monkeypatch.setenv("LORA_A2_FLOWER_FAULT", "1:2")
+    sets = ["data.num_clients=4", "train.rounds=1", "engine.name=flower",
+            "engine.num_workers=2", "train.min_replies=2"]
+    plain = run(tmp_path / "plain", synthetic_csv, sets)
+    secure = run(tmp_path / "secure", synthetic_csv, sets + ["secagg.enabled=true"])
+    (p,), (s,) = read_metrics(plain / "metrics.jsonl"), read_metrics(secure / "metrics.jsonl")
+    assert p["dropped"] == [2] and s["dropped"] == [2]
+    assert s["status"] == "ok" and s["secagg"]["survivors"] == [0, 1, 3]
+    assert _max_diff(_state(plain), _state(secure)) < 4 * 3 * (2 * 8.0 / 4194304)
+
+
+@pytest.mark.parametrize("sets,needle", [
+    (["secagg.enabled=true"], "engine.name = 'flower'"),
+    (["secagg.enabled=true", "engine.name=flower", "secagg.reconstruction_threshold=12"],
+     "secagg.reconstruction_threshold"),
+    (["secagg.enabled=true", "engine.name=flower", "strategy.name=fedex-lora"],
+     "cannot be securely aggregated"),
+    (["secagg.enabled=true", "engine.name=flower", "privacy.mechanism=gaussian",
+      "privacy.epsilon=8", "privacy.mode=central"], "central DP"),
+    (["secagg.enabled=true", "engine.name=flower", "secagg.modulus_range=1000"],
+     "secagg.modulus_range"),
+])
+def test_bad_secagg_config_is_one_line_exit_2(capsys, sets, needle):
+    assert main(["config", "--set", *sets]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err

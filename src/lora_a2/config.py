@@ -242,6 +242,27 @@ class PrivacyConfig:
 
 
 @dataclass
+class SecAggConfig:
+    enabled: bool = False
+    """Secure aggregation with Flower's SecAgg+ (engine.name = "flower" only): the server learns
+    only the sum of the clients' (dense, quantised) updates; see docs/PRIVACY.md."""
+    num_shares: float = 1.0
+    """SecAgg+ shares per client: an int ≥ 2, or a fraction (0, 1] of the round's clients."""
+    reconstruction_threshold: float = 0.5
+    """Shares needed to unmask: an int ≥ 2 (≤ num_shares), or a fraction of num_shares. A
+    round survives dropouts as long as every client keeps this many live neighbours."""
+    clipping_range: float = 8.0
+    """Each entry of a client's secured vector must lie in [−c, c] (SecAgg+ clips silently;
+    the client clips first and logs how many entries it clipped)."""
+    quantization_range: int = 4194304
+    """Q: entries are quantised to Q levels over [−c, c] (step 2c/Q) before masking."""
+    modulus_range: int = 4294967296
+    """M: masked vectors live in Z_M; needs clients_per_round · Q < M."""
+    timeout_s: float = 0.0
+    """Seconds to wait for the replies of each SecAgg+ stage; 0 = engine.round_timeout_s."""
+
+
+@dataclass
 class Config:
     seed: int = 0
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -252,6 +273,7 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
 
     # ------------------------------------------------------------------ derived values
     def budgets(self) -> list[int]:
@@ -277,6 +299,7 @@ SECTIONS: dict[str, type] = {
     "engine": EngineConfig,
     "server": ServerConfig,
     "privacy": PrivacyConfig,
+    "secagg": SecAggConfig,
 }
 
 PARTITIONS = ("dirichlet", "pathological", "paired", "iid")
@@ -561,6 +584,7 @@ def validate(cfg: Config) -> None:
              "engine.device", "must be 'auto', 'cpu' or 'cuda[:N]'", e.device)
     _require(e.threads >= 0, "engine.threads", "must be ≥ 0", e.threads)
     _validate_privacy(cfg)
+    _validate_secagg(cfg)
     _validate_task(cfg)
 
 
@@ -645,6 +669,47 @@ def _validate_privacy(cfg: Config) -> None:
     if p.mode == "central":
         _require(not cfg.strategy.renormalize, "privacy.mode",
                  "'central' cannot be combined with strategy.renormalize = true", p.mode)
+
+
+def _validate_secagg(cfg: Config) -> None:
+    a = cfg.secagg
+    if not a.enabled:
+        return
+    from .strategies import REGISTRY
+
+    _require(cfg.engine.name == "flower", "secagg.enabled",
+             "SecAgg+ needs engine.name = 'flower' (the local engine has no network to hide "
+             "uploads from)", a.enabled)
+    cls = REGISTRY[cfg.strategy.name]
+    _require(cls.secure_aggregation, "secagg.enabled",
+             f"strategy '{cfg.strategy.name}' cannot be securely aggregated (its aggregate is "
+             f"not a weighted sum of one dense vector per client)", a.enabled)
+    _require(not cfg.strategy.renormalize, "secagg.enabled",
+             "cannot be combined with strategy.renormalize = true (per-slot client counts "
+             "would be needed in the clear)", a.enabled)
+    _require(not (cfg.privacy.mechanism != "none" and cfg.privacy.mode == "central"),
+             "secagg.enabled", "cannot be combined with central DP: the server never sees an "
+             "upload to clip; use privacy.mode = 'local' (distributed noise)", a.enabled)
+    n = clients_per_round(cfg)
+    _require(n >= 2, "secagg.enabled", "needs at least 2 clients per round", a.enabled)
+    shares = a.num_shares if a.num_shares > 1 else max(1, round(a.num_shares * n))
+    _require(a.num_shares > 0 and (a.num_shares <= 1 or float(a.num_shares).is_integer()),
+             "secagg.num_shares", "must be an integer ≥ 2 or a fraction in (0, 1]", a.num_shares)
+    _require(shares <= n, "secagg.num_shares",
+             f"must not exceed the clients per round ({n})", a.num_shares)
+    t = a.reconstruction_threshold
+    _require(t > 0 and (t <= 1 or float(t).is_integer()), "secagg.reconstruction_threshold",
+             "must be an integer ≥ 2 or a fraction in (0, 1]", t)
+    _require(t <= 1 or t <= min(shares, n), "secagg.reconstruction_threshold",
+             f"must not exceed the shares per client ({shares}) or the clients per round ({n})",
+             t)
+    _require(a.clipping_range > 0, "secagg.clipping_range", "must be > 0", a.clipping_range)
+    _require(a.quantization_range >= 2, "secagg.quantization_range", "must be ≥ 2",
+             a.quantization_range)
+    _require(n * a.quantization_range < a.modulus_range, "secagg.modulus_range",
+             f"must exceed clients per round × quantization_range ({n * a.quantization_range})"
+             f" or the masked sum wraps around", a.modulus_range)
+    _require(a.timeout_s >= 0, "secagg.timeout_s", "must be ≥ 0", a.timeout_s)
 
 
 def clients_per_round(cfg: Config) -> int:

@@ -146,9 +146,14 @@ def _fault(rnd: int, client: int) -> None:
 
 
 def client_train(msg, context):
-    """ClientApp ``train``: decode the task, train, return the encoded upload."""
+    """ClientApp ``train``: decode the task, train, return the encoded upload (under SecAgg+:
+    the secured vector, for ``secaggplus_mod`` to mask)."""
     from flwr.app import Message
 
+    from .secagg import task_bytes_of
+
+    if task_bytes_of(msg.content) is not None:
+        return client_train_secure(msg, context)
     config_toml = msg.content.config_records[CONFIG_RECORD]["config"]
     exp = _experiment(str(config_toml))
     task = Task.from_payload(decode(unpack(msg.content)), exp.runtime.layout)
@@ -163,6 +168,28 @@ def client_train(msg, context):
     up = encode(upload(ctx, task).to_payload())
     write_store(context, ctx.store)
     return Message(pack(up), reply_to=msg)
+
+
+def client_train_secure(msg, context):
+    """SecAgg+ stage 2 on the client: train as usual, check the upload here (the server will
+    never see it to check), and return its dense vector for masking."""
+    from flwr.app import Message
+
+    from .secagg import client_vector, fit_reply, task_bytes_of
+
+    exp = _experiment(str(msg.content.config_records["fitins.config"]["config"]))
+    task = Task.from_payload(decode(task_bytes_of(msg.content)), exp.runtime.layout)
+    pid = partition_of(context)
+    if task.client_id != pid:
+        raise RuntimeError(f"task for client {task.client_id} sent to the node holding "
+                           f"partition {pid}")
+    _fault(task.round, task.client_id)
+    ctx = exp.client_context(pid, read_store(context))
+    update = exp.strategy.upload(ctx, task)
+    exp.strategy.validate(task, update)  # a malformed upload fails here, loudly
+    vector = client_vector(exp.strategy, task, update, exp.cfg.secagg.clipping_range)
+    write_store(context, ctx.store)
+    return Message(fit_reply(vector), reply_to=msg)
 
 
 def read_store(context) -> dict[str, Any]:
@@ -210,7 +237,9 @@ def client_query(msg, context):
 def make_client_app():
     from flwr.clientapp import ClientApp
 
-    app = ClientApp()
+    from .secagg import secagg_dispatch_mod
+
+    app = ClientApp(mods=[secagg_dispatch_mod])  # SecAgg+ messages through Flower's mod
     app.train()(client_train)
     app.evaluate()(client_evaluate)
     app.query()(client_query)
@@ -298,8 +327,14 @@ class FlowerRounds:
         dropped: list[int] = []
         failures: list[str] = []
         flower_down = flower_up = 0
+        secure = cfg.secagg.enabled
+        blobs: dict[int, bytes] = {}
         for c in clients:
             task = strategy.configure(rnd, c, state)
+            if secure:
+                from .secagg import weight_scale
+
+                task.config["secagg_scale"] = weight_scale(exp)
             down_payload = task.to_payload(layout)
             down = encode(down_payload)
             per_client[c] = {"client": c, "download_bytes": len(down),
@@ -317,10 +352,17 @@ class FlowerRounds:
                 failures.append(f"client {c}: no connected node holds this partition")
                 continue
             tasks[c] = task
+            if secure:
+                blobs[c] = down
+                continue
             msg = Message(pack(down, self.config_toml), dst_node_id=self.node_of[c],
                           message_type=MessageType.TRAIN, group_id=str(rnd))
             flower_down += message_bytes(msg)
             messages[c] = msg
+        if secure:
+            return self.secure_round(exp, rnd, state, clients, per_client, tasks, blobs,
+                                     dropped, failures, node_warnings, t0, query_before,
+                                     on_client)
         replies = list(self.grid.send_and_receive(list(messages.values()),
                                                   timeout=self._timeout())) if messages else []
         by_node = {r.metadata.src_node_id: r for r in replies}
@@ -378,6 +420,54 @@ class FlowerRounds:
             "node_warnings": node_warnings,
             "flower_download_bytes": flower_down,
             "flower_upload_bytes": flower_up,
+            "flower_query_bytes": self.query_bytes - query_before,
+            "per_client": rows,
+            "train_wall_s": time.perf_counter() - t0,
+        })
+        if strategy.personalized:
+            record.update(self.evaluate_clients(exp, rnd, state))
+        return state, record
+
+    def secure_round(self, exp, rnd, state, clients, per_client, tasks, blobs, dropped,
+                     failures, node_warnings, t0, query_before, on_client):
+        """The round under SecAgg+ (``secagg.enabled``; :mod:`lora_a2.engines.secagg`): the
+        server gets only the weighted mean of the clients' dense vectors."""
+        from .secagg import run_secure_round
+
+        cfg, strategy = exp.cfg, exp.strategy
+        result = run_secure_round(self.grid, cfg, rnd, blobs, self.node_of, self.config_toml,
+                                  message_bytes)
+        survivors = set(result.survivors)
+        for c in blobs:
+            row = per_client[c]
+            row.update(upload_bytes=0, upload_params=0)  # per-client uploads are not visible
+            if c not in survivors:
+                row.update(dropped=True, failure="not in the secure sum")
+                dropped.append(c)
+                failures.append(f"client {c}: not in the secure sum (failed or timed out)")
+            if on_client is not None:
+                on_client(c)
+        dropped.sort()
+        failed = result.mean is None or len(survivors) < max(1, cfg.train.min_replies)
+        info: dict[str, Any] = {}
+        if not failed:
+            state, info = strategy.aggregate_secure(rnd, state, result.mean)
+            state, info = strategy.finalize(rnd, state, info)
+        rows = [per_client[c] for c in clients]
+        record = round_record(strategy, rnd, clients, rows, num_replies=len(survivors),
+                              failed=failed, dropped=dropped, reasons=[], info=info)
+        record.update({
+            # what crossed the wire for the round's training, every SecAgg+ stage included
+            "upload_bytes": result.up_bytes,
+            "download_bytes": result.down_bytes,
+            "upload_params": len(survivors) * (0 if result.mean is None
+                                               else int(result.mean.numel()) + 1),
+            "secagg": {"survivors": sorted(survivors), "stages": result.stages,
+                       "weight_sum": result.weight_sum},
+            "failures": failures,
+            "node_warnings": node_warnings,
+            "flower_download_bytes": result.down_bytes,
+            "flower_upload_bytes": result.up_bytes,
             "flower_query_bytes": self.query_bytes - query_before,
             "per_client": rows,
             "train_wall_s": time.perf_counter() - t0,

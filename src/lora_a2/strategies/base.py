@@ -224,6 +224,10 @@ class Strategy(ABC):
     #: the client chooses which slots it uploads from its own data (LoRA-A2): such a strategy
     #: honours ``privacy.selection = "private"``
     selects_slots: ClassVar[bool] = False
+    #: can run under secure aggregation (Flower's SecAgg+, ``secagg.enabled``): the round's
+    #: aggregate is the weighted mean Σ_k n_k v_k / Σ_k n_k of one fixed-length dense vector v_k
+    #: per client (:meth:`secure_vector` → :meth:`aggregate_secure`)
+    secure_aggregation: ClassVar[bool] = False
     #: the tasks this strategy can run (None: every task)
     tasks: ClassVar[tuple[str, ...] | None] = None
 
@@ -287,6 +291,18 @@ class Strategy(ABC):
     def aggregate(self, rnd: int, state: ServerState,
                   replies: list[tuple[Task, Update]]) -> tuple[ServerState, dict[str, Any]]:
         """New global state from the validated replies, plus round info for the metrics."""
+
+    # -- secure aggregation (``secure_aggregation`` strategies only) -----------------
+    def secure_vector(self, task: Task, update: Update) -> Tensor:
+        """Client side: the dense vector v_k whose weighted mean the server may learn (same
+        length for every client of the round; zeros where a sparse upload sent nothing)."""
+        raise NotImplementedError(f"strategy '{self.name}' has no secure form")
+
+    def aggregate_secure(self, rnd: int, state: ServerState, mean: Tensor
+                         ) -> tuple[ServerState, dict[str, Any]]:
+        """Server side: the new state from ``mean`` = Σ_k n_k v_k / Σ_k n_k alone (no upload
+        is ever seen); must equal :meth:`aggregate` of the same uploads."""
+        raise NotImplementedError(f"strategy '{self.name}' has no secure form")
 
     # -- personalised evaluation (``personalized`` strategies only) ------------------
     def eval_task(self, rnd: int, client_id: int, state: ServerState) -> Task:
@@ -449,8 +465,23 @@ class DenseStrategy(Strategy):
         holds the trained parameters' values at the start of local training (CPU copies)."""
         return None
 
+    secure_aggregation = True
+
     def noise_groups(self, rnd: int) -> list[str]:
         return self.train_groups(rnd)
+
+    def secure_vector(self, task: Task, update: Update) -> Tensor:
+        return update.values  # already the dense delta of the trained groups
+
+    def aggregate_secure(self, rnd: int, state: ServerState, mean: Tensor
+                         ) -> tuple[ServerState, dict[str, Any]]:
+        assert self.layout is not None
+        names = self.layout.group_names(self.train_groups(rnd))
+        delta = unflatten(mean.to(torch.float32), names, self.layout.shapes(names))
+        tensors = dict(state.tensors)
+        for n in names:
+            tensors[n] = state.tensors[n] + delta[n]
+        return ServerState(tensors, state.extra), {}
 
     def configure(self, rnd: int, client_id: int, state: ServerState) -> Task:
         return self.make_task(rnd, client_id, state, self.send_groups(rnd, client_id, state),

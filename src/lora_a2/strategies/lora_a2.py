@@ -37,6 +37,7 @@ class LoraA2(Strategy):
     central_dp = True
     paper_lr_ratio = 5.0  # the LoRA-A2 paper trains B at 5 × the learning rate of A
     selects_slots = True
+    secure_aggregation = True  # the selected slots scattered into the dense active factor
 
     def active_factor(self, rnd: int) -> str:
         return "B" if rnd % 2 == 1 else "A"
@@ -176,6 +177,24 @@ class LoraA2(Strategy):
             raise InvalidPayload(f"expected {expected} values for {slots.numel()} slots, "
                                  f"got {update.values.numel()}")
         check_finite(update)
+
+    def secure_vector(self, task: Task, update: Update) -> torch.Tensor:
+        """The sparse upload scattered into the dense active factor (zeros at unselected
+        slots), then the head delta: what SecAgg+ sums. It gives up the sparsity."""
+        dense, _, head = self._split(task, update)
+        parts = [d.reshape(-1) for d in dense] + [head[n].reshape(-1) for n in head]
+        return torch.cat(parts) if parts else torch.zeros(0)
+
+    def aggregate_secure(self, rnd: int, state: ServerState, mean: torch.Tensor
+                         ) -> tuple[ServerState, dict[str, Any]]:
+        layout = self.layout
+        assert layout is not None
+        names = layout.names(self.active_factor(rnd)) + layout.names("head")
+        delta = unflatten(mean.to(torch.float32), names, layout.shapes(names))
+        tensors = dict(state.tensors)
+        for n in names:
+            tensors[n] = state.tensors[n] + delta[n]
+        return ServerState(tensors, state.extra), {}
 
     def aggregate(self, rnd: int, state: ServerState,
                   replies: list[tuple[Task, Update]]) -> tuple[ServerState, dict[str, Any]]:
