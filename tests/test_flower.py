@@ -169,7 +169,8 @@ def make_credentials(d: Path, nodes: int) -> None:
             serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
 
 
-def start_federation(tmp_path: Path, secure: bool):
+def start_federation(tmp_path: Path, secure: bool, nodes: int = 2,
+                     extra_env: dict[str, str] | None = None):
     """A SuperLink and two SuperNodes (partitions 0 and 1) on 127.0.0.1. ``secure=False``:
     ``--insecure`` (loopback only). ``secure=True``: the README's production setup — TLS with a
     CA certificate and SuperNode authentication, each node's public key registered with
@@ -184,7 +185,7 @@ def start_federation(tmp_path: Path, secure: bool):
         f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{port}"\n'
         + (f'root-certificates = "{creds / "ca.crt"}"\n' if secure else "insecure = true\n"))
     env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(extra_env or {})}
     procs: list[subprocess.Popen] = []
     logs = []
     try:
@@ -205,14 +206,14 @@ def start_federation(tmp_path: Path, secure: bool):
                                     str(creds / f"node{k}.pub"), "test"], env=env,
                                    capture_output=True, text=True, timeout=120)
                 assert "registered successfully" in r.stdout, r.stdout + r.stderr
-        for k in range(2):
+        for k in range(nodes):
             node = ["--insecure"] if not secure else [
                 "--root-certificates", str(creds / "ca.crt"),
                 "--auth-supernode-private-key", str(creds / f"node{k}.key")]
             start(f"supernode{k}", [str(BIN / "flower-supernode"), *node, "--superlink",
                                     f"127.0.0.1:{port}", "--port", str(free_port()),
-                                    "--node-config", f"partition-id={k} num-partitions=2"])
-        wait_for_nodes(tmp_path / "superlink.log", port, nodes=2)
+                                    "--node-config", f"partition-id={k} num-partitions={nodes}"])
+        wait_for_nodes(tmp_path / "superlink.log", port, nodes=nodes)
         yield env, tmp_path, port, creds
     finally:
         stop(procs)
@@ -297,6 +298,16 @@ def deploy_and_compare(env: dict, tmp: Path, synthetic_csv: Path) -> None:
     same experiment on the local engine."""
     sets = ["data.num_clients=2", "train.rounds=1"]
     local = run(tmp / "local", synthetic_csv, sets)
+    out = deploy(env, tmp, synthetic_csv, sets)
+    flower = read_metrics(out / "metrics.jsonl")
+    assert_same_run(read_metrics(local / "metrics.jsonl"), flower)
+    assert flower[0]["failures"] == [] and flower[0]["flower_query_bytes"] > 0
+    for f in ("checkpoint.safetensors", "adapter/adapter_model.safetensors", "partition.json"):
+        assert (out / f).is_file(), f
+
+
+def deploy(env: dict, tmp: Path, synthetic_csv: Path, sets: list[str]) -> Path:
+    """``flwr run`` the experiment ``sets`` on the running federation; its output folder."""
     out = tmp / "deployed"
     overrides = ";".join(TINY + sets + [f"data.name=csv:{synthetic_csv}"])
     cmd = [str(BIN / "flwr"), "run", str(ROOT / "flower_app"), "test", "--stream",
@@ -321,11 +332,7 @@ def deploy_and_compare(env: dict, tmp: Path, synthetic_csv: Path) -> None:
     logs = "".join((tmp / f"{n}.log").read_text()[-3000:] for n in ("superlink", "supernode0"))
     assert done(out), (proc.stdout.read() if proc.stdout else "") + logs
     assert json.loads((out / "summary.json").read_text())["engine"] == "flower-deployment"
-    flower = read_metrics(out / "metrics.jsonl")
-    assert_same_run(read_metrics(local / "metrics.jsonl"), flower)
-    assert flower[0]["failures"] == [] and flower[0]["flower_query_bytes"] > 0
-    for f in ("checkpoint.safetensors", "adapter/adapter_model.safetensors", "partition.json"):
-        assert (out / f).is_file(), f
+    return out
 
 
 @pytest.mark.slow
@@ -428,3 +435,26 @@ def test_bad_secagg_config_is_one_line_exit_2(capsys, sets, needle):
     assert main(["config", "--set", *sets]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err, err
+
+
+@pytest.fixture
+def federation3_with_a_failing_node(tmp_path):
+    yield from start_federation(tmp_path, secure=False, nodes=3,
+                                extra_env={"LORA_A2_FLOWER_FAULT": "1:2"})
+
+
+def test_secagg_on_the_deployment_engine_with_a_node_dropping_out(
+        federation3_with_a_failing_node, synthetic_csv, monkeypatch):
+    """SecAgg+ through real SuperLink/SuperNode processes (each SecAgg+ stage a separate
+    ClientApp process; the protocol state lives in the node's Context): client 2 fails after
+    the key exchange, the round sums the other two, and the state equals the plain Simulation
+    Engine run with the same failure up to quantisation."""
+    env, tmp, _, _ = federation3_with_a_failing_node
+    sets = ["data.num_clients=3", "train.rounds=1", "train.min_replies=2"]
+    out = deploy(env, tmp, synthetic_csv, sets + ["secagg.enabled=true"])
+    (r,) = read_metrics(out / "metrics.jsonl")
+    assert r["status"] == "ok" and r["secagg"]["survivors"] == [0, 1] and r["dropped"] == [2]
+    monkeypatch.setenv("LORA_A2_FLOWER_FAULT", "1:2")
+    plain = run(tmp / "plain", synthetic_csv, sets + ["engine.name=flower",
+                                                      "engine.num_workers=2"])
+    assert _max_diff(_state(plain), _state(out)) < 4 * 2 * (2 * 8.0 / 4194304)

@@ -607,8 +607,8 @@ def deployment_main(grid, context) -> None:
 
     rc = context.run_config
     overrides = [s.strip() for s in str(rc.get("set", "")).split(";") if s.strip()]
-    cfg = load_config(str(rc.get("config", "")) or None, overrides)
-    cfg.engine.name = "flower"
+    # this is the Flower engine whatever the config says (validated as such: secagg needs it)
+    cfg = load_config(str(rc.get("config", "")) or None, overrides + ["engine.name=flower"])
     out = Path(str(rc.get("out", "runs/flower-deployment")))
     summary = run_experiment(cfg, out, overwrite=bool(rc.get("overwrite", False)),
                              progress=False, round_fn=FlowerRounds(grid, cfg))
