@@ -76,10 +76,14 @@ def test_speed_command_reports_every_figure(tmp_path, capsys):
     assert r["engine_overhead"]["ratio"] > 0 and r["lora_a2_vs_fl_lora"]["ratio"] > 0
     assert r["lora_a2_vs_fl_lora"]["probe_fraction"] == 0.25
     assert r["lora_a2_vs_fl_lora"]["short_probe_ratio"] > 0
+    variants = r["lora_a2_vs_fl_lora"]["variants"]  # issue 19's cheaper selections, each timed
+    assert {"probe=reuse", "probe=gradient", "reselect_every=2 (a round that reuses)"} <= set(
+        variants) and all(v["ratio"] > 0 for v in variants.values())
     assert r["upload_vs_information_minimum"]["ratio"] >= 1.0
     assert [m["clients"] for m in r["memory"]] == [10, 20]
     assert r["device"] == str(pick_device("auto")) and "memory_error" not in r
-    assert "engine overhead" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "engine overhead" in printed and "probe=gradient" in printed
     assert main(["speed", "--clients", "x"]) == 2
     assert main(["speed", "--probe-fraction", "0"]) == 2
 
