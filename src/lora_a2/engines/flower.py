@@ -154,20 +154,25 @@ def client_train(msg, context):
 
     if task_bytes_of(msg.content) is not None:
         return client_train_secure(msg, context)
-    config_toml = msg.content.config_records[CONFIG_RECORD]["config"]
-    exp = _experiment(str(config_toml))
-    task = Task.from_payload(decode(unpack(msg.content)), exp.runtime.layout)
-    pid = partition_of(context)
-    if task.client_id != pid:
-        raise RuntimeError(f"task for client {task.client_id} sent to the node holding "
-                           f"partition {pid}")
-    _fault(task.round, task.client_id)
-    ctx = exp.client_context(pid, read_store(context))
+    exp, task, ctx = _client_task(context, str(msg.content.config_records[CONFIG_RECORD]["config"]),
+                                  unpack(msg.content))
     # ``Strategy.upload`` = client_update + the DP transform of what is sent (as on local)
     upload = getattr(exp.strategy, "upload", exp.strategy.client_update)
     up = encode(upload(ctx, task).to_payload())
     write_store(context, ctx.store)
     return Message(pack(up), reply_to=msg)
+
+
+def _client_task(context, config_toml: str, blob: bytes):
+    """(experiment, decoded task, this node's client context) for a train message."""
+    exp = _experiment(config_toml)
+    task = Task.from_payload(decode(blob), exp.runtime.layout)
+    pid = partition_of(context)
+    if task.client_id != pid:
+        raise RuntimeError(f"task for client {task.client_id} sent to the node holding "
+                           f"partition {pid}")
+    _fault(task.round, task.client_id)
+    return exp, task, exp.client_context(pid, read_store(context))
 
 
 def client_train_secure(msg, context):
@@ -177,14 +182,9 @@ def client_train_secure(msg, context):
 
     from .secagg import client_vector, fit_reply, task_bytes_of
 
-    exp = _experiment(str(msg.content.config_records["fitins.config"]["config"]))
-    task = Task.from_payload(decode(task_bytes_of(msg.content)), exp.runtime.layout)
-    pid = partition_of(context)
-    if task.client_id != pid:
-        raise RuntimeError(f"task for client {task.client_id} sent to the node holding "
-                           f"partition {pid}")
-    _fault(task.round, task.client_id)
-    ctx = exp.client_context(pid, read_store(context))
+    exp, task, ctx = _client_task(
+        context, str(msg.content.config_records["fitins.config"]["config"]),
+        task_bytes_of(msg.content))
     update = exp.strategy.upload(ctx, task)
     exp.strategy.validate(task, update)  # a malformed upload fails here, loudly
     vector = client_vector(exp.strategy, task, update, exp.cfg.secagg.clipping_range)
