@@ -429,6 +429,39 @@ def probe_table(main_rows: list[dict[str, Any]], probe_rows: list[dict[str, Any]
     return "\n".join(lines)
 
 
+PROBE_VARIANTS = (("reuse", "probe = reuse"), ("gradient", "probe = gradient"),
+                  ("reselect2", "reselect every 2"))
+
+
+def probe_variants_table(main_rows: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
+    """Issue 19: each cheaper selection against the main grid's full probe (LoRA-A2, scaled α)
+    on the same data, split, budget and seeds: final accuracy (mean ± std) and the variant's
+    mean cell wall time over the full probe's (paired seeds)."""
+    head = ["data, split", "budget", "full probe"] + [n for _, n in PROBE_VARIANTS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for cell in ("bbc-news__dir0.1", "bbc-news__dir0.01", "rotten-tomatoes__dir0.1"):
+        data, split = cell.split("__")
+        for budget, alpha in (("1", "256.0"), ("2", "128.0")):
+            base = {r["seed"]: r for r in main_rows if r["data.name"] == data
+                    and r["split"] == split and r["strategy.rank_budget"] == budget
+                    and r.get("model.lora_alpha") == alpha}
+            line = [f"{data} {SPLIT_NAMES[split]}", budget,
+                    fmt([r["final_accuracy"] for r in base.values()])]
+            for label, _ in PROBE_VARIANTS:
+                mine = {r["seed"]: r for r in rows if r["cell"].startswith(f"{cell}__{budget}__")
+                        and r["variant"] == label}
+                seeds = sorted(set(mine) & set(base))
+                if not seeds:
+                    line.append("·")
+                    continue
+                ratio = statistics.fmean(mine[x]["wall_s"] for x in seeds) / statistics.fmean(
+                    base[x]["wall_s"] for x in seeds)
+                line.append(f"{fmt([mine[x]['final_accuracy'] for x in seeds])} "
+                            f"(time × {ratio:.2f})")
+            lines.append("| " + " | ".join(line) + " |")
+    return "\n".join(lines)
+
+
 def lr_table(main_rows: list[dict[str, Any]], lr_rows: list[dict[str, Any]]) -> str:
     """Final accuracy by lr_A at BBC News, Dir(0.01), budget 1, seed 0 (lr grid + the main
     grid's 5e-4 cells)."""
@@ -711,13 +744,14 @@ def render(write: bool = True) -> dict[str, str]:
     """Every generated block; with ``write`` also the grids' aggregate files and the figure."""
     rows = {g: rows_of(g, write)
             for g in ("main", "hetero", "dp", "probe", "lr", "score", *ROUNDS_GRIDS, "instruct",
-                      "claim", "claim-lr")}
+                      "claim", "claim-lr", "probe-variants")}
     blocks = main_tables(rows["main"])
     blocks.update(claim_blocks(rows["claim"], rows["claim-lr"], rows["main"]))
     blocks["steps"] = steps_table(rows["main"])
     blocks["hetero"] = hetero_table(rows["hetero"])
     blocks["dp"] = dp_table(rows["dp"], rows["main"])
     blocks["probe"] = probe_table(rows["main"], rows["probe"])
+    blocks["probe_variants"] = probe_variants_table(rows["main"], rows["probe-variants"])
     blocks["allocation"] = allocation_table("main")
     blocks["lr"] = lr_table(rows["main"], rows["lr"])
     blocks["score"] = score_table(rows["main"], rows["score"])
