@@ -378,7 +378,7 @@ def dp_table(rows: list[dict[str, Any]], main_rows: list[dict[str, Any]] = ()) -
     those are used (runs are deterministic given the config)."""
     rows = list(rows)
     have = {(r["strategy.name"], r.get("model.lora_alpha"), r["seed"]) for r in rows
-            if r["privacy"] == "eps_inf"}
+            if r.get("privacy") == "eps_inf"}
     for r in main_rows:
         if (r["data.name"], r["split"], r["strategy.rank_budget"]) == ("bbc-news", "dir0.01", "2") \
                 and (r["strategy.name"], r.get("model.lora_alpha"), r["seed"]) not in have:

@@ -272,3 +272,16 @@ def test_claim_views_pick_each_methods_best_complete_lr_and_the_gap():
     assert "| 0.001 |" in fl and "70.5 ± 0.7" in fl
     gap = next(x for x in best_view if x.startswith("| **lora-a2 (scaled α) − best other**"))
     assert gap.count("-10.0 vs fl-lora") == 4
+
+
+def test_dp_table_puts_private_selection_cells_on_their_own_rows():
+    """The dp grid's private-selection cells come from includes (no `privacy` axis label):
+    they get their own rows under the ε they ran at."""
+    public = {"privacy": "eps6", "strategy.name": "lora-a2", "final_accuracy": 0.2, "seed": 0,
+              "total_upload_bytes": 1e6}
+    private = {"strategy.name": "lora-a2", "privacy.selection": "private",
+               "privacy.epsilon": "6.0", "final_accuracy": 0.3, "seed": 0,
+               "total_upload_bytes": 1e6}
+    text = render.dp_table([public, private])
+    lines = {x.split("|")[1].strip(): x for x in text.splitlines()[2:]}
+    assert "20.0¹" in lines["lora-a2"] and "30.0¹" in lines["lora-a2, private selection"]
