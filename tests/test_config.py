@@ -101,3 +101,11 @@ def test_cli_config_prints_resolved_toml(capsys):
 
 def test_config_equality_default():
     assert Config() == load_config()
+
+
+def test_negative_lr_ratio_is_a_one_line_error(capsys):
+    from lora_a2.cli import main
+
+    assert main(["config", "--set", "strategy.lr_ratio=-1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "strategy.lr_ratio" in err
