@@ -385,9 +385,13 @@ def _max_diff(a: dict, b: dict) -> float:
 def test_secagg_simulation_gives_the_plain_aggregate_up_to_quantisation(tmp_path, synthetic_csv,
                                                                        strategy):
     """Flower's SecAgg+ on the Simulation Engine: the server only ever holds the masked sum,
-    and the global state after two rounds equals the plain run's up to the quantisation step
-    (2c/Q per entry and client, c = clipping_range, Q = quantization_range)."""
-    sets = ["data.num_clients=4", "train.rounds=2", f"strategy.name={strategy}",
+    and the global state after one round equals the plain run's up to the quantisation step
+    (2c/Q per entry and client, c = clipping_range, Q = quantization_range).
+
+    One round, because only one aggregate is bounded by the step: a later round trains from a
+    state that differs by quantisation, and Adam's normalised steps amplify that (measured:
+    6.1e-5 after two FL+LoRA rounds, just over 16 steps; CI failed on it once)."""
+    sets = ["data.num_clients=4", "train.rounds=1", f"strategy.name={strategy}",
             "engine.name=flower", "engine.num_workers=2"]
     plain = run(tmp_path / "plain", synthetic_csv, sets)
     secure = run(tmp_path / "secure", synthetic_csv, sets + ["secagg.enabled=true"])
