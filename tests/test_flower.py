@@ -67,6 +67,44 @@ def test_simulation_matches_local_engine(tmp_path, synthetic_csv):
     assert summary["total_upload_bytes"] == ref["total_upload_bytes"]
     assert summary["total_download_bytes"] == ref["total_download_bytes"]
     assert summary["total_flower_query_bytes"] > 0
+    # where the time went (benchmarks/bench_engines.py reads these): every round's two replies
+    # came from the worker processes, the first message of each worker built the experiment
+    assert summary["flower_startup_s"] >= 0 and summary["flower_total_s"] >= summary["wall_s"]
+    assert summary["setup_s"] > 0 and ref["setup_s"] > 0
+    rows = read_metrics(flower / "metrics.jsonl")
+    for r in rows:
+        t = r["flower_timing"]
+        assert 1 <= t["workers"] <= 2 and t["client_train_s"] > 0
+        assert t["busiest_worker_s"] <= t["send_receive_s"] + 1e-3
+        assert t["overhead_s"] == pytest.approx(t["send_receive_s"] - t["busiest_worker_s"],
+                                                abs=1e-3)
+    assert rows[0]["flower_timing"]["client_build_s"] > 0
+    assert all(r["flower_timing"]["client_build_s"] < 0.5 for r in rows[1:])  # cached
+
+
+def test_round_timing_sums_each_worker_and_leaves_the_rest_to_flower():
+    """The split of a round's send_and_receive: per worker (pid) the client seconds add up; the
+    critical path is the busiest worker; errors and replies without timings are skipped."""
+    from types import SimpleNamespace
+
+    from lora_a2.engines.flower import pack, round_timing
+
+    def reply(timing=None, error=False):  # what round_timing reads of a Flower reply
+        return SimpleNamespace(has_error=lambda: error, content=pack(b"x", timing=timing))
+
+    def timed(pid, build, train, codec):
+        return reply({"pid": pid, "build_s": build, "train_s": train, "codec_s": codec})
+
+    bad = reply({"pid": 7, "build_s": 100.0, "train_s": 0.0, "codec_s": 0.0}, error=True)
+    plain = reply()
+    t = round_timing(10.0, [timed(7, 2.0, 3.0, 0.5), timed(7, 0.0, 1.0, 0.5),
+                            timed(9, 0.0, 4.0, 0.25), bad, plain])
+    assert t["workers"] == 2
+    assert t["busiest_worker_s"] == pytest.approx(7.0)  # pid 7: 2 + 3 + 0.5 + 1 + 0.5
+    assert t["overhead_s"] == pytest.approx(3.0)
+    assert t["client_build_s"] == pytest.approx(2.0)
+    assert t["client_train_s"] == pytest.approx(8.0)
+    assert t["client_codec_s"] == pytest.approx(1.25)
 
 
 @pytest.mark.parametrize("strategy,privacy", [

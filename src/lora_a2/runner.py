@@ -100,6 +100,7 @@ def run_experiment(cfg: Config, out: Path, *, overwrite: bool = False, progress:
     if bar is not None:
         bar.update((start - 1) * per_round)
     cumulative = records[-1]["cumulative_upload_bytes"] if records else 0
+    setup_s = time.perf_counter() - t_start  # model, data, partition, initial evaluation
     for rnd in range(start, cfg.train.rounds + 1):
         t0 = time.perf_counter()
         if bar is not None:
@@ -134,6 +135,7 @@ def run_experiment(cfg: Config, out: Path, *, overwrite: bool = False, progress:
     exp.runtime.export(out / "adapter")
     summary = summarize(exp, records, initial, out, time.perf_counter() - t_start)
     summary["resumed_from_round"] = start - 1 if resume else None
+    summary["setup_s"] = setup_s
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     make_plots(records, out / "plots", initial,
                f"{strategy.name} · {cfg.data.name} · {cfg.data.partition}"

@@ -61,21 +61,33 @@ log = logging.getLogger(__name__)
 RECORD = "lora_a2"  # ArrayRecord holding the payload bytes
 CONFIG_RECORD = "lora_a2_config"  # ConfigRecord holding the run config (TOML) / node info
 STORE_RECORD = "lora_a2_client_store"  # node-side Context.state: a client's own tensors
+TIMING_RECORD = "lora_a2_timing"  # a reply's client-side timings (Flower overhead, not payload)
 PAYLOAD_KEY = "payload"
 STYPE = "safetensors"
 FAULT_ENV = "LORA_A2_FLOWER_FAULT"
 
 
 # ---------------------------------------------------------------------- wire helpers
-def pack(blob: bytes, config_toml: str | None = None):
-    """Our payload bytes (and optionally the run config) as Flower records."""
+def pack(blob: bytes, config_toml: str | None = None, timing: dict[str, float] | None = None):
+    """Our payload bytes (and optionally the run config, or a reply's client timings) as Flower
+    records."""
     from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
     rd = RecordDict({RECORD: ArrayRecord({PAYLOAD_KEY: Array(
         dtype="uint8", shape=(len(blob),), stype=STYPE, data=bytes(blob))})})
     if config_toml is not None:
         rd[CONFIG_RECORD] = ConfigRecord({"config": config_toml})
+    if timing is not None:
+        rd[TIMING_RECORD] = ConfigRecord(timing)
     return rd
+
+
+def timing_of(content) -> dict[str, float]:
+    """The client-side timings a reply carries (empty when it carries none)."""
+    try:
+        return {k: float(v) for k, v in content.config_records[TIMING_RECORD].items()}
+    except (KeyError, AttributeError, TypeError, ValueError):
+        return {}
 
 
 def unpack(content) -> bytes:
@@ -103,14 +115,18 @@ def message_bytes(msg) -> int:
 _CACHE: dict[str, Any] = {}
 
 
-def _experiment(config_toml: str):
-    """The experiment for this config, built once per worker process."""
+def _experiment(config_toml: str, timing: dict[str, float] | None = None):
+    """The experiment for this config, built once per worker process (the build's seconds go
+    to ``timing["build_s"]``: 0 when it was cached)."""
     key = hashlib.sha256(config_toml.encode()).hexdigest()
+    t = time.perf_counter()
     if key not in _CACHE:
         from ..experiment import prepare
 
         _CACHE.clear()  # one run per worker at a time: free the previous model
         _CACHE[key] = prepare(config_from_toml(config_toml))
+    if timing is not None:
+        timing["build_s"] = time.perf_counter() - t
     return _CACHE[key]
 
 
@@ -154,18 +170,25 @@ def client_train(msg, context):
 
     if task_bytes_of(msg.content) is not None:
         return client_train_secure(msg, context)
+    t0 = time.perf_counter()
+    timing: dict[str, float] = {}
     exp, task, ctx = _client_task(context, str(msg.content.config_records[CONFIG_RECORD]["config"]),
-                                  unpack(msg.content))
+                                  unpack(msg.content), timing)
     # ``Strategy.upload`` = client_update + the DP transform of what is sent (as on local)
     upload = getattr(exp.strategy, "upload", exp.strategy.client_update)
-    up = encode(upload(ctx, task).to_payload())
+    t1 = time.perf_counter()
+    update = upload(ctx, task)
+    t2 = time.perf_counter()
+    up = encode(update.to_payload())
     write_store(context, ctx.store)
-    return Message(pack(up), reply_to=msg)
+    timing.update(train_s=t2 - t1, pid=float(os.getpid()))
+    timing["codec_s"] = time.perf_counter() - t0 - timing["train_s"] - timing["build_s"]
+    return Message(pack(up, timing=timing), reply_to=msg)
 
 
-def _client_task(context, config_toml: str, blob: bytes):
+def _client_task(context, config_toml: str, blob: bytes, timing: dict[str, float] | None = None):
     """(experiment, decoded task, this node's client context) for a train message."""
-    exp = _experiment(config_toml)
+    exp = _experiment(config_toml, timing)
     task = Task.from_payload(decode(blob), exp.runtime.layout)
     pid = partition_of(context)
     if task.client_id != pid:
@@ -319,6 +342,7 @@ class FlowerRounds:
         t0 = time.perf_counter()
         query_before = self.query_bytes
         node_warnings = self.discover(wait=not self.known)
+        discover_s = time.perf_counter() - t0  # round 1: waits for Ray and the SuperNodes
         clients = sample_clients(cfg.data.num_clients, clients_per_round(cfg), cfg.seed, rnd)
         limits = UploadLimits(cfg.server.max_update_bytes, cfg.server.max_update_norm)
         per_client: dict[int, dict[str, Any]] = {}
@@ -363,8 +387,11 @@ class FlowerRounds:
             return self.secure_round(exp, rnd, state, clients, per_client, tasks, blobs,
                                      dropped, failures, node_warnings, t0, query_before,
                                      on_client)
+        t_send = time.perf_counter()
         replies = list(self.grid.send_and_receive(list(messages.values()),
                                                   timeout=self._timeout())) if messages else []
+        timing = {"discover_s": round(discover_s, 4),
+                  **round_timing(time.perf_counter() - t_send, replies)}
         by_node = {r.metadata.src_node_id: r for r in replies}
         ok: list[tuple[Task, Update]] = []
         reasons: list[str] = []
@@ -423,6 +450,7 @@ class FlowerRounds:
             "flower_query_bytes": self.query_bytes - query_before,
             "per_client": rows,
             "train_wall_s": time.perf_counter() - t0,
+            "flower_timing": timing,
         })
         if strategy.personalized:
             record.update(self.evaluate_clients(exp, rnd, state))
@@ -512,6 +540,29 @@ class FlowerRounds:
                 "eval_upload_bytes": up_bytes}
 
 
+def round_timing(send_receive_s: float, replies) -> dict[str, float]:
+    """Where a round's time went on Flower, from the replies' client timings: the wall time of
+    ``send_and_receive``; per worker process (pid) the seconds spent building the experiment,
+    training and en/decoding; ``busiest_worker_s`` (the critical path if the workers never
+    waited), and ``overhead_s`` = the rest (Flower/Ray message passing, scheduling, idle
+    workers waiting for the last client)."""
+    busy: dict[float, float] = {}
+    build = train = codec = 0.0
+    for r in replies:
+        if r.has_error():
+            continue
+        t = timing_of(r.content)
+        if not t:
+            continue
+        build, train, codec = build + t["build_s"], train + t["train_s"], codec + t["codec_s"]
+        busy[t["pid"]] = busy.get(t["pid"], 0.0) + t["build_s"] + t["train_s"] + t["codec_s"]
+    busiest = max(busy.values(), default=0.0)
+    return {"send_receive_s": round(send_receive_s, 4), "client_build_s": round(build, 4),
+            "client_train_s": round(train, 4), "client_codec_s": round(codec, 4),
+            "workers": len(busy), "busiest_worker_s": round(busiest, 4),
+            "overhead_s": round(send_receive_s - busiest, 4)}
+
+
 def error_text(reason: str | None, limit: int = 300) -> str:
     """The useful tail of a Flower error reason (Ray wraps the exception in a long banner)."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", reason or "")
@@ -521,8 +572,9 @@ def error_text(reason: str | None, limit: int = 300) -> str:
     return text if len(text) <= limit else "…" + text[-limit:]
 
 
-def add_flower_totals(out: Path, summary: dict[str, Any], engine: str) -> dict[str, Any]:
-    """Totals of the Flower-measured bytes, added to ``summary.json``."""
+def add_flower_totals(out: Path, summary: dict[str, Any], engine: str,
+                      extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Totals of the Flower-measured bytes (and ``extra``), added to ``summary.json``."""
     from ..report import atomic_write_text, read_metrics
 
     records = read_metrics(out / "metrics.jsonl")
@@ -531,7 +583,8 @@ def add_flower_totals(out: Path, summary: dict[str, Any], engine: str) -> dict[s
                                                   for r in records),
                "total_flower_upload_bytes": sum(r.get("flower_upload_bytes", 0) for r in records),
                "total_flower_query_bytes": sum(r.get("flower_query_bytes", 0) for r in records),
-               "failed_client_rounds": sum(len(r.get("failures", [])) for r in records)}
+               "failed_client_rounds": sum(len(r.get("failures", [])) for r in records),
+               **(extra or {})}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return summary
 
@@ -569,9 +622,11 @@ def run_simulation(cfg: Config, out: Path, *, overwrite: bool = False, progress:
 
     result: dict[str, Any] = {}
     server = ServerApp()
+    t_call = time.perf_counter()
 
     @server.main()
     def _main(grid, context) -> None:
+        result["startup_s"] = time.perf_counter() - t_call  # Ray, the SuperNodes, the ServerApp
         try:
             result["summary"] = run_experiment(cfg, out, overwrite=overwrite, progress=progress,
                                                resume=resume, round_fn=FlowerRounds(grid, cfg))
@@ -581,12 +636,17 @@ def run_simulation(cfg: Config, out: Path, *, overwrite: bool = False, progress:
     _quiet_flower()
     flwr_run_simulation(server_app=server, client_app=make_client_app(),
                         num_supernodes=cfg.data.num_clients, backend_config=backend_config(cfg))
+    total_s = time.perf_counter() - t_call
     if "error" in result:
         raise result["error"]
     if "summary" not in result:
         raise RuntimeError("the Flower simulation ended without finishing the run "
                            "(see the log above)")
-    return add_flower_totals(Path(out), result["summary"], "flower-simulation")
+    summary = result["summary"]
+    return add_flower_totals(Path(out), summary, "flower-simulation", {
+        "flower_startup_s": result["startup_s"],
+        "flower_shutdown_s": total_s - result["startup_s"] - summary["wall_s"],
+        "flower_total_s": total_s})
 
 
 def _quiet_flower() -> None:
