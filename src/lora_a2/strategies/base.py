@@ -457,7 +457,13 @@ class DenseStrategy(Strategy):
 
     @abstractmethod
     def train_groups(self, rnd: int) -> list[str]:
-        """Parameter groups trained (and uploaded) in round ``rnd``."""
+        """Parameter groups trained in round ``rnd`` (and uploaded, unless
+        :meth:`upload_groups` says otherwise)."""
+
+    def upload_groups(self, rnd: int) -> list[str]:
+        """Parameter groups whose delta is uploaded and averaged in round ``rnd`` (default: the
+        trained ones; a personalised method keeps some trained groups on the client)."""
+        return self.train_groups(rnd)
 
     def local_regularizer(self, ctx: ClientContext, task: Task,
                           start: dict[str, Tensor]) -> Callable[[], Tensor] | None:
@@ -468,7 +474,7 @@ class DenseStrategy(Strategy):
     secure_aggregation = True
 
     def noise_groups(self, rnd: int) -> list[str]:
-        return self.train_groups(rnd)
+        return self.upload_groups(rnd)
 
     def secure_vector(self, task: Task, update: Update) -> Tensor:
         return update.values  # already the dense delta of the trained groups
@@ -476,7 +482,7 @@ class DenseStrategy(Strategy):
     def aggregate_secure(self, rnd: int, state: ServerState, mean: Tensor
                          ) -> tuple[ServerState, dict[str, Any]]:
         assert self.layout is not None
-        names = self.layout.group_names(self.train_groups(rnd))
+        names = self.layout.group_names(self.upload_groups(rnd))
         delta = unflatten(mean.to(torch.float32), names, self.layout.shapes(names))
         tensors = dict(state.tensors)
         for n in names:
@@ -484,27 +490,40 @@ class DenseStrategy(Strategy):
         return ServerState(tensors, state.extra), {}
 
     def configure(self, rnd: int, client_id: int, state: ServerState) -> Task:
+        train, upload = self.train_groups(rnd), self.upload_groups(rnd)
         return self.make_task(rnd, client_id, state, self.send_groups(rnd, client_id, state),
-                              train=self.train_groups(rnd))
+                              train=train, **({"upload": upload} if upload != train else {}))
+
+    def trained(self, task: Task) -> list[str]:
+        """The groups ``task`` trains: its ``train`` entry, else the strategy's rule."""
+        return task.config.get("train", self.train_groups(task.round))
+
+    def uploaded(self, task: Task) -> list[str]:
+        """The groups whose delta ``task`` uploads: its ``upload`` entry, else what it trains
+        when it says that, else the strategy's rule (a task need not carry the lists: both
+        sides run the same strategy)."""
+        if "upload" in task.config:
+            return task.config["upload"]
+        return task.config["train"] if "train" in task.config else self.upload_groups(task.round)
 
     def client_update(self, ctx: ClientContext, task: Task) -> Update:
         assert self.layout is not None
         ctx.runtime.load(task.download)
-        names = self.layout.group_names(task.config["train"])
+        names = self.layout.group_names(self.trained(task))
+        up = self.layout.group_names(self.uploaded(task))
         before = ctx.runtime.snapshot(names)
         gen = torch.Generator().manual_seed(task.config["seed"])
         torch.manual_seed(task.config["seed"])
-        groups = [ParamGroup(self.layout.names(g), self.lr_of(g)) for g in task.config["train"]]
+        groups = [ParamGroup(self.layout.names(g), self.lr_of(g)) for g in self.trained(task)]
         loss = ctx.train(groups, self.cfg.train.local_epochs, gen,
                          regularizer=self.local_regularizer(ctx, task, before))
-        after = ctx.runtime.snapshot(names)
-        delta = {n: after[n] - before[n] for n in names}
-        return Update(task.client_id, ctx.num_examples, flatten(delta, names),
-                      meta={"loss": loss})
+        after = ctx.runtime.snapshot(up)
+        delta = {n: after[n] - before[n] for n in up}
+        return Update(task.client_id, ctx.num_examples, flatten(delta, up), meta={"loss": loss})
 
     def validate(self, task: Task, update: Update) -> None:
         assert self.layout is not None
-        expected = self.layout.size(task.config["train"])
+        expected = self.layout.size(self.uploaded(task))
         if update.slots is not None:
             raise InvalidPayload("dense upload must not carry slot indices")
         if update.values.numel() != expected:
@@ -514,7 +533,7 @@ class DenseStrategy(Strategy):
     def aggregate(self, rnd: int, state: ServerState,
                   replies: list[tuple[Task, Update]]) -> tuple[ServerState, dict[str, Any]]:
         assert self.layout is not None
-        names = self.layout.group_names(replies[0][0].config["train"])
+        names = self.layout.group_names(self.uploaded(replies[0][0]))
         shapes = self.layout.shapes(names)
         weights = data_weights([u.num_examples for _, u in replies])
         deltas = [unflatten(u.values, names, shapes) for _, u in replies]

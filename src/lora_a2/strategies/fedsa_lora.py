@@ -34,46 +34,44 @@ per-client evaluation of a causal LM (generation per client) is not built.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from ..client import ParamGroup
-from ..payload import flatten
-from .base import (ClientContext, ServerState, Strategy, Task, Update, check_finite, register)
-from ..aggregation import data_weights, weighted_sum
-from ..payload import InvalidPayload, unflatten
+from .base import ClientContext, DenseStrategy, ServerState, Task, Update, register
 from .fl_lora import uniform_rank
 
 
 @register
-class FedSaLora(Strategy):
+class FedSaLora(DenseStrategy):
     """Share and average A; every client keeps its own B (personalised, never uploaded)."""
 
     name = "fedsa-lora"
     central_dp = True
     personalized = True
     tasks = ("classification",)
+    secure_aggregation = False  # its evaluate phase and node stores are untested under SecAgg+
 
     def lora_rank(self) -> int:
         return uniform_rank(self)
 
-    def noise_groups(self, rnd: int) -> list[str]:
-        return ["A"]  # all the server releases (B and the head stay on the clients)
+    def train_groups(self, rnd: int) -> list[str]:
+        return ["A", "B"] + self.head_groups()
 
-    def personal_names(self) -> list[str]:
-        assert self.layout is not None
-        return self.layout.names("B") + self.layout.names("head")
+    def upload_groups(self, rnd: int) -> list[str]:
+        return ["A"]  # all the server averages and releases (B and the head stay on clients)
 
-    # -- server → client ------------------------------------------------------------------
     def configure(self, rnd: int, client_id: int, state: ServerState) -> Task:
-        # The head (when trained) is personal: a client gets its starting value once.
+        # The head (when trained) is personal: a client gets its starting value once. The task
+        # carries no group lists: the client knows the rule (train A, B, head; upload A).
         seen = state.extra.setdefault("has_head", [])
         head = self.head_groups() if client_id not in seen else []
         if head:
             seen.append(client_id)
         return self.make_task(rnd, client_id, state, ["A"] + head)
+
+    def personal_names(self) -> list[str]:
+        assert self.layout is not None
+        return self.layout.names("B") + self.layout.names("head")
 
     def eval_task(self, rnd: int, client_id: int, state: ServerState) -> Task:
         seen = state.extra.get("has_head", [])
@@ -91,44 +89,10 @@ class FedSaLora(Strategy):
         return out
 
     def client_update(self, ctx: ClientContext, task: Task) -> Update:
-        layout = self.layout
-        assert layout is not None
-        ctx.runtime.load(task.download)  # the global A (and the starting head, first time)
+        """Train A, its own B (and head) from the global A; upload ΔA; keep B (and head)."""
+        # The download (A; the head on first contact) and the personal tensors (B; the head
+        # afterwards) never overlap, so loading these first changes nothing the download sets.
         ctx.runtime.load(self.personal_tensors(ctx))
-        a_names, head = layout.names("A"), layout.names("head")
-        before = ctx.runtime.snapshot(a_names)
-        gen = torch.Generator().manual_seed(task.config["seed"])
-        torch.manual_seed(task.config["seed"])
-        groups = [ParamGroup(a_names, self.lr_of("A")),
-                  ParamGroup(layout.names("B"), self.lr_of("B"))]
-        if head:
-            groups.append(ParamGroup(head, self.lr_of("head")))
-        loss = ctx.train(groups, self.cfg.train.local_epochs, gen)
+        update = super().client_update(ctx, task)
         ctx.store.update(ctx.runtime.snapshot(self.personal_names()))  # stays on the client
-        after = ctx.runtime.snapshot(a_names)
-        delta = {n: after[n] - before[n] for n in a_names}
-        return Update(task.client_id, ctx.num_examples, flatten(delta, a_names),
-                      meta={"loss": loss})
-
-    # -- server ---------------------------------------------------------------------------
-    def validate(self, task: Task, update: Update) -> None:
-        assert self.layout is not None
-        expected = self.layout.size(["A"])
-        if update.slots is not None:
-            raise InvalidPayload("dense upload must not carry slot indices")
-        if update.values.numel() != expected:
-            raise InvalidPayload(f"expected {expected} values (ΔA), got {update.values.numel()}")
-        check_finite(update)
-
-    def aggregate(self, rnd: int, state: ServerState,
-                  replies: list[tuple[Task, Update]]) -> tuple[ServerState, dict[str, Any]]:
-        layout = self.layout
-        assert layout is not None
-        names = layout.names("A")
-        shapes = layout.shapes(names)
-        w = data_weights([u.num_examples for _, u in replies])
-        deltas = [unflatten(u.values, names, shapes) for _, u in replies]
-        tensors = dict(state.tensors)
-        for n in names:
-            tensors[n] = state.tensors[n] + weighted_sum([d[n] for d in deltas], w)
-        return ServerState(tensors, state.extra), {}
+        return update
