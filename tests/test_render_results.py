@@ -55,6 +55,26 @@ def test_probe_table_pairs_the_same_seeds():
     assert line == "| Dir(0.1) | 1 | 80.0¹ | 200 | 70.0¹ | 150 | 0.75 |"
 
 
+def test_probe_variants_table_pairs_each_variant_with_the_full_probe():
+    """Rows in the shape rows_of gives for the probe-variants grid (cell = the data/split label,
+    budget and variant separate): each variant's mean over the seeds it shares with the main
+    grid's full probe, and its mean time over the full probe's on those seeds."""
+    main = [row("dir0.1", "1", "lora-a2", 0.8, 0, alpha="256.0"),
+            row("dir0.1", "1", "lora-a2", 0.6, 1, alpha="256.0")]
+    for r in main:
+        r["wall_s"] = 200.0
+    pv = [{"cell": "bbc-news__dir0.1", "budget": "1", "variant": "reuse", "seed": s,
+           "final_accuracy": a, "wall_s": 100.0} for s, a in ((0, 0.5), (1, 0.3))]
+    pv.append({"cell": "bbc-news__dir0.1", "budget": "2", "variant": "gradient", "seed": 0,
+               "final_accuracy": 0.9, "wall_s": 100.0})  # budget 2: no full probe here
+    lines = render.probe_variants_table(main, pv).splitlines()
+    b1 = [c.strip() for c in lines[2].strip("|").split("|")]
+    m, sd = statistics.fmean([50.0, 30.0]), statistics.stdev([50.0, 30.0])
+    assert b1[:4] == ["bbc-news Dir(0.1)", "1", "70.0 ± 14.1", f"{m:.1f} ± {sd:.1f} (time × 0.50)"]
+    assert b1[4] == "·" and b1[5] == "·"
+    assert lines[3].endswith("| · | · | · | · |")  # no full-probe pair for budget 2
+
+
 def test_lr_table_takes_5e4_from_the_main_grid():
     main = [row("dir0.01", "1", "fl-lora", 0.44, 0), row("dir0.01", "1", "fl-lora", 0.99, 1),
             row("dir0.01", "1", "lora-a2", 0.99, 0, alpha="256.0")]
