@@ -97,8 +97,11 @@ def test_round_timing_sums_each_worker_and_leaves_the_rest_to_flower():
 
     bad = reply({"pid": 7, "build_s": 100.0, "train_s": 0.0, "codec_s": 0.0}, error=True)
     plain = reply()
+    garbage = [reply({"pid": 3, "train_s": 5.0}),  # keys missing
+               reply({"pid": 3, "build_s": "x", "train_s": 1.0, "codec_s": 0.0}),
+               reply({"pid": 3, "build_s": float("nan"), "train_s": 1.0, "codec_s": 0.0})]
     t = round_timing(10.0, [timed(7, 2.0, 3.0, 0.5), timed(7, 0.0, 1.0, 0.5),
-                            timed(9, 0.0, 4.0, 0.25), bad, plain])
+                            timed(9, 0.0, 4.0, 0.25), bad, plain, *garbage])
     assert t["workers"] == 2
     assert t["busiest_worker_s"] == pytest.approx(7.0)  # pid 7: 2 + 3 + 0.5 + 1 + 0.5
     assert t["overhead_s"] == pytest.approx(3.0)

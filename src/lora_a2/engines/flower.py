@@ -41,6 +41,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -83,11 +84,15 @@ def pack(blob: bytes, config_toml: str | None = None, timing: dict[str, float] |
 
 
 def timing_of(content) -> dict[str, float]:
-    """The client-side timings a reply carries (empty when it carries none)."""
+    """The client-side timings a reply carries: ``pid``, ``build_s``, ``train_s``, ``codec_s``
+    as finite numbers, else empty (a reply without them, or with garbage, is simply not timed:
+    timings are diagnostics and never fail a round)."""
     try:
-        return {k: float(v) for k, v in content.config_records[TIMING_RECORD].items()}
+        t = {k: float(content.config_records[TIMING_RECORD][k])
+             for k in ("pid", "build_s", "train_s", "codec_s")}
     except (KeyError, AttributeError, TypeError, ValueError):
         return {}
+    return t if all(math.isfinite(v) for v in t.values()) else {}
 
 
 def unpack(content) -> bytes:
