@@ -435,8 +435,10 @@ PROBE_VARIANTS = (("reuse", "probe = reuse"), ("gradient", "probe = gradient"),
 
 def probe_variants_table(main_rows: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
     """Issue 19: each cheaper selection against the main grid's full probe (LoRA-A2, scaled α)
-    on the same data, split, budget and seeds: final accuracy (mean ± std) and the variant's
-    mean cell wall time over the full probe's (paired seeds)."""
+    on the same data, split, budget and seeds: final accuracy (mean ± std), the mean paired
+    change in points, and the variant's mean cell wall time in seconds. No ratio to the full
+    probe's wall time: the main grid ran on another (faster) machine, so that ratio would mix
+    machines (RESULTS §5 gives same-machine references)."""
     head = ["data, split", "budget", "full probe"] + [n for _, n in PROBE_VARIANTS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for cell in ("bbc-news__dir0.1", "bbc-news__dir0.01", "rotten-tomatoes__dir0.1"):
@@ -454,10 +456,11 @@ def probe_variants_table(main_rows: list[dict[str, Any]], rows: list[dict[str, A
                 if not seeds:
                     line.append("·")
                     continue
-                ratio = statistics.fmean(mine[x]["wall_s"] for x in seeds) / statistics.fmean(
-                    base[x]["wall_s"] for x in seeds)
+                delta = statistics.fmean(100 * (mine[x]["final_accuracy"]
+                                                - base[x]["final_accuracy"]) for x in seeds)
+                wall = statistics.fmean(mine[x]["wall_s"] for x in seeds)
                 line.append(f"{fmt([mine[x]['final_accuracy'] for x in seeds])} "
-                            f"(time × {ratio:.2f})")
+                            f"(Δ {delta:+.1f}; {wall:.0f} s)")
             lines.append("| " + " | ".join(line) + " |")
     return "\n".join(lines)
 

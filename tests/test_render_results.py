@@ -58,7 +58,7 @@ def test_probe_table_pairs_the_same_seeds():
 def test_probe_variants_table_pairs_each_variant_with_the_full_probe():
     """Rows in the shape rows_of gives for the probe-variants grid (cell = the data/split label,
     budget and variant separate): each variant's mean over the seeds it shares with the main
-    grid's full probe, and its mean time over the full probe's on those seeds."""
+    grid's full probe, the mean paired change in points, and its own mean wall time."""
     main = [row("dir0.1", "1", "lora-a2", 0.8, 0, alpha="256.0"),
             row("dir0.1", "1", "lora-a2", 0.6, 1, alpha="256.0")]
     for r in main:
@@ -70,7 +70,9 @@ def test_probe_variants_table_pairs_each_variant_with_the_full_probe():
     lines = render.probe_variants_table(main, pv).splitlines()
     b1 = [c.strip() for c in lines[2].strip("|").split("|")]
     m, sd = statistics.fmean([50.0, 30.0]), statistics.stdev([50.0, 30.0])
-    assert b1[:4] == ["bbc-news Dir(0.1)", "1", "70.0 ± 14.1", f"{m:.1f} ± {sd:.1f} (time × 0.50)"]
+    # paired change: mean of (50 − 80, 30 − 60) = −30.0 points; wall: the variant's own mean
+    assert b1[:4] == ["bbc-news Dir(0.1)", "1", "70.0 ± 14.1",
+                      f"{m:.1f} ± {sd:.1f} (Δ -30.0; 100 s)"]
     assert b1[4] == "·" and b1[5] == "·"
     assert lines[3].endswith("| · | · | · | · |")  # no full-probe pair for budget 2
 
