@@ -251,20 +251,42 @@ def claim_view(rows: list[dict[str, Any]], lr_of: dict[str, str], metric: str = 
     return "\n".join(lines)
 
 
+def sweep_lrs() -> list[str]:
+    """Every lr_A of the sweep, smallest first: the claim-lr grid's axis plus the paper's."""
+    axis = load_grid("claim-lr")["axes"]["strategy.lr"]
+    return sorted({f"{float(x):g}" for x in axis} | {PAPER_LR}, key=float)
+
+
+def bracket(best: str, done: list[str], grid: list[str]) -> str:
+    """Whether ``best`` is bracketed: a complete lr on both sides of it. If not, the next lr of
+    the outward sweep (the neighbour of ``best`` in ``grid`` on its open side), or that the grid
+    ends there."""
+    i = grid.index(best)
+    side = [(grid[i - 1] if i > 0 else None, min(done, key=float) == best),
+            (grid[i + 1] if i + 1 < len(grid) else None, max(done, key=float) == best)]
+    open_sides = [nxt for nxt, at_edge in side if at_edge]
+    if not open_sides:
+        return "yes"
+    steps = [f"run {nxt}" if nxt else "grid edge" for nxt in open_sides]
+    return "no: " + ", ".join(steps)
+
+
 def claim_blocks(claim: list[dict[str, Any]], claim_lr: list[dict[str, Any]],
-                 main: list[dict[str, Any]]) -> dict[str, str]:
+                 main: list[dict[str, Any]], grid: list[str] | None = None) -> dict[str, str]:
     rows = claim_rows(claim, claim_lr, main)
     paper = {m: PAPER_LR for m in (*CLAIM_METHODS, *LORA_A2_VARIANTS)}
     best = best_lrs(rows)
-    sweep = ["| method | complete lrs (mean final accuracy over the 8 runs) | best lr_A |",
-             "|---|---|---|"]
+    grid = grid or sweep_lrs()
+    sweep = ["| method | complete lrs (mean final accuracy over the 8 runs) | best lr_A "
+             "| bracketed? |", "|---|---|---|---|"]
     for m in (*CLAIM_METHODS, *LORA_A2_VARIANTS):
         if m in best:
             lr, done = best[m]
             sweep.append(f"| {m} | " + ", ".join(f"{x}: {100 * lr_score(rows, m, x):.1f}"
-                                                 for x in done) + f" | {lr} |")
+                                                 for x in done)
+                         + f" | {lr} | {bracket(lr, done, grid)} |")
         else:
-            sweep.append(f"| {m} | · | · |")
+            sweep.append(f"| {m} | · | · | · |")
     return {"claim_paper": claim_view(rows, paper),
             "claim_paper_local": claim_view(rows, paper, "final_local_accuracy"),
             "claim_sweep": "\n".join(sweep),

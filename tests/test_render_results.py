@@ -280,12 +280,14 @@ def test_claim_views_pick_each_methods_best_complete_lr_and_the_gap():
     sweep = runs("fl-lora", 0.001, 0.70)  # fl-lora is better at 1e-3 ...
     sweep += runs("ffa-lora", 0.002, 0.90, skip=("1", "dir0.1", 1))  # ... ffa-lora's is partial
     blocks = render.claim_blocks(claim, sweep, [])
-    best = {}
+    best, bracketed = {}, {}
     for line in blocks["claim_sweep"].splitlines()[2:]:
         parts = [p.strip() for p in line.strip().strip("|").split("|")]
-        best[parts[0]] = parts[2]
+        best[parts[0]], bracketed[parts[0]] = parts[2], parts[3]
     assert best["fl-lora"] == "0.001"
+    assert bracketed["fl-lora"] == "no: run 0.002"  # the best is the largest lr it ran
     assert best["ffa-lora"] == "0.0005"  # its 2e-3 runs are not all there
+    assert bracketed["ffa-lora"] == "no: run 0.0002, run 0.001"
     paper = blocks["claim_paper"].splitlines()
     gap = next(x for x in paper if x.startswith("| **lora-a2 (scaled α) − best other**"))
     assert gap.count("+10.0 vs") == 4  # 60.5 − 50.5 in every cell, n = 2
@@ -294,6 +296,16 @@ def test_claim_views_pick_each_methods_best_complete_lr_and_the_gap():
     assert "| 0.001 |" in fl and "70.5 ± 0.7" in fl
     gap = next(x for x in best_view if x.startswith("| **lora-a2 (scaled α) − best other**"))
     assert gap.count("-10.0 vs fl-lora") == 4
+
+
+def test_bracket_names_the_next_lr_of_the_outward_sweep():
+    grid = ["0.0002", "0.0005", "0.001", "0.002"]
+    assert render.sweep_lrs() == grid  # the claim-lr grid's axis plus the paper's 5e-4
+    assert render.bracket("0.0005", ["0.0002", "0.0005", "0.001"], grid) == "yes"
+    assert render.bracket("0.0005", ["0.0005", "0.001"], grid) == "no: run 0.0002"
+    assert render.bracket("0.002", ["0.0005", "0.001", "0.002"], grid) == "no: grid edge"
+    assert render.bracket("0.0002", ["0.0002", "0.0005"], grid) == "no: grid edge"
+    assert render.bracket("0.001", ["0.001"], grid) == "no: run 0.0005, run 0.002"
 
 
 def test_dp_table_puts_private_selection_cells_on_their_own_rows():
