@@ -19,12 +19,20 @@ Runs the same config on both engines, one after the other, and prints:
 
 and checks that both engines gave the same accuracy and bytes. ``--set KEY=VALUE`` as for
 ``lora-a2 run`` (repeatable). Run it on an otherwise idle machine: the figures are wall times.
+
+``--busy N`` keeps N other processes busy (a pure-Python loop each, at normal priority) during
+both runs, as on a shared machine; ``--ray-niceness K`` sets ``RAY_worker_niceness`` for the
+Flower run (Ray's own default is 15; the engine uses 0 unless it is set):
+
+    .venv/bin/python benchmarks/bench_engines.py --busy 1
+    .venv/bin/python benchmarks/bench_engines.py --busy 1 --ray-niceness 15
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -37,7 +45,8 @@ SMALL = ["model.name=tiny-random-bert", "data.name=bbc-news", "data.max_train_ex
          "model.max_length=64", "engine.threads=1", "engine.num_workers=2"]
 
 
-def run(sets: list[str], out: Path) -> tuple[float, list[dict], dict]:
+def run(sets: list[str], out: Path, env: dict[str, str] | None = None
+        ) -> tuple[float, list[dict], dict]:
     """``lora-a2 run`` in a fresh process (cold imports and caches, as a user starts it):
     (wall seconds of the whole process, metrics rows, summary)."""
     from lora_a2.report import read_metrics
@@ -46,7 +55,7 @@ def run(sets: list[str], out: Path) -> tuple[float, list[dict], dict]:
     for s in sets:
         cmd += ["--set", s]
     t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t
     if proc.returncode != 0:
         sys.exit(f"bench_engines: {' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
@@ -62,17 +71,35 @@ def main() -> None:
     p.add_argument("--default", action="store_true",
                    help="the default experiment (`lora-a2 run` with no arguments)")
     p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--busy", type=int, default=0, metavar="N",
+                   help="keep N other processes busy during both runs")
+    p.add_argument("--ray-niceness", type=int, default=None, metavar="K",
+                   help="RAY_worker_niceness for the Flower run (Ray's default: 15)")
     args = p.parse_args()
+    if args.busy < 0:
+        p.error("--busy must be ≥ 0")
     sets = ([] if args.default else SMALL) + args.set
-    with tempfile.TemporaryDirectory() as tmp:
-        t_local, m_local, s_local = run(sets + ["engine.name=local"], Path(tmp) / "local")
-        t_flower, m_flower, s_flower = run(sets + ["engine.name=flower"], Path(tmp) / "flower")
+    env = dict(os.environ)
+    if args.ray_niceness is not None:
+        env["RAY_worker_niceness"] = str(args.ray_niceness)
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            for _ in range(args.busy)]
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            t_local, m_local, s_local = run(sets + ["engine.name=local"], Path(tmp) / "local")
+            t_flower, m_flower, s_flower = run(sets + ["engine.name=flower"],
+                                               Path(tmp) / "flower", env)
+    finally:
+        for b in busy:
+            b.kill()
+            b.wait()
     steady = [f["wall_s"] / lo["wall_s"] for lo, f in zip(m_local[1:], m_flower[1:])]
     timings = [r.get("flower_timing", {}) for r in m_flower]
     first = timings[0] if timings else {}
     later = timings[1:]
     result = {
-        "rounds": len(m_local),
+        "rounds": len(m_local), "busy": args.busy,
+        "ray_worker_niceness": env.get("RAY_worker_niceness", "0 (engine default)"),
         "local_s": round(t_local, 2), "flower_s": round(t_flower, 2),
         "ratio_whole_run": round(t_flower / t_local, 3),
         "steady_round_ratio": round(median(steady), 3),

@@ -73,6 +73,21 @@ def test_round_timing_sums_each_worker_and_leaves_the_rest_to_flower():
     assert t["client_codec_s"] == pytest.approx(1.25)
 
 
+def test_ray_workers_run_at_the_callers_priority_unless_the_environment_says(monkeypatch):
+    """Ray renices its workers by +15 by default, which starves the clients' training next to
+    any other busy process; the engine asks for 0, and an explicit RAY_worker_niceness wins."""
+    from lora_a2.config import load_config
+    from lora_a2.engines.flower import backend_config
+
+    cfg = load_config(None, ["engine.name=flower", "engine.num_workers=3", "engine.threads=2"])
+    monkeypatch.delenv("RAY_worker_niceness", raising=False)
+    b = backend_config(cfg)
+    assert b["init_args"]["_system_config"] == {"worker_niceness": 0}
+    assert b["init_args"]["num_cpus"] == 6 and b["client_resources"]["num_cpus"] == 2
+    monkeypatch.setenv("RAY_worker_niceness", "15")
+    assert "_system_config" not in backend_config(cfg)["init_args"]
+
+
 @pytest.mark.parametrize("strategy,privacy", [
     ("lora-a2", ["privacy.mechanism=gaussian", "privacy.mode=local", "privacy.noise_multiplier=0.5"]),
     ("fl-lora", ["privacy.mechanism=gaussian", "privacy.mode=central", "privacy.epsilon=8.0"]),

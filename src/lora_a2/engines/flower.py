@@ -601,16 +601,25 @@ def num_workers(cfg: Config) -> int:
 
 
 def backend_config(cfg: Config) -> dict[str, Any]:
-    """Ray backend: ``engine.num_workers`` actors, one CPU each (and a GPU share on CUDA)."""
+    """Ray backend: ``engine.num_workers`` actors, one CPU each (and a GPU share on CUDA).
+
+    The actors run at this process's priority (Ray's ``worker_niceness`` 0) unless the
+    environment sets ``RAY_worker_niceness``: Ray's default renices them by +15, but here they do
+    all of the clients' training, and at +15 any other busy process on the machine takes most of
+    their CPU. ``python benchmarks/bench_engines.py --busy 1`` against the same with
+    ``--ray-niceness 15`` shows it: 101.5–104.6 s against 70.3–73.9 s for a tiny 4-round run
+    next to one busy process (README, "On a busy machine")."""
     import torch
 
     workers = num_workers(cfg)
     gpu = cfg.engine.device != "cpu" and torch.cuda.is_available()
     threads = cfg.engine.threads or 1
+    init = {"num_cpus": workers * threads, "num_gpus": 1 if gpu else 0,
+            "include_dashboard": False, "log_to_driver": True, "logging_level": "warning"}
+    if "RAY_worker_niceness" not in os.environ:
+        init["_system_config"] = {"worker_niceness": 0}
     return {"client_resources": {"num_cpus": threads, "num_gpus": 1.0 / workers if gpu else 0.0},
-            "init_args": {"num_cpus": workers * threads, "num_gpus": 1 if gpu else 0,
-                          "include_dashboard": False, "log_to_driver": True,
-                          "logging_level": "warning"}}
+            "init_args": init}
 
 
 def run_simulation(cfg: Config, out: Path, *, overwrite: bool = False, progress: bool = True,
