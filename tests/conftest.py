@@ -11,30 +11,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# pytest-xdist runs the suite in one process per core (at most MAX_WORKERS); each process gets
-# its share of the cores, so that two torch processes never fight over one.
-# The runs a test starts in a subprocess inherit the share through OMP_NUM_THREADS.
-MAX_WORKERS = 4
-_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-_threads = max(1, min(2, (os.cpu_count() or 1) // _workers))
-torch.set_num_threads(_threads)
-os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
-# The slowest files first (by `pytest --durations`), so that xdist's file-by-file scheduling
-# does not leave one long file running alone at the end.
-SLOW_FILES = ("test_flower.py", "test_bench.py", "test_flower_deployment.py",
-              "test_causal_lm.py", "test_reliability.py")
-
-
-def pytest_xdist_auto_num_workers(config) -> int:
-    """``-n auto``: one worker per core, at most MAX_WORKERS (each holds torch and its models)."""
-    return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
-
-
-def pytest_collection_modifyitems(config, items) -> None:
-    """Order files slowest first (a stable sort: each file's own order is kept)."""
-    rank = {name: i for i, name in enumerate(SLOW_FILES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))
-
+torch.set_num_threads(min(2, torch.get_num_threads()))
 
 WORDS = [["apple", "banana", "cherry", "grape"], ["dog", "cat", "mouse", "horse"],
          ["red", "blue", "green", "yellow"]]
