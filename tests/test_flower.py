@@ -217,3 +217,17 @@ def test_bad_secagg_config_is_one_line_exit_2(capsys, sets, needle):
     assert main(["config", "--set", *sets]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err, err
+
+
+@pytest.mark.parametrize("args,needle", [(["--busy", "-1"], "--busy must be ≥ 0"),
+                                         (["--ray-niceness", "x"], "--ray-niceness")])
+def test_bench_engines_rejects_bad_flags_in_one_line(args, needle):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_engines.py"
+    r = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert needle in r.stderr.strip().splitlines()[-1]
