@@ -246,9 +246,27 @@ def claim_view(rows: list[dict[str, Any]], lr_of: dict[str, str], metric: str = 
             mean = {m: 100 * statistics.fmean(by[(m, ck)][sd] for sd in seeds)
                     for m in (*CLAIM_METHODS, variant)}
             best = max(CLAIM_METHODS, key=lambda m: mean[m])
-            gaps.append(f"{mean[variant] - mean[best]:+.1f} vs {best} (n={len(seeds)})")
+            said = verdict([by[(variant, ck)][sd] for sd in seeds],
+                           [[by[(m, ck)][sd] for sd in seeds] for m in CLAIM_METHODS])
+            gaps.append(f"{mean[variant] - mean[best]:+.1f} vs {best} (n={len(seeds)})"
+                        + (f" **{said}**" if said else ""))
         lines.append(f"| **{variant} − best other** | | " + " | ".join(gaps) + " | |")
     return "\n".join(lines)
+
+
+def verdict(mine: list[float], others: list[list[float]]) -> str:
+    """Whether LoRA-A2 (its per-seed scores ``mine``) leads, ties or trails the other methods
+    (each a list of per-seed scores on the same seeds), by a rule that needs no distribution:
+    it *leads* when its worst seed beats every other method's best seed, *trails* when some
+    other method's worst seed beats its best seed, and *ties* otherwise (the seed ranges
+    overlap). "" with fewer than two seeds: one seed cannot tell a gap from seed noise."""
+    if len(mine) < 2:
+        return ""
+    if min(mine) > max(max(o) for o in others):
+        return "leads"
+    if any(min(o) > max(mine) for o in others):
+        return "trails"
+    return "ties"
 
 
 def sweep_lrs() -> list[str]:

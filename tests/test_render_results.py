@@ -5,6 +5,8 @@ import statistics
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 spec = importlib.util.spec_from_file_location(
     "render_results", Path(__file__).resolve().parents[1] / "benchmarks" / "render_results.py")
@@ -291,11 +293,39 @@ def test_claim_views_pick_each_methods_best_complete_lr_and_the_gap():
     paper = blocks["claim_paper"].splitlines()
     gap = next(x for x in paper if x.startswith("| **lora-a2 (scaled α) − best other**"))
     assert gap.count("+10.0 vs") == 4  # 60.5 − 50.5 in every cell, n = 2
+    assert gap.count("**leads**") == 4  # 60 and 61 against others' 50 and 51
     best_view = blocks["claim_best"].splitlines()
     fl = next(x for x in best_view if x.startswith("| fl-lora |"))
     assert "| 0.001 |" in fl and "70.5 ± 0.7" in fl
     gap = next(x for x in best_view if x.startswith("| **lora-a2 (scaled α) − best other**"))
     assert gap.count("-10.0 vs fl-lora") == 4
+    assert gap.count("**trails**") == 4  # 60 and 61 against fl-lora's 70 and 71
+
+
+def test_verdict_leads_ties_or_trails_by_the_seed_ranges():
+    assert render.verdict([0.60, 0.62], [[0.50, 0.59], [0.40, 0.45]]) == "leads"
+    assert render.verdict([0.60, 0.62], [[0.50, 0.61]]) == "ties"  # ranges overlap
+    assert render.verdict([0.60, 0.62], [[0.50, 0.51], [0.63, 0.70]]) == "trails"
+    assert render.verdict([0.60], [[0.10]]) == ""  # one seed: no verdict
+
+
+@given(st.lists(st.lists(st.floats(0, 1), min_size=2, max_size=2), min_size=2, max_size=6))
+def test_verdict_agrees_with_every_seed(scores):
+    """A lead means LoRA-A2 beats every other method on every seed pairing, a trail means one
+    method beats it on every pairing; the mean gap then has the verdict's sign."""
+    mine, others = scores[0], scores[1:]
+    said = render.verdict(mine, others)
+    pairs = [(a, b) for o in others for a in mine for b in o]
+    if said == "leads":
+        assert all(a > b for a, b in pairs)
+        assert sum(mine) / 2 > max(sum(o) / 2 for o in others)
+    elif said == "trails":
+        assert any(all(a < b for a in mine for b in o) for o in others)
+        assert sum(mine) / 2 < max(sum(o) / 2 for o in others)
+    else:
+        assert said == "ties"
+        assert not all(a > b for a, b in pairs)
+        assert not any(all(a < b for a in mine for b in o) for o in others)
 
 
 def test_bracket_names_the_next_lr_of_the_outward_sweep():
