@@ -308,7 +308,9 @@ def claim_blocks(claim: list[dict[str, Any]], claim_lr: list[dict[str, Any]],
     return {"claim_paper": claim_view(rows, paper),
             "claim_paper_local": claim_view(rows, paper, "final_local_accuracy"),
             "claim_sweep": "\n".join(sweep),
-            "claim_best": claim_view(rows, {m: b[0] for m, b in best.items()})}
+            "claim_best": claim_view(rows, {m: b[0] for m, b in best.items()}),
+            "claim_best_last3": claim_view(rows, {m: b[0] for m, b in best.items()},
+                                           "last3_accuracy")}
 
 
 def weighted_local_steps(clients: list[dict[str, Any]], batch_size: int, epochs: int) -> float:

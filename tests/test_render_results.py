@@ -272,6 +272,7 @@ def test_claim_views_pick_each_methods_best_complete_lr_and_the_gap():
                 if skip == (budget, split, seed):
                     continue
                 r = row(split, budget, name, acc + 0.01 * seed, seed, alpha)
+                r["last3_accuracy"] = r["final_accuracy"] - 0.05
                 if lr is not None:
                     r["strategy.lr"] = lr
                 out.append(r)
@@ -300,6 +301,9 @@ def test_claim_views_pick_each_methods_best_complete_lr_and_the_gap():
     gap = next(x for x in best_view if x.startswith("| **lora-a2 (scaled α) − best other**"))
     assert gap.count("-10.0 vs fl-lora") == 4
     assert gap.count("**trails**") == 4  # 60 and 61 against fl-lora's 70 and 71
+    last3 = blocks["claim_best_last3"].splitlines()  # same lrs (chosen by final accuracy)
+    fl = next(x for x in last3 if x.startswith("| fl-lora |"))
+    assert "| 0.001 |" in fl and "65.5 ± 0.7" in fl
 
 
 def test_verdict_leads_ties_or_trails_by_the_seed_ranges():
