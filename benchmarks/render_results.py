@@ -305,12 +305,12 @@ def claim_blocks(claim: list[dict[str, Any]], claim_lr: list[dict[str, Any]],
                          + f" | {lr} | {bracket(lr, done, grid)} |")
         else:
             sweep.append(f"| {m} | · | · | · |")
+    best_lr = {m: b[0] for m, b in best.items()}
     return {"claim_paper": claim_view(rows, paper),
             "claim_paper_local": claim_view(rows, paper, "final_local_accuracy"),
             "claim_sweep": "\n".join(sweep),
-            "claim_best": claim_view(rows, {m: b[0] for m, b in best.items()}),
-            "claim_best_last3": claim_view(rows, {m: b[0] for m, b in best.items()},
-                                           "last3_accuracy")}
+            "claim_best": claim_view(rows, best_lr),
+            "claim_best_last3": claim_view(rows, best_lr, "last3_accuracy")}
 
 
 def weighted_local_steps(clients: list[dict[str, Any]], batch_size: int, epochs: int) -> float:
