@@ -333,8 +333,8 @@ def test_verdict_agrees_with_every_seed(scores):
 
 
 def test_bracket_names_the_next_lr_of_the_outward_sweep():
-    assert render.sweep_lrs() == ["0.0002", "0.0005", "0.001", "0.002", "0.005"]  # claim-lr's
-    # axis plus the paper's 5e-4
+    # claim-lr's axis plus the paper's 5e-4
+    assert render.sweep_lrs() == ["0.0002", "0.0005", "0.001", "0.002", "0.005", "0.01"]
     grid = ["0.0002", "0.0005", "0.001", "0.002"]
     assert render.bracket("0.0005", ["0.0002", "0.0005", "0.001"], grid) == "yes"
     assert render.bracket("0.0005", ["0.0005", "0.001"], grid) == "no: run 0.0002"
@@ -343,6 +343,10 @@ def test_bracket_names_the_next_lr_of_the_outward_sweep():
     assert render.bracket("0.001", ["0.001"], grid) == "no: run 0.0005, run 0.002"
     assert render.bracket("0.002", ["0.0005", "0.001", "0.002"], render.sweep_lrs()) \
         == "no: run 0.005"
+    assert render.bracket("0.005", ["0.001", "0.002", "0.005"], render.sweep_lrs()) \
+        == "no: run 0.01"
+    assert render.bracket("0.01", ["0.002", "0.005", "0.01"], render.sweep_lrs()) \
+        == "no: grid edge"
 
 
 def test_dp_table_puts_private_selection_cells_on_their_own_rows():
