@@ -36,3 +36,20 @@ def test_every_committed_cell_has_a_summary_and_all_its_rounds():
         rounds = [json.loads(x)["round"] for x in (p / "metrics.jsonl").read_text().splitlines()
                   if x.strip()]
         assert rounds == list(range(1, summary["rounds"] + 1)), p.name
+
+
+def test_claim_reruns_of_lora_a2_reproduce_the_main_grid():
+    """docs/RESULTS.md §1b: LoRA-A2's `claim` cells rerun main-grid configs (to measure local
+    accuracy) and reproduce the main grid's final accuracy to the last digit. Checks every
+    committed rerun against its committed main-grid cell."""
+    cells = tracked_cells()
+    results = ROOT / "benchmarks/results"
+    pairs = [(p, results / "main/cells" / f"bbc-news__{p.name}") for p in cells
+             if p.parent.parent.name == "claim" and "lora-a2" in p.name]
+    pairs = [(a, b) for a, b in pairs if b in cells]
+    if not pairs:  # a checkout without the committed claim cells has nothing to compare
+        return
+    for rerun, main in pairs:
+        got = json.loads((rerun / "summary.json").read_text())["final_accuracy"]
+        want = json.loads((main / "summary.json").read_text())["final_accuracy"]
+        assert got == want, rerun.name
