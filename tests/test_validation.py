@@ -1,0 +1,122 @@
+"""The server's acceptance of an upload (lora_a2.validation), with a stub strategy: each check
+in isolation, its boundary, and the reason it gives. test_reliability.py fuzzes the same function
+with real strategies and a real model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lora_a2.payload import DEFAULT_MAX_BYTES, InvalidPayload, encode
+from lora_a2.strategies.base import Task, Update
+from lora_a2.validation import UploadLimits, receive_upload
+
+TASK = Task(round=2, client_id=3, config={}, download={})
+
+
+class Stub:
+    """A strategy whose structural check passes, or raises what it is told to."""
+
+    def __init__(self, error: BaseException | None = None):
+        self.error, self.calls = error, []
+
+    def validate(self, task, update):
+        self.calls.append((task, update))
+        if self.error is not None:
+            raise self.error
+
+
+def blob(values, client=3, num_examples=7, **meta):
+    v = torch.as_tensor(values, dtype=torch.float32)
+    return encode(Update(client, num_examples, v, None, meta).to_payload())
+
+
+def test_default_limits_are_the_wire_cap_and_no_norm_bound():
+    limits = UploadLimits()
+    assert limits.max_bytes == DEFAULT_MAX_BYTES and limits.max_norm == 0.0
+    big = torch.full((10,), 1e30)  # any norm passes without a bound
+    assert torch.equal(receive_upload(Stub(), TASK, blob(big), limits).values, big)
+
+
+def test_an_honest_upload_comes_back_decoded_after_the_strategy_checked_it():
+    stub = Stub()
+    up = receive_upload(stub, TASK, blob([3.0, 4.0], round=2), UploadLimits(max_norm=5.0))
+    assert (up.client_id, up.num_examples, up.values.tolist(), up.slots, up.meta) == \
+        (3, 7, [3.0, 4.0], None, {"round": 2})
+    assert len(stub.calls) == 1 and stub.calls[0][0] is TASK and stub.calls[0][1] is up
+
+
+def test_the_size_cap_is_the_limit_given():
+    data = blob([1.0] * 20)
+    receive_upload(Stub(), TASK, data, UploadLimits(max_bytes=len(data)))
+    with pytest.raises(InvalidPayload, match="exceeds the cap"):
+        receive_upload(Stub(), TASK, data, UploadLimits(max_bytes=len(data) - 1))
+
+
+@pytest.mark.parametrize("client", [0, 2, 4, -3])
+def test_an_upload_naming_another_client_is_rejected_before_the_strategy_sees_it(client):
+    stub = Stub()
+    with pytest.raises(InvalidPayload, match=f"upload names client {client}, expected 3"):
+        receive_upload(stub, TASK, blob([1.0], client=client), UploadLimits())
+    assert not stub.calls
+
+
+def test_the_strategys_own_rejection_passes_through_unchanged():
+    err = InvalidPayload("slot 99 out of range")
+    with pytest.raises(InvalidPayload) as e:
+        receive_upload(Stub(err), TASK, blob([1.0]), UploadLimits())
+    assert e.value is err
+
+
+@pytest.mark.parametrize("exc", [ValueError, KeyError, TypeError, IndexError, RuntimeError])
+def test_a_check_that_trips_over_a_malformed_field_rejects_the_upload(exc):
+    with pytest.raises(InvalidPayload) as e:
+        receive_upload(Stub(exc("bad field")), TASK, blob([1.0]), UploadLimits())
+    assert str(e.value) == f"malformed upload ({exc.__name__}: {str(exc('bad field'))})"
+    assert e.value.__cause__ is None and e.value.__suppress_context__
+
+
+def test_the_reason_quotes_at_most_120_characters_of_the_error():
+    long = "".join(chr(ord("a") + i % 26) for i in range(200))
+    with pytest.raises(InvalidPayload) as e:
+        receive_upload(Stub(ValueError(long)), TASK, blob([1.0]), UploadLimits())
+    assert str(e.value) == f"malformed upload (ValueError: {long[:120]})"
+
+
+@pytest.mark.parametrize("exc", [ZeroDivisionError, AssertionError, KeyboardInterrupt])
+def test_other_errors_are_bugs_and_propagate(exc):
+    with pytest.raises(exc):
+        receive_upload(Stub(exc("x")), TASK, blob([1.0]), UploadLimits())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_values_are_rejected(bad):
+    with pytest.raises(InvalidPayload, match="NaN or Inf"):
+        receive_upload(Stub(), TASK, blob([1.0, bad, 2.0]), UploadLimits())
+
+
+def test_the_norm_bound_is_inclusive_and_computed_in_float64():
+    receive_upload(Stub(), TASK, blob([3.0, 4.0]), UploadLimits(max_norm=5.0))  # ‖·‖ = 5 exactly
+    with pytest.raises(InvalidPayload, match=r"update L2 norm 5 exceeds the bound 4\.999"):
+        receive_upload(Stub(), TASK, blob([3.0, 4.0]), UploadLimits(max_norm=4.999))
+    # 1e20² overflows float32 but not float64: the norm is finite and checked
+    with pytest.raises(InvalidPayload, match="norm 1.414e\\+20 exceeds"):
+        receive_upload(Stub(), TASK, blob([1e20, 1e20]), UploadLimits(max_norm=1e20))
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.floats(-1e3, 1e3, width=32), min_size=1, max_size=20), st.floats(0.01, 3.0))
+def test_norm_bound_accepts_exactly_the_uploads_within_it(values, ratio):
+    v = torch.tensor(values, dtype=torch.float32)
+    norm = float(torch.linalg.vector_norm(v.double()))
+    bound = norm * ratio if norm > 0 else ratio
+    within = norm <= bound
+    try:
+        receive_upload(Stub(), TASK, blob(v), UploadLimits(max_norm=bound))
+        accepted = True
+    except InvalidPayload as e:
+        assert "exceeds the bound" in str(e)
+        accepted = False
+    assert accepted == within
