@@ -5,8 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_a2.selection import (gather_slots, scatter_slots, select_top_k, selection_from_ids,
-                               slot_ids, slot_scores)
+from lora_a2.selection import (factor_mask, gather_slots, private_top_k, scatter_slots,
+                               select_top_k, selection_from_ids, slot_ids, slot_scores, slot_size)
 
 
 def test_score_is_frobenius_norm_of_rank1_contribution_b_round():
@@ -108,3 +108,163 @@ def test_gather_scatter_round_trip(num_modules, rank, factor, data):
     assert torch.equal(selection_from_ids(slot_ids(sel), num_modules, rank), sel)
     per_slot = [s[0] if factor == "B" else s[1] for s in shapes]
     assert values.numel() == sum(per_slot[m] * int(sel[m].sum()) for m in range(num_modules))
+
+
+# ---------------------------------------------------------------------- argument checks
+@pytest.mark.parametrize("factor", ["C", "a", "b", ""])
+def test_unknown_factor_is_rejected(factor):
+    with pytest.raises(ValueError, match="active_factor"):
+        slot_scores(factor, [torch.ones(2, 1)], [torch.ones(1, 2)])
+    with pytest.raises(ValueError, match="active_factor"):
+        factor_mask(factor, torch.ones(3, dtype=torch.bool))
+
+
+def test_top_k_of_zero_selects_nothing_and_negative_k_is_rejected():
+    scores = torch.rand(2, 3, generator=torch.Generator().manual_seed(0))
+    assert not select_top_k(scores, 0).any()
+    assert not select_top_k(scores, 0, positive_only=True).any()
+    with pytest.raises(ValueError, match="k must be"):
+        select_top_k(scores, -1)
+
+
+def test_top_k_larger_than_the_slot_count_selects_every_slot():
+    assert select_top_k(torch.rand(2, 3), 100).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from([0.0, -1.0, -0.5, 0.25, 1.0, 3.0, float("nan"), float("inf"),
+                                 float("-inf")]), min_size=1, max_size=12),
+       st.integers(0, 14))
+def test_positive_only_selects_the_top_k_of_the_positive_finite_scores(values, k):
+    scores = torch.tensor(values).reshape(1, -1)
+    sel = select_top_k(scores, k, positive_only=True).reshape(-1)
+    # independent: rank the positive finite slots by (score desc, slot asc) and take k
+    useful = [i for i, v in enumerate(values) if v > 0 and v != float("inf")]
+    expected = sorted(useful, key=lambda i: (-values[i], i))[:k]
+    assert sorted(torch.nonzero(sel).reshape(-1).tolist()) == sorted(expected)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 5), st.integers(0, 25), st.integers(0, 10_000))
+def test_top_k_is_the_k_largest_with_ties_to_slot_order(num_modules, rank, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, 4, (num_modules, rank), generator=g).float()  # many ties
+    sel = select_top_k(scores, k)
+    flat = scores.reshape(-1).tolist()
+    expected = sorted(range(len(flat)), key=lambda i: (-flat[i], i))[:k]
+    assert sel.shape == scores.shape and sel.dtype == torch.bool
+    assert sorted(torch.nonzero(sel.reshape(-1)).reshape(-1).tolist()) == sorted(expected)
+
+
+# ---------------------------------------------------------------------- masks and slot layout
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 5), st.integers(1, 5), st.integers(0, 10_000))
+def test_factor_mask_zeroes_exactly_the_unselected_slots(rank, d_in, d_out, seed):
+    g = torch.Generator().manual_seed(seed)
+    row = torch.rand(rank, generator=g) < 0.5
+    B, A = torch.randn(d_out, rank, generator=g), torch.randn(rank, d_in, generator=g)
+    mask_b, mask_a = factor_mask("B", row), factor_mask("A", row)
+    assert mask_b.shape == (1, rank) and mask_a.shape == (rank, 1)
+    for i in range(rank):  # a B slot is a column, an A slot is a row
+        assert torch.equal((B * mask_b)[:, i], B[:, i] if row[i] else torch.zeros(d_out))
+        assert torch.equal((A * mask_a)[i], A[i] if row[i] else torch.zeros(d_in))
+
+
+def test_slot_size_is_a_column_of_b_or_a_row_of_a():
+    assert slot_size("B", d_in=3, d_out=5) == 5
+    assert slot_size("A", d_in=3, d_out=5) == 3
+
+
+def test_slot_ids_are_flat_ascending_int32_and_invert():
+    sel = torch.tensor([[False, True, False], [True, False, True]])
+    ids = slot_ids(sel)
+    assert ids.dtype == torch.int32 and ids.tolist() == [1, 3, 5]  # m · r_G + i
+    assert torch.equal(selection_from_ids(ids, 2, 3), sel)
+    assert not selection_from_ids(torch.zeros(0, dtype=torch.int32), 2, 3).any()
+
+
+@pytest.mark.parametrize("factor", ["A", "B"])
+def test_gather_order_and_scatter_of_a_large_module(factor):
+    # Slot-id order, a B slot's column values top to bottom; more than 256 values, so that
+    # the length check is a comparison of values, not of small cached ints.
+    g = torch.Generator().manual_seed(3)
+    shapes = [(300, 3), (2, 3)] if factor == "B" else [(3, 300), (3, 2)]
+    sel = torch.tensor([[True, False, True], [False, True, False]])
+    dense = [torch.randn(s, generator=g) for s in shapes]
+    values = gather_slots(factor, dense, sel)
+    if factor == "B":
+        expected = torch.cat([dense[0][:, 0], dense[0][:, 2], dense[1][:, 1]])
+    else:
+        expected = torch.cat([dense[0][0], dense[0][2], dense[1][1]])
+    assert torch.equal(values, expected)
+    back = scatter_slots(factor, values, sel, shapes)
+    for d, b, s in zip(dense, back, sel):
+        masked = d * (s.reshape(1, -1) if factor == "B" else s.reshape(-1, 1))
+        assert torch.equal(b, masked)
+    with pytest.raises(ValueError, match="values for selected slots"):
+        scatter_slots(factor, torch.cat([values, torch.zeros(1)]), sel, shapes)
+    with pytest.raises((ValueError, RuntimeError)):  # too few: the reshape fails
+        scatter_slots(factor, values[:-1], sel, shapes)
+
+
+def test_gather_nothing_selected_is_empty():
+    assert gather_slots("B", [torch.ones(2, 3)], torch.zeros(1, 3, dtype=torch.bool)).numel() == 0
+    out = scatter_slots("B", torch.zeros(0), torch.zeros(1, 3, dtype=torch.bool), [(2, 3)])
+    assert torch.equal(out[0], torch.zeros(2, 3))
+
+
+# ---------------------------------------------------------------------- private top-k
+def _gumbel_top_k(scores, k, epsilon, seed):
+    """The documented mechanism, computed here with numpy: utilities s / max s (non-finite and
+    negative scores count as 0), i.i.d. Gumbel noise of scale 2k/ε from the generator's
+    uniforms, the k largest, ties to slot order."""
+    import numpy as np
+
+    s = np.nan_to_num(scores.reshape(-1).double().numpy(), nan=0.0, posinf=0.0, neginf=0.0)
+    s = np.maximum(s, 0.0)
+    util = s / s.max() if s.max() > 0 else np.zeros_like(s)
+    k = min(k, s.size)
+    u = torch.rand(s.size, generator=torch.Generator().manual_seed(seed),
+                   dtype=torch.float64).numpy()
+    noisy = util + (2.0 * k / epsilon) * -np.log(-np.log(u))
+    chosen = np.argsort(-noisy, kind="stable")[:k]
+    out = np.zeros(s.size, dtype=bool)
+    out[chosen] = True
+    return torch.from_numpy(out).reshape(scores.shape)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 14), st.sampled_from([0.1, 1.0, 8.0]),
+       st.sampled_from(["random", "zeros", "special"]), st.integers(0, 10_000))
+def test_private_top_k_is_the_one_shot_gumbel_mechanism(num_modules, rank, k, epsilon, kind, seed):
+    g = torch.Generator().manual_seed(seed + 1)
+    if kind == "random":
+        scores = torch.rand(num_modules, rank, generator=g) * 5
+    elif kind == "zeros":
+        scores = torch.zeros(num_modules, rank)
+    else:  # NaN, ±inf and negative scores all count as 0
+        pool = torch.tensor([float("nan"), float("inf"), float("-inf"), -2.0, 0.5, 1.5])
+        scores = pool[torch.randint(0, 6, (num_modules, rank), generator=g)]
+    got = private_top_k(scores, k, epsilon, torch.Generator().manual_seed(seed))
+    assert got.shape == scores.shape and int(got.sum()) == min(k, scores.numel())
+    assert torch.equal(got, _gumbel_top_k(scores, k, epsilon, seed))
+
+
+def test_private_top_k_is_invariant_to_the_scale_of_the_scores():
+    scores = torch.rand(3, 4, generator=torch.Generator().manual_seed(5))
+    for seed in range(5):
+        a = private_top_k(scores, 3, 2.0, torch.Generator().manual_seed(seed))
+        b = private_top_k(scores * 1e4, 3, 2.0, torch.Generator().manual_seed(seed))
+        assert torch.equal(a, b)
+
+
+def test_private_top_k_of_nothing_and_epsilon_checks():
+    scores = torch.rand(2, 3)
+    gen = torch.Generator().manual_seed(0)
+    for k in (0, -1):
+        out = private_top_k(scores, k, 1.0, gen)
+        assert out.shape == (2, 3) and out.dtype == torch.bool and not out.any()
+    for eps in (0.0, -1.0):
+        with pytest.raises(ValueError, match="epsilon"):
+            private_top_k(scores, 1, eps, gen)
+    assert int(private_top_k(scores, 1, 0.5, gen).sum()) == 1  # ε below 1 is allowed
