@@ -1,5 +1,6 @@
 """Aggregation rules against independently computed identities."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -55,3 +56,57 @@ def test_data_weights_and_weighted_sum():
     assert data_weights([1, 3]) == [0.25, 0.75]
     t = weighted_sum([torch.ones(2), 3 * torch.ones(2)], [0.25, 0.75])
     assert torch.allclose(t, torch.full((2,), 2.5))
+
+
+def test_data_weights_need_an_example():
+    assert data_weights([5]) == [1.0]
+    assert data_weights([0, 2]) == [0.0, 1.0]
+    for empty in ([], [0], [0, 0]):
+        with pytest.raises(ValueError, match="at least one example"):
+            data_weights(empty)
+
+
+def test_weighted_sum_checks_its_arguments_and_accumulates_in_float64():
+    with pytest.raises(ValueError, match="one weight per tensor"):
+        weighted_sum([], [])
+    with pytest.raises(ValueError, match="one weight per tensor"):
+        weighted_sum([torch.ones(2)], [0.5, 0.5])
+    with pytest.raises(ValueError, match="one weight per tensor"):
+        weighted_sum([torch.ones(2), torch.ones(2)], [1.0])
+    # float32 accumulation would lose the 1: 1e8 + 1 is not representable in float32
+    parts = [torch.tensor([1e8]), torch.tensor([1.0]), torch.tensor([-1e8])]
+    out = weighted_sum(parts, [1.0, 1.0, 1.0])
+    assert out.dtype == torch.float32 and out.item() == 1.0
+    assert weighted_sum([torch.ones(2, dtype=torch.float64)], [0.5]).dtype == torch.float64
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 4), st.sampled_from(["A", "B"]), st.data())
+def test_renormalised_slots_are_the_average_over_the_clients_that_selected_them(clients, factor,
+                                                                             data):
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 10_000)))
+    r, d = 4, 3
+    shape = (d, r) if factor == "B" else (r, d)
+    sels = [torch.rand(1, r, generator=g) < 0.5 for _ in range(clients)]
+    deltas = [_masked(torch.randn(shape, generator=g, dtype=torch.float64), s[0], factor)
+              for s in sels]
+    sizes = [data.draw(st.integers(1, 20)) for _ in range(clients)]
+    w = [n / sum(sizes) for n in sizes]
+    got = aggregate_slots(factor, [[x] for x in deltas], sels, w, renormalize=True)[0]
+    plain = aggregate_slots(factor, [[x] for x in deltas], sels, w)[0]
+    for i in range(r):  # slot by slot, by hand
+        chosen = [k for k in range(clients) if sels[k][0, i]]
+        cover = sum(w[k] for k in chosen)
+        slot = (lambda t: t[:, i]) if factor == "B" else (lambda t: t[i])
+        exact = sum((w[k] * slot(deltas[k]) for k in chosen), torch.zeros(d, dtype=torch.float64))
+        assert torch.allclose(slot(plain), exact, atol=1e-12)
+        assert torch.allclose(slot(got), exact / cover if chosen else exact, atol=1e-12)
+    assert torch.isfinite(got).all()
+
+
+def test_aggregation_keeps_the_module_order_and_the_dtype():
+    d = [[torch.ones(2, 1), 2 * torch.ones(3, 1)], [3 * torch.ones(2, 1), torch.zeros(3, 1)]]
+    sel = torch.ones(2, 1, dtype=torch.bool)
+    out = aggregate_slots("B", d, [sel, sel], [0.5, 0.5], renormalize=True)
+    assert [o.shape for o in out] == [(2, 1), (3, 1)] and out[0].dtype == torch.float32
+    assert torch.equal(out[0], torch.full((2, 1), 2.0)) and torch.equal(out[1], torch.ones(3, 1))
