@@ -5,7 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_a2.payload import InvalidPayload, Payload, decode, encode, flatten, unflatten
+from lora_a2.payload import (DEFAULT_MAX_BYTES, InvalidPayload, Payload, decode, encode, flatten,
+                             unflatten)
 
 
 @settings(max_examples=50, deadline=None)
@@ -68,3 +69,81 @@ def test_flatten_unflatten():
     assert torch.equal(back["a"], t["a"]) and torch.equal(back["b"], t["b"])
     with pytest.raises(InvalidPayload):
         unflatten(v[:-1], ["a", "b"], [(2, 3), (1,)])
+
+
+def test_only_bytes_are_decoded():
+    good = encode(Payload(torch.ones(2)))
+    assert torch.equal(decode(bytearray(good)).values, torch.ones(2))
+    for bad in (good.decode("latin-1"), memoryview(good), None, 3):
+        with pytest.raises(InvalidPayload, match=f"payload is {type(bad).__name__}, not bytes"):
+            decode(bad)
+
+
+def test_size_cap_is_inclusive():
+    blob = encode(Payload(torch.zeros(10)))
+    assert decode(blob, max_bytes=len(blob)).num_values == 10
+    with pytest.raises(InvalidPayload, match=f"payload of {len(blob)} bytes exceeds the cap of "
+                                             f"{len(blob) - 1}"):
+        decode(blob, max_bytes=len(blob) - 1)
+    assert DEFAULT_MAX_BYTES == 2 * 1024**3
+
+
+def test_tensor_set_dtype_and_shape_are_checked():
+    from safetensors.torch import save
+
+    with pytest.raises(InvalidPayload, match="no 'values' tensor"):
+        decode(save({"slots": torch.zeros(3, dtype=torch.int32)}))
+    with pytest.raises(InvalidPayload, match=r"'values' must be a 1-D float32 tensor, got "
+                                             r"torch.float32 of shape \(2, 2\)"):
+        decode(save({"values": torch.zeros(2, 2)}))
+    with pytest.raises(InvalidPayload, match=r"'slots' must be a 1-D int32 tensor, got torch.int64"):
+        decode(save({"values": torch.zeros(2), "slots": torch.zeros(2, dtype=torch.int64)}))
+    with pytest.raises(InvalidPayload, match=r"'slots' must be a 1-D int32 tensor, got "
+                                             r"torch.int32 of shape \(1, 2\)"):
+        decode(save({"values": torch.zeros(2), "slots": torch.zeros(1, 2, dtype=torch.int32)}))
+    with pytest.raises(InvalidPayload, match=r"unexpected tensors in payload: \['a', 'z'\]"):
+        decode(save({"values": torch.zeros(1), "z": torch.zeros(1), "a": torch.zeros(1)}))
+    p = decode(save({"values": torch.zeros(2), "slots": torch.arange(3, dtype=torch.int32)}))
+    assert p.meta == {} and p.slots.tolist() == [0, 1, 2]
+
+
+def test_metadata_must_be_a_json_object():
+    from safetensors.torch import save
+
+    assert decode(save({"values": torch.zeros(1)}, metadata={"other": "x"})).meta == {}
+    for meta in ("[1, 2]", "3", '"s"', "null"):
+        with pytest.raises(InvalidPayload, match="not a JSON object"):
+            decode(save({"values": torch.zeros(1)}, metadata={"meta": meta}))
+    with pytest.raises(InvalidPayload, match="header is not valid JSON"):
+        decode(save({"values": torch.zeros(1)}, metadata={"meta": "{nope"}))
+
+
+def test_garbage_is_rejected_as_not_safetensors_with_the_parser_s_first_line():
+    for junk in (b"", b"\x00" * 3, (2**63).to_bytes(8, "little") + b"{}", b"12345678{"):
+        with pytest.raises(InvalidPayload, match="not a safetensors payload: "):
+            decode(junk)
+
+
+def test_encode_writes_float32_values_int32_slots_and_compact_json():
+    p = Payload(torch.tensor([1.5, -2.0], dtype=torch.float64), torch.tensor([3, 1]),
+                {"round": 1, "factor": "A"})
+    blob = encode(p)
+    q = decode(blob)
+    assert q.values.dtype == torch.float32 and q.slots.dtype == torch.int32
+    assert q.values.tolist() == [1.5, -2.0] and q.slots.tolist() == [3, 1]
+    assert b'{"round":1,"factor":"A"}' in blob.replace(b"\\", b"")  # no spaces
+    assert Payload(torch.zeros(7)).num_values == 7 and Payload(torch.zeros(7)).meta == {}
+
+
+def test_flatten_order_dtype_and_empty():
+    t = {"b": torch.tensor([[1, 2]], dtype=torch.int64), "a": torch.tensor([3.0], dtype=torch.float64)}
+    v = flatten(t, ["b", "a"])  # the names' order, not the dict's
+    assert v.dtype == torch.float32 and v.tolist() == [1.0, 2.0, 3.0]
+    empty = flatten(t, [])
+    assert empty.dtype == torch.float32 and empty.numel() == 0
+    assert unflatten(torch.zeros(0), [], []) == {}
+    with pytest.raises(InvalidPayload, match="expected 3 values, got 4"):
+        unflatten(torch.zeros(4), ["b", "a"], [(1, 2), (1,)])
+    back = unflatten(torch.arange(7.0), ["x", "y", "z"], [(2, 2), (0,), torch.Size([3])])
+    assert back["x"].tolist() == [[0.0, 1.0], [2.0, 3.0]] and back["y"].numel() == 0
+    assert back["z"].tolist() == [4.0, 5.0, 6.0]
