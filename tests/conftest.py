@@ -44,15 +44,16 @@ def tiny_setup(sets: list[str], clients: int, n: int = 90, max_length: int = 24)
     from lora_a2.adapter import ModelRuntime
     from lora_a2.tasks.classification import encode_texts
     from lora_a2.config import load_config
-    from lora_a2.strategies import get_strategy
+    from lora_a2.private import build_strategy
     from lora_a2.strategies.base import ClientContext
 
     cfg = load_config(None, ["model.name='tiny-random-bert'", "strategy.global_rank=4",
                              f"data.num_clients={clients}", *sets])
-    s = get_strategy(cfg)
+    s = build_strategy(cfg)  # the DP wrapper around the strategy when privacy is on
     rt = ModelRuntime(cfg.model, 3, s.lora_rank(), cfg.seed, torch.device("cpu"))
     s.bind(rt.layout)
     texts, labels = synthetic_texts(n)
     enc = encode_texts(rt.tokenizer, texts, labels, max_length)
     parts = np.array_split(np.arange(n), clients)
+    s.bind_clients([len(p) for p in parts])
     return cfg, s, rt, [ClientContext(rt, enc, parts[c], cfg) for c in range(clients)]

@@ -89,11 +89,14 @@ def test_ray_workers_run_at_the_callers_priority_unless_the_environment_says(mon
 
 
 @pytest.mark.parametrize("strategy,privacy", [
-    ("lora-a2", ["privacy.mechanism=gaussian", "privacy.mode=local", "privacy.noise_multiplier=0.5"]),
-    ("fl-lora", ["privacy.mechanism=gaussian", "privacy.mode=central", "privacy.epsilon=8.0"]),
+    ("lora-a2", ["privacy.mechanism=gaussian", "privacy.mode=local", "privacy.noise_multiplier=0.5",
+                 "privacy.noise_source=seeded"]),
+    ("fl-lora", ["privacy.mechanism=gaussian", "privacy.mode=central", "privacy.epsilon=8.0",
+                 "privacy.noise_source=seeded"]),
     ("flexlora", []),
     ("lora-a2", ["privacy.mechanism=laplace", "privacy.mode=local", "privacy.epsilon=40",
-                 "privacy.selection=private", "privacy.selection_epsilon=2"]),
+                 "privacy.selection=private", "privacy.selection_epsilon=2",
+                 "privacy.noise_source=seeded"]),
 ])
 def test_simulation_matches_local_for_other_strategies_and_dp(tmp_path, synthetic_csv, strategy,
                                                               privacy):

@@ -287,3 +287,44 @@ def test_fedsa_lora_refuses_the_causal_lm_task(capsys):
                  "data.name=chatterbot", "model.head=frozen"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "supports task classification" in err
+
+
+def test_fedsa_lora_resends_the_head_to_a_client_that_dropped_out():
+    """A client that never replied never got its personal head: the next task carries the
+    initial head again, and the client trains from it — not from whatever head the shared
+    runtime last held (another client's)."""
+    cfg, s, rt, ctxs = make("fedsa-lora", head="trained")
+    lay = rt.layout
+    state = s.init_state(rt.initial_state())
+    initial_head = {n: state.tensors[n].clone() for n in lay.names("head")}
+    # round 1: client 0 gets its task but drops out; clients 1 and 2 reply
+    assert "head" in s.configure(1, 0, state).config["send"]
+    replies = []
+    for c in (1, 2):
+        task = s.configure(1, c, state)
+        upd, _ = wire(s, rt, task, ctxs[c])
+        replies.append((task, upd))
+    state, _ = s.aggregate_round(1, state, replies)
+    assert "head" not in s.configure(2, 1, state).config["send"]  # delivered: it has one
+    task = s.configure(2, 0, state)
+    assert "head" in task.config["send"]  # never delivered: sent again
+    # the runtime now holds client 2's trained head; client 0 must start from the initial one
+    assert not all(torch.equal(rt.params[n].detach().cpu(), initial_head[n])
+                   for n in lay.names("head"))
+    seen = {}
+    real_train = ctxs[0].train
+
+    def spy(*args, **kwargs):
+        seen.update({n: rt.params[n].detach().cpu().clone() for n in lay.names("head")})
+        return real_train(*args, **kwargs)
+
+    ctxs[0].train = spy
+    wire(s, rt, task, ctxs[0])
+    assert all(torch.equal(seen[n], initial_head[n]) for n in lay.names("head"))
+    # a head sent again to a client that already holds one is ignored: its own wins
+    own = {n: ctxs[1].store[n].clone() for n in lay.names("head")}
+    again = s.make_task(3, 1, state, ["A", "head"])
+    ctxs[1].train = lambda *a, **k: (seen.update(
+        {n: rt.params[n].detach().cpu().clone() for n in lay.names("head")}), 0.0)[1]
+    wire(s, rt, again, ctxs[1])
+    assert all(torch.equal(seen[n], own[n]) for n in lay.names("head"))

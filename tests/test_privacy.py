@@ -1,4 +1,6 @@
-"""Differential privacy for uploads (issue 6): clipping, noise, accounting, calibration, config."""
+"""Differential privacy for uploads: clipping, noise, accounting, calibration, config, and
+the DP wrapper (lora_a2.private): fixed-denominator central estimator, server re-clip, noise
+sources, what a central release publishes."""
 
 from __future__ import annotations
 
@@ -15,18 +17,23 @@ from lora_a2.aggregation import data_weights
 from lora_a2.cli import main
 from lora_a2.config import load_config
 from lora_a2.payload import decode, encode
+from lora_a2.private import PrivateStrategy, resolve_plan
 from lora_a2.report import read_metrics
 from lora_a2.selection import selection_from_ids
 from lora_a2.strategies.base import Task, Update
 
 from conftest import tiny_setup
 
-ALL = ["lora-a2", "fl-lora", "ffa-lora", "flexlora", "hetlora", "flora", "fedavg-full"]
+ALL = ["lora-a2", "fl-lora", "ffa-lora", "flexlora", "hetlora", "flora", "fedavg-full",
+       "rolora", "fedsa-lora", "fedex-lora", "fedsvd"]
 
 
 def make(strategy: str, *extra: str, clients: int = 3):
+    """A wrapped strategy on the tiny model; seeded noise (so a test can rebuild a draw)
+    unless ``extra`` says otherwise."""
     _, s, rt, ctxs = tiny_setup([f"strategy.name='{strategy}'", "model.head='trained'",
-                                 "strategy.rank_budget=2", *extra], clients, n=60, max_length=16)
+                                 "strategy.rank_budget=2", "privacy.noise_source='seeded'",
+                                 *extra], clients, n=60, max_length=16)
     return s, rt, ctxs
 
 
@@ -72,12 +79,12 @@ def test_clip_bound_holds_on_every_upload(name):
     for c, ctx in enumerate(ctxs):
         task, raw = client_side(s, rt, s.configure(1, c, state), ctx)
         assert dp.norm_of(change(s, task, raw), "gaussian") > clip
-        clipped = s.clip_update(task, raw)
+        clipped = s.client_clip(task, raw)
         assert dp.norm_of(change(s, task, clipped), "gaussian") <= clip
         # local mode: the upload is the clipped one plus exactly the seeded noise, nothing else
         sent = Update.from_payload(decode(encode(s.privatize_upload(task, raw).to_payload())))
         expect = dp.gaussian_noise(raw.values.numel(), 0.5 * clip,
-                                   dp.noise_generator(s.cfg.seed, 1, c))
+                                   dp.noise_generator(s.cfg.seed, 1, c, "seeded"))
         assert torch.allclose(sent.values - clipped.values, expect, atol=1e-6)
         assert "loss" not in sent.meta
         s.validate(task, sent)  # a DP upload is still a valid upload
@@ -148,14 +155,15 @@ def test_central_noise_on_the_aggregate_has_the_configured_scale():
     replies = _round(s, rt, ctxs, 1, state)
     for t, u in replies:  # central: uploads are clipped, not noised
         assert dp.norm_of(u.values, "gaussian") <= clip
-    clean, _ = s.aggregate(1, state, replies)
+    clean, _ = s.central_aggregate(1, state, replies)
     noisy, _ = s.aggregate_round(1, state, replies)
     names = rt.layout.group_names(["full"])
     noise = torch.cat([(noisy.tensors[n] - clean.tensors[n]).reshape(-1) for n in names]).double()
-    expected = z * clip * max(data_weights([u.num_examples for _, u in replies]))
+    # three clients of 20 examples, all sampled: qW = 3, the sensitivity C / 3
+    expected = z * clip / 3
+    assert s.central_noise_scale() == pytest.approx(expected)
     assert noise.numel() > 30_000
     assert abs(noise.std() / expected - 1) < 0.02
-    # the per-client sensitivity of the aggregate is w_max · C
     assert abs(noise.mean()) < 0.05 * expected
 
 
@@ -172,7 +180,8 @@ def test_central_product_clip_bounds_what_the_aggregate_sums(name, mechanism):
     replies = []
     for c, ctx in enumerate(ctxs):
         task, raw = client_side(s, rt, s.configure(1, c, state), ctx)
-        clipped = s.clip_update(task, raw)
+        clipped = s.client_clip(task, raw)
+        assert torch.equal(clipped.values, s.server_clip(task, raw).values)
         a_list, b_list, head, rank = s.split(task, clipped)
         prods = [s.scaling_for(rank) * (b.double() @ a.double()) for a, b in zip(a_list, b_list)]
         flat = torch.cat([p.reshape(-1) for p in prods] + [h.double().reshape(-1)
@@ -181,12 +190,11 @@ def test_central_product_clip_bounds_what_the_aggregate_sums(name, mechanism):
         assert torch.equal(clipped.values[:sum(a.numel() for a in a_list)],
                            raw.values[:sum(a.numel() for a in a_list)])  # A untouched
         replies.append((task, s.privatize_upload(task, raw)))
-    clean, _ = s.aggregate(
-        1, state, [(t, s.clip_update(t, u)) for t, u in replies])
+    clean, _ = s.central_aggregate(1, state, replies)
     noisy, _ = s.aggregate_round(1, state, replies)
     merged = rt.layout.names("merged")
     noise = torch.cat([(noisy.tensors[n] - clean.tensors[n]).reshape(-1) for n in merged]).double()
-    expected = 2.0 * clip * max(data_weights([u.num_examples for _, u in replies]))
+    expected = 2.0 * clip / 3  # z · C / (qW), three equal clients
     spread = noise.std() if mechanism == "gaussian" else noise.abs().mean()  # Laplace: E|x| = b
     assert abs(spread / expected - 1) < 0.05
 
@@ -243,7 +251,7 @@ def test_calibrated_noise_reaches_target_epsilon(mechanism, mode, cpr, target):
     cfg = load_config(None, ["strategy.name='fl-lora'", "data.num_clients=10", "train.rounds=20",
                              f"train.clients_per_round={cpr}", f"privacy.mechanism='{mechanism}'",
                              f"privacy.mode='{mode}'", f"privacy.epsilon={target}"])
-    plan = dp.resolve(cfg)
+    plan = resolve_plan(cfg)
     eps = plan.epsilon(20)
     assert eps <= target * (1 + 1e-9) and eps == pytest.approx(target, abs=0.01)
     assert plan.sample_rate == (1.0 if mode == "local" else (cpr or 10) / 10)
@@ -270,11 +278,18 @@ def _strip(records):
 
 
 def test_dp_runs_are_reproducible_and_report_epsilon(tmp_path, synthetic_csv):
-    sets = ["privacy.mechanism=gaussian", "privacy.epsilon=3", "train.clients_per_round=2"]
+    sets = ["privacy.mechanism=gaussian", "privacy.epsilon=3", "train.clients_per_round=2",
+            "privacy.noise_source=seeded"]
     a = _run(tmp_path, "a", synthetic_csv, *sets)
     b = _run(tmp_path, "b", synthetic_csv, *sets)
     ra, rb = read_metrics(a / "metrics.jsonl"), read_metrics(b / "metrics.jsonl")
     assert _strip(ra) == _strip(rb)
+    # the noise is really there: the same run without DP ends elsewhere
+    plain = read_metrics(_run(tmp_path, "plain", synthetic_csv,
+                              "train.clients_per_round=2") / "metrics.jsonl")
+    assert [r["loss"] for r in plain] != [r["loss"] for r in ra]
+    assert (a / "adapter" / "adapter_model.safetensors").read_bytes() != (
+        tmp_path / "plain" / "adapter" / "adapter_model.safetensors").read_bytes()
     eps = [r["epsilon"] for r in ra]
     assert eps == sorted(eps) and eps[-1] == pytest.approx(3.0, abs=0.01)
     assert all(r["delta"] == 1e-5 for r in ra)
@@ -285,6 +300,9 @@ def test_dp_runs_are_reproducible_and_report_epsilon(tmp_path, synthetic_csv):
              "privacy.mode=central", "privacy.noise_multiplier=2")
     rc = read_metrics(c / "metrics.jsonl")
     assert [r["epsilon"] for r in rc] == pytest.approx([0.5, 1.0, 1.5])
+    cs = json.loads((c / "summary.json").read_text())
+    assert cs["privacy"]["noise_source"] == "os" and not cs["privacy"]["caveats"]
+    assert "seeded" in " ".join(summary["privacy"]["caveats"])  # run a holds the seed
 
 
 @pytest.mark.parametrize("sets,needle", [
@@ -316,7 +334,7 @@ def test_bad_privacy_config_is_one_line_exit_2(capsys, sets, needle):
 def test_central_release_changes_a_data_independent_set_with_the_configured_noise(name):
     """Central mode: which coordinates of the released state change does not depend on the
     clients' data (two different datasets move exactly the same set: every entry of the
-    round's noise groups), and a slot no client selected moves by noise of scale z·C·w_max."""
+    round's noise groups), and a slot no client selected moves by noise of scale z·C/(qW)."""
     z, clip = 2.0, 0.01
     sets = ("privacy.mechanism='gaussian'", "privacy.mode='central'",
             f"privacy.noise_multiplier={z}", f"privacy.clip={clip}", "model.head='frozen'")
@@ -342,7 +360,7 @@ def test_central_release_changes_a_data_independent_set_with_the_configured_nois
                 union |= selection_from_ids(u.slots, rt.layout.num_modules, rt.layout.rank)
             noise = torch.cat([(new.tensors[n] - state.tensors[n])[:, ~union[m]].reshape(-1)
                                for m, n in enumerate(rt.layout.names("B"))]).double()
-            expected = z * clip * max(data_weights([u.num_examples for _, u in replies]))
+            expected = z * clip / 3  # z · C / (qW), three equal clients
             assert noise.numel() > 300  # std within 10 %: ≈ 3 standard errors
             assert abs(noise.std() / expected - 1) < 0.1
     assert moved[0] == moved[1]
@@ -360,24 +378,30 @@ def test_private_top_k_keeps_k_slots_and_is_the_top_k_at_huge_epsilon():
 
 
 def test_private_top_k_probabilities_respect_epsilon():
-    """k = 1 (one exponential mechanism): P[select i | u] ≤ e^ε · P[select i | u'] for the two
-    most different client-level neighbours, measured over 40,000 draws each."""
+    """k = 1 is one exponential mechanism with Gumbel scale 2/ε: P[select i | u] =
+    softmax(ε u / 2)_i exactly. On the asymmetric neighbours u = [1, 0, 0], u' = [0, 1, 1] the
+    frequencies over 40,000 draws match those probabilities (a scale of 1/ε would give
+    softmax(ε u): 0.576 against 0.452 for slot 0), and the ratio stays within e^ε."""
     from lora_a2.selection import private_top_k
 
     eps, n = 1.0, 40_000
     gen = torch.Generator().manual_seed(2)
 
     def freq(scores):
-        counts = torch.zeros(3)
+        counts = torch.zeros(3, dtype=torch.float64)
         for _ in range(n):
-            counts += private_top_k(scores, 1, eps, gen).reshape(-1).float()
+            counts += private_top_k(scores, 1, eps, gen).reshape(-1).double()
         return counts / n
 
-    p = freq(torch.tensor([[1.0, 0.0, 0.0]]))
-    q = freq(torch.tensor([[0.0, 1.0, 0.0]]))
-    ratio = float(torch.max(p / q))
-    assert 1.3 < ratio < math.exp(eps) * 1.05  # it does prefer the top slot, within e^ε
-    assert float(p[0]) > float(p[1])
+    u, v = torch.tensor([[1.0, 0.0, 0.0]]), torch.tensor([[0.0, 1.0, 1.0]])
+    p, q = freq(u), freq(v)
+    exact_p = torch.softmax(eps * u.double().reshape(-1) / 2, 0)
+    exact_q = torch.softmax(eps * v.double().reshape(-1) / 2, 0)
+    se = (exact_p * (1 - exact_p) / n).sqrt()
+    assert torch.all((p - exact_p).abs() < 5 * se), (p, exact_p)
+    assert torch.all((q - exact_q).abs() < 5 * (exact_q * (1 - exact_q) / n).sqrt())
+    assert float(exact_p[0] / exact_q[0]) < math.exp(eps)  # the mechanism's own bound
+    assert float(p[0] / q[0]) < math.exp(eps)
 
 
 def test_private_selection_accounting_composes_with_the_upload_noise():
@@ -389,11 +413,19 @@ def test_private_selection_accounting_composes_with_the_upload_noise():
     gau = PrivacyPlan("gaussian", "local", 1.0, 4.0, 1e-5, 1.0, 8, None, "private", 0.25)
     plain = PrivacyPlan("gaussian", "local", 1.0, 4.0, 1e-5, 1.0, 8)
     assert gau.epsilon(8) > plain.epsilon(8) and plain.selection_spent(8) is None
+    # the Gaussian's RDP at noise multiplier z/2 = 2 (replace-one) plus the selection's zCDP
+    # ρ = ε_sel²/8 per round at every order α, over 8 rounds, converted at δ — computed here
+    # from the RDP formula α/(2σ²) directly, not through the module
+    orders = np.array(dp.rdp_alphas(), dtype=np.float64)
+    rdp = 8 * (orders / (2 * 2.0 ** 2) + orders * 0.25 ** 2 / 8)
+    from opacus.accountants.analysis.rdp import get_privacy_spent
+    assert gau.epsilon(8) == pytest.approx(get_privacy_spent(orders=orders, rdp=rdp,
+                                                             delta=1e-5)[0], rel=1e-9)
     # a target ε is reached by upload noise and selection together
     cfg = load_config(None, ["strategy.name='lora-a2'", "privacy.mechanism='gaussian'",
                              "privacy.epsilon=8", "privacy.selection='private'",
                              "privacy.selection_epsilon=0.5"])
-    plan = dp.resolve(cfg)
+    plan = resolve_plan(cfg)
     assert plan.epsilon(cfg.train.rounds) == pytest.approx(8, rel=0.01)
     assert plan.selection_spent(cfg.train.rounds) < 8
 
@@ -427,3 +459,254 @@ def test_bad_private_selection_config_is_one_line_exit_2(capsys, sets, needle):
     assert main(["config", "--set", *sets]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err, err
+
+
+# ---------------------------------------------------------------------- the central estimator
+def test_fixed_denominator_weights_are_dp_fedavg_s():
+    pop = [10, 20, 30, 40]
+    # ŵ = the largest count: n_k / (q Σ n_j), the data weights in expectation
+    assert dp.fixed_denominator_weights([10, 40], pop, 0.5, 40) == pytest.approx(
+        [10 / (0.5 * 100), 40 / (0.5 * 100)])
+    # ŵ = 15 caps the two large clients at weight 1: W = 10/15 + 3
+    W = 10 / 15 + 3
+    assert dp.fixed_denominator_weights([10, 30], pop, 1.0, 15) == pytest.approx(
+        [(10 / 15) / W, 1 / W])
+    assert dp.central_sensitivity(2.0, pop, 1.0, 15) == pytest.approx(2.0 / W)
+    # the weights do not depend on who else replied
+    assert dp.fixed_denominator_weights([30], pop, 1.0, 40) == dp.fixed_denominator_weights(
+        [10, 20, 30], pop, 1.0, 40)[2:]
+
+
+def _negated(s, task, upd):
+    """The same upload with its change reversed (values − ref ↦ ref − (values − ref))."""
+    ref = s.upload_reference(task, upd)
+    values = -upd.values if ref is None else 2 * ref - upd.values
+    return Update(upd.client_id, upd.num_examples, values, upd.slots, dict(upd.meta))
+
+
+def _release_diff(s, state, with_canary, without, rnd=1):
+    a, _ = s.central_aggregate(rnd, state, with_canary)
+    b, _ = s.central_aggregate(rnd, state, without)
+    names = s.layout.group_names(s.noise_groups(rnd))
+    return torch.cat([(a.tensors[n] - b.tensors[n]).reshape(-1) for n in names]).double()
+
+
+def test_central_sensitivity_is_what_the_noise_assumes():
+    """Four equal clients, C = 1: adding a client at +C to three at −C along the same
+    direction moves the release by exactly C / (qW) = 0.25 — not 0.5, as renormalising the
+    weights over each round's replies would (the canary then also re-weights the others)."""
+    s, rt, ctxs = make("fl-lora", "privacy.mechanism='gaussian'", "privacy.mode='central'",
+                       "privacy.noise_multiplier=1", "privacy.clip=1e-3", clients=4)
+    state = s.init_state(rt.initial_state())
+    task0, raw = client_side(s, rt, s.configure(1, 0, state), ctxs[0])
+    canary = s.client_clip(task0, raw)
+    others = [(s.configure(1, c, state), _negated(s, task0, canary)) for c in (1, 2, 3)]
+    for t, u in others:
+        u.client_id = t.client_id
+    diff = _release_diff(s, state, [(task0, canary)] + others, others)
+    assert float(diff.norm()) == pytest.approx(0.25e-3, rel=1e-4)
+    assert s.central_noise_scale() == pytest.approx(0.25e-3)
+
+
+@pytest.mark.parametrize("name", ["lora-a2", "fl-lora", "ffa-lora", "rolora", "fedsvd",
+                                  "fedsa-lora", "flexlora", "flora", "fedavg-full"])
+def test_server_clip_bounds_a_client_that_does_not_clip(name):
+    """A client that skips its clip (sends its raw update, far above C) moves the release by at
+    most C / (qW): the server clips it again on arrival."""
+    clip = 1e-4
+    s, rt, ctxs = make(name, "privacy.mechanism='gaussian'", "privacy.mode='central'",
+                       "privacy.noise_multiplier=1", f"privacy.clip={clip}", clients=3)
+    state = s.init_state(rt.initial_state())
+    replies = [client_side(s, rt, s.configure(1, c, state), ctx) for c, ctx in enumerate(ctxs)]
+    assert dp.norm_of(change(s, *replies[0]), "gaussian") > 10 * clip  # unclipped
+    diff = _release_diff(s, state, replies, replies[1:])
+    # (float32 rounding of the updated weights: fedavg-full adds ~1e-5 to weights ~1)
+    assert 0 < float(diff.norm()) <= clip / 3 * (1 + 1e-3)
+    # and the server's clip is what the client's would have been
+    clipped = [(t, s.client_clip(t, u)) for t, u in replies]
+    a, _ = s.central_aggregate(1, state, replies)
+    b, _ = s.central_aggregate(1, state, clipped)
+    assert all(torch.equal(a.tensors[n], b.tensors[n]) for n in a.tensors)
+
+
+def test_fedsvd_central_noise_is_on_b_before_the_resplit():
+    """The re-split reads the noised aggregate: the released B = U Σ has orthogonal columns
+    (noise added after the re-split would leave B's columns correlated, and the released A
+    would be a function of the un-noised aggregate)."""
+    s, rt, ctxs = make("fedsvd", "privacy.mechanism='gaussian'", "privacy.mode='central'",
+                       "privacy.noise_multiplier=1", "privacy.clip=0.01", "model.head='frozen'")
+    state = s.init_state(rt.initial_state())
+    replies = _round(s, rt, ctxs, 1, state)
+    clean, _ = s.central_aggregate(1, state, replies)
+    noisy, _ = s.aggregate_round(1, state, replies)
+    for m in rt.layout.modules:
+        a, b = noisy.tensors[f"{m.name}.A"].double(), noisy.tensors[f"{m.name}.B"].double()
+        gram = b.T @ b
+        assert torch.allclose(gram, torch.diag(torch.diagonal(gram)), atol=1e-6)
+        assert torch.allclose(a @ a.T, torch.eye(a.shape[0], dtype=torch.float64), atol=1e-5)
+        # A moved with the noise: it is not the re-split of the clean aggregate
+        clean_a = s.finalize(1, clean, {})[0].tensors[f"{m.name}.A"].double()
+        assert not torch.allclose(a.abs(), clean_a.abs(), atol=1e-3)
+
+
+# ---------------------------------------------------------------------- noise sources
+def test_os_noise_cannot_be_rebuilt_from_the_seed():
+    s, rt, ctxs = make("fl-lora", "privacy.mechanism='gaussian'", "privacy.noise_multiplier=1",
+                       "privacy.noise_source='os'")
+    state = s.init_state(rt.initial_state())
+    task, raw = client_side(s, rt, s.configure(1, 0, state), ctxs[0])
+    clipped = s.client_clip(task, raw)
+    first = s.privatize_upload(task, raw).values - clipped.values
+    second = s.privatize_upload(task, raw).values - clipped.values
+    assert not torch.equal(first, second)  # a fresh secret draw every time
+    seeded = dp.gaussian_noise(first.numel(), s.local_noise_scale(),
+                               dp.noise_generator(s.cfg.seed, 1, 0, "seeded"))
+    assert not torch.allclose(first, seeded)
+    assert abs(float(first.double().std()) / s.local_noise_scale() - 1) < 0.05
+    # seeded noise is exactly rebuildable
+    s2, *_ = make("fl-lora", "privacy.mechanism='gaussian'", "privacy.noise_multiplier=1")
+    again = s2.privatize_upload(task, raw).values - clipped.values
+    assert torch.allclose(again, seeded, atol=1e-7)
+
+
+def test_every_noise_uses_the_configured_source(monkeypatch):
+    """Local noise, central noise and the private selection all draw from
+    ``noise_generator(..., source)`` with the run's source."""
+    seen = []
+    real = dp.noise_generator
+
+    def spy(seed, rnd, who, source="seeded"):
+        seen.append((who, source))
+        return real(seed, rnd, who, source)
+
+    monkeypatch.setattr(dp, "noise_generator", spy)
+    for mode, extra in (("local", ["privacy.selection='private'"]), ("central", [])):
+        s, rt, ctxs = make("lora-a2", "privacy.mechanism='laplace'", f"privacy.mode='{mode}'",
+                           "privacy.noise_multiplier=2", "privacy.noise_source='os'", *extra)
+        state = s.init_state(rt.initial_state())
+        s.aggregate_round(1, state, _round(s, rt, ctxs, 1, state))
+    whos = {w for w, _ in seen}
+    assert {0, 1, 2, "select/0", "server"} <= whos
+    assert {src for _, src in seen} == {"os"}
+
+
+def _crash_at(rnd_to_crash):
+    from lora_a2.engines.local import run_round
+
+    def round_fn(exp, rnd, state, on_client=None):
+        out = run_round(exp, rnd, state, on_client)
+        if rnd == rnd_to_crash:  # the uploads of this round were drawn and sent
+            raise RuntimeError("simulated crash")
+        return out
+    return round_fn
+
+
+def test_a_round_rerun_with_fresh_noise_is_charged(tmp_path, synthetic_csv):
+    from lora_a2.runner import run_experiment
+
+    cfg = load_config(None, [f"data.name=csv:{synthetic_csv}", *TINY,
+                             "privacy.mechanism=gaussian", "privacy.noise_multiplier=2"])
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_experiment(cfg, out, progress=False, round_fn=_crash_at(2))
+    run_experiment(cfg, out, progress=False, resume=True)
+    rows = read_metrics(out / "metrics.jsonl")
+    plan = resolve_plan(cfg)
+    assert [r["releases_charged"] for r in rows] == [1, 3, 4]
+    assert rows[-1]["epsilon"] == pytest.approx(plan.epsilon(4))
+    assert rows[-1]["epsilon"] > plan.epsilon(3)
+    assert json.loads((out / "privacy_ledger.json").read_text())["attempts"] == {
+        "1": 1, "2": 2, "3": 1}
+    # seeded noise re-draws the same release: nothing extra to charge, and no ledger
+    seeded = load_config(None, [f"data.name=csv:{synthetic_csv}", *TINY,
+                                "privacy.mechanism=gaussian", "privacy.noise_multiplier=2",
+                                "privacy.noise_source=seeded"])
+    out2 = tmp_path / "seeded"
+    with pytest.raises(RuntimeError):
+        run_experiment(seeded, out2, progress=False, round_fn=_crash_at(2))
+    run_experiment(seeded, out2, progress=False, resume=True)
+    assert [r["releases_charged"] for r in read_metrics(out2 / "metrics.jsonl")] == [1, 2, 3]
+    assert not (out2 / "privacy_ledger.json").exists()
+
+
+def test_schema_version_keeps_old_configs_seeded(tmp_path):
+    old = tmp_path / "old.toml"
+    old.write_text("seed = 3\n[privacy]\nmechanism = 'gaussian'\nnoise_multiplier = 1.0\n")
+    assert load_config(old).privacy.noise_source == "seeded"
+    assert load_config(old).schema_version == 1
+    new = tmp_path / "new.toml"
+    new.write_text("schema_version = 2\n" + old.read_text())
+    assert load_config(new).privacy.noise_source == "os"
+    assert load_config(None).privacy.noise_source == "os"
+    assert load_config(None).schema_version == 2
+    explicit = tmp_path / "explicit.toml"
+    explicit.write_text(old.read_text() + "noise_source = 'os'\n")
+    assert load_config(explicit).privacy.noise_source == "os"  # the file's own key wins
+    # a resolved config written now says its version, and reloads to itself
+    cfg = load_config(new)
+    again = tmp_path / "again.toml"
+    again.write_text(cfg.to_toml())
+    assert load_config(again) == cfg
+
+
+def test_committed_cells_load_with_the_noise_they_ran_with():
+    from pathlib import Path
+
+    paths = sorted(Path(__file__).parents[1].glob("benchmarks/results/**/config.toml"))
+    assert len(paths) > 100
+    for p in paths:
+        cfg = load_config(p)
+        assert cfg.schema_version == 1 and cfg.privacy.noise_source == "seeded", p
+
+
+@pytest.mark.parametrize("sets,needle", [
+    (["privacy.noise_source=urandom"], "privacy.noise_source"),
+    (["privacy.weight_cap=-1"], "privacy.weight_cap"),
+    (["schema_version=7"], "schema_version"),
+    (["privacy.mechanism=gaussian", "privacy.noise_multiplier=0"], "privacy.noise_multiplier"),
+    (["privacy.mechanism=gaussian", "privacy.noise_multiplier=-2"], "privacy.noise_multiplier"),
+])
+def test_bad_new_privacy_keys_are_one_line_exit_2(capsys, sets, needle):
+    assert main(["config", "--set", *sets]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+
+
+# ---------------------------------------------------------------------- what is released
+def test_central_release_holds_only_noised_or_data_independent_values(tmp_path, synthetic_csv):
+    sets = ["privacy.mechanism=gaussian", "privacy.mode=central", "privacy.noise_multiplier=1",
+            "privacy.clip=0.1", "data.local_test_fraction=0.2"]
+    out = _run(tmp_path, "central", synthetic_csv, *sets)
+    released = read_metrics(out / "metrics.jsonl")
+    full = read_metrics(out / "server_log.jsonl")
+    assert len(released) == len(full) == 3
+    secret = {"train_loss", "rank_allocation", "upload_bytes", "upload_params",
+              "cumulative_upload_bytes", "local_accuracy", "local_accuracy_mean"}
+    for pub, own in zip(released, full):
+        assert not secret & set(pub), secret & set(pub)
+        assert secret <= set(own) | {"train_loss"}
+        assert set(pub["withheld"]) >= {"rank_allocation", "upload_bytes", "local_accuracy"}
+        assert pub["accuracy"] == own["accuracy"] and pub["epsilon"] == own["epsilon"]
+        for c in pub["per_client"]:  # LoRA-A2's upload size is its data-chosen selection
+            assert set(c) <= {"client", "download_bytes", "download_params", "dropped",
+                              "failure", "num_examples"}
+        assert any("loss" in c for c in own["per_client"]) or own["train_loss"] is not None
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["total_upload_bytes"] is None and summary["final_local_accuracy"] is None
+    assert "rank_allocation" in summary["privacy"]["withheld_from_release"]
+    # opting in publishes them, and the summary says ε does not cover them
+    opt = _run(tmp_path, "optin", synthetic_csv, *sets, "privacy.release_client_stats=true")
+    rows = read_metrics(opt / "metrics.jsonl")
+    assert "rank_allocation" in rows[0] and "withheld" not in rows[0]
+    assert not (opt / "server_log.jsonl").exists()
+    caveats = " ".join(json.loads((opt / "summary.json").read_text())["privacy"]["caveats"])
+    assert "release_client_stats" in caveats and "not covered" in caveats
+
+
+def test_central_release_of_a_fixed_size_strategy_keeps_its_bytes(tmp_path, synthetic_csv):
+    out = _run(tmp_path, "fl", synthetic_csv, "strategy.name=fl-lora", "privacy.mechanism=gaussian",
+               "privacy.mode=central", "privacy.noise_multiplier=1")
+    rows = read_metrics(out / "metrics.jsonl")
+    assert all("train_loss" not in r and r["upload_bytes"] > 0 for r in rows)
+    assert json.loads((out / "summary.json").read_text())["total_upload_bytes"] == sum(
+        r["upload_bytes"] for r in rows)

@@ -239,6 +239,21 @@ class PrivacyConfig:
     selection_epsilon: float = 1.0
     """`private` selection: ε of one client's whole top-k selection in one round (pure DP; the
     one-shot Gumbel mechanism, see `lora_a2.selection.private_top_k`)."""
+    noise_source: str = "os"
+    """Where every noise draw (local, central, private selection) comes from: `os` (a fresh
+    secret seed from the OS for each draw; nobody can rebuild the noise) or `seeded` (from the
+    run seed: exact resume and engine-equivalence tests, but whoever holds the config can
+    rebuild and subtract the noise, so the guarantee does not hold against them). Configs
+    without `schema_version` (written before version 2) load with `seeded`."""
+    release_client_stats: bool = False
+    """Central mode: also publish per-client, data-dependent values in metrics.jsonl and
+    summary.json (training losses, LoRA-A2's rank allocation, per-client upload sizes, a
+    personalised method's client evaluations). They are not noised: the summary then says the
+    guarantee does not cover them. Off: they go to the server's own record, server_log.jsonl."""
+    weight_cap: float = 0.0
+    """Central mode: DP-FedAvg's weight cap ŵ (client weight = min(n_k / ŵ, 1), divided by
+    the expected total weight). 0 = the largest client's example count (the data weights in
+    expectation); a smaller cap lowers the sensitivity, weighting large clients less."""
 
 
 @dataclass
@@ -262,8 +277,18 @@ class SecAggConfig:
     """Seconds to wait for the replies of each SecAgg+ stage; 0 = engine.round_timeout_s."""
 
 
+#: the config schema this code writes. 1 = configs written before ``schema_version`` existed
+#: (they load with the behaviour they ran with: ``privacy.noise_source = "seeded"``).
+SCHEMA_VERSION = 2
+#: defaults that differ for an older schema, applied before the file's own keys
+LEGACY_DEFAULTS: dict[int, dict[str, Any]] = {1: {"privacy.noise_source": "seeded"}}
+
+
 @dataclass
 class Config:
+    schema_version: int = SCHEMA_VERSION
+    """Config schema (2 = this release). A config file without it is version 1: it loads
+    with the defaults it was written under (see `privacy.noise_source`)."""
     seed: int = 0
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -311,7 +336,7 @@ def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
 
 def all_keys() -> list[str]:
     """Every valid dotted key, for error messages and the README."""
-    keys = ["seed"]
+    keys = ["schema_version", "seed"]
     for sec, cls in SECTIONS.items():
         keys += [f"{sec}.{f.name}" for f in fields(cls)]
     return keys
@@ -365,6 +390,13 @@ def _apply(cfg: Config, key: str, value: Any) -> None:
         return
     if parts == ["seed"]:
         cfg.seed = _coerce(key, value, int)
+        return
+    if parts == ["schema_version"]:
+        version = _coerce(key, value, int)
+        _require(1 <= version <= SCHEMA_VERSION, key, f"must be 1 … {SCHEMA_VERSION}", value)
+        cfg.schema_version = version
+        for k, v in LEGACY_DEFAULTS.get(version, {}).items():
+            _apply(cfg, k, v)
         return
     if len(parts) != 2 or parts[0] not in SECTIONS:
         raise _unknown(key)
@@ -438,8 +470,14 @@ def config_from_dict(data: dict[str, Any], overrides: list[str | tuple[str, Any]
                      ) -> Config:
     """A validated config from a nested dict (``Config.to_dict()``) plus overrides."""
     cfg = Config()
-    for key, value in _flatten(data):
-        if value is not None:
+    items = [(k, v) for k, v in _flatten(data) if v is not None]
+    # a file's schema version (1 when it has none) first: it sets that version's defaults,
+    # which the file's own keys then override
+    version = next((v for k, v in items if k == "schema_version"), 1 if items else None)
+    if version is not None:
+        _apply(cfg, "schema_version", version)
+    for key, value in items:
+        if key != "schema_version":
             _apply(cfg, key, value)
     for item in overrides or []:
         key, value = item if isinstance(item, tuple) else parse_set(item)
@@ -619,7 +657,7 @@ def _validate_task(cfg: Config) -> None:
 
 
 def _validate_privacy(cfg: Config) -> None:
-    from .privacy import MECHANISMS, MODES
+    from .privacy import MECHANISMS, MODES, NOISE_SOURCES
     from .strategies import REGISTRY
 
     p, t = cfg.privacy, cfg.train
@@ -632,6 +670,9 @@ def _validate_privacy(cfg: Config) -> None:
         if v is not None:
             _require(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, key,
                      "must be a number > 0", v)
+    _require(p.noise_source in NOISE_SOURCES, "privacy.noise_source",
+             f"must be one of {', '.join(NOISE_SOURCES)}", p.noise_source)
+    _require(p.weight_cap >= 0, "privacy.weight_cap", "must be ≥ 0", p.weight_cap)
     _require(p.selection in ("public", "private"), "privacy.selection",
              "must be 'public' or 'private'", p.selection)
     _require(isinstance(p.selection_epsilon, (int, float)) and p.selection_epsilon > 0,

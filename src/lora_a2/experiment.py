@@ -18,7 +18,8 @@ from .client import EncodedData
 from .config import Config
 from .data import partition
 from .models import pick_device
-from .strategies import Strategy, get_strategy
+from .private import PrivateStrategy, build_strategy
+from .strategies import Strategy
 from .strategies.base import ClientContext
 from .tasks import LearningTask, get_task
 
@@ -30,7 +31,7 @@ class Experiment:
     test: Any
     client_train: list[np.ndarray]  # per client: indices into ``train`` it trains on
     client_test: list[np.ndarray]  # per client: held-out local indices (empty unless enabled)
-    strategy: Strategy
+    strategy: Strategy | PrivateStrategy
     runtime: ModelRuntime
     enc_train: EncodedData
     enc_test: EncodedData
@@ -75,7 +76,7 @@ def prepare(cfg: Config) -> Experiment:
     d = cfg.data
     task = get_task(cfg)
     train, test = task.load_data()
-    strategy = get_strategy(cfg)
+    strategy = build_strategy(cfg)  # wrapped in the DP wrapper when privacy is on
     runtime = ModelRuntime(cfg.model, len(train.label_names), strategy.lora_rank(), cfg.seed,
                            pick_device(cfg.engine.device), task=task)
     strategy.bind(runtime.layout)
@@ -87,5 +88,6 @@ def prepare(cfg: Config) -> Experiment:
                       classes_per_client=d.classes_per_client,
                       min_examples=d.min_examples_per_client, seed=cfg.seed)
     client_train, client_test = split_local_test(parts, d.local_test_fraction, cfg.seed)
+    strategy.bind_clients([len(idx) for idx in client_train])
     return Experiment(cfg, train, test, client_train, client_test, strategy, runtime, enc_train,
                       enc_test, task)

@@ -84,14 +84,23 @@ from __future__ import annotations
 
 import hashlib
 import math
+import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from .errors import UserError
+
 MECHANISMS = ("none", "gaussian", "laplace")
 MODES = ("local", "central")
+#: where noise (local, central, private selection) comes from: ``os`` = a fresh secret seed
+#: from the operating system's CSPRNG for every draw (the default: nobody can rebuild the
+#: noise); ``seeded`` = derived from the run seed (exact resume and engine-equivalence tests,
+#: but anyone who holds the config can rebuild and subtract the noise)
+NOISE_SOURCES = ("os", "seeded")
 
 
 # ---------------------------------------------------------------------- pure mechanisms
@@ -132,10 +141,56 @@ def noise(n: int, mechanism: str, scale: float, generator: torch.Generator) -> T
     raise ValueError(f"unknown mechanism {mechanism!r}")
 
 
-def noise_generator(seed: int, rnd: int, who: int | str) -> torch.Generator:
-    """A generator per (run, round, client or 'server'), independent of the training draws."""
+def noise_generator(seed: int, rnd: int, who: int | str, source: str = "seeded"
+                    ) -> torch.Generator:
+    """The generator of one noise draw (round ``rnd``, a client id, ``'server'`` or
+    ``'select/<client>'``).
+
+    ``source = "os"``: seeded with 63 fresh bits of the OS CSPRNG (:mod:`secrets`), so the
+    draw cannot be rebuilt from anything the run writes or sends. ``"seeded"``: derived from
+    (seed, round, who) by SHA-256, reproducible — and so rebuildable by anyone with the seed.
+    """
+    if source == "os":
+        return torch.Generator().manual_seed(secrets.randbits(63))
+    if source != "seeded":
+        raise ValueError(f"unknown noise source {source!r}")
     digest = hashlib.sha256(f"dp/{seed}/{rnd}/{who}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+# ---------------------------------------------------------------------- central estimator
+def capped_weights(num_examples: Sequence[int], cap: float) -> list[float]:
+    """DP-FedAvg's per-client weights w_k = min(n_k / ŵ, 1) (McMahan et al., ICLR 2018, §2)."""
+    if cap <= 0:
+        raise ValueError(f"weight cap must be > 0, got {cap}")
+    return [min(float(n) / cap, 1.0) for n in num_examples]
+
+
+def fixed_denominator_weights(num_examples: Sequence[int], population: Sequence[int],
+                              sample_rate: float, cap: float) -> list[float]:
+    """The weights of DP-FedAvg's fixed-denominator estimator (McMahan et al., ICLR 2018):
+    Δ = Σ_{k in round} w_k Δ_k / (q W), with w_k = min(n_k / ŵ, 1) and W = Σ_{all clients} w_j.
+
+    The denominator q·W is the *expected* total weight of a round, fixed before the round, so
+    adding or removing one client moves Δ by at most ‖w_k Δ_k‖ / (qW) ≤ C / (qW) whatever the
+    others sent or who replied (:func:`central_sensitivity`). With ŵ = the largest client's
+    count these are the data weights n_k / Σ_j n_j in expectation (they sum to 1 when every
+    sampled client replies under full participation); a dropout shrinks the round's step
+    instead of re-weighting the others.
+    """
+    if not 0 < sample_rate <= 1:
+        raise ValueError(f"sample rate must be in (0, 1], got {sample_rate}")
+    total = sum(capped_weights(population, cap))
+    if total <= 0:
+        raise ValueError("the population holds no examples")
+    return [w / (sample_rate * total) for w in capped_weights(num_examples, cap)]
+
+
+def central_sensitivity(clip: float, population: Sequence[int], sample_rate: float,
+                        cap: float) -> float:
+    """Add/remove-one-client sensitivity of the fixed-denominator estimator: C / (q W) (the
+    removed client's weight is at most 1 after the cap)."""
+    return clip / (sample_rate * sum(capped_weights(population, cap)))
 
 
 # ---------------------------------------------------------------------- accounting
@@ -226,25 +281,33 @@ class PrivacyPlan:
     mechanism: str
     mode: str
     clip: float
-    noise_multiplier: float  # z: noise scale = z · clip (central: · w_max)
+    noise_multiplier: float  # z: noise scale = z · sensitivity unit (see noise_scale)
     delta: float
     sample_rate: float  # q used by the accountant (1 in local mode)
     rounds: int
     target_epsilon: float | None = None
     selection: str = "public"  # LoRA-A2's slot ids: "public" (in the clear) or "private"
     selection_epsilon: float = 0.0  # private: pure ε of one client's selection per round
+    noise_source: str = "os"  # "os" (secret) or "seeded" (rebuildable from the config)
+    weight_cap: float = 0.0  # central: DP-FedAvg's ŵ; 0 = the largest client's count
 
     @property
     def sensitivity_factor(self) -> float:
-        """Sensitivity / clip: 2 in local mode (replace-one), 1 in central (add/remove)."""
+        """Sensitivity / clip unit: 2 in local mode (replace-one: +C against −C), 1 in central
+        (add/remove one client of the fixed-denominator estimator, in units of C / (qW))."""
         return 2.0 if self.mode == "local" else 1.0
 
     @property
     def private_selection(self) -> bool:
         return self.selection == "private"
 
+    @property
+    def rebuildable(self) -> bool:
+        """True when every noise draw can be rebuilt from the run's config (its seed)."""
+        return self.noise_source == "seeded"
+
     def epsilon(self, rounds: int) -> float:
-        """Total ε after ``rounds`` rounds at this plan's δ: the upload noise composed with
+        """Total ε after ``rounds`` releases at this plan's δ: the upload noise composed with
         the private selection when there is one (local mode, sampling rate 1).
 
         The selection is ``selection_epsilon``-DP per round and, as a composition of
@@ -260,6 +323,14 @@ class PrivacyPlan:
             return gaussian_epsilon(z, self.sample_rate, rounds, self.delta)
         return laplace_epsilon(1.0 / z + sel, self.sample_rate, rounds, self.delta)
 
+    def release_epsilon(self) -> float:
+        """ε of **one** release of the upload (or aggregate) noise alone, without sampling
+        (q = 1) and without the selection: the figure an audit of one release checks."""
+        z = self.noise_multiplier / self.sensitivity_factor
+        if self.mechanism == "gaussian":
+            return gaussian_epsilon(z, 1.0, 1, self.delta)
+        return 1.0 / z
+
     def selection_spent(self, rounds: int) -> float | None:
         """ε of the private selection alone after ``rounds`` rounds (pure ε_sel per round,
         basic or advanced composition at δ); None with public selection."""
@@ -274,24 +345,27 @@ class PrivacyPlan:
                 "epsilon": self.epsilon(self.rounds), "selection": self.selection,
                 "selection_epsilon_per_round": self.selection_epsilon
                 if self.private_selection else None,
-                "selection_epsilon": self.selection_spent(self.rounds)}
+                "selection_epsilon": self.selection_spent(self.rounds),
+                "noise_source": self.noise_source,
+                "estimator": "fixed-denominator" if self.mode == "central" else None,
+                "weight_cap": self.weight_cap if self.mode == "central" else None,
+                "guarantee_holds_against_config_holders": not self.rebuildable}
 
 
-def resolve(cfg) -> PrivacyPlan | None:
-    """The run's :class:`PrivacyPlan` (None when ``privacy.mechanism = 'none'``)."""
-    from .config import clients_per_round
-
-    p = cfg.privacy
+def resolve(p, rounds: int, sample_rate: float) -> PrivacyPlan | None:
+    """The run's :class:`PrivacyPlan` from a ``privacy`` config table ``p`` (None when
+    ``p.mechanism = 'none'``); ``sample_rate`` = clients per round / clients (used in central
+    mode only: local mode claims no amplification)."""
     if p.mechanism == "none":
         return None
-    q = 1.0 if p.mode == "local" else clients_per_round(cfg) / cfg.data.num_clients
-    rounds = cfg.train.rounds
+    q = 1.0 if p.mode == "local" else float(sample_rate)
     factor = 2.0 if p.mode == "local" else 1.0
     target = None if p.epsilon is None else float(p.epsilon)
 
     def plan(z: float) -> PrivacyPlan:
         return PrivacyPlan(p.mechanism, p.mode, float(p.clip), z, float(p.delta), q, rounds,
-                           target, p.selection, float(p.selection_epsilon))
+                           target, p.selection, float(p.selection_epsilon), p.noise_source,
+                           float(p.weight_cap))
 
     if p.noise_multiplier is not None:
         z = float(p.noise_multiplier)
@@ -307,8 +381,6 @@ def resolve(cfg) -> PrivacyPlan | None:
 def calibrate_with_selection(plan, target: float, rounds: int) -> float:
     """Smallest noise multiplier z whose upload noise and private selection together reach
     ``target`` over ``rounds`` (bisection on z; ``plan(z)`` builds the run's plan)."""
-    from .errors import UserError
-
     floor = plan(1e12).epsilon(rounds)  # the selection alone (the upload noise ~ infinite)
     if floor >= target:
         raise UserError(f"config key 'privacy.epsilon': {target:g} is not reachable: the private "
@@ -326,12 +398,15 @@ def calibrate_with_selection(plan, target: float, rounds: int) -> float:
     return hi
 
 
-def round_record(plan: PrivacyPlan | None, rnd: int) -> dict[str, Any]:
+def round_record(plan: PrivacyPlan | None, rnd: int, extra_releases: int = 0
+                 ) -> dict[str, Any]:
     """The ``epsilon``/``delta`` (and ``selection_epsilon``) fields of round ``rnd``'s metrics
-    line ({} without DP)."""
+    line ({} without DP). ``extra_releases``: rounds run more than once with fresh ("os")
+    noise after a crash — each attempt released its uploads again, so each is charged."""
     if plan is None:
         return {}
-    out = {"epsilon": plan.epsilon(rnd), "delta": plan.delta}
+    n = rnd + extra_releases
+    out = {"epsilon": plan.epsilon(n), "delta": plan.delta, "releases_charged": n}
     if plan.private_selection:
-        out["selection_epsilon"] = plan.selection_spent(rnd)
+        out["selection_epsilon"] = plan.selection_spent(n)
     return out

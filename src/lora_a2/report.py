@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -93,14 +94,17 @@ def make_plots(records: list[dict[str, Any]], out_dir: Path, initial: dict[str, 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for key, label, scale in metrics:
-        rows = [(r["round"], r[key], r["cumulative_upload_bytes"] / 1e6) for r in records]
+        rows = [(r["round"], r.get(key), r.get("cumulative_upload_bytes", math.nan) / 1e6)
+                for r in records]  # a central-DP release may withhold the upload sizes
         if initial is not None:
             rows = [(0, initial.get(key), 0.0)] + rows
         rows = [(rnd, scale * v, cum) for rnd, v, cum in rows if v is not None]
         if not rows:
             continue
-        for suffix, col, xlabel in (("per_round", 0, "round"),
-                                    ("vs_upload", 2, "cumulative upload (MB, all clients)")):
+        axes = [("per_round", 0, "round")]
+        if not any(math.isnan(r[2]) for r in rows):
+            axes.append(("vs_upload", 2, "cumulative upload (MB, all clients)"))
+        for suffix, col, xlabel in axes:
             fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=110)
             ax.plot([r[col] for r in rows], [r[1] for r in rows], marker="o", ms=3)
             ax.set_xlabel(xlabel)
@@ -129,11 +133,14 @@ def format_summary(s: dict[str, Any], metric_lines: list[str]) -> str:
         f"strategy {s['strategy']} · model {s['model']} · data {s['data']} · "
         f"{s['num_clients']} clients · {s['rounds']} rounds",
         *metric_lines,
-        f"  upload     {human_bytes(s['total_upload_bytes'])} ({s['total_upload_params']:,} values)"
-        f" = {100 * s['upload_fraction_of_fedavg_full']:.3f}% of fedavg-full's "
-        f"{human_bytes(s['fedavg_full_upload_bytes'])}"
-        + (f", {100 * s['upload_fraction_of_fl_lora']:.1f}% of fl-lora's at the same rank"
-           if s.get("fl_lora_upload_params") else ""),
+        (f"  upload     {human_bytes(s['total_upload_bytes'])} ({s['total_upload_params']:,} "
+         f"values) = {100 * s['upload_fraction_of_fedavg_full']:.3f}% of fedavg-full's "
+         f"{human_bytes(s['fedavg_full_upload_bytes'])}"
+         + (f", {100 * s['upload_fraction_of_fl_lora']:.1f}% of fl-lora's at the same rank"
+            if s.get("fl_lora_upload_params") else ""))
+        if s.get("total_upload_bytes") is not None else
+        "  upload     withheld from the release (central DP: its size depends on the data; "
+        "see server_log.jsonl)",
         f"  download   {human_bytes(s['total_download_bytes'])} "
         f"({s['total_download_params']:,} values)",
         f"  wall time  {s['wall_s']:.1f} s",
@@ -156,9 +163,10 @@ def format_summary(s: dict[str, Any], metric_lines: list[str]) -> str:
                         f"{p.get('clip', '?')}, noise multiplier {p.get('noise_multiplier', '?')})"
                         + (f"; slot selection private, its share ε = "
                            f"{s['selection_epsilon']:.3g}" if s.get("selection_epsilon")
-                           is not None else "; slot ids (lora-a2) public: not covered"
-                           if p.get("selection") == "public" and s.get("strategy") == "lora-a2"
-                           else ""))
+                           is not None else "")
+                        + f"; noise {p.get('noise_source', '?')}")
+        for caveat in p.get("caveats", []):
+            lines.insert(len(lines) - 2, f"  caveat     {caveat}")
     if s.get("rejected_updates"):
         lines.insert(len(lines) - 2, f"  rejected   {s['rejected_updates']} updates")
     return "\n".join(lines)

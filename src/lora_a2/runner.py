@@ -3,6 +3,10 @@
 ``DIR/config.toml`` (fully resolved) · ``DIR/metrics.jsonl`` (a line per round) ·
 ``DIR/summary.json`` · ``DIR/adapter/`` (PEFT format) · ``DIR/plots/`` · ``DIR/partition.json`` ·
 ``DIR/samples.jsonl`` (causal LM: a few generations per round, round 0 = the base model).
+Under central DP (:mod:`lora_a2.private`) ``metrics.jsonl`` and ``summary.json`` hold only
+what may be released, and ``DIR/server_log.jsonl`` the trusted server's full record; with
+fresh ("os") noise ``DIR/privacy_ledger.json`` counts every attempt of a round, so a round run
+again after a crash is charged again.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from .data import label_histogram
 from .engines.local import evaluate_state, run_round
 from .errors import UserError
 from .experiment import Experiment, prepare
+from .private import PrivateStrategy
 from .privacy import round_record
 from .report import (MetricsWriter, atomic_write_text, format_summary, make_plots, read_metrics,
                      truncate_metrics)
@@ -93,41 +98,57 @@ def run_experiment(cfg: Config, out: Path, *, overwrite: bool = False, progress:
         atomic_write_text(initial_path, json.dumps(initial))
     truncate_metrics(out / "metrics.jsonl", start - 1)
     truncate_metrics(out / "samples.jsonl", start - 1)
+    truncate_metrics(out / "server_log.jsonl", start - 1)
     records: list[dict[str, Any]] = read_metrics(out / "metrics.jsonl")
     writer = MetricsWriter(out / "metrics.jsonl")
+    private = strategy if isinstance(strategy, PrivateStrategy) else None
+    withholds = private is not None and private.withholds
+    server_log = MetricsWriter(out / "server_log.jsonl") if withholds else None
+    ledger = ReleaseLedger(out / "privacy_ledger.json") \
+        if private is not None and not private.plan.rebuildable else None
     per_round = clients_per_round(cfg)
     bar = _progress(cfg.train.rounds * per_round, progress)
     if bar is not None:
         bar.update((start - 1) * per_round)
-    cumulative = records[-1]["cumulative_upload_bytes"] if records else 0
+    full = read_metrics(out / "server_log.jsonl") if withholds else records
+    cumulative = full[-1]["cumulative_upload_bytes"] if full else 0
     setup_s = time.perf_counter() - t_start  # model, data, partition, initial evaluation
     for rnd in range(start, cfg.train.rounds + 1):
         t0 = time.perf_counter()
         if bar is not None:
             bar.set_description(f"round {rnd}/{cfg.train.rounds}")
+        if ledger is not None:  # before any noise is drawn: a crash after this is charged
+            ledger.attempt(rnd)
         state, record = round_fn(exp, rnd, state, on_client=(lambda c: bar.update(1)) if bar
                                   else None)
         client_evals = record.pop("client_eval", None)  # personalised: each client's own model
-        metrics = evaluate_state(exp, state)
-        if client_evals is not None:
-            metrics = exp.task.merge_client_evals(metrics, client_evals)
-        samples = metrics.pop("samples", None)
+        server_metrics = evaluate_state(exp, state)  # the released state on the test set
+        samples = server_metrics.pop("samples", None)
+        metrics = server_metrics if client_evals is None \
+            else exp.task.merge_client_evals(server_metrics, client_evals)
         cumulative += record["upload_bytes"]
+        dp_fields = round_record(private.plan if private else None, rnd,
+                                 ledger.extra_releases(rnd) if ledger else 0)  # (ε, δ) so far
         record = {**{k: record[k] for k in ("round", "strategy", "active_factor")}, **metrics,
                   **{k: v for k, v in record.items() if k not in ("round", "strategy",
                                                                   "active_factor")},
-                  "cumulative_upload_bytes": cumulative,
-                  **round_record(strategy.privacy, rnd),  # (ε, δ) so far under DP
+                  "cumulative_upload_bytes": cumulative, **dp_fields,
                   "wall_s": time.perf_counter() - t0}
+        if server_log is not None:  # central DP: publish only what the release may hold
+            server_log.write(record)
+            record = private.release_record(
+                {**record, **server_metrics, "eval_metric_keys": list(server_metrics)},
+                exp.task.client_metric_keys)
         write_samples(out, rnd, samples)
         writer.write(record)
         save_checkpoint(out, rnd, state, exp.client_stores)
         records.append(record)
         if bar is not None:
-            shown = {metric: f"{100 * metrics[metric]:.1f}%"} \
-                if metrics.get(metric) is not None else {}
-            bar.set_postfix({**shown, "loss": f"{metrics['loss']:.3f}",
-                             "up": f"{cumulative / 1e6:.1f}MB"})
+            shown = {metric: f"{100 * record[metric]:.1f}%"} \
+                if record.get(metric) is not None else {}
+            bar.set_postfix({**shown, "loss": f"{record['loss']:.3f}",
+                             **({"up": f"{cumulative / 1e6:.1f}MB"}
+                                if "cumulative_upload_bytes" in record else {})})
     if bar is not None:
         bar.close()
 
@@ -162,7 +183,14 @@ def summarize(exp: Experiment, records: list[dict[str, Any]], initial: dict[str,
     client_rounds = sum(r["num_replies"] for r in records)
     full = fedavg_full_params(exp)
     fl_lora = fl_lora_params(exp, records)
-    total_up_params = sum(r["upload_params"] for r in records)
+
+    def total(key: str) -> Any:
+        """Σ of a per-round figure; None when the release withheld it (central DP)."""
+        if any(key not in r for r in records):
+            return None
+        return sum(r[key] for r in records)
+
+    total_up_params = total("upload_params")
     # One float32 per value; the safetensors header adds ~100 bytes per message on top.
     full_bytes = full * 4 * client_rounds
     return {
@@ -180,10 +208,10 @@ def summarize(exp: Experiment, records: list[dict[str, Any]], initial: dict[str,
         "lora_rank": exp.strategy.lora_rank(),
         "num_lora_modules": exp.runtime.layout.num_modules,
         **exp.task.summary(initial, records),
-        "total_upload_bytes": sum(r["upload_bytes"] for r in records),
-        "total_download_bytes": sum(r["download_bytes"] for r in records),
+        "total_upload_bytes": total("upload_bytes"),
+        "total_download_bytes": total("download_bytes"),
         "total_upload_params": total_up_params,
-        "total_download_params": sum(r["download_params"] for r in records),
+        "total_download_params": total("download_params"),
         "personalized": exp.strategy.personalized,
         # evaluate messages of a personalised strategy (each client evaluates its own model)
         "total_eval_download_bytes": sum(r.get("eval_download_bytes", 0) for r in records),
@@ -196,9 +224,11 @@ def summarize(exp: Experiment, records: list[dict[str, Any]], initial: dict[str,
         "fedavg_full_params_per_client_round": full,
         "fedavg_full_upload_params": full * client_rounds,
         "fedavg_full_upload_bytes": full_bytes,
-        "upload_fraction_of_fedavg_full": total_up_params / max(full * client_rounds, 1),
+        "upload_fraction_of_fedavg_full": None if total_up_params is None
+        else total_up_params / max(full * client_rounds, 1),
         "fl_lora_upload_params": fl_lora,
-        "upload_fraction_of_fl_lora": total_up_params / max(fl_lora, 1),
+        "upload_fraction_of_fl_lora": None if total_up_params is None
+        else total_up_params / max(fl_lora, 1),
         "train_examples": len(exp.train),
         "test_examples": len(exp.test),
         "data_rows": exp.train.stats,  # rows read, kept, skipped (with the reason), shortened
@@ -233,13 +263,60 @@ def _machine(device: Any) -> dict[str, Any]:
 
 
 def _privacy_summary(exp: Experiment, records: list[dict[str, Any]]) -> dict[str, Any]:
-    """(ε, δ) spent by the run and the resolved DP settings; {} without DP."""
-    plan = exp.strategy.privacy
-    if plan is None:
+    """(ε, δ) spent by the run, the resolved DP settings, and what the guarantee covers;
+    {} without DP."""
+    strategy = exp.strategy
+    if not isinstance(strategy, PrivateStrategy):
         return {}
-    return {"epsilon": records[-1]["epsilon"], "delta": plan.delta,
-            "selection_epsilon": records[-1].get("selection_epsilon"),
-            "privacy": plan.summary()}
+    plan = strategy.plan
+    caveats = []
+    if plan.rebuildable:
+        caveats.append("noise_source = 'seeded': every noise draw can be rebuilt from the run's "
+                       "config (its seed), so the guarantee does not hold against whoever "
+                       "holds config.toml or a node's run config")
+    if plan.mode == "central" and strategy.release_client_stats:
+        caveats.append("privacy.release_client_stats = true: per-client training losses, "
+                       "selections, upload sizes and client evaluations in metrics.jsonl and "
+                       "this summary are not noised and not covered by ε")
+    if plan.mode == "local" and strategy.selects_slots and not plan.private_selection:
+        caveats.append("privacy.selection = 'public': the slot ids each client uploads are "
+                       "chosen from its data and sent in the clear, not covered by ε")
+    last = records[-1]
+    return {"epsilon": last["epsilon"], "delta": plan.delta,
+            "selection_epsilon": last.get("selection_epsilon"),
+            "releases_charged": last.get("releases_charged"),
+            "privacy": {**plan.summary(), "epsilon": last["epsilon"],
+                        "release_client_stats": strategy.release_client_stats,
+                        "withheld_from_release": sorted({k for r in records
+                                                         for k in r.get("withheld", [])}),
+                        "caveats": caveats}}
+
+
+class ReleaseLedger:
+    """How often each round was attempted under fresh ("os") noise (``privacy_ledger.json``).
+
+    A round re-run after a crash draws new noise, so what its first attempt released (uploads
+    in local mode, the broadcast in central mode) and what the second releases are two
+    different noisy views of the same data: the accountant charges every attempt."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.attempts: dict[str, int] = {}
+        if self.path.exists():
+            try:
+                self.attempts = {str(k): int(v) for k, v in
+                                 json.loads(self.path.read_text())["attempts"].items()}
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise UserError(f"'{self.path}' is not a privacy ledger: refusing to resume "
+                                f"without knowing how often each round released noise") from None
+
+    def attempt(self, rnd: int) -> None:
+        self.attempts[str(rnd)] = self.attempts.get(str(rnd), 0) + 1
+        atomic_write_text(self.path, json.dumps({"attempts": self.attempts}))
+
+    def extra_releases(self, rnd: int) -> int:
+        """Attempts beyond the first of rounds 1 … ``rnd``."""
+        return sum(max(0, n - 1) for r, n in self.attempts.items() if int(r) <= rnd)
 
 
 def fl_lora_params(exp: Experiment, records: list[dict[str, Any]]) -> int:

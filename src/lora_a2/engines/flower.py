@@ -180,7 +180,7 @@ def client_train(msg, context):
     exp, task, ctx = _client_task(context, str(msg.content.config_records[CONFIG_RECORD]["config"]),
                                   unpack(msg.content), timing)
     # ``Strategy.upload`` = client_update + the DP transform of what is sent (as on local)
-    upload = getattr(exp.strategy, "upload", exp.strategy.client_update)
+    upload = exp.strategy.upload  # + the DP wrapper's clip and noise
     t1 = time.perf_counter()
     update = upload(ctx, task)
     t2 = time.perf_counter()
@@ -442,8 +442,7 @@ class FlowerRounds:
         info: dict[str, Any] = {}
         failed = len(ok) < max(1, cfg.train.min_replies)
         if not failed:
-            aggregate = getattr(strategy, "aggregate_round", strategy.aggregate)  # + central DP
-            state, info = aggregate(rnd, state, ok)
+            state, info = strategy.aggregate_round(rnd, state, ok)  # + central DP
         rows = [per_client[c] for c in clients]
         record = round_record(strategy, rnd, clients, rows, num_replies=len(ok), failed=failed,
                               dropped=dropped, reasons=reasons, info=info)

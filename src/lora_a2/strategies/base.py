@@ -10,10 +10,9 @@ these four methods; they contain no aggregation math. Adding a method is one new
 
 from __future__ import annotations
 
-import functools
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -288,9 +287,11 @@ class Strategy(ABC):
         """Raise :class:`InvalidPayload` (with the reason) if the upload must not be used."""
 
     @abstractmethod
-    def aggregate(self, rnd: int, state: ServerState,
-                  replies: list[tuple[Task, Update]]) -> tuple[ServerState, dict[str, Any]]:
-        """New global state from the validated replies, plus round info for the metrics."""
+    def aggregate(self, rnd: int, state: ServerState, replies: list[tuple[Task, Update]],
+                  weights: Sequence[float] | None = None) -> tuple[ServerState, dict[str, Any]]:
+        """New global state from the validated replies, plus round info for the metrics.
+        ``weights``: one per reply, fixed by the caller (central DP's fixed denominator);
+        None = the data weights (:meth:`round_weights` gives either)."""
 
     # -- secure aggregation (``secure_aggregation`` strategies only) -----------------
     def secure_vector(self, task: Task, update: Update) -> Tensor:
@@ -323,23 +324,17 @@ class Strategy(ABC):
         """The federated tensors this client holds for itself (from ``ctx.store``)."""
         return {}
 
-    # -- differential privacy (lora_a2.privacy); engines call these two ----------
+    # -- what engines call ------------------------------------------------------
     def upload(self, ctx: ClientContext, task: Task) -> Update:
-        """Client side: :meth:`client_update`, then the DP transform of what will be sent
-        (clip; in ``local`` mode also the noise). Without DP, exactly :meth:`client_update`."""
-        return self.privatize_upload(task, self.client_update(ctx, task))
+        """Client side: what the client sends — :meth:`client_update` (the DP wrapper,
+        :class:`lora_a2.private.PrivateStrategy`, clips and noises it here)."""
+        return self.client_update(ctx, task)
 
     def aggregate_round(self, rnd: int, state: ServerState, replies: list[tuple[Task, Update]]
                         ) -> tuple[ServerState, dict[str, Any]]:
-        """Server side: :meth:`aggregate` of the validated replies; in ``central`` DP mode the
-        replies are clipped again and the aggregate gets the noise; then :meth:`finalize`."""
-        plan = self.privacy
-        if plan is None or plan.mode != "central":
-            new, info = self.aggregate(rnd, state, replies)
-        else:
-            replies = [(t, self.clip_update(t, u)) for t, u in replies]
-            new, info = self.aggregate(rnd, state, replies)
-            new = self._noise_aggregate(rnd, new, replies)
+        """Server side: :meth:`aggregate` of the validated replies with the data weights,
+        then :meth:`finalize`."""
+        new, info = self.aggregate(rnd, state, replies)
         return self.finalize(rnd, new, info)
 
     def finalize(self, rnd: int, state: ServerState, info: dict[str, Any]
@@ -348,43 +343,54 @@ class Strategy(ABC):
         privacy), e.g. FedSVD's re-factorisation. Default: none. It must not read uploads."""
         return state, info
 
-    @functools.cached_property
-    def privacy(self) -> dp.PrivacyPlan | None:
-        """The run's resolved DP plan (None: no DP)."""
-        return dp.resolve(self.cfg)
+    def round_weights(self, replies: list[tuple[Task, Update]],
+                      weights: Sequence[float] | None = None) -> list[float]:
+        """The aggregation weights of ``replies``: ``weights`` when the caller fixed them (the
+        DP wrapper's fixed-denominator estimator), else w_k = n_k / Σ_j n_j over the replies."""
+        if weights is not None:
+            if len(weights) != len(replies):
+                raise ValueError(f"{len(weights)} weights for {len(replies)} replies")
+            return [float(w) for w in weights]
+        return data_weights([u.num_examples for _, u in replies])
+
+    # -- how the strategy is privatised (declarations the DP wrapper reads) -------
+    #: which slots to upload, when the client chooses them from its data (``selects_slots``):
+    #: ``(scores, k, task) → (N, r_G) bool``; None = the plain top-k. The DP wrapper installs
+    #: the private (Gumbel) selector here under ``privacy.selection = "private"``
+    slot_selector: Callable[[Tensor, int, Task], Tensor] | None = None
+    #: the size of an upload is fixed by the task (not by the client's data), so per-client
+    #: upload bytes may be published in central DP mode
+    upload_size_public: ClassVar[bool] = True
+    #: keys of :meth:`aggregate`'s round info that do not depend on the uploads (publishable in
+    #: central DP mode); every other key is data-dependent and kept in the server's record
+    public_info_keys: ClassVar[tuple[str, ...]] = ()
+
+    def bind_clients(self, num_examples: Sequence[int]) -> None:
+        """Learn every client's training-set size once the data are partitioned (the DP
+        wrapper's fixed denominator needs them). Default: nothing."""
 
     def upload_reference(self, task: Task, update: Update) -> Tensor | None:
         """What ``update.values`` would be had the client not trained; DP clips and noises
         ``values − reference``. None (the default): the values already are the change."""
         return None
 
-    def clip_update(self, task: Task, update: Update) -> Update:
-        """The update with its transmitted change clipped to ``privacy.clip``."""
-        plan = self.privacy
-        assert plan is not None
+    def dp_clip(self, task: Task, update: Update, bound: float, mechanism: str,
+                central: bool) -> Update:
+        """The update with the quantity DP bounds clipped to norm ``bound`` (L2; L1 for
+        ``laplace``): by default the transmitted change ``values − upload_reference``.
+        ``central``: the clip is for the server's aggregate (a strategy whose aggregate sums
+        something else than its uploads, e.g. products, clips that instead)."""
         ref = self.upload_reference(task, update)
         change = update.values if ref is None else update.values - ref
-        clipped = dp.clip(change, plan.clip, plan.mechanism)
+        clipped = dp.clip(change, bound, mechanism)
         values = clipped if ref is None else ref + clipped
         # float32 rounding of ref + clipped can push the sent change past the bound: shrink.
         shrink = 1.0
-        while ref is not None and dp.norm_of(values - ref, plan.mechanism) > plan.clip:
+        while ref is not None and dp.norm_of(values - ref, mechanism) > bound:
             shrink *= 0.99
             values = ref + clipped * shrink if shrink > 1e-3 else ref.clone()  # no change: 0
         return Update(update.client_id, update.num_examples, values, update.slots,
                       dict(update.meta))
-
-    def privatize_upload(self, task: Task, update: Update) -> Update:
-        plan = self.privacy
-        if plan is None:
-            return update
-        out = self.clip_update(task, update)
-        if plan.mode == "local":
-            gen = dp.noise_generator(self.cfg.seed, task.round, task.client_id)
-            scale = plan.noise_multiplier * plan.clip
-            out.values = out.values + dp.noise(out.values.numel(), plan.mechanism, scale, gen)
-            out.meta.pop("loss", None)  # a data-dependent scalar the server must not see
-        return out
 
     def noise_groups(self, rnd: int) -> list[str]:
         """Central DP: the parameter groups whose every entry the server's release in round
@@ -393,24 +399,6 @@ class Strategy(ABC):
         Default: the round's active factor (A and B when both train) plus the head."""
         active = self.active_factor(rnd)
         return ([active] if active else ["A", "B"]) + self.head_groups()
-
-    def _noise_aggregate(self, rnd: int, state: ServerState,
-                         replies: list[tuple[Task, Update]]) -> ServerState:
-        """Add N(0, (z·C·w_max)²) (Laplace: scale z·C·w_max) to **every** entry of every
-        tensor in :meth:`noise_groups` — not only where some upload contributed (for a sparse
-        method such as LoRA-A2 that set is the clients' slot selection, which depends on their
-        data and would show in the released model)."""
-        plan = self.privacy
-        assert plan is not None and self.layout is not None
-        w_max = max(data_weights([u.num_examples for _, u in replies]))
-        scale = plan.noise_multiplier * plan.clip * w_max
-        gen = dp.noise_generator(self.cfg.seed, rnd, "server")
-        tensors = dict(state.tensors)
-        for n in self.layout.group_names(self.noise_groups(rnd)):
-            t = tensors[n]
-            tensors[n] = t + dp.noise(t.numel(), plan.mechanism, scale, gen).reshape(
-                t.shape).to(t.dtype)
-        return ServerState(tensors, state.extra)
 
     # -- shared helpers -------------------------------------------------------
     @property
@@ -530,12 +518,12 @@ class DenseStrategy(Strategy):
             raise InvalidPayload(f"expected {expected} values, got {update.values.numel()}")
         check_finite(update)
 
-    def aggregate(self, rnd: int, state: ServerState,
-                  replies: list[tuple[Task, Update]]) -> tuple[ServerState, dict[str, Any]]:
+    def aggregate(self, rnd: int, state: ServerState, replies: list[tuple[Task, Update]],
+                  weights: Sequence[float] | None = None) -> tuple[ServerState, dict[str, Any]]:
         assert self.layout is not None
         names = self.layout.group_names(self.uploaded(replies[0][0]))
         shapes = self.layout.shapes(names)
-        weights = data_weights([u.num_examples for _, u in replies])
+        weights = self.round_weights(replies, weights)
         deltas = [unflatten(u.values, names, shapes) for _, u in replies]
         tensors = dict(state.tensors)
         for n in names:

@@ -30,12 +30,12 @@ cover it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..aggregation import data_weights
 from ..lowrank import exact_residual
 from ..payload import unflatten
 from .base import ClientContext, DenseStrategy, ServerState, Task, Update, register
@@ -75,14 +75,14 @@ class FedExLora(DenseStrategy):
         ctx.runtime.set_weight_delta(None)  # round 1 sends no residual: train on W0
         return super().client_update(ctx, task)
 
-    def aggregate(self, rnd: int, state: ServerState,
-                  replies: list[tuple[Task, Update]]) -> tuple[ServerState, dict[str, Any]]:
+    def aggregate(self, rnd: int, state: ServerState, replies: list[tuple[Task, Update]],
+                  weights: Sequence[float] | None = None) -> tuple[ServerState, dict[str, Any]]:
         layout = self.layout
         assert layout is not None
-        new, info = super().aggregate(rnd, state, replies)  # Ā, B̄ and the head: mean deltas
+        new, info = super().aggregate(rnd, state, replies, weights)  # Ā, B̄ and the head: mean deltas
         names = layout.group_names(replies[0][0].config["train"])
         shapes = layout.shapes(names)
-        w = data_weights([u.num_examples for _, u in replies])
+        w = self.round_weights(replies, weights)
         deltas = [unflatten(u.values, names, shapes) for _, u in replies]
         s = self.scaling()
         tensors = dict(new.tensors)

@@ -34,6 +34,9 @@ per-client evaluation of a causal LM (generation per client) is not built.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -61,22 +64,30 @@ class FedSaLora(DenseStrategy):
         return ["A"]  # all the server averages and releases (B and the head stay on clients)
 
     def configure(self, rnd: int, client_id: int, state: ServerState) -> Task:
-        # The head (when trained) is personal: a client gets its starting value once. The task
-        # carries no group lists: the client knows the rule (train A, B, head; upload A).
-        seen = state.extra.setdefault("has_head", [])
-        head = self.head_groups() if client_id not in seen else []
-        if head:
-            seen.append(client_id)
-        return self.make_task(rnd, client_id, state, ["A"] + head)
+        # The head (when trained) is personal: a client gets its starting value until the
+        # server knows it arrived — its first accepted reply (:meth:`aggregate`), not when the
+        # task is built (a client that drops out never got it). The task carries no group
+        # lists: the client knows the rule (train A, B, head; upload A).
+        return self.make_task(rnd, client_id, state, ["A"] + self._head_for(client_id, state))
+
+    def _head_for(self, client_id: int, state: ServerState) -> list[str]:
+        return self.head_groups() if client_id not in state.extra.get("has_head", []) else []
+
+    def aggregate(self, rnd: int, state: ServerState, replies: list[tuple[Task, Update]],
+                  weights: Sequence[float] | None = None) -> tuple[ServerState, dict[str, Any]]:
+        new, info = super().aggregate(rnd, state, replies, weights)
+        if self.head_groups():  # a client that replied holds its own head from now on
+            seen = set(state.extra.get("has_head", [])) | {u.client_id for _, u in replies}
+            new = ServerState(new.tensors, {**new.extra, "has_head": sorted(seen)})
+        return new, info
 
     def personal_names(self) -> list[str]:
         assert self.layout is not None
         return self.layout.names("B") + self.layout.names("head")
 
     def eval_task(self, rnd: int, client_id: int, state: ServerState) -> Task:
-        seen = state.extra.get("has_head", [])
-        head = self.head_groups() if client_id not in seen else []
-        return self.make_task(rnd, client_id, state, ["A"] + head, evaluate=True)
+        return self.make_task(rnd, client_id, state, ["A"] + self._head_for(client_id, state),
+                              evaluate=True)
 
     # -- client ---------------------------------------------------------------------------
     def personal_tensors(self, ctx: ClientContext) -> dict[str, Tensor]:
@@ -90,9 +101,18 @@ class FedSaLora(DenseStrategy):
 
     def client_update(self, ctx: ClientContext, task: Task) -> Update:
         """Train A, its own B (and head) from the global A; upload ΔA; keep B (and head)."""
-        # The download (A; the head on first contact) and the personal tensors (B; the head
-        # afterwards) never overlap, so loading these first changes nothing the download sets.
-        ctx.runtime.load(self.personal_tensors(ctx))
+        # The client's own tensors win: a head the server sends again (it never saw this
+        # client's reply) is ignored once the client has one; and a client must never train
+        # on whatever head the shared runtime last held (another client's).
+        assert self.layout is not None
+        own = self.personal_tensors(ctx)
+        head = self.layout.names("head")
+        if head and not all(n in own or n in task.download for n in head):
+            raise RuntimeError(f"client {task.client_id} has no classifier head: the server "
+                               f"did not send one and it holds none")
+        ctx.runtime.load(own)
+        task = Task(task.round, task.client_id, task.config,
+                    {n: t for n, t in task.download.items() if n not in own})
         update = super().client_update(ctx, task)
         ctx.store.update(ctx.runtime.snapshot(self.personal_names()))  # stays on the client
         return update

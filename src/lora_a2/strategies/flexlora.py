@@ -18,6 +18,7 @@ Rules as in the official code (DESIGN §3a); α = ``model.lora_alpha``, s_k = α
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from torch import Tensor
@@ -79,17 +80,16 @@ class FlexLora(HeteroRankStrategy):
         factors, head, loss = self.train_client(ctx, task)
         return self.make_upload(ctx, task, factors, head, int(task.config["rank"]), loss=loss)
 
-    def aggregate(self, rnd: int, state: ServerState,
-                  replies: list[tuple[Task, Update]]) -> tuple[ServerState, dict[str, Any]]:
+    def aggregate(self, rnd: int, state: ServerState, replies: list[tuple[Task, Update]],
+                  weights: Sequence[float] | None = None) -> tuple[ServerState, dict[str, Any]]:
         layout = self.layout
         assert layout is not None
-        parts, p, tensors = self.unpack_replies(state, replies)
+        parts, p, tensors = self.unpack_replies(state, replies, weights)
         scalings = [self.scaling_for(r) for *_, r in parts]
         for i, m in enumerate(layout.modules):
             tensors[f"merged.{m.name}"] = weighted_product_sum(
                 [pt[1][i] for pt in parts], [pt[0][i] for pt in parts], p, scalings)
-        self.aggregate_head(state, tensors, [pt[2] for pt in parts],
-                            [u.num_examples for _, u in replies])
+        self.aggregate_head(state, tensors, [pt[2] for pt in parts], p)
         new = ServerState(tensors, state.extra)
         statuses = [r.status for r in self._decompose(new).values()]
         return new, {"svd_fallbacks": sum(s in ("fallback", "nonfinite") for s in statuses)}

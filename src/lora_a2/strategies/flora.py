@@ -23,6 +23,7 @@ is downloaded: the fresh LoRA is drawn on the client.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -43,6 +44,7 @@ class Flora(HeteroRankStrategy):
     central_dp = True
     uses_merged = True
     merges_products = True
+    public_info_keys = ("stacked_rank",)  # Σ of the replying clients' (public) ranks
 
     def scaling_for(self, rank: int) -> float:
         return FLORA_SCALING
@@ -60,18 +62,17 @@ class Flora(HeteroRankStrategy):
         return self.fresh_factors(int(task.config["rank"]),
                                   torch.Generator().manual_seed(task.config["seed"]))
 
-    def aggregate(self, rnd: int, state: ServerState,
-                  replies: list[tuple[Task, Update]]) -> tuple[ServerState, dict[str, Any]]:
+    def aggregate(self, rnd: int, state: ServerState, replies: list[tuple[Task, Update]],
+                  weights: Sequence[float] | None = None) -> tuple[ServerState, dict[str, Any]]:
         layout = self.layout
         assert layout is not None
-        parts, p, tensors = self.unpack_replies(state, replies)
+        parts, p, tensors = self.unpack_replies(state, replies, weights)
         for i, m in enumerate(layout.modules):
             B, A = stack_lora([pt[1][i] for pt in parts], [pt[0][i] for pt in parts], p)
             name = f"merged.{m.name}"
             merged = state.tensors[name].to(torch.float64) + FLORA_SCALING * (
                 B.to(torch.float64) @ A.to(torch.float64))
             tensors[name] = merged.to(state.tensors[name].dtype)
-        self.aggregate_head(state, tensors, [pt[2] for pt in parts],
-                            [u.num_examples for _, u in replies])
+        self.aggregate_head(state, tensors, [pt[2] for pt in parts], p)
         extra = {**state.extra, "merges": int(state.extra.get("merges", 0)) + 1}
         return ServerState(tensors, extra), {"stacked_rank": sum(pt[3] for pt in parts)}

@@ -18,13 +18,15 @@ Every global state is kept so that loading it at the default scaling evaluates t
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..aggregation import data_weights, weighted_sum
+from ..aggregation import weighted_sum
 from ..client import ParamGroup
+from .. import privacy as dp
 from ..payload import InvalidPayload, flatten, unflatten
 from .base import ClientContext, ServerState, Strategy, Task, Update, check_finite, truncate_factor
 
@@ -148,28 +150,27 @@ class HeteroRankStrategy(Strategy):
     #: the server's aggregate is linear in the clients' products P_k = s_k B_k A_k (+ head delta)
     merges_products = False
 
-    def clip_update(self, task: Task, update: Update) -> Update:
+    def dp_clip(self, task: Task, update: Update, bound: float, mechanism: str,
+                central: bool) -> Update:
         """Central DP for FlexLoRA / FLoRA: bound what the aggregate actually sums.
 
         Their merged delta Σ_k p_k s_k B_k A_k is linear in the products P_k, not in the uploaded
         factors, so the clip bounds ‖(P_k per module, head delta)‖ ≤ C (L2; L1 for Laplace) by
         scaling B_k and the head delta by C / ‖·‖ — then removing one client moves the aggregate
-        by at most w_max·C, which is what the central noise z·C·w_max and the accountant assume.
-        Local mode keeps the factor-change clip of :class:`Strategy` (it protects the upload).
+        by at most w_k·C (w_k its fixed-denominator weight), which is what the central noise
+        and the accountant assume. Local mode keeps the factor-change clip of :class:`Strategy`
+        (it protects the upload itself).
         """
-        plan = self.privacy
-        if plan is None or plan.mode != "central" or not self.merges_products:
-            return super().clip_update(task, update)
+        if not central or not self.merges_products:
+            return super().dp_clip(task, update, bound, mechanism, central)
         a_list, b_list, head, rank = self.split(task, update)
         s = self.scaling_for(rank) or self.cfg.model.lora_alpha / self.layout.rank
         parts = [(s * (b.double() @ a.double())).reshape(-1) for a, b in zip(a_list, b_list)]
         parts += [h.double().reshape(-1) for h in head.values()]
-        from .. import privacy as dp
-
-        norm = dp.norm_of(torch.cat(parts), plan.mechanism) if parts else 0.0
+        norm = dp.norm_of(torch.cat(parts), mechanism) if parts else 0.0
         values = update.values.clone()
-        if norm > plan.clip:
-            factor = plan.clip / norm * (1 - 1e-6)
+        if norm > bound:
+            factor = bound / norm * (1 - 1e-6)
             n_a = sum(a.numel() for a in a_list)
             values[n_a:] = (values[n_a:].double() * factor).to(values.dtype)  # B's and the head
         return Update(update.client_id, update.num_examples, values, update.slots,
@@ -205,17 +206,18 @@ class HeteroRankStrategy(Strategy):
         head = unflatten(update.values[n_factor:], head_names, layout.shapes(head_names))
         return [fac[n] for n in a_names], [fac[n] for n in b_names], head, rank
 
-    def unpack_replies(self, state: ServerState, replies: list[tuple[Task, Update]]):
-        """(per-reply (A's, B's, head delta, rank), data weights p_k, a copy of the state's
-        tensors to write the new global into) — the common start of every aggregate here."""
+    def unpack_replies(self, state: ServerState, replies: list[tuple[Task, Update]],
+                       weights: Sequence[float] | None = None):
+        """(per-reply (A's, B's, head delta, rank), weights p_k (:meth:`round_weights`), a
+        copy of the state's tensors to write the new global into) — the common start of every
+        aggregate here."""
         assert self.layout is not None
         parts = [self.split(t, u) for t, u in replies]
-        return parts, data_weights([u.num_examples for _, u in replies]), dict(state.tensors)
+        return parts, self.round_weights(replies, weights), dict(state.tensors)
 
     def aggregate_head(self, state: ServerState, tensors: dict[str, Tensor],
-                       heads: list[dict[str, Tensor]], num_examples: list[int]) -> None:
-        """head += Σ_k p_k Δhead_k (data weights), in ``tensors``."""
+                       heads: list[dict[str, Tensor]], w: Sequence[float]) -> None:
+        """head += Σ_k p_k Δhead_k (the round's weights ``w``), in ``tensors``."""
         assert self.layout is not None
-        w = data_weights(num_examples)
         for n in self.layout.names("head"):
             tensors[n] = state.tensors[n] + weighted_sum([h[n] for h in heads], w)

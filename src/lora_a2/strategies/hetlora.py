@@ -35,6 +35,7 @@ value as the tail norm here.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -51,6 +52,7 @@ class HetLora(HeteroRankStrategy):
     """Rank r_k with self-pruning; server zero-pads and averages with ‖B_k A_k‖ weights."""
 
     name = "hetlora"
+    upload_size_public = False  # self-pruning lowers the rank from the client's own losses
 
     def current_rank(self, state: ServerState, client_id: int) -> int:
         return int(state.extra.get("ranks", {}).get(str(client_id), self.budgets[client_id]))
@@ -111,11 +113,11 @@ class HetLora(HeteroRankStrategy):
             raise InvalidPayload(f"upload's tail norm {tail!r} is not a finite number ≥ 0")
         super().validate(task, update)
 
-    def aggregate(self, rnd: int, state: ServerState,
-                  replies: list[tuple[Task, Update]]) -> tuple[ServerState, dict[str, Any]]:
+    def aggregate(self, rnd: int, state: ServerState, replies: list[tuple[Task, Update]],
+                  weights: Sequence[float] | None = None) -> tuple[ServerState, dict[str, Any]]:
         layout = self.layout
         assert layout is not None
-        parts, p, tensors = self.unpack_replies(state, replies)
+        parts, p, tensors = self.unpack_replies(state, replies, weights)
         norms = [[product_norm(b, a) for a, b in zip(pt[0], pt[1])] for pt in parts]  # [k][m]
         per_client = (norm_weights([sum(n) for n in norms], fallback=p)
                       if self.cfg.strategy.hetlora_weights == "client" else None)
@@ -124,8 +126,7 @@ class HetLora(HeteroRankStrategy):
             w = per_client or norm_weights([n[i] for n in norms], fallback=p)
             tensors[f"{m.name}.A"] = pad_and_average(As, w, layout.rank, axis=0)
             tensors[f"{m.name}.B"] = pad_and_average(Bs, w, layout.rank, axis=1)
-        self.aggregate_head(state, tensors, [pt[2] for pt in parts],
-                            [u.num_examples for _, u in replies])
+        self.aggregate_head(state, tensors, [pt[2] for pt in parts], p)
         extra = dict(state.extra)
         ranks, tails = dict(extra.get("ranks", {})), dict(extra.get("tails", {}))
         for (t, u), pt in zip(replies, parts):

@@ -16,15 +16,15 @@ from __future__ import annotations
 import math
 
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from ..aggregation import aggregate_slots, data_weights, weighted_sum
+from ..aggregation import aggregate_slots, weighted_sum
 from ..client import ParamGroup
 from ..payload import InvalidPayload, flatten, unflatten
-from .. import privacy as dp
-from ..selection import (factor_mask, gather_slots, private_top_k, scatter_slots, select_top_k,
+from ..selection import (factor_mask, gather_slots, scatter_slots, select_top_k,
                          selection_from_ids, slot_ids, slot_scores, slot_size)
 from .base import ClientContext, ServerState, Strategy, Task, Update, check_finite, register
 
@@ -37,6 +37,7 @@ class LoraA2(Strategy):
     central_dp = True
     paper_lr_ratio = 5.0  # the LoRA-A2 paper trains B at 5 × the learning rate of A
     selects_slots = True
+    upload_size_public = False  # its size is the selected slots' widths: chosen from the data
     secure_aggregation = True  # the selected slots scattered into the dense active factor
 
     def active_factor(self, rnd: int) -> str:
@@ -114,12 +115,11 @@ class LoraA2(Strategy):
                       meta={"loss": loss, "factor": factor})
 
     def select(self, scores: torch.Tensor, k: int, task: Task) -> torch.Tensor:
-        """The client's top-k slots: ε-DP under ``privacy.selection = "private"``, else the
-        plain top-k that never takes a slot with score 0 (it would get no gradient)."""
-        plan = self.privacy
-        if plan is not None and plan.selection == "private":
-            return private_top_k(scores, k, plan.selection_epsilon, dp.noise_generator(
-                self.cfg.seed, task.round, f"select/{task.client_id}"))
+        """The client's top-k slots: the installed :attr:`slot_selector` (the DP wrapper's
+        ε-DP selection under ``privacy.selection = "private"``), else the plain top-k that
+        never takes a slot with score 0 (it would get no gradient)."""
+        if self.slot_selector is not None:
+            return self.slot_selector(scores, k, task)
         return select_top_k(scores, k, positive_only=True)
 
     def stored_selection(self, ctx: ClientContext, task: Task) -> torch.Tensor | None:
@@ -196,12 +196,12 @@ class LoraA2(Strategy):
             tensors[n] = state.tensors[n] + delta[n]
         return ServerState(tensors, state.extra), {}
 
-    def aggregate(self, rnd: int, state: ServerState,
-                  replies: list[tuple[Task, Update]]) -> tuple[ServerState, dict[str, Any]]:
+    def aggregate(self, rnd: int, state: ServerState, replies: list[tuple[Task, Update]],
+                  weights: Sequence[float] | None = None) -> tuple[ServerState, dict[str, Any]]:
         layout = self.layout
         assert layout is not None
         factor = replies[0][0].config["factor"]
-        weights = data_weights([u.num_examples for _, u in replies])
+        weights = self.round_weights(replies, weights)
         parts = [self._split(t, u) for t, u in replies]
         summed = aggregate_slots(factor, [p[0] for p in parts], [p[1] for p in parts], weights,
                                  renormalize=self.cfg.strategy.renormalize)

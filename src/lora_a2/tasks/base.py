@@ -126,6 +126,10 @@ class LearningTask(ABC):
         """Metrics of the model's current state (the global test set, and per client where the
         task defines it). A ``samples`` entry, if any, goes to ``samples.jsonl``, not metrics."""
 
+    #: keys of :meth:`evaluate`'s metrics computed on the clients' own data (their label or
+    #: category mix, their held-out split): not part of a central-DP release
+    client_metric_keys: tuple[str, ...] = ()
+
     def evaluate_client(self, ctx) -> dict[str, Any]:
         """Metrics of one client's own model (already loaded), computed on the client: the
         shared test set and the client's own split (``ctx.test_data`` / ``ctx.local_test``).

@@ -51,6 +51,7 @@ class CausalLM(LearningTask):
     """Instruction tuning of a decoder LLM: loss on response tokens, ROUGE-L of greedy answers."""
 
     name = "causal-lm"
+    client_metric_keys = ("client_loss", "client_loss_mean")
     metric = "rouge_l"
     metric_label = "ROUGE-L (%)"
     peft_task_type = "CAUSAL_LM"

@@ -26,6 +26,7 @@ class Classification(LearningTask):
     """Sequence classification: text → one of K labels (encoders such as MiniLM, BERT)."""
 
     name = "classification"
+    client_metric_keys = ("local_accuracy", "local_accuracy_mean")
     metric = "accuracy"
     metric_label = "test accuracy (%)"
     peft_task_type = "SEQ_CLS"
