@@ -268,3 +268,25 @@ def test_private_top_k_of_nothing_and_epsilon_checks():
         with pytest.raises(ValueError, match="epsilon"):
             private_top_k(scores, 1, eps, gen)
     assert int(private_top_k(scores, 1, 0.5, gen).sum()) == 1  # ε below 1 is allowed
+
+
+@pytest.mark.parametrize("epsilon", [4.0, 16.0, 64.0])
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("kind", ["random", "special"])
+def test_private_top_k_matches_the_mechanism_where_the_scores_matter(epsilon, k, kind):
+    # At a large ε the noise (scale 2k/ε) is comparable to the utilities, so the noise scale,
+    # the normalisation and the treatment of non-finite or negative scores all show.
+    pool = torch.tensor([float("nan"), float("inf"), float("-inf"), -2.0, 0.5, 1.5, 3.0])
+    for seed in range(15):
+        g = torch.Generator().manual_seed(1000 + seed)
+        scores = (torch.rand(2, 4, generator=g) * 5 if kind == "random"
+                  else pool[torch.randint(0, 7, (2, 4), generator=g)])
+        got = private_top_k(scores, k, epsilon, torch.Generator().manual_seed(seed))
+        assert torch.equal(got, _gumbel_top_k(scores, k, epsilon, seed)), (scores, seed)
+
+
+def test_score_kind_is_compared_by_value_not_identity():
+    # a kind read from a config file is a fresh string object, not the interned literal
+    dB, A = [torch.full((4, 1), 1.0)], [torch.full((1, 9), 1.0)]
+    rms = slot_scores("B", dB, A, kind="".join(["r", "m", "s"]))
+    assert torch.allclose(rms, torch.ones(1, 1))  # ‖·‖ = 6, divided by √(4·9)
