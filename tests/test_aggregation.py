@@ -110,3 +110,15 @@ def test_aggregation_keeps_the_module_order_and_the_dtype():
     out = aggregate_slots("B", d, [sel, sel], [0.5, 0.5], renormalize=True)
     assert [o.shape for o in out] == [(2, 1), (3, 1)] and out[0].dtype == torch.float32
     assert torch.equal(out[0], torch.full((2, 1), 2.0)) and torch.equal(out[1], torch.ones(3, 1))
+
+
+def test_negative_example_counts_are_rejected():
+    with pytest.raises(ValueError, match="at least one example"):
+        data_weights([-1, -2])
+
+
+def test_weighted_sum_of_many_clients():
+    # more than 256 clients: the length check compares values, not small cached ints
+    n = 300
+    out = weighted_sum([torch.full((2,), float(k)) for k in range(n)], [1 / n] * n)
+    assert torch.allclose(out, torch.full((2,), (n - 1) / 2))
