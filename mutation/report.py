@@ -1,0 +1,201 @@
+"""Helpers of scripts/mutation.sh: the files a module's run depends on, and mutation/REPORT.md.
+
+    python mutation/report.py files MODULE          # the module's source and test files
+    python mutation/report.py reopen MODULE SESSION # forget SESSION's survivors, to re-test them
+    python mutation/report.py record MODULE MODE SECONDS COMMIT DIRTY  # after a run (MODE: full
+                                                    # or survivors), in the run's scratch copy
+    python mutation/report.py render                # mutation/sessions/* → mutation/REPORT.md
+
+Score = (killed + timed out) / total. cosmic-ray records a timed-out mutant as killed with the
+output "timeout"; the report counts those apart. Every survivor is listed with the reason it was
+judged equivalent or harmless in mutation/survivors.toml (matched by module, operator and the
+mutated source line), or as UNEXPLAINED.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import shlex
+import sqlite3
+import sys
+import tomllib
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+# In the checkout: scripts/mutation.sh sets it when it runs this file from its scratch copy.
+SESSIONS = Path(os.environ.get("MUTATION_SESSIONS", HERE / "sessions"))
+ORDER = ("selection", "aggregation", "lowrank", "payload", "validation", "budgets")
+
+
+def config(module: str) -> dict:
+    return tomllib.loads((HERE / f"{module}.toml").read_text())["cosmic-ray"]
+
+
+def files(module: str) -> list[str]:
+    cfg = config(module)
+    tests = {a.split("::")[0] for a in shlex.split(cfg["test-command"]) if a.startswith("tests/")}
+    return [cfg["module-path"], "tests/conftest.py", *sorted(tests)]
+
+
+def _sha256(module: str) -> str:
+    return hashlib.sha256(Path(config(module)["module-path"]).read_bytes()).hexdigest()
+
+
+def reopen(module: str, session: str) -> None:
+    """Mark the survivors of ``session`` as not run; refuse if the module changed since."""
+    meta = json.loads((SESSIONS / f"{module}.json").read_text())
+    if meta.get("module_sha256") != _sha256(module):
+        sys.exit(f"mutation: {config(module)['module-path']} changed since its last full run; "
+                 f"run scripts/mutation.sh {module}")
+    db = sqlite3.connect(session)
+    with db:
+        n = db.execute("DELETE FROM work_results WHERE test_outcome = 'SURVIVED'").rowcount
+    db.close()
+    print(f"mutation: re-testing {n} survivors of {module}")
+
+
+def record(module: str, mode: str, seconds: str, commit: str, dirty: str) -> None:
+    path = SESSIONS / f"{module}.json"
+    run = {"date": datetime.date.today().isoformat(), "commit": commit,
+           "dirty": [d for d in dirty.split(",") if d], "seconds": int(seconds)}
+    if mode == "full":
+        meta = {"module_sha256": _sha256(module), "full": run, "survivors": []}
+    else:
+        meta = json.loads(path.read_text())
+        meta["survivors"].append(run)
+    path.write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def _diff_lines(diff: str) -> tuple[list[str], list[str]]:
+    old = [ln[1:].strip() for ln in diff.splitlines() if ln.startswith("-") and not ln.startswith("---")]
+    new = [ln[1:].strip() for ln in diff.splitlines() if ln.startswith("+") and not ln.startswith("+++")]
+    return old, new
+
+
+def _notes() -> list[dict]:
+    path = HERE / "survivors.toml"
+    return tomllib.loads(path.read_text()).get("survivor", []) if path.exists() else []
+
+
+def _why(notes: list[dict], module: str, operator: str, new: list[str]) -> str | None:
+    for n in notes:
+        if n["module"] == module and n["operator"] == operator and n["mutated"].strip() in new:
+            return n["why"]
+    return None
+
+
+def module_results(module: str):
+    from cosmic_ray.work_db import WorkDB
+    from cosmic_ray.work_item import TestOutcome, WorkerOutcome
+
+    db = WorkDB(str(SESSIONS / f"{module}.sqlite"), WorkDB.Mode.open)
+    try:
+        counts = dict(killed=0, timeout=0, survived=0, incompetent=0, pending=0)
+        survivors, not_made = [], []
+        done = set()
+        for item, result in db.completed_work_items:
+            done.add(item.job_id)
+            if result.worker_outcome in (WorkerOutcome.SKIPPED, WorkerOutcome.NO_TEST):
+                continue
+            if result.worker_outcome != WorkerOutcome.NORMAL:
+                # cosmic-ray failed to make the mutant (no test ran): not a mutant, not counted
+                mut = item.mutations[0]
+                last = (result.output or "").strip().splitlines()[-1:] or ["?"]
+                not_made.append(f"line {mut.start_pos[0]}, {mut.operator_name.removeprefix('core/')}"
+                                f" ({last[0][:100]})")
+            elif result.test_outcome == TestOutcome.KILLED:
+                counts["timeout" if result.output == "timeout" else "killed"] += 1
+            elif result.test_outcome == TestOutcome.SURVIVED:
+                counts["survived"] += 1
+                mut = item.mutations[0]
+                old, new = _diff_lines(result.diff or "")
+                survivors.append(dict(line=mut.start_pos[0], operator=mut.operator_name,
+                                      old=old, new=new))
+            else:
+                counts["incompetent"] += 1
+        counts["pending"] = sum(1 for item in db.work_items if item.job_id not in done)
+    finally:
+        db.close()
+    counts["total"] = counts["killed"] + counts["timeout"] + counts["survived"] + counts["incompetent"]
+    counts["not_made"] = not_made
+    return counts, sorted(survivors, key=lambda s: (s["line"], s["operator"]))
+
+
+def render() -> str:
+    notes = _notes()
+    rows, sections = [], []
+    for module in ORDER:
+        if not (SESSIONS / f"{module}.sqlite").exists():
+            rows.append(f"| {module} | – | – | – | – | – | – | not run | |")
+            continue
+        meta = json.loads((SESSIONS / f"{module}.json").read_text())
+        c, survivors = module_results(module)
+        score = (c["killed"] + c["timeout"]) / c["total"] if c["total"] else float("nan")
+        runs = [("all mutants", meta["full"])] + [("survivors re-tested", r)
+                                                 for r in meta.get("survivors", [])]
+        ran = "; ".join(f"{what}: {r['date']}, commit `{r['commit']}`"
+                        + (f" + uncommitted {', '.join(r['dirty'])}" if r["dirty"] else "")
+                        for what, r in runs)
+        minutes = " + ".join(f"{r['seconds'] / 60:.1f}" for _, r in runs) + " min"
+        extra = []
+        if c["not_made"]:
+            extra.append(f"{len(c['not_made'])} mutant(s) cosmic-ray could not make, left out: "
+                         + "; ".join(c["not_made"]))
+        if c["incompetent"]:
+            extra.append(f"{c['incompetent']} incompetent (counted in total, not as killed)")
+        if c["pending"]:
+            extra.append(f"{c['pending']} NOT RUN (session incomplete)")
+        rows.append(f"| {module} | {c['killed']} | {c['timeout']} | {c['survived']} | {c['total']} "
+                    f"| **{100 * score:.1f} %** | {minutes} | {ran} "
+                    f"| {'; '.join(extra)} |")
+        lines = [f"### {module} ({len(survivors)} survivor{'s' if len(survivors) != 1 else ''})", ""]
+        if not survivors:
+            lines.append("None.")
+        for s in survivors:
+            why = _why(notes, module, s["operator"], s["new"])
+            old = " / ".join(f"`{x}`" for x in s["old"]) or "(nothing)"
+            new = " / ".join(f"`{x}`" for x in s["new"]) or "(line removed)"
+            op = s["operator"].removeprefix("core/")
+            lines.append(f"- line {s['line']}, {op}: {old} → {new}  \n"
+                         f"  {'**UNEXPLAINED**' if why is None else why}")
+        sections.append("\n".join(lines))
+    import cosmic_ray  # noqa: F401  (version for the header)
+    from importlib.metadata import version
+
+    head = [
+        "# Mutation testing report",
+        "",
+        f"Written by `scripts/mutation.sh` with cosmic-ray {version('cosmic-ray')}; how it works: "
+        "docs/DEVELOPMENT.md, \"Mutation testing\". Each module is mutated in a scratch copy of "
+        "the working tree and tested against only the fast unit tests named in its "
+        "`mutation/<module>.toml`, one mutant at a time.",
+        "",
+        "Score = (killed + timed out) / total. A survivor is listed with why it was judged "
+        "equivalent (no test can tell it apart) or harmless (it changes only an error message, or "
+        "a numerical tolerance within its documented accuracy); the reasons live in "
+        "`mutation/survivors.toml`.",
+        "",
+        "| module | killed | timed out | survived | total | score | time | run on | notes |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+        *rows,
+        "",
+        "## Survivors",
+        "",
+    ]
+    return "\n".join(head) + "\n\n".join(sections) + "\n"
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["files"]:
+        print("\n".join(files(sys.argv[2])))
+    elif sys.argv[1:2] == ["reopen"]:
+        reopen(*sys.argv[2:4])
+    elif sys.argv[1:2] == ["record"]:
+        record(*sys.argv[2:7])
+    elif sys.argv[1:2] == ["render"]:
+        (HERE / "REPORT.md").write_text(render())
+    else:
+        sys.exit(__doc__)

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Mutation testing of the pure core with cosmic-ray; writes mutation/REPORT.md.
+#
+#   scripts/mutation.sh [MODULE ...]               # default: every module below, in this order
+#   scripts/mutation.sh --survivors [MODULE ...]   # re-test only the last run's survivors
+#
+# One config per module, mutation/MODULE.toml: the file to mutate, a per-mutant timeout, and a
+# test command that runs only the fast unit tests covering it. Not part of CI (docs/DEVELOPMENT.md).
+# --survivors reuses mutation/sessions/MODULE.sqlite (refused if the module changed since):
+# adding tests can only turn survivors into kills, so the rest of the session stays valid.
+#
+# cosmic-ray edits the module on disk for each mutant. It runs here on a scratch copy of the
+# working tree (src, tests, pyproject.toml, mutation), with PYTHONPATH pointing at that copy, so the
+# checkout, and anyone running tests on it meanwhile, never sees a mutant. One worker, under
+# nice, torch on one thread: the machine is shared. Needs `pip install -e ".[test,mutation]"`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+VENV=${VENV:-$ROOT/.venv}
+PY=$VENV/bin/python
+ALL=(selection aggregation lowrank payload validation budgets)
+mode=full
+if [ "${1:-}" = "--survivors" ]; then mode=survivors; shift; fi
+mods=("$@")
+[ ${#mods[@]} -gt 0 ] || mods=("${ALL[@]}")
+for m in "${mods[@]}"; do
+  [ -f "mutation/$m.toml" ] || { echo "mutation.sh: no mutation/$m.toml (modules: ${ALL[*]})" >&2; exit 2; }
+  [ "$mode" = full ] || [ -f "mutation/sessions/$m.sqlite" ] || {
+    echo "mutation.sh: --survivors: $m has no session yet; run scripts/mutation.sh $m" >&2; exit 2; }
+done
+"$PY" -c "import cosmic_ray" 2>/dev/null || {
+  echo "mutation.sh: cosmic-ray is missing; run: $PY -m pip install -e '.[mutation]'" >&2; exit 2; }
+
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONDONTWRITEBYTECODE=1
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/lora-a2-mutation.XXXXXX")
+SERVER= CHILD=
+cleanup() {
+  [ -z "$CHILD" ] || kill "$CHILD" 2>/dev/null || true
+  [ -z "$SERVER" ] || kill "$SERVER" 2>/dev/null || true
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+# Long steps run in the background and are waited for, so that an interrupt stops them at once.
+run() { "$@" & CHILD=$!; local rc=0; wait "$CHILD" || rc=$?; CHILD=; return $rc; }
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+tar -C "$ROOT" --exclude=__pycache__ --exclude=.hypothesis --exclude=mutation/sessions \
+  -cf - src tests pyproject.toml mutation | tar -C "$WORK" -xf -
+ln -s "$VENV" "$WORK/.venv"
+mkdir -p "$ROOT/mutation/sessions"
+commit=$(git rev-parse --short HEAD)
+
+# The fork server keeps torch imported between mutants (mutation/fastpytest.py explains).
+export PYTHONPATH=$WORK/src MUTATION_PYTEST_SOCKET=$WORK/pytest.sock MUTATION_SESSIONS=$ROOT/mutation/sessions
+(cd "$WORK" && exec nice -n 15 "$PY" mutation/fastpytest.py serve "$MUTATION_PYTEST_SOCKET") \
+  >"$ROOT/mutation/sessions/server.log" 2>&1 &
+SERVER=$!
+for _ in $(seq 100); do [ -S "$MUTATION_PYTEST_SOCKET" ] && break; sleep 0.2; done
+[ -S "$MUTATION_PYTEST_SOCKET" ] || { echo "mutation.sh: the fork server did not start" >&2; exit 1; }
+
+cd "$WORK"
+for m in "${mods[@]}"; do
+  # The run's files that differ from HEAD (they are what was tested, not HEAD's version).
+  mapfile -t deps < <("$PY" mutation/report.py files "$m")
+  dirty=$(git -C "$ROOT" status --porcelain -- "${deps[@]}" | awk '{print $NF}' | paste -sd, -)
+  session=$WORK/$m.sqlite
+  log=$ROOT/mutation/sessions/$m.log
+  echo "mutation.sh: $m, $mode run ($(date '+%H:%M:%S'))"
+  start=$(date +%s)
+  if [ "$mode" = full ]; then
+    run nice -n 15 "$VENV/bin/cosmic-ray" init "mutation/$m.toml" "$session" --force
+  else
+    cp "$ROOT/mutation/sessions/$m.sqlite" "$session"
+    "$PY" mutation/report.py reopen "$m" "$session"
+  fi
+  if ! run nice -n 15 "$VENV/bin/cosmic-ray" baseline "mutation/$m.toml" >"$log.$mode" 2>&1; then
+    cat "$log.$mode" >&2; echo "mutation.sh: $m: the tests fail without any mutation" >&2; exit 1
+  fi
+  run nice -n 15 "$VENV/bin/cosmic-ray" exec "mutation/$m.toml" "$session" >>"$log.$mode" 2>&1
+  seconds=$(( $(date +%s) - start ))
+  cp "$session" "$ROOT/mutation/sessions/$m.sqlite"
+  "$PY" mutation/report.py record "$m" "$mode" "$seconds" "$commit" "$dirty"
+  echo "mutation.sh: $m done in ${seconds}s"
+done
+cd "$ROOT"
+"$PY" mutation/report.py render
+echo "mutation.sh: wrote mutation/REPORT.md"
