@@ -1,4 +1,5 @@
-"""Command line: ``lora-a2 run | config | strategies | bench | speed | generate``.
+"""Command line: ``lora-a2 run | config | strategies | bench | speed | generate |
+audit-privacy``.
 
 Every user mistake (bad flag, config key, value, data file) is one line on stderr and exit
 code 2; no traceback.
@@ -86,7 +87,30 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--steps", type=int, default=3, help="--causal-lm: timed steps")
     speed.add_argument("--batch-size", type=int, default=8, help="--causal-lm: batch size")
     speed.add_argument("--length", type=int, default=128, help="--causal-lm: tokens per row")
+    aud = sub.add_parser("audit-privacy",
+                         help="attack every DP mechanism's release and bound its ε from below")
+    aud.add_argument("--strategy", action="append", default=[], metavar="NAME",
+                     help="audit only this strategy (repeatable)")
+    aud.add_argument("--mode", action="append", default=[], choices=None, metavar="MODE",
+                     help="local or central (repeatable)")
+    aud.add_argument("--mechanism", action="append", default=[], metavar="MECH",
+                     help="gaussian, laplace or selection (repeatable)")
+    aud.add_argument("--plant", metavar="BUG",
+                     help="audit a deliberately broken mechanism instead (half-noise, "
+                          "no-server-clip, renormalised-weights, gumbel-scale): must exit 1")
+    aud.add_argument("--noise-multiplier", type=float, metavar="Z",
+                     help="audit every noise row at this z (default: per mechanism and mode)")
+    aud.add_argument("--quick", action="store_true",
+                     help="fewer draws (about 2 minutes on 2 cores); weaker bounds")
+    aud.add_argument("--json", metavar="FILE", help="also write the rows to this JSON file")
     return p
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from .audit import audit_command
+
+    return audit_command(args.strategy or None, args.mode or None, args.mechanism or None,
+                         args.plant, args.quick, args.json, args.noise_multiplier)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -254,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"run": _cmd_run, "config": _cmd_config, "strategies": _cmd_strategies,
                "bench": _cmd_bench, "speed": _cmd_speed,
-               "generate": _cmd_generate}[args.command]
+               "generate": _cmd_generate, "audit-privacy": _cmd_audit}[args.command]
     try:
         # bench only: its workers are the long background processes (and a cell's lock is
         # released on the way out); `run` keeps the default SIGTERM, which its atomic

@@ -1,83 +1,42 @@
-"""Client-level differential privacy for uploads: clipping, noise, calibration and accounting.
-
-What is protected
------------------
-One *client* (its whole local dataset), not one example. The mechanism acts on exactly the
-numbers a client transmits (:attr:`~lora_a2.strategies.base.Update.values`): for ``lora-a2``
-the selected slots of the active factor (+ the head delta when the head trains) — unselected
-slots are never sent, so they are never clipped or noised; for the dense baselines the full
-delta of the trained groups. Heterogeneous-rank baselines (``flexlora``, ``hetlora``, ``flora``)
-upload final factors, not deltas: there the clipped quantity is the *change the client made*,
-``values − reference``, where the reference is what the same upload would be had the client not
-trained (:meth:`~lora_a2.strategies.base.Strategy.upload_reference`: the downloaded factors
-truncated to the upload rank, or FLoRA's fresh seeded init), and the upload becomes
-``reference + clip(values − reference) + noise``.
-
-Not covered by the guarantee (sent in the clear, as in the paper): LoRA-A2's slot ids (which
-slots a client selected) unless ``privacy.selection = "private"`` (below), HetLoRA's rank and
-tail norm, and the client's example count (used for the data weights). In ``local`` mode the
-client's training loss is dropped from the upload header.
-
-Private slot selection (``privacy.selection = "private"``, local mode, LoRA-A2): the client picks
-its r_k·N slots with the one-shot Gumbel top-k mechanism (Durfee & Rogers, NeurIPS 2019;
-:func:`lora_a2.selection.private_top_k`), ``privacy.selection_epsilon`` = ε_sel-DP per client
-and round. The accountant composes it with the upload noise (see :meth:`PrivacyPlan.epsilon`),
-and each round's metrics carry ``selection_epsilon``, the selection's own share so far.
+"""Client-level differential privacy, the pure part: clipping, noise, the central estimator's
+weights, calibration and accounting. No strategy, no engine, no I/O: the DP wrapper
+(:class:`lora_a2.private.PrivateStrategy`) and the auditor (:mod:`lora_a2.audit`) both call
+these functions. docs/PRIVACY.md has the trust model of each mode.
 
 Mechanisms and sensitivities
 ----------------------------
 ``privacy.clip`` = C bounds the norm of each client's transmitted change: the **L2** norm for
 ``gaussian``; the **L1** norm for ``laplace`` (the Laplace mechanism is ε-DP with respect to
 L1 sensitivity; an L2 clip would only bound L1 by √d·C). ``privacy.noise_multiplier`` = z sets
-the noise scale relative to C: Gaussian std σ = z·C, Laplace scale b = z·C, per coordinate.
+the noise scale relative to the sensitivity unit:
 
-``local`` — trust model: the server (and anyone who sees uploads) is untrusted. Each client
-clips and adds the noise itself before encoding, so every upload is private on its own.
-Neighbouring inputs of one client's mechanism are any two of its possible (clipped) updates,
-so the sensitivity is 2C (replace-one): per round the Gaussian mechanism has effective noise
-multiplier z/2, the Laplace mechanism is pure ε₀ = 2/z. The server chooses who participates,
-so no amplification by sampling is claimed (sampling rate 1), and every round is counted
-(worst case: the client is sampled every round).
-
-``central`` — trust model: the server is trusted with individual (clipped, un-noised) updates;
-the adversary is anyone who sees the released global models after each round (other clients,
-the public: honest-but-curious observers). Clients clip (and the server clips again on
-arrival, so a client that does not clip cannot raise the sensitivity); after validation and
-aggregation the server adds one noise draw to the round's aggregate, on **every** coordinate
-the round could change (:meth:`~lora_a2.strategies.base.Strategy.noise_groups`: for ``lora-a2``
-every slot of the active factor, selected or not, + the head), so which coordinates move in the
-release does not depend on the data.
-Removing one client changes the data-weighted aggregate Σ w_k Δ_k by at most w_max·C (weights
-are treated as public: exact for equal-sized clients, where this is DP-FedAvg's w = 1/K), so the
-aggregate noise is σ = z·C·w_max (Laplace: b = z·C·w_max): noise multiplier z with respect to
-add/remove-one-client sensitivity, which is what the accountant assumes, with sampling rate
-q = clients_per_round / num_clients. For ``flexlora`` and ``flora`` the server merges
-Σ_k p_k s_k B_k A_k, so in central mode the clip bounds those products (and the head delta) —
-:meth:`~lora_a2.strategies.hetero.HeteroRankStrategy.clip_update` — and the noise lands on the
-merged delta. ``hetlora`` is refused: its weights ‖B_k A_k‖ / Σ_j ‖B_j A_j‖ depend on every
-upload, so no per-client bound on the aggregate's change exists.
-Central mode needs an aggregate that is linear in the
-uploads (each strategy declares it: ``Strategy.central_dp`` / ``dp_refusals``; ``lora-a2 strategies``
-lists them). Post-processing of the noised aggregate (FedSVD's SVD re-split) happens after the
-noise (``Strategy.finalize``).
+- ``local``: std (Laplace: scale) z·C on every sent value; neighbours replace one client's
+  update (+C against −C), so the sensitivity is 2C: multiplier z/2, Laplace ε₀ = 2/z per round,
+  sampling rate 1 (the server picks who takes part), every round counted.
+- ``central``: the fixed-denominator estimator of DP-FedAvg (McMahan, Ramage, Talwar, Zhang,
+  ICLR 2018; :func:`fixed_denominator_weights`) has add/remove-one-client sensitivity C/(qW)
+  (:func:`central_sensitivity`); std (Laplace: scale) z·C/(qW) on every entry the round can
+  change: multiplier z, Laplace ε₀ = 1/z per round, sampling rate q.
 
 Accounting
 ----------
 Gaussian: Opacus' RDP accountant (sampled Gaussian mechanism, Opacus' orders extended to 1024;
-it assumes Poisson sampling of
-clients at rate q — the engine samples a fixed-size set, the usual DP-FedAvg approximation),
-``steps`` = rounds so far. Laplace: per round pure ε₀ (central: amplified by sampling,
-ln(1 + q(e^ε₀ − 1))), composed over T rounds by the better of basic composition (T·ε₀, δ = 0)
-and advanced composition (Dwork–Rothblum–Vadhan: ε₀√(2T ln(1/δ)) + T·ε₀(e^ε₀ − 1), δ).
-The ε reported is therefore *total over the rounds so far*, not per round. (The paper reports
-ε ∈ {6, 3, 1} for its Laplace runs without saying how its ε composes over rounds; this module's
-ε is the whole run's.) A target ``privacy.epsilon`` is turned into z by calibration so that the
-planned ``train.rounds`` reach it (Opacus' ``get_noise_multiplier`` for Gaussian, bisection for
-Laplace).
+it assumes Poisson sampling of clients at rate q — the engine samples a fixed-size set, the
+usual DP-FedAvg approximation), ``steps`` = releases so far. Laplace: per round pure ε₀
+(central: amplified by sampling, ln(1 + q(e^ε₀ − 1))), composed over T rounds by the better of
+basic composition (T·ε₀, δ = 0) and advanced composition (Dwork–Rothblum–Vadhan:
+ε₀√(2T ln(1/δ)) + T·ε₀(e^ε₀ − 1), δ). The ε reported is the *total* over the releases so far,
+not per round (the paper reports ε ∈ {6, 3, 1} for its Laplace runs without saying how it
+composes). A target ``privacy.epsilon`` is turned into z by calibration so that the planned
+``train.rounds`` reach it (Opacus' ``get_noise_multiplier`` for Gaussian, bisection for Laplace).
+Private slot selection (LoRA-A2) is ε_sel-DP and (ε_sel²/8)-zCDP per round and composes with the
+upload noise (:meth:`PrivacyPlan.epsilon`).
 
-Noise is drawn from seeded :class:`torch.Generator` s (seed, round, client) so runs are
-reproducible. In a real deployment with an untrusted server the client's noise seed must be
-secret (the server knows the run seed); this simulation does not hide it.
+Noise
+-----
+Every draw takes a generator from :func:`noise_generator`: a fresh secret seed from the OS
+(``noise_source = "os"``, the default), or one derived from (seed, round, who) (``"seeded"``:
+reproducible, and therefore rebuildable by whoever holds the config).
 """
 
 from __future__ import annotations
