@@ -64,6 +64,7 @@ def test_pad_rank_refuses_to_shrink_and_truncate_rank_caps_at_what_is_there():
 def test_norm_weights_normalise_or_fall_back():
     assert norm_weights([1.0, 3.0], fallback=[0.5, 0.5]) == [0.25, 0.75]
     assert norm_weights([2, 2, 4], fallback=[0.0] * 3) == [0.25, 0.25, 0.5]
+    assert norm_weights([0.125, 0.375], fallback=[0.5, 0.5]) == [0.25, 0.75]  # Σ below 1
     for bad in ([0.0, 0.0], [-1.0, 0.5], [float("inf"), 1.0], [float("nan"), 1.0]):
         out = norm_weights(bad, fallback=[1, 3])
         assert out == [1.0, 3.0] and all(isinstance(w, float) for w in out)
@@ -91,9 +92,16 @@ def test_weighted_product_sum_is_the_explicit_sum(ranks, scaled, seed):
 def test_client_lists_must_match(fn):
     b, a = torch.ones(2, 1), torch.ones(1, 3)
     for Bs, As, w in (([], [], []), ([b], [a, a], [1.0]), ([b, b], [a, a], [1.0]),
-                      ([b, b], [a], [0.5, 0.5])):
+                      ([b, b], [a], [0.5, 0.5]), ([b], [a], [0.5, 0.5])):
         with pytest.raises(ValueError, match="one B, one A and one weight per client"):
             fn(Bs, As, w)
+    # more than 256 clients: the length checks compare values, not small cached ints
+    n = 300
+    fn([b] * n, [a] * n, [1 / n] * n)
+    with pytest.raises(ValueError, match="one B, one A and one weight per client"):
+        fn([b] * n, [a] * (n + 1), [1 / n] * n)
+    with pytest.raises(ValueError, match="one B, one A and one weight per client"):
+        fn([b] * n, [a] * n, [1 / n] * (n + 1))
 
 
 def _numpy_sv(W):
@@ -203,7 +211,7 @@ def test_gram_fallback_when_scipy_fails_too(monkeypatch, shape, scipy_result):
     assert err == pytest.approx(math.sqrt(float((sv[3:] ** 2).sum())), rel=1e-7)
 
 
-@pytest.mark.parametrize("shape", [(8, 5), (5, 8)])
+@pytest.mark.parametrize("shape", [(8, 5), (5, 5), (5, 8)])
 def test_gram_fallback_on_a_rank_deficient_matrix_is_finite_and_exact(monkeypatch, shape):
     import scipy.linalg
 
@@ -221,6 +229,9 @@ def test_gram_fallback_on_a_rank_deficient_matrix_is_finite_and_exact(monkeypatc
     assert torch.allclose(res.left @ res.right, W, atol=1e-9)
     assert res.singular_values[:2].numpy() == pytest.approx(_numpy_sv(W)[:2], rel=1e-8)
     assert float(res.singular_values[2:].abs().max()) < 1e-6
+    if shape[0] >= shape[1]:  # the eigenvectors of WᵀW: orthonormal right vectors, null ones too
+        assert torch.allclose(res.right @ res.right.T, torch.eye(4, dtype=torch.float64),
+                              atol=1e-8)
 
 
 # ---------------------------------------------------------------------- HetLoRA
