@@ -18,6 +18,7 @@ import datetime
 import hashlib
 import json
 import os
+import re
 import shlex
 import sqlite3
 import sys
@@ -81,8 +82,18 @@ def _notes() -> list[dict]:
 
 
 def _why(notes: list[dict], module: str, operator: str, new: list[str]) -> str | None:
+    """An entry names one mutant (``operator``, ``mutated``: the exact line) or a family of them
+    (``operator_regex``, ``mutated_regex``: regular expressions; ``module = "*"`` for any)."""
     for n in notes:
-        if n["module"] == module and n["operator"] == operator and n["mutated"].strip() in new:
+        if n["module"] not in (module, "*"):
+            continue
+        if "operator" in n and n["operator"] != operator:
+            continue
+        if "operator_regex" in n and not re.fullmatch(n["operator_regex"], operator):
+            continue
+        if "mutated" in n and n["mutated"].strip() in new:
+            return n["why"]
+        if "mutated_regex" in n and any(re.fullmatch(n["mutated_regex"], x) for x in new):
             return n["why"]
     return None
 
