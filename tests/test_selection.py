@@ -1,4 +1,4 @@
-"""Scores, one global top-k, masks, and the slot wire layout (DESIGN §2 step 4)."""
+"""Scores, one global top-k, masks, and the slot wire layout (docs/ALGORITHM.md §2.4, §2.5)."""
 
 import pytest
 import torch

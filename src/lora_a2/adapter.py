@@ -162,7 +162,7 @@ class ModelRuntime:
 
     # ------------------------------------------------------------------ state in and out
     def _init_lora(self, seed: int) -> None:
-        """B = 0, A ~ N(0, σ²) (DESIGN §2 step 1), drawn in module order from ``seed``."""
+        """B = 0, A ~ N(0, σ²) (docs/ALGORITHM.md §1.2), drawn in module order from ``seed``."""
         gen = torch.Generator().manual_seed(seed + 7919)
         with torch.no_grad():
             for name, p in self.params.items():

@@ -15,7 +15,7 @@ from .selection import factor_mask
 
 
 def data_weights(num_examples: Sequence[int]) -> list[float]:
-    """w_k = |D_k| / Σ_j |D_j| over the clients that replied this round (DESIGN §2 step 6)."""
+    """w_k = |D_k| / Σ_j |D_j| over the clients that replied this round (docs/ALGORITHM.md §1.1)."""
     total = float(sum(num_examples))
     if total <= 0:
         raise ValueError("aggregation weights need at least one example in the round")
@@ -35,7 +35,7 @@ def weighted_sum(tensors: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
 def aggregate_slots(active_factor: str, deltas: Sequence[Sequence[Tensor]],
                     selections: Sequence[Tensor], weights: Sequence[float],
                     renormalize: bool = False) -> list[Tensor]:
-    """LoRA-A2 aggregation of the active factor (DESIGN §2 step 6).
+    """LoRA-A2 aggregation of the active factor (docs/ALGORITHM.md §2.6).
 
     ``deltas[k][m]`` is client k's dense delta of module m's active factor, zero at slots it did
     not select; ``selections[k]`` its (N, r_G) boolean selection. Returns per module

@@ -3,7 +3,7 @@
 The loss comes from the run's task (:meth:`lora_a2.tasks.LearningTask.loss`); nothing here knows
 whether the model classifies or generates.
 
-Masked training (DESIGN §2 step 4e): only selected slots may change. Gradients of unselected
+Masked training (docs/ALGORITHM.md §2.4.5): only selected slots change. Gradients of unselected
 entries are zeroed before each optimiser step, and after each step every unselected entry is
 written back from the global value, so AdamW's weight decay and momentum cannot move it: the
 entry stays bit-identical to the global state.

@@ -1,6 +1,6 @@
 """Server math of the heterogeneous-rank baselines (FlexLoRA, HetLoRA, FLoRA). Pure tensor math.
 
-Notation (DESIGN §3a): a client k of rank r_k holds A_k (r_k × d_in) and B_k (d_out × r_k); its
+Notation (docs/ALGORITHM.md §1): client k of rank r_k holds A_k (r_k × d_in), B_k (d_out × r_k); its
 weight delta is s_k · B_k A_k. Weights w_k sum to 1 over the round's clients. Products and sums
 are accumulated in float64 and returned in the inputs' dtype.
 """

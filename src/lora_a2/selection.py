@@ -20,7 +20,7 @@ SLOT_SCORES = ("frobenius", "rms")
 
 def slot_scores(active_factor: str, delta: Sequence[Tensor], frozen: Sequence[Tensor],
                 kind: str = "frobenius") -> Tensor:
-    """Importance of every slot, DESIGN §2 step 4b (paper Eq. for the rank-wise contribution).
+    """Importance of every slot (docs/ALGORITHM.md §2.4.2; the paper's rank-wise score).
 
     B-round (``delta`` = ΔB_m, d_out × r; ``frozen`` = A_m, r × d_in):
         score(m, i) = ‖ΔB_m[:, i] A_m[i, :]‖_F = ‖ΔB_m[:, i]‖ · ‖A_m[i, :]‖.
@@ -56,7 +56,7 @@ def slot_scores(active_factor: str, delta: Sequence[Tensor], frozen: Sequence[Te
 def select_top_k(scores: Tensor, k: int, positive_only: bool = False) -> Tensor:
     """Boolean (N, r_G) selection of the k highest-scoring slots over the *whole* model.
 
-    One global top-k (DESIGN §2 step 4c): a module may receive 0 slots or all r_G of them.
+    One global top-k (docs/ALGORITHM.md §2.4.3): a module may receive 0 slots or all r_G of them.
     Ties are broken by slot order (stable sort), so the selection is deterministic.
     ``positive_only``: never select a slot whose score is 0 or not finite — such a slot's
     trained factor gets no gradient (in an A-round, a B column that is still zero), so its

@@ -1,6 +1,6 @@
 """FlexLoRA (Bai et al., NeurIPS 2024): full-delta aggregation, truncated SVD back to each rank.
 
-Rules as in the official code (DESIGN §3a); α = ``model.lora_alpha``, s_k = α / r_k:
+Rules as in the official code (docs/ALGORITHM.md §3.4); α = ``model.lora_alpha``, s_k = α / r_k:
 - client k trains A_k and B_k (both factors) at its own rank r_k with scaling s_k, and uploads
   its final A_k (r_k × d_in) and B_k (d_out × r_k) for every module (+ the head delta);
 - the server forms, per module, W_g = Σ_k p_k · s_k · B_k A_k (p_k = n_k / Σ n_j over the round's

@@ -1,6 +1,6 @@
 """FLoRA (Wang et al., NeurIPS 2024): stack the clients' adapters, merge into the base, restart.
 
-Rules as in the official code (DESIGN §3a):
+Rules as in the official code (docs/ALGORITHM.md §3.6):
 - every round each client starts a *fresh* LoRA at its rank r_k (A ~ N(0, σ²) from its own
   seed, σ as the runtime's init; B = 0) on top of the current merged base, trains A and B with
   scaling s = 2 (α_k = 2 r_k, so every client's s_k = α_k / r_k = 2), and uploads its final

@@ -1,6 +1,6 @@
 """HetLoRA (Cho et al., EMNLP 2024): zero-padding, norm-weighted factor averaging, self-pruning.
 
-Rules (paper §3 / Fig. 2, as summarised in DESIGN §3a):
+Rules (paper §3 / Fig. 2; docs/ALGORITHM.md §3.5):
 - **download**: the global rank-r_max adapter truncated to the client's current rank r_k
   (only those r_k slots travel);
 - **local training** of A and B at rank r_k with *rank self-pruning*: the loss gets
@@ -9,7 +9,7 @@ Rules (paper §3 / Fig. 2, as summarised in DESIGN §3a):
   it reported in its previous round, it prunes: r_k ← t, and uploads only the first t slots.
   First participation, r_k = 1, or ⌊γ r_k⌋ = r_k: no prune. γ = ``strategy.prune_gamma``
   (0.99), λ = ``strategy.prune_lambda`` (1e-3). A pruned rank is permanent (the server sends
-  the client r_k slots from then on). DESIGN writes the tail as [⌈γ r_k⌉:]; with γ = 0.99 and
+  the client r_k slots from then on). The tail [⌈γ r_k⌉:] would not do: with γ = 0.99 and
   r_k ≤ 16 that tail is empty and nothing could ever prune, so the tail here is exactly the
   slots the prune removes, [⌊γ r_k⌋:] (clamped to keep ≥ 1 slot).
   The client's rank and previous T are client state; this simulation keeps them on the server
@@ -25,7 +25,7 @@ Rules (paper §3 / Fig. 2, as summarised in DESIGN §3a):
 - **scaling**: one α / r_max for every client. The global adapter is one rank-r_max LoRA and a
   client's model is exactly its first r_k components, so no rescaling is needed on either side.
 
-Note: the pruning criterion's source is DESIGN §3a (recalled from the paper, not re-read here:
+Note: the pruning criterion is recalled from the paper (not re-read here:
 the paper's text could not be retrieved offline). Two third-party reimplementations (not the
 authors') use the regulariser Σ_m ‖A_m[t:]‖_F · ‖B_m[:, t:]‖_F with t = ⌊γ r⌋. With γ = 0.99
 and r ≤ 100 the tail is one slot, a rank-1 product b aᵀ, and ‖b aᵀ‖_F = ‖b‖ ‖a‖: the same

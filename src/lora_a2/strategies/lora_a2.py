@@ -1,6 +1,6 @@
 """LoRA-A2 (Koo, Jang, Ok — ACL 2025): alternating freeze + adaptive rank selection.
 
-Round t (1-indexed), DESIGN §2:
+Round t (1-indexed), docs/ALGORITHM.md §2:
 - odd t trains B with A frozen, even t trains A with B frozen (B first: while B = 0, A gets no
   gradient); lr_B = ``lr_ratio`` · lr_A;
 - each client probes (``probe_epochs`` of training of the active factor from the global state),
@@ -45,7 +45,7 @@ class LoraA2(Strategy):
 
     # -- server → client ------------------------------------------------------
     def configure(self, rnd: int, client_id: int, state: ServerState) -> Task:
-        # The full global A and B (rank r_G) go to every client (DESIGN §2 step 7).
+        # The full global A and B (rank r_G) go to every client (docs/ALGORITHM.md §2.7).
         return self.make_task(rnd, client_id, state, ["A", "B"] + self.head_groups(),
                               factor=self.active_factor(rnd))
 
