@@ -147,3 +147,33 @@ def test_flatten_order_dtype_and_empty():
     back = unflatten(torch.arange(7.0), ["x", "y", "z"], [(2, 2), (0,), torch.Size([3])])
     assert back["x"].tolist() == [[0.0, 1.0], [2.0, 3.0]] and back["y"].numel() == 0
     assert back["z"].tolist() == [4.0, 5.0, 6.0]
+
+
+def test_scalar_tensors_are_rejected():
+    from safetensors.torch import save
+
+    with pytest.raises(InvalidPayload, match="'values' must be a 1-D float32 tensor"):
+        decode(save({"values": torch.tensor(1.0)}))
+    with pytest.raises(InvalidPayload, match="'slots' must be a 1-D int32 tensor"):
+        decode(save({"values": torch.zeros(1), "slots": torch.tensor(3, dtype=torch.int32)}))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 4), min_size=0, max_size=3), min_size=1, max_size=6))
+def test_flatten_unflatten_round_trip(shapes):
+    names = [f"t{i}" for i in range(len(shapes))]
+    tensors, start = {}, 0
+    for n, s in zip(names, shapes):  # consecutive values, so every slice boundary shows
+        size = int(torch.Size(s).numel())
+        tensors[n] = torch.arange(start, start + size, dtype=torch.float32).reshape(s)
+        start += size
+    flat = flatten(tensors, names)
+    assert torch.equal(flat, torch.arange(start, dtype=torch.float32))
+    back = unflatten(flat, names, shapes)
+    assert list(back) == names and all(torch.equal(back[n], tensors[n]) for n in names)
+
+
+def test_unflatten_length_check_past_256_values():
+    with pytest.raises(InvalidPayload, match="expected 300 values, got 299"):
+        unflatten(torch.zeros(299), ["a"], [(300,)])
+    assert unflatten(torch.zeros(300), ["a"], [(3, 100)])["a"].shape == (3, 100)
