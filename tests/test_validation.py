@@ -120,3 +120,19 @@ def test_norm_bound_accepts_exactly_the_uploads_within_it(values, ratio):
         assert "exceeds the bound" in str(e)
         accepted = False
     assert accepted == within
+
+
+def test_limits_are_immutable():
+    import dataclasses
+
+    limits = UploadLimits(max_bytes=10, max_norm=1.0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        limits.max_norm = 0.0
+    assert hash(limits) == hash(UploadLimits(max_bytes=10, max_norm=1.0))
+
+
+def test_client_ids_are_compared_by_value():
+    # ids above 256 are not cached ints: an identity check would reject the right client
+    task = Task(round=1, client_id=1000, config={}, download={})
+    up = receive_upload(Stub(), task, blob([1.0], client=int("1000")), UploadLimits())
+    assert up.client_id == 1000
