@@ -110,3 +110,16 @@ def test_resolve_an_int_a_list_or_a_name():
     assert all(type(b) is int for b in B.resolve([1, 2.0], 2, 16, seed=0))
     assert B.resolve("normal", 9, 8, seed=3) == B.draw("normal", 9, 8, seed=3)
     assert B.resolve(2, 0, 16, seed=0) == []
+
+
+@pytest.mark.parametrize("name", ["binomial", "exponential", "mixed", "heavy", "uniform2", ""])
+def test_names_near_the_valid_ones_are_rejected(name):
+    with pytest.raises(ValueError, match="unknown rank distribution"):
+        B.probabilities(name, 16)
+
+
+@pytest.mark.parametrize("name", B.DISTRIBUTIONS)
+def test_names_are_compared_by_value(name):
+    # a name read from a config file is a fresh string object, not the interned literal
+    fresh = "".join(list(name))
+    assert B.probabilities(fresh, 16) == B.probabilities(name, 16)
