@@ -14,6 +14,7 @@ mutated source line), or as UNEXPLAINED.
 
 from __future__ import annotations
 
+import ast
 import datetime
 import hashlib
 import json
@@ -41,16 +42,29 @@ def files(module: str) -> list[str]:
     return [cfg["module-path"], "tests/conftest.py", *sorted(tests)]
 
 
-def _sha256(module: str) -> str:
-    return hashlib.sha256(Path(config(module)["module-path"]).read_bytes()).hexdigest()
+def code_fingerprint(source: str) -> str:
+    """SHA-256 of the module's code: its AST without docstrings, so an edit of docs or comments
+    keeps a session valid (cosmic-ray finds a mutant by operator and occurrence, and strings and
+    comments are never mutated)."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(body, list) and body and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return hashlib.sha256(ast.dump(tree).encode()).hexdigest()
+
+
+def _fingerprint(module: str) -> str:
+    return code_fingerprint(Path(config(module)["module-path"]).read_text())
 
 
 def reopen(module: str, session: str) -> None:
     """Mark the survivors of ``session`` as not run; refuse if the module changed since."""
     meta = json.loads((SESSIONS / f"{module}.json").read_text())
-    if meta.get("module_sha256") != _sha256(module):
-        sys.exit(f"mutation: {config(module)['module-path']} changed since its last full run; "
-                 f"run scripts/mutation.sh {module}")
+    if meta.get("module_code_sha256") != _fingerprint(module):
+        sys.exit(f"mutation: the code of {config(module)['module-path']} changed since its last "
+                 f"full run; run scripts/mutation.sh {module}")
     db = sqlite3.connect(session)
     with db:
         n = db.execute("DELETE FROM work_results WHERE test_outcome = 'SURVIVED'").rowcount
@@ -63,7 +77,7 @@ def record(module: str, mode: str, seconds: str, commit: str, dirty: str) -> Non
     run = {"date": datetime.date.today().isoformat(), "commit": commit,
            "dirty": [d for d in dirty.split(",") if d], "seconds": int(seconds)}
     if mode == "full":
-        meta = {"module_sha256": _sha256(module), "full": run, "survivors": []}
+        meta = {"module_code_sha256": _fingerprint(module), "full": run, "survivors": []}
     else:
         meta = json.loads(path.read_text())
         meta["survivors"].append(run)
