@@ -42,7 +42,7 @@ def tiny_setup(sets: list[str], clients: int, n: int = 90, max_length: int = 24)
     """(cfg, strategy, runtime, client contexts) on the tiny random BERT and synthetic texts,
     the clients holding equal contiguous shares of ``n`` examples."""
     from lora_a2.adapter import ModelRuntime
-    from lora_a2.tasks.classification import encode_texts
+    from lora_a2.tasks.classification import Classification, encode_texts
     from lora_a2.config import load_config
     from lora_a2.private import build_strategy
     from lora_a2.strategies.base import ClientContext
@@ -50,7 +50,8 @@ def tiny_setup(sets: list[str], clients: int, n: int = 90, max_length: int = 24)
     cfg = load_config(None, ["model.name='tiny-random-bert'", "strategy.global_rank=4",
                              f"data.num_clients={clients}", *sets])
     s = build_strategy(cfg)  # the DP wrapper around the strategy when privacy is on
-    rt = ModelRuntime(cfg.model, 3, s.lora_rank(), cfg.seed, torch.device("cpu"))
+    rt = ModelRuntime(cfg.model, 3, s.lora_rank(), cfg.seed, torch.device("cpu"),
+                      task=Classification(cfg))
     s.bind(rt.layout)
     texts, labels = synthetic_texts(n)
     enc = encode_texts(rt.tokenizer, texts, labels, max_length)

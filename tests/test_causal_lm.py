@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from lora_a2.cli import main
-from lora_a2.config import load_config
+from lora_a2.checks import load_config
 from lora_a2.errors import UserError
 from lora_a2.report import read_metrics
 
@@ -206,7 +206,13 @@ def test_gradient_checkpointing_and_bf16_train_the_same_factors(instr_json):
     plain = grads[()]
     assert plain.abs().sum() > 0
     assert torch.allclose(grads[("model.gradient_checkpointing=true",)], plain, atol=1e-6)
-    assert torch.allclose(grads[("model.dtype=bfloat16",)], plain, rtol=0.1, atol=1e-3)
+    # bfloat16 base weights: the same gradient to bf16's precision — measured relative to the
+    # gradient's own size (an absolute tolerance above the gradients' ≈1e-4 would pass zeros)
+    bf16 = grads[("model.dtype=bfloat16",)].double()
+    rel = float((bf16 - plain.double()).norm() / plain.double().norm())
+    assert rel < 0.1, rel
+    assert float(torch.nn.functional.cosine_similarity(bf16.reshape(1, -1),
+                                                       plain.double().reshape(1, -1))) > 0.99
 
 
 def test_client_loss_weights_its_categories_by_its_examples():

@@ -3,7 +3,8 @@
 import pytest
 
 from lora_a2.cli import main
-from lora_a2.config import Config, all_keys, load_config
+from lora_a2.checks import load_config  # schema, ranges and every component's checks
+from lora_a2.config import Config, all_keys
 from lora_a2.errors import UserError
 
 STABLE_KEYS = """seed model.name model.max_length model.head data.name data.text_column
@@ -30,7 +31,7 @@ def test_toml_file_and_overrides(tmp_path):
                  '[train]\nrounds = 2\n')
     cfg = load_config(p, ["data.num_clients=2", "strategy.name=fl-lora", "train.rounds=4"])
     assert cfg.seed == 3 and cfg.data.alpha == 0.5 and cfg.train.rounds == 4
-    assert cfg.strategy.name == "fl-lora" and cfg.budgets() == [1, 2]
+    assert cfg.strategy.name == "fl-lora" and cfg.strategy.rank_budget == [1, 2]
     # the resolved config round-trips through TOML
     again = tmp_path / "again.toml"
     again.write_text(cfg.to_toml())

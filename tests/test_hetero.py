@@ -15,11 +15,13 @@ import torch.nn.functional as F
 
 from lora_a2 import budgets as B
 from lora_a2.cli import main
-from lora_a2.config import load_config
+from lora_a2.checks import load_config
+from lora_a2.config import RANK_DISTRIBUTIONS
 from lora_a2.errors import UserError
 from lora_a2.lowrank import (norm_weights, pad_and_average, pad_rank, prune_decision, pruned_rank,
                              stack_lora, truncate_rank, truncated_svd, weighted_product_sum)
 from lora_a2.payload import decode, encode
+from lora_a2.strategies import get_strategy
 from lora_a2.strategies.base import Task, Update
 
 from conftest import tiny_setup
@@ -305,8 +307,9 @@ def test_budget_distributions_reproducible_and_shaped():
     assert set(drawn) <= {1, 2, 4, 8} and len(drawn) == 30  # capped at r_G
     cfg = load_config(None, ["strategy.rank_budget=heavy-tail", "data.num_clients=12",
                              "strategy.global_rank=16", "seed=5"])
-    assert cfg.budgets() == B.draw("heavy-tail", 12, 16, seed=5)
-    assert load_config(None, ["strategy.rank_budget=3"]).budgets() == [3] * 10
+    assert get_strategy(cfg).budgets == B.draw("heavy-tail", 12, 16, seed=5)
+    assert get_strategy(load_config(None, ["strategy.rank_budget=3"])).budgets == [3] * 10
+    assert B.DISTRIBUTIONS == RANK_DISTRIBUTIONS
 
 
 @pytest.mark.parametrize("sets,needle", [

@@ -7,9 +7,10 @@ import torch
 
 from lora_a2.adapter import ModelRuntime
 from lora_a2.cli import main
-from lora_a2.config import load_config
+from lora_a2.checks import load_config
 from lora_a2.errors import UserError
 from lora_a2.models import load_base_model, tiny_random_bert
+from lora_a2.tasks.classification import Classification
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def test_float32_by_default_whatever_the_checkpoint_stores(bf16_folder):
 
 def test_auto_keeps_the_checkpoint_dtype_and_lora_stays_float32(bf16_folder):
     cfg = load_config(None, [f"model.name={bf16_folder}", "model.dtype=auto"])
-    rt = ModelRuntime(cfg.model, 3, 4, 0, torch.device("cpu"))
+    rt = ModelRuntime(cfg.model, 3, 4, 0, torch.device("cpu"), task=Classification(cfg))
     base = [p for n, p in rt.model.named_parameters() if "lora_" not in n]
     assert {p.dtype for p in base} == {torch.bfloat16}
     assert {p.dtype for n, p in rt.params.items() if n.endswith((".A", ".B"))} == {torch.float32}

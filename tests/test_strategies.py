@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lora_a2.client import ParamGroup, train_local
-from lora_a2.config import load_config
+from lora_a2.checks import load_config
 from lora_a2.payload import InvalidPayload, decode, encode
 from lora_a2.selection import selection_from_ids, slot_size
 from lora_a2.strategies import get_strategy

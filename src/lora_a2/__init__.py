@@ -55,7 +55,8 @@ def load_config(path: str | Path | None = None,
     them, or one string of space-separated pairs (``"data.alpha=0.5 train.rounds=2"``).
     A bad key or value raises :class:`lora_a2.UserError` with a one-line message.
     """
-    from .config import load_config as _load, overrides_to_sets
+    from .checks import load_config as _load
+    from .config import overrides_to_sets
 
     return _load(path, overrides_to_sets(overrides))
 
@@ -71,7 +72,7 @@ def run(config: Config | str | Path | dict[str, Any] | None = None, *,
     import time
 
     from .config import Config as _Config
-    from .runner import run_experiment
+    from .launch import run as _launch
 
     if isinstance(config, _Config):
         cfg = config if overrides is None else _apply_overrides(config, overrides)
@@ -81,14 +82,15 @@ def run(config: Config | str | Path | dict[str, Any] | None = None, *,
         cfg = load_config(config, overrides)
     if out is None:
         out = Path("runs") / (time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.strategy.name}")
-    return run_experiment(cfg, Path(out), overwrite=overwrite, progress=progress)
+    return _launch(cfg, Path(out), overwrite=overwrite, progress=progress)
 
 
 def resume(run_dir: str | Path, *, progress: bool = False) -> dict[str, Any]:
     """Continue a crashed or stopped run after its last complete round; its summary."""
-    from .runner import resume_config, run_experiment
+    from .launch import run as _launch
+    from .runner import resume_config
 
-    return run_experiment(resume_config(Path(run_dir)), Path(run_dir), progress=progress,
+    return _launch(resume_config(Path(run_dir)), Path(run_dir), progress=progress,
                           resume=True)
 
 
@@ -123,6 +125,7 @@ def _as_dict(overrides: Any) -> dict[str, Any]:
 
 
 def _apply_overrides(cfg: Config, overrides: Any) -> Config:
+    from .checks import check_config
     from .config import config_from_dict, overrides_to_sets
 
-    return config_from_dict(cfg.to_dict(), overrides_to_sets(overrides))
+    return check_config(config_from_dict(cfg.to_dict(), overrides_to_sets(overrides)))

@@ -8,8 +8,8 @@ Federated parameter names (the keys of every global state):
 - ``head.<param>`` for the classifier head when it is trained (``model.head = "trained"``);
 - ``full.<param>`` for every model parameter under ``fedavg-full`` (no LoRA);
 - ``merged.<module>`` (d_out × d_in): a dense additive delta on a target module's frozen base
-  weight, for methods that merge into the base (FLoRA) or keep a full-rank global delta
-  (FlexLoRA). Loading one sets W = W0 + Δ on that module (:meth:`ModelRuntime.set_weight_delta`).
+  weight, for methods that merge into the base (FLoRA, FedEx-LoRA's residual) or keep a
+  full-rank global delta (FlexLoRA). Loading one sets W = W0 + Δ on that module (:meth:`ModelRuntime.set_weight_delta`).
 """
 
 from __future__ import annotations
@@ -18,12 +18,16 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from .config import Config, ModelConfig
+from .config import ModelConfig
 from .models import LoraModule, find_target_modules
+
+if TYPE_CHECKING:  # annotations only: tasks build on the runtime, not the reverse
+    from .tasks.base import LearningTask
 
 GROUPS = ("A", "B", "head", "full", "merged")
 
@@ -89,15 +93,11 @@ class ModelRuntime:
     seed : seeds the random head and A's init, so every process builds the same start.
     device : where the model runs.
     task : the run's :class:`~lora_a2.tasks.LearningTask` (loads the base model, gives the loss
-        and PEFT's task type); default: classification with these model options.
+        and PEFT's task type).
     """
 
     def __init__(self, cfg: ModelConfig, num_labels: int, lora_rank: int | None, seed: int,
-                 device: torch.device, task=None) -> None:
-        if task is None:
-            from .tasks.classification import Classification
-
-            task = Classification(Config(model=cfg))
+                 device: torch.device, task: LearningTask) -> None:
         self.cfg = cfg
         self.task = task
         self.device = device

@@ -59,7 +59,7 @@ from .private import PrivateStrategy, resolve_plan
 from .selection import private_top_k
 from .strategies import REGISTRY, load_all
 from .strategies.base import ClientContext, ServerState, Task, Update
-from .tasks.classification import encode_texts
+from .tasks.classification import Classification, encode_texts
 
 MODES = ("local", "central")
 MECHANISMS = ("gaussian", "laplace", "selection")
@@ -222,7 +222,8 @@ def federation(name: str, seed: int) -> Federation:
     cfg = load_config(None, _sets(name, seed))
     inner = REGISTRY[name](cfg)
     torch.manual_seed(seed)
-    rt = ModelRuntime(cfg.model, 3, inner.lora_rank(), seed, torch.device("cpu"))
+    rt = ModelRuntime(cfg.model, 3, inner.lora_rank(), seed, torch.device("cpu"),
+                      task=Classification(cfg))
     inner.bind(rt.layout)
     rng = np.random.default_rng(seed)
     n = 10 * NUM_CLIENTS

@@ -37,7 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import load_config
+from . import launch
+from .checks import load_config
 from .errors import UserError
 from .report import atomic_write_text
 
@@ -252,13 +253,11 @@ def _take_lock(path: Path) -> bool:
 
 
 def _run_locked(cell: Cell, cell_dir: Path) -> tuple[str, dict[str, Any] | None]:
-    from .runner import run_experiment
-
     resume = (cell_dir / "config.toml").exists()
     try:
         cfg = load_config(None, _to_sets(cell.overrides))  # a bad value fails this cell only
-        summary = run_experiment(cfg, cell_dir, overwrite=not resume, progress=False,
-                                 resume=resume)
+        summary = launch.run(cfg, cell_dir, overwrite=not resume, progress=False,
+                             resume=resume)
     except UserError as e:
         cell_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(cell_dir / "error.txt", f"{e}\n")

@@ -114,21 +114,23 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .config import load_config, split_sets
-    from .runner import print_summary, resume_config, run_experiment
+    from .checks import load_config
+    from .config import split_sets
+    from .launch import run
+    from .runner import print_summary, resume_config
 
     if args.resume:
         if args.config or args.set or args.out or args.overwrite:
             raise UserError("--resume DIR continues a run with its own config; "
                             "do not combine it with --config, --set, --out or --overwrite")
-        summary = run_experiment(resume_config(args.resume), Path(args.resume),
-                                 progress=not args.quiet, resume=True)
+        summary = run(resume_config(args.resume), Path(args.resume), progress=not args.quiet,
+                      resume=True)
         print_summary(summary)
         return 0
     cfg = load_config(args.config, split_sets(args.set))
     out = Path(args.out) if args.out else Path("runs") / (
         time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.strategy.name}")
-    summary = run_experiment(cfg, out, overwrite=args.overwrite, progress=not args.quiet)
+    summary = run(cfg, out, overwrite=args.overwrite, progress=not args.quiet)
     print_summary(summary)
     return 0
 
@@ -215,7 +217,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    from .config import load_config, split_sets
+    from .checks import load_config
+    from .config import split_sets
 
     print(load_config(args.config, split_sets(args.set)).to_toml(), end="")
     return 0

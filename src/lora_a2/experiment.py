@@ -18,6 +18,7 @@ from .client import EncodedData
 from .config import Config
 from .data import partition
 from .models import pick_device
+from .checks import check_config
 from .private import PrivateStrategy, build_strategy
 from .strategies import Strategy
 from .strategies.base import ClientContext
@@ -71,6 +72,7 @@ def split_local_test(parts: list[np.ndarray], fraction: float, seed: int):
 
 def prepare(cfg: Config) -> Experiment:
     """Load and encode the data, build the model and the strategy, partition the clients."""
+    check_config(cfg)  # the components' checks, whoever built cfg
     if cfg.engine.threads:
         torch.set_num_threads(cfg.engine.threads)
     d = cfg.data

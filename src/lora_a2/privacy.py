@@ -51,15 +51,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .config import MECHANISMS, MODES, NOISE_SOURCES  # noqa: F401  (re-exported: the schema)
 from .errors import UserError
 
-MECHANISMS = ("none", "gaussian", "laplace")
-MODES = ("local", "central")
-#: where noise (local, central, private selection) comes from: ``os`` = a fresh secret seed
-#: from the operating system's CSPRNG for every draw (the default: nobody can rebuild the
-#: noise); ``seeded`` = derived from the run seed (exact resume and engine-equivalence tests,
-#: but anyone who holds the config can rebuild and subtract the noise)
-NOISE_SOURCES = ("os", "seeded")
 
 
 # ---------------------------------------------------------------------- pure mechanisms

@@ -47,7 +47,7 @@ from .aggregation import data_weights
 from .config import Config, clients_per_round
 from .errors import UserError
 from .selection import private_top_k
-from .strategies import Strategy, get_strategy
+from .strategies import REGISTRY, Strategy, get_strategy
 from .strategies.base import ClientContext, ServerState, Task, Update
 
 class PrivateStrategy:
@@ -250,6 +250,33 @@ def sample_rate(cfg: Config) -> float:
 def resolve_plan(cfg: Config) -> dp.PrivacyPlan | None:
     """The run's DP plan (None without DP)."""
     return dp.resolve(cfg.privacy, cfg.train.rounds, sample_rate(cfg))
+
+
+def check_config(cfg: Config) -> None:
+    """The privacy checks that need a strategy or the accountant (one-line
+    :class:`UserError`): private selection needs a strategy that selects slots, the strategy
+    must support the mode, a target ε must be reachable with the private selection."""
+    p, t = cfg.privacy, cfg.train
+    cls = REGISTRY[cfg.strategy.name]
+    if p.selection == "private" and not cls.selects_slots:
+        raise UserError(f"config key 'privacy.selection' 'private' applies to strategies that "
+                        f"select slots from client data (lora-a2); '{cfg.strategy.name}' selects "
+                        f"none, got {p.selection!r}")
+    if p.mechanism == "none":
+        return
+    if p.selection == "private" and p.epsilon is not None:
+        floor = dp.PrivacyPlan(p.mechanism, p.mode, p.clip, 1e12, p.delta, 1.0, t.rounds, None,
+                               "private", float(p.selection_epsilon)).epsilon(t.rounds)
+        if floor >= p.epsilon:
+            raise UserError(f"config key 'privacy.epsilon': {p.epsilon:g} is not reachable: the "
+                            f"private selection alone spends ε = {floor:.3g} over {t.rounds} "
+                            f"rounds (lower privacy.selection_epsilon or raise privacy.epsilon)")
+    refusal = cls.dp_refusal(p.mode)
+    if refusal:
+        ok = sorted(n for n, c in REGISTRY.items() if not c.dp_refusal(p.mode))
+        raise UserError(f"config key 'privacy.mode': '{p.mode}' DP is not available with "
+                        f"strategy '{cfg.strategy.name}': {refusal} (it is with "
+                        f"{', '.join(ok)})")
 
 
 def build_strategy(cfg: Config) -> Strategy | PrivateStrategy:

@@ -53,9 +53,9 @@ from typing import Any
 from ..config import Config, clients_per_round, load_config
 from ..errors import UserError
 from ..payload import InvalidPayload, decode, encode
-from ..strategies.base import ServerState, Task, Update
-from ..validation import UploadLimits, receive_upload
-from .local import drops_out, round_record, sample_clients
+from ..rounds import Reply, RoundPlan, Transport, eval_reply, round_record, run_round
+from ..runner import run_experiment
+from ..strategies.base import ServerState, Task
 
 log = logging.getLogger(__name__)
 
@@ -240,8 +240,6 @@ def client_evaluate(msg, context):
     tensors, and answer with the metrics of that model."""
     from flwr.app import Message
 
-    from .local import eval_reply
-
     exp = _experiment(str(msg.content.config_records[CONFIG_RECORD]["config"]))
     task = Task.from_payload(decode(unpack(msg.content)), exp.runtime.layout)
     pid = partition_of(context)
@@ -275,9 +273,10 @@ def make_client_app():
 
 
 # ---------------------------------------------------------------------- server side
-class FlowerRounds:
-    """Round function for :func:`lora_a2.runner.run_experiment` that moves the messages
-    through a Flower ``Grid`` (same signature and record as ``engines.local.run_round``)."""
+class FlowerRounds(Transport):
+    """The Flower transport under the one round loop (:mod:`lora_a2.rounds`), and the round
+    function :func:`lora_a2.runner.run_experiment` calls: it moves the messages through a
+    Flower ``Grid``."""
 
     def __init__(self, grid, cfg: Config, connect_timeout_s: float | None = None) -> None:
         self.grid = grid
@@ -337,157 +336,100 @@ class FlowerRounds:
             log.warning(w)
         return warnings
 
-    # -- one round ------------------------------------------------------------
+    # -- the transport under the one round loop (lora_a2.rounds) ---------------
     def __call__(self, exp, rnd: int, state: ServerState,
                  on_client: Callable[[int], None] | None = None
                  ) -> tuple[ServerState, dict[str, Any]]:
+        """One round of :func:`lora_a2.rounds.run_round` over Flower's Grid."""
+        return run_round(exp, rnd, state, self, on_client)
+
+    def begin_round(self, exp, rnd: int) -> None:
+        t0 = time.perf_counter()
+        self._query_before = self.query_bytes
+        self._node_warnings = self.discover(wait=not self.known)
+        self._discover_s = time.perf_counter() - t0  # round 1: waits for Ray and the nodes
+        self._down = self._up = 0
+        self._timing: dict[str, Any] = {}
+
+    def reachable(self, client: int) -> str | None:
+        return None if client in self.node_of else "no connected node holds this partition"
+
+    def prepare_task(self, exp, task: Task) -> None:
+        if exp.cfg.secagg.enabled:
+            from .secagg import weight_scale
+
+            task.config["secagg_scale"] = weight_scale(exp)
+
+    def exchange(self, exp, rnd: int, tasks: dict[int, bytes], on_client) -> dict[int, Reply]:
         from flwr.app import Message, MessageType
 
-        cfg, strategy, layout = exp.cfg, exp.strategy, exp.runtime.layout
-        t0 = time.perf_counter()
-        query_before = self.query_bytes
-        node_warnings = self.discover(wait=not self.known)
-        discover_s = time.perf_counter() - t0  # round 1: waits for Ray and the SuperNodes
-        clients = sample_clients(cfg.data.num_clients, clients_per_round(cfg), cfg.seed, rnd)
-        limits = UploadLimits(cfg.server.max_update_bytes, cfg.server.max_update_norm)
-        per_client: dict[int, dict[str, Any]] = {}
-        tasks: dict[int, Task] = {}
-        messages: dict[int, Any] = {}  # client → message
-        dropped: list[int] = []
-        failures: list[str] = []
-        flower_down = flower_up = 0
-        secure = cfg.secagg.enabled
-        blobs: dict[int, bytes] = {}
-        for c in clients:
-            task = strategy.configure(rnd, c, state)
-            if secure:
-                from .secagg import weight_scale
-
-                task.config["secagg_scale"] = weight_scale(exp)
-            down_payload = task.to_payload(layout)
-            down = encode(down_payload)
-            per_client[c] = {"client": c, "download_bytes": len(down),
-                             "download_params": down_payload.num_values}
-            if drops_out(cfg.seed, rnd, c, cfg.train.dropout):
-                # Simulated drop-out (train.dropout), decided as on the local engine: the task
-                # counts as downloaded, the node is not contacted, nothing comes back.
-                per_client[c].update(upload_bytes=0, upload_params=0, dropped=True)
-                dropped.append(c)
-                continue
-            if c not in self.node_of:
-                per_client[c].update(download_bytes=0, download_params=0, upload_bytes=0,
-                                     upload_params=0, dropped=True)
-                dropped.append(c)
-                failures.append(f"client {c}: no connected node holds this partition")
-                continue
-            tasks[c] = task
-            if secure:
-                blobs[c] = down
-                continue
-            msg = Message(pack(down, self.config_toml), dst_node_id=self.node_of[c],
-                          message_type=MessageType.TRAIN, group_id=str(rnd))
-            flower_down += message_bytes(msg)
-            messages[c] = msg
-        if secure:
-            return self.secure_round(exp, rnd, state, clients, per_client, tasks, blobs,
-                                     dropped, failures, node_warnings, t0, query_before,
-                                     on_client)
+        messages = {c: Message(pack(down, self.config_toml), dst_node_id=self.node_of[c],
+                               message_type=MessageType.TRAIN, group_id=str(rnd))
+                    for c, down in tasks.items()}
+        self._down += sum(message_bytes(m) for m in messages.values())
         t_send = time.perf_counter()
-        replies = list(self.grid.send_and_receive(list(messages.values()),
-                                                  timeout=self._timeout())) if messages else []
-        timing = {"discover_s": round(discover_s, 4),
-                  **round_timing(time.perf_counter() - t_send, replies)}
-        by_node = {r.metadata.src_node_id: r for r in replies}
-        ok: list[tuple[Task, Update]] = []
-        reasons: list[str] = []
-        for c in clients:
-            record = per_client[c]
-            if c in messages:
-                reply = by_node.get(self.node_of[c])
-                if reply is None:
-                    record.update(upload_bytes=0, upload_params=0, dropped=True,
-                                  failure="no reply within engine.round_timeout_s")
-                    dropped.append(c)
-                    failures.append(f"client {c}: no reply within {self._timeout()} s")
-                elif reply.has_error():
-                    flower_up += message_bytes(reply)
-                    reason = f"ClientApp error {reply.error.code}: {error_text(reply.error.reason)}"
-                    record.update(upload_bytes=0, upload_params=0, dropped=True, failure=reason)
-                    dropped.append(c)
-                    failures.append(f"client {c}: {reason}")
-                else:
-                    flower_up += message_bytes(reply)
-                    try:
-                        up = unpack(reply.content)
-                    except InvalidPayload as e:
-                        reasons.append(f"client {c}: {e}")
-                        record.update(upload_bytes=0, upload_params=0, rejected=str(e))
-                    else:
-                        record["upload_bytes"] = len(up)
-                        try:
-                            update = receive_upload(strategy, tasks[c], up, limits)
-                            ok.append((tasks[c], update))
-                            record.update(
-                                upload_params=int(update.values.numel()),
-                                upload_slot_ids=0 if update.slots is None
-                                else int(update.slots.numel()),
-                                num_examples=update.num_examples,
-                                train_loss=update.meta.get("loss"))
-                        except InvalidPayload as e:
-                            reasons.append(f"client {c}: {e}")
-                            record.update(upload_params=0, rejected=str(e))
+        got = list(self.grid.send_and_receive(list(messages.values()),
+                                              timeout=self._timeout())) if messages else []
+        self._timing = {"discover_s": round(self._discover_s, 4),
+                        **round_timing(time.perf_counter() - t_send, got)}
+        by_node = {r.metadata.src_node_id: r for r in got}
+        replies: dict[int, Reply] = {}
+        for c in tasks:
+            reply = by_node.get(self.node_of[c])
+            if reply is None:
+                replies[c] = Reply(failure=f"no reply within {self._timeout()} s")
+            elif reply.has_error():
+                self._up += message_bytes(reply)
+                replies[c] = Reply(failure=f"ClientApp error {reply.error.code}: "
+                                           f"{error_text(reply.error.reason)}")
+            else:
+                self._up += message_bytes(reply)
+                try:
+                    replies[c] = Reply(unpack(reply.content))
+                except InvalidPayload as e:
+                    replies[c] = Reply(unreadable=str(e))
             if on_client is not None:
                 on_client(c)
-        dropped.sort()
-        info: dict[str, Any] = {}
-        failed = len(ok) < max(1, cfg.train.min_replies)
-        if not failed:
-            state, info = strategy.aggregate_round(rnd, state, ok)  # + central DP
-        rows = [per_client[c] for c in clients]
-        record = round_record(strategy, rnd, clients, rows, num_replies=len(ok), failed=failed,
-                              dropped=dropped, reasons=reasons, info=info)
-        record.update({
-            "failures": failures,
-            "node_warnings": node_warnings,
-            "flower_download_bytes": flower_down,
-            "flower_upload_bytes": flower_up,
-            "flower_query_bytes": self.query_bytes - query_before,
-            "per_client": rows,
-            "train_wall_s": time.perf_counter() - t0,
-            "flower_timing": timing,
-        })
-        if strategy.personalized:
-            record.update(self.evaluate_clients(exp, rnd, state))
-        return state, record
+        return replies
 
-    def secure_round(self, exp, rnd, state, clients, per_client, tasks, blobs, dropped,
-                     failures, node_warnings, t0, query_before, on_client):
+    def round_extras(self) -> dict[str, Any]:
+        return {"node_warnings": self._node_warnings,
+                "flower_download_bytes": self._down, "flower_upload_bytes": self._up,
+                "flower_query_bytes": self.query_bytes - self._query_before,
+                "flower_timing": self._timing}
+
+    def secure(self, exp) -> bool:
+        return bool(exp.cfg.secagg.enabled)
+
+    def secure_round(self, exp, plan: RoundPlan, state: ServerState, on_client
+                     ) -> tuple[ServerState, dict[str, Any]]:
         """The round under SecAgg+ (``secagg.enabled``; :mod:`lora_a2.engines.secagg`): the
         server gets only the weighted mean of the clients' dense vectors."""
         from .secagg import run_secure_round
 
         cfg, strategy = exp.cfg, exp.strategy
-        result = run_secure_round(self.grid, cfg, rnd, blobs, self.node_of, self.config_toml,
-                                  message_bytes)
+        result = run_secure_round(self.grid, cfg, plan.rnd, plan.blobs, self.node_of,
+                                  self.config_toml, message_bytes)
         survivors = set(result.survivors)
-        for c in blobs:
-            row = per_client[c]
+        for c in plan.blobs:
+            row = plan.per_client[c]
             row.update(upload_bytes=0, upload_params=0)  # per-client uploads are not visible
             if c not in survivors:
                 row.update(dropped=True, failure="not in the secure sum")
-                dropped.append(c)
-                failures.append(f"client {c}: not in the secure sum (failed or timed out)")
+                plan.dropped.append(c)
+                plan.failures.append(f"client {c}: not in the secure sum (failed or timed out)")
             if on_client is not None:
                 on_client(c)
-        dropped.sort()
+        plan.dropped.sort()
         failed = result.mean is None or len(survivors) < max(1, cfg.train.min_replies)
         info: dict[str, Any] = {}
         if not failed:
-            state, info = strategy.aggregate_secure(rnd, state, result.mean)
-            state, info = strategy.finalize(rnd, state, info)
-        rows = [per_client[c] for c in clients]
-        record = round_record(strategy, rnd, clients, rows, num_replies=len(survivors),
-                              failed=failed, dropped=dropped, reasons=[], info=info)
+            state, info = strategy.aggregate_secure(plan.rnd, state, result.mean)
+            state, info = strategy.finalize(plan.rnd, state, info)
+        rows = [plan.per_client[c] for c in plan.clients]
+        record = round_record(strategy, plan.rnd, plan.clients, rows,
+                              num_replies=len(survivors), failed=failed, dropped=plan.dropped,
+                              reasons=[], info=info)
         record.update({
             # what crossed the wire for the round's training, every SecAgg+ stage included
             "upload_bytes": result.up_bytes,
@@ -496,52 +438,38 @@ class FlowerRounds:
                                                else int(result.mean.numel()) + 1),
             "secagg": {"survivors": sorted(survivors), "stages": result.stages,
                        "weight_sum": result.weight_sum},
-            "failures": failures,
-            "node_warnings": node_warnings,
+            "failures": plan.failures,
+            "node_warnings": self._node_warnings,
             "flower_download_bytes": result.down_bytes,
             "flower_upload_bytes": result.up_bytes,
-            "flower_query_bytes": self.query_bytes - query_before,
+            "flower_query_bytes": self.query_bytes - self._query_before,
             "per_client": rows,
-            "train_wall_s": time.perf_counter() - t0,
+            "train_wall_s": time.perf_counter() - plan.t0,
         })
-        if strategy.personalized:
-            record.update(self.evaluate_clients(exp, rnd, state))
         return state, record
 
-    def evaluate_clients(self, exp, rnd: int, state: ServerState) -> dict[str, Any]:
-        """A personalised strategy's evaluate phase (as ``engines.local.evaluate_clients``):
-        an EVALUATE message to every client's node; a node that fails answers None."""
+    def exchange_eval(self, exp, rnd: int, tasks: dict[int, bytes]) -> dict[int, bytes | None]:
+        """A personalised strategy's evaluate phase: an EVALUATE message to every client's
+        node; a node that fails answers None."""
         from flwr.app import Message, MessageType
 
-        from .local import read_eval_reply
-
-        strategy, layout = exp.strategy, exp.runtime.layout
-        messages, down_bytes, up_bytes = {}, 0, 0
-        for c in range(exp.cfg.data.num_clients):
-            if c not in self.node_of:
-                continue
-            down = encode(strategy.eval_task(rnd, c, state).to_payload(layout))
-            down_bytes += len(down)
-            messages[c] = Message(pack(down, self.config_toml), dst_node_id=self.node_of[c],
-                                  message_type=MessageType.EVALUATE, group_id=f"{rnd}-eval")
-        replies = list(self.grid.send_and_receive(list(messages.values()),
-                                                  timeout=self._timeout())) if messages else []
-        by_node = {r.metadata.src_node_id: r for r in replies}
-        evals: list[dict[str, Any] | None] = []
-        for c in range(exp.cfg.data.num_clients):
-            reply = by_node.get(self.node_of.get(c, -1))
+        messages = {c: Message(pack(down, self.config_toml), dst_node_id=self.node_of[c],
+                               message_type=MessageType.EVALUATE, group_id=f"{rnd}-eval")
+                    for c, down in tasks.items()}
+        got = list(self.grid.send_and_receive(list(messages.values()),
+                                              timeout=self._timeout())) if messages else []
+        by_node = {r.metadata.src_node_id: r for r in got}
+        out: dict[int, bytes | None] = {}
+        for c in tasks:
+            reply = by_node.get(self.node_of[c])
             if reply is None or reply.has_error():
-                evals.append(None)
+                out[c] = None
                 continue
             try:
-                up = unpack(reply.content)
+                out[c] = unpack(reply.content)
             except InvalidPayload:
-                evals.append(None)
-                continue
-            up_bytes += len(up)
-            evals.append(read_eval_reply(up, c))
-        return {"client_eval": evals, "eval_download_bytes": down_bytes,
-                "eval_upload_bytes": up_bytes}
+                out[c] = None
+        return out
 
 
 def round_timing(send_receive_s: float, replies) -> dict[str, float]:
@@ -631,7 +559,6 @@ def run_simulation(cfg: Config, out: Path, *, overwrite: bool = False, progress:
     except ImportError:
         raise UserError("engine.name = 'flower' needs Flower: pip install 'lora-a2[flower]'") \
             from None
-    from ..runner import run_experiment
 
     result: dict[str, Any] = {}
     server = ServerApp()
@@ -676,7 +603,6 @@ def deployment_main(grid, context) -> None:
     SuperLink machine; "" = defaults), ``set`` (``;``-separated ``KEY=VALUE`` overrides),
     ``out`` (output directory on the SuperLink machine), ``overwrite`` (bool).
     """
-    from ..runner import run_experiment
 
     rc = context.run_config
     overrides = [s.strip() for s in str(rc.get("set", "")).split(";") if s.strip()]

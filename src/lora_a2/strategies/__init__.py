@@ -11,13 +11,16 @@ skipped with a one-line reason (:data:`PLUGIN_ERRORS`) and never breaks the othe
 asking for it by name gives that reason as the error.
 """
 
+import difflib
 import importlib
 import inspect
 import pkgutil
 from importlib import metadata
 
 from ..errors import UserError
-from .base import REGISTRY, Strategy, get_strategy, register
+from ..config import Config
+from ..tasks import resolve_task_name
+from .base import REGISTRY, Strategy, register
 
 _SHARED = {"base", "hetero"}  # helpers, not strategies
 ENTRY_POINT_GROUP = "lora_a2.strategies"
@@ -96,7 +99,45 @@ def plugin_error_for(name: str) -> str | None:
     return None
 
 
+def get_strategy(cfg: Config) -> Strategy:
+    """The run's strategy (not wrapped for DP: see :func:`lora_a2.private.build_strategy`)."""
+    load_all()
+    name = cfg.strategy.name
+    if name not in REGISTRY:
+        raise UserError(f"unknown strategy '{name}'; valid: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name](cfg)
+
+
+def check_config(cfg: Config) -> None:
+    """The config checks that need the strategy registry (one-line :class:`UserError`): the
+    name (with a plugin's failure reason or the nearest name), its options, the task, SecAgg+."""
+    s = cfg.strategy
+    names = strategy_names()
+    if s.name not in names and plugin_error_for(s.name):
+        raise UserError(f"config key 'strategy.name': strategy '{s.name}' is not available: "
+                        f"{plugin_error_for(s.name)}")
+    if s.name not in names:
+        near = difflib.get_close_matches(s.name, names, n=1, cutoff=0.4)
+        hint = f" (did you mean '{near[0]}'?)" if near else ""
+        raise UserError(f"config key 'strategy.name': unknown strategy '{s.name}'{hint}; "
+                        f"valid: {', '.join(names)}")
+    cls = REGISTRY[s.name]
+    accepted = cls.option_defaults
+    for opt in s.options:
+        if opt not in accepted:
+            raise UserError(f"config key 'strategy.options.{opt}': strategy '{s.name}' has no "
+                            f"such option (its options: {', '.join(sorted(accepted)) or 'none'})")
+    if cfg.secagg.enabled and not cls.secure_aggregation:
+        raise UserError(f"config key 'secagg.enabled' strategy '{s.name}' cannot be securely "
+                        f"aggregated (its aggregate is not a weighted sum of one dense vector "
+                        f"per client), got True")
+    resolved = resolve_task_name(cfg)
+    if cls.tasks is not None and resolved not in cls.tasks:
+        raise UserError(f"config key 'strategy.name' strategy '{s.name}' supports task "
+                        f"{', '.join(cls.tasks)}, not '{resolved}', got {s.name!r}")
+
+
 load_all()
 
 __all__ = ["ENTRY_POINT_GROUP", "PLUGINS", "PLUGIN_ERRORS", "REGISTRY", "Strategy", "UserError",
-           "get_strategy", "load_all", "plugin_error_for", "register", "strategy_names"]
+           "check_config", "get_strategy", "load_all", "plugin_error_for", "register", "strategy_names"]

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ..adapter import ModelRuntime, ParamLayout
 from ..aggregation import data_weights, weighted_sum
+from ..budgets import resolve as resolve_budgets
 from ..client import EncodedData, ParamGroup, accumulate_gradients, train_local
 from ..config import Config
 from ..errors import UserError
@@ -35,16 +36,6 @@ def register(cls: type[Strategy]) -> type[Strategy]:
     """Class decorator: make a strategy available by its ``name``."""
     REGISTRY[cls.name] = cls
     return cls
-
-
-def get_strategy(cfg: Config) -> Strategy:
-    from . import load_all
-
-    load_all()
-    name = cfg.strategy.name
-    if name not in REGISTRY:
-        raise UserError(f"unknown strategy '{name}'; valid: {', '.join(sorted(REGISTRY))}")
-    return REGISTRY[name](cfg)
 
 
 # ---------------------------------------------------------------------- messages
@@ -232,7 +223,9 @@ class Strategy(ABC):
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.budgets = cfg.budgets()
+        s = cfg.strategy
+        self.budgets = resolve_budgets(s.rank_budget, cfg.data.num_clients, s.global_rank,
+                                       cfg.seed)
         self.layout: ParamLayout | None = None
         unknown = sorted(set(cfg.strategy.options) - set(self.option_defaults))
         if unknown:

@@ -9,7 +9,9 @@ package with a ``@register_task`` class.
 import importlib
 import pkgutil
 
-from .base import TASKS, LearningTask, get_task, register_task, resolve_task_name
+from ..config import Config
+from ..errors import UserError
+from .base import TASKS, LearningTask, register_task
 
 _SHARED = {"base"}
 
@@ -27,5 +29,45 @@ def task_names() -> list[str]:
     return sorted(TASKS)
 
 
-__all__ = ["TASKS", "LearningTask", "get_task", "load_all", "register_task",
+def resolve_task_name(cfg: Config) -> str:
+    """``task.name``, or with ``auto`` the task that claims the model or the data (see
+    :meth:`LearningTask.claims`); classification when none does."""
+    load_all()
+    if cfg.task.name != "auto":
+        return cfg.task.name
+    for name in sorted(TASKS):
+        if name != "classification" and TASKS[name].claims(cfg):
+            return name
+    return "classification"
+
+
+def get_task(cfg: Config) -> LearningTask:
+    name = resolve_task_name(cfg)
+    if name not in TASKS:
+        raise UserError(f"unknown task '{name}'; valid: auto, {', '.join(sorted(TASKS))}")
+    task = TASKS[name](cfg)
+    task.check(cfg)
+    return task
+
+
+def check_config(cfg: Config) -> None:
+    """The config checks that need the task registry (one-line :class:`UserError`)."""
+    names = task_names()
+    t = cfg.task
+    if not (t.name == "auto" or t.name in names):
+        raise UserError(f"config key 'task.name' must be 'auto' or one of {', '.join(names)}, "
+                        f"got {t.name!r}")
+    resolved = resolve_task_name(cfg)
+    TASKS[resolved](cfg).check(cfg)  # a model or dataset of another task: one line, here
+    if resolved != "classification":
+        if cfg.model.head != "frozen":
+            raise UserError(f"config key 'model.head' must be 'frozen' for task '{resolved}' (it "
+                            f"has no classifier head), got {cfg.model.head!r}")
+        if cfg.data.local_test_fraction != 0:
+            raise UserError(f"config key 'data.local_test_fraction' is for classification; task "
+                            f"'{resolved}' reports each client's loss on its own categories "
+                            f"instead, got {cfg.data.local_test_fraction!r}")
+
+
+__all__ = ["TASKS", "check_config", "LearningTask", "get_task", "load_all", "register_task",
            "resolve_task_name", "task_names"]

@@ -31,29 +31,6 @@ def register_task(cls: type[LearningTask]) -> type[LearningTask]:
     return cls
 
 
-def resolve_task_name(cfg: Config) -> str:
-    """``task.name``, or with ``auto`` the task that claims the model or the data (see
-    :meth:`LearningTask.claims`); classification when none does."""
-    from . import load_all
-
-    load_all()
-    if cfg.task.name != "auto":
-        return cfg.task.name
-    for name in sorted(TASKS):
-        if name != "classification" and TASKS[name].claims(cfg):
-            return name
-    return "classification"
-
-
-def get_task(cfg: Config) -> LearningTask:
-    name = resolve_task_name(cfg)
-    if name not in TASKS:
-        raise UserError(f"unknown task '{name}'; valid: auto, {', '.join(sorted(TASKS))}")
-    task = TASKS[name](cfg)
-    task.check(cfg)
-    return task
-
-
 class LearningTask(ABC):
     """What is learned: data, encoding, loss, evaluation and export type (module docstring)."""
 

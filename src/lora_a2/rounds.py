@@ -1,0 +1,296 @@
+"""One federated round, written once: every engine is a :class:`Transport` under it.
+
+A round is a pass down one line — sample → configure → encode → send → receive → validate →
+aggregate → record → (personalised) evaluate — and nothing here knows which engine moves the
+bytes. A transport only delivers encoded tasks to clients and returns their encoded replies
+(the shape of Flower's ``Grid.send_and_receive``): :class:`LocalTransport` runs the client side
+in this process (:mod:`lora_a2.engines.local`), ``FlowerRounds`` sends Flower messages over a
+``Grid`` (:mod:`lora_a2.engines.flower`). The steps are separate functions (:func:`plan_round`,
+:func:`collect_replies`, :func:`close_round`, :func:`evaluate_clients`) so that another
+schedule can drive them too; :func:`run_round` is the synchronous schedule.
+``LocalTransport`` (:mod:`lora_a2.engines.local`) runs the client side in this process.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import clients_per_round
+from .experiment import Experiment
+from .payload import InvalidPayload, Payload, decode, encode
+from .strategies.base import ServerState, Task, Update
+from .validation import UploadLimits, receive_upload
+
+log = logging.getLogger(__name__)
+
+OnClient = Callable[[int], None] | None
+
+
+# ---------------------------------------------------------------------- seeded schedule
+def sample_clients(num_clients: int, per_round: int, seed: int, rnd: int) -> list[int]:
+    """Seeded sample of ``per_round`` distinct clients for round ``rnd`` (all when equal)."""
+    if per_round >= num_clients:
+        return list(range(num_clients))
+    rng = np.random.default_rng([seed, rnd, 15485863])
+    return sorted(int(c) for c in rng.choice(num_clients, size=per_round, replace=False))
+
+
+def drops_out(seed: int, rnd: int, client: int, probability: float) -> bool:
+    """Seeded simulated failure: the client got its task but never replies."""
+    if probability <= 0:
+        return False
+    return bool(np.random.default_rng([seed, rnd, client, 2038074743]).random() < probability)
+
+
+# ---------------------------------------------------------------------- the transport
+@dataclass
+class Reply:
+    """What came back from one client: its encoded upload, or why nothing usable did."""
+
+    blob: bytes | None = None
+    #: the client never answered (timeout, crash): counted as dropped, with this reason
+    failure: str | None = None
+    #: an answer that could not be read as an upload (counted as rejected, with this reason)
+    unreadable: str | None = None
+
+
+class Transport(ABC):
+    """Delivers a round's encoded tasks to clients and returns their replies."""
+
+    def begin_round(self, exp: Experiment, rnd: int) -> None:
+        """Before the round is planned (Flower: discover new nodes)."""
+
+    def reachable(self, client: int) -> str | None:
+        """Why ``client`` cannot be sent a task now (None: it can)."""
+        return None
+
+    def prepare_task(self, exp: Experiment, task: Task) -> None:
+        """A last change to a task before it is encoded (Flower under SecAgg+: the public
+        weight scale)."""
+
+    @abstractmethod
+    def exchange(self, exp: Experiment, rnd: int, tasks: dict[int, bytes],
+                 on_client: OnClient) -> dict[int, Reply]:
+        """Send every client its encoded task; the replies by client (one per client)."""
+
+    @abstractmethod
+    def exchange_eval(self, exp: Experiment, rnd: int, tasks: dict[int, bytes]
+                      ) -> dict[int, bytes | None]:
+        """Personalised evaluation: send the encoded evaluate tasks; the encoded answers (None:
+        no usable answer)."""
+
+    def round_extras(self) -> dict[str, Any]:
+        """Engine-specific fields of the round's record (Flower: its own byte counts)."""
+        return {}
+
+    def secure(self, exp: Experiment) -> bool:
+        """The round runs under secure aggregation (the server sees only a sum)."""
+        return False
+
+    def secure_round(self, exp: Experiment, plan: RoundPlan, state: ServerState,
+                     on_client: OnClient) -> tuple[ServerState, dict[str, Any]]:
+        """Exchange, aggregate and record a planned round without ever seeing an upload."""
+        raise NotImplementedError(f"{type(self).__name__} has no secure aggregation")
+
+
+# ---------------------------------------------------------------------- the round's steps
+@dataclass
+class RoundPlan:
+    """A round after :func:`plan_round`: who was sampled, what each was sent."""
+
+    rnd: int
+    t0: float
+    clients: list[int]
+    tasks: dict[int, Task] = field(default_factory=dict)
+    blobs: dict[int, bytes] = field(default_factory=dict)
+    per_client: dict[int, dict[str, Any]] = field(default_factory=dict)
+    dropped: list[int] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+
+def plan_round(exp: Experiment, rnd: int, state: ServerState, transport: Transport,
+               on_client: OnClient = None) -> RoundPlan:
+    """Sample the round's clients, configure and encode each one's task; a simulated
+    dropout (``train.dropout``) gets its task (counted) and never replies."""
+    cfg, strategy, layout = exp.cfg, exp.strategy, exp.runtime.layout
+    transport.begin_round(exp, rnd)
+    plan = RoundPlan(rnd, time.perf_counter(),
+                     sample_clients(cfg.data.num_clients, clients_per_round(cfg), cfg.seed, rnd))
+    for c in plan.clients:
+        task = strategy.configure(rnd, c, state)
+        transport.prepare_task(exp, task)
+        down_payload = task.to_payload(layout)
+        down = encode(down_payload)
+        row = {"client": c, "download_bytes": len(down),
+               "download_params": down_payload.num_values}
+        plan.per_client[c] = row
+        if drops_out(cfg.seed, rnd, c, cfg.train.dropout):
+            row.update(upload_bytes=0, upload_params=0, dropped=True)
+            plan.dropped.append(c)
+            if on_client is not None:
+                on_client(c)
+            continue
+        why = transport.reachable(c)
+        if why is not None:
+            row.update(download_bytes=0, download_params=0, upload_bytes=0, upload_params=0,
+                       dropped=True)
+            plan.dropped.append(c)
+            plan.failures.append(f"client {c}: {why}")
+            if on_client is not None:
+                on_client(c)
+            continue
+        plan.tasks[c] = task
+        plan.blobs[c] = down
+    return plan
+
+
+def collect_replies(exp: Experiment, plan: RoundPlan, replies: dict[int, Reply]
+                    ) -> tuple[list[tuple[Task, Update]], list[str]]:
+    """Decode and validate every reply (:func:`~lora_a2.validation.receive_upload`, the one
+    place untrusted uploads are checked); (accepted replies, rejection reasons)."""
+    cfg, strategy = exp.cfg, exp.strategy
+    limits = UploadLimits(cfg.server.max_update_bytes, cfg.server.max_update_norm)
+    ok: list[tuple[Task, Update]] = []
+    reasons: list[str] = []
+    for c in plan.clients:
+        if c not in plan.tasks:
+            continue
+        row, reply = plan.per_client[c], replies.get(c) or Reply(failure="no reply")
+        if reply.failure is not None:
+            row.update(upload_bytes=0, upload_params=0, dropped=True, failure=reply.failure)
+            plan.dropped.append(c)
+            plan.failures.append(f"client {c}: {reply.failure}")
+            continue
+        if reply.unreadable is not None or reply.blob is None:
+            why = reply.unreadable or "empty reply"
+            reasons.append(f"client {c}: {why}")
+            row.update(upload_bytes=0, upload_params=0, rejected=why)
+            continue
+        row["upload_bytes"] = len(reply.blob)
+        try:
+            update = receive_upload(strategy, plan.tasks[c], reply.blob, limits)
+        except InvalidPayload as e:
+            reasons.append(f"client {c}: {e}")
+            row.update(upload_params=0, rejected=str(e))
+            continue
+        ok.append((plan.tasks[c], update))
+        row.update(upload_params=int(update.values.numel()),
+                   upload_slot_ids=0 if update.slots is None else int(update.slots.numel()),
+                   num_examples=update.num_examples, train_loss=update.meta.get("loss"))
+    plan.dropped.sort()
+    return ok, reasons
+
+
+def close_round(exp: Experiment, plan: RoundPlan, state: ServerState,
+                ok: list[tuple[Task, Update]], reasons: list[str],
+                extras: dict[str, Any] | None = None) -> tuple[ServerState, dict[str, Any]]:
+    """Aggregate when at least ``train.min_replies`` uploads were accepted (else the round
+    fails and the state stays); the round's record."""
+    strategy = exp.strategy
+    info: dict[str, Any] = {}
+    failed = len(ok) < max(1, exp.cfg.train.min_replies)
+    if not failed:
+        state, info = strategy.aggregate_round(plan.rnd, state, ok)  # + central DP noise
+    rows = [plan.per_client[c] for c in plan.clients]
+    record = round_record(strategy, plan.rnd, plan.clients, rows, num_replies=len(ok),
+                          failed=failed, dropped=plan.dropped, reasons=reasons, info=info)
+    if plan.failures or extras:
+        record["failures"] = plan.failures
+    record.update(extras or {})
+    record.update(per_client=rows, train_wall_s=time.perf_counter() - plan.t0)
+    return state, record
+
+
+def evaluate_clients(exp: Experiment, rnd: int, state: ServerState, transport: Transport,
+                     reachable: Callable[[int], bool] = lambda c: True) -> dict[str, Any]:
+    """A personalised strategy's evaluate phase: every client gets the shared part
+    (``strategy.eval_task``), evaluates its own model and answers with its metrics; both
+    directions are real encodings and are counted (``eval_*_bytes``)."""
+    strategy, layout = exp.strategy, exp.runtime.layout
+    tasks = {c: encode(strategy.eval_task(rnd, c, state).to_payload(layout))
+             for c in range(exp.cfg.data.num_clients) if reachable(c)}
+    answers = transport.exchange_eval(exp, rnd, tasks)
+    evals = [None if answers.get(c) is None else read_eval_reply(answers[c], c)
+             for c in range(exp.cfg.data.num_clients)]
+    return {"client_eval": evals, "eval_download_bytes": sum(len(b) for b in tasks.values()),
+            "eval_upload_bytes": sum(len(b) for b in answers.values() if b is not None)}
+
+
+def run_round(exp: Experiment, rnd: int, state: ServerState, transport: Transport,
+              on_client: OnClient = None) -> tuple[ServerState, dict[str, Any]]:
+    """The synchronous round: plan, exchange, collect, close, and evaluate personal models."""
+    plan = plan_round(exp, rnd, state, transport, on_client)
+    if transport.secure(exp):
+        state, record = transport.secure_round(exp, plan, state, on_client)
+    else:
+        replies = transport.exchange(exp, rnd, plan.blobs, on_client) if plan.blobs else {}
+        ok, reasons = collect_replies(exp, plan, replies)
+        state, record = close_round(exp, plan, state, ok, reasons, transport.round_extras())
+    if exp.strategy.personalized:
+        record.update(evaluate_clients(exp, rnd, state, transport,
+                                       lambda c: transport.reachable(c) is None))
+    return state, record
+
+
+# ---------------------------------------------------------------------- records and answers
+def eval_reply(client: int, metrics: dict[str, Any]) -> Payload:
+    """A client's evaluation answer: no tensors, its metrics in the header."""
+    return Payload(values=torch.zeros(0), meta={"client": client, "metrics": metrics})
+
+
+def read_eval_reply(blob: bytes, client: int) -> dict[str, Any] | None:
+    """The metrics of an evaluation answer, or None (logged) when it is not a well-formed
+    answer from ``client`` with finite numbers in [0, ∞)."""
+    try:
+        meta = decode(blob).meta
+        metrics = meta["metrics"]
+        if meta.get("client") != client or not isinstance(metrics, dict):
+            raise InvalidPayload("not an evaluation answer from this client")
+        for k, v in metrics.items():
+            if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise InvalidPayload(f"metric {k!r} = {v!r}")
+        return metrics
+    except (InvalidPayload, KeyError, TypeError) as e:
+        log.warning("client %d: evaluation answer rejected: %s", client, e)
+        return None
+
+
+def round_record(strategy, rnd: int, clients: list[int], per_client: list[dict[str, Any]], *,
+                 num_replies: int, failed: bool, dropped: list[int], reasons: list[str],
+                 info: dict[str, Any]) -> dict[str, Any]:
+    """The engine-independent part of a round's metrics line."""
+    losses = [r["train_loss"] for r in per_client if r.get("train_loss") is not None]
+    return {
+        "round": rnd,
+        "strategy": strategy.name,
+        "active_factor": strategy.active_factor(rnd),
+        "clients": clients,
+        "num_replies": num_replies,
+        "status": "failed" if failed else "ok",
+        "dropped": dropped,
+        "upload_bytes": sum(r["upload_bytes"] for r in per_client),
+        "download_bytes": sum(r["download_bytes"] for r in per_client),
+        "upload_params": sum(r["upload_params"] for r in per_client),
+        "upload_slot_ids": sum(r.get("upload_slot_ids", 0) for r in per_client),
+        "download_params": sum(r["download_params"] for r in per_client),
+        "train_loss": float(np.mean(losses)) if losses else None,
+        "rejected": len(reasons),
+        "reject_reasons": reasons,
+        **info,
+    }
+
+
+def evaluate_state(exp: Experiment, state: ServerState) -> dict[str, Any]:
+    """Load the global state into the model and evaluate it with the run's task (the global
+    test set, and per client where the task defines it)."""
+    exp.runtime.load(state.tensors)
+    return exp.task.evaluate(exp)
