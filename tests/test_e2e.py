@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from lora_a2.cli import main
+from lora_a2.engines.local import sample_clients
 from lora_a2.report import read_metrics
 
 TINY = ["model.name=tiny-random-bert", "data.num_clients=4", "train.rounds=3",
@@ -47,9 +49,27 @@ def test_outputs_and_metrics_fields(tmp_path, synthetic_csv):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["total_upload_bytes"] == sum(r["upload_bytes"] for r in records)
     assert 0 < summary["upload_fraction_of_fedavg_full"] < 1
+    # what ran it: the package version, the commit of this checkout, precision, noise source
+    import subprocess
+    from importlib import metadata
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(__file__).parent).stdout.strip()
+    assert summary["lora_a2_version"] == metadata.version("lora-a2")
+    assert summary["git_commit"] == (head or None)
+    assert summary["precision"] == "fp32" and summary["noise_source"] is None
+    assert summary["schema_version"] == 2
     # the resolved config reruns
     assert main(["run", "--quiet", "--config", str(out / "config.toml"), "--out",
                  str(tmp_path / "again")]) == 0
+    # and resuming the run with another config is refused, the run untouched
+    from lora_a2.checks import load_config
+    from lora_a2.errors import UserError
+    from lora_a2.runner import run_experiment
+    other = load_config(out / "config.toml", ["train.rounds=5"])
+    before = (out / "metrics.jsonl").read_bytes()
+    with pytest.raises(UserError, match="'train.rounds' is 5, the run's own is 3"):
+        run_experiment(other, out, resume=True, progress=False)
+    assert (out / "metrics.jsonl").read_bytes() == before
 
 
 def test_same_seed_identical_metrics_different_seed_different_partition(tmp_path, synthetic_csv):
@@ -140,7 +160,9 @@ def test_client_sampling_and_local_accuracy(tmp_path, synthetic_csv):
                                      "train.rounds=2"], synthetic_csv)
     records = read_metrics(out / "metrics.jsonl")
     assert all(len(r["clients"]) == 2 for r in records)
-    assert records[0]["clients"] != records[1]["clients"] or True  # seeded, may coincide
+    # the seeded sampler's draws (the same on every engine), and it does vary over rounds
+    assert [r["clients"] for r in records] == [sample_clients(4, 2, 0, rnd) for rnd in (1, 2)]
+    assert len({tuple(sample_clients(4, 2, 0, rnd)) for rnd in range(1, 11)}) > 1
     assert all(len(r["local_accuracy"]) == 4 for r in records)
     part = json.loads((out / "partition.json").read_text())
     assert all(c["local_test_examples"] >= 1 for c in part["clients"])

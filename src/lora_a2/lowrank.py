@@ -1,7 +1,8 @@
 """Server math of the heterogeneous-rank baselines (FlexLoRA, HetLoRA, FLoRA). Pure tensor math.
 
 Notation (docs/ALGORITHM.md §1): client k of rank r_k holds A_k (r_k × d_in), B_k (d_out × r_k); its
-weight delta is s_k · B_k A_k. Weights w_k sum to 1 over the round's clients. Products and sums
+weight delta is s_k · B_k A_k. Weights w_k sum to 1 over the round's clients (the data weights; under central DP the
+fixed-denominator weights sum to 1 only in expectation). Products and sums
 are accumulated in float64 and returned in the inputs' dtype.
 """
 

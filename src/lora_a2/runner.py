@@ -21,7 +21,8 @@ from typing import Any
 from .checkpoint import load_checkpoint, load_client_stores, save_checkpoint
 from .config import Config, clients_per_round, load_config
 from .data import label_histogram
-from .engines.local import evaluate_state, run_round
+from .engines.local import run_round
+from .rounds import evaluate_state
 from .errors import UserError
 from .experiment import Experiment, prepare
 from .private import PrivateStrategy
@@ -58,6 +59,27 @@ def resume_config(out: Path) -> Config:
     return load_config(out / "config.toml")
 
 
+def _flat_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "options":
+            out.update(_flat_config(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_same_config(cfg: Config, saved: Config, out: Path) -> None:
+    """Refuse to resume ``out`` with a config other than the one it ran with (one line)."""
+    a, b = _flat_config(cfg.to_dict()), _flat_config(saved.to_dict())
+    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    if diff:
+        k = diff[0]
+        more = f" (and {len(diff) - 1} more)" if len(diff) > 1 else ""
+        raise UserError(f"cannot resume '{out}' with another config: '{k}' is {a.get(k)!r}, the "
+                        f"run's own is {b.get(k)!r}{more}")
+
+
 def run_experiment(cfg: Config, out: Path, *, overwrite: bool = False, progress: bool = True,
                    resume: bool = False, round_fn=None) -> dict[str, Any]:
     """Run ``cfg`` on the local engine, writing every output under ``out``; return the summary.
@@ -68,13 +90,13 @@ def run_experiment(cfg: Config, out: Path, *, overwrite: bool = False, progress:
     seeded by (seed, round, client)).
     """
     if cfg.engine.name == "flower" and round_fn is None:
-        from .engines.flower import run_simulation  # Flower's Simulation Engine drives the loop
-
-        return run_simulation(cfg, out, overwrite=overwrite, progress=progress, resume=resume)
+        raise UserError("engine.name = 'flower' runs through Flower's Simulation Engine: start "
+                        "it with lora_a2.launch.run (the CLI and lora_a2.run do)")
     round_fn = round_fn or run_round  # engines.flower.FlowerRounds when run inside a ServerApp
     t_start = time.perf_counter()
     if resume:
         out = Path(out)
+        check_same_config(cfg, resume_config(out), out)
     else:
         out = prepare_out_dir(out, overwrite)
         atomic_write_text(out / "config.toml", cfg.to_toml())
@@ -234,10 +256,41 @@ def summarize(exp: Experiment, records: list[dict[str, Any]], initial: dict[str,
         "data_rows": exp.train.stats,  # rows read, kept, skipped (with the reason), shortened
         "device": str(exp.runtime.device),
         **_machine(exp.runtime.device),
+        "lora_a2_version": _package_version(),
+        "git_commit": _git_commit(),
+        "precision": "fp32" if cfg.model.dtype == "float32" else
+        f"base weights {cfg.model.dtype}, LoRA factors and uploads float32",
+        "noise_source": exp.strategy.privacy.noise_source
+        if isinstance(exp.strategy, PrivateStrategy) else None,
+        "schema_version": cfg.schema_version,
         "wall_s": wall_s,
         "out_dir": str(out),
         **_privacy_summary(exp, records),
     }
+
+
+def _git_commit() -> str | None:
+    """The commit of the source tree this package runs from, when it is a git checkout."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                           timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if r.returncode != 0:
+        return None
+    return r.stdout.strip() or None
+
+
+def _package_version() -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version("lora-a2")
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def _machine(device: Any) -> dict[str, Any]:

@@ -14,7 +14,8 @@ Rules:
 - it uploads ΔA only (r · d_in values per module); the server sets A ← A + Σ_k w_k ΔA_k
   (w_k = n_k / Σ n_j; the official code weights by samples processed per round, equal there);
 - a trained classifier head is personal too (the official ``local_param`` lists it): sent
-  once, on a client's first contact, and never uploaded;
+  with every task until the client's first accepted reply (so a client that dropped out gets
+  it again), never uploaded;
 - there is no single global model (the server never sees a B). Each round every client
   evaluates its own model — the global A with its own B — on the shared test set and on its own
   split; ``accuracy`` is the mean over clients of the first, ``local_accuracy`` lists the

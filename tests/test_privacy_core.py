@@ -1,0 +1,243 @@
+"""The pure DP core (lora_a2.privacy) against values computed here independently: norms, clips,
+noise, noise sources, the fixed-denominator estimator, the accountant and its plan. Fast (no
+model), so mutation testing can run it per mutant (mutation/privacy.toml)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opacus.accountants import RDPAccountant
+from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+from lora_a2 import privacy as dp
+from lora_a2.config import PrivacyConfig
+from lora_a2.errors import UserError
+
+
+# ---------------------------------------------------------------------- norms and clips
+def test_norms_are_l1_for_laplace_l2_otherwise():
+    v = torch.tensor([3.0, -4.0, 0.0])
+    assert dp.norm_of(v, "laplace") == 7.0
+    assert dp.norm_of(v, "gaussian") == 5.0
+    assert dp.norm_of(v, "none") == 5.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(-1e3, 1e3), min_size=1, max_size=40), st.floats(1e-3, 10),
+       st.sampled_from(["gaussian", "laplace"]))
+def test_clip_bounds_the_norm_and_keeps_the_direction(xs, bound, mech):
+    v = torch.tensor(xs, dtype=torch.float32)
+    c = dp.clip(v, bound, mech)
+    norm = dp.norm_of(v, mech)
+    assert dp.norm_of(c, mech) <= bound
+    if norm <= bound:
+        assert torch.equal(c, v) and c is not v  # a copy, unchanged
+    else:
+        # the same direction, scaled to the bound (within float32 rounding)
+        assert dp.norm_of(c, mech) == pytest.approx(bound, rel=1e-5)
+        assert torch.allclose(c.double() * norm / bound, v.double(), rtol=1e-4, atol=1e-3)
+
+
+def test_clip_of_zero_is_zero():
+    z = torch.zeros(5)
+    assert torch.equal(dp.clip(z, 1.0), z)
+
+
+# ---------------------------------------------------------------------- noise
+def test_noise_draws_have_their_law():
+    n = 200_000
+    g = dp.noise(n, "gaussian", 2.0, torch.Generator().manual_seed(0)).double()
+    assert g.dtype == torch.float64 and abs(float(g.mean())) < 0.02
+    assert float(g.std()) == pytest.approx(2.0, rel=0.01)
+    lap = dp.noise(n, "laplace", 2.0, torch.Generator().manual_seed(1)).double()
+    assert float(lap.abs().mean()) == pytest.approx(2.0, rel=0.01)  # E|X| = b
+    assert float(lap.std()) == pytest.approx(2.0 * math.sqrt(2), rel=0.01)
+    # Laplace tails: P(X > t) = e^(−t/b) / 2
+    assert float((lap > 4.0).double().mean()) == pytest.approx(0.5 * math.exp(-2.0), rel=0.05)
+    assert dp.gaussian_noise(7, 1.0, torch.Generator()).dtype == torch.float32
+    assert dp.laplace_noise(7, 1.0, torch.Generator()).shape == (7,)
+    with pytest.raises(ValueError, match="unknown mechanism"):
+        dp.noise(3, "none", 1.0, torch.Generator())
+
+
+def test_seeded_generators_are_reproducible_and_distinct_os_ones_are_fresh():
+    def first(g):
+        return torch.rand(4, generator=g)
+
+    a = first(dp.noise_generator(7, 3, "server", "seeded"))
+    assert torch.equal(a, first(dp.noise_generator(7, 3, "server", "seeded")))
+    assert torch.equal(a, first(dp.noise_generator(7, 3, "server")))  # seeded by default
+    for other in ((8, 3, "server"), (7, 4, "server"), (7, 3, 0), (7, 3, "select/0")):
+        assert not torch.equal(a, first(dp.noise_generator(*other, "seeded")))
+    # the seeded derivation is SHA-256 of "dp/seed/round/who", 63 bits
+    import hashlib
+    want = int.from_bytes(hashlib.sha256(b"dp/7/3/server").digest()[:8], "little") >> 1
+    assert torch.equal(a, first(torch.Generator().manual_seed(want)))
+    draws = {tuple(first(dp.noise_generator(7, 3, "server", "os")).tolist()) for _ in range(5)}
+    assert len(draws) == 5  # a fresh secret seed each time
+    with pytest.raises(ValueError, match="noise source"):
+        dp.noise_generator(7, 3, "server", "urandom")
+
+
+# ---------------------------------------------------------------------- the central estimator
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 500), min_size=1, max_size=12), st.floats(0.05, 1.0),
+       st.floats(1.0, 600.0))
+def test_fixed_denominator_weights_match_dp_fedavg(pop, q, cap):
+    w = [min(n / cap, 1.0) for n in pop]
+    total = sum(w)
+    got = dp.fixed_denominator_weights(pop, pop, q, cap)
+    assert got == pytest.approx([x / (q * total) for x in w])
+    assert dp.capped_weights(pop, cap) == pytest.approx(w)
+    assert dp.central_sensitivity(1.5, pop, q, cap) == pytest.approx(1.5 / (q * total))
+    # every client's weight is at most the sensitivity unit 1 / (qW)
+    assert max(got) <= 1 / (q * total) * (1 + 1e-12)
+
+
+def test_fixed_denominator_refuses_nonsense():
+    with pytest.raises(ValueError, match="sample rate"):
+        dp.fixed_denominator_weights([1], [1], 0.0, 1.0)
+    with pytest.raises(ValueError, match="sample rate"):
+        dp.fixed_denominator_weights([1], [1], 1.5, 1.0)
+    with pytest.raises(ValueError, match="weight cap"):
+        dp.capped_weights([1], 0.0)
+    with pytest.raises(ValueError, match="no examples"):
+        dp.fixed_denominator_weights([0], [0], 1.0, 1.0)
+    assert dp.fixed_denominator_weights([3], [3, 3], 1.0, 3.0) == [0.5]  # q = 1 allowed
+
+
+# ---------------------------------------------------------------------- accounting
+def test_gaussian_epsilon_is_opacus_with_the_extended_orders():
+    acc = RDPAccountant()
+    acc.history = [(1.3, 0.2, 7)]
+    assert dp.gaussian_epsilon(1.3, 0.2, 7, 1e-5) == pytest.approx(
+        acc.get_epsilon(1e-5, alphas=dp.rdp_alphas()), rel=1e-12)
+    assert dp.gaussian_epsilon(1.3, 0.2, 0, 1e-5) == 0.0
+    alphas = dp.rdp_alphas()
+    assert alphas[:len(RDPAccountant.DEFAULT_ALPHAS)] == list(RDPAccountant.DEFAULT_ALPHAS)
+    assert alphas[-1] == 1024 and 64 in alphas
+
+
+def test_amplification_and_laplace_composition():
+    assert dp.amplified(1.0, 1.0) == 1.0
+    assert dp.amplified(1.0, 0.3) == pytest.approx(math.log1p(0.3 * math.expm1(1.0)))
+    assert dp.laplace_epsilon(0.5, 1.0, 0, 1e-5) == 0.0
+    assert dp.laplace_epsilon(0.5, 1.0, 3, 1e-5) == pytest.approx(1.5)  # basic wins
+    e, T, d = 0.02, 5000, 1e-6
+    adv = e * math.sqrt(2 * T * math.log(1 / d)) + T * e * math.expm1(e)
+    assert dp.laplace_epsilon(e, 1.0, T, d) == pytest.approx(adv) and adv < T * e
+    a = dp.amplified(0.4, 0.5)
+    assert dp.laplace_epsilon(0.4, 0.5, 2, 1e-5) == pytest.approx(2 * a)
+
+
+@pytest.mark.parametrize("target,q,steps", [(2.0, 1.0, 5), (6.0, 0.3, 20)])
+def test_calibration_reaches_its_target_from_below(target, q, steps):
+    z = dp.calibrate_gaussian(target, q, steps, 1e-5)
+    assert dp.gaussian_epsilon(z, q, steps, 1e-5) <= target * 1.005
+    assert dp.gaussian_epsilon(z * 0.97, q, steps, 1e-5) > dp.gaussian_epsilon(z, q, steps, 1e-5)
+    e0 = dp.calibrate_laplace(target, q, steps, 1e-5)
+    assert dp.laplace_epsilon(e0, q, steps, 1e-5) <= target
+    assert dp.laplace_epsilon(e0 * 1.01, q, steps, 1e-5) > target
+
+
+def test_gaussian_with_selection_is_the_rdp_sum():
+    orders = dp.rdp_alphas()
+    z, T, rho, d = 1.7, 6, 0.03, 1e-5
+    rdp = np.array(compute_rdp(q=1.0, noise_multiplier=z, steps=T, orders=orders)) + T * rho * \
+        np.array(orders)
+    assert dp.gaussian_with_selection_epsilon(z, T, rho, d) == pytest.approx(
+        get_privacy_spent(orders=orders, rdp=rdp, delta=d)[0], rel=1e-12)
+    assert dp.gaussian_with_selection_epsilon(z, 0, rho, d) == 0.0
+
+
+def test_plan_epsilon_per_mode_and_selection():
+    d = 1e-5
+    local = dp.PrivacyPlan("gaussian", "local", 1.0, 3.0, d, 1.0, 4)
+    central = dp.PrivacyPlan("gaussian", "central", 1.0, 3.0, d, 0.5, 4)
+    assert local.sensitivity_factor == 2.0 and central.sensitivity_factor == 1.0
+    assert local.epsilon(4) == pytest.approx(dp.gaussian_epsilon(1.5, 1.0, 4, d))
+    assert central.epsilon(4) == pytest.approx(dp.gaussian_epsilon(3.0, 0.5, 4, d))
+    assert local.release_epsilon() == pytest.approx(dp.gaussian_epsilon(1.5, 1.0, 1, d))
+    assert central.release_epsilon() == pytest.approx(dp.gaussian_epsilon(3.0, 1.0, 1, d))
+    lap = dp.PrivacyPlan("laplace", "central", 1.0, 4.0, d, 0.5, 3)
+    assert lap.epsilon(3) == pytest.approx(dp.laplace_epsilon(0.25, 0.5, 3, d))
+    assert lap.release_epsilon() == pytest.approx(0.25)
+    assert dp.PrivacyPlan("laplace", "local", 1.0, 4.0, d, 1.0, 3).release_epsilon() == 0.5
+    sel = dp.PrivacyPlan("laplace", "local", 1.0, 4.0, d, 1.0, 3, None, "private", 0.2)
+    assert sel.private_selection and not local.private_selection
+    assert sel.epsilon(3) == pytest.approx(dp.laplace_epsilon(0.5 + 0.2, 1.0, 3, d))
+    assert sel.selection_spent(3) == pytest.approx(dp.laplace_epsilon(0.2, 1.0, 3, d))
+    assert local.selection_spent(3) is None
+    gsel = dp.PrivacyPlan("gaussian", "local", 1.0, 3.0, d, 1.0, 4, None, "private", 0.4)
+    assert gsel.epsilon(4) == pytest.approx(dp.gaussian_with_selection_epsilon(
+        1.5, 4, 0.4 ** 2 / 8, d))
+    # a public selection's ε does not enter, whatever selection_epsilon says
+    assert dp.PrivacyPlan("gaussian", "local", 1.0, 3.0, d, 1.0, 4, None, "public",
+                          5.0).epsilon(4) == pytest.approx(local.epsilon(4))
+
+
+def test_plan_summary_says_what_it_is():
+    p = dp.PrivacyPlan("gaussian", "central", 0.5, 2.0, 1e-6, 0.25, 8, 3.0, "public", 0.0,
+                       "seeded", 40.0)
+    s = p.summary()
+    assert s == {"mechanism": "gaussian", "mode": "central", "clip": 0.5, "noise_multiplier": 2.0,
+                 "delta": 1e-6, "sample_rate": 0.25, "target_epsilon": 3.0,
+                 "epsilon": p.epsilon(8), "selection": "public",
+                 "selection_epsilon_per_round": None, "selection_epsilon": None,
+                 "noise_source": "seeded", "estimator": "fixed-denominator", "weight_cap": 40.0,
+                 "guarantee_holds_against_config_holders": False}
+    assert p.rebuildable
+    q = dp.PrivacyPlan("laplace", "local", 1.0, 4.0, 1e-5, 1.0, 2, None, "private", 0.5, "os")
+    t = q.summary()
+    assert not q.rebuildable and t["guarantee_holds_against_config_holders"] is True
+    assert t["estimator"] is None and t["weight_cap"] is None
+    assert t["selection_epsilon_per_round"] == 0.5
+    assert t["selection_epsilon"] == q.selection_spent(2)
+
+
+def _cfg(**kw) -> PrivacyConfig:
+    return PrivacyConfig(**kw)
+
+
+def test_resolve_gives_the_plan_of_the_config():
+    assert dp.resolve(_cfg(), 5, 1.0) is None
+    p = dp.resolve(_cfg(mechanism="gaussian", mode="central", noise_multiplier=1.5, clip=0.3,
+                        delta=1e-6, noise_source="seeded", weight_cap=7.0), 5, 0.4)
+    assert (p.mechanism, p.mode, p.clip, p.noise_multiplier, p.delta, p.sample_rate, p.rounds,
+            p.noise_source, p.weight_cap, p.target_epsilon) == (
+        "gaussian", "central", 0.3, 1.5, 1e-6, 0.4, 5, "seeded", 7.0, None)
+    loc = dp.resolve(_cfg(mechanism="gaussian", mode="local", noise_multiplier=1.5), 5, 0.4)
+    assert loc.sample_rate == 1.0  # local mode claims no amplification
+    # a target ε: the Gaussian calibrated (local: twice Opacus' z, replace-one), Laplace 1/ε₀
+    g = dp.resolve(_cfg(mechanism="gaussian", mode="local", epsilon=4.0), 6, 1.0)
+    assert g.noise_multiplier == pytest.approx(2 * dp.calibrate_gaussian(4.0, 1.0, 6, 1e-5))
+    assert g.epsilon(6) == pytest.approx(4.0, abs=0.03) and g.target_epsilon == 4.0
+    c = dp.resolve(_cfg(mechanism="laplace", mode="central", epsilon=3.0), 6, 0.5)
+    assert c.noise_multiplier == pytest.approx(1 / dp.calibrate_laplace(3.0, 0.5, 6, 1e-5))
+    lo = dp.resolve(_cfg(mechanism="laplace", mode="local", epsilon=3.0), 6, 0.5)
+    assert lo.noise_multiplier == pytest.approx(2 / dp.calibrate_laplace(3.0, 1.0, 6, 1e-5))
+    s = dp.resolve(_cfg(mechanism="laplace", mode="local", epsilon=3.0, selection="private",
+                        selection_epsilon=0.1), 6, 1.0)
+    assert s.epsilon(6) == pytest.approx(3.0, rel=1e-3) and s.epsilon(6) <= 3.0 * (1 + 1e-9)
+
+
+def test_an_unreachable_target_is_a_one_line_error():
+    with pytest.raises(UserError, match="not reachable") as e:
+        dp.resolve(_cfg(mechanism="laplace", mode="local", epsilon=1.0, selection="private",
+                        selection_epsilon=1.0), 5, 1.0)
+    assert "\n" not in str(e.value)
+
+
+def test_round_record_charges_every_release():
+    assert dp.round_record(None, 3) == {}
+    p = dp.PrivacyPlan("gaussian", "local", 1.0, 3.0, 1e-5, 1.0, 4)
+    assert dp.round_record(p, 2) == {"epsilon": p.epsilon(2), "delta": 1e-5,
+                                     "releases_charged": 2}
+    assert dp.round_record(p, 2, extra_releases=3)["epsilon"] == p.epsilon(5)
+    sel = dp.PrivacyPlan("laplace", "local", 1.0, 4.0, 1e-5, 1.0, 4, None, "private", 0.5)
+    assert dp.round_record(sel, 2, 1)["selection_epsilon"] == sel.selection_spent(3)
