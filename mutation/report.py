@@ -1,6 +1,8 @@
 """Helpers of scripts/mutation.sh: the files a module's run depends on, and mutation/REPORT.md.
 
     python mutation/report.py files MODULE          # the module's source and test files
+    python mutation/report.py skip-annotations MODULE SESSION  # after init: skip the mutants
+                                                    # inside type annotations (never evaluated)
     python mutation/report.py reopen MODULE SESSION # forget SESSION's survivors, to re-test them
     python mutation/report.py record MODULE MODE SECONDS COMMIT DIRTY  # after a run (MODE: full
                                                     # or survivors), in the run's scratch copy
@@ -57,6 +59,59 @@ def code_fingerprint(source: str) -> str:
 
 def _fingerprint(module: str) -> str:
     return code_fingerprint(Path(config(module)["module-path"]).read_text())
+
+
+ANNOTATION = "skipped: inside a type annotation, never evaluated (from __future__ import annotations)"
+
+
+def _annotation_spans(source: str) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """(start, end) of every annotation, as parso positions: line from 1, column in characters."""
+    tree = ast.parse(source)
+    if not any(isinstance(n, ast.ImportFrom) and n.module == "__future__"
+               and any(a.name == "annotations" for a in n.names) for n in tree.body):
+        return []  # annotations are evaluated: their mutants are real
+    lines = source.splitlines()
+
+    def pos(line: int, byte_col: int) -> tuple[int, int]:
+        return line, len(lines[line - 1].encode()[:byte_col].decode())
+
+    spans = []
+    for node in ast.walk(tree):
+        found = []
+        if isinstance(node, ast.arg) and node.annotation is not None:
+            found.append(node.annotation)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.returns is not None:
+            found.append(node.returns)
+        if isinstance(node, ast.AnnAssign):
+            found.append(node.annotation)
+        spans += [(pos(a.lineno, a.col_offset), pos(a.end_lineno, a.end_col_offset)) for a in found]
+    return spans
+
+
+def skip_annotations(module: str, session: str, source_file: str | None = None) -> None:
+    """Mark the not yet run (or survived) mutants that lie inside a type annotation as skipped.
+
+    Under ``from __future__ import annotations`` (every configured module has it) annotations
+    are strings that nothing evaluates, so such a mutant cannot change behaviour; cosmic-ray
+    still makes them (``X | None`` gives eleven)."""
+    source = Path(source_file or config(module)["module-path"]).read_text()
+    spans = _annotation_spans(source)
+    db = sqlite3.connect(session)
+    n = 0
+    with db:
+        rows = db.execute("SELECT m.job_id, m.start_pos_row, m.start_pos_col, m.end_pos_row, "
+                          "m.end_pos_col, r.test_outcome FROM mutation_specs m "
+                          "LEFT JOIN work_results r USING (job_id)").fetchall()
+        for job, r0, c0, r1, c1, outcome in rows:
+            if outcome not in (None, "SURVIVED"):
+                continue
+            if any(a <= (r0, c0) and (r1, c1) <= b for a, b in spans):
+                db.execute("INSERT OR REPLACE INTO work_results (worker_outcome, output, "
+                           "test_outcome, diff, job_id) VALUES ('SKIPPED', ?, NULL, NULL, ?)",
+                           (ANNOTATION, job))
+                n += 1
+    db.close()
+    print(f"mutation: {module}: {n} mutants inside type annotations skipped")
 
 
 def reopen(module: str, session: str) -> None:
@@ -118,12 +173,13 @@ def module_results(module: str):
 
     db = WorkDB(str(SESSIONS / f"{module}.sqlite"), WorkDB.Mode.open)
     try:
-        counts = dict(killed=0, timeout=0, survived=0, incompetent=0, pending=0)
+        counts = dict(killed=0, timeout=0, survived=0, incompetent=0, pending=0, annotations=0)
         survivors, not_made = [], []
         done = set()
         for item, result in db.completed_work_items:
             done.add(item.job_id)
             if result.worker_outcome in (WorkerOutcome.SKIPPED, WorkerOutcome.NO_TEST):
+                counts["annotations"] += result.output == ANNOTATION
                 continue
             if result.worker_outcome != WorkerOutcome.NORMAL:
                 # cosmic-ray failed to make the mutant (no test ran): not a mutant, not counted
@@ -166,6 +222,8 @@ def render() -> str:
                         for what, r in runs)
         minutes = " + ".join(f"{r['seconds'] / 60:.1f}" for _, r in runs) + " min"
         extra = []
+        if c["annotations"]:
+            extra.append(f"{c['annotations']} mutants inside type annotations skipped")
         if c["not_made"]:
             extra.append(f"{len(c['not_made'])} mutant(s) cosmic-ray could not make, left out: "
                          + "; ".join(c["not_made"]))
@@ -198,7 +256,9 @@ def render() -> str:
         "the working tree and tested against only the fast unit tests named in its "
         "`mutation/<module>.toml`, one mutant at a time.",
         "",
-        "Score = (killed + timed out) / total. A survivor is listed with why it was judged "
+        "Score = (killed + timed out) / total. Mutants inside type annotations are skipped, not "
+        "counted: every module has `from __future__ import annotations`, so nothing evaluates "
+        "them. A survivor is listed with why it was judged "
         "equivalent (no test can tell it apart) or harmless (it changes only an error message, or "
         "a numerical tolerance within its documented accuracy); the reasons live in "
         "`mutation/survivors.toml`.",
@@ -216,6 +276,8 @@ def render() -> str:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["files"]:
         print("\n".join(files(sys.argv[2])))
+    elif sys.argv[1:2] == ["skip-annotations"]:
+        skip_annotations(*sys.argv[2:5])
     elif sys.argv[1:2] == ["reopen"]:
         reopen(*sys.argv[2:4])
     elif sys.argv[1:2] == ["record"]:

@@ -74,6 +74,7 @@ for m in "${mods[@]}"; do
     cp "$ROOT/mutation/sessions/$m.sqlite" "$session"
     "$PY" mutation/report.py reopen "$m" "$session"
   fi
+  "$PY" mutation/report.py skip-annotations "$m" "$session"
   if ! run nice -n 15 "$VENV/bin/cosmic-ray" baseline "mutation/$m.toml" >"$log.$mode" 2>&1; then
     cat "$log.$mode" >&2; echo "mutation.sh: $m: the tests fail without any mutation" >&2; exit 1
   fi
