@@ -110,3 +110,21 @@ def test_negative_lr_ratio_is_a_one_line_error(capsys):
     assert main(["config", "--set", "strategy.lr_ratio=-1"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "strategy.lr_ratio" in err
+
+
+def test_resume_check_ignores_only_what_cannot_change_the_run(tmp_path):
+    """A run started under schema 1 (no DP) resumes under schema 2; a different setting, or a
+    different noise source under DP, is refused."""
+    from lora_a2.runner import check_same_config
+
+    old = tmp_path / "old.toml"
+    old.write_text("seed = 1\n[train]\nrounds = 3\n")  # schema 1: noise_source "seeded"
+    saved = load_config(old)
+    assert saved.schema_version == 1 and saved.privacy.noise_source == "seeded"
+    check_same_config(load_config(None, ["seed=1", "train.rounds=3"]), saved, tmp_path)
+    with pytest.raises(UserError, match="'train.rounds' is 4, the run's own is 3"):
+        check_same_config(load_config(None, ["seed=1", "train.rounds=4"]), saved, tmp_path)
+    dp = ["privacy.mechanism=gaussian", "privacy.noise_multiplier=1"]
+    with pytest.raises(UserError, match="privacy.noise_source"):
+        check_same_config(load_config(None, dp), load_config(None, dp + [
+            "privacy.noise_source=seeded"]), tmp_path)

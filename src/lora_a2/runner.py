@@ -72,7 +72,10 @@ def _flat_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def check_same_config(cfg: Config, saved: Config, out: Path) -> None:
     """Refuse to resume ``out`` with a config other than the one it ran with (one line)."""
     a, b = _flat_config(cfg.to_dict()), _flat_config(saved.to_dict())
-    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    ignore = {"schema_version"}  # the same run written by an older version of the schema
+    if a.get("privacy.mechanism") == b.get("privacy.mechanism") == "none":
+        ignore.add("privacy.noise_source")  # no noise is drawn: where it would come from is moot
+    diff = sorted(k for k in set(a) | set(b) if k not in ignore and a.get(k) != b.get(k))
     if diff:
         k = diff[0]
         more = f" (and {len(diff) - 1} more)" if len(diff) > 1 else ""
