@@ -88,7 +88,7 @@ def make_credentials(d: Path, nodes: int) -> None:
 def start_federation(tmp_path: Path, secure: bool, nodes: int = 2,
                      extra_env: dict[str, str] | None = None):
     """A SuperLink and two SuperNodes (partitions 0 and 1) on 127.0.0.1. ``secure=False``:
-    ``--insecure`` (loopback only). ``secure=True``: the README's production setup — TLS with a
+    ``--insecure`` (loopback only). ``secure=True``: docs/ENGINES.md's production setup — TLS with a
     CA certificate and SuperNode authentication, each node's public key registered with
     ``flwr supernode register`` before the node starts. Yields (env, tmp_path, port, creds)."""
     home = tmp_path / "flwr-home"
@@ -189,7 +189,7 @@ def test_deployment_engine_end_to_end(federation, synthetic_csv):
 
 
 def test_deployment_engine_with_tls_and_supernode_auth(secure_federation, synthetic_csv):
-    """The README's production commands: TLS + registered SuperNodes run the same experiment as
+    """docs/ENGINES.md's production commands: TLS + registered SuperNodes run the same experiment as
     the local engine, and a SuperNode whose key was never registered is refused."""
     env, tmp, port, creds = secure_federation
     deploy_and_compare(env, tmp, synthetic_csv)

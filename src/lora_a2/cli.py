@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="lora-a2", description="Federated LoRA fine-tuning with LoRA-A2 and baselines.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = sub.add_parser("run", help="run one federated experiment (default: the embedded demo)")
-    run.add_argument("--config", "-c", help="TOML config file (keys: see README)")
+    run.add_argument("--config", "-c", help="TOML config file (keys: docs/CONFIGURATION.md)")
     run.add_argument("--set", "-s", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                      help="override config keys, e.g. --set data.alpha=0.5 train.rounds=2 "
                           "(repeatable; a quoted 'a=1 b=2' works too)")

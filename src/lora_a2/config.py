@@ -1,6 +1,6 @@
 """Typed run configuration: TOML file + ``--set key=value`` overrides, validated with clear errors.
 
-Every key is documented in the field's docstring-comment below and in the README's config
+Every key is documented in the field's docstring-comment below and in docs/CONFIGURATION.md's
 reference. Unknown keys and bad values raise :class:`~lora_a2.errors.UserError` with a one-line
 message naming the key (and the nearest valid key for a typo).
 """
@@ -23,9 +23,9 @@ SLOT_SCORES = ("frobenius", "rms")
 """Values of strategy.slot_score (the same tuple as selection.SLOT_SCORES, kept torch-free here)."""
 
 NORM_WEIGHTS = ("module", "client")
+"""Values of strategy.hetlora_weights: where HetLoRA's sparsity weight S_k is computed."""
 PROBES = ("full", "reuse", "gradient")
 """Values of strategy.probe (LoRA-A2's slot scoring)."""
-"""Values of strategy.hetlora_weights: where HetLoRA's sparsity weight S_k is computed."""
 
 
 MODEL_DTYPES = ("float32", "bfloat16", "float16", "auto")
@@ -80,6 +80,7 @@ class DataConfig:
     label_column: str = ""
     """Label column for file/hub datasets; empty = `label`."""
     num_clients: int = 10
+    """K: the number of clients the training set is partitioned into."""
     partition: str = "dirichlet"
     """`dirichlet`, `pathological`, `paired`, `iid`."""
     alpha: float = 0.1
@@ -191,9 +192,13 @@ class StrategyConfig:
 @dataclass
 class TrainConfig:
     rounds: int = 8
+    """T: federated rounds (LoRA-A2 alternates: odd rounds train B, even rounds A)."""
     local_epochs: int = 1
+    """E: local epochs of training per round on each client (LoRA-A2's probe comes on top)."""
     batch_size: int = 16
+    """Examples per local training step."""
     eval_batch_size: int = 64
+    """Examples per evaluation forward pass (no effect on results)."""
     clients_per_round: float = 0
     """Clients sampled per round: 0 = all, an int ≥ 1 = that many, a float in (0, 1) = fraction."""
     max_grad_norm: float = 0.0
@@ -234,7 +239,7 @@ class EngineConfig:
 class PrivacyConfig:
     mechanism: str = "none"
     """Client-level DP on uploads: `none`, `gaussian` (L2 clip) or `laplace` (L1 clip, pure ε
-    per round); see `lora_a2.privacy` and the README's "Differential privacy"."""
+    per round); see docs/PRIVACY.md."""
     mode: str = "local"
     """`local` (each client noises its upload; untrusted server) or `central` (clients clip, the
     trusted server noises the aggregate; strategies with a linear aggregate only)."""
@@ -304,6 +309,8 @@ class Config:
     """Config schema (2 = this release). A config file without it is version 1: it loads
     with the defaults it was written under (see `privacy.noise_source`)."""
     seed: int = 0
+    """Seeds the data split, the partition, the model's random init, each client's training and
+    the client sampling (and every noise draw under `privacy.noise_source = "seeded"`)."""
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -341,7 +348,7 @@ def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def all_keys() -> list[str]:
-    """Every valid dotted key, for error messages and the README."""
+    """Every valid dotted key, for error messages and docs/CONFIGURATION.md."""
     keys = ["schema_version", "seed"]
     for sec, cls in SECTIONS.items():
         keys += [f"{sec}.{f.name}" for f in fields(cls)]

@@ -535,7 +535,7 @@ def backend_config(cfg: Config) -> dict[str, Any]:
     all of the clients' training, and at +15 any other busy process on the machine takes most of
     their CPU. ``python benchmarks/bench_engines.py --busy 1`` against the same with
     ``--ray-niceness 15`` shows it: 101.5–104.6 s against 70.3–73.9 s for a tiny 4-round run
-    next to one busy process (README, "On a busy machine")."""
+    next to one busy process (docs/ENGINES.md, "On a busy machine")."""
     import torch
 
     workers = num_workers(cfg)
