@@ -241,3 +241,35 @@ def test_round_record_charges_every_release():
     assert dp.round_record(p, 2, extra_releases=3)["epsilon"] == p.epsilon(5)
     sel = dp.PrivacyPlan("laplace", "local", 1.0, 4.0, 1e-5, 1.0, 4, None, "private", 0.5)
     assert dp.round_record(sel, 2, 1)["selection_epsilon"] == sel.selection_spent(3)
+
+
+def _fresh(s: str) -> str:
+    """An equal string that is not the interned literal (as a value parsed from a config
+    file is): ``is`` would tell it apart, ``==`` does not."""
+    return "".join(list(s))
+
+
+def test_names_are_compared_by_value():
+    sel = dp.PrivacyPlan("laplace", "local", 1.0, 4.0, 1e-5, 1.0, 3, None, _fresh("private"),
+                         0.2, _fresh("seeded"))
+    assert sel.private_selection and sel.rebuildable
+    assert sel.sensitivity_factor == 2.0
+    central = dp.PrivacyPlan(_fresh("gaussian"), _fresh("central"), 1.0, 3.0, 1e-5, 1.0, 4)
+    assert central.sensitivity_factor == 1.0
+    assert central.epsilon(4) == pytest.approx(dp.gaussian_epsilon(3.0, 1.0, 4, 1e-5))
+    assert central.summary()["estimator"] == "fixed-denominator"
+    p = dp.resolve(_cfg(mechanism=_fresh("gaussian"), mode=_fresh("local"), epsilon=4.0), 6, 1.0)
+    assert p.noise_multiplier == pytest.approx(2 * dp.calibrate_gaussian(4.0, 1.0, 6, 1e-5))
+    assert dp.norm_of(torch.tensor([3.0, -4.0]), _fresh("laplace")) == 7.0
+    g = dp.noise(50_000, _fresh("gaussian"), 1.0, torch.Generator().manual_seed(3))
+    assert float(g.double().std()) == pytest.approx(1.0, rel=0.03)
+    lap = dp.noise(50_000, _fresh("laplace"), 1.0, torch.Generator().manual_seed(3))
+    assert float(lap.double().abs().mean()) == pytest.approx(1.0, rel=0.03)
+    torch.rand(1, generator=dp.noise_generator(1, 1, 0, _fresh("os")))
+
+
+def test_no_round_spends_nothing_and_a_negative_count_too():
+    for steps in (0, -1, -5):
+        assert dp.gaussian_epsilon(1.0, 1.0, steps, 1e-5) == 0.0
+        assert dp.laplace_epsilon(1.0, 1.0, steps, 1e-5) == 0.0
+        assert dp.gaussian_with_selection_epsilon(1.0, steps, 0.1, 1e-5) == 0.0

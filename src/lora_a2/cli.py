@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     aud.add_argument("--noise-multiplier", type=float, metavar="Z",
                      help="audit every noise row at this z (default: per mechanism and mode)")
     aud.add_argument("--quick", action="store_true",
-                     help="fewer draws (about 2 minutes on 2 cores); weaker bounds")
+                     help="fewer draws (15 s on an idle 2-core machine); weaker bounds")
     aud.add_argument("--json", metavar="FILE", help="also write the rows to this JSON file")
     return p
 
