@@ -6,7 +6,7 @@ cosmic-ray runs its test command once per mutant; ``python -m pytest`` spends ab
 
     python mutation/fastpytest.py serve SOCKET
 
-which imports the third-party libraries the tests use (torch, numpy, scipy, safetensors,
+which imports the third-party libraries the tests use (torch, numpy, scipy, opacus, safetensors,
 hypothesis, pytest) -- and *no* ``lora_a2`` module -- then waits. The test command::
 
     python mutation/fastpytest.py PYTEST_ARGS...
@@ -45,6 +45,9 @@ def _preload() -> None:
     """Import what the tests import, except lora_a2 (the child must read the mutated source)."""
     import hypothesis  # noqa: F401
     import numpy  # noqa: F401
+    import opacus.accountants  # noqa: F401  (5 s to import; the privacy tests use its RDP code)
+    import opacus.accountants.analysis.rdp  # noqa: F401
+    import opacus.accountants.utils  # noqa: F401
     import pytest  # noqa: F401
     import safetensors.torch  # noqa: F401
     import scipy.linalg  # noqa: F401

@@ -135,16 +135,6 @@ def test_amplification_and_laplace_composition():
     assert dp.laplace_epsilon(0.4, 0.5, 2, 1e-5) == pytest.approx(2 * a)
 
 
-@pytest.mark.parametrize("target,q,steps", [(2.0, 1.0, 5), (6.0, 0.3, 20)])
-def test_calibration_reaches_its_target_from_below(target, q, steps):
-    z = dp.calibrate_gaussian(target, q, steps, 1e-5)
-    assert dp.gaussian_epsilon(z, q, steps, 1e-5) <= target * 1.005
-    assert dp.gaussian_epsilon(z * 0.97, q, steps, 1e-5) > dp.gaussian_epsilon(z, q, steps, 1e-5)
-    e0 = dp.calibrate_laplace(target, q, steps, 1e-5)
-    assert dp.laplace_epsilon(e0, q, steps, 1e-5) <= target
-    assert dp.laplace_epsilon(e0 * 1.01, q, steps, 1e-5) > target
-
-
 def test_gaussian_with_selection_is_the_rdp_sum():
     orders = dp.rdp_alphas()
     z, T, rho, d = 1.7, 6, 0.03, 1e-5
@@ -204,35 +194,6 @@ def _cfg(**kw) -> PrivacyConfig:
     return PrivacyConfig(**kw)
 
 
-def test_resolve_gives_the_plan_of_the_config():
-    assert dp.resolve(_cfg(), 5, 1.0) is None
-    p = dp.resolve(_cfg(mechanism="gaussian", mode="central", noise_multiplier=1.5, clip=0.3,
-                        delta=1e-6, noise_source="seeded", weight_cap=7.0), 5, 0.4)
-    assert (p.mechanism, p.mode, p.clip, p.noise_multiplier, p.delta, p.sample_rate, p.rounds,
-            p.noise_source, p.weight_cap, p.target_epsilon) == (
-        "gaussian", "central", 0.3, 1.5, 1e-6, 0.4, 5, "seeded", 7.0, None)
-    loc = dp.resolve(_cfg(mechanism="gaussian", mode="local", noise_multiplier=1.5), 5, 0.4)
-    assert loc.sample_rate == 1.0  # local mode claims no amplification
-    # a target ε: the Gaussian calibrated (local: twice Opacus' z, replace-one), Laplace 1/ε₀
-    g = dp.resolve(_cfg(mechanism="gaussian", mode="local", epsilon=4.0), 6, 1.0)
-    assert g.noise_multiplier == pytest.approx(2 * dp.calibrate_gaussian(4.0, 1.0, 6, 1e-5))
-    assert g.epsilon(6) == pytest.approx(4.0, abs=0.03) and g.target_epsilon == 4.0
-    c = dp.resolve(_cfg(mechanism="laplace", mode="central", epsilon=3.0), 6, 0.5)
-    assert c.noise_multiplier == pytest.approx(1 / dp.calibrate_laplace(3.0, 0.5, 6, 1e-5))
-    lo = dp.resolve(_cfg(mechanism="laplace", mode="local", epsilon=3.0), 6, 0.5)
-    assert lo.noise_multiplier == pytest.approx(2 / dp.calibrate_laplace(3.0, 1.0, 6, 1e-5))
-    s = dp.resolve(_cfg(mechanism="laplace", mode="local", epsilon=3.0, selection="private",
-                        selection_epsilon=0.1), 6, 1.0)
-    assert s.epsilon(6) == pytest.approx(3.0, rel=1e-3) and s.epsilon(6) <= 3.0 * (1 + 1e-9)
-
-
-def test_an_unreachable_target_is_a_one_line_error():
-    with pytest.raises(UserError, match="not reachable") as e:
-        dp.resolve(_cfg(mechanism="laplace", mode="local", epsilon=1.0, selection="private",
-                        selection_epsilon=1.0), 5, 1.0)
-    assert "\n" not in str(e.value)
-
-
 def test_round_record_charges_every_release():
     assert dp.round_record(None, 3) == {}
     p = dp.PrivacyPlan("gaussian", "local", 1.0, 3.0, 1e-5, 1.0, 4)
@@ -273,3 +234,43 @@ def test_no_round_spends_nothing_and_a_negative_count_too():
         assert dp.gaussian_epsilon(1.0, 1.0, steps, 1e-5) == 0.0
         assert dp.laplace_epsilon(1.0, 1.0, steps, 1e-5) == 0.0
         assert dp.gaussian_with_selection_epsilon(1.0, steps, 0.1, 1e-5) == 0.0
+
+
+# ---------------------------------------------------------------------- calibration (slow: last)
+@pytest.mark.parametrize("target,q,steps", [(2.0, 1.0, 5), (6.0, 0.3, 20)])
+def test_calibration_reaches_its_target_from_below(target, q, steps):
+    z = dp.calibrate_gaussian(target, q, steps, 1e-5)
+    assert dp.gaussian_epsilon(z, q, steps, 1e-5) <= target * 1.005
+    assert dp.gaussian_epsilon(z * 0.97, q, steps, 1e-5) > dp.gaussian_epsilon(z, q, steps, 1e-5)
+    e0 = dp.calibrate_laplace(target, q, steps, 1e-5)
+    assert dp.laplace_epsilon(e0, q, steps, 1e-5) <= target
+    assert dp.laplace_epsilon(e0 * 1.01, q, steps, 1e-5) > target
+
+
+def test_resolve_gives_the_plan_of_the_config():
+    assert dp.resolve(_cfg(), 5, 1.0) is None
+    p = dp.resolve(_cfg(mechanism="gaussian", mode="central", noise_multiplier=1.5, clip=0.3,
+                        delta=1e-6, noise_source="seeded", weight_cap=7.0), 5, 0.4)
+    assert (p.mechanism, p.mode, p.clip, p.noise_multiplier, p.delta, p.sample_rate, p.rounds,
+            p.noise_source, p.weight_cap, p.target_epsilon) == (
+        "gaussian", "central", 0.3, 1.5, 1e-6, 0.4, 5, "seeded", 7.0, None)
+    loc = dp.resolve(_cfg(mechanism="gaussian", mode="local", noise_multiplier=1.5), 5, 0.4)
+    assert loc.sample_rate == 1.0  # local mode claims no amplification
+    # a target ε: the Gaussian calibrated (local: twice Opacus' z, replace-one), Laplace 1/ε₀
+    g = dp.resolve(_cfg(mechanism="gaussian", mode="local", epsilon=4.0), 6, 1.0)
+    assert g.noise_multiplier == pytest.approx(2 * dp.calibrate_gaussian(4.0, 1.0, 6, 1e-5))
+    assert g.epsilon(6) == pytest.approx(4.0, abs=0.03) and g.target_epsilon == 4.0
+    c = dp.resolve(_cfg(mechanism="laplace", mode="central", epsilon=3.0), 6, 0.5)
+    assert c.noise_multiplier == pytest.approx(1 / dp.calibrate_laplace(3.0, 0.5, 6, 1e-5))
+    lo = dp.resolve(_cfg(mechanism="laplace", mode="local", epsilon=3.0), 6, 0.5)
+    assert lo.noise_multiplier == pytest.approx(2 / dp.calibrate_laplace(3.0, 1.0, 6, 1e-5))
+    s = dp.resolve(_cfg(mechanism="laplace", mode="local", epsilon=3.0, selection="private",
+                        selection_epsilon=0.1), 6, 1.0)
+    assert s.epsilon(6) == pytest.approx(3.0, rel=1e-3) and s.epsilon(6) <= 3.0 * (1 + 1e-9)
+
+
+def test_an_unreachable_target_is_a_one_line_error():
+    with pytest.raises(UserError, match="not reachable") as e:
+        dp.resolve(_cfg(mechanism="laplace", mode="local", epsilon=1.0, selection="private",
+                        selection_epsilon=1.0), 5, 1.0)
+    assert "\n" not in str(e.value)
