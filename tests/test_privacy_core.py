@@ -274,3 +274,42 @@ def test_an_unreachable_target_is_a_one_line_error():
         dp.resolve(_cfg(mechanism="laplace", mode="local", epsilon=1.0, selection="private",
                         selection_epsilon=1.0), 5, 1.0)
     assert "\n" not in str(e.value)
+
+
+def test_one_round_is_one_mechanism():
+    """steps = 1 against values computed here: Opacus' RDP for one Gaussian step, ε₀ for one
+    Laplace round, the RDP sum for one round with the selection."""
+    acc = RDPAccountant()
+    acc.history = [(2.0, 1.0, 1)]
+    one = dp.gaussian_epsilon(2.0, 1.0, 1, 1e-5)
+    assert one > 0 and one == pytest.approx(acc.get_epsilon(1e-5, alphas=dp.rdp_alphas()),
+                                            rel=1e-12)
+    assert dp.laplace_epsilon(0.5, 1.0, 1, 1e-5) == pytest.approx(0.5)
+    orders = dp.rdp_alphas()
+    rdp = np.array(compute_rdp(q=1.0, noise_multiplier=2.0, steps=1, orders=orders)) + 0.05 * \
+        np.array(orders)
+    assert dp.gaussian_with_selection_epsilon(2.0, 1, 0.05, 1e-5) == pytest.approx(
+        get_privacy_spent(orders=orders, rdp=rdp, delta=1e-5)[0], rel=1e-12)
+
+
+def test_estimator_refuses_negative_rates_and_counts():
+    with pytest.raises(ValueError, match="sample rate"):
+        dp.fixed_denominator_weights([1], [1], -0.5, 1.0)
+    with pytest.raises(ValueError, match="no examples"):
+        dp.fixed_denominator_weights([1], [-3], 1.0, 1.0)
+
+
+def test_plan_defaults_and_a_fresh_private_selection():
+    p = dp.PrivacyPlan("gaussian", "central", 1.0, 2.0, 1e-5, 1.0, 3)
+    assert p.weight_cap == 0.0 and p.summary()["weight_cap"] == 0.0  # 0 = the largest client
+    assert p.noise_source == "os" and p.selection == "public"
+    s = dp.resolve(_cfg(mechanism="laplace", mode="local", epsilon=3.0,
+                        selection=_fresh("private"), selection_epsilon=0.1), 6, 1.0)
+    assert s.private_selection and s.epsilon(6) == pytest.approx(3.0, rel=1e-3)
+
+
+def test_laplace_calibration_reaches_a_per_round_epsilon_above_the_target():
+    """With sampling, one round's ε₀ must exceed the target ε (amplification): the search
+    must look above its starting bracket."""
+    e0 = dp.calibrate_laplace(1.0, 0.1, 1, 1e-5)
+    assert e0 == pytest.approx(math.log1p(math.expm1(1.0) / 0.1), rel=1e-6) and e0 > 2.5
