@@ -78,8 +78,10 @@ def test_seeded_generators_are_reproducible_and_distinct_os_ones_are_fresh():
     import hashlib
     want = int.from_bytes(hashlib.sha256(b"dp/7/3/server").digest()[:8], "little") >> 1
     assert torch.equal(a, first(torch.Generator().manual_seed(want)))
-    draws = {tuple(first(dp.noise_generator(7, 3, "server", "os")).tolist()) for _ in range(5)}
-    assert len(draws) == 5  # a fresh secret seed each time
+    draws = {tuple(dp.gaussian_noise(4, 1.0, dp.noise_generator(7, 3, "server", "os")).tolist())
+             for _ in range(5)}
+    assert len(draws) == 5  # fresh OS randomness each time
+    assert isinstance(dp.noise_generator(7, 3, "server", "os"), dp.OSRandom)
     with pytest.raises(ValueError, match="noise source"):
         dp.noise_generator(7, 3, "server", "urandom")
 
@@ -226,7 +228,7 @@ def test_names_are_compared_by_value():
     assert float(g.double().std()) == pytest.approx(1.0, rel=0.03)
     lap = dp.noise(50_000, _fresh("laplace"), 1.0, torch.Generator().manual_seed(3))
     assert float(lap.double().abs().mean()) == pytest.approx(1.0, rel=0.03)
-    torch.rand(1, generator=dp.noise_generator(1, 1, 0, _fresh("os")))
+    assert isinstance(dp.noise_generator(1, 1, 0, _fresh("os")), dp.OSRandom)
 
 
 def test_no_round_spends_nothing_and_a_negative_count_too():
@@ -313,3 +315,65 @@ def test_laplace_calibration_reaches_a_per_round_epsilon_above_the_target():
     must look above its starting bracket."""
     e0 = dp.calibrate_laplace(1.0, 0.1, 1, 1e-5)
     assert e0 == pytest.approx(math.log1p(math.expm1(1.0) / 0.1), rel=1e-6) and e0 > 2.5
+
+
+def test_invalid_noise_sources_are_refused_whatever_their_spelling():
+    for bad in ("kernel", "abc", "zzz", "OS"):
+        with pytest.raises(ValueError, match="noise source"):
+            dp.noise_generator(1, 1, 0, bad)
+    a = torch.rand(3, generator=dp.noise_generator(1, 1, 0, _fresh("seeded")))
+    assert torch.equal(a, torch.rand(3, generator=dp.noise_generator(1, 1, 0, "seeded")))
+    with pytest.raises(ValueError, match="weight cap"):
+        dp.capped_weights([1], -1.0)
+
+
+def test_advanced_composition_at_a_large_delta():
+    e, T, d = 0.02, 5000, 0.3
+    adv = e * math.sqrt(2 * T * math.log(1 / d)) + T * e * math.expm1(e)
+    assert dp.laplace_epsilon(e, 1.0, T, d) == pytest.approx(adv, rel=1e-12)
+
+
+def test_plans_are_frozen_and_their_defaults_documented():
+    import dataclasses
+
+    p = dp.PrivacyPlan("gaussian", "central", 1.0, 2.0, 1e-5, 1.0, 3)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.clip = 2.0  # type: ignore[misc]
+    assert p.selection_epsilon == 0.0 and p.target_epsilon is None
+    fresh = dp.PrivacyPlan("gaussian", _fresh("central"), 1.0, 2.0, 1e-5, 1.0, 3,
+                           weight_cap=5.0)
+    assert fresh.summary()["weight_cap"] == 5.0
+    assert dp.resolve(_cfg(mechanism=_fresh("none")), 3, 1.0) is None
+    loc = dp.resolve(_cfg(mechanism="gaussian", mode=_fresh("local"), noise_multiplier=1.0),
+                     3, 0.4)
+    assert loc.sample_rate == 1.0
+
+
+def test_private_selection_calibrates_a_small_noise_multiplier():
+    """A large target leaves the upload noise below z = 1: the search must go below its
+    starting bracket."""
+    s = dp.resolve(_cfg(mechanism="laplace", mode="local", epsilon=30.0, selection="private",
+                        selection_epsilon=0.1), 2, 1.0)
+    assert s.noise_multiplier < 1 and s.epsilon(2) == pytest.approx(30.0, rel=1e-3)
+    assert s.epsilon(2) <= 30.0 * (1 + 1e-9)
+
+
+def test_os_noise_has_no_seed_to_search():
+    """torch's CPU generator keeps only 32 bits of its seed (why "os" noise does not use one):
+    an adversary could try every seed. OSRandom draws from os.urandom, with the right laws."""
+    same = [torch.rand(3, generator=torch.Generator().manual_seed(s)) for s in (5, 5 + 2 ** 32)]
+    assert torch.equal(*same)  # the reason, pinned: if torch changes, this says so
+    g = dp.OSRandom()
+    u = g.uniform(200_000)
+    assert u.dtype == torch.float64 and float(u.min()) > 0 and float(u.max()) < 1
+    assert float(u.mean()) == pytest.approx(0.5, abs=0.005)
+    assert float(u.var()) == pytest.approx(1 / 12, rel=0.02)
+    z = dp.gaussian_noise(200_000, 2.0, g).double()
+    assert abs(float(z.mean())) < 0.02 and float(z.std()) == pytest.approx(2.0, rel=0.01)
+    assert float((z.abs() > 4.0).double().mean()) == pytest.approx(0.0455, rel=0.06)  # 2σ tails
+    lap = dp.laplace_noise(200_000, 2.0, g).double()
+    assert float(lap.abs().mean()) == pytest.approx(2.0, rel=0.01)
+    assert float((lap > 4.0).double().mean()) == pytest.approx(0.5 * math.exp(-2.0), rel=0.05)
+    from lora_a2.selection import private_top_k
+    sel = private_top_k(torch.tensor([[1.0, 0.0, 0.0]]), 1, 1.0, g)
+    assert int(sel.sum()) == 1

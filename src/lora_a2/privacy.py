@@ -43,11 +43,12 @@ from __future__ import annotations
 
 import hashlib
 import math
-import secrets
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -75,18 +76,44 @@ def clip(values: Tensor, bound: float, mechanism: str = "gaussian") -> Tensor:
     return out
 
 
-def gaussian_noise(n: int, std: float, generator: torch.Generator) -> Tensor:
-    """``n`` i.i.d. N(0, std²) draws (float32)."""
+class OSRandom:
+    """Uniform draws straight from the operating system's CSPRNG (``os.urandom``).
+
+    torch's CPU generator keeps only the low 32 bits of its seed (``manual_seed(s)`` and
+    ``manual_seed(s + 2**32)`` draw the same numbers), so a generator seeded from the OS would
+    let an adversary try all 2³² seeds and subtract the noise; these draws have no seed at all.
+    """
+
+    def uniform(self, n: int) -> Tensor:
+        """``n`` i.i.d. uniform draws in (0, 1), float64 (53 random bits each)."""
+        raw = np.frombuffer(os.urandom(8 * n), dtype=np.uint64) >> np.uint64(11)
+        return torch.from_numpy((raw.astype(np.float64) + 0.5) * 2.0 ** -53)
+
+
+Generator = torch.Generator | OSRandom
+
+
+def gaussian_noise(n: int, std: float, generator: Generator) -> Tensor:
+    """``n`` i.i.d. N(0, std²) draws (float32); from the OS by Box–Muller for an
+    :class:`OSRandom`."""
+    if isinstance(generator, OSRandom):
+        u = generator.uniform(2 * n)
+        z = torch.sqrt(-2.0 * torch.log(u[:n])) * torch.cos(2.0 * math.pi * u[n:])
+        return z.mul_(std).to(torch.float32)
     return torch.randn(n, generator=generator, dtype=torch.float64).mul_(std).to(torch.float32)
 
 
-def laplace_noise(n: int, scale: float, generator: torch.Generator) -> Tensor:
+def laplace_noise(n: int, scale: float, generator: Generator) -> Tensor:
     """``n`` i.i.d. Laplace(0, scale) draws: the difference of two Exp(1) draws, times scale."""
-    e = torch.empty(2, n, dtype=torch.float64).exponential_(generator=generator)
+    if isinstance(generator, OSRandom):
+        u = generator.uniform(2 * n)
+        e = -torch.log(u).reshape(2, n)
+    else:
+        e = torch.empty(2, n, dtype=torch.float64).exponential_(generator=generator)
     return ((e[0] - e[1]) * scale).to(torch.float32)
 
 
-def noise(n: int, mechanism: str, scale: float, generator: torch.Generator) -> Tensor:
+def noise(n: int, mechanism: str, scale: float, generator: Generator) -> Tensor:
     if mechanism == "gaussian":
         return gaussian_noise(n, scale, generator)
     if mechanism == "laplace":
@@ -95,16 +122,17 @@ def noise(n: int, mechanism: str, scale: float, generator: torch.Generator) -> T
 
 
 def noise_generator(seed: int, rnd: int, who: int | str, source: str = "seeded"
-                    ) -> torch.Generator:
+                    ) -> Generator:
     """The generator of one noise draw (round ``rnd``, a client id, ``'server'`` or
     ``'select/<client>'``).
 
-    ``source = "os"``: seeded with 63 fresh bits of the OS CSPRNG (:mod:`secrets`), so the
-    draw cannot be rebuilt from anything the run writes or sends. ``"seeded"``: derived from
-    (seed, round, who) by SHA-256, reproducible — and so rebuildable by anyone with the seed.
+    ``source = "os"``: an :class:`OSRandom` — every draw comes from the OS CSPRNG, so it cannot
+    be rebuilt from anything the run writes or sends. ``"seeded"``: a torch generator derived
+    from (seed, round, who) by SHA-256, reproducible — and so rebuildable by anyone with the
+    seed.
     """
     if source == "os":
-        return torch.Generator().manual_seed(secrets.randbits(63))
+        return OSRandom()
     if source != "seeded":
         raise ValueError(f"unknown noise source {source!r}")
     digest = hashlib.sha256(f"dp/{seed}/{rnd}/{who}".encode()).digest()

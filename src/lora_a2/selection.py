@@ -165,7 +165,9 @@ def private_top_k(scores: Tensor, k: int, epsilon: float, generator: torch.Gener
     utility = flat / top if top > 0 else torch.zeros_like(flat)
     k = min(k, flat.numel())
     eps0 = epsilon / k
-    u = torch.rand(flat.numel(), generator=generator, dtype=torch.float64).clamp_min(1e-300)
+    # a generator with its own ``uniform`` (lora_a2.privacy.OSRandom: the OS CSPRNG) or torch's
+    u = (generator.uniform(flat.numel()) if hasattr(generator, "uniform")
+         else torch.rand(flat.numel(), generator=generator, dtype=torch.float64)).clamp_min(1e-300)
     gumbel = -torch.log(-torch.log(u))  # standard Gumbel
     noisy = utility + (2.0 / eps0) * gumbel
     return select_top_k(noisy.reshape(scores.shape), k)
