@@ -37,8 +37,8 @@ MECHANISMS = ("none", "gaussian", "laplace")
 MODES = ("local", "central")
 """Values of privacy.mode."""
 NOISE_SOURCES = ("os", "seeded")
-"""Values of privacy.noise_source: `os` = a fresh secret seed from the operating system's CSPRNG
-for every draw (the default: nobody can rebuild the noise); `seeded` = derived from the run seed
+"""Values of privacy.noise_source: `os` = every draw read from the operating system's CSPRNG
+(no seed; the default: nobody can rebuild the noise); `seeded` = derived from the run seed
 (exact resume and engine-equivalence tests, but anyone who holds the config can rebuild it)."""
 
 
@@ -259,8 +259,8 @@ class PrivacyConfig:
     """`private` selection: ε of one client's whole top-k selection in one round (pure DP; the
     one-shot Gumbel mechanism, see `lora_a2.selection.private_top_k`)."""
     noise_source: str = "os"
-    """Where every noise draw (local, central, private selection) comes from: `os` (a fresh
-    secret seed from the OS for each draw; nobody can rebuild the noise) or `seeded` (from the
+    """Where every noise draw (local, central, private selection) comes from: `os` (read from
+    the OS CSPRNG for each draw, no seed; nobody can rebuild the noise) or `seeded` (from the
     run seed: exact resume and engine-equivalence tests, but whoever holds the config can
     rebuild and subtract the noise, so the guarantee does not hold against them). Configs
     without `schema_version` (written before version 2) load with `seeded`."""

@@ -34,9 +34,10 @@ upload noise (:meth:`PrivacyPlan.epsilon`).
 
 Noise
 -----
-Every draw takes a generator from :func:`noise_generator`: a fresh secret seed from the OS
-(``noise_source = "os"``, the default), or one derived from (seed, round, who) (``"seeded"``:
-reproducible, and therefore rebuildable by whoever holds the config).
+Every draw takes a generator from :func:`noise_generator`: :class:`OSRandom`, uniforms read
+from the OS CSPRNG with no seed (``noise_source = "os"``, the default), or a torch generator
+derived from (seed, round, who) (``"seeded"``: reproducible, and therefore rebuildable by
+whoever holds the config).
 """
 
 from __future__ import annotations
