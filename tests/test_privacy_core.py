@@ -377,3 +377,9 @@ def test_os_noise_has_no_seed_to_search():
     from lora_a2.selection import private_top_k
     sel = private_top_k(torch.tensor([[1.0, 0.0, 0.0]]), 1, 1.0, g)
     assert int(sel.sum()) == 1
+
+
+def test_mode_and_mechanism_names_by_value_in_the_plan():
+    loc = dp.PrivacyPlan(_fresh("gaussian"), _fresh("local"), 1.0, 3.0, 1e-5, 1.0, 2)
+    assert loc.sensitivity_factor == 2.0
+    assert loc.release_epsilon() == pytest.approx(dp.gaussian_epsilon(1.5, 1.0, 1, 1e-5))
