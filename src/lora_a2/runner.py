@@ -20,6 +20,7 @@ from typing import Any
 
 from .checkpoint import load_checkpoint, load_client_stores, save_checkpoint
 from .config import Config, clients_per_round, load_config
+from .config import _flatten as flatten_config  # dotted keys, as a config file is read
 from .data import label_histogram
 from .engines.local import run_round
 from .rounds import evaluate_state
@@ -59,19 +60,9 @@ def resume_config(out: Path) -> Config:
     return load_config(out / "config.toml")
 
 
-def _flat_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "options":
-            out.update(_flat_config(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def check_same_config(cfg: Config, saved: Config, out: Path) -> None:
     """Refuse to resume ``out`` with a config other than the one it ran with (one line)."""
-    a, b = _flat_config(cfg.to_dict()), _flat_config(saved.to_dict())
+    a, b = dict(flatten_config(cfg.to_dict())), dict(flatten_config(saved.to_dict()))
     ignore = {"schema_version"}  # the same run written by an older version of the schema
     if a.get("privacy.mechanism") == b.get("privacy.mechanism") == "none":
         ignore.add("privacy.noise_source")  # no noise is drawn: where it would come from is moot
