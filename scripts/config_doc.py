@@ -11,7 +11,8 @@ of ``Config``): the dotted key, the field's type as annotated, its default (as a
 docs/CONFIGURATION.md; the text around them is left alone. tests/test_docs.py fails when the
 committed file differs from what this produces, so a new or changed config key needs a rerun.
 
-Imports only ``lora_a2.config`` (no torch).
+Then one table per built-in strategy with options of its own (``strategy.options.NAME``), read
+the same way from the strategy's ``Options`` dataclass.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from lora_a2 import config as schema
+from lora_a2 import strategies
+from lora_a2.strategies.options import StrategyOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "CONFIGURATION.md"
@@ -115,7 +118,20 @@ def render() -> str:
     for section, cls in schema.SECTIONS.items():
         out += ["", f"### `[{section}]`", ""]
         out += _table(f"{section}.", cls, docs.get(cls.__name__, {}))
-    out += ["", END_MARK]
+    out += ["", "### Strategy options (`[strategy.options]`)", "",
+            "Each strategy declares its own typed options; these are the built-ins'. A strategy "
+            "not listed has none. The short form `strategy.NAME` is accepted for these names "
+            "too (configs written before the per-strategy options used it).", ""]
+    strategies.load_all()
+    for name, cls in sorted(strategies.REGISTRY.items()):
+        if cls.Options is StrategyOptions or not cls.__module__.startswith("lora_a2.strategies."):
+            continue
+        opts_source = Path(inspect.getfile(cls.Options)).read_text(encoding="utf-8")
+        out += [f"#### `{name}`", ""]
+        out += _table("strategy.options.", cls.Options,
+                      field_docs(opts_source).get(cls.Options.__name__, {}))
+        out += [""]
+    out += [END_MARK]
     return "\n".join(out)
 
 

@@ -1,10 +1,14 @@
 """Config: TOML + --set, validation, one-line errors naming the key, exit code 2 from the CLI."""
 
+import tomllib
+from pathlib import Path
+
 import pytest
 
 from lora_a2.cli import main
 from lora_a2.checks import load_config  # schema, ranges and every component's checks
-from lora_a2.config import Config, all_keys
+from lora_a2.config import LEGACY_STRATEGY_OPTIONS, Config, all_keys
+from lora_a2.config import _flatten as flatten
 from lora_a2.errors import UserError
 
 STABLE_KEYS = """seed model.name model.max_length model.head data.name data.text_column
@@ -101,7 +105,13 @@ def test_cli_config_prints_resolved_toml(capsys):
 
 
 def test_config_equality_default():
-    assert Config() == load_config()
+    from lora_a2.config import load_config as parse  # the schema alone
+
+    assert Config() == parse()
+    # the checks fill in the strategy's options: a resolved config lists every one
+    cfg = load_config()
+    assert cfg.strategy.options["probe"] == "full" and cfg.strategy.options["renormalize"] is False
+    assert load_config(None, ["strategy.name=fl-lora"]).strategy.options == {}
 
 
 def test_negative_lr_ratio_is_a_one_line_error(capsys):
@@ -128,3 +138,100 @@ def test_resume_check_ignores_only_what_cannot_change_the_run(tmp_path):
     with pytest.raises(UserError, match="privacy.noise_source"):
         check_same_config(load_config(None, dp), load_config(None, dp + [
             "privacy.noise_source=seeded"]), tmp_path)
+
+
+# ---------------------------------------------------------------------- committed configs
+RESULTS = Path(__file__).parents[1] / "benchmarks" / "results"
+
+
+def _effective(cfg: Config, key: str):
+    """What a run of ``cfg`` uses for a dotted key, a legacy ``strategy.NAME`` included."""
+    sec, _, name = key.partition(".")
+    if sec == "strategy" and name in LEGACY_STRATEGY_OPTIONS:
+        return cfg.strategy.options.get(name, LEGACY_STRATEGY_OPTIONS[name])
+    if not name:
+        return getattr(cfg, sec)
+    return getattr(getattr(cfg, sec), name)
+
+
+def test_every_committed_cell_config_loads_to_what_it_ran_with():
+    """Each key of every committed cell's config.toml (written before the strategies' typed
+    options, so with LoRA-A2's and HetLoRA's knobs as ``strategy.NAME`` for every strategy)
+    still means what it meant: the loaded config uses the file's value for it."""
+    paths = sorted(RESULTS.glob("**/config.toml"))
+    assert len(paths) > 100
+    moved = 0
+    for p in paths:
+        raw = dict(flatten(tomllib.loads(p.read_text())))
+        cfg = load_config(p)
+        for key, value in raw.items():
+            if key == "strategy.options":  # a table of its own: each entry kept
+                assert value.items() <= cfg.strategy.options.items(), p
+                continue
+            assert _effective(cfg, key) == value, (p, key)
+        moved += bool(cfg.strategy.options)
+        # an option the strategy has not got arrived only at its old default (then dropped)
+        if cfg.strategy.name not in ("lora-a2", "hetlora"):
+            assert cfg.strategy.options == {}, p
+    assert moved > 50  # lora-a2 and hetlora cells: their options now live in strategy.options
+
+
+def test_committed_cells_keep_their_cell_ids():
+    """Every committed cell folder of a built-in grid is a cell id the grid still expands to."""
+    from lora_a2.bench import builtin_grids, expand, load_grid
+
+    checked = 0
+    for name in builtin_grids():
+        cells_dir = RESULTS / name / "cells"
+        if not cells_dir.is_dir():
+            continue
+        committed = {d.name for d in cells_dir.iterdir() if (d / "config.toml").is_file()}
+        ids = {c.cell_id for c in expand(load_grid(name))}
+        assert committed <= ids, (name, sorted(committed - ids)[:3])
+        checked += len(committed)
+    assert checked > 100
+
+
+def test_a_legacy_short_key_sets_the_option_and_overrides_a_table(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text('[strategy]\nname = "lora-a2"\n[strategy.options]\nprobe = "reuse"\n')
+    assert load_config(p).strategy.options["probe"] == "reuse"
+    # the short form given afterwards overrides the table, also at the old default
+    assert load_config(p, ["strategy.probe=full"]).strategy.options["probe"] == "full"
+    # a strategy without that option: its old default is moot, another value is an error
+    assert load_config(None, ["strategy.name=fl-lora", "strategy.probe=full"]
+                       ).strategy.options == {}
+    with pytest.raises(UserError, match=r"strategy.options.probe.*fl-lora.*has no such option"):
+        load_config(None, ["strategy.name=fl-lora", "strategy.probe=reuse"])
+
+
+def test_a_resolved_config_can_switch_strategy(tmp_path):
+    """A resolved LoRA-A2 config lists LoRA-A2's options at their defaults: switching it to
+    another strategy drops them (moot there); one the user changed is an error, not ignored."""
+    p = tmp_path / "resolved.toml"
+    p.write_text(load_config(None, ["strategy.name=lora-a2"]).to_toml())
+    assert "[strategy.options]" in p.read_text() and 'probe = "full"' in p.read_text()
+    cfg = load_config(p, ["strategy.name=hetlora"])
+    assert cfg.strategy.options == {"prune_gamma": 0.99, "prune_lambda": 1e-3,
+                                    "hetlora_weights": "module"}
+    with pytest.raises(UserError, match=r"'strategy.options.probe': strategy 'fl-lora'"):
+        load_config(p, ["strategy.name=fl-lora", "strategy.options.probe=gradient"])
+
+
+@pytest.mark.parametrize("sets,needle", [
+    (["strategy.options.probe=cheap"], "strategy.options.probe' must be one of full"),
+    (["strategy.probe_fraction=0.5", "strategy.probe=gradient"],
+     "strategy.options.probe_fraction' shortens the full probe"),
+    (["strategy.options.probe_epochs=0"], "strategy.options.probe_epochs' must be ≥ 1"),
+    (["strategy.options.reselect_every=1.5"], "strategy.options.reselect_every' must be an integer"),
+    (["strategy.options.slot_score=l1"], "strategy.options.slot_score' must be one of frobenius"),
+    (["strategy.options.probe_epoch=2"], "did you mean 'probe_epochs'"),
+    (["strategy.name=hetlora", "strategy.options.prune_gamma=0"], "prune_gamma' must be in (0, 1]"),
+    (["strategy.name=hetlora", "strategy.hetlora_weights=layer"], "hetlora_weights' must be one"),
+    (["strategy.options.renormalize=true", "privacy.mechanism=gaussian", "privacy.mode=central",
+      "privacy.noise_multiplier=1"], "'central' cannot be combined with strategy.options.renormalize"),
+])
+def test_strategy_options_are_checked_by_their_strategy(capsys, sets, needle):
+    assert main(["config", "--set", *sets]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err

@@ -205,7 +205,7 @@ def test_pruning_rule():
 
 
 def test_hetlora_rounds_norm_weighted_padding_and_self_pruning():
-    cfg, s, rt, ctxs = make("hetlora", ranks=[4, 2, 4], extra=["strategy.prune_gamma=0.5"])
+    cfg, s, rt, ctxs = make("hetlora", ranks=[4, 2, 4], extra=["strategy.options.prune_gamma=0.5"])
     state = s.init_state(rt.initial_state())
     new, info, replies, trained, p, _ = run_round(s, rt, ctxs, 1, state)
     assert info["pruned"] == 0  # first participation: no history, no prune
@@ -231,7 +231,7 @@ def test_hetlora_rounds_norm_weighted_padding_and_self_pruning():
 
 
 def test_hetlora_client_weights_are_one_weight_per_client_for_every_module():
-    cfg, s, rt, ctxs = make("hetlora", ranks=[4, 2, 4], extra=["strategy.hetlora_weights='client'"])
+    cfg, s, rt, ctxs = make("hetlora", ranks=[4, 2, 4], extra=["strategy.options.hetlora_weights='client'"])
     new, _, _, trained, _, _ = run_round(s, rt, ctxs, 1, s.init_state(rt.initial_state()))
     S = [sum(float(torch.linalg.matrix_norm(b @ a)) for a, b, *_ in trained[k].values())
          for k in range(3)]
@@ -246,8 +246,8 @@ def test_hetlora_client_weights_are_one_weight_per_client_for_every_module():
 
 
 def test_hetlora_weights_must_be_module_or_client():
-    with pytest.raises(UserError, match="strategy.hetlora_weights"):
-        make("hetlora", extra=["strategy.hetlora_weights='layer'"])
+    with pytest.raises(UserError, match="strategy.options.hetlora_weights"):
+        make("hetlora", extra=["strategy.options.hetlora_weights='layer'"])
 
 
 # ---------------------------------------------------------------------- FLoRA
@@ -317,7 +317,7 @@ def test_budget_distributions_reproducible_and_shaped():
     (["strategy.rank_budget=[1, 2, 4]"], "one budget per client (10)"),
     (["strategy.rank_budget=16"], "strategy.global_rank = 8"),
     (["data.num_clients=2", "strategy.rank_budget=[2, 16]"], "[1, 8]"),
-    (["strategy.prune_gamma=0"], "'strategy.prune_gamma'"),
+    (["strategy.options.prune_gamma=0"], "'strategy.options.prune_gamma'"),
 ])
 def test_bad_budget_configs_are_one_line_errors_exit_2(sets, needle, capsys):
     with pytest.raises(UserError) as e:

@@ -100,7 +100,12 @@ def test_example_plugin_is_listed_and_runs_on_both_engines(tmp_path, plugin_site
         assert b["accuracy"] == pytest.approx(a["accuracy"], abs=1e-4)
     # its option is validated like any other key
     r = cli("config", "--set", "strategy.name=fedprox-lora", "strategy.options.nu=1", env=env)
-    assert r.returncode == 2 and "has no such option (its options: mu)" in r.stderr
+    assert r.returncode == 2 and "has no such option (did you mean 'mu'?)" in r.stderr
+    # and checked by the plugin's own typed options class
+    r = cli("config", "--set", "strategy.name=fedprox-lora", "strategy.options.mu=-1", env=env)
+    assert r.returncode == 2 and "'strategy.options.mu' must be ≥ 0, got -1.0" in r.stderr
+    r = cli("config", "--set", "strategy.name=fedprox-lora", "strategy.options.mu='big'", env=env)
+    assert r.returncode == 2 and "'strategy.options.mu' must be a number" in r.stderr
 
 
 def test_fedprox_term_pulls_towards_the_global_adapter(plugin_site, synthetic_csv):
@@ -117,7 +122,7 @@ def test_fedprox_term_pulls_towards_the_global_adapter(plugin_site, synthetic_cs
         for mu in (0.0, 50.0):
             cfg, s, rt, ctxs = tiny_setup(["strategy.name=fl-lora", "strategy.lr=0.01"], 2)
             prox = lora_a2_fedprox.FedProxLora(cfg)
-            prox.options["mu"] = mu
+            prox.options.mu = mu
             prox.mu = mu
             prox.bind(rt.layout)
             init = rt.initial_state()  # before any training moves the shared model

@@ -54,10 +54,6 @@ def test_rms_score_removes_the_size_advantage_of_large_modules():
     assert select_top_k(fro, 2)[0].all()  # both slots go to the large module
 
 
-def test_slot_score_kinds_agree_between_config_and_selection():
-    from lora_a2 import config, selection
-    assert config.SLOT_SCORES == selection.SLOT_SCORES
-
 
 def test_unknown_slot_score_kind_is_rejected():
     with pytest.raises(ValueError, match="kind"):

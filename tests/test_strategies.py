@@ -184,12 +184,12 @@ def test_homogeneous_baselines_refuse_per_client_rank_lists():
 
 
 def test_shortened_probe_runs_the_asked_fraction_of_steps(monkeypatch):
-    """strategy.probe_fraction: the probe stops after ⌈f · steps per epoch⌉ optimiser steps; the
+    """strategy.options.probe_fraction: the probe stops after ⌈f · steps per epoch⌉ optimiser steps; the
     masked training still runs its full epochs; the upload stays within the budget."""
     import lora_a2.strategies.base as base
 
     cfg, s, rt, ctxs = make("lora-a2", budget=1, clients=1,
-                            extra=["strategy.probe_fraction=0.25", "train.batch_size=8"])
+                            extra=["strategy.options.probe_fraction=0.25", "train.batch_size=8"])
     steps: list[int] = []
     hook = rt.model.register_forward_hook(lambda *_: steps.append(1))
     calls: list[int | None] = []
@@ -215,13 +215,13 @@ def test_probe_fraction_out_of_range_is_a_one_line_error():
     from lora_a2.errors import UserError
 
     for bad in ("0", "1.5", "-0.1"):
-        with pytest.raises(UserError, match="strategy.probe_fraction"):
-            load_config(None, [f"strategy.probe_fraction={bad}"])
+        with pytest.raises(UserError, match="strategy.options.probe_fraction"):
+            load_config(None, [f"strategy.options.probe_fraction={bad}"])
 
 
 @pytest.mark.parametrize("kind", ["frobenius", "rms"])
 def test_slot_score_setting_reaches_the_client_scoring(monkeypatch, kind):
-    """strategy.slot_score picks the score the client ranks its slots by; the upload stays a
+    """strategy.options.slot_score picks the score the client ranks its slots by; the upload stays a
     global top-(r_k · N) either way."""
     import lora_a2.strategies.lora_a2 as mod
 
@@ -234,7 +234,7 @@ def test_slot_score_setting_reaches_the_client_scoring(monkeypatch, kind):
 
     monkeypatch.setattr(mod, "slot_scores", spy)
     cfg, s, rt, ctxs = make("lora-a2", budget=1, clients=1,
-                            extra=[f"strategy.slot_score='{kind}'"])
+                            extra=[f"strategy.options.slot_score='{kind}'"])
     task = s.configure(1, 0, s.init_state(rt.initial_state()))
     upd, _ = wire(s, rt, task, ctxs[0])
     assert seen == [kind]
@@ -244,8 +244,8 @@ def test_slot_score_setting_reaches_the_client_scoring(monkeypatch, kind):
 def test_unknown_slot_score_is_a_one_line_error():
     from lora_a2.errors import UserError
 
-    with pytest.raises(UserError, match="strategy.slot_score"):
-        load_config(None, ["strategy.slot_score='l1'"])
+    with pytest.raises(UserError, match="strategy.options.slot_score"):
+        load_config(None, ["strategy.options.slot_score='l1'"])
 
 
 def test_top_k_never_takes_a_zero_or_non_finite_score():
@@ -297,7 +297,7 @@ def _spy_train(ctx):
 
 def test_reused_probe_trains_one_epoch_and_uploads_the_probes_progress():
     cfg, s, rt, ctxs = make("lora-a2", budget=1, head="frozen",
-                            extra=["strategy.probe='reuse'"])
+                            extra=["strategy.options.probe='reuse'"])
     lay = rt.layout
     state = s.init_state(rt.initial_state())
     task = s.configure(1, 0, state)
@@ -322,8 +322,8 @@ def test_reused_probe_trains_one_epoch_and_uploads_the_probes_progress():
 @pytest.mark.parametrize("optimizer", ["fresh", "kept"])
 def test_reused_probe_at_two_epochs_trains_the_selection_once_more(optimizer):
     cfg, s, rt, ctxs = make("lora-a2", budget=1, head="frozen",
-                            extra=["strategy.probe='reuse'", "train.local_epochs=2",
-                                   f"strategy.probe_optimizer='{optimizer}'"])
+                            extra=["strategy.options.probe='reuse'", "train.local_epochs=2",
+                                   f"strategy.options.probe_optimizer='{optimizer}'"])
     calls = _spy_train(ctxs[0])
     upd, _ = wire(s, rt, s.configure(1, 0, s.init_state(rt.initial_state())), ctxs[0])
     assert calls == [(1, False, None), (1, True, None)]
@@ -335,7 +335,7 @@ def test_gradient_probe_scores_by_the_gradient_and_trains_only_the_selection():
     from lora_a2.selection import select_top_k, slot_scores
 
     cfg, s, rt, ctxs = make("lora-a2", budget=1, head="frozen",
-                            extra=["strategy.probe='gradient'", "strategy.probe_batches=2"])
+                            extra=["strategy.options.probe='gradient'", "strategy.options.probe_batches=2"])
     lay = rt.layout
     state = s.init_state(rt.initial_state())
     task = s.configure(1, 0, state)
@@ -357,7 +357,7 @@ def test_gradient_probe_scores_by_the_gradient_and_trains_only_the_selection():
 
 def test_reselect_every_two_reuses_the_last_selection_of_the_same_factor():
     cfg, s, rt, ctxs = make("lora-a2", budget=1, head="frozen",
-                            extra=["strategy.reselect_every=2"])
+                            extra=["strategy.options.reselect_every=2"])
     lay = rt.layout
     state = s.init_state(rt.initial_state())
     picked, probes = {}, {}
@@ -374,10 +374,10 @@ def test_reselect_every_two_reuses_the_last_selection_of_the_same_factor():
 
 
 @pytest.mark.parametrize("sets,needle", [
-    (["strategy.probe=cheap"], "strategy.probe"),
-    (["strategy.probe=reuse", "strategy.probe_fraction=0.5"], "cannot be combined"),
-    (["strategy.reselect_every=0"], "strategy.reselect_every"),
-    (["strategy.probe_optimizer=old"], "strategy.probe_optimizer"),
+    (["strategy.options.probe=cheap"], "strategy.options.probe"),
+    (["strategy.options.probe=reuse", "strategy.options.probe_fraction=0.5"], "cannot be combined"),
+    (["strategy.options.reselect_every=0"], "strategy.options.reselect_every"),
+    (["strategy.options.probe_optimizer=old"], "strategy.options.probe_optimizer"),
 ])
 def test_bad_probe_settings_are_one_line_errors(capsys, sets, needle):
     from lora_a2.cli import main

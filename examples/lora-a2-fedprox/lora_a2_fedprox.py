@@ -19,29 +19,37 @@ Install next to lora-a2 (``pip install -e examples/lora-a2-fedprox``) and it app
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from lora_a2.strategies.base import ClientContext, DenseStrategy, Task
 from lora_a2.strategies.fl_lora import uniform_rank
+from lora_a2.strategies.options import StrategyOptions
+
+
+@dataclass
+class FedProxOptions(StrategyOptions):
+    """FedProx's one knob (``strategy.options.mu``)."""
+
+    mu: float = 0.01
+    """Weight μ of the proximal term (μ/2)‖θ − θ_global‖² (OpenFedLLM's default); 0 = FedIT."""
+
+    def check(self) -> None:
+        self.require(self.mu >= 0, "mu", "must be ≥ 0")
 
 
 class FedProxLora(DenseStrategy):
     """FedProx: FedIT's A and B with the proximal term (μ/2)‖θ − θ_global‖² in the local loss."""
 
     name = "fedprox-lora"
-    option_defaults = {"mu": 0.01}
+    Options = FedProxOptions
     central_dp = True  # the server's rule is FedAvg's weighted mean: linear in the uploads
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
-        mu = self.options["mu"]
-        if isinstance(mu, bool) or not isinstance(mu, (int, float)) or mu < 0:
-            from lora_a2.errors import UserError
-
-            raise UserError(f"config key 'strategy.options.mu' must be a number ≥ 0, got {mu!r}")
-        self.mu = float(mu)
+        self.mu = self.options.mu
 
     def lora_rank(self) -> int:
         return uniform_rank(self)

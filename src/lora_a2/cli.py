@@ -226,6 +226,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 def _cmd_strategies(_: argparse.Namespace) -> int:
     from .strategies import PLUGIN_ERRORS, PLUGINS, REGISTRY, load_all
+    from .strategies.options import option_docs
 
     load_all()
     width = max(map(len, REGISTRY)) + 1
@@ -237,6 +238,8 @@ def _cmd_strategies(_: argparse.Namespace) -> int:
         dp = ", ".join(f"{m} DP" if not cls.dp_refusal(m) else f"no {m} DP"
                        for m in ("local", "central"))
         print(f"{'':{width}s}   paper rule: {lr}; {dp}")
+        for opt, kind, default, _ in option_docs(cls.Options):
+            print(f"{'':{width}s}   strategy.options.{opt} ({kind}, default {default!r})")
     for reason in PLUGIN_ERRORS.values():
         print(f"lora-a2: warning: skipped {reason}", file=sys.stderr)
     return 0

@@ -19,15 +19,6 @@ import tomli_w
 
 from .errors import UserError
 
-SLOT_SCORES = ("frobenius", "rms")
-"""Values of strategy.slot_score (the same tuple as selection.SLOT_SCORES, kept torch-free here)."""
-
-NORM_WEIGHTS = ("module", "client")
-"""Values of strategy.hetlora_weights: where HetLoRA's sparsity weight S_k is computed."""
-PROBES = ("full", "reuse", "gradient")
-"""Values of strategy.probe (LoRA-A2's slot scoring)."""
-
-
 MODEL_DTYPES = ("float32", "bfloat16", "float16", "auto")
 RANK_DISTRIBUTIONS = ("uniform", "heavy-tail", "normal")
 """Named values of strategy.rank_budget (the same tuple as budgets.DISTRIBUTIONS, kept here so
@@ -151,42 +142,12 @@ class StrategyConfig:
     """Learning rate for `fedavg-full` (all weights)."""
     weight_decay: float = 0.01
     """AdamW weight decay (never moves a frozen or unselected entry)."""
-    probe_epochs: int = 1
-    """LoRA-A2: local epochs of the probe that scores the slots (paper: 1)."""
-    probe_fraction: float = 1.0
-    """LoRA-A2: run only this fraction of the probe's optimiser steps (at least one), a cheaper
-    probe; 1 = the paper's full probe. The slots are scored on the shorter probe's change."""
-    probe: str = "full"
-    """LoRA-A2: how the slots are scored. "full" = the paper: `probe_epochs` of training of the
-    active factor from the global state, then reset and train the selected slots; "reuse" = the
-    probe is the first training epoch (unselected slots go back to their global values, the
-    selected ones keep the probe's progress and train on for the remaining local epochs);
-    "gradient" = no probe training: score by the mean gradient over `probe_batches` batches at
-    the global state, ‖∂L/∂B[:,i]‖·‖A[i,:]‖ (A-rounds: ‖B[:,i]‖·‖∂L/∂A[i,:]‖)."""
-    probe_batches: int = 4
-    """LoRA-A2 with probe = "gradient": batches whose gradients are averaged for the scores."""
-    probe_optimizer: str = "fresh"
-    """LoRA-A2 with probe = "reuse": the training after the probe starts a "fresh" AdamW or
-    keeps the probe's ("kept")."""
-    reselect_every: int = 1
-    """LoRA-A2: a client re-scores its slots every this many rounds of the same factor and
-    reuses its last selection for that factor in between (kept on the client); 1 = the paper."""
-    slot_score: str = "frobenius"
-    """LoRA-A2: how slots are scored. "frobenius" = ‖ΔB_i A_i‖_F (the paper); "rms" divides it by
-    √(d_out · d_in) so large modules are not favoured for their size alone (an experiment knob)."""
-    renormalize: bool = False
-    """LoRA-A2: divide each slot's sum by the weight of the clients that selected it."""
-    prune_gamma: float = 0.99
-    """HetLoRA: rank self-pruning decay γ (r_k ← max(1, ⌊γ r_k⌋)); 1 = never prune."""
-    prune_lambda: float = 1e-3
-    """HetLoRA: weight λ of the self-pruning regulariser on the rank tail."""
     options: dict[str, Any] = field(default_factory=dict)
-    """Options of a plugin strategy (`[strategy.options]` table, or `--set
-    strategy.options.NAME=VALUE`); each strategy declares the names it accepts."""
-    hetlora_weights: str = "module"
-    """HetLoRA: "module" = S_k = ‖B_k A_k‖_F of each module weights that module (the paper's
-    definition for one LoRA module); "client" = S_k = Σ_m ‖B_km A_km‖_F, one weight per client
-    for every module (as one third-party reimplementation does)."""
+    """The strategy's own knobs (`[strategy.options]` table, or `--set
+    strategy.options.NAME=VALUE`): each strategy declares its typed options (`lora-a2
+    strategies` lists them; docs/CONFIGURATION.md § Strategy options). A resolved config holds
+    every option of its strategy. The older short form `strategy.NAME` still loads for the
+    options built-in strategies had before (`LEGACY_STRATEGY_OPTIONS`)."""
 
 
 @dataclass
@@ -296,6 +257,16 @@ class SecAggConfig:
     """Seconds to wait for the replies of each SecAgg+ stage; 0 = engine.round_timeout_s."""
 
 
+#: options of built-in strategies that were keys of the ``strategy`` table before the typed
+#: per-strategy options: ``strategy.NAME`` still loads, as ``strategy.options.NAME`` (a resolved
+#: config of that time lists all of them, for every strategy, at the defaults shown here; the
+#: strategies drop an option their method has not got while it holds such a default).
+LEGACY_STRATEGY_OPTIONS: dict[str, Any] = {
+    "probe_epochs": 1, "probe_fraction": 1.0, "probe": "full", "probe_batches": 4,
+    "probe_optimizer": "fresh", "reselect_every": 1, "slot_score": "frobenius",
+    "renormalize": False, "prune_gamma": 0.99, "prune_lambda": 1e-3,
+    "hetlora_weights": "module"}
+
 #: the config schema this code writes. 1 = configs written before ``schema_version`` existed
 #: (they load with the behaviour they ran with: ``privacy.noise_source = "seeded"``).
 SCHEMA_VERSION = 2
@@ -356,12 +327,13 @@ def all_keys() -> list[str]:
 
 
 def _unknown(key: str) -> UserError:
-    near = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+    known = all_keys() + [f"strategy.{k}" for k in LEGACY_STRATEGY_OPTIONS]
+    near = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
     hint = f" (did you mean '{near[0]}'?)" if near else ""
     return UserError(f"unknown config key '{key}'{hint}")
 
 
-def _coerce(key: str, value: Any, annot: Any) -> Any:
+def coerce_value(key: str, value: Any, annot: Any) -> Any:
     """Check a value's type against the field annotation; ints are accepted for floats."""
     if annot is Any:
         return value
@@ -385,7 +357,7 @@ def _coerce(key: str, value: Any, annot: Any) -> Any:
         (item,) = get_args(annot)
         if not isinstance(value, list):
             raise UserError(f"config key '{key}' must be a list, got {value!r}")
-        return [_coerce(key, v, item) for v in value]
+        return [coerce_value(key, v, item) for v in value]
     return value
 
 
@@ -395,17 +367,20 @@ def _apply(cfg: Config, key: str, value: Any) -> None:
         if len(parts) == 2:
             if not isinstance(value, dict):
                 raise UserError(f"config key 'strategy.options' must be a table, got {value!r}")
-            cfg.strategy.options = dict(value)
+            cfg.strategy.options.update(value)  # beside short-form keys read before it
         elif len(parts) == 3 and parts[2]:
             cfg.strategy.options[parts[2]] = value
         else:
             raise _unknown(key)
         return
+    if parts[0] == "strategy" and len(parts) == 2 and parts[1] in LEGACY_STRATEGY_OPTIONS:
+        cfg.strategy.options[parts[1]] = value  # the short form of a built-in's option
+        return
     if parts == ["seed"]:
-        cfg.seed = _coerce(key, value, int)
+        cfg.seed = coerce_value(key, value, int)
         return
     if parts == ["schema_version"]:
-        version = _coerce(key, value, int)
+        version = coerce_value(key, value, int)
         _require(1 <= version <= SCHEMA_VERSION, key, f"must be 1 … {SCHEMA_VERSION}", value)
         cfg.schema_version = version
         for k, v in LEGACY_DEFAULTS.get(version, {}).items():
@@ -418,7 +393,7 @@ def _apply(cfg: Config, key: str, value: Any) -> None:
     hints = get_type_hints(type(obj))
     if name not in hints:
         raise _unknown(key)
-    setattr(obj, name, _coerce(key, value, hints[name]))
+    setattr(obj, name, coerce_value(key, value, hints[name]))
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
@@ -567,23 +542,6 @@ def validate(cfg: Config) -> None:
              s.lr_ratio)
     _require(s.head_lr >= 0, "strategy.head_lr", "must be ≥ 0 (0 = lr_B)", s.head_lr)
     _require(s.weight_decay >= 0, "strategy.weight_decay", "must be ≥ 0", s.weight_decay)
-    _require(0 < s.prune_gamma <= 1, "strategy.prune_gamma", "must be in (0, 1]", s.prune_gamma)
-    _require(s.prune_lambda >= 0, "strategy.prune_lambda", "must be ≥ 0", s.prune_lambda)
-    _require(s.probe_epochs >= 1, "strategy.probe_epochs", "must be ≥ 1", s.probe_epochs)
-    _require(0.0 < s.probe_fraction <= 1.0, "strategy.probe_fraction", "must be in (0, 1]",
-             s.probe_fraction)
-    _require(s.hetlora_weights in NORM_WEIGHTS, "strategy.hetlora_weights",
-             f"must be one of {', '.join(NORM_WEIGHTS)}", s.hetlora_weights)
-    _require(s.probe in PROBES, "strategy.probe", f"must be one of {', '.join(PROBES)}", s.probe)
-    _require(s.probe_batches >= 1, "strategy.probe_batches", "must be ≥ 1", s.probe_batches)
-    _require(s.probe_optimizer in ("fresh", "kept"), "strategy.probe_optimizer",
-             "must be 'fresh' or 'kept'", s.probe_optimizer)
-    _require(s.reselect_every >= 1, "strategy.reselect_every", "must be ≥ 1", s.reselect_every)
-    _require(s.probe_fraction == 1.0 or s.probe == "full", "strategy.probe_fraction",
-             f"shortens the full probe; it cannot be combined with strategy.probe = '{s.probe}'",
-             s.probe_fraction)
-    _require(s.slot_score in SLOT_SCORES, "strategy.slot_score",
-             f"must be one of {', '.join(SLOT_SCORES)}", s.slot_score)
     _require(t.rounds >= 1, "train.rounds", "must be ≥ 1", t.rounds)
     _require(t.local_epochs >= 1, "train.local_epochs", "must be ≥ 1", t.local_epochs)
     _require(t.batch_size >= 1, "train.batch_size", "must be ≥ 1", t.batch_size)
@@ -657,9 +615,6 @@ def _validate_privacy(cfg: Config) -> None:
     if (p.noise_multiplier is None) == (p.epsilon is None):
         raise UserError("config keys 'privacy.noise_multiplier' and 'privacy.epsilon': give exactly "
                         f"one of them with privacy.mechanism = '{p.mechanism}'")
-    if p.mode == "central":
-        _require(not cfg.strategy.renormalize, "privacy.mode",
-                 "'central' cannot be combined with strategy.renormalize = true", p.mode)
 
 
 def _validate_secagg(cfg: Config) -> None:
@@ -669,9 +624,6 @@ def _validate_secagg(cfg: Config) -> None:
     _require(cfg.engine.name == "flower", "secagg.enabled",
              "SecAgg+ needs engine.name = 'flower' (the local engine has no network to hide "
              "uploads from)", a.enabled)
-    _require(not cfg.strategy.renormalize, "secagg.enabled",
-             "cannot be combined with strategy.renormalize = true (per-slot client counts "
-             "would be needed in the clear)", a.enabled)
     _require(not (cfg.privacy.mechanism != "none" and cfg.privacy.mode == "central"),
              "secagg.enabled", "cannot be combined with central DP: the server never sees an "
              "upload to clip; use privacy.mode = 'local' (distributed noise)", a.enabled)

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import load_checkpoint, load_client_stores, save_checkpoint
-from .config import Config, clients_per_round, load_config
+from .checks import check_config, load_config
+from .config import Config, clients_per_round
 from .config import _flatten as flatten_config  # dotted keys, as a config file is read
 from .data import label_histogram
 from .engines.local import run_round
@@ -87,6 +88,7 @@ def run_experiment(cfg: Config, out: Path, *, overwrite: bool = False, progress:
         raise UserError("engine.name = 'flower' runs through Flower's Simulation Engine: start "
                         "it with lora_a2.launch.run (the CLI and lora_a2.run do)")
     round_fn = round_fn or run_round  # engines.flower.FlowerRounds when run inside a ServerApp
+    check_config(cfg)  # resolves the strategy's options: config.toml lists every one
     t_start = time.perf_counter()
     if resume:
         out = Path(out)

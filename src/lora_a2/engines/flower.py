@@ -50,7 +50,8 @@ from pathlib import Path
 from typing import Any
 
 
-from ..config import Config, clients_per_round, load_config
+from ..checks import load_config
+from ..config import Config, clients_per_round
 from ..errors import UserError
 from ..payload import InvalidPayload, decode, encode
 from ..rounds import Reply, RoundPlan, Transport, eval_reply, round_record, run_round

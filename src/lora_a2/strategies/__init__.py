@@ -20,9 +20,10 @@ from importlib import metadata
 from ..errors import UserError
 from ..config import Config
 from ..tasks import resolve_task_name
-from .base import REGISTRY, Strategy, register
+from .base import REGISTRY, Strategy, other_option_defaults, register
+from .options import StrategyOptions, resolve_options
 
-_SHARED = {"base", "hetero"}  # helpers, not strategies
+_SHARED = {"base", "hetero", "options"}  # helpers, not strategies
 ENTRY_POINT_GROUP = "lora_a2.strategies"
 PLUGIN_ERRORS: dict[str, str] = {}
 """Entry-point name → why that plugin was not registered (one line)."""
@@ -122,11 +123,9 @@ def check_config(cfg: Config) -> None:
         raise UserError(f"config key 'strategy.name': unknown strategy '{s.name}'{hint}; "
                         f"valid: {', '.join(names)}")
     cls = REGISTRY[s.name]
-    accepted = cls.option_defaults
-    for opt in s.options:
-        if opt not in accepted:
-            raise UserError(f"config key 'strategy.options.{opt}': strategy '{s.name}' has no "
-                            f"such option (its options: {', '.join(sorted(accepted)) or 'none'})")
+    options = resolve_options(cls.Options, s.options, s.name, other_option_defaults(cls))
+    s.options = options.to_dict()  # the resolved config lists every option of its strategy
+    cls.check(cfg, options)
     if cfg.secagg.enabled and not cls.secure_aggregation:
         raise UserError(f"config key 'secagg.enabled' strategy '{s.name}' cannot be securely "
                         f"aggregated (its aggregate is not a weighted sum of one dense vector "

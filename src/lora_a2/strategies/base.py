@@ -28,6 +28,7 @@ from ..config import Config
 from ..errors import UserError
 from ..payload import InvalidPayload, Payload, flatten, unflatten
 from .. import privacy as dp
+from .options import StrategyOptions, option_defaults, resolve_options
 
 REGISTRY: dict[str, type[Strategy]] = {}
 
@@ -181,6 +182,17 @@ class ClientContext:
         return -(-len(self.indices) // self.cfg.train.batch_size)
 
 
+def other_option_defaults(cls: type[Strategy]) -> dict[str, list[Any]]:
+    """Option name → its defaults in the registered strategies other than ``cls`` (see
+    :func:`~.options.resolve_options`)."""
+    out: dict[str, list[Any]] = {}
+    for other in REGISTRY.values():
+        if other is not cls:
+            for k, v in option_defaults(other.Options).items():
+                out.setdefault(k, []).append(v)
+    return out
+
+
 def client_seed(seed: int, rnd: int, client_id: int) -> int:
     """A seed per (run, round, client): results do not depend on the order clients run in."""
     digest = hashlib.sha256(f"{seed}/{rnd}/{client_id}".encode()).digest()
@@ -194,9 +206,9 @@ class Strategy(ABC):
     name: ClassVar[str]
     #: the strategy trains every model weight (no LoRA adapter is attached)
     full_model: ClassVar[bool] = False
-    #: options this strategy accepts in ``strategy.options`` (name → default); a plugin's own
-    #: knobs live here, since the config's ``strategy`` table knows only the built-ins'
-    option_defaults: ClassVar[dict[str, Any]] = {}
+    #: this strategy's typed knobs (``strategy.options.NAME``): a dataclass subclass of
+    #: :class:`~.options.StrategyOptions`, the same mechanism for built-ins and plugins
+    Options: ClassVar[type[StrategyOptions]] = StrategyOptions
     #: central DP is sound for this strategy: its aggregate is linear in the uploads (so the
     #: server can clip each upload and noise the sum); ``local`` DP works for every strategy
     central_dp: ClassVar[bool] = False
@@ -227,12 +239,14 @@ class Strategy(ABC):
         self.budgets = resolve_budgets(s.rank_budget, cfg.data.num_clients, s.global_rank,
                                        cfg.seed)
         self.layout: ParamLayout | None = None
-        unknown = sorted(set(cfg.strategy.options) - set(self.option_defaults))
-        if unknown:
-            valid = ", ".join(sorted(self.option_defaults)) or "none"
-            raise UserError(f"config key 'strategy.options.{unknown[0]}': strategy '{self.name}' "
-                            f"has no such option (its options: {valid})")
-        self.options = {**self.option_defaults, **cfg.strategy.options}
+        self.options = resolve_options(self.Options, cfg.strategy.options, self.name,
+                                       other_option_defaults(type(self)))
+
+    @classmethod
+    def check(cls, cfg: Config, options: StrategyOptions) -> None:
+        """Checks of this strategy against the rest of the config (one-line
+        :class:`UserError`), beyond its options' own :meth:`StrategyOptions.check`; run by the
+        validation step (:mod:`lora_a2.checks`) before anything is built."""
 
     @classmethod
     def dp_refusal(cls, mode: str) -> str | None:

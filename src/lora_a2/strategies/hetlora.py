@@ -7,8 +7,8 @@ Rules (paper §3 / Fig. 2; docs/ALGORITHM.md §3.5):
   λ · Σ_m ‖B_m[:, t:r_k] A_m[t:r_k, :]‖_F with t = max(1, ⌊γ r_k⌋) — the tail a prune would
   drop. After training the client computes the same tail norm T (no λ); if T fell below the T
   it reported in its previous round, it prunes: r_k ← t, and uploads only the first t slots.
-  First participation, r_k = 1, or ⌊γ r_k⌋ = r_k: no prune. γ = ``strategy.prune_gamma``
-  (0.99), λ = ``strategy.prune_lambda`` (1e-3). A pruned rank is permanent (the server sends
+  First participation, r_k = 1, or ⌊γ r_k⌋ = r_k: no prune. γ = ``strategy.options.prune_gamma``
+  (0.99), λ = ``strategy.options.prune_lambda`` (1e-3). A pruned rank is permanent (the server sends
   the client r_k slots from then on). The tail [⌈γ r_k⌉:] would not do: with γ = 0.99 and
   r_k ≤ 16 that tail is empty and nothing could ever prune, so the tail here is exactly the
   slots the prune removes, [⌊γ r_k⌋:] (clamped to keep ≥ 1 slot).
@@ -19,7 +19,7 @@ Rules (paper §3 / Fig. 2; docs/ALGORITHM.md §3.5):
   for one LoRA module W0 + B_k A_k; per module, a client's weight in a module reflects how much
   it changed *that* module, and the biggest module does not decide every module's weights.
   If every S_k of a module is 0, data weights are used. The head (when trained) is averaged
-  with data weights. ``strategy.hetlora_weights = "client"`` instead gives each client one
+  with data weights. ``strategy.options.hetlora_weights = "client"`` instead gives each client one
   weight for every module, S_k = Σ_m ‖B_km A_km‖_F (what one third-party reimplementation
   does; another weights per transformer layer), to check whether the choice matters.
 - **scaling**: one α / r_max for every client. The global adapter is one rank-r_max LoRA and a
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -45,6 +46,30 @@ from ..lowrank import norm_weights, pad_and_average, product_norm, prune_decisio
 from ..payload import InvalidPayload
 from .base import ClientContext, ServerState, Task, Update, register
 from .hetero import HeteroRankStrategy
+from .options import StrategyOptions
+
+NORM_WEIGHTS = ("module", "client")
+"""Values of ``hetlora_weights``: where HetLoRA's sparsity weight S_k is computed."""
+
+
+@dataclass
+class HetLoraOptions(StrategyOptions):
+    """HetLoRA's knobs (docs/ALGORITHM.md §3.5)."""
+
+    prune_gamma: float = 0.99
+    """Rank self-pruning decay γ (r_k ← max(1, ⌊γ r_k⌋)); 1 = never prune."""
+    prune_lambda: float = 1e-3
+    """Weight λ of the self-pruning regulariser on the rank tail."""
+    hetlora_weights: str = "module"
+    """"module" = S_k = ‖B_k A_k‖_F of each module weights that module (the paper's definition
+    for one LoRA module); "client" = S_k = Σ_m ‖B_km A_km‖_F, one weight per client for every
+    module (as one third-party reimplementation does)."""
+
+    def check(self) -> None:
+        self.require(0 < self.prune_gamma <= 1, "prune_gamma", "must be in (0, 1]")
+        self.require(self.prune_lambda >= 0, "prune_lambda", "must be ≥ 0")
+        self.require(self.hetlora_weights in NORM_WEIGHTS, "hetlora_weights",
+                     f"must be one of {', '.join(NORM_WEIGHTS)}")
 
 
 @register
@@ -53,6 +78,8 @@ class HetLora(HeteroRankStrategy):
 
     name = "hetlora"
     upload_size_public = False  # self-pruning lowers the rank from the client's own losses
+    Options = HetLoraOptions
+    options: HetLoraOptions
 
     def current_rank(self, state: ServerState, client_id: int) -> int:
         return int(state.extra.get("ranks", {}).get(str(client_id), self.budgets[client_id]))
@@ -70,14 +97,14 @@ class HetLora(HeteroRankStrategy):
 
     def tail_norm(self, params: dict[str, Tensor], rank: int) -> float:
         """Σ_m ‖B_m[:, t:r] A_m[t:r, :]‖_F with t = pruned_rank(r, γ) (0 if nothing can go)."""
-        t = pruned_rank(rank, self.cfg.strategy.prune_gamma)
+        t = pruned_rank(rank, self.options.prune_gamma)
         if t >= rank:
             return 0.0
         return float(sum(product_norm(params[b][:, t:rank].detach(), params[a][t:rank].detach())
                          for a, b in self._tail_names()))
 
     def regularizer_for(self, params: dict[str, Tensor], rank: int):
-        lam, t = self.cfg.strategy.prune_lambda, pruned_rank(rank, self.cfg.strategy.prune_gamma)
+        lam, t = self.options.prune_lambda, pruned_rank(rank, self.options.prune_gamma)
         if lam <= 0 or t >= rank:
             return None
         pairs = [(params[a], params[b]) for a, b in self._tail_names()]
@@ -93,7 +120,7 @@ class HetLora(HeteroRankStrategy):
         rank = int(task.config["rank"])
         factors, head, loss = self.train_client(ctx, task, regularizer_for=self.regularizer_for)
         tail = self.tail_norm(factors, rank)
-        new_rank = prune_decision(rank, self.cfg.strategy.prune_gamma, tail,
+        new_rank = prune_decision(rank, self.options.prune_gamma, tail,
                                   task.config.get("prev_tail"))
         return self.make_upload(ctx, task, factors, head, new_rank, loss=loss, tail=tail)
 
@@ -101,7 +128,7 @@ class HetLora(HeteroRankStrategy):
     def upload_rank(self, task: Task, update: Update) -> int:
         r = update.meta.get("rank")
         allowed = (int(task.config["rank"]),
-                   pruned_rank(int(task.config["rank"]), self.cfg.strategy.prune_gamma))
+                   pruned_rank(int(task.config["rank"]), self.options.prune_gamma))
         if not isinstance(r, int) or r not in allowed:
             raise InvalidPayload(f"upload rank {r!r} is neither the task's rank nor its pruned "
                                  f"rank {allowed}")
@@ -120,7 +147,7 @@ class HetLora(HeteroRankStrategy):
         parts, p, tensors = self.unpack_replies(state, replies, weights)
         norms = [[product_norm(b, a) for a, b in zip(pt[0], pt[1])] for pt in parts]  # [k][m]
         per_client = (norm_weights([sum(n) for n in norms], fallback=p)
-                      if self.cfg.strategy.hetlora_weights == "client" else None)
+                      if self.options.hetlora_weights == "client" else None)
         for i, m in enumerate(layout.modules):
             As, Bs = [pt[0][i] for pt in parts], [pt[1][i] for pt in parts]
             w = per_client or norm_weights([n[i] for n in norms], fallback=p)

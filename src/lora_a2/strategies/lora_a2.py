@@ -14,19 +14,70 @@ Round t (1-indexed), docs/ALGORITHM.md §2:
 from __future__ import annotations
 
 import math
-
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..aggregation import aggregate_slots, weighted_sum
 from ..client import ParamGroup
+from ..errors import UserError
 from ..payload import InvalidPayload, flatten, unflatten
-from ..selection import (factor_mask, gather_slots, scatter_slots, select_top_k,
+from ..selection import (SLOT_SCORES, factor_mask, gather_slots, scatter_slots, select_top_k,
                          selection_from_ids, slot_ids, slot_scores, slot_size)
+from ..config import Config
 from .base import ClientContext, ServerState, Strategy, Task, Update, check_finite, register
+from .options import StrategyOptions
+
+PROBES = ("full", "reuse", "gradient")
+
+
+@dataclass
+class LoraA2Options(StrategyOptions):
+    """LoRA-A2's knobs (docs/ALGORITHM.md §2): how a client scores and selects its slots."""
+
+    probe_epochs: int = 1
+    """Local epochs of the probe that scores the slots (paper: 1)."""
+    probe_fraction: float = 1.0
+    """Run only this fraction of the probe's optimiser steps (at least one), a cheaper probe;
+    1 = the paper's full probe. The slots are scored on the shorter probe's change."""
+    probe: str = "full"
+    """How the slots are scored. "full" = the paper: `probe_epochs` of training of the active
+    factor from the global state, then reset and train the selected slots; "reuse" = the probe
+    is the first training epoch (unselected slots go back to their global values, the selected
+    ones keep the probe's progress and train on for the remaining local epochs); "gradient" =
+    no probe training: score by the mean gradient over `probe_batches` batches at the global
+    state, ‖∂L/∂B[:,i]‖·‖A[i,:]‖ (A-rounds: ‖B[:,i]‖·‖∂L/∂A[i,:]‖)."""
+    probe_batches: int = 4
+    """With probe = "gradient": batches whose gradients are averaged for the scores."""
+    probe_optimizer: str = "fresh"
+    """With probe = "reuse": the training after the probe starts a "fresh" AdamW or keeps the
+    probe's ("kept")."""
+    reselect_every: int = 1
+    """A client re-scores its slots every this many rounds of the same factor and reuses its
+    last selection for that factor in between (kept on the client); 1 = the paper."""
+    slot_score: str = "frobenius"
+    """How slots are scored. "frobenius" = ‖ΔB_i A_i‖_F (the paper); "rms" divides it by
+    √(d_out · d_in) so large modules are not favoured for their size alone (an experiment
+    knob)."""
+    renormalize: bool = False
+    """Divide each slot's sum by the weight of the clients that selected it (not the paper)."""
+
+    def check(self) -> None:
+        self.require(self.probe_epochs >= 1, "probe_epochs", "must be ≥ 1")
+        self.require(0.0 < self.probe_fraction <= 1.0, "probe_fraction", "must be in (0, 1]")
+        self.require(self.probe in PROBES, "probe", f"must be one of {', '.join(PROBES)}")
+        self.require(self.probe_batches >= 1, "probe_batches", "must be ≥ 1")
+        self.require(self.probe_optimizer in ("fresh", "kept"), "probe_optimizer",
+                     "must be 'fresh' or 'kept'")
+        self.require(self.reselect_every >= 1, "reselect_every", "must be ≥ 1")
+        self.require(self.probe_fraction == 1.0 or self.probe == "full", "probe_fraction",
+                     f"shortens the full probe; it cannot be combined with "
+                     f"strategy.options.probe = '{self.probe}'")
+        self.require(self.slot_score in SLOT_SCORES, "slot_score",
+                     f"must be one of {', '.join(SLOT_SCORES)}")
 
 
 @register
@@ -39,6 +90,20 @@ class LoraA2(Strategy):
     selects_slots = True
     upload_size_public = False  # its size is the selected slots' widths: chosen from the data
     secure_aggregation = True  # the selected slots scattered into the dense active factor
+    Options = LoraA2Options
+    options: LoraA2Options
+
+    @classmethod
+    def check(cls, cfg: Config, options: StrategyOptions) -> None:
+        assert isinstance(options, LoraA2Options)
+        if options.renormalize and cfg.privacy.mechanism != "none" and \
+                cfg.privacy.mode == "central":
+            raise UserError("config key 'privacy.mode': 'central' cannot be combined with "
+                            "strategy.options.renormalize = true, got 'central'")
+        if options.renormalize and cfg.secagg.enabled:
+            raise UserError("config key 'secagg.enabled' cannot be combined with "
+                            "strategy.options.renormalize = true (per-slot client counts would "
+                            "be needed in the clear), got True")
 
     def active_factor(self, rnd: int) -> str:
         return "B" if rnd % 2 == 1 else "A"
@@ -63,7 +128,7 @@ class LoraA2(Strategy):
             groups.append(ParamGroup(head, self.lr_of("head")))
         gen = torch.Generator().manual_seed(task.config["seed"])
         torch.manual_seed(task.config["seed"])
-        st = self.cfg.strategy
+        st = self.options
         frozen = [task.download[n] for n in layout.names(frozen_factor)]
         k = task.config["budget"] * layout.num_modules
         epochs_left = self.cfg.train.local_epochs
@@ -71,7 +136,7 @@ class LoraA2(Strategy):
         loss = float("nan")
 
         # (a)–(c): score the slots and pick one global top-(r_k · N) — or reuse the client's
-        # last selection for this factor (strategy.reselect_every)
+        # last selection for this factor (strategy.options.reselect_every)
         selected = self.stored_selection(ctx, task)
         if selected is None:
             if st.probe == "gradient":  # no training: the mean gradient at the global state
@@ -123,10 +188,10 @@ class LoraA2(Strategy):
         return select_top_k(scores, k, positive_only=True)
 
     def stored_selection(self, ctx: ClientContext, task: Task) -> torch.Tensor | None:
-        """The client's last selection for this round's factor when ``strategy.reselect_every``
+        """The client's last selection for this round's factor when ``strategy.options.reselect_every``
         says it is not time to re-score: factor-rounds j = (t − 1) // 2 re-score when
         j % reselect_every == 0 (and whenever the client has none)."""
-        every = self.cfg.strategy.reselect_every
+        every = self.options.reselect_every
         j = (task.round - 1) // 2
         key = f"selection.{task.config['factor']}"
         if every <= 1 or j % every == 0 or key not in ctx.store:
@@ -134,7 +199,7 @@ class LoraA2(Strategy):
         return ctx.store[key].bool()
 
     def remember_selection(self, ctx: ClientContext, task: Task, selected: torch.Tensor) -> None:
-        if self.cfg.strategy.reselect_every > 1:
+        if self.options.reselect_every > 1:
             ctx.store[f"selection.{task.config['factor']}"] = selected.to(torch.uint8)
 
     # -- server ---------------------------------------------------------------
@@ -204,7 +269,7 @@ class LoraA2(Strategy):
         weights = self.round_weights(replies, weights)
         parts = [self._split(t, u) for t, u in replies]
         summed = aggregate_slots(factor, [p[0] for p in parts], [p[1] for p in parts], weights,
-                                 renormalize=self.cfg.strategy.renormalize)
+                                 renormalize=self.options.renormalize)
         tensors = dict(state.tensors)
         for n, d in zip(layout.names(factor), summed):
             tensors[n] = state.tensors[n] + d
