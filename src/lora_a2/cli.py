@@ -117,21 +117,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .checks import load_config
     from .config import split_sets
     from .launch import run
-    from .runner import print_summary, resume_config
+    from .runner import resume_config
 
     if args.resume:
         if args.config or args.set or args.out or args.overwrite:
             raise UserError("--resume DIR continues a run with its own config; "
                             "do not combine it with --config, --set, --out or --overwrite")
-        summary = run(resume_config(args.resume), Path(args.resume), progress=not args.quiet,
-                      resume=True)
-        print_summary(summary)
+        run(resume_config(args.resume), Path(args.resume), progress=not args.quiet, resume=True,
+            console=True)
         return 0
     cfg = load_config(args.config, split_sets(args.set))
     out = Path(args.out) if args.out else Path("runs") / (
         time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.strategy.name}")
-    summary = run(cfg, out, overwrite=args.overwrite, progress=not args.quiet)
-    print_summary(summary)
+    run(cfg, out, overwrite=args.overwrite, progress=not args.quiet, console=True)
     return 0
 
 

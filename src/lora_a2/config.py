@@ -27,6 +27,8 @@ MECHANISMS = ("none", "gaussian", "laplace")
 """Values of privacy.mechanism."""
 MODES = ("local", "central")
 """Values of privacy.mode."""
+REPORTERS = ("tensorboard", "mlflow")
+"""Values of report.to (the optional reporters of lora_a2.reporters)."""
 NOISE_SOURCES = ("os", "seeded")
 """Values of privacy.noise_source: `os` = every draw read from the operating system's CSPRNG
 (no seed; the default: nobody can rebuild the noise); `seeded` = derived from the run seed
@@ -257,6 +259,19 @@ class SecAggConfig:
     """Seconds to wait for the replies of each SecAgg+ stage; 0 = engine.round_timeout_s."""
 
 
+@dataclass
+class ReportConfig:
+    to: list[str] = field(default_factory=list)
+    """Reporters of every round's released metrics besides metrics.jsonl, the plots and the
+    console (HF Trainer's `report_to`): `tensorboard` (event files under `DIR/tensorboard/`;
+    `pip install 'lora-a2[tensorboard]'`) and `mlflow` (an MLflow run, by default in
+    `sqlite:///DIR/mlflow.db`; `pip install 'lora-a2[mlflow]'`). Default: neither."""
+    mlflow_tracking_uri: str = ""
+    """`mlflow`: the tracking store; empty = `sqlite:///DIR/mlflow.db` inside the run folder."""
+    mlflow_experiment: str = "lora-a2"
+    """`mlflow`: the experiment the run is logged under."""
+
+
 #: options of built-in strategies that were keys of the ``strategy`` table before the typed
 #: per-strategy options: ``strategy.NAME`` still loads, as ``strategy.options.NAME`` (a resolved
 #: config of that time lists all of them, for every strategy, at the defaults shown here; the
@@ -291,6 +306,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -309,6 +325,7 @@ SECTIONS: dict[str, type] = {
     "server": ServerConfig,
     "privacy": PrivacyConfig,
     "secagg": SecAggConfig,
+    "report": ReportConfig,
 }
 
 PARTITIONS = ("dirichlet", "pathological", "paired", "iid")
@@ -572,6 +589,13 @@ def validate(cfg: Config) -> None:
     _require(e.device == "auto" or e.device == "cpu" or e.device.startswith("cuda"),
              "engine.device", "must be 'auto', 'cpu' or 'cuda[:N]'", e.device)
     _require(e.threads >= 0, "engine.threads", "must be ≥ 0", e.threads)
+    for name in cfg.report.to:
+        _require(name in REPORTERS, "report.to", f"entries must be among {', '.join(REPORTERS)}",
+                 name)
+    _require(len(set(cfg.report.to)) == len(cfg.report.to), "report.to",
+             "names a reporter twice", cfg.report.to)
+    _require(bool(cfg.report.mlflow_experiment), "report.mlflow_experiment", "must not be empty",
+             cfg.report.mlflow_experiment)
     _validate_privacy(cfg)
     _validate_secagg(cfg)
     _validate_task(cfg)

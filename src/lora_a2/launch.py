@@ -15,10 +15,13 @@ from .runner import run_experiment
 
 
 def run(cfg: Config, out: Path, *, overwrite: bool = False, progress: bool = True,
-        resume: bool = False) -> dict[str, Any]:
-    """Run ``cfg`` into ``out`` on its engine; the run's summary."""
+        resume: bool = False, console: bool = False) -> dict[str, Any]:
+    """Run ``cfg`` into ``out`` on its engine; the run's summary. ``progress``: the progress
+    bar; ``console``: print the summary at the end (the CLI)."""
     if cfg.engine.name == "flower":
         from .engines.flower import run_simulation  # optional dependency: flwr
 
-        return run_simulation(cfg, out, overwrite=overwrite, progress=progress, resume=resume)
-    return run_experiment(cfg, out, overwrite=overwrite, progress=progress, resume=resume)
+        return run_simulation(cfg, out, overwrite=overwrite, progress=progress, resume=resume,
+                              console=console)
+    return run_experiment(cfg, out, overwrite=overwrite, progress=progress, resume=resume,
+                          console=console)

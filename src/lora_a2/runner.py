@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -29,8 +28,8 @@ from .errors import UserError
 from .experiment import Experiment, prepare
 from .private import PrivateStrategy
 from .privacy import round_record
-from .report import (MetricsWriter, atomic_write_text, format_summary, make_plots, read_metrics,
-                     truncate_metrics)
+from .report import MetricsWriter, atomic_write_text, read_metrics, truncate_metrics
+from .reporters import RunStart, build_reporters
 
 
 def prepare_out_dir(out: Path, overwrite: bool) -> Path:
@@ -76,13 +75,15 @@ def check_same_config(cfg: Config, saved: Config, out: Path) -> None:
 
 
 def run_experiment(cfg: Config, out: Path, *, overwrite: bool = False, progress: bool = True,
-                   resume: bool = False, round_fn=None) -> dict[str, Any]:
+                   resume: bool = False, round_fn=None, console: bool = False) -> dict[str, Any]:
     """Run ``cfg`` on the local engine, writing every output under ``out``; return the summary.
 
     After every round the metrics line is appended and then an atomic checkpoint written; with
     ``resume`` the run continues after the last checkpointed round (metrics lines past it, or a
     torn last line, are dropped and those rounds recomputed — identically, as every draw is
-    seeded by (seed, round, client)).
+    seeded by (seed, round, client)). Each round's released record goes to the reporters
+    (:mod:`lora_a2.reporters`): metrics.jsonl, the plots, ``report.to``'s, the progress bar
+    with ``progress``, the console summary with ``console``.
     """
     if cfg.engine.name == "flower" and round_fn is None:
         raise UserError("engine.name = 'flower' runs through Flower's Simulation Engine: start "
@@ -118,68 +119,57 @@ def run_experiment(cfg: Config, out: Path, *, overwrite: bool = False, progress:
     truncate_metrics(out / "samples.jsonl", start - 1)
     truncate_metrics(out / "server_log.jsonl", start - 1)
     records: list[dict[str, Any]] = read_metrics(out / "metrics.jsonl")
-    writer = MetricsWriter(out / "metrics.jsonl")
     private = strategy if isinstance(strategy, PrivateStrategy) else None
     withholds = private is not None and private.withholds
     server_log = MetricsWriter(out / "server_log.jsonl") if withholds else None
     ledger = ReleaseLedger(out / "privacy_ledger.json") \
         if private is not None and not private.plan.rebuildable else None
-    per_round = clients_per_round(cfg)
-    bar = _progress(cfg.train.rounds * per_round, progress)
-    if bar is not None:
-        bar.update((start - 1) * per_round)
     full = read_metrics(out / "server_log.jsonl") if withholds else records
     cumulative = full[-1]["cumulative_upload_bytes"] if full else 0
-    setup_s = time.perf_counter() - t_start  # model, data, partition, initial evaluation
-    for rnd in range(start, cfg.train.rounds + 1):
-        t0 = time.perf_counter()
-        if bar is not None:
-            bar.set_description(f"round {rnd}/{cfg.train.rounds}")
-        if ledger is not None:  # before any noise is drawn: a crash after this is charged
-            ledger.attempt(rnd)
-        state, record = round_fn(exp, rnd, state, on_client=(lambda c: bar.update(1)) if bar
-                                  else None)
-        client_evals = record.pop("client_eval", None)  # personalised: each client's own model
-        server_metrics = evaluate_state(exp, state)  # the released state on the test set
-        samples = server_metrics.pop("samples", None)
-        metrics = server_metrics if client_evals is None \
-            else exp.task.merge_client_evals(server_metrics, client_evals)
-        cumulative += record["upload_bytes"]
-        dp_fields = round_record(private.plan if private else None, rnd,
-                                 ledger.extra_releases(rnd) if ledger else 0)  # (ε, δ) so far
-        record = {**{k: record[k] for k in ("round", "strategy", "active_factor")}, **metrics,
-                  **{k: v for k, v in record.items() if k not in ("round", "strategy",
-                                                                  "active_factor")},
-                  "cumulative_upload_bytes": cumulative, **dp_fields,
-                  "wall_s": time.perf_counter() - t0}
-        if server_log is not None:  # central DP: publish only what the release may hold
-            server_log.write(record)
-            record = private.release_record(
-                {**record, **server_metrics, "eval_metric_keys": list(server_metrics)},
-                exp.task.client_metric_keys)
-        write_samples(out, rnd, samples)
-        writer.write(record)
-        save_checkpoint(out, rnd, state, exp.client_stores)
-        records.append(record)
-        if bar is not None:
-            shown = {metric: f"{100 * record[metric]:.1f}%"} \
-                if record.get(metric) is not None else {}
-            bar.set_postfix({**shown, "loss": f"{record['loss']:.3f}",
-                             **({"up": f"{cumulative / 1e6:.1f}MB"}
-                                if "cumulative_upload_bytes" in record else {})})
-    if bar is not None:
-        bar.close()
+    report = build_reporters(cfg, progress=progress, console=console)
+    title = f"{strategy.name} · {cfg.data.name} · {cfg.data.partition}" + (
+        f"({cfg.data.alpha})" if cfg.data.partition == "dirichlet" else "")
+    try:
+        report.start(RunStart(cfg, out, start, clients_per_round(cfg), metric, initial,
+                              exp.task.plots, title, list(records), exp.task.summary_lines))
+        setup_s = time.perf_counter() - t_start  # model, data, partition, initial evaluation
+        for rnd in range(start, cfg.train.rounds + 1):
+            t0 = time.perf_counter()
+            if ledger is not None:  # before any noise is drawn: a crash after this is charged
+                ledger.attempt(rnd)
+            state, record = round_fn(exp, rnd, state, on_client=report.client_done)
+            client_evals = record.pop("client_eval", None)  # personalised: each client's own
+            server_metrics = evaluate_state(exp, state)  # the released state on the test set
+            samples = server_metrics.pop("samples", None)
+            metrics = server_metrics if client_evals is None \
+                else exp.task.merge_client_evals(server_metrics, client_evals)
+            cumulative += record["upload_bytes"]
+            dp_fields = round_record(private.plan if private else None, rnd,
+                                     ledger.extra_releases(rnd) if ledger else 0)  # (ε, δ)
+            first = ("round", "strategy", "active_factor")
+            record = {**{k: record[k] for k in first}, **metrics,
+                      **{k: v for k, v in record.items() if k not in first},
+                      "cumulative_upload_bytes": cumulative, **dp_fields,
+                      "wall_s": time.perf_counter() - t0}
+            if server_log is not None:  # central DP: publish only what the release may hold
+                server_log.write(record)
+                record = private.release_record(
+                    {**record, **server_metrics, "eval_metric_keys": list(server_metrics)},
+                    exp.task.client_metric_keys)
+            write_samples(out, rnd, samples)
+            report.round_end(record)  # metrics.jsonl first, then every other reporter
+            save_checkpoint(out, rnd, state, exp.client_stores)
+            records.append(record)
 
-    exp.runtime.load(state.tensors)
-    exp.runtime.export(out / "adapter")
-    summary = summarize(exp, records, initial, out, time.perf_counter() - t_start)
-    summary["resumed_from_round"] = start - 1 if resume else None
-    summary["setup_s"] = setup_s
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
-    make_plots(records, out / "plots", initial,
-               f"{strategy.name} · {cfg.data.name} · {cfg.data.partition}"
-               + (f"({cfg.data.alpha})" if cfg.data.partition == "dirichlet" else ""),
-               exp.task.plots)
+        exp.runtime.load(state.tensors)
+        exp.runtime.export(out / "adapter")
+        summary = summarize(exp, records, initial, out, time.perf_counter() - t_start)
+        summary["resumed_from_round"] = start - 1 if resume else None
+        summary["setup_s"] = setup_s
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+        report.end(summary, records)
+    finally:
+        report.close()
     return summary
 
 
@@ -390,21 +380,3 @@ def write_partition(exp: Experiment, out: Path) -> None:
                      "label_counts": [int(x) for x in hist[c]]}
                     for c, idx in enumerate(exp.client_train)],
     }, indent=1))
-
-
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="client", file=sys.stderr, dynamic_ncols=True,
-                bar_format="{desc} {bar} {n_fmt}/{total_fmt} clients [{elapsed}<{remaining}]"
-                           "{postfix}")
-
-
-def print_summary(summary: dict[str, Any]) -> None:
-    from .tasks import TASKS, load_all
-
-    load_all()
-    task = TASKS[summary.get("task", "classification")]
-    print(format_summary(summary, task.summary_lines(summary)))

@@ -551,7 +551,7 @@ def backend_config(cfg: Config) -> dict[str, Any]:
 
 
 def run_simulation(cfg: Config, out: Path, *, overwrite: bool = False, progress: bool = True,
-                   resume: bool = False) -> dict[str, Any]:
+                   resume: bool = False, console: bool = False) -> dict[str, Any]:
     """``lora-a2 run`` with ``engine.name = "flower"``: the experiment on Flower's Simulation
     Engine (Ray backend), one virtual SuperNode per client (``partition-id`` = client id)."""
     try:
@@ -570,7 +570,8 @@ def run_simulation(cfg: Config, out: Path, *, overwrite: bool = False, progress:
         result["startup_s"] = time.perf_counter() - t_call  # Ray, the SuperNodes, the ServerApp
         try:
             result["summary"] = run_experiment(cfg, out, overwrite=overwrite, progress=progress,
-                                               resume=resume, round_fn=FlowerRounds(grid, cfg))
+                                               resume=resume, round_fn=FlowerRounds(grid, cfg),
+                                               console=console)
         except BaseException as e:  # re-raised in the caller's thread below
             result["error"] = e
 

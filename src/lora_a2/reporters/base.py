@@ -1,0 +1,111 @@
+"""The round-event interface every reporter implements (progress bar, metrics.jsonl, plots,
+console summary, TensorBoard, MLflow).
+
+The runner emits four events, in this order, and nothing else reaches a reporter:
+
+- :meth:`Reporter.start` once, before the first round to run (with the round a resumed run
+  starts from and the initial evaluation, round 0);
+- :meth:`Reporter.client_done` after each client of a round replied or dropped out;
+- :meth:`Reporter.round_end` after each round, with the round's **released** record, the line
+  ``metrics.jsonl`` gets (under central DP the per-client values the release withholds never
+  reach a reporter);
+- :meth:`Reporter.end` once, with the run's summary (``summary.json``) and every released
+  record; then :meth:`Reporter.close`, also when the run fails.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import Config
+
+
+@dataclass
+class RunStart:
+    """What a reporter learns when the run starts."""
+
+    cfg: Config
+    out: Path
+    #: the first round this process runs (> 1 when resumed)
+    start_round: int
+    #: clients sampled per round (progress in client units)
+    clients_per_round: int
+    #: the task's headline metric key (``accuracy``, ``eval_loss`` …)
+    metric: str
+    #: the initial state's evaluation (round 0)
+    initial: dict[str, Any]
+    #: (metrics key, axis label, scale) of each plot the task draws
+    plots: tuple[tuple[str, str, float], ...] = ()
+    #: one line naming the run (plot titles)
+    title: str = ""
+    #: released records of rounds before ``start_round`` (a resumed run)
+    earlier: list[dict[str, Any]] = field(default_factory=list)
+    #: the task's metric lines of the console summary
+    summary_lines: Callable[[dict[str, Any]], list[str]] | None = None
+
+
+class Reporter:
+    """Base class: every event is a no-op, so a reporter implements only what it needs."""
+
+    #: the name ``report.to`` uses for it (optional reporters only)
+    name: str = ""
+
+    def start(self, run: RunStart) -> None:
+        """The run starts (or resumes)."""
+
+    def client_done(self, client: int) -> None:
+        """One client of the current round replied or dropped out."""
+
+    def round_end(self, record: dict[str, Any]) -> None:
+        """A round finished; ``record`` is its released metrics line."""
+
+    def end(self, summary: dict[str, Any], records: list[dict[str, Any]]) -> None:
+        """The run finished; ``summary`` is summary.json, ``records`` every released line."""
+
+    def close(self) -> None:
+        """Release files and connections (after :meth:`end`, or when the run fails)."""
+
+
+class Reporters(Reporter):
+    """Several reporters as one: each event goes to each, in order."""
+
+    def __init__(self, reporters: list[Reporter]) -> None:
+        self.reporters = list(reporters)
+
+    def start(self, run: RunStart) -> None:
+        for r in self.reporters:
+            r.start(run)
+
+    def client_done(self, client: int) -> None:
+        for r in self.reporters:
+            r.client_done(client)
+
+    def round_end(self, record: dict[str, Any]) -> None:
+        for r in self.reporters:
+            r.round_end(record)
+
+    def end(self, summary: dict[str, Any], records: list[dict[str, Any]]) -> None:
+        for r in self.reporters:
+            r.end(summary, records)
+
+    def close(self) -> None:
+        for r in self.reporters:
+            r.close()
+
+
+def scalars(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """The numeric values of a record, nested tables flattened with ``/`` (``rank_allocation/
+    query``); lists (per-client rows), strings, booleans and None are left out."""
+    out: dict[str, float] = {}
+    for k, v in record.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, bool) or v is None:
+            continue
+        if isinstance(v, (int, float)):
+            out[key] = float(v)
+        elif isinstance(v, dict):
+            out.update(scalars(v, key + "/"))
+    return out

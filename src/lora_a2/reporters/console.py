@@ -1,0 +1,74 @@
+"""The console summary printed when a run ends (``lora-a2 run``): the task's metric lines,
+bytes up and down against fedavg-full and fl-lora, data rows skipped, privacy, wall time."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from .base import Reporter, RunStart
+
+
+class ConsoleSummary(Reporter):
+    def __init__(self, print_fn: Callable[[str], None] = print) -> None:
+        self.print = print_fn
+        self.lines: Callable[[dict[str, Any]], list[str]] | None = None
+
+    def start(self, run: RunStart) -> None:
+        self.lines = run.summary_lines
+
+    def end(self, summary: dict[str, Any], records: list[dict[str, Any]]) -> None:
+        self.print(format_summary(summary, self.lines(summary) if self.lines else []))
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
+
+
+def format_summary(s: dict[str, Any], metric_lines: list[str]) -> str:
+    """The console summary; ``metric_lines`` are the task's (accuracy, or loss and ROUGE-L)."""
+    lines = [
+        f"strategy {s['strategy']} · model {s['model']} · data {s['data']} · "
+        f"{s['num_clients']} clients · {s['rounds']} rounds",
+        *metric_lines,
+        (f"  upload     {human_bytes(s['total_upload_bytes'])} ({s['total_upload_params']:,} "
+         f"values) = {100 * s['upload_fraction_of_fedavg_full']:.3f}% of fedavg-full's "
+         f"{human_bytes(s['fedavg_full_upload_bytes'])}"
+         + (f", {100 * s['upload_fraction_of_fl_lora']:.1f}% of fl-lora's at the same rank"
+            if s.get("fl_lora_upload_params") else ""))
+        if s.get("total_upload_bytes") is not None else
+        "  upload     withheld from the release (central DP: its size depends on the data; "
+        "see server_log.jsonl)",
+        f"  download   {human_bytes(s['total_download_bytes'])} "
+        f"({s['total_download_params']:,} values)",
+        f"  wall time  {s['wall_s']:.1f} s",
+        f"  outputs    {s['out_dir']}",
+    ]
+    rows = s.get("data_rows") or {}
+    skipped = {k: v for k, v in rows.get("skipped", {}).items() if v}
+    if skipped or rows.get("truncated"):
+        why = ", ".join(f"{v:,} {k}" for k, v in skipped.items())
+        lines.insert(1 + len(metric_lines),
+                     f"  data       {rows.get('read', 0):,} rows read, "
+                     f"{rows.get('kept', 0):,} kept"
+                     + (f"; skipped: {why}" if why else "")
+                     + (f"; {rows['truncated']:,} inputs shortened to fit"
+                        if rows.get("truncated") else ""))
+    if s.get("epsilon") is not None:
+        p = s.get("privacy", {})
+        lines.insert(len(lines) - 2, f"  privacy    ε = {s['epsilon']:.3g}, δ = {s['delta']:g} "
+                        f"({p.get('mechanism', '?')}, {p.get('mode', '?')}, clip "
+                        f"{p.get('clip', '?')}, noise multiplier {p.get('noise_multiplier', '?')})"
+                        + (f"; slot selection private, its share ε = "
+                           f"{s['selection_epsilon']:.3g}" if s.get("selection_epsilon")
+                           is not None else "")
+                        + f"; noise {p.get('noise_source', '?')}")
+        for caveat in p.get("caveats", []):
+            lines.insert(len(lines) - 2, f"  caveat     {caveat}")
+    if s.get("rejected_updates"):
+        lines.insert(len(lines) - 2, f"  rejected   {s['rejected_updates']} updates")
+    return "\n".join(lines)

@@ -1,0 +1,155 @@
+"""Reporters of the round events: metrics.jsonl, plots, progress, console summary, and the
+optional TensorBoard and MLflow ones (``report.to``), all fed the released record only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import lora_a2
+from lora_a2.cli import main
+from lora_a2.config import load_config
+from lora_a2.errors import UserError
+from lora_a2.report import read_metrics
+from lora_a2.reporters import Reporter, Reporters, build_reporters, check_config, scalars
+
+TINY = ["model.name=tiny-random-bert", "strategy.global_rank=4", "strategy.rank_budget=2",
+        "model.max_length=24", "data.num_clients=3", "train.rounds=2", "engine.threads=1"]
+# central DP: the release withholds per-client values, which no reporter may then see
+CENTRAL = ["privacy.mechanism=gaussian", "privacy.mode=central", "privacy.noise_multiplier=1",
+           "privacy.clip=0.1", "privacy.noise_source=seeded"]
+
+
+@pytest.fixture(scope="module")
+def reported_run(tmp_path_factory):
+    """One tiny central-DP run reporting to TensorBoard and MLflow (shared by the tests)."""
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("mlflow")
+    from conftest import synthetic_texts
+
+    tmp = tmp_path_factory.mktemp("reported")
+    texts, labels = synthetic_texts(240)
+    names = ["fruit", "animal", "colour"]
+    csv = tmp / "toy.csv"
+    csv.write_text("text,label\n" + "".join(f"{t},{names[y]}\n" for t, y in zip(texts, labels)))
+    out = tmp / "run"
+    summary = lora_a2.run(None, out=out, overrides=[f"data.name=csv:{csv}", *TINY, *CENTRAL,
+                                                    'report.to=["tensorboard", "mlflow"]'])
+    return out, summary
+
+
+def _tensorboard(out: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def _mlflow(out: Path):
+    from mlflow.tracking import MlflowClient
+
+    ids = json.loads((out / "mlflow_run.json").read_text())
+    return MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}"), ids["run_id"]
+
+
+def test_tensorboard_gets_every_round_of_the_released_metrics(reported_run):
+    out, _ = reported_run
+    records = read_metrics(out / "metrics.jsonl")
+    initial = json.loads((out / "initial_eval.json").read_text())
+    tb = _tensorboard(out)
+    assert [s for s, _ in tb["accuracy"]] == [0, 1, 2]
+    for (step, value), r in zip(tb["accuracy"][1:], records):
+        assert value == pytest.approx(r["accuracy"], abs=1e-6)  # float32 in the event file
+    assert tb["accuracy"][0][1] == pytest.approx(initial["accuracy"], abs=1e-6)
+    released = {k for r in records for k in scalars(r)} | set(scalars(initial))
+    assert set(tb) <= released, set(tb) - released
+    # what the central release withholds reached the server's log, not TensorBoard
+    withheld = {k for r in read_metrics(out / "server_log.jsonl") for k in scalars(r)} - released
+    assert any(k.startswith("rank_allocation/") for k in withheld)
+    assert not withheld & set(tb)
+
+
+def test_mlflow_run_holds_the_config_and_the_round_metrics(reported_run):
+    out, summary = reported_run
+    client, run_id = _mlflow(out)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["strategy.name"] == "lora-a2"
+    assert run.data.params["privacy.mode"] == "central"
+    records = read_metrics(out / "metrics.jsonl")
+    history = client.get_metric_history(run_id, "accuracy")
+    assert [m.step for m in history] == [0, 1, 2]
+    assert [m.value for m in history[1:]] == [r["accuracy"] for r in records]
+    assert run.data.metrics["summary/final_accuracy"] == summary["final_accuracy"]
+    assert not any(k.startswith("rank_allocation") for k in run.data.metrics)  # withheld
+
+
+def test_a_resumed_run_continues_its_mlflow_run(reported_run):
+    out, _ = reported_run
+    client, run_id = _mlflow(out)
+    lora_a2.resume(out)  # nothing left to run: the run is reopened and finished again
+    again, same = _mlflow(out)
+    assert same == run_id and again.get_run(run_id).info.status == "FINISHED"
+    assert len(again.search_runs([again.get_run(run_id).info.experiment_id])) == 1
+
+
+@pytest.mark.parametrize("value,needle", [
+    ('["wandb"]', "entries must be among tensorboard, mlflow, got 'wandb'"),
+    ('["mlflow", "mlflow"]', "names a reporter twice"),
+    ('"mlflow"', "report.to' must be a list"),
+])
+def test_a_bad_reporter_is_a_one_line_error(capsys, value, needle):
+    assert main(["config", "--set", f"report.to={value}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_a_reporter_whose_package_is_missing_is_named(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "mlflow" else real(name, *a))
+    cfg = load_config(None, ['report.to=["mlflow"]'])
+    with pytest.raises(UserError, match=r"package 'mlflow' is not installed: pip install "
+                                        r"'lora-a2\[mlflow\]'"):
+        check_config(cfg)
+
+
+def test_events_reach_reporters_in_order_metrics_file_first(tmp_path):
+    """Every reporter hears each event after metrics.jsonl has the round on disk."""
+    seen: list[tuple[str, object]] = []
+
+    class Spy(Reporter):
+        def round_end(self, record):
+            lines = read_metrics(run_dir / "metrics.jsonl")
+            seen.append(("round", lines[-1]["round"] == record["round"]))
+
+        def end(self, summary, records):
+            seen.append(("end", len(records)))
+
+        def close(self):
+            seen.append(("close", None))
+
+    from lora_a2.reporters import RunStart
+
+    run_dir = tmp_path
+    cfg = load_config(None, [])
+    reps = build_reporters(cfg, progress=False)
+    reps.reporters.append(Spy())
+    reps.start(RunStart(cfg, run_dir, 1, 1, "accuracy", {"accuracy": 0.5}))
+    reps.round_end({"round": 1, "accuracy": 0.6})
+    reps.round_end({"round": 2, "accuracy": 0.7})
+    reps.close()
+    assert seen == [("round", True), ("round", True), ("close", None)]
+    assert isinstance(reps, Reporters)
+
+
+def test_scalars_flatten_tables_and_skip_the_rest():
+    record = {"round": 3, "accuracy": 0.5, "ok": True, "name": "x", "none": None,
+              "rank_allocation": {"query": 4, "value": 2}, "per_client": [{"loss": 1.0}]}
+    assert scalars(record) == {"round": 3.0, "accuracy": 0.5, "rank_allocation/query": 4.0,
+                               "rank_allocation/value": 2.0}
