@@ -292,7 +292,8 @@ def test_generate_refuses_a_classification_run(tmp_path, synthetic_csv, capsys):
     assert main(["run", "--quiet", "--out", str(out), "--set", f"data.name=csv:{synthetic_csv}",
                  "--set", "model.name=tiny-random-bert", "--set", "train.rounds=1"]) == 0
     assert main(["generate", str(out), "-p", "hi"]) == 2
-    assert "generate needs a causal-lm run" in capsys.readouterr().err
+    assert "generate needs a run of a task that generates text (causal-lm)" in \
+        capsys.readouterr().err
 
 
 def test_resume_after_kill_equals_uninterrupted(tmp_path, instr_json):

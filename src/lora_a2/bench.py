@@ -39,33 +39,17 @@ from typing import Any
 
 from . import launch
 from .checks import load_config
+from .config import load_config as parse_config  # the schema alone: which task a cell is
 from .errors import UserError
+from .tasks import TASKS, resolve_task_name
+from .tasks import load_all as load_tasks
 from .report import atomic_write_text
 
-# What --smoke changes in any grid: the tiny model and a few examples and rounds, so the whole
-# grid runs in about a minute (CI) while every axis and code path stays exercised.
-SMOKE = {"model.name": "tiny-random-bert", "model.max_length": 16, "data.max_train_examples": 60,
-         "data.max_test_examples": 40, "train.rounds": 2, "data.min_examples_per_client": 2}
-# The same for a causal-LM grid (a decoder model or instruction data in its base).
-SMOKE_CAUSAL = {**SMOKE, "model.name": "tiny-random-llama", "model.max_length": 160,
-                "model.dtype": "float32", "task.generate_examples": 4, "task.max_new_tokens": 4}
-
-# Headline figures of the cells' summaries per task metric: (key, scale in the table).
-METRIC_COLUMNS = {
-    "accuracy": (("final_accuracy", 100.0), ("best_accuracy", 100.0), ("last3_accuracy", 100.0),
-                 ("final_local_accuracy", 100.0)),
-    "rouge_l": (("final_rouge_l", 100.0), ("best_rouge_l", 100.0), ("last3_rouge_l", 100.0),
-                ("initial_rouge_l", 100.0), ("final_loss", 1.0), ("initial_loss", 1.0)),
-}
-METRIC_NOTES = {
-    "accuracy": "Accuracy in %, mean ± std over seeds; last3 = mean of the last three rounds' "
-                "accuracy; final_local_accuracy = the mean over clients of each client's "
-                "accuracy on its own split (a personalised method: with its own model), — "
-                "where the cell predates it.",
-    "rouge_l": "ROUGE-L (F, %) of greedy answers to the fixed held-out subset and test loss "
-               "(mean NLL per response token), mean ± std over seeds; initial = the base model; "
-               "last3 = mean of the last three rounds.",
-}
+def task_of_metric(metric: str):
+    """The task whose headline metric a cell's summary names (its table columns and note)."""
+    load_tasks()
+    by_metric = {t.metric: t for t in TASKS.values()}
+    return by_metric.get(metric) or next(t for t in TASKS.values() if t.fallback)
 
 
 @dataclass
@@ -109,6 +93,13 @@ def load_grid(spec: str) -> dict[str, Any]:
     return grid
 
 
+def smoke_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+    """What ``--smoke`` sets for a cell with these overrides: its task's
+    :attr:`~lora_a2.tasks.base.LearningTask.smoke_overrides`."""
+    cfg = parse_config(None, [(k, v) for k, v in overrides.items() if v is not None])
+    return dict(TASKS[resolve_task_name(cfg)].smoke_overrides)
+
+
 def _label(value: Any) -> str:
     if isinstance(value, dict):
         return str(value.get("label") or "+".join(f"{k}={v}" for k, v in value.items()))
@@ -140,12 +131,8 @@ def expand(grid: dict[str, Any], smoke: bool = False) -> list[Cell]:
                     overrides.update(_overrides(n, v))
                 overrides.update(extra)
                 overrides["seed"] = seed
-                if smoke:
-                    from .tasks.causal_lm import CausalLM  # its own model and data names
-
-                    causal = overrides.get("model.name") in CausalLM.model_names \
-                        or overrides.get("data.name") in CausalLM.data_names
-                    overrides.update(SMOKE_CAUSAL if causal else SMOKE)
+                if smoke:  # the task's own tiny model and sizes
+                    overrides.update(smoke_overrides(overrides))
                 extra_label = "-".join(_label(v) for k, v in sorted(extra.items()))
                 parts = [labels[n] for n in names] + ([extra_label] if extra_label else [])
                 cell_id = "__".join(p.replace("/", "_").replace(" ", "") for p in parts)
@@ -573,7 +560,7 @@ def collect_rows(out: Path, cells: list[Cell]) -> list[dict[str, Any]]:
         s = json.loads(path.read_text())
         metric = s.get("metric", "accuracy")
         figures = {}
-        for key, _ in METRIC_COLUMNS.get(metric, ()):
+        for key, _ in task_of_metric(metric).bench_columns:
             figures[key] = last_rounds_accuracy(path.parent / "metrics.jsonl", key=metric) \
                 if key == f"last3_{metric}" else s.get(key)
         rows.append({"cell": cell.cell_id, "seed": cell.seed, **cell.labels, "metric": metric,
@@ -591,7 +578,7 @@ def aggregate(out: Path, cells: list[Cell], grid: dict[str, Any]) -> dict[str, A
     """results.json (one row per finished cell), table.md (mean ± std over seeds), plots."""
     rows = collect_rows(out, cells)
     metric = rows[0]["metric"] if rows else "accuracy"
-    columns = METRIC_COLUMNS.get(metric, ())
+    columns = task_of_metric(metric).bench_columns
     label_keys = [k for k in dict.fromkeys(k for c in cells for k in c.labels)]
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
@@ -608,7 +595,7 @@ def aggregate(out: Path, cells: list[Cell], grid: dict[str, Any]) -> dict[str, A
     cols = label_keys + ["seeds", *(c for c, _ in columns),
                          "upload_MB", "upload_%_of_fedavg_full", "devices"]
     md = [f"# {grid['name']}: {len(rows)} of {len(cells)} cells finished", "",
-          METRIC_NOTES.get(metric, ""), "",
+          task_of_metric(metric).bench_note, "",
           "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     md += ["| " + " | ".join(str(t.get(c, "")) for c in cols) + " |" for t in table]
     atomic_write_text(out / "table.md", "\n".join(md) + "\n")

@@ -24,16 +24,18 @@ def load_trained(run_dir: Path, base_only: bool = False):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .models import _quiet_transformers, load_causal_lm, pick_device
-    from .tasks import resolve_task_name
+    from .tasks import TASKS, resolve_task_name
 
     _quiet_transformers()
     run_dir = Path(run_dir)
     if not (run_dir / "config.toml").is_file():
         raise UserError(f"'{run_dir}' holds no run (no config.toml)")
     cfg = load_config(run_dir / "config.toml")
-    if resolve_task_name(cfg) != "causal-lm":
-        raise UserError(f"run '{run_dir}' is a {resolve_task_name(cfg)} run; generate needs a "
-                        "causal-lm run")
+    task = TASKS[resolve_task_name(cfg)]
+    if not task.generative:
+        makers = ", ".join(n for n, t in sorted(TASKS.items()) if t.generative)
+        raise UserError(f"run '{run_dir}' is a {task.name} run; generate needs a run of a task "
+                        f"that generates text ({makers})")
     adapter = run_dir / "adapter"
     if not (adapter / "lora_a2.json").is_file() and not (adapter / "config.json").is_file():
         raise UserError(f"run '{run_dir}' has no exported adapter yet (it has not finished; "
@@ -42,10 +44,11 @@ def load_trained(run_dir: Path, base_only: bool = False):
     tok = AutoTokenizer.from_pretrained(str(adapter))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    if cfg.strategy.name == "fedavg-full" and not base_only:
+    whole_model = not (adapter / "adapter_config.json").is_file()  # a full-model strategy's
+    if whole_model and not base_only:
         model = AutoModelForCausalLM.from_pretrained(str(adapter))
         return model.to(device).eval(), tok
-    if cfg.model.name == "tiny-random-llama":
+    if (run_dir / "base_model").is_dir():  # a random base built in code, saved by the run
         base = AutoModelForCausalLM.from_pretrained(str(run_dir / "base_model"))
     else:
         base, _, _ = load_causal_lm(cfg.model.name, cfg.seed, cfg.model.dtype)

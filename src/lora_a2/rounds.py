@@ -73,10 +73,6 @@ class Transport(ABC):
         """Why ``client`` cannot be sent a task now (None: it can)."""
         return None
 
-    def prepare_task(self, exp: Experiment, task: Task) -> None:
-        """A last change to a task before it is encoded (Flower under SecAgg+: the public
-        weight scale)."""
-
     @abstractmethod
     def exchange(self, exp: Experiment, rnd: int, tasks: dict[int, bytes],
                  on_client: OnClient) -> dict[int, Reply]:
@@ -127,7 +123,6 @@ def plan_round(exp: Experiment, rnd: int, state: ServerState, transport: Transpo
                      sample_clients(cfg.data.num_clients, clients_per_round(cfg), cfg.seed, rnd))
     for c in plan.clients:
         task = strategy.configure(rnd, c, state)
-        transport.prepare_task(exp, task)
         down_payload = task.to_payload(layout)
         down = encode(down_payload)
         row = {"client": c, "download_bytes": len(down),

@@ -209,14 +209,15 @@ def client_train_secure(msg, context):
     never see it to check), and return its dense vector for masking."""
     from flwr.app import Message
 
-    from .secagg import client_vector, fit_reply, task_bytes_of
+    from .secagg import client_vector, fit_reply, task_bytes_of, weight_scale
 
     exp, task, ctx = _client_task(
         context, str(msg.content.config_records["fitins.config"]["config"]),
         task_bytes_of(msg.content))
     update = exp.strategy.upload(ctx, task)
     exp.strategy.validate(task, update)  # a malformed upload fails here, loudly
-    vector = client_vector(exp.strategy, task, update, exp.cfg.secagg.clipping_range)
+    vector = client_vector(exp.strategy, task, update, exp.cfg.secagg.clipping_range,
+                           weight_scale(exp))
     write_store(context, ctx.store)
     return Message(fit_reply(vector), reply_to=msg)
 
@@ -354,12 +355,6 @@ class FlowerRounds(Transport):
 
     def reachable(self, client: int) -> str | None:
         return None if client in self.node_of else "no connected node holds this partition"
-
-    def prepare_task(self, exp, task: Task) -> None:
-        if exp.cfg.secagg.enabled:
-            from .secagg import weight_scale
-
-            task.config["secagg_scale"] = weight_scale(exp)
 
     def exchange(self, exp, rnd: int, tasks: dict[int, bytes], on_client) -> dict[int, Reply]:
         from flwr.app import Message, MessageType

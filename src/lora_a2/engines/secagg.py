@@ -66,9 +66,9 @@ def weight_scale(exp) -> float:
 
 
 # ---------------------------------------------------------------------- client side
-def client_vector(strategy, task, update, clip: float) -> np.ndarray:
-    """x_k = [(n_k / S) · v_k, n_k / S] as float64, clipped to ±clip (count logged)."""
-    scale = float(task.config["secagg_scale"])
+def client_vector(strategy, task, update, clip: float, scale: float) -> np.ndarray:
+    """x_k = [(n_k / S) · v_k, n_k / S] as float64, clipped to ±clip (count logged); S =
+    :func:`weight_scale`, which every node computes from the public partition itself."""
     w = update.num_examples / scale
     v = strategy.secure_vector(task, update).to(torch.float64) * w
     x = torch.cat([v, torch.tensor([w], dtype=torch.float64)]).numpy()

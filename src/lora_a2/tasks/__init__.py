@@ -31,14 +31,14 @@ def task_names() -> list[str]:
 
 def resolve_task_name(cfg: Config) -> str:
     """``task.name``, or with ``auto`` the task that claims the model or the data (see
-    :meth:`LearningTask.claims`); classification when none does."""
+    :meth:`LearningTask.claims`); the ``fallback`` task (classification) when none does."""
     load_all()
     if cfg.task.name != "auto":
         return cfg.task.name
     for name in sorted(TASKS):
-        if name != "classification" and TASKS[name].claims(cfg):
+        if not TASKS[name].fallback and TASKS[name].claims(cfg):
             return name
-    return "classification"
+    return next(name for name in sorted(TASKS) if TASKS[name].fallback)
 
 
 def get_task(cfg: Config) -> LearningTask:
@@ -59,14 +59,6 @@ def check_config(cfg: Config) -> None:
                         f"got {t.name!r}")
     resolved = resolve_task_name(cfg)
     TASKS[resolved](cfg).check(cfg)  # a model or dataset of another task: one line, here
-    if resolved != "classification":
-        if cfg.model.head != "frozen":
-            raise UserError(f"config key 'model.head' must be 'frozen' for task '{resolved}' (it "
-                            f"has no classifier head), got {cfg.model.head!r}")
-        if cfg.data.local_test_fraction != 0:
-            raise UserError(f"config key 'data.local_test_fraction' is for classification; task "
-                            f"'{resolved}' reports each client's loss on its own categories "
-                            f"instead, got {cfg.data.local_test_fraction!r}")
 
 
 __all__ = ["TASKS", "check_config", "LearningTask", "get_task", "load_all", "register_task",

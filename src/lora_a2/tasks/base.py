@@ -46,6 +46,17 @@ class LearningTask(ABC):
     #: built-in model and dataset names that belong to this task (for ``task.name = "auto"``)
     model_names: ClassVar[tuple[str, ...]] = ()
     data_names: ClassVar[tuple[str, ...]] = ()
+    #: the trained model generates text (``lora-a2 generate`` can talk to it)
+    generative: ClassVar[bool] = False
+    #: what ``lora-a2 bench --smoke`` sets for a cell of this task: a tiny model built in code,
+    #: few examples, two rounds (the bench adds nothing of its own)
+    smoke_overrides: ClassVar[dict[str, Any]] = {}
+    #: the figures of a cell's summary that ``lora-a2 bench`` tabulates: (key, scale)
+    bench_columns: ClassVar[tuple[tuple[str, float], ...]] = ()
+    #: the sentence under a bench table that says what its columns are
+    bench_note: ClassVar[str] = ""
+    #: the task the config means when no task claims its model or data
+    fallback: ClassVar[bool] = False
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg

@@ -59,6 +59,27 @@ class CausalLM(LearningTask):
              ("loss", "test loss (response tokens)", 1.0))
     model_names = ("smollm2", "tiny-random-llama")
     data_names = INSTRUCTION_DATASETS
+    generative = True
+    bench_columns = (("final_rouge_l", 100.0), ("best_rouge_l", 100.0), ("last3_rouge_l", 100.0),
+                     ("initial_rouge_l", 100.0), ("final_loss", 1.0), ("initial_loss", 1.0))
+    bench_note = ("ROUGE-L (F, %) of greedy answers to the fixed held-out subset and test loss "
+                  "(mean NLL per response token), mean ± std over seeds; initial = the base "
+                  "model; last3 = mean of the last three rounds.")
+    smoke_overrides = {"model.name": "tiny-random-llama", "model.max_length": 160,
+                       "model.dtype": "float32", "data.max_train_examples": 60,
+                       "data.max_test_examples": 40, "train.rounds": 2,
+                       "data.min_examples_per_client": 2, "task.generate_examples": 4,
+                       "task.max_new_tokens": 4}
+
+    def check(self, cfg) -> None:
+        super().check(cfg)
+        if cfg.model.head != "frozen":
+            raise UserError(f"config key 'model.head' must be 'frozen' for task '{self.name}' "
+                            f"(it has no classifier head), got {cfg.model.head!r}")
+        if cfg.data.local_test_fraction != 0:
+            raise UserError(f"config key 'data.local_test_fraction' is for classification; task "
+                            f"'{self.name}' reports each client's loss on its own categories "
+                            f"instead, got {cfg.data.local_test_fraction!r}")
 
     @classmethod
     def claims(cls, cfg) -> bool:

@@ -33,6 +33,16 @@ class Classification(LearningTask):
     plots = (("accuracy", "test accuracy (%)", 100.0),)
     model_names = ("minilm", "tiny-random-bert")
     data_names = DATASET_NAMES
+    fallback = True  # a hub model or data file no task claims: classification
+    bench_columns = (("final_accuracy", 100.0), ("best_accuracy", 100.0),
+                     ("last3_accuracy", 100.0), ("final_local_accuracy", 100.0))
+    bench_note = ("Accuracy in %, mean ± std over seeds; last3 = mean of the last three rounds' "
+                  "accuracy; final_local_accuracy = the mean over clients of each client's "
+                  "accuracy on its own split (a personalised method: with its own model), — "
+                  "where the cell predates it.")
+    smoke_overrides = {"model.name": "tiny-random-bert", "model.max_length": 16,
+                       "data.max_train_examples": 60, "data.max_test_examples": 40,
+                       "train.rounds": 2, "data.min_examples_per_client": 2}
 
     def load_data(self):
         d, cfg = self.cfg.data, self.cfg
