@@ -58,3 +58,12 @@ def tiny_setup(sets: list[str], clients: int, n: int = 90, max_length: int = 24)
     parts = np.array_split(np.arange(n), clients)
     s.bind_clients([len(p) for p in parts])
     return cfg, s, rt, [ClientContext(rt, enc, parts[c], cfg) for c in range(clients)]
+
+
+def assert_config_error(capsys, sets: list[str], needle: str) -> None:
+    """``lora-a2 config --set …`` exits 2 with one stderr line that contains ``needle``."""
+    from lora_a2.cli import main
+
+    assert main(["config", "--set", *sets]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err

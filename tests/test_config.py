@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 
 from lora_a2.cli import main
+
+from conftest import assert_config_error
 from lora_a2.checks import load_config  # schema, ranges and every component's checks
 from lora_a2.config import LEGACY_STRATEGY_OPTIONS, Config, all_keys
 from lora_a2.config import _flatten as flatten
@@ -232,6 +234,4 @@ def test_a_resolved_config_can_switch_strategy(tmp_path):
       "privacy.noise_multiplier=1"], "'central' cannot be combined with strategy.options.renormalize"),
 ])
 def test_strategy_options_are_checked_by_their_strategy(capsys, sets, needle):
-    assert main(["config", "--set", *sets]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and needle in err, err
+    assert_config_error(capsys, sets, needle)

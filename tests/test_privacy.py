@@ -22,7 +22,7 @@ from lora_a2.report import read_metrics
 from lora_a2.selection import selection_from_ids
 from lora_a2.strategies.base import Task, Update
 
-from conftest import tiny_setup
+from conftest import assert_config_error, tiny_setup
 
 ALL = ["lora-a2", "fl-lora", "ffa-lora", "flexlora", "hetlora", "flora", "fedavg-full",
        "rolora", "fedsa-lora", "fedex-lora", "fedsvd"]
@@ -456,9 +456,7 @@ def test_private_selection_run_reports_its_epsilon_per_round(tmp_path, synthetic
       "privacy.selection_epsilon=1"], "not reachable"),
 ])
 def test_bad_private_selection_config_is_one_line_exit_2(capsys, sets, needle):
-    assert main(["config", "--set", *sets]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and needle in err, err
+    assert_config_error(capsys, sets, needle)
 
 
 # ---------------------------------------------------------------------- the central estimator
@@ -667,9 +665,7 @@ def test_committed_cells_load_with_the_noise_they_ran_with():
     (["privacy.mechanism=gaussian", "privacy.noise_multiplier=-2"], "privacy.noise_multiplier"),
 ])
 def test_bad_new_privacy_keys_are_one_line_exit_2(capsys, sets, needle):
-    assert main(["config", "--set", *sets]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and needle in err, err
+    assert_config_error(capsys, sets, needle)
 
 
 # ---------------------------------------------------------------------- what is released

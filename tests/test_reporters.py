@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 
 import lora_a2
-from lora_a2.cli import main
 from lora_a2.config import load_config
 from lora_a2.errors import UserError
 from lora_a2.report import read_metrics
 from lora_a2.reporters import Reporter, Reporters, build_reporters, check_config, scalars
+
+from conftest import assert_config_error
 
 TINY = ["model.name=tiny-random-bert", "strategy.global_rank=4", "strategy.rank_budget=2",
         "model.max_length=24", "data.num_clients=3", "train.rounds=2", "engine.threads=1"]
@@ -102,9 +103,12 @@ def test_a_resumed_run_continues_its_mlflow_run(reported_run):
     ('"mlflow"', "report.to' must be a list"),
 ])
 def test_a_bad_reporter_is_a_one_line_error(capsys, value, needle):
-    assert main(["config", "--set", f"report.to={value}"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and needle in err, err
+    assert_config_error(capsys, [f"report.to={value}"], needle)
+
+
+def test_an_empty_mlflow_experiment_is_a_one_line_error(capsys):
+    assert_config_error(capsys, ["report.mlflow_experiment=''"],
+                        "report.mlflow_experiment' must not be empty")
 
 
 def test_a_reporter_whose_package_is_missing_is_named(monkeypatch):

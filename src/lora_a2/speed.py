@@ -114,7 +114,7 @@ def measure_a2_vs_fl(model: str, repeats: int, local_epochs: int,
     states = {n: e.strategy.init_state(e.runtime.initial_state()) for n, e in exps.items()}
     timed_round = {n: 1 for n in exps}
     for n, e in exps.items():
-        if getattr(e.strategy.options, "reselect_every", 1) > 1:  # make the selections round 3 will reuse
+        if e.cfg.strategy.options.get("reselect_every", 1) > 1:  # selections round 3 reuses
             st = states[n]
             for rnd in (1, 2):
                 st, _ = run_round(e, rnd, st)
