@@ -10,7 +10,7 @@ from lora_a2.cli import main
 from conftest import assert_config_error
 from lora_a2.checks import load_config  # schema, ranges and every component's checks
 from lora_a2.config import LEGACY_STRATEGY_OPTIONS, Config, all_keys
-from lora_a2.config import _flatten as flatten
+from lora_a2.config import flatten
 from lora_a2.errors import UserError
 
 STABLE_KEYS = """seed model.name model.max_length model.head data.name data.text_column

@@ -20,7 +20,7 @@ from typing import Any
 from .checkpoint import load_checkpoint, load_client_stores, save_checkpoint
 from .checks import check_config, load_config
 from .config import Config, clients_per_round
-from .config import _flatten as flatten_config  # dotted keys, as a config file is read
+from .config import flatten as flatten_config  # dotted keys, as a config file is read
 from .data import label_histogram
 from .engines.local import run_round
 from .rounds import evaluate_state

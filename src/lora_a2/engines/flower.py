@@ -51,7 +51,7 @@ from typing import Any
 
 
 from ..checks import load_config
-from ..config import Config, clients_per_round
+from ..config import Config, clients_per_round, config_from_dict
 from ..errors import UserError
 from ..payload import InvalidPayload, decode, encode
 from ..rounds import Reply, RoundPlan, Transport, eval_reply, round_record, run_round
@@ -140,13 +140,7 @@ def config_from_toml(text: str) -> Config:
     """The validated config the server sent (same rules as a config file)."""
     import tomllib
 
-    from ..config import _apply, _flatten, validate
-
-    cfg = Config()
-    for key, value in _flatten(tomllib.loads(text)):
-        _apply(cfg, key, value)
-    validate(cfg)
-    return cfg
+    return config_from_dict(tomllib.loads(text))
 
 
 def partition_of(context) -> int:

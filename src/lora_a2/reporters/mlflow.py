@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..config import _flatten as flatten_config
+from ..config import flatten as flatten_config
 from ..report import atomic_write_text
 from .base import Reporter, RunStart, scalars
 

@@ -1,0 +1,189 @@
+"""Reading a config: TOML files, nested dicts and ``--set key=value`` overrides, each key checked
+against the schema (unknown keys get the nearest valid one in a one-line error)."""
+
+from __future__ import annotations
+
+import difflib
+import re
+import tomllib
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+from ..errors import UserError
+from .schema import LEGACY_DEFAULTS, LEGACY_STRATEGY_OPTIONS, SCHEMA_VERSION, SECTIONS, Config
+from .validate import require, validate
+
+
+def all_keys() -> list[str]:
+    """Every valid dotted key, for error messages and docs/CONFIGURATION.md."""
+    keys = ["schema_version", "seed"]
+    for sec, cls in SECTIONS.items():
+        keys += [f"{sec}.{f.name}" for f in fields(cls)]
+    return keys
+
+
+def _unknown(key: str) -> UserError:
+    known = all_keys() + [f"strategy.{k}" for k in LEGACY_STRATEGY_OPTIONS]
+    near = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+    hint = f" (did you mean '{near[0]}'?)" if near else ""
+    return UserError(f"unknown config key '{key}'{hint}")
+
+
+def coerce_value(key: str, value: Any, annot: Any) -> Any:
+    """Check a value's type against the field annotation; ints are accepted for floats."""
+    if annot is Any:
+        return value
+    if annot is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"config key '{key}' must be true or false, got {value!r}")
+    if annot is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise UserError(f"config key '{key}' must be an integer, got {value!r}")
+    if annot is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return value if isinstance(value, int) and key == "train.clients_per_round" else float(value)
+        raise UserError(f"config key '{key}' must be a number, got {value!r}")
+    if annot is str:
+        if isinstance(value, str):
+            return value
+        raise UserError(f"config key '{key}' must be a string, got {value!r}")
+    if get_origin(annot) is list:
+        (item,) = get_args(annot)
+        if not isinstance(value, list):
+            raise UserError(f"config key '{key}' must be a list, got {value!r}")
+        return [coerce_value(key, v, item) for v in value]
+    return value
+
+
+def _apply(cfg: Config, key: str, value: Any) -> None:
+    parts = key.split(".")
+    if parts[:2] == ["strategy", "options"]:
+        if len(parts) == 2:
+            if not isinstance(value, dict):
+                raise UserError(f"config key 'strategy.options' must be a table, got {value!r}")
+            cfg.strategy.options.update(value)  # beside short-form keys read before it
+        elif len(parts) == 3 and parts[2]:
+            cfg.strategy.options[parts[2]] = value
+        else:
+            raise _unknown(key)
+        return
+    if parts[0] == "strategy" and len(parts) == 2 and parts[1] in LEGACY_STRATEGY_OPTIONS:
+        cfg.strategy.options[parts[1]] = value  # the short form of a built-in's option
+        return
+    if parts == ["seed"]:
+        cfg.seed = coerce_value(key, value, int)
+        return
+    if parts == ["schema_version"]:
+        version = coerce_value(key, value, int)
+        require(1 <= version <= SCHEMA_VERSION, key, f"must be 1 … {SCHEMA_VERSION}", value)
+        cfg.schema_version = version
+        for k, v in LEGACY_DEFAULTS.get(version, {}).items():
+            _apply(cfg, k, v)
+        return
+    if len(parts) != 2 or parts[0] not in SECTIONS:
+        raise _unknown(key)
+    sec, name = parts
+    obj = getattr(cfg, sec)
+    hints = get_type_hints(type(obj))
+    if name not in hints:
+        raise _unknown(key)
+    setattr(obj, name, coerce_value(key, value, hints[name]))
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and not prefix and k in SECTIONS:
+            out += flatten(v, key + ".")
+        elif isinstance(v, dict) and key == "strategy.options":
+            out.append((key, v))
+        elif isinstance(v, dict):
+            raise _unknown(key)
+        else:
+            out.append((key, v))
+    return out
+
+
+def parse_set(item: str) -> tuple[str, Any]:
+    """Parse one ``--set key=value``; the value is a TOML literal, else a bare string."""
+    if "=" not in item:
+        raise UserError(f"--set expects key=value, got '{item}'")
+    key, raw = item.split("=", 1)
+    key, raw = key.strip(), raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, value
+
+
+_PAIR = re.compile(r"^[A-Za-z_][\w.]*=")
+
+
+def split_sets(items: str | list[str]) -> list[str]:
+    """``key=value`` items; one item holding several space-separated pairs (``"a=1 b=2"``, as
+    flwr's ``--run-config``) is split, but only when every piece is itself ``key=...`` — so a
+    value with spaces (``strategy.rank_budget=[1, 2]``, ``data.name=csv:my file.csv``) is not."""
+    out: list[str] = []
+    for item in [items] if isinstance(items, str) else items:
+        parts = item.split()
+        if len(parts) > 1 and all(_PAIR.match(p) for p in parts):
+            out += parts
+        else:
+            out.append(item.strip())
+    return [o for o in out if o]
+
+
+def overrides_to_sets(overrides: Any) -> list[str | tuple[str, Any]]:
+    """Overrides as :func:`load_config` takes them, from a dict of dotted keys (or nested
+    tables), a list of ``key=value`` strings, or one string of space-separated pairs."""
+    if overrides is None:
+        return []
+    if isinstance(overrides, dict):
+        return [(k, v) for k, v in flatten(overrides) if v is not None]
+    if isinstance(overrides, (str, list, tuple)):
+        return list(split_sets(list(overrides) if not isinstance(overrides, str) else overrides))
+    raise UserError(f"overrides must be a dict, a list of 'key=value' strings or one string, "
+                    f"got {type(overrides).__name__}")
+
+
+def config_from_dict(data: dict[str, Any], overrides: list[str | tuple[str, Any]] | None = None
+                     ) -> Config:
+    """A validated config from a nested dict (``Config.to_dict()``) plus overrides."""
+    cfg = Config()
+    items = [(k, v) for k, v in flatten(data) if v is not None]
+    # a file's schema version (1 when it has none) first: it sets that version's defaults,
+    # which the file's own keys then override
+    version = next((v for k, v in items if k == "schema_version"), 1 if items else None)
+    if version is not None:
+        _apply(cfg, "schema_version", version)
+    for key, value in items:
+        if key != "schema_version":
+            _apply(cfg, key, value)
+    for item in overrides or []:
+        key, value = item if isinstance(item, tuple) else parse_set(item)
+        _apply(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None,
+                overrides: list[str | tuple[str, Any]] | None = None) -> Config:
+    """Build a validated :class:`Config` from defaults, an optional TOML file and overrides
+    (``key=value`` strings as ``--set`` takes them, or ``(key, value)`` pairs)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file '{p}' does not exist")
+        try:
+            data = tomllib.loads(p.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"config file '{p}' is not valid TOML: {str(e).splitlines()[0]}") from None
+    return config_from_dict(data, overrides)
+
+

@@ -1,0 +1,186 @@
+"""Range and consistency checks of a config's own values (checks that need a component live
+with that component and run in :mod:`lora_a2.checks`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import UserError
+from .schema import (MECHANISMS, MODEL_DTYPES, MODES, NOISE_SOURCES, PARTITIONS, RANK_DISTRIBUTIONS,
+                     REPORTERS, Config)
+
+
+def require(cond: bool, key: str, msg: str, value: Any) -> None:
+    if not cond:
+        raise UserError(f"config key '{key}' {msg}, got {value!r}")
+
+
+def validate(cfg: Config) -> None:
+    """Range and consistency checks; each failure is a one-line :class:`UserError`."""
+    m, d, s, t, e = cfg.model, cfg.data, cfg.strategy, cfg.train, cfg.engine
+    require(cfg.seed >= 0, "seed", "must be ≥ 0", cfg.seed)
+    require(m.max_length >= 8, "model.max_length", "must be ≥ 8", m.max_length)
+    require(m.head in ("frozen", "trained"), "model.head", "must be 'frozen' or 'trained'", m.head)
+    require(m.lora_alpha > 0, "model.lora_alpha", "must be > 0", m.lora_alpha)
+    require(0 <= m.lora_dropout < 1, "model.lora_dropout", "must be in [0, 1)", m.lora_dropout)
+    require(m.init_std >= 0, "model.init_std", "must be ≥ 0", m.init_std)
+    require(m.dtype in MODEL_DTYPES, "model.dtype", f"must be one of {', '.join(MODEL_DTYPES)}",
+             m.dtype)
+    require(d.num_clients >= 1, "data.num_clients", "must be ≥ 1", d.num_clients)
+    require(d.partition in PARTITIONS, "data.partition", f"must be one of {', '.join(PARTITIONS)}",
+             d.partition)
+    require(d.alpha > 0, "data.alpha", "must be > 0", d.alpha)
+    require(d.classes_per_client >= 1, "data.classes_per_client", "must be ≥ 1", d.classes_per_client)
+    require(d.min_examples_per_client >= 1, "data.min_examples_per_client", "must be ≥ 1",
+             d.min_examples_per_client)
+    require(0 < d.test_fraction < 1, "data.test_fraction", "must be in (0, 1)", d.test_fraction)
+    require(d.max_train_examples >= 0, "data.max_train_examples", "must be ≥ 0 (0 = all)",
+             d.max_train_examples)
+    require(d.max_test_examples >= 0, "data.max_test_examples", "must be ≥ 0 (0 = all)",
+             d.max_test_examples)
+    require(0 <= d.local_test_fraction < 1, "data.local_test_fraction", "must be in [0, 1)",
+             d.local_test_fraction)
+    require(s.global_rank >= 1, "strategy.global_rank", "must be ≥ 1", s.global_rank)
+    rb = s.rank_budget
+    if isinstance(rb, list):
+        require(len(rb) == d.num_clients, "strategy.rank_budget",
+                 f"must list one budget per client ({d.num_clients})", rb)
+        for b in rb:
+            require(isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= s.global_rank,
+                     "strategy.rank_budget", f"entries must be integers in [1, {s.global_rank}]", b)
+    elif isinstance(rb, str):
+        require(rb in RANK_DISTRIBUTIONS, "strategy.rank_budget",
+                 f"must be an integer, a list, or one of {', '.join(RANK_DISTRIBUTIONS)}", rb)
+    else:
+        require(isinstance(rb, int) and not isinstance(rb, bool), "strategy.rank_budget",
+                 "must be an integer, a list of integers, or a distribution name", rb)
+        require(1 <= rb <= s.global_rank, "strategy.rank_budget",
+                 f"must be in [1, strategy.global_rank = {s.global_rank}]", rb)
+    for key, v in (("strategy.lr", s.lr), ("strategy.full_lr", s.full_lr)):
+        require(v > 0, key, "must be > 0", v)
+    require(s.lr_ratio >= 0, "strategy.lr_ratio", "must be ≥ 0 (0 = the strategy's paper rule)",
+             s.lr_ratio)
+    require(s.head_lr >= 0, "strategy.head_lr", "must be ≥ 0 (0 = lr_B)", s.head_lr)
+    require(s.weight_decay >= 0, "strategy.weight_decay", "must be ≥ 0", s.weight_decay)
+    require(t.rounds >= 1, "train.rounds", "must be ≥ 1", t.rounds)
+    require(t.local_epochs >= 1, "train.local_epochs", "must be ≥ 1", t.local_epochs)
+    require(t.batch_size >= 1, "train.batch_size", "must be ≥ 1", t.batch_size)
+    require(t.eval_batch_size >= 1, "train.eval_batch_size", "must be ≥ 1", t.eval_batch_size)
+    require(t.max_grad_norm >= 0, "train.max_grad_norm", "must be ≥ 0", t.max_grad_norm)
+    require(0 <= t.dropout < 1, "train.dropout", "must be in [0, 1)", t.dropout)
+    require(t.min_replies >= 1, "train.min_replies", "must be ≥ 1", t.min_replies)
+    require(cfg.server.max_update_bytes >= 1024, "server.max_update_bytes", "must be ≥ 1024",
+             cfg.server.max_update_bytes)
+    require(cfg.server.max_update_norm >= 0, "server.max_update_norm", "must be ≥ 0 (0 = off)",
+             cfg.server.max_update_norm)
+    cpr = t.clients_per_round
+    if isinstance(cpr, float) and not cpr.is_integer():
+        require(0 < cpr < 1, "train.clients_per_round",
+                 "must be 0 (all), an integer count, or a fraction in (0, 1)", cpr)
+    else:
+        require(0 <= cpr <= d.num_clients, "train.clients_per_round",
+                 f"must be 0 (all) or a count ≤ data.num_clients = {d.num_clients}", cpr)
+    require(t.min_replies <= clients_per_round(cfg), "train.min_replies",
+             f"must not exceed the clients sampled per round ({clients_per_round(cfg)})",
+             t.min_replies)
+    require(e.name in ("local", "flower"), "engine.name", "must be 'local' or 'flower'", e.name)
+    require(e.num_workers >= 0, "engine.num_workers", "must be ≥ 0 (0 = auto)", e.num_workers)
+    require(e.round_timeout_s >= 0, "engine.round_timeout_s", "must be ≥ 0 (0 = no limit)",
+             e.round_timeout_s)
+    require(e.connect_timeout_s >= 0, "engine.connect_timeout_s", "must be ≥ 0",
+             e.connect_timeout_s)
+    require(e.device == "auto" or e.device == "cpu" or e.device.startswith("cuda"),
+             "engine.device", "must be 'auto', 'cpu' or 'cuda[:N]'", e.device)
+    require(e.threads >= 0, "engine.threads", "must be ≥ 0", e.threads)
+    for name in cfg.report.to:
+        require(name in REPORTERS, "report.to", f"entries must be among {', '.join(REPORTERS)}",
+                 name)
+    require(len(set(cfg.report.to)) == len(cfg.report.to), "report.to",
+             "names a reporter twice", cfg.report.to)
+    require(bool(cfg.report.mlflow_experiment), "report.mlflow_experiment", "must not be empty",
+             cfg.report.mlflow_experiment)
+    _validate_privacy(cfg)
+    _validate_secagg(cfg)
+    _validate_task(cfg)
+
+
+def _validate_task(cfg: Config) -> None:
+    t = cfg.task
+    require(t.generate_examples >= 0, "task.generate_examples", "must be ≥ 0",
+             t.generate_examples)
+    require(t.max_new_tokens >= 1, "task.max_new_tokens", "must be ≥ 1", t.max_new_tokens)
+    require(t.samples >= 0, "task.samples", "must be ≥ 0", t.samples)
+
+
+def _validate_privacy(cfg: Config) -> None:
+    p = cfg.privacy
+    require(p.mechanism in MECHANISMS, "privacy.mechanism", f"must be one of {', '.join(MECHANISMS)}",
+             p.mechanism)
+    require(p.mode in MODES, "privacy.mode", "must be 'local' or 'central'", p.mode)
+    require(p.clip > 0, "privacy.clip", "must be > 0", p.clip)
+    require(0 < p.delta < 1, "privacy.delta", "must be in (0, 1)", p.delta)
+    for key, v in (("privacy.noise_multiplier", p.noise_multiplier), ("privacy.epsilon", p.epsilon)):
+        if v is not None:
+            require(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, key,
+                     "must be a number > 0", v)
+    require(p.noise_source in NOISE_SOURCES, "privacy.noise_source",
+             f"must be one of {', '.join(NOISE_SOURCES)}", p.noise_source)
+    require(p.weight_cap >= 0, "privacy.weight_cap", "must be ≥ 0", p.weight_cap)
+    require(p.selection in ("public", "private"), "privacy.selection",
+             "must be 'public' or 'private'", p.selection)
+    require(isinstance(p.selection_epsilon, (int, float)) and p.selection_epsilon > 0,
+             "privacy.selection_epsilon", "must be a number > 0", p.selection_epsilon)
+    if p.selection == "private":
+        require(p.mechanism != "none", "privacy.selection",
+                 "'private' needs DP on the uploads too (set privacy.mechanism); a private "
+                 "selection of a non-private update protects nothing", p.selection)
+        require(p.mode == "local", "privacy.selection",
+                 "'private' is for local mode: in central mode the slot ids reach only the "
+                 "trusted server and the release is noised on every slot", p.selection)
+    if p.mechanism == "none":
+        return
+    if (p.noise_multiplier is None) == (p.epsilon is None):
+        raise UserError("config keys 'privacy.noise_multiplier' and 'privacy.epsilon': give exactly "
+                        f"one of them with privacy.mechanism = '{p.mechanism}'")
+
+
+def _validate_secagg(cfg: Config) -> None:
+    a = cfg.secagg
+    if not a.enabled:
+        return
+    require(cfg.engine.name == "flower", "secagg.enabled",
+             "SecAgg+ needs engine.name = 'flower' (the local engine has no network to hide "
+             "uploads from)", a.enabled)
+    require(not (cfg.privacy.mechanism != "none" and cfg.privacy.mode == "central"),
+             "secagg.enabled", "cannot be combined with central DP: the server never sees an "
+             "upload to clip; use privacy.mode = 'local' (distributed noise)", a.enabled)
+    n = clients_per_round(cfg)
+    require(n >= 2, "secagg.enabled", "needs at least 2 clients per round", a.enabled)
+    shares = a.num_shares if a.num_shares > 1 else max(1, round(a.num_shares * n))
+    require(a.num_shares > 0 and (a.num_shares <= 1 or float(a.num_shares).is_integer()),
+             "secagg.num_shares", "must be an integer ≥ 2 or a fraction in (0, 1]", a.num_shares)
+    require(shares <= n, "secagg.num_shares",
+             f"must not exceed the clients per round ({n})", a.num_shares)
+    t = a.reconstruction_threshold
+    require(t > 0 and (t <= 1 or float(t).is_integer()), "secagg.reconstruction_threshold",
+             "must be an integer ≥ 2 or a fraction in (0, 1]", t)
+    require(t <= 1 or t <= min(shares, n), "secagg.reconstruction_threshold",
+             f"must not exceed the shares per client ({shares}) or the clients per round ({n})",
+             t)
+    require(a.clipping_range > 0, "secagg.clipping_range", "must be > 0", a.clipping_range)
+    require(a.quantization_range >= 2, "secagg.quantization_range", "must be ≥ 2",
+             a.quantization_range)
+    require(n * a.quantization_range < a.modulus_range, "secagg.modulus_range",
+             f"must exceed clients per round × quantization_range ({n * a.quantization_range})"
+             f" or the masked sum wraps around", a.modulus_range)
+    require(a.timeout_s >= 0, "secagg.timeout_s", "must be ≥ 0", a.timeout_s)
+
+
+def clients_per_round(cfg: Config) -> int:
+    """Resolved number of clients sampled each round."""
+    cpr, k = cfg.train.clients_per_round, cfg.data.num_clients
+    if cpr == 0:
+        return k
+    if isinstance(cpr, float) and not cpr.is_integer():
+        return max(1, round(cpr * k))
+    return int(cpr)
