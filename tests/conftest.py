@@ -45,7 +45,7 @@ def tiny_setup(sets: list[str], clients: int, n: int = 90, max_length: int = 24)
     from lora_a2.tasks.classification import Classification, encode_texts
     from lora_a2.config import load_config
     from lora_a2.private import build_strategy
-    from lora_a2.strategies.base import ClientContext
+    from lora_a2.strategies import ClientContext
 
     cfg = load_config(None, ["model.name='tiny-random-bert'", "strategy.global_rank=4",
                              f"data.num_clients={clients}", *sets])

@@ -22,7 +22,7 @@ from lora_a2.lowrank import (norm_weights, pad_and_average, pad_rank, prune_deci
                              stack_lora, truncate_rank, truncated_svd, weighted_product_sum)
 from lora_a2.payload import decode, encode
 from lora_a2.strategies import get_strategy
-from lora_a2.strategies.base import Task, Update
+from lora_a2.strategies import Task, Update
 
 from conftest import tiny_setup
 

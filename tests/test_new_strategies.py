@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lora_a2.cli import main
-from lora_a2.strategies.base import ClientContext, Task
+from lora_a2.strategies import ClientContext, Task
 
 from conftest import tiny_setup
 from test_strategies import wire

@@ -3,7 +3,6 @@ site folder runs on both engines; bad plugins are skipped with a one-line reason
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

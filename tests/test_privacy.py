@@ -13,14 +13,13 @@ import torch
 from opacus.accountants import RDPAccountant
 
 from lora_a2 import privacy as dp
-from lora_a2.aggregation import data_weights
 from lora_a2.cli import main
 from lora_a2.config import load_config
 from lora_a2.payload import decode, encode
-from lora_a2.private import PrivateStrategy, resolve_plan
+from lora_a2.private import resolve_plan
 from lora_a2.report import read_metrics
 from lora_a2.selection import selection_from_ids
-from lora_a2.strategies.base import Task, Update
+from lora_a2.strategies import Task, Update
 
 from conftest import assert_config_error, tiny_setup
 

@@ -22,7 +22,7 @@ from lora_a2.engines.local import drops_out, run_round
 from lora_a2.experiment import prepare
 from lora_a2.payload import InvalidPayload, Payload, encode
 from lora_a2.report import read_metrics
-from lora_a2.strategies.base import ClientContext, Update
+from lora_a2.strategies import ClientContext, Update
 from lora_a2.validation import UploadLimits, receive_upload
 
 TINY = ["model.name=tiny-random-bert", "data.num_clients=4", "model.head=trained",

@@ -10,7 +10,7 @@ from lora_a2.checks import load_config
 from lora_a2.payload import InvalidPayload, decode, encode
 from lora_a2.selection import selection_from_ids, slot_size
 from lora_a2.strategies import get_strategy
-from lora_a2.strategies.base import Task, Update
+from lora_a2.strategies import Task, Update
 
 from conftest import tiny_setup
 
@@ -186,7 +186,7 @@ def test_homogeneous_baselines_refuse_per_client_rank_lists():
 def test_shortened_probe_runs_the_asked_fraction_of_steps(monkeypatch):
     """strategy.options.probe_fraction: the probe stops after ⌈f · steps per epoch⌉ optimiser steps; the
     masked training still runs its full epochs; the upload stays within the budget."""
-    import lora_a2.strategies.base as base
+    import lora_a2.strategies.context as base
 
     cfg, s, rt, ctxs = make("lora-a2", budget=1, clients=1,
                             extra=["strategy.options.probe_fraction=0.25", "train.batch_size=8"])
@@ -282,7 +282,7 @@ def test_lora_a2_a_round_uploads_only_slots_whose_b_column_is_non_zero():
 # ---------------------------------------------------------------------- cheaper probes (issue 19)
 def _spy_train(ctx):
     """Record every local-training call of ``ctx`` (epochs, masked or not)."""
-    from lora_a2.strategies.base import ClientContext
+    from lora_a2.strategies import ClientContext
 
     calls = []
     real = ClientContext.train.__get__(ctx)

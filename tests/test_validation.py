@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lora_a2.payload import DEFAULT_MAX_BYTES, InvalidPayload, encode
-from lora_a2.strategies.base import Task, Update
+from lora_a2.strategies import Task, Update
 from lora_a2.validation import UploadLimits, receive_upload
 
 TASK = Task(round=2, client_id=3, config={}, download={})

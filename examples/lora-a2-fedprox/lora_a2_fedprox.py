@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lora_a2.strategies.base import ClientContext, DenseStrategy, Task
+from lora_a2.strategies import ClientContext, DenseStrategy, Task
 from lora_a2.strategies.fl_lora import uniform_rank
 from lora_a2.strategies.options import StrategyOptions
 

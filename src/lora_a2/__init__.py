@@ -30,8 +30,8 @@ if TYPE_CHECKING:  # pragma: no cover
 _LAZY = {
     "Config": ("lora_a2.config", "Config"),
     "Strategy": ("lora_a2.strategies.base", "Strategy"),
-    "DenseStrategy": ("lora_a2.strategies.base", "DenseStrategy"),
-    "register": ("lora_a2.strategies.base", "register"),
+    "DenseStrategy": ("lora_a2.strategies.dense", "DenseStrategy"),
+    "register": ("lora_a2.strategies.registry", "register"),
     "strategy_names": ("lora_a2.strategies", "strategy_names"),
     "LearningTask": ("lora_a2.tasks.base", "LearningTask"),
     "register_task": ("lora_a2.tasks.base", "register_task"),

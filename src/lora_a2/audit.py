@@ -49,7 +49,6 @@ import torch
 from scipy.stats import beta
 from torch import Tensor
 
-from . import privacy as dp
 from .adapter import ModelRuntime
 from .aggregation import data_weights
 from .config import load_config
@@ -58,7 +57,8 @@ from .payload import decode, encode
 from .private import PrivateStrategy, resolve_plan
 from .selection import private_top_k
 from .strategies import REGISTRY, load_all
-from .strategies.base import ClientContext, ServerState, Task, Update
+from .messages import ServerState, Task, Update
+from .strategies.context import ClientContext
 from .tasks.classification import Classification, encode_texts
 
 MODES = ("local", "central")

@@ -23,7 +23,7 @@ from safetensors.torch import save as st_save
 
 from .errors import UserError
 from .report import atomic_write_bytes
-from .strategies.base import ServerState
+from .messages import ServerState
 
 CHECKPOINT = "checkpoint.safetensors"
 _STATE, _EXTRA, _CLIENT = "state/", "extra/", "client/"

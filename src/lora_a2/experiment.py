@@ -21,7 +21,7 @@ from .models import pick_device
 from .checks import check_config
 from .private import PrivateStrategy, build_strategy
 from .strategies import Strategy
-from .strategies.base import ClientContext
+from .strategies.context import ClientContext
 from .tasks import LearningTask, get_task
 
 

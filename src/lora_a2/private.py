@@ -48,7 +48,8 @@ from .config import Config, clients_per_round
 from .errors import UserError
 from .selection import private_top_k
 from .strategies import REGISTRY, Strategy, get_strategy
-from .strategies.base import ClientContext, ServerState, Task, Update
+from .messages import ServerState, Task, Update
+from .strategies.context import ClientContext
 
 class PrivateStrategy:
     """A strategy with client-level DP (see module docstring). Everything not overridden here

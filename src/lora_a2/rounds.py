@@ -27,7 +27,7 @@ import torch
 from .config import clients_per_round
 from .experiment import Experiment
 from .payload import InvalidPayload, Payload, decode, encode
-from .strategies.base import ServerState, Task, Update
+from .messages import ServerState, Task, Update
 from .validation import UploadLimits, receive_upload
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from .payload import DEFAULT_MAX_BYTES, InvalidPayload, decode
-from .strategies.base import Strategy, Task, Update
+from .messages import Task, Update
+from .strategies.base import Strategy
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,7 @@ from ..errors import UserError
 from ..payload import InvalidPayload, decode, encode
 from ..rounds import Reply, RoundPlan, Transport, eval_reply, round_record, run_round
 from ..runner import run_experiment
-from ..strategies.base import ServerState, Task
+from ..messages import ServerState, Task
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from ..payload import decode, encode
 from ..rounds import (OnClient, Reply, Transport, drops_out, eval_reply, evaluate_state,
                       read_eval_reply, round_record, run_round as run_round_over,
                       sample_clients)
-from ..strategies.base import ServerState, Task
+from ..messages import ServerState, Task
 
 __all__ = ["LocalTransport", "drops_out", "eval_reply", "evaluate_state", "read_eval_reply",
            "round_record", "run_round", "sample_clients"]

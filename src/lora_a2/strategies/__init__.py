@@ -20,10 +20,15 @@ from importlib import metadata
 from ..errors import UserError
 from ..config import Config
 from ..tasks import resolve_task_name
-from .base import REGISTRY, Strategy, other_option_defaults, register
+from ..messages import ServerState, Task, Update
+from .base import Strategy
+from .context import ClientContext
+from .dense import DenseStrategy
 from .options import StrategyOptions, resolve_options
+from .registry import REGISTRY, other_option_defaults, register
 
-_SHARED = {"base", "hetero", "options"}  # helpers, not strategies
+# the interface and its helpers, not strategies
+_SHARED = {"base", "context", "dense", "hetero", "options", "registry"}
 ENTRY_POINT_GROUP = "lora_a2.strategies"
 PLUGIN_ERRORS: dict[str, str] = {}
 """Entry-point name → why that plugin was not registered (one line)."""
@@ -138,5 +143,7 @@ def check_config(cfg: Config) -> None:
 
 load_all()
 
-__all__ = ["ENTRY_POINT_GROUP", "PLUGINS", "PLUGIN_ERRORS", "REGISTRY", "Strategy", "UserError",
-           "check_config", "get_strategy", "load_all", "plugin_error_for", "register", "strategy_names"]
+__all__ = ["ENTRY_POINT_GROUP", "PLUGINS", "PLUGIN_ERRORS", "REGISTRY", "ClientContext",
+           "DenseStrategy", "ServerState", "Strategy", "StrategyOptions", "Task", "Update",
+           "UserError", "check_config", "get_strategy", "load_all", "plugin_error_for",
+           "register", "strategy_names"]

@@ -1,205 +1,34 @@
-"""The strategy interface every federated method implements, and its registry.
+"""The strategy interface every federated method implements.
 
 A strategy owns the whole method: what the server sends each client (:meth:`Strategy.configure`),
 what the client does with it (:meth:`Strategy.client_update`, run wherever the client runs), how an
 upload is checked (:meth:`Strategy.validate`) and how uploads are combined
-(:meth:`Strategy.aggregate`). Engines only move :class:`Task` and :class:`Update` payloads and call
-these four methods; they contain no aggregation math. Adding a method is one new file with a
-``@register`` class.
+(:meth:`Strategy.aggregate`). Engines only move :class:`~lora_a2.messages.Task` and
+:class:`~lora_a2.messages.Update` payloads and call these four methods; they contain no
+aggregation math. Adding a method is one new file with a ``@register`` class
+(:mod:`.registry`); most methods build on :class:`~.dense.DenseStrategy`. Plugins import all of
+these from :mod:`lora_a2.strategies`.
 """
 
 from __future__ import annotations
 
-import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import numpy as np
-import torch
 from torch import Tensor
 
-from ..adapter import ModelRuntime, ParamLayout
-from ..aggregation import data_weights, weighted_sum
-from ..budgets import resolve as resolve_budgets
-from ..client import EncodedData, ParamGroup, accumulate_gradients, train_local
-from ..config import Config
-from ..errors import UserError
-from ..payload import InvalidPayload, Payload, flatten, unflatten
 from .. import privacy as dp
-from .options import StrategyOptions, option_defaults, resolve_options
-
-REGISTRY: dict[str, type[Strategy]] = {}
-
-
-def register(cls: type[Strategy]) -> type[Strategy]:
-    """Class decorator: make a strategy available by its ``name``."""
-    REGISTRY[cls.name] = cls
-    return cls
-
-
-# ---------------------------------------------------------------------- messages
-@dataclass
-class Task:
-    """What the server sends one client for one round.
-
-    ``config`` is small and JSON-able (it travels in the payload header); ``download`` holds the
-    federated parameters of the groups listed in ``config["send"]``, in layout order.
-    With ``config["rank"] = r`` (heterogeneous-rank methods) only the first r slots of every A
-    (rows) and B (columns) travel; the receiver zero-pads them back to the layout's rank.
-    """
-
-    round: int
-    client_id: int
-    config: dict[str, Any]
-    download: dict[str, Tensor]
-
-    def to_payload(self, layout: ParamLayout) -> Payload:
-        names = layout.group_names(self.config["send"])
-        meta = {"round": self.round, "client": self.client_id, **self.config}
-        rank = self.config.get("rank")
-        tensors = self.download if rank is None else {
-            n: truncate_factor(n, t, rank) for n, t in self.download.items() if n in names}
-        return Payload(values=flatten(tensors, names), meta=meta)
-
-    @classmethod
-    def from_payload(cls, payload: Payload, layout: ParamLayout) -> Task:
-        meta = dict(payload.meta)
-        rnd, client = int(meta.pop("round")), int(meta.pop("client"))
-        names = layout.group_names(meta["send"])
-        rank = meta.get("rank")
-        if rank is None:
-            return cls(rnd, client, meta, unflatten(payload.values, names, layout.shapes(names)))
-        if not isinstance(rank, int) or not 0 <= rank <= layout.rank:
-            raise InvalidPayload(f"task rank {rank!r} outside [0, {layout.rank}]")
-        shapes = [_rank_shape(n, s, rank) for n, s in zip(names, layout.shapes(names))]
-        got = unflatten(payload.values, names, shapes)
-        return cls(rnd, client, meta, {n: pad_factor(n, t, layout.rank) for n, t in got.items()})
+from ..adapter import ParamLayout
+from ..aggregation import data_weights
+from ..budgets import resolve as resolve_budgets
+from ..config import Config
+from ..messages import ServerState, Task, Update
+from .context import ClientContext, client_seed
+from .options import StrategyOptions, resolve_options
+from .registry import other_option_defaults
 
 
-def _rank_shape(name: str, shape: tuple[int, ...], rank: int) -> tuple[int, ...]:
-    if name.endswith(".A"):
-        return (rank, shape[1])
-    if name.endswith(".B"):
-        return (shape[0], rank)
-    return shape
-
-
-def truncate_factor(name: str, t: Tensor, rank: int) -> Tensor:
-    """The first ``rank`` slots of a LoRA factor (rows of ``*.A``, columns of ``*.B``)."""
-    if name.endswith(".A"):
-        return t[:rank]
-    if name.endswith(".B"):
-        return t[:, :rank]
-    return t
-
-
-def pad_factor(name: str, t: Tensor, rank: int) -> Tensor:
-    """Zero-pad a LoRA factor to ``rank`` slots (inverse of :func:`truncate_factor`)."""
-    from ..lowrank import pad_rank
-
-    if name.endswith(".A"):
-        return pad_rank(t, rank, axis=0)
-    if name.endswith(".B"):
-        return pad_rank(t, rank, axis=1)
-    return t
-
-
-@dataclass
-class Update:
-    """What one client uploads: flat values (+ slot ids for sparse uploads) and a few scalars."""
-
-    client_id: int
-    num_examples: int
-    values: Tensor
-    slots: Tensor | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    def to_payload(self) -> Payload:
-        meta = {"client": self.client_id, "num_examples": self.num_examples, **self.meta}
-        return Payload(values=self.values, slots=self.slots, meta=meta)
-
-    @classmethod
-    def from_payload(cls, payload: Payload) -> Update:
-        meta = dict(payload.meta)
-        try:
-            client, n = int(meta.pop("client")), int(meta.pop("num_examples"))
-        except (KeyError, TypeError, ValueError):
-            raise InvalidPayload("upload header lacks an integer 'client' or 'num_examples'") from None
-        if n <= 0:
-            raise InvalidPayload(f"upload claims {n} training examples")
-        return cls(client, n, payload.values, payload.slots, meta)
-
-
-@dataclass
-class ServerState:
-    """The global federated parameters plus whatever else a strategy keeps between rounds."""
-
-    tensors: dict[str, Tensor]
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class ClientContext:
-    """Everything a client needs locally: the shared model, its data, and training options."""
-
-    runtime: ModelRuntime
-    data: EncodedData
-    indices: np.ndarray
-    cfg: Config
-    #: what this client keeps between its rounds (a personalised method's own factors); the
-    #: engine persists it on the client's side (local: in memory and in the checkpoint;
-    #: Flower: the node's ``Context.state``) and never sends it to the server
-    store: dict[str, Tensor] = field(default_factory=dict)
-    #: the shared test set and this client's held-out examples (indices into ``data``; empty
-    #: unless ``data.local_test_fraction`` > 0), for a client that evaluates its own model
-    test_data: EncodedData | None = None
-    local_test: np.ndarray | None = None
-
-    @property
-    def num_examples(self) -> int:
-        return int(len(self.indices))
-
-    def train(self, groups: list[ParamGroup], epochs: int, generator: torch.Generator,
-              masks: dict[str, Tensor] | None = None,
-              regularizer: Callable[[], Tensor] | None = None,
-              max_steps: int | None = None,
-              optimizer_holder: dict[str, Any] | None = None) -> float:
-        t = self.cfg.train
-        return train_local(self.runtime, self.data, self.indices, groups, epochs, t.batch_size,
-                           self.cfg.strategy.weight_decay, generator, masks, t.max_grad_norm,
-                           regularizer, max_steps, optimizer_holder)
-
-    def gradients(self, names: list[str], generator: torch.Generator,
-                  batches: int) -> dict[str, Tensor]:
-        """Mean gradient over ``batches`` of this client's batches at the current state."""
-        return accumulate_gradients(self.runtime, self.data, self.indices, names,
-                                    self.cfg.train.batch_size, generator, batches)
-
-    def steps_per_epoch(self) -> int:
-        """Optimiser steps in one local epoch (batches of ``train.batch_size``)."""
-        return -(-len(self.indices) // self.cfg.train.batch_size)
-
-
-def other_option_defaults(cls: type[Strategy]) -> dict[str, list[Any]]:
-    """Option name → its defaults in the registered strategies other than ``cls`` (see
-    :func:`~.options.resolve_options`)."""
-    out: dict[str, list[Any]] = {}
-    for other in REGISTRY.values():
-        if other is not cls:
-            for k, v in option_defaults(other.Options).items():
-                out.setdefault(k, []).append(v)
-    return out
-
-
-def client_seed(seed: int, rnd: int, client_id: int) -> int:
-    """A seed per (run, round, client): results do not depend on the order clients run in."""
-    digest = hashlib.sha256(f"{seed}/{rnd}/{client_id}".encode()).digest()
-    return int.from_bytes(digest[:4], "little")
-
-
-# ---------------------------------------------------------------------- interface
 class Strategy(ABC):
     """Base class of every federated method (see module docstring)."""
 
@@ -432,110 +261,6 @@ class Strategy(ABC):
         names = self.layout.group_names(send)
         return Task(rnd, client_id, {**self.base_config(rnd, client_id, send), **config},
                     {n: state.tensors[n] for n in names})
-
-
-def check_finite(update: Update) -> None:
-    if not torch.isfinite(update.values).all():
-        raise InvalidPayload("upload contains NaN or Inf values")
-
-
-class DenseStrategy(Strategy):
-    """A method whose clients upload full deltas of fixed parameter groups (FedAvg-style).
-
-    Subclasses say which groups are sent, trained and uploaded; the server adds the
-    data-weighted mean delta, Σ_k w_k Δ_k, to each uploaded parameter.
-    """
-
-    def send_groups(self, rnd: int, client_id: int, state: ServerState) -> list[str]:
-        """Groups downloaded by a client (default: exactly the trained ones)."""
-        return self.train_groups(rnd)
-
-    @abstractmethod
-    def train_groups(self, rnd: int) -> list[str]:
-        """Parameter groups trained in round ``rnd`` (and uploaded, unless
-        :meth:`upload_groups` says otherwise)."""
-
-    def upload_groups(self, rnd: int) -> list[str]:
-        """Parameter groups whose delta is uploaded and averaged in round ``rnd`` (default: the
-        trained ones; a personalised method keeps some trained groups on the client)."""
-        return self.train_groups(rnd)
-
-    def local_regularizer(self, ctx: ClientContext, task: Task,
-                          start: dict[str, Tensor]) -> Callable[[], Tensor] | None:
-        """A term added to every local step's loss (None: plain local training). ``start``
-        holds the trained parameters' values at the start of local training (CPU copies)."""
-        return None
-
-    secure_aggregation = True
-
-    def noise_groups(self, rnd: int) -> list[str]:
-        return self.upload_groups(rnd)
-
-    def secure_vector(self, task: Task, update: Update) -> Tensor:
-        return update.values  # already the dense delta of the trained groups
-
-    def aggregate_secure(self, rnd: int, state: ServerState, mean: Tensor
-                         ) -> tuple[ServerState, dict[str, Any]]:
-        assert self.layout is not None
-        names = self.layout.group_names(self.upload_groups(rnd))
-        delta = unflatten(mean.to(torch.float32), names, self.layout.shapes(names))
-        tensors = dict(state.tensors)
-        for n in names:
-            tensors[n] = state.tensors[n] + delta[n]
-        return ServerState(tensors, state.extra), {}
-
-    def configure(self, rnd: int, client_id: int, state: ServerState) -> Task:
-        train, upload = self.train_groups(rnd), self.upload_groups(rnd)
-        return self.make_task(rnd, client_id, state, self.send_groups(rnd, client_id, state),
-                              train=train, **({"upload": upload} if upload != train else {}))
-
-    def trained(self, task: Task) -> list[str]:
-        """The groups ``task`` trains: its ``train`` entry, else the strategy's rule."""
-        return task.config.get("train", self.train_groups(task.round))
-
-    def uploaded(self, task: Task) -> list[str]:
-        """The groups whose delta ``task`` uploads: its ``upload`` entry, else what it trains
-        when it says that, else the strategy's rule (a task need not carry the lists: both
-        sides run the same strategy)."""
-        if "upload" in task.config:
-            return task.config["upload"]
-        return task.config["train"] if "train" in task.config else self.upload_groups(task.round)
-
-    def client_update(self, ctx: ClientContext, task: Task) -> Update:
-        assert self.layout is not None
-        ctx.runtime.load(task.download)
-        names = self.layout.group_names(self.trained(task))
-        up = self.layout.group_names(self.uploaded(task))
-        before = ctx.runtime.snapshot(names)
-        gen = torch.Generator().manual_seed(task.config["seed"])
-        torch.manual_seed(task.config["seed"])
-        groups = [ParamGroup(self.layout.names(g), self.lr_of(g)) for g in self.trained(task)]
-        loss = ctx.train(groups, self.cfg.train.local_epochs, gen,
-                         regularizer=self.local_regularizer(ctx, task, before))
-        after = ctx.runtime.snapshot(up)
-        delta = {n: after[n] - before[n] for n in up}
-        return Update(task.client_id, ctx.num_examples, flatten(delta, up), meta={"loss": loss})
-
-    def validate(self, task: Task, update: Update) -> None:
-        assert self.layout is not None
-        expected = self.layout.size(self.uploaded(task))
-        if update.slots is not None:
-            raise InvalidPayload("dense upload must not carry slot indices")
-        if update.values.numel() != expected:
-            raise InvalidPayload(f"expected {expected} values, got {update.values.numel()}")
-        check_finite(update)
-
-    def aggregate(self, rnd: int, state: ServerState, replies: list[tuple[Task, Update]],
-                  weights: Sequence[float] | None = None) -> tuple[ServerState, dict[str, Any]]:
-        assert self.layout is not None
-        names = self.layout.group_names(self.uploaded(replies[0][0]))
-        shapes = self.layout.shapes(names)
-        weights = self.round_weights(replies, weights)
-        deltas = [unflatten(u.values, names, shapes) for _, u in replies]
-        tensors = dict(state.tensors)
-        for n in names:
-            tensors[n] = state.tensors[n] + weighted_sum([d[n] for d in deltas], weights)
-        return ServerState(tensors, state.extra), {}
 
 
 StrategyFactory = Callable[[Config], Strategy]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .base import DenseStrategy, register
+from .dense import DenseStrategy
+from .registry import register
 
 
 @register

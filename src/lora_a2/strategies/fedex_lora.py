@@ -38,7 +38,10 @@ from torch import Tensor
 
 from ..lowrank import exact_residual
 from ..payload import unflatten
-from .base import ClientContext, DenseStrategy, ServerState, Task, Update, register
+from ..messages import ServerState, Task, Update
+from .context import ClientContext
+from .dense import DenseStrategy
+from .registry import register
 from .fl_lora import uniform_rank
 
 

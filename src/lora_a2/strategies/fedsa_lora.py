@@ -41,7 +41,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import ClientContext, DenseStrategy, ServerState, Task, Update, register
+from ..messages import ServerState, Task, Update
+from .context import ClientContext
+from .dense import DenseStrategy
+from .registry import register
 from .fl_lora import uniform_rank
 
 

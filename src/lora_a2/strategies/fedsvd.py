@@ -29,7 +29,9 @@ from __future__ import annotations
 from typing import Any
 
 from ..lowrank import orthonormal_refactor
-from .base import DenseStrategy, ServerState, register
+from ..messages import ServerState
+from .dense import DenseStrategy
+from .registry import register
 from .fl_lora import uniform_rank
 
 

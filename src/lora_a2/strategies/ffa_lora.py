@@ -5,7 +5,9 @@ Aggregation is exact (Σ_k w_k B_k A = (Σ_k w_k B_k) A) but only half the adapt
 
 from __future__ import annotations
 
-from .base import DenseStrategy, ServerState, register
+from ..messages import ServerState
+from .dense import DenseStrategy
+from .registry import register
 from .fl_lora import uniform_rank
 
 

@@ -7,7 +7,8 @@ the *discordance* LoRA-A2 removes. Kept exactly as the baseline does it.
 from __future__ import annotations
 
 from ..errors import UserError
-from .base import DenseStrategy, register
+from .dense import DenseStrategy
+from .registry import register
 
 
 def uniform_rank(strategy: DenseStrategy) -> int:

@@ -24,7 +24,9 @@ from typing import Any
 from torch import Tensor
 
 from ..lowrank import SvdResult, pad_rank, truncated_svd, weighted_product_sum
-from .base import ClientContext, ServerState, Task, Update, register
+from ..messages import ServerState, Task, Update
+from .context import ClientContext
+from .registry import register
 from .hetero import HeteroRankStrategy
 
 

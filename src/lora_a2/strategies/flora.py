@@ -29,7 +29,9 @@ from typing import Any
 import torch
 
 from ..lowrank import stack_lora
-from .base import ClientContext, ServerState, Task, Update, register
+from ..messages import ServerState, Task, Update
+from .context import ClientContext
+from .registry import register
 from .hetero import HeteroRankStrategy
 
 #: LoRA scaling of every FLoRA client and of the stacked adapter (α_k = 2 r_k).

@@ -28,7 +28,10 @@ from ..aggregation import weighted_sum
 from ..client import ParamGroup
 from .. import privacy as dp
 from ..payload import InvalidPayload, flatten, unflatten
-from .base import ClientContext, ServerState, Strategy, Task, Update, check_finite, truncate_factor
+from ..messages import ServerState, Task, Update, truncate_factor
+from .base import Strategy
+from .context import ClientContext
+from .dense import check_finite
 
 
 class HeteroRankStrategy(Strategy):

@@ -44,7 +44,9 @@ from torch import Tensor
 
 from ..lowrank import norm_weights, pad_and_average, product_norm, prune_decision, pruned_rank
 from ..payload import InvalidPayload
-from .base import ClientContext, ServerState, Task, Update, register
+from ..messages import ServerState, Task, Update
+from .context import ClientContext
+from .registry import register
 from .hetero import HeteroRankStrategy
 from .options import StrategyOptions
 

@@ -28,7 +28,11 @@ from ..payload import InvalidPayload, flatten, unflatten
 from ..selection import (SLOT_SCORES, factor_mask, gather_slots, scatter_slots, select_top_k,
                          selection_from_ids, slot_ids, slot_scores, slot_size)
 from ..config import Config
-from .base import ClientContext, ServerState, Strategy, Task, Update, check_finite, register
+from ..messages import ServerState, Task, Update
+from .base import Strategy
+from .context import ClientContext
+from .dense import check_finite
+from .registry import register
 from .options import StrategyOptions
 
 PROBES = ("full", "reuse", "gradient")

@@ -20,7 +20,9 @@ averages them):
 
 from __future__ import annotations
 
-from .base import DenseStrategy, ServerState, register
+from ..messages import ServerState
+from .dense import DenseStrategy
+from .registry import register
 from .fl_lora import uniform_rank
 
 
