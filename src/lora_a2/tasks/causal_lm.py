@@ -38,7 +38,7 @@ from ..data.instructions import (
     InstructionDataset,
     load_instructions,
 )
-from ..data.datasets import count_skip
+from ..data.readers import count_skip
 from ..errors import UserError
 from ..models import is_causal_lm_folder, load_causal_lm
 from .base import LearningTask, register_task

