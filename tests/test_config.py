@@ -235,3 +235,9 @@ def test_a_resolved_config_can_switch_strategy(tmp_path):
 ])
 def test_strategy_options_are_checked_by_their_strategy(capsys, sets, needle):
     assert_config_error(capsys, sets, needle)
+
+
+@pytest.mark.parametrize("name", ["lora-a2", "fedavg"])
+def test_a_reference_without_a_fixed_upload_is_one_line(capsys, name):
+    """report.references names strategies whose upload the model alone fixes."""
+    assert_config_error(capsys, [f"report.references=['{name}']"], "report.references")

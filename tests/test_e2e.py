@@ -49,6 +49,20 @@ def test_outputs_and_metrics_fields(tmp_path, synthetic_csv):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["total_upload_bytes"] == sum(r["upload_bytes"] for r in records)
     assert 0 < summary["upload_fraction_of_fedavg_full"] < 1
+    # the references (report.references), recomputed from the exported adapter: FL+LoRA at
+    # each client's budget (2) sends r·(d_in + d_out) per module plus the trained head
+    from safetensors.torch import load_file
+    weights = load_file(out / "adapter" / "adapter_model.safetensors")
+    per_rank = sum(t.shape[1] for n, t in weights.items() if "lora_A" in n) + sum(
+        t.shape[0] for n, t in weights.items() if "lora_B" in n)
+    head = sum(t.numel() for n, t in weights.items() if "lora_" not in n)
+    assert per_rank > 0 and head > 0
+    accepted = sum(r["num_replies"] for r in records)
+    assert summary["fl_lora_upload_params"] == accepted * (2 * per_rank + head)
+    assert summary["upload_fraction_of_fl_lora"] == pytest.approx(
+        summary["total_upload_params"] / summary["fl_lora_upload_params"])
+    assert summary["fedavg_full_upload_params"] % accepted == 0
+    assert summary["fedavg_full_upload_bytes"] == 4 * summary["fedavg_full_upload_params"]
     # what ran it: the package version, the commit of this checkout, precision, noise source
     import subprocess
     from importlib import metadata

@@ -30,6 +30,7 @@ from .private import PrivateStrategy
 from .privacy import round_record
 from .report import MetricsWriter, atomic_write_text, read_metrics, truncate_metrics
 from .reporters import RunStart, build_reporters
+from .strategies import REGISTRY
 
 
 def prepare_out_dir(out: Path, overwrite: bool) -> Path:
@@ -44,12 +45,6 @@ def prepare_out_dir(out: Path, overwrite: bool) -> Path:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     return out
-
-
-def fedavg_full_params(exp: Experiment) -> int:
-    """Parameters one client would upload per round under ``fedavg-full`` (the whole model)."""
-    return sum(p.numel() for n, p in exp.runtime.model.named_parameters()
-               if "lora_" not in n and "modules_to_save" not in n)
 
 
 def resume_config(out: Path) -> Config:
@@ -189,8 +184,6 @@ def summarize(exp: Experiment, records: list[dict[str, Any]], initial: dict[str,
     cfg = exp.cfg
     failed = sum(r.get("status") == "failed" for r in records)
     client_rounds = sum(r["num_replies"] for r in records)
-    full = fedavg_full_params(exp)
-    fl_lora = fl_lora_params(exp, records)
 
     def total(key: str) -> Any:
         """Σ of a per-round figure; None when the release withheld it (central DP)."""
@@ -199,8 +192,6 @@ def summarize(exp: Experiment, records: list[dict[str, Any]], initial: dict[str,
         return sum(r[key] for r in records)
 
     total_up_params = total("upload_params")
-    # One float32 per value; the safetensors header adds ~100 bytes per message on top.
-    full_bytes = full * 4 * client_rounds
     return {
         "task": exp.task.name,
         "metric": exp.task.metric,
@@ -229,14 +220,7 @@ def summarize(exp: Experiment, records: list[dict[str, Any]], initial: dict[str,
         "rejected_updates": sum(r["rejected"] for r in records),
         "dropped_clients": sum(len(r.get("dropped", [])) for r in records),
         "failed_rounds": failed,
-        "fedavg_full_params_per_client_round": full,
-        "fedavg_full_upload_params": full * client_rounds,
-        "fedavg_full_upload_bytes": full_bytes,
-        "upload_fraction_of_fedavg_full": None if total_up_params is None
-        else total_up_params / max(full * client_rounds, 1),
-        "fl_lora_upload_params": fl_lora,
-        "upload_fraction_of_fl_lora": None if total_up_params is None
-        else total_up_params / max(fl_lora, 1),
+        **reference_uploads(exp, records),
         "train_examples": len(exp.train),
         "test_examples": len(exp.test),
         "data_rows": exp.train.stats,  # rows read, kept, skipped (with the reason), shortened
@@ -358,15 +342,24 @@ class ReleaseLedger:
         return sum(max(0, n - 1) for r, n in self.attempts.items() if int(r) <= rnd)
 
 
-def fl_lora_params(exp: Experiment, records: list[dict[str, Any]]) -> int:
-    """Values ``fl-lora`` would upload on the same schedule with each client at the same rank
-    as its budget here: r_k · Σ_m (d_in + d_out) per accepted client-round (+ a trained head)."""
-    layout = exp.runtime.layout
-    per_rank = sum(m.d_in + m.d_out for m in layout.modules)
-    head = layout.size(["head"]) if layout.head else 0
-    budgets = exp.strategy.budgets
-    return sum(budgets[c["client"]] * per_rank + head for r in records for c in r["per_client"]
-               if c.get("num_examples") and not c.get("rejected"))
+def reference_uploads(exp: Experiment, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The summary's upload comparisons (``report.references``): what each reference strategy
+    would upload for the client-rounds this run accepted, each client at its own rank budget
+    (its declared :meth:`~lora_a2.strategies.Strategy.reference_upload_values`; one float32,
+    4 bytes, per value — the payload header adds ~100 bytes per message on top)."""
+    budgets, layout, model = exp.strategy.budgets, exp.runtime.layout, exp.runtime.model
+    accepted = [c["client"] for r in records for c in r["per_client"]
+                if c.get("num_examples") and not c.get("rejected")]
+    mine = None if any("upload_params" not in r for r in records) else sum(
+        r["upload_params"] for r in records)
+    out: dict[str, Any] = {}
+    for name in exp.cfg.report.references:
+        cls, key = REGISTRY[name], name.replace("-", "_")
+        values = sum(cls.reference_upload_values(model, layout, budgets[c]) for c in accepted)
+        out[f"{key}_upload_params"] = values
+        out[f"{key}_upload_bytes"] = 4 * values
+        out[f"upload_fraction_of_{key}"] = None if mine is None else mine / max(values, 1)
+    return out
 
 
 def write_partition(exp: Experiment, out: Path) -> None:

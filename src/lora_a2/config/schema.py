@@ -262,6 +262,11 @@ class ReportConfig:
     """`mlflow`: the tracking store; empty = `sqlite:///DIR/mlflow.db` inside the run folder."""
     mlflow_experiment: str = "lora-a2"
     """`mlflow`: the experiment the run is logged under."""
+    references: list[str] = field(default_factory=lambda: ["fedavg-full", "fl-lora"])
+    """Strategies whose upload on the same schedule the summary reports beside this run's
+    (`NAME_upload_params`, `NAME_upload_bytes`, `upload_fraction_of_NAME`, with `-` written
+    `_`): each client-round this run accepted, at that client's rank budget. Any strategy that
+    declares a fixed upload size (`Strategy.reference_upload_values`) may be named."""
 
 
 #: options of built-in strategies that were keys of the ``strategy`` table before the typed

@@ -116,7 +116,8 @@ def get_strategy(cfg: Config) -> Strategy:
 
 def check_config(cfg: Config) -> None:
     """The config checks that need the strategy registry (one-line :class:`UserError`): the
-    name (with a plugin's failure reason or the nearest name), its options, the task, SecAgg+."""
+    name (with a plugin's failure reason or the nearest name), its options, the task, SecAgg+,
+    the summary's reference strategies."""
     s = cfg.strategy
     names = strategy_names()
     if s.name not in names and plugin_error_for(s.name):
@@ -135,6 +136,11 @@ def check_config(cfg: Config) -> None:
         raise UserError(f"config key 'secagg.enabled' strategy '{s.name}' cannot be securely "
                         f"aggregated (its aggregate is not a weighted sum of one dense vector "
                         f"per client), got True")
+    for ref in cfg.report.references:
+        if ref not in names or not REGISTRY[ref].has_reference_upload():
+            fixed = [n for n in names if REGISTRY[n].has_reference_upload()]
+            raise UserError(f"config key 'report.references' entries must be strategies with a "
+                            f"fixed upload size ({', '.join(fixed)}), got {ref!r}")
     resolved = resolve_task_name(cfg)
     if cls.tasks is not None and resolved not in cls.tasks:
         raise UserError(f"config key 'strategy.name' strategy '{s.name}' supports task "

@@ -16,7 +16,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import privacy as dp
 from ..adapter import ParamLayout
@@ -87,6 +87,20 @@ class Strategy(ABC):
             return "its aggregate is not linear in the uploads, so noise on the sum would not " \
                    "cover what it releases"
         return None
+
+    @classmethod
+    def reference_upload_values(cls, model: nn.Module, layout: ParamLayout,
+                                budget: int) -> int | None:
+        """Values one client of rank budget ``budget`` uploads in one round under this
+        method, when the model alone fixes that number (so other runs' summaries can compare
+        against it, ``report.references``); None (the default) when it depends on the run."""
+        return None
+
+    @classmethod
+    def has_reference_upload(cls) -> bool:
+        """Whether :meth:`reference_upload_values` is overridden (may be named in
+        ``report.references``)."""
+        return cls.reference_upload_values.__func__ is not Strategy.reference_upload_values.__func__
 
     # -- set-up ---------------------------------------------------------------
     def lora_rank(self) -> int | None:

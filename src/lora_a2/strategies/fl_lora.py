@@ -6,6 +6,9 @@ the *discordance* LoRA-A2 removes. Kept exactly as the baseline does it.
 
 from __future__ import annotations
 
+from torch import nn
+
+from ..adapter import ParamLayout
 from ..errors import UserError
 from .dense import DenseStrategy
 from .registry import register
@@ -26,6 +29,12 @@ class FlLora(DenseStrategy):
 
     name = "fl-lora"
     central_dp = True
+
+    @classmethod
+    def reference_upload_values(cls, model: nn.Module, layout: ParamLayout, budget: int) -> int:
+        """ΔA and ΔB at rank ``budget``: r_k · Σ_m (d_in + d_out), plus a trained head."""
+        head = layout.size(["head"]) if layout.head else 0
+        return budget * sum(m.d_in + m.d_out for m in layout.modules) + head
 
     def lora_rank(self) -> int:
         return uniform_rank(self)
