@@ -60,66 +60,85 @@ class ParamGroup:
     lr: float
 
 
+class LocalTrainer:
+    """One client's local optimiser over some parameter groups: an AdamW built once (per-group
+    learning rates), kept across :meth:`run` calls of this trainer only — optimiser state never
+    leaks between clients or rounds, since every trainer is new.
+
+    A strategy that trains twice in one round and wants the second pass to continue the
+    first's moments (LoRA-A2's kept probe optimiser) calls :meth:`run` twice on one trainer;
+    anything else uses :func:`train_local`, a fresh trainer per call.
+    """
+
+    def __init__(self, runtime: ModelRuntime, groups: list[ParamGroup], weight_decay: float,
+                 max_grad_norm: float = 0.0) -> None:
+        self.runtime = runtime
+        self.params = {n: runtime.params[n] for g in groups for n in g.names}
+        self.max_grad_norm = max_grad_norm
+        self.opt = torch.optim.AdamW(
+            [{"params": [self.params[n] for n in g.names], "lr": g.lr} for g in groups
+             if g.names], weight_decay=weight_decay)
+
+    def run(self, data: EncodedData, indices: np.ndarray, epochs: int, batch_size: int,
+            generator: torch.Generator, masks: dict[str, Tensor] | None = None,
+            regularizer: Callable[[], Tensor] | None = None,
+            max_steps: int | None = None) -> float:
+        """Train for ``epochs`` passes over ``indices``; return the mean loss.
+
+        ``masks[name]`` is a boolean tensor broadcastable to the parameter: True where the entry
+        may change. Masked entries keep exactly the value they had when this call started.
+        ``regularizer()``, when given, is added to each step's loss (HetLoRA's self-pruning
+        term); the returned mean loss is the task's loss alone. ``max_steps`` stops after that
+        many optimiser steps (a shortened pass); the epochs' shuffles are drawn as usual.
+        """
+        runtime, params, opt = self.runtime, self.params, self.opt
+        model = runtime.model
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in params.values():
+            p.requires_grad_(True)
+        masks = masks or {}
+        frozen = {n: (m.to(params[n].device), params[n].detach().clone())
+                  for n, m in masks.items()}
+        idx_all = torch.as_tensor(np.asarray(indices), dtype=torch.long)
+        model.train()
+        losses: list[float] = []
+        for _ in range(epochs):
+            order = idx_all[torch.randperm(len(idx_all), generator=generator)]
+            for start in range(0, len(order), batch_size):
+                if max_steps is not None and len(losses) >= max_steps:
+                    break
+                loss = runtime.task.loss(model, batch_of(data, order[start:start + batch_size],
+                                                         runtime.device))
+                opt.zero_grad(set_to_none=True)
+                (loss + regularizer() if regularizer is not None else loss).backward()
+                for n, (mask, _) in frozen.items():
+                    if params[n].grad is not None:
+                        params[n].grad.mul_(mask)
+                if self.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(list(params.values()), self.max_grad_norm)
+                opt.step()
+                with torch.no_grad():
+                    for n, (mask, ref) in frozen.items():
+                        params[n].copy_(torch.where(mask, params[n], ref))
+                losses.append(float(loss.detach()))
+        for p in params.values():
+            p.requires_grad_(False)
+        model.eval()
+        return float(np.mean(losses)) if losses else float("nan")
+
+
 def train_local(runtime: ModelRuntime, data: EncodedData, indices: np.ndarray,
                 groups: list[ParamGroup], epochs: int, batch_size: int, weight_decay: float,
                 generator: torch.Generator, masks: dict[str, Tensor] | None = None,
                 max_grad_norm: float = 0.0,
                 regularizer: Callable[[], Tensor] | None = None,
-                max_steps: int | None = None,
-                optimizer_holder: dict[str, Any] | None = None) -> float:
-    """Train the named parameters for ``epochs`` passes over ``indices``; return the mean loss.
-
-    ``masks[name]`` is a boolean tensor broadcastable to the parameter: True where the entry may
-    change. Masked entries keep exactly the value they had when this call started.
-    A fresh AdamW each call: optimiser state never leaks between clients or rounds.
-    ``regularizer()``, when given, is added to each step's loss (HetLoRA's self-pruning term);
-    the returned mean loss is the task's loss alone. ``max_steps`` stops after that many
-    optimiser steps (LoRA-A2's shortened probe); the epochs' shuffles are drawn as usual.
-    ``optimizer_holder``: a dict that keeps the AdamW between calls of one client's round (its
-    ``"optimizer"`` entry is reused when present, stored when not) — LoRA-A2's reused probe
-    continues with the probe's moments; never shared between clients.
-    """
-    model = runtime.model
-    params = {n: runtime.params[n] for g in groups for n in g.names}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in params.values():
-        p.requires_grad_(True)
-    opt = (optimizer_holder or {}).get("optimizer")
-    if opt is None:
-        opt = torch.optim.AdamW(
-            [{"params": [params[n] for n in g.names], "lr": g.lr} for g in groups if g.names],
-            weight_decay=weight_decay)
-        if optimizer_holder is not None:
-            optimizer_holder["optimizer"] = opt
-    masks = masks or {}
-    frozen = {n: (m.to(params[n].device), params[n].detach().clone()) for n, m in masks.items()}
-    idx_all = torch.as_tensor(np.asarray(indices), dtype=torch.long)
-    model.train()
-    losses: list[float] = []
-    for _ in range(epochs):
-        order = idx_all[torch.randperm(len(idx_all), generator=generator)]
-        for start in range(0, len(order), batch_size):
-            if max_steps is not None and len(losses) >= max_steps:
-                break
-            loss = runtime.task.loss(model, batch_of(data, order[start:start + batch_size],
-                                                     runtime.device))
-            opt.zero_grad(set_to_none=True)
-            (loss + regularizer() if regularizer is not None else loss).backward()
-            for n, (mask, _) in frozen.items():
-                if params[n].grad is not None:
-                    params[n].grad.mul_(mask)
-            if max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(list(params.values()), max_grad_norm)
-            opt.step()
-            with torch.no_grad():
-                for n, (mask, ref) in frozen.items():
-                    params[n].copy_(torch.where(mask, params[n], ref))
-            losses.append(float(loss.detach()))
-    for p in params.values():
-        p.requires_grad_(False)
-    model.eval()
-    return float(np.mean(losses)) if losses else float("nan")
+                max_steps: int | None = None) -> float:
+    """Train the named parameters with a fresh AdamW (a new :class:`LocalTrainer`); see
+    :meth:`LocalTrainer.run` for the arguments. Returns the mean loss."""
+    trainer = LocalTrainer(runtime, groups, weight_decay, max_grad_norm)
+    return trainer.run(data, indices, epochs, batch_size, generator, masks, regularizer,
+                       max_steps)
 
 
 def accumulate_gradients(runtime: ModelRuntime, data: EncodedData, indices: np.ndarray,

@@ -6,14 +6,14 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ..adapter import ModelRuntime
-from ..client import EncodedData, ParamGroup, accumulate_gradients, train_local
+from ..client import (EncodedData, LocalTrainer, ParamGroup, accumulate_gradients,
+                      train_local)
 from ..config import Config
 
 
@@ -41,12 +41,22 @@ class ClientContext:
     def train(self, groups: list[ParamGroup], epochs: int, generator: torch.Generator,
               masks: dict[str, Tensor] | None = None,
               regularizer: Callable[[], Tensor] | None = None,
-              max_steps: int | None = None,
-              optimizer_holder: dict[str, Any] | None = None) -> float:
+              max_steps: int | None = None, trainer: LocalTrainer | None = None) -> float:
+        """Local training on this client's examples (:meth:`LocalTrainer.run`): with a fresh
+        optimiser, or continuing ``trainer``'s (from :meth:`trainer`)."""
         t = self.cfg.train
-        return train_local(self.runtime, self.data, self.indices, groups, epochs, t.batch_size,
-                           self.cfg.strategy.weight_decay, generator, masks, t.max_grad_norm,
-                           regularizer, max_steps, optimizer_holder)
+        if trainer is None:
+            return train_local(self.runtime, self.data, self.indices, groups, epochs,
+                               t.batch_size, self.cfg.strategy.weight_decay, generator, masks,
+                               t.max_grad_norm, regularizer, max_steps)
+        return trainer.run(self.data, self.indices, epochs, t.batch_size, generator, masks,
+                           regularizer, max_steps)
+
+    def trainer(self, groups: list[ParamGroup]) -> LocalTrainer:
+        """An optimiser over ``groups`` that a strategy keeps across its :meth:`train` calls
+        of one round."""
+        return LocalTrainer(self.runtime, groups, self.cfg.strategy.weight_decay,
+                            self.cfg.train.max_grad_norm)
 
     def gradients(self, names: list[str], generator: torch.Generator,
                   batches: int) -> dict[str, Tensor]:

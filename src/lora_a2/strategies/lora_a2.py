@@ -136,7 +136,8 @@ class LoraA2(Strategy):
         frozen = [task.download[n] for n in layout.names(frozen_factor)]
         k = task.config["budget"] * layout.num_modules
         epochs_left = self.cfg.train.local_epochs
-        holder: dict[str, Any] | None = {} if st.probe_optimizer == "kept" else None
+        # a kept probe optimiser: the training after a reused probe continues its moments
+        kept = ctx.trainer(groups) if st.probe_optimizer == "kept" else None
         loss = float("nan")
 
         # (a)–(c): score the slots and pick one global top-(r_k · N) — or reuse the client's
@@ -153,8 +154,7 @@ class LoraA2(Strategy):
                     probe_steps = max(1, math.ceil(st.probe_fraction * st.probe_epochs
                                                    * ctx.steps_per_epoch()))
                 epochs = st.probe_epochs if st.probe == "full" else 1
-                loss = ctx.train(groups, epochs, gen, max_steps=probe_steps,
-                                 optimizer_holder=holder)
+                loss = ctx.train(groups, epochs, gen, max_steps=probe_steps, trainer=kept)
                 probe = ctx.runtime.snapshot(active)
                 scores = slot_scores(factor, [probe[n] - glob[n] for n in active], frozen,
                                      kind=st.slot_score)
@@ -172,9 +172,9 @@ class LoraA2(Strategy):
             # the head trained in the probe epoch too: it keeps that progress
         else:
             ctx.runtime.load(glob)
-            holder = None  # a fresh optimiser for training from the global state
+            kept = None  # a fresh optimiser for training from the global state
         if epochs_left > 0:
-            loss = ctx.train(groups, epochs_left, gen, masks=masks, optimizer_holder=holder)
+            loss = ctx.train(groups, epochs_left, gen, masks=masks, trainer=kept)
 
         final = ctx.runtime.snapshot(active + head)
         values = gather_slots(factor, [final[n] - glob[n] for n in active], selected)
