@@ -13,6 +13,12 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+#: the tiny run every end-to-end test starts from (a random BERT, 4 clients, 3 rounds); a test
+#: adds its own ``--set`` items after these (a later item wins)
+TINY = ["model.name=tiny-random-bert", "data.num_clients=4", "train.rounds=3",
+        "model.head=trained", "strategy.global_rank=4", "strategy.rank_budget=2",
+        "model.max_length=24", "data.partition=dirichlet", "data.alpha=0.5", "engine.threads=1"]
+
 WORDS = [["apple", "banana", "cherry", "grape"], ["dog", "cat", "mouse", "horse"],
          ["red", "blue", "green", "yellow"]]
 
@@ -67,3 +73,19 @@ def assert_config_error(capsys, sets: list[str], needle: str) -> None:
     assert main(["config", "--set", *sets]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err, err
+
+
+def run_cli(out, *sets: str, data=None, base: list[str] | None = None, code: int = 0,
+            args: tuple[str, ...] = ()):
+    """``lora-a2 run --quiet --out OUT [--set data.name=DATA] --set ITEM …`` in this
+    process, with the items of ``base`` (default :data:`TINY`) before ``sets``; asserts the
+    exit code and returns ``out``."""
+    from lora_a2.cli import main
+
+    argv = ["run", "--quiet", "--out", str(out), *args]
+    if data is not None:  # a path is a CSV file; a string is a data.name as written
+        argv += ["--set", f"data.name={data}" if isinstance(data, str) else f"data.name=csv:{data}"]
+    for item in [*(TINY if base is None else base), *sets]:
+        argv += ["--set", item]
+    assert main(argv) == code
+    return out

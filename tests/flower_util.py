@@ -8,23 +8,19 @@ from pathlib import Path
 
 import pytest
 
-from lora_a2.cli import main
+from conftest import TINY as TINY_RUN
+from conftest import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-TINY = ["model.name=tiny-random-bert", "model.head=trained", "strategy.global_rank=4",
-        "strategy.rank_budget=2", "model.max_length=24", "data.partition=dirichlet",
-        "data.alpha=0.5", "engine.threads=1"]
+# the shared tiny run; every Flower test sets its own client and round counts
+TINY = [s for s in TINY_RUN if not s.startswith(("data.num_clients=", "train.rounds="))]
 SAME = ("round", "active_factor", "clients", "num_replies", "status", "dropped", "upload_bytes",
         "download_bytes", "upload_params", "download_params", "upload_slot_ids", "rejected")
 
 
 def run(out: Path, data: Path, sets: list[str]) -> Path:
-    args = ["run", "--quiet", "--out", str(out), "--set", f"data.name=csv:{data}"]
-    for s in TINY + sets:
-        args += ["--set", s]
-    assert main(args) == 0
-    return out
+    return run_cli(out, *sets, data=data, base=TINY)
 
 
 def assert_same_run(local: list[dict], flower: list[dict], tol: float = 1e-4) -> None:

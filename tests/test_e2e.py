@@ -13,18 +13,10 @@ from lora_a2.cli import main
 from lora_a2.engines.local import sample_clients
 from lora_a2.report import read_metrics
 
-TINY = ["model.name=tiny-random-bert", "data.num_clients=4", "train.rounds=3",
-        "model.head=trained", "strategy.global_rank=4", "strategy.rank_budget=2",
-        "model.max_length=24", "data.partition=dirichlet", "data.alpha=0.5"]
-
+from conftest import TINY, run_cli
 
 def run(tmp_path, name, sets, data):
-    out = tmp_path / name
-    args = ["run", "--quiet", "--out", str(out), "--set", f"data.name=csv:{data}"]
-    for s in sets:
-        args += ["--set", s]
-    assert main(args) == 0
-    return out
+    return run_cli(tmp_path / name, *sets, data=data, base=[])
 
 
 def _strip_times(records):

@@ -13,10 +13,10 @@ import pytest
 import lora_a2
 from lora_a2.cli import main
 
+from conftest import TINY as TINY_RUN
+
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model.name=tiny-random-bert", "strategy.global_rank=4", "strategy.rank_budget=2",
-        "model.max_length=24", "data.alpha=0.5", "engine.threads=1", "data.num_clients=3",
-        "train.rounds=2"]
+TINY = [*TINY_RUN, "data.num_clients=3", "train.rounds=2"]
 
 
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -21,7 +21,7 @@ from lora_a2.report import read_metrics
 from lora_a2.selection import selection_from_ids
 from lora_a2.strategies import Task, Update
 
-from conftest import assert_config_error, tiny_setup
+from conftest import TINY, assert_config_error, run_cli, tiny_setup
 
 ALL = ["lora-a2", "fl-lora", "ffa-lora", "flexlora", "hetlora", "flora", "fedavg-full",
        "rolora", "fedsa-lora", "fedex-lora", "fedsvd"]
@@ -259,17 +259,8 @@ def test_calibrated_noise_reaches_target_epsilon(mechanism, mode, cpr, target):
 
 
 # ---------------------------------------------------------------------- end to end
-TINY = ["model.name=tiny-random-bert", "data.num_clients=4", "train.rounds=3", "model.head=trained",
-        "strategy.global_rank=4", "strategy.rank_budget=2", "model.max_length=24"]
-
-
 def _run(tmp_path, name, data, *sets):
-    out = tmp_path / name
-    args = ["run", "--quiet", "--out", str(out), "--set", f"data.name=csv:{data}"]
-    for item in TINY + list(sets):
-        args += ["--set", item]
-    assert main(args) == 0
-    return out
+    return run_cli(tmp_path / name, *sets, data=data)
 
 
 def _strip(records):

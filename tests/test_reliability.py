@@ -25,8 +25,11 @@ from lora_a2.report import read_metrics
 from lora_a2.strategies import ClientContext, Update
 from lora_a2.validation import UploadLimits, receive_upload
 
-TINY = ["model.name=tiny-random-bert", "data.num_clients=4", "model.head=trained",
-        "strategy.global_rank=4", "strategy.rank_budget=2", "model.max_length=24"]
+from conftest import TINY as TINY_RUN
+from conftest import run_cli
+
+# the shared tiny run, without its round count (each test sets its own)
+TINY = [s for s in TINY_RUN if not s.startswith("train.rounds=")]
 
 
 def tiny_exp(csv, *sets):
@@ -154,12 +157,8 @@ def test_too_few_replies_fail_the_round_and_keep_the_state(synthetic_csv):
 
 
 def test_run_with_dropouts_completes(tmp_path, synthetic_csv):
-    out = tmp_path / "d"
-    args = ["run", "--quiet", "--out", str(out), "--set", f"data.name=csv:{synthetic_csv}",
-            "--set", "train.dropout=0.5", "--set", "train.rounds=3"]
-    for s in TINY:
-        args += ["--set", s]
-    assert main(args) == 0
+    out = run_cli(tmp_path / "d", "train.dropout=0.5", "train.rounds=3", data=synthetic_csv,
+                  base=TINY)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dropped_clients"] > 0
 
@@ -275,10 +274,7 @@ def test_a_round_written_twice_is_kept_once_on_resume(tmp_path, synthetic_csv):
     (["data.num_clients=500"], "clients"),
 ])
 def test_bad_input_one_line_exit_2(tmp_path, synthetic_csv, capsys, sets, needle):
-    args = ["run", "--quiet", "--out", str(tmp_path / "o")]
-    for s in TINY + [f"data.name=csv:{synthetic_csv}"] + sets:
-        args += ["--set", s]
-    assert main(args) == 2
+    run_cli(tmp_path / "o", *sets, data=synthetic_csv, base=TINY, code=2)
     err = capsys.readouterr().err.strip()
     assert needle in err and err.count("\n") == 0, err
 
@@ -292,10 +288,7 @@ def test_bad_input_one_line_exit_2(tmp_path, synthetic_csv, capsys, sets, needle
 def test_bad_data_files(tmp_path, capsys, content, needle):
     bad = tmp_path / "bad.csv"
     bad.write_bytes(content)
-    args = ["run", "--quiet", "--out", str(tmp_path / "o"), "--set", f"data.name=csv:{bad}"]
-    for s in TINY:
-        args += ["--set", s]
-    assert main(args) == 2
+    run_cli(tmp_path / "o", data=bad, base=TINY, code=2)
     err = capsys.readouterr().err.strip()
     assert needle in err and err.count("\n") == 0, err
 

@@ -14,10 +14,10 @@ from lora_a2.errors import UserError
 from lora_a2.report import read_metrics
 from lora_a2.reporters import Reporter, Reporters, build_reporters, check_config, scalars
 
+from conftest import TINY as TINY_RUN
 from conftest import assert_config_error
 
-TINY = ["model.name=tiny-random-bert", "strategy.global_rank=4", "strategy.rank_budget=2",
-        "model.max_length=24", "data.num_clients=3", "train.rounds=2", "engine.threads=1"]
+TINY = [*TINY_RUN, "data.num_clients=3", "train.rounds=2"]
 # central DP: the release withholds per-client values, which no reporter may then see
 CENTRAL = ["privacy.mechanism=gaussian", "privacy.mode=central", "privacy.noise_multiplier=1",
            "privacy.clip=0.1", "privacy.noise_source=seeded"]
