@@ -24,7 +24,7 @@ def test_builtin_grids_expand():
 
 @pytest.mark.parametrize("name", builtin_grids())
 def test_every_builtin_grid_expands_to_unique_valid_configs(name):
-    from lora_a2.bench import _to_sets
+    from lora_a2.bench.grid import _to_sets
     from lora_a2.config import load_config
 
     cells = expand(load_grid(name))
@@ -216,6 +216,7 @@ def test_last_rounds_accuracy_is_the_mean_of_the_last_evaluated_rounds(tmp_path)
 
 def test_time_left_uses_cells_of_this_machines_device_kind(tmp_path, monkeypatch):
     import lora_a2.bench as bench
+    import lora_a2.bench.status as status  # where remaining_time looks the device kind up
 
     out = tmp_path / "g"
     cells = bench.expand(bench.load_grid("smoke"), smoke=True)
@@ -225,9 +226,9 @@ def test_time_left_uses_cells_of_this_machines_device_kind(tmp_path, monkeypatch
         d.mkdir(parents=True)
         (d / "summary.json").write_text(json.dumps({"wall_s": wall, "device": dev}))
     todo = [c.cell_id for c in fl[2:]]
-    monkeypatch.setattr(bench, "torch_cuda_available", lambda: False)
+    monkeypatch.setattr(status, "torch_cuda_available", lambda: False)
     cpu_left, _ = bench.remaining_time("smoke", out, smoke=True, only=todo)
-    monkeypatch.setattr(bench, "torch_cuda_available", lambda: True)
+    monkeypatch.setattr(status, "torch_cuda_available", lambda: True)
     gpu_left, _ = bench.remaining_time("smoke", out, smoke=True, only=todo)
     assert cpu_left == pytest.approx(100.0 * len(todo))
     assert gpu_left == pytest.approx(4.0 * len(todo))

@@ -1,0 +1,128 @@
+"""A benchmark grid: its TOML file (built-in or a path) and its expansion into cells, each a set
+of dotted config overrides (see :mod:`lora_a2.bench`)."""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib.resources
+import itertools
+import json
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..config import load_config as parse_config  # the schema alone: which task a cell is
+from ..errors import UserError
+from ..tasks import TASKS, resolve_task_name
+
+
+@dataclass
+class Cell:
+    """One run of a grid: its id, the axis labels it sits at, and its config overrides."""
+
+    cell_id: str
+    labels: dict[str, str]
+    seed: int
+    overrides: dict[str, Any]
+
+
+def builtin_grids() -> list[str]:
+    root = importlib.resources.files("lora_a2") / "grids"
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".toml"))
+
+
+def load_grid(spec: str) -> dict[str, Any]:
+    """A grid by built-in name or TOML path."""
+    path = Path(spec)
+    if not path.is_file():
+        res = importlib.resources.files("lora_a2") / "grids" / f"{spec}.toml"
+        if not res.is_file():
+            raise UserError(f"unknown grid '{spec}': not a file, and not a built-in grid "
+                            f"({', '.join(builtin_grids())})")
+        text = res.read_text()
+    else:
+        text = path.read_text()
+    try:
+        grid = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"grid '{spec}' is not valid TOML: {str(e).splitlines()[0]}") from None
+    unknown = set(grid) - {"name", "description", "seeds", "base", "axes", "include"}
+    if unknown:
+        raise UserError(f"grid '{spec}': unknown top-level keys {sorted(unknown)}")
+    grid.setdefault("name", Path(spec).stem)
+    grid.setdefault("seeds", [0])
+    grid.setdefault("base", {})
+    grid.setdefault("axes", {})
+    grid.setdefault("include", [])
+    return grid
+
+
+def smoke_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+    """What ``--smoke`` sets for a cell with these overrides: its task's
+    :attr:`~lora_a2.tasks.base.LearningTask.smoke_overrides`."""
+    cfg = parse_config(None, [(k, v) for k, v in overrides.items() if v is not None])
+    return dict(TASKS[resolve_task_name(cfg)].smoke_overrides)
+
+
+def _label(value: Any) -> str:
+    if isinstance(value, dict):
+        return str(value.get("label") or "+".join(f"{k}={v}" for k, v in value.items()))
+    return str(value)
+
+
+def _overrides(axis: str, value: Any) -> dict[str, Any]:
+    if isinstance(value, dict):
+        return {k: v for k, v in value.items() if k != "label"}
+    return {axis: value}
+
+
+def expand(grid: dict[str, Any], smoke: bool = False) -> list[Cell]:
+    """All cells of a grid, in a stable order."""
+    axes: dict[str, list[Any]] = grid["axes"]
+    blocks: list[tuple[dict[str, Any], list[str]]] = [({}, list(axes))]
+    blocks += [(inc.get("overrides", {}), list(inc.get("axes", []))) for inc in grid["include"]]
+    cells: list[Cell] = []
+    seen: set[str] = set()
+    for extra, names in blocks:
+        for name in names:
+            if name not in axes:
+                raise UserError(f"grid include names unknown axis '{name}'")
+        for combo in itertools.product(*[axes[n] for n in names]):
+            for seed in grid["seeds"]:
+                labels = {n: _label(v) for n, v in zip(names, combo)}
+                overrides = dict(grid["base"])
+                for n, v in zip(names, combo):
+                    overrides.update(_overrides(n, v))
+                overrides.update(extra)
+                overrides["seed"] = seed
+                if smoke:  # the task's own tiny model and sizes
+                    overrides.update(smoke_overrides(overrides))
+                extra_label = "-".join(_label(v) for k, v in sorted(extra.items()))
+                parts = [labels[n] for n in names] + ([extra_label] if extra_label else [])
+                cell_id = "__".join(p.replace("/", "_").replace(" ", "") for p in parts)
+                cell_id = f"{cell_id}__seed{seed}" if cell_id else f"seed{seed}"
+                if cell_id in seen:
+                    continue
+                seen.add(cell_id)
+                cells.append(Cell(cell_id, {**labels, **{k: _label(v) for k, v in extra.items()}},
+                                  seed, overrides))
+    return cells
+
+
+def _to_sets(overrides: dict[str, Any]) -> list[str]:
+    """``--set`` strings; JSON literals of str/number/bool/list are valid TOML literals."""
+    return [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
+
+
+def select(cells: list[Cell], only: list[str] | None) -> list[Cell]:
+    """Cells whose id matches any of the glob patterns in ``only`` (all when empty)."""
+    if not cells:
+        raise UserError("the grid has no cells (is its 'seeds' list empty?)")
+    if not only:
+        return cells
+    chosen = [c for c in cells if any(fnmatch.fnmatchcase(c.cell_id, pat) for pat in only)]
+    if not chosen:
+        raise UserError(f"--only {' '.join(only)} matches no cell of this grid "
+                        f"(ids look like '{cells[0].cell_id}')")
+    return chosen

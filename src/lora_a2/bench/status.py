@@ -1,0 +1,116 @@
+"""Where a grid stands without running anything: each cell's status, and the time the rest
+should take at the speed its finished cells ran."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from .grid import Cell, expand, load_grid, select
+
+
+def cell_status(cell: Cell, out: Path) -> str:
+    """``done``, ``running <host> <pid>[, <r>/<T> rounds]``, ``partial <r>/<T> rounds``,
+    ``error`` or ``todo`` (``r``: rounds in the cell's metrics.jsonl so far)."""
+    cell_dir = out / "cells" / cell.cell_id
+    if (cell_dir / "summary.json").exists():
+        return "done"
+    metrics = cell_dir / "metrics.jsonl"
+    rounds = None
+    if metrics.exists():
+        try:
+            n = sum(1 for line in metrics.read_text().splitlines() if line.strip())
+            rounds = f"{n}/{cell.overrides.get('train.rounds', '?')} rounds"
+        except OSError:
+            pass
+    lock = out / "cells" / f"{cell.cell_id}.lock"
+    if lock.exists():
+        try:
+            holder = "running " + " ".join(lock.read_text().split())
+        except OSError:
+            holder = "running"
+        return holder + (f", {rounds}" if rounds else "")
+    if (cell_dir / "error.txt").exists():
+        return "error"
+    return f"partial {rounds}" if rounds else "todo"
+
+
+def list_grid(spec: str, out: Path, smoke: bool = False,
+              only: list[str] | None = None) -> list[tuple[str, str]]:
+    """(cell id, status) of every selected cell; runs nothing."""
+    cells = select(expand(load_grid(spec), smoke), only)
+    return [(c.cell_id, cell_status(c, Path(out))) for c in cells]
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def remaining_time(spec: str, out: Path, smoke: bool = False,
+                   only: list[str] | None = None) -> tuple[float, int]:
+    """:func:`estimate_remaining` for the selected cells of a grid, from the wall times in the
+    finished cells' summary.json (all finished cells of the grid that ran on this machine's kind
+    of device inform the means; all of them when none did)."""
+    out = Path(out)
+    all_cells = expand(load_grid(spec), smoke)
+    wall: dict[str, float] = {}
+    device: dict[str, str] = {}
+    for c in all_cells:
+        f = out / "cells" / c.cell_id / "summary.json"
+        try:
+            s = json.loads(f.read_text())
+            wall[c.cell_id] = float(s["wall_s"])
+            device[c.cell_id] = str(s.get("device", "cpu")).split(":")[0]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    # Cost the rest at this machine's speed: a GPU cell takes a fraction of a CPU cell's time.
+    here = "cuda" if torch_cuda_available() else "cpu"
+    if any(d == here for d in device.values()):
+        wall = {k: v for k, v in wall.items() if device[k] == here}
+    chosen = select(all_cells, only)
+    known = [c for c in all_cells if c.cell_id in wall]
+    ids = {c.cell_id for c in chosen}
+    cells = chosen + [c for c in known if c.cell_id not in ids]
+    statuses = [cell_status(c, out) for c in chosen] + ["done"] * (len(cells) - len(chosen))
+    return estimate_remaining(cells, statuses, wall)
+
+
+def estimate_remaining(cells: list[Cell], statuses: list[str],
+                       wall: dict[str, float]) -> tuple[float, int]:
+    """Seconds one worker needs for the cells not yet done, and how many of them were guessed
+    from the grid-wide mean. ``wall`` maps finished cell ids to their measured wall time. A cell
+    not done is costed at the mean wall time of the finished cells with the same strategy and
+    dataset, else the same strategy, else all finished cells; a partial or running cell whose
+    status says ``r/T rounds`` is costed at the ``(T - r) / T`` it has left."""
+    if not wall:
+        return float("nan"), sum(st != "done" for st in statuses)
+
+    def means(*names: str) -> dict[tuple, float]:
+        groups: dict[tuple, list[float]] = {}
+        for c in cells:
+            if c.cell_id in wall:
+                groups.setdefault(tuple(c.overrides.get(n) for n in names), []).append(
+                    wall[c.cell_id])
+        return {k: sum(v) / len(v) for k, v in groups.items()}
+
+    by_data, by_strategy = means("strategy.name", "data.name"), means("strategy.name")
+    total, guessed = 0.0, 0
+    overall = sum(wall.values()) / len(wall)
+    for cell, st in zip(cells, statuses):
+        if st == "done":
+            continue
+        name, data = cell.overrides.get("strategy.name"), cell.overrides.get("data.name")
+        est = by_data.get((name, data), by_strategy.get((name,)))
+        if est is None:
+            est, guessed = overall, guessed + 1
+        m = _ROUNDS.search(st)
+        if m and int(m.group(2)) > 0:
+            est *= max(0.0, 1.0 - int(m.group(1)) / int(m.group(2)))
+        total += est
+    return total, guessed
+
+
+_ROUNDS = re.compile(r"(\d+)/(\d+) rounds")

@@ -1,0 +1,130 @@
+"""A grid's results: one row per finished cell (results.json), mean ± std over seeds
+(table.md), and the accuracy-against-upload plot; columns and note from the cells' task."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from ..report import atomic_write_text
+from ..tasks import TASKS
+from ..tasks import load_all as load_tasks
+from .grid import Cell
+
+
+def task_of_metric(metric: str):
+    """The task whose headline metric a cell's summary names (its table columns and note)."""
+    load_tasks()
+    by_metric = {t.metric: t for t in TASKS.values()}
+    return by_metric.get(metric) or next(t for t in TASKS.values() if t.fallback)
+
+
+def _fmt(xs: list[float], scale: float = 100.0) -> str:
+    if not xs:
+        return "—"
+    mean = statistics.fmean(xs) * scale
+    if len(xs) == 1:
+        return f"{mean:.2f}"
+    return f"{mean:.2f} ± {statistics.stdev(xs) * scale:.2f}"
+
+
+def last_rounds_accuracy(metrics: Path, n: int = 3, key: str = "accuracy") -> float | None:
+    """Mean of ``key`` (test accuracy by default) over the last ``n`` evaluated rounds of a run
+    (None if none).
+
+    The final round alone is a noisy statistic under strong non-IID splits: the global model
+    oscillates from round to round (client drift), so the same cell run on another device, whose
+    floating-point rounding differs, can end several points apart with the same trajectory.
+    """
+    accs = []
+    try:
+        for line in metrics.read_text().splitlines():
+            rec = json.loads(line) if line.strip() else {}
+            if isinstance(rec.get(key), (int, float)):
+                accs.append(float(rec[key]))
+    except (OSError, ValueError):
+        return None
+    return statistics.fmean(accs[-n:]) if accs else None
+
+
+def collect_rows(out: Path, cells: list[Cell]) -> list[dict[str, Any]]:
+    """One row per finished cell (labels, the task's headline figures, bytes, device, time);
+    reads, writes nothing."""
+    rows = []
+    for cell in cells:
+        path = out / "cells" / cell.cell_id / "summary.json"
+        if not path.exists():
+            continue
+        s = json.loads(path.read_text())
+        metric = s.get("metric", "accuracy")
+        figures = {}
+        for key, _ in task_of_metric(metric).bench_columns:
+            figures[key] = last_rounds_accuracy(path.parent / "metrics.jsonl", key=metric) \
+                if key == f"last3_{metric}" else s.get(key)
+        rows.append({"cell": cell.cell_id, "seed": cell.seed, **cell.labels, "metric": metric,
+                     **figures,
+                     "device": s.get("device", "cpu"),
+                     "total_upload_bytes": s["total_upload_bytes"],
+                     "total_download_bytes": s["total_download_bytes"],
+                     "total_upload_params": s["total_upload_params"],
+                     "upload_fraction_of_fedavg_full": s["upload_fraction_of_fedavg_full"],
+                     "epsilon": s.get("epsilon"), "wall_s": s["wall_s"]})
+    return rows
+
+
+def aggregate(out: Path, cells: list[Cell], grid: dict[str, Any]) -> dict[str, Any]:
+    """results.json (one row per finished cell), table.md (mean ± std over seeds), plots."""
+    rows = collect_rows(out, cells)
+    metric = rows[0]["metric"] if rows else "accuracy"
+    columns = task_of_metric(metric).bench_columns
+    label_keys = [k for k in dict.fromkeys(k for c in cells for k in c.labels)]
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r.get(k, "") for k in label_keys), []).append(r)
+    table = [{**dict(zip(label_keys, key)), "seeds": len(rs),
+              **{col: _fmt([r[col] for r in rs if r.get(col) is not None], scale)
+                 for col, scale in columns},
+              "devices": "+".join(sorted({r["device"] for r in rs})),
+              "upload_MB": f"{statistics.fmean(r['total_upload_bytes'] for r in rs) / 1e6:.2f}",
+              "upload_%_of_fedavg_full": _fmt([r["upload_fraction_of_fedavg_full"] for r in rs],
+                                               100.0)}
+             for key, rs in groups.items()]
+    atomic_write_text(out / "results.json", json.dumps({"rows": rows, "table": table}, indent=1))
+    cols = label_keys + ["seeds", *(c for c, _ in columns),
+                         "upload_MB", "upload_%_of_fedavg_full", "devices"]
+    md = [f"# {grid['name']}: {len(rows)} of {len(cells)} cells finished", "",
+          task_of_metric(metric).bench_note, "",
+          "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    md += ["| " + " | ".join(str(t.get(c, "")) for c in cols) + " |" for t in table]
+    atomic_write_text(out / "table.md", "\n".join(md) + "\n")
+    if rows:
+        _plot(rows, out / "plots", label_keys, metric)
+    return {"finished": len(rows), "cells": len(cells), "table": str(out / "table.md")}
+
+
+def _plot(rows: list[dict[str, Any]], out_dir: Path, label_keys: list[str],
+          metric: str = "accuracy") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    colour_key = "strategy.name" if "strategy.name" in label_keys else label_keys[0] \
+        if label_keys else None
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    for name in sorted({str(r.get(colour_key, "")) for r in rows}):
+        sel = [r for r in rows if str(r.get(colour_key, "")) == name]
+        ax.scatter([r["total_upload_bytes"] / 1e6 for r in sel],
+                   [100 * r[f"final_{metric}"] for r in sel], label=name, s=14)
+    ax.set_xscale("log")
+    ax.set_xlabel("total upload (MB, log)")
+    ax.set_ylabel("final test accuracy (%)" if metric == "accuracy"
+                  else f"final {metric.replace('_', '-').upper()} (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / f"{metric}_vs_upload.png")
+    plt.close(fig)

@@ -1,0 +1,129 @@
+"""The ServerApp: the experiment on Flower's Simulation Engine (:func:`run_simulation`) or
+Deployment Engine (:func:`deployment_main`), and the Flower totals added to its summary."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from ...checks import load_config
+from ...config import Config, clients_per_round
+from ...errors import UserError
+from ...runner import run_experiment
+from .clientapp import make_client_app
+from .transport import FlowerRounds
+
+
+def add_flower_totals(out: Path, summary: dict[str, Any], engine: str,
+                      extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Totals of the Flower-measured bytes (and ``extra``), added to ``summary.json``."""
+    from ...report import atomic_write_text, read_metrics
+
+    records = read_metrics(out / "metrics.jsonl")
+    summary = {**summary, "engine": engine,
+               "total_flower_download_bytes": sum(r.get("flower_download_bytes", 0)
+                                                  for r in records),
+               "total_flower_upload_bytes": sum(r.get("flower_upload_bytes", 0) for r in records),
+               "total_flower_query_bytes": sum(r.get("flower_query_bytes", 0) for r in records),
+               "failed_client_rounds": sum(len(r.get("failures", [])) for r in records),
+               **(extra or {})}
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+# ---------------------------------------------------------------------- simulation
+def num_workers(cfg: Config) -> int:
+    n = cfg.engine.num_workers
+    return n if n > 0 else max(1, min(os.cpu_count() or 1, clients_per_round(cfg)))
+
+
+def backend_config(cfg: Config) -> dict[str, Any]:
+    """Ray backend: ``engine.num_workers`` actors, one CPU each (and a GPU share on CUDA).
+
+    The actors run at this process's priority (Ray's ``worker_niceness`` 0) unless the
+    environment sets ``RAY_worker_niceness``: Ray's default renices them by +15, but here they do
+    all of the clients' training, and at +15 any other busy process on the machine takes most of
+    their CPU. ``python benchmarks/bench_engines.py --busy 1`` against the same with
+    ``--ray-niceness 15`` shows it: 101.5–104.6 s against 70.3–73.9 s for a tiny 4-round run
+    next to one busy process (docs/ENGINES.md, "On a busy machine")."""
+    import torch
+
+    workers = num_workers(cfg)
+    gpu = cfg.engine.device != "cpu" and torch.cuda.is_available()
+    threads = cfg.engine.threads or 1
+    init = {"num_cpus": workers * threads, "num_gpus": 1 if gpu else 0,
+            "include_dashboard": False, "log_to_driver": True, "logging_level": "warning"}
+    if "RAY_worker_niceness" not in os.environ:
+        init["_system_config"] = {"worker_niceness": 0}
+    return {"client_resources": {"num_cpus": threads, "num_gpus": 1.0 / workers if gpu else 0.0},
+            "init_args": init}
+
+
+def run_simulation(cfg: Config, out: Path, *, overwrite: bool = False, progress: bool = True,
+                   resume: bool = False, console: bool = False) -> dict[str, Any]:
+    """``lora-a2 run`` with ``engine.name = "flower"``: the experiment on Flower's Simulation
+    Engine (Ray backend), one virtual SuperNode per client (``partition-id`` = client id)."""
+    try:
+        from flwr.serverapp import ServerApp
+        from flwr.simulation import run_simulation as flwr_run_simulation
+    except ImportError:
+        raise UserError("engine.name = 'flower' needs Flower: pip install 'lora-a2[flower]'") \
+            from None
+
+    result: dict[str, Any] = {}
+    server = ServerApp()
+    t_call = time.perf_counter()
+
+    @server.main()
+    def _main(grid, context) -> None:
+        result["startup_s"] = time.perf_counter() - t_call  # Ray, the SuperNodes, the ServerApp
+        try:
+            result["summary"] = run_experiment(cfg, out, overwrite=overwrite, progress=progress,
+                                               resume=resume, round_fn=FlowerRounds(grid, cfg),
+                                               console=console)
+        except BaseException as e:  # re-raised in the caller's thread below
+            result["error"] = e
+
+    _quiet_flower()
+    flwr_run_simulation(server_app=server, client_app=make_client_app(),
+                        num_supernodes=cfg.data.num_clients, backend_config=backend_config(cfg))
+    total_s = time.perf_counter() - t_call
+    if "error" in result:
+        raise result["error"]
+    if "summary" not in result:
+        raise RuntimeError("the Flower simulation ended without finishing the run "
+                           "(see the log above)")
+    summary = result["summary"]
+    return add_flower_totals(Path(out), summary, "flower-simulation", {
+        "flower_startup_s": result["startup_s"],
+        "flower_shutdown_s": total_s - result["startup_s"] - summary["wall_s"],
+        "flower_total_s": total_s})
+
+
+def _quiet_flower() -> None:
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+
+
+# ---------------------------------------------------------------------- deployment
+def deployment_main(grid, context) -> None:
+    """ServerApp ``main`` for the Deployment Engine (``flwr run`` of ``flower_app/``).
+
+    Run config keys (``--run-config``): ``config`` (path to a lora-a2 TOML config on the
+    SuperLink machine; "" = defaults), ``set`` (``;``-separated ``KEY=VALUE`` overrides),
+    ``out`` (output directory on the SuperLink machine), ``overwrite`` (bool).
+    """
+
+    rc = context.run_config
+    overrides = [s.strip() for s in str(rc.get("set", "")).split(";") if s.strip()]
+    # this is the Flower engine whatever the config says (validated as such: secagg needs it)
+    cfg = load_config(str(rc.get("config", "")) or None, overrides + ["engine.name=flower"])
+    out = Path(str(rc.get("out", "runs/flower-deployment")))
+    summary = run_experiment(cfg, out, overwrite=bool(rc.get("overwrite", False)),
+                             progress=False, round_fn=FlowerRounds(grid, cfg))
+    add_flower_totals(out, summary, "flower-deployment")
