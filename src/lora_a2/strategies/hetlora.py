@@ -80,6 +80,7 @@ class HetLora(HeteroRankStrategy):
 
     name = "hetlora"
     upload_size_public = False  # self-pruning lowers the rank from the client's own losses
+    upload_scalars = ("loss", "tail")
     Options = HetLoraOptions
     options: HetLoraOptions
 
