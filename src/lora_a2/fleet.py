@@ -230,9 +230,11 @@ def selected_per_round(cfg: Config, per_round: int) -> int:
 
 # ---------------------------------------------------------------------- FLOPs of a model
 def training_flops_per_example(runtime: Any, batch: tuple[torch.Tensor, ...]) -> float:
-    """FLOPs of one training step (task loss forward + backward with every federated
-    parameter trainable) on ``batch``, per example, by torch's FLOP counter. The model runs in
-    eval mode (no dropout draw: the FLOPs are the same) and nothing is changed."""
+    """FLOPs of one training step (task loss forward + backward, gradients for the federated
+    parameters only, as local training computes them) on ``batch``, per example, by torch's
+    FLOP counter. The model runs in train mode, as in local training (in eval mode PyTorch may
+    take a fused attention kernel the counter does not see), under a forked RNG so that its
+    dropout draws change no later draw; nothing else is changed."""
     from torch.utils.flop_counter import FlopCounterMode
 
     model = runtime.model
@@ -244,10 +246,11 @@ def training_flops_per_example(runtime: Any, batch: tuple[torch.Tensor, ...]) ->
         p.requires_grad_(True)
         p.grad = None
     was_training = model.training
-    model.eval()
+    model.train()
+    device = torch.device(runtime.device)
     try:
         counter = FlopCounterMode(display=False)
-        with counter:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), counter:
             runtime.task.loss(model, batch).backward()
         total = counter.get_total_flops()
     finally:
