@@ -295,7 +295,7 @@ def test_over_selection_keeps_the_first_finishers(tmp_path, synthetic_csv):
         assert r["sim_round_s"] == finish[order[1]]
 
 
-@pytest.mark.parametrize("strategy", ["lora-a2", "flexlora"])
+@pytest.mark.parametrize("strategy", ["lora-a2", "flexlora", "hetlora"])
 def test_auto_budgets_grow_with_the_uplink(tmp_path, synthetic_csv, strategy):
     # equal devices and downlinks; uplinks from hopeless to fast
     ups = [0.002, 0.03, 0.06, 0.5, 100.0]
