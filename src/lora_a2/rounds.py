@@ -123,10 +123,11 @@ class RoundPlan:
 
 def plan_round(exp: Experiment, rnd: int, state: ServerState, transport: Transport,
                on_client: OnClient = None) -> RoundPlan:
-    """Sample the round's clients (⌈clients per round · (1 + ``train.over_select``)⌉), configure
-    and encode each one's task; a simulated dropout (``train.dropout``) gets its task (counted)
-    and never replies. With a fleet, a client that is offline when sampled never gets a task,
-    and ``strategy.rank_budget = "auto"`` sets each client's budget first (:func:`fit_budgets`)."""
+    """Sample the round's clients (⌈clients per round · (1 + ``train.over_select``)⌉),
+    configure and encode each one's task; a simulated dropout (``train.dropout``) gets its task
+    (counted) and never replies. With a fleet, a client that is offline when sampled never gets
+    a task, and ``strategy.rank_budget = "auto"`` sets each client's budget first
+    (:func:`fit_budgets`)."""
     cfg, strategy, layout = exp.cfg, exp.strategy, exp.runtime.layout
     transport.begin_round(exp, rnd)
     per_round = selected_per_round(cfg, clients_per_round(cfg))

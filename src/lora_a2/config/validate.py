@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import UserError
-from .schema import (FLEET_PROFILES, MECHANISMS, MODEL_DTYPES, MODES, NOISE_SOURCES, PARTITIONS, RANK_DISTRIBUTIONS,
-                     REPORTERS, Config)
+from .schema import (FLEET_PROFILES, MECHANISMS, MODEL_DTYPES, MODES, NOISE_SOURCES,
+                     PARTITIONS, RANK_DISTRIBUTIONS, REPORTERS, Config)
 
 
 def require(cond: bool, key: str, msg: str, value: Any) -> None:
