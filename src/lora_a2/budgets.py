@@ -72,7 +72,11 @@ def draw(name: str, num_clients: int, max_rank: int, seed: int) -> list[int]:
 
 
 def resolve(rank_budget: Any, num_clients: int, max_rank: int, seed: int) -> list[int]:
-    """``strategy.rank_budget`` → one int per client (validation is the config's job)."""
+    """``strategy.rank_budget`` → one int per client (validation is the config's job).
+    ``auto``: every client starts at ``max_rank``; the round loop sets each round's budget
+    from the client's link and device (:mod:`lora_a2.fleet`)."""
+    if rank_budget == "auto":
+        return [int(max_rank)] * num_clients
     if isinstance(rank_budget, str):
         return draw(rank_budget, num_clients, max_rank, seed)
     if isinstance(rank_budget, list):

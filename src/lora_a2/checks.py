@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from . import private, reporters, strategies, tasks
+from . import fleet, private, reporters, strategies, tasks
 from .config import Config
 from .config import load_config as _parse
 
@@ -22,6 +22,7 @@ def check_config(cfg: Config) -> Config:
     private.check_config(cfg)
     tasks.check_config(cfg)
     reporters.check_config(cfg)
+    fleet.check_config(cfg)
     return cfg
 
 

@@ -17,6 +17,7 @@ from .adapter import ModelRuntime
 from .client import EncodedData
 from .config import Config
 from .data import partition
+from .fleet import Fleet, build_fleet
 from .models import pick_device
 from .checks import check_config
 from .private import PrivateStrategy, build_strategy
@@ -41,6 +42,8 @@ class Experiment:
     #: engine the clients live in this process, so their memory lives here (and in the
     #: checkpoint); on Flower it lives on the nodes
     client_stores: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    #: the clients' devices and links (``fleet.profile``; None: no simulated clock)
+    fleet: Fleet | None = None
 
     @property
     def num_labels(self) -> int:
@@ -92,4 +95,4 @@ def prepare(cfg: Config) -> Experiment:
     client_train, client_test = split_local_test(parts, d.local_test_fraction, cfg.seed)
     strategy.bind_clients([len(idx) for idx in client_train])
     return Experiment(cfg, train, test, client_train, client_test, strategy, runtime, enc_train,
-                      enc_test, task)
+                      enc_test, task, fleet=build_fleet(cfg))

@@ -24,6 +24,9 @@ from torch import Tensor
 
 WIRE_DTYPE = torch.float32
 DEFAULT_MAX_BYTES = 2 * 1024**3
+#: a float whose JSON form is as long as any finite float's (24 characters): a header scalar
+#: whose value is not known in advance takes it when an upload's size must be bounded
+LONGEST_FLOAT = -2.2250738585072014e-308
 
 
 class InvalidPayload(ValueError):

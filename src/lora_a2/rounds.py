@@ -6,8 +6,10 @@ bytes. A transport only delivers encoded tasks to clients and returns their enco
 (the shape of Flower's ``Grid.send_and_receive``): :class:`LocalTransport` runs the client side
 in this process (:mod:`lora_a2.engines.local`), ``FlowerRounds`` sends Flower messages over a
 ``Grid`` (:mod:`lora_a2.engines.flower`). The steps are separate functions (:func:`plan_round`,
-:func:`collect_replies`, :func:`close_round`, :func:`evaluate_clients`) so that another
-schedule can drive them too; :func:`run_round` is the synchronous schedule.
+:func:`collect_replies`, :func:`apply_clock`, :func:`close_round`, :func:`evaluate_clients`) so
+that another schedule can drive them too; :func:`run_round` is the synchronous schedule. With a
+fleet (``fleet.profile``) :func:`apply_clock` puts every client on the simulated clock of
+:mod:`lora_a2.fleet` and drops stragglers and surplus finishers before aggregation.
 ``LocalTransport`` (:mod:`lora_a2.engines.local`) runs the client side in this process.
 """
 
@@ -24,8 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from .client import batch_of
 from .config import clients_per_round
 from .experiment import Experiment
+from .fleet import close_round_clock, selected_per_round, training_flops_per_example
 from .payload import InvalidPayload, Payload, decode, encode
 from .messages import ServerState, Task, Update
 from .validation import UploadLimits, receive_upload
@@ -111,22 +115,41 @@ class RoundPlan:
     per_client: dict[int, dict[str, Any]] = field(default_factory=dict)
     dropped: list[int] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    #: sampled but offline (``fleet`` availability): never sent a task
+    offline: list[int] = field(default_factory=list)
+    #: the simulated clock's fields of the round's record (:func:`apply_clock`)
+    sim: dict[str, Any] = field(default_factory=dict)
 
 
 def plan_round(exp: Experiment, rnd: int, state: ServerState, transport: Transport,
                on_client: OnClient = None) -> RoundPlan:
-    """Sample the round's clients, configure and encode each one's task; a simulated
-    dropout (``train.dropout``) gets its task (counted) and never replies."""
+    """Sample the round's clients (⌈clients per round · (1 + ``train.over_select``)⌉),
+    configure and encode each one's task; a simulated dropout (``train.dropout``) gets its task
+    (counted) and never replies. With a fleet, a client that is offline when sampled never gets
+    a task, and ``strategy.rank_budget = "auto"`` sets each client's budget first
+    (:func:`fit_budgets`)."""
     cfg, strategy, layout = exp.cfg, exp.strategy, exp.runtime.layout
     transport.begin_round(exp, rnd)
+    per_round = selected_per_round(cfg, clients_per_round(cfg))
     plan = RoundPlan(rnd, time.perf_counter(),
-                     sample_clients(cfg.data.num_clients, clients_per_round(cfg), cfg.seed, rnd))
+                     sample_clients(cfg.data.num_clients, per_round, cfg.seed, rnd))
     for c in plan.clients:
+        if exp.fleet is not None and exp.fleet.offline(cfg.seed, rnd, c):
+            plan.per_client[c] = {"client": c, "download_bytes": 0, "download_params": 0,
+                                  "upload_bytes": 0, "upload_params": 0, "offline": True}
+            plan.offline.append(c)
+            if on_client is not None:
+                on_client(c)
+            continue
+        budget_row: dict[str, Any] = {}
+        if cfg.strategy.rank_budget == "auto":
+            fitted = fit_budgets(exp, rnd, state, [c])[c]
+            budget_row = {"rank_budget": fitted[0], "budget_fits": fitted[1]}
         task = strategy.configure(rnd, c, state)
         down_payload = task.to_payload(layout)
         down = encode(down_payload)
         row = {"client": c, "download_bytes": len(down),
-               "download_params": down_payload.num_values}
+               "download_params": down_payload.num_values, **budget_row}
         plan.per_client[c] = row
         if drops_out(cfg.seed, rnd, c, cfg.train.dropout):
             row.update(upload_bytes=0, upload_params=0, dropped=True)
@@ -185,6 +208,94 @@ def collect_replies(exp: Experiment, plan: RoundPlan, replies: dict[int, Reply]
     return ok, reasons
 
 
+# ---------------------------------------------------------------------- the simulated clock
+def _flops_per_example(exp: Experiment) -> float:
+    """FLOPs of one training example, counted once per run on the first training batch."""
+    fleet = exp.fleet
+    assert fleet is not None
+    if fleet.flops_per_example is None:
+        n = min(exp.cfg.train.batch_size, len(exp.enc_train))
+        batch = batch_of(exp.enc_train, torch.arange(n), exp.runtime.device)
+        fleet.flops_per_example = training_flops_per_example(exp.runtime, batch)
+    return fleet.flops_per_example
+
+
+def example_passes(exp: Experiment, rnd: int, client: int) -> float:
+    """n_k · passes_k: the client's training examples times the passes its task costs
+    (:meth:`~lora_a2.strategies.Strategy.local_passes`)."""
+    n = len(exp.client_train[client])
+    return n * exp.strategy.local_passes(rnd, n)
+
+
+def fit_budgets(exp: Experiment, rnd: int, state: ServerState, clients: list[int]
+                ) -> dict[int, tuple[int, bool]]:
+    """``strategy.rank_budget = "auto"``: per client, the largest r_k ≤ r_G with
+    t_down(r_k) + t_compute + t_up(r_k) ≤ ``train.deadline_s`` on its own link and device, the
+    download being the client's real encoded task at r_k and the upload the exact encoded size
+    of the largest it could send at r_k (:meth:`~lora_a2.strategies.Strategy.largest_update`).
+    Sets ``strategy.budgets``; (r_k, fits) by client — a client where not even r_k = 1 fits
+    gets 1 and is a straggler by construction."""
+    strategy, fleet, layout = exp.strategy, exp.fleet, exp.runtime.layout
+    assert fleet is not None
+    _flops_per_example(exp)
+    deadline = exp.cfg.train.deadline_s
+    out: dict[int, tuple[int, bool]] = {}
+    for c in clients:
+        n, work = len(exp.client_train[c]), example_passes(exp, rnd, c)
+        out[c] = (1, False)
+        for r in range(exp.cfg.strategy.global_rank, 0, -1):
+            strategy.budgets[c] = r
+            down = len(encode(strategy.configure(rnd, c, state).to_payload(layout)))
+            up = len(encode(strategy.largest_update(rnd, c, n, r).to_payload()))
+            if sum(fleet.times(c, down, up, work)) <= deadline:
+                out[c] = (r, True)
+                break
+        strategy.budgets[c] = out[c][0]
+    return out
+
+
+def apply_clock(exp: Experiment, plan: RoundPlan, ok: list[tuple[Task, Update]]
+                ) -> list[tuple[Task, Update]]:
+    """Each client's simulated download, compute and upload seconds from its real encoded
+    bytes and its work (:meth:`lora_a2.fleet.Fleet.times`), then who the round keeps
+    (:func:`lora_a2.fleet.close_round_clock`): a straggler past ``train.deadline_s`` and a
+    surplus finisher beyond the first ``clients_per_round`` (``train.over_select``) have their
+    work discarded — their upload is not counted, their download is. Returns the kept replies;
+    the record's fields go to ``plan.sim``. Without a fleet: ``ok`` unchanged."""
+    fleet, cfg = exp.fleet, exp.cfg
+    if fleet is None:
+        return ok
+    _flops_per_example(exp)
+    finish: dict[int, float] = {}
+    for c in plan.clients:
+        row = plan.per_client[c]
+        if row.get("offline"):
+            continue
+        replied = c in plan.tasks and not row.get("dropped")
+        down, compute, up = fleet.times(c, row["download_bytes"],
+                                        row["upload_bytes"] if replied else 0,
+                                        example_passes(exp, plan.rnd, c) if replied else 0.0)
+        row["sim_download_s"] = down
+        if replied:
+            row.update(sim_compute_s=compute, sim_upload_s=up)
+            finish[c] = down + compute + up
+    target = clients_per_round(cfg) if cfg.train.over_select > 0 else None
+    clock = close_round_clock(finish, [t.client_id for t, _ in ok],
+                              deadline_s=cfg.train.deadline_s, target=target,
+                              waiting=bool(plan.dropped))
+    for c, why in [(c, "straggler") for c in clock.stragglers] + [(c, "surplus")
+                                                                 for c in clock.surplus]:
+        row = plan.per_client[c]
+        row.pop("train_loss", None)
+        row.update(upload_bytes=0, upload_params=0, upload_slot_ids=0, **{why: True})
+    plan.sim = {"sim_round_s": clock.round_s, "stragglers": clock.stragglers,
+                "offline": plan.offline}
+    if target is not None:
+        plan.sim["surplus"] = clock.surplus
+    kept = set(clock.kept)
+    return [(t, u) for t, u in ok if t.client_id in kept]
+
+
 def close_round(exp: Experiment, plan: RoundPlan, state: ServerState,
                 ok: list[tuple[Task, Update]], reasons: list[str],
                 extras: dict[str, Any] | None = None) -> tuple[ServerState, dict[str, Any]]:
@@ -201,6 +312,7 @@ def close_round(exp: Experiment, plan: RoundPlan, state: ServerState,
     if plan.failures or extras:
         record["failures"] = plan.failures
     record.update(extras or {})
+    record.update(plan.sim)
     record.update(per_client=rows, train_wall_s=time.perf_counter() - plan.t0)
     return state, record
 
@@ -229,6 +341,7 @@ def run_round(exp: Experiment, rnd: int, state: ServerState, transport: Transpor
     else:
         replies = transport.exchange(exp, rnd, plan.blobs, on_client) if plan.blobs else {}
         ok, reasons = collect_replies(exp, plan, replies)
+        ok = apply_clock(exp, plan, ok)
         state, record = close_round(exp, plan, state, ok, reasons, transport.round_extras())
     if exp.strategy.personalized:
         record.update(evaluate_clients(exp, rnd, state, transport,

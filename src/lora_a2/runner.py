@@ -23,7 +23,7 @@ from .config import Config, clients_per_round
 from .config import flatten as flatten_config  # dotted keys, as a config file is read
 from .data import label_histogram
 from .engines.local import run_round
-from .rounds import evaluate_state
+from .rounds import evaluate_state, fit_budgets
 from .errors import UserError
 from .experiment import Experiment, prepare
 from .private import PrivateStrategy
@@ -97,10 +97,13 @@ def run_experiment(cfg: Config, out: Path, *, overwrite: bool = False, progress:
     ckpt = load_checkpoint(out) if resume else None
     if ckpt is None:
         start, state = 1, strategy.init_state(exp.runtime.initial_state())
-        write_partition(exp, out)
     else:
         start, state = ckpt[0] + 1, strategy.restore_state(ckpt[1])
         exp.client_stores.update(load_client_stores(out))
+    if cfg.strategy.rank_budget == "auto":  # every client's budget as of the first round run
+        fit_budgets(exp, start, state, list(range(cfg.data.num_clients)))
+    if ckpt is None:
+        write_partition(exp, out)
     initial_path = out / "initial_eval.json"
     metric = exp.task.metric
     if ckpt is not None and initial_path.exists():
@@ -121,6 +124,8 @@ def run_experiment(cfg: Config, out: Path, *, overwrite: bool = False, progress:
         if private is not None and not private.plan.rebuildable else None
     full = read_metrics(out / "server_log.jsonl") if withholds else records
     cumulative = full[-1]["cumulative_upload_bytes"] if full else 0
+    # the simulated clock (fleet.profile) continues from the last kept round's line
+    sim_time = full[-1].get("sim_time_s", 0.0) if full else 0.0
     report = build_reporters(cfg, progress=progress, console=console)
     title = f"{strategy.name} · {cfg.data.name} · {cfg.data.partition}" + (
         f"({cfg.data.alpha})" if cfg.data.partition == "dirichlet" else "")
@@ -139,12 +144,16 @@ def run_experiment(cfg: Config, out: Path, *, overwrite: bool = False, progress:
             metrics = server_metrics if client_evals is None \
                 else exp.task.merge_client_evals(server_metrics, client_evals)
             cumulative += record["upload_bytes"]
+            clock: dict[str, Any] = {}
+            if "sim_round_s" in record:
+                sim_time += record["sim_round_s"]
+                clock = {"sim_time_s": sim_time}
             dp_fields = round_record(private.plan if private else None, rnd,
                                      ledger.extra_releases(rnd) if ledger else 0)  # (ε, δ)
             first = ("round", "strategy", "active_factor")
             record = {**{k: record[k] for k in first}, **metrics,
                       **{k: v for k, v in record.items() if k not in first},
-                      "cumulative_upload_bytes": cumulative, **dp_fields,
+                      "cumulative_upload_bytes": cumulative, **clock, **dp_fields,
                       "wall_s": time.perf_counter() - t0}
             if server_log is not None:  # central DP: publish only what the release may hold
                 server_log.write(record)
@@ -191,6 +200,12 @@ def summarize(exp: Experiment, records: list[dict[str, Any]], initial: dict[str,
             return None
         return sum(r[key] for r in records)
 
+    def total_len(key: str) -> int | None:
+        """Σ of a per-round list's length; None when the release withheld it."""
+        if any(key not in r for r in records):
+            return None
+        return sum(len(r[key]) for r in records)
+
     total_up_params = total("upload_params")
     return {
         "task": exp.task.name,
@@ -220,6 +235,10 @@ def summarize(exp: Experiment, records: list[dict[str, Any]], initial: dict[str,
         "rejected_updates": sum(r["rejected"] for r in records),
         "dropped_clients": sum(len(r.get("dropped", [])) for r in records),
         "failed_rounds": failed,
+        # the simulated clock (fleet.profile): Σ of the rounds' sim_round_s
+        **({"sim_time_s": total("sim_round_s"),
+            "stragglers": total_len("stragglers"), "offline_clients": total_len("offline")}
+           if cfg.fleet.profile != "none" else {}),
         **reference_uploads(exp, records),
         "train_examples": len(exp.train),
         "test_examples": len(exp.test),
@@ -349,7 +368,8 @@ def reference_uploads(exp: Experiment, records: list[dict[str, Any]]) -> dict[st
     4 bytes, per value — the payload header adds ~100 bytes per message on top)."""
     budgets, layout, model = exp.strategy.budgets, exp.runtime.layout, exp.runtime.model
     accepted = [c["client"] for r in records for c in r["per_client"]
-                if c.get("num_examples") and not c.get("rejected")]
+                if c.get("num_examples") and not c.get("rejected")
+                and not c.get("straggler") and not c.get("surplus")]
     mine = None if any("upload_params" not in r for r in records) else sum(
         r["upload_params"] for r in records)
     out: dict[str, Any] = {}

@@ -21,6 +21,9 @@ REPORTERS = ("tensorboard", "mlflow")
 """Values of report.to (the optional reporters of lora_a2.reporters)."""
 PARTITIONS = ("dirichlet", "pathological", "paired", "iid")
 """Values of data.partition."""
+FLEET_PROFILES = ("none", "mobile", "mixed", "uniform")
+"""Values of fleet.profile besides `csv:PATH` (the built-in fleets of lora_a2.fleet.PROFILES,
+kept here so that the config imports no component)."""
 NOISE_SOURCES = ("os", "seeded")
 """Values of privacy.noise_source: `os` = every draw read from the operating system's CSPRNG
 (no seed; the default: nobody can rebuild the noise); `seeded` = derived from the run seed
@@ -123,7 +126,10 @@ class StrategyConfig:
     rank_budget: Any = 2
     """Per-client rank budget r_k: an int (all clients), a list of one int per client, or a
     distribution over {1, 2, 4, 8, 16} ≤ global_rank drawn from the seed: `uniform`,
-    `heavy-tail` (most clients small), `normal` (most in the middle); see `lora_a2.budgets`."""
+    `heavy-tail` (most clients small), `normal` (most in the middle); see `lora_a2.budgets`.
+    `auto` (needs a `fleet.profile` and `train.deadline_s`): each round, each client gets the
+    largest r_k ≤ global_rank whose upload still fits in what the deadline leaves after its
+    download and compute, on its own link and device (docs/FLEETS.md)."""
     lr: float = 5e-4
     """Learning rate of A (lr_A). AdamW."""
     lr_ratio: float = 0.0
@@ -162,6 +168,26 @@ class TrainConfig:
     """Simulated failures: probability that a sampled client receives its task but never replies."""
     min_replies: int = 1
     """A round with fewer valid replies fails: recorded, and the global state stays unchanged."""
+    deadline_s: float = 0.0
+    """Simulated seconds a round waits (needs a `fleet.profile`): a client whose download +
+    compute + upload takes longer is a straggler, its work discarded (its download still
+    counted); 0 = wait for every client."""
+    over_select: float = 0.0
+    """Sample ⌈clients_per_round · (1 + over_select)⌉ clients and keep the first
+    clients_per_round to finish on the simulated clock (needs a `fleet.profile`); e.g. 0.3 =
+    30 % more (Bonawitz et al., MLSys 2019). 0 = off."""
+
+
+@dataclass
+class FleetConfig:
+    profile: str = "none"
+    """The clients' devices and networks, for the simulated clock (docs/FLEETS.md): `none` (no
+    clock, the default), a built-in fleet drawn from published measurements (`mobile`: phones
+    on cellular; `mixed`: phones on cellular and Wi-Fi, laptops on Wi-Fi; `uniform`: one
+    device for all), or `csv:PATH` with one row per client: `client` (0-based), `flops`
+    (sustained FLOP/s), `down_mbps`, `up_mbps` (Mbit/s), optional `availability` (probability
+    of being online when sampled, default 1). metrics.jsonl then holds `sim_round_s`,
+    `sim_time_s` and each client's download, compute and upload seconds."""
 
 
 @dataclass
@@ -299,6 +325,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
@@ -318,6 +345,7 @@ SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "strategy": StrategyConfig,
     "train": TrainConfig,
+    "fleet": FleetConfig,
     "engine": EngineConfig,
     "server": ServerConfig,
     "privacy": PrivacyConfig,

@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import UserError
-from .schema import (MECHANISMS, MODEL_DTYPES, MODES, NOISE_SOURCES, PARTITIONS, RANK_DISTRIBUTIONS,
-                     REPORTERS, Config)
+from .schema import (FLEET_PROFILES, MECHANISMS, MODEL_DTYPES, MODES, NOISE_SOURCES,
+                     PARTITIONS, RANK_DISTRIBUTIONS, REPORTERS, Config)
 
 
 def require(cond: bool, key: str, msg: str, value: Any) -> None:
@@ -49,8 +49,9 @@ def validate(cfg: Config) -> None:
             require(isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= s.global_rank,
                      "strategy.rank_budget", f"entries must be integers in [1, {s.global_rank}]", b)
     elif isinstance(rb, str):
-        require(rb in RANK_DISTRIBUTIONS, "strategy.rank_budget",
-                 f"must be an integer, a list, or one of {', '.join(RANK_DISTRIBUTIONS)}", rb)
+        require(rb in RANK_DISTRIBUTIONS or rb == "auto", "strategy.rank_budget",
+                 f"must be an integer, a list, `auto`, or one of {', '.join(RANK_DISTRIBUTIONS)}",
+                 rb)
     else:
         require(isinstance(rb, int) and not isinstance(rb, bool), "strategy.rank_budget",
                  "must be an integer, a list of integers, or a distribution name", rb)
@@ -100,6 +101,7 @@ def validate(cfg: Config) -> None:
     require(bool(cfg.report.mlflow_experiment), "report.mlflow_experiment", "must not be empty",
              cfg.report.mlflow_experiment)
     _validate_privacy(cfg)
+    _validate_fleet(cfg)
     _validate_secagg(cfg)
     _validate_task(cfg)
 
@@ -110,6 +112,38 @@ def _validate_task(cfg: Config) -> None:
              t.generate_examples)
     require(t.max_new_tokens >= 1, "task.max_new_tokens", "must be ≥ 1", t.max_new_tokens)
     require(t.samples >= 0, "task.samples", "must be ≥ 0", t.samples)
+
+
+def _validate_fleet(cfg: Config) -> None:
+    """The fleet, deadlines, over-selection and budgets from the link (docs/FLEETS.md)."""
+    f, t, s = cfg.fleet, cfg.train, cfg.strategy
+    require(f.profile in FLEET_PROFILES or (f.profile.startswith("csv:") and len(f.profile) > 4),
+             "fleet.profile", f"must be one of {', '.join(FLEET_PROFILES)} or csv:PATH",
+             f.profile)
+    require(t.deadline_s >= 0, "train.deadline_s", "must be ≥ 0 (0 = wait for every client)",
+             t.deadline_s)
+    require(t.over_select >= 0, "train.over_select", "must be ≥ 0 (0 = off)", t.over_select)
+    fleet = f.profile != "none"
+    auto = s.rank_budget == "auto"
+    require(fleet or t.deadline_s == 0, "train.deadline_s",
+             "needs a simulated clock: set fleet.profile", t.deadline_s)
+    require(fleet or t.over_select == 0, "train.over_select",
+             "needs a simulated clock to know who finishes first: set fleet.profile",
+             t.over_select)
+    if auto:
+        require(fleet and t.deadline_s > 0, "strategy.rank_budget",
+                 "'auto' sizes each upload to fit the deadline: it needs fleet.profile and "
+                 "train.deadline_s > 0", s.rank_budget)
+    if cfg.privacy.mechanism != "none":
+        for key, on in (("train.deadline_s", t.deadline_s > 0),
+                        ("train.over_select", t.over_select > 0),
+                        ("strategy.rank_budget", auto)):
+            require(not on, key, "cannot be combined with DP (privacy.mechanism): who takes part "
+                    "would depend on the clients' data sizes, which the accountant does not "
+                    "cover", getattr(t if key.startswith("train") else s, key.split(".")[1]))
+    require(not (fleet and cfg.secagg.enabled), "fleet.profile",
+             "cannot be combined with secagg.enabled (the simulated clock needs each client's "
+             "upload)", f.profile)
 
 
 def _validate_privacy(cfg: Config) -> None:

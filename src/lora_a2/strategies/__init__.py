@@ -136,6 +136,11 @@ def check_config(cfg: Config) -> None:
         raise UserError(f"config key 'secagg.enabled' strategy '{s.name}' cannot be securely "
                         f"aggregated (its aggregate is not a weighted sum of one dense vector "
                         f"per client), got True")
+    if s.rank_budget == "auto" and not cls.budget_sized_upload:
+        sized = sorted(n for n in names if REGISTRY[n].budget_sized_upload)
+        raise UserError(f"config key 'strategy.rank_budget' 'auto' needs a strategy whose upload "
+                        f"is sized by each client's budget ({', '.join(sized)}); '{s.name}' "
+                        f"trains one rank on every client, got 'auto'")
     for ref in cfg.report.references:
         if ref not in names or not REGISTRY[ref].has_reference_upload():
             fixed = [n for n in names if REGISTRY[n].has_reference_upload()]

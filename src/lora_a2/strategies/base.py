@@ -61,6 +61,10 @@ class Strategy(ABC):
     secure_aggregation: ClassVar[bool] = False
     #: the tasks this strategy can run (None: every task)
     tasks: ClassVar[tuple[str, ...] | None] = None
+    #: each client's upload is sized by its own rank budget (``Task.config["budget"]`` or
+    #: ``["rank"]``), so ``strategy.rank_budget = "auto"`` can fit it to the client's link
+    #: (:meth:`largest_update` must then be implemented)
+    budget_sized_upload: ClassVar[bool] = False
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -142,6 +146,21 @@ class Strategy(ABC):
         """New global state from the validated replies, plus round info for the metrics.
         ``weights``: one per reply, fixed by the caller (central DP's fixed denominator);
         None = the data weights (:meth:`round_weights` gives either)."""
+
+    # -- what a task costs a client (the simulated clock, lora_a2.fleet) -----------------
+    def local_passes(self, rnd: int, num_examples: int) -> float:
+        """Passes of local training (forward + backward) over its ``num_examples`` examples
+        that one task of round ``rnd`` costs a client: its compute time is n_k · passes ·
+        FLOPs per example / device FLOP/s. Default: ``train.local_epochs``."""
+        return float(self.cfg.train.local_epochs)
+
+    def largest_update(self, rnd: int, client_id: int, num_examples: int,
+                       budget: int) -> Update:
+        """An upload (zeros) as large, once encoded, as the largest that a client with rank
+        budget ``budget`` can send in round ``rnd`` — header scalars that depend on training
+        take :data:`~lora_a2.payload.LONGEST_FLOAT` — so that ``strategy.rank_budget = "auto"``
+        can size budgets from the exact encoded size (``budget_sized_upload`` strategies)."""
+        raise NotImplementedError(f"strategy '{self.name}' does not size uploads by budget")
 
     # -- secure aggregation (``secure_aggregation`` strategies only) -----------------
     def secure_vector(self, task: Task, update: Update) -> Tensor:

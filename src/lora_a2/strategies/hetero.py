@@ -27,7 +27,7 @@ from torch import Tensor
 from ..aggregation import weighted_sum
 from ..client import ParamGroup
 from .. import privacy as dp
-from ..payload import InvalidPayload, flatten, unflatten
+from ..payload import LONGEST_FLOAT, InvalidPayload, flatten, unflatten
 from ..messages import ServerState, Task, Update, truncate_factor
 from .base import Strategy
 from .context import ClientContext
@@ -39,6 +39,9 @@ class HeteroRankStrategy(Strategy):
 
     #: the global state carries ``merged.<module>`` dense deltas (FlexLoRA's W_g, FLoRA's merge)
     uses_merged = False
+    budget_sized_upload = True  # A_k[:r_k] and B_k[:, :r_k]
+    #: the float scalars an upload's header carries beside its rank (sizes :meth:`largest_update`)
+    upload_scalars: tuple[str, ...] = ("loss",)
 
     def lora_rank(self) -> int:
         return max(self.budgets)
@@ -59,6 +62,12 @@ class HeteroRankStrategy(Strategy):
     def factor_names(self) -> list[str]:
         assert self.layout is not None
         return self.layout.names("A") + self.layout.names("B")
+
+    def largest_update(self, rnd: int, client_id: int, num_examples: int,
+                       budget: int) -> Update:
+        """A_k and B_k at rank ``budget`` (plus a trained head): :meth:`upload_size` values."""
+        meta: dict[str, Any] = {"rank": budget, **{k: LONGEST_FLOAT for k in self.upload_scalars}}
+        return Update(client_id, num_examples, torch.zeros(self.upload_size(budget)), meta=meta)
 
     def upload_size(self, rank: int) -> int:
         assert self.layout is not None

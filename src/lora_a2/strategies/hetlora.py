@@ -80,6 +80,7 @@ class HetLora(HeteroRankStrategy):
 
     name = "hetlora"
     upload_size_public = False  # self-pruning lowers the rank from the client's own losses
+    upload_scalars = ("loss", "tail")
     Options = HetLoraOptions
     options: HetLoraOptions
 
@@ -87,7 +88,9 @@ class HetLora(HeteroRankStrategy):
         return int(state.extra.get("ranks", {}).get(str(client_id), self.budgets[client_id]))
 
     def configure(self, rnd: int, client_id: int, state: ServerState) -> Task:
-        rank = self.current_rank(state, client_id)
+        # the self-pruned rank, capped by this round's budget (it only changes under
+        # strategy.rank_budget = "auto": pruning never raises a rank above the first budget)
+        rank = min(self.current_rank(state, client_id), self.budgets[client_id])
         prev = state.extra.get("tails", {}).get(str(client_id))
         return self.make_task(rnd, client_id, state, ["A", "B"] + self.head_groups(),
                               rank=rank, prev_tail=prev)

@@ -24,7 +24,7 @@ import torch
 from ..aggregation import aggregate_slots, weighted_sum
 from ..client import ParamGroup
 from ..errors import UserError
-from ..payload import InvalidPayload, flatten, unflatten
+from ..payload import LONGEST_FLOAT, InvalidPayload, flatten, unflatten
 from ..selection import (SLOT_SCORES, factor_mask, gather_slots, scatter_slots, select_top_k,
                          selection_from_ids, slot_ids, slot_scores, slot_size)
 from ..config import Config
@@ -94,6 +94,7 @@ class LoraA2(Strategy):
     selects_slots = True
     upload_size_public = False  # its size is the selected slots' widths: chosen from the data
     secure_aggregation = True  # the selected slots scattered into the dense active factor
+    budget_sized_upload = True  # r_k · N slots
     Options = LoraA2Options
     options: LoraA2Options
 
@@ -111,6 +112,42 @@ class LoraA2(Strategy):
 
     def active_factor(self, rnd: int) -> str:
         return "B" if rnd % 2 == 1 else "A"
+
+    # -- what a task costs (the simulated clock) --------------------------------
+    def local_passes(self, rnd: int, num_examples: int) -> float:
+        """E training epochs plus the probe (``strategy.options``): "full" adds
+        ``probe_epochs`` (× ``probe_fraction``, in whole optimiser steps), "gradient" its
+        ``probe_batches`` batches (forward + backward, no step), "reuse" nothing (its probe is
+        the first epoch). In a round where the client reuses its last selection
+        (``reselect_every``) there is no probe; a client's first selection for a factor in
+        such a round is counted as reused too (the server does not know the client's store)."""
+        st, t = self.options, self.cfg.train
+        passes = float(t.local_epochs)
+        if st.reselect_every > 1 and ((rnd - 1) // 2) % st.reselect_every != 0:
+            return passes
+        n = max(int(num_examples), 1)
+        steps_per_epoch = -(-n // t.batch_size)
+        if st.probe == "gradient":
+            return passes + min(st.probe_batches * t.batch_size, n) / n
+        if st.probe == "full":
+            steps = max(1, math.ceil(st.probe_fraction * st.probe_epochs * steps_per_epoch))
+            return passes + min(steps * t.batch_size, st.probe_epochs * n) / n
+        return passes  # "reuse"
+
+    def largest_update(self, rnd: int, client_id: int, num_examples: int,
+                       budget: int) -> Update:
+        """k = r_k · N slot ids and the k widest slots of round ``rnd``'s factor (B: a column
+        of d_out values, A: a row of d_in), plus a trained head."""
+        layout = self.layout
+        assert layout is not None
+        factor = self.active_factor(rnd)
+        k = budget * layout.num_modules
+        widths = sorted((slot_size(factor, m.d_in, m.d_out) for m in layout.modules
+                         for _ in range(layout.rank)), reverse=True)
+        n_values = sum(widths[:k]) + layout.size(self.head_groups())
+        return Update(client_id, num_examples, torch.zeros(n_values),
+                      torch.zeros(min(k, len(widths)), dtype=torch.int32),
+                      meta={"loss": LONGEST_FLOAT, "factor": factor})
 
     # -- server → client ------------------------------------------------------
     def configure(self, rnd: int, client_id: int, state: ServerState) -> Task:

@@ -1,0 +1,321 @@
+"""Devices and networks, the simulated clock, deadlines, over-selection, budgets from the link
+(issue 33 §2–3) — tiny model, fleets written as CSV files in the test."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import assert_config_error
+from lora_a2.cli import main
+from lora_a2.config import FLEET_PROFILES, load_config
+from lora_a2.fleet import (COMPUTE, LINKS, PROFILES, Device, Fleet, close_round_clock,
+                           draw_profile, read_fleet_csv)
+from lora_a2.report import read_metrics
+
+TINY = ["model.name=tiny-random-bert", "model.max_length=24", "strategy.global_rank=4",
+        "data.partition=iid"]
+
+
+def write_fleet(path: Path, rows: list[tuple]) -> Path:
+    """rows: (flops, down_mbps, up_mbps[, availability]) per client, in client order."""
+    with open(path, "w") as f:
+        f.write("client,flops,down_mbps,up_mbps,availability\n")
+        for c, r in enumerate(rows):
+            f.write(f"{c},{r[0]},{r[1]},{r[2]},{r[3] if len(r) > 3 else ''}\n")
+    return path
+
+
+def run(tmp_path, name, data, sets) -> Path:
+    out = tmp_path / name
+    args = ["run", "--quiet", "--out", str(out), "--set", f"data.name=csv:{data}"]
+    for s in TINY + sets:
+        args += ["--set", s]
+    assert main(args) == 0
+    return out
+
+
+def lines(out: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.endswith("wall_s")}
+            for r in read_metrics(out / "metrics.jsonl")]
+
+
+# ---------------------------------------------------------------------- pure parts
+def test_profiles_are_the_published_figures_and_seeded():
+    assert set(FLEET_PROFILES) == {"none", *PROFILES}  # the config's copy of the names
+    for name, segments in PROFILES.items():
+        fleet = draw_profile(name, 50, seed=3)
+        assert fleet == draw_profile(name, 50, seed=3)
+        links = {(LINKS[n].down_mbps, LINKS[n].up_mbps) for s in segments for n in s.links}
+        for d in fleet:
+            assert (d.down_mbps, d.up_mbps) in links
+            assert any(COMPUTE[n].low <= d.flops <= COMPUTE[n].high
+                       for s in segments for n in s.compute)
+    assert draw_profile("mixed", 50, 3) != draw_profile("mixed", 50, 4)
+    assert len({d.flops for d in draw_profile("mixed", 50, 3)}) > 10
+
+
+def test_client_time_is_bytes_over_rate_plus_flops_over_device_flops():
+    fleet = Fleet([Device(2.5e9, 20.0, 5.0)], flops_per_example=3.0e6)
+    down, compute, up = fleet.times(0, 1_000_000, 250_000, example_passes=40 * 2)
+    assert down == pytest.approx(1_000_000 * 8 / 20e6, rel=1e-12)  # 0.4 s
+    assert compute == pytest.approx(40 * 2 * 3.0e6 / 2.5e9, rel=1e-12)  # 0.096 s
+    assert up == pytest.approx(250_000 * 8 / 5e6, rel=1e-12)  # 0.4 s
+
+
+def test_close_round_clock():
+    finish = {0: 3.0, 1: 1.0, 2: 9.0, 3: 2.0, 4: 2.0}
+    # a deadline: the late client is a straggler and the round lasts until the deadline
+    c = close_round_clock(finish, [0, 1, 2, 3], deadline_s=5.0, target=None, waiting=False)
+    assert (c.kept, c.stragglers, c.surplus, c.round_s) == ([0, 1, 3], [2], [], 5.0)
+    # no deadline: the slowest reply
+    c = close_round_clock(finish, [0, 1, 2], deadline_s=0, target=None, waiting=False)
+    assert (c.kept, c.stragglers, c.round_s) == ([0, 1, 2], [], 9.0)
+    # over-selection: the first two finishers (ties by id), closed at the second's time
+    c = close_round_clock(finish, [0, 2, 3, 4], deadline_s=0, target=2, waiting=False)
+    assert (c.kept, c.surplus, c.round_s) == ([3, 4], [0, 2], 2.0)
+    # too few on time for the target: keep them, wait until the deadline
+    c = close_round_clock(finish, [0, 2], deadline_s=5.0, target=2, waiting=False)
+    assert (c.kept, c.stragglers, c.round_s) == ([0], [2], 5.0)
+    # everyone on time but a dropout is awaited: the deadline
+    c = close_round_clock({1: 1.0}, [1], deadline_s=4.0, target=None, waiting=True)
+    assert c.round_s == 4.0
+
+
+def test_fleet_csv_read_and_refused(tmp_path):
+    ok = write_fleet(tmp_path / "ok.csv", [(1e9, 10, 2), (2e9, 20, 4, 0.5)])
+    assert read_fleet_csv(ok, 2) == [Device(1e9, 10, 2, 1.0), Device(2e9, 20, 4, 0.5)]
+
+
+@pytest.mark.parametrize("content,needle", [
+    ("client,flops,down_mbps\n0,1e9,10\n", "lacks column(s) up_mbps"),
+    ("client,flops,down_mbps,up_mbps\n0,1e9,10,0\n", "up_mbps must be > 0"),
+    ("client,flops,down_mbps,up_mbps\n0,-1,10,2\n", "flops must be > 0"),
+    ("client,flops,down_mbps,up_mbps\n0,1e9,10,x\n", "must be a number"),
+    ("client,flops,down_mbps,up_mbps\n0,1e9,10,2\n", "no row for client 1"),
+])
+def test_bad_fleet_csv_is_a_one_line_error(tmp_path, capsys, content, needle):
+    path = tmp_path / "f.csv"
+    path.write_text(content)
+    assert_config_error(capsys, [f"fleet.profile=csv:{path}", "data.num_clients=2"], needle)
+
+
+@pytest.mark.parametrize("sets,needle", [
+    (["strategy.rank_budget=auto"], "strategy.rank_budget"),
+    (["strategy.rank_budget=auto", "fleet.profile=mobile"], "train.deadline_s > 0"),
+    (["strategy.rank_budget=auto", "train.deadline_s=5"], "needs a simulated clock"),
+    (["train.deadline_s=5"], "fleet.profile"),
+    (["train.over_select=0.3"], "fleet.profile"),
+    (["fleet.profile=moblie"], "fleet.profile"),
+    (["fleet.profile=mobile", "train.deadline_s=5", "privacy.mechanism=gaussian",
+      "privacy.noise_multiplier=1"], "cannot be combined with DP"),
+    (["fleet.profile=mobile", "train.over_select=0.3", "privacy.mechanism=gaussian",
+      "privacy.noise_multiplier=1"], "cannot be combined with DP"),
+    (["fleet.profile=mobile", "train.deadline_s=5", "strategy.rank_budget=auto",
+      "privacy.mechanism=gaussian", "privacy.noise_multiplier=1"], "DP"),
+    (["fleet.profile=mobile", "train.deadline_s=5", "strategy.rank_budget=auto",
+      "strategy.name=fl-lora"], "'auto' needs a strategy whose upload is sized"),
+    (["train.deadline_s=-1", "fleet.profile=mobile"], "train.deadline_s"),
+])
+def test_bad_combinations_are_one_line_errors(capsys, sets, needle):
+    assert_config_error(capsys, sets, needle)
+
+
+def test_lora_a2_declares_its_probe_in_its_passes():
+    from lora_a2.strategies import get_strategy
+
+    def passes(*sets, n=100):
+        cfg = load_config(None, ["train.local_epochs=2", "train.batch_size=10", *sets])
+        return get_strategy(cfg).local_passes(1, n)
+
+    assert passes() == 3.0  # E = 2 plus a one-epoch probe
+    assert passes("strategy.options.probe_epochs=2") == 4.0
+    assert passes("strategy.options.probe_fraction=0.25") == pytest.approx(2.3)  # 3 of 10 steps
+    assert passes("strategy.options.probe=reuse") == 2.0  # the probe is the first epoch
+    assert passes("strategy.options.probe=gradient") == pytest.approx(2.4)  # 4 batches of 10
+    assert get_strategy(load_config(None, ["train.local_epochs=2", "strategy.name=fl-lora"])
+                        ).local_passes(1, 100) == 2.0
+
+
+# ---------------------------------------------------------------------- runs
+FAST = (1e12, 100.0, 100.0)
+
+
+def test_sim_time_is_the_formula_from_real_bytes_and_counted_flops(tmp_path, synthetic_csv):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lora_a2.client import batch_of
+    from lora_a2.experiment import prepare
+
+    fleet = write_fleet(tmp_path / "f.csv", [(3e9, 10.0, 2.0), (7e9, 40.0, 8.0), (5e10, 5, 1)])
+    sets = ["data.num_clients=3", "train.rounds=2", "strategy.name=fl-lora",
+            "strategy.rank_budget=2", f"fleet.profile=csv:{fleet}", "train.batch_size=8"]
+    out = run(tmp_path, "a", synthetic_csv, sets)
+    # FLOPs of one training example, counted here on the run's first batch
+    exp = prepare(load_config(out / "config.toml"))
+    batch = batch_of(exp.enc_train, torch.arange(8), exp.runtime.device)
+    for p in exp.runtime.model.parameters():  # as local training does: only the federated
+        p.requires_grad_(False)                # parameters get gradients
+    for p in exp.runtime.params.values():
+        p.requires_grad_(True)
+    exp.runtime.model.train()
+    with FlopCounterMode(display=False) as counter:
+        exp.task.loss(exp.runtime.model, batch).backward()
+    per_example = counter.get_total_flops() / 8
+    devices = read_fleet_csv(fleet, 3)
+    clock = 0.0
+    for r in read_metrics(out / "metrics.jsonl"):
+        finish = []
+        for row in r["per_client"]:
+            d = devices[row["client"]]
+            assert row["sim_download_s"] == pytest.approx(8 * row["download_bytes"] / 10**6
+                                                          / d.down_mbps, rel=1e-12)
+            assert row["sim_upload_s"] == pytest.approx(8 * row["upload_bytes"] / 10**6
+                                                        / d.up_mbps, rel=1e-12)
+            # FL+LoRA: one local epoch over the client's examples
+            assert row["sim_compute_s"] == pytest.approx(
+                row["num_examples"] * 1 * per_example / d.flops, rel=1e-9)
+            finish.append(row["sim_download_s"] + row["sim_compute_s"] + row["sim_upload_s"])
+        assert r["sim_round_s"] == max(finish)  # no deadline: the slowest client
+        clock += r["sim_round_s"]
+        assert r["sim_time_s"] == clock and r["stragglers"] == [] and r["offline"] == []
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["sim_time_s"] == clock
+
+
+def test_default_run_has_no_clock(tmp_path, synthetic_csv):
+    out = run(tmp_path, "a", synthetic_csv, ["data.num_clients=3", "train.rounds=1"])
+    r = read_metrics(out / "metrics.jsonl")[0]
+    assert not [k for k in r if k.startswith("sim_") or k in ("stragglers", "offline")]
+    assert not [k for k in r["per_client"][0] if k.startswith("sim_")]
+    assert "sim_time_s" not in json.loads((out / "summary.json").read_text())
+
+
+def deadline_sets(fleet: Path, rounds: int = 4) -> list[str]:
+    return ["data.num_clients=4", f"train.rounds={rounds}", "train.clients_per_round=3",
+            f"fleet.profile=csv:{fleet}", "train.deadline_s=2.0", "strategy.rank_budget=2"]
+
+
+def test_deadline_stragglers_are_discarded_and_runs_are_deterministic(tmp_path, synthetic_csv):
+    # client 2's device needs minutes for its local epochs: it misses every deadline
+    fleet = write_fleet(tmp_path / "f.csv", [FAST, FAST, (1e5, 100.0, 100.0), FAST])
+    a = run(tmp_path, "a", synthetic_csv, deadline_sets(fleet))
+    b = run(tmp_path, "b", synthetic_csv, deadline_sets(fleet))
+    assert lines(a) == lines(b)  # same seed: the same clock, to the last bit
+    records = lines(a)
+    assert any(2 in r["clients"] for r in records)
+    clock = 0.0
+    for r in records:
+        rows = {row["client"]: row for row in r["per_client"]}
+        assert r["stragglers"] == ([2] if 2 in r["clients"] else [])
+        assert r["num_replies"] == len(r["clients"]) - len(r["stragglers"])
+        if 2 in r["clients"]:
+            late = rows[2]
+            assert late["straggler"] and late["upload_bytes"] == 0 and late["download_bytes"] > 0
+            assert "train_loss" not in late
+            assert late["sim_download_s"] + late["sim_compute_s"] + late["sim_upload_s"] > 2.0
+            assert r["sim_round_s"] == 2.0  # the server waited until the deadline
+        else:
+            assert r["sim_round_s"] < 2.0
+        assert r["upload_bytes"] == sum(row["upload_bytes"] for row in r["per_client"])
+        clock += r["sim_round_s"]
+        assert r["sim_time_s"] == clock
+    summary = json.loads((a / "summary.json").read_text())
+    assert summary["stragglers"] == sum(len(r["stragglers"]) for r in records)
+
+
+def test_kill_and_resume_keep_the_clock_exact(tmp_path, synthetic_csv):
+    from test_reliability import _kill_after
+
+    fleet = write_fleet(tmp_path / "f.csv", [FAST, (2e9, 1.0, 0.5), (1e5, 100.0, 100.0), FAST])
+    rounds = 5
+
+    def cli(out):
+        args = [sys.executable, "-m", "lora_a2.cli", "run", "--quiet", "--out", str(out),
+                "--set", f"data.name=csv:{synthetic_csv}"]
+        for s in TINY + deadline_sets(fleet, rounds):
+            args += ["--set", s]
+        return args
+
+    ref = tmp_path / "ref"
+    subprocess.run(cli(ref), check=True, capture_output=True)
+    out = tmp_path / "k"
+    _kill_after(cli(out), out, 2, 0.0)
+    done = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
+    assert len(done) < rounds, "the kill came too late to test anything"
+    r = subprocess.run([sys.executable, "-m", "lora_a2.cli", "run", "--quiet", "--resume",
+                        str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert lines(out) == lines(ref)
+    assert lines(ref)[-1]["sim_time_s"] > 0
+
+
+def test_offline_clients_never_get_a_task(tmp_path, synthetic_csv):
+    fleet_csv = write_fleet(tmp_path / "f.csv",
+                            [FAST, (1e12, 100.0, 100.0, 0.3), FAST, (1e12, 100.0, 100.0, 0.6)])
+    out = run(tmp_path, "a", synthetic_csv,
+              ["data.num_clients=4", "train.rounds=6", f"fleet.profile=csv:{fleet_csv}"])
+    fleet = Fleet(read_fleet_csv(fleet_csv, 4))
+    records = lines(out)
+    seen = [c for r in records for c in r["offline"]]
+    assert seen and set(seen) <= {1, 3}
+    for r in records:
+        assert r["offline"] == [c for c in r["clients"] if fleet.offline(0, r["round"], c)]
+        for row in r["per_client"]:
+            if row["client"] in r["offline"]:
+                assert row["offline"] and row["download_bytes"] == 0 == row["upload_bytes"]
+                assert "num_examples" not in row and "sim_download_s" not in row
+            else:
+                assert row["download_bytes"] > 0
+        assert r["num_replies"] == len(r["clients"]) - len(r["offline"])
+
+
+def test_over_selection_keeps_the_first_finishers(tmp_path, synthetic_csv):
+    # five devices of different speeds; 2 clients per round, over-selected by 100 % (4 sampled)
+    fleet = write_fleet(tmp_path / "f.csv", [(10 ** (8 + c / 2), 20.0 + c, 5.0 + c)
+                                             for c in range(5)])
+    out = run(tmp_path, "a", synthetic_csv,
+              ["data.num_clients=5", "train.rounds=3", "train.clients_per_round=2",
+               "train.over_select=1.0", f"fleet.profile=csv:{fleet}"])
+    for r in lines(out):
+        assert len(r["clients"]) == 4 and r["num_replies"] == 2
+        finish = {row["client"]: row["sim_download_s"] + row["sim_compute_s"]
+                  + row["sim_upload_s"] for row in r["per_client"]}
+        order = sorted(finish, key=lambda c: (finish[c], c))
+        kept = sorted(order[:2])
+        assert r["surplus"] == sorted(order[2:]) and r["stragglers"] == []
+        rows = {row["client"]: row for row in r["per_client"]}
+        assert [c for c in kept if rows[c].get("train_loss") is not None] == kept
+        assert all(rows[c]["surplus"] and rows[c]["upload_bytes"] == 0 for c in order[2:])
+        assert r["sim_round_s"] == finish[order[1]]
+
+
+@pytest.mark.parametrize("strategy", ["lora-a2", "flexlora", "hetlora"])
+def test_auto_budgets_grow_with_the_uplink(tmp_path, synthetic_csv, strategy):
+    # equal devices and downlinks; uplinks from hopeless to fast
+    ups = [0.002, 0.03, 0.06, 0.5, 100.0]
+    fleet = write_fleet(tmp_path / "f.csv", [(1e12, 100.0, u) for u in ups])
+    out = run(tmp_path, "a", synthetic_csv,
+              ["data.num_clients=5", "train.rounds=2", f"strategy.name={strategy}",
+               f"fleet.profile=csv:{fleet}", "train.deadline_s=1.0",
+               "strategy.rank_budget=auto"])
+    first = [c["rank_budget"] for c in json.loads((out / "partition.json").read_text())["clients"]]
+    assert first == sorted(first) and first[-1] == 4 and len(set(first)) >= 3, first
+    for r in lines(out):
+        rows = {row["client"]: row for row in r["per_client"]}
+        budgets = [rows[c]["rank_budget"] for c in range(5)]
+        assert budgets == sorted(budgets), budgets  # a faster uplink, a larger budget
+        # the hopeless client: not even rank 1 fits, a straggler by construction (FlexLoRA's
+        # rank-1 upload, A and B, may not fit on the second-slowest link either)
+        fits = [c for c in range(5) if rows[c]["budget_fits"]]
+        assert 0 not in fits and {2, 3, 4} <= set(fits)
+        assert r["stragglers"] == [c for c in range(5) if c not in fits]
+        for c in fits:  # every fitted budget did fit: the real bytes within the deadline
+            row = rows[c]
+            assert not row.get("straggler") and row["upload_bytes"] > 0
+            assert row["sim_download_s"] + row["sim_compute_s"] + row["sim_upload_s"] <= 1.0
