@@ -50,8 +50,8 @@ from pathlib import Path
 from typing import Any
 
 
-from ..checks import load_config
-from ..config import Config, clients_per_round, config_from_dict
+from ..checks import check_config, load_config
+from ..config import Config, clients_known, clients_per_round, config_from_dict
 from ..errors import UserError
 from ..payload import InvalidPayload, decode, encode
 from ..rounds import Reply, RoundPlan, Transport, eval_reply, round_record, run_round
@@ -289,14 +289,16 @@ class FlowerRounds(Transport):
         t = self.cfg.engine.round_timeout_s
         return t if t > 0 else None
 
-    def discover(self, wait: bool) -> list[str]:
+    def discover(self, wait: bool, num_clients: int | None = None) -> list[str]:
         """Ask new nodes for their partition; on the first call wait (up to
-        ``engine.connect_timeout_s``) until every client has a node."""
+        ``engine.connect_timeout_s``) until every client has a node. ``num_clients``: the
+        partition's (default ``data.num_clients``; a natural partition's is the experiment's)."""
         from flwr.app import Message, MessageType, RecordDict
 
         warnings: list[str] = []
         deadline = time.monotonic() + (self.connect_timeout_s if wait else 0)
-        num_clients = self.cfg.data.num_clients
+        if num_clients is None:
+            num_clients = self.cfg.data.num_clients
         while True:
             new = [n for n in self.grid.get_node_ids() if n not in self.known]
             if new:
@@ -342,7 +344,8 @@ class FlowerRounds(Transport):
     def begin_round(self, exp, rnd: int) -> None:
         t0 = time.perf_counter()
         self._query_before = self.query_bytes
-        self._node_warnings = self.discover(wait=not self.known)
+        self._node_warnings = self.discover(wait=not self.known,
+                                            num_clients=exp.cfg.data.num_clients)
         self._discover_s = time.perf_counter() - t0  # round 1: waits for Ray and the nodes
         self._down = self._up = 0
         self._timing: dict[str, Any] = {}
@@ -552,6 +555,14 @@ def run_simulation(cfg: Config, out: Path, *, overwrite: bool = False, progress:
 
     result: dict[str, Any] = {}
     server = ServerApp()
+    # A natural partition with data.num_clients = 0 has as many clients (nodes) as the data
+    # hold: build the experiment here, before Flower starts one SuperNode per client.
+    exp = None
+    if not clients_known(cfg):
+        from ..experiment import prepare
+
+        exp = prepare(check_config(cfg))
+    run_cfg = cfg if exp is None else exp.cfg
     t_call = time.perf_counter()
 
     @server.main()
@@ -560,13 +571,14 @@ def run_simulation(cfg: Config, out: Path, *, overwrite: bool = False, progress:
         try:
             result["summary"] = run_experiment(cfg, out, overwrite=overwrite, progress=progress,
                                                resume=resume, round_fn=FlowerRounds(grid, cfg),
-                                               console=console)
+                                               console=console, exp=exp)
         except BaseException as e:  # re-raised in the caller's thread below
             result["error"] = e
 
     _quiet_flower()
     flwr_run_simulation(server_app=server, client_app=make_client_app(),
-                        num_supernodes=cfg.data.num_clients, backend_config=backend_config(cfg))
+                        num_supernodes=run_cfg.data.num_clients,
+                        backend_config=backend_config(run_cfg))
     total_s = time.perf_counter() - t_call
     if "error" in result:
         raise result["error"]
