@@ -23,6 +23,7 @@ __all__ = [
     "NOISE_SOURCES", "PARTITIONS", "RANK_DISTRIBUTIONS", "REPORTERS", "SCHEMA_VERSION",
     "SECTIONS", "Config", "DataConfig", "EngineConfig", "ModelConfig", "PrivacyConfig",
     "ReportConfig", "SecAggConfig", "ServerConfig", "StrategyConfig", "TaskConfig",
-    "TrainConfig", "all_keys", "clients_known", "clients_per_round", "coerce_value", "config_from_dict",
+    "TrainConfig", "all_keys", "clients_known", "clients_per_round", "coerce_value",
+    "config_from_dict",
     "flatten", "load_config", "overrides_to_sets", "parse_set", "split_sets", "validate",
 ]
