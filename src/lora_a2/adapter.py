@@ -18,7 +18,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -94,15 +94,18 @@ class ModelRuntime:
     device : where the model runs.
     task : the run's :class:`~lora_a2.tasks.LearningTask` (loads the base model, gives the loss
         and PEFT's task type).
+    base : ``task.load_model(num_labels, seed)``'s result when already loaded (the experiment
+        encodes the data with its tokenizer before the rank is known); None: load it here.
     """
 
     def __init__(self, cfg: ModelConfig, num_labels: int, lora_rank: int | None, seed: int,
-                 device: torch.device, task: LearningTask) -> None:
+                 device: torch.device, task: LearningTask,
+                 base: tuple[nn.Module, Any, str | None] | None = None) -> None:
         self.cfg = cfg
         self.task = task
         self.device = device
         self.num_labels = num_labels
-        base, self.tokenizer, self.source = task.load_model(num_labels, seed)
+        base, self.tokenizer, self.source = base or task.load_model(num_labels, seed)
         self._tiny_base = ({k: v.clone() for k, v in base.state_dict().items()}, base.config,
                            type(base)) if self.source is None else None
         if cfg.gradient_checkpointing:

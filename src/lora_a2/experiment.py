@@ -7,6 +7,7 @@ depends on which task it is.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,8 +16,11 @@ import torch
 
 from .adapter import ModelRuntime
 from .client import EncodedData
-from .config import Config
+from .config import Config, validate
 from .data import partition
+from .data.partition import NATURAL, natural_partition
+from .data.readers import skipped_note
+from .errors import UserError
 from .fleet import Fleet, build_fleet
 from .models import pick_device
 from .checks import check_config
@@ -44,6 +48,8 @@ class Experiment:
     client_stores: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     #: the clients' devices and links (``fleet.profile``; None: no simulated clock)
     fleet: Fleet | None = None
+    #: ``natural`` partition: client ``c``'s id value (a user, a film, a speaker); else None
+    natural_ids: list[Any] | None = None
 
     @property
     def num_labels(self) -> int:
@@ -74,25 +80,69 @@ def split_local_test(parts: list[np.ndarray], fraction: float, seed: int):
 
 
 def prepare(cfg: Config) -> Experiment:
-    """Load and encode the data, build the model and the strategy, partition the clients."""
+    """Load and encode the data, partition the clients, build the model and the strategy.
+
+    The experiment's config (:attr:`Experiment.cfg`) is ``cfg`` with the number of clients
+    the partition drew (:func:`resolve_clients`): a ``natural`` partition knows it only once
+    the data are read and encoded, and everything built here (the strategy's budgets, the DP
+    sampling rate, the rounds' sampling, Flower's nodes) reads it from there.
+    """
     check_config(cfg)  # the components' checks, whoever built cfg
     if cfg.engine.threads:
         torch.set_num_threads(cfg.engine.threads)
-    d = cfg.data
     task = get_task(cfg)
     train, test = task.load_data()
-    strategy = build_strategy(cfg)  # wrapped in the DP wrapper when privacy is on
-    runtime = ModelRuntime(cfg.model, len(train.label_names), strategy.lora_rank(), cfg.seed,
-                           pick_device(cfg.engine.device), task=task)
-    strategy.bind(runtime.layout)
+    base = task.load_model(len(train.label_names), cfg.seed)  # (model, tokenizer, source)
     # Encoding may drop examples that cannot fit (counted in the datasets' stats), so the
     # partition is drawn over what was encoded.
-    enc_train, train = task.encode(runtime.tokenizer, train, "train")
-    enc_test, test = task.encode(runtime.tokenizer, test, "test")
-    parts = partition(train.labels, d.num_clients, d.partition, alpha=d.alpha,
-                      classes_per_client=d.classes_per_client,
-                      min_examples=d.min_examples_per_client, seed=cfg.seed)
-    client_train, client_test = split_local_test(parts, d.local_test_fraction, cfg.seed)
+    enc_train, train = task.encode(base[1], train, "train")
+    enc_test, test = task.encode(base[1], test, "test")
+    parts, natural_ids = draw_clients(cfg, train)
+    run_cfg = resolve_clients(cfg, len(parts))
+    strategy = build_strategy(run_cfg)  # wrapped in the DP wrapper when privacy is on
+    runtime = ModelRuntime(cfg.model, len(train.label_names), strategy.lora_rank(), cfg.seed,
+                           pick_device(cfg.engine.device), task=task, base=base)
+    strategy.bind(runtime.layout)
+    client_train, client_test = split_local_test(parts, run_cfg.data.local_test_fraction,
+                                                 cfg.seed)
     strategy.bind_clients([len(idx) for idx in client_train])
-    return Experiment(cfg, train, test, client_train, client_test, strategy, runtime, enc_train,
-                      enc_test, task, fleet=build_fleet(cfg))
+    return Experiment(run_cfg, train, test, client_train, client_test, strategy, runtime,
+                      enc_train, enc_test, task, fleet=build_fleet(run_cfg),
+                      natural_ids=natural_ids)
+
+
+def draw_clients(cfg: Config, train: Any) -> tuple[list[np.ndarray], list[Any] | None]:
+    """The clients' training indices into ``train`` and, for a ``natural`` partition, each
+    client's id value (None otherwise). A partition that fails for want of rows or clients
+    says what the loader and the encoder skipped, and why."""
+    d = cfg.data
+    if d.partition == NATURAL:
+        drawn = natural_partition(train.client_ids, num_clients=d.num_clients,
+                                  min_examples=d.min_examples_per_client,
+                                  max_examples=d.max_train_examples,
+                                  column=train.stats.get("natural_clients", {}).get(
+                                      "column", d.client_column),
+                                  stats=train.stats)
+        return drawn.parts, drawn.natural_ids
+    try:
+        parts = partition(train.labels, d.num_clients, d.partition, alpha=d.alpha,
+                          classes_per_client=d.classes_per_client,
+                          min_examples=d.min_examples_per_client, seed=cfg.seed)
+    except UserError as e:
+        note = skipped_note(train.stats)
+        if not note:
+            raise
+        raise UserError(f"{e}{note}") from None
+    return parts, None
+
+
+def resolve_clients(cfg: Config, num_clients: int) -> Config:
+    """``cfg`` with ``data.num_clients`` = the partition's client count: ``cfg`` itself when
+    it already says so, else a validated copy (the user's config, as written to config.toml
+    and compared on resume, keeps its own value: 0 = every natural client)."""
+    if cfg.data.num_clients == num_clients:
+        return cfg
+    resolved = copy.deepcopy(cfg)
+    resolved.data.num_clients = num_clients
+    validate(resolved)  # the checks against the count, skipped while it was unknown
+    return check_config(resolved)

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import Config
+from .config import Config, clients_known
 from .errors import UserError
 
 _DRAW_SALT = 0xF1EE7
@@ -214,8 +214,10 @@ def build_fleet(cfg: Config) -> Fleet | None:
 
 
 def check_config(cfg: Config) -> None:
-    """A fleet CSV exists and has a valid row per client (one-line :class:`UserError`)."""
-    if cfg.fleet.profile.startswith("csv:"):
+    """A fleet CSV exists and has a valid row per client (one-line :class:`UserError`). With a
+    natural partition's count still unknown (``data.num_clients = 0``) this runs once the data
+    are read (:func:`lora_a2.experiment.prepare` checks the resolved config again)."""
+    if cfg.fleet.profile.startswith("csv:") and clients_known(cfg):
         read_fleet_csv(cfg.fleet.profile[4:], cfg.data.num_clients)
 
 

@@ -70,7 +70,8 @@ def check_same_config(cfg: Config, saved: Config, out: Path) -> None:
 
 
 def run_experiment(cfg: Config, out: Path, *, overwrite: bool = False, progress: bool = True,
-                   resume: bool = False, round_fn=None, console: bool = False) -> dict[str, Any]:
+                   resume: bool = False, round_fn=None, console: bool = False,
+                   exp: Experiment | None = None) -> dict[str, Any]:
     """Run ``cfg`` on the local engine, writing every output under ``out``; return the summary.
 
     After every round the metrics line is appended and then an atomic checkpoint written; with
@@ -78,7 +79,10 @@ def run_experiment(cfg: Config, out: Path, *, overwrite: bool = False, progress:
     torn last line, are dropped and those rounds recomputed — identically, as every draw is
     seeded by (seed, round, client)). Each round's released record goes to the reporters
     (:mod:`lora_a2.reporters`): metrics.jsonl, the plots, ``report.to``'s, the progress bar
-    with ``progress``, the console summary with ``console``.
+    with ``progress``, the console summary with ``console``. ``exp``: ``prepare(cfg)`` when the
+    caller already built it (Flower's simulation needs the client count before it starts).
+    ``config.toml`` is ``cfg`` as given; the run itself uses ``exp.cfg`` (with the number of
+    clients the partition drew).
     """
     if cfg.engine.name == "flower" and round_fn is None:
         raise UserError("engine.name = 'flower' runs through Flower's Simulation Engine: start "
@@ -92,7 +96,7 @@ def run_experiment(cfg: Config, out: Path, *, overwrite: bool = False, progress:
     else:
         out = prepare_out_dir(out, overwrite)
         atomic_write_text(out / "config.toml", cfg.to_toml())
-    exp = prepare(cfg)
+    exp = exp if exp is not None else prepare(cfg)
     strategy = exp.strategy
     ckpt = load_checkpoint(out) if resume else None
     if ckpt is None:
@@ -130,7 +134,7 @@ def run_experiment(cfg: Config, out: Path, *, overwrite: bool = False, progress:
     title = f"{strategy.name} · {cfg.data.name} · {cfg.data.partition}" + (
         f"({cfg.data.alpha})" if cfg.data.partition == "dirichlet" else "")
     try:
-        report.start(RunStart(cfg, out, start, clients_per_round(cfg), metric, initial,
+        report.start(RunStart(cfg, out, start, clients_per_round(exp.cfg), metric, initial,
                               exp.task.plots, title, list(records), exp.task.summary_lines))
         setup_s = time.perf_counter() - t_start  # model, data, partition, initial evaluation
         for rnd in range(start, cfg.train.rounds + 1):
@@ -383,11 +387,19 @@ def reference_uploads(exp: Experiment, records: list[dict[str, Any]]) -> dict[st
 
 
 def write_partition(exp: Experiment, out: Path) -> None:
-    """Per-client sizes, label histograms and rank budgets, for inspecting the non-IID split."""
+    """Per-client sizes, label histograms and rank budgets, for inspecting the non-IID split;
+    a ``natural`` partition also names each client's id value (``natural_id``) and its
+    column."""
     hist = label_histogram(exp.train.labels, exp.client_train, len(exp.train.label_names))
+    natural = exp.natural_ids
+    head: dict[str, Any] = {"label_names": exp.train.label_names}
+    if natural is not None:
+        head["natural_clients"] = exp.train.stats.get("natural_clients", {})
     atomic_write_text(out / "partition.json", json.dumps({
-        "label_names": exp.train.label_names,
-        "clients": [{"client": c, "num_examples": int(len(idx)),
+        **head,
+        "clients": [{"client": c,
+                     **({"natural_id": natural[c]} if natural is not None else {}),
+                     "num_examples": int(len(idx)),
                      "local_test_examples": int(len(exp.client_test[c])),
                      "rank_budget": exp.strategy.budgets[c],
                      "label_counts": [int(x) for x in hist[c]]}

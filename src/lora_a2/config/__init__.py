@@ -18,7 +18,7 @@ from .schema import (FLEET_PROFILES, LEGACY_DEFAULTS, LEGACY_STRATEGY_OPTIONS, M
                      PrivacyConfig,
                      ReportConfig, SecAggConfig, ServerConfig, StrategyConfig, TaskConfig,
                      TrainConfig)
-from .validate import clients_per_round, validate
+from .validate import clients_known, clients_per_round, validate
 
 __all__ = [
     "FLEET_PROFILES", "FleetConfig", "LEGACY_DEFAULTS", "LEGACY_STRATEGY_OPTIONS", "MECHANISMS",
@@ -26,6 +26,7 @@ __all__ = [
     "NOISE_SOURCES", "PARTITIONS", "RANK_DISTRIBUTIONS", "REPORTERS", "SCHEMA_VERSION",
     "SECTIONS", "Config", "DataConfig", "EngineConfig", "ModelConfig", "PrivacyConfig",
     "ReportConfig", "SecAggConfig", "ServerConfig", "StrategyConfig", "TaskConfig",
-    "TrainConfig", "all_keys", "clients_per_round", "coerce_value", "config_from_dict",
+    "TrainConfig", "all_keys", "clients_known", "clients_per_round", "coerce_value",
+    "config_from_dict",
     "flatten", "load_config", "overrides_to_sets", "parse_set", "split_sets", "validate",
 ]

@@ -19,7 +19,7 @@ MODES = ("local", "central")
 """Values of privacy.mode."""
 REPORTERS = ("tensorboard", "mlflow")
 """Values of report.to (the optional reporters of lora_a2.reporters)."""
-PARTITIONS = ("dirichlet", "pathological", "paired", "iid")
+PARTITIONS = ("dirichlet", "pathological", "paired", "iid", "natural")
 """Values of data.partition."""
 FLEET_PROFILES = ("none", "mobile", "mixed", "uniform")
 """Values of fleet.profile besides `csv:PATH` (the built-in fleets of lora_a2.fleet.PROFILES,
@@ -62,26 +62,36 @@ class ModelConfig:
 class DataConfig:
     name: str = "bbc-news"
     """`bbc-news`, `rotten-tomatoes`, `twitter-sentiment`, `csv:PATH`, `json:PATH`,
-    `parquet:PATH` (or `csv:TRAIN,TEST`), `hf:NAME[:CONFIG]`."""
+    `parquet:PATH` (or `csv:TRAIN,TEST`), `hf:NAME[:CONFIG]`; causal LM: `bbc-headlines`,
+    `chatterbot`, `debate-replies`."""
     text_column: str = ""
     """Text column for file/hub datasets; empty = `text`."""
     label_column: str = ""
     """Label column for file/hub datasets; empty = `label`."""
     num_clients: int = 10
-    """K: the number of clients the training set is partitioned into."""
+    """K: the number of clients the training set is partitioned into. With `partition =
+    "natural"`: 0 = every natural client, a positive value = the largest that many (an error
+    when fewer remain)."""
     partition: str = "dirichlet"
-    """`dirichlet`, `pathological`, `paired`, `iid`."""
+    """`dirichlet`, `pathological`, `paired`, `iid`, or `natural`: one client per distinct
+    value of `data.client_column` (clients indexed in the sorted order of those values)."""
+    client_column: str = ""
+    """`natural` partition: the column whose values are the clients (a user, a film, a
+    speaker); empty = the built-in dataset's own (`rotten-tomatoes`: `movie_name`,
+    `debate-replies`: `speaker`). Read only when `partition = "natural"`."""
     alpha: float = 0.1
     """Dirichlet concentration (smaller = more heterogeneous)."""
     classes_per_client: int = 2
     """Classes per client for `pathological` / `paired`."""
     min_examples_per_client: int = 8
-    """Every client gets at least this many training examples (topped up from the largest)."""
+    """Every client gets at least this many training examples (topped up from the largest);
+    `natural`: a client with fewer is dropped (counted in `data_rows`), never topped up."""
     test_fraction: float = 0.2
     """Held-out fraction when the source has no test split (stratified, seeded)."""
     max_train_examples: int = 1000
     """Cap on training examples (stratified subsample); 0 = all. The default 1000 sizes the
-    embedded demo for about 7 minutes on 2 CPU cores; set 0 for the whole dataset."""
+    embedded demo for about 7 minutes on 2 CPU cores; set 0 for the whole dataset. `natural`:
+    keeps whole clients, largest first, as many as fit under the cap (never a row sample)."""
     max_test_examples: int = 0
     """Cap on test examples; 0 = all."""
     local_test_fraction: float = 0.0

@@ -26,9 +26,15 @@ def validate(cfg: Config) -> None:
     require(m.init_std >= 0, "model.init_std", "must be ≥ 0", m.init_std)
     require(m.dtype in MODEL_DTYPES, "model.dtype", f"must be one of {', '.join(MODEL_DTYPES)}",
              m.dtype)
-    require(d.num_clients >= 1, "data.num_clients", "must be ≥ 1", d.num_clients)
     require(d.partition in PARTITIONS, "data.partition", f"must be one of {', '.join(PARTITIONS)}",
              d.partition)
+    if d.partition == "natural":
+        require(d.num_clients >= 0, "data.num_clients",
+                 "must be ≥ 0 with data.partition = 'natural' (0 = every natural client)",
+                 d.num_clients)
+    else:
+        require(d.num_clients >= 1, "data.num_clients", "must be ≥ 1", d.num_clients)
+    known = clients_known(cfg)
     require(d.alpha > 0, "data.alpha", "must be > 0", d.alpha)
     require(d.classes_per_client >= 1, "data.classes_per_client", "must be ≥ 1", d.classes_per_client)
     require(d.min_examples_per_client >= 1, "data.min_examples_per_client", "must be ≥ 1",
@@ -43,7 +49,7 @@ def validate(cfg: Config) -> None:
     require(s.global_rank >= 1, "strategy.global_rank", "must be ≥ 1", s.global_rank)
     rb = s.rank_budget
     if isinstance(rb, list):
-        require(len(rb) == d.num_clients, "strategy.rank_budget",
+        require(not known or len(rb) == d.num_clients, "strategy.rank_budget",
                  f"must list one budget per client ({d.num_clients})", rb)
         for b in rb:
             require(isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= s.global_rank,
@@ -79,9 +85,9 @@ def validate(cfg: Config) -> None:
         require(0 < cpr < 1, "train.clients_per_round",
                  "must be 0 (all), an integer count, or a fraction in (0, 1)", cpr)
     else:
-        require(0 <= cpr <= d.num_clients, "train.clients_per_round",
+        require(0 <= cpr and (not known or cpr <= d.num_clients), "train.clients_per_round",
                  f"must be 0 (all) or a count ≤ data.num_clients = {d.num_clients}", cpr)
-    require(t.min_replies <= clients_per_round(cfg), "train.min_replies",
+    require(not known or t.min_replies <= clients_per_round(cfg), "train.min_replies",
              f"must not exceed the clients sampled per round ({clients_per_round(cfg)})",
              t.min_replies)
     require(e.name in ("local", "flower"), "engine.name", "must be 'local' or 'flower'", e.name)
@@ -188,26 +194,36 @@ def _validate_secagg(cfg: Config) -> None:
     require(not (cfg.privacy.mechanism != "none" and cfg.privacy.mode == "central"),
              "secagg.enabled", "cannot be combined with central DP: the server never sees an "
              "upload to clip; use privacy.mode = 'local' (distributed noise)", a.enabled)
-    n = clients_per_round(cfg)
-    require(n >= 2, "secagg.enabled", "needs at least 2 clients per round", a.enabled)
-    shares = a.num_shares if a.num_shares > 1 else max(1, round(a.num_shares * n))
     require(a.num_shares > 0 and (a.num_shares <= 1 or float(a.num_shares).is_integer()),
              "secagg.num_shares", "must be an integer ≥ 2 or a fraction in (0, 1]", a.num_shares)
-    require(shares <= n, "secagg.num_shares",
-             f"must not exceed the clients per round ({n})", a.num_shares)
     t = a.reconstruction_threshold
     require(t > 0 and (t <= 1 or float(t).is_integer()), "secagg.reconstruction_threshold",
              "must be an integer ≥ 2 or a fraction in (0, 1]", t)
-    require(t <= 1 or t <= min(shares, n), "secagg.reconstruction_threshold",
-             f"must not exceed the shares per client ({shares}) or the clients per round ({n})",
-             t)
     require(a.clipping_range > 0, "secagg.clipping_range", "must be > 0", a.clipping_range)
     require(a.quantization_range >= 2, "secagg.quantization_range", "must be ≥ 2",
              a.quantization_range)
+    require(a.timeout_s >= 0, "secagg.timeout_s", "must be ≥ 0", a.timeout_s)
+    if not clients_known(cfg):
+        return  # the rest is checked on the resolved config, once the partition is drawn
+    n = clients_per_round(cfg)
+    require(n >= 2, "secagg.enabled", "needs at least 2 clients per round", a.enabled)
+    shares = a.num_shares if a.num_shares > 1 else max(1, round(a.num_shares * n))
+    require(shares <= n, "secagg.num_shares",
+             f"must not exceed the clients per round ({n})", a.num_shares)
+    require(t <= 1 or t <= min(shares, n), "secagg.reconstruction_threshold",
+             f"must not exceed the shares per client ({shares}) or the clients per round ({n})",
+             t)
     require(n * a.quantization_range < a.modulus_range, "secagg.modulus_range",
              f"must exceed clients per round × quantization_range ({n * a.quantization_range})"
              f" or the masked sum wraps around", a.modulus_range)
-    require(a.timeout_s >= 0, "secagg.timeout_s", "must be ≥ 0", a.timeout_s)
+
+
+def clients_known(cfg: Config) -> bool:
+    """Whether the config says how many clients there are: false for a ``natural`` partition
+    with ``data.num_clients = 0`` (every natural client: known once the data are read, when
+    :func:`lora_a2.experiment.prepare` sets the count on its copy of the config and validates
+    that copy again)."""
+    return cfg.data.num_clients >= 1
 
 
 def clients_per_round(cfg: Config) -> int:

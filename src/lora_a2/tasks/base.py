@@ -25,6 +25,12 @@ if TYPE_CHECKING:  # only for annotations: tasks are imported by the runtime, no
 TASKS: dict[str, type[LearningTask]] = {}
 
 
+def client_column(cfg: Config) -> str | None:
+    """The column a task's loader reads natural client ids from: ``data.client_column`` with
+    ``data.partition = "natural"`` (``""``: the built-in dataset's own), else None (no ids)."""
+    return cfg.data.client_column if cfg.data.partition == "natural" else None
+
+
 def register_task(cls: type[LearningTask]) -> type[LearningTask]:
     """Class decorator: make a task available by its ``name`` (``task.name``)."""
     TASKS[cls.name] = cls

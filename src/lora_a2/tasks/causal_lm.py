@@ -41,7 +41,7 @@ from ..data.instructions import (
 from ..data.readers import count_skip
 from ..errors import UserError
 from ..models import is_causal_lm_folder, load_causal_lm
-from .base import LearningTask, register_task
+from .base import LearningTask, client_column, register_task
 
 IGNORE = -100
 
@@ -94,7 +94,8 @@ class CausalLM(LearningTask):
             max_train_examples=d.max_train_examples or None,
             max_test_examples=d.max_test_examples or None,
             instruction_column=d.instruction_column, input_column=d.input_column,
-            response_column=d.response_column, category_column=d.category_column)
+            response_column=d.response_column, category_column=d.category_column,
+            client_column=client_column(cfg))
 
     def encode(self, tokenizer, dataset: InstructionDataset, split: str):
         length = self.cfg.model.max_length

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ..client import EncodedData, batch_of
 from ..data import DATASET_NAMES, load_dataset
 from ..models import find_head, load_base_model
-from .base import LearningTask, register_task
+from .base import LearningTask, client_column, register_task
 
 
 @register_task
@@ -50,7 +50,7 @@ class Classification(LearningTask):
             d.name, text_column=d.text_column or None, label_column=d.label_column or None,
             seed=cfg.seed, test_fraction=d.test_fraction,
             max_train_examples=d.max_train_examples or None,
-            max_test_examples=d.max_test_examples or None)
+            max_test_examples=d.max_test_examples or None, client_column=client_column(cfg))
 
     def encode(self, tokenizer, dataset, split: str):
         return encode_texts(tokenizer, dataset.texts, dataset.labels,

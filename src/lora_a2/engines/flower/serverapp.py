@@ -10,9 +10,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ...checks import load_config
-from ...config import Config, clients_per_round
+from ...checks import check_config, load_config
+from ...config import Config, clients_known, clients_per_round
 from ...errors import UserError
+from ...experiment import prepare
 from ...runner import run_experiment
 from .clientapp import make_client_app
 from .transport import FlowerRounds
@@ -76,6 +77,10 @@ def run_simulation(cfg: Config, out: Path, *, overwrite: bool = False, progress:
 
     result: dict[str, Any] = {}
     server = ServerApp()
+    # A natural partition with data.num_clients = 0 has as many clients (nodes) as the data
+    # hold: build the experiment here, before Flower starts one SuperNode per client.
+    exp = None if clients_known(cfg) else prepare(check_config(cfg))
+    run_cfg = cfg if exp is None else exp.cfg
     t_call = time.perf_counter()
 
     @server.main()
@@ -84,13 +89,14 @@ def run_simulation(cfg: Config, out: Path, *, overwrite: bool = False, progress:
         try:
             result["summary"] = run_experiment(cfg, out, overwrite=overwrite, progress=progress,
                                                resume=resume, round_fn=FlowerRounds(grid, cfg),
-                                               console=console)
+                                               console=console, exp=exp)
         except BaseException as e:  # re-raised in the caller's thread below
             result["error"] = e
 
     _quiet_flower()
     flwr_run_simulation(server_app=server, client_app=make_client_app(),
-                        num_supernodes=cfg.data.num_clients, backend_config=backend_config(cfg))
+                        num_supernodes=run_cfg.data.num_clients,
+                        backend_config=backend_config(run_cfg))
     total_s = time.perf_counter() - t_call
     if "error" in result:
         raise result["error"]

@@ -38,14 +38,16 @@ class FlowerRounds(Transport):
         t = self.cfg.engine.round_timeout_s
         return t if t > 0 else None
 
-    def discover(self, wait: bool) -> list[str]:
+    def discover(self, wait: bool, num_clients: int | None = None) -> list[str]:
         """Ask new nodes for their partition; on the first call wait (up to
-        ``engine.connect_timeout_s``) until every client has a node."""
+        ``engine.connect_timeout_s``) until every client has a node. ``num_clients``: the
+        partition's (default ``data.num_clients``; a natural partition's is the experiment's)."""
         from flwr.app import Message, MessageType, RecordDict
 
         warnings: list[str] = []
         deadline = time.monotonic() + (self.connect_timeout_s if wait else 0)
-        num_clients = self.cfg.data.num_clients
+        if num_clients is None:
+            num_clients = self.cfg.data.num_clients
         while True:
             new = [n for n in self.grid.get_node_ids() if n not in self.known]
             if new:
@@ -91,7 +93,8 @@ class FlowerRounds(Transport):
     def begin_round(self, exp, rnd: int) -> None:
         t0 = time.perf_counter()
         self._query_before = self.query_bytes
-        self._node_warnings = self.discover(wait=not self.known)
+        self._node_warnings = self.discover(wait=not self.known,
+                                            num_clients=exp.cfg.data.num_clients)
         self._discover_s = time.perf_counter() - t0  # round 1: waits for Ray and the nodes
         self._down = self._up = 0
         self._timing: dict[str, Any] = {}
