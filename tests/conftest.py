@@ -11,7 +11,13 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # two test workers on 2 cores: one thread each, for torch here and every process a test
+    # starts (two processes at two threads each run several times slower)
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(min(2, torch.get_num_threads()))
 
 #: the tiny run every end-to-end test starts from (a random BERT, 4 clients, 3 rounds); a test
 #: adds its own ``--set`` items after these (a later item wins)

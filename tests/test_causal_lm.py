@@ -336,6 +336,7 @@ def test_dp_on_a_decoder(tmp_path, instr_json, privacy):
     assert json.loads((out / "summary.json").read_text())["epsilon"] == eps[-1]
 
 
+@pytest.mark.xdist_group("flower")  # a Ray simulation: one at a time
 def test_flower_simulation_equals_local_on_a_decoder(tmp_path, instr_json):
     pytest.importorskip("flwr")
     sets = ["data.num_clients=3", "train.rounds=2"]

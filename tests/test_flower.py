@@ -15,6 +15,9 @@ from lora_a2.report import read_metrics  # noqa: E402
 from flower_util import assert_same_run, final_state, max_diff, run  # noqa: E402
 
 
+# Ray and Flower processes: one test at a time (one xdist worker)
+pytestmark = pytest.mark.xdist_group("flower")
+
 def test_simulation_matches_local_engine(tmp_path, synthetic_csv):
     sets = ["data.num_clients=4", "train.rounds=2"]
     local = run(tmp_path / "local", synthetic_csv, sets)

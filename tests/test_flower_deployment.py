@@ -21,6 +21,10 @@ from flower_util import (BIN, ROOT, TINY, assert_same_run, final_state,  # noqa:
                          max_diff, run)
 
 
+# Ray and Flower processes: one test at a time (one xdist worker)
+pytestmark = pytest.mark.xdist_group("flower")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

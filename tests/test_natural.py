@@ -275,6 +275,7 @@ def test_config_checks_against_the_count_wait_for_the_partition(capsys) -> None:
     assert load_config(None, [*natural, "engine.name=flower", "secagg.enabled=true"])
 
 
+@pytest.mark.xdist_group("flower")  # a Ray simulation: one at a time
 def test_flower_simulation_gets_one_node_per_natural_client(tmp_path: Path, users_csv: Path
                                                              ) -> None:
     pytest.importorskip("flwr")

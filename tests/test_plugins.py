@@ -78,6 +78,7 @@ def test_set_takes_several_pairs(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------- the example plugin
+@pytest.mark.xdist_group("flower")  # a Ray simulation: one at a time
 def test_example_plugin_is_listed_and_runs_on_both_engines(tmp_path, plugin_site, synthetic_csv):
     env = with_path(plugin_site)
     r = cli("strategies", env=env)
