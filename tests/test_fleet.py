@@ -186,6 +186,46 @@ def test_sim_time_is_the_formula_from_real_bytes_and_counted_flops(tmp_path, syn
         assert r["sim_time_s"] == clock and r["stragglers"] == [] and r["offline"] == []
     summary = json.loads((out / "summary.json").read_text())
     assert summary["sim_time_s"] == clock
+    assert (out / "plots" / "accuracy_vs_time.png").is_file()
+
+
+def test_time_to_target_is_the_first_round_that_reached_it():
+    from lora_a2.report import time_to_targets
+
+    records = [{"round": r, "accuracy": a, "sim_time_s": 10.0 * r, "cumulative_upload_bytes": r,
+                "wall_s": 1.5} for r, a in ((1, 0.3), (2, 0.5), (3, 0.45), (4, 0.7))]
+    got = time_to_targets(records, {"accuracy": 0.2}, "accuracy", True, [0.5, 0.9, 0.1, 0.46])
+    assert [(t["target"], t["round"], t["sim_time_s"], t["upload_bytes"], t["wall_s"])
+            for t in got] == [(0.5, 2, 20.0, 2, 3.0), (0.9, None, None, None, None),
+                              (0.1, 0, 0.0, 0, 0.0), (0.46, 2, 20.0, 2, 3.0)]
+    # a metric where lower is better (a loss) is reached from above
+    loss = [{"round": r, "loss": v} for r, v in ((1, 2.0), (2, 1.2), (3, 0.9))]
+    assert [t["round"] for t in time_to_targets(loss, {"loss": 2.5}, "loss", False,
+                                                [1.0, 2.5, 0.5])] == [3, 0, None]
+
+
+def test_targets_reach_the_summary_and_the_console(tmp_path, synthetic_csv, capsys):
+    fleet = write_fleet(tmp_path / "f.csv", [(3e9, 10.0, 2.0), (7e9, 40.0, 8.0), (5e10, 5, 1)])
+    sets = ["data.num_clients=3", "train.rounds=3", "strategy.name=fl-lora",
+            "strategy.rank_budget=2", f"fleet.profile=csv:{fleet}"]
+    first = run(tmp_path, "a", synthetic_csv, sets)
+    records = read_metrics(first / "metrics.jsonl")
+    target = records[1]["accuracy"]  # reached by round 2 at the latest
+    initial = json.loads((first / "summary.json").read_text())["initial_accuracy"]
+    expected = next(r for r in [{"round": 0, "accuracy": initial}, *records]
+                    if r["accuracy"] >= target)
+    capsys.readouterr()
+    args = ["run", "--out", str(tmp_path / "b"), "--set", f"data.name=csv:{synthetic_csv}"]
+    for item in TINY + sets + [f"report.targets=[{target!r}, 2.0]"]:
+        args += ["--set", item]
+    assert main(args) == 0
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    hit, never = summary["time_to_target"]
+    assert hit["round"] == expected["round"] and never["round"] is None
+    assert hit["sim_time_s"] == (expected.get("sim_time_s") or 0.0)
+    out = capsys.readouterr().out
+    assert f"target     accuracy {target:g}: round {expected['round']}" in out
+    assert "accuracy 2: not reached" in out
 
 
 def test_default_run_has_no_clock(tmp_path, synthetic_csv):
@@ -319,3 +359,10 @@ def test_auto_budgets_grow_with_the_uplink(tmp_path, synthetic_csv, strategy):
             row = rows[c]
             assert not row.get("straggler") and row["upload_bytes"] > 0
             assert row["sim_download_s"] + row["sim_compute_s"] + row["sim_upload_s"] <= 1.0
+
+
+@pytest.mark.parametrize("value", ["[nan]", "['high']", "0.7"])
+def test_a_bad_target_is_one_line(capsys, value):
+    from conftest import assert_config_error
+
+    assert_config_error(capsys, [f"report.targets={value}"], "report.targets")

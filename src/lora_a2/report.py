@@ -78,3 +78,26 @@ def truncate_metrics(path: Path, last_round: int) -> None:
     text = "".join(by_round[r] + "\n" for r in sorted(by_round))
     if text.encode() != raw:
         atomic_write_text(path, text)
+
+
+def time_to_targets(records: list[dict[str, Any]], initial: dict[str, Any] | None, metric: str,
+                    higher_is_better: bool, targets: list[float]) -> list[dict[str, Any]]:
+    """For each target: the first round whose ``metric`` reached it (≥ when higher is better,
+    ≤ otherwise; round 0 is ``initial``), with the simulated time (``sim_time_s``, a fleet's
+    clock; None without one or when the release withheld it), the cumulative upload bytes and
+    the wall time to that round. A target never reached has ``round`` None."""
+    rows = ([{"round": 0, **initial}] if initial else []) + list(records)
+    out = []
+    for target in targets:
+        hit = next((r for r in rows if r.get(metric) is not None and (
+            r[metric] >= target if higher_is_better else r[metric] <= target)), None)
+        done = [r for r in records if hit is not None and r["round"] <= hit["round"]]
+        out.append({
+            "target": target, "round": None if hit is None else hit["round"],
+            "sim_time_s": None if hit is None else (0.0 if hit["round"] == 0 else
+                                                    hit.get("sim_time_s")),
+            "upload_bytes": None if hit is None else (0 if hit["round"] == 0 else
+                                                      hit.get("cumulative_upload_bytes")),
+            "wall_s": None if hit is None else sum(r.get("wall_s", 0.0) for r in done),
+        })
+    return out

@@ -28,7 +28,8 @@ from .errors import UserError
 from .experiment import Experiment, prepare
 from .private import PrivateStrategy
 from .privacy import round_record
-from .report import MetricsWriter, atomic_write_text, read_metrics, truncate_metrics
+from .report import (MetricsWriter, atomic_write_text, read_metrics, time_to_targets,
+                     truncate_metrics)
 from .reporters import RunStart, build_reporters
 from .strategies import REGISTRY
 
@@ -244,6 +245,9 @@ def summarize(exp: Experiment, records: list[dict[str, Any]], initial: dict[str,
             "stragglers": total_len("stragglers"), "offline_clients": total_len("offline")}
            if cfg.fleet.profile != "none" else {}),
         **reference_uploads(exp, records),
+        **({"time_to_target": time_to_targets(
+            records, initial, exp.task.metric, exp.task.metric_higher_is_better,
+            cfg.report.targets)} if cfg.report.targets else {}),
         "train_examples": len(exp.train),
         "test_examples": len(exp.test),
         "data_rows": exp.train.stats,  # rows read, kept, skipped (with the reason), shortened

@@ -298,6 +298,11 @@ class ReportConfig:
     """`mlflow`: the tracking store; empty = `sqlite:///DIR/mlflow.db` inside the run folder."""
     mlflow_experiment: str = "lora-a2"
     """`mlflow`: the experiment the run is logged under."""
+    targets: list[float] = field(default_factory=list)
+    """Values of the task's headline metric (as metrics.jsonl records it: accuracy and ROUGE-L
+    as fractions, e.g. 0.7 = 70 %) whose first reaching the summary reports in
+    `time_to_target`: the round, the simulated time (with a `fleet`), the upload and the wall
+    time it took. Empty (default) = none."""
     references: list[str] = field(default_factory=lambda: ["fedavg-full", "fl-lora"])
     """Strategies whose upload on the same schedule the summary reports beside this run's
     (`NAME_upload_params`, `NAME_upload_bytes`, `upload_fraction_of_NAME`, with `-` written

@@ -3,6 +3,7 @@ with that component and run in :mod:`lora_a2.checks`)."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ..errors import UserError
@@ -99,6 +100,8 @@ def validate(cfg: Config) -> None:
     require(e.device == "auto" or e.device == "cpu" or e.device.startswith("cuda"),
              "engine.device", "must be 'auto', 'cpu' or 'cuda[:N]'", e.device)
     require(e.threads >= 0, "engine.threads", "must be ≥ 0", e.threads)
+    for target in cfg.report.targets:
+        require(math.isfinite(target), "report.targets", "entries must be finite numbers", target)
     for name in cfg.report.to:
         require(name in REPORTERS, "report.to", f"entries must be among {', '.join(REPORTERS)}",
                  name)

@@ -29,6 +29,25 @@ def human_bytes(n: float) -> str:
     return f"{n:.2f} TB"
 
 
+def _references(s: dict[str, Any]) -> str:
+    """`` = x% of fedavg-full's N MB, y% of fl-lora's`` for the summary's reference
+    strategies (``report.references``, in the order given; the first with its size)."""
+    names = [k[len("upload_fraction_of_"):] for k in s if k.startswith("upload_fraction_of_")]
+    parts = []
+    for i, key in enumerate(names):
+        frac, size = s.get(f"upload_fraction_of_{key}"), s.get(f"{key}_upload_bytes")
+        if frac is None or not s.get(f"{key}_upload_params"):
+            continue
+        name = key.replace("_", "-")
+        parts.append(f"{100 * frac:.3f}% of {name}'s {human_bytes(size)}" if not parts else
+                     f"{100 * frac:.1f}% of {name}'s at the same rank")
+    return (" = " + ", ".join(parts)) if parts else ""
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds:.0f} s"
+
+
 def format_summary(s: dict[str, Any], metric_lines: list[str]) -> str:
     """The console summary; ``metric_lines`` are the task's (accuracy, or loss and ROUGE-L)."""
     lines = [
@@ -36,10 +55,7 @@ def format_summary(s: dict[str, Any], metric_lines: list[str]) -> str:
         f"{s['num_clients']} clients · {s['rounds']} rounds",
         *metric_lines,
         (f"  upload     {human_bytes(s['total_upload_bytes'])} ({s['total_upload_params']:,} "
-         f"values) = {100 * s['upload_fraction_of_fedavg_full']:.3f}% of fedavg-full's "
-         f"{human_bytes(s['fedavg_full_upload_bytes'])}"
-         + (f", {100 * s['upload_fraction_of_fl_lora']:.1f}% of fl-lora's at the same rank"
-            if s.get("fl_lora_upload_params") else ""))
+         f"values)" + _references(s))
         if s.get("total_upload_bytes") is not None else
         "  upload     withheld from the release (central DP: its size depends on the data; "
         "see server_log.jsonl)",
@@ -68,6 +84,18 @@ def format_summary(s: dict[str, Any], metric_lines: list[str]) -> str:
                      f"  clients    {natural['clients']:,} natural clients by "
                      f"'{natural.get('column', '?')}' of {natural.get('found', 0):,}"
                      + (f"; left out: {', '.join(left)}" if left else ""))
+    if s.get("sim_time_s") is not None:
+        lines.insert(len(lines) - 2, f"  sim time   {_duration(s['sim_time_s'])} on the fleet "
+                     f"({s.get('stragglers', 0):,} stragglers, {s.get('offline_clients', 0):,} "
+                     f"offline)")
+    for t in s.get("time_to_target") or []:
+        reached = (f"round {t['round']}" + (f", {_duration(t['sim_time_s'])} simulated"
+                                            if t.get("sim_time_s") is not None else "")
+                   + (f", {human_bytes(t['upload_bytes'])} uploaded"
+                      if t.get("upload_bytes") is not None else "")
+                   if t["round"] is not None else "not reached")
+        lines.insert(len(lines) - 2, f"  target     {s.get('metric', 'metric')} {t['target']:g}: "
+                     f"{reached}")
     if s.get("epsilon") is not None:
         p = s.get("privacy", {})
         lines.insert(len(lines) - 2, f"  privacy    ε = {s['epsilon']:.3g}, δ = {s['delta']:g} "

@@ -41,8 +41,10 @@ class LearningTask(ABC):
     """What is learned: data, encoding, loss, evaluation and export type (module docstring)."""
 
     name: ClassVar[str]
-    #: the headline metric in ``metrics.jsonl`` (higher is better), e.g. ``accuracy``
+    #: the headline metric in ``metrics.jsonl``, e.g. ``accuracy``
     metric: ClassVar[str]
+    #: the headline metric's direction (``report.targets`` are reached from below when True)
+    metric_higher_is_better: ClassVar[bool] = True
     #: how plots and the console name it
     metric_label: ClassVar[str]
     #: (metrics key, axis label, scale) of each plot in ``DIR/plots/``
