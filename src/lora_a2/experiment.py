@@ -80,7 +80,8 @@ def prepare(cfg: Config) -> Experiment:
     train, test = task.load_data()
     strategy = build_strategy(cfg)  # wrapped in the DP wrapper when privacy is on
     runtime = ModelRuntime(cfg.model, len(train.label_names), strategy.lora_rank(), cfg.seed,
-                           pick_device(cfg.engine.device), task=task)
+                           pick_device(cfg.engine.device), task=task,
+                           precision=cfg.train.precision)
     strategy.bind(runtime.layout)
     # Encoding may drop examples that cannot fit (counted in the datasets' stats), so the
     # partition is drawn over what was encoded.

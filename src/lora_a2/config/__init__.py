@@ -12,15 +12,15 @@ from __future__ import annotations
 from .parse import (all_keys, coerce_value, config_from_dict, flatten, load_config,
                     overrides_to_sets, parse_set, split_sets)
 from .schema import (LEGACY_DEFAULTS, LEGACY_STRATEGY_OPTIONS, MECHANISMS, MODEL_DTYPES, MODES,
-                     NOISE_SOURCES, PARTITIONS, RANK_DISTRIBUTIONS, REPORTERS, SCHEMA_VERSION,
-                     SECTIONS, Config, DataConfig, EngineConfig, ModelConfig, PrivacyConfig,
-                     ReportConfig, SecAggConfig, ServerConfig, StrategyConfig, TaskConfig,
-                     TrainConfig)
+                     NOISE_SOURCES, PARTITIONS, PRECISIONS, RANK_DISTRIBUTIONS, REPORTERS,
+                     SCHEMA_VERSION, SECTIONS, Config, DataConfig, EngineConfig, ModelConfig,
+                     PrivacyConfig, ReportConfig, SecAggConfig, ServerConfig, StrategyConfig,
+                     TaskConfig, TrainConfig)
 from .validate import clients_per_round, validate
 
 __all__ = [
     "LEGACY_DEFAULTS", "LEGACY_STRATEGY_OPTIONS", "MECHANISMS", "MODEL_DTYPES", "MODES",
-    "NOISE_SOURCES", "PARTITIONS", "RANK_DISTRIBUTIONS", "REPORTERS", "SCHEMA_VERSION",
+    "NOISE_SOURCES", "PARTITIONS", "PRECISIONS", "RANK_DISTRIBUTIONS", "REPORTERS", "SCHEMA_VERSION",
     "SECTIONS", "Config", "DataConfig", "EngineConfig", "ModelConfig", "PrivacyConfig",
     "ReportConfig", "SecAggConfig", "ServerConfig", "StrategyConfig", "TaskConfig",
     "TrainConfig", "all_keys", "clients_per_round", "coerce_value", "config_from_dict",
