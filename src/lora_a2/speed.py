@@ -190,6 +190,9 @@ def measure_memory(model: str, clients: list[int]) -> tuple[list[dict[str, Any]]
 #: two of 16 × 64) × 384 → 1,536
 GEMM_SHAPE = (2048, 384, 1536)
 PEAK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+#: the limit's figures that ``lora-a2 speed --json`` also writes at its top level
+LIMIT_HEADLINE = ("train_flops_per_round", "gemm_peak_gflops_fp32", "gemm_peak_gflops_bf16",
+                  "achieved_gflops", "fraction_of_peak")
 
 
 def _best_and_median(fn, repeats: int, budget_s: float, warmup: bool = True
@@ -231,10 +234,11 @@ def gemm_gflops(dtype: torch.dtype, shape: tuple[int, int, int] = GEMM_SHAPE,
 
 
 def flop_counter() -> torch.utils.flop_counter.FlopCounterMode:
-    """torch's FLOP counter, taught the CPU's fused attention (torch counts the CUDA kernels'
-    ``_scaled_dot_product_*`` only; on CPU the attention products would count as zero)."""
-    from torch.utils.flop_counter import (FlopCounterMode, sdpa_backward_flop_count,
-                                          sdpa_flop_count)
+    """torch's FLOP counter, taught the CPU's fused attention (torch knows only the CUDA
+    kernels' ``_scaled_dot_product_*``; on CPU the attention would count as zero). It counts the
+    products an eager attention makes — q·kᵀ and ·v forward, twice as many backward — i.e. the
+    model's FLOPs, not the fused backward's recomputation of q·kᵀ (torch's CUDA rule adds it)."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
     aten = torch.ops.aten
 
@@ -242,7 +246,7 @@ def flop_counter() -> torch.utils.flop_counter.FlopCounterMode:
         return sdpa_flop_count(q, k, v)
 
     def backward(grad_out, q, k, v, *args, out_shape=None, **kwargs) -> int:
-        return sdpa_backward_flop_count(grad_out, q, k, v)
+        return 2 * sdpa_flop_count(q, k, v)
 
     return FlopCounterMode(display=False, custom_mapping={
         aten._scaled_dot_product_flash_attention_for_cpu: forward,
@@ -424,9 +428,7 @@ def run_speed(model: str = "minilm", repeats: int = 3, local_epochs: int = 1,
     # they cannot run, keep the timings measured so far and say why memory is missing.
     limit = measure_limit(model)
     result["limit"] = limit
-    for key in ("train_flops_per_round", "gemm_peak_gflops_fp32", "gemm_peak_gflops_bf16",
-                "achieved_gflops", "fraction_of_peak"):
-        result[key] = limit[key]
+    result.update({key: limit[key] for key in LIMIT_HEADLINE if key in limit})
     result["memory"], error = measure_memory(model, memory_clients or [10, 100, 1000])
     if error:
         result["memory_error"] = error
