@@ -221,7 +221,8 @@ def gemm_gflops(dtype: torch.dtype, shape: tuple[int, int, int] = GEMM_SHAPE,
                 repeats: int = 10, budget_s: float = 2.0) -> dict[str, float]:
     """GFLOP/s (2·m·k·n per product, best of ``repeats``) of an (m × k)·(k × n) product in
     ``dtype``: ``mm`` = ``torch.mm``, ``linear`` = ``F.linear`` on the transposed weight (the
-    call every model layer makes; on some CPUs another kernel, e.g. bfloat16 without AVX512-BF16)."""
+    call every model layer makes; on some CPUs another kernel, e.g. bfloat16 without
+    AVX512-BF16)."""
     m, k, n = shape
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(m, k, generator=gen).to(dtype)
@@ -235,9 +236,10 @@ def gemm_gflops(dtype: torch.dtype, shape: tuple[int, int, int] = GEMM_SHAPE,
 
 def flop_counter() -> torch.utils.flop_counter.FlopCounterMode:
     """torch's FLOP counter, taught the CPU's fused attention (torch knows only the CUDA
-    kernels' ``_scaled_dot_product_*``; on CPU the attention would count as zero). It counts the
-    products an eager attention makes — q·kᵀ and ·v forward, twice as many backward — i.e. the
-    model's FLOPs, not the fused backward's recomputation of q·kᵀ (torch's CUDA rule adds it)."""
+    kernels' ``_scaled_dot_product_*``; on CPU the attention would count as zero). It counts
+    the products an eager attention makes — q·kᵀ and ·v forward, twice as many backward — i.e.
+    the model's FLOPs, not the fused backward's recomputation of q·kᵀ (torch's CUDA rule adds
+    it)."""
     from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
     aten = torch.ops.aten

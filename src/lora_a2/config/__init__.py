@@ -20,7 +20,8 @@ from .validate import clients_per_round, validate
 
 __all__ = [
     "LEGACY_DEFAULTS", "LEGACY_STRATEGY_OPTIONS", "MECHANISMS", "MODEL_DTYPES", "MODES",
-    "NOISE_SOURCES", "PARTITIONS", "PRECISIONS", "RANK_DISTRIBUTIONS", "REPORTERS", "SCHEMA_VERSION",
+    "NOISE_SOURCES", "PARTITIONS", "PRECISIONS", "RANK_DISTRIBUTIONS", "REPORTERS",
+    "SCHEMA_VERSION",
     "SECTIONS", "Config", "DataConfig", "EngineConfig", "ModelConfig", "PrivacyConfig",
     "ReportConfig", "SecAggConfig", "ServerConfig", "StrategyConfig", "TaskConfig",
     "TrainConfig", "all_keys", "clients_per_round", "coerce_value", "config_from_dict",
