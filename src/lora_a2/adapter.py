@@ -14,6 +14,7 @@ Federated parameter names (the keys of every global state):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from torch import Tensor, nn
 
 from .config import ModelConfig
 from .models import LoraModule, find_target_modules
+from .precision import autocast
 
 if TYPE_CHECKING:  # annotations only: tasks build on the runtime, not the reverse
     from .tasks.base import LearningTask
@@ -96,14 +98,17 @@ class ModelRuntime:
         and PEFT's task type).
     base : ``task.load_model(num_labels, seed)``'s result when already loaded (the experiment
         encodes the data with its tokenizer before the rank is known); None: load it here.
+    precision : ``train.precision``: ``fp32`` or ``bf16-mixed`` (see :meth:`autocast`).
     """
 
     def __init__(self, cfg: ModelConfig, num_labels: int, lora_rank: int | None, seed: int,
                  device: torch.device, task: LearningTask,
-                 base: tuple[nn.Module, Any, str | None] | None = None) -> None:
+                 base: tuple[nn.Module, Any, str | None] | None = None,
+                 precision: str = "fp32") -> None:
         self.cfg = cfg
         self.task = task
         self.device = device
+        self.precision = precision
         self.num_labels = num_labels
         base, self.tokenizer, self.source = base or task.load_model(num_labels, seed)
         self._tiny_base = ({k: v.clone() for k, v in base.state_dict().items()}, base.config,
@@ -162,6 +167,12 @@ class ModelRuntime:
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.model.to(device)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The context every forward pass of this model runs under (training, LoRA-A2's probe,
+        evaluation): bfloat16 autocast on the model's device under ``bf16-mixed``, a null
+        context under ``fp32`` (:mod:`lora_a2.precision`). Backward passes run outside it."""
+        return autocast(self.precision, self.device)
 
     # ------------------------------------------------------------------ state in and out
     def _init_lora(self, seed: int) -> None:

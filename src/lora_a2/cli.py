@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--base", action="store_true",
                      help="answer with the base model alone (to compare)")
     gen.add_argument("--json", action="store_true", help="one JSON object per answer")
-    speed = sub.add_parser("speed", help="measure engine overhead, LoRA-A2 cost, memory, bytes")
+    speed = sub.add_parser("speed", help="measure engine overhead, LoRA-A2 cost, memory, bytes, "
+                                         "and the machine's limit")
     speed.add_argument("--model", default="minilm", help="minilm (default) or tiny-random-bert")
     speed.add_argument("--repeats", type=int, default=3)
     speed.add_argument("--local-epochs", type=int, default=1)
@@ -81,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also time LoRA-A2 with its probe cut to this fraction of its steps "
                             "(1 = skip that variant)")
     speed.add_argument("--json", help="also write the figures to this JSON file")
+    speed.add_argument("--limit-only", action="store_true",
+                       help="only the limit: a round's train FLOPs, the matmul peak in fp32 and "
+                            "bf16, the fraction of the bf16 peak the training steps reach")
     speed.add_argument("--causal-lm", metavar="MODEL",
                        help="instead: causal-LM step time and peak RSS with and without the "
                             "memory knobs, e.g. --causal-lm smollm2 (or tiny-random-llama)")
@@ -182,8 +186,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_speed(args: argparse.Namespace) -> int:
-    from .speed import main_causal_speed, main_speed
+    from .speed import main_causal_speed, main_limit, main_speed
 
+    if args.limit_only:
+        main_limit(args.model, Path(args.json) if args.json else None)
+        return 0
     if args.causal_lm:
         if args.steps < 1 or args.batch_size < 1 or args.length < 16:
             raise UserError("--steps and --batch-size must be ≥ 1 and --length ≥ 16")

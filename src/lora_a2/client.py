@@ -108,8 +108,9 @@ class LocalTrainer:
             for start in range(0, len(order), batch_size):
                 if max_steps is not None and len(losses) >= max_steps:
                     break
-                loss = runtime.task.loss(model, batch_of(data, order[start:start + batch_size],
-                                                         runtime.device))
+                with runtime.autocast():
+                    loss = runtime.task.loss(model, batch_of(
+                        data, order[start:start + batch_size], runtime.device))
                 opt.zero_grad(set_to_none=True)
                 (loss + regularizer() if regularizer is not None else loss).backward()
                 for n, (mask, _) in frozen.items():
@@ -161,8 +162,9 @@ def accumulate_gradients(runtime: ModelRuntime, data: EncodedData, indices: np.n
     for start in range(0, len(order), batch_size):
         if done >= batches:
             break
-        loss = runtime.task.loss(model, batch_of(data, order[start:start + batch_size],
-                                                 runtime.device))
+        with runtime.autocast():
+            loss = runtime.task.loss(model, batch_of(data, order[start:start + batch_size],
+                                                     runtime.device))
         loss.backward()
         done += 1
     grads = {n: (p.grad.detach().to("cpu", copy=True) / max(done, 1)) if p.grad is not None

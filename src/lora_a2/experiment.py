@@ -101,7 +101,8 @@ def prepare(cfg: Config) -> Experiment:
     run_cfg = resolve_clients(cfg, len(parts))
     strategy = build_strategy(run_cfg)  # wrapped in the DP wrapper when privacy is on
     runtime = ModelRuntime(cfg.model, len(train.label_names), strategy.lora_rank(), cfg.seed,
-                           pick_device(cfg.engine.device), task=task, base=base)
+                           pick_device(cfg.engine.device), task=task, base=base,
+                           precision=cfg.train.precision)
     strategy.bind(runtime.layout)
     client_train, client_test = split_local_test(parts, run_cfg.data.local_test_fraction,
                                                  cfg.seed)

@@ -401,4 +401,5 @@ def evaluate_state(exp: Experiment, state: ServerState) -> dict[str, Any]:
     """Load the global state into the model and evaluate it with the run's task (the global
     test set, and per client where the task defines it)."""
     exp.runtime.load(state.tensors)
-    return exp.task.evaluate(exp)
+    with exp.runtime.autocast():  # train.precision: evaluation computes like training
+        return exp.task.evaluate(exp)

@@ -27,6 +27,8 @@ from .rounds import evaluate_state, fit_budgets
 from .errors import UserError
 from .experiment import Experiment, prepare
 from .private import PrivateStrategy
+from .precision import bf16_hardware
+from .precision import describe as describe_precision
 from .privacy import round_record
 from .report import (MetricsWriter, atomic_write_text, read_metrics, time_to_targets,
                      truncate_metrics)
@@ -255,8 +257,12 @@ def summarize(exp: Experiment, records: list[dict[str, Any]], initial: dict[str,
         **_machine(exp.runtime.device),
         "lora_a2_version": _package_version(),
         "git_commit": _git_commit(),
-        "precision": "fp32" if cfg.model.dtype == "float32" else
-        f"base weights {cfg.model.dtype}, LoRA factors and uploads float32",
+        # train.precision as set, what it meant on this device, and the bfloat16 path found
+        "precision": cfg.train.precision,
+        "base_weights_dtype": cfg.model.dtype,
+        "precision_detail": describe_precision(cfg.train.precision, cfg.model.dtype,
+                                               exp.runtime.device),
+        **bf16_hardware(exp.runtime.device),
         "noise_source": exp.strategy.privacy.noise_source
         if isinstance(exp.strategy, PrivateStrategy) else None,
         "schema_version": cfg.schema_version,

@@ -6,7 +6,10 @@
   epochs; the probe epoch is the cost);
 - peak RSS with 10, 100 and 1,000 simulated clients, 10 sampled per round, each in a fresh
   process (the per-client cost must be the partition, not a model copy);
-- upload bytes divided by the information minimum (values × 4 bytes + 4 bytes per slot id).
+- upload bytes divided by the information minimum (values × 4 bytes + 4 bytes per slot id);
+- the limit (``--limit-only`` alone, in well under a minute): the train FLOPs of a round of the
+  default run, this machine's matrix-product peak in float32 and bfloat16, and the fraction of
+  that bfloat16 peak the engine's own training steps reach (:func:`measure_limit`).
 
 Medians over ``repeats``; everything in one process run, so the ratios compare like with like.
 """
@@ -25,11 +28,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .client import batch_of
-from .config import load_config
+from .checks import check_config
+from .client import EncodedData, LocalTrainer, ParamGroup, batch_of
+from .config import clients_per_round, load_config
 from .engines.local import run_round
 from .experiment import prepare
 from .models import pick_device
+from .precision import bf16_hardware
 
 BASE = ["data.name=bbc-news", "data.num_clients=4", "data.partition=iid",
         "data.max_train_examples=160", "data.max_test_examples=40", "model.max_length=32",
@@ -180,6 +185,235 @@ def measure_memory(model: str, clients: list[int]) -> tuple[list[dict[str, Any]]
     return rows, None
 
 
+# ---------------------------------------------------------------------- the limit
+#: the matrix product the peak is timed on: MiniLM's FFN, 2,048 tokens (a batch of 16 × 128, or
+#: two of 16 × 64) × 384 → 1,536
+GEMM_SHAPE = (2048, 384, 1536)
+PEAK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+#: the limit's figures that ``lora-a2 speed --json`` also writes at its top level
+LIMIT_HEADLINE = ("train_flops_per_round", "gemm_peak_gflops_fp32", "gemm_peak_gflops_bf16",
+                  "achieved_gflops", "fraction_of_peak")
+
+
+def _best_and_median(fn, repeats: int, budget_s: float, warmup: bool = True
+                     ) -> tuple[float, float]:
+    """(best, median) seconds of ``fn()`` (after one warm-up call): ``repeats`` timings, fewer
+    (at least one) once ``budget_s`` is spent — an emulated bfloat16 product takes seconds, and
+    a warm-up call that alone overruns the budget is the one timing."""
+    if warmup:
+        t0 = time.perf_counter()
+        fn()
+        first = time.perf_counter() - t0
+        if first > budget_s:
+            return first, first
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < repeats:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if time.perf_counter() - start > budget_s:
+            break
+    return min(times), statistics.median(times)
+
+
+def gemm_gflops(dtype: torch.dtype, shape: tuple[int, int, int] = GEMM_SHAPE,
+                repeats: int = 10, budget_s: float = 2.0) -> dict[str, float]:
+    """GFLOP/s (2·m·k·n per product, best of ``repeats``) of an (m × k)·(k × n) product in
+    ``dtype``: ``mm`` = ``torch.mm``, ``linear`` = ``F.linear`` on the transposed weight (the
+    call every model layer makes; on some CPUs another kernel, e.g. bfloat16 without
+    AVX512-BF16)."""
+    m, k, n = shape
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(m, k, generator=gen).to(dtype)
+    b = torch.randn(k, n, generator=gen).to(dtype)
+    w = b.t().contiguous()
+    kernels = {"mm": lambda: torch.mm(a, b),
+               "linear": lambda: torch.nn.functional.linear(a, w)}
+    return {name: 2 * m * k * n / _best_and_median(fn, repeats, budget_s)[0] / 1e9
+            for name, fn in kernels.items()}
+
+
+def flop_counter() -> torch.utils.flop_counter.FlopCounterMode:
+    """torch's FLOP counter, taught the CPU's fused attention (torch knows only the CUDA
+    kernels' ``_scaled_dot_product_*``; on CPU the attention would count as zero). It counts
+    the products an eager attention makes — q·kᵀ and ·v forward, twice as many backward — i.e.
+    the model's FLOPs, not the fused backward's recomputation of q·kᵀ (torch's CUDA rule adds
+    it)."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    aten = torch.ops.aten
+
+    def forward(q, k, v, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(q, k, v)
+
+    def backward(grad_out, q, k, v, *args, out_shape=None, **kwargs) -> int:
+        return 2 * sdpa_flop_count(q, k, v)
+
+    return FlopCounterMode(display=False, custom_mapping={
+        aten._scaled_dot_product_flash_attention_for_cpu: forward,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: backward})
+
+
+def round_shape(cfg) -> dict[str, Any]:
+    """What one round of ``cfg``'s run trains on: ``examples`` (the training examples of the
+    clients sampled in a round) and ``passes`` over them (local epochs, plus LoRA-A2's full
+    probe: ``probe_epochs`` × ``probe_fraction`` more)."""
+    n = cfg.data.max_train_examples
+    if not n:  # all of the dataset: its size, once
+        from .tasks import get_task
+
+        n = len(get_task(cfg).load_data()[0])
+    examples = n * clients_per_round(cfg) / cfg.data.num_clients
+    opts = cfg.strategy.options
+    probe = (opts.get("probe_epochs", 0) * opts.get("probe_fraction", 1.0)
+             if opts.get("probe") == "full" else 0.0)
+    return {"examples": examples, "passes": cfg.train.local_epochs + probe}
+
+
+def limit_experiment(model: str, batch_size: int, length: int, precision: str):
+    """``(experiment, data, indices)``: ``model`` with the default run's LoRA (rank r_G on every
+    target module) and ``precision``, and ``batch_size`` training rows made to fill ``length``
+    tokens (every step is exactly batch × length tokens)."""
+    exp = prepare(load_config(None, [
+        f"model.name={model}", f"model.max_length={length}", f"train.batch_size={batch_size}",
+        f"train.precision={precision}", "data.num_clients=1", "data.partition=iid",
+        f"data.max_train_examples={max(batch_size, 8)}", "data.max_test_examples=8",
+        "data.min_examples_per_client=1"]))
+    enc = exp.enc_train
+    idx = torch.arange(batch_size) % len(enc)
+    data = EncodedData(enc.input_ids[idx], torch.ones_like(enc.attention_mask[idx]),
+                       enc.labels[idx])
+    return exp, data
+
+
+def _trainer(exp) -> LocalTrainer:
+    """The client path's optimiser over every LoRA factor (and a trained head)."""
+    s, rt = exp.strategy, exp.runtime
+    groups = [ParamGroup(rt.layout.names(g), s.lr_of(g)) for g in rt.federated_groups()]
+    return LocalTrainer(rt, groups, exp.cfg.strategy.weight_decay)
+
+
+def train_step_flops(exp, data: EncodedData) -> int:
+    """FLOPs of one training step on all of ``data`` (one batch) through :class:`LocalTrainer`:
+    the base model's forward and backward, the LoRA factors' gradients (the optimiser's
+    element-wise work is not counted)."""
+    trainer = _trainer(exp)
+    with flop_counter() as counter:
+        trainer.run(data, np.arange(len(data)), 1, len(data), torch.Generator().manual_seed(0),
+                    max_steps=1)
+    return int(counter.get_total_flops())
+
+
+def time_train_steps(exp, data: EncodedData, steps: int, repeats: int,
+                     budget_s: float) -> float:
+    """Median seconds per training step of ``steps`` steps through :meth:`LocalTrainer.run`
+    (the engine's own client loop, at the run's precision), after a warm-up step; a warm-up
+    step that alone overruns ``budget_s`` (emulated bfloat16) is the one timing."""
+    trainer = _trainer(exp)
+    batch = len(data)
+    many = EncodedData(data.input_ids.repeat(steps, 1), data.attention_mask.repeat(steps, 1),
+                       data.labels.repeat(steps, *[1] * (data.labels.dim() - 1)))
+    gen = torch.Generator().manual_seed(0)
+    t0 = time.perf_counter()
+    trainer.run(data, np.arange(batch), 1, batch, gen, max_steps=1)  # warm-up: one step
+    first = time.perf_counter() - t0
+    if first > budget_s:
+        return first
+    _, median = _best_and_median(
+        lambda: trainer.run(many, np.arange(len(many)), 1, batch, gen), repeats, budget_s,
+        warmup=False)
+    return median / steps
+
+
+def measure_limit(model: str | None = None, batch_size: int | None = None,
+                  length: int | None = None, steps: int = 2, repeats: int = 3,
+                  precisions: tuple[str, ...] = ("fp32", "bf16-mixed"),
+                  budget_s: float = 8.0) -> dict[str, Any]:
+    """The limit figures (issue 34): train FLOPs of a round of the default run, the machine's
+    matrix-product peaks, and the fraction of the bfloat16 peak the engine's training steps
+    reach. The model, batch and length default to the default run's (``lora-a2 run``:
+    MiniLM, 16 × 64); so do the round's examples and passes, and the precision the headline
+    ``fraction_of_peak`` is taken at."""
+    default = check_config(load_config(None, []))  # resolves the strategy's options
+    model = model or default.model.name
+    batch_size = batch_size or default.train.batch_size
+    length = length or default.model.max_length
+    shape = round_shape(default)
+    peaks = {name: gemm_gflops(dt) for name, dt in PEAK_DTYPES.items()}
+    step_flops, achieved, device = None, {}, None
+    for precision in dict.fromkeys((default.train.precision, *precisions)):
+        exp, data = limit_experiment(model, batch_size, length, precision)
+        device = exp.runtime.device
+        if step_flops is None:
+            step_flops = train_step_flops(exp, data)
+        step_s = time_train_steps(exp, data, steps, repeats, budget_s)
+        achieved[precision] = {"step_s": step_s, "gflops": step_flops / step_s / 1e9}
+        del exp
+    per_example = step_flops / batch_size
+    peak_bf16 = max(peaks["bf16"].values())
+    return {
+        "model": model, "batch_size": batch_size, "length": length,
+        "lora_rank": default.strategy.global_rank, "threads": torch.get_num_threads(),
+        "device": str(device), **bf16_hardware(device),
+        "train_flops_per_example": per_example,
+        "round_examples": shape["examples"], "round_passes": shape["passes"],
+        "train_flops_per_round": per_example * shape["examples"] * shape["passes"],
+        "gemm_shape": list(GEMM_SHAPE),
+        "gemm_gflops": peaks,
+        "gemm_peak_gflops_fp32": max(peaks["fp32"].values()),
+        "gemm_peak_gflops_bf16": peak_bf16,
+        "default_precision": default.train.precision,
+        "achieved": achieved,
+        "achieved_gflops": achieved[default.train.precision]["gflops"],
+        "fraction_of_peak": achieved[default.train.precision]["gflops"] / peak_bf16,
+        "fraction_of_peak_by_precision": {p: a["gflops"] / peak_bf16
+                                          for p, a in achieved.items()},
+        # where emulated bfloat16 is slower than float32 the bf16 peak is not the machine's
+        # best: the same figure against the faster of the two
+        "fraction_of_best_peak": achieved[default.train.precision]["gflops"]
+        / max(peak_bf16, max(peaks["fp32"].values())),
+        "round_train_s_at_peak": per_example * shape["examples"] * shape["passes"]
+        / (peak_bf16 * 1e9),
+    }
+
+
+def format_limit(r: dict[str, Any]) -> str:
+    """The limit figures as console lines."""
+    g = r["gemm_gflops"]
+    m, k, n = r["gemm_shape"]
+    lines = [
+        f"limit               {r['model']} {r['batch_size']} × {r['length']}, LoRA r "
+        f"{r['lora_rank']}, {r['threads']} torch threads on {r['device']} ({r['bf16_path']})",
+        f"  train FLOPs       {r['train_flops_per_example'] / 1e9:.3f} GFLOP per example × "
+        f"{r['round_examples']:g} examples × {r['round_passes']:g} passes = "
+        f"{r['train_flops_per_round'] / 1e12:.2f} TFLOP per round",
+        f"  matmul peak       {m}×{k} · {k}×{n}: fp32 {r['gemm_peak_gflops_fp32']:.1f} GFLOP/s"
+        f" (mm {g['fp32']['mm']:.1f}, linear {g['fp32']['linear']:.1f}), bf16 "
+        f"{r['gemm_peak_gflops_bf16']:.1f} GFLOP/s (mm {g['bf16']['mm']:.1f}, linear "
+        f"{g['bf16']['linear']:.1f})",
+    ]
+    for p, a in r["achieved"].items():
+        mark = "  ← fraction_of_peak" if p == r["default_precision"] else ""
+        lines.append(f"  train steps {p:10s} {a['step_s'] * 1e3:.0f} ms/step = "
+                     f"{a['gflops']:.1f} GFLOP/s = "
+                     f"{r['fraction_of_peak_by_precision'][p]:.3f} of the bf16 peak{mark}")
+    if r["gemm_peak_gflops_bf16"] < r["gemm_peak_gflops_fp32"]:
+        lines.append(f"  bf16 is slower than fp32 on this machine: against the fp32 peak the "
+                     f"{r['default_precision']} steps reach {r['fraction_of_best_peak']:.3f}")
+    lines.append(f"  a round's training at the bf16 peak: {r['round_train_s_at_peak']:.1f} s "
+                 f"(goal: fraction_of_peak ≥ 0.4)")
+    return "\n".join(lines)
+
+
+def main_limit(model: str | None, out: Path | None) -> None:
+    """``lora-a2 speed --limit-only``: the limit figures alone."""
+    r = measure_limit(model)
+    print(format_limit(r))
+    if out is not None:
+        out.write_text(json.dumps(r, indent=1))
+
+
 def run_speed(model: str = "minilm", repeats: int = 3, local_epochs: int = 1,
               memory_clients: list[int] | None = None,
               probe_fraction: float = 0.25) -> dict[str, Any]:
@@ -194,6 +428,9 @@ def run_speed(model: str = "minilm", repeats: int = 3, local_epochs: int = 1,
     }
     # The memory runs use the twitter-sentiment data (enough examples for 1,000 clients); when
     # they cannot run, keep the timings measured so far and say why memory is missing.
+    limit = measure_limit(model)
+    result["limit"] = limit
+    result.update({key: limit[key] for key in LIMIT_HEADLINE if key in limit})
     result["memory"], error = measure_memory(model, memory_clients or [10, 100, 1000])
     if error:
         result["memory_error"] = error
@@ -230,6 +467,8 @@ def format_speed(r: dict[str, Any]) -> str:
         lines.append(f"peak RSS            not measured: {r['memory_error']}")
     if r.get("memory_per_client_kb") is not None:
         lines.append(f"                    ≈ {r['memory_per_client_kb']:.1f} KB per extra client")
+    if r.get("limit"):
+        lines.append(format_limit(r["limit"]))
     return "\n".join(lines)
 
 

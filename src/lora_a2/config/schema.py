@@ -10,6 +10,8 @@ from typing import Any
 import tomli_w
 
 MODEL_DTYPES = ("float32", "bfloat16", "float16", "auto")
+PRECISIONS = ("fp32", "bf16-mixed")
+"""Values of train.precision (Lightning's names)."""
 RANK_DISTRIBUTIONS = ("uniform", "heavy-tail", "normal")
 """Named values of strategy.rank_budget (the same tuple as budgets.DISTRIBUTIONS, kept here so
 that the config imports no component)."""
@@ -50,9 +52,11 @@ class ModelConfig:
     init_std: float = 0.0
     """Std of A's Gaussian init; 0 = 1/sqrt(3·d_in) (the variance of PEFT's default init)."""
     dtype: str = "float32"
-    """Dtype of the base weights: `float32` (whatever the checkpoint stores), `bfloat16`,
-    `float16`, or `auto` (the checkpoint's own, transformers 5's default). The LoRA factors stay
-    float32 (PEFT casts adapters up), so do uploads."""
+    """Dtype the base weights are *stored* in: `float32` (whatever the checkpoint stores),
+    `bfloat16`, `float16`, or `auto` (the checkpoint's own, transformers 5's default). Memory,
+    not arithmetic: `train.precision` says what the matrix products compute in (a bfloat16
+    base computes in bfloat16 whatever it says). The LoRA factors stay float32 (PEFT casts
+    adapters up), so do uploads."""
     gradient_checkpointing: bool = False
     """Recompute each block's activations in the backward pass instead of keeping them: less
     memory for longer sequences and bigger models, at about one extra forward pass of time."""
@@ -178,6 +182,16 @@ class TrainConfig:
     """Simulated failures: probability that a sampled client receives its task but never replies."""
     min_replies: int = 1
     """A round with fewer valid replies fails: recorded, and the global state stays unchanged."""
+    precision: str = "fp32"
+    """What the model's matrix products compute in (Lightning's names): `fp32` (no autocast),
+    or `bf16-mixed` (bfloat16 autocast around every forward pass — local training, LoRA-A2's
+    probe, evaluation and generation — and so in the backward pass; on CPU and CUDA alike). The
+    LoRA factors, their gradients, AdamW's state and the uploads stay float32 either way. In
+    one line with `model.dtype`: `model.dtype` is how the frozen base weights are *stored*,
+    `train.precision` what the products *compute* in (a bfloat16-stored base computes in
+    bfloat16 even under `fp32`). Fast only on bfloat16 matrix units (CUDA from Ampere on; CPUs
+    with AVX512-BF16 or AMX: summary.json's `bf16_path` says which was found); elsewhere
+    bfloat16 is emulated and slower than float32."""
     deadline_s: float = 0.0
     """Simulated seconds a round waits (needs a `fleet.profile`): a client whose download +
     compute + upload takes longer is a straggler, its work discarded (its download still

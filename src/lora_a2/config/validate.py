@@ -8,7 +8,7 @@ from typing import Any
 
 from ..errors import UserError
 from .schema import (FLEET_PROFILES, MECHANISMS, MODEL_DTYPES, MODES, NOISE_SOURCES,
-                     PARTITIONS, RANK_DISTRIBUTIONS, REPORTERS, Config)
+                     PARTITIONS, PRECISIONS, RANK_DISTRIBUTIONS, REPORTERS, Config)
 
 
 def require(cond: bool, key: str, msg: str, value: Any) -> None:
@@ -77,6 +77,8 @@ def validate(cfg: Config) -> None:
     require(t.max_grad_norm >= 0, "train.max_grad_norm", "must be ≥ 0", t.max_grad_norm)
     require(0 <= t.dropout < 1, "train.dropout", "must be in [0, 1)", t.dropout)
     require(t.min_replies >= 1, "train.min_replies", "must be ≥ 1", t.min_replies)
+    require(t.precision in PRECISIONS, "train.precision",
+             f"must be one of {', '.join(PRECISIONS)}", t.precision)
     require(cfg.server.max_update_bytes >= 1024, "server.max_update_bytes", "must be ≥ 1024",
              cfg.server.max_update_bytes)
     require(cfg.server.max_update_norm >= 0, "server.max_update_norm", "must be ≥ 0 (0 = off)",

@@ -61,6 +61,7 @@ def format_summary(s: dict[str, Any], metric_lines: list[str]) -> str:
         "see server_log.jsonl)",
         f"  download   {human_bytes(s['total_download_bytes'])} "
         f"({s['total_download_params']:,} values)",
+        *([f"  precision  {s['precision_detail']}"] if s.get("precision_detail") else []),
         f"  wall time  {s['wall_s']:.1f} s",
         f"  outputs    {s['out_dir']}",
     ]

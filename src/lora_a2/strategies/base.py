@@ -187,7 +187,8 @@ class Strategy(ABC):
         and on the client's own test split (``LearningTask.evaluate_client``)."""
         ctx.runtime.load(task.download)
         ctx.runtime.load(self.personal_tensors(ctx))
-        return ctx.runtime.task.evaluate_client(ctx)
+        with ctx.runtime.autocast():  # train.precision, as in training
+            return ctx.runtime.task.evaluate_client(ctx)
 
     def personal_tensors(self, ctx: ClientContext) -> dict[str, Tensor]:
         """The federated tensors this client holds for itself (from ``ctx.store``)."""

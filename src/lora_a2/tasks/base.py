@@ -115,12 +115,15 @@ class LearningTask(ABC):
     # -- training and evaluation ------------------------------------------------
     @abstractmethod
     def loss(self, model: nn.Module, batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
-        """Mean training loss of one batch ``(input_ids, attention_mask, labels)``."""
+        """Mean training loss of one batch ``(input_ids, attention_mask, labels)``. Called
+        under the runtime's precision context (``train.precision``): take the loss of float32
+        logits, so a bfloat16 forward pass still gives a float32 loss."""
 
     @abstractmethod
     def evaluate(self, exp: Experiment) -> dict[str, Any]:
         """Metrics of the model's current state (the global test set, and per client where the
-        task defines it). A ``samples`` entry, if any, goes to ``samples.jsonl``, not metrics."""
+        task defines it). A ``samples`` entry, if any, goes to ``samples.jsonl``, not metrics.
+        Called under the runtime's precision context, as :meth:`evaluate_client` is."""
 
     #: keys of :meth:`evaluate`'s metrics computed on the clients' own data (their label or
     #: category mix, their held-out split): not part of a central-DP release

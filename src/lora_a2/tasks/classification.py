@@ -65,7 +65,8 @@ class Classification(LearningTask):
 
     def loss(self, model: nn.Module, batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
         ids, att, y = batch
-        return F.cross_entropy(model(input_ids=ids, attention_mask=att).logits, y)
+        # float32 logits (a no-op in fp32): under bf16 autocast the loss is taken in float32
+        return F.cross_entropy(model(input_ids=ids, attention_mask=att).logits.float(), y)
 
     def evaluate(self, exp) -> dict[str, Any]:
         """The global model on the test set, and each client's ``local_accuracy``: on its own

@@ -1,0 +1,191 @@
+"""``train.precision``: fp32 has no autocast at all; bf16-mixed computes the forward passes in
+bfloat16 while the LoRA factors, their gradients, AdamW's state and the uploads stay float32;
+it runs on both tasks (tiny models here, the real MiniLM and SmolLM2 under ``e2e``); a bad
+value is one line, exit 2."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import assert_config_error
+from lora_a2.checks import load_config
+from lora_a2.cli import main
+from lora_a2.errors import UserError
+from lora_a2.precision import autocast, bf16_hardware, cpu_flags
+
+TINY_BERT = ["model.name=tiny-random-bert", "data.num_clients=2", "model.max_length=24",
+             "strategy.global_rank=4", "strategy.rank_budget=2", "engine.threads=1",
+             "data.max_train_examples=60"]
+
+
+def prepared(data: str, *sets: str):
+    from lora_a2.experiment import prepare
+
+    return prepare(load_config(None, [f"data.name={data}", *sets]))
+
+
+def first_upload(exp):
+    """Client 0's upload in round 1 (the local engine's client side, without the bytes)."""
+    state = exp.strategy.init_state(exp.runtime.initial_state())
+    return exp.strategy.upload(exp.client_context(0), exp.strategy.configure(1, 0, state))
+
+
+# ---------------------------------------------------------------------- the switch
+def test_fp32_is_no_autocast_and_bf16_mixed_is_cpu_bfloat16():
+    cpu = torch.device("cpu")
+    assert isinstance(autocast("fp32", cpu), contextlib.nullcontext)
+    with autocast("bf16-mixed", cpu):
+        assert torch.is_autocast_enabled("cpu")
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+        assert torch.mm(torch.ones(2, 3), torch.ones(3, 2)).dtype == torch.bfloat16
+    assert not torch.is_autocast_enabled("cpu")
+
+
+@pytest.mark.parametrize("value", ["fp16", "bf16", "BF16-mixed", "float32"])
+def test_a_bad_precision_is_one_line_exit_2(capsys, value):
+    assert_config_error(capsys, [f"train.precision={value}"], "train.precision")
+    assert main(["run", "--out", "/nonexistent/never", "--set", f"train.precision={value}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "fp32, bf16-mixed" in err, err
+
+
+def test_the_bf16_path_is_read_from_the_cpu_flags():
+    base = "processor\t: 0\nflags\t\t: fpu sse avx2 fma"
+    assert cpu_flags(base) == {"fpu", "sse", "avx2", "fma"}
+    none = bf16_hardware("cpu", base)
+    assert none["bf16_native"] is False and "emulated" in none["bf16_path"]
+    assert none["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    avx = bf16_hardware("cpu", base + " avx512f avx512_bf16")
+    assert avx["bf16_native"] is True and "AVX512-BF16" in avx["bf16_path"]
+    amx = bf16_hardware("cpu", base + " avx512_bf16 amx_tile amx_bf16")
+    assert amx["bf16_native"] is True and amx["bf16_path"].startswith("CPU AMX-BF16")
+
+
+# ---------------------------------------------------------------------- what stays float32
+def test_bf16_mixed_forward_in_bfloat16_factors_optimiser_and_upload_in_float32(synthetic_csv,
+                                                                                monkeypatch):
+    from lora_a2.client import LocalTrainer, ParamGroup
+
+    exp = prepared(f"csv:{synthetic_csv}", *TINY_BERT, "train.precision=bf16-mixed")
+    rt = exp.runtime
+    seen = []
+    loss_of = type(exp.task).loss
+
+    def spy(self, model, batch):
+        seen.append((torch.is_autocast_enabled("cpu"),
+                     model(input_ids=batch[0], attention_mask=batch[1]).logits.dtype))
+        return loss_of(self, model, batch)
+
+    monkeypatch.setattr(type(exp.task), "loss", spy)
+    names = rt.layout.group_names(["A", "B"])
+    trainer = LocalTrainer(rt, [ParamGroup(names, 1e-3)], weight_decay=0.01)
+    trainer.run(exp.enc_train, exp.client_train[0], 1, 8, torch.Generator().manual_seed(0),
+                max_steps=2)
+    assert seen == [(True, torch.bfloat16)] * 2  # every step's forward pass in bfloat16
+    for n in names:
+        p = rt.params[n]
+        assert p.dtype == torch.float32
+        assert {v.dtype for v in trainer.opt.state[p].values() if v.dim()} == {torch.float32}
+    assert not torch.is_autocast_enabled("cpu")  # the context did not leak
+    upload = first_upload(exp)
+    assert upload.values.dtype == torch.float32
+
+
+def test_bf16_mixed_changes_the_upload_a_little(synthetic_csv):
+    """The switch does something (the upload differs from fp32's) and not much (the loss and
+    the upload agree to bfloat16's precision)."""
+    ups = {}
+    for p in ("fp32", "bf16-mixed"):
+        exp = prepared(f"csv:{synthetic_csv}", *TINY_BERT, "strategy.name=fl-lora",
+                       f"train.precision={p}")
+        ups[p] = first_upload(exp)
+    a, b = ups["fp32"].values.double(), ups["bf16-mixed"].values.double()
+    assert not torch.equal(a, b)
+    assert float((a - b).norm() / a.norm()) < 0.1
+    assert ups["bf16-mixed"].meta["loss"] == pytest.approx(ups["fp32"].meta["loss"], abs=0.02)
+
+
+# ---------------------------------------------------------------------- whole runs
+def run_pair(tmp_path: Path, sets: list[str]) -> dict[str, dict]:
+    """The same run in fp32 and bf16-mixed: each one's summary.json and its first metrics
+    line."""
+    out = {}
+    for p in ("fp32", "bf16-mixed"):
+        d = tmp_path / p
+        args = ["run", "--quiet", "--out", str(d), "--set", f"train.precision={p}"]
+        for s in sets:
+            args += ["--set", s]
+        assert main(args) == 0
+        summary = json.loads((d / "summary.json").read_text())
+        adapter = load_file(d / "adapter" / "adapter_model.safetensors")
+        assert {t.dtype for t in adapter.values()} == {torch.float32}  # exported factors
+        out[p] = summary
+    for p, s in out.items():
+        assert s["precision"] == p and s["precision_detail"].startswith(p)
+        assert isinstance(s["bf16_native"], bool) and s["bf16_path"]
+    return out
+
+
+def test_tiny_bert_classification_runs_in_bf16_mixed(tmp_path, synthetic_csv, capsys):
+    s = run_pair(tmp_path, [f"data.name=csv:{synthetic_csv}", *TINY_BERT, "train.rounds=2"])
+    assert "precision  bf16-mixed: bfloat16 autocast" in capsys.readouterr().out
+    fp, bf = s["fp32"], s["bf16-mixed"]
+    assert fp["final_loss"] != bf["final_loss"]
+    assert bf["final_loss"] == pytest.approx(fp["final_loss"], abs=0.05)
+    assert bf["total_upload_bytes"] >= 4 * bf["total_upload_params"]  # float32 values
+
+
+def test_tiny_llama_causal_lm_runs_in_bf16_mixed(tmp_path):
+    from test_causal_lm import LLAMA, instruction_rows
+
+    data = tmp_path / "instr.json"
+    data.write_text(json.dumps(instruction_rows(48)))
+    s = run_pair(tmp_path, [f"data.name=json:{data}", *LLAMA, "data.num_clients=2",
+                            "train.rounds=1"])
+    fp, bf = s["fp32"], s["bf16-mixed"]
+    assert fp["final_loss"] != bf["final_loss"]
+    assert bf["final_loss"] == pytest.approx(fp["final_loss"], rel=0.02)
+    assert bf["initial_loss"] == pytest.approx(fp["initial_loss"], rel=0.02)  # evaluation too
+
+
+@pytest.mark.e2e
+def test_minilm_runs_in_bf16_mixed(tmp_path):
+    """The real MiniLM, one small FL+LoRA round in each precision (kept small: bfloat16 is
+    emulated, ≈ 10× slower than float32, on CPUs without AVX512-BF16)."""
+    s = run_pair(tmp_path, ["model.name=minilm", "data.name=bbc-news", "data.num_clients=2",
+                            "data.max_train_examples=32", "data.max_test_examples=16",
+                            "data.min_examples_per_client=4", "model.max_length=32",
+                            "strategy.name=fl-lora", "strategy.rank_budget=2",
+                            "train.rounds=1", "train.batch_size=8", "strategy.lr=1e-3"])
+    fp, bf = s["fp32"], s["bf16-mixed"]
+    assert fp["final_loss"] != bf["final_loss"]
+    assert bf["final_loss"] == pytest.approx(fp["final_loss"], abs=0.02), (fp, bf)
+
+
+@pytest.mark.e2e
+def test_smollm2_runs_in_bf16_mixed(tmp_path):
+    """The real SmolLM2 (float32 base weights under bfloat16 autocast), one tiny round."""
+    pytest.importorskip("gguf")
+    from lora_a2.models import smollm2_gguf
+
+    try:
+        smollm2_gguf()
+    except UserError as e:
+        pytest.skip(str(e))
+    s = run_pair(tmp_path, ["model.name=smollm2", "data.name=bbc-headlines",
+                            "data.num_clients=1", "data.max_train_examples=2",
+                            "data.max_test_examples=2", "data.min_examples_per_client=1",
+                            "train.rounds=1", "train.batch_size=2", "model.max_length=112",
+                            "model.dtype=float32", "task.generate_examples=0",
+                            "strategy.name=fl-lora", "strategy.rank_budget=2",
+                            "model.target_modules=['q_proj','v_proj']", "strategy.lr=1e-3"])
+    fp, bf = s["fp32"], s["bf16-mixed"]
+    assert fp["final_loss"] != bf["final_loss"]
+    assert bf["final_loss"] == pytest.approx(fp["final_loss"], rel=0.03), (fp, bf)
+    assert bf["initial_loss"] == pytest.approx(fp["initial_loss"], rel=0.03), (fp, bf)
