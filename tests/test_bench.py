@@ -355,24 +355,26 @@ def test_list_piped_into_a_reader_that_stops_ends_quietly(tmp_path):
 
 
 def test_workers_share_a_grid_and_each_cell_runs_once(tmp_path, capsys):
+    grid = tmp_path / "g.toml"  # six tiny cells: two workers, each cell run exactly once
+    grid.write_text(tiny_grid(rounds=2, alphas="0.1, 0.2, 0.5, 1.0, 2.0, 5.0"))
     out = tmp_path / "w"
-    assert main(["bench", "smoke", "--smoke", "-q", "--workers", "2", "--out", str(out)]) == 0
-    assert "this call: {'ran': 20}" in capsys.readouterr().out
+    assert main(["bench", str(grid), "-q", "--workers", "2", "--out", str(out)]) == 0
+    assert "this call: {'ran': 6}" in capsys.readouterr().out
     cells = [d for d in (out / "cells").iterdir() if d.is_dir()]
-    assert len(cells) == 20 and not list((out / "cells").glob("*.lock"))
+    assert len(cells) == 6 and not list((out / "cells").glob("*.lock"))
     for d in cells:  # no cell was run twice: one line per round, one summary
         rounds = json.loads((d / "summary.json").read_text())["rounds"]
         assert len((d / "metrics.jsonl").read_text().splitlines()) == rounds
-    assert len(json.loads((out / "results.json").read_text())["rows"]) == 20
+    assert len(json.loads((out / "results.json").read_text())["rows"]) == 6
     assert len(list((out / "workers").glob("*.log"))) == 2
-    assert main(["bench", "smoke", "--smoke", "-q", "-j", "2", "--out", str(out)]) == 0
-    assert "this call: {'skipped': 20}" in capsys.readouterr().out
+    assert main(["bench", str(grid), "-q", "-j", "2", "--out", str(out)]) == 0
+    assert "this call: {'skipped': 6}" in capsys.readouterr().out
     # a cell killed mid-run (checkpoint, no summary) is counted as resumed, not ran
     (cells[0] / "summary.json").unlink()
-    assert main(["bench", "smoke", "--smoke", "-q", "-j", "2", "--out", str(out)]) == 0
+    assert main(["bench", str(grid), "-q", "-j", "2", "--out", str(out)]) == 0
     said = re.search(r"this call: (\{.*?\})", capsys.readouterr().out)
-    assert said and ast.literal_eval(said.group(1)) == {"skipped": 19, "resumed": 1}
-    assert main(["bench", "smoke", "--smoke", "--workers", "0", "--out", str(out)]) == 2
+    assert said and ast.literal_eval(said.group(1)) == {"skipped": 5, "resumed": 1}
+    assert main(["bench", str(grid), "--workers", "0", "--out", str(out)]) == 2
 
 
 def tiny_grid(rounds: int, alphas: str) -> str:

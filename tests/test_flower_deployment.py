@@ -21,8 +21,9 @@ from flower_util import (BIN, ROOT, TINY, assert_same_run, final_state,  # noqa:
                          max_diff, run)
 
 
-# Ray and Flower processes: one test at a time (one xdist worker)
-pytestmark = pytest.mark.xdist_group("flower")
+# SuperLink and SuperNode processes (no Ray): one deployment at a time, on one xdist worker,
+# beside the worker that runs the Ray simulations
+pytestmark = pytest.mark.xdist_group("deployment")
 
 
 def free_port() -> int:
