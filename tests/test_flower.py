@@ -175,10 +175,11 @@ def test_secagg_simulation_gives_the_plain_aggregate_up_to_quantisation(tmp_path
     One round, because only one aggregate is bounded by the step: a later round trains from a
     state that differs by quantisation, and Adam's normalised steps amplify that (measured:
     6.1e-5 after two FL+LoRA rounds, just over 16 steps; CI failed on it once)."""
-    sets = ["data.num_clients=4", "train.rounds=1", f"strategy.name={strategy}",
-            "engine.name=flower", "engine.num_workers=2"]
+    sets = ["data.num_clients=4", "train.rounds=1", f"strategy.name={strategy}"]
+    # the plain aggregate on the local engine (the same as Flower's: the equivalence tests)
     plain = run(tmp_path / "plain", synthetic_csv, sets)
-    secure = run(tmp_path / "secure", synthetic_csv, sets + ["secagg.enabled=true"])
+    secure = run(tmp_path / "secure", synthetic_csv,
+                 sets + ["engine.name=flower", "engine.num_workers=2", "secagg.enabled=true"])
     step = 2 * 8.0 / 4194304
     diff = max_diff(final_state(plain), final_state(secure))
     assert 0 < diff < 4 * 4 * step  # not bit-identical (it was quantised), but within n steps
