@@ -294,3 +294,10 @@ def test_flower_simulation_gets_one_node_per_natural_client(tmp_path: Path, user
         for k in ("upload_bytes", "download_bytes"):
             assert x[k] == y[k], k
         assert y["accuracy"] == pytest.approx(x["accuracy"], abs=1e-6)
+
+
+def test_a_client_column_without_the_natural_partition_is_one_line(capsys) -> None:
+    from conftest import assert_config_error
+
+    assert_config_error(capsys, ["data.partition=dirichlet", "data.client_column=user"],
+                        "data.client_column")

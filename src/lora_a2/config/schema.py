@@ -82,7 +82,7 @@ class DataConfig:
     client_column: str = ""
     """`natural` partition: the column whose values are the clients (a user, a film, a
     speaker); empty = the built-in dataset's own (`rotten-tomatoes`: `movie_name`,
-    `debate-replies`: `speaker`). Read only when `partition = "natural"`."""
+    `debate-replies`: `speaker`). Setting it with another partition is an error."""
     alpha: float = 0.1
     """Dirichlet concentration (smaller = more heterogeneous)."""
     classes_per_client: int = 2

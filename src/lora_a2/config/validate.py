@@ -29,6 +29,9 @@ def validate(cfg: Config) -> None:
              m.dtype)
     require(d.partition in PARTITIONS, "data.partition", f"must be one of {', '.join(PARTITIONS)}",
              d.partition)
+    require(not d.client_column or d.partition == "natural", "data.client_column",
+             "is read only by data.partition = 'natural' (set that, or leave the column empty)",
+             d.client_column)
     if d.partition == "natural":
         require(d.num_clients >= 0, "data.num_clients",
                  "must be ≥ 0 with data.partition = 'natural' (0 = every natural client)",
