@@ -11,9 +11,12 @@ from typing import Any
 
 from ...config import Config, config_from_dict
 from ...errors import UserError
+from ...experiment import prepare
 from ...payload import decode, encode
 from ...rounds import eval_reply
 from ...messages import Task
+from ..secagg import (client_vector, fit_reply, secagg_dispatch_mod, task_bytes_of,
+                      weight_scale)
 from .records import CONFIG_RECORD, STORE_RECORD, pack, unpack
 
 FAULT_ENV = "LORA_A2_FLOWER_FAULT"  # fault injection for tests: "ROUND:CLIENT[:hang]" entries
@@ -27,8 +30,6 @@ def _experiment(config_toml: str, timing: dict[str, float] | None = None):
     key = hashlib.sha256(config_toml.encode()).hexdigest()
     t = time.perf_counter()
     if key not in _CACHE:
-        from ...experiment import prepare
-
         _CACHE.clear()  # one run per worker at a time: free the previous model
         _CACHE[key] = prepare(config_from_toml(config_toml))
     if timing is not None:
@@ -64,8 +65,6 @@ def client_train(msg, context):
     the secured vector, for ``secaggplus_mod`` to mask)."""
     from flwr.app import Message
 
-    from ..secagg import task_bytes_of
-
     if task_bytes_of(msg.content) is not None:
         return client_train_secure(msg, context)
     t0 = time.perf_counter()
@@ -100,8 +99,6 @@ def client_train_secure(msg, context):
     """SecAgg+ stage 2 on the client: train as usual, check the upload here (the server will
     never see it to check), and return its dense vector for masking."""
     from flwr.app import Message
-
-    from ..secagg import client_vector, fit_reply, task_bytes_of, weight_scale
 
     exp, task, ctx = _client_task(
         context, str(msg.content.config_records["fitins.config"]["config"]),
@@ -156,8 +153,6 @@ def client_query(msg, context):
 
 def make_client_app():
     from flwr.clientapp import ClientApp
-
-    from ..secagg import secagg_dispatch_mod
 
     app = ClientApp(mods=[secagg_dispatch_mod])  # SecAgg+ messages through Flower's mod
     app.train()(client_train)

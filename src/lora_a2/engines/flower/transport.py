@@ -13,6 +13,7 @@ from ...config import Config
 from ...payload import InvalidPayload
 from ...rounds import Reply, RoundPlan, Transport, round_record, run_round
 from ...messages import ServerState
+from ..secagg import run_secure_round
 from .records import CONFIG_RECORD, message_bytes, pack, timing_of, unpack
 
 log = logging.getLogger(__name__)
@@ -147,8 +148,6 @@ class FlowerRounds(Transport):
                      ) -> tuple[ServerState, dict[str, Any]]:
         """The round under SecAgg+ (``secagg.enabled``; :mod:`lora_a2.engines.secagg`): the
         server gets only the weighted mean of the clients' dense vectors."""
-        from ..secagg import run_secure_round
-
         cfg, strategy = exp.cfg, exp.strategy
         result = run_secure_round(self.grid, cfg, plan.rnd, plan.blobs, self.node_of,
                                   self.config_toml, message_bytes)
