@@ -8,6 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from lora_a2.checks import load_config
+from lora_a2.engines.local import LocalTransport
+from lora_a2.rounds import Reply, run_round
+from lora_a2.runner import run_experiment
+
 from conftest import TINY as TINY_RUN
 from conftest import run_cli
 
@@ -21,6 +26,32 @@ SAME = ("round", "active_factor", "clients", "num_replies", "status", "dropped",
 
 def run(out: Path, data: Path, sets: list[str]) -> Path:
     return run_cli(out, *sets, data=data, base=TINY)
+
+
+class FailingLocalTransport(LocalTransport):
+    """The in-process transport with the Flower fault hook's failures
+    (``LORA_A2_FLOWER_FAULT="ROUND:CLIENT"``): those clients get their task and never reply."""
+
+    def __init__(self, failures: set[tuple[int, int]]) -> None:
+        self.failures = failures
+
+    def exchange(self, exp, rnd, tasks, on_client):
+        keep = {c: b for c, b in tasks.items() if (rnd, c) not in self.failures}
+        replies = super().exchange(exp, rnd, keep, on_client)
+        return {**replies, **{c: Reply(failure="injected fault") for c in tasks if c not in keep}}
+
+
+def run_local_failing(out: Path, data: Path, sets: list[str],
+                      failures: set[tuple[int, int]]) -> Path:
+    """The experiment ``sets`` on the local engine with ``failures`` injected: the plain run a
+    Flower run with the same ``LORA_A2_FLOWER_FAULT`` must equal (the equivalence tests show
+    the two engines agree), without starting a Ray simulation for it."""
+    transport = FailingLocalTransport(failures)
+    cfg = load_config(None, [*TINY, f"data.name=csv:{data}", *sets])
+    run_experiment(cfg, out, progress=False,
+                   round_fn=lambda exp, rnd, state, on_client=None:
+                   run_round(exp, rnd, state, transport, on_client))
+    return out
 
 
 def assert_same_run(local: list[dict], flower: list[dict], tol: float = 1e-4) -> None:

@@ -12,7 +12,8 @@ pytest.importorskip("flwr")
 from lora_a2.cli import main  # noqa: E402
 from lora_a2.report import read_metrics  # noqa: E402
 
-from flower_util import assert_same_run, final_state, max_diff, run  # noqa: E402
+from flower_util import (assert_same_run, final_state, max_diff, run,  # noqa: E402
+                         run_local_failing)
 
 
 # Ray and Flower processes: one test at a time (one xdist worker)
@@ -197,12 +198,13 @@ def test_secagg_simulation_gives_the_plain_aggregate_up_to_quantisation(tmp_path
 def test_secagg_survives_a_client_that_drops_out(tmp_path, synthetic_csv, monkeypatch):
     """Client 2 fails in round 1 after the key exchange: SecAgg+ rebuilds its masks from the
     others' shares and the round aggregates the three survivors — the same state as the plain
-    Flower run with the same failure, up to quantisation."""
+    run with the same failure (on the local engine, which equals Flower's), up to
+    quantisation."""
     monkeypatch.setenv("LORA_A2_FLOWER_FAULT", "1:2")
-    sets = ["data.num_clients=4", "train.rounds=1", "engine.name=flower",
-            "engine.num_workers=2", "train.min_replies=2"]
-    plain = run(tmp_path / "plain", synthetic_csv, sets)
-    secure = run(tmp_path / "secure", synthetic_csv, sets + ["secagg.enabled=true"])
+    sets = ["data.num_clients=4", "train.rounds=1", "train.min_replies=2"]
+    plain = run_local_failing(tmp_path / "plain", synthetic_csv, sets, {(1, 2)})
+    secure = run(tmp_path / "secure", synthetic_csv,
+                 sets + ["engine.name=flower", "engine.num_workers=2", "secagg.enabled=true"])
     (p,), (s,) = read_metrics(plain / "metrics.jsonl"), read_metrics(secure / "metrics.jsonl")
     assert p["dropped"] == [2] and s["dropped"] == [2]
     assert s["status"] == "ok" and s["secagg"]["survivors"] == [0, 1, 3]

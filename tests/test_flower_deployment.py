@@ -18,7 +18,7 @@ pytest.importorskip("flwr")
 from lora_a2.report import read_metrics  # noqa: E402
 
 from flower_util import (BIN, ROOT, TINY, assert_same_run, final_state,  # noqa: E402
-                         max_diff, run)
+                         max_diff, run, run_local_failing)
 
 
 # SuperLink and SuperNode processes (no Ray): one deployment at a time, on one xdist worker,
@@ -264,17 +264,16 @@ def federation3_with_a_failing_node(tmp_path):
 
 
 def test_secagg_on_the_deployment_engine_with_a_node_dropping_out(
-        federation3_with_a_failing_node, synthetic_csv, monkeypatch):
+        federation3_with_a_failing_node, synthetic_csv):
     """SecAgg+ through real SuperLink/SuperNode processes (each SecAgg+ stage a separate
     ClientApp process; the protocol state lives in the node's Context): client 2 fails after
     the key exchange, the round sums the other two, and the state equals the plain Simulation
-    Engine run with the same failure up to quantisation."""
+    Engine run with the same failure (on the local engine, which equals Flower's) up to
+    quantisation."""
     env, tmp, _, _ = federation3_with_a_failing_node
     sets = ["data.num_clients=3", "train.rounds=1", "train.min_replies=2"]
     out = deploy(env, tmp, synthetic_csv, sets + ["secagg.enabled=true"])
     (r,) = read_metrics(out / "metrics.jsonl")
     assert r["status"] == "ok" and r["secagg"]["survivors"] == [0, 1] and r["dropped"] == [2]
-    monkeypatch.setenv("LORA_A2_FLOWER_FAULT", "1:2")
-    plain = run(tmp / "plain", synthetic_csv, sets + ["engine.name=flower",
-                                                      "engine.num_workers=2"])
+    plain = run_local_failing(tmp / "plain", synthetic_csv, sets, {(1, 2)})
     assert max_diff(final_state(plain), final_state(out)) < 4 * 2 * (2 * 8.0 / 4194304)
