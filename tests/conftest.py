@@ -37,17 +37,27 @@ def synthetic_texts(n: int, seed: int = 0) -> tuple[list[str], np.ndarray]:
     return texts, labels
 
 
-@pytest.fixture
-def synthetic_csv(tmp_path):
-    """A CSV file with text/label columns (labels as strings) for end-to-end runs."""
+def write_synthetic_csv(path):
+    """Write the toy CSV (text/label columns, labels as strings, 240 rows) to ``path``."""
     texts, labels = synthetic_texts(240)
     names = np.array(["fruit", "animal", "colour"])
-    path = tmp_path / "toy.csv"
     with open(path, "w") as f:
         f.write("text,label\n")
         for t, y in zip(texts, labels):
             f.write(f"{t},{names[y]}\n")
     return path
+
+
+@pytest.fixture
+def synthetic_csv(tmp_path):
+    """A CSV file with text/label columns (labels as strings) for end-to-end runs."""
+    return write_synthetic_csv(tmp_path / "toy.csv")
+
+
+@pytest.fixture(scope="module")
+def module_csv(tmp_path_factory):
+    """The same toy CSV, once per test module (for runs a module-scoped fixture shares)."""
+    return write_synthetic_csv(tmp_path_factory.mktemp("data") / "toy.csv")
 
 
 def tiny_setup(sets: list[str], clients: int, n: int = 90, max_length: int = 24):

@@ -70,6 +70,20 @@ def assert_same_run(local: list[dict], flower: list[dict], tol: float = 1e-4) ->
         assert b["flower_upload_bytes"] > b["upload_bytes"]
 
 
+def simulate_together(base: Path, data: Path, runs: dict[str, list[str]],
+                      shared: list[str]) -> dict[str, Path]:
+    """The experiments ``runs`` (name → ``--set`` items, after :data:`TINY`, the data and
+    ``shared``) in ONE Flower simulation (:func:`lora_a2.engines.flower.run_simulations`: Ray
+    and its workers start once); each run's output folder by name."""
+    from lora_a2.engines.flower import run_simulations
+
+    outs = {name: base / name for name in runs}
+    run_simulations([(load_config(None, [*TINY, f"data.name=csv:{data}", *shared, *sets,
+                                         "engine.name=flower"]), outs[name])
+                     for name, sets in runs.items()], progress=False)
+    return outs
+
+
 def final_state(out: Path) -> dict:
     """The run's global state (checkpoint.safetensors) as tensors."""
     from safetensors.torch import load_file

@@ -13,17 +13,53 @@ from lora_a2.cli import main  # noqa: E402
 from lora_a2.report import read_metrics  # noqa: E402
 
 from flower_util import (assert_same_run, final_state, max_diff, run,  # noqa: E402
-                         run_local_failing)
+                         run_local_failing, simulate_together)
 
 
 # Ray and Flower processes: one test at a time (one xdist worker)
 pytestmark = pytest.mark.xdist_group("flower")
 
-def test_simulation_matches_local_engine(tmp_path, synthetic_csv):
-    sets = ["data.num_clients=4", "train.rounds=2"]
-    local = run(tmp_path / "local", synthetic_csv, sets)
-    flower = run(tmp_path / "flower", synthetic_csv,
-                 sets + ["engine.name=flower", "engine.num_workers=2"])
+# Runs that can share one Flower simulation do (Ray and its worker processes start once, ≈ 20 s
+# each time on 2 cores): one simulation of 4 clients, one of 3.
+SECAGG_STRATEGIES = ["lora-a2", "fl-lora"]
+DP_CASES = [
+    ("lora-a2", ["privacy.mechanism=gaussian", "privacy.mode=local", "privacy.noise_multiplier=0.5",
+                 "privacy.noise_source=seeded"]),
+    ("fl-lora", ["privacy.mechanism=gaussian", "privacy.mode=central", "privacy.epsilon=8.0",
+                 "privacy.noise_source=seeded"]),
+    ("flexlora", []),
+    ("lora-a2", ["privacy.mechanism=laplace", "privacy.mode=local", "privacy.epsilon=40",
+                 "privacy.selection=private", "privacy.selection_epsilon=2",
+                 "privacy.noise_source=seeded"]),
+]
+NEWER = ["rolora", "fedsa-lora", "fedex-lora", "fedsvd"]
+RUNS4 = {"plain": ["train.rounds=2"],
+         **{f"secagg-{s}": ["train.rounds=1", f"strategy.name={s}", "secagg.enabled=true"]
+            for s in SECAGG_STRATEGIES}}
+RUNS3 = {**{f"dp{i}": ["train.rounds=2", f"strategy.name={s}", *p]
+            for i, (s, p) in enumerate(DP_CASES)},
+         **{s: ["train.rounds=3", f"strategy.name={s}"] for s in NEWER}}
+
+
+@pytest.fixture(scope="module")
+def sim4(tmp_path_factory, module_csv):
+    """RUNS4 in one simulation of 4 clients: (the CSV, each run's output folder)."""
+    return module_csv, simulate_together(tmp_path_factory.mktemp("sim4"), module_csv, RUNS4,
+                                         ["data.num_clients=4", "engine.num_workers=2"])
+
+
+@pytest.fixture(scope="module")
+def sim3(tmp_path_factory, module_csv):
+    """RUNS3 in one simulation of 3 clients: (the CSV, each run's output folder)."""
+    return module_csv, simulate_together(tmp_path_factory.mktemp("sim3"), module_csv, RUNS3,
+                                         ["data.num_clients=3", "engine.num_workers=2"])
+
+
+def test_simulation_matches_local_engine(tmp_path, sim4):
+    data, outs = sim4
+    sets = ["data.num_clients=4", *RUNS4["plain"]]
+    local = run(tmp_path / "local", data, sets)
+    flower = outs["plain"]
     for f in ("config.toml", "metrics.jsonl", "summary.json", "partition.json",
               "checkpoint.safetensors", "adapter/adapter_model.safetensors"):
         assert (flower / f).is_file(), f
@@ -47,6 +83,24 @@ def test_simulation_matches_local_engine(tmp_path, synthetic_csv):
                                                 abs=1e-3)
     assert rows[0]["flower_timing"]["client_build_s"] > 0
     assert all(r["flower_timing"]["client_build_s"] < 0.5 for r in rows[1:])  # cached
+
+
+def test_a_node_keeps_each_experiments_client_tensors_apart():
+    """One Flower run can serve several experiments (``run_simulations``): a node's stored
+    tensors of one experiment are never read by another."""
+    from types import SimpleNamespace
+
+    import torch
+    from flwr.app import RecordDict
+
+    from lora_a2.engines.flower import read_store, write_store
+
+    node = SimpleNamespace(state=RecordDict())
+    write_store(node, "seed = 1", {"B": torch.ones(2)})
+    write_store(node, "seed = 2", {"B": torch.zeros(3)})
+    assert torch.equal(read_store(node, "seed = 1")["B"], torch.ones(2))
+    assert torch.equal(read_store(node, "seed = 2")["B"], torch.zeros(3))
+    assert read_store(node, "seed = 3") == {}
 
 
 def test_round_timing_sums_each_worker_and_leaves_the_rest_to_flower():
@@ -92,23 +146,14 @@ def test_ray_workers_run_at_the_callers_priority_unless_the_environment_says(mon
     assert "_system_config" not in backend_config(cfg)["init_args"]
 
 
-@pytest.mark.parametrize("strategy,privacy", [
-    ("lora-a2", ["privacy.mechanism=gaussian", "privacy.mode=local", "privacy.noise_multiplier=0.5",
-                 "privacy.noise_source=seeded"]),
-    ("fl-lora", ["privacy.mechanism=gaussian", "privacy.mode=central", "privacy.epsilon=8.0",
-                 "privacy.noise_source=seeded"]),
-    ("flexlora", []),
-    ("lora-a2", ["privacy.mechanism=laplace", "privacy.mode=local", "privacy.epsilon=40",
-                 "privacy.selection=private", "privacy.selection_epsilon=2",
-                 "privacy.noise_source=seeded"]),
-])
-def test_simulation_matches_local_for_other_strategies_and_dp(tmp_path, synthetic_csv, strategy,
-                                                              privacy):
+@pytest.mark.parametrize("case", range(len(DP_CASES)),
+                         ids=[f"{s}-privacy{i}" for i, (s, _) in enumerate(DP_CASES)])
+def test_simulation_matches_local_for_other_strategies_and_dp(tmp_path, sim3, case):
     """The same hooks (DP clip/noise, central noise, heterogeneous ranks) run on both engines."""
-    sets = ["data.num_clients=3", "train.rounds=2", f"strategy.name={strategy}", *privacy]
-    local = run(tmp_path / "local", synthetic_csv, sets)
-    flower = run(tmp_path / "flower", synthetic_csv,
-                 sets + ["engine.name=flower", "engine.num_workers=2"])
+    data, outs = sim3
+    privacy = DP_CASES[case][1]
+    local = run(tmp_path / "local", data, ["data.num_clients=3", *RUNS3[f"dp{case}"]])
+    flower = outs[f"dp{case}"]
     assert_same_run(read_metrics(local / "metrics.jsonl"), read_metrics(flower / "metrics.jsonl"))
     if privacy:
         eps = [r["epsilon"] for r in read_metrics(flower / "metrics.jsonl")]
@@ -143,16 +188,15 @@ def test_simulation_node_that_times_out_is_dropped(tmp_path, synthetic_csv, monk
     assert "no reply within" in r2["failures"][0]
 
 
-@pytest.mark.parametrize("strategy", ["rolora", "fedsa-lora", "fedex-lora", "fedsvd"])
-def test_newer_methods_match_on_both_engines(tmp_path, synthetic_csv, strategy):
+@pytest.mark.parametrize("strategy", NEWER)
+def test_newer_methods_match_on_both_engines(tmp_path, sim3, strategy):
     """RoLoRA, FedSA-LoRA, FedEx-LoRA and FedSVD give the same metrics and bytes on Flower's
     Simulation Engine as on the local engine. Three rounds: FedSA-LoRA's clients must find their
     own B again on their node (Flower's Context.state) in rounds 2 and 3, and evaluate it there."""
-    sets = ["data.num_clients=3", "train.rounds=3", f"strategy.name={strategy}"]
-    local = read_metrics(run(tmp_path / "local", synthetic_csv, sets) / "metrics.jsonl")
-    flower = read_metrics(run(tmp_path / "flower", synthetic_csv,
-                              sets + ["engine.name=flower", "engine.num_workers=2"])
-                          / "metrics.jsonl")
+    data, outs = sim3
+    local = read_metrics(run(tmp_path / "local", data, ["data.num_clients=3", *RUNS3[strategy]])
+                         / "metrics.jsonl")
+    flower = read_metrics(outs[strategy] / "metrics.jsonl")
     assert_same_run(local, flower)
     for a, b in zip(local, flower):
         assert b["local_accuracy"] == pytest.approx(a["local_accuracy"], abs=1e-4)
@@ -166,9 +210,8 @@ def test_newer_methods_match_on_both_engines(tmp_path, synthetic_csv, strategy):
 
 
 # ---------------------------------------------------------------------- SecAgg+ (issue 18)
-@pytest.mark.parametrize("strategy", ["lora-a2", "fl-lora"])
-def test_secagg_simulation_gives_the_plain_aggregate_up_to_quantisation(tmp_path, synthetic_csv,
-                                                                       strategy):
+@pytest.mark.parametrize("strategy", SECAGG_STRATEGIES)
+def test_secagg_simulation_gives_the_plain_aggregate_up_to_quantisation(tmp_path, sim4, strategy):
     """Flower's SecAgg+ on the Simulation Engine: the server only ever holds the masked sum,
     and the global state after one round equals the plain run's up to the quantisation step
     (2c/Q per entry and client, c = clipping_range, Q = quantization_range).
@@ -176,11 +219,11 @@ def test_secagg_simulation_gives_the_plain_aggregate_up_to_quantisation(tmp_path
     One round, because only one aggregate is bounded by the step: a later round trains from a
     state that differs by quantisation, and Adam's normalised steps amplify that (measured:
     6.1e-5 after two FL+LoRA rounds, just over 16 steps; CI failed on it once)."""
+    data, outs = sim4
     sets = ["data.num_clients=4", "train.rounds=1", f"strategy.name={strategy}"]
     # the plain aggregate on the local engine (the same as Flower's: the equivalence tests)
-    plain = run(tmp_path / "plain", synthetic_csv, sets)
-    secure = run(tmp_path / "secure", synthetic_csv,
-                 sets + ["engine.name=flower", "engine.num_workers=2", "secagg.enabled=true"])
+    plain = run(tmp_path / "plain", data, sets)
+    secure = outs[f"secagg-{strategy}"]
     step = 2 * 8.0 / 4194304
     diff = max_diff(final_state(plain), final_state(secure))
     assert 0 < diff < 4 * 4 * step  # not bit-identical (it was quantised), but within n steps

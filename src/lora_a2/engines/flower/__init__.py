@@ -47,11 +47,11 @@ from __future__ import annotations
 
 from .clientapp import (FAULT_ENV, client_evaluate, client_query, client_train,
                         client_train_secure, config_from_toml, make_client_app, partition_of,
-                        read_store, write_store)
+                        read_store, store_key, write_store)
 from .records import (CONFIG_RECORD, PAYLOAD_KEY, RECORD, STORE_RECORD, STYPE, TIMING_RECORD,
                       message_bytes, pack, timing_of, unpack)
 from .serverapp import (add_flower_totals, backend_config, deployment_main, num_workers,
-                        run_simulation)
+                        run_simulation, run_simulations)
 from .transport import FlowerRounds, error_text, round_timing
 
 __all__ = [
@@ -59,6 +59,7 @@ __all__ = [
     "TIMING_RECORD", "FlowerRounds", "add_flower_totals", "backend_config", "client_evaluate",
     "client_query", "client_train", "client_train_secure", "config_from_toml",
     "deployment_main", "error_text", "make_client_app", "message_bytes", "num_workers", "pack",
-    "partition_of", "read_store", "round_timing", "run_simulation", "timing_of", "unpack",
+    "partition_of", "read_store", "round_timing", "run_simulation", "run_simulations",
+    "store_key", "timing_of", "unpack",
     "write_store",
 ]

@@ -69,15 +69,15 @@ def client_train(msg, context):
         return client_train_secure(msg, context)
     t0 = time.perf_counter()
     timing: dict[str, float] = {}
-    exp, task, ctx = _client_task(context, str(msg.content.config_records[CONFIG_RECORD]["config"]),
-                                  unpack(msg.content), timing)
+    config_toml = str(msg.content.config_records[CONFIG_RECORD]["config"])
+    exp, task, ctx = _client_task(context, config_toml, unpack(msg.content), timing)
     # ``Strategy.upload`` = client_update + the DP transform of what is sent (as on local)
     upload = exp.strategy.upload  # + the DP wrapper's clip and noise
     t1 = time.perf_counter()
     update = upload(ctx, task)
     t2 = time.perf_counter()
     up = encode(update.to_payload())
-    write_store(context, ctx.store)
+    write_store(context, config_toml, ctx.store)
     timing.update(train_s=t2 - t1, pid=float(os.getpid()))
     timing["codec_s"] = time.perf_counter() - t0 - timing["train_s"] - timing["build_s"]
     return Message(pack(up, timing=timing), reply_to=msg)
@@ -92,7 +92,7 @@ def _client_task(context, config_toml: str, blob: bytes, timing: dict[str, float
         raise RuntimeError(f"task for client {task.client_id} sent to the node holding "
                            f"partition {pid}")
     _fault(task.round, task.client_id)
-    return exp, task, exp.client_context(pid, read_store(context))
+    return exp, task, exp.client_context(pid, read_store(context, config_toml))
 
 
 def client_train_secure(msg, context):
@@ -100,29 +100,35 @@ def client_train_secure(msg, context):
     never see it to check), and return its dense vector for masking."""
     from flwr.app import Message
 
-    exp, task, ctx = _client_task(
-        context, str(msg.content.config_records["fitins.config"]["config"]),
-        task_bytes_of(msg.content))
+    config_toml = str(msg.content.config_records["fitins.config"]["config"])
+    exp, task, ctx = _client_task(context, config_toml, task_bytes_of(msg.content))
     update = exp.strategy.upload(ctx, task)
     exp.strategy.validate(task, update)  # a malformed upload fails here, loudly
     vector = client_vector(exp.strategy, task, update, exp.cfg.secagg.clipping_range,
                            weight_scale(exp))
-    write_store(context, ctx.store)
+    write_store(context, config_toml, ctx.store)
     return Message(fit_reply(vector), reply_to=msg)
 
 
-def read_store(context) -> dict[str, Any]:
-    """What this node's client kept from its earlier rounds (``Context.state``, which Flower
-    keeps on the node between messages of a run)."""
-    record = context.state.array_records.get(STORE_RECORD)
+def store_key(config_toml: str) -> str:
+    """The ``Context.state`` record of one experiment's client tensors: a node that serves
+    several experiments in one Flower run (:func:`~lora_a2.engines.flower.run_simulations`)
+    keeps each one's apart."""
+    return f"{STORE_RECORD}.{hashlib.sha256(config_toml.encode()).hexdigest()[:16]}"
+
+
+def read_store(context, config_toml: str) -> dict[str, Any]:
+    """What this node's client kept from its earlier rounds of this experiment
+    (``Context.state``, which Flower keeps on the node between messages of a run)."""
+    record = context.state.array_records.get(store_key(config_toml))
     return dict(record.to_torch_state_dict()) if record is not None else {}
 
 
-def write_store(context, store: dict[str, Any]) -> None:
+def write_store(context, config_toml: str, store: dict[str, Any]) -> None:
     from flwr.app import ArrayRecord
 
     if store:
-        context.state[STORE_RECORD] = ArrayRecord(torch_state_dict={
+        context.state[store_key(config_toml)] = ArrayRecord(torch_state_dict={
             k: v.detach().cpu().contiguous() for k, v in store.items()})
 
 
@@ -131,13 +137,16 @@ def client_evaluate(msg, context):
     tensors, and answer with the metrics of that model."""
     from flwr.app import Message
 
-    exp = _experiment(str(msg.content.config_records[CONFIG_RECORD]["config"]))
+    config_toml = str(msg.content.config_records[CONFIG_RECORD]["config"])
+    exp = _experiment(config_toml)
     task = Task.from_payload(decode(unpack(msg.content)), exp.runtime.layout)
     pid = partition_of(context)
     if task.client_id != pid:
         raise RuntimeError(f"evaluation for client {task.client_id} sent to the node holding "
                            f"partition {pid}")
-    metrics = exp.strategy.client_evaluate(exp.client_context(pid, read_store(context)), task)
+    metrics = exp.strategy.client_evaluate(exp.client_context(pid, read_store(context,
+                                                                              config_toml)),
+                                           task)
     return Message(pack(encode(eval_reply(pid, metrics))), reply_to=msg)
 
 

@@ -68,46 +68,79 @@ def run_simulation(cfg: Config, out: Path, *, overwrite: bool = False, progress:
                    resume: bool = False, console: bool = False) -> dict[str, Any]:
     """``lora-a2 run`` with ``engine.name = "flower"``: the experiment on Flower's Simulation
     Engine (Ray backend), one virtual SuperNode per client (``partition-id`` = client id)."""
+    return run_simulations([(cfg, Path(out))], overwrite=overwrite, progress=progress,
+                           resume=resume, console=console)[0]
+
+
+def run_simulations(runs: list[tuple[Config, Path]], *, overwrite: bool = False,
+                    progress: bool = True, resume: bool = False, console: bool = False
+                    ) -> list[dict[str, Any]]:
+    """Several experiments, one after the other, in ONE Flower simulation: Ray, its worker
+    processes and the SuperNodes start once, and the ServerApp runs each experiment on the same
+    ``Grid`` (each worker builds each experiment once, keyed by its config; each node keeps
+    each experiment's own tensors apart). Every run's outputs are those of
+    :func:`run_simulation` alone; the runs must agree on the number of clients (SuperNodes)
+    and on the Ray backend (``engine.num_workers``, ``engine.threads``, ``engine.device``).
+    The summaries, in order; a run that fails stops the rest (its error is raised)."""
     try:
         from flwr.serverapp import ServerApp
         from flwr.simulation import run_simulation as flwr_run_simulation
     except ImportError:
         raise UserError("engine.name = 'flower' needs Flower: pip install 'lora-a2[flower]'") \
             from None
-
-    result: dict[str, Any] = {}
-    server = ServerApp()
+    if not runs:
+        return []
     # A natural partition with data.num_clients = 0 has as many clients (nodes) as the data
     # hold: build the experiment here, before Flower starts one SuperNode per client.
-    exp = None if clients_known(cfg) else prepare(check_config(cfg))
-    run_cfg = cfg if exp is None else exp.cfg
+    exps = [None if clients_known(cfg) else prepare(check_config(cfg)) for cfg, _ in runs]
+    run_cfgs = [cfg if exp is None else exp.cfg for (cfg, _), exp in zip(runs, exps)]
+    nodes = {c.data.num_clients for c in run_cfgs}
+    backends = {json.dumps(backend_config(c), sort_keys=True) for c in run_cfgs}
+    if len(nodes) > 1 or len(backends) > 1:
+        raise UserError("runs sharing one Flower simulation need the same number of clients "
+                        "and the same engine.num_workers, engine.threads and engine.device")
+    results: list[dict[str, Any]] = [{} for _ in runs]
+    server = ServerApp()
     t_call = time.perf_counter()
 
     @server.main()
     def _main(grid, context) -> None:
-        result["startup_s"] = time.perf_counter() - t_call  # Ray, the SuperNodes, the ServerApp
-        try:
-            result["summary"] = run_experiment(cfg, out, overwrite=overwrite, progress=progress,
-                                               resume=resume, round_fn=FlowerRounds(grid, cfg),
-                                               console=console, exp=exp)
-        except BaseException as e:  # re-raised in the caller's thread below
-            result["error"] = e
+        t_ready = time.perf_counter()
+        for (cfg, out), exp, result in zip(runs, exps, results):
+            # Ray, the SuperNodes and the ServerApp for the first run; ≈ 0 for the later ones
+            result["startup_s"] = time.perf_counter() - t_ready \
+                if result is not results[0] else t_ready - t_call
+            try:
+                result["summary"] = run_experiment(cfg, out, overwrite=overwrite,
+                                                   progress=progress, resume=resume,
+                                                   round_fn=FlowerRounds(grid, cfg),
+                                                   console=console, exp=exp)
+            except BaseException as e:  # re-raised in the caller's thread below
+                result["error"] = e
+                return
+            result["end"] = time.perf_counter()
+            t_ready = result["end"]
 
     _quiet_flower()
     flwr_run_simulation(server_app=server, client_app=make_client_app(),
-                        num_supernodes=run_cfg.data.num_clients,
-                        backend_config=backend_config(run_cfg))
-    total_s = time.perf_counter() - t_call
-    if "error" in result:
-        raise result["error"]
-    if "summary" not in result:
-        raise RuntimeError("the Flower simulation ended without finishing the run "
-                           "(see the log above)")
-    summary = result["summary"]
-    return add_flower_totals(Path(out), summary, "flower-simulation", {
-        "flower_startup_s": result["startup_s"],
-        "flower_shutdown_s": total_s - result["startup_s"] - summary["wall_s"],
-        "flower_total_s": total_s})
+                        num_supernodes=run_cfgs[0].data.num_clients,
+                        backend_config=backend_config(run_cfgs[0]))
+    t_end = time.perf_counter()
+    summaries = []
+    for (cfg, out), result in zip(runs, results):
+        if "error" in result:
+            raise result["error"]
+        if "summary" not in result:
+            raise RuntimeError("the Flower simulation ended without finishing the run "
+                               "(see the log above)")
+        summary = result["summary"]
+        last = result is results[-1]
+        shutdown = t_end - result["end"] if last else 0.0
+        summaries.append(add_flower_totals(Path(out), summary, "flower-simulation", {
+            "flower_startup_s": result["startup_s"],
+            "flower_shutdown_s": shutdown,
+            "flower_total_s": result["startup_s"] + summary["wall_s"] + shutdown}))
+    return summaries
 
 
 def _quiet_flower() -> None:
