@@ -54,9 +54,9 @@ def synthetic_csv(tmp_path):
     return write_synthetic_csv(tmp_path / "toy.csv")
 
 
-@pytest.fixture(scope="module")
-def module_csv(tmp_path_factory):
-    """The same toy CSV, once per test module (for runs a module-scoped fixture shares)."""
+@pytest.fixture(scope="session")
+def session_csv(tmp_path_factory):
+    """The same toy CSV, once per test process (for runs a session-scoped fixture shares)."""
     return write_synthetic_csv(tmp_path_factory.mktemp("data") / "toy.csv")
 
 

@@ -20,7 +20,8 @@ from flower_util import (assert_same_run, final_state, max_diff, run,  # noqa: E
 pytestmark = pytest.mark.xdist_group("flower")
 
 # Runs that can share one Flower simulation do (Ray and its worker processes start once, ≈ 20 s
-# each time on 2 cores): one simulation of 4 clients, one of 3.
+# each time on 2 cores): one simulation of 4 clients, one of 3. Session-scoped: xdist may run
+# another module's test between two of these, which would tear a module-scoped one down.
 SECAGG_STRATEGIES = ["lora-a2", "fl-lora"]
 DP_CASES = [
     ("lora-a2", ["privacy.mechanism=gaussian", "privacy.mode=local", "privacy.noise_multiplier=0.5",
@@ -41,17 +42,17 @@ RUNS3 = {**{f"dp{i}": ["train.rounds=2", f"strategy.name={s}", *p]
          **{s: ["train.rounds=3", f"strategy.name={s}"] for s in NEWER}}
 
 
-@pytest.fixture(scope="module")
-def sim4(tmp_path_factory, module_csv):
+@pytest.fixture(scope="session")
+def sim4(tmp_path_factory, session_csv):
     """RUNS4 in one simulation of 4 clients: (the CSV, each run's output folder)."""
-    return module_csv, simulate_together(tmp_path_factory.mktemp("sim4"), module_csv, RUNS4,
+    return session_csv, simulate_together(tmp_path_factory.mktemp("sim4"), session_csv, RUNS4,
                                          ["data.num_clients=4", "engine.num_workers=2"])
 
 
-@pytest.fixture(scope="module")
-def sim3(tmp_path_factory, module_csv):
+@pytest.fixture(scope="session")
+def sim3(tmp_path_factory, session_csv):
     """RUNS3 in one simulation of 3 clients: (the CSV, each run's output folder)."""
-    return module_csv, simulate_together(tmp_path_factory.mktemp("sim3"), module_csv, RUNS3,
+    return session_csv, simulate_together(tmp_path_factory.mktemp("sim3"), session_csv, RUNS3,
                                          ["data.num_clients=3", "engine.num_workers=2"])
 
 
