@@ -6,6 +6,7 @@ run the very same arithmetic.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -55,3 +56,31 @@ def aggregate_slots(active_factor: str, deltas: Sequence[Sequence[Tensor]],
             denom[denom == 0] = 1.0  # nobody trained the slot: its sum is 0 anyway
             out[m] = (out[m].to(torch.float64) / factor_mask(active_factor, denom)).to(out[m].dtype)
     return out
+
+
+# ---------------------------------------------------------------------- FedBuff (async)
+def staleness_weight(staleness: int) -> float:
+    """FedBuff's staleness scaling s(τ) = 1 / √(1 + τ) (Nguyen et al., "Federated Learning with
+    Buffered Asynchronous Aggregation", AISTATS 2022: the polynomial scaling of FedAsync, Xie
+    et al. 2019, with exponent ½), τ = the aggregations the server made between the client's
+    download and its upload's arrival (0 = fresh)."""
+    if staleness < 0:
+        raise ValueError(f"staleness must be ≥ 0, got {staleness}")
+    return 1.0 / math.sqrt(1.0 + staleness)
+
+
+def buffered_weights(num_examples: Sequence[int], staleness: Sequence[int],
+                     server_lr: float = 1.0) -> list[float]:
+    """The weight of each of a buffer's K updates in FedBuff's server step
+    x ← x + η_g Σ_k w_k Δ_k, with w_k = η_g · s(τ_k) · n_k / Σ_j n_j.
+
+    The paper averages the buffer uniformly, x ← x − η_g (1/K) Σ_k s(τ_k) Δ_k (its client delta
+    is x_start − x_end, ours x_end − x_start, hence the sign); here the 1/K is the data weight
+    n_k / Σ_j n_j every synchronous strategy of this package uses, which is 1/K when the
+    clients hold equal data, and the synchronous rule Σ_k (n_k / Σ_j n_j) Δ_k when every τ_k = 0
+    and η_g = 1. The weights are not renormalised: stale updates shrink the step, as in the
+    paper."""
+    if len(num_examples) != len(staleness):
+        raise ValueError(f"{len(staleness)} staleness values for {len(num_examples)} updates")
+    return [server_lr * staleness_weight(t) * w
+            for w, t in zip(data_weights(num_examples), staleness)]

@@ -5,9 +5,10 @@ aggregate → record → (personalised) evaluate — and nothing here knows whic
 bytes. A transport only delivers encoded tasks to clients and returns their encoded replies
 (the shape of Flower's ``Grid.send_and_receive``): :class:`LocalTransport` runs the client side
 in this process (:mod:`lora_a2.engines.local`), ``FlowerRounds`` sends Flower messages over a
-``Grid`` (:mod:`lora_a2.engines.flower`). The steps are separate functions (:func:`plan_round`,
-:func:`collect_replies`, :func:`apply_clock`, :func:`close_round`, :func:`evaluate_clients`) so
-that another schedule can drive them too; :func:`run_round` is the synchronous schedule. With a
+``Grid`` (:mod:`lora_a2.engines.flower`). The steps are separate functions (:func:`plan_round` with
+:func:`plan_client`, :func:`collect_replies`, :func:`apply_clock`, :func:`close_round`,
+:func:`evaluate_clients`) so that another schedule can drive them too; :func:`run_round` is the
+synchronous schedule, :mod:`lora_a2.fedbuff` the asynchronous one (``train.mode = "async"``). With a
 fleet (``fleet.profile``) :func:`apply_clock` puts every client on the simulated clock of
 :mod:`lora_a2.fleet` and drops stragglers and surplus finishers before aggregation.
 ``LocalTransport`` (:mod:`lora_a2.engines.local`) runs the client side in this process.
@@ -128,47 +129,64 @@ def plan_round(exp: Experiment, rnd: int, state: ServerState, transport: Transpo
     (counted) and never replies. With a fleet, a client that is offline when sampled never gets
     a task, and ``strategy.rank_budget = "auto"`` sets each client's budget first
     (:func:`fit_budgets`)."""
-    cfg, strategy, layout = exp.cfg, exp.strategy, exp.runtime.layout
+    cfg = exp.cfg
     transport.begin_round(exp, rnd)
     per_round = selected_per_round(cfg, clients_per_round(cfg))
     plan = RoundPlan(rnd, time.perf_counter(),
                      sample_clients(cfg.data.num_clients, per_round, cfg.seed, rnd))
     for c in plan.clients:
-        if exp.fleet is not None and exp.fleet.offline(cfg.seed, rnd, c):
-            plan.per_client[c] = {"client": c, "download_bytes": 0, "download_params": 0,
-                                  "upload_bytes": 0, "upload_params": 0, "offline": True}
-            plan.offline.append(c)
-            if on_client is not None:
-                on_client(c)
-            continue
-        budget_row: dict[str, Any] = {}
-        if cfg.strategy.rank_budget == "auto":
-            fitted = fit_budgets(exp, rnd, state, [c])[c]
-            budget_row = {"rank_budget": fitted[0], "budget_fits": fitted[1]}
-        task = strategy.configure(rnd, c, state)
-        down_payload = task.to_payload(layout)
-        down = encode(down_payload)
-        row = {"client": c, "download_bytes": len(down),
-               "download_params": down_payload.num_values, **budget_row}
-        plan.per_client[c] = row
-        if drops_out(cfg.seed, rnd, c, cfg.train.dropout):
-            row.update(upload_bytes=0, upload_params=0, dropped=True)
-            plan.dropped.append(c)
-            if on_client is not None:
-                on_client(c)
-            continue
-        why = transport.reachable(c)
-        if why is not None:
-            row.update(download_bytes=0, download_params=0, upload_bytes=0, upload_params=0,
-                       dropped=True)
-            plan.dropped.append(c)
-            plan.failures.append(f"client {c}: {why}")
-            if on_client is not None:
-                on_client(c)
-            continue
-        plan.tasks[c] = task
-        plan.blobs[c] = down
+        plan_client(exp, plan, c, state, transport, on_client)
     return plan
+
+
+def plan_client(exp: Experiment, plan: RoundPlan, c: int, state: ServerState,
+                transport: Transport, on_client: OnClient = None, draw: int | None = None,
+                seed: int | None = None) -> Task | None:
+    """One client of :func:`plan_round`: offline (never sent a task), or its task configured
+    for round ``plan.rnd`` and encoded into ``plan`` (``tasks``, ``blobs``, ``per_client``) —
+    unless it drops out (``train.dropout``) or the transport cannot reach it. The task, or None
+    when nothing is to be sent. ``draw`` keys the seeded availability and dropout draws (default:
+    the round); ``seed`` replaces the task's training seed (the asynchronous schedule, whose
+    client may train twice against one round's state)."""
+    cfg, strategy, layout = exp.cfg, exp.strategy, exp.runtime.layout
+    draw = plan.rnd if draw is None else draw
+    if exp.fleet is not None and exp.fleet.offline(cfg.seed, draw, c):
+        plan.per_client[c] = {"client": c, "download_bytes": 0, "download_params": 0,
+                              "upload_bytes": 0, "upload_params": 0, "offline": True}
+        plan.offline.append(c)
+        if on_client is not None:
+            on_client(c)
+        return None
+    budget_row: dict[str, Any] = {}
+    if cfg.strategy.rank_budget == "auto":
+        fitted = fit_budgets(exp, plan.rnd, state, [c])[c]
+        budget_row = {"rank_budget": fitted[0], "budget_fits": fitted[1]}
+    task = strategy.configure(plan.rnd, c, state)
+    if seed is not None:
+        task.config["seed"] = seed
+    down_payload = task.to_payload(layout)
+    down = encode(down_payload)
+    row = {"client": c, "download_bytes": len(down),
+           "download_params": down_payload.num_values, **budget_row}
+    plan.per_client[c] = row
+    if drops_out(cfg.seed, draw, c, cfg.train.dropout):
+        row.update(upload_bytes=0, upload_params=0, dropped=True)
+        plan.dropped.append(c)
+        if on_client is not None:
+            on_client(c)
+        return None
+    why = transport.reachable(c)
+    if why is not None:
+        row.update(download_bytes=0, download_params=0, upload_bytes=0, upload_params=0,
+                   dropped=True)
+        plan.dropped.append(c)
+        plan.failures.append(f"client {c}: {why}")
+        if on_client is not None:
+            on_client(c)
+        return None
+    plan.tasks[c] = task
+    plan.blobs[c] = down
+    return task
 
 
 def collect_replies(exp: Experiment, plan: RoundPlan, replies: dict[int, Reply]
@@ -298,14 +316,21 @@ def apply_clock(exp: Experiment, plan: RoundPlan, ok: list[tuple[Task, Update]]
 
 def close_round(exp: Experiment, plan: RoundPlan, state: ServerState,
                 ok: list[tuple[Task, Update]], reasons: list[str],
-                extras: dict[str, Any] | None = None) -> tuple[ServerState, dict[str, Any]]:
+                extras: dict[str, Any] | None = None,
+                aggregate: Callable[[ServerState, list[tuple[Task, Update]]],
+                                    tuple[ServerState, dict[str, Any]]] | None = None
+                ) -> tuple[ServerState, dict[str, Any]]:
     """Aggregate when at least ``train.min_replies`` uploads were accepted (else the round
-    fails and the state stays); the round's record."""
+    fails and the state stays); the round's record. ``aggregate(state, ok)``: how (default:
+    ``strategy.aggregate_round``; the asynchronous schedule weights by staleness)."""
     strategy = exp.strategy
     info: dict[str, Any] = {}
     failed = len(ok) < max(1, exp.cfg.train.min_replies)
     if not failed:
-        state, info = strategy.aggregate_round(plan.rnd, state, ok)  # + central DP noise
+        if aggregate is None:
+            state, info = strategy.aggregate_round(plan.rnd, state, ok)  # + central DP noise
+        else:
+            state, info = aggregate(state, ok)
     rows = [plan.per_client[c] for c in plan.clients]
     record = round_record(strategy, plan.rnd, plan.clients, rows, num_replies=len(ok),
                           failed=failed, dropped=plan.dropped, reasons=reasons, info=info)

@@ -22,7 +22,7 @@ from .checks import check_config, load_config
 from .config import Config, clients_per_round
 from .config import flatten as flatten_config  # dotted keys, as a config file is read
 from .data import label_histogram
-from .engines.local import run_round
+from .engines.local import run_async_round, run_round
 from .rounds import evaluate_state, fit_budgets
 from .errors import UserError
 from .experiment import Experiment, prepare
@@ -90,7 +90,8 @@ def run_experiment(cfg: Config, out: Path, *, overwrite: bool = False, progress:
     if cfg.engine.name == "flower" and round_fn is None:
         raise UserError("engine.name = 'flower' runs through Flower's Simulation Engine: start "
                         "it with lora_a2.launch.run (the CLI and lora_a2.run do)")
-    round_fn = round_fn or run_round  # engines.flower.FlowerRounds when run inside a ServerApp
+    if round_fn is None:  # engines.flower.FlowerRounds when run inside a ServerApp
+        round_fn = run_async_round if cfg.train.mode == "async" else run_round
     check_config(cfg)  # resolves the strategy's options: config.toml lists every one
     t_start = time.perf_counter()
     if resume:
@@ -137,7 +138,9 @@ def run_experiment(cfg: Config, out: Path, *, overwrite: bool = False, progress:
     title = f"{strategy.name} · {cfg.data.name} · {cfg.data.partition}" + (
         f"({cfg.data.alpha})" if cfg.data.partition == "dirichlet" else "")
     try:
-        report.start(RunStart(cfg, out, start, clients_per_round(exp.cfg), metric, initial,
+        per_round = cfg.train.buffer_size if cfg.train.mode == "async" \
+            else clients_per_round(exp.cfg)
+        report.start(RunStart(cfg, out, start, per_round, metric, initial,
                               exp.task.plots, title, list(records), exp.task.summary_lines))
         setup_s = time.perf_counter() - t_start  # model, data, partition, initial evaluation
         for rnd in range(start, cfg.train.rounds + 1):
@@ -383,7 +386,8 @@ def reference_uploads(exp: Experiment, records: list[dict[str, Any]]) -> dict[st
     budgets, layout, model = exp.strategy.budgets, exp.runtime.layout, exp.runtime.model
     accepted = [c["client"] for r in records for c in r["per_client"]
                 if c.get("num_examples") and not c.get("rejected")
-                and not c.get("straggler") and not c.get("surplus")]
+                and not c.get("straggler") and not c.get("surplus")
+                and not c.get("discarded")]
     mine = None if any("upload_params" not in r for r in records) else sum(
         r["upload_params"] for r in records)
     out: dict[str, Any] = {}

@@ -11,20 +11,25 @@ from __future__ import annotations
 
 from .parse import (all_keys, coerce_value, config_from_dict, flatten, load_config,
                     overrides_to_sets, parse_set, split_sets)
-from .schema import (FLEET_PROFILES, LEGACY_DEFAULTS, LEGACY_STRATEGY_OPTIONS, MECHANISMS,
+from .schema import (CROSS_PHASE, FLEET_PROFILES, LEGACY_DEFAULTS, LEGACY_STRATEGY_OPTIONS,
+                     MECHANISMS,
                      MODEL_DTYPES, MODES, NOISE_SOURCES, PARTITIONS, PRECISIONS,
                      RANK_DISTRIBUTIONS, REPORTERS, SCHEMA_VERSION, SECTIONS, Config, DataConfig,
                      EngineConfig, FleetConfig, ModelConfig, PrivacyConfig, ReportConfig,
-                     SecAggConfig, ServerConfig, StrategyConfig, TaskConfig, TrainConfig)
-from .validate import clients_known, clients_per_round, validate
+                     SecAggConfig, ServerConfig, StrategyConfig, TaskConfig, TrainConfig,
+                     TRAIN_MODES)
+from .validate import clients_known, clients_per_round, phase_every, validate
 
 __all__ = [
-    "FLEET_PROFILES", "FleetConfig", "LEGACY_DEFAULTS", "LEGACY_STRATEGY_OPTIONS", "MECHANISMS",
+    "CROSS_PHASE", "FLEET_PROFILES", "FleetConfig", "LEGACY_DEFAULTS", "LEGACY_STRATEGY_OPTIONS",
+    "MECHANISMS",
     "MODEL_DTYPES", "MODES", "NOISE_SOURCES", "PARTITIONS", "PRECISIONS", "RANK_DISTRIBUTIONS",
     "REPORTERS", "SCHEMA_VERSION",
     "SECTIONS", "Config", "DataConfig", "EngineConfig", "ModelConfig", "PrivacyConfig",
     "ReportConfig", "SecAggConfig", "ServerConfig", "StrategyConfig", "TaskConfig",
-    "TrainConfig", "all_keys", "clients_known", "clients_per_round", "coerce_value",
+    "TRAIN_MODES", "TrainConfig", "all_keys", "clients_known", "clients_per_round",
+    "coerce_value",
     "config_from_dict",
-    "flatten", "load_config", "overrides_to_sets", "parse_set", "split_sets", "validate",
+    "flatten", "load_config", "overrides_to_sets", "parse_set", "phase_every", "split_sets",
+    "validate",
 ]

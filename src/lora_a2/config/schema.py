@@ -26,6 +26,10 @@ PARTITIONS = ("dirichlet", "pathological", "paired", "iid", "natural")
 FLEET_PROFILES = ("none", "mobile", "mixed", "uniform")
 """Values of fleet.profile besides `csv:PATH` (the built-in fleets of lora_a2.fleet.PROFILES,
 kept here so that the config imports no component)."""
+TRAIN_MODES = ("sync", "async")
+"""Values of train.mode."""
+CROSS_PHASE = ("drop", "apply")
+"""Values of train.cross_phase."""
 NOISE_SOURCES = ("os", "seeded")
 """Values of privacy.noise_source: `os` = every draw read from the operating system's CSPRNG
 (no seed; the default: nobody can rebuild the noise); `seeded` = derived from the run seed
@@ -200,6 +204,29 @@ class TrainConfig:
     """Sample ⌈clients_per_round · (1 + over_select)⌉ clients and keep the first
     clients_per_round to finish on the simulated clock (needs a `fleet.profile`); e.g. 0.3 =
     30 % more (Bonawitz et al., MLSys 2019). 0 = off."""
+    mode: str = "sync"
+    """`sync` (a round samples its clients and waits for them) or `async`: FedBuff (Nguyen et
+    al., AISTATS 2022) on the simulated clock — `concurrency` clients train at once, the server
+    aggregates every `buffer_size` arrivals with staleness weights s(τ) = 1/√(1+τ) and hands the
+    newest state to the next clients; one aggregation is one round (`rounds` counts them).
+    Needs a `fleet.profile` (the clock) and the local engine; no DP, SecAgg+, deadline or
+    over-selection (docs/FLEETS.md § Asynchronous rounds)."""
+    concurrency: int = 8
+    """async: C, the clients training at once (≤ the number of clients, ≥ `buffer_size`)."""
+    buffer_size: int = 4
+    """async: K, the accepted arrivals that make one aggregation."""
+    server_lr: float = 1.0
+    """async: η_g, the server learning rate of FedBuff's step
+    x ← x + η_g Σ_k s(τ_k) (n_k / Σ_j n_j) Δ_k over the buffer."""
+    phase_every: int = 0
+    """Alternating methods (LoRA-A2, RoLoRA): rounds per A/B phase. 0 = auto: 1 in sync mode
+    (the papers' flip every round), ⌈concurrency / buffer_size⌉ in async mode (an update is
+    about that many aggregations stale)."""
+    cross_phase: str = "drop"
+    """async, alternating methods: an update trained in an earlier A/B phase than the one it
+    arrives in is `drop`ped (counted in `cross_phase`, not aggregated: the frozen factor it
+    trained against has moved, or it trained the factor now frozen) or `apply`ed to the factor
+    it trained, with its staleness weight."""
 
 
 @dataclass

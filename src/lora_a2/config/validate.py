@@ -7,7 +7,7 @@ import math
 from typing import Any
 
 from ..errors import UserError
-from .schema import (FLEET_PROFILES, MECHANISMS, MODEL_DTYPES, MODES, NOISE_SOURCES,
+from .schema import (CROSS_PHASE, FLEET_PROFILES, TRAIN_MODES, MECHANISMS, MODEL_DTYPES, MODES, NOISE_SOURCES,
                      PARTITIONS, PRECISIONS, RANK_DISTRIBUTIONS, REPORTERS, Config)
 
 
@@ -116,6 +116,7 @@ def validate(cfg: Config) -> None:
              cfg.report.mlflow_experiment)
     _validate_privacy(cfg)
     _validate_fleet(cfg)
+    _validate_async(cfg)
     _validate_secagg(cfg)
     _validate_task(cfg)
 
@@ -158,6 +159,59 @@ def _validate_fleet(cfg: Config) -> None:
     require(not (fleet and cfg.secagg.enabled), "fleet.profile",
              "cannot be combined with secagg.enabled (the simulated clock needs each client's "
              "upload)", f.profile)
+
+
+def _validate_async(cfg: Config) -> None:
+    """``train.mode = "async"`` (FedBuff, docs/FLEETS.md § Asynchronous rounds)."""
+    t = cfg.train
+    require(t.mode in TRAIN_MODES, "train.mode", f"must be one of {', '.join(TRAIN_MODES)}",
+             t.mode)
+    require(t.phase_every >= 0, "train.phase_every", "must be ≥ 0 (0 = auto)", t.phase_every)
+    require(t.cross_phase in CROSS_PHASE, "train.cross_phase",
+             f"must be one of {', '.join(CROSS_PHASE)}", t.cross_phase)
+    if t.mode != "async":
+        return
+    require(t.concurrency >= 1, "train.concurrency", "must be ≥ 1", t.concurrency)
+    require(t.buffer_size >= 1, "train.buffer_size", "must be ≥ 1", t.buffer_size)
+    require(t.concurrency >= t.buffer_size, "train.concurrency",
+             f"must be ≥ train.buffer_size ({t.buffer_size}): fewer clients in flight than "
+             f"the buffer holds would never fill it", t.concurrency)
+    require(not clients_known(cfg) or t.concurrency <= cfg.data.num_clients, "train.concurrency",
+             f"must be ≤ data.num_clients = {cfg.data.num_clients}", t.concurrency)
+    require(math.isfinite(t.server_lr) and t.server_lr > 0, "train.server_lr", "must be > 0",
+             t.server_lr)
+    require(t.min_replies <= t.buffer_size, "train.min_replies",
+             f"must be ≤ train.buffer_size ({t.buffer_size}) in async mode", t.min_replies)
+    require(cfg.fleet.profile != "none", "train.mode",
+             "'async' runs on the simulated clock: set fleet.profile", t.mode)
+    require(cfg.engine.name == "local", "train.mode",
+             "'async' runs on the local engine (engine.name = 'local')", t.mode)
+    require(cfg.privacy.mechanism == "none", "train.mode",
+             "'async' cannot be combined with DP (privacy.mechanism): the accountant covers "
+             "sampled rounds, not buffered arrivals", t.mode)
+    require(not cfg.secagg.enabled, "train.mode",
+             "'async' cannot be combined with secagg.enabled", t.mode)
+    require(t.deadline_s == 0, "train.deadline_s",
+             "cannot be combined with train.mode = 'async' (a slow client is stale, not late)",
+             t.deadline_s)
+    require(t.over_select == 0, "train.over_select",
+             "cannot be combined with train.mode = 'async' (train.concurrency sets how many "
+             "train at once)", t.over_select)
+    require(t.clients_per_round == 0, "train.clients_per_round",
+             "has no meaning with train.mode = 'async' (train.concurrency and "
+             "train.buffer_size set who trains and when the server aggregates)",
+             t.clients_per_round)
+
+
+def phase_every(cfg: Config) -> int:
+    """Rounds per A/B phase of an alternating method: ``train.phase_every``, or (0 = auto) 1 in
+    sync mode and ⌈concurrency / buffer_size⌉ in async mode (docs/FLEETS.md)."""
+    t = cfg.train
+    if t.phase_every > 0:
+        return t.phase_every
+    if t.mode == "async":
+        return -(-t.concurrency // t.buffer_size)
+    return 1
 
 
 def _validate_privacy(cfg: Config) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..experiment import Experiment
+from ..fedbuff import run_async_round as run_async_round_over
 from ..payload import decode, encode
 from ..rounds import (OnClient, Reply, Transport, drops_out, eval_reply, evaluate_state,
                       read_eval_reply, round_record, run_round as run_round_over,
@@ -18,7 +19,7 @@ from ..rounds import (OnClient, Reply, Transport, drops_out, eval_reply, evaluat
 from ..messages import ServerState, Task
 
 __all__ = ["LocalTransport", "drops_out", "eval_reply", "evaluate_state", "read_eval_reply",
-           "round_record", "run_round", "sample_clients"]
+           "round_record", "run_async_round", "run_round", "sample_clients"]
 
 
 class LocalTransport(Transport):
@@ -56,3 +57,10 @@ def run_round(exp: Experiment, rnd: int, state: ServerState, on_client: OnClient
               ) -> tuple[ServerState, dict[str, Any]]:
     """One round of :func:`lora_a2.rounds.run_round` over the in-process transport."""
     return run_round_over(exp, rnd, state, _TRANSPORT, on_client)
+
+
+def run_async_round(exp: Experiment, rnd: int, state: ServerState, on_client: OnClient = None
+                    ) -> tuple[ServerState, dict[str, Any]]:
+    """One round (one aggregation) of the asynchronous schedule, :func:`lora_a2.fedbuff.
+    run_async_round`, over the in-process transport."""
+    return run_async_round_over(exp, rnd, state, _TRANSPORT, on_client)

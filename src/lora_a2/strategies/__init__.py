@@ -141,6 +141,11 @@ def check_config(cfg: Config) -> None:
         raise UserError(f"config key 'strategy.rank_budget' 'auto' needs a strategy whose upload "
                         f"is sized by each client's budget ({', '.join(sized)}); '{s.name}' "
                         f"trains one rank on every client, got 'auto'")
+    if cfg.train.mode == "async" and not cls.supports_async:
+        ok = sorted(n for n in names if REGISTRY[n].supports_async)
+        raise UserError(f"config key 'train.mode' 'async' needs a strategy that adds stale "
+                        f"changes with staleness weights ({', '.join(ok)}); '{s.name}' does "
+                        f"not declare it, got 'async'")
     for ref in cfg.report.references:
         if ref not in names or not REGISTRY[ref].has_reference_upload():
             fixed = [n for n in names if REGISTRY[n].has_reference_upload()]

@@ -20,9 +20,9 @@ from torch import Tensor, nn
 
 from .. import privacy as dp
 from ..adapter import ParamLayout
-from ..aggregation import data_weights
+from ..aggregation import buffered_weights, data_weights
 from ..budgets import resolve as resolve_budgets
-from ..config import Config
+from ..config import Config, phase_every
 from ..messages import ServerState, Task, Update
 from .context import ClientContext, client_seed
 from .options import StrategyOptions, resolve_options
@@ -65,6 +65,14 @@ class Strategy(ABC):
     #: ``["rank"]``), so ``strategy.rank_budget = "auto"`` can fit it to the client's link
     #: (:meth:`largest_update` must then be implemented)
     budget_sized_upload: ClassVar[bool] = False
+    #: can run under ``train.mode = "async"`` (FedBuff, :mod:`lora_a2.fedbuff`): its uploads are
+    #: changes relative to the state the client downloaded and :meth:`aggregate` adds
+    #: Σ_k w_k Δ_k with the weights it is given (linear in them), so a stale update can be
+    #: scaled by its staleness weight and added to the newer state (:meth:`aggregate_buffer`)
+    supports_async: ClassVar[bool] = False
+    #: the method alternates which LoRA factor trains by phase (A/B freeze: LoRA-A2, RoLoRA);
+    #: a phase lasts :attr:`phase_every` rounds (``train.phase_every``)
+    alternating: ClassVar[bool] = False
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -72,6 +80,8 @@ class Strategy(ABC):
         self.budgets = resolve_budgets(s.rank_budget, cfg.data.num_clients, s.global_rank,
                                        cfg.seed)
         self.layout: ParamLayout | None = None
+        #: rounds per A/B phase of an alternating method (:func:`lora_a2.config.phase_every`)
+        self.phase_every = phase_every(cfg)
         self.options = resolve_options(self.Options, cfg.strategy.options, self.name,
                                        other_option_defaults(type(self)))
 
@@ -122,6 +132,12 @@ class Strategy(ABC):
         """Continue from a checkpointed state (after a crash). A strategy that keeps anything
         outside ``state`` (e.g. weights merged into the base model) re-applies it here."""
         return state
+
+    def phase(self, rnd: int) -> int:
+        """The A/B phase (1, 2, …) round ``rnd`` belongs to: ⌈rnd / phase_every⌉ — the round
+        itself in sync mode by default; an alternating method trains B in odd phases and A in
+        even ones."""
+        return (rnd - 1) // self.phase_every + 1
 
     def active_factor(self, rnd: int) -> str | None:
         """`A`, `B`, or None when both (or no) LoRA factors train in round ``rnd``."""
@@ -206,6 +222,33 @@ class Strategy(ABC):
         then :meth:`finalize`."""
         new, info = self.aggregate(rnd, state, replies)
         return self.finalize(rnd, new, info)
+
+    def update_target(self, task: Task) -> Any:
+        """What an upload for ``task`` changes, as a hashable key: :meth:`aggregate` takes
+        replies of one target at a time (an asynchronous buffer can mix the A-phase and the
+        B-phase updates of an alternating method). Default: one target for every task."""
+        return None
+
+    def aggregate_buffer(self, rnd: int, state: ServerState, replies: list[tuple[Task, Update]],
+                         staleness: Sequence[int]) -> tuple[ServerState, dict[str, Any]]:
+        """Server side of ``train.mode = "async"``: FedBuff's step (Nguyen et al., AISTATS
+        2022) x ← x + η_g Σ_k s(τ_k) (n_k / Σ_j n_j) Δ_k over the buffer
+        (:func:`~lora_a2.aggregation.buffered_weights`, η_g = ``train.server_lr``), each
+        Δ_k being relative to the state its client downloaded τ_k aggregations ago. Replies of
+        different :meth:`update_target` go to :meth:`aggregate` one target at a time, each with
+        its share of the buffer's weights (the sum is the same linear step); then
+        :meth:`finalize`."""
+        weights = buffered_weights([u.num_examples for _, u in replies], list(staleness),
+                                   self.cfg.train.server_lr)
+        groups: dict[Any, list[int]] = {}
+        for i, (task, _) in enumerate(replies):
+            groups.setdefault(self.update_target(task), []).append(i)
+        info: dict[str, Any] = {}
+        for idx in groups.values():
+            state, part = self.aggregate(rnd, state, [replies[i] for i in idx],
+                                         [weights[i] for i in idx])
+            info = merge_info(info, part)
+        return self.finalize(rnd, state, info)
 
     def finalize(self, rnd: int, state: ServerState, info: dict[str, Any]
                  ) -> tuple[ServerState, dict[str, Any]]:
@@ -295,6 +338,18 @@ class Strategy(ABC):
         names = self.layout.group_names(send)
         return Task(rnd, client_id, {**self.base_config(rnd, client_id, send), **config},
                     {n: state.tensors[n] for n in names})
+
+
+def merge_info(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Round info of two partial aggregates: counts (dicts of numbers) add up, the rest is
+    ``b``'s."""
+    out = dict(a)
+    for k, v in b.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = {key: out[k].get(key, 0) + v.get(key, 0) for key in {**out[k], **v}}
+        else:
+            out[k] = v
+    return out
 
 
 StrategyFactory = Callable[[Config], Strategy]

@@ -85,6 +85,10 @@ class DenseStrategy(Strategy):
             return task.config["upload"]
         return task.config["train"] if "train" in task.config else self.upload_groups(task.round)
 
+    def update_target(self, task: Task) -> tuple[str, ...]:
+        """The groups the task's upload changes."""
+        return tuple(self.uploaded(task))
+
     def client_update(self, ctx: ClientContext, task: Task) -> Update:
         assert self.layout is not None
         ctx.runtime.load(task.download)

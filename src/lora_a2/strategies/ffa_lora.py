@@ -17,6 +17,7 @@ class FfaLora(DenseStrategy):
 
     name = "ffa-lora"
     central_dp = True
+    supports_async = True
 
     def lora_rank(self) -> int:
         return uniform_rank(self)

@@ -29,6 +29,7 @@ class FlLora(DenseStrategy):
 
     name = "fl-lora"
     central_dp = True
+    supports_async = True
 
     @classmethod
     def reference_upload_values(cls, model: nn.Module, layout: ParamLayout, budget: int) -> int:

@@ -2,7 +2,8 @@
 
 Round t (1-indexed), docs/ALGORITHM.md §2:
 - odd t trains B with A frozen, even t trains A with B frozen (B first: while B = 0, A gets no
-  gradient); lr_B = ``lr_ratio`` · lr_A;
+  gradient) — odd and even phases of ``train.phase_every`` rounds when that is > 1 (async
+  mode, docs/FLEETS.md § Asynchronous rounds); lr_B = ``lr_ratio`` · lr_A;
 - each client probes (``probe_epochs`` of training of the active factor from the global state),
   scores every slot (m, i) by the Frobenius norm of its contribution to ΔW, keeps the top
   r_k · N slots over the whole model, resets to the global state, and trains only those slots;
@@ -95,6 +96,8 @@ class LoraA2(Strategy):
     upload_size_public = False  # its size is the selected slots' widths: chosen from the data
     secure_aggregation = True  # the selected slots scattered into the dense active factor
     budget_sized_upload = True  # r_k · N slots
+    supports_async = True  # its aggregate adds Σ_k w_k Δ_k (not with options.renormalize)
+    alternating = True
     Options = LoraA2Options
     options: LoraA2Options
 
@@ -105,13 +108,21 @@ class LoraA2(Strategy):
                 cfg.privacy.mode == "central":
             raise UserError("config key 'privacy.mode': 'central' cannot be combined with "
                             "strategy.options.renormalize = true, got 'central'")
+        if options.renormalize and cfg.train.mode == "async":
+            raise UserError("config key 'train.mode': 'async' cannot be combined with "
+                            "strategy.options.renormalize = true (per-slot renormalisation "
+                            "would undo the staleness weights), got 'async'")
         if options.renormalize and cfg.secagg.enabled:
             raise UserError("config key 'secagg.enabled' cannot be combined with "
                             "strategy.options.renormalize = true (per-slot client counts would "
                             "be needed in the clear), got True")
 
     def active_factor(self, rnd: int) -> str:
-        return "B" if rnd % 2 == 1 else "A"
+        return "B" if self.phase(rnd) % 2 == 1 else "A"
+
+    def update_target(self, task: Task) -> str:
+        """The factor the task trains (an async buffer may mix A- and B-phase updates)."""
+        return task.config["factor"]
 
     # -- what a task costs (the simulated clock) --------------------------------
     def local_passes(self, rnd: int, num_examples: int) -> float:
@@ -123,7 +134,7 @@ class LoraA2(Strategy):
         such a round is counted as reused too (the server does not know the client's store)."""
         st, t = self.options, self.cfg.train
         passes = float(t.local_epochs)
-        if st.reselect_every > 1 and ((rnd - 1) // 2) % st.reselect_every != 0:
+        if st.reselect_every > 1 and ((self.phase(rnd) - 1) // 2) % st.reselect_every != 0:
             return passes
         n = max(int(num_examples), 1)
         steps_per_epoch = -(-n // t.batch_size)
@@ -230,10 +241,10 @@ class LoraA2(Strategy):
 
     def stored_selection(self, ctx: ClientContext, task: Task) -> torch.Tensor | None:
         """The client's last selection for this round's factor when ``strategy.options.reselect_every``
-        says it is not time to re-score: factor-rounds j = (t − 1) // 2 re-score when
+        says it is not time to re-score: factor-phases j = (phase(t) − 1) // 2 re-score when
         j % reselect_every == 0 (and whenever the client has none)."""
         every = self.options.reselect_every
-        j = (task.round - 1) // 2
+        j = (self.phase(task.round) - 1) // 2
         key = f"selection.{task.config['factor']}"
         if every <= 1 or j % every == 0 or key not in ctx.store:
             return None

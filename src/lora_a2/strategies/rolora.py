@@ -9,7 +9,8 @@ averages them):
 
 - every client holds one LoRA of rank r = ``strategy.rank_budget`` (a single integer);
 - odd rounds t = 1, 3, … train B with A frozen, even rounds train A with B frozen (B first:
-  while B = 0, A gets no gradient);
+  while B = 0, A gets no gradient) — odd and even *phases* of ``train.phase_every`` rounds
+  when that is > 1 (async mode, docs/FLEETS.md);
 - a client uploads the change of the trained factor only (r·d_out or r·d_in values per module,
   + the head delta when the head trains) and downloads both factors (the frozen one changed in
   the previous round);
@@ -32,12 +33,14 @@ class RoLora(DenseStrategy):
 
     name = "rolora"
     central_dp = True
+    supports_async = True
+    alternating = True
 
     def lora_rank(self) -> int:
         return uniform_rank(self)
 
     def active_factor(self, rnd: int) -> str:
-        return "B" if rnd % 2 == 1 else "A"
+        return "B" if self.phase(rnd) % 2 == 1 else "A"
 
     def train_groups(self, rnd: int) -> list[str]:
         return [self.active_factor(rnd)] + self.head_groups()

@@ -1,0 +1,206 @@
+"""Asynchronous buffered aggregation, FedBuff (issue 33 §4): the staleness rule, the buffered
+step per strategy, the schedule on the simulated clock, its errors, determinism and resume —
+tiny model, fleets written as CSV files in the test."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import assert_config_error, run_cli, tiny_setup
+from lora_a2.aggregation import buffered_weights, staleness_weight
+from lora_a2.messages import Task, Update
+from lora_a2.payload import flatten
+from lora_a2.report import read_metrics
+
+#: six clients of different speeds (flops, down Mbit/s, up Mbit/s)
+DEVICES = [(3e9, 10.0, 2.0), (7e9, 40.0, 8.0), (5e10, 5, 1), (2e9, 20, 4), (1e10, 50, 10),
+           (4e9, 8, 2)]
+
+
+def write_fleet(path: Path, rows=DEVICES) -> Path:
+    with open(path, "w") as f:
+        f.write("client,flops,down_mbps,up_mbps\n")
+        for c, r in enumerate(rows):
+            f.write(f"{c},{r[0]},{r[1]},{r[2]}\n")
+    return path
+
+
+def async_sets(fleet: Path, *more: str) -> list[str]:
+    return ["data.num_clients=6", "data.partition=iid", f"fleet.profile=csv:{fleet}",
+            "train.mode=async", "train.concurrency=4", "train.buffer_size=2", *more]
+
+
+def lines(out: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.endswith("wall_s")}
+            for r in read_metrics(out / "metrics.jsonl")]
+
+
+# ---------------------------------------------------------------------- the paper's rule
+def test_staleness_weight_is_fedbuffs_rule():
+    # Nguyen et al. 2022: s(τ) = 1/√(1+τ); x ← x + η_g (1/K) Σ_k s(τ_k) Δ_k
+    for tau in range(12):
+        assert staleness_weight(tau) == 1.0 / math.sqrt(1.0 + tau)
+    assert staleness_weight(0) == 1.0 and staleness_weight(3) == 0.5
+    taus = [0, 1, 3, 8]
+    equal = buffered_weights([10, 10, 10, 10], taus, server_lr=0.7)
+    assert equal == pytest.approx([0.7 * (1 / 4) / math.sqrt(1 + t) for t in taus], rel=1e-15)
+    # unequal data: the synchronous data weights n_k / Σ n_j take the place of 1/K
+    got = buffered_weights([10, 30], [0, 3])
+    assert got == pytest.approx([0.25, 0.75 * 0.5], rel=1e-15)
+    assert buffered_weights([5, 15], [0, 0]) == pytest.approx([0.25, 0.75])  # = the sync rule
+    with pytest.raises(ValueError):
+        staleness_weight(-1)
+
+
+def test_buffered_step_adds_the_staleness_weighted_deltas():
+    cfg, s, rt, ctxs = tiny_setup(["strategy.name=fl-lora", "strategy.rank_budget=2",
+                                   "train.server_lr=0.5"], 3)
+    state = s.init_state(rt.initial_state())
+    names = s.layout.group_names(["A", "B"])
+    gen = torch.Generator().manual_seed(0)
+    replies, deltas = [], []
+    for c, n in enumerate((10, 30, 20)):
+        task = s.configure(1, c, state)
+        delta = {k: torch.randn(state.tensors[k].shape, generator=gen) for k in names}
+        deltas.append(delta)
+        replies.append((task, Update(c, n, flatten(delta, names))))
+    taus = [0, 2, 5]
+    new, _ = s.aggregate_buffer(4, state, replies, taus)
+    for k in names:
+        want = state.tensors[k].double() + sum(
+            0.5 / math.sqrt(1 + t) * n / 60 * d[k].double()
+            for t, n, d in zip(taus, (10, 30, 20), deltas))
+        assert torch.allclose(new.tensors[k].double(), want, atol=1e-6)
+
+
+def test_lora_a2_buffer_of_both_phases_updates_each_factor():
+    cfg, s, rt, ctxs = tiny_setup(["strategy.name=lora-a2", "strategy.rank_budget=2",
+                                   "train.mode=async", "fleet.profile=uniform",
+                                   "train.concurrency=2", "train.buffer_size=1"], 2)
+    assert s.phase_every == 2 and [s.active_factor(t) for t in (1, 2, 3, 4, 5)] == \
+        ["B", "B", "A", "A", "B"]
+    state = s.init_state(rt.initial_state())
+    state.tensors.update({n: torch.randn(t.shape) * 0.1 for n, t in state.tensors.items()})
+    replies = []
+    for c, rnd in ((0, 1), (1, 3)):  # a B-phase and an A-phase task
+        task = s.configure(rnd, c, state)
+        replies.append((task, s.client_update(ctxs[c], task)))
+    new, info = s.aggregate_buffer(3, state, replies, [2, 0])
+    w = buffered_weights([u.num_examples for _, u in replies], [2, 0])
+    only_b, _ = s.aggregate(3, state, replies[:1], w[:1])
+    only_a, _ = s.aggregate(3, state, replies[1:], w[1:])
+    for n in s.layout.names("B"):
+        assert torch.equal(new.tensors[n], only_b.tensors[n])
+    for n in s.layout.names("A"):
+        assert torch.equal(new.tensors[n], only_a.tensors[n])
+    assert sum(info["rank_allocation"].values()) == sum(int(u.slots.numel())
+                                                         for _, u in replies)
+
+
+# ---------------------------------------------------------------------- the schedule
+def test_async_run_buffers_staleness_and_clock(tmp_path, synthetic_csv):
+    fleet = write_fleet(tmp_path / "f.csv")
+    sets = async_sets(fleet, "strategy.name=fl-lora", "train.rounds=5", "train.server_lr=0.9")
+    a = run_cli(tmp_path / "a", *sets, data=synthetic_csv)
+    b = run_cli(tmp_path / "b", *sets, data=synthetic_csv)
+    assert lines(a) == lines(b)  # same seed: the same schedule and clock, to the last bit
+    clock, arrivals = 0.0, []
+    for r in lines(a):
+        assert r["status"] == "ok" and r["num_replies"] == 2 and len(r["staleness"]) == 2
+        used = [row for row in r["per_client"] if row.get("num_examples")]
+        assert [row["staleness"] for row in used] == r["staleness"]
+        for row in used:
+            assert row["staleness"] == r["round"] - 1 - row["version"] >= 0
+            assert row["sim_arrival_s"] == pytest.approx(
+                row["sim_start_s"] + row["sim_download_s"] + row["sim_compute_s"]
+                + row["sim_upload_s"], rel=1e-12)
+            arrivals.append(row["sim_arrival_s"])
+        assert len(set(r["clients"])) == len(r["clients"])  # a client at most once a round
+        clock += r["sim_round_s"]
+        assert r["sim_time_s"] == clock and arrivals[-1] == pytest.approx(clock, rel=1e-12)
+        assert r["in_flight"] <= 4 and r["stragglers"] == []
+    assert arrivals == sorted(arrivals)  # the server takes replies in order of arrival
+    assert any(t > 0 for r in lines(a) for t in r["staleness"])
+
+
+@pytest.mark.parametrize("mode", ["drop", "apply"])
+def test_alternating_phases_and_cross_phase_updates(tmp_path, synthetic_csv, mode):
+    fleet = write_fleet(tmp_path / "f.csv")
+    out = run_cli(tmp_path / mode, *async_sets(fleet, "strategy.name=rolora", "train.rounds=5",
+                                                f"train.cross_phase={mode}"),
+                  data=synthetic_csv)
+    records = lines(out)
+    # phase_every = auto = ⌈4 / 2⌉: B, B, A, A, B
+    assert [r["active_factor"] for r in records] == ["B", "B", "A", "A", "B"]
+    assert [r["phase"] for r in records] == [1, 1, 2, 2, 3]
+    for r in records:
+        crossed = [row for row in r["per_client"] if row.get("cross_phase")]
+        assert r["cross_phase"] == len(crossed)
+        assert r["frozen_target"] == sum(bool(row.get("frozen_target")) for row in crossed)
+        if mode == "drop":
+            assert all(row["discarded"] for row in crossed)
+            assert r["num_replies"] == len([row for row in r["per_client"]
+                                            if row.get("num_examples")]) - len(crossed)
+        else:
+            assert not any(row.get("discarded") for row in crossed)
+    assert sum(r["cross_phase"] for r in records) > 0
+
+
+def test_kill_and_resume_agree_exactly(tmp_path, synthetic_csv):
+    from test_reliability import _kill_after
+
+    from conftest import TINY
+
+    fleet = write_fleet(tmp_path / "f.csv")
+    sets = TINY + async_sets(fleet, "strategy.name=lora-a2", "train.rounds=6",
+                             "train.cross_phase=apply")
+    ref = run_cli(tmp_path / "ref", data=synthetic_csv, base=sets)
+    out = tmp_path / "k"
+    args = [sys.executable, "-m", "lora_a2.cli", "run", "--quiet", "--out", str(out),
+            "--set", f"data.name=csv:{synthetic_csv}"]
+    for s in sets:
+        args += ["--set", s]
+    _kill_after(args, out, 2, 0.0)
+    done = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
+    assert len(done) < 6, "the kill came too late to test anything"
+    r = subprocess.run([sys.executable, "-m", "lora_a2.cli", "run", "--quiet", "--resume",
+                        str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert lines(out) == lines(ref)
+
+
+# ---------------------------------------------------------------------- refused combinations
+@pytest.mark.parametrize("sets,needle", [
+    (["train.mode=async"], "set fleet.profile"),
+    (["train.mode=async", "fleet.profile=uniform", "train.concurrency=2",
+      "train.buffer_size=3"], "'train.concurrency' must be ≥ train.buffer_size"),
+    (["train.mode=async", "fleet.profile=uniform", "train.concurrency=0"],
+     "'train.concurrency' must be ≥ 1"),
+    (["train.mode=async", "fleet.profile=uniform", "train.buffer_size=0"],
+     "'train.buffer_size' must be ≥ 1"),
+    (["train.mode=async", "fleet.profile=uniform", "train.server_lr=0"],
+     "'train.server_lr' must be > 0"),
+    (["train.mode=async", "fleet.profile=uniform", "data.num_clients=4"],
+     "must be ≤ data.num_clients = 4"),
+    (["train.mode=async", "fleet.profile=uniform", "privacy.mechanism=gaussian",
+      "privacy.epsilon=8"], "with DP"),
+    (["train.mode=async", "fleet.profile=uniform", "train.deadline_s=5"], "stale, not late"),
+    (["train.mode=async", "fleet.profile=uniform", "train.over_select=0.3"],
+     "'train.over_select' cannot be combined"),
+    (["train.mode=async", "fleet.profile=uniform", "engine.name=flower"],
+     "runs on the local engine"),
+    (["train.mode=async", "fleet.profile=uniform", "strategy.name=fedsa-lora"],
+     "'fedsa-lora' does not declare it"),
+    (["train.mode=async", "fleet.profile=uniform", "strategy.name=lora-a2",
+      "strategy.options.renormalize=true"], "undo the staleness weights"),
+    (["train.mode=later"], "'train.mode' must be one of sync, async"),
+    (["train.cross_phase=keep"], "'train.cross_phase' must be one of drop, apply"),
+])
+def test_bad_async_combinations_are_one_line_errors(capsys, sets, needle):
+    assert_config_error(capsys, ["data.num_clients=10", *sets], needle)
