@@ -5,7 +5,6 @@ tiny model, fleets written as CSV files in the test."""
 from __future__ import annotations
 
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch
 
 from conftest import assert_config_error, run_cli, tiny_setup
 from lora_a2.aggregation import buffered_weights, staleness_weight
+from lora_a2.cli import main
 from lora_a2.messages import Task, Update
 from lora_a2.payload import flatten
 from lora_a2.report import read_metrics
@@ -169,9 +169,7 @@ def test_kill_and_resume_agree_exactly(tmp_path, synthetic_csv):
     _kill_after(args, out, 2, 0.0)
     done = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
     assert len(done) < 6, "the kill came too late to test anything"
-    r = subprocess.run([sys.executable, "-m", "lora_a2.cli", "run", "--quiet", "--resume",
-                        str(out)], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    assert main(["run", "--quiet", "--resume", str(out)]) == 0  # in-process
     assert lines(out) == lines(ref)
 
 

@@ -72,7 +72,7 @@ def staleness_weight(staleness: int) -> float:
 def buffered_weights(num_examples: Sequence[int], staleness: Sequence[int],
                      server_lr: float = 1.0) -> list[float]:
     """The weight of each of a buffer's K updates in FedBuff's server step
-    x ← x + η_g Σ_k w_k Δ_k, with w_k = η_g · s(τ_k) · n_k / Σ_j n_j.
+    x ← x + Σ_k w_k Δ_k, with w_k = η_g · s(τ_k) · n_k / Σ_j n_j.
 
     The paper averages the buffer uniformly, x ← x − η_g (1/K) Σ_k s(τ_k) Δ_k (its client delta
     is x_start − x_end, ours x_end − x_start, hence the sign); here the 1/K is the data weight
