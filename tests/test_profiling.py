@@ -51,9 +51,14 @@ def test_profile_attributes_the_whole_run_to_its_phases(tmp_path, synthetic_csv,
     assert rows[("train", "optimiser step")]["calls"] == rows[("probe", "optimiser step")]["calls"]
     assert rows[("train", "backward")]["calls"] == rows[("train", "optimiser step")]["calls"]
     assert rows[("evaluation", "rest")]["calls"] == 3  # round 0, rounds 1 and 2
+    compute = sum(p["seconds"] for p in r["phases"]
+                  if p["part"] in ("forward", "backward", "optimiser step"))
+    assert r["compute_s"] == pytest.approx(compute) and 0 < r["compute_share"] < 1
+    assert r["non_compute_s"] == pytest.approx(r["wall_s"] - compute)
     assert r["rounds"] == 2 and r["strategy"] == "lora-a2" and r["model"] == "tiny-random-bert"
     printed = capsys.readouterr().out
     assert "probe" in printed and "optimiser creation" in printed and "unwrapped" in printed
+    assert "model compute" in printed
     # every wrapper is gone afterwards
     assert torch.Tensor.backward is backward and lora_a2.client.batch_of is batch_of
     assert lora_a2.rounds.batch_of is batch_of

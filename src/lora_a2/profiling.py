@@ -38,6 +38,9 @@ import torch
 GROUPS = ("setup", "train", "probe", "evaluation", "encode/decode", "client", "server",
           "checkpoint", "reporting", "export", "other")
 
+#: the parts that are the model's own compute; every other row is overhead to look at
+COMPUTE = ("forward", "backward", "optimiser step")
+
 GROUP_NOTES = {
     "setup": "model, data, tokenisation, partition (experiment.prepare, write_partition)",
     "train": "local training (ClientContext.train / LocalTrainer.run) after the selection",
@@ -332,6 +335,7 @@ def summarize_phases(timer: PhaseTimer, wall: float, cfg, summary: dict[str, Any
     groups: dict[str, float] = defaultdict(float)
     for r in rows:
         groups[r["group"]] += r["seconds"]
+    compute = sum(r["seconds"] for r in rows if r["part"] in COMPUTE)
     return {
         "wall_s": wall,
         "rounds": rounds,
@@ -344,9 +348,16 @@ def summarize_phases(timer: PhaseTimer, wall: float, cfg, summary: dict[str, Any
         "device_name": summary.get("device_name"),
         "final_accuracy": summary.get("final_accuracy"),
         "patched_sites": sites,
+        # the model's own work (forward, backward, optimiser step, wherever they ran) and
+        # everything else, setup included
+        "compute_s": compute,
+        "compute_share": compute / wall,
+        "non_compute_s": wall - compute,
+        "non_compute_per_round_s": (wall - compute - groups["setup"]) / rounds,
         "groups": {g: {"seconds": s, "share": s / wall, "per_round_s": s / rounds}
                    for g, s in sorted(groups.items(), key=lambda kv: order.get(kv[0], 99))},
         "phases": rows,
+        "group_notes": GROUP_NOTES,
     }
 
 
@@ -364,6 +375,11 @@ def format_profile(r: dict[str, Any]) -> str:
                 continue
             lines.append(f"  {row['part']:32s} {row['seconds']:9.3f} {100 * row['share']:6.1f}% "
                          f"{row['per_round_s']:10.2f} {row['calls']:8d}")
+    lines.append(f"model compute (forward, backward, optimiser step, in any phase): "
+                 f"{r['compute_s']:.1f} s = {100 * r['compute_share']:.1f} % of the wall; "
+                 f"everything else {r['non_compute_s']:.1f} s (setup "
+                 f"{r['groups']['setup']['seconds']:.1f} s, then "
+                 f"{r['non_compute_per_round_s']:.2f} s per round)")
     return "\n".join(lines)
 
 
