@@ -45,7 +45,8 @@ GROUP_NOTES = {
     "setup": "model, data, tokenisation, partition (experiment.prepare, write_partition)",
     "train": "local training (ClientContext.train / LocalTrainer.run) after the selection",
     "probe": "LoRA-A2's probe: the training pass before selection, slot scores, top-k",
-    "evaluation": "the global model on the test set (rounds.evaluate_state), round 0 included",
+    "evaluation": "the global model on the test set (rounds.evaluate_state), round 0 included; "
+                  "a personalised strategy's client evaluations (rounds.evaluate_clients)",
     "encode/decode": "payload.encode/decode, Task/Update to and from payloads",
     "client": "the client side's own bookkeeping (LocalTransport.exchange, Strategy.client_update)",
     "server": "sampling, configuring, validating uploads, aggregation (rounds.plan_round, "
@@ -136,6 +137,7 @@ WRAPS: tuple[Wrap, ...] = (
     Wrap("lora_a2.strategies.lora_a2.slot_scores", "probe"),
     Wrap("lora_a2.strategies.lora_a2:LoraA2.select", "probe"),
     Wrap("lora_a2.rounds.evaluate_state", "evaluation"),
+    Wrap("lora_a2.rounds.evaluate_clients", "evaluation"),  # a personalised strategy's
     Wrap("lora_a2.payload.encode", "encode/decode"),
     Wrap("lora_a2.payload.decode", "encode/decode"),
     Wrap("lora_a2.messages:Task.to_payload", "encode/decode"),
@@ -147,6 +149,8 @@ WRAPS: tuple[Wrap, ...] = (
     Wrap("lora_a2.rounds.plan_round", "server"),
     Wrap("lora_a2.rounds.collect_replies", "server"),
     Wrap("lora_a2.rounds.close_round", "server"),
+    Wrap("lora_a2.rounds.apply_clock", "server"),  # a fleet's simulated clock
+    Wrap("lora_a2.rounds.fit_budgets", "server"),  # strategy.rank_budget = "auto"
     Wrap("lora_a2.runner.save_checkpoint", "checkpoint"),
     Wrap("lora_a2.reporters.base:Reporters.start", "reporting"),
     Wrap("lora_a2.reporters.base:Reporters.client_done", "reporting"),
