@@ -77,3 +77,22 @@ def test_profile_refuses_a_target_it_cannot_wrap_and_bad_arguments(capsys):
     assert main(["speed", "--profile", "--rounds", "1"]) == 2
     assert "--rounds must be ≥ 2" in capsys.readouterr().err
     assert main(["speed", "--rounds", "3"]) == 2
+
+
+def test_a_profiled_run_computes_exactly_what_a_plain_run_does(tmp_path, synthetic_csv):
+    """The timers only time: the profiled run's metrics are the plain run's, bit for bit
+    (wall times aside)."""
+    from lora_a2.profiling import profile_run
+    from lora_a2.report import read_metrics
+
+    from conftest import run_cli
+
+    sets = [*TINY, f"data.name=csv:{synthetic_csv}"]
+    profile_run(sets, rounds=2, out=tmp_path / "profiled")
+    plain = run_cli(tmp_path / "plain", "train.rounds=2", data=synthetic_csv)
+
+    def strip(records):
+        return [{k: v for k, v in r.items() if not k.endswith("wall_s")} for r in records]
+
+    assert strip(read_metrics(tmp_path / "profiled" / "metrics.jsonl")) == strip(
+        read_metrics(plain / "metrics.jsonl"))
