@@ -91,6 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--steps", type=int, default=3, help="--causal-lm: timed steps")
     speed.add_argument("--batch-size", type=int, default=8, help="--causal-lm: batch size")
     speed.add_argument("--length", type=int, default=128, help="--causal-lm: tokens per row")
+    speed.add_argument("--profile", action="store_true",
+                       help="instead: run `lora-a2 run`'s default config in this process and "
+                            "print where its wall time goes, by phase (train steps, probe, "
+                            "evaluation, encode/decode, optimiser creation, collation, ...)")
+    speed.add_argument("--rounds", type=int, metavar="N",
+                       help="--profile: only N rounds (≥ 2: a B round and an A round)")
+    speed.add_argument("--set", "-s", action="extend", nargs="+", default=[],
+                       metavar="KEY=VALUE", help="--profile: override config keys, as for run")
     aud = sub.add_parser("audit-privacy",
                          help="attack every DP mechanism's release and bound its ε from below")
     aud.add_argument("--strategy", action="append", default=[], metavar="NAME",
@@ -188,6 +196,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_speed(args: argparse.Namespace) -> int:
     from .speed import main_causal_speed, main_limit, main_speed
 
+    if args.profile:
+        from .config import split_sets
+        from .profiling import main_profile
+
+        if args.rounds is not None and args.rounds < 2:
+            raise UserError(f"--rounds must be ≥ 2 (a B round and an A round), got {args.rounds}")
+        main_profile([f"model.name={args.model}", *split_sets(args.set)], args.rounds,
+                     Path(args.json) if args.json else None)
+        return 0
+    if args.rounds is not None or args.set:
+        raise UserError("--rounds and --set go with --profile")
     if args.limit_only:
         main_limit(args.model, Path(args.json) if args.json else None)
         return 0

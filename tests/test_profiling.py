@@ -1,0 +1,98 @@
+"""``lora-a2 speed --profile``: a run's wall time by phase, from timers installed around the
+engine's functions for the run's duration only."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lora_a2.cli import main
+
+from conftest import TINY
+
+#: every row the tiny LoRA-A2 run must fill: a wrapper that is not installed leaves its row
+#: missing (or at zero) and fails here
+REQUIRED = [
+    ("setup", "rest"), ("setup", "data load"), ("setup", "model load"),
+    ("setup", "tokenisation"), ("setup", "partition"), ("setup", "LoRA model build"),
+    *[(g, part) for g in ("train", "probe")
+      for part in ("rest", "forward", "backward", "optimiser step", "optimiser creation",
+                   "collation")],
+    ("evaluation", "rest"), ("evaluation", "forward"), ("evaluation", "collation"),
+    ("evaluation", "state load"),
+    ("encode/decode", "rest"), ("client", "rest"), ("client", "state load"),
+    ("client", "state snapshot"), ("server", "rest"), ("checkpoint", "rest"),
+    ("reporting", "rest"), ("export", "rest"),
+]
+
+
+def test_profile_attributes_the_whole_run_to_its_phases(tmp_path, synthetic_csv, capsys):
+    import lora_a2.client
+    import lora_a2.rounds
+
+    backward, batch_of = torch.Tensor.backward, lora_a2.client.batch_of
+    step = torch.optim.AdamW.__dict__.get("step")  # torch sets its own on first use
+    out = tmp_path / "profile.json"
+    assert main(["speed", "--profile", "--model", "tiny-random-bert", "--rounds", "2",
+                 "--set", *TINY, f"data.name=csv:{synthetic_csv}", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    rows = {(p["group"], p["part"]): p for p in r["phases"]}
+    missing = [k for k in REQUIRED if k not in rows or not (rows[k]["seconds"] > 0
+                                                            and rows[k]["calls"] > 0)]
+    assert not missing, f"phases never timed (a wrapper not installed?): {missing}"
+    # exclusive times: the rows and the unwrapped rest add up to the wall time exactly
+    other = rows[("other", "unwrapped")]["seconds"]
+    assert sum(p["seconds"] for p in r["phases"]) == pytest.approx(r["wall_s"], rel=1e-9)
+    assert 0 <= other < 0.1 * r["wall_s"]
+    assert sum(g["seconds"] for g in r["groups"].values()) == pytest.approx(r["wall_s"])
+    # the probe is told from the training after it: one epoch each on the same clients
+    assert rows[("train", "optimiser step")]["calls"] == rows[("probe", "optimiser step")]["calls"]
+    assert rows[("train", "backward")]["calls"] == rows[("train", "optimiser step")]["calls"]
+    assert rows[("evaluation", "rest")]["calls"] == 3  # round 0, rounds 1 and 2
+    compute = sum(p["seconds"] for p in r["phases"]
+                  if p["part"] in ("forward", "backward", "optimiser step"))
+    assert r["compute_s"] == pytest.approx(compute) and 0 < r["compute_share"] < 1
+    assert r["non_compute_s"] == pytest.approx(r["wall_s"] - compute)
+    assert r["rounds"] == 2 and r["strategy"] == "lora-a2" and r["model"] == "tiny-random-bert"
+    printed = capsys.readouterr().out
+    assert "probe" in printed and "optimiser creation" in printed and "unwrapped" in printed
+    assert "model compute" in printed
+    # every wrapper is gone afterwards
+    assert torch.Tensor.backward is backward and lora_a2.client.batch_of is batch_of
+    assert lora_a2.rounds.batch_of is batch_of
+    assert torch.optim.AdamW.__dict__.get("step") is step
+
+
+def test_profile_refuses_a_target_it_cannot_wrap_and_bad_arguments(capsys):
+    import lora_a2.runner
+    from lora_a2.profiling import WRAPS, PhaseTimer, Wrap, installed
+
+    prepare = lora_a2.runner.prepare
+    with pytest.raises(AttributeError, match="no_such_function"):
+        with installed(PhaseTimer(), (*WRAPS, Wrap("lora_a2.payload.no_such_function"))):
+            pass
+    assert lora_a2.runner.prepare is prepare  # what was installed before the error is undone
+    assert main(["speed", "--profile", "--rounds", "1"]) == 2
+    assert "--rounds must be ≥ 2" in capsys.readouterr().err
+    assert main(["speed", "--rounds", "3"]) == 2
+
+
+def test_a_profiled_run_computes_exactly_what_a_plain_run_does(tmp_path, synthetic_csv):
+    """The timers only time: the profiled run's metrics are the plain run's, bit for bit
+    (wall times aside)."""
+    from lora_a2.profiling import profile_run
+    from lora_a2.report import read_metrics
+
+    from conftest import run_cli
+
+    sets = [*TINY, f"data.name=csv:{synthetic_csv}"]
+    profile_run(sets, rounds=2, out=tmp_path / "profiled")
+    plain = run_cli(tmp_path / "plain", "train.rounds=2", data=synthetic_csv)
+
+    def strip(records):
+        return [{k: v for k, v in r.items() if not k.endswith("wall_s")} for r in records]
+
+    assert strip(read_metrics(tmp_path / "profiled" / "metrics.jsonl")) == strip(
+        read_metrics(plain / "metrics.jsonl"))
