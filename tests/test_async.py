@@ -14,7 +14,7 @@ import torch
 from conftest import assert_config_error, run_cli, tiny_setup
 from lora_a2.aggregation import buffered_weights, staleness_weight
 from lora_a2.cli import main
-from lora_a2.messages import Task, Update
+from lora_a2.messages import Update
 from lora_a2.payload import flatten
 from lora_a2.report import read_metrics
 
