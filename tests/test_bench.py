@@ -33,6 +33,27 @@ def test_every_builtin_grid_expands_to_unique_valid_configs(name):
         load_config(None, _to_sets(c.overrides))
 
 
+def test_grid_product_names_the_axes_of_the_main_block(tmp_path):
+    """``product`` limits the main block to some axes (``[]``: none), so that axes which only
+    go together (a fleet's deadline, the methods that can size budgets from it) combine in
+    ``[[include]]`` blocks alone."""
+    path = tmp_path / "g.toml"
+    body = ('seeds = [0]\n[axes]\na = [1, 2]\nb = ["x", "y"]\n'
+            '[[include]]\noverrides = { "c" = 9 }\naxes = ["b"]\n')
+    path.write_text("product = []\n" + body)
+    cells = expand(load_grid(str(path)))
+    assert [c.cell_id for c in cells] == ["x__9__seed0", "y__9__seed0"]
+    assert cells[0].overrides == {"b": "x", "c": 9, "seed": 0}
+    path.write_text('product = ["a"]\n' + body)
+    assert [c.cell_id for c in expand(load_grid(str(path)))] == [
+        "1__seed0", "2__seed0", "x__9__seed0", "y__9__seed0"]
+    path.write_text(body)  # default: every axis
+    assert len(expand(load_grid(str(path)))) == 4 + 2
+    path.write_text('product = ["z"]\n' + body)
+    with pytest.raises(UserError, match="unknown axis 'z'"):
+        expand(load_grid(str(path)))
+
+
 def test_smoke_grid_runs_resumes_and_tabulates(tmp_path):
     out = tmp_path / "b"
     first = run_grid("smoke", out, smoke=True, progress=False)

@@ -47,7 +47,7 @@ def load_grid(spec: str) -> dict[str, Any]:
         grid = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"grid '{spec}' is not valid TOML: {str(e).splitlines()[0]}") from None
-    unknown = set(grid) - {"name", "description", "seeds", "base", "axes", "include"}
+    unknown = set(grid) - {"name", "description", "seeds", "base", "axes", "include", "product"}
     if unknown:
         raise UserError(f"grid '{spec}': unknown top-level keys {sorted(unknown)}")
     grid.setdefault("name", Path(spec).stem)
@@ -78,16 +78,22 @@ def _overrides(axis: str, value: Any) -> dict[str, Any]:
 
 
 def expand(grid: dict[str, Any], smoke: bool = False) -> list[Cell]:
-    """All cells of a grid, in a stable order."""
+    """All cells of a grid, in a stable order: the product of the axes named by ``product``
+    (default: every axis; ``product = []`` for none, when only the ``[[include]]`` blocks make
+    cells — e.g. axes that only make sense together), then each ``[[include]]`` block's product
+    of its own axes with its overrides."""
     axes: dict[str, list[Any]] = grid["axes"]
-    blocks: list[tuple[dict[str, Any], list[str]]] = [({}, list(axes))]
+    product = grid.get("product", list(axes))
+    if not isinstance(product, list):
+        raise UserError("grid 'product' must be a list of axis names")
+    blocks: list[tuple[dict[str, Any], list[str]]] = [({}, list(product))] if product else []
     blocks += [(inc.get("overrides", {}), list(inc.get("axes", []))) for inc in grid["include"]]
     cells: list[Cell] = []
     seen: set[str] = set()
     for extra, names in blocks:
         for name in names:
             if name not in axes:
-                raise UserError(f"grid include names unknown axis '{name}'")
+                raise UserError(f"grid include or product names unknown axis '{name}'")
         for combo in itertools.product(*[axes[n] for n in names]):
             for seed in grid["seeds"]:
                 labels = {n: _label(v) for n, v in zip(names, combo)}
