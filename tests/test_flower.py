@@ -34,7 +34,8 @@ DP_CASES = [
                  "privacy.noise_source=seeded"]),
 ]
 NEWER = ["rolora", "fedsa-lora", "fedex-lora", "fedsvd"]
-RUNS4 = {"plain": ["train.rounds=2"],
+FLEET = ["train.rounds=2", "fleet.profile=mixed", "train.deadline_s=0.025"]
+RUNS4 = {"plain": ["train.rounds=2"], "fleet": FLEET,
          **{f"secagg-{s}": ["train.rounds=1", f"strategy.name={s}", "secagg.enabled=true"]
             for s in SECAGG_STRATEGIES}}
 RUNS3 = {**{f"dp{i}": ["train.rounds=2", f"strategy.name={s}", *p]
@@ -84,6 +85,22 @@ def test_simulation_matches_local_engine(tmp_path, sim4):
                                                 abs=1e-3)
     assert rows[0]["flower_timing"]["client_build_s"] > 0
     assert all(r["flower_timing"]["client_build_s"] < 0.5 for r in rows[1:])  # cached
+
+
+def test_a_fleet_with_a_deadline_gives_the_same_clock_on_both_engines(tmp_path, sim4):
+    """The simulated clock and its stragglers are the round loop's, from the real encoded bytes:
+    Flower's Simulation Engine gives the same times, stragglers and metrics as the local engine
+    (on the tiny model the 25 ms deadline leaves two of the four clients behind)."""
+    data, outs = sim4
+    local = read_metrics(run(tmp_path / "local", data, ["data.num_clients=4", *FLEET])
+                         / "metrics.jsonl")
+    flower = read_metrics(outs["fleet"] / "metrics.jsonl")
+    assert_same_run(local, flower)
+    for a, b in zip(local, flower):
+        assert a["stragglers"] and b["stragglers"] == a["stragglers"]
+        assert b["sim_round_s"] == a["sim_round_s"] and b["sim_time_s"] == a["sim_time_s"]
+        assert [c.get("sim_upload_s") for c in b["per_client"]] == \
+            [c.get("sim_upload_s") for c in a["per_client"]]
 
 
 def test_a_node_keeps_each_experiments_client_tensors_apart():
