@@ -54,6 +54,36 @@ def test_grid_product_names_the_axes_of_the_main_block(tmp_path):
         expand(load_grid(str(path)))
 
 
+def test_a_fleet_grid_tabulates_time_to_target_and_upload_share(tmp_path, synthetic_csv):
+    """Cells on a fleet get the simulated time, the time to each target (or 'never') and the
+    share of client time spent uploading — recomputed here from the cells' own files."""
+    grid = tmp_path / "fleet.toml"
+    grid.write_text(
+        'name = "tinyfleet"\nseeds = [0, 1]\n[base]\n'
+        '"model.name" = "tiny-random-bert"\n"model.max_length" = 24\n'
+        f'"data.name" = "csv:{synthetic_csv}"\n"data.num_clients" = 4\n'
+        '"strategy.global_rank" = 4\n"strategy.rank_budget" = 2\n"train.rounds" = 2\n'
+        '"engine.threads" = 1\n"fleet.profile" = "mixed"\n"report.targets" = [0.0, 2.0]\n'
+        '[axes]\n"strategy.name" = ["fl-lora"]\n')
+    out = tmp_path / "b"
+    assert run_grid(str(grid), out, progress=False)["finished"] == 2
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    for r in rows:
+        cell = out / "cells" / r["cell"]
+        summary = json.loads((cell / "summary.json").read_text())
+        clients = [c for line in (cell / "metrics.jsonl").read_text().splitlines()
+                   for c in json.loads(line)["per_client"]]
+        up = sum(c["sim_upload_s"] for c in clients)
+        everything = sum(c["sim_download_s"] + c["sim_compute_s"] + c["sim_upload_s"]
+                         for c in clients)
+        assert r["upload_time_share"] == pytest.approx(up / everything) and 0 < up < everything
+        assert r["sim_time_s"] == summary["sim_time_s"] > 0
+        assert r["time_to_0"] == 0.0 and r["time_to_2"] is None  # round 0; accuracy ≤ 1
+    table = (out / "table.md").read_text()
+    assert "| sim_time_s | time_to_0 | time_to_2 | upload_time_% |" in table
+    assert "| never |" in table
+
+
 def test_smoke_grid_runs_resumes_and_tabulates(tmp_path):
     out = tmp_path / "b"
     first = run_grid("smoke", out, smoke=True, progress=False)

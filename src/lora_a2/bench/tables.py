@@ -49,6 +49,29 @@ def last_rounds_accuracy(metrics: Path, n: int = 3, key: str = "accuracy") -> fl
     return statistics.fmean(accs[-n:]) if accs else None
 
 
+def clock_figures(summary: dict[str, Any], metrics: Path) -> dict[str, Any]:
+    """A fleet cell's time figures (empty without a fleet): the simulated time of the run, the
+    simulated time to each ``report.targets`` value (``time_to_<target>``; None = never
+    reached), and ``upload_time_share``: of all the client-seconds on the clock (download +
+    compute + upload of every client that got a task, in every round), the share spent
+    uploading."""
+    if "sim_time_s" not in summary:
+        return {}
+    parts = {"sim_download_s": 0.0, "sim_compute_s": 0.0, "sim_upload_s": 0.0}
+    try:
+        for line in metrics.read_text().splitlines():
+            for c in (json.loads(line).get("per_client") or []) if line.strip() else []:
+                for k in parts:
+                    parts[k] += float(c.get(k) or 0.0)
+    except (OSError, ValueError):
+        pass
+    total = sum(parts.values())
+    return {"sim_time_s": summary["sim_time_s"],
+            **{f"time_to_{t['target']:g}": t["sim_time_s"]
+               for t in summary.get("time_to_target") or []},
+            "upload_time_share": parts["sim_upload_s"] / total if total > 0 else None}
+
+
 def collect_rows(out: Path, cells: list[Cell]) -> list[dict[str, Any]]:
     """One row per finished cell (labels, the task's headline figures, bytes, device, time);
     reads, writes nothing."""
@@ -70,8 +93,18 @@ def collect_rows(out: Path, cells: list[Cell]) -> list[dict[str, Any]]:
                      "total_download_bytes": s["total_download_bytes"],
                      "total_upload_params": s["total_upload_params"],
                      "upload_fraction_of_fedavg_full": s["upload_fraction_of_fedavg_full"],
-                     "epsilon": s.get("epsilon"), "wall_s": s["wall_s"]})
+                     "epsilon": s.get("epsilon"), "wall_s": s["wall_s"],
+                     **clock_figures(s, path.parent / "metrics.jsonl")})
     return rows
+
+
+def _fmt_time(xs: list[float | None]) -> str:
+    """Mean ± std of the seeds' simulated seconds; 'never' counts the seeds that did not get
+    there."""
+    got = [x for x in xs if x is not None]
+    never = len(xs) - len(got)
+    text = _fmt(got, 1.0) if got else ""
+    return (text + (f" ({never} never)" if got else "never")) if never else text
 
 
 def aggregate(out: Path, cells: list[Cell], grid: dict[str, Any]) -> dict[str, Any]:
@@ -91,8 +124,18 @@ def aggregate(out: Path, cells: list[Cell], grid: dict[str, Any]) -> dict[str, A
               "upload_%_of_fedavg_full": _fmt([r["upload_fraction_of_fedavg_full"] for r in rs],
                                                100.0)}
              for key, rs in groups.items()]
+    # a fleet's clock: simulated time, time to each target, the share of it spent uploading
+    clock = [k for k in dict.fromkeys(k for r in rows for k in r)
+             if k == "sim_time_s" or k.startswith("time_to_")]
+    if clock:
+        for t, (key, rs) in zip(table, groups.items()):
+            for k in clock:
+                t[k] = _fmt_time([r.get(k) for r in rs])
+            t["upload_time_%"] = _fmt([r["upload_time_share"] for r in rs
+                                       if r.get("upload_time_share") is not None])
+        clock.append("upload_time_%")
     atomic_write_text(out / "results.json", json.dumps({"rows": rows, "table": table}, indent=1))
-    cols = label_keys + ["seeds", *(c for c, _ in columns),
+    cols = label_keys + ["seeds", *(c for c, _ in columns), *clock,
                          "upload_MB", "upload_%_of_fedavg_full", "devices"]
     md = [f"# {grid['name']}: {len(rows)} of {len(cells)} cells finished", "",
           task_of_metric(metric).bench_note, "",
