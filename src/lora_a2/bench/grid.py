@@ -86,7 +86,9 @@ def expand(grid: dict[str, Any], smoke: bool = False) -> list[Cell]:
     product = grid.get("product", list(axes))
     if not isinstance(product, list):
         raise UserError("grid 'product' must be a list of axis names")
-    blocks: list[tuple[dict[str, Any], list[str]]] = [({}, list(product))] if product else []
+    # an explicit `product = []` makes no main block; a grid without axes is one cell a seed
+    blocks: list[tuple[dict[str, Any], list[str]]] = \
+        [({}, list(product))] if product or "product" not in grid else []
     blocks += [(inc.get("overrides", {}), list(inc.get("axes", []))) for inc in grid["include"]]
     cells: list[Cell] = []
     seen: set[str] = set()
