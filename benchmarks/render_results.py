@@ -785,11 +785,69 @@ def instruct_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+FLEET_SCHEDULES = ("sync", "deadline", "async")
+FLEET_METHODS = ["lora-a2", "fl-lora", "ffa-lora", "rolora", "flexlora", "hetlora"]
+
+
+def fleet_key(r: dict[str, Any]) -> tuple[str, str, str]:
+    """(fleet, schedule, method) of a ``fleet`` grid row; the method marked "auto" where its
+    budgets came from the link."""
+    where = next(r[k] for k in FLEET_SCHEDULES if r.get(k))
+    fleet, schedule = where.rsplit("-", 1)
+    name = next(r[k] for k in ("fixed", "budgeted", "lora_a2") if r.get(k))
+    return fleet, schedule, name + (" (auto)" if r.get("strategy.rank_budget") == "auto" else "")
+
+
+def seconds(xs: list[float | None]) -> str:
+    """Mean ± std of simulated seconds over seeds; '–' marks the seeds that never got there."""
+    got = [x for x in xs if x is not None]
+    text = fmt(got, 1.0, 0) if got else ""
+    missing = len(xs) - len(got)
+    return (text + " (" + "–" * missing + ")" if got else "never") if missing else text
+
+
+def fleet_table(rows: list[dict[str, Any]], fleet: str) -> str:
+    """Grid ``fleet``, one fleet: per schedule and method, the final accuracy, the simulated
+    seconds to each target and in all, the share of client time spent uploading, and the upload;
+    then, per target, which cell got there first."""
+    rows = [r for r in rows if fleet_key(r)[0] == fleet]
+    if not rows:
+        return f"_No finished `{fleet}` cells yet (`lora-a2 bench fleet`)._"
+    targets = sorted({k for r in rows for k in r if k.startswith("time_to_")},
+                     key=lambda k: float(k[len("time_to_"):]))
+    head = ["schedule", "method", "seeds", "final accuracy (%)",
+            *[f"to {100 * float(t[len('time_to_'):]):g} % (s)" for t in targets],
+            "run (s)", "upload share of client time (%)", "upload (MB)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    keys = sorted({fleet_key(r)[1:] for r in rows},
+                  key=lambda k: (FLEET_SCHEDULES.index(k[0]),
+                                 FLEET_METHODS.index(k[1].split()[0])))
+    for schedule, name in keys:
+        sel = [r for r in rows if fleet_key(r)[1:] == (schedule, name)]
+        lines.append("| " + " | ".join([
+            schedule, name, str(len(sel)), fmt([r["final_accuracy"] for r in sel]),
+            *[seconds([r.get(t) for r in sel]) for t in targets],
+            fmt([r["sim_time_s"] for r in sel], 1.0, 0),
+            fmt([r["upload_time_share"] for r in sel]),
+            mb([r["total_upload_bytes"] for r in sel])]) + " |")
+    lines.append("")
+    for t in targets:
+        reached = [(r[t], fleet_key(r)[1:], r["seed"]) for r in rows if r.get(t) is not None]
+        if not reached:
+            lines.append(f"- {100 * float(t[len('time_to_'):]):g} %: no cell reached it.")
+            continue
+        first = min(reached)
+        lines.append(f"- {100 * float(t[len('time_to_'):]):g} %: first {first[1][1]} "
+                     f"({first[1][0]}, seed {first[2]}) at {first[0]:.0f} s; "
+                     f"{len(reached)} of {len(rows)} cells reached it.")
+    return "\n".join(lines)
+
+
 def render(write: bool = True) -> dict[str, str]:
     """Every generated block; with ``write`` also the grids' aggregate files and the figure."""
     rows = {g: rows_of(g, write)
             for g in ("main", "hetero", "dp", "probe", "lr", "score", *ROUNDS_GRIDS, "instruct",
-                      "claim", "claim-lr", "probe-variants")}
+                      "claim", "claim-lr", "probe-variants", "fleet")}
     blocks = main_tables(rows["main"])
     blocks.update(claim_blocks(rows["claim"], rows["claim-lr"], rows["main"]))
     blocks["steps"] = steps_table(rows["main"])
@@ -805,6 +863,8 @@ def render(write: bool = True) -> dict[str, str]:
         curves_figure("main", "bbc-news")
     blocks["xdev"] = xdev_table()
     blocks["instruct"] = instruct_table(rows["instruct"])
+    blocks["fleet:mobile"] = fleet_table(rows["fleet"], "mobile")
+    blocks["fleet:mixed"] = fleet_table(rows["fleet"], "mixed")
     runs = rounds_runs()
     blocks["rounds"] = rounds_table(runs)
     if write:

@@ -360,3 +360,26 @@ def test_dp_table_puts_private_selection_cells_on_their_own_rows():
     text = render.dp_table([public, private])
     lines = {x.split("|")[1].strip(): x for x in text.splitlines()[2:]}
     assert "20.0¹" in lines["lora-a2"] and "30.0¹" in lines["lora-a2, private selection"]
+
+
+def test_fleet_table_times_per_schedule_and_who_got_there_first():
+    """Rows in the shape rows_of gives for the fleet grid: each schedule and method with its
+    seeds' final accuracy, time to each target (a seed that never got there marked), run time and
+    upload share; then the first cell to reach each target."""
+    def fr(where, key, name, seed, acc, t60, share, auto=False):
+        return {"cell": f"{where}__{name}__seed{seed}", "seed": seed, where.split("-")[1]: where,
+                key: name, **({"strategy.rank_budget": "auto"} if auto else {}),
+                "final_accuracy": acc, "time_to_0.6": t60, "sim_time_s": 40.0,
+                "upload_time_share": share, "total_upload_bytes": 2e6}
+    rows = [fr("mobile-sync", "fixed", "fl-lora", 0, 0.64, 20.0, 0.2),
+            fr("mobile-sync", "fixed", "fl-lora", 1, 0.62, None, 0.1),
+            fr("mobile-deadline", "budgeted", "lora-a2", 0, 0.66, 12.0, 0.3, auto=True),
+            fr("mixed-sync", "fixed", "fl-lora", 0, 0.5, None, 0.1)]
+    text = render.fleet_table(rows, "mobile").splitlines()
+    assert text[0].startswith("| schedule | method | seeds | final accuracy (%) | to 60 % (s) |")
+    assert text[2] == "| sync | fl-lora | 2 | 63.0 ± 1.4 | 20¹ (–) | 40 ± 0 | 15.0 ± 7.1 | 2.0 |"
+    assert text[3] == "| deadline | lora-a2 (auto) | 1 | 66.0¹ | 12¹ | 40¹ | 30.0¹ | 2.0 |"
+    assert text[-1] == ("- 60 %: first lora-a2 (auto) (deadline, seed 0) at 12 s; "
+                        "2 of 3 cells reached it.")
+    mixed = render.fleet_table(rows, "mixed").splitlines()
+    assert mixed[2].split(" | ")[4] == "never" and "no cell reached it" in mixed[-1]
