@@ -51,6 +51,9 @@ def test_grid_product_names_the_axes_of_the_main_block(tmp_path):
     assert len(expand(load_grid(str(path)))) == 4 + 2
     path.write_text("seeds = [0, 1]\n")  # no axes at all: one cell a seed
     assert [c.cell_id for c in expand(load_grid(str(path)))] == ["seed0", "seed1"]
+    path.write_text('product = "a"\n' + body)
+    with pytest.raises(UserError, match="'product' must be a list"):
+        expand(load_grid(str(path)))
     path.write_text('product = ["z"]\n' + body)
     with pytest.raises(UserError, match="unknown axis 'z'"):
         expand(load_grid(str(path)))
