@@ -379,7 +379,14 @@ def test_fleet_table_times_per_schedule_and_who_got_there_first():
     assert text[0].startswith("| schedule | method | seeds | final accuracy (%) | to 60 % (s) |")
     assert text[2] == "| sync | fl-lora | 2 | 63.0 ± 1.4 | 20¹ (–) | 40 ± 0 | 15.0 ± 7.1 | 2.0 |"
     assert text[3] == "| deadline | lora-a2 (auto) | 1 | 66.0¹ | 12¹ | 40¹ | 30.0¹ | 2.0 |"
-    assert text[-1] == ("- 60 %: first lora-a2 (auto) (deadline, seed 0) at 12 s; "
-                        "2 of 3 cells reached it.")
+    assert text[-1] == ("- 60 %: first lora-a2 (auto) (deadline) at 12 s¹; "
+                        "2 of 3 cells reached it.")  # fl-lora sync: one seed never got there
+    rows += [fr("mobile-async", "fixed", "ffa-lora", s, 0.6, t, 0.1) for s, t in ((0, 30), (1, 18))]
+    rows += [fr("mobile-async", "fixed", "lora-a2", 0, 0.6, 20.0, 0.1)]  # same method, later
+    text = render.fleet_table(rows, "mobile").splitlines()
+    assert text[-1] == ("- 60 %: first lora-a2 (auto) (deadline) at 12 s¹; the first other "
+                        "method ffa-lora (async) at 24 s (mean of 2), 2.0× as long; "
+                        "5 of 6 cells reached it.")
     mixed = render.fleet_table(rows, "mixed").splitlines()
-    assert mixed[2].split(" | ")[4] == "never" and "no cell reached it" in mixed[-1]
+    assert mixed[2].split(" | ")[4] == "never"
+    assert mixed[-1] == "- 60 %: no method reached it in every seed; 0 of 1 cells did."
