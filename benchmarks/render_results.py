@@ -863,11 +863,135 @@ def fleet_table(rows: list[dict[str, Any]], fleet: str) -> str:
     return "\n".join(lines)
 
 
+def spread_table(rows: list[dict[str, Any]]) -> str:
+    """Grid ``default-spread``: the default run at each seed (final, best and last-three-rounds
+    accuracy, upload, wall time), then their mean ± std and range: the seed-to-seed spread that
+    a change of precision or speed must stay within."""
+    if not rows:
+        return "_No finished cells yet (`lora-a2 bench default-spread`)._"
+    cols = ["final_accuracy", "best_accuracy", "last3_accuracy"]
+    lines = ["| seed | final accuracy (%) | best round (%) | last 3 rounds (%) | upload (MB) | "
+             "wall (s) |", "|---|---|---|---|---|---|"]
+    rows = sorted(rows, key=lambda r: r["seed"])
+    for r in rows:
+        lines.append(f"| {r['seed']} | " + " | ".join(f"{100 * r[c]:.1f}" for c in cols)
+                     + f" | {r['total_upload_bytes'] / 1e6:.1f} | {r['wall_s']:.0f} |")
+    if len(rows) > 1:
+        lines.append("| **mean ± std** | " + " | ".join(fmt([r[c] for r in rows]) for c in cols)
+                     + f" | {mb([r['total_upload_bytes'] for r in rows])} | "
+                       f"{fmt([r['wall_s'] for r in rows], 1.0, 0)} |")
+        lines.append("| **range** | " + " | ".join(
+            f"{100 * (max(r[c] for r in rows) - min(r[c] for r in rows)):.1f} points"
+            for c in cols) + " | | |")
+    return "\n".join(lines)
+
+
+PRECISIONS = ("fp32", "bf16-mixed")
+
+
+def precision_table(rows: list[dict[str, Any]], spread_rows: list[dict[str, Any]] = ()) -> str:
+    """Grid ``precision``: each (split, budget, seed) pair's final accuracy in float32 and in
+    ``bf16-mixed``, the difference and the wall-time ratio; then the mean and largest difference,
+    read against the default run's seed-to-seed standard deviation (grid ``default-spread``)."""
+    pairs: dict[tuple[str, str, int], dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        pairs.setdefault((r["split"], str(r["budget"]), r["seed"]), {})[r["train.precision"]] = r
+    if not pairs:
+        return "_No finished cells yet (`lora-a2 bench precision`)._"
+    lines = ["| split | budget | seed | fp32 final (%) | bf16-mixed final (%) | "
+             "bf16 − fp32 (points) | wall fp32 / bf16 (s) |", "|---|---|---|---|---|---|---|"]
+    deltas = []
+    for (split, budget, seed), by in sorted(pairs.items(),
+                                            key=lambda kv: (SPLITS.index(kv[0][0]), kv[0][1:])):
+        acc = [f"{100 * by[p]['final_accuracy']:.1f}" if p in by else "·" for p in PRECISIONS]
+        wall = " / ".join(f"{by[p]['wall_s']:.0f}" if p in by else "·" for p in PRECISIONS)
+        if all(p in by for p in PRECISIONS):
+            d = by["bf16-mixed"]["final_accuracy"] - by["fp32"]["final_accuracy"]
+            deltas.append(d)
+            diff = f"{100 * d:+.1f}"
+        else:
+            diff = "·"
+        lines.append(f"| {SPLIT_NAMES[split]} | {budget} | {seed} | {acc[0]} | {acc[1]} | "
+                     f"{diff} | {wall} |")
+    lines.append("")
+    if not deltas:
+        lines.append("- no complete pair yet.")
+        return "\n".join(lines)
+    text = (f"- {len(deltas)} complete pairs: mean difference {100 * statistics.fmean(deltas):+.1f}"
+            f" points, largest {100 * max(deltas, key=abs):+.1f}")
+    finals = [r["final_accuracy"] for r in spread_rows]
+    if len(finals) > 1:
+        sd = statistics.stdev(finals)
+        inside = sum(abs(d) <= 2 * sd for d in deltas)
+        text += (f"; the default run's seed-to-seed std is {100 * sd:.1f} points, and "
+                 f"{inside} of {len(deltas)} differences are within two of it")
+    return "\n".join(lines + [text + "."])
+
+
+PAPER_METHODS = ["lora-a2", "lora-a2-scaled", "fl-lora", "ffa-lora", "flexlora", "rolora",
+                 "fedex-lora"]
+
+
+def paper_schedule_table(rows: list[dict[str, Any]], cell_dirs: dict[str, Path] | None = None
+                         ) -> str:
+    """Grid ``paper-schedule``: per method and split, the final and last-three-rounds accuracy
+    (mean ± std over seeds), and seed 0's best round against its last (an lr too large for the
+    100 local epochs shows as a late fall); then, per split, whether each LoRA-A2 variant leads,
+    ties or trails the baselines on the seeds every method has (:func:`verdict`).
+    ``cell_dirs`` maps a cell id to its directory (default: the grid's cells)."""
+    if not rows:
+        return "_No finished cells yet (`lora-a2 bench paper-schedule`)._"
+    cell_dirs = cell_dirs or {r["cell"]: RESULTS / "paper-schedule" / "cells" / r["cell"]
+                              for r in rows}
+    splits = [s for s in SPLITS if any(r["split"] == s for r in rows)]
+    head = ["method", "lr_A"]
+    for s in splits:
+        head += [f"{SPLIT_NAMES[s]} final (%)", f"{SPLIT_NAMES[s]} last 3 (%)",
+                 f"{SPLIT_NAMES[s]} seed 0: best (round) → last"]
+    lines = ["| " + " | ".join(head + ["upload (MB)"]) + " |", "|" + "---|" * (len(head) + 1)]
+    lr_of = {m["label"]: f"{float(m['strategy.lr']):g}"
+             for m in load_grid("paper-schedule")["axes"]["method"]}
+    methods = [m for m in PAPER_METHODS if any(r["method"] == m for r in rows)]
+    for m in methods:
+        mine = [r for r in rows if r["method"] == m]
+        line = [m, lr_of.get(m, "·")]
+        for s in splits:
+            sel = [r for r in mine if r["split"] == s]
+            line += [fmt([r["final_accuracy"] for r in sel]),
+                     fmt([r["last3_accuracy"] for r in sel])]
+            zero = [r for r in sel if r["seed"] == 0]
+            if zero:
+                a = round_accuracies(cell_dirs[zero[0]["cell"]])
+                best = max(range(len(a)), key=lambda i: a[i])
+                line.append(f"{100 * a[best]:.1f} ({best + 1}) → {100 * a[-1]:.1f}")
+            else:
+                line.append("·")
+        line.append(mb([r["total_upload_bytes"] for r in mine]))
+        lines.append("| " + " | ".join(line) + " |")
+    lines.append("")
+    for s in splits:
+        sel = [r for r in rows if r["split"] == s]
+        seeds = sorted(set.intersection(*({r["seed"] for r in sel if r["method"] == m}
+                                          for m in PAPER_METHODS)))
+        if len(seeds) < 2:
+            lines.append(f"- {SPLIT_NAMES[s]}: not every method has two seeds yet.")
+            continue
+        score = {(r["method"], r["seed"]): r["final_accuracy"] for r in sel}
+        base = [[score[(m, sd)] for sd in seeds] for m in PAPER_METHODS if "lora-a2" not in m]
+        said = [f"{m} {verdict([score[(m, sd)] for sd in seeds], base)}"
+                for m in PAPER_METHODS if "lora-a2" in m]
+        lines.append(f"- {SPLIT_NAMES[s]}, seeds {', '.join(map(str, seeds))}, final accuracy: "
+                     + "; ".join(said) + " the baselines (leads: its worst seed beats every "
+                     "baseline's best).")
+    return "\n".join(lines)
+
+
 def render(write: bool = True) -> dict[str, str]:
     """Every generated block; with ``write`` also the grids' aggregate files and the figure."""
     rows = {g: rows_of(g, write)
             for g in ("main", "hetero", "dp", "probe", "lr", "score", *ROUNDS_GRIDS, "instruct",
-                      "claim", "claim-lr", "probe-variants", "fleet")}
+                      "claim", "claim-lr", "probe-variants", "fleet", "default-spread",
+                      "precision", "paper-schedule")}
     blocks = main_tables(rows["main"])
     blocks.update(claim_blocks(rows["claim"], rows["claim-lr"], rows["main"]))
     blocks["steps"] = steps_table(rows["main"])
@@ -885,6 +1009,9 @@ def render(write: bool = True) -> dict[str, str]:
     blocks["instruct"] = instruct_table(rows["instruct"])
     blocks["fleet:mobile"] = fleet_table(rows["fleet"], "mobile")
     blocks["fleet:mixed"] = fleet_table(rows["fleet"], "mixed")
+    blocks["default_spread"] = spread_table(rows["default-spread"])
+    blocks["precision"] = precision_table(rows["precision"], rows["default-spread"])
+    blocks["paper_schedule"] = paper_schedule_table(rows["paper-schedule"])
     runs = rounds_runs()
     blocks["rounds"] = rounds_table(runs)
     if write:

@@ -390,3 +390,67 @@ def test_fleet_table_times_per_schedule_and_who_got_there_first():
     mixed = render.fleet_table(rows, "mixed").splitlines()
     assert mixed[2].split(" | ")[4] == "never"
     assert mixed[-1] == "- 60 %: no method reached it in every seed; 0 of 1 cells did."
+
+
+def test_spread_table_lists_each_seed_then_mean_std_and_range():
+    rows = [{"seed": s, "final_accuracy": a, "best_accuracy": b, "last3_accuracy": l3,
+             "total_upload_bytes": 3e6, "wall_s": w}
+            for s, a, b, l3, w in ((2, 0.70, 0.80, 0.72, 660.0), (0, 0.90, 0.91, 0.85, 640.0),
+                                   (1, 0.80, 0.85, 0.81, 650.0))]
+    lines = render.spread_table(rows).splitlines()
+    assert lines[2] == "| 0 | 90.0 | 91.0 | 85.0 | 3.0 | 640 |"  # sorted by seed
+    assert lines[4].startswith("| 2 | 70.0 |")
+    sd = 100 * statistics.stdev([0.7, 0.9, 0.8])
+    assert lines[5].startswith(f"| **mean ± std** | 80.0 ± {sd:.1f} | ")
+    assert lines[5].endswith("| 3.0 | 650 ± 10 |")
+    assert lines[6] == "| **range** | 20.0 points | 11.0 points | 13.0 points | | |"
+    assert "No finished cells" in render.spread_table([])
+
+
+def test_precision_table_pairs_each_seed_and_reads_against_the_seed_spread():
+    def pr(split, budget, seed, precision, acc, wall):
+        return {"split": split, "budget": budget, "seed": seed, "train.precision": precision,
+                "final_accuracy": acc, "wall_s": wall}
+    rows = [pr("dir0.01", "1", 0, "fp32", 0.50, 600.0), pr("dir0.01", "1", 0, "bf16-mixed", 0.56, 300.0),
+            pr("dir0.1", "2", 1, "bf16-mixed", 0.70, 290.0), pr("dir0.1", "2", 1, "fp32", 0.80, 580.0),
+            pr("dir0.1", "1", 0, "fp32", 0.75, 570.0)]  # its bf16 twin not run yet
+    spread = [{"final_accuracy": a} for a in (0.78, 0.80, 0.82)]  # std 2.0 points
+    lines = render.precision_table(rows, spread).splitlines()
+    assert lines[2] == "| Dir(0.1) | 1 | 0 | 75.0 | · | · | 570 / · |"
+    assert lines[3] == "| Dir(0.1) | 2 | 1 | 80.0 | 70.0 | -10.0 | 580 / 290 |"
+    assert lines[4] == "| Dir(0.01) | 1 | 0 | 50.0 | 56.0 | +6.0 | 600 / 300 |"
+    assert lines[-1] == ("- 2 complete pairs: mean difference -2.0 points, largest -10.0; the "
+                         "default run's seed-to-seed std is 2.0 points, and 0 of 2 differences "
+                         "are within two of it.")
+    spread = [{"final_accuracy": a} for a in (0.76, 0.80, 0.84)]  # std 4: |+6| ≤ 8 < |−10|
+    assert render.precision_table(rows, spread).endswith("1 of 2 differences are within two of it.")
+    assert render.precision_table(rows[-1:]).endswith("- no complete pair yet.")
+
+
+def test_paper_schedule_table_reads_late_falls_and_the_verdict(tmp_path):
+    def curve(accs):
+        return "\n".join(f'{{"round": {i + 1}, "accuracy": {a}}}' for i, a in enumerate(accs))
+    rows, dirs = [], {}
+    finals = {"lora-a2": (0.90, 0.88), "lora-a2-scaled": (0.60, 0.85), "fl-lora": (0.80, 0.70),
+              "ffa-lora": (0.5, 0.5), "flexlora": (0.5, 0.5), "rolora": (0.86, 0.5),
+              "fedex-lora": (0.5, 0.5)}
+    for m, accs in finals.items():
+        for seed, a in enumerate(accs):
+            cell = f"{m}__dir0.01__seed{seed}"
+            (tmp_path / cell).mkdir()
+            (tmp_path / cell / "metrics.jsonl").write_text(curve([0.3, 0.95, a]))
+            dirs[cell] = tmp_path / cell
+            rows.append({"cell": cell, "seed": seed, "method": m, "split": "dir0.01",
+                         "final_accuracy": a, "last3_accuracy": a - 0.01,
+                         "total_upload_bytes": 1e6})
+    lines = render.paper_schedule_table(rows, dirs).splitlines()
+    assert lines[0].startswith("| method | lr_A | Dir(0.01) final (%) | Dir(0.01) last 3 (%) | ")
+    assert lines[2] == "| lora-a2 | 0.005 | 89.0 ± 1.4 | 88.0 ± 1.4 | 95.0 (2) → 90.0 | 1.0 |"
+    assert lines[4].startswith("| fl-lora | 0.002 | 75.0 ± 7.1 |")
+    # lora-a2's worst seed (0.88) beats every baseline's best (rolora 0.86): leads;
+    # the scaled variant's range overlaps the baselines': ties
+    assert lines[-1] == ("- Dir(0.01), seeds 0, 1, final accuracy: lora-a2 leads; lora-a2-scaled "
+                         "ties the baselines (leads: its worst seed beats every baseline's best).")
+    one_seed = [r for r in rows if r["seed"] == 0]
+    assert render.paper_schedule_table(one_seed, dirs).splitlines()[-1] == \
+        "- Dir(0.01): not every method has two seeds yet."
