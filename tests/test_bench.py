@@ -537,3 +537,16 @@ def test_claim_grid_smoke_runs_every_newer_method_with_local_accuracy(tmp_path):
     lora_a2 = next(r for r in rows if r["strategy.name"] == "lora-a2")
     assert json.loads((out / "cells" / lora_a2["cell"] / "summary.json").read_text()
                       )["lr_ratio"] == 5.0
+
+
+def test_plot_of_a_grid_without_axes_draws_without_a_legend_warning(tmp_path):
+    """A seeds-only grid (``default-spread``) has no label to colour by: the plot is drawn and
+    no legend is asked for (matplotlib warns on a legend without labelled artists)."""
+    import warnings
+
+    from lora_a2.bench.tables import _plot
+    rows = [{"total_upload_bytes": 2e7, "final_accuracy": a} for a in (0.7, 0.46)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _plot(rows, tmp_path, [], "accuracy")
+    assert (tmp_path / "accuracy_vs_upload.png").stat().st_size > 0

@@ -167,7 +167,8 @@ def _plot(rows: list[dict[str, Any]], out_dir: Path, label_keys: list[str],
     ax.set_ylabel("final test accuracy (%)" if metric == "accuracy"
                   else f"final {metric.replace('_', '-').upper()} (%)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if colour_key:  # a grid without axes (seeds only) has nothing to tell apart
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out_dir / f"{metric}_vs_upload.png")
     plt.close(fig)
