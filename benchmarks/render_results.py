@@ -934,55 +934,69 @@ PAPER_METHODS = ["lora-a2", "lora-a2-scaled", "fl-lora", "ffa-lora", "flexlora",
 
 def paper_schedule_table(rows: list[dict[str, Any]], cell_dirs: dict[str, Path] | None = None
                          ) -> str:
-    """Grid ``paper-schedule``: per method and split, the final and last-three-rounds accuracy
+    """Grid ``paper-schedule``: per method and lr_A (each method's tuned lr, and the papers'
+    5e-4 from the grid's include block) and split, the final and last-three-rounds accuracy
     (mean ± std over seeds), and seed 0's best round against its last (an lr too large for the
-    100 local epochs shows as a late fall); then, per split, whether each LoRA-A2 variant leads,
-    ties or trails the baselines on the seeds every method has (:func:`verdict`).
-    ``cell_dirs`` maps a cell id to its directory (default: the grid's cells)."""
+    100 local epochs shows as a fall after an early best); then, per split and lr setting,
+    whether each LoRA-A2 variant leads, ties or trails the baselines on the seeds every method
+    has (:func:`verdict`). ``cell_dirs`` maps a cell id to its directory (default: the grid's
+    cells)."""
     if not rows:
         return "_No finished cells yet (`lora-a2 bench paper-schedule`)._"
     cell_dirs = cell_dirs or {r["cell"]: RESULTS / "paper-schedule" / "cells" / r["cell"]
                               for r in rows}
+    tuned = {m["label"]: f"{float(m['strategy.lr']):g}"
+             for m in load_grid("paper-schedule")["axes"]["method"]}
+
+    def setting(r: dict[str, Any]) -> str:
+        """"tuned" for the main block's cells, the lr for an include block's."""
+        return f"{float(r['strategy.lr']):g}" if r.get("strategy.lr") else "tuned"
+
+    settings = sorted({setting(r) for r in rows}, key=lambda x: (x != "tuned", x))
     splits = [s for s in SPLITS if any(r["split"] == s for r in rows)]
     head = ["method", "lr_A"]
     for s in splits:
         head += [f"{SPLIT_NAMES[s]} final (%)", f"{SPLIT_NAMES[s]} last 3 (%)",
                  f"{SPLIT_NAMES[s]} seed 0: best (round) → last"]
     lines = ["| " + " | ".join(head + ["upload (MB)"]) + " |", "|" + "---|" * (len(head) + 1)]
-    lr_of = {m["label"]: f"{float(m['strategy.lr']):g}"
-             for m in load_grid("paper-schedule")["axes"]["method"]}
-    methods = [m for m in PAPER_METHODS if any(r["method"] == m for r in rows)]
-    for m in methods:
-        mine = [r for r in rows if r["method"] == m]
-        line = [m, lr_of.get(m, "·")]
-        for s in splits:
-            sel = [r for r in mine if r["split"] == s]
-            line += [fmt([r["final_accuracy"] for r in sel]),
-                     fmt([r["last3_accuracy"] for r in sel])]
-            zero = [r for r in sel if r["seed"] == 0]
-            if zero:
-                a = round_accuracies(cell_dirs[zero[0]["cell"]])
-                best = max(range(len(a)), key=lambda i: a[i])
-                line.append(f"{100 * a[best]:.1f} ({best + 1}) → {100 * a[-1]:.1f}")
-            else:
-                line.append("·")
-        line.append(mb([r["total_upload_bytes"] for r in mine]))
-        lines.append("| " + " | ".join(line) + " |")
+    for st in settings:
+        for m in PAPER_METHODS:
+            mine = [r for r in rows if r["method"] == m and setting(r) == st]
+            if not mine:
+                continue
+            line = [m, tuned.get(m, "·") if st == "tuned" else st]
+            for s in splits:
+                sel = [r for r in mine if r["split"] == s]
+                line += [fmt([r["final_accuracy"] for r in sel]),
+                         fmt([r["last3_accuracy"] for r in sel])]
+                zero = [r for r in sel if r["seed"] == 0]
+                if zero:
+                    a = round_accuracies(cell_dirs[zero[0]["cell"]])
+                    best = max(range(len(a)), key=lambda i: a[i])
+                    line.append(f"{100 * a[best]:.1f} ({best + 1}) → {100 * a[-1]:.1f}")
+                else:
+                    line.append("·")
+            line.append(mb([r["total_upload_bytes"] for r in mine]))
+            lines.append("| " + " | ".join(line) + " |")
     lines.append("")
-    for s in splits:
-        sel = [r for r in rows if r["split"] == s]
-        seeds = sorted(set.intersection(*({r["seed"] for r in sel if r["method"] == m}
-                                          for m in PAPER_METHODS)))
-        if len(seeds) < 2:
-            lines.append(f"- {SPLIT_NAMES[s]}: not every method has two seeds yet.")
-            continue
-        score = {(r["method"], r["seed"]): r["final_accuracy"] for r in sel}
-        base = [[score[(m, sd)] for sd in seeds] for m in PAPER_METHODS if "lora-a2" not in m]
-        said = [f"{m} {verdict([score[(m, sd)] for sd in seeds], base)}"
-                for m in PAPER_METHODS if "lora-a2" in m]
-        lines.append(f"- {SPLIT_NAMES[s]}, seeds {', '.join(map(str, seeds))}, final accuracy: "
-                     + "; ".join(said) + " the baselines (leads: its worst seed beats every "
-                     "baseline's best).")
+    for st in settings:
+        said_lr = "each method's tuned lr_A" if st == "tuned" else f"lr_A = {st}"
+        for s in splits:
+            sel = [r for r in rows if r["split"] == s and setting(r) == st]
+            seeds = sorted(set.intersection(*({r["seed"] for r in sel if r["method"] == m}
+                                              for m in PAPER_METHODS)))
+            if len(seeds) < 2:
+                lines.append(f"- {SPLIT_NAMES[s]}, {said_lr}: not every method has two seeds "
+                             f"yet.")
+                continue
+            score = {(r["method"], r["seed"]): r["final_accuracy"] for r in sel}
+            base = [[score[(m, sd)] for sd in seeds] for m in PAPER_METHODS
+                    if "lora-a2" not in m]
+            said = [f"{m} {verdict([score[(m, sd)] for sd in seeds], base)}"
+                    for m in PAPER_METHODS if "lora-a2" in m]
+            lines.append(f"- {SPLIT_NAMES[s]}, {said_lr}, seeds {', '.join(map(str, seeds))}, "
+                         "final accuracy: " + "; ".join(said) + " the baselines (leads: its "
+                         "worst seed beats every baseline's best).")
     return "\n".join(lines)
 
 

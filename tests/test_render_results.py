@@ -449,8 +449,20 @@ def test_paper_schedule_table_reads_late_falls_and_the_verdict(tmp_path):
     assert lines[4].startswith("| fl-lora | 0.002 | 75.0 ± 7.1 |")
     # lora-a2's worst seed (0.88) beats every baseline's best (rolora 0.86): leads;
     # the scaled variant's range overlaps the baselines': ties
-    assert lines[-1] == ("- Dir(0.01), seeds 0, 1, final accuracy: lora-a2 leads; lora-a2-scaled "
-                         "ties the baselines (leads: its worst seed beats every baseline's best).")
+    assert lines[-1] == ("- Dir(0.01), each method's tuned lr_A, seeds 0, 1, final accuracy: "
+                         "lora-a2 leads; lora-a2-scaled ties the baselines (leads: its worst seed "
+                         "beats every baseline's best).")
     one_seed = [r for r in rows if r["seed"] == 0]
     assert render.paper_schedule_table(one_seed, dirs).splitlines()[-1] == \
-        "- Dir(0.01): not every method has two seeds yet."
+        "- Dir(0.01), each method's tuned lr_A: not every method has two seeds yet."
+    # the include block's cells at the papers' lr: rows and a verdict of their own, after
+    paper = [{**r, "cell": r["cell"], "strategy.lr": "0.0005",
+              "final_accuracy": 0.5 if r["method"] == "lora-a2" else r["final_accuracy"]}
+             for r in rows]
+    lines = render.paper_schedule_table(rows + paper, dirs).splitlines()
+    assert lines[2].startswith("| lora-a2 | 0.005 | 89.0 ± 1.4 |")
+    assert lines[9].startswith("| lora-a2 | 0.0005 | 50.0 ± 0.0 |")
+    assert lines[-2].startswith("- Dir(0.01), each method's tuned lr_A, seeds 0, 1, final "
+                                "accuracy: lora-a2 leads;")
+    assert lines[-1].startswith("- Dir(0.01), lr_A = 0.0005, seeds 0, 1, final accuracy: "
+                                "lora-a2 trails;")  # fl-lora's worst seed (70) beats its best (50)
