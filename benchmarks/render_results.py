@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from lora_a2.bench import aggregate, collect_rows, expand, last_rounds_accuracy, load_grid
+from lora_a2.config.schema import PRECISIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -884,9 +885,6 @@ def spread_table(rows: list[dict[str, Any]]) -> str:
             f"{100 * (max(r[c] for r in rows) - min(r[c] for r in rows)):.1f} points"
             for c in cols) + " | | |")
     return "\n".join(lines)
-
-
-PRECISIONS = ("fp32", "bf16-mixed")
 
 
 def precision_table(rows: list[dict[str, Any]], spread_rows: list[dict[str, Any]] = ()) -> str:
