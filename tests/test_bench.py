@@ -167,10 +167,21 @@ def test_speed_limit_only_counts_a_round_and_times_the_peak(tmp_path, capsys):
                 "fraction_of_peak", "achieved_gflops"):
         assert r[key] > 0, key
     assert set(r["achieved"]) == {"fp32", "bf16-mixed"}
+    # the fraction is of the machine's higher peak: bfloat16's where it is native, float32's
+    # where bfloat16 is emulated and slower (then the bf16 figure can exceed 1)
+    fp32, bf16 = r["gemm_peak_gflops_fp32"], r["gemm_peak_gflops_bf16"]
+    assert r["peak_precision"] == ("bf16" if bf16 > fp32 else "fp32")
     assert r["fraction_of_peak"] == pytest.approx(r["achieved"]["fp32"]["gflops"]
-                                                  / r["gemm_peak_gflops_bf16"])
+                                                  / max(fp32, bf16))
+    assert r["fraction_of_bf16_peak"] == pytest.approx(r["achieved"]["fp32"]["gflops"] / bf16)
+    assert r["round_train_s_at_peak"] == pytest.approx(r["train_flops_per_round"]
+                                                       / (max(fp32, bf16) * 1e9))
+    assert r["fraction_of_peak_by_precision"]["bf16-mixed"] == pytest.approx(
+        r["achieved"]["bf16-mixed"]["gflops"] / max(fp32, bf16))
     printed = capsys.readouterr().out
     assert "train FLOPs" in printed and "matmul peak" in printed and "fraction_of_peak" in printed
+    assert f"of the {r['peak_precision']} peak  ← fraction_of_peak" in printed
+    assert ("fraction_of_bf16_peak" in printed) == (r["peak_precision"] == "fp32")
 
     exp = prepare(load_config(None, ["model.name=tiny-random-bert", "model.max_length=64",
                                      "data.num_clients=1", "data.max_train_examples=16",
@@ -203,6 +214,41 @@ def test_the_flop_counter_counts_the_cpus_fused_attention():
     with FlopCounterMode(display=False) as plain:
         ((q @ k.transpose(-1, -2) / 2.0).softmax(-1) @ v).sum().backward()
     assert fused.get_total_flops() == plain.get_total_flops() > 0
+
+
+def test_speed_rejects_a_misplaced_option_or_json_path_before_measuring(tmp_path, capsys,
+                                                                        monkeypatch):
+    """Each measurement's options belong to it: one given to another (or two measurements at
+    once) is a one-line error, exit 2, not silently ignored; a --json path that cannot be
+    written fails before minutes of measuring, not after."""
+    import lora_a2.speed
+
+    def measured(*args, **kwargs):
+        raise AssertionError("measured although the command line was wrong")
+
+    for name in ("main_limit", "main_speed", "main_causal_speed"):
+        monkeypatch.setattr(lora_a2.speed, name, measured)
+    cases = {
+        ("--limit-only", "--causal-lm", "smollm2"): "--limit-only and --causal-lm are separate",
+        ("--limit-only", "--repeats", "2"): "--repeats goes with the full measurement",
+        ("--limit-only", "--clients", "10"): "--clients goes with the full measurement",
+        ("--causal-lm", "smollm2", "--local-epochs", "2"): "--local-epochs goes with the full",
+        ("--limit-only", "--steps", "2"): "--steps goes with --causal-lm",
+        ("--repeats", "2", "--length", "64"): "--length goes with --causal-lm",
+        ("--limit-only", "--rounds", "2"): "--rounds goes with --profile",
+        ("--causal-lm", "smollm2", "--set", "train.rounds=2"): "--set goes with --profile",
+        ("--limit-only", "--json", str(tmp_path / "missing" / "x.json")):
+            f"folder '{tmp_path / 'missing'}' does not exist",
+        ("--limit-only", "--json", str(tmp_path)): "is a folder",
+    }
+    for argv, message in cases.items():
+        assert main(["speed", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (argv, err)
+    calls = []
+    monkeypatch.setattr(lora_a2.speed, "main_speed", lambda *a: calls.append(a))
+    assert main(["speed", "--model", "tiny-random-bert"]) == 0  # the defaults, filled in
+    assert calls == [("tiny-random-bert", 3, 1, [10, 100, 1000], None, 0.25)]
 
 
 def test_speed_causal_lm_row(tmp_path, capsys):

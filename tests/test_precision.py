@@ -67,6 +67,18 @@ def test_the_bf16_path_is_read_from_the_cpu_flags():
     assert amx["bf16_native"] is True and amx["bf16_path"].startswith("CPU AMX-BF16")
 
 
+def test_a_cuda_card_is_native_bf16_from_compute_capability_8_on():
+    # torch.cuda.is_bf16_supported() says True on a V100 (7.0) too, where bfloat16 is emulated
+    v100 = bf16_hardware("cuda:0", cuda=("Tesla V100", (7, 0)))
+    assert v100["bf16_native"] is False and "emulated" in v100["bf16_path"], v100
+    t4 = bf16_hardware("cuda", cuda=("Tesla T4", (7, 5)))
+    assert t4["bf16_native"] is False, t4
+    for name, cap in [("A100", (8, 0)), ("RTX 3090", (8, 6)), ("H100", (9, 0))]:
+        card = bf16_hardware("cuda", cuda=(name, cap))
+        assert card["bf16_native"] is True and "native bfloat16" in card["bf16_path"], card
+        assert f"{cap[0]}.{cap[1]}" in card["bf16_path"] and "cpu_capability" not in card
+
+
 # ---------------------------------------------------------------------- what stays float32
 def test_bf16_mixed_forward_in_bfloat16_factors_optimiser_and_upload_in_float32(synthetic_csv,
                                                                                 monkeypatch):

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import ModelConfig
+from .errors import UserError
 from .models import LoraModule, find_target_modules
 from .precision import autocast
 
@@ -115,8 +116,6 @@ class ModelRuntime:
                            type(base)) if self.source is None else None
         if cfg.gradient_checkpointing:
             if not getattr(base, "supports_gradient_checkpointing", False):
-                from .errors import UserError
-
                 raise UserError(f"model '{cfg.name}' does not support "
                                 f"model.gradient_checkpointing")
             # non-reentrant: gradients reach the LoRA factors although every base weight and

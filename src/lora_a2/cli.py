@@ -74,23 +74,26 @@ def build_parser() -> argparse.ArgumentParser:
     speed = sub.add_parser("speed", help="measure engine overhead, LoRA-A2 cost, memory, bytes, "
                                          "and the machine's limit")
     speed.add_argument("--model", default="minilm", help="minilm (default) or tiny-random-bert")
-    speed.add_argument("--repeats", type=int, default=3)
-    speed.add_argument("--local-epochs", type=int, default=1)
-    speed.add_argument("--clients", default="10,100,1000",
-                       help="client counts for the memory measurement (comma-separated)")
-    speed.add_argument("--probe-fraction", type=float, default=0.25,
+    # the options of one measurement default to None here, so that one given to another
+    # measurement is told apart from a default (_cmd_speed fills SPEED_DEFAULTS in)
+    speed.add_argument("--repeats", type=int, help="timed repeats (default 3)")
+    speed.add_argument("--local-epochs", type=int, help="local epochs of a timed round (default 1)")
+    speed.add_argument("--clients",
+                       help="client counts for the memory measurement (comma-separated; default "
+                            "10,100,1000)")
+    speed.add_argument("--probe-fraction", type=float,
                        help="also time LoRA-A2 with its probe cut to this fraction of its steps "
-                            "(1 = skip that variant)")
+                            "(1 = skip that variant; default 0.25)")
     speed.add_argument("--json", help="also write the figures to this JSON file")
     speed.add_argument("--limit-only", action="store_true",
                        help="only the limit: a round's train FLOPs, the matmul peak in fp32 and "
-                            "bf16, the fraction of the bf16 peak the training steps reach")
+                            "bf16, the fraction of the higher peak the training steps reach")
     speed.add_argument("--causal-lm", metavar="MODEL",
                        help="instead: causal-LM step time and peak RSS with and without the "
                             "memory knobs, e.g. --causal-lm smollm2 (or tiny-random-llama)")
-    speed.add_argument("--steps", type=int, default=3, help="--causal-lm: timed steps")
-    speed.add_argument("--batch-size", type=int, default=8, help="--causal-lm: batch size")
-    speed.add_argument("--length", type=int, default=128, help="--causal-lm: tokens per row")
+    speed.add_argument("--steps", type=int, help="--causal-lm: timed steps (default 3)")
+    speed.add_argument("--batch-size", type=int, help="--causal-lm: batch size (default 8)")
+    speed.add_argument("--length", type=int, help="--causal-lm: tokens per row (default 128)")
     speed.add_argument("--profile", action="store_true",
                        help="instead: run `lora-a2 run`'s default config in this process and "
                             "print where its wall time goes, by phase (train steps, probe, "
@@ -193,28 +196,67 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+#: ``lora-a2 speed``: each measurement's own options, and their defaults
+SPEED_OPTIONS = {"--profile": ("rounds", "set"),
+                 "--limit-only": (),
+                 "--causal-lm": ("steps", "batch_size", "length"),
+                 None: ("repeats", "local_epochs", "clients", "probe_fraction")}
+SPEED_DEFAULTS = {"repeats": 3, "local_epochs": 1, "clients": "10,100,1000",
+                  "probe_fraction": 0.25, "steps": 3, "batch_size": 8, "length": 128}
+
+
+def _speed_mode(args: argparse.Namespace) -> str | None:
+    """Which measurement ``lora-a2 speed`` makes (None: the full one); an option of another
+    measurement, or two measurements at once, is an error rather than silently ignored. Fills
+    the chosen measurement's defaults into ``args``."""
+    given = [m for m, on in (("--profile", args.profile), ("--limit-only", args.limit_only),
+                             ("--causal-lm", args.causal_lm)) if on]
+    if len(given) > 1:
+        raise UserError(f"{' and '.join(given)} are separate measurements: give one")
+    mode = given[0] if given else None
+    for other, options in SPEED_OPTIONS.items():
+        for opt in options:
+            if other != mode and getattr(args, opt) not in (None, []):
+                owner = other or "the full measurement (no --profile, --limit-only, --causal-lm)"
+                raise UserError(f"--{opt.replace('_', '-')} goes with {owner}")
+    for opt in SPEED_OPTIONS[mode]:
+        if getattr(args, opt) is None and opt in SPEED_DEFAULTS:  # --rounds: None = all
+            setattr(args, opt, SPEED_DEFAULTS[opt])
+    return mode
+
+
+def _json_out(path: str | None) -> Path | None:
+    """``--json FILE``, checked before a measurement of minutes rather than after it."""
+    if path is None:
+        return None
+    out = Path(path)
+    if out.is_dir():
+        raise UserError(f"--json expects a file name; '{path}' is a folder")
+    if not out.parent.is_dir():
+        raise UserError(f"--json: folder '{out.parent}' does not exist")
+    return out
+
+
 def _cmd_speed(args: argparse.Namespace) -> int:
     from .speed import main_causal_speed, main_limit, main_speed
 
-    if args.profile:
+    mode = _speed_mode(args)
+    out = _json_out(args.json)
+    if mode == "--profile":
         from .config import split_sets
         from .profiling import main_profile
 
         if args.rounds is not None and args.rounds < 2:
             raise UserError(f"--rounds must be ≥ 2 (a B round and an A round), got {args.rounds}")
-        main_profile([f"model.name={args.model}", *split_sets(args.set)], args.rounds,
-                     Path(args.json) if args.json else None)
+        main_profile([f"model.name={args.model}", *split_sets(args.set)], args.rounds, out)
         return 0
-    if args.rounds is not None or args.set:
-        raise UserError("--rounds and --set go with --profile")
-    if args.limit_only:
-        main_limit(args.model, Path(args.json) if args.json else None)
+    if mode == "--limit-only":
+        main_limit(args.model, out)
         return 0
-    if args.causal_lm:
+    if mode == "--causal-lm":
         if args.steps < 1 or args.batch_size < 1 or args.length < 16:
             raise UserError("--steps and --batch-size must be ≥ 1 and --length ≥ 16")
-        main_causal_speed(args.causal_lm, args.steps, args.batch_size, args.length,
-                          Path(args.json) if args.json else None)
+        main_causal_speed(args.causal_lm, args.steps, args.batch_size, args.length, out)
         return 0
     try:
         clients = [int(c) for c in args.clients.split(",") if c.strip()]
@@ -225,8 +267,7 @@ def _cmd_speed(args: argparse.Namespace) -> int:
         raise UserError("--repeats and --local-epochs must be ≥ 1 and every --clients value ≥ 10")
     if not 0.0 < args.probe_fraction <= 1.0:
         raise UserError(f"--probe-fraction must be in (0, 1], got {args.probe_fraction}")
-    main_speed(args.model, args.repeats, args.local_epochs, clients,
-               Path(args.json) if args.json else None, args.probe_fraction)
+    main_speed(args.model, args.repeats, args.local_epochs, clients, out, args.probe_fraction)
     return 0
 
 

@@ -48,19 +48,26 @@ def cpu_flags(cpuinfo: str | None = None) -> set[str]:
     return set()
 
 
-def bf16_hardware(device: torch.device | str = "cpu", cpuinfo: str | None = None
-                  ) -> dict[str, Any]:
+def bf16_hardware(device: torch.device | str = "cpu", cpuinfo: str | None = None,
+                  cuda: tuple[str, tuple[int, int]] | None = None) -> dict[str, Any]:
     """What ``device`` offers for bfloat16 products: ``bf16_native`` (True where they run on
-    bfloat16 matrix units: CUDA's tensor cores, or a CPU with AMX-BF16 / AVX512-BF16, which
-    oneDNN uses), ``bf16_path`` (one line saying which) and, on CPU, ``cpu_capability`` (the
-    vector ISA torch's own kernels dispatch to, ``torch.backends.cpu.get_cpu_capability()``)."""
+    bfloat16 matrix units: the tensor cores of a CUDA card of compute capability 8.0 or later
+    (Ampere on), or a CPU with AMX-BF16 / AVX512-BF16, which oneDNN uses), ``bf16_path`` (one
+    line saying which) and, on CPU, ``cpu_capability`` (the vector ISA torch's own kernels
+    dispatch to, ``torch.backends.cpu.get_cpu_capability()``). ``cpuinfo`` replaces
+    ``/proc/cpuinfo``'s text and ``cuda`` the card's (name, compute capability) (tests).
+
+    ``torch.cuda.is_bf16_supported()`` is not the test: it also answers True where bfloat16 is
+    only emulated (a V100 or T4), and it asks about the current card, not ``device``."""
     dev = torch.device(device)
     if dev.type == "cuda":
-        name = torch.cuda.get_device_name(dev)
-        native = bool(torch.cuda.is_bf16_supported())
+        name, capability = cuda or (torch.cuda.get_device_name(dev),
+                                    torch.cuda.get_device_capability(dev))
+        native = tuple(capability) >= (8, 0)
+        major, minor = capability
         return {"bf16_native": native,
-                "bf16_path": f"CUDA {name}: " + ("native bfloat16" if native
-                                                  else "no native bfloat16 (emulated, slow)")}
+                "bf16_path": f"CUDA {name} (compute capability {major}.{minor}): "
+                + ("native bfloat16" if native else "no native bfloat16 (emulated, slow)")}
     capability = torch.backends.cpu.get_cpu_capability()
     flags = cpu_flags(cpuinfo)
     found = [label for flag, label in CPU_BF16_FLAGS if flag in flags]

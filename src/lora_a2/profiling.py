@@ -21,6 +21,7 @@ The figures are for the local engine (``engine.name = "local"``): every client r
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import sys
 import tempfile
@@ -33,6 +34,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+# every module that holds a function the profile wraps, loaded before it patches them
+import lora_a2.engines.local
+import lora_a2.runner
+import lora_a2.tasks.causal_lm
+import lora_a2.tasks.classification
+
+from .adapter import ModelRuntime
+from .checks import load_config
+from .errors import UserError
+from .runner import run_experiment
+from .strategies.lora_a2 import LoraA2
 
 #: the groups in the order the table lists them (a group's rows follow it)
 GROUPS = ("setup", "train", "probe", "evaluation", "encode/decode", "client", "server",
@@ -164,8 +177,6 @@ WRAPS: tuple[Wrap, ...] = (
 
 def _resolve(target: str) -> tuple[Any, str]:
     """``(owner, attribute)`` of a :class:`Wrap` target."""
-    import importlib
-
     if ":" in target:
         module, path = target.split(":")
         owner: Any = importlib.import_module(module)
@@ -193,8 +204,6 @@ def _forward_hooks(timer: PhaseTimer, handles: list[Any]) -> list[tuple[Any, str
     """Every model a :class:`~lora_a2.adapter.ModelRuntime` builds times its forward passes
     (a part, ``forward``, of whichever group runs them: training, the probe, evaluation), by
     forward hooks on the top module, removed when the profile ends."""
-    from .adapter import ModelRuntime
-
     init = ModelRuntime.__init__
 
     def pre(module, args):
@@ -216,8 +225,6 @@ def _forward_hooks(timer: PhaseTimer, handles: list[Any]) -> list[tuple[Any, str
 def _lora_a2_hooks(timer: PhaseTimer) -> list[tuple[Any, str, Any]]:
     """LoRA-A2's client update opens the probe; its selection (made, or reused from the
     client's store) closes it."""
-    from .strategies.lora_a2 import LoraA2
-
     update, select, stored = (LoraA2.client_update, LoraA2.select, LoraA2.stored_selection)
 
     @functools.wraps(update)
@@ -251,11 +258,6 @@ def installed(timer: PhaseTimer, wraps: tuple[Wrap, ...] = WRAPS) -> Iterator[in
     """Install every wrapper of ``wraps`` (LoRA-A2's probe markers first, so the select timer
     wraps the marker); yields the number of places patched; restores everything on exit. A
     target that is missing, or a module-level function no module holds, raises."""
-    import lora_a2.engines.local  # noqa: F401  (every module that holds a wrapped function)
-    import lora_a2.runner  # noqa: F401
-    import lora_a2.tasks.causal_lm  # noqa: F401
-    import lora_a2.tasks.classification  # noqa: F401
-
     patched: list[tuple[Any, str, Any]] = []
     handles: list[Any] = []
 
@@ -302,14 +304,9 @@ def profile_run(sets: list[str] | None = None, rounds: int | None = None,
     """Run ``lora-a2 run``'s default config (with ``sets`` and ``train.rounds = rounds``)
     in this process under the phase timers, into ``out`` (a temporary folder when None,
     removed afterwards); the phases' seconds, calls, shares of the wall time and per round."""
-    from .checks import load_config
-    from .runner import run_experiment
-
     overrides = list(sets or []) + ([f"train.rounds={rounds}"] if rounds is not None else [])
     cfg = load_config(None, overrides)
     if cfg.engine.name != "local":
-        from .errors import UserError
-
         raise UserError(f"--profile times the local engine; got engine.name = "
                         f"'{cfg.engine.name}'")
     timer = PhaseTimer()
