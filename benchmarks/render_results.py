@@ -887,43 +887,80 @@ def spread_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def precision_table(rows: list[dict[str, Any]], spread_rows: list[dict[str, Any]] = ()) -> str:
+def main_twins(grid_name: str, drop: tuple[str, ...]) -> dict[str, str | None]:
+    """Each cell of ``grid_name`` → the main-grid cell of the same config and seed once the keys
+    ``drop`` are set aside (None where the main grid has no such cell)."""
+    def key(overrides: dict[str, Any]) -> str:
+        return json.dumps({k: v for k, v in overrides.items() if k not in drop}, sort_keys=True)
+
+    main = {key(c.overrides): c.cell_id for c in expand(load_grid("main"))}
+    return {c.cell_id: main.get(key(c.overrides)) for c in expand(load_grid(grid_name))}
+
+
+def precision_table(rows: list[dict[str, Any]], main_rows: list[dict[str, Any]] = (),
+                    spread_rows: list[dict[str, Any]] = (),
+                    twins: dict[str, str | None] | None = None) -> str:
     """Grid ``precision``: each (split, budget, seed) pair's final accuracy in float32 and in
-    ``bf16-mixed``, the difference and the wall-time ratio; then the mean and largest difference,
-    read against the default run's seed-to-seed standard deviation (grid ``default-spread``)."""
+    ``bf16-mixed``, the difference and the wall-time ratio, beside the main-grid cell the float32
+    one repeats (``twins``: precision cell → main cell; same config and seed). Then the
+    differences read against rounding alone — this grid's float32 cells against those main-grid
+    cells, which differ only where the hardware rounds differently — and, for context, the
+    default run's seed-to-seed standard deviation (grid ``default-spread``)."""
+    twins = main_twins("precision", ("train.precision",)) if twins is None else twins
+    main = {r["cell"]: r for r in main_rows}
     pairs: dict[tuple[str, str, int], dict[str, dict[str, Any]]] = {}
     for r in rows:
         pairs.setdefault((r["split"], str(r["budget"]), r["seed"]), {})[r["train.precision"]] = r
     if not pairs:
         return "_No finished cells yet (`lora-a2 bench precision`)._"
-    lines = ["| split | budget | seed | fp32 final (%) | bf16-mixed final (%) | "
-             "bf16 − fp32 (points) | wall fp32 / bf16 (s) |", "|---|---|---|---|---|---|---|"]
-    deltas = []
+    lines = ["| split | budget | seed | main grid (%) | fp32 (%) | fp32 − main: rounding (points) "
+             "| bf16-mixed (%) | bf16 − fp32 (points) | wall fp32 / bf16 (s) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    deltas, rounding, devices = [], [], set()
     for (split, budget, seed), by in sorted(pairs.items(),
                                             key=lambda kv: (SPLITS.index(kv[0][0]), kv[0][1:])):
         acc = [f"{100 * by[p]['final_accuracy']:.1f}" if p in by else "·" for p in PRECISIONS]
         wall = " / ".join(f"{by[p]['wall_s']:.0f}" if p in by else "·" for p in PRECISIONS)
+        diff = "·"
         if all(p in by for p in PRECISIONS):
             d = by["bf16-mixed"]["final_accuracy"] - by["fp32"]["final_accuracy"]
             deltas.append(d)
             diff = f"{100 * d:+.1f}"
-        else:
-            diff = "·"
-        lines.append(f"| {SPLIT_NAMES[split]} | {budget} | {seed} | {acc[0]} | {acc[1]} | "
-                     f"{diff} | {wall} |")
+        twin = main.get(twins.get(by["fp32"]["cell"]) or "") if "fp32" in by else None
+        was, moved = "·", "·"
+        if twin is not None:
+            was = f"{100 * twin['final_accuracy']:.1f} ({twin.get('device') or 'cpu'})"
+            rounding.append(by["fp32"]["final_accuracy"] - twin["final_accuracy"])
+            devices |= {twin.get("device") or "cpu", by["fp32"].get("device") or "cpu"}
+            moved = f"{100 * rounding[-1]:+.1f}"
+        lines.append(f"| {SPLIT_NAMES[split]} | {budget} | {seed} | {was} | {acc[0]} | {moved} | "
+                     f"{acc[1]} | {diff} | {wall} |")
     lines.append("")
     if not deltas:
         lines.append("- no complete pair yet.")
-        return "\n".join(lines)
-    text = (f"- {len(deltas)} complete pairs: mean difference {100 * statistics.fmean(deltas):+.1f}"
-            f" points, largest {100 * max(deltas, key=abs):+.1f}")
+    else:
+        size = [abs(d) for d in deltas]
+        lines.append(f"- {len(deltas)} complete pairs: bf16 − fp32 mean "
+                     f"{100 * statistics.fmean(deltas):+.1f} points (mean size "
+                     f"{100 * statistics.fmean(size):.1f}), largest "
+                     f"{100 * max(deltas, key=abs):+.1f}.")
+    if rounding:
+        worst = max(abs(d) for d in rounding)
+        line = (f"- rounding alone: {len(rounding)} fp32 cells against the main-grid cells they "
+                f"repeat (same config and seed; on {' and '.join(sorted(devices))}): mean size "
+                f"{100 * statistics.fmean(abs(d) for d in rounding):.1f} points, largest "
+                f"{100 * worst:.1f}")
+        if worst == 0:
+            line += " (bit-identical: the same hardware)"
+        if deltas:
+            line += (f"; {sum(abs(d) <= worst for d in deltas)} of {len(deltas)} bf16 − fp32 "
+                     f"differences are no larger")
+        lines.append(line + ".")
     finals = [r["final_accuracy"] for r in spread_rows]
     if len(finals) > 1:
-        sd = statistics.stdev(finals)
-        inside = sum(abs(d) <= 2 * sd for d in deltas)
-        text += (f"; the default run's seed-to-seed std is {100 * sd:.1f} points, and "
-                 f"{inside} of {len(deltas)} differences are within two of it")
-    return "\n".join(lines + [text + "."])
+        lines.append(f"- for scale, seeds alone: the default run's seed-to-seed std is "
+                     f"{100 * statistics.stdev(finals):.1f} points (grid `default-spread`).")
+    return "\n".join(lines)
 
 
 PAPER_METHODS = ["lora-a2", "lora-a2-scaled", "fl-lora", "ffa-lora", "flexlora", "rolora",
@@ -1022,7 +1059,7 @@ def render(write: bool = True) -> dict[str, str]:
     blocks["fleet:mobile"] = fleet_table(rows["fleet"], "mobile")
     blocks["fleet:mixed"] = fleet_table(rows["fleet"], "mixed")
     blocks["default_spread"] = spread_table(rows["default-spread"])
-    blocks["precision"] = precision_table(rows["precision"], rows["default-spread"])
+    blocks["precision"] = precision_table(rows["precision"], rows["main"], rows["default-spread"])
     blocks["paper_schedule"] = paper_schedule_table(rows["paper-schedule"])
     runs = rounds_runs()
     blocks["rounds"] = rounds_table(runs)

@@ -407,24 +407,49 @@ def test_spread_table_lists_each_seed_then_mean_std_and_range():
     assert "No finished cells" in render.spread_table([])
 
 
-def test_precision_table_pairs_each_seed_and_reads_against_the_seed_spread():
-    def pr(split, budget, seed, precision, acc, wall):
-        return {"split": split, "budget": budget, "seed": seed, "train.precision": precision,
-                "final_accuracy": acc, "wall_s": wall}
+def test_precision_table_pairs_each_seed_and_reads_against_rounding_alone():
+    def pr(split, budget, seed, precision, acc, wall, device="cuda"):
+        return {"cell": f"{split}__{budget}__{precision}__seed{seed}", "split": split,
+                "budget": budget, "seed": seed, "train.precision": precision,
+                "final_accuracy": acc, "wall_s": wall, "device": device}
     rows = [pr("dir0.01", "1", 0, "fp32", 0.50, 600.0), pr("dir0.01", "1", 0, "bf16-mixed", 0.56, 300.0),
             pr("dir0.1", "2", 1, "bf16-mixed", 0.70, 290.0), pr("dir0.1", "2", 1, "fp32", 0.80, 580.0),
             pr("dir0.1", "1", 0, "fp32", 0.75, 570.0)]  # its bf16 twin not run yet
+    # the main-grid cells the fp32 ones repeat, run on the CPU: rounding moved them 2, 3, 1 points
+    main = [{"cell": "m-a", "final_accuracy": 0.52, "device": "cpu"},
+            {"cell": "m-b", "final_accuracy": 0.77, "device": "cpu"},
+            {"cell": "m-c", "final_accuracy": 0.74, "device": "cpu"}]
+    twins = {"dir0.01__1__fp32__seed0": "m-a", "dir0.1__2__fp32__seed1": "m-b",
+             "dir0.1__1__fp32__seed0": "m-c", "dir0.01__1__bf16-mixed__seed0": "m-a"}
     spread = [{"final_accuracy": a} for a in (0.78, 0.80, 0.82)]  # std 2.0 points
-    lines = render.precision_table(rows, spread).splitlines()
-    assert lines[2] == "| Dir(0.1) | 1 | 0 | 75.0 | · | · | 570 / · |"
-    assert lines[3] == "| Dir(0.1) | 2 | 1 | 80.0 | 70.0 | -10.0 | 580 / 290 |"
-    assert lines[4] == "| Dir(0.01) | 1 | 0 | 50.0 | 56.0 | +6.0 | 600 / 300 |"
-    assert lines[-1] == ("- 2 complete pairs: mean difference -2.0 points, largest -10.0; the "
-                         "default run's seed-to-seed std is 2.0 points, and 0 of 2 differences "
-                         "are within two of it.")
-    spread = [{"final_accuracy": a} for a in (0.76, 0.80, 0.84)]  # std 4: |+6| ≤ 8 < |−10|
-    assert render.precision_table(rows, spread).endswith("1 of 2 differences are within two of it.")
-    assert render.precision_table(rows[-1:]).endswith("- no complete pair yet.")
+    lines = render.precision_table(rows, main, spread, twins).splitlines()
+    assert lines[2] == "| Dir(0.1) | 1 | 0 | 74.0 (cpu) | 75.0 | +1.0 | · | · | 570 / · |"
+    assert lines[3] == "| Dir(0.1) | 2 | 1 | 77.0 (cpu) | 80.0 | +3.0 | 70.0 | -10.0 | 580 / 290 |"
+    assert lines[4] == "| Dir(0.01) | 1 | 0 | 52.0 (cpu) | 50.0 | -2.0 | 56.0 | +6.0 | 600 / 300 |"
+    assert lines[-3] == ("- 2 complete pairs: bf16 − fp32 mean -2.0 points (mean size 8.0), "
+                         "largest -10.0.")
+    assert lines[-2] == ("- rounding alone: 3 fp32 cells against the main-grid cells they repeat "
+                         "(same config and seed; on cpu and cuda): mean size 2.0 points, largest "
+                         "3.0; 0 of 2 bf16 − fp32 differences are no larger.")
+    assert lines[-1] == ("- for scale, seeds alone: the default run's seed-to-seed std is 2.0 "
+                         "points (grid `default-spread`).")
+    # the largest rounding difference is the bar: |+6| ≤ 7 < |−10|
+    main[2]["final_accuracy"] = 0.82
+    assert "largest 7.0; 1 of 2 bf16 − fp32 differences are no larger." in \
+        render.precision_table(rows, main, spread, twins)
+    # fp32 reproduced bit for bit (same hardware): said so
+    same = [{**m, "final_accuracy": a} for m, a in zip(main, (0.50, 0.80, 0.75))]
+    assert "largest 0.0 (bit-identical: the same hardware); 0 of 2" in \
+        render.precision_table(rows, same, (), twins)
+    assert render.precision_table(rows[-1:], main, (), twins).splitlines()[-2] == \
+        "- no complete pair yet."
+
+
+def test_the_precision_grid_s_fp32_cells_repeat_main_grid_cells():
+    twins = render.main_twins("precision", ("train.precision",))
+    assert len(twins) == 16 and all(twins.values()), twins
+    assert twins["dir0.1__1__fp32__seed0"] == "bbc-news__dir0.1__256.0-lora-a2-1__seed0"
+    assert twins["dir0.01__2__bf16-mixed__seed1"] == "bbc-news__dir0.01__128.0-lora-a2-2__seed1"
 
 
 def test_paper_schedule_table_reads_late_falls_and_the_verdict(tmp_path):
