@@ -206,7 +206,7 @@ def test_the_flop_counter_counts_the_cpus_fused_attention():
     import torch.nn.functional as F
     from torch.utils.flop_counter import FlopCounterMode
 
-    from lora_a2.speed import flop_counter
+    from lora_a2.flops import flop_counter
 
     q, k, v = (torch.randn(2, 3, 8, 4, requires_grad=True) for _ in range(3))
     with flop_counter() as fused:

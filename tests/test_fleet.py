@@ -14,7 +14,7 @@ from conftest import assert_config_error
 from lora_a2.cli import main
 from lora_a2.config import FLEET_PROFILES, load_config
 from lora_a2.fleet import (COMPUTE, LINKS, PROFILES, Device, Fleet, close_round_clock,
-                           draw_profile, read_fleet_csv)
+                           draw_profile, read_fleet_csv, training_flops_per_example)
 from lora_a2.report import read_metrics
 
 TINY = ["model.name=tiny-random-bert", "model.max_length=24", "strategy.global_rank=4",
@@ -148,6 +148,7 @@ FAST = (1e12, 100.0, 100.0)
 def test_sim_time_is_the_formula_from_real_bytes_and_counted_flops(tmp_path, synthetic_csv):
     from torch.utils.flop_counter import FlopCounterMode
 
+    import lora_a2.fleet
     from lora_a2.client import batch_of
     from lora_a2.experiment import prepare
 
@@ -363,3 +364,32 @@ def test_a_bad_target_is_one_line(capsys, value):
     from conftest import assert_config_error
 
     assert_config_error(capsys, [f"report.targets={value}"], "report.targets")
+
+
+def test_a_clients_training_flops_count_the_attention_whatever_the_kernel(monkeypatch):
+    """The simulated clock must not depend on the machine that simulates it. A decoder without
+    attention dropout (Llama's, SmolLM2's) trains with torch's fused CPU attention kernel, which
+    torch's own FLOP counter ignores (it knows CUDA's only): the fleet's count with that kernel
+    equals the count with eager attention (explicit products torch's counter sees), and is
+    more than torch's counter alone gives."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import lora_a2.fleet
+    from lora_a2.client import batch_of
+    from lora_a2.experiment import prepare
+
+    exp = prepare(load_config(None, ["model.name=tiny-random-llama", "data.name=bbc-headlines",
+                                     "model.max_length=256", "data.num_clients=1",
+                                     "data.max_train_examples=16", "data.max_test_examples=8",
+                                     "data.min_examples_per_client=1"]))
+    rt = exp.runtime
+    batch = batch_of(exp.enc_train, torch.arange(8), rt.device)
+    base = rt.model.get_base_model()
+    assert base.config._attn_implementation == "sdpa" and base.config.attention_dropout == 0
+    fused = training_flops_per_example(rt, batch)
+    with monkeypatch.context() as m:  # torch's counter alone: blind to the fused attention
+        m.setattr(lora_a2.fleet, "flop_counter", lambda: FlopCounterMode(display=False))
+        blind = training_flops_per_example(rt, batch)
+    base.set_attn_implementation("eager")
+    eager = training_flops_per_example(rt, batch)
+    assert fused == eager > blind > 0

@@ -28,13 +28,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from .checks import check_config
 from .client import EncodedData, LocalTrainer, ParamGroup, batch_of
 from .config import clients_per_round, load_config
 from .engines.local import run_round
 from .experiment import prepare
+from .flops import flop_counter
 from .models import pick_device
 from .precision import bf16_hardware
 from .tasks import get_task
@@ -245,25 +245,6 @@ def gemm_gflops(dtype: torch.dtype, shape: tuple[int, int, int] = GEMM_SHAPE,
     kernels = {"mm": timed(lambda: torch.mm(a, b)), "linear": timed(lambda: F.linear(a, w))}
     return {name: 2 * m * k * n / _best_and_median(fn, repeats, budget_s)[0] / 1e9
             for name, fn in kernels.items()}
-
-
-def flop_counter() -> FlopCounterMode:
-    """torch's FLOP counter, taught the CPU's fused attention (torch knows only the CUDA
-    kernels' ``_scaled_dot_product_*``; on CPU the attention would count as zero). It counts
-    the products an eager attention makes — q·kᵀ and ·v forward, twice as many backward — i.e.
-    the model's FLOPs, not the fused backward's recomputation of q·kᵀ (torch's CUDA rule adds
-    it)."""
-    aten = torch.ops.aten
-
-    def forward(q, k, v, *args, out_shape=None, **kwargs) -> int:
-        return sdpa_flop_count(q, k, v)
-
-    def backward(grad_out, q, k, v, *args, out_shape=None, **kwargs) -> int:
-        return 2 * sdpa_flop_count(q, k, v)
-
-    return FlopCounterMode(display=False, custom_mapping={
-        aten._scaled_dot_product_flash_attention_for_cpu: forward,
-        aten._scaled_dot_product_flash_attention_for_cpu_backward: backward})
 
 
 def round_shape(cfg) -> dict[str, Any]:
