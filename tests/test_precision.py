@@ -153,7 +153,8 @@ def test_tiny_bert_classification_runs_in_bf16_mixed(tmp_path, synthetic_csv, ca
     assert bf["total_upload_bytes"] >= 4 * bf["total_upload_params"]  # float32 values
 
 
-def test_tiny_llama_causal_lm_runs_in_bf16_mixed(tmp_path):
+def test_tiny_llama_causal_lm_runs_in_bf16_mixed(tmp_path, monkeypatch, capsys):
+    import lora_a2.generate
     from test_causal_lm import LLAMA, instruction_rows
 
     data = tmp_path / "instr.json"
@@ -164,6 +165,20 @@ def test_tiny_llama_causal_lm_runs_in_bf16_mixed(tmp_path):
     assert fp["final_loss"] != bf["final_loss"]
     assert bf["final_loss"] == pytest.approx(fp["final_loss"], rel=0.02)
     assert bf["initial_loss"] == pytest.approx(fp["initial_loss"], rel=0.02)  # evaluation too
+    # lora-a2 generate answers in the run's precision, as the run's own evaluation did
+    seen = {}
+    real = lora_a2.generate.generate
+
+    def generate(*args, **kwargs):
+        seen[run] = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lora_a2.generate, "generate", generate)
+    for run in ("fp32", "bf16-mixed"):
+        assert main(["generate", str(tmp_path / run), "-p", "Name a fruit.",
+                     "--max-new-tokens", "3"]) == 0
+    assert seen == {"fp32": False, "bf16-mixed": torch.bfloat16}
+    assert capsys.readouterr().out.count("\n") >= 2  # an answer line each
 
 
 @pytest.mark.e2e

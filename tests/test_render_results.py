@@ -481,12 +481,21 @@ def test_paper_schedule_table_reads_late_falls_and_the_verdict(tmp_path):
     assert render.paper_schedule_table(one_seed, dirs).splitlines()[-1] == \
         "- Dir(0.01), each method's tuned lr_A: not every method has two seeds yet."
     # the include block's cells at the papers' lr: rows and a verdict of their own, after
-    paper = [{**r, "cell": r["cell"], "strategy.lr": "0.0005",
-              "final_accuracy": 0.5 if r["method"] == "lora-a2" else r["final_accuracy"]}
-             for r in rows]
+    # (their own cells and curves: seed 0's best → last is read from each row's own cell)
+    paper = []
+    for r in rows:
+        final = 0.5 if r["method"] == "lora-a2" else r["final_accuracy"]
+        cell = r["cell"].replace("__seed", "__0.0005__seed")
+        (tmp_path / cell).mkdir()
+        (tmp_path / cell / "metrics.jsonl").write_text(curve([0.4, 0.6, 0.55, final]))
+        dirs[cell] = tmp_path / cell
+        paper.append({**r, "cell": cell, "strategy.lr": "0.0005", "final_accuracy": final,
+                      "last3_accuracy": final - 0.01})
     lines = render.paper_schedule_table(rows + paper, dirs).splitlines()
-    assert lines[2].startswith("| lora-a2 | 0.005 | 89.0 ± 1.4 |")
-    assert lines[9].startswith("| lora-a2 | 0.0005 | 50.0 ± 0.0 |")
+    assert lines[2] == "| lora-a2 | 0.005 | 89.0 ± 1.4 | 88.0 ± 1.4 | 95.0 (2) → 90.0 | 1.0 |"
+    assert lines[9] == "| lora-a2 | 0.0005 | 50.0 ± 0.0 | 49.0 ± 0.0 | 60.0 (2) → 50.0 | 1.0 |"
+    assert lines[11].startswith("| fl-lora | 0.0005 | 75.0 ± 7.1 |")
+    assert lines[11].endswith("| 80.0 (4) → 80.0 | 1.0 |")
     assert lines[-2].startswith("- Dir(0.01), each method's tuned lr_A, seeds 0, 1, final "
                                 "accuracy: lora-a2 leads;")
     assert lines[-1].startswith("- Dir(0.01), lr_A = 0.0005, seeds 0, 1, final accuracy: "

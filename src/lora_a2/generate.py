@@ -4,7 +4,8 @@ Loads the run's base model as the run did (``config.toml``: the same model name,
 for ``tiny-random-llama`` its saved random base), adds the exported adapter with PEFT
 (``PeftModel.from_pretrained``) and, for FlexLoRA / FLoRA, the dense deltas they keep in the
 base weights (``adapter/merged_delta.safetensors``); ``fedavg-full`` exports the whole model.
-Prompts go through the same chat template as training, and answers are greedy.
+Prompts go through the same chat template as training, and answers are greedy, computed in
+the run's ``train.precision`` (bfloat16 autocast for a ``bf16-mixed`` run, as its evaluation).
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ import torch
 
 from .config import load_config
 from .errors import UserError
+from .precision import autocast
+from .tasks.causal_lm import format_prompt, generate
 
 
 def load_trained(run_dir: Path, base_only: bool = False):
-    """(model, tokenizer) of a finished causal-LM run (or its base model alone)."""
+    """(model, tokenizer, precision) of a finished causal-LM run (or its base model alone);
+    ``precision`` is the run's ``train.precision``, which its answers are computed in."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .models import _quiet_transformers, load_causal_lm, pick_device
@@ -47,13 +51,13 @@ def load_trained(run_dir: Path, base_only: bool = False):
     whole_model = not (adapter / "adapter_config.json").is_file()  # a full-model strategy's
     if whole_model and not base_only:
         model = AutoModelForCausalLM.from_pretrained(str(adapter))
-        return model.to(device).eval(), tok
+        return model.to(device).eval(), tok, cfg.train.precision
     if (run_dir / "base_model").is_dir():  # a random base built in code, saved by the run
         base = AutoModelForCausalLM.from_pretrained(str(run_dir / "base_model"))
     else:
         base, _, _ = load_causal_lm(cfg.model.name, cfg.seed, cfg.model.dtype)
     if base_only:
-        return base.to(device).eval(), tok
+        return base.to(device).eval(), tok, cfg.train.precision
     deltas = adapter / "merged_delta.safetensors"
     if deltas.is_file():
         from safetensors.torch import load_file
@@ -65,27 +69,28 @@ def load_trained(run_dir: Path, base_only: bool = False):
     from peft import PeftModel
 
     model = PeftModel.from_pretrained(base, str(adapter))
-    return model.to(device).eval(), tok
+    return model.to(device).eval(), tok, cfg.train.precision
 
 
 def answer(model, tokenizer, prompts: list[str], input_: str = "",
-           max_new_tokens: int = 64) -> list[str]:
-    from .tasks.causal_lm import format_prompt, generate
-
+           max_new_tokens: int = 64, precision: str = "fp32") -> list[str]:
+    """Greedy answers to ``prompts`` (each with ``input_``), under ``precision``'s autocast."""
     device = next(model.parameters()).device
     ids = [list(tokenizer(format_prompt(tokenizer, p, input_), add_special_tokens=False)
                 ["input_ids"]) for p in prompts]
-    return generate(model, tokenizer, ids, max_new_tokens, 8, device)
+    with autocast(precision, device):
+        return generate(model, tokenizer, ids, max_new_tokens, 8, device)
 
 
 def main_generate(run_dir: Path, prompts: list[str], input_: str, max_new_tokens: int,
                   base_only: bool, as_json: bool) -> None:
-    model, tok = load_trained(run_dir, base_only)
+    model, tok, precision = load_trained(run_dir, base_only)
     interactive = not prompts
     if interactive:
         print("(one prompt per line; Ctrl-D to end)", file=sys.stderr)
         prompts = [line.strip() for line in sys.stdin if line.strip()]
-    for prompt, reply in zip(prompts, answer(model, tok, prompts, input_, max_new_tokens)):
+    for prompt, reply in zip(prompts, answer(model, tok, prompts, input_, max_new_tokens,
+                                                precision)):
         if as_json:
             print(json.dumps({"prompt": prompt, "answer": reply}))
         else:

@@ -262,7 +262,7 @@ def round_shape(cfg) -> dict[str, Any]:
 
 
 def limit_experiment(model: str, batch_size: int, length: int, precision: str):
-    """``(experiment, data, indices)``: ``model`` with the default run's LoRA (rank r_G on every
+    """``(experiment, data)``: ``model`` with the default run's LoRA (rank r_G on every
     target module) and ``precision``, and ``batch_size`` training rows made to fill ``length``
     tokens (every step is exactly batch × length tokens)."""
     exp = prepare(load_config(None, [
