@@ -18,7 +18,9 @@ import torch
 
 from .config import load_config
 from .errors import UserError
+from .models import _quiet_transformers, load_causal_lm, pick_device
 from .precision import autocast
+from .tasks import TASKS, resolve_task_name
 from .tasks.causal_lm import format_prompt, generate
 
 
@@ -27,8 +29,6 @@ def load_trained(run_dir: Path, base_only: bool = False):
     ``precision`` is the run's ``train.precision``, which its answers are computed in."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .models import _quiet_transformers, load_causal_lm, pick_device
-    from .tasks import TASKS, resolve_task_name
 
     _quiet_transformers()
     run_dir = Path(run_dir)
