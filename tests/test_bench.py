@@ -291,18 +291,24 @@ def test_only_selects_cells_and_bad_pattern_is_an_error(tmp_path):
 
 
 def test_cell_locks_let_workers_share_a_grid(tmp_path):
-    """A cell held by a live worker is left alone ('busy'); a dead worker's lock is taken over;
-    a lock from another host is respected; no lock file is left behind."""
+    """A cell held by a live worker is left alone ('busy'); a lock nobody holds is taken over
+    whatever its file says (a dead worker's pid, a pid the system reused for a live process, an
+    empty file from a worker killed mid-write); a lock from another host, or one that cannot be
+    read as host and pid, is respected; no lock file is left behind."""
     import os
     import socket
     import subprocess
     import sys
 
+    from lora_a2.bench.locks import release_lock, take_lock
+
     out = tmp_path / "g"
     cells = out / "cells"
     cells.mkdir(parents=True)
     host = socket.gethostname()
-    (cells / "dir0.5__1__fl-lora__seed0.lock").write_text(f"{host} {os.getpid()}\n")
+    live = take_lock(cells / "dir0.5__1__fl-lora__seed0.lock")  # a live worker: this process
+    assert live is not None
+    assert take_lock(cells / "dir0.5__1__fl-lora__seed0.lock") is None  # held: not twice
     (cells / "dir0.5__1__lora-a2__seed0.lock").write_text(f"another-host-{host} 1\n")
     (cells / "path2__2__lora-a2__seed0.lock").write_text("\x00 garbage, not host pid")
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
@@ -312,6 +318,7 @@ def test_cell_locks_let_workers_share_a_grid(tmp_path):
 
     status = dict(list_grid("smoke", out, smoke=True))
     assert status["dir0.5__1__fl-lora__seed0"] == f"running {host} {os.getpid()}"
+    assert status["path2__2__fl-lora__seed0"] == "todo"  # its worker is dead: not running
     assert status["dir0.5__2__fl-lora__seed0"] == "todo"
     r = run_grid("smoke", out, smoke=True, progress=False,
                  only=["dir0.5__1__*__seed0", "path2__2__*__seed0"])
@@ -324,8 +331,14 @@ def test_cell_locks_let_workers_share_a_grid(tmp_path):
     assert (cells / "path2__2__fl-lora__seed0" / "summary.json").exists()
     assert not (cells / "path2__2__fl-lora__seed0.lock").exists()
     assert not (cells / "dir0.5__1__fl-lora__seed0").exists()
+    # A lock naming a live process that does not hold it (a reused pid: here this very
+    # process) and an empty one (a worker killed between creating and writing it) are free.
+    (cells / "dir0.5__2__fl-lora__seed0.lock").write_text(f"{host} {os.getpid()}\n")
+    (cells / "dir0.5__2__lora-a2__seed0.lock").write_text("")
+    r = run_grid("smoke", out, smoke=True, progress=False, only=["dir0.5__2__*__seed0"])
+    assert r["counts"] == {"ran": 2} and not list(cells.glob("dir0.5__2__*.lock"))
     # The live worker's lock is released: the cell runs on the next invocation.
-    (cells / "dir0.5__1__fl-lora__seed0.lock").unlink()
+    release_lock(cells / "dir0.5__1__fl-lora__seed0.lock", live)
     r = run_grid("smoke", out, smoke=True, progress=False, only=["dir0.5__1__fl-lora__seed0"])
     assert r["counts"] == {"ran": 1}
     # A cell killed after its first round reads as partial.
@@ -334,9 +347,68 @@ def test_cell_locks_let_workers_share_a_grid(tmp_path):
     metrics.write_text(metrics.read_text().splitlines()[0] + "\n")
     assert dict(list_grid("smoke", out, smoke=True))["path2__2__fl-lora__seed0"] == \
         "partial 1/2 rounds"
-    (cells / "path2__2__fl-lora__seed0.lock").write_text(f"{host} {os.getpid()}\n")
+    lock = cells / "path2__2__fl-lora__seed0.lock"
+    lock.write_text(f"{host} {os.getpid()}\n")  # left by a killed worker: still partial
+    assert dict(list_grid("smoke", out, smoke=True))["path2__2__fl-lora__seed0"] == \
+        "partial 1/2 rounds"
+    held = take_lock(lock)
     assert dict(list_grid("smoke", out, smoke=True))["path2__2__fl-lora__seed0"] == \
         f"running {host} {os.getpid()}, 1/2 rounds"
+    release_lock(lock, held)
+
+
+def test_a_finished_cell_whose_config_changed_is_neither_rerun_nor_tabulated(tmp_path, capsys):
+    """A grid whose [base] (or an axis value) was edited after some cells finished: those cells
+    are 'stale' — kept as they are, left out of results.json, named by --list — and the call
+    says so and exits 1, instead of mixing two configs in one table."""
+    grid = tmp_path / "g.toml"
+    text = ("name = 'g'\nseeds = [0]\n[base]\n'model.name' = 'tiny-random-bert'\n"
+            "'data.name' = 'bbc-news'\n'data.num_clients' = 2\n'data.max_train_examples' = 40\n"
+            "'data.max_test_examples' = 20\n'model.max_length' = 16\n'train.rounds' = 1\n"
+            "'strategy.global_rank' = 2\n'strategy.rank_budget' = 1\n"
+            "[axes]\n'strategy.name' = ['fl-lora', 'ffa-lora']\n")
+    grid.write_text(text)
+    out = tmp_path / "o"
+    assert main(["bench", str(grid), "--quiet", "--out", str(out)]) == 0
+    before = (out / "cells" / "fl-lora__seed0" / "summary.json").read_text()
+    grid.write_text(text.replace("'train.rounds' = 1", "'train.rounds' = 2"))
+    capsys.readouterr()
+    assert main(["bench", str(grid), "--quiet", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "2 finished cells ran with another config" in err and len(err.splitlines()) == 1
+    assert (out / "cells" / "fl-lora__seed0" / "summary.json").read_text() == before
+    assert json.loads((out / "results.json").read_text())["rows"] == []
+    assert main(["bench", str(grid), "--list", "--out", str(out)]) == 0
+    listed = capsys.readouterr().out
+    assert "fl-lora__seed0   stale: 'train.rounds' ran as 1, the grid now gives 2" in listed
+    assert "stale 2 (of 2)" in listed
+
+
+def test_bad_grid_shapes_and_out_folders_are_one_line_errors(tmp_path, capsys):
+    cases = {
+        "seeds = 0\n": "'seeds' must be a list of integers",
+        "[axes]\nx = 'abc'\n": "axis 'x' must be a non-empty list",
+        "[axes]\nx = []\n": "axis 'x' must be a non-empty list",
+        "[include]\naxes = []\n": "'include' must be an array of tables",
+        "[[include]]\naxis = ['x']\n": "'axes' and 'overrides' only",
+        "base = 1\n": "'base' must be a table",
+        "[axes]\nm = [{label = 'a', 'train.rounds' = 1}, {label = 'a', 'train.rounds' = 2}]\n":
+            "grid cells named 'a__seed0' have different configs",
+    }
+    for text, message in cases.items():
+        grid = tmp_path / "g.toml"
+        grid.write_text(text)
+        assert main(["bench", str(grid), "--list", "--out", str(tmp_path / "o")]) == 2, text
+        err = capsys.readouterr().err
+        assert message in err and len(err.splitlines()) == 1, (text, err)
+    (tmp_path / "latin1.toml").write_bytes(b"name = '\xe9'\n")
+    assert main(["bench", str(tmp_path / "latin1.toml"), "--list"]) == 2
+    assert "cannot read grid" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("")
+    assert main(["bench", "smoke", "--smoke", "--quiet", "--out", str(tmp_path / "afile")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot use" in err and "as the grid's results folder" in err
+    assert len(err.splitlines()) == 1
 
 
 def test_time_left_is_costed_from_finished_cells_of_the_same_strategy_and_data():
@@ -506,8 +578,9 @@ def test_workers_do_not_retry_a_cell_that_failed_in_the_same_call(tmp_path, caps
     bad = [d for d in (out / "cells").iterdir() if (d / "error.txt").exists()]
     assert len(bad) == 1
     # each worker's log: one worker tried the bad cell, the other skipped it as already failed
-    logs = "".join(p.read_text() for p in (out / "workers").glob("*.log"))
-    assert logs.count("'error': 1") == 2
+    logs = [p.read_text() for p in (out / "workers").glob("*.log")]
+    assert sorted(("'error': 1" in log, "'error-not-retried': 1" in log) for log in logs) == \
+        [(False, True), (True, False)], logs
 
 
 def test_an_empty_grid_is_a_one_line_error(tmp_path, capsys):

@@ -161,7 +161,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             print(f"{cell_id:{width}s}  {status}")
         counts: dict[str, int] = {}
         for _, status in rows:
-            counts[status.split()[0]] = counts.get(status.split()[0], 0) + 1
+            kind = status.split()[0].rstrip(":")
+            counts[kind] = counts.get(kind, 0) + 1
         print(", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + f" (of {len(rows)})")
         left, guessed = remaining_time(args.grid, out, smoke=args.smoke, only=args.only or None)
         if counts.get("done", 0) < len(rows):
@@ -191,8 +192,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         logs = ", ".join(result.get("worker_logs", []))
         print(f"lora-a2: {result['unfinished']} selected cells were left unfinished when the "
               f"workers ended; see {logs}", file=sys.stderr)
-    ok = "error" not in result["counts"] and not result.get("failed_workers") \
-        and not result.get("unfinished")
+    if result["counts"].get("stale"):
+        print(f"lora-a2: {result['counts']['stale']} finished cells ran with another config "
+              f"than the grid now gives them; they were neither rerun nor tabulated (`lora-a2 "
+              f"bench {args.grid} --list` says why): move their folders away to rerun them, or "
+              f"use another --out", file=sys.stderr)
+    ok = not {"error", "error-not-retried"} & set(result["counts"]) \
+        and not result.get("failed_workers") \
+        and not result.get("unfinished") and not result["counts"].get("stale")
     return 0 if ok else 1
 
 

@@ -19,8 +19,7 @@ from typing import Any
 
 from .checkpoint import load_checkpoint, load_client_stores, save_checkpoint
 from .checks import check_config, load_config
-from .config import Config, clients_per_round
-from .config import flatten as flatten_config  # dotted keys, as a config file is read
+from .config import Config, clients_per_round, differences
 from .data import label_histogram
 from .engines.local import run_async_round, run_round
 from .rounds import evaluate_state, fit_budgets
@@ -60,16 +59,12 @@ def resume_config(out: Path) -> Config:
 
 def check_same_config(cfg: Config, saved: Config, out: Path) -> None:
     """Refuse to resume ``out`` with a config other than the one it ran with (one line)."""
-    a, b = dict(flatten_config(cfg.to_dict())), dict(flatten_config(saved.to_dict()))
-    ignore = {"schema_version"}  # the same run written by an older version of the schema
-    if a.get("privacy.mechanism") == b.get("privacy.mechanism") == "none":
-        ignore.add("privacy.noise_source")  # no noise is drawn: where it would come from is moot
-    diff = sorted(k for k in set(a) | set(b) if k not in ignore and a.get(k) != b.get(k))
+    diff = differences(cfg, saved)
     if diff:
-        k = diff[0]
+        k, mine, theirs = diff[0]
         more = f" (and {len(diff) - 1} more)" if len(diff) > 1 else ""
-        raise UserError(f"cannot resume '{out}' with another config: '{k}' is {a.get(k)!r}, the "
-                        f"run's own is {b.get(k)!r}{more}")
+        raise UserError(f"cannot resume '{out}' with another config: '{k}' is {mine!r}, the "
+                        f"run's own is {theirs!r}{more}")
 
 
 def run_experiment(cfg: Config, out: Path, *, overwrite: bool = False, progress: bool = True,

@@ -42,7 +42,10 @@ def load_grid(spec: str) -> dict[str, Any]:
                             f"({', '.join(builtin_grids())})")
         text = res.read_text()
     else:
-        text = path.read_text()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read grid '{spec}': {e}") from None
     try:
         grid = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -55,7 +58,38 @@ def load_grid(spec: str) -> dict[str, Any]:
     grid.setdefault("base", {})
     grid.setdefault("axes", {})
     grid.setdefault("include", [])
+    _check_shapes(spec, grid)
     return grid
+
+
+def _check_shapes(spec: str, grid: dict[str, Any]) -> None:
+    """Each top-level key has the shape :func:`expand` reads, or a one-line error naming it."""
+    def bad(what: str, want: str) -> UserError:
+        return UserError(f"grid '{spec}': {what} must be {want}")
+
+    seeds = grid["seeds"]
+    if not isinstance(seeds, list) or not all(isinstance(x, int) and not isinstance(x, bool)
+                                              for x in seeds):
+        raise bad("'seeds'", "a list of integers, e.g. seeds = [0, 1]")
+    if not isinstance(grid["name"], str):
+        raise bad("'name'", "a string")
+    for key in ("base", "axes"):
+        if not isinstance(grid[key], dict):
+            raise bad(f"'{key}'", "a table")
+    for axis, values in grid["axes"].items():
+        if not isinstance(values, list) or not values:
+            raise bad(f"axis '{axis}'", "a non-empty list of values or tables")
+    include = grid["include"]
+    if not isinstance(include, list) or not all(isinstance(i, dict) for i in include):
+        raise bad("'include'", "an array of tables ([[include]] blocks)")
+    for inc in include:
+        if set(inc) - {"axes", "overrides"}:
+            raise bad("an [[include]] block", f"'axes' and 'overrides' only, not "
+                      f"{sorted(set(inc) - {'axes', 'overrides'})}")
+        if not isinstance(inc.get("axes", []), list):
+            raise bad("an [[include]] block's 'axes'", "a list of axis names")
+        if not isinstance(inc.get("overrides", {}), dict):
+            raise bad("an [[include]] block's 'overrides'", "a table")
 
 
 def smoke_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
@@ -91,7 +125,7 @@ def expand(grid: dict[str, Any], smoke: bool = False) -> list[Cell]:
         [({}, list(product))] if product or "product" not in grid else []
     blocks += [(inc.get("overrides", {}), list(inc.get("axes", []))) for inc in grid["include"]]
     cells: list[Cell] = []
-    seen: set[str] = set()
+    seen: dict[str, dict[str, Any]] = {}
     for extra, names in blocks:
         for name in names:
             if name not in axes:
@@ -110,9 +144,13 @@ def expand(grid: dict[str, Any], smoke: bool = False) -> list[Cell]:
                 parts = [labels[n] for n in names] + ([extra_label] if extra_label else [])
                 cell_id = "__".join(p.replace("/", "_").replace(" ", "") for p in parts)
                 cell_id = f"{cell_id}__seed{seed}" if cell_id else f"seed{seed}"
-                if cell_id in seen:
+                if cell_id in seen:  # an include block repeating a cell: the same run, once
+                    if seen[cell_id] != overrides:
+                        raise UserError(
+                            f"grid cells named '{cell_id}' have different configs (two axis "
+                            f"values with the same label?): give each value its own label")
                     continue
-                seen.add(cell_id)
+                seen[cell_id] = overrides
                 cells.append(Cell(cell_id, {**labels, **{k: _label(v) for k, v in extra.items()}},
                                   seed, overrides))
     return cells

@@ -7,15 +7,39 @@ import json
 import re
 from pathlib import Path
 
-from .grid import Cell, expand, load_grid, select
+from ..checks import load_config
+from ..config import differences
+from ..errors import UserError
+from .grid import Cell, _to_sets, expand, load_grid, select
+from .locks import lock_held
+
+
+def stale(cell: Cell, out: Path) -> str | None:
+    """Why a finished cell is not the grid's cell any more (None when it is): the config it ran
+    with (its ``config.toml``) against the one the grid gives it now — a ``[base]`` value or an
+    axis value edited since, or ``--smoke`` cells in the full grid's folder. Such a cell is
+    neither rerun nor tabulated."""
+    saved = out / "cells" / cell.cell_id / "config.toml"
+    try:
+        diff = differences(load_config(None, _to_sets(cell.overrides)), load_config(saved))
+    except (UserError, OSError) as e:
+        return f"its config.toml cannot be read: {e}"
+    if not diff:
+        return None
+    key, grid, ran = diff[0]
+    more = f" (and {len(diff) - 1} more)" if len(diff) > 1 else ""
+    return f"'{key}' ran as {ran!r}, the grid now gives {grid!r}{more}"
 
 
 def cell_status(cell: Cell, out: Path) -> str:
-    """``done``, ``running <host> <pid>[, <r>/<T> rounds]``, ``partial <r>/<T> rounds``,
-    ``error`` or ``todo`` (``r``: rounds in the cell's metrics.jsonl so far)."""
+    """``done``, ``stale: <why>`` (finished with another config, :func:`stale`),
+    ``running <host> <pid>[, <r>/<T> rounds]``, ``partial <r>/<T> rounds``, ``error`` or
+    ``todo`` (``r``: rounds in the cell's metrics.jsonl so far). A lock nobody holds (its worker
+    died) does not make a cell running."""
     cell_dir = out / "cells" / cell.cell_id
     if (cell_dir / "summary.json").exists():
-        return "done"
+        why = stale(cell, out)
+        return "done" if why is None else f"stale: {why}"
     metrics = cell_dir / "metrics.jsonl"
     rounds = None
     if metrics.exists():
@@ -25,7 +49,7 @@ def cell_status(cell: Cell, out: Path) -> str:
         except OSError:
             pass
     lock = out / "cells" / f"{cell.cell_id}.lock"
-    if lock.exists():
+    if lock.exists() and lock_held(lock):
         try:
             holder = "running " + " ".join(lock.read_text().split())
         except OSError:

@@ -12,6 +12,7 @@ from ..report import atomic_write_text
 from ..tasks import TASKS
 from ..tasks import load_all as load_tasks
 from .grid import Cell
+from .status import stale
 
 
 def task_of_metric(metric: str):
@@ -74,11 +75,12 @@ def clock_figures(summary: dict[str, Any], metrics: Path) -> dict[str, Any]:
 
 def collect_rows(out: Path, cells: list[Cell]) -> list[dict[str, Any]]:
     """One row per finished cell (labels, the task's headline figures, bytes, device, time);
-    reads, writes nothing."""
+    a cell that finished with another config than the grid now gives it is left out
+    (:func:`~lora_a2.bench.status.stale`). Reads, writes nothing."""
     rows = []
     for cell in cells:
         path = out / "cells" / cell.cell_id / "summary.json"
-        if not path.exists():
+        if not path.exists() or stale(cell, out) is not None:
             continue
         s = json.loads(path.read_text())
         metric = s.get("metric", "accuracy")
@@ -96,6 +98,12 @@ def collect_rows(out: Path, cells: list[Cell]) -> list[dict[str, Any]]:
                      "epsilon": s.get("epsilon"), "wall_s": s["wall_s"],
                      **clock_figures(s, path.parent / "metrics.jsonl")})
     return rows
+
+
+def _megabytes(xs: list[float | None]) -> str:
+    """Mean of the seeds' upload bytes in MB; "—" when a run withheld them (central DP)."""
+    got = [x for x in xs if x is not None]
+    return f"{statistics.fmean(got) / 1e6:.2f}" if got and len(got) == len(xs) else "—"
 
 
 def _fmt_time(xs: list[float | None]) -> str:
@@ -120,9 +128,11 @@ def aggregate(out: Path, cells: list[Cell], grid: dict[str, Any]) -> dict[str, A
               **{col: _fmt([r[col] for r in rs if r.get(col) is not None], scale)
                  for col, scale in columns},
               "devices": "+".join(sorted({r["device"] for r in rs})),
-              "upload_MB": f"{statistics.fmean(r['total_upload_bytes'] for r in rs) / 1e6:.2f}",
-              "upload_%_of_fedavg_full": _fmt([r["upload_fraction_of_fedavg_full"] for r in rs],
-                                               100.0)}
+              # central DP withholds the per-client bytes: no figure rather than a wrong one
+              "upload_MB": _megabytes([r["total_upload_bytes"] for r in rs]),
+              "upload_%_of_fedavg_full": _fmt([r["upload_fraction_of_fedavg_full"] for r in rs
+                                               if r["upload_fraction_of_fedavg_full"] is not None],
+                                              100.0)}
              for key, rs in groups.items()]
     # a fleet's clock: simulated time, time to each target, the share of it spent uploading
     clock = [k for k in dict.fromkeys(k for r in rows for k in r)
@@ -158,6 +168,7 @@ def _plot(rows: list[dict[str, Any]], out_dir: Path, label_keys: list[str],
     colour_key = "strategy.name" if "strategy.name" in label_keys else label_keys[0] \
         if label_keys else None
     fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    rows = [r for r in rows if r["total_upload_bytes"] is not None]  # central DP: not placed
     for name in sorted({str(r.get(colour_key, "")) for r in rows}):
         sel = [r for r in rows if str(r.get(colour_key, "")) == name]
         ax.scatter([r["total_upload_bytes"] / 1e6 for r in sel],
@@ -167,7 +178,7 @@ def _plot(rows: list[dict[str, Any]], out_dir: Path, label_keys: list[str],
     ax.set_ylabel("final test accuracy (%)" if metric == "accuracy"
                   else f"final {metric.replace('_', '-').upper()} (%)")
     ax.grid(alpha=0.3)
-    if colour_key:  # a grid without axes (seeds only) has nothing to tell apart
+    if colour_key and rows:  # a grid without axes (seeds only) has nothing to tell apart
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out_dir / f"{metric}_vs_upload.png")

@@ -11,11 +11,24 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
 from ..report import atomic_write_text
 from .cells import SINCE_ENV, run_cell
 from .grid import expand, load_grid, select
 from .status import cell_status
 from .tables import aggregate
+
+
+def make_out(out: Path | str) -> Path:
+    """The grid's results folder, created (with ``cells/``) before any cell runs; a path that
+    cannot be one is a one-line error."""
+    out = Path(out)
+    try:
+        (out / "cells").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot use '{out}' as the grid's results folder (--out): "
+                        f"{e.strerror or e}") from None
+    return out
 
 
 def run_grid(spec: str, out: Path, smoke: bool = False, progress: bool = True,
@@ -25,8 +38,7 @@ def run_grid(spec: str, out: Path, smoke: bool = False, progress: bool = True,
     grid = load_grid(spec)
     all_cells = expand(grid, smoke)
     cells = select(all_cells, only)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_out(out)
     # the grid as a whole (not this call's --only selection), so the file does not churn
     atomic_write_text(out / "grid.json", json.dumps({"grid": grid, "smoke": smoke,
                                                      "cells": [c.cell_id for c in all_cells]},
@@ -76,7 +88,7 @@ def run_grid_workers(spec: str, out: Path, workers: int, smoke: bool = False,
     grid = load_grid(spec)
     all_cells = expand(grid, smoke)
     cells = select(all_cells, only)
-    out = Path(out)
+    out = make_out(out)
     before = {c.cell_id: cell_status(c, out) for c in cells}
     done_before = {cid for cid, st in before.items() if st == "done"}
 
@@ -153,7 +165,7 @@ def run_grid_workers(spec: str, out: Path, workers: int, smoke: bool = False,
         elif st == "done":
             key = "resumed" if before[c.cell_id].startswith("partial") else "ran"
         else:
-            key = st.split()[0]
+            key = st.split()[0].rstrip(":")
             unfinished += key in ("todo", "partial")
         counts[key] = counts.get(key, 0) + 1
     failed = [str(logs[n]) for n, p in enumerate(procs) if p.returncode not in (0, 1)]

@@ -9,7 +9,7 @@ key for a typo).
 
 from __future__ import annotations
 
-from .parse import (all_keys, coerce_value, config_from_dict, flatten, load_config,
+from .parse import (all_keys, coerce_value, config_from_dict, differences, flatten, load_config,
                     overrides_to_sets, parse_set, split_sets)
 from .schema import (CROSS_PHASE, FLEET_PROFILES, LEGACY_DEFAULTS, LEGACY_STRATEGY_OPTIONS,
                      MECHANISMS,
@@ -29,7 +29,7 @@ __all__ = [
     "ReportConfig", "SecAggConfig", "ServerConfig", "StrategyConfig", "TaskConfig",
     "TRAIN_MODES", "TrainConfig", "all_keys", "clients_known", "clients_per_round",
     "coerce_value",
-    "config_from_dict",
+    "config_from_dict", "differences",
     "flatten", "load_config", "overrides_to_sets", "parse_set", "phase_every", "split_sets",
     "validate",
 ]

@@ -108,6 +108,18 @@ def flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     return out
 
 
+def differences(a: Config, b: Config) -> list[tuple[str, Any, Any]]:
+    """The dotted keys where two configs differ, sorted, each with its value in ``a`` and in
+    ``b`` — ignoring what does not change a run: ``schema_version`` (the same run written by an
+    older schema), and ``privacy.noise_source`` when neither config draws noise."""
+    fa, fb = dict(flatten(a.to_dict())), dict(flatten(b.to_dict()))
+    ignore = {"schema_version"}
+    if fa.get("privacy.mechanism") == fb.get("privacy.mechanism") == "none":
+        ignore.add("privacy.noise_source")
+    return [(k, fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb))
+            if k not in ignore and fa.get(k) != fb.get(k)]
+
+
 def parse_set(item: str) -> tuple[str, Any]:
     """Parse one ``--set key=value``; the value is a TOML literal, else a bare string."""
     if "=" not in item:

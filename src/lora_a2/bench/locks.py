@@ -1,0 +1,122 @@
+"""A grid cell's lock, ``cells/<cell>.lock``, held by the worker that runs the cell.
+
+A worker holds ``cells/<cell>.lock`` while it runs the cell, so several ``lora-a2 bench``
+processes (terminals, machines sharing the folder) can work through one grid together: each
+skips the cells another one holds. On POSIX the hold is an exclusive ``flock`` on the file,
+which the kernel drops when the holder dies however it dies (SIGKILL, power loss), so a lock
+nobody holds is free whatever the file says (a reused pid, an empty file from a worker killed
+mid-write); the file names the holder's host and pid for people and ``--list``. A lock that
+names another host is respected (``flock`` may not reach across a shared folder) until someone
+deletes it. Without ``fcntl`` the file alone is the lock, and one left by a dead process of
+this host is taken over.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not POSIX
+    fcntl = None
+
+
+def take_lock(path: Path) -> int | None:
+    """Hold the lock file ``path``: the open descriptor (held until :func:`release_lock`), or
+    None when a live worker holds it."""
+    me = f"{socket.gethostname()} {os.getpid()}\n"
+    if fcntl is None:
+        return 0 if _take_lock_file(path, me) else None
+    for _ in range(3):
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held by a live process
+            os.close(fd)
+            return None
+        try:  # its holder may have released (unlinked) it between our open and our flock
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:
+            os.close(fd)
+            continue
+        holder = os.pread(fd, 4096, 0).decode(errors="replace").split()
+        if holder and holder[0] != socket.gethostname():
+            os.close(fd)
+            return None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, me.encode(), 0)
+        return fd
+    return None
+
+
+def release_lock(path: Path, fd: int) -> None:
+    """Delete the lock file, then let go of it (in that order: nobody can hold a lock file that
+    is about to vanish without seeing it vanish, :func:`take_lock`)."""
+    path.unlink(missing_ok=True)
+    if fcntl is not None:
+        os.close(fd)
+
+
+def lock_held(path: Path) -> bool:
+    """Whether a live worker holds ``path`` (one of another host's always counts as live). Probes
+    with a non-blocking ``flock`` it lets go at once."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return False
+    if fcntl is None:
+        return not _is_stale(path)
+    holder = text.split()
+    if holder and holder[0] != socket.gethostname():
+        return True
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+# ---------------------------------------------------------------- without fcntl (not POSIX)
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _is_stale(path: Path) -> bool:
+    """The lock was left by a dead process of this host (False if unreadable or mid-write)."""
+    try:
+        host, pid = path.read_text().split()
+        return host == socket.gethostname() and not _pid_alive(int(pid))
+    except (OSError, ValueError):
+        return False
+
+
+def _take_lock_file(path: Path, me: str) -> bool:
+    """Create the lock file ``path`` atomically; False when a live worker holds it."""
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if not _is_stale(path):
+                return False
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        return True
+    return False
