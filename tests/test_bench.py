@@ -669,3 +669,16 @@ def test_plot_of_a_grid_without_axes_draws_without_a_legend_warning(tmp_path):
         warnings.simplefilter("error")
         _plot(rows, tmp_path, [], "accuracy")
     assert (tmp_path / "accuracy_vs_upload.png").stat().st_size > 0
+
+
+def test_a_partial_cell_without_a_rounds_override_counts_against_the_default(tmp_path):
+    """``default-spread`` leaves ``train.rounds`` at the config's default: a partial cell still
+    says how far it is (and is costed for what it has left), not ``r/?``."""
+    from lora_a2.bench import cell_status
+    from lora_a2.config import load_config
+
+    cell = expand(load_grid("default-spread"))[0]
+    assert "train.rounds" not in cell.overrides
+    (tmp_path / "cells" / cell.cell_id).mkdir(parents=True)
+    (tmp_path / "cells" / cell.cell_id / "metrics.jsonl").write_text('{"round": 1}\n' * 3)
+    assert cell_status(cell, tmp_path) == f"partial 3/{load_config(None, []).train.rounds} rounds"

@@ -215,6 +215,13 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, synthetic_csv):
         got = _final(out)
         assert got[0] == expected[0]
         assert got[1] == expected[1]
+        # its wall time is the whole run's: this session's, plus the rounds run before the kill
+        summary = json.loads((out / "summary.json").read_text())
+        before = [r for r in read_metrics(out / "metrics.jsonl")
+                  if r["round"] <= summary["resumed_from_round"]]
+        assert summary["wall_s"] == pytest.approx(
+            summary["session_wall_s"] + sum(r["wall_s"] for r in before), rel=1e-12)
+        assert summary["session_wall_s"] < summary["wall_s"] or not before
 
 
 def test_torn_metrics_line_is_dropped_on_resume(tmp_path, synthetic_csv):

@@ -129,6 +129,8 @@ def run_experiment(cfg: Config, out: Path, *, overwrite: bool = False, progress:
     cumulative = full[-1]["cumulative_upload_bytes"] if full else 0
     # the simulated clock (fleet.profile) continues from the last kept round's line
     sim_time = full[-1].get("sim_time_s", 0.0) if full else 0.0
+    # a resumed run's wall time counts the kept rounds of the sessions before (not their setup)
+    earlier_s = sum(float(r.get("wall_s") or 0.0) for r in full)
     report = build_reporters(cfg, progress=progress, console=console)
     title = f"{strategy.name} · {cfg.data.name} · {cfg.data.partition}" + (
         f"({cfg.data.alpha})" if cfg.data.partition == "dirichlet" else "")
@@ -172,7 +174,9 @@ def run_experiment(cfg: Config, out: Path, *, overwrite: bool = False, progress:
 
         exp.runtime.load(state.tensors)
         exp.runtime.export(out / "adapter")
-        summary = summarize(exp, records, initial, out, time.perf_counter() - t_start)
+        session_s = time.perf_counter() - t_start
+        summary = summarize(exp, records, initial, out, earlier_s + session_s)
+        summary["session_wall_s"] = session_s
         summary["resumed_from_round"] = start - 1 if resume else None
         summary["setup_s"] = setup_s
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))

@@ -31,6 +31,16 @@ def stale(cell: Cell, out: Path) -> str | None:
     return f"'{key}' ran as {ran!r}, the grid now gives {grid!r}{more}"
 
 
+def _rounds(cell: Cell) -> int | str:
+    """The rounds a cell runs: its override, else the config's default ("?" if unreadable)."""
+    if "train.rounds" in cell.overrides:
+        return cell.overrides["train.rounds"]
+    try:
+        return load_config(None, _to_sets(cell.overrides)).train.rounds
+    except UserError:
+        return "?"
+
+
 def cell_status(cell: Cell, out: Path) -> str:
     """``done``, ``stale: <why>`` (finished with another config, :func:`stale`),
     ``running <host> <pid>[, <r>/<T> rounds]``, ``partial <r>/<T> rounds``, ``error`` or
@@ -45,7 +55,7 @@ def cell_status(cell: Cell, out: Path) -> str:
     if metrics.exists():
         try:
             n = sum(1 for line in metrics.read_text().splitlines() if line.strip())
-            rounds = f"{n}/{cell.overrides.get('train.rounds', '?')} rounds"
+            rounds = f"{n}/{_rounds(cell)} rounds"
         except OSError:
             pass
     lock = out / "cells" / f"{cell.cell_id}.lock"
