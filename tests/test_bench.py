@@ -682,3 +682,24 @@ def test_a_partial_cell_without_a_rounds_override_counts_against_the_default(tmp
     (tmp_path / "cells" / cell.cell_id).mkdir(parents=True)
     (tmp_path / "cells" / cell.cell_id / "metrics.jsonl").write_text('{"round": 1}\n' * 3)
     assert cell_status(cell, tmp_path) == f"partial 3/{load_config(None, []).train.rounds} rounds"
+
+
+def test_aggregation_waits_for_another_process_writing_the_tables(tmp_path):
+    """Two workers finish cells at about the same time: each collects the finished cells and
+    writes results.json. The writes are serialised (OUT/.aggregate), so the later one reads
+    the cells after the earlier one wrote, instead of writing an older view over it."""
+    import threading
+
+    from lora_a2.bench import aggregate
+    from lora_a2.bench.locks import exclusive
+
+    grid = load_grid("smoke")
+    cells = expand(grid, smoke=True)
+    done = threading.Event()
+    with exclusive(tmp_path / ".aggregate"):  # another worker is writing
+        t = threading.Thread(target=lambda: (aggregate(tmp_path, cells, grid), done.set()))
+        t.start()
+        assert not done.wait(0.5)
+    assert done.wait(30)
+    t.join()
+    assert json.loads((tmp_path / "results.json").read_text())["rows"] == []

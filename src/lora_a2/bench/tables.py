@@ -12,6 +12,7 @@ from ..report import atomic_write_text
 from ..tasks import TASKS
 from ..tasks import load_all as load_tasks
 from .grid import Cell
+from .locks import exclusive
 from .status import stale
 
 
@@ -116,7 +117,15 @@ def _fmt_time(xs: list[float | None]) -> str:
 
 
 def aggregate(out: Path, cells: list[Cell], grid: dict[str, Any]) -> dict[str, Any]:
-    """results.json (one row per finished cell), table.md (mean ± std over seeds), plots."""
+    """results.json (one row per finished cell), table.md (mean ± std over seeds), plots —
+    under ``OUT/.aggregate``'s lock, so that a worker that collected the finished cells before
+    a sibling finished one more cannot write its older view over the sibling's."""
+    out.mkdir(parents=True, exist_ok=True)
+    with exclusive(out / ".aggregate"):
+        return _aggregate(out, cells, grid)
+
+
+def _aggregate(out: Path, cells: list[Cell], grid: dict[str, Any]) -> dict[str, Any]:
     rows = collect_rows(out, cells)
     metric = rows[0]["metric"] if rows else "accuracy"
     columns = task_of_metric(metric).bench_columns
