@@ -703,3 +703,25 @@ def test_aggregation_waits_for_another_process_writing_the_tables(tmp_path):
     assert done.wait(30)
     t.join()
     assert json.loads((tmp_path / "results.json").read_text())["rows"] == []
+
+
+def test_cells_without_byte_totals_or_the_fedavg_reference_still_tabulate(tmp_path):
+    """Central DP withholds the per-client bytes (total_upload_bytes is None) and
+    report.references may leave fedavg-full out: the table shows "—" for those figures instead
+    of failing after the cells ran."""
+    grid = tmp_path / "g.toml"
+    grid.write_text("name = 'g'\nseeds = [0]\n[base]\n'model.name' = 'tiny-random-bert'\n"
+                    "'data.name' = 'bbc-news'\n'data.num_clients' = 2\n"
+                    "'data.max_train_examples' = 40\n'data.max_test_examples' = 20\n"
+                    "'model.max_length' = 16\n'train.rounds' = 1\n'strategy.global_rank' = 2\n"
+                    "'strategy.rank_budget' = 1\n[axes]\n'strategy.name' = ['fl-lora']\n")
+    out = tmp_path / "o"
+    assert main(["bench", str(grid), "--quiet", "--out", str(out)]) == 0
+    summary = out / "cells" / "fl-lora__seed0" / "summary.json"
+    s = json.loads(summary.read_text())
+    s["total_upload_bytes"] = None
+    del s["upload_fraction_of_fedavg_full"]
+    summary.write_text(json.dumps(s))
+    assert main(["bench", str(grid), "--quiet", "--out", str(out)]) == 0
+    row = json.loads((out / "results.json").read_text())["table"][0]
+    assert row["upload_MB"] == "—" and row["upload_%_of_fedavg_full"] == "—"

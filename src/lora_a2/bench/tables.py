@@ -95,7 +95,7 @@ def collect_rows(out: Path, cells: list[Cell]) -> list[dict[str, Any]]:
                      "total_upload_bytes": s["total_upload_bytes"],
                      "total_download_bytes": s["total_download_bytes"],
                      "total_upload_params": s["total_upload_params"],
-                     "upload_fraction_of_fedavg_full": s["upload_fraction_of_fedavg_full"],
+                     "upload_fraction_of_fedavg_full": s.get("upload_fraction_of_fedavg_full"),
                      "epsilon": s.get("epsilon"), "wall_s": s["wall_s"],
                      **clock_figures(s, path.parent / "metrics.jsonl")})
     return rows
