@@ -14,6 +14,7 @@ marked ``¹``; ``·`` = not run yet. Nothing is typed in by hand.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import re
 import statistics
@@ -967,6 +968,12 @@ PAPER_METHODS = ["lora-a2", "lora-a2-scaled", "fl-lora", "ffa-lora", "flexlora",
                  "fedex-lora"]
 
 
+def lr_setting(r: dict[str, Any]) -> str:
+    """A ``paper-schedule`` row's lr setting: "tuned" for the main block's cells (each method's
+    tuned lr_A), the lr for an include block's."""
+    return f"{float(r['strategy.lr']):g}" if r.get("strategy.lr") else "tuned"
+
+
 def paper_schedule_table(rows: list[dict[str, Any]], cell_dirs: dict[str, Path] | None = None
                          ) -> str:
     """Grid ``paper-schedule``: per method and lr_A (each method's tuned lr, and the papers'
@@ -982,11 +989,7 @@ def paper_schedule_table(rows: list[dict[str, Any]], cell_dirs: dict[str, Path] 
                               for r in rows}
     tuned = {m["label"]: f"{float(m['strategy.lr']):g}"
              for m in load_grid("paper-schedule")["axes"]["method"]}
-
-    def setting(r: dict[str, Any]) -> str:
-        """"tuned" for the main block's cells, the lr for an include block's."""
-        return f"{float(r['strategy.lr']):g}" if r.get("strategy.lr") else "tuned"
-
+    setting = lr_setting
     settings = sorted({setting(r) for r in rows}, key=lambda x: (x != "tuned", x))
     splits = [s for s in SPLITS if any(r["split"] == s for r in rows)]
     head = ["method", "lr_A"]
@@ -1035,6 +1038,74 @@ def paper_schedule_table(rows: list[dict[str, Any]], cell_dirs: dict[str, Path] 
     return "\n".join(lines)
 
 
+Curves = dict[tuple[str, str], dict[tuple[str, int], list[tuple[int, float]]]]
+"""``{(split, lr setting): {(method, seed): [(round, accuracy), ...]}}``."""
+
+
+def paper_schedule_curves(rows: list[dict[str, Any]], cell_dirs: dict[str, Path] | None = None
+                          ) -> Curves:
+    """Grid ``paper-schedule``'s accuracy curves, round 0 (the initial evaluation, where the
+    cell has one) to the last: ``{(split, lr setting): {(method, seed): [(round, acc), ...]}}``,
+    each seed its own curve (under Dir(0.01) a mean over seeds hides the swings the reading is
+    about)."""
+    cell_dirs = cell_dirs or {r["cell"]: RESULTS / "paper-schedule" / "cells" / r["cell"]
+                              for r in rows}
+    curves: Curves = {}
+    for r in rows:
+        d = cell_dirs[r["cell"]]
+        first = d / "initial_eval.json"
+        accs = ([(0, json.loads(first.read_text())["accuracy"])] if first.exists() else []) \
+            + list(enumerate(round_accuracies(d), start=1))
+        curves.setdefault((r["split"], lr_setting(r)), {})[(r["method"], r["seed"])] = accs
+    return curves
+
+
+def paper_schedule_figure(curves: Curves, path: Path | None = None) -> Path | None:
+    """docs/figures/curves_paper_schedule.png: accuracy per round of the ``paper-schedule``
+    grid, one panel per split (rows) and lr setting (columns), one colour per method, seed 0
+    solid and seed 1 dashed."""
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    splits = [sp for sp in SPLITS if any(k[0] == sp for k in curves)]
+    settings = sorted({k[1] for k in curves}, key=lambda x: (x != "tuned", x))
+    colours = dict(zip(PAPER_METHODS, plt.get_cmap("tab10").colors))
+    fig, axes = plt.subplots(len(splits), len(settings), figsize=(5.5 * len(settings),
+                                                                  4 * len(splits)),
+                             dpi=100, sharex=True, sharey=True, squeeze=False)
+    for (row, sp), (col, st) in itertools.product(enumerate(splits), enumerate(settings)):
+        ax = axes[row, col]
+        said = "each method's tuned lr_A" if st == "tuned" else f"lr_A = {st}"
+        ax.set_title(f"{SPLIT_NAMES[sp]}, {said}", fontsize=9)
+        ax.grid(alpha=0.3)
+        if row == len(splits) - 1:
+            ax.set_xlabel("round (5 local epochs each)")
+        cell = curves.get((sp, st), {})
+        if not cell:
+            ax.text(0.5, 0.5, "no finished cell yet", ha="center", transform=ax.transAxes)
+            continue
+        for (m, seed), accs in sorted(cell.items(), key=lambda kv: (
+                PAPER_METHODS.index(kv[0][0]), kv[0][1])):
+            ax.plot([i for i, _ in accs], [100 * a for _, a in accs],
+                    color=colours.get(m), ls="-" if seed == 0 else "--", marker="o", ms=2,
+                    lw=1.2, label=f"{m} (seed {seed})")
+        ax.legend(fontsize=6)
+    axes[0, 0].xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in axes[:, 0]:
+        ax.set_ylabel("test accuracy (%)")
+    fig.tight_layout()
+    path = path or FIGURES / "curves_paper_schedule.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def render(write: bool = True) -> dict[str, str]:
     """Every generated block; with ``write`` also the grids' aggregate files and the figure."""
     rows = {g: rows_of(g, write)
@@ -1061,6 +1132,8 @@ def render(write: bool = True) -> dict[str, str]:
     blocks["default_spread"] = spread_table(rows["default-spread"])
     blocks["precision"] = precision_table(rows["precision"], rows["main"], rows["default-spread"])
     blocks["paper_schedule"] = paper_schedule_table(rows["paper-schedule"])
+    if write:
+        paper_schedule_figure(paper_schedule_curves(rows["paper-schedule"]))
     runs = rounds_runs()
     blocks["rounds"] = rounds_table(runs)
     if write:

@@ -121,6 +121,7 @@ def test_print_writes_nothing(monkeypatch, capsys):
 
     monkeypatch.setattr(render, "aggregate", no_writes)
     monkeypatch.setattr(render, "curves_figure", no_writes)
+    monkeypatch.setattr(render, "paper_schedule_figure", no_writes)
     monkeypatch.setattr(render.Path, "write_text", no_writes)
     assert render.main(["--print"]) == 0
     assert "## main:bbc-news" in capsys.readouterr().out
@@ -500,3 +501,32 @@ def test_paper_schedule_table_reads_late_falls_and_the_verdict(tmp_path):
                                 "accuracy: lora-a2 leads;")
     assert lines[-1].startswith("- Dir(0.01), lr_A = 0.0005, seeds 0, 1, final accuracy: "
                                 "lora-a2 trails;")  # fl-lora's worst seed (70) beats its best (50)
+
+
+def test_paper_schedule_curves_keep_each_seed_and_the_initial_round(tmp_path):
+    dirs, rows = {}, []
+    for cell, m, seed, lr, accs, first in [
+            ("a0", "fedex-lora", 0, None, [0.5, 0.7], 0.2),
+            ("a1", "fedex-lora", 1, None, [0.4, 0.6], None),      # no initial_eval.json
+            ("b0", "fedex-lora", 0, "0.0005", [0.3, 0.9], 0.2),
+            ("c0", "lora-a2", 0, "0.0005", [0.8, 0.1], 0.2)]:
+        d = tmp_path / cell
+        d.mkdir()
+        (d / "metrics.jsonl").write_text(
+            "\n".join(f'{{"round": {i + 1}, "accuracy": {a}}}' for i, a in enumerate(accs)))
+        if first is not None:
+            (d / "initial_eval.json").write_text(f'{{"accuracy": {first}}}')
+        dirs[cell] = d
+        rows.append({"cell": cell, "method": m, "seed": seed, "split": "dir0.01",
+                     **({"strategy.lr": lr} if lr else {})})
+    curves = render.paper_schedule_curves(rows, dirs)
+    # seeds stay apart (a mean would hide the swings); round 0 only where it was evaluated
+    assert curves == {
+        ("dir0.01", "tuned"): {("fedex-lora", 0): [(0, 0.2), (1, 0.5), (2, 0.7)],
+                               ("fedex-lora", 1): [(1, 0.4), (2, 0.6)]},
+        ("dir0.01", "0.0005"): {("fedex-lora", 0): [(0, 0.2), (1, 0.3), (2, 0.9)],
+                                ("lora-a2", 0): [(0, 0.2), (1, 0.8), (2, 0.1)]}}
+    out = render.paper_schedule_figure(curves, tmp_path / "fig.png")
+    assert out == tmp_path / "fig.png" and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert render.paper_schedule_figure({}, tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists()
