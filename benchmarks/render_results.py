@@ -961,6 +961,15 @@ def precision_table(rows: list[dict[str, Any]], main_rows: list[dict[str, Any]] 
     if len(finals) > 1:
         lines.append(f"- for scale, seeds alone: the default run's seed-to-seed std is "
                      f"{100 * statistics.stdev(finals):.1f} points (grid `default-spread`).")
+    bf16 = [by["bf16-mixed"] for by in pairs.values() if "bf16-mixed" in by]
+    kernels = {"float32 kernels on the bfloat16 operands, each product rounded once to "
+               "bfloat16": sum(r.get("bf16_products_in_fp32") is True for r in bf16),
+               "torch's bfloat16 kernels": sum(r.get("bf16_products_in_fp32") is False
+                                               for r in bf16),
+               "kernels not recorded": sum(r.get("bf16_products_in_fp32") is None for r in bf16)}
+    if bf16:
+        lines.append("- the bf16-mixed cells' matrix products (`train.bf16_matmul`): "
+                     + "; ".join(f"{what} in {n}" for what, n in kernels.items() if n) + ".")
     return "\n".join(lines)
 
 

@@ -166,7 +166,13 @@ def test_speed_limit_only_counts_a_round_and_times_the_peak(tmp_path, capsys):
     for key in ("train_flops_per_round", "gemm_peak_gflops_fp32", "gemm_peak_gflops_bf16",
                 "fraction_of_peak", "achieved_gflops"):
         assert r[key] > 0, key
-    assert set(r["achieved"]) == {"fp32", "bf16-mixed"}
+    # bf16-mixed as a run gets it (train.bf16_matmul = auto: float32 kernels where bfloat16
+    # has no units), then with the other kernels
+    kernels = r["achieved"]["bf16-mixed"]["bf16_matmul"]
+    assert kernels == ("bf16" if r["bf16_native"] else "fp32")
+    other = {"bf16": "fp32", "fp32": "bf16"}[kernels]
+    assert set(r["achieved"]) == {"fp32", "bf16-mixed", f"bf16-mixed, {other} kernels"}
+    assert r["achieved"][f"bf16-mixed, {other} kernels"]["bf16_matmul"] == other
     # the fraction is of the machine's higher peak: bfloat16's where it is native, float32's
     # where bfloat16 is emulated and slower (then the bf16 figure can exceed 1)
     fp32, bf16 = r["gemm_peak_gflops_fp32"], r["gemm_peak_gflops_bf16"]

@@ -17,7 +17,9 @@ from conftest import assert_config_error
 from lora_a2.checks import load_config
 from lora_a2.cli import main
 from lora_a2.errors import UserError
-from lora_a2.precision import autocast, bf16_hardware, cpu_flags
+import lora_a2.precision as precision
+from lora_a2.precision import (Bf16ProductsInFp32, autocast, bf16_hardware,
+                                 bf16_products_in_fp32, cpu_flags)
 
 TINY_BERT = ["model.name=tiny-random-bert", "data.num_clients=2", "model.max_length=24",
              "strategy.global_rank=4", "strategy.rank_budget=2", "engine.threads=1",
@@ -77,6 +79,94 @@ def test_a_cuda_card_is_native_bf16_from_compute_capability_8_on():
         card = bf16_hardware("cuda", cuda=(name, cap))
         assert card["bf16_native"] is True and "native bfloat16" in card["bf16_path"], card
         assert f"{cap[0]}.{cap[1]}" in card["bf16_path"] and "cpu_capability" not in card
+
+
+# ---------------------------------------------------------------------- which kernels
+def test_float32_kernels_compute_a_bfloat16_product_rounded_once():
+    """A bfloat16 matrix unit's arithmetic: the exact float32 values of the bfloat16 operands,
+    float32 sums, one rounding of the result — computed here independently in float64 (whose
+    sums of these products are exact enough that rounding to bfloat16 agrees)."""
+    g = torch.Generator().manual_seed(0)
+    a, w, b = (torch.randn(*shape, generator=g).to(torch.bfloat16)
+               for shape in ((64, 48), (40, 48), (40,)))
+    x3 = torch.randn(3, 5, 48, generator=g).to(torch.bfloat16)
+    with Bf16ProductsInFp32() as mode:
+        lin = torch.nn.functional.linear(a, w, b)           # addmm
+        mm = a @ w.T                                         # mm
+        bmm = x3 @ x3.transpose(1, 2)                        # bmm
+        fp = torch.ones(2, 3) @ torch.ones(3, 2)             # float32: left alone
+    assert mode.calls == 3 and fp.dtype == torch.float32
+    exact = (a.double() @ w.double().T)
+    assert lin.dtype == mm.dtype == bmm.dtype == torch.bfloat16
+    assert torch.equal(mm, exact.to(torch.bfloat16))
+    assert torch.equal(lin, (exact + b.double()).to(torch.bfloat16))
+    assert torch.equal(bmm, (x3.double() @ x3.double().transpose(1, 2)).to(torch.bfloat16))
+
+
+def test_which_kernels_bf16_mixed_products_run_on(monkeypatch):
+    assert not bf16_products_in_fp32("fp32", "fp32")          # never under fp32
+    assert bf16_products_in_fp32("bf16-mixed", "fp32")
+    assert not bf16_products_in_fp32("bf16-mixed", "bf16")
+    for native in (True, False):
+        monkeypatch.setattr(precision, "bf16_hardware",
+                            lambda device, native=native: {"bf16_native": native})
+        assert bf16_products_in_fp32("bf16-mixed", "auto") is not native
+    with pytest.raises(ValueError):
+        bf16_products_in_fp32("bf16-mixed", "fp64")
+
+
+@pytest.mark.parametrize("value", ["float32", "FP32", "native"])
+def test_a_bad_bf16_matmul_is_one_line_exit_2(capsys, value):
+    assert_config_error(capsys, [f"train.bf16_matmul={value}"], "train.bf16_matmul")
+    assert main(["run", "--out", "/nonexistent/never", "--set", f"train.bf16_matmul={value}"]) \
+        == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "auto, bf16, fp32" in err, err
+
+
+def test_float32_kernels_take_over_forward_and_backward_products(synthetic_csv, monkeypatch):
+    """Under ``bf16_matmul = fp32`` a training step's products with bfloat16 operands all run
+    on float32 kernels, the backward pass's too (its context is separate from the forward's),
+    and the loss and upload stay within bfloat16's precision of torch's own kernels."""
+    from lora_a2.client import LocalTrainer, ParamGroup, accumulate_gradients
+
+    modes = []
+
+    class Recorded(Bf16ProductsInFp32):
+        def __init__(self):
+            super().__init__()
+            modes.append(self)
+            self.grad_mode = torch.is_grad_enabled()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in precision.MATRIX_PRODUCTS and any(
+                    isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16 for a in args):
+                self.seen = getattr(self, "seen", 0) + 1
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
+    monkeypatch.setattr(precision, "Bf16ProductsInFp32", Recorded)
+    ups = {}
+    for kernels in ("bf16", "fp32"):
+        exp = prepared(f"csv:{synthetic_csv}", *TINY_BERT, "strategy.name=fl-lora",
+                       "train.precision=bf16-mixed", f"train.bf16_matmul={kernels}")
+        assert exp.runtime.bf16_in_fp32 is (kernels == "fp32")
+        modes.clear()
+        rt = exp.runtime
+        names = rt.layout.group_names(["A", "B"])
+        LocalTrainer(rt, [ParamGroup(names, 1e-3)], 0.0).run(
+            exp.enc_train, exp.client_train[0], 1, 8, torch.Generator().manual_seed(0),
+            max_steps=1)
+        accumulate_gradients(rt, exp.enc_train, exp.client_train[0], names, 8,
+                             torch.Generator().manual_seed(0), batches=1)  # LoRA-A2's probe
+        if kernels == "bf16":
+            assert modes == []
+        else:   # each pass, a forward and a backward context, each taking over every product
+            assert len(modes) == 4, modes
+            assert all(m.calls > 0 and m.calls == m.seen for m in modes)
+        ups[kernels] = first_upload(exp)
+    a, b = ups["bf16"].values.double(), ups["fp32"].values.double()
+    assert float((a - b).norm() / a.norm()) < 0.1
+    assert ups["fp32"].meta["loss"] == pytest.approx(ups["bf16"].meta["loss"], abs=0.02)
 
 
 # ---------------------------------------------------------------------- what stays float32

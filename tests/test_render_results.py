@@ -427,13 +427,20 @@ def test_precision_table_pairs_each_seed_and_reads_against_rounding_alone():
     assert lines[2] == "| Dir(0.1) | 1 | 0 | 74.0 (cpu) | 75.0 | +1.0 | · | · | 570 / · |"
     assert lines[3] == "| Dir(0.1) | 2 | 1 | 77.0 (cpu) | 80.0 | +3.0 | 70.0 | -10.0 | 580 / 290 |"
     assert lines[4] == "| Dir(0.01) | 1 | 0 | 52.0 (cpu) | 50.0 | -2.0 | 56.0 | +6.0 | 600 / 300 |"
-    assert lines[-3] == ("- 2 complete pairs: bf16 − fp32 mean -2.0 points (mean size 8.0), "
+    assert lines[-4] == ("- 2 complete pairs: bf16 − fp32 mean -2.0 points (mean size 8.0), "
                          "largest -10.0.")
-    assert lines[-2] == ("- rounding alone: 3 fp32 cells against the main-grid cells they repeat "
+    assert lines[-3] == ("- rounding alone: 3 fp32 cells against the main-grid cells they repeat "
                          "(same config and seed; on cpu and cuda): mean size 2.0 points, largest "
                          "3.0; 0 of 2 bf16 − fp32 differences are no larger.")
-    assert lines[-1] == ("- for scale, seeds alone: the default run's seed-to-seed std is 2.0 "
+    assert lines[-2] == ("- for scale, seeds alone: the default run's seed-to-seed std is 2.0 "
                          "points (grid `default-spread`).")
+    assert lines[-1] == ("- the bf16-mixed cells' matrix products (`train.bf16_matmul`): kernels "
+                         "not recorded in 2.")
+    rows[1]["bf16_products_in_fp32"], rows[2]["bf16_products_in_fp32"] = True, False
+    assert render.precision_table(rows, main, spread, twins).splitlines()[-1] == (
+        "- the bf16-mixed cells' matrix products (`train.bf16_matmul`): float32 kernels on the "
+        "bfloat16 operands, each product rounded once to bfloat16 in 1; torch's bfloat16 "
+        "kernels in 1.")
     # the largest rounding difference is the bar: |+6| ≤ 7 < |−10|
     main[2]["final_accuracy"] = 0.82
     assert "largest 7.0; 1 of 2 bf16 − fp32 differences are no larger." in \

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from .config import ModelConfig
 from .errors import UserError
 from .models import LoraModule, find_target_modules
-from .precision import autocast
+from .precision import bf16_products_in_fp32, forward, products
 
 if TYPE_CHECKING:  # annotations only: tasks build on the runtime, not the reverse
     from .tasks.base import LearningTask
@@ -100,16 +100,19 @@ class ModelRuntime:
     base : ``task.load_model(num_labels, seed)``'s result when already loaded (the experiment
         encodes the data with its tokenizer before the rank is known); None: load it here.
     precision : ``train.precision``: ``fp32`` or ``bf16-mixed`` (see :meth:`autocast`).
+    bf16_matmul : ``train.bf16_matmul``: which kernels compute ``bf16-mixed``'s matrix products
+        (:func:`lora_a2.precision.bf16_products_in_fp32`).
     """
 
     def __init__(self, cfg: ModelConfig, num_labels: int, lora_rank: int | None, seed: int,
                  device: torch.device, task: LearningTask,
                  base: tuple[nn.Module, Any, str | None] | None = None,
-                 precision: str = "fp32") -> None:
+                 precision: str = "fp32", bf16_matmul: str = "auto") -> None:
         self.cfg = cfg
         self.task = task
         self.device = device
         self.precision = precision
+        self.bf16_in_fp32 = bf16_products_in_fp32(precision, bf16_matmul, device)
         self.num_labels = num_labels
         base, self.tokenizer, self.source = base or task.load_model(num_labels, seed)
         self._tiny_base = ({k: v.clone() for k, v in base.state_dict().items()}, base.config,
@@ -169,9 +172,16 @@ class ModelRuntime:
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The context every forward pass of this model runs under (training, LoRA-A2's probe,
-        evaluation): bfloat16 autocast on the model's device under ``bf16-mixed``, a null
-        context under ``fp32`` (:mod:`lora_a2.precision`). Backward passes run outside it."""
-        return autocast(self.precision, self.device)
+        evaluation): bfloat16 autocast on the model's device under ``bf16-mixed`` (with its
+        products' kernels, ``train.bf16_matmul``), a null context under ``fp32``
+        (:mod:`lora_a2.precision`). Backward passes run outside it, under :meth:`backward`."""
+        return forward(self.precision, self.device, self.bf16_in_fp32)
+
+    def backward(self) -> contextlib.AbstractContextManager:
+        """The context every backward pass runs under: the kernels ``train.bf16_matmul`` picked
+        for ``bf16-mixed``'s matrix products (their operands are bfloat16 going back too); a
+        null context otherwise."""
+        return products(self.bf16_in_fp32)
 
     # ------------------------------------------------------------------ state in and out
     def _init_lora(self, seed: int) -> None:

@@ -112,7 +112,8 @@ class LocalTrainer:
                     loss = runtime.task.loss(model, batch_of(
                         data, order[start:start + batch_size], runtime.device))
                 opt.zero_grad(set_to_none=True)
-                (loss + regularizer() if regularizer is not None else loss).backward()
+                with runtime.backward():
+                    (loss + regularizer() if regularizer is not None else loss).backward()
                 for n, (mask, _) in frozen.items():
                     if params[n].grad is not None:
                         params[n].grad.mul_(mask)
@@ -165,7 +166,8 @@ def accumulate_gradients(runtime: ModelRuntime, data: EncodedData, indices: np.n
         with runtime.autocast():
             loss = runtime.task.loss(model, batch_of(data, order[start:start + batch_size],
                                                      runtime.device))
-        loss.backward()
+        with runtime.backward():
+            loss.backward()
         done += 1
     grads = {n: (p.grad.detach().to("cpu", copy=True) / max(done, 1)) if p.grad is not None
              else torch.zeros(p.shape) for n, p in params.items()}

@@ -102,7 +102,7 @@ def prepare(cfg: Config) -> Experiment:
     strategy = build_strategy(run_cfg)  # wrapped in the DP wrapper when privacy is on
     runtime = ModelRuntime(cfg.model, len(train.label_names), strategy.lora_rank(), cfg.seed,
                            pick_device(cfg.engine.device), task=task, base=base,
-                           precision=cfg.train.precision)
+                           precision=cfg.train.precision, bf16_matmul=cfg.train.bf16_matmul)
     strategy.bind(runtime.layout)
     client_train, client_test = split_local_test(parts, run_cfg.data.local_test_fraction,
                                                  cfg.seed)

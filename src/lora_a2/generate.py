@@ -19,14 +19,15 @@ import torch
 from .config import load_config
 from .errors import UserError
 from .models import _quiet_transformers, load_causal_lm, pick_device
-from .precision import autocast
+from .precision import bf16_products_in_fp32, forward
 from .tasks import TASKS, resolve_task_name
 from .tasks.causal_lm import format_prompt, generate
 
 
 def load_trained(run_dir: Path, base_only: bool = False):
-    """(model, tokenizer, precision) of a finished causal-LM run (or its base model alone);
-    ``precision`` is the run's ``train.precision``, which its answers are computed in."""
+    """(model, tokenizer, train) of a finished causal-LM run (or its base model alone);
+    ``train`` is the run's ``[train]`` section, whose ``precision`` and ``bf16_matmul`` its
+    answers are computed in."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
@@ -51,13 +52,13 @@ def load_trained(run_dir: Path, base_only: bool = False):
     whole_model = not (adapter / "adapter_config.json").is_file()  # a full-model strategy's
     if whole_model and not base_only:
         model = AutoModelForCausalLM.from_pretrained(str(adapter))
-        return model.to(device).eval(), tok, cfg.train.precision
+        return model.to(device).eval(), tok, cfg.train
     if (run_dir / "base_model").is_dir():  # a random base built in code, saved by the run
         base = AutoModelForCausalLM.from_pretrained(str(run_dir / "base_model"))
     else:
         base, _, _ = load_causal_lm(cfg.model.name, cfg.seed, cfg.model.dtype)
     if base_only:
-        return base.to(device).eval(), tok, cfg.train.precision
+        return base.to(device).eval(), tok, cfg.train
     deltas = adapter / "merged_delta.safetensors"
     if deltas.is_file():
         from safetensors.torch import load_file
@@ -69,28 +70,30 @@ def load_trained(run_dir: Path, base_only: bool = False):
     from peft import PeftModel
 
     model = PeftModel.from_pretrained(base, str(adapter))
-    return model.to(device).eval(), tok, cfg.train.precision
+    return model.to(device).eval(), tok, cfg.train
 
 
 def answer(model, tokenizer, prompts: list[str], input_: str = "",
-           max_new_tokens: int = 64, precision: str = "fp32") -> list[str]:
-    """Greedy answers to ``prompts`` (each with ``input_``), under ``precision``'s autocast."""
+           max_new_tokens: int = 64, precision: str = "fp32", bf16_matmul: str = "auto"
+           ) -> list[str]:
+    """Greedy answers to ``prompts`` (each with ``input_``), under ``precision``'s autocast
+    and ``bf16_matmul``'s kernels (``train.precision``, ``train.bf16_matmul``)."""
     device = next(model.parameters()).device
     ids = [list(tokenizer(format_prompt(tokenizer, p, input_), add_special_tokens=False)
                 ["input_ids"]) for p in prompts]
-    with autocast(precision, device):
+    with forward(precision, device, bf16_products_in_fp32(precision, bf16_matmul, device)):
         return generate(model, tokenizer, ids, max_new_tokens, 8, device)
 
 
 def main_generate(run_dir: Path, prompts: list[str], input_: str, max_new_tokens: int,
                   base_only: bool, as_json: bool) -> None:
-    model, tok, precision = load_trained(run_dir, base_only)
+    model, tok, train = load_trained(run_dir, base_only)
     interactive = not prompts
     if interactive:
         print("(one prompt per line; Ctrl-D to end)", file=sys.stderr)
         prompts = [line.strip() for line in sys.stdin if line.strip()]
     for prompt, reply in zip(prompts, answer(model, tok, prompts, input_, max_new_tokens,
-                                                precision)):
+                                                train.precision, train.bf16_matmul)):
         if as_json:
             print(json.dumps({"prompt": prompt, "answer": reply}))
         else:

@@ -9,6 +9,15 @@ and what the hardware offers for bfloat16.
   gradients flow back through the bfloat16 products and arrive in the float32 dtype of the
   LoRA factors. The factors, their gradients, AdamW's state and the uploads stay float32.
 
+Which kernels compute the bfloat16 matrix products (``train.bf16_matmul``): torch's own
+(``bf16``: the bfloat16 units where the device has them; on a CPU without them oneDNN emulates
+bfloat16, ≈ 10× slower than float32), or float32 kernels on the same bfloat16 operands with the
+product rounded once to bfloat16 (``fp32``: :class:`Bf16ProductsInFp32`), which is what a
+bfloat16 matrix unit computes — bfloat16 inputs, float32 accumulation, one rounding of the
+result — up to the order of the sums, at float32's speed. ``auto`` picks ``bf16`` where
+:func:`bf16_hardware` finds bfloat16 units and ``fp32`` elsewhere. The backward pass runs under
+the same choice (:func:`products`): its matrix products take bfloat16 operands too.
+
 A leaf: it imports torch only, so the runtime, the runner and ``lora-a2 speed`` share it.
 """
 
@@ -19,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 #: CPU flags (``/proc/cpuinfo``) of native bfloat16 matrix instructions, best first
 CPU_BF16_FLAGS = (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16"))
@@ -32,6 +42,67 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
     if precision == "bf16-mixed":
         return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
     raise ValueError(f"unknown precision {precision!r}")
+
+
+#: the aten matrix products a linear layer, ``matmul`` and eager attention reach, forward and
+#: backward (``aten.linear`` and ``aten.matmul`` decompose into these before dispatch)
+MATRIX_PRODUCTS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default,
+                   torch.ops.aten.bmm.default, torch.ops.aten.baddbmm.default)
+
+
+class Bf16ProductsInFp32(TorchDispatchMode):
+    """While active, every matrix product (:data:`MATRIX_PRODUCTS`) with a bfloat16 operand runs
+    as a float32 kernel on the operands' exact float32 values (every bfloat16 number is one), and
+    its result is rounded once to bfloat16: a bfloat16 matrix unit's arithmetic (bfloat16 inputs,
+    float32 accumulation, one rounding), up to the order of the sums, on a device without one.
+    Every other operation, and every product without a bfloat16 operand, runs unchanged.
+    ``calls`` counts the products it took over."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in MATRIX_PRODUCTS and any(isinstance(a, torch.Tensor)
+                                           and a.dtype == torch.bfloat16 for a in args):
+            self.calls += 1
+            wide = [a.float() if isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16
+                    else a for a in args]
+            return func(*wide, **kwargs).to(torch.bfloat16)
+        return func(*args, **kwargs)
+
+
+def bf16_products_in_fp32(precision: str, bf16_matmul: str,
+                          device: torch.device | str = "cpu") -> bool:
+    """Whether ``bf16-mixed``'s matrix products run as float32 kernels
+    (:class:`Bf16ProductsInFp32`): ``bf16_matmul`` = ``fp32``, or ``auto`` on a device without
+    bfloat16 units. Never under ``fp32``."""
+    if precision != "bf16-mixed":
+        return False
+    if bf16_matmul == "auto":
+        return not bf16_hardware(device)["bf16_native"]
+    if bf16_matmul in ("bf16", "fp32"):
+        return bf16_matmul == "fp32"
+    raise ValueError(f"unknown bf16_matmul {bf16_matmul!r}")
+
+
+def products(in_fp32: bool) -> contextlib.AbstractContextManager:
+    """The context a backward pass runs under: :class:`Bf16ProductsInFp32` where ``in_fp32``
+    (:func:`bf16_products_in_fp32`), else a null context."""
+    return Bf16ProductsInFp32() if in_fp32 else contextlib.nullcontext()
+
+
+def forward(precision: str, device: torch.device, in_fp32: bool = False
+            ) -> contextlib.AbstractContextManager:
+    """The context a forward pass runs under: :func:`autocast` and, where ``in_fp32``,
+    :class:`Bf16ProductsInFp32` inside it."""
+    if not in_fp32:
+        return autocast(precision, device)
+    stack = contextlib.ExitStack()
+    stack.enter_context(autocast(precision, device))
+    stack.enter_context(Bf16ProductsInFp32())
+    return stack
 
 
 def cpu_flags(cpuinfo: str | None = None) -> set[str]:
@@ -79,12 +150,17 @@ def bf16_hardware(device: torch.device | str = "cpu", cpuinfo: str | None = None
     return {"bf16_native": bool(found), "bf16_path": path, "cpu_capability": capability}
 
 
-def describe(precision: str, base_dtype: str, device: torch.device | str = "cpu") -> str:
+def describe(precision: str, base_dtype: str, device: torch.device | str = "cpu",
+             bf16_matmul: str = "auto") -> str:
     """One line: what a run computes in and stores in (the console summary and summary.json's
     ``precision_detail``)."""
     if precision == "bf16-mixed":
-        line = (f"bf16-mixed: bfloat16 autocast on {bf16_hardware(device)['bf16_path']}; base "
-                f"weights stored {base_dtype}")
+        kernels = ("float32 kernels on the bfloat16 operands, each product rounded once to "
+                   "bfloat16" if bf16_products_in_fp32(precision, bf16_matmul, device)
+                   else "torch's bfloat16 kernels")
+        line = (f"bf16-mixed: bfloat16 autocast, its matrix products by {kernels} "
+                f"(train.bf16_matmul = {bf16_matmul}; found: {bf16_hardware(device)['bf16_path']})"
+                f"; base weights stored {base_dtype}")
     elif base_dtype in ("bfloat16", "float16"):
         line = (f"fp32 (no autocast), but the base weights are stored {base_dtype}, so their "
                 f"products run in {base_dtype} on {bf16_hardware(device)['bf16_path']}")

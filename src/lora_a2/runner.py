@@ -262,8 +262,10 @@ def summarize(exp: Experiment, records: list[dict[str, Any]], initial: dict[str,
         # train.precision as set, what it meant on this device, and the bfloat16 path found
         "precision": cfg.train.precision,
         "base_weights_dtype": cfg.model.dtype,
+        "bf16_matmul": cfg.train.bf16_matmul,
+        "bf16_products_in_fp32": exp.runtime.bf16_in_fp32,
         "precision_detail": describe_precision(cfg.train.precision, cfg.model.dtype,
-                                               exp.runtime.device),
+                                               exp.runtime.device, cfg.train.bf16_matmul),
         **bf16_hardware(exp.runtime.device),
         "noise_source": exp.strategy.privacy.noise_source
         if isinstance(exp.strategy, PrivateStrategy) else None,

@@ -36,7 +36,7 @@ from .engines.local import run_round
 from .experiment import prepare
 from .flops import flop_counter
 from .models import pick_device
-from .precision import bf16_hardware
+from .precision import bf16_hardware, bf16_products_in_fp32
 from .tasks import get_task
 
 BASE = ["data.name=bbc-news", "data.num_clients=4", "data.partition=iid",
@@ -261,13 +261,15 @@ def round_shape(cfg) -> dict[str, Any]:
     return {"examples": examples, "passes": cfg.train.local_epochs + probe}
 
 
-def limit_experiment(model: str, batch_size: int, length: int, precision: str):
+def limit_experiment(model: str, batch_size: int, length: int, precision: str,
+                     bf16_matmul: str = "auto"):
     """``(experiment, data)``: ``model`` with the default run's LoRA (rank r_G on every
-    target module) and ``precision``, and ``batch_size`` training rows made to fill ``length``
-    tokens (every step is exactly batch × length tokens)."""
+    target module), ``precision`` and ``bf16_matmul``, and ``batch_size`` training rows made to
+    fill ``length`` tokens (every step is exactly batch × length tokens)."""
     exp = prepare(load_config(None, [
         f"model.name={model}", f"model.max_length={length}", f"train.batch_size={batch_size}",
-        f"train.precision={precision}", "data.num_clients=1", "data.partition=iid",
+        f"train.precision={precision}", f"train.bf16_matmul={bf16_matmul}",
+        "data.num_clients=1", "data.partition=iid",
         f"data.max_train_examples={max(batch_size, 8)}", "data.max_test_examples=8",
         "data.min_examples_per_client=1"]))
     enc = exp.enc_train
@@ -334,12 +336,23 @@ def measure_limit(model: str | None = None, batch_size: int | None = None,
     device = pick_device(default.engine.device)  # where the train steps below run
     peaks = {name: gemm_gflops(dt, device=device) for name, dt in PEAK_DTYPES.items()}
     step_flops, achieved = None, {}
-    for precision in dict.fromkeys((default.train.precision, *precisions)):
-        exp, data = limit_experiment(model, batch_size, length, precision)
+    # each precision as a run gets it (bf16-mixed with train.bf16_matmul = auto's kernels),
+    # then bf16-mixed with the other kernels: where auto took float32 kernels, torch's own
+    # bfloat16 ones show what emulated bfloat16 costs; where it took bfloat16 units, float32
+    # kernels show what the units save
+    variants = [(p, "auto") for p in dict.fromkeys((default.train.precision, *precisions))]
+    if "bf16-mixed" in precisions:
+        other = "bf16" if bf16_products_in_fp32("bf16-mixed", "auto", device) else "fp32"
+        variants.append(("bf16-mixed", other))
+    for precision, kernels in variants:
+        exp, data = limit_experiment(model, batch_size, length, precision, kernels)
         if step_flops is None:
             step_flops = train_step_flops(exp, data)
         step_s = time_train_steps(exp, data, steps, repeats, budget_s)
-        achieved[precision] = {"step_s": step_s, "gflops": step_flops / step_s / 1e9}
+        name = precision if kernels == "auto" else f"{precision}, {kernels} kernels"
+        achieved[name] = {"step_s": step_s, "gflops": step_flops / step_s / 1e9}
+        if precision == "bf16-mixed":
+            achieved[name]["bf16_matmul"] = ("fp32" if exp.runtime.bf16_in_fp32 else "bf16")
         del exp
     per_example = step_flops / batch_size
     peak = {name: max(kernels.values()) for name, kernels in peaks.items()}
@@ -389,6 +402,8 @@ def format_limit(r: dict[str, Any]) -> str:
     ]
     for p, a in r["achieved"].items():
         mark = "  ← fraction_of_peak" if p == r["default_precision"] else ""
+        if p == "bf16-mixed":
+            mark += f"  ({a['bf16_matmul']} kernels: train.bf16_matmul = auto)"
         lines.append(f"  train steps {p:10s} {a['step_s'] * 1e3:.0f} ms/step = "
                      f"{a['gflops']:.1f} GFLOP/s = "
                      f"{r['fraction_of_peak_by_precision'][p]:.3f} of the {best} peak{mark}")

@@ -92,6 +92,8 @@ def collect_rows(out: Path, cells: list[Cell]) -> list[dict[str, Any]]:
         rows.append({"cell": cell.cell_id, "seed": cell.seed, **cell.labels, "metric": metric,
                      **figures,
                      "device": s.get("device", "cpu"),
+                     # bf16-mixed only: which kernels ran its matrix products (train.bf16_matmul)
+                     "bf16_products_in_fp32": s.get("bf16_products_in_fp32"),
                      "total_upload_bytes": s["total_upload_bytes"],
                      "total_download_bytes": s["total_download_bytes"],
                      "total_upload_params": s["total_upload_params"],

@@ -11,18 +11,17 @@ from __future__ import annotations
 
 from .parse import (all_keys, coerce_value, config_from_dict, differences, flatten, load_config,
                     overrides_to_sets, parse_set, split_sets)
-from .schema import (CROSS_PHASE, FLEET_PROFILES, LEGACY_DEFAULTS, LEGACY_STRATEGY_OPTIONS,
-                     MECHANISMS,
-                     MODEL_DTYPES, MODES, NOISE_SOURCES, PARTITIONS, PRECISIONS,
-                     RANK_DISTRIBUTIONS, REPORTERS, SCHEMA_VERSION, SECTIONS, Config, DataConfig,
-                     EngineConfig, FleetConfig, ModelConfig, PrivacyConfig, ReportConfig,
-                     SecAggConfig, ServerConfig, StrategyConfig, TaskConfig, TrainConfig,
-                     TRAIN_MODES)
+from .schema import (BF16_MATMULS, CROSS_PHASE, FLEET_PROFILES, LEGACY_DEFAULTS,
+                     LEGACY_STRATEGY_OPTIONS, MECHANISMS, MODEL_DTYPES, MODES, NOISE_SOURCES,
+                     PARTITIONS, PRECISIONS, RANK_DISTRIBUTIONS, REPORTERS, SCHEMA_VERSION,
+                     SECTIONS, TRAIN_MODES, Config, DataConfig, EngineConfig, FleetConfig,
+                     ModelConfig, PrivacyConfig, ReportConfig, SecAggConfig, ServerConfig,
+                     StrategyConfig, TaskConfig, TrainConfig)
 from .validate import clients_known, clients_per_round, phase_every, validate
 
 __all__ = [
-    "CROSS_PHASE", "FLEET_PROFILES", "FleetConfig", "LEGACY_DEFAULTS", "LEGACY_STRATEGY_OPTIONS",
-    "MECHANISMS",
+    "BF16_MATMULS", "CROSS_PHASE", "FLEET_PROFILES", "FleetConfig", "LEGACY_DEFAULTS",
+    "LEGACY_STRATEGY_OPTIONS", "MECHANISMS",
     "MODEL_DTYPES", "MODES", "NOISE_SOURCES", "PARTITIONS", "PRECISIONS", "RANK_DISTRIBUTIONS",
     "REPORTERS", "SCHEMA_VERSION",
     "SECTIONS", "Config", "DataConfig", "EngineConfig", "ModelConfig", "PrivacyConfig",

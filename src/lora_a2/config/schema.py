@@ -12,6 +12,8 @@ import tomli_w
 MODEL_DTYPES = ("float32", "bfloat16", "float16", "auto")
 PRECISIONS = ("fp32", "bf16-mixed")
 """Values of train.precision (Lightning's names)."""
+BF16_MATMULS = ("auto", "bf16", "fp32")
+"""Values of train.bf16_matmul."""
 RANK_DISTRIBUTIONS = ("uniform", "heavy-tail", "normal")
 """Named values of strategy.rank_budget (the same tuple as budgets.DISTRIBUTIONS, kept here so
 that the config imports no component)."""
@@ -196,7 +198,14 @@ class TrainConfig:
     `train.precision` what the products *compute* in (a bfloat16-stored base computes in
     bfloat16 even under `fp32`). Fast only on bfloat16 matrix units (CUDA from Ampere on; CPUs
     with AVX512-BF16 or AMX: summary.json's `bf16_path` says which was found); elsewhere
-    bfloat16 is emulated and slower than float32."""
+    `train.bf16_matmul` decides how its products run."""
+    bf16_matmul: str = "auto"
+    """Under `bf16-mixed`, which kernels compute the bfloat16 matrix products, forward and
+    backward: `bf16` (torch's own: the bfloat16 units where the device has them; without them
+    bfloat16 is emulated, ≈ 10× slower than float32 on a CPU), `fp32` (float32 kernels on the
+    same bfloat16 operands, each product rounded once to bfloat16: a bfloat16 unit's arithmetic,
+    up to the order of the sums, at float32's speed), or `auto` (`bf16` where the device has
+    bfloat16 units, `fp32` elsewhere). No effect under `fp32`."""
     deadline_s: float = 0.0
     """Simulated seconds a round waits (needs a `fleet.profile`): a client whose download +
     compute + upload takes longer is a straggler, its work discarded (its download still

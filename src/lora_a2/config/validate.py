@@ -7,8 +7,9 @@ import math
 from typing import Any
 
 from ..errors import UserError
-from .schema import (CROSS_PHASE, FLEET_PROFILES, TRAIN_MODES, MECHANISMS, MODEL_DTYPES, MODES, NOISE_SOURCES,
-                     PARTITIONS, PRECISIONS, RANK_DISTRIBUTIONS, REPORTERS, Config)
+from .schema import (BF16_MATMULS, CROSS_PHASE, FLEET_PROFILES, MECHANISMS, MODEL_DTYPES, MODES,
+                     NOISE_SOURCES, PARTITIONS, PRECISIONS, RANK_DISTRIBUTIONS, REPORTERS,
+                     TRAIN_MODES, Config)
 
 
 def require(cond: bool, key: str, msg: str, value: Any) -> None:
@@ -82,6 +83,8 @@ def validate(cfg: Config) -> None:
     require(t.min_replies >= 1, "train.min_replies", "must be ≥ 1", t.min_replies)
     require(t.precision in PRECISIONS, "train.precision",
              f"must be one of {', '.join(PRECISIONS)}", t.precision)
+    require(t.bf16_matmul in BF16_MATMULS, "train.bf16_matmul",
+             f"must be one of {', '.join(BF16_MATMULS)}", t.bf16_matmul)
     require(cfg.server.max_update_bytes >= 1024, "server.max_update_bytes", "must be ≥ 1024",
              cfg.server.max_update_bytes)
     require(cfg.server.max_update_norm >= 0, "server.max_update_norm", "must be ≥ 0 (0 = off)",
