@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 from conftest import assert_config_error
 from lora_a2.checks import load_config
@@ -101,6 +102,35 @@ def test_float32_kernels_compute_a_bfloat16_product_rounded_once():
     assert torch.equal(mm, exact.to(torch.bfloat16))
     assert torch.equal(lin, (exact + b.double()).to(torch.bfloat16))
     assert torch.equal(bmm, (x3.double() @ x3.double().transpose(1, 2)).to(torch.bfloat16))
+    # MiniLM's FFN shape under autocast (as a run uses it): bit for bit the float32 product
+    # rounded once, where torch's bfloat16 kernels round some sums differently
+    big, wbig = (torch.randn(*shape, generator=g) for shape in ((512, 384), (1536, 384)))
+    with torch.autocast("cpu", dtype=torch.bfloat16), Bf16ProductsInFp32() as mode:
+        out = torch.nn.functional.linear(big, wbig)
+    assert mode.calls == 1 and out.dtype == torch.bfloat16
+    ref = (big.to(torch.bfloat16).float() @ wbig.to(torch.bfloat16).float().T).to(torch.bfloat16)
+    assert torch.equal(out, ref)
+    # a product mixing dtypes is left to torch, which rejects it as without the mode
+    with Bf16ProductsInFp32() as mode, pytest.raises(RuntimeError):
+        a @ torch.ones(48, 3)
+    assert mode.calls == 0
+
+
+def test_the_forward_context_enters_at_with_and_leaves_nothing_behind():
+    def active():
+        return (torch.is_autocast_enabled("cpu"),
+                any(isinstance(m, Bf16ProductsInFp32) for m in _get_current_dispatch_mode_stack()))
+
+    ctx = precision.forward("bf16-mixed", torch.device("cpu"), in_fp32=True)
+    assert active() == (False, False)          # made, not entered: nothing is on yet
+    with ctx:
+        assert active() == (True, True)
+    assert active() == (False, False)
+    with precision.forward("bf16-mixed", torch.device("cpu"), in_fp32=False):
+        assert active() == (True, False)
+    with precision.products(True):
+        assert active() == (False, True)
+    assert isinstance(precision.products(False), contextlib.nullcontext)
 
 
 def test_which_kernels_bf16_mixed_products_run_on(monkeypatch):
@@ -136,7 +166,6 @@ def test_float32_kernels_take_over_forward_and_backward_products(synthetic_csv, 
         def __init__(self):
             super().__init__()
             modes.append(self)
-            self.grad_mode = torch.is_grad_enabled()
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func in precision.MATRIX_PRODUCTS and any(
@@ -231,6 +260,10 @@ def run_pair(tmp_path: Path, sets: list[str]) -> dict[str, dict]:
     for p, s in out.items():
         assert s["precision"] == p and s["precision_detail"].startswith(p)
         assert isinstance(s["bf16_native"], bool) and s["bf16_path"]
+        # which kernels ran the products: float32 ones for bf16-mixed where bfloat16 has no units
+        assert s["bf16_matmul"] == "auto"
+        assert s["bf16_products_in_fp32"] is (p == "bf16-mixed" and not s["bf16_native"])
+        assert ("float32 kernels" in s["precision_detail"]) is s["bf16_products_in_fp32"]
     return out
 
 
@@ -260,14 +293,18 @@ def test_tiny_llama_causal_lm_runs_in_bf16_mixed(tmp_path, monkeypatch, capsys):
     real = lora_a2.generate.generate
 
     def generate(*args, **kwargs):
-        seen[run] = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu")
+        in_fp32 = any(isinstance(m, Bf16ProductsInFp32) for m in _get_current_dispatch_mode_stack())
+        seen[run] = (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"),
+                     in_fp32)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(lora_a2.generate, "generate", generate)
     for run in ("fp32", "bf16-mixed"):
         assert main(["generate", str(tmp_path / run), "-p", "Name a fruit.",
                      "--max-new-tokens", "3"]) == 0
-    assert seen == {"fp32": False, "bf16-mixed": torch.bfloat16}
+    # ... and on the run's kernels (train.bf16_matmul = auto)
+    assert seen == {"fp32": (False, False),
+                    "bf16-mixed": (torch.bfloat16, bf.get("bf16_products_in_fp32"))}
     assert capsys.readouterr().out.count("\n") >= 2  # an answer line each
 
 

@@ -122,7 +122,9 @@ class ModelRuntime:
                 raise UserError(f"model '{cfg.name}' does not support "
                                 f"model.gradient_checkpointing")
             # non-reentrant: gradients reach the LoRA factors although every base weight and
-            # the inputs are frozen (the reentrant variant would drop them)
+            # the inputs are frozen (the reentrant variant would drop them). Its recomputed
+            # forward runs inside the backward pass: under the forward's autocast state (which
+            # checkpoint restores) and :meth:`backward`'s kernels for bf16-mixed's products
             base.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
         if getattr(base.config, "use_cache", None):

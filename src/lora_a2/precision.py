@@ -11,12 +11,14 @@ and what the hardware offers for bfloat16.
 
 Which kernels compute the bfloat16 matrix products (``train.bf16_matmul``): torch's own
 (``bf16``: the bfloat16 units where the device has them; on a CPU without them oneDNN emulates
-bfloat16, ≈ 10× slower than float32), or float32 kernels on the same bfloat16 operands with the
-product rounded once to bfloat16 (``fp32``: :class:`Bf16ProductsInFp32`), which is what a
-bfloat16 matrix unit computes — bfloat16 inputs, float32 accumulation, one rounding of the
-result — up to the order of the sums, at float32's speed. ``auto`` picks ``bf16`` where
-:func:`bf16_hardware` finds bfloat16 units and ``fp32`` elsewhere. The backward pass runs under
-the same choice (:func:`products`): its matrix products take bfloat16 operands too.
+bfloat16 — on an AVX2 CPU a product ≈ 10× slower than in float32, a MiniLM training step ≈ 22×),
+or float32 kernels on the same bfloat16 operands with the product rounded once to bfloat16
+(``fp32``: :class:`Bf16ProductsInFp32`): bfloat16 inputs, float32 accumulation, one rounding of
+the result, as a bfloat16 matrix unit computes, up to the order of the sums (CUDA's cuBLAS may
+also sum in reduced precision: torch's ``allow_bf16_reduced_precision_reduction``). ``auto``
+picks ``bf16`` where :func:`bf16_hardware` finds bfloat16 units and ``fp32`` elsewhere. The
+backward pass runs under the same choice (:func:`products`): its matrix products take bfloat16
+operands too.
 
 A leaf: it imports torch only, so the runtime, the runner and ``lora-a2 speed`` share it.
 """
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -44,18 +47,23 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
     raise ValueError(f"unknown precision {precision!r}")
 
 
-#: the aten matrix products a linear layer, ``matmul`` and eager attention reach, forward and
-#: backward (``aten.linear`` and ``aten.matmul`` decompose into these before dispatch)
+#: the aten matrix products a linear layer, ``matmul`` and eager (or torch's math-path)
+#: attention reach, forward and backward (``aten.linear`` and ``aten.matmul`` decompose into
+#: these before dispatch). Fused attention kernels (``_scaled_dot_product_flash_attention*``,
+#: the path torch takes where attention dropout is 0: evaluation, generation, Llama training)
+#: are not among them and run as torch's own bfloat16 kernels; on CPU that kernel sums in
+#: float32 and is not the slow part (docs/MODELS_AND_DATA.md).
 MATRIX_PRODUCTS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default,
                    torch.ops.aten.bmm.default, torch.ops.aten.baddbmm.default)
 
 
 class Bf16ProductsInFp32(TorchDispatchMode):
-    """While active, every matrix product (:data:`MATRIX_PRODUCTS`) with a bfloat16 operand runs
-    as a float32 kernel on the operands' exact float32 values (every bfloat16 number is one), and
-    its result is rounded once to bfloat16: a bfloat16 matrix unit's arithmetic (bfloat16 inputs,
-    float32 accumulation, one rounding), up to the order of the sums, on a device without one.
-    Every other operation, and every product without a bfloat16 operand, runs unchanged.
+    """While active, every matrix product (:data:`MATRIX_PRODUCTS`) whose tensor operands are
+    all bfloat16 runs as a float32 kernel on the operands' exact float32 values (every bfloat16
+    number is one), and its result is rounded once to bfloat16: a bfloat16 matrix unit's
+    arithmetic (bfloat16 inputs, float32 accumulation, one rounding), up to the order of the
+    sums, on a device without one. Every other operation runs unchanged — a product mixing
+    bfloat16 with another dtype too, so torch rejects it as it would without the mode.
     ``calls`` counts the products it took over."""
 
     def __init__(self) -> None:
@@ -64,11 +72,11 @@ class Bf16ProductsInFp32(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in MATRIX_PRODUCTS and any(isinstance(a, torch.Tensor)
-                                           and a.dtype == torch.bfloat16 for a in args):
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if func in MATRIX_PRODUCTS and tensors and all(t.dtype == torch.bfloat16
+                                                       for t in tensors):
             self.calls += 1
-            wide = [a.float() if isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16
-                    else a for a in args]
+            wide = [a.float() if isinstance(a, torch.Tensor) else a for a in args]
             return func(*wide, **kwargs).to(torch.bfloat16)
         return func(*args, **kwargs)
 
@@ -96,13 +104,16 @@ def products(in_fp32: bool) -> contextlib.AbstractContextManager:
 def forward(precision: str, device: torch.device, in_fp32: bool = False
             ) -> contextlib.AbstractContextManager:
     """The context a forward pass runs under: :func:`autocast` and, where ``in_fp32``,
-    :class:`Bf16ProductsInFp32` inside it."""
+    :class:`Bf16ProductsInFp32` inside it (both entered at ``with``, not before)."""
     if not in_fp32:
         return autocast(precision, device)
-    stack = contextlib.ExitStack()
-    stack.enter_context(autocast(precision, device))
-    stack.enter_context(Bf16ProductsInFp32())
-    return stack
+    return _autocast_in_fp32(precision, device)
+
+
+@contextlib.contextmanager
+def _autocast_in_fp32(precision: str, device: torch.device) -> Iterator[None]:
+    with autocast(precision, device), Bf16ProductsInFp32():
+        yield
 
 
 def cpu_flags(cpuinfo: str | None = None) -> set[str]:

@@ -200,12 +200,13 @@ class TrainConfig:
     with AVX512-BF16 or AMX: summary.json's `bf16_path` says which was found); elsewhere
     `train.bf16_matmul` decides how its products run."""
     bf16_matmul: str = "auto"
-    """Under `bf16-mixed`, which kernels compute the bfloat16 matrix products, forward and
-    backward: `bf16` (torch's own: the bfloat16 units where the device has them; without them
-    bfloat16 is emulated, ≈ 10× slower than float32 on a CPU), `fp32` (float32 kernels on the
-    same bfloat16 operands, each product rounded once to bfloat16: a bfloat16 unit's arithmetic,
-    up to the order of the sums, at float32's speed), or `auto` (`bf16` where the device has
-    bfloat16 units, `fp32` elsewhere). No effect under `fp32`."""
+    """Under `bf16-mixed`, which kernels compute the bfloat16 matrix products (linear layers and
+    unfused attention), forward and backward: `bf16` (torch's own: the bfloat16 units where the
+    device has them; without them bfloat16 is emulated: on an AVX2 CPU a product ≈ 10× slower
+    than float32, a MiniLM training step ≈ 22×), `fp32` (float32 kernels on the same bfloat16
+    operands, each product rounded once to bfloat16: a bfloat16 unit's arithmetic up to the
+    order of the sums; a MiniLM step 1.2× a float32 one), or `auto` (`bf16` where the device
+    has bfloat16 units, `fp32` elsewhere). No effect under `fp32`."""
     deadline_s: float = 0.0
     """Simulated seconds a round waits (needs a `fleet.profile`): a client whose download +
     compute + upload takes longer is a straggler, its work discarded (its download still
