@@ -10,7 +10,8 @@ of output elements in which each kernel's bfloat16 result differs from the exact
 sums) rounded once to bfloat16; then, for one training step of the default run's model and
 shape (forward, loss, backward; the same dropout masks), the relative difference (‖x − y‖ /
 ‖y‖) of the logits and of the LoRA factors' gradients between fp32, bf16-mixed on torch's
-bfloat16 kernels and bf16-mixed on float32 kernels. A single product tells whether the
+bfloat16 kernels and bf16-mixed on float32 kernels; then the time of one evaluation forward pass
+in each (its attention on torch's fused kernel). A single product tells whether the
 arithmetic is the same; a whole step tells how far a one-step difference in a product's rounding
 carries through the model's layers. Slow where bfloat16 is emulated (one step on torch's
 bfloat16 kernels: ≈ 16 s for MiniLM on a 2-core AVX2 CPU).
@@ -19,6 +20,7 @@ bfloat16 kernels: ≈ 16 s for MiniLM on a 2-core AVX2 CPU).
 from __future__ import annotations
 
 import argparse
+import time
 
 import numpy as np
 import torch
@@ -67,6 +69,23 @@ def one_step(model: str, precision: str, kernels: str) -> tuple[torch.Tensor, to
     return logits.detach().float(), grads
 
 
+def eval_seconds(model: str, precision: str, kernels: str, batch: int = 64,
+                 repeats: int = 2) -> float:
+    """Best of ``repeats`` timings of one evaluation forward pass (``batch`` × 64 tokens, no
+    dropout: torch's fused attention kernel, which the float32-kernel mode leaves alone)."""
+    exp, data = limit_experiment(model, batch, 64, precision, kernels)
+    rt = exp.runtime
+    rt.model.eval()
+    ids = data.input_ids.to(rt.device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        with torch.no_grad(), rt.autocast():
+            rt.model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
 def rel(x: torch.Tensor, y: torch.Tensor) -> float:
     return float((x - y).norm() / y.norm())
 
@@ -88,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
                  ("bf16-mixed/fp32", "bf16-mixed/bf16")):
         print(f"  {x:16s} vs {y:16s} {rel(out[x][0], out[y][0]):.5f}  "
               f"{rel(out[x][1], out[y][1]):.5f}")
+    print(f"one evaluation forward pass of {args.model}, 64 × 64, best of 2:")
+    for p, k in VARIANTS:
+        print(f"  {p}/{k:5s} {eval_seconds(args.model, p, k):.2f} s")
     return 0
 
 
