@@ -902,8 +902,10 @@ def precision_table(rows: list[dict[str, Any]], main_rows: list[dict[str, Any]] 
                     spread_rows: list[dict[str, Any]] = (),
                     twins: dict[str, str | None] | None = None) -> str:
     """Grid ``precision``: each (split, budget, seed) pair's final accuracy in float32 and in
-    ``bf16-mixed``, the difference and the wall-time ratio, beside the main-grid cell the float32
-    one repeats (``twins``: precision cell → main cell; same config and seed). Then the
+    ``bf16-mixed``, the difference and the wall times, beside the main-grid cell the float32
+    one repeats (``twins``: precision cell → main cell; same config and seed). A bf16 cell whose
+    float32 rerun has not run yet is paired with that main-grid cell, which is the same run in
+    float32 (marked ᵐ). Then the
     differences read against rounding alone — this grid's float32 cells against those main-grid
     cells, which differ only where the hardware rounds differently — and, for context, the
     default run's seed-to-seed standard deviation (grid ``default-spread``)."""
@@ -917,20 +919,28 @@ def precision_table(rows: list[dict[str, Any]], main_rows: list[dict[str, Any]] 
     lines = ["| split | budget | seed | main grid (%) | fp32 (%) | fp32 − main: rounding (points) "
              "| bf16-mixed (%) | bf16 − fp32 (points) | wall fp32 / bf16 (s) |",
              "|---|---|---|---|---|---|---|---|---|"]
-    deltas, rounding, devices = [], [], set()
+    deltas, rounding, devices, on_main = [], [], set(), 0
     for (split, budget, seed), by in sorted(pairs.items(),
                                             key=lambda kv: (SPLITS.index(kv[0][0]), kv[0][1:])):
         acc = [f"{100 * by[p]['final_accuracy']:.1f}" if p in by else "·" for p in PRECISIONS]
-        wall = " / ".join(f"{by[p]['wall_s']:.0f}" if p in by else "·" for p in PRECISIONS)
+        twin = main.get(next((twins[r["cell"]] for r in by.values() if twins.get(r["cell"])),
+                             ""))
+        # the fp32 side of the pair: this grid's rerun, else the main-grid cell itself (the
+        # same config and seed in float32)
+        fp = by.get("fp32") or twin
+        walls = [fp["wall_s"] if fp else None, by["bf16-mixed"]["wall_s"]
+                 if "bf16-mixed" in by else None]
+        wall = " / ".join(f"{w:.0f}" if w is not None else "·" for w in walls)
         diff = "·"
-        if all(p in by for p in PRECISIONS):
-            d = by["bf16-mixed"]["final_accuracy"] - by["fp32"]["final_accuracy"]
+        if fp is not None and "bf16-mixed" in by:
+            d = by["bf16-mixed"]["final_accuracy"] - fp["final_accuracy"]
             deltas.append(d)
-            diff = f"{100 * d:+.1f}"
-        twin = main.get(twins.get(by["fp32"]["cell"]) or "") if "fp32" in by else None
+            on_main += "fp32" not in by
+            diff = f"{100 * d:+.1f}" + ("ᵐ" if "fp32" not in by else "")
         was, moved = "·", "·"
         if twin is not None:
             was = f"{100 * twin['final_accuracy']:.1f} ({twin.get('device') or 'cpu'})"
+        if twin is not None and "fp32" in by:
             rounding.append(by["fp32"]["final_accuracy"] - twin["final_accuracy"])
             devices |= {twin.get("device") or "cpu", by["fp32"].get("device") or "cpu"}
             moved = f"{100 * rounding[-1]:+.1f}"
@@ -944,7 +954,9 @@ def precision_table(rows: list[dict[str, Any]], main_rows: list[dict[str, Any]] 
         lines.append(f"- {len(deltas)} complete pairs: bf16 − fp32 mean "
                      f"{100 * statistics.fmean(deltas):+.1f} points (mean size "
                      f"{100 * statistics.fmean(size):.1f}), largest "
-                     f"{100 * max(deltas, key=abs):+.1f}.")
+                     f"{100 * max(deltas, key=abs):+.1f}"
+                     + (f"; ᵐ {on_main} against the main-grid cell itself (its fp32 rerun here "
+                        f"not run yet)" if on_main else "") + ".")
     if rounding:
         worst = max(abs(d) for d in rounding)
         line = (f"- rounding alone: {len(rounding)} fp32 cells against the main-grid cells they "

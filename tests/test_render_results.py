@@ -451,6 +451,16 @@ def test_precision_table_pairs_each_seed_and_reads_against_rounding_alone():
         render.precision_table(rows, same, (), twins)
     assert render.precision_table(rows[-1:], main, (), twins).splitlines()[-2] == \
         "- no complete pair yet."
+    # a bf16 cell whose fp32 rerun has not run yet pairs with the main-grid cell it repeats,
+    # which is the same run in float32 (marked); no rounding-alone figure comes of it
+    main_walls = [{**m, "wall_s": 350.0} for m in main]
+    lone = [pr("dir0.01", "1", 0, "bf16-mixed", 0.56, 300.0)]
+    lines = render.precision_table(lone, main_walls, (), twins).splitlines()
+    assert lines[2] == "| Dir(0.01) | 1 | 0 | 52.0 (cpu) | · | · | 56.0 | +4.0ᵐ | 350 / 300 |"
+    assert lines[-2] == ("- 1 complete pairs: bf16 − fp32 mean +4.0 points (mean size 4.0), "
+                         "largest +4.0; ᵐ 1 against the main-grid cell itself (its fp32 rerun "
+                         "here not run yet).")
+    assert not any(x.startswith("- rounding alone") for x in lines)
 
 
 def test_the_precision_grid_s_fp32_cells_repeat_main_grid_cells():
