@@ -959,12 +959,14 @@ def precision_table(rows: list[dict[str, Any]], main_rows: list[dict[str, Any]] 
                         f"not run yet)" if on_main else "") + ".")
     if rounding:
         worst = max(abs(d) for d in rounding)
-        line = (f"- rounding alone: {len(rounding)} fp32 cells against the main-grid cells they "
-                f"repeat (same config and seed; on {' and '.join(sorted(devices))}): mean size "
+        n = len(rounding)
+        line = (f"- rounding alone: {n} fp32 cell{'s' * (n != 1)} against the main-grid "
+                f"cell{'s' * (n != 1)} {'they repeat' if n != 1 else 'it repeats'} (same config "
+                f"and seed; on {' and '.join(sorted(devices))}): mean size "
                 f"{100 * statistics.fmean(abs(d) for d in rounding):.1f} points, largest "
                 f"{100 * worst:.1f}")
         if worst == 0:
-            line += " (bit-identical: the same hardware)"
+            line += " (the same final accuracy: the same hardware)"
         if deltas:
             line += (f"; {sum(abs(d) <= worst for d in deltas)} of {len(deltas)} bf16 − fp32 "
                      f"differences are no larger")

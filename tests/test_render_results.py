@@ -447,10 +447,12 @@ def test_precision_table_pairs_each_seed_and_reads_against_rounding_alone():
         render.precision_table(rows, main, spread, twins)
     # fp32 reproduced bit for bit (same hardware): said so
     same = [{**m, "final_accuracy": a} for m, a in zip(main, (0.50, 0.80, 0.75))]
-    assert "largest 0.0 (bit-identical: the same hardware); 0 of 2" in \
+    assert "largest 0.0 (the same final accuracy: the same hardware); 0 of 2" in \
         render.precision_table(rows, same, (), twins)
     assert render.precision_table(rows[-1:], main, (), twins).splitlines()[-2] == \
         "- no complete pair yet."
+    assert "- rounding alone: 1 fp32 cell against the main-grid cell it repeats (same config" \
+        in render.precision_table(rows[:2], main, (), twins)
     # a bf16 cell whose fp32 rerun has not run yet pairs with the main-grid cell it repeats,
     # which is the same run in float32 (marked); no rounding-alone figure comes of it
     main_walls = [{**m, "wall_s": 350.0} for m in main]
