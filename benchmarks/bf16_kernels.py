@@ -20,12 +20,14 @@ bfloat16 kernels: ≈ 16 s for MiniLM on a 2-core AVX2 CPU).
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import numpy as np
 import torch
 
 from lora_a2.client import batch_of
+from lora_a2.errors import UserError
 from lora_a2.precision import Bf16ProductsInFp32, bf16_hardware
 from lora_a2.speed import limit_experiment
 
@@ -94,22 +96,31 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="minilm")
     args = ap.parse_args(argv)
+    try:
+        return report(args.model)
+    except UserError as e:  # a model that cannot be loaded: one line, as the CLI says it
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def report(model: str) -> int:
+    """Print the three comparisons for ``model``."""
     print(f"device: {bf16_hardware('cpu')['bf16_path']}; {torch.get_num_threads()} torch threads")
     agree = product_agreement()
     print("one linear layer 1024×384 · 384×1536 + bias, outputs differing from the exact product "
           "rounded once to bfloat16:")
     print(f"  torch's bfloat16 kernels {100 * agree['bf16']:.4f} %; float32 kernels "
           f"{100 * agree['fp32']:.4f} %")
-    out = {f"{p}/{k}": one_step(args.model, p, k) for p, k in VARIANTS}
-    print(f"one training step of {args.model}, 16 × 64, relative difference (logits, LoRA "
+    out = {f"{p}/{k}": one_step(model, p, k) for p, k in VARIANTS}
+    print(f"one training step of {model}, 16 × 64, relative difference (logits, LoRA "
           f"gradients):")
     for x, y in (("bf16-mixed/bf16", "fp32/auto"), ("bf16-mixed/fp32", "fp32/auto"),
                  ("bf16-mixed/fp32", "bf16-mixed/bf16")):
         print(f"  {x:16s} vs {y:16s} {rel(out[x][0], out[y][0]):.5f}  "
               f"{rel(out[x][1], out[y][1]):.5f}")
-    print(f"one evaluation forward pass of {args.model}, 64 × 64, best of 2:")
+    print(f"one evaluation forward pass of {model}, 64 × 64, best of 2:")
     for p, k in VARIANTS:
-        print(f"  {p}/{k:5s} {eval_seconds(args.model, p, k):.2f} s")
+        print(f"  {p}/{k:5s} {eval_seconds(model, p, k):.2f} s")
     return 0
 
 

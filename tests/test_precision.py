@@ -343,3 +343,25 @@ def test_smollm2_runs_in_bf16_mixed(tmp_path):
     assert fp["final_loss"] != bf["final_loss"]
     assert bf["final_loss"] == pytest.approx(fp["final_loss"], rel=0.03), (fp, bf)
     assert bf["initial_loss"] == pytest.approx(fp["initial_loss"], rel=0.03), (fp, bf)
+
+
+def test_the_bf16_kernels_benchmark_runs_and_names_a_bad_model_in_one_line(capsys, monkeypatch):
+    """``benchmarks/bf16_kernels.py``: the comparison on the tiny model, and a model that cannot
+    be loaded is one line, exit 2."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "bf16_kernels", Path(__file__).resolve().parents[1] / "benchmarks" / "bf16_kernels.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--model", "tiny-random-bert"]) == 0
+    out = capsys.readouterr().out
+    assert "bf16-mixed/fp32  vs bf16-mixed/bf16" in out and "one evaluation forward pass" in out
+
+    def unloadable(*args, **kwargs):
+        raise UserError("could not load model 'nope'")
+
+    monkeypatch.setattr(bench, "limit_experiment", unloadable)
+    assert bench.main(["--model", "nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: could not load model 'nope'", err
