@@ -156,8 +156,8 @@ def bf16_hardware(device: torch.device | str = "cpu", cpuinfo: str | None = None
     if found:
         path = f"CPU {' + '.join(found)} (oneDNN's native bfloat16 kernels)"
     else:
-        path = (f"CPU without AVX512-BF16 or AMX ({capability}): bfloat16 is emulated, "
-                f"slower than float32")
+        path = (f"CPU without AVX512-BF16 or AMX ({capability}): torch's bfloat16 kernels "
+                f"are emulated here, slower than float32")
     return {"bf16_native": bool(found), "bf16_path": path, "cpu_capability": capability}
 
 
@@ -170,7 +170,7 @@ def describe(precision: str, base_dtype: str, device: torch.device | str = "cpu"
                    "bfloat16" if bf16_products_in_fp32(precision, bf16_matmul, device)
                    else "torch's bfloat16 kernels")
         line = (f"bf16-mixed: bfloat16 autocast, its matrix products by {kernels} "
-                f"(train.bf16_matmul = {bf16_matmul}; found: {bf16_hardware(device)['bf16_path']})"
+                f"(train.bf16_matmul = {bf16_matmul}; hardware: {bf16_hardware(device)['bf16_path']})"
                 f"; base weights stored {base_dtype}")
     elif base_dtype in ("bfloat16", "float16"):
         line = (f"fp32 (no autocast), but the base weights are stored {base_dtype}, so their "
