@@ -16,7 +16,7 @@ from lora_a2 import privacy as dp
 from lora_a2.cli import main
 from lora_a2.config import SCHEMA_VERSION, load_config
 from lora_a2.payload import decode, encode
-from lora_a2.private import resolve_plan
+from lora_a2.private import rebuildable_noise_warning, resolve_plan
 from lora_a2.report import read_metrics
 from lora_a2.selection import selection_from_ids
 from lora_a2.strategies import Task, Update
@@ -635,6 +635,27 @@ def test_schema_version_keeps_old_configs_seeded(tmp_path):
     again = tmp_path / "again.toml"
     again.write_text(cfg.to_toml())
     assert load_config(again) == cfg
+
+
+def test_rebuildable_noise_is_warned_before_round_1(tmp_path, synthetic_csv, capsys):
+    # a hand-written DP config without schema_version loads as version 1, with seeded noise:
+    # the user is told before the run starts, and told how to get noise nobody can rebuild
+    old = tmp_path / "mine.toml"
+    old.write_text("[privacy]\nmechanism = 'gaussian'\nnoise_multiplier = 1.0\n")
+    run_cli(tmp_path / "old", "train.rounds=1", data=synthetic_csv, args=("--config", str(old)))
+    err = capsys.readouterr().err
+    assert "lora-a2: warning: privacy.noise_source = 'seeded'" in err
+    assert "no schema_version" in err and "schema_version = 2" in err
+    # the same file at schema version 2 draws from the OS: no warning
+    new = tmp_path / "new.toml"
+    new.write_text("schema_version = 2\n" + old.read_text())
+    run_cli(tmp_path / "new", "train.rounds=1", data=synthetic_csv, args=("--config", str(new)))
+    assert "warning" not in capsys.readouterr().err
+    # seeded by choice is warned too, without the schema hint; no DP, no warning
+    explicit = load_config(new, ["privacy.noise_source=seeded"])
+    line = rebuildable_noise_warning(explicit)
+    assert line and "set in the config" in line and "schema_version" not in line
+    assert rebuildable_noise_warning(load_config(old, ["privacy.mechanism=none"])) is None
 
 
 def test_committed_cells_load_with_the_noise_they_ran_with():

@@ -280,6 +280,23 @@ def check_config(cfg: Config) -> None:
                         f"{', '.join(ok)})")
 
 
+def rebuildable_noise_warning(cfg: Config) -> str | None:
+    """One line to print before round 1 when ``cfg`` adds DP noise that whoever holds the
+    config can rebuild (``privacy.noise_source = "seeded"``), saying why where the reason is a
+    config file without ``schema_version`` (it loads as version 1, whose default is
+    ``seeded``); None otherwise. The run's summary repeats it in ``privacy.caveats``."""
+    p = cfg.privacy
+    if p.mechanism == "none" or p.noise_source != "seeded":
+        return None
+    why = ("the config has no schema_version, so it loads as version 1 (configs written before "
+           "version 2), whose default is privacy.noise_source = 'seeded'; add "
+           "schema_version = 2 or privacy.noise_source = 'os' for noise nobody can rebuild"
+           if cfg.schema_version == 1 else "set in the config")
+    return (f"privacy.noise_source = 'seeded' ({why}): every noise draw can be rebuilt from "
+            f"the config's seed, so the DP guarantee does not hold against whoever holds the "
+            f"config")
+
+
 def build_strategy(cfg: Config) -> Strategy | PrivateStrategy:
     """The run's strategy: ``get_strategy(cfg)``, wrapped in :class:`PrivateStrategy` when
     ``privacy.mechanism`` is not ``none``."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from .engines.local import run_async_round, run_round
 from .rounds import evaluate_state, fit_budgets
 from .errors import UserError
 from .experiment import Experiment, prepare
-from .private import PrivateStrategy
+from .private import PrivateStrategy, rebuildable_noise_warning
 from .precision import bf16_hardware
 from .precision import describe as describe_precision
 from .privacy import round_record
@@ -88,6 +89,8 @@ def run_experiment(cfg: Config, out: Path, *, overwrite: bool = False, progress:
     if round_fn is None:  # engines.flower.FlowerRounds when run inside a ServerApp
         round_fn = run_async_round if cfg.train.mode == "async" else run_round
     check_config(cfg)  # resolves the strategy's options: config.toml lists every one
+    if not resume and (warning := rebuildable_noise_warning(cfg)):
+        print(f"lora-a2: warning: {warning}", file=sys.stderr)
     t_start = time.perf_counter()
     if resume:
         out = Path(out)
