@@ -66,12 +66,12 @@ def test_lora_a2_round_trip_upload_counts_and_exact_aggregation():
             assert upd.values.numel() == slot_vals + rt.layout.size(["head"])
             s.validate(task, upd)
             replies.append((task, upd))
-            # The client's own factors after local training, rebuilt from its upload.
-            dense, _, _ = s._split(task, upd)
+            # The client's own factors after local training, read from the model it trained
+            # (not decoded from its upload with the code under test).
+            trained = rt.snapshot(list(state.tensors))
             client_products.append([
-                ((state.tensors[f"{m.name}.B"] + (d if factor == "B" else 0))
-                 @ (state.tensors[f"{m.name}.A"] + (d if factor == "A" else 0))).double()
-                for m, d in zip(rt.layout.modules, dense)])
+                (trained[f"{m.name}.B"] @ trained[f"{m.name}.A"]).double()
+                for m in rt.layout.modules])
         new, info = s.aggregate(rnd, state, replies)
         w = [u.num_examples / sum(u.num_examples for _, u in replies) for _, u in replies]
         for i, m in enumerate(rt.layout.modules):
@@ -93,11 +93,21 @@ def test_lora_a2_unselected_slots_of_client_upload_zero_delta():
     state = s.init_state(rt.initial_state())
     task = s.configure(1, 0, state)
     upd, _ = wire(s, rt, task, ctxs[0])
-    dense, sel, _ = s._split(task, upd)
-    for m, d in enumerate(dense):
-        assert torch.all(d[:, ~sel[m]] == 0)
-    # only the selected columns are non-zero in the model the client trained
+    trained = rt.snapshot(rt.layout.names("B"))  # the model the client trained (round 1: B)
+    sel = selection_from_ids(upd.slots, rt.layout.num_modules, rt.layout.rank)
+    # budget 1: as many slots as modules, chosen across all modules by score
     assert int(sel.sum()) == rt.layout.num_modules
+    moved = 0
+    for m, mod in enumerate(rt.layout.modules):
+        before, after = state.tensors[f"{mod.name}.B"], trained[f"{mod.name}.B"]
+        assert torch.equal(after[:, ~sel[m]], before[:, ~sel[m]])  # unselected: untouched
+        moved += sum(int(not torch.equal(after[:, j], before[:, j]))
+                     for j in torch.nonzero(sel[m]).flatten().tolist())
+    assert moved == int(sel.sum())  # every selected slot trained
+    # and the upload carries exactly the selected columns' change, nothing else
+    dense, _, _ = s._split(task, upd)
+    for m, (mod, d) in enumerate(zip(rt.layout.modules, dense)):
+        assert torch.allclose(d, trained[f"{mod.name}.B"] - state.tensors[f"{mod.name}.B"])
 
 
 def test_fl_lora_is_separate_weighted_means():
