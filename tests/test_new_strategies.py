@@ -161,21 +161,6 @@ def test_fedsvd_trains_b_only_and_reorthonormalises_a_without_changing_the_produ
         state = new
 
 
-def test_fedsvd_central_noise_goes_on_b_before_the_refactorisation():
-    """Central DP: the noise is added to the B average, then the SVD re-split — so the
-    released A still has orthonormal rows (post-processing of the noised aggregate)."""
-    cfg, s, rt, ctxs = make("fedsvd", extra=["privacy.mechanism='gaussian'",
-                                             "privacy.noise_multiplier=1.0",
-                                             "privacy.mode='central'"])
-    lay = rt.layout
-    state = s.init_state(rt.initial_state())
-    replies, _ = run_round(s, rt, ctxs, state, 1)
-    noisy, _ = s.aggregate_round(1, state, replies)
-    for m in lay.modules:
-        a = noisy.tensors[f"{m.name}.A"].double()
-        assert torch.allclose(a @ a.T, torch.eye(lay.rank, dtype=torch.float64), atol=1e-5)
-
-
 @pytest.mark.parametrize("name", ["rolora", "fedex-lora", "fedsvd"])
 def test_new_uniform_rank_methods_refuse_a_rank_list(name):
     from lora_a2.config import load_config
