@@ -218,6 +218,13 @@ def summarize(exp: Experiment, records: list[dict[str, Any]], initial: dict[str,
             return None
         return sum(len(r[key]) for r in records)
 
+    def total_eval(key: str) -> int | None:
+        """Σ of a personalised strategy's evaluate-phase bytes (0 for any other strategy, which
+        has no evaluate phase); None when the release withheld them (central DP)."""
+        if any(key in r.get("withheld", ()) for r in records):
+            return None
+        return sum(r.get(key, 0) for r in records)
+
     total_up_params = total("upload_params")
     return {
         "task": exp.task.name,
@@ -240,8 +247,8 @@ def summarize(exp: Experiment, records: list[dict[str, Any]], initial: dict[str,
         "total_download_params": total("download_params"),
         "personalized": exp.strategy.personalized,
         # evaluate messages of a personalised strategy (each client evaluates its own model)
-        "total_eval_download_bytes": sum(r.get("eval_download_bytes", 0) for r in records),
-        "total_eval_upload_bytes": sum(r.get("eval_upload_bytes", 0) for r in records),
+        "total_eval_download_bytes": total_eval("eval_download_bytes"),
+        "total_eval_upload_bytes": total_eval("eval_upload_bytes"),
         "lr_ratio": exp.strategy.lr_ratio,
         "client_rounds": client_rounds,
         "rejected_updates": sum(r["rejected"] for r in records),
