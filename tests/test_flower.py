@@ -35,9 +35,13 @@ DP_CASES = [
 ]
 NEWER = ["rolora", "fedsa-lora", "fedex-lora", "fedsvd"]
 FLEET = ["train.rounds=2", "fleet.profile=mixed", "train.deadline_s=0.025"]
+LOCAL_DP = ["privacy.mechanism=gaussian", "privacy.mode=local", "privacy.noise_multiplier=0.5",
+            "privacy.noise_source=seeded"]
 RUNS4 = {"plain": ["train.rounds=2"], "fleet": FLEET,
          **{f"secagg-{s}": ["train.rounds=1", f"strategy.name={s}", "secagg.enabled=true"]
-            for s in SECAGG_STRATEGIES}}
+            for s in SECAGG_STRATEGIES},
+         "secagg-dp": ["train.rounds=1", "strategy.name=fl-lora", "secagg.enabled=true",
+                       *LOCAL_DP]}
 RUNS3 = {**{f"dp{i}": ["train.rounds=2", f"strategy.name={s}", *p]
             for i, (s, p) in enumerate(DP_CASES)},
          **{s: ["train.rounds=3", f"strategy.name={s}"] for s in NEWER}}
@@ -254,6 +258,22 @@ def test_secagg_simulation_gives_the_plain_aggregate_up_to_quantisation(tmp_path
     plain_rows = read_metrics(plain / "metrics.jsonl")
     # the dense masked upload gives up LoRA-A2's sparsity: it costs more than the plain one
     assert rows[0]["upload_bytes"] > plain_rows[0]["upload_bytes"]
+
+
+def test_secagg_with_local_dp_sums_the_clients_noised_uploads(tmp_path, sim4):
+    """SecAgg+ + local DP: each client noises its upload before it is masked, so the unmasked
+    sum is the local engine's local-DP aggregate (the same seeded noise) up to quantisation,
+    and far from the aggregate without noise."""
+    data, outs = sim4
+    sets = ["data.num_clients=4", "train.rounds=1", "strategy.name=fl-lora"]
+    noised = final_state(run(tmp_path / "dp", data, [*sets, *LOCAL_DP]))
+    plain = final_state(outs["secagg-fl-lora"])
+    secure = final_state(outs["secagg-dp"])
+    step = 2 * 8.0 / 4194304
+    assert max_diff(noised, secure) < 4 * 4 * step
+    assert max_diff(plain, secure) > 1000 * step  # the noise is in the sum
+    summary = json.loads((outs["secagg-dp"] / "summary.json").read_text())
+    assert summary["epsilon"] > 0 and summary["privacy"]["mode"] == "local"
 
 
 def test_secagg_survives_a_client_that_drops_out(tmp_path, synthetic_csv, monkeypatch):
