@@ -94,3 +94,46 @@ def test_bad_audit_input_is_one_line_exit_2(capsys, args, needle):
 def test_every_plant_is_named():
     assert set(PLANTS) >= {"half-noise", "no-server-clip", "renormalised-weights",
                            "gumbel-scale"}
+
+
+def test_the_documented_audit_table_is_the_committed_outputs():
+    """docs/PRIVACY.md's measured audit table quotes the committed `--json` outputs: each row's
+    verdict count and lower-bound ranges (Gaussian and Laplace, local / central; selection)."""
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    doc = (root / "docs" / "PRIVACY.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in doc.splitlines()
+            if line.startswith("| honest") or line.startswith("| `--plant")}
+    files = sorted((root / "benchmarks" / "results" / "audit").glob("quick-*.json"))
+    assert len(files) == 1 + len(PLANTS)
+    honest = json.loads(next(f for f in files if "honest" in f.name).read_text())
+
+    def ranges(d, mech):
+        out = []
+        for mode in ("local", "central"):
+            lb = [r["lower_bound"] for r in d["rows"] if r["mode"] == mode
+                  and r["mechanism"] == mech]
+            lo, hi = f"{min(lb):.2f}", f"{max(lb):.2f}"
+            out.append(lo if lo == hi else f"{lo}–{hi}")
+        return out
+
+    for f in files:
+        d = json.loads(f.read_text())
+        name = "honest" if d["plant"] in (None, "", "none") else f"`--plant {d['plant']}`"
+        cells = [c.strip() for c in rows[name].split("|")[2:-1]]
+        assert cells[0] == f"{d['within_claim']} of {d['mechanisms']}", (f.name, cells)
+        for col, mech in ((1, "gaussian"), (2, "laplace")):
+            local, central = ranges(d, mech)
+            if name != "honest" and [local, central] == ranges(honest, mech):
+                want = "as honest"
+            elif name != "honest" and local == ranges(honest, mech)[0]:
+                want = f"as honest / {central}"
+            else:
+                want = f"{local} / {central}"
+            assert cells[col] == want, (f.name, mech, cells)
+        sel = [r["lower_bound"] for r in d["rows"] if r["mechanism"] == "selection"]
+        assert cells[3] == f"{sel[0]:.2f}" or (name != "honest" and cells[3] == "as honest"
+                                               and sel == [r["lower_bound"] for r in honest[
+                                                   "rows"] if r["mechanism"] == "selection"])
+        assert cells[4] == ("0" if d["within_claim"] == d["mechanisms"] else "1")
