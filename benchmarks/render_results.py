@@ -1171,21 +1171,37 @@ def render(write: bool = True) -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--print", action="store_true", help="print the blocks, leave the doc alone")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--print", action="store_true", help="print the blocks, leave the doc alone")
+    mode.add_argument("--check", action="store_true",
+                      help="write nothing; exit 1 naming each block of docs/RESULTS.md that "
+                           "differs from what the committed cells render")
     args = ap.parse_args(argv)
-    blocks = render(write=not args.print)
+    blocks = render(write=not (args.print or args.check))
     if args.print:
         for name, text in blocks.items():
             print(f"## {name}\n{text}\n")
         return 0
     doc = DOC.read_text()
+    stale = []
     for name, text in blocks.items():
-        pat = re.compile(rf"(<!-- BEGIN {re.escape(name)} -->\n).*?(<!-- END {re.escape(name)} -->)",
+        pat = re.compile(rf"(<!-- BEGIN {re.escape(name)} -->\n)(.*?)(<!-- END {re.escape(name)} -->)",
                          re.S)
-        if not pat.search(doc):
+        found = pat.search(doc)
+        if not found:
             print(f"note: docs/RESULTS.md has no block '{name}'", file=sys.stderr)
             continue
-        doc = pat.sub(lambda m: m.group(1) + text + "\n" + m.group(2), doc)
+        if found.group(2) != text + "\n":
+            stale.append(name)
+        doc = pat.sub(lambda m: m.group(1) + text + "\n" + m.group(3), doc)
+    if args.check:
+        if stale:
+            blocks_word = "block" if len(stale) == 1 else "blocks"
+            print(f"docs/RESULTS.md is stale in {len(stale)} {blocks_word}: {', '.join(stale)} "
+                  f"(rerun benchmarks/render_results.py)", file=sys.stderr)
+            return 1
+        print(f"all {len(blocks)} blocks of {DOC.relative_to(ROOT)} are current")
+        return 0
     DOC.write_text(doc)
     print(f"rewrote {len(blocks)} blocks of {DOC.relative_to(ROOT)}")
     return 0

@@ -127,6 +127,28 @@ def test_print_writes_nothing(monkeypatch, capsys):
     assert "## main:bbc-news" in capsys.readouterr().out
 
 
+def test_results_doc_is_what_the_committed_cells_render(monkeypatch, capsys, tmp_path):
+    # every generated block of docs/RESULTS.md equals a fresh render of the committed cells
+    doc = render.DOC.read_text()
+    edited = tmp_path / "RESULTS.md"  # the same doc with one block edited by hand
+    edited.write_text(doc.replace("<!-- BEGIN paper_schedule -->\n",
+                                  "<!-- BEGIN paper_schedule -->\nx", 1))
+
+    def no_writes(*a, **k):
+        raise AssertionError("--check must not write")
+
+    monkeypatch.setattr(render, "aggregate", no_writes)
+    monkeypatch.setattr(render, "curves_figure", no_writes)
+    monkeypatch.setattr(render, "paper_schedule_figure", no_writes)
+    monkeypatch.setattr(render.Path, "write_text", no_writes)
+    assert render.main(["--check"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    monkeypatch.setattr(render, "DOC", edited)
+    assert render.main(["--check"]) == 1
+    err = capsys.readouterr().err
+    assert "stale in 1 block: paper_schedule" in err
+
+
 def test_claim_table_pairs_seeds_and_takes_the_best_baseline_per_column():
     rows = [row("dir0.01", "1", "fl-lora", 0.50, 0), row("dir0.01", "1", "fl-lora", 0.60, 1),
             row("dir0.01", "1", "ffa-lora", 0.58, 0), row("dir0.01", "1", "ffa-lora", 0.56, 1),
