@@ -115,38 +115,35 @@ def test_score_table_pairs_the_same_seeds_and_ignores_the_paper_alpha():
     assert "| Dir(0.1) | 1 | · | · | · |" in lines
 
 
-def test_print_writes_nothing(monkeypatch, capsys):
-    def no_writes(*a, **k):
-        raise AssertionError("--print must not write")
+@pytest.fixture
+def no_writes(monkeypatch):
+    """The renderer with every way it writes (tables, figures, files) raising."""
+    def refuse(*a, **k):
+        raise AssertionError("this mode must not write")
 
-    monkeypatch.setattr(render, "aggregate", no_writes)
-    monkeypatch.setattr(render, "curves_figure", no_writes)
-    monkeypatch.setattr(render, "paper_schedule_figure", no_writes)
-    monkeypatch.setattr(render.Path, "write_text", no_writes)
+    for name in ("aggregate", "curves_figure", "paper_schedule_figure"):
+        monkeypatch.setattr(render, name, refuse)
+    monkeypatch.setattr(render.Path, "write_text", refuse)
+
+
+def test_print_writes_nothing(no_writes, capsys):
     assert render.main(["--print"]) == 0
     assert "## main:bbc-news" in capsys.readouterr().out
 
 
-def test_results_doc_is_what_the_committed_cells_render(monkeypatch, capsys, tmp_path):
-    # every generated block of docs/RESULTS.md equals a fresh render of the committed cells
+def test_check_names_a_block_edited_by_hand(monkeypatch, capsys, tmp_path):
     doc = render.DOC.read_text()
     edited = tmp_path / "RESULTS.md"  # the same doc with one block edited by hand
     edited.write_text(doc.replace("<!-- BEGIN paper_schedule -->\n",
                                   "<!-- BEGIN paper_schedule -->\nx", 1))
-
-    def no_writes(*a, **k):
-        raise AssertionError("--check must not write")
-
-    monkeypatch.setattr(render, "aggregate", no_writes)
-    monkeypatch.setattr(render, "curves_figure", no_writes)
-    monkeypatch.setattr(render, "paper_schedule_figure", no_writes)
-    monkeypatch.setattr(render.Path, "write_text", no_writes)
-    assert render.main(["--check"]) == 0, capsys.readouterr().err
-    capsys.readouterr()
     monkeypatch.setattr(render, "DOC", edited)
     assert render.main(["--check"]) == 1
-    err = capsys.readouterr().err
-    assert "stale in 1 block: paper_schedule" in err
+    assert "stale in 1 block: paper_schedule" in capsys.readouterr().err
+
+
+def test_check_writes_nothing_and_finds_the_doc_current(no_writes, capsys):
+    # every generated block of docs/RESULTS.md equals a fresh render of the committed cells
+    assert render.main(["--check"]) == 0, capsys.readouterr().err
 
 
 def test_claim_table_pairs_seeds_and_takes_the_best_baseline_per_column():
