@@ -1190,6 +1190,7 @@ def main(argv: list[str] | None = None) -> int:
         found = pat.search(doc)
         if not found:
             print(f"note: docs/RESULTS.md has no block '{name}'", file=sys.stderr)
+            stale.append(name)
             continue
         if found.group(2) != text + "\n":
             stale.append(name)

@@ -637,7 +637,7 @@ def test_schema_version_keeps_old_configs_seeded(tmp_path):
     assert load_config(again) == cfg
 
 
-def test_rebuildable_noise_is_warned_before_round_1(tmp_path, synthetic_csv, capsys):
+def test_rebuildable_noise_is_warned_when_a_new_run_starts(tmp_path, synthetic_csv, capsys):
     # a hand-written DP config without schema_version loads as version 1, with seeded noise:
     # the user is told before the run starts, and told how to get noise nobody can rebuild
     old = tmp_path / "mine.toml"
@@ -645,7 +645,11 @@ def test_rebuildable_noise_is_warned_before_round_1(tmp_path, synthetic_csv, cap
     run_cli(tmp_path / "old", "train.rounds=1", data=synthetic_csv, args=("--config", str(old)))
     err = capsys.readouterr().err
     assert "lora-a2: warning: privacy.noise_source = 'seeded'" in err
-    assert "no schema_version" in err and "schema_version = 2" in err
+    assert "without schema_version" in err and "schema_version = 2" in err
+    # a resume does not repeat it
+    (tmp_path / "old" / "summary.json").unlink()
+    assert main(["run", "--quiet", "--resume", str(tmp_path / "old")]) == 0
+    assert "warning" not in capsys.readouterr().err
     # the same file at schema version 2 draws from the OS: no warning
     new = tmp_path / "new.toml"
     new.write_text("schema_version = 2\n" + old.read_text())
@@ -654,7 +658,7 @@ def test_rebuildable_noise_is_warned_before_round_1(tmp_path, synthetic_csv, cap
     # seeded by choice is warned too, without the schema hint; no DP, no warning
     explicit = load_config(new, ["privacy.noise_source=seeded"])
     line = rebuildable_noise_warning(explicit)
-    assert line and "set in the config" in line and "schema_version" not in line
+    assert line and "as configured" in line and "schema_version" not in line
     assert rebuildable_noise_warning(load_config(old, ["privacy.mechanism=none"])) is None
 
 

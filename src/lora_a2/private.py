@@ -281,17 +281,18 @@ def check_config(cfg: Config) -> None:
 
 
 def rebuildable_noise_warning(cfg: Config) -> str | None:
-    """One line to print before round 1 when ``cfg`` adds DP noise that whoever holds the
-    config can rebuild (``privacy.noise_source = "seeded"``), saying why where the reason is a
-    config file without ``schema_version`` (it loads as version 1, whose default is
-    ``seeded``); None otherwise. The run's summary repeats it in ``privacy.caveats``."""
+    """One line to print when a new run starts and ``cfg`` adds DP noise that whoever holds
+    the config can rebuild (``privacy.noise_source = "seeded"``); None otherwise. Under config
+    schema 1 (every file without ``schema_version``) ``seeded`` is the default, so the line
+    names that and how to get OS noise. The run's summary says so too, in
+    ``privacy.caveats``."""
     p = cfg.privacy
     if p.mechanism == "none" or p.noise_source != "seeded":
         return None
-    why = ("the config has no schema_version, so it loads as version 1 (configs written before "
-           "version 2), whose default is privacy.noise_source = 'seeded'; add "
-           "schema_version = 2 or privacy.noise_source = 'os' for noise nobody can rebuild"
-           if cfg.schema_version == 1 else "set in the config")
+    why = ("the config is schema version 1, as is every file without schema_version, and "
+           "seeded is that version's default; add schema_version = 2 or set "
+           "privacy.noise_source = 'os' for noise nobody can rebuild"
+           if cfg.schema_version == 1 else "as configured")
     return (f"privacy.noise_source = 'seeded' ({why}): every noise draw can be rebuilt from "
             f"the config's seed, so the DP guarantee does not hold against whoever holds the "
             f"config")

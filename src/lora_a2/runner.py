@@ -89,8 +89,6 @@ def run_experiment(cfg: Config, out: Path, *, overwrite: bool = False, progress:
     if round_fn is None:  # engines.flower.FlowerRounds when run inside a ServerApp
         round_fn = run_async_round if cfg.train.mode == "async" else run_round
     check_config(cfg)  # resolves the strategy's options: config.toml lists every one
-    if not resume and (warning := rebuildable_noise_warning(cfg)):
-        print(f"lora-a2: warning: {warning}", file=sys.stderr)
     t_start = time.perf_counter()
     if resume:
         out = Path(out)
@@ -98,6 +96,8 @@ def run_experiment(cfg: Config, out: Path, *, overwrite: bool = False, progress:
     else:
         out = prepare_out_dir(out, overwrite)
         atomic_write_text(out / "config.toml", cfg.to_toml())
+        if warning := rebuildable_noise_warning(cfg):  # a new run, once its folder is set up
+            print(f"lora-a2: warning: {warning}", file=sys.stderr)
     exp = exp if exp is not None else prepare(cfg)
     strategy = exp.strategy
     ckpt = load_checkpoint(out) if resume else None
