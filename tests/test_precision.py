@@ -6,6 +6,7 @@ value is one line, exit 2."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 from pathlib import Path
 
@@ -348,8 +349,6 @@ def test_smollm2_runs_in_bf16_mixed(tmp_path):
 def test_the_bf16_kernels_benchmark_runs_and_names_a_bad_model_in_one_line(capsys, monkeypatch):
     """``benchmarks/bf16_kernels.py``: the comparison on the tiny model, and a model that cannot
     be loaded is one line, exit 2."""
-    import importlib.util
-
     spec = importlib.util.spec_from_file_location(
         "bf16_kernels", Path(__file__).resolve().parents[1] / "benchmarks" / "bf16_kernels.py")
     bench = importlib.util.module_from_spec(spec)

@@ -142,6 +142,13 @@ def test_check_names_a_block_edited_by_hand(monkeypatch, capsys, tmp_path):
     assert "stale in 1 block: paper_schedule" in capsys.readouterr().err
 
 
+def test_print_and_check_together_are_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        render.main(["--print", "--check"])
+    assert e.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
 def test_check_writes_nothing_and_finds_the_doc_current(no_writes, capsys):
     # every generated block of docs/RESULTS.md equals a fresh render of the committed cells
     # (a grid running in this checkout adds cells that are not committed yet: not judged then)

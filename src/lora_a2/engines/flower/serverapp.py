@@ -14,7 +14,6 @@ from ...checks import check_config, load_config
 from ...config import Config, clients_known, clients_per_round
 from ...errors import UserError
 from ...experiment import prepare
-from ...private import rebuildable_noise_warning
 from ...runner import run_experiment
 from .clientapp import make_client_app
 from .transport import FlowerRounds
@@ -164,8 +163,6 @@ def deployment_main(grid, context) -> None:
     # this is the Flower engine whatever the config says (validated as such: secagg needs it)
     cfg = load_config(str(rc.get("config", "")) or None, overrides + ["engine.name=flower"])
     out = Path(str(rc.get("out", "runs/flower-deployment")))
-    if warning := rebuildable_noise_warning(cfg):  # stderr alone may not reach `flwr log`
-        logging.getLogger("flwr").warning("lora-a2: %s", warning)
     summary = run_experiment(cfg, out, overwrite=bool(rc.get("overwrite", False)),
                              progress=False, round_fn=FlowerRounds(grid, cfg))
     add_flower_totals(out, summary, "flower-deployment")
