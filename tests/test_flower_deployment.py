@@ -15,6 +15,8 @@ import pytest
 
 pytest.importorskip("flwr")
 
+from lora_a2.engines.flower.serverapp import run_config_flag  # noqa: E402
+from lora_a2.errors import UserError  # noqa: E402
 from lora_a2.report import read_metrics  # noqa: E402
 
 from flower_util import (BIN, ROOT, TINY, assert_same_run, final_state,  # noqa: E402
@@ -272,3 +274,17 @@ def test_secagg_on_the_deployment_engine_with_a_node_dropping_out(
         assert (out / f).is_file(), f
     plain = run_local_failing(tmp / "plain", synthetic_csv, sets, {(1, 2)})
     assert max_diff(final_state(plain), final_state(out)) < 4 * 2 * (2 * 8.0 / 4194304)
+
+
+@pytest.mark.parametrize("value,expected", [(True, True), (False, False), ("false", False),
+                                            (" True ", True), (None, "must be true or false"),
+                                            ("no", "must be true or false"),
+                                            (1, "must be true or false")])
+def test_the_overwrite_run_config_flag_reads_a_quoted_false_as_false(value, expected):
+    """``--run-config 'overwrite="false"'`` arrives as a string: it must not delete the run."""
+    if isinstance(expected, bool):
+        assert run_config_flag({"overwrite": value}, "overwrite") is expected
+    else:
+        with pytest.raises(UserError, match=expected):
+            run_config_flag({"overwrite": value}, "overwrite")
+    assert run_config_flag({}, "overwrite") is False

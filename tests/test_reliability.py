@@ -306,6 +306,67 @@ def test_resume_misuse(tmp_path, capsys):
     assert "do not combine" in capsys.readouterr().err
 
 
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_overwrite_deletes_only_a_run_folder_and_only_once_the_new_run_can_start(
+        tmp_path, synthetic_csv, capsys, monkeypatch):
+    """--overwrite is checked before anything is deleted: a folder that is not a run's, or
+    that holds the working directory, is refused; and a run's folder survives a new config
+    whose model or data fail to load."""
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "thesis.tex").write_text("years of work")
+    run_cli(notes, "train.rounds=1", data=synthetic_csv, base=TINY, code=2,
+            args=("--overwrite",))
+    assert "holds no config.toml" in capsys.readouterr().err
+    assert (notes / "thesis.tex").read_text() == "years of work"
+
+    home = tmp_path / "project"
+    (home / "sub").mkdir(parents=True)
+    (home / "config.toml").write_text("# the user's own config, not a run\n")
+    (home / "sub" / "config.toml").write_text("# and another\n")
+    monkeypatch.chdir(home / "sub")
+    for target in (".", ".."):
+        run_cli(Path(target), "train.rounds=1", data=synthetic_csv, base=TINY, code=2,
+                args=("--overwrite",))
+        assert "current directory" in capsys.readouterr().err
+    assert (home / "config.toml").exists() and (home / "sub" / "config.toml").exists()
+
+    old = run_cli(tmp_path / "old", "train.rounds=1", data=synthetic_csv, base=TINY)
+    before = _snapshot(old)
+    for bad in (["model.name=/no/such/model/folder"], ["data.name=csv:/no/such/file.csv"]):
+        run_cli(old, "train.rounds=1", *bad, base=TINY, code=2, args=("--overwrite",))
+        assert "no/such" in capsys.readouterr().err
+        assert _snapshot(old) == before
+    run_cli(old, "train.rounds=2", data=synthetic_csv, base=TINY, args=("--overwrite",))
+    assert [r["round"] for r in read_metrics(old / "metrics.jsonl")] == [1, 2]
+
+
+def test_resume_refuses_a_lost_checkpoint_or_lost_metrics_lines(tmp_path, synthetic_csv,
+                                                                 capsys):
+    """A resume that would silently rerun recorded rounds, or sum a record with rounds
+    missing, is refused and leaves the folder as it was."""
+    out = run_cli(tmp_path / "a", "train.rounds=2", data=synthetic_csv, base=TINY)
+    (out / "checkpoint.safetensors").unlink()
+    (out / "summary.json").unlink()  # as if it crashed in round 3 of a longer run
+    before = _snapshot(out)
+    assert main(["run", "--quiet", "--resume", str(out)]) == 2
+    assert "no checkpoint.safetensors" in capsys.readouterr().err
+    assert _snapshot(out) == before
+
+    out = run_cli(tmp_path / "b", "train.rounds=2", data=synthetic_csv, base=TINY)
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text(lines[1] + "\n")  # round 1's line lost
+    before = _snapshot(out)
+    assert main(["run", "--quiet", "--resume", str(out)]) == 2
+    assert "metrics.jsonl lacks round(s) 1 that the checkpoint (round 2)" in \
+        capsys.readouterr().err
+    assert _snapshot(out) == before
+
+
 @pytest.mark.slow
 def test_sigkill_at_many_points(tmp_path, synthetic_csv):
     """More kill points (after each round's line, with delays that land inside the next round's

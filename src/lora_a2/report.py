@@ -66,18 +66,29 @@ def truncate_metrics(path: Path, last_round: int) -> None:
     if not path.exists():
         return
     raw = path.read_bytes()
+    by_round = {r: line for r, line in _round_lines(raw).items() if r <= last_round}
+    text = "".join(by_round[r] + "\n" for r in sorted(by_round))
+    if text.encode() != raw:
+        atomic_write_text(path, text)
+
+
+def recorded_rounds(path: Path) -> set[int]:
+    """The rounds a JSONL record file holds a complete line for (none when it is missing)."""
+    path = Path(path)
+    return set(_round_lines(path.read_bytes())) if path.exists() else set()
+
+
+def _round_lines(raw: bytes) -> dict[int, str]:
+    """Each round's last complete line (a torn or foreign line is skipped)."""
     by_round: dict[int, str] = {}
     for line in raw.decode("utf-8", errors="replace").split("\n"):
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(record, dict) and isinstance(record.get("round"), int) \
-                and record["round"] <= last_round:
+        if isinstance(record, dict) and isinstance(record.get("round"), int):
             by_round[record["round"]] = line
-    text = "".join(by_round[r] + "\n" for r in sorted(by_round))
-    if text.encode() != raw:
-        atomic_write_text(path, text)
+    return by_round
 
 
 def time_to_targets(records: list[dict[str, Any]], initial: dict[str, Any] | None, metric: str,

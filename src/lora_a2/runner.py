@@ -30,14 +30,16 @@ from .private import PrivateStrategy, rebuildable_noise_warning
 from .precision import bf16_hardware
 from .precision import describe as describe_precision
 from .privacy import round_record
-from .report import (MetricsWriter, atomic_write_text, read_metrics, time_to_targets,
-                     truncate_metrics)
+from .report import (MetricsWriter, atomic_write_text, read_metrics, recorded_rounds,
+                     time_to_targets, truncate_metrics)
 from .reporters import RunStart, build_reporters
 from .strategies import REGISTRY
 
 
-def prepare_out_dir(out: Path, overwrite: bool) -> Path:
-    """Refuse to mix a new run into an existing non-empty directory unless told to."""
+def check_out_dir(out: Path, overwrite: bool) -> Path:
+    """Refuse, before anything is loaded or deleted, an ``out`` a new run may not use: a file,
+    a non-empty folder without ``overwrite``, and with it one that is not a run's folder (no
+    ``config.toml``) or that holds the current directory or the home folder."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"output path '{out}' exists and is not a directory")
@@ -45,9 +47,49 @@ def prepare_out_dir(out: Path, overwrite: bool) -> Path:
         if not overwrite:
             raise UserError(f"output directory '{out}' is not empty; pass --overwrite to replace it "
                             f"or choose another --out")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+        here, cwd = out.resolve(), Path.cwd().resolve()
+        if here == cwd or here in cwd.parents or here == Path.home().resolve():
+            raise UserError(f"--overwrite would delete '{out}', which holds the current directory "
+                            f"or the home folder; choose another --out")
+        if not (out / "config.toml").is_file():
+            raise UserError(f"--overwrite replaces only a run's folder, and '{out}' holds no "
+                            f"config.toml; remove it yourself or choose another --out")
     return out
+
+
+def replace_out_dir(out: Path) -> Path:
+    """Empty ``out`` (checked by :func:`check_out_dir`) and create it."""
+    try:
+        if out.exists() and any(out.iterdir()):
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot set up output directory '{out}': {e.strerror or e}") from None
+    return out
+
+
+def check_resumable(out: Path, checkpoint_round: int | None) -> None:
+    """Refuse to resume ``out`` when its checkpoint and its metrics disagree: a checkpoint
+    lost from a run that recorded rounds (resuming would silently start it again), or metrics
+    lines missing for rounds the checkpoint has run (the summary would sum a partial record)."""
+    out = Path(out)
+    for name in ("metrics.jsonl", "server_log.jsonl"):  # the second only under central DP
+        path = out / name
+        rounds = recorded_rounds(path)
+        if checkpoint_round is None:  # round 1's line may precede its checkpoint (a crash)
+            if (out / "summary.json").exists() or any(r >= 2 for r in rounds):
+                raise UserError(f"cannot resume '{out}': it has recorded rounds but no "
+                                f"checkpoint.safetensors to continue from; rerun it with "
+                                f"--overwrite")
+            continue
+        if name != "metrics.jsonl" and not path.exists():
+            continue
+        missing = sorted(set(range(1, checkpoint_round + 1)) - rounds)
+        if missing:
+            shown = ", ".join(map(str, missing[:5])) + (" …" if len(missing) > 5 else "")
+            raise UserError(f"cannot resume '{out}': {name} lacks round(s) {shown} that the "
+                            f"checkpoint (round {checkpoint_round}) has run; rerun it with "
+                            f"--overwrite")
 
 
 def resume_config(out: Path) -> Config:
@@ -93,14 +135,18 @@ def run_experiment(cfg: Config, out: Path, *, overwrite: bool = False, progress:
     if resume:
         out = Path(out)
         check_same_config(cfg, resume_config(out), out)
-    else:
-        out = prepare_out_dir(out, overwrite)
+    else:  # a bad --out is refused before the model loads; the old run is deleted only after
+        out = check_out_dir(out, overwrite)
+    exp = exp if exp is not None else prepare(cfg)  # a bad model or data source fails here
+    if not resume:
+        replace_out_dir(out)
         atomic_write_text(out / "config.toml", cfg.to_toml())
         if warning := rebuildable_noise_warning(cfg):  # a new run, once its folder is set up
             print(f"lora-a2: warning: {warning}", file=sys.stderr)
-    exp = exp if exp is not None else prepare(cfg)
     strategy = exp.strategy
     ckpt = load_checkpoint(out) if resume else None
+    if resume:
+        check_resumable(out, ckpt[0] if ckpt is not None else None)
     if ckpt is None:
         start, state = 1, strategy.init_state(exp.runtime.initial_state())
     else:

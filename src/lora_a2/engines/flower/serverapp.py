@@ -163,6 +163,17 @@ def deployment_main(grid, context) -> None:
     # this is the Flower engine whatever the config says (validated as such: secagg needs it)
     cfg = load_config(str(rc.get("config", "")) or None, overrides + ["engine.name=flower"])
     out = Path(str(rc.get("out", "runs/flower-deployment")))
-    summary = run_experiment(cfg, out, overwrite=bool(rc.get("overwrite", False)),
+    summary = run_experiment(cfg, out, overwrite=run_config_flag(rc, "overwrite"),
                              progress=False, round_fn=FlowerRounds(grid, cfg))
     add_flower_totals(out, summary, "flower-deployment")
+
+
+def run_config_flag(rc, key: str) -> bool:
+    """A yes/no run-config value: a TOML boolean, or the string "true" / "false" (a quoted
+    value arrives as a string, and ``bool("false")`` would be True)."""
+    value = rc.get(key, False)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise UserError(f"run config '{key}' must be true or false, got {value!r}")
