@@ -18,7 +18,7 @@ from safetensors.torch import save as st_save
 
 from lora_a2.cli import main
 from lora_a2.config import load_config
-from lora_a2.engines.local import drops_out, run_round
+from lora_a2.engines.local import drops_out, read_eval_reply, run_round
 from lora_a2.experiment import prepare
 from lora_a2.payload import InvalidPayload, Payload, encode
 from lora_a2.report import read_metrics
@@ -87,6 +87,15 @@ def _mutants(upd: Update, kind: str, n: int, x: float):
         meta["client"] = upd.client_id + 1 + n
     elif kind == "bad-examples":
         meta["num_examples"] = -n
+    elif kind == "huge-examples":  # inf, a 400-digit integer, or just past the exact range
+        meta["num_examples"] = [float("inf"), 10**400 + n, 2**53 + 1 + n][n % 3]
+    elif kind == "bad-loss":
+        meta["loss"] = ["x", {}, float("nan"), 10**400, True, [1.0]][n % 6]
+    elif kind == "deep-json":  # metadata nested past the JSON parser's recursion limit
+        deep = "[" * (100_000 + n % 1000) if x > 0 else '{"a":' * (100_000 + n % 1000)
+        return st_save({"values": v}, metadata={"meta": deep})
+    elif kind == "long-number":  # past int()'s 4,300-digit limit for str → int
+        return st_save({"values": v}, metadata={"meta": '{"client":' + "9" * (5000 + n % 99) + "}"})
     elif kind == "huge":
         return encode(Payload(torch.zeros(300_000), None, meta))
     elif kind == "garbage":
@@ -97,7 +106,8 @@ def _mutants(upd: Update, kind: str, n: int, x: float):
 
 
 KINDS = ["truncate", "nan", "drop-values", "extra-values", "dtype", "slot-range", "slot-dup",
-         "too-many-slots", "wrong-client", "bad-examples", "huge", "garbage", "header-json"]
+         "too-many-slots", "wrong-client", "bad-examples", "huge-examples", "bad-loss",
+         "deep-json", "long-number", "huge", "garbage", "header-json"]
 FUZZ_CASES = 400
 
 
@@ -121,6 +131,22 @@ def test_norm_bound_rejects(honest):
     receive_upload(s, task, blob, UploadLimits(max_norm=norm * 1.01))
     with pytest.raises(InvalidPayload, match="norm"):
         receive_upload(s, task, blob, UploadLimits(max_norm=norm * 0.5))
+
+
+@pytest.mark.parametrize("meta", [
+    {"client": 1, "metrics": {"accuracy": 0.5}},  # another client's answer
+    {"client": 0, "metrics": [0.5]},
+    {"client": 0},
+    {"client": 0, "metrics": {"accuracy": -0.1}},
+    {"client": 0, "metrics": {"accuracy": float("nan")}},
+    {"client": 0, "metrics": {"accuracy": 10**400}},  # isfinite() overflows on it
+    {"client": 0, "metrics": {"accuracy": "0.9"}},
+])
+def test_a_bad_evaluation_answer_is_dropped_not_raised(meta):
+    """A personalised strategy's evaluate phase: a client's answer is untrusted too."""
+    assert read_eval_reply(encode(Payload(torch.zeros(0), None, {"client": 0, "metrics": {
+        "accuracy": 0.5, "loss": None}})), 0) == {"accuracy": 0.5, "loss": None}
+    assert read_eval_reply(encode(Payload(torch.zeros(0), None, meta)), 0) is None
 
 
 # ---------------------------------------------------------------------- dropouts

@@ -7,6 +7,7 @@ validation and checkpoints read them without importing any strategy.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -83,6 +84,19 @@ def pad_factor(name: str, t: Tensor, rank: int) -> Tensor:
     return t
 
 
+MAX_EXAMPLES = 2**53  # a claimed example count above this cannot be summed exactly in float64
+
+
+def _finite_number(x: Any) -> bool:
+    """A JSON number that is finite as a float (a 400-digit integer is not)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:
+        return False
+
+
 @dataclass
 class Update:
     """What one client uploads: flat values (+ slot ids for sparse uploads) and a few scalars."""
@@ -102,10 +116,13 @@ class Update:
         meta = dict(payload.meta)
         try:
             client, n = int(meta.pop("client")), int(meta.pop("num_examples"))
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):  # int(inf) overflows
             raise InvalidPayload("upload header lacks an integer 'client' or 'num_examples'") from None
-        if n <= 0:
-            raise InvalidPayload(f"upload claims {n} training examples")
+        if not 0 < n <= MAX_EXAMPLES:
+            raise InvalidPayload(f"upload claims {str(n)[:24]} training examples")
+        loss = meta.get("loss")
+        if loss is not None and not _finite_number(loss):
+            raise InvalidPayload(f"upload's training loss {str(loss)[:40]!r} is not a finite number")
         return cls(client, n, payload.values, payload.slots, meta)
 
 

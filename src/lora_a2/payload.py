@@ -86,7 +86,8 @@ def _read_meta(data: bytes) -> dict[str, Any]:
     try:
         header = json.loads(data[8:8 + header_len])
         meta = json.loads(header.get("__metadata__", {}).get("meta", "{}"))
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError):
+    except (ValueError, AttributeError, TypeError, RecursionError):  # JSONDecodeError, a
+        # 5,000-digit number (int's digit limit) or 100,000 nested brackets
         raise InvalidPayload("payload header is not valid JSON") from None
     if not isinstance(meta, dict):
         raise InvalidPayload("payload metadata is not a JSON object")

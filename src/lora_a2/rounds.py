@@ -392,7 +392,7 @@ def read_eval_reply(blob: bytes, client: int) -> dict[str, Any] | None:
             if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise InvalidPayload(f"metric {k!r} = {v!r}")
         return metrics
-    except (InvalidPayload, KeyError, TypeError) as e:
+    except (InvalidPayload, KeyError, TypeError, OverflowError) as e:  # isfinite(10**400)
         log.warning("client %d: evaluation answer rejected: %s", client, e)
         return None
 

@@ -36,7 +36,7 @@ def receive_upload(strategy: Strategy, task: Task, blob: bytes, limits: UploadLi
         strategy.validate(task, update)
     except InvalidPayload:
         raise
-    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError, ArithmeticError) as e:
         # Untrusted bytes must never take the server down: a check that trips over a
         # malformed field rejects the upload like any other failed check.
         raise InvalidPayload(f"malformed upload ({type(e).__name__}: {str(e)[:120]})") from None
