@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -309,6 +310,12 @@ def test_dp_runs_are_reproducible_and_report_epsilon(tmp_path, synthetic_csv):
       "strategy.name=hetlora"], "not linear in the uploads"),
     (["privacy.mechanism=gaussian", "privacy.epsilon='x'"], "privacy.epsilon"),
     (["privacy.epsilson=1"], "did you mean 'privacy.epsilon'"),
+    (["privacy.mechanism=laplace", "privacy.epsilon=inf"], "privacy.epsilon"),
+    (["privacy.mechanism=laplace", "privacy.epsilon=nan"], "privacy.epsilon"),
+    (["privacy.mechanism=gaussian", "privacy.epsilon=1e300"], "privacy.epsilon"),
+    (["privacy.mechanism=gaussian", "privacy.noise_multiplier=inf"], "privacy.noise_multiplier"),
+    (["privacy.mechanism=gaussian", "privacy.noise_multiplier=1", "privacy.clip=inf"],
+     "privacy.clip"),
 ])
 def test_bad_privacy_config_is_one_line_exit_2(capsys, sets, needle):
     args = ["config"]
@@ -317,6 +324,34 @@ def test_bad_privacy_config_is_one_line_exit_2(capsys, sets, needle):
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and needle in err
+
+
+@pytest.mark.parametrize("mechanism,mode,eps", [("gaussian", "local", 1e-9),
+                                                 ("gaussian", "central", 1e-40),
+                                                 ("laplace", "local", 1e-40),
+                                                 ("laplace", "central", 1e-300)])
+def test_an_unreachable_epsilon_is_one_line_exit_2_before_the_run_exists(
+        tmp_path, synthetic_csv, capsys, mechanism, mode, eps):
+    """A target ε too small to calibrate (Opacus refuses it; Laplace's per-round ε₀ underflows
+    to 0, an infinite noise scale) is refused before any output is written."""
+    out = tmp_path / "o"
+    run_cli(out, f"privacy.mechanism={mechanism}", f"privacy.mode={mode}",
+            f"privacy.epsilon={eps}", data=synthetic_csv, code=2)
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "cannot be reached" in err, err
+    assert not out.exists()
+
+
+def test_a_large_epsilon_calibrates_without_overflow():
+    """ε up to the cap (1000) calibrates for both mechanisms and both modes: Laplace's
+    composition must not overflow e^ε."""
+    for mechanism in ("gaussian", "laplace"):
+        for mode, q in (("local", 1.0), ("central", 0.5)):
+            p = SimpleNamespace(mechanism=mechanism, mode=mode, epsilon=1000.0,
+                                noise_multiplier=None, delta=1e-5, clip=1.0, selection="public",
+                                selection_epsilon=0.1, noise_source="os", weight_cap=0.0)
+            plan = dp.resolve(p, 8, q)
+            assert 0 < plan.noise_multiplier < 1 and plan.epsilon(8) <= 1000.0 * 1.001
 
 
 @pytest.mark.parametrize("name", ["lora-a2", "fl-lora", "ffa-lora", "rolora", "fedsvd",

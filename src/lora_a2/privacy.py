@@ -45,7 +45,9 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import warnings
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -196,13 +198,25 @@ def gaussian_epsilon(noise_multiplier: float, sample_rate: float, steps: int,
         return 0.0
     acc = RDPAccountant()
     acc.history = [(noise_multiplier, sample_rate, steps)]
-    return float(acc.get_epsilon(delta, alphas=rdp_alphas()))
+    with quiet_alpha_range():
+        return float(acc.get_epsilon(delta, alphas=rdp_alphas()))
+
+
+@contextmanager
+def quiet_alpha_range():
+    """Silence Opacus' "optimal order is the largest/smallest alpha" at extreme ε: the bound it
+    returns is still a valid upper bound, only looser, and the user has no alpha to change."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the", category=UserWarning)
+        yield
 
 
 def amplified(eps0: float, sample_rate: float) -> float:
     """Pure ε of an ε₀-DP mechanism run on a Poisson sample at rate q: ln(1 + q(e^ε₀ − 1))."""
     if sample_rate >= 1:
         return eps0
+    if eps0 > 700:  # e^ε₀ overflows a float; ln(1 + q(e^ε₀ − 1)) = ε₀ + ln q to float precision
+        return eps0 + math.log(sample_rate)
     return math.log1p(sample_rate * math.expm1(eps0))
 
 
@@ -212,6 +226,8 @@ def laplace_epsilon(eps0: float, sample_rate: float, steps: int, delta: float) -
         return 0.0
     e = amplified(eps0, sample_rate)
     basic = steps * e
+    if e > 700:  # advanced composition's e^ε overflows, and is far above basic's T·ε there
+        return basic
     advanced = e * math.sqrt(2 * steps * math.log(1 / delta)) + steps * e * math.expm1(e)
     return min(basic, advanced)
 
@@ -221,9 +237,11 @@ def calibrate_gaussian(target_epsilon: float, sample_rate: float, steps: int,
     """Smallest noise multiplier reaching ``target_epsilon`` after ``steps`` (Opacus)."""
     from opacus.accountants.utils import get_noise_multiplier
 
-    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                      sample_rate=sample_rate, steps=steps, accountant="rdp",
-                                      epsilon_tolerance=0.005, alphas=rdp_alphas()))
+    with quiet_alpha_range():
+        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                          sample_rate=sample_rate, steps=steps,
+                                          accountant="rdp", epsilon_tolerance=0.005,
+                                          alphas=rdp_alphas()))
 
 
 def calibrate_laplace(target_epsilon: float, sample_rate: float, steps: int,
@@ -253,7 +271,8 @@ def gaussian_with_selection_epsilon(noise_multiplier: float, steps: int, rho_per
     orders = rdp_alphas()
     rdp = compute_rdp(q=1.0, noise_multiplier=noise_multiplier, steps=steps, orders=orders)
     rdp = [r + steps * a * rho_per_step for r, a in zip(rdp, orders)]
-    return float(get_privacy_spent(orders=orders, rdp=rdp, delta=delta)[0])
+    with quiet_alpha_range():
+        return float(get_privacy_spent(orders=orders, rdp=rdp, delta=delta)[0])
 
 
 @dataclass(frozen=True)
@@ -350,14 +369,19 @@ def resolve(p, rounds: int, sample_rate: float) -> PrivacyPlan | None:
                            float(p.weight_cap))
 
     if p.noise_multiplier is not None:
-        z = float(p.noise_multiplier)
-    elif p.selection == "private":
-        z = calibrate_with_selection(plan, float(p.epsilon), rounds)
-    elif p.mechanism == "gaussian":
-        z = factor * calibrate_gaussian(p.epsilon, q, rounds, p.delta)
-    else:
-        z = factor / calibrate_laplace(p.epsilon, q, rounds, p.delta)
-    return plan(z)
+        return plan(float(p.noise_multiplier))
+    if p.selection == "private":
+        return plan(calibrate_with_selection(plan, float(p.epsilon), rounds))
+    try:
+        if p.mechanism == "gaussian":
+            return plan(factor * calibrate_gaussian(p.epsilon, q, rounds, p.delta))
+        eps0 = calibrate_laplace(p.epsilon, q, rounds, p.delta)
+        if eps0 <= 0:  # below float resolution: the noise scale would be infinite
+            raise ValueError("the per-round budget underflows to 0")
+        return plan(factor / eps0)
+    except ValueError as e:  # Opacus: "The privacy budget is too low."
+        raise UserError(f"config key 'privacy.epsilon': {p.epsilon:g} cannot be reached over "
+                        f"{rounds} rounds at δ = {p.delta:g} ({e}); raise privacy.epsilon") from None
 
 
 def calibrate_with_selection(plan, target: float, rounds: int) -> float:

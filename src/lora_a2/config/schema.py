@@ -291,7 +291,8 @@ class PrivacyConfig:
     noise_multiplier: float | None = None
     """z: noise std (Laplace: scale) = z · clip. Give this or `privacy.epsilon`, not both."""
     epsilon: float | None = None
-    """Target ε over `train.rounds`; the noise multiplier is calibrated to reach it."""
+    """Target ε over `train.rounds`, in (0, 1000]; the noise multiplier is calibrated to reach
+    it (a target too small to calibrate at this δ is refused before the run starts)."""
     delta: float = 1e-5
     """δ of the reported (ε, δ); should be well below 1 / data.num_clients."""
     selection: str = "public"

@@ -217,24 +217,36 @@ def phase_every(cfg: Config) -> int:
     return 1
 
 
+MAX_EPSILON = 1000.0  # a larger ε promises nothing (e^1000 overflows a float) and stalls calibration
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _validate_privacy(cfg: Config) -> None:
     p = cfg.privacy
     require(p.mechanism in MECHANISMS, "privacy.mechanism", f"must be one of {', '.join(MECHANISMS)}",
              p.mechanism)
     require(p.mode in MODES, "privacy.mode", "must be 'local' or 'central'", p.mode)
-    require(p.clip > 0, "privacy.clip", "must be > 0", p.clip)
+    require(p.clip > 0 and math.isfinite(p.clip), "privacy.clip", "must be a finite number > 0",
+            p.clip)
     require(0 < p.delta < 1, "privacy.delta", "must be in (0, 1)", p.delta)
-    for key, v in (("privacy.noise_multiplier", p.noise_multiplier), ("privacy.epsilon", p.epsilon)):
-        if v is not None:
-            require(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, key,
-                     "must be a number > 0", v)
+    if p.noise_multiplier is not None:
+        require(_number(p.noise_multiplier) and 0 < p.noise_multiplier < math.inf,
+                "privacy.noise_multiplier", "must be a finite number > 0", p.noise_multiplier)
+    if p.epsilon is not None:  # e^ε is the guarantee's factor: past ε ≈ 700 it is no number
+        require(_number(p.epsilon) and 0 < p.epsilon <= MAX_EPSILON, "privacy.epsilon",
+                f"must be a number in (0, {MAX_EPSILON:g}]", p.epsilon)
     require(p.noise_source in NOISE_SOURCES, "privacy.noise_source",
              f"must be one of {', '.join(NOISE_SOURCES)}", p.noise_source)
-    require(p.weight_cap >= 0, "privacy.weight_cap", "must be ≥ 0", p.weight_cap)
+    require(0 <= p.weight_cap < math.inf, "privacy.weight_cap", "must be a finite number ≥ 0",
+            p.weight_cap)
     require(p.selection in ("public", "private"), "privacy.selection",
              "must be 'public' or 'private'", p.selection)
-    require(isinstance(p.selection_epsilon, (int, float)) and p.selection_epsilon > 0,
-             "privacy.selection_epsilon", "must be a number > 0", p.selection_epsilon)
+    require(_number(p.selection_epsilon) and 0 < p.selection_epsilon <= MAX_EPSILON,
+            "privacy.selection_epsilon", f"must be a number in (0, {MAX_EPSILON:g}]",
+            p.selection_epsilon)
     if p.selection == "private":
         require(p.mechanism != "none", "privacy.selection",
                  "'private' needs DP on the uploads too (set privacy.mechanism); a private "
