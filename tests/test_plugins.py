@@ -62,10 +62,36 @@ def test_python_api_runs_reads_and_overrides(tmp_path, synthetic_csv):
     assert lora_a2.read_summary(tmp_path / "r") == summary
     rounds = lora_a2.read_metrics(tmp_path / "r")
     assert [r["round"] for r in rounds] == [1, 2]
+    # a crashed run's torn last line is left out; a damaged line before it, a missing run or
+    # a damaged summary are one-line errors
+    metrics = tmp_path / "r" / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join(lines) + '\n{"round": 3, "accur')
+    assert lora_a2.read_metrics(tmp_path / "r") == rounds
+    metrics.write_text("\n".join([lines[0][:-5], lines[1]]) + "\n")
+    with pytest.raises(lora_a2.UserError, match="line 1 is not valid JSON"):
+        lora_a2.read_metrics(tmp_path / "r")
+    with pytest.raises(lora_a2.UserError, match="holds no metrics.jsonl"):
+        lora_a2.read_metrics(tmp_path / "typo")
+    (tmp_path / "r" / "summary.json").write_text('{"strategy": "fl-')
+    with pytest.raises(lora_a2.UserError, match="is not valid JSON"):
+        lora_a2.read_summary(tmp_path / "r")
     assert lora_a2.load_config(overrides=["data.alpha=0.3 train.rounds=4"]).train.rounds == 4
     with pytest.raises(lora_a2.UserError, match="unknown config key 'data.alpah'"):
         lora_a2.load_config(overrides={"data.alpah": 1})
     assert issubclass(lora_a2.DenseStrategy, lora_a2.Strategy)
+
+
+@pytest.mark.parametrize("key,value,needle", [("train", "rounds", "train.rounds"),
+                                              ("data", "alpha", "data.alpha")])
+def test_python_api_checks_a_config_edited_by_hand(tmp_path, synthetic_csv, key, value, needle):
+    """A notebook that edits a Config's fields gets the same one-line error as --set, and no
+    run folder: the edited object is checked as a file would be."""
+    cfg = lora_a2.load_config(overrides=[f"data.name=csv:{synthetic_csv}", *TINY])
+    setattr(getattr(cfg, key), value, -1 if value == "alpha" else "three")
+    with pytest.raises(lora_a2.UserError, match=needle):
+        lora_a2.run(cfg, out=tmp_path / "r")
+    assert not (tmp_path / "r").exists()
 
 
 def test_set_takes_several_pairs(tmp_path, capsys):

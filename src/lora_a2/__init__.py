@@ -75,7 +75,8 @@ def run(config: Config | str | Path | dict[str, Any] | None = None, *,
     from .launch import run as _launch
 
     if isinstance(config, _Config):
-        cfg = config if overrides is None else _apply_overrides(config, overrides)
+        # re-read, so a Config edited in a notebook is checked as a file would be
+        cfg = _apply_overrides(config, [] if overrides is None else overrides)
     elif isinstance(config, dict):
         cfg = load_config(None, {**config, **_as_dict(overrides)})
     else:
@@ -95,11 +96,17 @@ def resume(run_dir: str | Path, *, progress: bool = False) -> dict[str, Any]:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The run's ``metrics.jsonl``: one dict per finished round."""
+    """The run's ``metrics.jsonl``: one dict per finished round (a line torn by a crash at the
+    end is left out, as ``--resume`` would drop it)."""
+    from .errors import UserError
     from .report import read_metrics as _read
 
     path = Path(run_dir)
-    return _read(path / "metrics.jsonl" if path.is_dir() else path)
+    path = path / "metrics.jsonl" if path.is_dir() else path
+    if not path.is_file():
+        raise UserError(f"'{run_dir}' holds no metrics.jsonl (no run, or one that has not "
+                        f"finished a round)")
+    return _read(path)
 
 
 def read_summary(run_dir: str | Path) -> dict[str, Any]:
@@ -111,7 +118,10 @@ def read_summary(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / "summary.json"
     if not path.is_file():
         raise UserError(f"'{run_dir}' has no summary.json (not a finished run)")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"'{path}' is not valid JSON ({e})") from None
 
 
 def _as_dict(overrides: Any) -> dict[str, Any]:

@@ -10,6 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError
+
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write via a temporary file, fsync, rename, fsync the folder: a crash at any instant leaves
@@ -52,10 +54,23 @@ class MetricsWriter:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Each line of a JSONL record file (none when it is missing). A last line that does not
+    parse is a write torn by a crash and is left out; a bad line before it is a
+    :class:`UserError` naming it (the file was edited or damaged)."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines):
+                break
+            raise UserError(f"'{path}' line {i} is not valid JSON; the file was edited or "
+                            f"damaged") from None
+    return records
 
 
 def truncate_metrics(path: Path, last_round: int) -> None:
