@@ -85,6 +85,7 @@ def test_cli_exit_codes_and_json(tmp_path, capsys):
     (["--mechanism", "exponential"], "--mechanism"),
     (["--noise-multiplier", "0"], "--noise-multiplier"),
     (["--noise-multiplier", "-1"], "--noise-multiplier"),
+    (["--json", "/no/such/folder/audit.json"], "--json"),  # before minutes of sampling
 ])
 def test_bad_audit_input_is_one_line_exit_2(capsys, args, needle):
     assert main(["audit-privacy", "--quick", *args]) == 2

@@ -80,6 +80,8 @@ def test_bad_values_are_one_line_errors(sets, needle):
 def test_bad_files(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load_config(tmp_path / "missing.toml")
+    with pytest.raises(UserError, match="is a folder"):
+        load_config(tmp_path)
     bad = tmp_path / "bad.toml"
     bad.write_text("[data\nalpha = ")
     with pytest.raises(UserError, match="not valid TOML"):

@@ -196,6 +196,13 @@ def test_json_array_lines_and_columns(tmp_path: Path) -> None:
     assert results[0][1].texts == results[1][1].texts == results[2][1].texts
 
 
+def test_json_nested_past_the_parser_limit_is_a_user_error(tmp_path: Path) -> None:
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000)
+    with pytest.raises(UserError, match="nests JSON too deeply"):
+        load_dataset(f"json:{path}", seed=0)
+
+
 def test_json_lines_missing_keys_dropped(tmp_path: Path) -> None:
     path = tmp_path / "d.jsonl"
     rows = [*_rows({"x": 5, "y": 5}), {"text": "no label"}, {"label": "x"}]

@@ -97,10 +97,12 @@ def test_fleet_csv_read_and_refused(tmp_path):
     ("client,flops,down_mbps,up_mbps\n0,-1,10,2\n", "flops must be > 0"),
     ("client,flops,down_mbps,up_mbps\n0,1e9,10,x\n", "must be a number"),
     ("client,flops,down_mbps,up_mbps\n0,1e9,10,2\n", "no row for client 1"),
+    ("client,flops,down_mbps,up_mbps\n0,1e9,10,2\n1,1e9,\xe9t\xe9,2\n".encode("latin-1"),
+     "not a UTF-8 CSV"),
 ])
 def test_bad_fleet_csv_is_a_one_line_error(tmp_path, capsys, content, needle):
     path = tmp_path / "f.csv"
-    path.write_text(content)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
     assert_config_error(capsys, [f"fleet.profile=csv:{path}", "data.num_clients=2"], needle)
 
 

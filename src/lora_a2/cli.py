@@ -125,7 +125,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     from .audit import audit_command
 
     return audit_command(args.strategy or None, args.mode or None, args.mechanism or None,
-                         args.plant, args.quick, args.json, args.noise_multiplier)
+                         args.plant, args.quick, _json_out(args.json), args.noise_multiplier)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

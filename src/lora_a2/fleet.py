@@ -176,6 +176,8 @@ def read_fleet_csv(path: str | Path, num_clients: int) -> list[Device]:
             fields = rows[0].keys() if rows else []
     except OSError as e:
         raise UserError(f"{where} cannot be read: {e.strerror or e}") from None
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise UserError(f"{where} is not a UTF-8 CSV file ({e})") from None
     missing = [c for c in CSV_COLUMNS if c not in fields]
     if missing:
         raise UserError(f"{where} lacks column(s) {', '.join(missing)} (needs "

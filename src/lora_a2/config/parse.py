@@ -190,12 +190,16 @@ def load_config(path: str | Path | None = None,
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise UserError(f"config file '{p}' is a folder, not a TOML file")
         if not p.is_file():
             raise UserError(f"config file '{p}' does not exist")
         try:
             data = tomllib.loads(p.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"config file '{p}' is not valid TOML: {str(e).splitlines()[0]}") from None
+        except OSError as e:
+            raise UserError(f"config file '{p}' cannot be read: {e.strerror or e}") from None
     return config_from_dict(data, overrides)
 
 

@@ -117,13 +117,18 @@ def _read_parquet(path: Path, shown: str) -> Table:
 
 def _read_json(path: Path, shown: str) -> Table:
     """JSON array of objects, object of equal-length columns, or JSON lines."""
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"could not read data file '{shown}': {e.strerror or e}") from None
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise UserError(f"data file '{shown}' is not UTF-8 encoded JSON") from None
     try:
         document = json.loads(text)
+    except RecursionError:
+        raise UserError(f"data file '{shown}' nests JSON too deeply to read") from None
     except json.JSONDecodeError as whole_error:
         records = _json_lines(text, shown, whole_error)
     else:
