@@ -177,17 +177,36 @@ def test_bad_plugins_are_skipped_with_one_line_each(tmp_path, synthetic_csv):
     fake_plugin(site, "clash", "clash_pkg:Clash", "clash_pkg",
                 "from lora_a2.strategies.fl_lora import FlLora\n"
                 "class Clash(FlLora):\n    name = 'fl-lora'\n")
+    # declarations every run reads for every registered strategy: a wrong one would break
+    # the built-ins' runs too, so the plugin is skipped at load
+    fake_plugin(site, "opts", "opts_pkg:Opts", "opts_pkg",
+                "from lora_a2.strategies.fl_lora import FlLora\n"
+                "class Opts(FlLora):\n    name = 'opts'\n    Options = dict\n")
+    fake_plugin(site, "ratio", "ratio_pkg:Ratio", "ratio_pkg",
+                "from lora_a2.strategies.fl_lora import FlLora\n"
+                "class Ratio(FlLora):\n    name = 'ratio'\n    paper_lr_ratio = '5'\n")
+    fake_plugin(site, "checky", "checky_pkg:Checky", "checky_pkg",
+                "from lora_a2.strategies.fl_lora import FlLora\n"
+                "class Checky(FlLora):\n    name = 'checky'\n"
+                "    @classmethod\n    def check(cls, cfg, options):\n        1 / 0\n")
     env = with_path(site)
     r = cli("strategies", env=env)
     assert r.returncode == 0
     assert "fl-lora" in r.stdout and "lora-a2" in r.stdout  # the built-ins are untouched
     warnings = r.stderr.strip().splitlines()
-    assert len(warnings) == 3, r.stderr
+    assert len(warnings) == 5, r.stderr
+    assert any("plugin 'opts' (opts_pkg): TypeError: Opts.Options must be a @dataclass" in w
+               for w in warnings)
+    assert any("plugin 'ratio' (ratio_pkg): TypeError: Ratio.paper_lr_ratio must be a number"
+               in w for w in warnings)
     assert any("plugin 'broken' (broken_pkg): ModuleNotFoundError" in w for w in warnings)
     assert any("plugin 'half' (half_pkg): TypeError: Half does not implement "
                "aggregate, client_update, validate" in w for w in warnings)
     assert any("plugin 'clash' (clash_pkg): ValueError: its strategy name 'fl-lora' is "
                "already a built-in" in w for w in warnings)
+    r = cli("config", "--set", "strategy.name=checky", env=env)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "plugin strategy 'checky' (checky_pkg) raised ZeroDivisionError" in r.stderr
     r = cli("run", "--quiet", "--out", str(tmp_path / "o"), "--set", "strategy.name=broken",
             env=env)
     assert r.returncode == 2

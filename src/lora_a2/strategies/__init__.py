@@ -6,11 +6,12 @@ is imported by :func:`load_all`, and the config accepts every registered name.
 Another installed package adds strategies through the entry-point group ``lora_a2.strategies``
 (``[project.entry-points."lora_a2.strategies"] my-method = "my_pkg.strategy:MyMethod"``; the
 object may be a :class:`Strategy` subclass or a module whose classes use ``@register``). A
-plugin that fails to import, leaves a method unimplemented, or takes a built-in's name is
-skipped with a one-line reason (:data:`PLUGIN_ERRORS`) and never breaks the other strategies;
-asking for it by name gives that reason as the error.
+plugin that fails to import, leaves a method unimplemented, takes a built-in's name or
+declares a wrong ``Options`` or flag is skipped with a one-line reason (:data:`PLUGIN_ERRORS`)
+and never breaks the other strategies; asking for it by name gives that reason as the error.
 """
 
+import dataclasses
 import difflib
 import importlib
 import inspect
@@ -89,6 +90,25 @@ def _check_plugin(cls: type, builtin: dict[str, type]) -> None:
     missing = sorted(getattr(cls, "__abstractmethods__", ()))
     if missing:
         raise TypeError(f"{cls.__name__} does not implement {', '.join(missing)}")
+    opts = cls.Options
+    if not (inspect.isclass(opts) and issubclass(opts, StrategyOptions)
+            and dataclasses.is_dataclass(opts)):
+        raise TypeError(f"{cls.__name__}.Options must be a @dataclass subclass of "
+                        f"lora_a2.strategies.StrategyOptions")
+    opts()  # every option needs a default: the config lists them all
+    flags = [k for k in _FLAGS if not isinstance(getattr(cls, k), bool)]
+    if flags:
+        raise TypeError(f"{cls.__name__}.{flags[0]} must be True or False")
+    ratio = cls.paper_lr_ratio
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 0:
+        raise TypeError(f"{cls.__name__}.paper_lr_ratio must be a number > 0, got {ratio!r}")
+    if not isinstance(cls.dp_refusals, dict):
+        raise TypeError(f"{cls.__name__}.dp_refusals must be a dict of mode → reason")
+
+
+#: the yes/no class attributes a strategy declares (docs/STRATEGIES.md)
+_FLAGS = ("full_model", "central_dp", "personalized", "selects_slots", "secure_aggregation",
+          "budget_sized_upload", "supports_async", "alternating", "upload_size_public")
 
 
 def strategy_names() -> list[str]:
@@ -129,9 +149,17 @@ def check_config(cfg: Config) -> None:
         raise UserError(f"config key 'strategy.name': unknown strategy '{s.name}'{hint}; "
                         f"valid: {', '.join(names)}")
     cls = REGISTRY[s.name]
-    options = resolve_options(cls.Options, s.options, s.name, other_option_defaults(cls))
-    s.options = options.to_dict()  # the resolved config lists every option of its strategy
-    cls.check(cfg, options)
+    try:
+        options = resolve_options(cls.Options, s.options, s.name, other_option_defaults(cls))
+        s.options = options.to_dict()  # the resolved config lists every option of its strategy
+        cls.check(cfg, options)
+    except Exception as e:  # a plugin's own check that raises is its author's bug: say whose
+        if isinstance(e, UserError) or s.name not in PLUGINS:
+            raise
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise UserError(f"config key 'strategy.name': the config check of plugin strategy "
+                        f"'{s.name}' ({PLUGINS[s.name]}) raised {type(e).__name__}: "
+                        f"{first}") from None
     if cfg.secagg.enabled and not cls.secure_aggregation:
         raise UserError(f"config key 'secagg.enabled' strategy '{s.name}' cannot be securely "
                         f"aggregated (its aggregate is not a weighted sum of one dense vector "
