@@ -70,6 +70,8 @@ def test_toml_file_and_overrides(tmp_path):
     (["engine.round_timeout_s=-5"], "'engine.round_timeout_s'"),
     (["engine.connect_timeout_s=-1"], "'engine.connect_timeout_s'"),
     (["engine.device=tpu"], "'engine.device'"),
+    (["engine.device=cuda:abc"], "'engine.device'"),
+    (["engine.device=cudafoo"], "'engine.device'"),
 ])
 def test_bad_values_are_one_line_errors(sets, needle):
     with pytest.raises(UserError) as e:

@@ -304,6 +304,8 @@ def test_a_round_written_twice_is_kept_once_on_resume(tmp_path, synthetic_csv):
     (["train.clients_per_round=1.5"], "train.clients_per_round"),
     (["train.dropout=1.0"], "train.dropout"),
     (["data.num_clients=500"], "clients"),
+    (["model.max_length=1024"], "must be ≤ 512, the positions"),  # tiny-random-bert's table
+    ([f"seed={2**64}"], "seed"),
 ])
 def test_bad_input_one_line_exit_2(tmp_path, synthetic_csv, capsys, sets, needle):
     run_cli(tmp_path / "o", *sets, data=synthetic_csv, base=TINY, code=2)

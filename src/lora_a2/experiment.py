@@ -79,6 +79,15 @@ def split_local_test(parts: list[np.ndarray], fraction: float, seed: int):
     return train, test
 
 
+def check_positions(cfg: Config, model) -> None:
+    """Refuse a ``model.max_length`` past the model's position table (the first forward pass
+    would fail with an index error deep in the model)."""
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(positions, int) and cfg.model.max_length > positions:
+        raise UserError(f"config key 'model.max_length' must be ≤ {positions}, the positions "
+                        f"model '{cfg.model.name}' has, got {cfg.model.max_length}")
+
+
 def prepare(cfg: Config) -> Experiment:
     """Load and encode the data, partition the clients, build the model and the strategy.
 
@@ -93,6 +102,7 @@ def prepare(cfg: Config) -> Experiment:
     task = get_task(cfg)
     train, test = task.load_data()
     base = task.load_model(len(train.label_names), cfg.seed)  # (model, tokenizer, source)
+    check_positions(cfg, base[0])
     # Encoding may drop examples that cannot fit (counted in the datasets' stats), so the
     # partition is drawn over what was encoded.
     enc_train, train = task.encode(base[1], train, "train")

@@ -180,7 +180,11 @@ def pick_device(spec: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if spec.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"config key 'engine.device' is '{spec}' but no CUDA device is available")
-    return torch.device(spec)
+    device = torch.device(spec)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"config key 'engine.device' is '{spec}' but this machine has "
+                        f"{torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 # ---------------------------------------------------------------------- causal LMs

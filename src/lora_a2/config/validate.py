@@ -4,6 +4,7 @@ with that component and run in :mod:`lora_a2.checks`)."""
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from ..errors import UserError
@@ -20,7 +21,7 @@ def require(cond: bool, key: str, msg: str, value: Any) -> None:
 def validate(cfg: Config) -> None:
     """Range and consistency checks; each failure is a one-line :class:`UserError`."""
     m, d, s, t, e = cfg.model, cfg.data, cfg.strategy, cfg.train, cfg.engine
-    require(cfg.seed >= 0, "seed", "must be ≥ 0", cfg.seed)
+    require(0 <= cfg.seed < 2**63, "seed", "must be in [0, 2^63)", cfg.seed)  # torch's range
     require(m.max_length >= 8, "model.max_length", "must be ≥ 8", m.max_length)
     require(m.head in ("frozen", "trained"), "model.head", "must be 'frozen' or 'trained'", m.head)
     require(m.lora_alpha > 0, "model.lora_alpha", "must be > 0", m.lora_alpha)
@@ -105,8 +106,8 @@ def validate(cfg: Config) -> None:
              e.round_timeout_s)
     require(e.connect_timeout_s >= 0, "engine.connect_timeout_s", "must be ≥ 0",
              e.connect_timeout_s)
-    require(e.device == "auto" or e.device == "cpu" or e.device.startswith("cuda"),
-             "engine.device", "must be 'auto', 'cpu' or 'cuda[:N]'", e.device)
+    require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", e.device) is not None,
+            "engine.device", "must be 'auto', 'cpu' or 'cuda[:N]'", e.device)
     require(e.threads >= 0, "engine.threads", "must be ≥ 0", e.threads)
     for target in cfg.report.targets:
         require(math.isfinite(target), "report.targets", "entries must be finite numbers", target)
