@@ -283,6 +283,12 @@ def test_lora_a2_learns_and_the_adapter_reloads_with_peft(tmp_path, instr_json, 
     assert main(["generate", str(out), "-p", "Name a fruit.", "--max-new-tokens", "4",
                  "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["prompt"] == "Name a fruit."
+    # a damaged export is one line naming the run, not a safetensors traceback
+    weights = out / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert main(["generate", str(out), "-p", "Name a fruit.", "--max-new-tokens", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "its exported model cannot be loaded" in err, err
 
 
 def test_generate_refuses_a_classification_run(tmp_path, synthetic_csv, capsys):

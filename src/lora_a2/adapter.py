@@ -28,6 +28,7 @@ from .config import ModelConfig
 from .errors import UserError
 from .models import LoraModule, find_target_modules
 from .precision import bf16_products_in_fp32, forward, products
+from .report import atomic_write_text
 
 if TYPE_CHECKING:  # annotations only: tasks build on the runtime, not the reverse
     from .tasks.base import LearningTask
@@ -301,7 +302,8 @@ class ModelRuntime:
             save_file({k: v.contiguous() for k, v in deltas.items()},
                       str(out_dir / "merged_delta.safetensors"))
             info["merged_delta"] = "merged_delta.safetensors: add to each module's base weight"
-        (out_dir / "lora_a2.json").write_text(json.dumps(info, indent=2))
+        # last, and atomically: its presence marks a complete export (lora-a2 generate)
+        atomic_write_text(out_dir / "lora_a2.json", json.dumps(info, indent=2))
         return out_dir
 
     def _save_tiny_base(self, path: Path) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .config import load_config
+from .checks import load_config
 from .errors import UserError
 from .models import _quiet_transformers, load_causal_lm, pick_device
 from .precision import bf16_products_in_fp32, forward
@@ -28,9 +28,6 @@ def load_trained(run_dir: Path, base_only: bool = False):
     """(model, tokenizer, train) of a finished causal-LM run (or its base model alone);
     ``train`` is the run's ``[train]`` section, whose ``precision`` and ``bf16_matmul`` its
     answers are computed in."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-
     _quiet_transformers()
     run_dir = Path(run_dir)
     if not (run_dir / "config.toml").is_file():
@@ -46,19 +43,34 @@ def load_trained(run_dir: Path, base_only: bool = False):
         raise UserError(f"run '{run_dir}' has no exported adapter yet (it has not finished; "
                         f"resume it with lora-a2 run --resume {run_dir})")
     device = pick_device(cfg.engine.device)
+    try:
+        model, tok = _load(run_dir, adapter, cfg, base_only)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001  (files on disk, damaged or edited: say which run)
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"run '{run_dir}': its exported model cannot be loaded "
+                        f"({type(e).__name__}: {first}); export it again with "
+                        f"lora-a2 run --resume {run_dir}") from None
+    return model.to(device).eval(), tok, cfg.train
+
+
+def _load(run_dir: Path, adapter: Path, cfg, base_only: bool):
+    """(model, tokenizer) from the run's files (see :func:`load_trained`)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(str(adapter))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     whole_model = not (adapter / "adapter_config.json").is_file()  # a full-model strategy's
     if whole_model and not base_only:
-        model = AutoModelForCausalLM.from_pretrained(str(adapter))
-        return model.to(device).eval(), tok, cfg.train
+        return AutoModelForCausalLM.from_pretrained(str(adapter)), tok
     if (run_dir / "base_model").is_dir():  # a random base built in code, saved by the run
         base = AutoModelForCausalLM.from_pretrained(str(run_dir / "base_model"))
     else:
         base, _, _ = load_causal_lm(cfg.model.name, cfg.seed, cfg.model.dtype)
     if base_only:
-        return base.to(device).eval(), tok, cfg.train
+        return base, tok
     deltas = adapter / "merged_delta.safetensors"
     if deltas.is_file():
         from safetensors.torch import load_file
@@ -69,8 +81,7 @@ def load_trained(run_dir: Path, base_only: bool = False):
                 w.add_(delta.to(w.dtype))
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(base, str(adapter))
-    return model.to(device).eval(), tok, cfg.train
+    return PeftModel.from_pretrained(base, str(adapter)), tok
 
 
 def answer(model, tokenizer, prompts: list[str], input_: str = "",
