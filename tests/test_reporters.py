@@ -152,6 +152,58 @@ def test_events_reach_reporters_in_order_metrics_file_first(tmp_path):
     assert isinstance(reps, Reporters)
 
 
+def test_an_optional_reporter_that_fails_is_refused_at_start_and_switched_off_later(
+        tmp_path, capsys):
+    """report.to's reporters talk to outside stores: one that cannot start stops the run
+    before round 1 (one line); one that fails mid-run is switched off with a warning while
+    metrics.jsonl and the others go on; a core reporter's failure is a bug and propagates."""
+    from lora_a2.reporters import RunStart
+
+    class Flaky(Reporter):
+        name = "flaky"
+
+        def __init__(self, fail_at):
+            self.fail_at, self.rounds, self.closed = fail_at, [], False
+
+        def start(self, run):
+            if self.fail_at == 0:
+                raise ConnectionError("store unreachable\nsecond line")
+
+        def round_end(self, record):
+            if record["round"] == self.fail_at:
+                raise OSError("connection reset")
+            self.rounds.append(record["round"])
+
+        def close(self):
+            self.closed = True
+
+    class Core(Reporter):  # no name: one of the built-in reporters
+        def round_end(self, record):
+            raise RuntimeError("a bug in a core reporter")
+
+    cfg = load_config(None, [])
+    run = RunStart(cfg, tmp_path, 1, 1, "accuracy", {"accuracy": 0.5})
+    with pytest.raises(UserError, match=r"^config key 'report.to': 'flaky' could not start: "
+                                        r"ConnectionError: store unreachable$"):
+        Reporters([Flaky(0)]).start(run)
+    flaky, later = Flaky(2), Flaky(99)
+    reps = build_reporters(cfg, progress=False)
+    reps.reporters += [flaky, later]
+    reps.start(run)
+    capsys.readouterr()
+    for rnd in (1, 2, 3):
+        reps.round_end({"round": rnd, "accuracy": 0.6})
+    assert flaky.rounds == [1] and flaky.closed and flaky not in reps.reporters
+    assert later.rounds == [1, 2, 3]  # the reporters after it heard every round
+    assert [r["round"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+    err = capsys.readouterr().err.strip()
+    assert err == ("lora-a2: warning: report.to 'flaky' failed (OSError: connection reset); it "
+                   "is off for the rest of this run, metrics.jsonl has every round")
+    reps.close()
+    with pytest.raises(RuntimeError, match="core reporter"):
+        Reporters([Core()]).round_end({"round": 1})
+
+
 def test_scalars_flatten_tables_and_skip_the_rest():
     record = {"round": 3, "accuracy": 0.5, "ok": True, "name": "x", "none": None,
               "rank_allocation": {"query": 4, "value": 2}, "per_client": [{"loss": 1.0}]}

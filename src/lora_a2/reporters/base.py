@@ -15,12 +15,14 @@ The runner emits four events, in this order, and nothing else reaches a reporter
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..config import Config
+from ..errors import UserError
 
 
 @dataclass
@@ -70,30 +72,60 @@ class Reporter:
 
 
 class Reporters(Reporter):
-    """Several reporters as one: each event goes to each, in order."""
+    """Several reporters as one: each event goes to each, in order.
+
+    An optional reporter (``report.to``: a ``name``) that fails to start stops the run with a
+    one-line :class:`UserError` before round 1 (a wrong tracking URI, say). One that fails
+    later (a tracking server gone mid-run) is switched off with one warning line on stderr,
+    and the run goes on: ``metrics.jsonl`` holds every round whatever the others do.
+    """
 
     def __init__(self, reporters: list[Reporter]) -> None:
         self.reporters = list(reporters)
 
     def start(self, run: RunStart) -> None:
         for r in self.reporters:
-            r.start(run)
+            try:
+                r.start(run)
+            except Exception as e:  # noqa: BLE001  (a third-party store: any error)
+                if not r.name or isinstance(e, UserError):
+                    raise
+                raise UserError(f"config key 'report.to': '{r.name}' could not start: "
+                                f"{_first_line(e)}") from None
 
     def client_done(self, client: int) -> None:
-        for r in self.reporters:
-            r.client_done(client)
+        self._each("client_done", client)
 
     def round_end(self, record: dict[str, Any]) -> None:
-        for r in self.reporters:
-            r.round_end(record)
+        self._each("round_end", record)
 
     def end(self, summary: dict[str, Any], records: list[dict[str, Any]]) -> None:
-        for r in self.reporters:
-            r.end(summary, records)
+        self._each("end", summary, records)
+
+    def _each(self, event: str, *args: Any) -> None:
+        for r in list(self.reporters):
+            try:
+                getattr(r, event)(*args)
+            except Exception as e:  # noqa: BLE001
+                if not r.name:
+                    raise
+                self.reporters.remove(r)
+                print(f"lora-a2: warning: report.to '{r.name}' failed ({_first_line(e)}); it "
+                      f"is off for the rest of this run, metrics.jsonl has every round",
+                      file=sys.stderr)
+                try:
+                    r.close()
+                except Exception:  # noqa: BLE001  (already failing: the warning said so)
+                    pass
 
     def close(self) -> None:
         for r in self.reporters:
             r.close()
+
+
+def _first_line(error: BaseException) -> str:
+    text = (str(error).strip().splitlines() or [""])[0][:200]
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def scalars(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
