@@ -731,3 +731,24 @@ def test_cells_without_byte_totals_or_the_fedavg_reference_still_tabulate(tmp_pa
     assert main(["bench", str(grid), "--quiet", "--out", str(out)]) == 0
     row = json.loads((out / "results.json").read_text())["table"][0]
     assert row["upload_MB"] == "—" and row["upload_%_of_fedavg_full"] == "—"
+
+
+def test_a_damaged_summary_is_one_line_naming_its_cell(tmp_path, capsys):
+    """A cell's summary.json cut short (a disk filled up, an edit) stops the tabulation with
+    one line naming the cell and how to redo it, not a JSON traceback after every cell ran."""
+    grid = tmp_path / "g.toml"
+    grid.write_text("name = 'g'\nseeds = [0]\n[base]\n'model.name' = 'tiny-random-bert'\n"
+                    "'data.name' = 'bbc-news'\n'data.num_clients' = 2\n"
+                    "'data.max_train_examples' = 40\n'data.max_test_examples' = 20\n"
+                    "'model.max_length' = 16\n'train.rounds' = 1\n'strategy.global_rank' = 2\n"
+                    "'strategy.rank_budget' = 1\n[axes]\n'strategy.name' = ['fl-lora']\n")
+    out = tmp_path / "o"
+    assert main(["bench", str(grid), "--quiet", "--out", str(out)]) == 0
+    summary = out / "cells" / "fl-lora__seed0" / "summary.json"
+    for damaged in (summary.read_text()[:40], json.dumps({"final_accuracy": 0.5})):
+        summary.write_text(damaged)
+        capsys.readouterr()
+        assert main(["bench", str(grid), "--quiet", "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "cell 'fl-lora__seed0': its summary.json is damaged" \
+            in err, err

@@ -3,7 +3,6 @@ when the cell's folder says so."""
 
 from __future__ import annotations
 
-import json
 import traceback
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from ..errors import UserError
 from ..report import atomic_write_text
 from .grid import Cell, _to_sets
 from .locks import release_lock, take_lock
-from .status import stale
+from .status import read_cell_summary, stale
 
 
 # Set by ``run_grid_workers`` for its workers: a cell that failed after this time (seconds since
@@ -51,7 +50,7 @@ def run_cell(cell: Cell, out: Path, since: float | None = None) -> tuple[str, di
 def _finished(cell: Cell, out: Path) -> tuple[str, dict[str, Any] | None]:
     if stale(cell, out) is not None:
         return "stale", None
-    return "skipped", json.loads((out / "cells" / cell.cell_id / "summary.json").read_text())
+    return "skipped", read_cell_summary(out, cell)
 
 
 def _run_locked(cell: Cell, cell_dir: Path) -> tuple[str, dict[str, Any] | None]:

@@ -13,6 +13,23 @@ from ..errors import UserError
 from .grid import Cell, _to_sets, expand, load_grid, select
 from .locks import lock_held
 
+#: what every finished cell's summary.json has (the tables read them all)
+SUMMARY_KEYS = {"total_upload_bytes", "total_download_bytes", "total_upload_params", "wall_s"}
+
+
+def read_cell_summary(out: Path, cell: Cell) -> dict:
+    """A finished cell's summary.json; one-line :class:`UserError` naming the cell when it is
+    damaged (cut short, edited), rather than a JSON traceback after every cell ran."""
+    path = Path(out) / "cells" / cell.cell_id / "summary.json"
+    try:
+        s = json.loads(path.read_text())
+        if not isinstance(s, dict) or not SUMMARY_KEYS <= set(s):
+            raise ValueError("not a run summary")
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise UserError(f"cell '{cell.cell_id}': its summary.json is damaged ({e}); delete the "
+                        f"folder '{path.parent}' to run the cell again") from None
+    return s
+
 
 def stale(cell: Cell, out: Path) -> str | None:
     """Why a finished cell is not the grid's cell any more (None when it is): the config it ran

@@ -13,7 +13,7 @@ from ..tasks import TASKS
 from ..tasks import load_all as load_tasks
 from .grid import Cell
 from .locks import exclusive
-from .status import stale
+from .status import read_cell_summary, stale
 
 
 def task_of_metric(metric: str):
@@ -83,7 +83,7 @@ def collect_rows(out: Path, cells: list[Cell]) -> list[dict[str, Any]]:
         path = out / "cells" / cell.cell_id / "summary.json"
         if not path.exists() or stale(cell, out) is not None:
             continue
-        s = json.loads(path.read_text())
+        s = read_cell_summary(out, cell)
         metric = s.get("metric", "accuracy")
         figures = {}
         for key, _ in task_of_metric(metric).bench_columns:
