@@ -6,7 +6,8 @@
 Reads ``benchmarks/results/<grid>/cells/*/summary.json`` (through
 :func:`lora_a2.bench.collect_rows`; without ``--print`` it also refreshes each grid's
 results.json / table.md / plots through :func:`lora_a2.bench.aggregate`) and replaces every block
-``<!-- BEGIN name -->`` … ``<!-- END name -->`` of docs/RESULTS.md with a pivot table:
+``<!-- BEGIN name -->`` … ``<!-- END name -->`` of docs/RESULTS.md (and of README.md, which
+copies a few) with a pivot table:
 mean ± sample std over seeds of the final test accuracy (%); a value from one seed only is
 marked ``¹``; ``·`` = not run yet. Nothing is typed in by hand.
 """
@@ -28,6 +29,7 @@ from lora_a2.config.schema import PRECISIONS
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DOC = ROOT / "docs" / "RESULTS.md"
+README = ROOT / "README.md"  # copies some blocks (the claim table): kept in step with them
 
 SPLITS = ["dir0.5", "dir0.1", "dir0.01", "path2"]
 SPLIT_NAMES = {"dir0.5": "Dir(0.5)", "dir0.1": "Dir(0.1)", "dir0.01": "Dir(0.01)",
@@ -1182,30 +1184,48 @@ def main(argv: list[str] | None = None) -> int:
         for name, text in blocks.items():
             print(f"## {name}\n{text}\n")
         return 0
-    doc = DOC.read_text()
+    doc, stale = fill(DOC.read_text(), blocks, every=True)
+    readme, stale_readme = fill(README.read_text(), blocks, every=False)
+    if args.check:
+        for path, names in ((DOC, stale), (README, stale_readme)):
+            if names:
+                blocks_word = "block" if len(names) == 1 else "blocks"
+                print(f"{shown(path)} is stale in {len(names)} {blocks_word}: "
+                      f"{', '.join(names)} (rerun benchmarks/render_results.py)", file=sys.stderr)
+        if stale or stale_readme:
+            return 1
+        print(f"all {len(blocks)} blocks of {shown(DOC)} are current, and {shown(README)}'s "
+              f"copies of them")
+        return 0
+    DOC.write_text(doc)
+    README.write_text(readme)
+    print(f"rewrote {len(blocks)} blocks of {shown(DOC)} and their copies in {shown(README)}")
+    return 0
+
+
+def shown(path: Path) -> str:
+    """``path`` relative to the repository when it is inside it."""
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def fill(doc: str, blocks: dict[str, str], every: bool) -> tuple[str, list[str]]:
+    """``doc`` with each block ``<!-- BEGIN name -->`` … ``<!-- END name -->`` replaced by its
+    rendering, and the names of those that differed; ``every``: a block the doc lacks counts
+    as stale (RESULTS.md has them all; the README copies a few)."""
     stale = []
     for name, text in blocks.items():
         pat = re.compile(rf"(<!-- BEGIN {re.escape(name)} -->\n)(.*?)(<!-- END {re.escape(name)} -->)",
                          re.S)
         found = pat.search(doc)
         if not found:
-            print(f"note: docs/RESULTS.md has no block '{name}'", file=sys.stderr)
-            stale.append(name)
+            if every:
+                print(f"note: docs/RESULTS.md has no block '{name}'", file=sys.stderr)
+                stale.append(name)
             continue
         if found.group(2) != text + "\n":
             stale.append(name)
         doc = pat.sub(lambda m: m.group(1) + text + "\n" + m.group(3), doc)
-    if args.check:
-        if stale:
-            blocks_word = "block" if len(stale) == 1 else "blocks"
-            print(f"docs/RESULTS.md is stale in {len(stale)} {blocks_word}: {', '.join(stale)} "
-                  f"(rerun benchmarks/render_results.py)", file=sys.stderr)
-            return 1
-        print(f"all {len(blocks)} blocks of {DOC.relative_to(ROOT)} are current")
-        return 0
-    DOC.write_text(doc)
-    print(f"rewrote {len(blocks)} blocks of {DOC.relative_to(ROOT)}")
-    return 0
+    return doc, stale
 
 
 if __name__ == "__main__":

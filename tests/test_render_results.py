@@ -142,6 +142,19 @@ def test_check_names_a_block_edited_by_hand(monkeypatch, capsys, tmp_path):
     assert "stale in 1 block: paper_schedule" in capsys.readouterr().err
 
 
+def test_check_names_a_readme_copy_edited_by_hand(monkeypatch, capsys, tmp_path):
+    """The README copies the claim table: an edit there is caught like one in RESULTS."""
+    text = render.README.read_text()
+    assert "<!-- BEGIN claim_best -->" in text
+    edited = tmp_path / "README.md"
+    edited.write_text(text.replace("| fl-lora | 0.002 |", "| fl-lora | 0.003 |", 1))
+    assert edited.read_text() != text
+    monkeypatch.setattr(render, "README", edited)
+    assert render.main(["--check"]) == 1
+    err = capsys.readouterr().err
+    assert "README.md is stale in 1 block: claim_best" in err, err
+
+
 def test_print_and_check_together_are_refused(capsys):
     with pytest.raises(SystemExit) as e:
         render.main(["--print", "--check"])
