@@ -744,6 +744,15 @@ def test_a_damaged_summary_is_one_line_naming_its_cell(tmp_path, capsys):
                     "'strategy.rank_budget' = 1\n[axes]\n'strategy.name' = ['fl-lora']\n")
     out = tmp_path / "o"
     assert main(["bench", str(grid), "--quiet", "--out", str(out)]) == 0
+    # another grid pointed at this grid's folder is refused before it writes anything there
+    other = tmp_path / "h.toml"
+    other.write_text(grid.read_text().replace("name = 'g'", "name = 'h'"))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main(["bench", str(other), "--quiet", "--out", str(out)]) == 2
+    assert "holds the results of grid 'g'; choose another --out for grid 'h'" in \
+        capsys.readouterr().err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     summary = out / "cells" / "fl-lora__seed0" / "summary.json"
     for damaged in (summary.read_text()[:40], json.dumps({"final_accuracy": 0.5})):
         summary.write_text(damaged)

@@ -31,6 +31,18 @@ def make_out(out: Path | str) -> Path:
     return out
 
 
+def check_same_grid(out: Path, grid: dict[str, Any]) -> None:
+    """Refuse a results folder that another grid wrote: its cells would sit beside this grid's
+    and its tables be replaced by this grid's."""
+    try:
+        theirs = json.loads((out / "grid.json").read_text())["grid"]["name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # a new folder (or one without a readable grid.json: nothing to protect)
+    if theirs != grid["name"]:
+        raise UserError(f"'{out}' holds the results of grid '{theirs}'; choose another --out "
+                        f"for grid '{grid['name']}'")
+
+
 def run_grid(spec: str, out: Path, smoke: bool = False, progress: bool = True,
              only: list[str] | None = None) -> dict[str, Any]:
     """Run every unfinished cell of a grid (or those matching ``only``), then aggregate all
@@ -39,6 +51,7 @@ def run_grid(spec: str, out: Path, smoke: bool = False, progress: bool = True,
     all_cells = expand(grid, smoke)
     cells = select(all_cells, only)
     out = make_out(out)
+    check_same_grid(out, grid)
     # the grid as a whole (not this call's --only selection), so the file does not churn
     atomic_write_text(out / "grid.json", json.dumps({"grid": grid, "smoke": smoke,
                                                      "cells": [c.cell_id for c in all_cells]},
