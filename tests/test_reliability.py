@@ -373,6 +373,29 @@ def test_overwrite_deletes_only_a_run_folder_and_only_once_the_new_run_can_start
     assert [r["round"] for r in read_metrics(old / "metrics.jsonl")] == [1, 2]
 
 
+def test_a_damaged_checkpoint_is_one_line_and_the_folder_is_kept(tmp_path, synthetic_csv, capsys):
+    """A checkpoint cut short, or one that parses but lacks a state tensor, is refused."""
+    from safetensors.torch import load as load_bytes
+    from safetensors.torch import save_file
+
+    out = run_cli(tmp_path / "a", "train.rounds=2", data=synthetic_csv, base=TINY)
+    ckpt = out / "checkpoint.safetensors"
+    whole = ckpt.read_bytes()  # read into memory: the file is rewritten below (no mmap)
+    meta = json.loads(whole[8:8 + int.from_bytes(whole[:8], "little")])["__metadata__"]
+    tensors = load_bytes(whole)
+    state_key = next(k for k in tensors if k.startswith("state/"))
+    for damage in ("cut", "missing"):
+        if damage == "cut":
+            ckpt.write_bytes(whole[: len(whole) // 2])
+        else:
+            save_file({k: v for k, v in tensors.items() if k != state_key}, str(ckpt), meta)
+        before = _snapshot(out)
+        assert main(["run", "--quiet", "--resume", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "is unreadable; cannot resume this run" in err, err
+        assert _snapshot(out) == before
+
+
 def test_resume_refuses_a_lost_checkpoint_or_lost_metrics_lines(tmp_path, synthetic_csv,
                                                                  capsys):
     """A resume that would silently rerun recorded rounds, or sum a record with rounds

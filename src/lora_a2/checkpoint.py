@@ -98,10 +98,10 @@ def load_checkpoint(out_dir: Path) -> tuple[int, ServerState] | None:
         rnd = int(meta["round"])
         plain = json.loads(meta["extra"])
         order = json.loads(meta["state_order"])
-    except (SafetensorError, ValueError, KeyError, TypeError, json.JSONDecodeError):
+        state = {k: tensors[f"{_STATE}{k}"] for k in order}
+        extra = _join_extra({k: v for k, v in tensors.items() if k.startswith(_EXTRA)}, plain)
+    except (SafetensorError, ValueError, KeyError, TypeError, AttributeError, IndexError):
         raise UserError(f"checkpoint '{path}' is unreadable; cannot resume this run") from None
-    state = {k: tensors[f"{_STATE}{k}"] for k in order}
-    extra = _join_extra({k: v for k, v in tensors.items() if k.startswith(_EXTRA)}, plain)
     return rnd, ServerState(state, extra)
 
 
@@ -110,13 +110,12 @@ def load_client_stores(out_dir: Path) -> dict[int, dict[str, torch.Tensor]]:
     path = Path(out_dir) / CHECKPOINT
     if not path.exists():
         return {}
-    try:
-        tensors = st_load(path.read_bytes())
-    except SafetensorError:
-        raise UserError(f"checkpoint '{path}' is unreadable; cannot resume this run") from None
     stores: dict[int, dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        if key.startswith(_CLIENT):
-            client, name = key[len(_CLIENT):].split("/", 1)
-            stores.setdefault(int(client), {})[name] = t
+    try:
+        for key, t in st_load(path.read_bytes()).items():
+            if key.startswith(_CLIENT):
+                client, name = key[len(_CLIENT):].split("/", 1)
+                stores.setdefault(int(client), {})[name] = t
+    except (SafetensorError, ValueError):  # a foreign key: "client/x" without a name, or "a/b"
+        raise UserError(f"checkpoint '{path}' is unreadable; cannot resume this run") from None
     return stores
