@@ -79,3 +79,24 @@ def test_bad_model_folder_and_dtype_are_one_line_errors(tmp_path):
         load_base_model(str(tmp_path), num_labels=2, seed=0)
     with pytest.raises(UserError, match="model.dtype"):
         load_config(None, ["model.dtype=float64"])
+
+
+def test_a_decoder_without_a_pad_token_classifies_padded_batches(tmp_path):
+    """A GPT-2/Llama-style checkpoint has no pad token: as a classifier its batches still pad
+    (with EOS), and its head finds each row's last real token through config.pad_token_id."""
+    from lora_a2.models import tiny_random_llama
+
+    model, tok = tiny_random_llama(seed=0)
+    model.config.pad_token_id = None
+    tok.pad_token = None
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    clf, tok2, _ = load_base_model(str(tmp_path), num_labels=3, seed=0)
+    assert tok2.pad_token == tok2.eos_token and clf.config.pad_token_id == tok2.pad_token_id
+    batch = tok2(["a short one", "a somewhat longer text than that"], padding=True,
+                 return_tensors="pt")
+    with torch.no_grad():
+        logits = clf(**batch).logits
+        alone = clf(**tok2(["a short one"], return_tensors="pt")).logits
+    assert logits.shape == (2, 3)
+    assert torch.allclose(logits[0], alone[0], atol=1e-5)  # padding did not change row 0

@@ -132,6 +132,10 @@ def load_base_model(name: str, num_labels: int, seed: int, dtype: str = "float32
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise UserError(f"could not load model '{name}': weight '{bad[0]}'{more} does not have "
                         f"the shape its config.json implies (a broken or mismatched checkpoint)")
+    if tok.pad_token is None:  # a decoder (GPT-2, Llama) used as a classifier: batches pad,
+        tok.pad_token = tok.eos_token  # and its head reads the last token that is not padding
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tok.pad_token_id
     return model, tok, source
 
 
