@@ -711,16 +711,20 @@ def test_aggregation_waits_for_another_process_writing_the_tables(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["rows"] == []
 
 
+#: one fl-lora cell on the tiny model: the grids of the tabulation tests below
+ONE_CELL_GRID = ("name = 'g'\nseeds = [0]\n[base]\n'model.name' = 'tiny-random-bert'\n"
+                 "'data.name' = 'bbc-news'\n'data.num_clients' = 2\n"
+                 "'data.max_train_examples' = 40\n'data.max_test_examples' = 20\n"
+                 "'model.max_length' = 16\n'train.rounds' = 1\n'strategy.global_rank' = 2\n"
+                 "'strategy.rank_budget' = 1\n[axes]\n'strategy.name' = ['fl-lora']\n")
+
+
 def test_cells_without_byte_totals_or_the_fedavg_reference_still_tabulate(tmp_path):
     """Central DP withholds the per-client bytes (total_upload_bytes is None) and
     report.references may leave fedavg-full out: the table shows "—" for those figures instead
     of failing after the cells ran."""
     grid = tmp_path / "g.toml"
-    grid.write_text("name = 'g'\nseeds = [0]\n[base]\n'model.name' = 'tiny-random-bert'\n"
-                    "'data.name' = 'bbc-news'\n'data.num_clients' = 2\n"
-                    "'data.max_train_examples' = 40\n'data.max_test_examples' = 20\n"
-                    "'model.max_length' = 16\n'train.rounds' = 1\n'strategy.global_rank' = 2\n"
-                    "'strategy.rank_budget' = 1\n[axes]\n'strategy.name' = ['fl-lora']\n")
+    grid.write_text(ONE_CELL_GRID)
     out = tmp_path / "o"
     assert main(["bench", str(grid), "--quiet", "--out", str(out)]) == 0
     summary = out / "cells" / "fl-lora__seed0" / "summary.json"
@@ -737,11 +741,7 @@ def test_a_damaged_summary_is_one_line_naming_its_cell(tmp_path, capsys):
     """A cell's summary.json cut short (a disk filled up, an edit) stops the tabulation with
     one line naming the cell and how to redo it, not a JSON traceback after every cell ran."""
     grid = tmp_path / "g.toml"
-    grid.write_text("name = 'g'\nseeds = [0]\n[base]\n'model.name' = 'tiny-random-bert'\n"
-                    "'data.name' = 'bbc-news'\n'data.num_clients' = 2\n"
-                    "'data.max_train_examples' = 40\n'data.max_test_examples' = 20\n"
-                    "'model.max_length' = 16\n'train.rounds' = 1\n'strategy.global_rank' = 2\n"
-                    "'strategy.rank_budget' = 1\n[axes]\n'strategy.name' = ['fl-lora']\n")
+    grid.write_text(ONE_CELL_GRID)
     out = tmp_path / "o"
     assert main(["bench", str(grid), "--quiet", "--out", str(out)]) == 0
     # another grid pointed at this grid's folder is refused before it writes anything there
