@@ -749,10 +749,11 @@ def test_a_damaged_summary_is_one_line_naming_its_cell(tmp_path, capsys):
     other.write_text(grid.read_text().replace("name = 'g'", "name = 'h'"))
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     capsys.readouterr()
-    assert main(["bench", str(other), "--quiet", "--out", str(out)]) == 2
-    assert "holds the results of grid 'g'; choose another --out for grid 'h'" in \
-        capsys.readouterr().err
-    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    for workers in ([], ["--workers", "2"]):  # one process, or a pool of worker processes
+        assert main(["bench", str(other), "--quiet", "--out", str(out), *workers]) == 2
+        assert "holds the results of grid 'g'; choose another --out for grid 'h'" in \
+            capsys.readouterr().err
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     summary = out / "cells" / "fl-lora__seed0" / "summary.json"
     for damaged in (summary.read_text()[:40], json.dumps({"final_accuracy": 0.5})):
         summary.write_text(damaged)

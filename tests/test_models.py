@@ -4,12 +4,14 @@ import json
 
 import pytest
 import torch
+import transformers
 
 from lora_a2.adapter import ModelRuntime
 from lora_a2.cli import main
 from lora_a2.checks import load_config
 from lora_a2.errors import UserError
-from lora_a2.models import load_base_model, tiny_random_bert
+from lora_a2.experiment import position_limit
+from lora_a2.models import load_base_model, tiny_random_bert, tiny_random_llama
 from lora_a2.tasks.classification import Classification
 
 
@@ -84,8 +86,6 @@ def test_bad_model_folder_and_dtype_are_one_line_errors(tmp_path):
 def test_a_decoder_without_a_pad_token_classifies_padded_batches(tmp_path):
     """A GPT-2/Llama-style checkpoint has no pad token: as a classifier its batches still pad
     (with EOS), and its head finds each row's last real token through config.pad_token_id."""
-    from lora_a2.models import tiny_random_llama
-
     model, tok = tiny_random_llama(seed=0)
     model.config.pad_token_id = None
     tok.pad_token = None
@@ -100,3 +100,18 @@ def test_a_decoder_without_a_pad_token_classifies_padded_batches(tmp_path):
         alone = clf(**tok2(["a short one"], return_tensors="pt")).logits
     assert logits.shape == (2, 3)
     assert torch.allclose(logits[0], alone[0], atol=1e-5)  # padding did not change row 0
+
+
+def test_the_position_limit_is_the_learned_table_less_its_padding_rows():
+    """BERT 512; RoBERTa's 514-row table starts after padding index 1: 512; GPT-2 n_positions;
+    a rotary model (Llama) has no table and no limit."""
+    small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                 intermediate_size=32, vocab_size=100)
+    roberta = transformers.RobertaForSequenceClassification(
+        transformers.RobertaConfig(max_position_embeddings=514, pad_token_id=1, **small))
+    gpt2 = transformers.GPT2ForSequenceClassification(
+        transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=64, vocab_size=100))
+    assert position_limit(tiny_random_bert(3, seed=0)[0]) == 512
+    assert position_limit(roberta) == 512
+    assert position_limit(gpt2) == 64
+    assert position_limit(tiny_random_llama(seed=0)[0]) is None

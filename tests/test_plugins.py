@@ -71,8 +71,11 @@ def test_python_api_runs_reads_and_overrides(tmp_path, synthetic_csv):
     metrics.write_text("\n".join([lines[0][:-5], lines[1]]) + "\n")
     with pytest.raises(lora_a2.UserError, match="line 1 is not valid JSON"):
         lora_a2.read_metrics(tmp_path / "r")
-    with pytest.raises(lora_a2.UserError, match="holds no metrics.jsonl"):
+    with pytest.raises(lora_a2.UserError, match="is not a run folder"):
         lora_a2.read_metrics(tmp_path / "typo")
+    (tmp_path / "started").mkdir()  # a run that has not finished its first round yet
+    (tmp_path / "started" / "config.toml").write_text("")
+    assert lora_a2.read_metrics(tmp_path / "started") == []
     (tmp_path / "r" / "summary.json").write_text('{"strategy": "fl-')
     with pytest.raises(lora_a2.UserError, match="is not valid JSON"):
         lora_a2.read_summary(tmp_path / "r")

@@ -14,14 +14,18 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from safetensors.torch import load as load_bytes
 from safetensors.torch import save as st_save
+from safetensors.torch import save_file
 
 from lora_a2.cli import main
 from lora_a2.config import load_config
 from lora_a2.engines.local import drops_out, read_eval_reply, run_round
 from lora_a2.experiment import prepare
 from lora_a2.payload import InvalidPayload, Payload, encode
+from lora_a2.errors import UserError
 from lora_a2.report import read_metrics
+from lora_a2.runner import check_out_dir, replace_out_dir
 from lora_a2.strategies import ClientContext, Update
 from lora_a2.validation import UploadLimits, receive_upload
 
@@ -374,21 +378,21 @@ def test_overwrite_deletes_only_a_run_folder_and_only_once_the_new_run_can_start
 
 
 def test_a_damaged_checkpoint_is_one_line_and_the_folder_is_kept(tmp_path, synthetic_csv, capsys):
-    """A checkpoint cut short, or one that parses but lacks a state tensor, is refused."""
-    from safetensors.torch import load as load_bytes
-    from safetensors.torch import save_file
-
+    """A checkpoint cut short, one that parses but lacks a state tensor, or one with a client
+    key that names no client, is refused."""
     out = run_cli(tmp_path / "a", "train.rounds=2", data=synthetic_csv, base=TINY)
     ckpt = out / "checkpoint.safetensors"
     whole = ckpt.read_bytes()  # read into memory: the file is rewritten below (no mmap)
     meta = json.loads(whole[8:8 + int.from_bytes(whole[:8], "little")])["__metadata__"]
     tensors = load_bytes(whole)
     state_key = next(k for k in tensors if k.startswith("state/"))
-    for damage in ("cut", "missing"):
+    for damage in ("cut", "missing", "foreign"):
         if damage == "cut":
             ckpt.write_bytes(whole[: len(whole) // 2])
-        else:
+        elif damage == "missing":
             save_file({k: v for k, v in tensors.items() if k != state_key}, str(ckpt), meta)
+        else:  # a client key that names no client: "client/x" without "/name"
+            save_file({**tensors, "client/x": torch.zeros(1)}, str(ckpt), meta)
         before = _snapshot(out)
         assert main(["run", "--quiet", "--resume", str(out)]) == 2
         err = capsys.readouterr().err.strip()
@@ -416,6 +420,54 @@ def test_resume_refuses_a_lost_checkpoint_or_lost_metrics_lines(tmp_path, synthe
     assert "metrics.jsonl lacks round(s) 1 that the checkpoint (round 2)" in \
         capsys.readouterr().err
     assert _snapshot(out) == before
+
+    # central DP: the trusted server's full record is checked too
+    central = ["privacy.mechanism=gaussian", "privacy.mode=central",
+               "privacy.noise_multiplier=1", "privacy.clip=0.1", "privacy.noise_source=seeded"]
+    out = run_cli(tmp_path / "c", "train.rounds=2", *central, data=synthetic_csv, base=TINY)
+    lines = (out / "server_log.jsonl").read_text().splitlines()
+    (out / "server_log.jsonl").write_text(lines[1] + "\n")
+    before = _snapshot(out)
+    assert main(["run", "--quiet", "--resume", str(out)]) == 2
+    assert "server_log.jsonl lacks round(s) 1 that the checkpoint (round 2)" in \
+        capsys.readouterr().err
+    assert _snapshot(out) == before
+
+
+def test_resume_takes_the_lines_a_crash_leaves_before_a_checkpoint(tmp_path, synthetic_csv):
+    """What a crash between a round's metrics line and its checkpoint leaves is resumable, and
+    ends as an uninterrupted run: round 1's line with no checkpoint at all, and round 2's line
+    with the checkpoint still at round 1."""
+    def args(out, rounds):
+        return _cli(out, synthetic_csv, rounds)[3:]
+
+    assert main(args(tmp_path / "ref", 2)) == 0
+    ref_lines = (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()
+    for name, keep_checkpoint in (("no-ckpt", False), ("ckpt-1", True)):
+        out = tmp_path / name
+        assert main(args(out, 1)) == 0
+        (out / "summary.json").unlink()
+        (out / "config.toml").write_text(
+            (out / "config.toml").read_text().replace("rounds = 1", "rounds = 2"))
+        if keep_checkpoint:  # round 2's line written, its checkpoint not
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(ref_lines[1] + "\n")
+        else:  # round 1's line written, its checkpoint not
+            (out / "checkpoint.safetensors").unlink()
+        assert main(["run", "--quiet", "--resume", str(out)]) == 0, name
+        assert _final(out) == _final(tmp_path / "ref"), name
+
+
+def test_a_run_folder_taken_while_this_run_loaded_is_not_deleted(tmp_path):
+    """--out is checked before the model loads and again before the folder is set up: a run
+    that started writing there in between is refused, not deleted."""
+    out = tmp_path / "o"
+    check_out_dir(out, overwrite=False)  # free when this run starts loading
+    out.mkdir()
+    (out / "config.toml").write_text("# another run, started meanwhile\n")
+    with pytest.raises(UserError, match="is not empty"):
+        replace_out_dir(out, overwrite=False)
+    assert (out / "config.toml").exists()
 
 
 @pytest.mark.slow

@@ -12,7 +12,8 @@ import lora_a2
 from lora_a2.config import load_config
 from lora_a2.errors import UserError
 from lora_a2.report import read_metrics
-from lora_a2.reporters import Reporter, Reporters, build_reporters, check_config, scalars
+from lora_a2.reporters import (Reporter, Reporters, RunStart, build_reporters, check_config,
+                               scalars)
 
 from conftest import TINY as TINY_RUN
 from conftest import assert_config_error
@@ -138,8 +139,6 @@ def test_events_reach_reporters_in_order_metrics_file_first(tmp_path):
         def close(self):
             seen.append(("close", None))
 
-    from lora_a2.reporters import RunStart
-
     run_dir = tmp_path
     cfg = load_config(None, [])
     reps = build_reporters(cfg, progress=False)
@@ -157,8 +156,6 @@ def test_an_optional_reporter_that_fails_is_refused_at_start_and_switched_off_la
     """report.to's reporters talk to outside stores: one that cannot start stops the run
     before round 1 (one line); one that fails mid-run is switched off with a warning while
     metrics.jsonl and the others go on; a core reporter's failure is a bug and propagates."""
-    from lora_a2.reporters import RunStart
-
     class Flaky(Reporter):
         name = "flaky"
 

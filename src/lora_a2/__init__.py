@@ -102,10 +102,10 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     from .report import read_metrics as _read
 
     path = Path(run_dir)
-    path = path / "metrics.jsonl" if path.is_dir() else path
+    if path.is_dir() and (path / "config.toml").is_file():
+        return _read(path / "metrics.jsonl")  # a run (one still before its first round: [])
     if not path.is_file():
-        raise UserError(f"'{run_dir}' holds no metrics.jsonl (no run, or one that has not "
-                        f"finished a round)")
+        raise UserError(f"'{run_dir}' is not a run folder (no config.toml) or a metrics file")
     return _read(path)
 
 

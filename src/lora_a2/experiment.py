@@ -80,12 +80,24 @@ def split_local_test(parts: list[np.ndarray], fraction: float, seed: int):
 
 
 def check_positions(cfg: Config, model) -> None:
-    """Refuse a ``model.max_length`` past the model's position table (the first forward pass
-    would fail with an index error deep in the model)."""
-    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if isinstance(positions, int) and cfg.model.max_length > positions:
+    """Refuse a ``model.max_length`` past the model's learned position table (BERT, RoBERTa,
+    GPT-2: the first forward pass would fail with an index error deep in the model). A
+    table with a padding row (RoBERTa) counts positions after it; a model with rotary
+    positions (Llama) has no table and no limit here."""
+    positions = position_limit(model)
+    if positions is not None and cfg.model.max_length > positions:
         raise UserError(f"config key 'model.max_length' must be ≤ {positions}, the positions "
                         f"model '{cfg.model.name}' has, got {cfg.model.max_length}")
+
+
+def position_limit(model: torch.nn.Module) -> int | None:
+    """Tokens per row the model's learned position embedding can index (None: no table)."""
+    for name, module in model.named_modules():
+        if name.split(".")[-1] in ("position_embeddings", "wpe") \
+                and isinstance(module, torch.nn.Embedding):
+            pad = module.padding_idx  # RoBERTa: positions start after the padding index
+            return module.num_embeddings - (pad + 1 if pad is not None else 0)
+    return None
 
 
 def prepare(cfg: Config) -> Experiment:

@@ -15,8 +15,9 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
-from .checks import load_config
+from .config import load_config
 from .errors import UserError
 from .models import _quiet_transformers, load_causal_lm, pick_device
 from .precision import bf16_products_in_fp32, forward
@@ -32,8 +33,14 @@ def load_trained(run_dir: Path, base_only: bool = False):
     run_dir = Path(run_dir)
     if not (run_dir / "config.toml").is_file():
         raise UserError(f"'{run_dir}' holds no run (no config.toml)")
+    # the config's own checks only: generating needs neither the run's reporters, nor its
+    # fleet file, nor a plugin strategy installed here
     cfg = load_config(run_dir / "config.toml")
-    task = TASKS[resolve_task_name(cfg)]
+    name = resolve_task_name(cfg)
+    if name not in TASKS:
+        raise UserError(f"run '{run_dir}' was trained for task '{name}', which is not "
+                        f"installed here (tasks: {', '.join(sorted(TASKS))})")
+    task = TASKS[name]
     if not task.generative:
         makers = ", ".join(n for n, t in sorted(TASKS.items()) if t.generative)
         raise UserError(f"run '{run_dir}' is a {task.name} run; generate needs a run of a task "
@@ -45,9 +52,9 @@ def load_trained(run_dir: Path, base_only: bool = False):
     device = pick_device(cfg.engine.device)
     try:
         model, tok = _load(run_dir, adapter, cfg, base_only)
-    except UserError:
-        raise
-    except Exception as e:  # noqa: BLE001  (files on disk, damaged or edited: say which run)
+    except (OSError, ValueError, KeyError, AttributeError, RuntimeError, SafetensorError) as e:
+        # what a damaged or edited file raises (a torch or library bug, or no memory, is not
+        # this, and keeps its traceback)
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise UserError(f"run '{run_dir}': its exported model cannot be loaded "
                         f"({type(e).__name__}: {first}); export it again with "

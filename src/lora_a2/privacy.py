@@ -374,14 +374,16 @@ def resolve(p, rounds: int, sample_rate: float) -> PrivacyPlan | None:
         return plan(calibrate_with_selection(plan, float(p.epsilon), rounds))
     try:
         if p.mechanism == "gaussian":
-            return plan(factor * calibrate_gaussian(p.epsilon, q, rounds, p.delta))
-        eps0 = calibrate_laplace(p.epsilon, q, rounds, p.delta)
-        if eps0 <= 0:  # below float resolution: the noise scale would be infinite
-            raise ValueError("the per-round budget underflows to 0")
-        return plan(factor / eps0)
+            z = factor * calibrate_gaussian(p.epsilon, q, rounds, p.delta)
+        else:
+            eps0 = calibrate_laplace(p.epsilon, q, rounds, p.delta)
+            if eps0 <= 0:  # below float resolution: the noise scale would be infinite
+                raise ValueError("the per-round budget underflows to 0")
+            z = factor / eps0
     except ValueError as e:  # Opacus: "The privacy budget is too low."
         raise UserError(f"config key 'privacy.epsilon': {p.epsilon:g} cannot be reached over "
                         f"{rounds} rounds at δ = {p.delta:g} ({e}); raise privacy.epsilon") from None
+    return plan(z)
 
 
 def calibrate_with_selection(plan, target: float, rounds: int) -> float:

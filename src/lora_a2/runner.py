@@ -57,8 +57,10 @@ def check_out_dir(out: Path, overwrite: bool) -> Path:
     return out
 
 
-def replace_out_dir(out: Path) -> Path:
-    """Empty ``out`` (checked by :func:`check_out_dir`) and create it."""
+def replace_out_dir(out: Path, overwrite: bool) -> Path:
+    """Empty ``out`` and create it, checking it again first (:func:`check_out_dir`): another
+    run may have started writing there while this one loaded its model."""
+    check_out_dir(out, overwrite)
     try:
         if out.exists() and any(out.iterdir()):
             shutil.rmtree(out)
@@ -79,8 +81,8 @@ def check_resumable(out: Path, checkpoint_round: int | None) -> None:
         if checkpoint_round is None:  # round 1's line may precede its checkpoint (a crash)
             if (out / "summary.json").exists() or any(r >= 2 for r in rounds):
                 raise UserError(f"cannot resume '{out}': it has recorded rounds but no "
-                                f"checkpoint.safetensors to continue from; rerun it with "
-                                f"--overwrite")
+                                f"checkpoint.safetensors to continue from; start it again "
+                                f"(--overwrite, or delete the folder)")
             continue
         if name != "metrics.jsonl" and not path.exists():
             continue
@@ -88,8 +90,8 @@ def check_resumable(out: Path, checkpoint_round: int | None) -> None:
         if missing:
             shown = ", ".join(map(str, missing[:5])) + (" …" if len(missing) > 5 else "")
             raise UserError(f"cannot resume '{out}': {name} lacks round(s) {shown} that the "
-                            f"checkpoint (round {checkpoint_round}) has run; rerun it with "
-                            f"--overwrite")
+                            f"checkpoint (round {checkpoint_round}) has run; start it again "
+                            f"(--overwrite, or delete the folder)")
 
 
 def resume_config(out: Path) -> Config:
@@ -139,7 +141,7 @@ def run_experiment(cfg: Config, out: Path, *, overwrite: bool = False, progress:
         out = check_out_dir(out, overwrite)
     exp = exp if exp is not None else prepare(cfg)  # a bad model or data source fails here
     if not resume:
-        replace_out_dir(out)
+        replace_out_dir(out, overwrite)
         atomic_write_text(out / "config.toml", cfg.to_toml())
         if warning := rebuildable_noise_warning(cfg):  # a new run, once its folder is set up
             print(f"lora-a2: warning: {warning}", file=sys.stderr)

@@ -19,10 +19,11 @@ from .status import cell_status
 from .tables import aggregate
 
 
-def make_out(out: Path | str) -> Path:
+def make_out(out: Path | str, grid: dict[str, Any]) -> Path:
     """The grid's results folder, created (with ``cells/``) before any cell runs; a path that
-    cannot be one is a one-line error."""
+    cannot be one, or that another grid wrote (:func:`check_same_grid`), is a one-line error."""
     out = Path(out)
+    check_same_grid(out, grid)
     try:
         (out / "cells").mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -50,8 +51,7 @@ def run_grid(spec: str, out: Path, smoke: bool = False, progress: bool = True,
     grid = load_grid(spec)
     all_cells = expand(grid, smoke)
     cells = select(all_cells, only)
-    out = make_out(out)
-    check_same_grid(out, grid)
+    out = make_out(out, grid)
     # the grid as a whole (not this call's --only selection), so the file does not churn
     atomic_write_text(out / "grid.json", json.dumps({"grid": grid, "smoke": smoke,
                                                      "cells": [c.cell_id for c in all_cells]},
@@ -101,7 +101,7 @@ def run_grid_workers(spec: str, out: Path, workers: int, smoke: bool = False,
     grid = load_grid(spec)
     all_cells = expand(grid, smoke)
     cells = select(all_cells, only)
-    out = make_out(out)
+    out = make_out(out, grid)
     before = {c.cell_id: cell_status(c, out) for c in cells}
     done_before = {cid for cid, st in before.items() if st == "done"}
 

@@ -45,8 +45,9 @@ class ModelConfig:
     `smollm2` (offline SmolLM2-135M-Instruct), `tiny-random-llama`; or a hub name, a local
     folder, or a local `.gguf` file."""
     max_length: int = 64
-    """Tokens per example (truncation and padding). Causal LM: prompt + response; a longer
-    example has its input shortened, or is skipped (counted) when even that cannot fit."""
+    """Tokens per example (truncation and padding), ≥ 8 and at most the model's learned position
+    table (512 for MiniLM). Causal LM: prompt + response; a longer example has its input
+    shortened, or is skipped (counted) when even that cannot fit."""
     head: str = "frozen"
     """Classifier head: `frozen` (the paper; seeded random init, never sent) or `trained`."""
     target_modules: list[str] = field(default_factory=list)
@@ -287,9 +288,10 @@ class PrivacyConfig:
     """`local` (each client noises its upload; untrusted server) or `central` (clients clip, the
     trusted server noises the aggregate; strategies with a linear aggregate only)."""
     clip: float = 1.0
-    """Bound C on the norm of each client's transmitted change (L2; L1 for `laplace`)."""
+    """Bound C on the norm of each client's transmitted change (L2; L1 for `laplace`); finite."""
     noise_multiplier: float | None = None
-    """z: noise std (Laplace: scale) = z · clip. Give this or `privacy.epsilon`, not both."""
+    """z: noise std (Laplace: scale) = z · clip, finite and > 0. Give this or `privacy.epsilon`,
+    not both."""
     epsilon: float | None = None
     """Target ε over `train.rounds`, in (0, 1000]; the noise multiplier is calibrated to reach
     it (a target too small to calibrate at this δ is refused before the run starts)."""
@@ -300,8 +302,8 @@ class PrivacyConfig:
     sent in the clear, chosen from its private data — not covered by ε) or `private` (an
     ε-DP top-k, `privacy.selection_epsilon` per client and round, composed into ε)."""
     selection_epsilon: float = 1.0
-    """`private` selection: ε of one client's whole top-k selection in one round (pure DP; the
-    one-shot Gumbel mechanism, see `lora_a2.selection.private_top_k`)."""
+    """`private` selection: ε of one client's whole top-k selection in one round, in (0, 1000]
+    (pure DP; the one-shot Gumbel mechanism, see `lora_a2.selection.private_top_k`)."""
     noise_source: str = "os"
     """Where every noise draw (local, central, private selection) comes from: `os` (read from
     the OS CSPRNG for each draw, no seed; nobody can rebuild the noise) or `seeded` (from the
@@ -387,7 +389,8 @@ class Config:
     with the defaults it was written under (see `privacy.noise_source`)."""
     seed: int = 0
     """Seeds the data split, the partition, the model's random init, each client's training and
-    the client sampling (and every noise draw under `privacy.noise_source = "seeded"`)."""
+    the client sampling (and every noise draw under `privacy.noise_source = "seeded"`); in
+    [0, 2⁶³)."""
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
