@@ -400,6 +400,9 @@ def test_bad_grid_shapes_and_out_folders_are_one_line_errors(tmp_path, capsys):
         "base = 1\n": "'base' must be a table",
         "[axes]\nm = [{label = 'a', 'train.rounds' = 1}, {label = 'a', 'train.rounds' = 2}]\n":
             "grid cells named 'a__seed0' have different configs",
+        "[axes]\n'seed' = [1979-05-27]\n": "TOML dates and inf/nan are not config values",
+        "[base]\n'strategy.lr' = inf\n": "'base''s value inf must be",
+        "[axes]\nm = [{label = 'a', 'strategy.lr' = nan}]\n": "axis 'm''s value nan must be",
     }
     for text, message in cases.items():
         grid = tmp_path / "g.toml"

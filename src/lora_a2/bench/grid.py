@@ -7,6 +7,7 @@ import fnmatch
 import importlib.resources
 import itertools
 import json
+import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +91,28 @@ def _check_shapes(spec: str, grid: dict[str, Any]) -> None:
             raise bad("an [[include]] block's 'axes'", "a list of axis names")
         if not isinstance(inc.get("overrides", {}), dict):
             raise bad("an [[include]] block's 'overrides'", "a table")
+    values = [("'base'", grid["base"])] + [(f"axis '{a}'", v) for a, v in grid["axes"].items()] \
+        + [("an [[include]] block's 'overrides'", inc.get("overrides", {})) for inc in include]
+    for where, value in values:
+        odd = _not_a_config_value(value)
+        if odd is not None:
+            raise bad(f"{where}'s value {odd!r}", "a string, number, boolean or list of them "
+                      "(TOML dates and inf/nan are not config values)")
+
+
+def _not_a_config_value(value: Any) -> Any:
+    """The first part of a grid value that no ``--set`` could carry (a TOML date or time, an
+    infinite or NaN float), or None."""
+    if isinstance(value, dict):
+        return next((odd for v in value.values() if (odd := _not_a_config_value(v)) is not None),
+                    None)
+    if isinstance(value, list):
+        return next((odd for v in value if (odd := _not_a_config_value(v)) is not None), None)
+    if isinstance(value, float) and not math.isfinite(value):
+        return value
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return None
+    return value
 
 
 def smoke_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
