@@ -11,7 +11,8 @@ from lora_a2.cli import main
 from lora_a2.checks import load_config
 from lora_a2.errors import UserError
 from lora_a2.experiment import position_limit
-from lora_a2.models import load_base_model, tiny_random_bert, tiny_random_llama
+from lora_a2.models import (is_causal_lm_folder, load_base_model, tiny_random_bert,
+                             tiny_random_llama)
 from lora_a2.tasks.classification import Classification
 
 
@@ -115,3 +116,15 @@ def test_the_position_limit_is_the_learned_table_less_its_padding_rows():
     assert position_limit(roberta) == 512
     assert position_limit(gpt2) == 64
     assert position_limit(tiny_random_llama(seed=0)[0]) is None
+
+
+@pytest.mark.parametrize("text,expected", [
+    ('{"architectures": ["LlamaForCausalLM"]}', True),
+    ('{"architectures": ["BertForSequenceClassification"]}', False),
+    ('["LlamaForCausalLM"]', False),  # a list, not a config: not a decoder, and no traceback
+    ('{"architectures": "LlamaForCausalLM"}', False),
+    ("{not json", False),
+])
+def test_a_folder_is_a_decoder_only_by_its_config_s_architectures(tmp_path, text, expected):
+    (tmp_path / "config.json").write_text(text)
+    assert is_causal_lm_folder(str(tmp_path)) is expected

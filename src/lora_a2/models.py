@@ -9,6 +9,7 @@ head. ``BertForSequenceClassification`` therefore loads the pooler as trained an
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -357,10 +358,9 @@ def is_causal_lm_folder(name: str) -> bool:
     config = path / "config.json"
     if not config.is_file():
         return False
-    import json
-
     try:
-        archs = json.loads(config.read_text()).get("architectures") or []
+        data = json.loads(config.read_text())
     except (OSError, ValueError):
         return False
-    return any(str(a).endswith("ForCausalLM") for a in archs)
+    archs = data.get("architectures") if isinstance(data, dict) else None
+    return isinstance(archs, list) and any(str(a).endswith("ForCausalLM") for a in archs)
