@@ -70,7 +70,8 @@ def test_the_strategys_own_rejection_passes_through_unchanged():
     assert e.value is err
 
 
-@pytest.mark.parametrize("exc", [ValueError, KeyError, TypeError, IndexError, RuntimeError])
+@pytest.mark.parametrize("exc", [ValueError, KeyError, TypeError, IndexError, RuntimeError,
+                                 OverflowError])
 def test_a_check_that_trips_over_a_malformed_field_rejects_the_upload(exc):
     with pytest.raises(InvalidPayload) as e:
         receive_upload(Stub(exc("bad field")), TASK, blob([1.0]), UploadLimits())

@@ -36,9 +36,10 @@ def receive_upload(strategy: Strategy, task: Task, blob: bytes, limits: UploadLi
         strategy.validate(task, update)
     except InvalidPayload:
         raise
-    except (ValueError, KeyError, TypeError, IndexError, RuntimeError, ArithmeticError) as e:
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError, OverflowError) as e:
         # Untrusted bytes must never take the server down: a check that trips over a
-        # malformed field rejects the upload like any other failed check.
+        # malformed field (OverflowError: a float check on a 400-digit JSON integer) rejects
+        # the upload like any other failed check.
         raise InvalidPayload(f"malformed upload ({type(e).__name__}: {str(e)[:120]})") from None
     if not torch.isfinite(update.values).all():
         raise InvalidPayload("upload contains NaN or Inf values")
