@@ -177,21 +177,19 @@ def test_bad_plugins_are_skipped_with_one_line_each(tmp_path, synthetic_csv):
                 "from lora_a2.strategies.base import Strategy\n"
                 "class Half(Strategy):\n    name = 'half'\n"
                 "    def configure(self, rnd, client_id, state): ...\n")
-    fake_plugin(site, "clash", "clash_pkg:Clash", "clash_pkg",
-                "from lora_a2.strategies.fl_lora import FlLora\n"
-                "class Clash(FlLora):\n    name = 'fl-lora'\n")
+    def fl_lora_plugin(name: str, cls: str, body: str) -> None:
+        """A plugin subclassing the built-in FL+LoRA with ``body`` in its class."""
+        fake_plugin(site, name, f"{name}_pkg:{cls}", f"{name}_pkg",
+                    f"from lora_a2.strategies.fl_lora import FlLora\nclass {cls}(FlLora):\n"
+                    + "".join(f"    {line}\n" for line in body.splitlines()))
+
+    fl_lora_plugin("clash", "Clash", "name = 'fl-lora'")
     # declarations every run reads for every registered strategy: a wrong one would break
     # the built-ins' runs too, so the plugin is skipped at load
-    fake_plugin(site, "opts", "opts_pkg:Opts", "opts_pkg",
-                "from lora_a2.strategies.fl_lora import FlLora\n"
-                "class Opts(FlLora):\n    name = 'opts'\n    Options = dict\n")
-    fake_plugin(site, "ratio", "ratio_pkg:Ratio", "ratio_pkg",
-                "from lora_a2.strategies.fl_lora import FlLora\n"
-                "class Ratio(FlLora):\n    name = 'ratio'\n    paper_lr_ratio = '5'\n")
-    fake_plugin(site, "checky", "checky_pkg:Checky", "checky_pkg",
-                "from lora_a2.strategies.fl_lora import FlLora\n"
-                "class Checky(FlLora):\n    name = 'checky'\n"
-                "    @classmethod\n    def check(cls, cfg, options):\n        1 / 0\n")
+    fl_lora_plugin("opts", "Opts", "name = 'opts'\nOptions = dict")
+    fl_lora_plugin("ratio", "Ratio", "name = 'ratio'\npaper_lr_ratio = '5'")
+    fl_lora_plugin("checky", "Checky", "name = 'checky'\n@classmethod\n"
+                   "def check(cls, cfg, options):\n    1 / 0")
     env = with_path(site)
     r = cli("strategies", env=env)
     assert r.returncode == 0

@@ -87,8 +87,9 @@ def pad_factor(name: str, t: Tensor, rank: int) -> Tensor:
 MAX_EXAMPLES = 2**53  # a claimed example count above this cannot be summed exactly in float64
 
 
-def _finite_number(x: Any) -> bool:
-    """A JSON number that is finite as a float (a 400-digit integer is not)."""
+def finite_number(x: Any) -> bool:
+    """A JSON number from an untrusted header that is finite as a float (not a bool, a string,
+    NaN, ±inf, or a 400-digit integer, on which ``math.isfinite`` itself overflows)."""
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         return False
     try:
@@ -121,7 +122,7 @@ class Update:
         if not 0 < n <= MAX_EXAMPLES:
             raise InvalidPayload(f"upload claims {str(n)[:24]} training examples")
         loss = meta.get("loss")
-        if loss is not None and not _finite_number(loss):
+        if loss is not None and not finite_number(loss):
             raise InvalidPayload(f"upload's training loss {str(loss)[:40]!r} is not a finite number")
         return cls(client, n, payload.values, payload.slots, meta)
 

@@ -106,9 +106,9 @@ def _check_plugin(cls: type, builtin: dict[str, type]) -> None:
         raise TypeError(f"{cls.__name__}.dp_refusals must be a dict of mode → reason")
 
 
-#: the yes/no class attributes a strategy declares (docs/STRATEGIES.md)
-_FLAGS = ("full_model", "central_dp", "personalized", "selects_slots", "secure_aggregation",
-          "budget_sized_upload", "supports_async", "alternating", "upload_size_public")
+#: the yes/no class attributes a strategy declares: those the interface annotates
+#: ``ClassVar[bool]`` (docs/STRATEGIES.md)
+_FLAGS = tuple(k for k, a in Strategy.__annotations__.items() if a == "ClassVar[bool]")
 
 
 def strategy_names() -> list[str]:

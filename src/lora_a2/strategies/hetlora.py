@@ -34,7 +34,6 @@ value as the tail norm here.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,7 +43,7 @@ from torch import Tensor
 
 from ..lowrank import norm_weights, pad_and_average, product_norm, prune_decision, pruned_rank
 from ..payload import InvalidPayload
-from ..messages import ServerState, Task, Update
+from ..messages import ServerState, Task, Update, finite_number
 from .context import ClientContext
 from .registry import register
 from .hetero import HeteroRankStrategy
@@ -141,7 +140,7 @@ class HetLora(HeteroRankStrategy):
 
     def validate(self, task: Task, update: Update) -> None:
         tail = update.meta.get("tail")
-        if not isinstance(tail, (int, float)) or not math.isfinite(tail) or tail < 0:
+        if not finite_number(tail) or tail < 0:
             raise InvalidPayload(f"upload's tail norm {tail!r} is not a finite number ≥ 0")
         super().validate(task, update)
 
