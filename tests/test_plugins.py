@@ -183,6 +183,8 @@ def test_bad_plugins_are_skipped_with_one_line_each(tmp_path, synthetic_csv):
                     f"from lora_a2.strategies.fl_lora import FlLora\nclass {cls}(FlLora):\n"
                     + "".join(f"    {line}\n" for line in body.splitlines()))
 
+    fake_plugin(site, "exiter", "exiter_pkg:Exiter", "exiter_pkg",
+                "import sys\nsys.exit('exiter needs a GPU')\n")
     fl_lora_plugin("clash", "Clash", "name = 'fl-lora'")
     # declarations every run reads for every registered strategy: a wrong one would break
     # the built-ins' runs too, so the plugin is skipped at load
@@ -195,7 +197,9 @@ def test_bad_plugins_are_skipped_with_one_line_each(tmp_path, synthetic_csv):
     assert r.returncode == 0
     assert "fl-lora" in r.stdout and "lora-a2" in r.stdout  # the built-ins are untouched
     warnings = r.stderr.strip().splitlines()
-    assert len(warnings) == 5, r.stderr
+    assert len(warnings) == 6, r.stderr
+    assert any("plugin 'exiter' (exiter_pkg): SystemExit: exiter needs a GPU" in w
+               for w in warnings)  # sys.exit() at import skips the plugin, not the command
     assert any("plugin 'opts' (opts_pkg): TypeError: Opts.Options must be a @dataclass" in w
                for w in warnings)
     assert any("plugin 'ratio' (ratio_pkg): TypeError: Ratio.paper_lr_ratio must be a number"
@@ -212,6 +216,11 @@ def test_bad_plugins_are_skipped_with_one_line_each(tmp_path, synthetic_csv):
             env=env)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "plugin 'broken'" in r.stderr
+    # a strategy name no entry point carries: the failed plugins' reasons are still named
+    r = cli("config", "--set", "strategy.name=broken-strategy", env=env)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "unknown strategy 'broken-strategy'" in r.stderr
+    assert "plugins that failed to load: " in r.stderr and "plugin 'broken'" in r.stderr
     # the built-in fl-lora still runs as the built-in (not the clashing plugin)
     r = cli("run", "--quiet", "--out", str(tmp_path / "ok"), "--set",
             f"data.name=csv:{synthetic_csv}", "strategy.name=fl-lora", *TINY, env=env)

@@ -6,9 +6,10 @@ is imported by :func:`load_all`, and the config accepts every registered name.
 Another installed package adds strategies through the entry-point group ``lora_a2.strategies``
 (``[project.entry-points."lora_a2.strategies"] my-method = "my_pkg.strategy:MyMethod"``; the
 object may be a :class:`Strategy` subclass or a module whose classes use ``@register``). A
-plugin that fails to import, leaves a method unimplemented, takes a built-in's name or
-declares a wrong ``Options`` or flag is skipped with a one-line reason (:data:`PLUGIN_ERRORS`)
-and never breaks the other strategies; asking for it by name gives that reason as the error.
+plugin that fails to import (``sys.exit()`` included), leaves a method unimplemented, takes a
+built-in's name or declares a wrong ``Options`` or flag is skipped with a one-line reason (:data:`PLUGIN_ERRORS`)
+and never breaks the other strategies; asking for it by name gives that reason as the error
+(an unknown name lists every failed plugin's reason).
 """
 
 import dataclasses
@@ -71,7 +72,8 @@ def _load_plugins() -> None:
                 _check_plugin(cls, builtin)
                 REGISTRY[cls.name] = cls
                 PLUGINS[cls.name] = dist
-        except Exception as e:  # anything a third-party import can raise: skip it, say why
+        except (Exception, SystemExit) as e:  # anything a third-party import can raise
+            # (sys.exit() at import included): skip the plugin and say why
             REGISTRY.clear()
             REGISTRY.update(before)  # a half-registered or clashing plugin leaves no trace
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
@@ -146,8 +148,12 @@ def check_config(cfg: Config) -> None:
     if s.name not in names:
         near = difflib.get_close_matches(s.name, names, n=1, cutoff=0.4)
         hint = f" (did you mean '{near[0]}'?)" if near else ""
+        # a plugin whose entry-point name differs from its strategy's name cannot be matched
+        # to the name asked for: name every plugin that failed, so its reason is not hidden
+        failed = (f"; plugins that failed to load: {'; '.join(PLUGIN_ERRORS.values())}"
+                  if PLUGIN_ERRORS else "")
         raise UserError(f"config key 'strategy.name': unknown strategy '{s.name}'{hint}; "
-                        f"valid: {', '.join(names)}")
+                        f"valid: {', '.join(names)}{failed}")
     cls = REGISTRY[s.name]
     try:
         options = resolve_options(cls.Options, s.options, s.name, other_option_defaults(cls))
