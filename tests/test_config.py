@@ -92,6 +92,16 @@ def test_bad_files(tmp_path):
     unknown.write_text("[dataa]\nalpha = 1\n")
     with pytest.raises(UserError, match="unknown config key 'dataa'"):
         load_config(unknown)
+    table = tmp_path / "table.toml"  # a table where a value belongs names the value's type
+    table.write_text("[train.rounds]\nx = 1\n")
+    with pytest.raises(UserError, match=r"config key 'train.rounds' must be an integer, got \{"):
+        load_config(table)
+    table.write_text("[strategy.probe_epochs]\nx = 1\n")  # a short-form strategy option
+    with pytest.raises(UserError, match="probe_epochs. must be"):
+        load_config(table)
+    table.write_text("[train.nope]\nx = 1\n")
+    with pytest.raises(UserError, match="unknown config key 'train.nope'"):
+        load_config(table)
 
 
 def test_cli_exit_code_2_and_one_line(capsys):

@@ -23,6 +23,11 @@ def all_keys() -> list[str]:
     return keys
 
 
+def _value_keys() -> set[str]:
+    """Keys that hold a value (not a table of keys), short-form strategy options included."""
+    return set(all_keys()) | {f"strategy.{k}" for k in LEGACY_STRATEGY_OPTIONS}
+
+
 def _unknown(key: str) -> UserError:
     known = all_keys() + [f"strategy.{k}" for k in LEGACY_STRATEGY_OPTIONS]
     near = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
@@ -99,8 +104,8 @@ def flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
         key = f"{prefix}{k}"
         if isinstance(v, dict) and not prefix and k in SECTIONS:
             out += flatten(v, key + ".")
-        elif isinstance(v, dict) and key == "strategy.options":
-            out.append((key, v))
+        elif isinstance(v, dict) and (key == "strategy.options" or key in _value_keys()):
+            out.append((key, v))  # a table where a value belongs: its type check names it
         elif isinstance(v, dict):
             raise _unknown(key)
         else:
