@@ -244,17 +244,26 @@ def test_laplace_composition_known_values():
     assert dp.PrivacyPlan("laplace", "local", 1.0, 4.0, d, 1.0, 3).epsilon(3) == pytest.approx(1.5)
 
 
+def cfg_sets(mechanism: str, mode: str, target: float) -> list[str]:
+    return ["strategy.name='fl-lora'", "data.num_clients=10", "train.rounds=20",
+            f"privacy.mechanism='{mechanism}'", f"privacy.mode='{mode}'",
+            f"privacy.epsilon={target}"]
+
+
 @pytest.mark.parametrize("mechanism,mode,cpr", [("gaussian", "central", 3), ("gaussian", "local", 0),
                                                 ("laplace", "local", 0), ("laplace", "central", 5)])
 @pytest.mark.parametrize("target", [1.0, 3.0, 6.0])
 def test_calibrated_noise_reaches_target_epsilon(mechanism, mode, cpr, target):
-    cfg = load_config(None, ["strategy.name='fl-lora'", "data.num_clients=10", "train.rounds=20",
-                             f"train.clients_per_round={cpr}", f"privacy.mechanism='{mechanism}'",
-                             f"privacy.mode='{mode}'", f"privacy.epsilon={target}"])
+    cfg = load_config(None, [*cfg_sets(mechanism, mode, target), f"train.clients_per_round={cpr}"])
     plan = resolve_plan(cfg)
     eps = plan.epsilon(20)
     assert eps <= target * (1 + 1e-9) and eps == pytest.approx(target, abs=0.01)
     assert plan.sample_rate == (1.0 if mode == "local" else (cpr or 10) / 10)
+    # the accountant claims no amplification: with 3 of 10 clients a round, the same ε as
+    # with all 10 (who takes part is public: drawn from the released seed, listed per round)
+    full = resolve_plan(load_config(None, [*cfg_sets(mechanism, mode, target),
+                                           "train.clients_per_round=0"]))
+    assert plan.noise_multiplier == pytest.approx(full.noise_multiplier)
     # ε grows with the rounds and the report of the last round is the whole run's
     assert plan.epsilon(1) < plan.epsilon(10) < eps
 
@@ -758,6 +767,9 @@ def test_central_release_holds_only_noised_or_data_independent_values(tmp_path, 
         assert any("loss" in c for c in own["per_client"]) or own["train_loss"] is not None
     summary = json.loads((out / "summary.json").read_text())
     assert summary["total_upload_bytes"] is None and summary["final_local_accuracy"] is None
+    assert summary["initial_local_accuracy"] is None  # the untrained model on their data too
+    initial = json.loads((out / "initial_eval.json").read_text())
+    assert "accuracy" in initial and not {"local_accuracy", "local_accuracy_mean"} & set(initial)
     assert "rank_allocation" in summary["privacy"]["withheld_from_release"]
     # opting in publishes them, and the summary says ε does not cover them
     opt = _run(tmp_path, "optin", synthetic_csv, *sets, "privacy.release_client_stats=true")

@@ -153,11 +153,13 @@ def test_plan_epsilon_per_mode_and_selection():
     central = dp.PrivacyPlan("gaussian", "central", 1.0, 3.0, d, 0.5, 4)
     assert local.sensitivity_factor == 2.0 and central.sensitivity_factor == 1.0
     assert local.epsilon(4) == pytest.approx(dp.gaussian_epsilon(1.5, 1.0, 4, d))
-    assert central.epsilon(4) == pytest.approx(dp.gaussian_epsilon(3.0, 0.5, 4, d))
+    # no amplification by sampling (the sample is public): q = 0.5 is the estimator's alone
+    assert central.epsilon(4) == pytest.approx(dp.gaussian_epsilon(3.0, 1.0, 4, d))
+    assert central.epsilon(4) > dp.gaussian_epsilon(3.0, 0.5, 4, d)
     assert local.release_epsilon() == pytest.approx(dp.gaussian_epsilon(1.5, 1.0, 1, d))
     assert central.release_epsilon() == pytest.approx(dp.gaussian_epsilon(3.0, 1.0, 1, d))
     lap = dp.PrivacyPlan("laplace", "central", 1.0, 4.0, d, 0.5, 3)
-    assert lap.epsilon(3) == pytest.approx(dp.laplace_epsilon(0.25, 0.5, 3, d))
+    assert lap.epsilon(3) == pytest.approx(dp.laplace_epsilon(0.25, 1.0, 3, d)) == 0.75
     assert lap.release_epsilon() == pytest.approx(0.25)
     assert dp.PrivacyPlan("laplace", "local", 1.0, 4.0, d, 1.0, 3).release_epsilon() == 0.5
     sel = dp.PrivacyPlan("laplace", "local", 1.0, 4.0, d, 1.0, 3, None, "private", 0.2)

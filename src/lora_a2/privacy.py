@@ -16,14 +16,17 @@ the noise scale relative to the sensitivity unit:
 - ``central``: the fixed-denominator estimator of DP-FedAvg (McMahan, Ramage, Talwar, Zhang,
   ICLR 2018; :func:`fixed_denominator_weights`) has add/remove-one-client sensitivity C/(qW)
   (:func:`central_sensitivity`); std (Laplace: scale) z·C/(qW) on every entry the round can
-  change: multiplier z, Laplace ε₀ = 1/z per round, sampling rate q.
+  change: multiplier z, Laplace ε₀ = 1/z per round, every round counted at sampling rate 1.
+  No amplification by sampling is claimed: amplification needs the sample hidden from the
+  adversary, and here who takes part is public (a fixed-size sample drawn from the seed in the
+  released config, and listed in every released round).
 
 Accounting
 ----------
-Gaussian: Opacus' RDP accountant (sampled Gaussian mechanism, Opacus' orders extended to 1024;
-it assumes Poisson sampling of clients at rate q — the engine samples a fixed-size set, the
-usual DP-FedAvg approximation), ``steps`` = releases so far. Laplace: per round pure ε₀
-(central: amplified by sampling, ln(1 + q(e^ε₀ − 1))), composed over T rounds by the better of
+Gaussian: Opacus' RDP accountant (the sampled Gaussian mechanism, Opacus' orders extended to
+1024; a run always passes q = 1, see above), ``steps`` = releases so far. Laplace: per round
+pure ε₀ (:func:`amplified` gives ln(1 + q(e^ε₀ − 1)) for a hidden Poisson sample at rate q; a run
+passes q = 1, so ε₀ itself), composed over T rounds by the better of
 basic composition (T·ε₀, δ = 0) and advanced composition (Dwork–Rothblum–Vadhan:
 ε₀√(2T ln(1/δ)) + T·ε₀(e^ε₀ − 1), δ). The ε reported is the *total* over the releases so far,
 not per round (the paper reports ε ∈ {6, 3, 1} for its Laplace runs without saying how it
@@ -275,6 +278,12 @@ def gaussian_with_selection_epsilon(noise_multiplier: float, steps: int, rho_per
         return float(get_privacy_spent(orders=orders, rdp=rdp, delta=delta)[0])
 
 
+#: the sampling rate the accountant assumes, in both modes: 1, no amplification by sampling.
+#: Amplification needs the sample hidden; a run's sample is public (drawn from the released
+#: seed, fixed-size, and listed in the released rounds).
+ACCOUNTED_RATE = 1.0
+
+
 @dataclass(frozen=True)
 class PrivacyPlan:
     """The resolved DP settings of one run (see module docstring)."""
@@ -284,7 +293,8 @@ class PrivacyPlan:
     clip: float
     noise_multiplier: float  # z: noise scale = z · sensitivity unit (see noise_scale)
     delta: float
-    sample_rate: float  # q used by the accountant (1 in local mode)
+    sample_rate: float  # q = clients per round / clients: the central estimator's qW (1 in
+    # local mode); the accountant claims no amplification and counts every round at q = 1
     rounds: int
     target_epsilon: float | None = None
     selection: str = "public"  # LoRA-A2's slot ids: "public" (in the clear) or "private"
@@ -321,8 +331,8 @@ class PrivacyPlan:
         if self.mechanism == "gaussian":
             if sel:
                 return gaussian_with_selection_epsilon(z, rounds, sel * sel / 8, self.delta)
-            return gaussian_epsilon(z, self.sample_rate, rounds, self.delta)
-        return laplace_epsilon(1.0 / z + sel, self.sample_rate, rounds, self.delta)
+            return gaussian_epsilon(z, ACCOUNTED_RATE, rounds, self.delta)
+        return laplace_epsilon(1.0 / z + sel, ACCOUNTED_RATE, rounds, self.delta)
 
     def release_epsilon(self) -> float:
         """ε of **one** release of the upload (or aggregate) noise alone, without sampling
@@ -355,8 +365,8 @@ class PrivacyPlan:
 
 def resolve(p, rounds: int, sample_rate: float) -> PrivacyPlan | None:
     """The run's :class:`PrivacyPlan` from a ``privacy`` config table ``p`` (None when
-    ``p.mechanism = 'none'``); ``sample_rate`` = clients per round / clients (used in central
-    mode only: local mode claims no amplification)."""
+    ``p.mechanism = 'none'``); ``sample_rate`` = clients per round / clients (the central
+    estimator's q; the accountant, in either mode, counts every round at q = 1)."""
     if p.mechanism == "none":
         return None
     q = 1.0 if p.mode == "local" else float(sample_rate)
@@ -374,9 +384,9 @@ def resolve(p, rounds: int, sample_rate: float) -> PrivacyPlan | None:
         return plan(calibrate_with_selection(plan, float(p.epsilon), rounds))
     try:
         if p.mechanism == "gaussian":
-            z = factor * calibrate_gaussian(p.epsilon, q, rounds, p.delta)
+            z = factor * calibrate_gaussian(p.epsilon, ACCOUNTED_RATE, rounds, p.delta)
         else:
-            eps0 = calibrate_laplace(p.epsilon, q, rounds, p.delta)
+            eps0 = calibrate_laplace(p.epsilon, ACCOUNTED_RATE, rounds, p.delta)
             if eps0 <= 0:  # below float resolution: the noise scale would be infinite
                 raise ValueError("the per-round budget underflows to 0")
             z = factor / eps0

@@ -27,7 +27,8 @@ raise the sensitivity) and aggregates with DP-FedAvg's **fixed-denominator estim
 W = Σ over all clients, so adding or removing a client moves Δ by at most C/(qW) whatever else
 happened in the round; the noise N(0, (z·C/(qW))²) (Laplace: scale z·C/(qW)) goes on every
 entry of :meth:`~Strategy.noise_groups`. What the aggregate sums therefore has exactly the
-sensitivity the accountant assumes (noise multiplier z, sampling rate q).
+sensitivity the accountant assumes (noise multiplier z; every round counted at sampling rate 1:
+who takes part is public, so no amplification by sampling is claimed).
 
 Every draw comes from :func:`lora_a2.privacy.noise_generator` with the run's
 ``privacy.noise_source``: fresh OS entropy by default, the run seed only on request.
@@ -244,7 +245,8 @@ SIZE_KEYS = ("upload_bytes", "upload_params", "upload_slot_ids", "cumulative_upl
 
 
 def sample_rate(cfg: Config) -> float:
-    """q = clients per round / clients."""
+    """q = clients per round / clients: the central estimator's denominator qW (the
+    accountant does not use it: :data:`lora_a2.privacy.ACCOUNTED_RATE`)."""
     return clients_per_round(cfg) / cfg.data.num_clients
 
 

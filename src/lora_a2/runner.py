@@ -160,19 +160,23 @@ def run_experiment(cfg: Config, out: Path, *, overwrite: bool = False, progress:
         write_partition(exp, out)
     initial_path = out / "initial_eval.json"
     metric = exp.task.metric
+    private = strategy if isinstance(strategy, PrivateStrategy) else None
+    withholds = private is not None and private.withholds
     if ckpt is not None and initial_path.exists():
         initial = json.loads(initial_path.read_text())
     else:
         initial = evaluate_state(exp, strategy.init_state(exp.runtime.initial_state())
                                  if ckpt is not None else state)
         write_samples(out, 0, initial.pop("samples", None), first=ckpt is None)
+    if withholds:  # central DP: the clients' own metrics (their data, their label mix) are
+        # not part of the release, the untrained model's neither
+        initial = {k: v for k, v in initial.items() if k not in exp.task.client_metric_keys}
+    if ckpt is None or not initial_path.exists():
         atomic_write_text(initial_path, json.dumps(initial))
     truncate_metrics(out / "metrics.jsonl", start - 1)
     truncate_metrics(out / "samples.jsonl", start - 1)
     truncate_metrics(out / "server_log.jsonl", start - 1)
     records: list[dict[str, Any]] = read_metrics(out / "metrics.jsonl")
-    private = strategy if isinstance(strategy, PrivateStrategy) else None
-    withholds = private is not None and private.withholds
     server_log = MetricsWriter(out / "server_log.jsonl") if withholds else None
     ledger = ReleaseLedger(out / "privacy_ledger.json") \
         if private is not None and not private.plan.rebuildable else None
