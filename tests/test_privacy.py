@@ -70,21 +70,25 @@ def test_empirical_noise_scale_matches_configured():
 
 
 # ---------------------------------------------------------------------- every strategy
+@pytest.mark.parametrize("mechanism", ["gaussian", "laplace"])
 @pytest.mark.parametrize("name", ALL)
-def test_clip_bound_holds_on_every_upload(name):
+def test_clip_bound_holds_on_every_upload(name, mechanism):
+    """The clip is the mechanism's norm (L2 for Gaussian, L1 for Laplace: an L2 clip would leave
+    the L1 norm up to √d·C) and the noise is the mechanism's, of scale z·C."""
     clip = 1e-3  # far below any real update's norm: every upload is clipped
-    s, rt, ctxs = make(name, "privacy.mechanism='gaussian'", f"privacy.clip={clip}",
+    s, rt, ctxs = make(name, f"privacy.mechanism='{mechanism}'", f"privacy.clip={clip}",
                        "privacy.noise_multiplier=0.5")
     state = s.init_state(rt.initial_state())
+    noise = dp.gaussian_noise if mechanism == "gaussian" else dp.laplace_noise
     for c, ctx in enumerate(ctxs):
         task, raw = client_side(s, rt, s.configure(1, c, state), ctx)
-        assert dp.norm_of(change(s, task, raw), "gaussian") > clip
+        assert dp.norm_of(change(s, task, raw), mechanism) > clip
         clipped = s.client_clip(task, raw)
-        assert dp.norm_of(change(s, task, clipped), "gaussian") <= clip
+        assert dp.norm_of(change(s, task, clipped), mechanism) <= clip
         # local mode: the upload is the clipped one plus exactly the seeded noise, nothing else
         sent = Update.from_payload(decode(encode(s.privatize_upload(task, raw).to_payload())))
-        expect = dp.gaussian_noise(raw.values.numel(), 0.5 * clip,
-                                   dp.noise_generator(s.cfg.seed, 1, c, "seeded"))
+        expect = noise(raw.values.numel(), 0.5 * clip,
+                       dp.noise_generator(s.cfg.seed, 1, c, "seeded"))
         assert torch.allclose(sent.values - clipped.values, expect, atol=1e-6)
         assert "loss" not in sent.meta
         s.validate(task, sent)  # a DP upload is still a valid upload
