@@ -404,6 +404,22 @@ def test_central_release_changes_a_data_independent_set_with_the_configured_nois
     assert moved[0] == moved[1]
 
 
+@pytest.mark.parametrize("name", ["lora-a2", "fl-lora", "ffa-lora", "flexlora", "flora"])
+def test_central_noise_lands_on_a_trained_head(name):
+    """A trained head is released with the round's noise too: its change is noise of scale
+    z·C/(qW) (the clipped data part is at most C/(qW) in norm over the whole state, far below
+    the noise's norm over the head)."""
+    z, clip = 2.0, 0.01
+    s, rt, ctxs = make(name, "privacy.mechanism='gaussian'", "privacy.mode='central'",
+                       f"privacy.noise_multiplier={z}", f"privacy.clip={clip}")  # head trained
+    state = s.init_state(rt.initial_state())
+    new, _ = s.aggregate_round(1, state, _round(s, rt, ctxs, 1, state))
+    heads = rt.layout.group_names(["head"])
+    change = torch.cat([(new.tensors[n] - state.tensors[n]).reshape(-1) for n in heads])
+    assert change.numel() >= 60
+    assert abs(change.double().std() / (z * clip / 3) - 1) < 0.35  # three equal clients
+
+
 # ---------------------------------------------------------------------- private slot selection
 def test_private_top_k_keeps_k_slots_and_is_the_top_k_at_huge_epsilon():
     from lora_a2.selection import private_top_k, select_top_k
