@@ -784,13 +784,20 @@ def test_withheld_eval_bytes_total_null_not_zero(tmp_path, synthetic_csv):
     # a personalised strategy's evaluate-phase bytes depend on which clients answered: central
     # DP withholds them per round, so their totals are unknown (null), not 0
     sets = ["strategy.name=fedsa-lora", "train.rounds=2", "privacy.mechanism=gaussian",
-            "privacy.mode=central", "privacy.noise_multiplier=1", "privacy.clip=0.1"]
+            "privacy.mode=central", "privacy.noise_multiplier=1", "privacy.clip=0.1",
+            "privacy.noise_source=seeded"]  # seeded: the accuracies below are reproducible
     out = _run(tmp_path, "central", synthetic_csv, *sets)
     assert all("eval_upload_bytes" in r["withheld"] for r in read_metrics(out / "metrics.jsonl"))
     assert all(r["eval_upload_bytes"] > 0 for r in read_metrics(out / "server_log.jsonl"))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["total_eval_upload_bytes"] is None
     assert summary["total_eval_download_bytes"] is None
+    # its released accuracy is the shared (noised) model's on the test set, not the mean of
+    # the clients' own models, which the trusted server alone keeps
+    for pub, own in zip(read_metrics(out / "metrics.jsonl"), read_metrics(out / "server_log.jsonl")):
+        assert pub["accuracy"] == own["shared_model_accuracy"]
+        assert own["accuracy"] != own["shared_model_accuracy"], own  # they differ here
+        assert "shared_model_accuracy" not in pub
 
 
 def test_central_release_holds_only_noised_or_data_independent_values(tmp_path, synthetic_csv):
