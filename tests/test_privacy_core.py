@@ -381,6 +381,39 @@ def test_os_noise_has_no_seed_to_search():
     assert int(sel.sum()) == 1
 
 
+def test_os_noise_is_a_function_of_fresh_os_bytes_alone(monkeypatch):
+    """Every OS draw is computed from 8 bytes of ``os.urandom`` per uniform, read at the draw
+    (no seed in between: a generator seeded from 8 OS bytes would draw just as fresh and
+    well-distributed numbers, yet leave 2³² seeds to search). With the bytes recorded, each
+    draw is rebuilt here from them alone."""
+    reads: list[bytes] = []
+    rng = np.random.default_rng(11)
+
+    def urandom(n: int) -> bytes:
+        b = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+        reads.append(b)
+        return b
+
+    monkeypatch.setattr(dp.os, "urandom", urandom)
+
+    def uniforms(b: bytes) -> torch.Tensor:  # 53 high bits of each little-endian uint64
+        words = [int.from_bytes(b[i:i + 8], "little") >> 11 for i in range(0, len(b), 8)]
+        return torch.tensor([(w + 0.5) * 2.0 ** -53 for w in words], dtype=torch.float64)
+
+    g = dp.OSRandom()
+    u = g.uniform(5)
+    assert [len(r) for r in reads] == [40] and torch.equal(u, uniforms(reads[-1]))
+    z = dp.gaussian_noise(4, 2.0, g)
+    assert len(reads[-1]) == 64
+    v = uniforms(reads[-1])
+    box_muller = torch.sqrt(-2 * torch.log(v[:4])) * torch.cos(2 * math.pi * v[4:]) * 2.0
+    assert torch.equal(z, box_muller.to(torch.float32))
+    lap = dp.laplace_noise(3, 0.5, g)
+    e = -torch.log(uniforms(reads[-1])).reshape(2, 3)
+    assert len(reads[-1]) == 48 and torch.equal(lap, ((e[0] - e[1]) * 0.5).to(torch.float32))
+    assert len(reads) == 3
+
+
 def test_mode_and_mechanism_names_by_value_in_the_plan():
     loc = dp.PrivacyPlan(_fresh("gaussian"), _fresh("local"), 1.0, 3.0, 1e-5, 1.0, 2)
     assert loc.sensitivity_factor == 2.0
