@@ -306,7 +306,9 @@ def test_dp_runs_are_reproducible_and_report_epsilon(tmp_path, synthetic_csv):
     assert [r["epsilon"] for r in rc] == pytest.approx([0.5, 1.0, 1.5])
     cs = json.loads((c / "summary.json").read_text())
     assert cs["privacy"]["noise_source"] == "os" and not cs["privacy"]["caveats"]
-    assert "seeded" in " ".join(summary["privacy"]["caveats"])  # run a holds the seed
+    caveats = " ".join(summary["privacy"]["caveats"])
+    assert "seeded" in caveats  # run a holds the seed
+    assert "selection = 'public'" in caveats and "not covered by ε" in caveats  # its slot ids
 
 
 @pytest.mark.parametrize("sets,needle", [
