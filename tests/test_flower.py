@@ -9,8 +9,15 @@ import pytest
 
 pytest.importorskip("flwr")
 
+from types import SimpleNamespace  # noqa: E402
+
 from lora_a2.cli import main  # noqa: E402
+from lora_a2.engines.flower import clientapp  # noqa: E402
+from lora_a2.payload import InvalidPayload  # noqa: E402
 from lora_a2.report import read_metrics  # noqa: E402
+from lora_a2.strategies import Task  # noqa: E402
+
+from conftest import tiny_setup  # noqa: E402
 
 from flower_util import (assert_same_run, final_state, max_diff, run,  # noqa: E402
                          run_local_failing, simulate_together)
@@ -110,8 +117,6 @@ def test_a_fleet_with_a_deadline_gives_the_same_clock_on_both_engines(tmp_path, 
 def test_a_node_keeps_each_experiments_client_tensors_apart():
     """One Flower run can serve several experiments (``run_simulations``): a node's stored
     tensors of one experiment are never read by another."""
-    from types import SimpleNamespace
-
     import torch
     from flwr.app import RecordDict
 
@@ -125,11 +130,34 @@ def test_a_node_keeps_each_experiments_client_tensors_apart():
     assert read_store(node, "seed = 3") == {}
 
 
+def test_a_secagg_client_checks_its_own_upload_before_masking(monkeypatch):
+    """Under SecAgg+ the server never sees an upload to check it, so each client validates its
+    own before it is turned into the vector to mask: a malformed one (here a value short) fails
+    on the node, and nothing reaches the masking."""
+    _, s, rt, ctxs = tiny_setup(["strategy.name='fl-lora'"], 2, n=40, max_length=16)
+    task = Task.from_payload(s.configure(1, 0, s.init_state(rt.initial_state())).to_payload(
+        rt.layout), rt.layout)
+
+    def short_upload(ctx, t):
+        good = s.upload(ctx, t)
+        good.values = good.values[:-1]
+        return good
+
+    exp = SimpleNamespace(strategy=SimpleNamespace(upload=short_upload, validate=s.validate))
+    monkeypatch.setattr(clientapp, "task_bytes_of", lambda content: b"task")
+    monkeypatch.setattr(clientapp, "_client_task", lambda *a: (exp, task, ctxs[0]))
+    masked = []
+    monkeypatch.setattr(clientapp, "client_vector", lambda *a: masked.append(a))
+    msg = SimpleNamespace(content=SimpleNamespace(
+        config_records={"fitins.config": {"config": "seed = 0"}}))
+    with pytest.raises(InvalidPayload):
+        clientapp.client_train(msg, SimpleNamespace())
+    assert masked == []
+
+
 def test_round_timing_sums_each_worker_and_leaves_the_rest_to_flower():
     """The split of a round's send_and_receive: per worker (pid) the client seconds add up; the
     critical path is the busiest worker; errors and replies without timings are skipped."""
-    from types import SimpleNamespace
-
     from lora_a2.engines.flower import pack, round_timing
 
     def reply(timing=None, error=False):  # what round_timing reads of a Flower reply
