@@ -116,25 +116,22 @@ def test_fixed_denominator_refuses_nonsense():
 # ---------------------------------------------------------------------- accounting
 def test_gaussian_epsilon_is_opacus_with_the_extended_orders():
     acc = RDPAccountant()
-    acc.history = [(1.3, 0.2, 7)]
-    assert dp.gaussian_epsilon(1.3, 0.2, 7, 1e-5) == pytest.approx(
+    acc.history = [(1.3, 1.0, 7)]
+    assert dp.gaussian_epsilon(1.3, 7, 1e-5) == pytest.approx(
         acc.get_epsilon(1e-5, alphas=dp.rdp_alphas()), rel=1e-12)
-    assert dp.gaussian_epsilon(1.3, 0.2, 0, 1e-5) == 0.0
+    assert dp.gaussian_epsilon(1.3, 0, 1e-5) == 0.0
     alphas = dp.rdp_alphas()
     assert alphas[:len(RDPAccountant.DEFAULT_ALPHAS)] == list(RDPAccountant.DEFAULT_ALPHAS)
     assert alphas[-1] == 1024 and 64 in alphas
 
 
-def test_amplification_and_laplace_composition():
-    assert dp.amplified(1.0, 1.0) == 1.0
-    assert dp.amplified(1.0, 0.3) == pytest.approx(math.log1p(0.3 * math.expm1(1.0)))
-    assert dp.laplace_epsilon(0.5, 1.0, 0, 1e-5) == 0.0
-    assert dp.laplace_epsilon(0.5, 1.0, 3, 1e-5) == pytest.approx(1.5)  # basic wins
+def test_laplace_composition():
+    assert dp.laplace_epsilon(0.5, 0, 1e-5) == 0.0
+    assert dp.laplace_epsilon(0.5, 3, 1e-5) == pytest.approx(1.5)  # basic wins
     e, T, d = 0.02, 5000, 1e-6
     adv = e * math.sqrt(2 * T * math.log(1 / d)) + T * e * math.expm1(e)
-    assert dp.laplace_epsilon(e, 1.0, T, d) == pytest.approx(adv) and adv < T * e
-    a = dp.amplified(0.4, 0.5)
-    assert dp.laplace_epsilon(0.4, 0.5, 2, 1e-5) == pytest.approx(2 * a)
+    assert dp.laplace_epsilon(e, T, d) == pytest.approx(adv) and adv < T * e
+    assert dp.laplace_epsilon(800.0, 2, 1e-5) == 1600.0  # past e^ε's overflow: basic
 
 
 def test_gaussian_with_selection_is_the_rdp_sum():
@@ -152,20 +149,19 @@ def test_plan_epsilon_per_mode_and_selection():
     local = dp.PrivacyPlan("gaussian", "local", 1.0, 3.0, d, 1.0, 4)
     central = dp.PrivacyPlan("gaussian", "central", 1.0, 3.0, d, 0.5, 4)
     assert local.sensitivity_factor == 2.0 and central.sensitivity_factor == 1.0
-    assert local.epsilon(4) == pytest.approx(dp.gaussian_epsilon(1.5, 1.0, 4, d))
+    assert local.epsilon(4) == pytest.approx(dp.gaussian_epsilon(1.5, 4, d))
     # no amplification by sampling (the sample is public): q = 0.5 is the estimator's alone
-    assert central.epsilon(4) == pytest.approx(dp.gaussian_epsilon(3.0, 1.0, 4, d))
-    assert central.epsilon(4) > dp.gaussian_epsilon(3.0, 0.5, 4, d)
-    assert local.release_epsilon() == pytest.approx(dp.gaussian_epsilon(1.5, 1.0, 1, d))
-    assert central.release_epsilon() == pytest.approx(dp.gaussian_epsilon(3.0, 1.0, 1, d))
+    assert central.epsilon(4) == pytest.approx(dp.gaussian_epsilon(3.0, 4, d))
+    assert local.release_epsilon() == pytest.approx(dp.gaussian_epsilon(1.5, 1, d))
+    assert central.release_epsilon() == pytest.approx(dp.gaussian_epsilon(3.0, 1, d))
     lap = dp.PrivacyPlan("laplace", "central", 1.0, 4.0, d, 0.5, 3)
-    assert lap.epsilon(3) == pytest.approx(dp.laplace_epsilon(0.25, 1.0, 3, d)) == 0.75
+    assert lap.epsilon(3) == pytest.approx(dp.laplace_epsilon(0.25, 3, d)) == 0.75
     assert lap.release_epsilon() == pytest.approx(0.25)
     assert dp.PrivacyPlan("laplace", "local", 1.0, 4.0, d, 1.0, 3).release_epsilon() == 0.5
     sel = dp.PrivacyPlan("laplace", "local", 1.0, 4.0, d, 1.0, 3, None, "private", 0.2)
     assert sel.private_selection and not local.private_selection
-    assert sel.epsilon(3) == pytest.approx(dp.laplace_epsilon(0.5 + 0.2, 1.0, 3, d))
-    assert sel.selection_spent(3) == pytest.approx(dp.laplace_epsilon(0.2, 1.0, 3, d))
+    assert sel.epsilon(3) == pytest.approx(dp.laplace_epsilon(0.5 + 0.2, 3, d))
+    assert sel.selection_spent(3) == pytest.approx(dp.laplace_epsilon(0.2, 3, d))
     assert local.selection_spent(3) is None
     gsel = dp.PrivacyPlan("gaussian", "local", 1.0, 3.0, d, 1.0, 4, None, "private", 0.4)
     assert gsel.epsilon(4) == pytest.approx(dp.gaussian_with_selection_epsilon(
@@ -180,16 +176,18 @@ def test_plan_summary_says_what_it_is():
                        "seeded", 40.0)
     s = p.summary()
     assert s == {"mechanism": "gaussian", "mode": "central", "clip": 0.5, "noise_multiplier": 2.0,
-                 "delta": 1e-6, "sample_rate": 0.25, "target_epsilon": 3.0,
+                 "delta": 1e-6, "target_epsilon": 3.0,
                  "epsilon": p.epsilon(8), "selection": "public",
                  "selection_epsilon_per_round": None, "selection_epsilon": None,
                  "noise_source": "seeded", "estimator": "fixed-denominator", "weight_cap": 40.0,
+                 "estimator_sample_rate": 0.25, "amplification_by_sampling": False,
                  "guarantee_holds_against_config_holders": False}
     assert p.rebuildable
     q = dp.PrivacyPlan("laplace", "local", 1.0, 4.0, 1e-5, 1.0, 2, None, "private", 0.5, "os")
     t = q.summary()
     assert not q.rebuildable and t["guarantee_holds_against_config_holders"] is True
     assert t["estimator"] is None and t["weight_cap"] is None
+    assert t["estimator_sample_rate"] is None and t["amplification_by_sampling"] is False
     assert t["selection_epsilon_per_round"] == 0.5
     assert t["selection_epsilon"] == q.selection_spent(2)
 
@@ -221,10 +219,10 @@ def test_names_are_compared_by_value():
     assert sel.sensitivity_factor == 2.0
     central = dp.PrivacyPlan(_fresh("gaussian"), _fresh("central"), 1.0, 3.0, 1e-5, 1.0, 4)
     assert central.sensitivity_factor == 1.0
-    assert central.epsilon(4) == pytest.approx(dp.gaussian_epsilon(3.0, 1.0, 4, 1e-5))
+    assert central.epsilon(4) == pytest.approx(dp.gaussian_epsilon(3.0, 4, 1e-5))
     assert central.summary()["estimator"] == "fixed-denominator"
     p = dp.resolve(_cfg(mechanism=_fresh("gaussian"), mode=_fresh("local"), epsilon=4.0), 6, 1.0)
-    assert p.noise_multiplier == pytest.approx(2 * dp.calibrate_gaussian(4.0, 1.0, 6, 1e-5))
+    assert p.noise_multiplier == pytest.approx(2 * dp.calibrate_gaussian(4.0, 6, 1e-5))
     assert dp.norm_of(torch.tensor([3.0, -4.0]), _fresh("laplace")) == 7.0
     g = dp.noise(50_000, _fresh("gaussian"), 1.0, torch.Generator().manual_seed(3))
     assert float(g.double().std()) == pytest.approx(1.0, rel=0.03)
@@ -235,20 +233,20 @@ def test_names_are_compared_by_value():
 
 def test_no_round_spends_nothing_and_a_negative_count_too():
     for steps in (0, -1, -5):
-        assert dp.gaussian_epsilon(1.0, 1.0, steps, 1e-5) == 0.0
-        assert dp.laplace_epsilon(1.0, 1.0, steps, 1e-5) == 0.0
+        assert dp.gaussian_epsilon(1.0, steps, 1e-5) == 0.0
+        assert dp.laplace_epsilon(1.0, steps, 1e-5) == 0.0
         assert dp.gaussian_with_selection_epsilon(1.0, steps, 0.1, 1e-5) == 0.0
 
 
 # ---------------------------------------------------------------------- calibration (slow: last)
-@pytest.mark.parametrize("target,q,steps", [(2.0, 1.0, 5), (6.0, 0.3, 20)])
-def test_calibration_reaches_its_target_from_below(target, q, steps):
-    z = dp.calibrate_gaussian(target, q, steps, 1e-5)
-    assert dp.gaussian_epsilon(z, q, steps, 1e-5) <= target * 1.005
-    assert dp.gaussian_epsilon(z * 0.97, q, steps, 1e-5) > dp.gaussian_epsilon(z, q, steps, 1e-5)
-    e0 = dp.calibrate_laplace(target, q, steps, 1e-5)
-    assert dp.laplace_epsilon(e0, q, steps, 1e-5) <= target
-    assert dp.laplace_epsilon(e0 * 1.01, q, steps, 1e-5) > target
+@pytest.mark.parametrize("target,steps", [(2.0, 5), (6.0, 20), (3.0, 1)])
+def test_calibration_reaches_its_target_from_below(target, steps):
+    z = dp.calibrate_gaussian(target, steps, 1e-5)
+    assert dp.gaussian_epsilon(z, steps, 1e-5) <= target * 1.005
+    assert dp.gaussian_epsilon(z * 0.97, steps, 1e-5) > dp.gaussian_epsilon(z, steps, 1e-5)
+    e0 = dp.calibrate_laplace(target, steps, 1e-5)
+    assert dp.laplace_epsilon(e0, steps, 1e-5) <= target
+    assert dp.laplace_epsilon(e0 * 1.01, steps, 1e-5) > target
 
 
 def test_resolve_gives_the_plan_of_the_config():
@@ -259,15 +257,16 @@ def test_resolve_gives_the_plan_of_the_config():
             p.noise_source, p.weight_cap, p.target_epsilon) == (
         "gaussian", "central", 0.3, 1.5, 1e-6, 0.4, 5, "seeded", 7.0, None)
     loc = dp.resolve(_cfg(mechanism="gaussian", mode="local", noise_multiplier=1.5), 5, 0.4)
-    assert loc.sample_rate == 1.0  # local mode claims no amplification
+    assert loc.sample_rate == 1.0  # local mode has no estimator q
     # a target ε: the Gaussian calibrated (local: twice Opacus' z, replace-one), Laplace 1/ε₀
     g = dp.resolve(_cfg(mechanism="gaussian", mode="local", epsilon=4.0), 6, 1.0)
-    assert g.noise_multiplier == pytest.approx(2 * dp.calibrate_gaussian(4.0, 1.0, 6, 1e-5))
+    assert g.noise_multiplier == pytest.approx(2 * dp.calibrate_gaussian(4.0, 6, 1e-5))
     assert g.epsilon(6) == pytest.approx(4.0, abs=0.03) and g.target_epsilon == 4.0
     c = dp.resolve(_cfg(mechanism="laplace", mode="central", epsilon=3.0), 6, 0.5)
-    assert c.noise_multiplier == pytest.approx(1 / dp.calibrate_laplace(3.0, 0.5, 6, 1e-5))
+    # central at q = 0.5: calibrated as at q = 1 (no amplification), ε₀ = 3 / 6 → z = 2
+    assert c.noise_multiplier == pytest.approx(1 / dp.calibrate_laplace(3.0, 6, 1e-5)) == 2.0
     lo = dp.resolve(_cfg(mechanism="laplace", mode="local", epsilon=3.0), 6, 0.5)
-    assert lo.noise_multiplier == pytest.approx(2 / dp.calibrate_laplace(3.0, 1.0, 6, 1e-5))
+    assert lo.noise_multiplier == pytest.approx(2 / dp.calibrate_laplace(3.0, 6, 1e-5))
     s = dp.resolve(_cfg(mechanism="laplace", mode="local", epsilon=3.0, selection="private",
                         selection_epsilon=0.1), 6, 1.0)
     assert s.epsilon(6) == pytest.approx(3.0, rel=1e-3) and s.epsilon(6) <= 3.0 * (1 + 1e-9)
@@ -285,10 +284,10 @@ def test_one_round_is_one_mechanism():
     Laplace round, the RDP sum for one round with the selection."""
     acc = RDPAccountant()
     acc.history = [(2.0, 1.0, 1)]
-    one = dp.gaussian_epsilon(2.0, 1.0, 1, 1e-5)
+    one = dp.gaussian_epsilon(2.0, 1, 1e-5)
     assert one > 0 and one == pytest.approx(acc.get_epsilon(1e-5, alphas=dp.rdp_alphas()),
                                             rel=1e-12)
-    assert dp.laplace_epsilon(0.5, 1.0, 1, 1e-5) == pytest.approx(0.5)
+    assert dp.laplace_epsilon(0.5, 1, 1e-5) == pytest.approx(0.5)
     orders = dp.rdp_alphas()
     rdp = np.array(compute_rdp(q=1.0, noise_multiplier=2.0, steps=1, orders=orders)) + 0.05 * \
         np.array(orders)
@@ -312,11 +311,11 @@ def test_plan_defaults_and_a_fresh_private_selection():
     assert s.private_selection and s.epsilon(6) == pytest.approx(3.0, rel=1e-3)
 
 
-def test_laplace_calibration_reaches_a_per_round_epsilon_above_the_target():
-    """With sampling, one round's ε₀ must exceed the target ε (amplification): the search
-    must look above its starting bracket."""
-    e0 = dp.calibrate_laplace(1.0, 0.1, 1, 1e-5)
-    assert e0 == pytest.approx(math.log1p(math.expm1(1.0) / 0.1), rel=1e-6) and e0 > 2.5
+def test_laplace_calibration_of_one_round_is_the_target_itself():
+    """One release spends its ε₀: the calibration returns the target, also above the initial
+    bracket's 1 (no sampling, nothing amplified)."""
+    for target in (0.3, 1.0, 7.5):
+        assert dp.calibrate_laplace(target, 1, 1e-5) == pytest.approx(target, rel=1e-12)
 
 
 def test_invalid_noise_sources_are_refused_whatever_their_spelling():
@@ -332,7 +331,7 @@ def test_invalid_noise_sources_are_refused_whatever_their_spelling():
 def test_advanced_composition_at_a_large_delta():
     e, T, d = 0.02, 5000, 0.3
     adv = e * math.sqrt(2 * T * math.log(1 / d)) + T * e * math.expm1(e)
-    assert dp.laplace_epsilon(e, 1.0, T, d) == pytest.approx(adv, rel=1e-12)
+    assert dp.laplace_epsilon(e, T, d) == pytest.approx(adv, rel=1e-12)
 
 
 def test_plans_are_frozen_and_their_defaults_documented():
@@ -417,4 +416,4 @@ def test_os_noise_is_a_function_of_fresh_os_bytes_alone(monkeypatch):
 def test_mode_and_mechanism_names_by_value_in_the_plan():
     loc = dp.PrivacyPlan(_fresh("gaussian"), _fresh("local"), 1.0, 3.0, 1e-5, 1.0, 2)
     assert loc.sensitivity_factor == 2.0
-    assert loc.release_epsilon() == pytest.approx(dp.gaussian_epsilon(1.5, 1.0, 1, 1e-5))
+    assert loc.release_epsilon() == pytest.approx(dp.gaussian_epsilon(1.5, 1, 1e-5))

@@ -23,12 +23,10 @@ the noise scale relative to the sensitivity unit:
 
 Accounting
 ----------
-Gaussian: Opacus' RDP accountant (the sampled Gaussian mechanism, Opacus' orders extended to
-1024; a run always passes q = 1, see above), ``steps`` = releases so far. Laplace: per round
-pure ε₀ (:func:`amplified` gives ln(1 + q(e^ε₀ − 1)) for a hidden Poisson sample at rate q; a run
-passes q = 1, so ε₀ itself), composed over T rounds by the better of
-basic composition (T·ε₀, δ = 0) and advanced composition (Dwork–Rothblum–Vadhan:
-ε₀√(2T ln(1/δ)) + T·ε₀(e^ε₀ − 1), δ). The ε reported is the *total* over the releases so far,
+Every release is counted at sampling rate 1 in both modes (no amplification, above). Gaussian:
+Opacus' RDP accountant (its orders extended to 1024), ``steps`` = releases so far. Laplace: per
+round pure ε₀, composed over T rounds by the better of basic composition (T·ε₀, δ = 0) and
+advanced composition (Dwork–Rothblum–Vadhan: ε₀√(2T ln(1/δ)) + T·ε₀(e^ε₀ − 1), δ). The ε reported is the *total* over the releases so far,
 not per round (the paper reports ε ∈ {6, 3, 1} for its Laplace runs without saying how it
 composes). A target ``privacy.epsilon`` is turned into z by calibration so that the planned
 ``train.rounds`` reach it (Opacus' ``get_noise_multiplier`` for Gaussian, bisection for Laplace).
@@ -192,15 +190,15 @@ def rdp_alphas() -> list[float]:
     return list(RDPAccountant.DEFAULT_ALPHAS) + EXTRA_ALPHAS
 
 
-def gaussian_epsilon(noise_multiplier: float, sample_rate: float, steps: int,
-                     delta: float) -> float:
-    """ε after ``steps`` sampled Gaussian mechanisms (Opacus' RDP accountant)."""
+def gaussian_epsilon(noise_multiplier: float, steps: int, delta: float) -> float:
+    """ε after ``steps`` Gaussian mechanisms (Opacus' RDP accountant at sampling rate 1: no
+    amplification, see the module docstring)."""
     from opacus.accountants import RDPAccountant
 
     if steps <= 0:
         return 0.0
     acc = RDPAccountant()
-    acc.history = [(noise_multiplier, sample_rate, steps)]
+    acc.history = [(noise_multiplier, 1.0, steps)]
     with quiet_alpha_range():
         return float(acc.get_epsilon(delta, alphas=rdp_alphas()))
 
@@ -214,48 +212,39 @@ def quiet_alpha_range():
         yield
 
 
-def amplified(eps0: float, sample_rate: float) -> float:
-    """Pure ε of an ε₀-DP mechanism run on a Poisson sample at rate q: ln(1 + q(e^ε₀ − 1))."""
-    if sample_rate >= 1:
-        return eps0
-    if eps0 > 700:  # e^ε₀ overflows a float; ln(1 + q(e^ε₀ − 1)) = ε₀ + ln q to float precision
-        return eps0 + math.log(sample_rate)
-    return math.log1p(sample_rate * math.expm1(eps0))
-
-
-def laplace_epsilon(eps0: float, sample_rate: float, steps: int, delta: float) -> float:
+def laplace_epsilon(eps0: float, steps: int, delta: float) -> float:
     """ε after ``steps`` ε₀-DP rounds: min(basic, advanced composition at δ)."""
     if steps <= 0:
         return 0.0
-    e = amplified(eps0, sample_rate)
-    basic = steps * e
-    if e > 700:  # advanced composition's e^ε overflows, and is far above basic's T·ε there
+    basic = steps * eps0
+    if eps0 > 700:  # advanced composition's e^ε overflows, and is far above basic's T·ε there
         return basic
-    advanced = e * math.sqrt(2 * steps * math.log(1 / delta)) + steps * e * math.expm1(e)
+    advanced = (eps0 * math.sqrt(2 * steps * math.log(1 / delta))
+                + steps * eps0 * math.expm1(eps0))
     return min(basic, advanced)
 
 
-def calibrate_gaussian(target_epsilon: float, sample_rate: float, steps: int,
-                       delta: float) -> float:
-    """Smallest noise multiplier reaching ``target_epsilon`` after ``steps`` (Opacus)."""
+def calibrate_gaussian(target_epsilon: float, steps: int, delta: float) -> float:
+    """Smallest noise multiplier reaching ``target_epsilon`` after ``steps`` (Opacus, sampling
+    rate 1)."""
     from opacus.accountants.utils import get_noise_multiplier
 
     with quiet_alpha_range():
         return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                          sample_rate=sample_rate, steps=steps,
+                                          sample_rate=1.0, steps=steps,
                                           accountant="rdp", epsilon_tolerance=0.005,
                                           alphas=rdp_alphas()))
 
 
-def calibrate_laplace(target_epsilon: float, sample_rate: float, steps: int,
-                      delta: float) -> float:
-    """Largest per-round ε₀ whose composition over ``steps`` stays ≤ ``target_epsilon``."""
+def calibrate_laplace(target_epsilon: float, steps: int, delta: float) -> float:
+    """Largest per-round ε₀ whose composition over ``steps`` stays ≤ ``target_epsilon``.
+
+    The bracket [0, max(1, target)] holds it: from ε₀ ≥ 1 advanced composition exceeds basic
+    (T·ε₀(e^ε₀ − 1) > T·ε₀), so the composed ε there is T·ε₀ ≥ the target."""
     lo, hi = 0.0, max(1.0, target_epsilon)
-    while laplace_epsilon(hi, sample_rate, steps, delta) < target_epsilon:
-        hi *= 2
     for _ in range(100):
         mid = (lo + hi) / 2
-        if laplace_epsilon(mid, sample_rate, steps, delta) <= target_epsilon:
+        if laplace_epsilon(mid, steps, delta) <= target_epsilon:
             lo = mid
         else:
             hi = mid
@@ -278,12 +267,6 @@ def gaussian_with_selection_epsilon(noise_multiplier: float, steps: int, rho_per
         return float(get_privacy_spent(orders=orders, rdp=rdp, delta=delta)[0])
 
 
-#: the sampling rate the accountant assumes, in both modes: 1, no amplification by sampling.
-#: Amplification needs the sample hidden; a run's sample is public (drawn from the released
-#: seed, fixed-size, and listed in the released rounds).
-ACCOUNTED_RATE = 1.0
-
-
 @dataclass(frozen=True)
 class PrivacyPlan:
     """The resolved DP settings of one run (see module docstring)."""
@@ -294,7 +277,7 @@ class PrivacyPlan:
     noise_multiplier: float  # z: noise scale = z · sensitivity unit (see noise_scale)
     delta: float
     sample_rate: float  # q = clients per round / clients: the central estimator's qW (1 in
-    # local mode); the accountant claims no amplification and counts every round at q = 1
+    # local mode); not the accountant's (it claims no amplification: every round counts)
     rounds: int
     target_epsilon: float | None = None
     selection: str = "public"  # LoRA-A2's slot ids: "public" (in the clear) or "private"
@@ -331,15 +314,15 @@ class PrivacyPlan:
         if self.mechanism == "gaussian":
             if sel:
                 return gaussian_with_selection_epsilon(z, rounds, sel * sel / 8, self.delta)
-            return gaussian_epsilon(z, ACCOUNTED_RATE, rounds, self.delta)
-        return laplace_epsilon(1.0 / z + sel, ACCOUNTED_RATE, rounds, self.delta)
+            return gaussian_epsilon(z, rounds, self.delta)
+        return laplace_epsilon(1.0 / z + sel, rounds, self.delta)
 
     def release_epsilon(self) -> float:
         """ε of **one** release of the upload (or aggregate) noise alone, without sampling
         (q = 1) and without the selection: the figure an audit of one release checks."""
         z = self.noise_multiplier / self.sensitivity_factor
         if self.mechanism == "gaussian":
-            return gaussian_epsilon(z, 1.0, 1, self.delta)
+            return gaussian_epsilon(z, 1, self.delta)
         return 1.0 / z
 
     def selection_spent(self, rounds: int) -> float | None:
@@ -347,12 +330,12 @@ class PrivacyPlan:
         basic or advanced composition at δ); None with public selection."""
         if not self.private_selection:
             return None
-        return laplace_epsilon(self.selection_epsilon, 1.0, rounds, self.delta)
+        return laplace_epsilon(self.selection_epsilon, rounds, self.delta)
 
     def summary(self) -> dict[str, Any]:
         return {"mechanism": self.mechanism, "mode": self.mode, "clip": self.clip,
                 "noise_multiplier": self.noise_multiplier, "delta": self.delta,
-                "sample_rate": self.sample_rate, "target_epsilon": self.target_epsilon,
+                "target_epsilon": self.target_epsilon,
                 "epsilon": self.epsilon(self.rounds), "selection": self.selection,
                 "selection_epsilon_per_round": self.selection_epsilon
                 if self.private_selection else None,
@@ -360,6 +343,9 @@ class PrivacyPlan:
                 "noise_source": self.noise_source,
                 "estimator": "fixed-denominator" if self.mode == "central" else None,
                 "weight_cap": self.weight_cap if self.mode == "central" else None,
+                # q of the estimator's qW; the accountant counts every round (no amplification)
+                "estimator_sample_rate": self.sample_rate if self.mode == "central" else None,
+                "amplification_by_sampling": False,
                 "guarantee_holds_against_config_holders": not self.rebuildable}
 
 
@@ -384,9 +370,9 @@ def resolve(p, rounds: int, sample_rate: float) -> PrivacyPlan | None:
         return plan(calibrate_with_selection(plan, float(p.epsilon), rounds))
     try:
         if p.mechanism == "gaussian":
-            z = factor * calibrate_gaussian(p.epsilon, ACCOUNTED_RATE, rounds, p.delta)
+            z = factor * calibrate_gaussian(p.epsilon, rounds, p.delta)
         else:
-            eps0 = calibrate_laplace(p.epsilon, ACCOUNTED_RATE, rounds, p.delta)
+            eps0 = calibrate_laplace(p.epsilon, rounds, p.delta)
             if eps0 <= 0:  # below float resolution: the noise scale would be infinite
                 raise ValueError("the per-round budget underflows to 0")
             z = factor / eps0

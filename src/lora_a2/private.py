@@ -246,7 +246,7 @@ SIZE_KEYS = ("upload_bytes", "upload_params", "upload_slot_ids", "cumulative_upl
 
 def sample_rate(cfg: Config) -> float:
     """q = clients per round / clients: the central estimator's denominator qW (the
-    accountant does not use it: :data:`lora_a2.privacy.ACCOUNTED_RATE`)."""
+    accountant does not use it: every round counts, no amplification by sampling)."""
     return clients_per_round(cfg) / cfg.data.num_clients
 
 

@@ -168,10 +168,13 @@ def run_experiment(cfg: Config, out: Path, *, overwrite: bool = False, progress:
         initial = evaluate_state(exp, strategy.init_state(exp.runtime.initial_state())
                                  if ckpt is not None else state)
         write_samples(out, 0, initial.pop("samples", None), first=ckpt is None)
-    if withholds:  # central DP: the clients' own metrics (their data, their label mix) are
-        # not part of the release, the untrained model's neither
+    fresh = ckpt is None or not initial_path.exists()
+    if withholds and set(initial) & set(exp.task.client_metric_keys):
+        # central DP: the clients' own metrics (their data, their label mix) are not part of
+        # the release, the untrained model's neither (a file older code wrote is rewritten)
         initial = {k: v for k, v in initial.items() if k not in exp.task.client_metric_keys}
-    if ckpt is None or not initial_path.exists():
+        fresh = True
+    if fresh:
         atomic_write_text(initial_path, json.dumps(initial))
     truncate_metrics(out / "metrics.jsonl", start - 1)
     truncate_metrics(out / "samples.jsonl", start - 1)

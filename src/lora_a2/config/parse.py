@@ -23,13 +23,14 @@ def all_keys() -> list[str]:
     return keys
 
 
-def _value_keys() -> set[str]:
-    """Keys that hold a value (not a table of keys), short-form strategy options included."""
-    return set(all_keys()) | {f"strategy.{k}" for k in LEGACY_STRATEGY_OPTIONS}
+def _value_keys() -> list[str]:
+    """Keys that hold a value (``strategy.options`` a table of them), short-form strategy
+    options included."""
+    return all_keys() + [f"strategy.{k}" for k in LEGACY_STRATEGY_OPTIONS]
 
 
 def _unknown(key: str) -> UserError:
-    known = all_keys() + [f"strategy.{k}" for k in LEGACY_STRATEGY_OPTIONS]
+    known = _value_keys()
     near = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
     hint = f" (did you mean '{near[0]}'?)" if near else ""
     return UserError(f"unknown config key '{key}'{hint}")
@@ -104,7 +105,7 @@ def flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
         key = f"{prefix}{k}"
         if isinstance(v, dict) and not prefix and k in SECTIONS:
             out += flatten(v, key + ".")
-        elif isinstance(v, dict) and (key == "strategy.options" or key in _value_keys()):
+        elif isinstance(v, dict) and key in _value_keys():  # strategy.options among them
             out.append((key, v))  # a table where a value belongs: its type check names it
         elif isinstance(v, dict):
             raise _unknown(key)

@@ -7,9 +7,9 @@ Another installed package adds strategies through the entry-point group ``lora_a
 (``[project.entry-points."lora_a2.strategies"] my-method = "my_pkg.strategy:MyMethod"``; the
 object may be a :class:`Strategy` subclass or a module whose classes use ``@register``). A
 plugin that fails to import (``sys.exit()`` included), leaves a method unimplemented, takes a
-built-in's name or declares a wrong ``Options`` or flag is skipped with a one-line reason (:data:`PLUGIN_ERRORS`)
-and never breaks the other strategies; asking for it by name gives that reason as the error
-(an unknown name lists every failed plugin's reason).
+built-in's name or declares a wrong ``Options`` or flag is skipped with a one-line reason
+(:data:`PLUGIN_ERRORS`) and never breaks the other strategies; asking for it by name gives that
+reason as the error (an unknown name lists every failed plugin's reason).
 """
 
 import dataclasses
