@@ -56,6 +56,8 @@ def test_staleness_weight_is_fedbuffs_rule():
     assert buffered_weights([5, 15], [0, 0]) == pytest.approx([0.25, 0.75])  # = the sync rule
     with pytest.raises(ValueError):
         staleness_weight(-1)
+    with pytest.raises(ValueError, match="1 staleness values for 2 updates"):
+        buffered_weights([10, 30], [0])
 
 
 def test_buffered_step_adds_the_staleness_weighted_deltas():

@@ -110,6 +110,9 @@ def test_resolve_an_int_a_list_or_a_name():
     assert all(type(b) is int for b in B.resolve([1, 2.0], 2, 16, seed=0))
     assert B.resolve("normal", 9, 8, seed=3) == B.draw("normal", 9, 8, seed=3)
     assert B.resolve(2, 0, 16, seed=0) == []
+    # "auto" (a string built at run time, as the config parser builds it): every client starts
+    # at the largest rank, the fleet sets each round's budget
+    assert B.resolve("".join(["au", "to"]), 3, 8, seed=0) == [8, 8, 8]
 
 
 @pytest.mark.parametrize("name", ["binomial", "exponential", "mixed", "heavy", "uniform2", ""])

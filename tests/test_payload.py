@@ -1,12 +1,15 @@
 """Wire format: round trips, exact byte counts, and garbage rejected with a reason."""
 
+import json
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_a2.payload import (DEFAULT_MAX_BYTES, InvalidPayload, Payload, decode, encode, flatten,
-                             unflatten)
+from lora_a2.payload import (DEFAULT_MAX_BYTES, LONGEST_FLOAT, InvalidPayload, Payload, decode,
+                             encode, flatten, unflatten)
 
 
 @settings(max_examples=50, deadline=None)
@@ -22,6 +25,15 @@ def test_round_trip(values, slots):
     assert (q.slots is None) == (slots is None)
     if slots is not None:
         assert torch.equal(q.slots, p.slots)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.floats(allow_nan=False, allow_infinity=False))
+def test_longest_float_is_as_long_in_json_as_any_finite_float(x):
+    """An upload's size bound gives a header scalar not known in advance (a loss) the longest
+    JSON a finite float can take: 24 characters."""
+    assert math.isfinite(LONGEST_FLOAT) and len(json.dumps(LONGEST_FLOAT)) == 24
+    assert len(json.dumps(x)) <= len(json.dumps(LONGEST_FLOAT))
 
 
 def test_size_is_values_plus_indices_plus_small_header():
