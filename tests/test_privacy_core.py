@@ -221,6 +221,7 @@ def test_names_are_compared_by_value():
     assert central.sensitivity_factor == 1.0
     assert central.epsilon(4) == pytest.approx(dp.gaussian_epsilon(3.0, 4, 1e-5))
     assert central.summary()["estimator"] == "fixed-denominator"
+    assert central.summary()["estimator_sample_rate"] == 1.0
     p = dp.resolve(_cfg(mechanism=_fresh("gaussian"), mode=_fresh("local"), epsilon=4.0), 6, 1.0)
     assert p.noise_multiplier == pytest.approx(2 * dp.calibrate_gaussian(4.0, 6, 1e-5))
     assert dp.norm_of(torch.tensor([3.0, -4.0]), _fresh("laplace")) == 7.0
@@ -277,6 +278,21 @@ def test_an_unreachable_target_is_a_one_line_error():
         dp.resolve(_cfg(mechanism="laplace", mode="local", epsilon=1.0, selection="private",
                         selection_epsilon=1.0), 5, 1.0)
     assert "\n" not in str(e.value)
+    # a target Opacus cannot calibrate (its ValueError), and one whose per-round Laplace
+    # budget underflows to 0 (an infinite noise scale): one line each, naming the key
+    for mechanism, eps, why in (("gaussian", 1e-3, "budget is too low"),
+                                ("laplace", 1e-300, "underflows to 0")):
+        with pytest.raises(UserError, match=f"privacy.epsilon.*cannot be reached.*{why}") as e:
+            dp.resolve(_cfg(mechanism=mechanism, mode="local", epsilon=eps), 5, 1.0)
+        assert "\n" not in str(e.value)
+
+
+def test_a_laplace_target_gives_the_noise_multiplier_of_its_per_round_budget():
+    # one round at ε = 0.7: ε₀ = 0.7, so z = 2 / 0.7 locally (replace-one), 1 / 0.7 centrally
+    assert dp.resolve(_cfg(mechanism="laplace", mode="local", epsilon=0.7), 1, 1.0
+                      ).noise_multiplier == pytest.approx(2 / 0.7, rel=1e-9)
+    assert dp.resolve(_cfg(mechanism="laplace", mode="central", epsilon=0.7), 1, 0.5
+                      ).noise_multiplier == pytest.approx(1 / 0.7, rel=1e-9)
 
 
 def test_one_round_is_one_mechanism():
