@@ -58,6 +58,9 @@ def test_staleness_weight_is_fedbuffs_rule():
         staleness_weight(-1)
     with pytest.raises(ValueError, match="1 staleness values for 2 updates"):
         buffered_weights([10, 30], [0])
+    with pytest.raises(ValueError, match="2 staleness values for 1 updates"):
+        buffered_weights([10], [0, 1])
+    assert len(buffered_weights([1] * 300, [0] * 300)) == 300  # lengths compared by value
 
 
 def test_buffered_step_adds_the_staleness_weighted_deltas():
