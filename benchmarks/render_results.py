@@ -1053,13 +1053,18 @@ def paper_schedule_table(rows: list[dict[str, Any]], cell_dirs: dict[str, Path] 
                              f"yet.")
                 continue
             score = {(r["method"], r["seed"]): r["final_accuracy"] for r in sel}
-            base = [[score[(m, sd)] for sd in seeds] for m in PAPER_METHODS
-                    if "lora-a2" not in m]
-            said = [f"{m} {verdict([score[(m, sd)] for sd in seeds], base)}"
-                    for m in PAPER_METHODS if "lora-a2" in m]
+            base = {m: [score[(m, sd)] for sd in seeds] for m in PAPER_METHODS
+                    if "lora-a2" not in m}
+            said = []
+            for m in (m for m in PAPER_METHODS if "lora-a2" in m):
+                mine = [score[(m, sd)] for sd in seeds]
+                v = verdict(mine, list(base.values()))
+                ahead = [b for b, o in base.items() if min(o) > max(mine)]
+                said.append(f"{m} {v}" + (f" ({', '.join(ahead)})" if v == "trails" else ""))
             lines.append(f"- {SPLIT_NAMES[s]}, {said_lr}, seeds {', '.join(map(str, seeds))}, "
-                         "final accuracy: " + "; ".join(said) + " the baselines (leads: its "
-                         "worst seed beats every baseline's best).")
+                         "final accuracy against the baselines: " + "; ".join(said) + " (leads: "
+                         "its worst seed beats every baseline's best; trails: the named "
+                         "baselines' worst seed beats its best; ties otherwise).")
     return "\n".join(lines)
 
 

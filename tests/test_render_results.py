@@ -540,9 +540,10 @@ def test_paper_schedule_table_reads_late_falls_and_the_verdict(tmp_path):
     assert lines[4].startswith("| fl-lora | 0.002 | 75.0 ± 7.1 |")
     # lora-a2's worst seed (0.88) beats every baseline's best (rolora 0.86): leads;
     # the scaled variant's range overlaps the baselines': ties
-    assert lines[-1] == ("- Dir(0.01), each method's tuned lr_A, seeds 0, 1, final accuracy: "
-                         "lora-a2 leads; lora-a2-scaled ties the baselines (leads: its worst seed "
-                         "beats every baseline's best).")
+    assert lines[-1] == ("- Dir(0.01), each method's tuned lr_A, seeds 0, 1, final accuracy "
+                         "against the baselines: lora-a2 leads; lora-a2-scaled ties (leads: its "
+                         "worst seed beats every baseline's best; trails: the named baselines' "
+                         "worst seed beats its best; ties otherwise).")
     one_seed = [r for r in rows if r["seed"] == 0]
     assert render.paper_schedule_table(one_seed, dirs).splitlines()[-1] == \
         "- Dir(0.01), each method's tuned lr_A: not every method has two seeds yet."
@@ -563,9 +564,10 @@ def test_paper_schedule_table_reads_late_falls_and_the_verdict(tmp_path):
     assert lines[11].startswith("| fl-lora | 0.0005 | 75.0 ± 7.1 |")
     assert lines[11].endswith("| 80.0 (4) → 80.0 | 1.0 |")
     assert lines[-2].startswith("- Dir(0.01), each method's tuned lr_A, seeds 0, 1, final "
-                                "accuracy: lora-a2 leads;")
-    assert lines[-1].startswith("- Dir(0.01), lr_A = 0.0005, seeds 0, 1, final accuracy: "
-                                "lora-a2 trails;")  # fl-lora's worst seed (70) beats its best (50)
+                                "accuracy against the baselines: lora-a2 leads;")
+    assert lines[-1].startswith("- Dir(0.01), lr_A = 0.0005, seeds 0, 1, final accuracy against "
+                                "the baselines: lora-a2 trails (fl-lora);")
+    # fl-lora's worst seed (70) beats its best (50); rolora's (50) does not: only it is named
 
 
 def test_paper_schedule_curves_keep_each_seed_and_the_initial_round(tmp_path):
