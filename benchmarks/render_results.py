@@ -258,6 +258,12 @@ def claim_view(rows: list[dict[str, Any]], lr_of: dict[str, str], metric: str = 
     return "\n".join(lines)
 
 
+def beats(a: list[float], b: list[float]) -> bool:
+    """Per-seed scores ``a``'s worst seed beats ``b``'s best: the one comparison of
+    :func:`verdict`."""
+    return min(a) > max(b)
+
+
 def verdict(mine: list[float], others: list[list[float]]) -> str:
     """Whether LoRA-A2 (its per-seed scores ``mine``) leads, ties or trails the other methods
     (each a list of per-seed scores on the same seeds), by a rule that needs no distribution:
@@ -266,9 +272,9 @@ def verdict(mine: list[float], others: list[list[float]]) -> str:
     overlap). "" with fewer than two seeds: one seed cannot tell a gap from seed noise."""
     if len(mine) < 2:
         return ""
-    if min(mine) > max(max(o) for o in others):
+    if all(beats(mine, o) for o in others):
         return "leads"
-    if any(min(o) > max(mine) for o in others):
+    if any(beats(o, mine) for o in others):
         return "trails"
     return "ties"
 
@@ -1059,7 +1065,7 @@ def paper_schedule_table(rows: list[dict[str, Any]], cell_dirs: dict[str, Path] 
             for m in (m for m in PAPER_METHODS if "lora-a2" in m):
                 mine = [score[(m, sd)] for sd in seeds]
                 v = verdict(mine, list(base.values()))
-                ahead = [b for b, o in base.items() if min(o) > max(mine)]
+                ahead = [b for b, o in base.items() if beats(o, mine)]  # what "trails" saw
                 said.append(f"{m} {v}" + (f" ({', '.join(ahead)})" if v == "trails" else ""))
             lines.append(f"- {SPLIT_NAMES[s]}, {said_lr}, seeds {', '.join(map(str, seeds))}, "
                          "final accuracy against the baselines: " + "; ".join(said) + " (leads: "
