@@ -11,7 +11,10 @@ from pathlib import Path
 import pytest
 
 import lora_a2
+from lora_a2.audit import planned_rows
 from lora_a2.cli import main
+from lora_a2.config import load_config as parse_config
+from lora_a2.strategies import PLUGIN_ERRORS, check_config, get_strategy
 
 from conftest import TINY as TINY_RUN
 
@@ -169,6 +172,29 @@ def test_fedprox_term_pulls_towards_the_global_adapter(plugin_site, synthetic_cs
 
 
 # ---------------------------------------------------------------------- bad plugins
+@pytest.mark.parametrize("ask", ["config", "get_strategy", "audit"])
+def test_every_way_to_name_a_strategy_gives_a_failed_plugins_reason(monkeypatch, ask):
+    """The config check, the Python API's ``get_strategy`` and ``audit-privacy --strategy``
+    give the same one-line error: a failed plugin's reason under its own name, and every
+    failed plugin's reason under a name no entry point carried."""
+    monkeypatch.setitem(PLUGIN_ERRORS, "ghost", "plugin 'ghost' (ghost_pkg): ImportError: gpu")
+    for name, needles in [("ghost", ["strategy 'ghost' is not available: plugin 'ghost' "
+                                     "(ghost_pkg): ImportError: gpu"]),
+                          ("ghost-lora", ["unknown strategy 'ghost-lora'", "valid: ",
+                                          "plugins that failed to load: plugin 'ghost'"])]:
+        cfg = parse_config(overrides=[f"strategy.name={name}"])  # schema only: no registry
+        with pytest.raises(lora_a2.UserError) as e:
+            if ask == "config":
+                check_config(cfg)
+            elif ask == "get_strategy":
+                get_strategy(cfg)
+            else:
+                planned_rows([name], None, None)
+        assert len(str(e.value).splitlines()) == 1
+        for needle in needles:
+            assert needle in str(e.value), str(e.value)
+
+
 def test_bad_plugins_are_skipped_with_one_line_each(tmp_path, synthetic_csv):
     site = tmp_path / "site"
     site.mkdir()
@@ -221,6 +247,9 @@ def test_bad_plugins_are_skipped_with_one_line_each(tmp_path, synthetic_csv):
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
     assert "unknown strategy 'broken-strategy'" in r.stderr
     assert "plugins that failed to load: " in r.stderr and "plugin 'broken'" in r.stderr
+    r = cli("audit-privacy", "--quick", "--strategy", "broken", env=env)  # same words there
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "--strategy: strategy 'broken' is not available: plugin 'broken'" in r.stderr
     # the built-in fl-lora still runs as the built-in (not the clashing plugin)
     r = cli("run", "--quiet", "--out", str(tmp_path / "ok"), "--set",
             f"data.name=csv:{synthetic_csv}", "strategy.name=fl-lora", *TINY, env=env)

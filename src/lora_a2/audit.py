@@ -56,7 +56,7 @@ from .errors import UserError
 from .payload import decode, encode
 from .private import PrivateStrategy, resolve_plan
 from .selection import private_top_k
-from .strategies import REGISTRY, load_all
+from .strategies import REGISTRY, load_all, unknown_strategy
 from .messages import ServerState, Task, Update
 from .strategies.context import ClientContext
 from .tasks.classification import Classification, encode_texts
@@ -364,8 +364,7 @@ def planned_rows(strategies: Sequence[str] | None, modes: Sequence[str] | None,
     builtin = sorted(REGISTRY)
     for name in strategies or ():
         if name not in REGISTRY:
-            raise UserError(f"--strategy: unknown strategy '{name}'; valid: "
-                            f"{', '.join(builtin)}")
+            raise unknown_strategy("--strategy", name)
     for m in modes or ():
         if m not in MODES:
             raise UserError(f"--mode: '{m}' is not one of {', '.join(MODES)}")

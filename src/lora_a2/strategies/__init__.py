@@ -129,11 +129,28 @@ def plugin_error_for(name: str) -> str | None:
 
 def get_strategy(cfg: Config) -> Strategy:
     """The run's strategy (not wrapped for DP: see :func:`lora_a2.private.build_strategy`)."""
-    load_all()
     name = cfg.strategy.name
-    if name not in REGISTRY:
-        raise UserError(f"unknown strategy '{name}'; valid: {', '.join(sorted(REGISTRY))}")
+    if name not in strategy_names():
+        raise unknown_strategy("config key 'strategy.name'", name)
     return REGISTRY[name](cfg)
+
+
+def unknown_strategy(where: str, name: str) -> UserError:
+    """The one-line error for a strategy ``name`` that is not registered, asked for by
+    ``where`` (a config key or a flag): a failed plugin's reason when one carried that name,
+    else the nearest valid name, every valid name and every plugin that failed to load (a
+    plugin whose entry-point name differs from its strategy's cannot be matched to ``name``,
+    so no reason is hidden)."""
+    names = strategy_names()
+    reason = plugin_error_for(name)
+    if reason:
+        return UserError(f"{where}: strategy '{name}' is not available: {reason}")
+    near = difflib.get_close_matches(name, names, n=1, cutoff=0.4)
+    hint = f" (did you mean '{near[0]}'?)" if near else ""
+    failed = (f"; plugins that failed to load: {'; '.join(PLUGIN_ERRORS.values())}"
+              if PLUGIN_ERRORS else "")
+    return UserError(f"{where}: unknown strategy '{name}'{hint}; valid: {', '.join(names)}"
+                     f"{failed}")
 
 
 def check_config(cfg: Config) -> None:
@@ -142,18 +159,8 @@ def check_config(cfg: Config) -> None:
     the summary's reference strategies."""
     s = cfg.strategy
     names = strategy_names()
-    if s.name not in names and plugin_error_for(s.name):
-        raise UserError(f"config key 'strategy.name': strategy '{s.name}' is not available: "
-                        f"{plugin_error_for(s.name)}")
     if s.name not in names:
-        near = difflib.get_close_matches(s.name, names, n=1, cutoff=0.4)
-        hint = f" (did you mean '{near[0]}'?)" if near else ""
-        # a plugin whose entry-point name differs from its strategy's name cannot be matched
-        # to the name asked for: name every plugin that failed, so its reason is not hidden
-        failed = (f"; plugins that failed to load: {'; '.join(PLUGIN_ERRORS.values())}"
-                  if PLUGIN_ERRORS else "")
-        raise UserError(f"config key 'strategy.name': unknown strategy '{s.name}'{hint}; "
-                        f"valid: {', '.join(names)}{failed}")
+        raise unknown_strategy("config key 'strategy.name'", s.name)
     cls = REGISTRY[s.name]
     try:
         options = resolve_options(cls.Options, s.options, s.name, other_option_defaults(cls))
@@ -196,4 +203,4 @@ load_all()
 __all__ = ["ENTRY_POINT_GROUP", "PLUGINS", "PLUGIN_ERRORS", "REGISTRY", "ClientContext",
            "DenseStrategy", "ServerState", "Strategy", "StrategyOptions", "Task", "Update",
            "UserError", "check_config", "get_strategy", "load_all", "plugin_error_for",
-           "register", "strategy_names"]
+           "register", "strategy_names", "unknown_strategy"]
