@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 pytest.importorskip("flwr")
@@ -12,6 +13,9 @@ pytest.importorskip("flwr")
 from types import SimpleNamespace  # noqa: E402
 
 from lora_a2.cli import main  # noqa: E402
+from flwr.common import bytes_to_ndarray  # noqa: E402
+
+from lora_a2.engines import secagg  # noqa: E402
 from lora_a2.engines.flower import clientapp  # noqa: E402
 from lora_a2.payload import InvalidPayload  # noqa: E402
 from lora_a2.report import read_metrics  # noqa: E402
@@ -55,10 +59,41 @@ RUNS3 = {**{f"dp{i}": ["train.rounds=2", f"strategy.name={s}", *p]
 
 
 @pytest.fixture(scope="session")
-def sim4(tmp_path_factory, session_csv):
+def sim4_seen(tmp_path_factory, session_csv):
+    """RUNS4 in one simulation of 4 clients: (the CSV, each run's output folder, and every
+    SecAgg+ reply the server received, as :func:`server_view` saw it)."""
+    seen: list[dict] = []
+    receive = secagg._MeteredGrid.send_and_receive
+
+    def recording(self, messages, timeout=None):
+        messages = list(messages)
+        replies = receive(self, messages, timeout=timeout)
+        seen.extend(server_view(r) for r in replies)
+        return replies
+
+    with pytest.MonkeyPatch.context() as mp:  # the ServerApp runs in this process's thread
+        mp.setattr(secagg._MeteredGrid, "send_and_receive", recording)
+        outs = simulate_together(tmp_path_factory.mktemp("sim4"), session_csv, RUNS4,
+                                 ["data.num_clients=4", "engine.num_workers=2"])
+    return session_csv, outs, seen
+
+
+@pytest.fixture(scope="session")
+def sim4(sim4_seen):
     """RUNS4 in one simulation of 4 clients: (the CSV, each run's output folder)."""
-    return session_csv, simulate_together(tmp_path_factory.mktemp("sim4"), session_csv, RUNS4,
-                                         ["data.num_clients=4", "engine.num_workers=2"])
+    return sim4_seen[:2]
+
+
+def server_view(reply) -> dict:
+    """Everything one reply put in the server's hands, copied before the workflow reads it:
+    each record's keys and values (arrays as bytes), by record type."""
+    if reply.has_error():
+        return {"error": reply.error.reason}
+    c = reply.content
+    return {"config": {k: dict(v) for k, v in c.config_records.items()},
+            "metric": {k: dict(v) for k, v in c.metric_records.items()},
+            "array": {k: {n: bytes(a.data) for n, a in v.items()}
+                      for k, v in c.array_records.items()}}
 
 
 @pytest.fixture(scope="session")
@@ -286,6 +321,45 @@ def test_secagg_simulation_gives_the_plain_aggregate_up_to_quantisation(tmp_path
     plain_rows = read_metrics(plain / "metrics.jsonl")
     # the dense masked upload gives up LoRA-A2's sparsity: it costs more than the plain one
     assert rows[0]["upload_bytes"] > plain_rows[0]["upload_bytes"]
+
+
+def test_secagg_server_receives_only_keys_shares_and_masked_vectors(sim4_seen):
+    """What the server is handed under SecAgg+, reply by reply, across every secure round of
+    the simulation (lora-a2, fl-lora, fl-lora + local DP): the protocol's own entries and
+    nothing of ours. A masked vector is uniform over [0, modulus_range) — unmasked, the
+    quantised values would sit in the bottom [0, Q] = [0, 2^22] of the 2^32 range — and
+    the train reply's own records carry no array, the constant SecAgg+ weight 1 instead of the
+    example count, and no metrics (Flower's mod passes them on in the clear)."""
+    _, outs, seen = sim4_seen
+    rounds = sum(len(read_metrics(outs[n] / "metrics.jsonl")) for n in RUNS4 if "secagg" in n)
+    protocol = {"setup": {"pk1", "pk2"}, "share_keys": {"dsts", "ctxts"},
+                "collect_masked_vectors": {"masked_params"}, "unmask": {"nids", "shares"}}
+    by_stage: dict[str, list[dict]] = {}
+    for view in seen:
+        assert "error" not in view, view
+        keys = set(view["config"][secagg.SECAGG_CONFIGS])
+        stage = next(s for s, k in protocol.items() if k == keys)
+        by_stage.setdefault(stage, []).append(view)
+    assert {s: len(v) for s, v in by_stage.items()} == {s: 4 * rounds for s in protocol}
+    for stage, views in by_stage.items():
+        for view in views:
+            if stage != "collect_masked_vectors":  # keys and shares alone
+                assert set(view["config"]) == {secagg.SECAGG_CONFIGS}, view
+                assert view["metric"] == {} and view["array"] == {}
+                continue
+            assert view["config"]["fitres.metrics"] == {}
+            assert view["config"]["fitres.status"] == {"code": 0, "message": ""}
+            assert set(view["config"]) == {secagg.SECAGG_CONFIGS, "fitres.metrics",
+                                           "fitres.status"}
+            assert view["metric"] == {"fitres.num_examples": {"num_examples": 1}}
+            assert all(a == {} for a in view["array"].values())  # the raw vector was cleared
+            # the masked weight factor, then the masked vector x_k
+            v = np.concatenate([bytes_to_ndarray(b).ravel() for b in
+                                view["config"][secagg.SECAGG_CONFIGS]["masked_params"]])
+            assert v.size > 1000 and v.min() >= 0 and v.max() < 2 ** 32
+            # each eighth of the range holds 1/8 of the entries (5 σ of a uniform draw)
+            counts = np.bincount(v // 2 ** 29, minlength=8)
+            assert np.abs(counts / v.size - 1 / 8).max() < 5 * np.sqrt(7 / 64 / v.size), counts
 
 
 def test_secagg_with_local_dp_sums_the_clients_noised_uploads(tmp_path, sim4):
