@@ -84,24 +84,39 @@ def test_weighted_sum_checks_its_arguments_and_accumulates_in_float64():
 @given(st.integers(1, 4), st.sampled_from(["A", "B"]), st.data())
 def test_renormalised_slots_are_the_average_over_the_clients_that_selected_them(clients, factor,
                                                                              data):
+    """Per module and slot: each module has its own selections, so a slot's renormaliser is
+    that module's cover, not another's."""
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 10_000)))
-    r, d = 4, 3
+    r, d, modules = 4, 3, 2
     shape = (d, r) if factor == "B" else (r, d)
-    sels = [torch.rand(1, r, generator=g) < 0.5 for _ in range(clients)]
-    deltas = [_masked(torch.randn(shape, generator=g, dtype=torch.float64), s[0], factor)
-              for s in sels]
+    sels = [torch.rand(modules, r, generator=g) < 0.5 for _ in range(clients)]
+    deltas = [[_masked(torch.randn(shape, generator=g, dtype=torch.float64), s[m], factor)
+               for m in range(modules)] for s in sels]
     sizes = [data.draw(st.integers(1, 20)) for _ in range(clients)]
     w = [n / sum(sizes) for n in sizes]
-    got = aggregate_slots(factor, [[x] for x in deltas], sels, w, renormalize=True)[0]
-    plain = aggregate_slots(factor, [[x] for x in deltas], sels, w)[0]
-    for i in range(r):  # slot by slot, by hand
-        chosen = [k for k in range(clients) if sels[k][0, i]]
-        cover = sum(w[k] for k in chosen)
-        slot = (lambda t: t[:, i]) if factor == "B" else (lambda t: t[i])
-        exact = sum((w[k] * slot(deltas[k]) for k in chosen), torch.zeros(d, dtype=torch.float64))
-        assert torch.allclose(slot(plain), exact, atol=1e-12)
-        assert torch.allclose(slot(got), exact / cover if chosen else exact, atol=1e-12)
-    assert torch.isfinite(got).all()
+    got = aggregate_slots(factor, deltas, sels, w, renormalize=True)
+    plain = aggregate_slots(factor, deltas, sels, w)
+    for m in range(modules):
+        for i in range(r):  # slot by slot, by hand
+            chosen = [k for k in range(clients) if sels[k][m, i]]
+            cover = sum(w[k] for k in chosen)
+            slot = (lambda t: t[:, i]) if factor == "B" else (lambda t: t[i])
+            exact = sum((w[k] * slot(deltas[k][m]) for k in chosen),
+                        torch.zeros(d, dtype=torch.float64))
+            assert torch.allclose(slot(plain[m]), exact, atol=1e-12)
+            assert torch.allclose(slot(got[m]), exact / cover if chosen else exact, atol=1e-12)
+        assert torch.isfinite(got[m]).all()
+
+
+def test_renormalisation_uses_each_modules_own_cover():
+    """Two modules whose slot 0 is covered by different clients: module 1's renormaliser is
+    its own (weight 0.75), not module 0's (0.25)."""
+    s0 = torch.tensor([[True], [False]])  # client 0 selects slot 0 of module 0 only
+    s1 = torch.tensor([[False], [True]])  # client 1 slot 0 of module 1 only
+    d0 = [torch.tensor([[4.0]]), torch.zeros(1, 1)]
+    d1 = [torch.zeros(1, 1), torch.tensor([[8.0]])]
+    out = aggregate_slots("B", [d0, d1], [s0, s1], [0.25, 0.75], renormalize=True)
+    assert out[0].item() == 4.0 and out[1].item() == 8.0
 
 
 def test_aggregation_keeps_the_module_order_and_the_dtype():

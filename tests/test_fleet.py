@@ -86,6 +86,19 @@ def test_close_round_clock():
     assert c.round_s == 4.0
 
 
+def test_a_client_is_offline_with_probability_one_minus_its_availability():
+    """Fleet.offline draws each (seed, round, client) once: over 4,000 rounds a client of
+    availability p is offline in 1 − p of them (5 σ), never at p = 1, always at p = 0."""
+    ps = [1.0, 0.9, 0.3, 0.0]
+    fleet = Fleet([Device(1e9, 10.0, 2.0, p) for p in ps])
+    n = 4000
+    for c, p in enumerate(ps):
+        off = sum(fleet.offline(7, rnd, c) for rnd in range(1, n + 1)) / n
+        assert off == pytest.approx(1 - p, abs=5 * (p * (1 - p) / n) ** 0.5 + 1e-12), (p, off)
+    assert fleet.offline(7, 3, 2) == fleet.offline(7, 3, 2)  # seeded
+    assert [fleet.offline(s, 1, 2) for s in range(40)] != [fleet.offline(7, 1, 2)] * 40
+
+
 def test_fleet_csv_read_and_refused(tmp_path):
     ok = write_fleet(tmp_path / "ok.csv", [(1e9, 10, 2), (2e9, 20, 4, 0.5)])
     assert read_fleet_csv(ok, 2) == [Device(1e9, 10, 2, 1.0), Device(2e9, 20, 4, 0.5)]
