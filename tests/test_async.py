@@ -92,18 +92,19 @@ def test_lora_a2_buffer_of_both_phases_updates_each_factor():
         ["B", "B", "A", "A", "B"]
     state = s.init_state(rt.initial_state())
     state.tensors.update({n: torch.randn(t.shape) * 0.1 for n, t in state.tensors.items()})
-    replies = []
-    for c, rnd in ((0, 1), (1, 3)):  # a B-phase and an A-phase task
+    replies, trained = [], {}
+    for c, rnd, factor in ((0, 1, "B"), (1, 3, "A")):  # a B-phase and an A-phase task
         task = s.configure(rnd, c, state)
         replies.append((task, s.client_update(ctxs[c], task)))
+        trained.update(rt.snapshot(s.layout.names(factor)))  # the factor the client trained
     new, info = s.aggregate_buffer(3, state, replies, [2, 0])
-    w = buffered_weights([u.num_examples for _, u in replies], [2, 0])
-    only_b, _ = s.aggregate(3, state, replies[:1], w[:1])
-    only_a, _ = s.aggregate(3, state, replies[1:], w[1:])
-    for n in s.layout.names("B"):
-        assert torch.equal(new.tensors[n], only_b.tensors[n])
-    for n in s.layout.names("A"):
-        assert torch.equal(new.tensors[n], only_a.tensors[n])
+    # each factor moves by its one reply's change, weighted by hand: s(τ) n_k / Σ n_j
+    n0, n1 = (u.num_examples for _, u in replies)
+    w = {"B": (1 / math.sqrt(3)) * n0 / (n0 + n1), "A": 1.0 * n1 / (n0 + n1)}
+    for factor in ("B", "A"):
+        for n in s.layout.names(factor):
+            want = state.tensors[n].double() + w[factor] * (trained[n] - state.tensors[n]).double()
+            assert torch.allclose(new.tensors[n].double(), want, atol=1e-6), n
     assert sum(info["rank_allocation"].values()) == sum(int(u.slots.numel())
                                                          for _, u in replies)
 
@@ -116,12 +117,17 @@ def test_async_run_buffers_staleness_and_clock(tmp_path, synthetic_csv):
     b = run_cli(tmp_path / "b", *sets, data=synthetic_csv)
     assert lines(a) == lines(b)  # same seed: the same schedule and clock, to the last bit
     clock, arrivals = 0.0, []
-    for r in lines(a):
+    records = lines(a)
+    for r in records:
         assert r["status"] == "ok" and r["num_replies"] == 2 and len(r["staleness"]) == 2
         used = [row for row in r["per_client"] if row.get("num_examples")]
         assert [row["staleness"] for row in used] == r["staleness"]
         for row in used:
             assert row["staleness"] == r["round"] - 1 - row["version"] >= 0
+            # the version a client trained on, found from the clock alone: the aggregations
+            # made by the time it started
+            assert row["version"] == sum(q["sim_time_s"] <= row["sim_start_s"]
+                                         for q in records[:r["round"] - 1])
             assert row["sim_arrival_s"] == pytest.approx(
                 row["sim_start_s"] + row["sim_download_s"] + row["sim_compute_s"]
                 + row["sim_upload_s"], rel=1e-12)

@@ -219,15 +219,33 @@ def test_hetlora_rounds_norm_weighted_padding_and_self_pruning():
                                                       dtype=torch.float64)], 1) for wk, f in zip(w, fac))
         assert torch.allclose(new.tensors[f"{m.name}.A"].double(), exp_a, atol=1e-6)
         assert torch.allclose(new.tensors[f"{m.name}.B"].double(), exp_b, atol=1e-6)
+    # the tail a client reports is Σ_m ‖B[:, t:r] A[t:r]‖_F of the factors it trained
+    # (t = the pruned rank), recomputed here from the model it left behind
+    def tails(trained, replies):
+        out = []
+        for (task, _), fac in zip(replies, trained):
+            r = task.config["rank"]
+            t = pruned_rank(r, 0.5)
+            out.append(sum(float(torch.linalg.matrix_norm(
+                torch.cat([f[1], f[3].double()], 1)[:, t:r]
+                @ torch.cat([f[0], f[2].double()])[t:r])) for f in fac.values()))
+        return out
+
+    for (_, upd), want in zip(replies, tails(trained, replies)):
+        assert upd.meta["tail"] == pytest.approx(want, rel=1e-5) and want > 0
     # round 2: a client prunes exactly when its tail norm fell since round 1
     tails1 = dict(new.extra["tails"])
-    new2, info2, replies2, *_ = run_round(s, rt, ctxs, 2, new)
-    for (task, upd), c in zip(replies2, range(3)):
+    new2, info2, replies2, trained2, *_ = run_round(s, rt, ctxs, 2, new)
+    fell_any = False
+    for (task, upd), c, want in zip(replies2, range(3), tails(trained2, replies2)):
+        assert upd.meta["tail"] == pytest.approx(want, rel=1e-5)
         r = task.config["rank"]
         fell = upd.meta["tail"] < tails1[str(c)]
+        fell_any |= fell
         assert upd.meta["rank"] == (pruned_rank(r, 0.5) if fell else r)
         assert new2.extra["ranks"][str(c)] == upd.meta["rank"]
         assert s.configure(3, c, new2).config["rank"] == upd.meta["rank"]
+    assert fell_any and info2["pruned"] > 0  # the pruning branch ran
 
 
 def test_hetlora_client_weights_are_one_weight_per_client_for_every_module():

@@ -20,11 +20,12 @@ from safetensors.torch import save_file
 
 from lora_a2.cli import main
 from lora_a2.config import load_config
-from lora_a2.engines.local import drops_out, read_eval_reply, run_round
+from lora_a2.engines.local import LocalTransport, drops_out, read_eval_reply, run_round
 from lora_a2.experiment import prepare
 from lora_a2.payload import InvalidPayload, Payload, encode
 from lora_a2.errors import UserError
 from lora_a2.report import read_metrics
+from lora_a2.rounds import run_round as run_round_over
 from lora_a2.runner import check_out_dir, replace_out_dir
 from lora_a2.strategies import ClientContext, Update
 from lora_a2.validation import UploadLimits, receive_upload
@@ -151,6 +152,30 @@ def test_a_bad_evaluation_answer_is_dropped_not_raised(meta):
     assert read_eval_reply(encode(Payload(torch.zeros(0), None, {"client": 0, "metrics": {
         "accuracy": 0.5, "loss": None}})), 0) == {"accuracy": 0.5, "loss": None}
     assert read_eval_reply(encode(Payload(torch.zeros(0), None, meta)), 0) is None
+
+
+# ---------------------------------------------------------------------- bytes on the wire
+@pytest.mark.parametrize("name", ["lora-a2", "fl-lora"])
+def test_recorded_bytes_are_the_lengths_of_what_crossed(synthetic_csv, name):
+    """Each client's download_bytes and upload_bytes are the lengths of the very task and
+    upload bytes the transport carried (recorded here as they crossed), and the round's totals
+    their sums."""
+    seen: dict[int, tuple[int, int]] = {}
+
+    class Recording(LocalTransport):
+        def exchange(self, exp, rnd, tasks, on_client):
+            replies = super().exchange(exp, rnd, tasks, on_client)
+            seen.update({c: (len(tasks[c]), len(replies[c].blob)) for c in tasks})
+            return replies
+
+    exp = tiny_exp(synthetic_csv, f"strategy.name={name}")
+    state = exp.strategy.init_state(exp.runtime.initial_state())
+    _, record = run_round_over(exp, 1, state, Recording(), None)
+    assert sorted(seen) == sorted(record["clients"]) and len(seen) == 4
+    for row in record["per_client"]:
+        assert (row["download_bytes"], row["upload_bytes"]) == seen[row["client"]]
+    assert record["upload_bytes"] == sum(up for _, up in seen.values())
+    assert record["download_bytes"] == sum(down for down, _ in seen.values())
 
 
 # ---------------------------------------------------------------------- dropouts

@@ -88,6 +88,35 @@ def test_lora_a2_round_trip_upload_counts_and_exact_aggregation():
     assert any(state.tensors[n].abs().sum() > 0 for n in rt.layout.names("B"))
 
 
+def test_lora_a2_renormalize_option_averages_each_slot_over_its_selectors():
+    """``strategy.options.renormalize = true`` reaches the aggregate: each slot of B moves by
+    Σ_{k selected it} w_k Δ_k / Σ_{k selected it} w_k, from the clients' trained models."""
+    cfg, s, rt, ctxs = make("lora-a2", budget=1, extra=["strategy.options.renormalize=true"])
+    state = s.init_state(rt.initial_state())
+    replies, deltas, sels = [], [], []
+    for c, ctx in enumerate(ctxs):
+        task = s.configure(1, c, state)
+        upd, _ = wire(s, rt, task, ctx)
+        trained = rt.snapshot(rt.layout.names("B"))
+        deltas.append({n: (trained[n] - state.tensors[n]).double() for n in trained})
+        sels.append(selection_from_ids(upd.slots, rt.layout.num_modules, rt.layout.rank))
+        replies.append((task, upd))
+    new, _ = s.aggregate(1, state, replies)
+    w = [u.num_examples / sum(u.num_examples for _, u in replies) for _, u in replies]
+    partial = 0
+    for m, mod in enumerate(rt.layout.modules):
+        n = f"{mod.name}.B"
+        for j in range(rt.layout.rank):
+            chosen = [k for k in range(len(ctxs)) if sels[k][m, j]]
+            cover = sum(w[k] for k in chosen)
+            partial += 0 < cover < 1 - 1e-9
+            want = (sum(w[k] * deltas[k][n][:, j] for k in chosen) / cover if chosen
+                    else torch.zeros(mod.d_out, dtype=torch.float64))
+            got = (new.tensors[n][:, j] - state.tensors[n][:, j]).double()
+            assert torch.allclose(got, want, atol=1e-6), (n, j)
+    assert partial > 0  # some slot had fewer than all clients: renormalising changed it
+
+
 def test_lora_a2_unselected_slots_of_client_upload_zero_delta():
     cfg, s, rt, ctxs = make("lora-a2", budget=1)
     state = s.init_state(rt.initial_state())
