@@ -12,10 +12,18 @@ pytest.importorskip("flwr")
 
 from types import SimpleNamespace  # noqa: E402
 
+from flwr.server.workflow import SecAggPlusWorkflow  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from lora_a2.checks import load_config  # noqa: E402
 from lora_a2.cli import main  # noqa: E402
+from lora_a2.config.validate import secagg_shares  # noqa: E402
+from lora_a2.errors import UserError  # noqa: E402
 from flwr.common import bytes_to_ndarray  # noqa: E402
 
 from lora_a2.engines import secagg  # noqa: E402
+from lora_a2.engines.secagg import secure_mean  # noqa: E402
 from lora_a2.engines.flower import clientapp  # noqa: E402
 from lora_a2.payload import InvalidPayload  # noqa: E402
 from lora_a2.report import read_metrics  # noqa: E402
@@ -362,6 +370,30 @@ def test_secagg_server_receives_only_keys_shares_and_masked_vectors(sim4_seen):
             assert np.abs(counts / v.size - 1 / 8).max() < 5 * np.sqrt(7 / 64 / v.size), counts
 
 
+def test_secure_mean_divides_by_the_public_weight_and_refuses_a_forged_one():
+    """Three clients x_k = [(n_k/S) v_k, n_k/S], S = 40: the mean is Σ n_k v_k / Σ n_k. A
+    fourth, malicious client whose weight entry cancels the others' (every entry within the
+    clipping range) would make the sum's weight ≈ 0 and the mean explode: refused, with the
+    reason. Quantisation noise within n·2c/Q of the public weight is accepted."""
+    g = np.random.default_rng(0)
+    n, S = np.array([10, 30, 40]), 40.0
+    v = g.normal(size=(3, 5))
+    x = np.hstack([(n / S)[:, None] * v, (n / S)[:, None]])
+    public = float(n.sum() / S)
+    want = (n[:, None] * v).sum(0) / n.sum()
+    mean, reason = secure_mean(x.sum(0), public, 3, 8.0, 4194304)
+    assert reason is None and np.allclose(mean.numpy(), want, atol=1e-12)
+    step = 2 * 8.0 / 4194304
+    noisy = x.sum(0) + np.r_[np.zeros(5), 2.9 * step]  # within the quantisation error
+    assert secure_mean(noisy, public, 3, 8.0, 4194304)[1] is None
+    forged = np.r_[np.full(5, 7.9), -public + 1e-6]  # |entries| ≤ c = 8
+    total = x.sum(0) + forged
+    mean, reason = secure_mean(total, public + 0.0, 4, 8.0, 4194304)
+    assert mean is None and "weight entry is 1e-06" in reason and "malformed" in reason
+    # what dividing by the sent weight would have given: a mean a million times too large
+    assert np.abs(total[:-1] / total[-1]).max() > 1e6
+
+
 def test_secagg_with_local_dp_sums_the_clients_noised_uploads(tmp_path, sim4):
     """SecAgg+ + local DP: each client noises its upload before it is masked, so the unmasked
     sum is the local engine's local-DP aggregate (the same seeded noise) up to quantisation,
@@ -406,11 +438,41 @@ def test_secagg_survives_a_client_that_drops_out(tmp_path, synthetic_csv, monkey
       "privacy.epsilon=8", "privacy.mode=central"], "central DP"),
     (["secagg.enabled=true", "engine.name=flower", "secagg.modulus_range=1000"],
      "secagg.modulus_range"),
+    (["secagg.enabled=true", "engine.name=flower", "secagg.modulus_range=5000000000"],
+     "must be a power of 2"),
+    (["secagg.enabled=true", "engine.name=flower", "secagg.num_shares=2"],
+     "must be an integer ≥ 3"),
+    (["secagg.enabled=true", "engine.name=flower", "secagg.num_shares=3",
+      "secagg.reconstruction_threshold=3"], "must be less than secagg.num_shares (3)"),
 ])
 def test_bad_secagg_config_is_one_line_exit_2(capsys, sets, needle):
     assert main(["config", "--set", *sets]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err, err
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.one_of(st.integers(1, 8), st.sampled_from([0.1, 0.25, 0.5, 0.75, 1.0])),
+       st.one_of(st.integers(1, 8), st.sampled_from([0.1, 0.5, 0.9, 1.0])),
+       st.integers(2, 8), st.sampled_from([2 ** 30, 2 ** 32, 3 * 2 ** 30]))
+def test_a_secagg_config_we_accept_is_one_flower_accepts(shares, threshold, clients, modulus):
+    """Every SecAgg+ setting the config check lets through builds Flower's workflow (its own
+    checks run in the constructor) and gives the shares Flower will use; any it refuses is a
+    one-line config error, never a traceback in the first round."""
+    sets = ["secagg.enabled=true", "engine.name=flower", f"data.num_clients={clients}",
+            f"secagg.num_shares={shares}", f"secagg.reconstruction_threshold={threshold}",
+            f"secagg.modulus_range={modulus}", "secagg.quantization_range=1024"]
+    try:
+        load_config(None, sets)
+    except UserError:
+        return
+    a = load_config(None, sets).secagg
+    SecAggPlusWorkflow(num_shares=int(a.num_shares) if a.num_shares > 1 else float(a.num_shares),
+                       reconstruction_threshold=int(a.reconstruction_threshold)
+                       if a.reconstruction_threshold > 1 else float(a.reconstruction_threshold),
+                       max_weight=1.0, clipping_range=8.0, quantization_range=1024,
+                       modulus_range=modulus)
+    assert 2 <= secagg_shares(a.num_shares, clients) <= clients
 
 
 @pytest.mark.parametrize("args,needle", [(["--busy", "-1"], "--busy must be ≥ 0"),

@@ -327,9 +327,9 @@ class SecAggConfig:
     """Secure aggregation with Flower's SecAgg+ (engine.name = "flower" only): the server learns
     only the sum of the clients' (dense, quantised) updates; see docs/PRIVACY.md."""
     num_shares: float = 1.0
-    """SecAgg+ shares per client: an int ≥ 2, or a fraction (0, 1] of the round's clients."""
+    """SecAgg+ shares per client: an int ≥ 3, or a fraction (0, 1] of the round's clients."""
     reconstruction_threshold: float = 0.5
-    """Shares needed to unmask: an int ≥ 2 (≤ num_shares), or a fraction of num_shares. A
+    """Shares needed to unmask: an int ≥ 2 (< num_shares), or a fraction of num_shares. A
     round survives dropouts as long as every client keeps this many live neighbours."""
     clipping_range: float = 8.0
     """Each entry of a client's secured vector must lie in [−c, c] (SecAgg+ clips silently;
@@ -337,7 +337,7 @@ class SecAggConfig:
     quantization_range: int = 4194304
     """Q: entries are quantised to Q levels over [−c, c] (step 2c/Q) before masking."""
     modulus_range: int = 4294967296
-    """M: masked vectors live in Z_M; needs clients_per_round · Q < M."""
+    """M: masked vectors live in Z_M; a power of 2 with clients_per_round · Q < M."""
     timeout_s: float = 0.0
     """Seconds to wait for the replies of each SecAgg+ stage; 0 = engine.round_timeout_s."""
 

@@ -272,11 +272,18 @@ def _validate_secagg(cfg: Config) -> None:
     require(not (cfg.privacy.mechanism != "none" and cfg.privacy.mode == "central"),
              "secagg.enabled", "cannot be combined with central DP: the server never sees an "
              "upload to clip; use privacy.mode = 'local' (distributed noise)", a.enabled)
-    require(a.num_shares > 0 and (a.num_shares <= 1 or float(a.num_shares).is_integer()),
-             "secagg.num_shares", "must be an integer ≥ 2 or a fraction in (0, 1]", a.num_shares)
+    # Flower's own rules (SecAggPlusWorkflow._check_init_params), checked here so that a
+    # value it would refuse is a config error, not a traceback in the first round
+    require(a.num_shares > 0 and (a.num_shares <= 1 or (float(a.num_shares).is_integer()
+                                                        and a.num_shares >= 3)),
+             "secagg.num_shares", "must be an integer ≥ 3 or a fraction in (0, 1]", a.num_shares)
     t = a.reconstruction_threshold
     require(t > 0 and (t <= 1 or float(t).is_integer()), "secagg.reconstruction_threshold",
              "must be an integer ≥ 2 or a fraction in (0, 1]", t)
+    require(t <= 1 or a.num_shares <= 1 or t < a.num_shares, "secagg.reconstruction_threshold",
+            f"must be less than secagg.num_shares ({a.num_shares:g})", t)
+    m = a.modulus_range
+    require(m > 0 and m & (m - 1) == 0, "secagg.modulus_range", "must be a power of 2", m)
     require(a.clipping_range > 0, "secagg.clipping_range", "must be > 0", a.clipping_range)
     require(a.quantization_range >= 2, "secagg.quantization_range", "must be ≥ 2",
              a.quantization_range)
@@ -285,7 +292,7 @@ def _validate_secagg(cfg: Config) -> None:
         return  # the rest is checked on the resolved config, once the partition is drawn
     n = clients_per_round(cfg)
     require(n >= 2, "secagg.enabled", "needs at least 2 clients per round", a.enabled)
-    shares = a.num_shares if a.num_shares > 1 else max(1, round(a.num_shares * n))
+    shares = secagg_shares(a.num_shares, n)
     require(shares <= n, "secagg.num_shares",
              f"must not exceed the clients per round ({n})", a.num_shares)
     require(t <= 1 or t <= min(shares, n), "secagg.reconstruction_threshold",
@@ -294,6 +301,19 @@ def _validate_secagg(cfg: Config) -> None:
     require(n * a.quantization_range < a.modulus_range, "secagg.modulus_range",
              f"must exceed clients per round × quantization_range ({n * a.quantization_range})"
              f" or the masked sum wraps around", a.modulus_range)
+
+
+def secagg_shares(num_shares: float, clients: int) -> int:
+    """The shares each SecAgg+ client makes of its secrets in a round of ``clients``, as
+    Flower's workflow derives them (``SecAggPlusWorkflow.setup_stage``): an integer as given;
+    a fraction of the clients rounded, made odd when below ``clients``, and all of them when
+    that leaves ≤ 2."""
+    if num_shares > 1:
+        return int(num_shares)
+    shares = round(num_shares * clients)
+    if shares < clients and shares % 2 == 0:
+        shares += 1
+    return clients if shares <= 2 else shares
 
 
 def clients_known(cfg: Config) -> bool:

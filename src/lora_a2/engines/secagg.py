@@ -57,7 +57,8 @@ class SecureResult:
     down_bytes: int = 0
     up_bytes: int = 0
     stages: dict[str, list[int]] = field(default_factory=dict)  # stage → [down, up] bytes
-    weight_sum: float = 0.0
+    weight_sum: float = 0.0  # the unmasked sum's weight entry, as the clients sent it
+    reason: str | None = None  # why a completed protocol gave no mean
 
 
 def weight_scale(exp) -> float:
@@ -157,10 +158,31 @@ class _MeteredGrid:
         return replies
 
 
+def secure_mean(total: np.ndarray, public_weight: float, clients: int, clip: float,
+                quantization_range: int) -> tuple[torch.Tensor | None, str | None]:
+    """The data-weighted mean Σ_k n_k v_k / Σ_k n_k from the unmasked sum Σ_k x_k of
+    ``clients`` vectors x_k = [(n_k/S) v_k, n_k/S]; (None, reason) when its last entry is not
+    ``public_weight`` = Σ_k n_k/S, which the server computes from the public partition.
+
+    Clipping bounds each entry of a client's vector, but not the sign of its weight entry: a
+    client that sends minus the others' weights would drive the sum's weight to ≈ 0 and the
+    mean to any size. The entry may differ from the public value only by the quantisation
+    error, at most ``clients`` · 2c/Q (doubled here for the float arithmetic around it); the
+    mean then divides by the public value, not the one the clients sent."""
+    tolerance = 2 * clients * 2 * clip / quantization_range
+    got = float(total[-1])
+    if not (public_weight > 0 and abs(got - public_weight) <= tolerance):
+        return None, (f"the secure sum's weight entry is {got:.6g}, not the survivors' public "
+                      f"Σ n_k/S = {public_weight:.6g} (± {tolerance:.2g}): a client sent a "
+                      f"malformed vector")
+    return torch.from_numpy(np.asarray(total[:-1], dtype=np.float64) / public_weight), None
+
+
 def run_secure_round(grid, cfg, rnd: int, blobs: dict[int, bytes], node_of: dict[int, int],
-                     config_toml: str, measure) -> SecureResult:
+                     config_toml: str, measure, weights: dict[int, float]) -> SecureResult:
     """Run SecAgg+ over the clients in ``blobs`` (client id → encoded task); return the
-    weighted mean of their vectors, or ``mean=None`` when the protocol halted."""
+    weighted mean of their vectors, or ``mean=None`` when the protocol halted or the sum's
+    weight is not the survivors' public one (``weights``: client id → n_k/S)."""
     from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
     from flwr.server.compat.grid_client_proxy import GridClientProxy
     from flwr.server.compat.legacy_context import LegacyContext
@@ -217,6 +239,6 @@ def run_secure_round(grid, cfg, rnd: int, blobs: dict[int, bytes], node_of: dict
         return SecureResult(None, [], down, up, metered.stages)
     survivors = out["survivors"]
     total = np.asarray(out["mean_of_x"], dtype=np.float64) * len(survivors)  # Σ_k x_k
-    weight_sum = float(total[-1])
-    mean = torch.from_numpy(total[:-1] / weight_sum) if weight_sum > 0 else None
-    return SecureResult(mean, survivors, down, up, metered.stages, weight_sum)
+    mean, reason = secure_mean(total, sum(weights[c] for c in survivors), len(survivors),
+                               float(a.clipping_range), int(a.quantization_range))
+    return SecureResult(mean, survivors, down, up, metered.stages, float(total[-1]), reason)

@@ -13,7 +13,7 @@ from ...config import Config
 from ...payload import InvalidPayload
 from ...rounds import Reply, RoundPlan, Transport, round_record, run_round
 from ...messages import ServerState
-from ..secagg import run_secure_round
+from ..secagg import run_secure_round, weight_scale
 from .records import CONFIG_RECORD, message_bytes, pack, timing_of, unpack
 
 log = logging.getLogger(__name__)
@@ -149,8 +149,12 @@ class FlowerRounds(Transport):
         """The round under SecAgg+ (``secagg.enabled``; :mod:`lora_a2.engines.secagg`): the
         server gets only the weighted mean of the clients' dense vectors."""
         cfg, strategy = exp.cfg, exp.strategy
+        scale = weight_scale(exp)  # n_k / S from the public partition, as each client sends
         result = run_secure_round(self.grid, cfg, plan.rnd, plan.blobs, self.node_of,
-                                  self.config_toml, message_bytes)
+                                  self.config_toml, message_bytes,
+                                  {c: len(exp.client_train[c]) / scale for c in plan.blobs})
+        if result.reason is not None:
+            plan.failures.append(result.reason)
         survivors = set(result.survivors)
         for c in plan.blobs:
             row = plan.per_client[c]
