@@ -27,7 +27,7 @@ from lora_a2.engines.secagg import secure_mean  # noqa: E402
 from lora_a2.engines.flower import clientapp  # noqa: E402
 from lora_a2.payload import InvalidPayload  # noqa: E402
 from lora_a2.report import read_metrics  # noqa: E402
-from lora_a2.strategies import Task  # noqa: E402
+from lora_a2.strategies import REGISTRY, Task  # noqa: E402
 
 from conftest import tiny_setup  # noqa: E402
 
@@ -434,6 +434,10 @@ def test_secagg_survives_a_client_that_drops_out(tmp_path, synthetic_csv, monkey
      "secagg.reconstruction_threshold"),
     (["secagg.enabled=true", "engine.name=flower", "strategy.name=fedex-lora"],
      "cannot be securely aggregated"),
+    (["secagg.enabled=true", "engine.name=flower", "strategy.name=fedsa-lora"],
+     "cannot be securely aggregated"),
+    (["secagg.enabled=true", "engine.name=flower", "server.max_update_norm=5"],
+     "cannot be enforced under secagg.enabled"),
     (["secagg.enabled=true", "engine.name=flower", "privacy.mechanism=gaussian",
       "privacy.epsilon=8", "privacy.mode=central"], "central DP"),
     (["secagg.enabled=true", "engine.name=flower", "secagg.modulus_range=1000"],
@@ -449,6 +453,17 @@ def test_bad_secagg_config_is_one_line_exit_2(capsys, sets, needle):
     assert main(["config", "--set", *sets]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_a_personalised_strategy_is_refused_under_secagg_whatever_it_declares(monkeypatch,
+                                                                             capsys):
+    """A personalised strategy (a plugin's, say) that declares secure aggregation would still
+    send every client's evaluation in the clear: refused by the config check."""
+    monkeypatch.setattr(REGISTRY["fedsa-lora"], "secure_aggregation", True)
+    assert main(["config", "--set", "secagg.enabled=true", "engine.name=flower",
+                 "strategy.name=fedsa-lora"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is personalised" in err, err
 
 
 @settings(max_examples=150, deadline=None)

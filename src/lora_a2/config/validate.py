@@ -272,6 +272,10 @@ def _validate_secagg(cfg: Config) -> None:
     require(not (cfg.privacy.mechanism != "none" and cfg.privacy.mode == "central"),
              "secagg.enabled", "cannot be combined with central DP: the server never sees an "
              "upload to clip; use privacy.mode = 'local' (distributed noise)", a.enabled)
+    require(cfg.server.max_update_norm == 0, "server.max_update_norm",
+            "cannot be enforced under secagg.enabled: the server never sees an upload to "
+            "measure (SecAgg+ bounds each entry by secagg.clipping_range instead); set it to 0",
+            cfg.server.max_update_norm)
     # Flower's own rules (SecAggPlusWorkflow._check_init_params), checked here so that a
     # value it would refuse is a config error, not a traceback in the first round
     require(a.num_shares > 0 and (a.num_shares <= 1 or (float(a.num_shares).is_integer()

@@ -177,6 +177,12 @@ def check_config(cfg: Config) -> None:
         raise UserError(f"config key 'secagg.enabled' strategy '{s.name}' cannot be securely "
                         f"aggregated (its aggregate is not a weighted sum of one dense vector "
                         f"per client), got True")
+    if cfg.secagg.enabled and cls.personalized:
+        # whatever it declares: each client's evaluation answer would reach the server in the
+        # clear every round, beside the masked sum
+        raise UserError(f"config key 'secagg.enabled' strategy '{s.name}' is personalised: its "
+                        f"clients send their own models' evaluation in the clear, which SecAgg+ "
+                        f"does not hide, got True")
     if s.rank_budget == "auto" and not cls.budget_sized_upload:
         sized = sorted(n for n in names if REGISTRY[n].budget_sized_upload)
         raise UserError(f"config key 'strategy.rank_budget' 'auto' needs a strategy whose upload "
