@@ -4,6 +4,7 @@ engine, node failures, and SecAgg+. The Deployment Engine is tests/test_flower_d
 from __future__ import annotations
 
 import json
+import tomllib
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ pytest.importorskip("flwr")
 from types import SimpleNamespace  # noqa: E402
 
 from flwr.server.workflow import SecAggPlusWorkflow  # noqa: E402
+from flwr.superlink.grid.inmemory_grid import InMemoryGrid  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -25,6 +27,7 @@ from flwr.common import bytes_to_ndarray  # noqa: E402
 from lora_a2.engines import secagg  # noqa: E402
 from lora_a2.engines.secagg import secure_mean  # noqa: E402
 from lora_a2.engines.flower import clientapp  # noqa: E402
+from lora_a2.engines.flower.records import CONFIG_RECORD  # noqa: E402
 from lora_a2.payload import InvalidPayload  # noqa: E402
 from lora_a2.report import read_metrics  # noqa: E402
 from lora_a2.strategies import REGISTRY, Task  # noqa: E402
@@ -69,18 +72,19 @@ RUNS3 = {**{f"dp{i}": ["train.rounds=2", f"strategy.name={s}", *p]
 @pytest.fixture(scope="session")
 def sim4_seen(tmp_path_factory, session_csv):
     """RUNS4 in one simulation of 4 clients: (the CSV, each run's output folder, and every
-    SecAgg+ reply the server received, as :func:`server_view` saw it)."""
+    reply the server received from any node, with what it had asked: :func:`server_view`)."""
     seen: list[dict] = []
-    receive = secagg._MeteredGrid.send_and_receive
+    receive = InMemoryGrid.send_and_receive
 
     def recording(self, messages, timeout=None):
         messages = list(messages)
-        replies = receive(self, messages, timeout=timeout)
-        seen.extend(server_view(r) for r in replies)
+        asked = {m.metadata.dst_node_id: request_view(m) for m in messages}
+        replies = list(receive(self, messages, timeout=timeout))
+        seen.extend({**server_view(r), "asked": asked[r.metadata.src_node_id]} for r in replies)
         return replies
 
     with pytest.MonkeyPatch.context() as mp:  # the ServerApp runs in this process's thread
-        mp.setattr(secagg._MeteredGrid, "send_and_receive", recording)
+        mp.setattr(InMemoryGrid, "send_and_receive", recording)
         outs = simulate_together(tmp_path_factory.mktemp("sim4"), session_csv, RUNS4,
                                  ["data.num_clients=4", "engine.num_workers=2"])
     return session_csv, outs, seen
@@ -90,6 +94,15 @@ def sim4_seen(tmp_path_factory, session_csv):
 def sim4(sim4_seen):
     """RUNS4 in one simulation of 4 clients: (the CSV, each run's output folder)."""
     return sim4_seen[:2]
+
+
+def request_view(msg) -> dict:
+    """What the server asked a node: the message type, whether it is a SecAgg+ stage, and the
+    experiment's config (TOML) when the message carries one."""
+    c = msg.content.config_records
+    config = c.get(CONFIG_RECORD, c.get("fitins.config", {})).get("config")
+    return {"type": msg.metadata.message_type, "secagg_stage": secagg.SECAGG_CONFIGS in c,
+            "config": tomllib.loads(config) if isinstance(config, str) else None}
 
 
 def server_view(reply) -> dict:
@@ -332,9 +345,10 @@ def test_secagg_simulation_gives_the_plain_aggregate_up_to_quantisation(tmp_path
 
 
 def test_secagg_server_receives_only_keys_shares_and_masked_vectors(sim4_seen):
-    """What the server is handed under SecAgg+, reply by reply, across every secure round of
-    the simulation (lora-a2, fl-lora, fl-lora + local DP): the protocol's own entries and
-    nothing of ours. A masked vector is uniform over [0, modulus_range) — unmasked, the
+    """What the server is handed under SecAgg+, reply by reply, from every node, across every
+    secure round of the simulation (lora-a2, fl-lora, fl-lora + local DP): the nodes' partition
+    ids, then the protocol's own entries and nothing of ours — no plain train or evaluate
+    message is ever sent for a SecAgg+ experiment. A masked vector is uniform over [0, modulus_range) — unmasked, the
     quantised values would sit in the bottom [0, Q] = [0, 2^22] of the 2^32 range — and
     the train reply's own records carry no array, the constant SecAgg+ weight 1 instead of the
     example count, and no metrics (Flower's mod passes them on in the clear)."""
@@ -345,10 +359,21 @@ def test_secagg_server_receives_only_keys_shares_and_masked_vectors(sim4_seen):
     by_stage: dict[str, list[dict]] = {}
     for view in seen:
         assert "error" not in view, view
+        asked = view["asked"]
+        if not asked["secagg_stage"]:
+            if asked["type"] == "query":  # which partition a node holds, nothing else
+                assert set(view["config"]) == {CONFIG_RECORD} and view["array"] == {}
+                assert set(view["config"][CONFIG_RECORD]) <= {"partition-id", "num-partitions"}
+            else:  # a plain train or evaluate message: only ever for an experiment without
+                assert not asked["config"]["secagg"]["enabled"], asked  # SecAgg+
+            continue
         keys = set(view["config"][secagg.SECAGG_CONFIGS])
         stage = next(s for s, k in protocol.items() if k == keys)
         by_stage.setdefault(stage, []).append(view)
     assert {s: len(v) for s, v in by_stage.items()} == {s: 4 * rounds for s in protocol}
+    # the recorder saw every reply of the simulation, the plain runs' too
+    plain = [v["asked"]["type"] for v in seen if not v["asked"]["secagg_stage"]]
+    assert plain.count("query") >= 4 and plain.count("train") >= 4 * 2
     for stage, views in by_stage.items():
         for view in views:
             if stage != "collect_masked_vectors":  # keys and shares alone
