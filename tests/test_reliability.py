@@ -356,6 +356,27 @@ def test_bad_data_files(tmp_path, capsys, content, needle):
     assert needle in err and err.count("\n") == 0, err
 
 
+def test_a_file_system_refusal_is_one_line_exit_2(monkeypatch, capsys):
+    """A path the file system refuses (a folder the user may not enter, a name too long)
+    anywhere below a command: one line naming the path, exit 2, no traceback."""
+    import lora_a2.cli as cli
+
+    def refused(_):
+        raise PermissionError(13, "Permission denied", "/root/data.csv")
+
+    monkeypatch.setattr(cli, "_cmd_config", refused)
+    assert main(["config"]) == 2
+    assert capsys.readouterr().err.strip() == "lora-a2: error: /root/data.csv: Permission denied"
+
+
+def test_json_output_is_checked_for_writing_before_measuring(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "audit.json"
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)
+    assert main(["audit-privacy", "--quick", "--json", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"lora-a2: error: --json: '{tmp_path}' is not writable", err
+
+
 def test_resume_misuse(tmp_path, capsys):
     assert main(["run", "--resume", str(tmp_path / "none")]) == 2
     assert "no config.toml" in capsys.readouterr().err
@@ -391,6 +412,21 @@ def test_overwrite_deletes_only_a_run_folder_and_only_once_the_new_run_can_start
                 args=("--overwrite",))
         assert "current directory" in capsys.readouterr().err
     assert (home / "config.toml").exists() and (home / "sub" / "config.toml").exists()
+
+    # a run's folder that holds the run's own config file or data: kept
+    proj = run_cli(tmp_path / "proj", "train.rounds=1", data=synthetic_csv, base=TINY)
+    (proj / "my.toml").write_text("seed = 3\n")
+    (proj / "my.csv").write_bytes(synthetic_csv.read_bytes())
+    kept = _snapshot(proj)
+    assert main(["run", "--quiet", "--overwrite", "--out", str(proj), "-c", str(proj / "my.toml"),
+                 "--set", f"data.name=csv:{synthetic_csv}", *[x for s in TINY for x in
+                                                            ("--set", s)]]) == 2
+    assert "which this run reads" in capsys.readouterr().err
+    run_cli(proj, "train.rounds=1", data=proj / "my.csv", base=TINY, code=2,
+            args=("--overwrite",))
+    err = capsys.readouterr().err
+    assert "which this run reads" in err and "my.csv" in err
+    assert _snapshot(proj) == kept
 
     old = run_cli(tmp_path / "old", "train.rounds=1", data=synthetic_csv, base=TINY)
     before = _snapshot(old)

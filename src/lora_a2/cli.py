@@ -132,9 +132,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .checks import load_config
     from .config import split_sets
     from .launch import run
-    from .runner import resume_config
+    from .runner import check_out_dir, resume_config
 
-    if args.resume:
+    if args.resume is not None:
         if args.config or args.set or args.out or args.overwrite:
             raise UserError("--resume DIR continues a run with its own config; "
                             "do not combine it with --config, --set, --out or --overwrite")
@@ -144,6 +144,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, split_sets(args.set))
     out = Path(args.out) if args.out else Path("runs") / (
         time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.strategy.name}")
+    if args.config:  # the config file is an input the run's folder must not hold either
+        check_out_dir(out, args.overwrite, [Path(args.config)])
     run(cfg, out, overwrite=args.overwrite, progress=not args.quiet, console=True)
     return 0
 
@@ -241,6 +243,8 @@ def _json_out(path: str | None) -> Path | None:
         raise UserError(f"--json expects a file name; '{path}' is a folder")
     if not out.parent.is_dir():
         raise UserError(f"--json: folder '{out.parent}' does not exist")
+    if not os.access(out if out.exists() else out.parent, os.W_OK):
+        raise UserError(f"--json: '{out if out.exists() else out.parent}' is not writable")
     return out
 
 
@@ -376,6 +380,12 @@ def main(argv: list[str] | None = None) -> int:
         # end quietly, with stdout pointed away so the interpreter's final flush cannot fail.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as e:
+        # the file system said no (a folder it may not enter, a name too long, a full disk):
+        # one line naming the path, as for any other bad input
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"lora-a2: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

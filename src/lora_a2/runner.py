@@ -16,6 +16,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from .checkpoint import load_checkpoint, load_client_stores, save_checkpoint
@@ -36,10 +37,23 @@ from .reporters import RunStart, build_reporters
 from .strategies import REGISTRY
 
 
-def check_out_dir(out: Path, overwrite: bool) -> Path:
+def config_inputs(cfg: Config) -> list[Path]:
+    """The local files and folders ``cfg`` reads: a data file (``csv:``/``json:``/``parquet:``),
+    a fleet CSV, a model folder."""
+    kind, _, rest = cfg.data.name.partition(":")
+    paths = [rest] if kind in ("csv", "json", "parquet") and rest else []
+    if cfg.fleet.profile.startswith("csv:"):
+        paths.append(cfg.fleet.profile[4:])
+    if Path(cfg.model.name).exists():
+        paths.append(cfg.model.name)
+    return [Path(p) for p in paths]
+
+
+def check_out_dir(out: Path, overwrite: bool, inputs: Sequence[Path] = ()) -> Path:
     """Refuse, before anything is loaded or deleted, an ``out`` a new run may not use: a file,
     a non-empty folder without ``overwrite``, and with it one that is not a run's folder (no
-    ``config.toml``) or that holds the current directory or the home folder."""
+    ``config.toml``), that holds the current directory or the home folder, or that holds one
+    of the run's own ``inputs`` (its config file, data, fleet CSV or model)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"output path '{out}' exists and is not a directory")
@@ -54,13 +68,18 @@ def check_out_dir(out: Path, overwrite: bool) -> Path:
         if not (out / "config.toml").is_file():
             raise UserError(f"--overwrite replaces only a run's folder, and '{out}' holds no "
                             f"config.toml; remove it yourself or choose another --out")
+        for path in inputs:
+            p = Path(path).resolve()
+            if p == here or here in p.parents:
+                raise UserError(f"--overwrite would delete '{path}', which this run reads, "
+                                f"inside '{out}'; choose another --out")
     return out
 
 
-def replace_out_dir(out: Path, overwrite: bool) -> Path:
+def replace_out_dir(out: Path, overwrite: bool, inputs: Sequence[Path] = ()) -> Path:
     """Empty ``out`` and create it, checking it again first (:func:`check_out_dir`): another
     run may have started writing there while this one loaded its model."""
-    check_out_dir(out, overwrite)
+    check_out_dir(out, overwrite, inputs)
     try:
         if out.exists() and any(out.iterdir()):
             shutil.rmtree(out)
@@ -138,10 +157,10 @@ def run_experiment(cfg: Config, out: Path, *, overwrite: bool = False, progress:
         out = Path(out)
         check_same_config(cfg, resume_config(out), out)
     else:  # a bad --out is refused before the model loads; the old run is deleted only after
-        out = check_out_dir(out, overwrite)
+        out = check_out_dir(out, overwrite, config_inputs(cfg))
     exp = exp if exp is not None else prepare(cfg)  # a bad model or data source fails here
     if not resume:
-        replace_out_dir(out, overwrite)
+        replace_out_dir(out, overwrite, config_inputs(cfg))
         atomic_write_text(out / "config.toml", cfg.to_toml())
         if warning := rebuildable_noise_warning(cfg):  # a new run, once its folder is set up
             print(f"lora-a2: warning: {warning}", file=sys.stderr)
