@@ -306,7 +306,7 @@ def test_cell_locks_let_workers_share_a_grid(tmp_path):
     import subprocess
     import sys
 
-    from lora_a2.bench.locks import release_lock, take_lock
+    from lora_a2.locks import release_lock, take_lock
 
     out = tmp_path / "g"
     cells = out / "cells"
@@ -700,7 +700,7 @@ def test_aggregation_waits_for_another_process_writing_the_tables(tmp_path):
     import threading
 
     from lora_a2.bench import aggregate
-    from lora_a2.bench.locks import exclusive
+    from lora_a2.locks import exclusive
 
     grid = load_grid("smoke")
     cells = expand(grid, smoke=True)

@@ -19,8 +19,8 @@ the next one from its finished cells (and from the last finished round of the ce
 running). ``OUT/results.json``, ``OUT/table.md`` and ``OUT/plots/`` aggregate all finished cells.
 
 The package, one concept per module: :mod:`~lora_a2.bench.grid` (grid files and their cells),
-:mod:`~lora_a2.bench.cells` (a cell's run), :mod:`~lora_a2.bench.locks` (a cell's lock, held
-while it runs), :mod:`~lora_a2.bench.status` (cell status — stale finished cells too —,
+:mod:`~lora_a2.bench.cells` (a cell's run, holding its lock from :mod:`lora_a2.locks` while it
+runs), :mod:`~lora_a2.bench.status` (cell status — stale finished cells too —,
 listing, time left), :mod:`~lora_a2.bench.workers` (running a grid with one or several
 worker processes) and :mod:`~lora_a2.bench.tables` (results.json, table.md and plots).
 """

@@ -12,7 +12,7 @@ from ..checks import load_config
 from ..errors import UserError
 from ..report import atomic_write_text
 from .grid import Cell, _to_sets
-from .locks import release_lock, take_lock
+from ..locks import release_lock, take_lock
 from .status import read_cell_summary, stale
 
 

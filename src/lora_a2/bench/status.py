@@ -11,7 +11,7 @@ from ..checks import load_config
 from ..config import differences
 from ..errors import UserError
 from .grid import Cell, _to_sets, expand, load_grid, select
-from .locks import lock_held
+from ..locks import lock_held
 
 #: what every finished cell's summary.json has (the tables read them all)
 SUMMARY_KEYS = {"total_upload_bytes", "total_download_bytes", "total_upload_params", "wall_s"}

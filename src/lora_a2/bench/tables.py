@@ -12,7 +12,7 @@ from ..report import atomic_write_text
 from ..tasks import TASKS
 from ..tasks import load_all as load_tasks
 from .grid import Cell
-from .locks import exclusive
+from ..locks import exclusive
 from .status import read_cell_summary, stale
 
 

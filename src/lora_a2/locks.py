@@ -1,4 +1,6 @@
-"""A grid cell's lock, ``cells/<cell>.lock``, held by the worker that runs the cell.
+"""Locks between lora-a2 processes: a grid cell's, ``cells/<cell>.lock``, held by the bench
+worker that runs the cell, and a run folder's, ``<out>/.lock``, held by the process running in
+it (:func:`folder_lock`).
 
 A worker holds ``cells/<cell>.lock`` while it runs the cell, so several ``lora-a2 bench``
 processes (terminals, machines sharing the folder) can work through one grid together: each
