@@ -24,6 +24,7 @@ from lora_a2.engines.local import LocalTransport, drops_out, read_eval_reply, ru
 from lora_a2.experiment import prepare
 from lora_a2.payload import InvalidPayload, Payload, encode
 from lora_a2.errors import UserError
+from lora_a2.locks import RUN_LOCK
 from lora_a2.report import read_metrics
 from lora_a2.rounds import run_round as run_round_over
 from lora_a2.runner import check_out_dir, replace_out_dir
@@ -375,6 +376,34 @@ def test_json_output_is_checked_for_writing_before_measuring(tmp_path, monkeypat
     assert main(["audit-privacy", "--quick", "--json", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"lora-a2: error: --json: '{tmp_path}' is not writable", err
+
+
+def test_a_run_folder_in_use_is_refused_to_a_second_process(tmp_path, synthetic_csv, capsys):
+    """While one process holds a run folder's lock (here: a child process that took it), a
+    resume or an --overwrite of that folder is one line, exit 2, and the folder is untouched;
+    once the holder is gone (killed: the kernel drops the lock), the resume goes ahead."""
+    out = run_cli(tmp_path / "r", "train.rounds=1", data=synthetic_csv, base=TINY)
+    assert not (out / RUN_LOCK).exists()  # released at the end of the run
+    (out / "summary.json").unlink()  # as if it had been stopped before its summary
+    before = _snapshot(out)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from lora_a2.locks import take_lock; "
+         f"assert take_lock(__import__('pathlib').Path({str(out / RUN_LOCK)!r})) is not None; "
+         "print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(["run", "--quiet", "--resume", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "is in use by another lora-a2 process" in err and err.count("\n") == 0, err
+        run_cli(out, "train.rounds=1", data=synthetic_csv, base=TINY, code=2,
+                args=("--overwrite",))
+        assert "while another lora-a2 process runs in it" in capsys.readouterr().err
+        assert {k: v for k, v in _snapshot(out).items() if k != RUN_LOCK} == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(["run", "--quiet", "--resume", str(out)]) == 0
+    assert (out / "summary.json").exists() and not (out / RUN_LOCK).exists()
 
 
 def test_resume_misuse(tmp_path, capsys):

@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from .errors import UserError
+
 try:
     import fcntl
 except ImportError:  # not POSIX
@@ -124,6 +126,27 @@ def _take_lock_file(path: Path, me: str) -> bool:
             f.write(me)
         return True
     return False
+
+
+#: a run folder's lock file, held by the process running in it (new run or ``--resume``)
+RUN_LOCK = ".lock"
+
+
+@contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """Hold ``folder``'s run lock for the block; a one-line :class:`UserError` when another
+    live process holds it. Two processes writing one run folder would interleave its metrics,
+    checkpoints and privacy ledger (each rewriting the ledger from its own copy: attempts lost,
+    ε under-charged)."""
+    path = Path(folder) / RUN_LOCK
+    fd = take_lock(path)
+    if fd is None:
+        raise UserError(f"'{folder}' is in use by another lora-a2 process (it holds "
+                        f"{path}); wait for it to finish or stop it")
+    try:
+        yield
+    finally:
+        release_lock(path, fd)
 
 
 @contextmanager

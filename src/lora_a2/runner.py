@@ -11,6 +11,7 @@ again after a crash is charged again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
@@ -27,6 +28,7 @@ from .engines.local import run_async_round, run_round
 from .rounds import evaluate_state, fit_budgets
 from .errors import UserError
 from .experiment import Experiment, prepare
+from .locks import RUN_LOCK, folder_lock, lock_held
 from .private import PrivateStrategy, rebuildable_noise_warning
 from .precision import bf16_hardware
 from .precision import describe as describe_precision
@@ -68,6 +70,9 @@ def check_out_dir(out: Path, overwrite: bool, inputs: Sequence[Path] = ()) -> Pa
         if not (out / "config.toml").is_file():
             raise UserError(f"--overwrite replaces only a run's folder, and '{out}' holds no "
                             f"config.toml; remove it yourself or choose another --out")
+        if lock_held(out / RUN_LOCK):
+            raise UserError(f"--overwrite would delete '{out}' while another lora-a2 process "
+                            f"runs in it; wait for it to finish or stop it")
         for path in inputs:
             p = Path(path).resolve()
             if p == here or here in p.parents:
@@ -145,7 +150,20 @@ def run_experiment(cfg: Config, out: Path, *, overwrite: bool = False, progress:
     caller already built it (Flower's simulation needs the client count before it starts).
     ``config.toml`` is ``cfg`` as given; the run itself uses ``exp.cfg`` (with the number of
     clients the partition drew).
+
+    The run folder's lock (:func:`lora_a2.locks.folder_lock`) is held from the moment the run
+    has its folder to the end: a second process asked to run or resume the same folder
+    meanwhile is refused with one line.
     """
+    with contextlib.ExitStack() as held:
+        return _run_experiment(cfg, out, overwrite=overwrite, progress=progress, resume=resume,
+                               round_fn=round_fn, console=console, exp=exp, held=held)
+
+
+def _run_experiment(cfg: Config, out: Path, *, overwrite: bool, progress: bool, resume: bool,
+                    round_fn, console: bool, exp: Experiment | None,
+                    held: contextlib.ExitStack) -> dict[str, Any]:
+    """:func:`run_experiment`'s body; ``held`` takes the run folder's lock."""
     if cfg.engine.name == "flower" and round_fn is None:
         raise UserError("engine.name = 'flower' runs through Flower's Simulation Engine: start "
                         "it with lora_a2.launch.run (the CLI and lora_a2.run do)")
@@ -156,11 +174,13 @@ def run_experiment(cfg: Config, out: Path, *, overwrite: bool = False, progress:
     if resume:
         out = Path(out)
         check_same_config(cfg, resume_config(out), out)
+        held.enter_context(folder_lock(out))
     else:  # a bad --out is refused before the model loads; the old run is deleted only after
         out = check_out_dir(out, overwrite, config_inputs(cfg))
     exp = exp if exp is not None else prepare(cfg)  # a bad model or data source fails here
     if not resume:
         replace_out_dir(out, overwrite, config_inputs(cfg))
+        held.enter_context(folder_lock(out))
         atomic_write_text(out / "config.toml", cfg.to_toml())
         if warning := rebuildable_noise_warning(cfg):  # a new run, once its folder is set up
             print(f"lora-a2: warning: {warning}", file=sys.stderr)
