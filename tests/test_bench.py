@@ -765,3 +765,26 @@ def test_a_damaged_summary_is_one_line_naming_its_cell(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and "cell 'fl-lora__seed0': its summary.json is damaged" \
             in err, err
+
+
+def test_damaged_cell_files_are_read_without_a_traceback(tmp_path):
+    """A lock file with bytes that are not UTF-8 reads as a lock, not a traceback (as another
+    host's, which is respected, like any lock that is not this host's host and pid); a
+    metrics line that is JSON but not a record is skipped; a causal-LM cell without ROUGE-L
+    (task.generate_examples = 0) is left out of the plot instead of failing it."""
+    from lora_a2.bench.tables import _plot, clock_figures, last_rounds_accuracy
+    from lora_a2.locks import lock_held
+
+    lock = tmp_path / "c.lock"
+    lock.write_bytes(b"\xff\xfe host 12\n")
+    assert lock_held(lock) is True
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('[1]\n{"round": 1, "accuracy": 0.5, "per_client": [{"sim_upload_s": 2}]}'
+                       '\n"x"\n{"round": 2, "accuracy": 0.7}\n')
+    assert last_rounds_accuracy(metrics) == pytest.approx(0.6)
+    assert clock_figures({"sim_time_s": 3.0}, metrics)["upload_time_share"] == 1.0
+    rows = [{"total_upload_bytes": 1e6, "final_rouge_l": 0.3, "strategy.name": "a"},
+            {"total_upload_bytes": 2e6, "final_rouge_l": None, "strategy.name": "b"},
+            {"total_upload_bytes": 3e6, "strategy.name": "c"}]
+    _plot(rows, tmp_path / "plots", ["strategy.name"], "rouge_l")
+    assert (tmp_path / "plots" / "rouge_l_vs_upload.png").stat().st_size > 0

@@ -102,6 +102,9 @@ def test_a_client_is_offline_with_probability_one_minus_its_availability():
 def test_fleet_csv_read_and_refused(tmp_path):
     ok = write_fleet(tmp_path / "ok.csv", [(1e9, 10, 2), (2e9, 20, 4, 0.5)])
     assert read_fleet_csv(ok, 2) == [Device(1e9, 10, 2, 1.0), Device(2e9, 20, 4, 0.5)]
+    bom = tmp_path / "bom.csv"  # Excel's "CSV UTF-8" starts with a byte-order mark
+    bom.write_bytes(b"\xef\xbb\xbf" + ok.read_bytes())
+    assert read_fleet_csv(bom, 2) == read_fleet_csv(ok, 2)
 
 
 @pytest.mark.parametrize("content,needle", [

@@ -336,6 +336,9 @@ def test_a_round_written_twice_is_kept_once_on_resume(tmp_path, synthetic_csv):
     (["data.num_clients=500"], "clients"),
     (["model.max_length=1024"], "must be ≤ 512, the positions"),  # tiny-random-bert's table
     ([f"seed={2**64}"], "seed"),
+    (["strategy.lr=inf"], "'strategy.lr' must be a finite number"),
+    (["model.lora_alpha=nan"], "'model.lora_alpha' must be a finite number"),
+    (["model.init_std=inf"], "'model.init_std' must be a finite number"),
 ])
 def test_bad_input_one_line_exit_2(tmp_path, synthetic_csv, capsys, sets, needle):
     run_cli(tmp_path / "o", *sets, data=synthetic_csv, base=TINY, code=2)
@@ -404,6 +407,35 @@ def test_a_run_folder_in_use_is_refused_to_a_second_process(tmp_path, synthetic_
         holder.wait()
     assert main(["run", "--quiet", "--resume", str(out)]) == 0
     assert (out / "summary.json").exists() and not (out / RUN_LOCK).exists()
+
+
+def test_damaged_run_files_on_resume(tmp_path, synthetic_csv, capsys):
+    """--resume of a folder whose derived files were damaged: an initial_eval.json cut short is
+    recomputed (the run ends as an undamaged one does); a kept metrics line that is not a
+    round's record, or a privacy ledger with a round that is not a number, is one line, exit 2,
+    and the folder is left as it was."""
+    ref = run_cli(tmp_path / "ref", "train.rounds=2", data=synthetic_csv, base=TINY)
+    out = run_cli(tmp_path / "r", "train.rounds=2", data=synthetic_csv, base=TINY)
+    (out / "summary.json").unlink()
+    (out / "initial_eval.json").write_text('{"accuracy": 0.')
+    assert main(["run", "--quiet", "--resume", str(out)]) == 0
+    assert json.loads((out / "initial_eval.json").read_text()) == \
+        json.loads((ref / "initial_eval.json").read_text())
+    (out / "summary.json").unlink()
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text('{"round": 1}\n' + lines[1] + "\n")
+    before = _snapshot(out)
+    assert main(["run", "--quiet", "--resume", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is not a round's record" in err and err.count("\n") == 0, err
+    assert _snapshot(out) == before
+    dp = run_cli(tmp_path / "dp", "train.rounds=1", "privacy.mechanism=gaussian",
+                 "privacy.noise_multiplier=1", "privacy.noise_source=os",
+                 data=synthetic_csv, base=TINY)
+    (dp / "summary.json").unlink()
+    (dp / "privacy_ledger.json").write_text('{"attempts": {"one": 1}}')
+    assert main(["run", "--quiet", "--resume", str(dp)]) == 2
+    assert "is not a privacy ledger" in capsys.readouterr().err
 
 
 def test_resume_misuse(tmp_path, capsys):

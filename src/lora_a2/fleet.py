@@ -171,7 +171,7 @@ def read_fleet_csv(path: str | Path, num_clients: int) -> list[Device]:
     :class:`UserError` on anything missing or out of range."""
     where = f"fleet.profile: '{path}'"
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # Excel's BOM too
             rows = list(csv.DictReader(f))
             fields = rows[0].keys() if rows else []
     except OSError as e:

@@ -71,7 +71,7 @@ def lock_held(path: Path) -> bool:
     """Whether a live worker holds ``path`` (one of another host's always counts as live). Probes
     with a non-blocking ``flock`` it lets go at once."""
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode(errors="replace")  # a damaged file is still a lock
     except OSError:
         return False
     if fcntl is None:

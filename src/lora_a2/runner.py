@@ -201,13 +201,14 @@ def _run_experiment(cfg: Config, out: Path, *, overwrite: bool, progress: bool, 
     metric = exp.task.metric
     private = strategy if isinstance(strategy, PrivateStrategy) else None
     withholds = private is not None and private.withholds
-    if ckpt is not None and initial_path.exists():
-        initial = json.loads(initial_path.read_text())
-    else:
+    saved = _json_object(initial_path) if ckpt is not None else None
+    if saved is not None:
+        initial = saved
+    else:  # a new run, or one whose file is missing or damaged: it is recomputed
         initial = evaluate_state(exp, strategy.init_state(exp.runtime.initial_state())
                                  if ckpt is not None else state)
         write_samples(out, 0, initial.pop("samples", None), first=ckpt is None)
-    fresh = ckpt is None or not initial_path.exists()
+    fresh = saved is None
     if withholds and set(initial) & set(exp.task.client_metric_keys):
         # central DP: the clients' own metrics (their data, their label mix) are not part of
         # the release, the untrained model's neither (a file older code wrote is rewritten)
@@ -223,6 +224,12 @@ def _run_experiment(cfg: Config, out: Path, *, overwrite: bool, progress: bool, 
     ledger = ReleaseLedger(out / "privacy_ledger.json") \
         if private is not None and not private.plan.rebuildable else None
     full = read_metrics(out / "server_log.jsonl") if withholds else records
+    # what the summary sums: each kept line must be a round's record
+    if not all(isinstance(r, dict) and "round" in r for r in records) or not all(
+            isinstance(r, dict) and "cumulative_upload_bytes" in r for r in full):
+        raise UserError(f"cannot resume '{out}': a kept line of metrics.jsonl (or "
+                        f"server_log.jsonl) is not a round's record (edited by hand?); "
+                        f"start it again (--overwrite, or delete the folder)")
     cumulative = full[-1]["cumulative_upload_bytes"] if full else 0
     # the simulated clock (fleet.profile) continues from the last kept round's line
     sim_time = full[-1].get("sim_time_s", 0.0) if full else 0.0
@@ -281,6 +288,15 @@ def _run_experiment(cfg: Config, out: Path, *, overwrite: bool, progress: bool, 
     finally:
         report.close()
     return summary
+
+
+def _json_object(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``; None when it is missing, unreadable or not an object."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def write_samples(out: Path, rnd: int, samples: list[dict[str, Any]] | None,
@@ -468,7 +484,7 @@ class ReleaseLedger:
         self.attempts: dict[str, int] = {}
         if self.path.exists():
             try:
-                self.attempts = {str(k): int(v) for k, v in
+                self.attempts = {str(int(k)): int(v) for k, v in
                                  json.loads(self.path.read_text())["attempts"].items()}
             except (ValueError, KeyError, TypeError, AttributeError):
                 raise UserError(f"'{self.path}' is not a privacy ledger: refusing to resume "

@@ -44,7 +44,7 @@ def last_rounds_accuracy(metrics: Path, n: int = 3, key: str = "accuracy") -> fl
     try:
         for line in metrics.read_text().splitlines():
             rec = json.loads(line) if line.strip() else {}
-            if isinstance(rec.get(key), (int, float)):
+            if isinstance(rec, dict) and isinstance(rec.get(key), (int, float)):
                 accs.append(float(rec[key]))
     except (OSError, ValueError):
         return None
@@ -62,10 +62,11 @@ def clock_figures(summary: dict[str, Any], metrics: Path) -> dict[str, Any]:
     parts = {"sim_download_s": 0.0, "sim_compute_s": 0.0, "sim_upload_s": 0.0}
     try:
         for line in metrics.read_text().splitlines():
-            for c in (json.loads(line).get("per_client") or []) if line.strip() else []:
+            rec = json.loads(line) if line.strip() else {}
+            for c in (rec.get("per_client") or []) if isinstance(rec, dict) else []:
                 for k in parts:
                     parts[k] += float(c.get(k) or 0.0)
-    except (OSError, ValueError):
+    except (OSError, ValueError, TypeError, AttributeError):  # a line edited by hand
         pass
     total = sum(parts.values())
     return {"sim_time_s": summary["sim_time_s"],
@@ -179,7 +180,10 @@ def _plot(rows: list[dict[str, Any]], out_dir: Path, label_keys: list[str],
     colour_key = "strategy.name" if "strategy.name" in label_keys else label_keys[0] \
         if label_keys else None
     fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
-    rows = [r for r in rows if r["total_upload_bytes"] is not None]  # central DP: not placed
+    # central DP: not placed; a cell without the metric (a causal-LM grid with
+    # task.generate_examples = 0 has no ROUGE-L) neither
+    rows = [r for r in rows if r["total_upload_bytes"] is not None
+            and isinstance(r.get(f"final_{metric}"), (int, float))]
     for name in sorted({str(r.get(colour_key, "")) for r in rows}):
         sel = [r for r in rows if str(r.get(colour_key, "")) == name]
         ax.scatter([r["total_upload_bytes"] / 1e6 for r in sel],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import fields, is_dataclass
 from typing import Any
 
 from ..errors import UserError
@@ -21,6 +22,12 @@ def require(cond: bool, key: str, msg: str, value: Any) -> None:
 def validate(cfg: Config) -> None:
     """Range and consistency checks; each failure is a one-line :class:`UserError`."""
     m, d, s, t, e = cfg.model, cfg.data, cfg.strategy, cfg.train, cfg.engine
+    for sec in fields(cfg):  # TOML has inf and nan; no number here means either
+        section = getattr(cfg, sec.name)
+        for f in fields(section) if is_dataclass(section) else ():
+            v = getattr(section, f.name)
+            require(not isinstance(v, float) or math.isfinite(v), f"{sec.name}.{f.name}",
+                    "must be a finite number", v)
     require(0 <= cfg.seed < 2**63, "seed", "must be in [0, 2^63)", cfg.seed)  # torch's range
     require(m.max_length >= 8, "model.max_length", "must be ≥ 8", m.max_length)
     require(m.head in ("frozen", "trained"), "model.head", "must be 'frozen' or 'trained'", m.head)
