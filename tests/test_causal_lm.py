@@ -3,6 +3,7 @@ strategy, resume, DP, export / generate, bad instruction data, and the offline s
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import sys
@@ -262,7 +263,8 @@ def test_every_strategy_runs_on_a_decoder(tmp_path, instr_json, strategy):
         assert sorted(cfg["target_modules"])[:1] == ["model.layers.0.mlp.down_proj"]
 
 
-def test_lora_a2_learns_and_the_adapter_reloads_with_peft(tmp_path, instr_json, capsys):
+def test_lora_a2_learns_and_the_adapter_reloads_with_peft(tmp_path, instr_json, capsys,
+                                                           monkeypatch):
     """The federation lowers the held-out loss; base + exported adapter reproduces it."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -285,10 +287,23 @@ def test_lora_a2_learns_and_the_adapter_reloads_with_peft(tmp_path, instr_json, 
     assert json.loads(capsys.readouterr().out)["prompt"] == "Name a fruit."
     # a damaged export is one line naming the run, not a safetensors traceback
     weights = out / "adapter" / "adapter_model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:100])
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[:100])
     assert main(["generate", str(out), "-p", "Name a fruit.", "--max-new-tokens", "4"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "its exported model cannot be loaded" in err, err
+    weights.write_bytes(whole)
+    # prompts on stdin that are not UTF-8: one line, not a decoding traceback
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\xff\n"), encoding="utf-8"))
+    assert main(["generate", str(out), "--max-new-tokens", "4"]) == 2
+    assert "not UTF-8 text" in capsys.readouterr().err
+    # a damaged tokenizer file (the tokenizers library raises a plain Exception)
+    tokenizer = next((out / "adapter").glob("tokenizer.json"), None) or next(
+        out.rglob("tokenizer.json"))
+    tokenizer.write_text('{"version": "1.0", "model": ')
+    assert main(["generate", str(out), "-p", "Name a fruit.", "--max-new-tokens", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "cannot be loaded" in err, err
 
 
 def test_generate_refuses_a_classification_run(tmp_path, synthetic_csv, capsys):

@@ -216,6 +216,16 @@ def test_bad_plugins_are_skipped_with_one_line_each(tmp_path, synthetic_csv):
     # the built-ins' runs too, so the plugin is skipped at load
     fl_lora_plugin("opts", "Opts", "name = 'opts'\nOptions = dict")
     fl_lora_plugin("ratio", "Ratio", "name = 'ratio'\npaper_lr_ratio = '5'")
+    # an option typed with a name that exists only for type checkers
+    fake_plugin(site, "hinted", "hinted_pkg:Hinted", "hinted_pkg",
+                "from __future__ import annotations\nimport dataclasses\n"
+                "from typing import TYPE_CHECKING\n"
+                "from lora_a2.strategies.fl_lora import FlLora\n"
+                "from lora_a2.strategies.options import StrategyOptions\n"
+                "if TYPE_CHECKING:\n    from numbers import Real\n"
+                "class Hinted(FlLora):\n    name = 'hinted'\n"
+                "    @dataclasses.dataclass\n    class Options(StrategyOptions):\n"
+                "        mu: Real = 0.5\n")
     fl_lora_plugin("checky", "Checky", "name = 'checky'\n@classmethod\n"
                    "def check(cls, cfg, options):\n    1 / 0")
     env = with_path(site)
@@ -223,7 +233,8 @@ def test_bad_plugins_are_skipped_with_one_line_each(tmp_path, synthetic_csv):
     assert r.returncode == 0
     assert "fl-lora" in r.stdout and "lora-a2" in r.stdout  # the built-ins are untouched
     warnings = r.stderr.strip().splitlines()
-    assert len(warnings) == 6, r.stderr
+    assert len(warnings) == 7, r.stderr
+    assert any("plugin 'hinted' (hinted_pkg): NameError" in w for w in warnings)
     assert any("plugin 'exiter' (exiter_pkg): SystemExit: exiter needs a GPU" in w
                for w in warnings)  # sys.exit() at import skips the plugin, not the command
     assert any("plugin 'opts' (opts_pkg): TypeError: Opts.Options must be a @dataclass" in w

@@ -96,3 +96,17 @@ def test_a_profiled_run_computes_exactly_what_a_plain_run_does(tmp_path, synthet
 
     assert strip(read_metrics(tmp_path / "profiled" / "metrics.jsonl")) == strip(
         read_metrics(plain / "metrics.jsonl"))
+
+
+def test_causal_speed_with_no_variant_run_is_one_line_exit_2(monkeypatch, capsys):
+    """`lora-a2 speed --causal-lm NAME` whose every variant failed (a model that is not a
+    causal LM, a typo) says why in one line and exits 2, instead of a table of failures and 0."""
+    import lora_a2.speed as speed
+
+    monkeypatch.setattr(speed, "measure_causal", lambda *a: [
+        {"variant": v, "error": "lora_a2.errors.UserError: config key 'model.name' no such model"}
+        for v in speed.CAUSAL_VARIANTS])
+    assert main(["speed", "--causal-lm", "nosuch"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("lora-a2: error: --causal-lm nosuch: no variant ran (config key "
+                   "'model.name' no such model)"), err

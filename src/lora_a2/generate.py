@@ -59,6 +59,12 @@ def load_trained(run_dir: Path, base_only: bool = False):
         raise UserError(f"run '{run_dir}': its exported model cannot be loaded "
                         f"({type(e).__name__}: {first}); export it again with "
                         f"lora-a2 run --resume {run_dir}") from None
+    except Exception as e:
+        if type(e) is not Exception:  # the tokenizers library's own errors are plain Exception
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"run '{run_dir}': its exported tokenizer cannot be loaded ({first}); "
+                        f"export it again with lora-a2 run --resume {run_dir}") from None
     return model.to(device).eval(), tok, cfg.train
 
 
@@ -109,7 +115,11 @@ def main_generate(run_dir: Path, prompts: list[str], input_: str, max_new_tokens
     interactive = not prompts
     if interactive:
         print("(one prompt per line; Ctrl-D to end)", file=sys.stderr)
-        prompts = [line.strip() for line in sys.stdin if line.strip()]
+        try:
+            prompts = [line.strip() for line in sys.stdin if line.strip()]
+        except UnicodeDecodeError as e:
+            raise UserError(f"the prompts on standard input are not UTF-8 text ({e.reason} at "
+                            f"byte {e.start})") from None
     for prompt, reply in zip(prompts, answer(model, tok, prompts, input_, max_new_tokens,
                                                 train.precision, train.bf16_matmul)):
         if as_json:

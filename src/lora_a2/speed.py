@@ -33,6 +33,7 @@ from .checks import check_config
 from .client import EncodedData, LocalTrainer, ParamGroup, batch_of
 from .config import clients_per_round, load_config
 from .engines.local import run_round
+from .errors import UserError
 from .experiment import prepare
 from .flops import flop_counter
 from .models import pick_device
@@ -585,6 +586,9 @@ def format_causal(model: str, rows: list[dict[str, Any]], batch_size: int, lengt
 def main_causal_speed(model: str, steps: int, batch_size: int, length: int,
                       out: Path | None) -> None:
     rows = measure_causal(model, steps, batch_size, length)
+    if all("error" in r for r in rows):  # nothing measured: the model is the problem
+        reason = rows[0]["error"].removeprefix("lora_a2.errors.UserError: ")
+        raise UserError(f"--causal-lm {model}: no variant ran ({reason})")
     print(format_causal(model, rows, batch_size, length))
     if out is not None:
         out.write_text(json.dumps({"model": model, "batch_size": batch_size, "length": length,

@@ -18,6 +18,7 @@ import importlib
 import inspect
 import pkgutil
 from importlib import metadata
+from typing import get_type_hints
 
 from ..errors import UserError
 from ..config import Config
@@ -98,6 +99,7 @@ def _check_plugin(cls: type, builtin: dict[str, type]) -> None:
         raise TypeError(f"{cls.__name__}.Options must be a @dataclass subclass of "
                         f"lora_a2.strategies.StrategyOptions")
     opts()  # every option needs a default: the config lists them all
+    get_type_hints(opts)  # and a type the config can check it against (resolvable at run time)
     flags = [k for k in _FLAGS if not isinstance(getattr(cls, k), bool)]
     if flags:
         raise TypeError(f"{cls.__name__}.{flags[0]} must be True or False")
