@@ -583,9 +583,14 @@ def test_workers_do_not_retry_a_cell_that_failed_in_the_same_call(tmp_path, caps
     grid.write_text(tiny_grid(rounds=1, alphas="0.5, -1.0"))
     out = tmp_path / "o"
     assert main(["bench", str(grid), "-q", "--workers", "2", "--out", str(out)]) == 1
-    assert "'error': 1" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "'error': 1" in printed.out
     bad = [d for d in (out / "cells").iterdir() if (d / "error.txt").exists()]
     assert len(bad) == 1
+    # the failed cell and its reason are named, on the run and in --list
+    assert f"lora-a2: cell {bad[0].name} failed: config key 'data.alpha'" in printed.err
+    assert main(["bench", str(grid), "--list", "--out", str(out)]) == 0
+    assert "error: config key 'data.alpha'" in capsys.readouterr().out
     # each worker's log: one worker tried the bad cell, the other skipped it as already failed
     logs = [p.read_text() for p in (out / "workers").glob("*.log")]
     assert sorted(("'error': 1" in log, "'error-not-retried': 1" in log) for log in logs) == \

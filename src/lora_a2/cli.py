@@ -190,6 +190,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     print((out / "table.md").read_text(), end="")
     for log in result.get("failed_workers", []):
         print(f"lora-a2: a worker failed; see {log}", file=sys.stderr)
+    if {"error", "error-not-retried"} & set(result["counts"]):
+        for cell_id, status in list_grid(args.grid, out, smoke=args.smoke,
+                                         only=args.only or None):
+            if status.startswith("error"):
+                print(f"lora-a2: cell {cell_id} failed: {status.removeprefix('error: ')} "
+                      f"({out / 'cells' / cell_id / 'error.txt'})", file=sys.stderr)
     if result.get("unfinished"):
         logs = ", ".join(result.get("worker_logs", []))
         print(f"lora-a2: {result['unfinished']} selected cells were left unfinished when the "

@@ -78,13 +78,24 @@ def cell_status(cell: Cell, out: Path) -> str:
     lock = out / "cells" / f"{cell.cell_id}.lock"
     if lock.exists() and lock_held(lock):
         try:
-            holder = "running " + " ".join(lock.read_text().split())
+            holder = "running " + " ".join(lock.read_bytes().decode(errors="replace").split())
         except OSError:
             holder = "running"
         return holder + (f", {rounds}" if rounds else "")
     if (cell_dir / "error.txt").exists():
-        return "error"
+        return "error: " + error_reason(cell_dir / "error.txt")
     return f"partial {rounds}" if rounds else "todo"
+
+
+def error_reason(path: Path) -> str:
+    """Why a cell failed, in one line: its ``error.txt``'s last line (a one-line error's only
+    line, a traceback's exception), cut to 200 characters."""
+    try:
+        lines = [ln for ln in path.read_bytes().decode(errors="replace").splitlines()
+                 if ln.strip()]
+    except OSError:
+        return "(error.txt unreadable)"
+    return lines[-1].strip()[:200] if lines else "(no reason recorded)"
 
 
 def list_grid(spec: str, out: Path, smoke: bool = False,
