@@ -28,7 +28,8 @@ from lora_a2.engines import secagg  # noqa: E402
 from lora_a2.engines.secagg import secure_mean  # noqa: E402
 from lora_a2.engines.flower import clientapp  # noqa: E402
 from lora_a2.engines.flower.records import CONFIG_RECORD  # noqa: E402
-from lora_a2.payload import InvalidPayload  # noqa: E402
+from lora_a2.engines.flower.transport import FlowerRounds  # noqa: E402
+from lora_a2.payload import InvalidPayload, encode  # noqa: E402
 from lora_a2.report import read_metrics  # noqa: E402
 from lora_a2.strategies import REGISTRY, Task  # noqa: E402
 
@@ -209,6 +210,61 @@ def test_a_secagg_client_checks_its_own_upload_before_masking(monkeypatch):
     with pytest.raises(InvalidPayload):
         clientapp.client_train(msg, SimpleNamespace())
     assert masked == []
+
+
+def test_node_discovery_keeps_one_node_per_valid_partition(monkeypatch):
+    """The server asks each new node which partition it holds and keeps the first node that
+    claims each partition in range: a partition out of range, a num-partitions that is not the
+    experiment's, a second claim of a held partition and a failed query are each a warning and
+    leave the node out (any registered node can still claim a free partition: node
+    authentication, not this check, decides who registers)."""
+    from flwr.app import ConfigRecord, Error, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from lora_a2.config import load_config as parse
+
+    for key in ("_task_id", "_run_id", "_node_id"):  # a ServerApp's identity, as Flower sets it
+        monkeypatch.setattr(TaskIdentity, key, 1)
+
+    def reply(msg, info):  # what a node's ClientApp answers (real Flower messages)
+        if info is None:
+            return Message(Error(code=0, reason="boom"), reply_to=msg)
+        return Message(RecordDict({CONFIG_RECORD: ConfigRecord(info)}), reply_to=msg)
+
+    answers = {11: {"partition-id": 0}, 12: {"partition-id": 7},
+               13: {"partition-id": 1, "num-partitions": 9}, 14: {"partition-id": 0},
+               15: None, 16: {"partition-id": 2, "num-partitions": 3}}
+
+    class Grid:
+        def get_node_ids(self):
+            return list(answers)
+
+        def send_and_receive(self, messages, timeout=None):
+            return [reply(m, answers[m.metadata.dst_node_id]) for m in messages]
+
+    rounds = FlowerRounds(Grid(), parse(None, ["data.num_clients=3", "engine.name=flower"]), 0)
+    warnings = rounds.discover(wait=False)
+    assert rounds.node_of == {0: 11, 2: 16}
+    assert sorted(w.split(":")[0] for w in warnings) == ["node 12", "node 13", "node 14",
+                                                         "node 15"]
+    assert "partition-id 7 outside [0, 3)" in " ".join(warnings)
+    assert "num-partitions 9 ≠ data.num_clients 3" in " ".join(warnings)
+    assert "partition 0 already held by node 11" in " ".join(warnings)
+    # a node is asked once, except one whose query failed: it is asked again
+    assert rounds.discover(wait=False) == ["node 15: query failed: boom"]
+
+
+def test_a_node_refuses_a_task_for_another_partition(monkeypatch):
+    """A task addressed to client 1 that reaches the node holding partition 0 fails there."""
+    _, s, rt, _ = tiny_setup(["strategy.name='fl-lora'"], 2, n=40, max_length=16)
+    task = s.configure(1, 1, s.init_state(rt.initial_state()))
+    blob = encode(task.to_payload(rt.layout))
+    exp = SimpleNamespace(runtime=rt)
+    monkeypatch.setattr(clientapp, "_experiment", lambda *a: exp)
+    context = SimpleNamespace(node_config={"partition-id": 0})
+    with pytest.raises(RuntimeError, match="task for client 1 sent to the node holding "
+                                           "partition 0"):
+        clientapp._client_task(context, "seed = 0", blob)
 
 
 def test_round_timing_sums_each_worker_and_leaves_the_rest_to_flower():
