@@ -392,6 +392,8 @@ def test_secagg_simulation_gives_the_plain_aggregate_up_to_quantisation(tmp_path
     rows = read_metrics(secure / "metrics.jsonl")
     for r in rows:
         assert r["status"] == "ok" and r["secagg"]["survivors"] == [0, 1, 2, 3]
+        # the defaults (num_shares 1.0, threshold 0.5) as Flower settled them for 4 clients
+        assert (r["secagg"]["shares"], r["secagg"]["threshold"]) == (4, 2)
         assert set(r["secagg"]["stages"]) == {"setup", "share_keys", "collect_masked_vectors",
                                               "unmask"}
         assert r["upload_bytes"] == sum(v[1] for v in r["secagg"]["stages"].values())

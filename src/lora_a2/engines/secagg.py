@@ -59,6 +59,9 @@ class SecureResult:
     stages: dict[str, list[int]] = field(default_factory=dict)  # stage → [down, up] bytes
     weight_sum: float = 0.0  # the unmasked sum's weight entry, as the clients sent it
     reason: str | None = None  # why a completed protocol gave no mean
+    #: the round's shares per client and reconstruction threshold, as Flower's setup stage
+    #: derived them from ``secagg.num_shares`` / ``reconstruction_threshold`` (fractions)
+    settled: dict[str, int] = field(default_factory=dict)
 
 
 def weight_scale(exp) -> float:
@@ -118,6 +121,8 @@ def _workflow_class():
         """Flower's workflow, plus: a node lost during the key exchange leaves the round."""
 
         def share_keys_stage(self, grid, context, state) -> bool:  # noqa: D401
+            # what the setup stage settled on for this round, for the round's record
+            self.settled = {"shares": int(state.num_shares), "threshold": int(state.threshold)}
             ok = super().share_keys_stage(grid, context, state)
             gone = set(state.sampled_node_ids) - set(state.active_node_ids)
             if gone:
@@ -235,10 +240,12 @@ def run_secure_round(grid, cfg, rnd: int, blobs: dict[int, bytes], node_of: dict
     workflow(metered, ctx)
     down = sum(v[0] for v in metered.stages.values())
     up = sum(v[1] for v in metered.stages.values())
+    settled = getattr(workflow, "settled", {})
     if "mean_of_x" not in out:
-        return SecureResult(None, [], down, up, metered.stages)
+        return SecureResult(None, [], down, up, metered.stages, settled=settled)
     survivors = out["survivors"]
     total = np.asarray(out["mean_of_x"], dtype=np.float64) * len(survivors)  # Σ_k x_k
     mean, reason = secure_mean(total, sum(weights[c] for c in survivors), len(survivors),
                                float(a.clipping_range), int(a.quantization_range))
-    return SecureResult(mean, survivors, down, up, metered.stages, float(total[-1]), reason)
+    return SecureResult(mean, survivors, down, up, metered.stages, float(total[-1]), reason,
+                        settled)

@@ -182,7 +182,7 @@ class FlowerRounds(Transport):
             "upload_params": len(survivors) * (0 if result.mean is None
                                                else int(result.mean.numel()) + 1),
             "secagg": {"survivors": sorted(survivors), "stages": result.stages,
-                       "weight_sum": result.weight_sum},
+                       "weight_sum": result.weight_sum, **result.settled},
             "failures": plan.failures,
             "node_warnings": self._node_warnings,
             "flower_download_bytes": result.down_bytes,
