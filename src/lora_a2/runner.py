@@ -23,7 +23,7 @@ from typing import Any
 from .checkpoint import load_checkpoint, load_client_stores, save_checkpoint
 from .checks import check_config, load_config
 from .config import Config, clients_per_round, differences
-from .data import label_histogram
+from .data import label_histogram, local_inputs
 from .engines.local import run_async_round, run_round
 from .rounds import evaluate_state, fit_budgets
 from .errors import UserError
@@ -42,13 +42,12 @@ from .strategies import REGISTRY
 def config_inputs(cfg: Config) -> list[Path]:
     """The local files and folders ``cfg`` reads: a data file (``csv:``/``json:``/``parquet:``),
     a fleet CSV, a model folder."""
-    kind, _, rest = cfg.data.name.partition(":")
-    paths = [rest] if kind in ("csv", "json", "parquet") and rest else []
+    paths = local_inputs(cfg.data.name)
     if cfg.fleet.profile.startswith("csv:"):
-        paths.append(cfg.fleet.profile[4:])
-    if Path(cfg.model.name).exists():
-        paths.append(cfg.model.name)
-    return [Path(p) for p in paths]
+        paths.append(Path(cfg.fleet.profile[4:].strip()).expanduser())
+    if Path(cfg.model.name).expanduser().exists():
+        paths.append(Path(cfg.model.name).expanduser())
+    return paths
 
 
 def check_out_dir(out: Path, overwrite: bool, inputs: Sequence[Path] = ()) -> Path:
@@ -70,7 +69,7 @@ def check_out_dir(out: Path, overwrite: bool, inputs: Sequence[Path] = ()) -> Pa
         if not (out / "config.toml").is_file():
             raise UserError(f"--overwrite replaces only a run's folder, and '{out}' holds no "
                             f"config.toml; remove it yourself or choose another --out")
-        if lock_held(out / RUN_LOCK):
+        if lock_held(out / RUN_LOCK, other_hosts=False):
             raise UserError(f"--overwrite would delete '{out}' while another lora-a2 process "
                             f"runs in it; wait for it to finish or stop it")
         for path in inputs:
@@ -225,8 +224,8 @@ def _run_experiment(cfg: Config, out: Path, *, overwrite: bool, progress: bool, 
         if private is not None and not private.plan.rebuildable else None
     full = read_metrics(out / "server_log.jsonl") if withholds else records
     # what the summary sums: each kept line must be a round's record
-    if not all(isinstance(r, dict) and "round" in r for r in records) or not all(
-            isinstance(r, dict) and "cumulative_upload_bytes" in r for r in full):
+    # (truncate_metrics kept only lines that are records of a round)
+    if not all("cumulative_upload_bytes" in r for r in full):
         raise UserError(f"cannot resume '{out}': a kept line of metrics.jsonl (or "
                         f"server_log.jsonl) is not a round's record (edited by hand?); "
                         f"start it again (--overwrite, or delete the folder)")

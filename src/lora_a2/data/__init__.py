@@ -4,6 +4,7 @@ non-IID partitioners (over class labels or instruction categories)."""
 from .classification import DATASET_NAMES, SOURCE_PREFIXES, TextDataset, load_dataset
 from .instructions import INSTRUCTION_DATASETS, InstructionDataset, load_instructions
 from .partition import PARTITION_METHODS, label_histogram, partition
+from .readers import local_inputs
 
 __all__ = [
     "DATASET_NAMES",
@@ -15,5 +16,6 @@ __all__ = [
     "TextDataset",
     "label_histogram",
     "load_dataset",
+    "local_inputs",
     "partition",
 ]

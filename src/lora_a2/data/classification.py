@@ -39,14 +39,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import UserError
-from .readers import (SKIP_DUPLICATE, SKIP_EMPTY, SKIP_NO_CLIENT, Table, count_skip, hf_load,
-                      is_missing, natural_column, package_file, read_csv, read_table,
+from .readers import (SKIP_DUPLICATE, SKIP_EMPTY, SKIP_NO_CLIENT, Table, count_skip, file_paths,
+                      hf_load, is_missing, natural_column, package_file, read_csv, read_table,
                       read_text_file, require_columns)
 from .splits import stratified_sample, stratified_split
 
@@ -346,16 +345,12 @@ def _read_files(fmt: str, spec: str, text_column: str, label_column: str,
     spec = spec.strip()
     if not spec:
         raise UserError(f"'{fmt}:' needs a file path, e.g. {fmt}:data.{fmt}")
-    # A comma may be part of a real file name; only split when the whole is not a file.
-    if "," in spec and not Path(spec).expanduser().is_file():
-        paths = [p.strip() for p in spec.split(",")]
-        if len(paths) != 2 or not all(paths):
-            raise UserError(
-                f"'{fmt}:{spec}' must name one file or two files TRAIN,TEST "
-                f"(got {len(paths)} comma-separated parts)"
-            )
-    else:
-        paths = [spec]
+    paths = file_paths(spec)
+    if len(paths) > 1 and (len(paths) != 2 or not all(paths)):
+        raise UserError(
+            f"'{fmt}:{spec}' must name one file or two files TRAIN,TEST "
+            f"(got {len(paths)} comma-separated parts)"
+        )
     # The ids of a test file are not needed (the partition is over train): read when present.
     splits = [
         _columns(read_table(path, fmt), text_column, label_column, f"data file '{path}'",

@@ -38,14 +38,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import UserError
-from .readers import (SKIP_DUPLICATE, SKIP_NO_CLIENT, count_skip, first_line, hf_load, is_missing,
-                      natural_column, package_file, read_csv, read_table, read_text_file)
+from .readers import (SKIP_DUPLICATE, SKIP_NO_CLIENT, count_skip, file_paths, first_line,
+                      hf_load, is_missing, natural_column, package_file, read_csv, read_table,
+                      read_text_file)
 from .splits import stratified_sample, stratified_split
 
 logger = logging.getLogger(__name__)
@@ -294,8 +294,7 @@ def _read_files(fmt: str, spec: str, *columns: str, client: str | None = None) -
     spec = spec.strip()
     if not spec:
         raise UserError(f"'{fmt}:' needs a file path, e.g. {fmt}:data.{fmt}")
-    paths = [p.strip() for p in spec.split(",")] \
-        if "," in spec and not Path(spec).expanduser().is_file() else [spec]
+    paths = file_paths(spec)
     if len(paths) > 2 or not all(paths):
         raise UserError(f"'{fmt}:{spec}' must name one file or two files TRAIN,TEST")
     out = []

@@ -185,6 +185,25 @@ def require_columns(available: list[str], needed: Sequence[str], where: str) -> 
             )
 
 
+def file_paths(spec: str) -> list[str]:
+    """The file paths of a ``csv:`` / ``json:`` / ``parquet:`` spec: one, or ``TRAIN,TEST``
+    (a comma may be part of a real file name: split only when the whole is not a file)."""
+    spec = spec.strip()
+    if "," in spec and not Path(spec).expanduser().is_file():
+        return [p.strip() for p in spec.split(",")]
+    return [spec]
+
+
+def local_inputs(name: str) -> list[Path]:
+    """The local files or folder a ``data.name`` reads (none for a built-in or hub dataset)."""
+    kind, _, spec = name.partition(":")
+    if kind in ("csv", "json", "parquet"):
+        return [Path(p).expanduser() for p in file_paths(spec) if p]
+    if kind == "hf" and spec.strip() and Path(spec.strip()).expanduser().exists():
+        return [Path(spec.strip()).expanduser()]
+    return []
+
+
 def hf_load(name: str, config: str | None) -> Any:
     import datasets
 
