@@ -300,10 +300,12 @@ def test_lora_a2_learns_and_the_adapter_reloads_with_peft(tmp_path, instr_json, 
     # a damaged tokenizer file (the tokenizers library raises a plain Exception)
     tokenizer = next((out / "adapter").glob("tokenizer.json"), None) or next(
         out.rglob("tokenizer.json"))
-    tokenizer.write_text('{"version": "1.0", "model": ')
+    spec = json.loads(tokenizer.read_text())
+    spec["model"] = {"type": "Nope"}  # valid JSON that the tokenizers library refuses
+    tokenizer.write_text(json.dumps(spec))
     assert main(["generate", str(out), "-p", "Name a fruit.", "--max-new-tokens", "4"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "cannot be loaded" in err, err
+    assert err.count("\n") == 0 and "its exported tokenizer cannot be loaded" in err, err
 
 
 def test_generate_refuses_a_classification_run(tmp_path, synthetic_csv, capsys):

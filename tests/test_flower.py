@@ -529,6 +529,8 @@ def test_secagg_survives_a_client_that_drops_out(tmp_path, synthetic_csv, monkey
      "must be a power of 2"),
     (["secagg.enabled=true", "engine.name=flower", "secagg.num_shares=2"],
      "must be an integer ≥ 3"),
+    (["secagg.enabled=true", "engine.name=flower", "secagg.clipping_range=0.5"],
+     "'secagg.clipping_range' must be ≥ 1"),
     (["secagg.enabled=true", "engine.name=flower", "secagg.num_shares=3",
       "secagg.reconstruction_threshold=3"], "must be less than secagg.num_shares (3)"),
 ])
@@ -555,8 +557,10 @@ def test_a_personalised_strategy_is_refused_under_secagg_whatever_it_declares(mo
        st.integers(2, 8), st.sampled_from([2 ** 30, 2 ** 32, 3 * 2 ** 30]))
 def test_a_secagg_config_we_accept_is_one_flower_accepts(shares, threshold, clients, modulus):
     """Every SecAgg+ setting the config check lets through builds Flower's workflow (its own
-    checks run in the constructor) and gives the shares Flower will use; any it refuses is a
-    one-line config error, never a traceback in the first round."""
+    checks run in the constructor) and leaves each client at least 2 and at most all the
+    round's clients as share holders; any it refuses is a one-line config error, never a
+    traceback in the first round. (The shares Flower settles on in a real round are recorded
+    and checked in the simulation tests.)"""
     sets = ["secagg.enabled=true", "engine.name=flower", f"data.num_clients={clients}",
             f"secagg.num_shares={shares}", f"secagg.reconstruction_threshold={threshold}",
             f"secagg.modulus_range={modulus}", "secagg.quantization_range=1024"]

@@ -339,6 +339,8 @@ def test_a_round_written_twice_is_kept_once_on_resume(tmp_path, synthetic_csv):
     (["strategy.lr=inf"], "'strategy.lr' must be a finite number"),
     (["model.lora_alpha=nan"], "'model.lora_alpha' must be a finite number"),
     (["model.init_std=inf"], "'model.init_std' must be a finite number"),
+    (["strategy.options.probe_fraction=nan"], "'strategy.options.probe_fraction' must be a "
+                                              "finite number"),
 ])
 def test_bad_input_one_line_exit_2(tmp_path, synthetic_csv, capsys, sets, needle):
     run_cli(tmp_path / "o", *sets, data=synthetic_csv, base=TINY, code=2)
@@ -371,6 +373,13 @@ def test_a_file_system_refusal_is_one_line_exit_2(monkeypatch, capsys):
     monkeypatch.setattr(cli, "_cmd_config", refused)
     assert main(["config"]) == 2
     assert capsys.readouterr().err.strip() == "lora-a2: error: /root/data.csv: Permission denied"
+
+    def no_path(_):  # an OSError about no path (a socket, a library's): its traceback stays
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+    monkeypatch.setattr(cli, "_cmd_config", no_path)
+    with pytest.raises(ConnectionResetError):
+        main(["config"])
 
 
 def test_json_output_is_checked_for_writing_before_measuring(tmp_path, monkeypatch, capsys):
@@ -405,6 +414,9 @@ def test_a_run_folder_in_use_is_refused_to_a_second_process(tmp_path, synthetic_
     finally:
         holder.kill()
         holder.wait()
+    # a lock file left naming another host (a container rescheduled under a new name) whose
+    # flock nobody holds does not block the folder: the run-folder lock trusts flock alone
+    (out / RUN_LOCK).write_text("some-other-host 4242\n")
     assert main(["run", "--quiet", "--resume", str(out)]) == 0
     assert (out / "summary.json").exists() and not (out / RUN_LOCK).exists()
 

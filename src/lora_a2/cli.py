@@ -387,10 +387,14 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except OSError as e:
-        # the file system said no (a folder it may not enter, a name too long, a full disk):
-        # one line naming the path, as for any other bad input
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"lora-a2: error: {where}{e.strerror or e}", file=sys.stderr)
+        # the file system said no to a path (a folder it may not enter, a name too long, a
+        # full disk): one line naming it, as for any other bad input; an OSError about no path
+        # (a socket, a library's own) keeps its traceback
+        if e.filename is None:
+            raise
+        where = f"{e.filename}" + (f" → {e.filename2}" if e.filename2 else "")
+        reason = (str(e.strerror or e).strip().splitlines() or [""])[0]
+        print(f"lora-a2: error: {where}: {reason}", file=sys.stderr)
         return 2
 
 

@@ -29,9 +29,12 @@ except ImportError:  # not POSIX
     fcntl = None
 
 
-def take_lock(path: Path) -> int | None:
+def take_lock(path: Path, other_hosts: bool = True) -> int | None:
     """Hold the lock file ``path``: the open descriptor (held until :func:`release_lock`), or
-    None when a live worker holds it."""
+    None when a live worker holds it. ``other_hosts``: a file naming another host counts as
+    held (a grid folder shared between machines, where ``flock`` may not reach); False trusts
+    the ``flock`` alone (a run folder: a lock left by a container that was rescheduled under
+    another host name must not block the folder for good)."""
     me = f"{socket.gethostname()} {os.getpid()}\n"
     if fcntl is None:
         return 0 if _take_lock_file(path, me) else None
@@ -50,7 +53,7 @@ def take_lock(path: Path) -> int | None:
             os.close(fd)
             continue
         holder = os.pread(fd, 4096, 0).decode(errors="replace").split()
-        if holder and holder[0] != socket.gethostname():
+        if other_hosts and holder and holder[0] != socket.gethostname():
             os.close(fd)
             return None
         os.ftruncate(fd, 0)
@@ -67,9 +70,10 @@ def release_lock(path: Path, fd: int) -> None:
         os.close(fd)
 
 
-def lock_held(path: Path) -> bool:
-    """Whether a live worker holds ``path`` (one of another host's always counts as live). Probes
-    with a non-blocking ``flock`` it lets go at once."""
+def lock_held(path: Path, other_hosts: bool = True) -> bool:
+    """Whether a live worker holds ``path`` (with ``other_hosts``, one of another host's always
+    counts as live: :func:`take_lock`). Probes with a non-blocking ``flock`` it lets go at
+    once."""
     try:
         text = path.read_bytes().decode(errors="replace")  # a damaged file is still a lock
     except OSError:
@@ -77,7 +81,7 @@ def lock_held(path: Path) -> bool:
     if fcntl is None:
         return not _is_stale(path)
     holder = text.split()
-    if holder and holder[0] != socket.gethostname():
+    if other_hosts and holder and holder[0] != socket.gethostname():
         return True
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -94,6 +98,8 @@ def lock_held(path: Path) -> bool:
 
 # ---------------------------------------------------------------- without fcntl (not POSIX)
 def _pid_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would terminate it there: assume it lives
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -139,10 +145,11 @@ def folder_lock(folder: Path) -> Iterator[None]:
     checkpoints and privacy ledger (each rewriting the ledger from its own copy: attempts lost,
     ε under-charged)."""
     path = Path(folder) / RUN_LOCK
-    fd = take_lock(path)
+    fd = take_lock(path, other_hosts=False)
     if fd is None:
         raise UserError(f"'{folder}' is in use by another lora-a2 process (it holds "
-                        f"{path}); wait for it to finish or stop it")
+                        f"{path}); wait for it to finish or stop it (if no process runs there, "
+                        f"delete that file)")
     try:
         yield
     finally:

@@ -4,6 +4,7 @@ against the schema (unknown keys get the nearest valid one in a one-line error).
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import tomllib
 from dataclasses import fields
@@ -50,6 +51,8 @@ def coerce_value(key: str, value: Any, annot: Any) -> Any:
         raise UserError(f"config key '{key}' must be an integer, got {value!r}")
     if annot is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # TOML has inf and nan; no setting means either
+                raise UserError(f"config key '{key}' must be a finite number, got {value!r}")
             return value if isinstance(value, int) and key == "train.clients_per_round" else float(value)
         raise UserError(f"config key '{key}' must be a number, got {value!r}")
     if annot is str:

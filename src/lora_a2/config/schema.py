@@ -333,7 +333,8 @@ class SecAggConfig:
     round survives dropouts as long as every client keeps this many live neighbours."""
     clipping_range: float = 8.0
     """Each entry of a client's secured vector must lie in [−c, c] (SecAgg+ clips silently;
-    the client clips first and logs how many entries it clipped)."""
+    the client clips first and logs how many entries it clipped); ≥ 1, as the last entry is
+    the client's weight n_k/S ≤ 1."""
     quantization_range: int = 4194304
     """Q: entries are quantised to Q levels over [−c, c] (step 2c/Q) before masking."""
     modulus_range: int = 4294967296

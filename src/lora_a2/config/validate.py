@@ -295,7 +295,9 @@ def _validate_secagg(cfg: Config) -> None:
             f"must be less than secagg.num_shares ({a.num_shares:g})", t)
     m = a.modulus_range
     require(m > 0 and m & (m - 1) == 0, "secagg.modulus_range", "must be a power of 2", m)
-    require(a.clipping_range > 0, "secagg.clipping_range", "must be > 0", a.clipping_range)
+    require(a.clipping_range >= 1, "secagg.clipping_range",
+            "must be ≥ 1: each client's vector ends with its weight n_k/S, up to 1, which the "
+            "server checks against the public partition", a.clipping_range)
     require(a.quantization_range >= 2, "secagg.quantization_range", "must be ≥ 2",
              a.quantization_range)
     require(a.timeout_s >= 0, "secagg.timeout_s", "must be ≥ 0", a.timeout_s)

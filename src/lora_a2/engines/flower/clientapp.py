@@ -12,7 +12,7 @@ from typing import Any
 from ...config import Config, config_from_dict
 from ...errors import UserError
 from ...experiment import prepare
-from ...payload import decode, encode
+from ...payload import InvalidPayload, decode, encode
 from ...rounds import eval_reply
 from ...messages import Task
 from ..secagg import (client_vector, fit_reply, secagg_dispatch_mod, task_bytes_of,
@@ -104,6 +104,10 @@ def client_train_secure(msg, context):
     exp, task, ctx = _client_task(context, config_toml, task_bytes_of(msg.content))
     update = exp.strategy.upload(ctx, task)
     exp.strategy.validate(task, update)  # a malformed upload fails here, loudly
+    if update.num_examples != ctx.num_examples:  # the server checks the sum's weight against
+        raise InvalidPayload(f"the upload claims {update.num_examples} training examples; "
+                             f"client {task.client_id} holds {ctx.num_examples} (the public "
+                             f"count the server weighs it by)")
     vector = client_vector(exp.strategy, task, update, exp.cfg.secagg.clipping_range,
                            weight_scale(exp))
     write_store(context, config_toml, ctx.store)
