@@ -22,10 +22,11 @@ from lora_a2.cli import main
 from lora_a2.config import load_config
 from lora_a2.engines.local import LocalTransport, drops_out, read_eval_reply, run_round
 from lora_a2.experiment import prepare
-from lora_a2.payload import InvalidPayload, Payload, encode
+from lora_a2.payload import InvalidPayload, Payload, decode, encode
 from lora_a2.errors import UserError
 from lora_a2.locks import RUN_LOCK
 from lora_a2.report import read_metrics
+from lora_a2.rounds import Reply
 from lora_a2.rounds import run_round as run_round_over
 from lora_a2.runner import check_out_dir, replace_out_dir
 from lora_a2.strategies import ClientContext, Update
@@ -177,6 +178,28 @@ def test_recorded_bytes_are_the_lengths_of_what_crossed(synthetic_csv, name):
         assert (row["download_bytes"], row["upload_bytes"]) == seen[row["client"]]
     assert record["upload_bytes"] == sum(up for _, up in seen.values())
     assert record["download_bytes"] == sum(down for down, _ in seen.values())
+
+
+def test_an_upload_claiming_more_examples_than_its_client_holds_is_rejected(synthetic_csv):
+    """The example count an upload claims is its weight in the aggregate; the server drew the
+    partition and knows each client's count, so a client claiming 5× its own (to outweigh the
+    others) is rejected with the reason, and the round aggregates the honest ones."""
+    class Inflating(LocalTransport):
+        def exchange(self, exp, rnd, tasks, on_client):
+            replies = super().exchange(exp, rnd, tasks, on_client)
+            upd = Update.from_payload(decode(replies[2].blob))
+            upd.num_examples *= 5
+            replies[2] = Reply(encode(upd.to_payload()))
+            return replies
+
+    exp = tiny_exp(synthetic_csv, "strategy.name=fl-lora")
+    state = exp.strategy.init_state(exp.runtime.initial_state())
+    _, record = run_round_over(exp, 1, state, Inflating(), None)
+    held = len(exp.client_train[2])
+    row = next(r for r in record["per_client"] if r["client"] == 2)
+    assert row["rejected"] == (f"upload claims {5 * held} training examples; client 2 holds "
+                               f"{held} in the partition")
+    assert record["status"] == "ok" and record["num_replies"] == 3
 
 
 # ---------------------------------------------------------------------- dropouts

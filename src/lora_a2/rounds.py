@@ -212,7 +212,8 @@ def collect_replies(exp: Experiment, plan: RoundPlan, replies: dict[int, Reply]
             continue
         row["upload_bytes"] = len(reply.blob)
         try:
-            update = receive_upload(strategy, plan.tasks[c], reply.blob, limits)
+            update = receive_upload(strategy, plan.tasks[c], reply.blob, limits,
+                                    examples=len(exp.client_train[c]))
         except InvalidPayload as e:
             reasons.append(f"client {c}: {e}")
             row.update(upload_params=0, rejected=str(e))

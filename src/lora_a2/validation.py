@@ -27,11 +27,17 @@ class UploadLimits:
     max_norm: float = 0.0  # 0 = no bound
 
 
-def receive_upload(strategy: Strategy, task: Task, blob: bytes, limits: UploadLimits) -> Update:
-    """Decode and validate one upload for ``task``; raise :class:`InvalidPayload` if unusable."""
+def receive_upload(strategy: Strategy, task: Task, blob: bytes, limits: UploadLimits,
+                   examples: int | None = None) -> Update:
+    """Decode and validate one upload for ``task``; raise :class:`InvalidPayload` if unusable.
+    ``examples``: the client's training-set size in the partition the server drew (public):
+    an upload claiming another count — the weight it gets in the aggregate — is refused."""
     update = Update.from_payload(decode(blob, limits.max_bytes))
     if update.client_id != task.client_id:
         raise InvalidPayload(f"upload names client {update.client_id}, expected {task.client_id}")
+    if examples is not None and update.num_examples != examples:
+        raise InvalidPayload(f"upload claims {update.num_examples} training examples; client "
+                             f"{task.client_id} holds {examples} in the partition")
     try:
         strategy.validate(task, update)
     except InvalidPayload:
