@@ -453,6 +453,29 @@ def test_secagg_server_receives_only_keys_shares_and_masked_vectors(sim4_seen):
             assert np.abs(counts / v.size - 1 / 8).max() < 5 * np.sqrt(7 / 64 / v.size), counts
 
 
+def test_a_node_lost_during_the_key_exchange_leaves_the_round(monkeypatch):
+    """Flower 1.42's unmask stage fails for the neighbours of a node lost during the key
+    exchange (they hold no share of it): right after that stage the node leaves the round's
+    bookkeeping, and the round goes on while every remaining node keeps `threshold` live
+    neighbours — and halts when it does not."""
+    monkeypatch.setattr(SecAggPlusWorkflow, "share_keys_stage", lambda self, g, c, s: False)
+    wf = secagg._workflow_class()(num_shares=1.0, reconstruction_threshold=0.5, max_weight=1.0,
+                                  clipping_range=8.0, quantization_range=1024,
+                                  modulus_range=2 ** 32)
+
+    def state(threshold):  # node 3 did not answer the key exchange
+        return SimpleNamespace(sampled_node_ids={1, 2, 3, 4}, active_node_ids={1, 2, 4},
+                               nid_to_neighbours={n: {1, 2, 3, 4} for n in (1, 2, 3, 4)},
+                               num_shares=4, threshold=threshold)
+
+    s = state(2)
+    assert wf.share_keys_stage(None, None, s) is True
+    assert s.sampled_node_ids == {1, 2, 4} and set(s.nid_to_neighbours) == {1, 2, 4}
+    assert all(3 not in nb for nb in s.nid_to_neighbours.values())
+    assert wf.settled == {"shares": 4, "threshold": 2}
+    assert wf.share_keys_stage(None, None, state(4)) is False  # 3 live neighbours < 4
+
+
 def test_secure_mean_divides_by_the_public_weight_and_refuses_a_forged_one():
     """Three clients x_k = [(n_k/S) v_k, n_k/S], S = 40: the mean is Σ n_k v_k / Σ n_k. A
     fourth, malicious client whose weight entry cancels the others' (every entry within the
