@@ -13,7 +13,9 @@ import torch
 
 from conftest import assert_config_error, run_cli, tiny_setup
 from lora_a2.aggregation import buffered_weights, staleness_weight
+from lora_a2.checks import load_config
 from lora_a2.cli import main
+from lora_a2.config.validate import phase_every
 from lora_a2.messages import Update
 from lora_a2.payload import flatten
 from lora_a2.report import read_metrics
@@ -208,8 +210,24 @@ def test_kill_and_resume_agree_exactly(tmp_path, synthetic_csv):
      "'fedsa-lora' does not declare it"),
     (["train.mode=async", "fleet.profile=uniform", "strategy.name=lora-a2",
       "strategy.options.renormalize=true"], "undo the staleness weights"),
+    (["train.mode=async", "fleet.profile=uniform", "secagg.enabled=true",
+      "engine.name=flower"], "cannot be combined with secagg.enabled"),
+    (["train.mode=async", "fleet.profile=uniform", "train.clients_per_round=3"],
+     "'train.clients_per_round' has no meaning with train.mode = 'async'"),
+    (["train.mode=async", "fleet.profile=uniform", "train.concurrency=4", "train.buffer_size=2",
+      "train.min_replies=3"], "'train.min_replies' must be ≤ train.buffer_size (2)"),
     (["train.mode=later"], "'train.mode' must be one of sync, async"),
     (["train.cross_phase=keep"], "'train.cross_phase' must be one of drop, apply"),
 ])
 def test_bad_async_combinations_are_one_line_errors(capsys, sets, needle):
     assert_config_error(capsys, ["data.num_clients=10", *sets], needle)
+
+
+def test_the_automatic_phase_length_rounds_up_and_an_explicit_one_wins():
+    """An A/B phase lasts ⌈concurrency / buffer_size⌉ aggregations in async mode (5 in flight,
+    buffers of 2: 3), 1 in sync mode; train.phase_every > 0 is taken as given."""
+    base = ["train.mode=async", "fleet.profile=uniform", "train.concurrency=5",
+            "train.buffer_size=2"]
+    assert phase_every(load_config(None, base)) == 3
+    assert phase_every(load_config(None, [*base, "train.phase_every=4"])) == 4
+    assert phase_every(load_config(None, [])) == 1

@@ -14,7 +14,8 @@ from conftest import assert_config_error
 from lora_a2.cli import main
 from lora_a2.config import FLEET_PROFILES, load_config
 from lora_a2.fleet import (COMPUTE, LINKS, PROFILES, Device, Fleet, close_round_clock,
-                           draw_profile, read_fleet_csv, training_flops_per_example)
+                           draw_profile, read_fleet_csv, selected_per_round,
+                           training_flops_per_example)
 from lora_a2.report import read_metrics
 
 TINY = ["model.name=tiny-random-bert", "model.max_length=24", "strategy.global_rank=4",
@@ -138,9 +139,20 @@ def test_bad_fleet_csv_is_a_one_line_error(tmp_path, capsys, content, needle):
     (["fleet.profile=mobile", "train.deadline_s=5", "strategy.rank_budget=auto",
       "strategy.name=fl-lora"], "'auto' needs a strategy whose upload is sized"),
     (["train.deadline_s=-1", "fleet.profile=mobile"], "train.deadline_s"),
+    (["fleet.profile=mobile", "secagg.enabled=true", "engine.name=flower"],
+     "'fleet.profile' cannot be combined with secagg.enabled"),
 ])
 def test_bad_combinations_are_one_line_errors(capsys, sets, needle):
     assert_config_error(capsys, sets, needle)
+
+
+def test_over_selection_samples_the_ceiling():
+    """⌈cpr · (1 + over_select)⌉ clients, at most K: 3 · 1.3 = 3.9 → 4; 3 · 2 = 6 exactly."""
+    cfg = load_config(None, ["data.num_clients=10", "fleet.profile=mobile",
+                             "train.over_select=0.3"])
+    assert selected_per_round(cfg, 3) == 4
+    cfg.train.over_select = 1.0
+    assert selected_per_round(cfg, 3) == 6 and selected_per_round(cfg, 8) == 10
 
 
 def test_lora_a2_declares_its_probe_in_its_passes():
@@ -154,6 +166,11 @@ def test_lora_a2_declares_its_probe_in_its_passes():
     assert passes("strategy.options.probe_epochs=2") == 4.0
     assert passes("strategy.options.probe_fraction=0.25") == pytest.approx(2.3)  # 3 of 10 steps
     assert passes("strategy.options.probe=reuse") == 2.0  # the probe is the first epoch
+    # reselect_every = 2: a round of a phase that reuses its selection runs no probe
+    cfg = load_config(None, ["train.local_epochs=2", "train.batch_size=10",
+                             "strategy.options.reselect_every=2"])
+    s = get_strategy(cfg)
+    assert [s.local_passes(r, 100) for r in (1, 2, 3, 4, 5)] == [3.0, 3.0, 2.0, 2.0, 3.0]
     assert passes("strategy.options.probe=gradient") == pytest.approx(2.4)  # 4 batches of 10
     assert get_strategy(load_config(None, ["train.local_epochs=2", "strategy.name=fl-lora"])
                         ).local_passes(1, 100) == 2.0

@@ -109,6 +109,11 @@ def test_num_clients_keeps_the_largest_and_max_examples_whole_clients() -> None:
     # a (5) and c (4) fit under 10 rows; d (3) would make 12: whole clients, never a sample
     assert capped.natural_ids == ["a", "c"] and capped.counts["beyond_max_train_examples"] == 2
     assert sum(len(p) for p in capped.parts) == 9
+    # a cap the running total meets exactly keeps the client that meets it: 5 + 4 = 9
+    assert natural_partition(ids, max_examples=9, min_examples=1).natural_ids == ["a", "c"]
+    # ties in size: the smaller id first
+    tied = ["x"] * 3 + ["b"] * 3 + ["a"] * 3 + ["z"] * 1
+    assert natural_partition(tied, num_clients=2, min_examples=1).natural_ids == ["a", "b"]
     with pytest.raises(UserError, match=r"only 4 natural clients"):
         natural_partition(ids, num_clients=5, min_examples=1)
     with pytest.raises(UserError, match=r"smaller than the largest natural client .*\(5 "):

@@ -216,6 +216,14 @@ def test_bad_plugins_are_skipped_with_one_line_each(tmp_path, synthetic_csv):
     # the built-ins' runs too, so the plugin is skipped at load
     fl_lora_plugin("opts", "Opts", "name = 'opts'\nOptions = dict")
     fl_lora_plugin("ratio", "Ratio", "name = 'ratio'\npaper_lr_ratio = '5'")
+    fl_lora_plugin("flag", "Flag", "name = 'flag'\npersonalized = 'yes'")
+    fl_lora_plugin("refusals", "Refusals", "name = 'refusals'\ndp_refusals = ['central']")
+    fake_plugin(site, "nodefault", "nodefault_pkg:NoDefault", "nodefault_pkg",
+                "import dataclasses\nfrom lora_a2.strategies.fl_lora import FlLora\n"
+                "from lora_a2.strategies.options import StrategyOptions\n"
+                "class NoDefault(FlLora):\n    name = 'nodefault'\n"
+                "    @dataclasses.dataclass\n    class Options(StrategyOptions):\n"
+                "        mu: float\n")
     # an option typed with a name that exists only for type checkers
     fake_plugin(site, "hinted", "hinted_pkg:Hinted", "hinted_pkg",
                 "from __future__ import annotations\nimport dataclasses\n"
@@ -233,8 +241,13 @@ def test_bad_plugins_are_skipped_with_one_line_each(tmp_path, synthetic_csv):
     assert r.returncode == 0
     assert "fl-lora" in r.stdout and "lora-a2" in r.stdout  # the built-ins are untouched
     warnings = r.stderr.strip().splitlines()
-    assert len(warnings) == 7, r.stderr
+    assert len(warnings) == 10, r.stderr
     assert any("plugin 'hinted' (hinted_pkg): NameError" in w for w in warnings)
+    assert any("plugin 'flag' (flag_pkg): TypeError: Flag.personalized must be True or False"
+               in w for w in warnings)
+    assert any("plugin 'refusals' (refusals_pkg): TypeError: Refusals.dp_refusals must be a "
+               "dict" in w for w in warnings)
+    assert any("plugin 'nodefault' (nodefault_pkg): TypeError" in w for w in warnings)
     assert any("plugin 'exiter' (exiter_pkg): SystemExit: exiter needs a GPU" in w
                for w in warnings)  # sys.exit() at import skips the plugin, not the command
     assert any("plugin 'opts' (opts_pkg): TypeError: Opts.Options must be a @dataclass" in w
