@@ -308,6 +308,28 @@ def test_lora_a2_learns_and_the_adapter_reloads_with_peft(tmp_path, instr_json, 
     assert err.count("\n") == 0 and "its exported tokenizer cannot be loaded" in err, err
 
 
+@pytest.mark.parametrize("strategy", ["flexlora", "fedex-lora"])
+def test_an_exported_merged_delta_reproduces_the_run(tmp_path, instr_json, strategy):
+    """FlexLoRA's and FedEx-LoRA's global model is not base + one LoRA product: the export
+    adds merged_delta.safetensors to the base, and what `lora-a2 generate` loads from it (base +
+    delta + adapter) gives the run's own final held-out loss."""
+    from lora_a2.generate import load_trained
+    from lora_a2.tasks.causal_lm import example_nll
+
+    out = run_cli(tmp_path / strategy, f"json:{instr_json}", "data.num_clients=3",
+                  "train.rounds=2", "strategy.lr=5e-3", f"strategy.name={strategy}",
+                  "task.generate_examples=0")
+    assert (out / "adapter" / "merged_delta.safetensors").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    model, _, _ = load_trained(out, base_only=False)
+    exp = tiny_task(f"json:{instr_json}")
+    nll, tokens = example_nll(model, exp.enc_test, 16, torch.device("cpu"))
+    assert nll.sum() / tokens.sum() == pytest.approx(summary["final_loss"], rel=1e-5)
+    base, _, _ = load_trained(out, base_only=True)  # without the delta: another model
+    nll0, _ = example_nll(base, exp.enc_test, 16, torch.device("cpu"))
+    assert abs(float(nll0.sum() - nll.sum())) > 1e-3 * float(nll.sum())
+
+
 def test_generate_refuses_a_classification_run(tmp_path, synthetic_csv, capsys):
     out = tmp_path / "cls"
     assert main(["run", "--quiet", "--out", str(out), "--set", f"data.name=csv:{synthetic_csv}",
