@@ -175,10 +175,11 @@ def _run_experiment(cfg: Config, out: Path, *, overwrite: bool, progress: bool, 
         check_same_config(cfg, resume_config(out), out)
         held.enter_context(folder_lock(out))
     else:  # a bad --out is refused before the model loads; the old run is deleted only after
-        out = check_out_dir(out, overwrite, config_inputs(cfg))
+        inputs = config_inputs(cfg)
+        out = check_out_dir(out, overwrite, inputs)
     exp = exp if exp is not None else prepare(cfg)  # a bad model or data source fails here
     if not resume:
-        replace_out_dir(out, overwrite, config_inputs(cfg))
+        replace_out_dir(out, overwrite, inputs)
         held.enter_context(folder_lock(out))
         atomic_write_text(out / "config.toml", cfg.to_toml())
         if warning := rebuildable_noise_warning(cfg):  # a new run, once its folder is set up

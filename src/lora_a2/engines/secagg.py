@@ -118,7 +118,12 @@ def _workflow_class():
     from flwr.server.workflow import SecAggPlusWorkflow
 
     class _PrunedSecAggPlus(SecAggPlusWorkflow):
-        """Flower's workflow, plus: a node lost during the key exchange leaves the round."""
+        """Flower's workflow, plus: a node lost during the key exchange leaves the round, and
+        ``settled`` keeps the shares and threshold the setup stage derived (empty until then)."""
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.settled: dict[str, int] = {}
 
         def share_keys_stage(self, grid, context, state) -> bool:  # noqa: D401
             # what the setup stage settled on for this round, for the round's record
@@ -240,12 +245,11 @@ def run_secure_round(grid, cfg, rnd: int, blobs: dict[int, bytes], node_of: dict
     workflow(metered, ctx)
     down = sum(v[0] for v in metered.stages.values())
     up = sum(v[1] for v in metered.stages.values())
-    settled = getattr(workflow, "settled", {})
     if "mean_of_x" not in out:
-        return SecureResult(None, [], down, up, metered.stages, settled=settled)
+        return SecureResult(None, [], down, up, metered.stages, settled=workflow.settled)
     survivors = out["survivors"]
     total = np.asarray(out["mean_of_x"], dtype=np.float64) * len(survivors)  # Σ_k x_k
     mean, reason = secure_mean(total, sum(weights[c] for c in survivors), len(survivors),
                                float(a.clipping_range), int(a.quantization_range))
     return SecureResult(mean, survivors, down, up, metered.stages, float(total[-1]), reason,
-                        settled)
+                        workflow.settled)
