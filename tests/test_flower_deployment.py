@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,10 +29,20 @@ from flower_util import (BIN, ROOT, TINY, assert_same_run, final_state,  # noqa:
 pytestmark = pytest.mark.xdist_group("deployment")
 
 
+_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port, never one this module handed out before: the kernel may hand the
+    same ephemeral port to two ``bind(0)`` calls once the first socket is closed, and two
+    SuperNodes on one Runtime API port leave one of them dead."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 def stop(procs: list[subprocess.Popen]) -> None:
@@ -111,11 +122,21 @@ def start_federation(tmp_path: Path, secure: bool, nodes: int = 2,
            "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(extra_env or {})}
     procs: list[subprocess.Popen] = []
     logs = []
+    running: dict[str, subprocess.Popen] = {}
     try:
         def start(name: str, cmd: list[str]) -> None:
-            log = open(tmp_path / f"{name}.log", "w")
+            log = open(tmp_path / f"{name}.log", "a")  # a restarted node appends to its log
             logs.append(log)
             procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
+            running[name] = procs[-1]
+
+        def start_node(k: int) -> None:
+            node = ["--insecure"] if not secure else [
+                "--root-certificates", str(creds / "ca.crt"),
+                "--auth-supernode-private-key", str(creds / f"node{k}.key")]
+            start(f"supernode{k}", [str(BIN / "flower-supernode"), *node, "--superlink",
+                                    f"127.0.0.1:{port}", "--port", str(free_port()),
+                                    "--node-config", f"partition-id={k} num-partitions={nodes}"])
 
         link = ["--insecure"] if not secure else [
             "--ssl-ca-certfile", str(creds / "ca.crt"), "--ssl-certfile", str(creds / "server.pem"),
@@ -130,13 +151,8 @@ def start_federation(tmp_path: Path, secure: bool, nodes: int = 2,
                                    capture_output=True, text=True, timeout=120)
                 assert "registered successfully" in r.stdout, r.stdout + r.stderr
         for k in range(nodes):
-            node = ["--insecure"] if not secure else [
-                "--root-certificates", str(creds / "ca.crt"),
-                "--auth-supernode-private-key", str(creds / f"node{k}.key")]
-            start(f"supernode{k}", [str(BIN / "flower-supernode"), *node, "--superlink",
-                                    f"127.0.0.1:{port}", "--port", str(free_port()),
-                                    "--node-config", f"partition-id={k} num-partitions={nodes}"])
-        wait_for_nodes(tmp_path / "superlink.log", port, nodes=nodes)
+            start_node(k)
+        wait_for_nodes(tmp_path, port, nodes, running, restart=start_node)
         yield env, tmp_path, port, creds
     finally:
         stop(procs)
@@ -150,7 +166,7 @@ def secure_federation(tmp_path):
     yield from start_federation(tmp_path, secure=True)
 
 
-def wait_for_port(port: int, timeout: float = 90.0) -> None:
+def wait_for_port(port: int, timeout: float = 240.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -161,20 +177,44 @@ def wait_for_port(port: int, timeout: float = 90.0) -> None:
     raise TimeoutError(f"SuperLink on port {port} not up in {timeout} s")
 
 
-def wait_for_nodes(log: Path, port: int, nodes: int, timeout: float = 90.0) -> None:
+def log_tails(tmp: Path, chars: int = 1500) -> str:
+    """The end of every process log in ``tmp``: what a failed start-up leaves to read."""
+    return "".join(f"\n--- {log.name} ---\n{log.read_text(errors='replace')[-chars:]}"
+                   for log in sorted(tmp.glob("*.log")))
+
+
+def wait_for_nodes(tmp: Path, port: int, nodes: int, running: dict[str, subprocess.Popen],
+                   restart: Callable[[int], None], timeout: float = 240.0) -> None:
     """Block until the SuperLink accepts connections and ``nodes`` SuperNodes activated: a
-    ``flwr run`` issued earlier fails with "Connection to the SuperLink is unavailable"."""
+    ``flwr run`` issued earlier fails with "Connection to the SuperLink is unavailable". Four
+    Python processes importing flwr beside another xdist worker can take minutes on 2 cores, so
+    the wait is long. A SuperNode whose Runtime API port was taken between ``free_port`` and its
+    bind (the Ray simulations on the other worker open ports all the time) is started again on
+    a new port, at most twice; any other process that exits fails at once, with every log."""
     deadline = time.monotonic() + timeout
+    restarts = 0
     while time.monotonic() < deadline:
+        for name, proc in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log = (tmp / f"{name}.log").read_text(errors="replace")
+            if name.startswith("supernode") and "address already in use" in log and restarts < 2:
+                restarts += 1
+                restart(int(name.removeprefix("supernode")))
+                continue
+            raise RuntimeError(f"{name} exited (code {proc.returncode}) while the federation "
+                               "started" + log_tails(tmp))
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
                 pass
-            if log.read_text(errors="replace").count("Activated node_id") >= nodes:
+            if (tmp / "superlink.log").read_text(errors="replace").count(
+                    "Activated node_id") >= nodes:
                 return
         except OSError:
             pass
         time.sleep(0.2)
-    raise TimeoutError(f"SuperLink on port {port} / {nodes} SuperNodes not up in {timeout} s")
+    raise TimeoutError(f"SuperLink on port {port} / {nodes} SuperNodes not up in {timeout} s"
+                       + log_tails(tmp))
 
 
 def done(out: Path) -> bool:
