@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -103,56 +102,41 @@ def make_credentials(d: Path, nodes: int) -> None:
             serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
 
 
+class PortTaken(RuntimeError):
+    """A process of the federation could not bind the port ``free_port`` gave it."""
+
+
 def start_federation(tmp_path: Path, secure: bool, nodes: int = 2,
                      extra_env: dict[str, str] | None = None):
     """A SuperLink and two SuperNodes (partitions 0 and 1) on 127.0.0.1. ``secure=False``:
     ``--insecure`` (loopback only). ``secure=True``: docs/ENGINES.md's production setup — TLS with a
     CA certificate and SuperNode authentication, each node's public key registered with
-    ``flwr supernode register`` before the node starts. Yields (env, tmp_path, port, creds)."""
-    home = tmp_path / "flwr-home"
-    home.mkdir()
-    port = free_port()
+    ``flwr supernode register`` before the node starts. Yields (env, tmp_path, port, creds).
+
+    A port can be taken between ``free_port`` and the bind (the Ray simulations on the other
+    xdist worker open ports all the time); the whole federation then starts again on new ports,
+    at most three times in all."""
     creds = tmp_path / "creds"
     if secure:
         make_credentials(creds, nodes=3)  # node2 is never registered
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{port}"\n'
-        + (f'root-certificates = "{creds / "ca.crt"}"\n' if secure else "insecure = true\n"))
-    env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(extra_env or {})}
-    procs: list[subprocess.Popen] = []
-    logs = []
-    running: dict[str, subprocess.Popen] = {}
+    for attempt in range(3):
+        procs: list[subprocess.Popen] = []
+        logs: list = []
+        up = False
+        try:
+            env, port = launch(tmp_path, secure, nodes, extra_env, creds, procs, logs)
+            up = True
+        except PortTaken:
+            if attempt == 2:
+                raise
+        finally:
+            if not up:
+                stop(procs)
+                for log in logs:
+                    log.close()
+        if up:
+            break
     try:
-        def start(name: str, cmd: list[str]) -> None:
-            log = open(tmp_path / f"{name}.log", "a")  # a restarted node appends to its log
-            logs.append(log)
-            procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
-            running[name] = procs[-1]
-
-        def start_node(k: int) -> None:
-            node = ["--insecure"] if not secure else [
-                "--root-certificates", str(creds / "ca.crt"),
-                "--auth-supernode-private-key", str(creds / f"node{k}.key")]
-            start(f"supernode{k}", [str(BIN / "flower-supernode"), *node, "--superlink",
-                                    f"127.0.0.1:{port}", "--port", str(free_port()),
-                                    "--node-config", f"partition-id={k} num-partitions={nodes}"])
-
-        link = ["--insecure"] if not secure else [
-            "--ssl-ca-certfile", str(creds / "ca.crt"), "--ssl-certfile", str(creds / "server.pem"),
-            "--ssl-keyfile", str(creds / "server.key"), "--enable-supernode-auth"]
-        start("superlink", [str(BIN / "flower-superlink"), *link, "--port", str(port),
-                            "--disable-runtime-dependency-installation"])
-        if secure:
-            wait_for_port(port)
-            for k in range(2):
-                r = subprocess.run([str(BIN / "flwr"), "supernode", "register",
-                                    str(creds / f"node{k}.pub"), "test"], env=env,
-                                   capture_output=True, text=True, timeout=120)
-                assert "registered successfully" in r.stdout, r.stdout + r.stderr
-        for k in range(nodes):
-            start_node(k)
-        wait_for_nodes(tmp_path, port, nodes, running, restart=start_node)
         yield env, tmp_path, port, creds
     finally:
         stop(procs)
@@ -161,20 +145,50 @@ def start_federation(tmp_path: Path, secure: bool, nodes: int = 2,
     assert all(p.poll() is not None for p in procs)
 
 
+def launch(tmp_path: Path, secure: bool, nodes: int, extra_env: dict[str, str] | None,
+           creds: Path, procs: list[subprocess.Popen], logs: list) -> tuple[dict, int]:
+    """Start the SuperLink and ``nodes`` SuperNodes (appending to ``procs`` and ``logs``) and wait
+    until every node is activated; the processes' environment and the SuperLink's port."""
+    home = tmp_path / "flwr-home"
+    home.mkdir(exist_ok=True)
+    port = free_port()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{port}"\n'
+        + (f'root-certificates = "{creds / "ca.crt"}"\n' if secure else "insecure = true\n"))
+    env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(extra_env or {})}
+
+    def start(name: str, cmd: list[str]) -> None:
+        log = open(tmp_path / f"{name}.log", "w")
+        logs.append(log)
+        procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
+
+    link = ["--insecure"] if not secure else [
+        "--ssl-ca-certfile", str(creds / "ca.crt"), "--ssl-certfile", str(creds / "server.pem"),
+        "--ssl-keyfile", str(creds / "server.key"), "--enable-supernode-auth"]
+    start("superlink", [str(BIN / "flower-superlink"), *link, "--port", str(port),
+                        "--disable-runtime-dependency-installation"])
+    if secure:
+        wait_for_nodes(tmp_path, port, 0, procs)
+        for k in range(2):
+            r = subprocess.run([str(BIN / "flwr"), "supernode", "register",
+                                str(creds / f"node{k}.pub"), "test"], env=env,
+                               capture_output=True, text=True, timeout=120)
+            assert "registered successfully" in r.stdout, r.stdout + r.stderr
+    for k in range(nodes):
+        node = ["--insecure"] if not secure else [
+            "--root-certificates", str(creds / "ca.crt"),
+            "--auth-supernode-private-key", str(creds / f"node{k}.key")]
+        start(f"supernode{k}", [str(BIN / "flower-supernode"), *node, "--superlink",
+                                f"127.0.0.1:{port}", "--port", str(free_port()),
+                                "--node-config", f"partition-id={k} num-partitions={nodes}"])
+    wait_for_nodes(tmp_path, port, nodes, procs)
+    return env, port
+
+
 @pytest.fixture
 def secure_federation(tmp_path):
     yield from start_federation(tmp_path, secure=True)
-
-
-def wait_for_port(port: int, timeout: float = 240.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise TimeoutError(f"SuperLink on port {port} not up in {timeout} s")
 
 
 def log_tails(tmp: Path, chars: int = 1500) -> str:
@@ -183,32 +197,26 @@ def log_tails(tmp: Path, chars: int = 1500) -> str:
                    for log in sorted(tmp.glob("*.log")))
 
 
-def wait_for_nodes(tmp: Path, port: int, nodes: int, running: dict[str, subprocess.Popen],
-                   restart: Callable[[int], None], timeout: float = 240.0) -> None:
+def wait_for_nodes(tmp: Path, port: int, nodes: int, procs: list[subprocess.Popen],
+                   timeout: float = 240.0) -> None:
     """Block until the SuperLink accepts connections and ``nodes`` SuperNodes activated: a
     ``flwr run`` issued earlier fails with "Connection to the SuperLink is unavailable". Four
     Python processes importing flwr beside another xdist worker can take minutes on 2 cores, so
-    the wait is long. A SuperNode whose Runtime API port was taken between ``free_port`` and its
-    bind (the Ray simulations on the other worker open ports all the time) is started again on
-    a new port, at most twice; any other process that exits fails at once, with every log."""
+    the wait is long; a process that exits meanwhile ends it at once: ``PortTaken`` when its log
+    says its port was in use, else an error with every log's tail."""
     deadline = time.monotonic() + timeout
-    restarts = 0
     while time.monotonic() < deadline:
-        for name, proc in list(running.items()):
-            if proc.poll() is None:
-                continue
-            log = (tmp / f"{name}.log").read_text(errors="replace")
-            if name.startswith("supernode") and "address already in use" in log and restarts < 2:
-                restarts += 1
-                restart(int(name.removeprefix("supernode")))
-                continue
-            raise RuntimeError(f"{name} exited (code {proc.returncode}) while the federation "
-                               "started" + log_tails(tmp))
+        for proc in procs:
+            if proc.poll() is not None:
+                why = f"{Path(proc.args[0]).name} exited (code {proc.returncode}) while the " \
+                      "federation started" + log_tails(tmp)
+                raise PortTaken(why) if "address already in use" in why else RuntimeError(why)
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
                 pass
-            if (tmp / "superlink.log").read_text(errors="replace").count(
-                    "Activated node_id") >= nodes:
+            log = (tmp / "superlink.log").read_text(errors="replace")
+            # (the socket alone is not enough: whatever took the port may be listening on it)
+            if "Uvicorn running on" in log and log.count("Activated node_id") >= nodes:
                 return
         except OSError:
             pass
