@@ -254,6 +254,28 @@ def test_deployment_engine_with_tls_and_supernode_auth(secure_federation, synthe
             stop([rogue])
     assert rogue.returncode != 0
     assert "Failed to activate SuperNode" in (tmp / "rogue.log").read_text()
+    # a registered key without TLS: node authentication needs TLS, so Flower refuses to start
+    # before it ever reaches the SuperLink: the process exits 1 and logs Flower's code 303
+    plain = subprocess.run(
+        [str(BIN / "flower-supernode"), "--insecure", "--auth-supernode-private-key",
+         str(creds / "node0.key"), "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
+         "--max-retries", "1", "--node-config", "partition-id=0 num-partitions=2"],
+        env=env, capture_output=True, text=True, timeout=120)
+    said = plain.stdout + plain.stderr
+    assert plain.returncode != 0 and "Exit Code: 303" in said, said[-2000:]
+    # a plaintext node with no key against the TLS SuperLink never activates
+    with open(tmp / "plaintext.log", "w") as log:
+        cleartext = subprocess.Popen(
+            [str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
+             "--port", str(free_port()), "--max-retries", "1",
+             "--node-config", "partition-id=0 num-partitions=2"],
+            env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            cleartext.wait(timeout=120)
+        finally:
+            stop([cleartext])
+    assert cleartext.returncode != 0, (tmp / "plaintext.log").read_text()[-2000:]
+    assert (tmp / "superlink.log").read_text().count("Activated node_id") == 2
 
 
 def deploy_and_compare(env: dict, tmp: Path, synthetic_csv: Path) -> None:
