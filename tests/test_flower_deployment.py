@@ -118,7 +118,7 @@ def start_federation(tmp_path: Path, secure: bool, nodes: int = 2,
     at most three times in all."""
     creds = tmp_path / "creds"
     if secure:
-        make_credentials(creds, nodes=3)  # node2 is never registered
+        make_credentials(creds, nodes=nodes + 1)  # the last key is never registered
     for attempt in range(3):
         procs: list[subprocess.Popen] = []
         logs: list = []
@@ -170,7 +170,7 @@ def launch(tmp_path: Path, secure: bool, nodes: int, extra_env: dict[str, str] |
                         "--disable-runtime-dependency-installation"])
     if secure:
         wait_for_nodes(tmp_path, port, 0, procs)
-        for k in range(2):
+        for k in range(nodes):
             r = subprocess.run([str(BIN / "flwr"), "supernode", "register",
                                 str(creds / f"node{k}.pub"), "test"], env=env,
                                capture_output=True, text=True, timeout=120)
@@ -235,9 +235,9 @@ def done(out: Path) -> bool:
 
 def test_deployment_engine_with_tls_and_supernode_auth(secure_federation, synthetic_csv):
     """docs/ENGINES.md's production commands: TLS + registered SuperNodes run the same experiment as
-    the local engine, and a SuperNode whose key was never registered is refused. (The
-    insecure loopback federation runs in the SecAgg+ test below: one federation per way of
-    starting one, ≈ 60 s each on 2 cores.)"""
+    the local engine, and a SuperNode whose key was never registered is refused. (The SecAgg+
+    test below runs on this setup too, with three nodes; the insecure loopback commands are
+    only started, in the test after it: a ``flwr run`` costs ≈ 60 s on 2 cores.)"""
     env, tmp, port, creds = secure_federation
     deploy_and_compare(env, tmp, synthetic_csv)
     # (a log file, not a pipe: the node's helper process may hold a pipe open after it exits)
@@ -321,16 +321,28 @@ def deploy(env: dict, tmp: Path, synthetic_csv: Path, sets: list[str]) -> Path:
 
 
 
+def test_the_insecure_loopback_federation_starts(tmp_path):
+    """ENGINES.md's loopback commands (``--insecure`` on both sides): the SuperLink serves and
+    both SuperNodes activate, without TLS and without any key registered."""
+    federation = start_federation(tmp_path, secure=False)
+    env, tmp, port, creds = next(federation)
+    assert not creds.exists()
+    log = (tmp / "superlink.log").read_text()
+    assert "insecure" in log.lower() and log.count("Activated node_id") == 2
+    federation.close()
+
+
 @pytest.fixture
 def federation3_with_a_failing_node(tmp_path):
-    yield from start_federation(tmp_path, secure=False, nodes=3,
+    yield from start_federation(tmp_path, secure=True, nodes=3,
                                 extra_env={"LORA_A2_FLOWER_FAULT": "1:2"})
 
 
 def test_secagg_on_the_deployment_engine_with_a_node_dropping_out(
         federation3_with_a_failing_node, synthetic_csv):
-    """SecAgg+ through real SuperLink/SuperNode processes (each SecAgg+ stage a separate
-    ClientApp process; the protocol state lives in the node's Context): client 2 fails after
+    """SecAgg+ through real SuperLink/SuperNode processes, on TLS with SuperNode authentication
+    (the production setup: each SecAgg+ stage a separate ClientApp process; the protocol state
+    lives in the node's Context): client 2 fails after
     the key exchange, the round sums the other two, and the state equals the plain Simulation
     Engine run with the same failure (on the local engine, which equals Flower's) up to
     quantisation."""
