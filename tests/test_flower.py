@@ -254,6 +254,43 @@ def test_node_discovery_keeps_one_node_per_valid_partition(monkeypatch):
     assert rounds.discover(wait=False) == ["node 15: query failed: boom"]
 
 
+@pytest.mark.parametrize("timeout_s,passed", [(30.0, 30.0), (0.0, None)])
+def test_a_node_that_does_not_answer_in_time_is_a_dropped_client(monkeypatch, timeout_s,
+                                                                  passed):
+    """``engine.round_timeout_s`` reaches Flower's ``send_and_receive`` (0: wait for every
+    reply), and a client whose node sent nothing back by then is a failure "no reply within
+    …" while the others' replies are read. (Flower returning without the hung node, for real,
+    is ``test_simulation_node_that_times_out_is_dropped``, ``-m slow``.)"""
+    from flwr.app import Message
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from lora_a2.config import load_config as parse
+    from lora_a2.engines.flower import pack
+
+    for key in ("_task_id", "_run_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, key, 1)
+    asked = []
+
+    class Grid:
+        def send_and_receive(self, messages, timeout=None):
+            asked.append(timeout)  # node 12 (client 1) hangs past the timeout
+            return [Message(pack(b"up%d" % m.metadata.dst_node_id), reply_to=m)
+                    for m in messages if m.metadata.dst_node_id != 12]
+
+    cfg = parse(None, ["data.num_clients=3", "engine.name=flower",
+                       f"engine.round_timeout_s={timeout_s}"])
+    rounds = FlowerRounds(Grid(), cfg, 0)
+    rounds.node_of = {0: 11, 1: 12, 2: 13}
+    rounds._discover_s = 0.0
+    rounds._down = rounds._up = 0
+    seen = []
+    replies = rounds.exchange(None, 1, {0: b"a", 1: b"b", 2: b"c"}, seen.append)
+    assert asked == [passed]
+    assert replies[1].failure == f"no reply within {passed} s" and replies[1].blob is None
+    assert (replies[0].blob, replies[2].blob) == (b"up11", b"up13")
+    assert replies[0].failure is None and seen == [0, 1, 2]
+
+
 def test_a_node_refuses_a_task_for_another_partition(monkeypatch):
     """A task addressed to client 1 that reaches the node holding partition 0 fails there."""
     _, s, rt, _ = tiny_setup(["strategy.name='fl-lora'"], 2, n=40, max_length=16)
