@@ -25,7 +25,6 @@ from lora_a2.errors import UserError  # noqa: E402
 from flwr.common import bytes_to_ndarray  # noqa: E402
 
 from lora_a2.engines import secagg  # noqa: E402
-from lora_a2.engines.secagg import secure_mean  # noqa: E402
 from lora_a2.engines.flower import clientapp  # noqa: E402
 from lora_a2.engines.flower.records import CONFIG_RECORD  # noqa: E402
 from lora_a2.engines.flower.transport import FlowerRounds  # noqa: E402
@@ -511,30 +510,6 @@ def test_a_node_lost_during_the_key_exchange_leaves_the_round(monkeypatch):
     assert all(3 not in nb for nb in s.nid_to_neighbours.values())
     assert wf.settled == {"shares": 4, "threshold": 2}
     assert wf.share_keys_stage(None, None, state(4)) is False  # 3 live neighbours < 4
-
-
-def test_secure_mean_divides_by_the_public_weight_and_refuses_a_forged_one():
-    """Three clients x_k = [(n_k/S) v_k, n_k/S], S = 40: the mean is Σ n_k v_k / Σ n_k. A
-    fourth, malicious client whose weight entry cancels the others' (every entry within the
-    clipping range) would make the sum's weight ≈ 0 and the mean explode: refused, with the
-    reason. Quantisation noise within n·2c/Q of the public weight is accepted."""
-    g = np.random.default_rng(0)
-    n, S = np.array([10, 30, 40]), 40.0
-    v = g.normal(size=(3, 5))
-    x = np.hstack([(n / S)[:, None] * v, (n / S)[:, None]])
-    public = float(n.sum() / S)
-    want = (n[:, None] * v).sum(0) / n.sum()
-    mean, reason = secure_mean(x.sum(0), public, 3, 8.0, 4194304)
-    assert reason is None and np.allclose(mean.numpy(), want, atol=1e-12)
-    step = 2 * 8.0 / 4194304
-    noisy = x.sum(0) + np.r_[np.zeros(5), 2.9 * step]  # within the quantisation error
-    assert secure_mean(noisy, public, 3, 8.0, 4194304)[1] is None
-    forged = np.r_[np.full(5, 7.9), -public + 1e-6]  # |entries| ≤ c = 8
-    total = x.sum(0) + forged
-    mean, reason = secure_mean(total, public + 0.0, 4, 8.0, 4194304)
-    assert mean is None and "weight entry is 1e-06" in reason and "malformed" in reason
-    # what dividing by the sent weight would have given: a mean a million times too large
-    assert np.abs(total[:-1] / total[-1]).max() > 1e6
 
 
 def test_secagg_with_local_dp_sums_the_clients_noised_uploads(tmp_path, sim4):

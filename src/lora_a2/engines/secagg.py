@@ -42,6 +42,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..secure_sum import secure_mean
+
 log = logging.getLogger(__name__)
 
 SECAGG_CONFIGS = "secaggplus_configs"  # the ConfigRecord every SecAgg+ message carries
@@ -70,20 +72,6 @@ def weight_scale(exp) -> float:
 
 
 # ---------------------------------------------------------------------- client side
-def client_vector(strategy, task, update, clip: float, scale: float) -> np.ndarray:
-    """x_k = [(n_k / S) · v_k, n_k / S] as float64, clipped to ±clip (count logged); S =
-    :func:`weight_scale`, which every node computes from the public partition itself."""
-    w = update.num_examples / scale
-    v = strategy.secure_vector(task, update).to(torch.float64) * w
-    x = torch.cat([v, torch.tensor([w], dtype=torch.float64)]).numpy()
-    over = int(np.sum(np.abs(x) > clip))
-    if over:
-        log.warning("client %d: %d entries outside ±secagg.clipping_range = %g were clipped",
-                    task.client_id, over, clip)
-        x = np.clip(x, -clip, clip)
-    return x
-
-
 def fit_reply(vector: np.ndarray):
     """The FitRes-shaped RecordDict ``secaggplus_mod`` expects from the wrapped train function
     (its SecAgg+ weight = 1 = ``max_weight``: the workflow then returns the plain mean)."""
@@ -166,26 +154,6 @@ class _MeteredGrid:
         entry[0] += down
         entry[1] += up
         return replies
-
-
-def secure_mean(total: np.ndarray, public_weight: float, clients: int, clip: float,
-                quantization_range: int) -> tuple[torch.Tensor | None, str | None]:
-    """The data-weighted mean Σ_k n_k v_k / Σ_k n_k from the unmasked sum Σ_k x_k of
-    ``clients`` vectors x_k = [(n_k/S) v_k, n_k/S]; (None, reason) when its last entry is not
-    ``public_weight`` = Σ_k n_k/S, which the server computes from the public partition.
-
-    Clipping bounds each entry of a client's vector, but not the sign of its weight entry: a
-    client that sends minus the others' weights would drive the sum's weight to ≈ 0 and the
-    mean to any size. The entry may differ from the public value only by the quantisation
-    error, at most ``clients`` · 2c/Q (doubled here for the float arithmetic around it); the
-    mean then divides by the public value, not the one the clients sent."""
-    tolerance = 2 * clients * 2 * clip / quantization_range
-    got = float(total[-1])
-    if not (public_weight > 0 and abs(got - public_weight) <= tolerance):
-        return None, (f"the secure sum's weight entry is {got:.6g}, not the survivors' public "
-                      f"Σ n_k/S = {public_weight:.6g} (± {tolerance:.2g}): a client sent a "
-                      f"malformed vector")
-    return torch.from_numpy(np.asarray(total[:-1], dtype=np.float64) / public_weight), None
 
 
 def run_secure_round(grid, cfg, rnd: int, blobs: dict[int, bytes], node_of: dict[int, int],

@@ -15,8 +15,8 @@ from ...experiment import prepare
 from ...payload import InvalidPayload, decode, encode
 from ...rounds import eval_reply
 from ...messages import Task
-from ..secagg import (client_vector, fit_reply, secagg_dispatch_mod, task_bytes_of,
-                      weight_scale)
+from ...secure_sum import client_vector
+from ..secagg import fit_reply, secagg_dispatch_mod, task_bytes_of, weight_scale
 from .records import CONFIG_RECORD, STORE_RECORD, pack, unpack
 
 FAULT_ENV = "LORA_A2_FLOWER_FAULT"  # fault injection for tests: "ROUND:CLIENT[:hang]" entries
