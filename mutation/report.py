@@ -31,7 +31,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 # In the checkout: scripts/mutation.sh sets it when it runs this file from its scratch copy.
 SESSIONS = Path(os.environ.get("MUTATION_SESSIONS", HERE / "sessions"))
-ORDER = ("privacy", "selection", "aggregation", "lowrank", "payload", "validation", "budgets")
+ORDER = ("privacy", "selection", "aggregation", "lowrank", "payload", "validation", "budgets",
+         "secure_sum")
 
 
 def config(module: str) -> dict:

@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 VENV=${VENV:-$ROOT/.venv}
 PY=$VENV/bin/python
-ALL=(privacy selection aggregation lowrank payload validation budgets)
+ALL=(privacy selection aggregation lowrank payload validation budgets secure_sum)
 mode=full
 if [ "${1:-}" = "--survivors" ]; then mode=survivors; shift; fi
 mods=("$@")
