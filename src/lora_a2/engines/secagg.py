@@ -16,6 +16,7 @@ curious server; see docs/PRIVACY.md). How it is wired:
   client's training-set size, sent in the task). The last entry sums to Σ_k n_k / S, so the
   server gets the data-weighted mean Σ_k n_k v_k / Σ_k n_k — exactly what the plain
   aggregate uses — including when clients drop out. The count no longer travels in the clear.
+  (That arithmetic, free of Flower, is :mod:`lora_a2.secure_sum`.)
 - **Quantisation**: SecAgg+ clips every entry to ±``secagg.clipping_range`` (silently) and
   quantises it to ``secagg.quantization_range`` levels with stochastic rounding; the client
   clips first and logs how many entries it had to. The error per summed entry is at most
