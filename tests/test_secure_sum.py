@@ -63,8 +63,14 @@ def test_the_client_vector_clips_what_secagg_would_and_says_how_much(caplog):
 
 
 def test_the_tolerance_is_one_quantisation_step_per_client_doubled():
+    """n · 2c/Q, doubled; a weight entry exactly that far from the public one is still taken
+    (the bound is inclusive), a hair further is not."""
     assert quantisation_tolerance(3, 8.0, 4194304) == pytest.approx(2 * 3 * 16 / 4194304)
     assert quantisation_tolerance(1, 1.0, 4) == 1.0
+    for got in (2.0, 0.0):  # public 1, tolerance 1: both ends of the band, exactly
+        mean, reason = secure_mean(np.array([3.0, got]), 1.0, 1, 1.0, 4)
+        assert reason is None and mean.tolist() == [3.0]
+    assert secure_mean(np.array([3.0, np.nextafter(2.0, 3.0)]), 1.0, 1, 1.0, 4)[0] is None
 
 
 def test_secure_mean_divides_by_the_public_weight_and_refuses_a_forged_one():
