@@ -172,6 +172,32 @@ def test_central_noise_on_the_aggregate_has_the_configured_scale():
     assert abs(noise.mean()) < 0.05 * expected
 
 
+def test_central_noise_and_weights_when_half_the_clients_are_sampled_and_sizes_differ():
+    """q = 2 of 4 clients per round, examples 5, 10, 20 and 40: the weight cap defaults to the
+    largest client (40), W = Σ min(n_k/40, 1) = 1.875, the estimator's weights are
+    min(n_k/40, 1)/(qW) and the noise on the release has std z·C/(qW) — not z·C/W (ignoring q
+    would under-noise by 1/q) and not capped at the smallest client."""
+    z, clip = 2.0, 0.01
+    s, rt, ctxs = make("fedavg-full", "privacy.mechanism='gaussian'", "privacy.mode='central'",
+                       f"privacy.noise_multiplier={z}", f"privacy.clip={clip}",
+                       "train.clients_per_round=2", clients=4)
+    sizes = [5, 10, 20, 40]
+    s.bind_clients(sizes)
+    q, W = 0.5, (5 + 10 + 20 + 40) / 40
+    assert s.weight_cap() == 40.0
+    expected = z * clip / (q * W)
+    assert s.central_noise_scale() == pytest.approx(expected)
+    tasks = [s.configure(1, c, s.init_state(rt.initial_state())) for c in (1, 3)]
+    replies = [(t, Update(t.client_id, sizes[t.client_id], torch.zeros(3))) for t in tasks]
+    assert s.weights(replies) == pytest.approx([(10 / 40) / (q * W), 1.0 / (q * W)])
+    state = s.init_state(rt.initial_state())
+    noisy = s.add_central_noise(1, state)
+    names = rt.layout.group_names(["full"])
+    noise = torch.cat([(noisy.tensors[n] - state.tensors[n]).reshape(-1) for n in names]).double()
+    assert noise.numel() > 30_000
+    assert abs(noise.std() / expected - 1) < 0.02
+
+
 @pytest.mark.parametrize("name", ["flexlora", "flora"])
 @pytest.mark.parametrize("mechanism", ["gaussian", "laplace"])
 def test_central_product_clip_bounds_what_the_aggregate_sums(name, mechanism):
