@@ -701,8 +701,9 @@ def _crash_at(rnd_to_crash):
 def test_a_round_rerun_with_fresh_noise_is_charged(tmp_path, synthetic_csv):
     from lora_a2.runner import run_experiment
 
-    cfg = load_config(None, [f"data.name=csv:{synthetic_csv}", *TINY,
-                             "privacy.mechanism=gaussian", "privacy.noise_multiplier=2"])
+    cfg = load_config(None, [f"data.name=csv:{synthetic_csv}", *TINY, "strategy.name=lora-a2",
+                             "privacy.mechanism=gaussian", "privacy.noise_multiplier=2",
+                             "privacy.selection=private"])
     out = tmp_path / "run"
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_experiment(cfg, out, progress=False, round_fn=_crash_at(2))
@@ -712,6 +713,13 @@ def test_a_round_rerun_with_fresh_noise_is_charged(tmp_path, synthetic_csv):
     assert [r["releases_charged"] for r in rows] == [1, 3, 4]
     assert rows[-1]["epsilon"] == pytest.approx(plan.epsilon(4))
     assert rows[-1]["epsilon"] > plan.epsilon(3)
+    # the private selection is charged the same way, in the summary's two places too
+    summary = json.loads((out / "summary.json").read_text())
+    spent = plan.selection_spent(4)
+    assert spent > plan.selection_spent(3)
+    assert rows[-1]["selection_epsilon"] == pytest.approx(spent)
+    assert summary["selection_epsilon"] == pytest.approx(spent)
+    assert summary["privacy"]["selection_epsilon"] == pytest.approx(spent)
     assert json.loads((out / "privacy_ledger.json").read_text())["attempts"] == {
         "1": 1, "2": 2, "3": 1}
     # seeded noise re-draws the same release: nothing extra to charge, and no ledger
@@ -870,3 +878,24 @@ def test_central_release_of_a_fixed_size_strategy_keeps_its_bytes(tmp_path, synt
     assert all("train_loss" not in r and r["upload_bytes"] > 0 for r in rows)
     assert json.loads((out / "summary.json").read_text())["total_upload_bytes"] == sum(
         r["upload_bytes"] for r in rows)
+
+
+@pytest.mark.parametrize("name,says", [
+    ("hetlora", "hetlora: each client's kept rank and tail norm"),
+    ("fedsa-lora", "fedsa-lora: each client's evaluation answers"),
+    ("fl-lora", None)])
+def test_the_summary_names_what_a_strategy_sends_in_the_clear_under_local_dp(name, says):
+    """Local DP covers the noised values only: a strategy that also sends data-dependent values
+    in the clear (HetLoRA's pruning decision, a personalised strategy's evaluation answers) has
+    it in summary.json's caveats next to ε; a strategy that sends none has no such caveat."""
+    from lora_a2.runner import _privacy_summary
+
+    s, rt, ctxs = make(name, "privacy.mechanism='gaussian'", "privacy.mode='local'",
+                       "privacy.noise_multiplier=1")
+    caveats = _privacy_summary(SimpleNamespace(strategy=s), [{"epsilon": 1.0}])["privacy"][
+        "caveats"]
+    mine = [c for c in caveats if c.startswith(f"{name}:")]
+    if says is None:
+        assert mine == []
+    else:
+        assert len(mine) == 1 and mine[0].startswith(says) and "not covered by ε" in mine[0]

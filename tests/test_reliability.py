@@ -447,8 +447,8 @@ def test_a_run_folder_in_use_is_refused_to_a_second_process(tmp_path, synthetic_
 def test_damaged_run_files_on_resume(tmp_path, synthetic_csv, capsys):
     """--resume of a folder whose derived files were damaged: an initial_eval.json cut short is
     recomputed (the run ends as an undamaged one does); a kept metrics line that is not a
-    round's record, or a privacy ledger with a round that is not a number, is one line, exit 2,
-    and the folder is left as it was."""
+    round's record, or a privacy ledger with a round that is not a number, that is missing or
+    that does not count a kept round, is one line, exit 2, and the folder is left as it was."""
     ref = run_cli(tmp_path / "ref", "train.rounds=2", data=synthetic_csv, base=TINY)
     out = run_cli(tmp_path / "r", "train.rounds=2", data=synthetic_csv, base=TINY)
     (out / "summary.json").unlink()
@@ -471,6 +471,18 @@ def test_damaged_run_files_on_resume(tmp_path, synthetic_csv, capsys):
     (dp / "privacy_ledger.json").write_text('{"attempts": {"one": 1}}')
     assert main(["run", "--quiet", "--resume", str(dp)]) == 2
     assert "is not a privacy ledger" in capsys.readouterr().err
+    # a ledger that is gone, or that does not count a kept round: ε would be under-charged
+    for ledger, says in ((None, "privacy_ledger.json is missing"),
+                         ('{"attempts": {}}', "counts no attempt of round(s) 1")):
+        if ledger is None:
+            (dp / "privacy_ledger.json").unlink()
+        else:
+            (dp / "privacy_ledger.json").write_text(ledger)
+        before = _snapshot(dp)
+        assert main(["run", "--quiet", "--resume", str(dp)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert says in err and "cannot know" in err and err.count("\n") == 0, err
+        assert _snapshot(dp) == before
 
 
 def test_resume_misuse(tmp_path, capsys):

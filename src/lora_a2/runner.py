@@ -223,6 +223,15 @@ def _run_experiment(cfg: Config, out: Path, *, overwrite: bool, progress: bool, 
     server_log = MetricsWriter(out / "server_log.jsonl") if withholds else None
     ledger = ReleaseLedger(out / "privacy_ledger.json") \
         if private is not None and not private.plan.rebuildable else None
+    if ledger is not None and start > 1:
+        unknown = [r for r in range(1, start) if ledger.attempts.get(str(r), 0) < 1]
+        if unknown:  # rounds that ran without the ledger's count: their releases are unknown
+            raise UserError(
+                f"cannot resume '{out}': {ledger.path.name} "
+                + ("is missing" if not ledger.path.exists() else
+                   f"counts no attempt of round(s) {', '.join(map(str, unknown))}")
+                + ", so the privacy accountant cannot know how often those rounds released "
+                "noise; start the run again (--overwrite)")
     full = read_metrics(out / "server_log.jsonl") if withholds else records
     # what the summary sums: each kept line must be a round's record
     # (truncate_metrics kept only lines that are records of a round)
@@ -461,11 +470,19 @@ def _privacy_summary(exp: Experiment, records: list[dict[str, Any]]) -> dict[str
     if plan.mode == "local" and strategy.selects_slots and not plan.private_selection:
         caveats.append("privacy.selection = 'public': the slot ids each client uploads are "
                        "chosen from its data and sent in the clear, not covered by ε")
+    if plan.mode == "local" and strategy.inner.dp_local_clear:
+        caveats.append(f"{strategy.inner.name}: {strategy.inner.dp_local_clear}")
+    if plan.mode == "local" and strategy.inner.personalized:
+        caveats.append(f"{strategy.inner.name}: each client's evaluation answers (its metrics on "
+                       "its own split, from its own model) are sent in the clear, not covered "
+                       "by ε")
     last = records[-1]
     return {"epsilon": last["epsilon"], "delta": plan.delta,
             "selection_epsilon": last.get("selection_epsilon"),
             "releases_charged": last.get("releases_charged"),
             "privacy": {**plan.summary(), "epsilon": last["epsilon"],
+                        # charged like ε: every attempt of a round (privacy_ledger.json)
+                        "selection_epsilon": last.get("selection_epsilon"),
                         "release_client_stats": strategy.release_client_stats,
                         "withheld_from_release": sorted({k for r in records
                                                          for k in r.get("withheld", [])}),

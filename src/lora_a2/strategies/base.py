@@ -44,6 +44,9 @@ class Strategy(ABC):
     #: DP modes this strategy refuses, each with its one-line reason (mode → reason); central
     #: mode is refused without a reason entry when ``central_dp`` is False
     dp_refusals: ClassVar[dict[str, str]] = {}
+    #: under local DP: what this strategy's clients send in the clear besides the noised values,
+    #: the example count and the upload's size (one clause; summary.json lists it as a caveat)
+    dp_local_clear: ClassVar[str] = ""
     #: lr_B / lr_A of the method's paper, used when ``strategy.lr_ratio`` is 0 (the default):
     #: 1 = one learning rate for A and B, as most papers train LoRA
     paper_lr_ratio: ClassVar[float] = 1.0

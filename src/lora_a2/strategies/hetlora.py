@@ -77,6 +77,9 @@ class HetLoraOptions(StrategyOptions):
 class HetLora(HeteroRankStrategy):
     """Rank r_k with self-pruning; server zero-pads and averages with ‖B_k A_k‖ weights."""
 
+    dp_local_clear = ("each client's kept rank and tail norm (its pruning decision, computed "
+                      "from its unclipped factors) are sent in the clear, not covered by ε")
+
     name = "hetlora"
     upload_size_public = False  # self-pruning lowers the rank from the client's own losses
     upload_scalars = ("loss", "tail")
