@@ -892,10 +892,24 @@ def test_the_summary_names_what_a_strategy_sends_in_the_clear_under_local_dp(nam
 
     s, rt, ctxs = make(name, "privacy.mechanism='gaussian'", "privacy.mode='local'",
                        "privacy.noise_multiplier=1")
-    caveats = _privacy_summary(SimpleNamespace(strategy=s), [{"epsilon": 1.0}])["privacy"][
-        "caveats"]
+    caveats = _privacy_summary(SimpleNamespace(strategy=s, cfg=s.inner.cfg),
+                               [{"epsilon": 1.0}])["privacy"]["caveats"]
     mine = [c for c in caveats if c.startswith(f"{name}:")]
     if says is None:
         assert mine == []
     else:
         assert len(mine) == 1 and mine[0].startswith(says) and "not covered by ε" in mine[0]
+
+
+def test_a_central_run_with_a_norm_bound_says_its_rejections_are_not_covered():
+    """Central DP + server.max_update_norm: the released count of uploads rejected for their
+    norm depends on the clients' data; the summary's caveats say so (and not without the bound)."""
+    from lora_a2.runner import _privacy_summary
+
+    for bound, expected in ((0.0, 0), (5.0, 1)):
+        s, rt, ctxs = make("fl-lora", "privacy.mechanism='gaussian'", "privacy.mode='central'",
+                           "privacy.noise_multiplier=1", f"server.max_update_norm={bound}")
+        exp = SimpleNamespace(strategy=s, cfg=s.inner.cfg)
+        caveats = _privacy_summary(exp, [{"epsilon": 1.0}])["privacy"]["caveats"]
+        assert sum("server.max_update_norm" in c and "not covered by ε" in c
+                   for c in caveats) == expected

@@ -470,6 +470,10 @@ def _privacy_summary(exp: Experiment, records: list[dict[str, Any]]) -> dict[str
     if plan.mode == "local" and strategy.selects_slots and not plan.private_selection:
         caveats.append("privacy.selection = 'public': the slot ids each client uploads are "
                        "chosen from its data and sent in the clear, not covered by ε")
+    if plan.mode == "central" and exp.cfg.server.max_update_norm > 0:
+        caveats.append("server.max_update_norm: how many uploads were rejected for their norm "
+                       "(a function of the clients' data) is released each round, not covered "
+                       "by ε")
     if plan.mode == "local" and strategy.inner.dp_local_clear:
         caveats.append(f"{strategy.inner.name}: {strategy.inner.dp_local_clear}")
     if plan.mode == "local" and strategy.inner.personalized:
