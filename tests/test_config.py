@@ -242,6 +242,12 @@ def test_a_resolved_config_can_switch_strategy(tmp_path):
     (["strategy.options.reselect_every=1.5"], "strategy.options.reselect_every' must be an integer"),
     (["strategy.options.slot_score=l1"], "strategy.options.slot_score' must be one of frobenius"),
     (["strategy.options.probe_epoch=2"], "did you mean 'probe_epochs'"),
+    # a knob of one probe kind set with another would silently do nothing
+    (["strategy.options.probe_optimizer=kept"], "'kept' continues the reuse probe's optimiser"),
+    (["strategy.options.probe=gradient", "strategy.options.probe_epochs=2"],
+     "probe_epochs' sets the full probe's length"),
+    (["strategy.options.probe=reuse", "strategy.options.probe_batches=8"],
+     "probe_batches' sets the gradient probe's batches"),
     (["strategy.name=hetlora", "strategy.options.prune_gamma=0"], "prune_gamma' must be in (0, 1]"),
     (["strategy.name=hetlora", "strategy.hetlora_weights=layer"], "hetlora_weights' must be one"),
     (["strategy.options.renormalize=true", "privacy.mechanism=gaussian", "privacy.mode=central",

@@ -44,7 +44,7 @@ class LoraA2Options(StrategyOptions):
     """LoRA-A2's knobs (docs/ALGORITHM.md §2): how a client scores and selects its slots."""
 
     probe_epochs: int = 1
-    """Local epochs of the probe that scores the slots (paper: 1)."""
+    """Local epochs of the probe that scores the slots (paper: 1); probe = "full" only."""
     probe_fraction: float = 1.0
     """Run only this fraction of the probe's optimiser steps (at least one), a cheaper probe;
     1 = the paper's full probe. The slots are scored on the shorter probe's change."""
@@ -83,6 +83,16 @@ class LoraA2Options(StrategyOptions):
                      f"strategy.options.probe = '{self.probe}'")
         self.require(self.slot_score in SLOT_SCORES, "slot_score",
                      f"must be one of {', '.join(SLOT_SCORES)}")
+        # a knob of one probe kind, set with another, would silently do nothing
+        self.require(self.probe_optimizer == "fresh" or self.probe == "reuse", "probe_optimizer",
+                     f"'kept' continues the reuse probe's optimiser; it needs "
+                     f"strategy.options.probe = 'reuse', not '{self.probe}'")
+        self.require(self.probe_epochs == 1 or self.probe == "full", "probe_epochs",
+                     f"sets the full probe's length; with strategy.options.probe = "
+                     f"'{self.probe}' it would be ignored")
+        self.require(self.probe_batches == 4 or self.probe == "gradient", "probe_batches",
+                     f"sets the gradient probe's batches; with strategy.options.probe = "
+                     f"'{self.probe}' it would be ignored")
 
 
 @register
