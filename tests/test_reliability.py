@@ -471,7 +471,13 @@ def test_damaged_run_files_on_resume(tmp_path, synthetic_csv, capsys):
     (dp / "privacy_ledger.json").write_text('{"attempts": {"one": 1}}')
     assert main(["run", "--quiet", "--resume", str(dp)]) == 2
     assert "is not a privacy ledger" in capsys.readouterr().err
-    # a ledger that is gone, or that does not count a kept round: ε would be under-charged
+    # a ledger that is gone, or that does not count a kept round: ε would be under-charged.
+    # Refused before the folder changes: a metrics line past the checkpoint (a crash between
+    # the line and its checkpoint) is not truncated, a missing initial_eval.json not rewritten
+    (dp / "initial_eval.json").unlink()
+    row = json.loads((dp / "metrics.jsonl").read_text().splitlines()[-1])
+    with open(dp / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({**row, "round": 2}) + "\n")
     for ledger, says in ((None, "privacy_ledger.json is missing"),
                          ('{"attempts": {}}', "counts no attempt of round(s) 1")):
         if ledger is None:

@@ -188,6 +188,18 @@ def _run_experiment(cfg: Config, out: Path, *, overwrite: bool, progress: bool, 
     ckpt = load_checkpoint(out) if resume else None
     if resume:
         check_resumable(out, ckpt[0] if ckpt is not None else None)
+    private = strategy if isinstance(strategy, PrivateStrategy) else None
+    ledger = ReleaseLedger(out / "privacy_ledger.json") \
+        if private is not None and not private.plan.rebuildable else None
+    if ledger is not None and ckpt is not None:  # before anything in the folder changes
+        unknown = [r for r in range(1, ckpt[0] + 1) if ledger.attempts.get(str(r), 0) < 1]
+        if unknown:  # rounds that ran without the ledger's count: their releases are unknown
+            raise UserError(
+                f"cannot resume '{out}': {ledger.path.name} "
+                + ("is missing" if not ledger.path.exists() else
+                   f"counts no attempt of round(s) {', '.join(map(str, unknown))}")
+                + ", so the privacy accountant cannot know how often those rounds released "
+                "noise; start the run again (--overwrite)")
     if ckpt is None:
         start, state = 1, strategy.init_state(exp.runtime.initial_state())
     else:
@@ -199,7 +211,6 @@ def _run_experiment(cfg: Config, out: Path, *, overwrite: bool, progress: bool, 
         write_partition(exp, out)
     initial_path = out / "initial_eval.json"
     metric = exp.task.metric
-    private = strategy if isinstance(strategy, PrivateStrategy) else None
     withholds = private is not None and private.withholds
     saved = _json_object(initial_path) if ckpt is not None else None
     if saved is not None:
@@ -221,17 +232,6 @@ def _run_experiment(cfg: Config, out: Path, *, overwrite: bool, progress: bool, 
     truncate_metrics(out / "server_log.jsonl", start - 1)
     records: list[dict[str, Any]] = read_metrics(out / "metrics.jsonl")
     server_log = MetricsWriter(out / "server_log.jsonl") if withholds else None
-    ledger = ReleaseLedger(out / "privacy_ledger.json") \
-        if private is not None and not private.plan.rebuildable else None
-    if ledger is not None and start > 1:
-        unknown = [r for r in range(1, start) if ledger.attempts.get(str(r), 0) < 1]
-        if unknown:  # rounds that ran without the ledger's count: their releases are unknown
-            raise UserError(
-                f"cannot resume '{out}': {ledger.path.name} "
-                + ("is missing" if not ledger.path.exists() else
-                   f"counts no attempt of round(s) {', '.join(map(str, unknown))}")
-                + ", so the privacy accountant cannot know how often those rounds released "
-                "noise; start the run again (--overwrite)")
     full = read_metrics(out / "server_log.jsonl") if withholds else records
     # what the summary sums: each kept line must be a round's record
     # (truncate_metrics kept only lines that are records of a round)
