@@ -285,7 +285,8 @@ def test_a_node_that_does_not_answer_in_time_is_a_dropped_client(monkeypatch, ti
     seen = []
     replies = rounds.exchange(None, 1, {0: b"a", 1: b"b", 2: b"c"}, seen.append)
     assert asked == [passed]
-    assert replies[1].failure == f"no reply within {passed} s" and replies[1].blob is None
+    said = "no reply" if passed is None else f"no reply within {passed} s"
+    assert replies[1].failure == said and replies[1].blob is None
     assert (replies[0].blob, replies[2].blob) == (b"up11", b"up13")
     assert replies[0].failure is None and seen == [0, 1, 2]
 
@@ -510,6 +511,22 @@ def test_a_node_lost_during_the_key_exchange_leaves_the_round(monkeypatch):
     assert all(3 not in nb for nb in s.nid_to_neighbours.values())
     assert wf.settled == {"shares": 4, "threshold": 2}
     assert wf.share_keys_stage(None, None, state(4)) is False  # 3 live neighbours < 4
+
+
+def test_an_integer_threshold_of_3_halts_a_round_of_two_survivors_before_unmasking(
+        monkeypatch):
+    """PRIVACY.md's advice against the 32-bit mask seeds: with an integer
+    reconstruction_threshold of 3, Flower's check after the masked vectors are collected fails
+    when one of three nodes dropped (2 live neighbours, itself included), so the workflow stops
+    before its unmask stage; at the default threshold of 2 of 3 it goes on to unmask."""
+    for threshold, unmasks in ((3, False), (2, True)):
+        wf = SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=threshold, max_weight=1.0,
+                                clipping_range=8.0, quantization_range=1024,
+                                modulus_range=2 ** 32)
+        state = SimpleNamespace(sampled_node_ids={1, 2, 3}, active_node_ids={1, 2},
+                                nid_to_neighbours={n: {1, 2, 3} for n in (1, 2, 3)},
+                                threshold=threshold)
+        assert wf._check_threshold(state) is unmasks
 
 
 def test_secagg_with_local_dp_sums_the_clients_noised_uploads(tmp_path, sim4):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -29,19 +30,24 @@ pytestmark = pytest.mark.xdist_group("deployment")
 
 
 _GIVEN: set[int] = set()
+_PICK = random.Random()
 
 
 def free_port() -> int:
-    """A free loopback port, never one this module handed out before: the kernel may hand the
-    same ephemeral port to two ``bind(0)`` calls once the first socket is closed, and two
-    SuperNodes on one Runtime API port leave one of them dead."""
+    """A free loopback port below the kernel's ephemeral range (32768 and up on Linux, where
+    Ray's and gRPC's outgoing connections take theirs), never one this module handed out
+    before: two SuperNodes on one Runtime API port leave one of them dead."""
     while True:
+        port = _PICK.randrange(20000, 32768)
+        if port in _GIVEN:
+            continue
         with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _GIVEN:
-            _GIVEN.add(port)
-            return port
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _GIVEN.add(port)
+        return port
 
 
 def stop(procs: list[subprocess.Popen]) -> None:
@@ -210,7 +216,8 @@ def wait_for_nodes(tmp: Path, port: int, nodes: int, procs: list[subprocess.Pope
             if proc.poll() is not None:
                 why = f"{Path(proc.args[0]).name} exited (code {proc.returncode}) while the " \
                       "federation started" + log_tails(tmp)
-                raise PortTaken(why) if "address already in use" in why else RuntimeError(why)
+                # (uvicorn: "address already in use"; Flower's gRPC check: "… is already in use")
+                raise PortTaken(why) if "already in use" in why.lower() else RuntimeError(why)
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
                 pass
@@ -254,15 +261,22 @@ def test_deployment_engine_with_tls_and_supernode_auth(secure_federation, synthe
             stop([rogue])
     assert rogue.returncode != 0
     assert "Failed to activate SuperNode" in (tmp / "rogue.log").read_text()
+    activated = (tmp / "superlink.log").read_text().count("Activated node_id")
     # a registered key without TLS: node authentication needs TLS, so Flower refuses to start
     # before it ever reaches the SuperLink: the process exits 1 and logs Flower's code 303
-    plain = subprocess.run(
-        [str(BIN / "flower-supernode"), "--insecure", "--auth-supernode-private-key",
-         str(creds / "node0.key"), "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
-         "--max-retries", "1", "--node-config", "partition-id=0 num-partitions=2"],
-        env=env, capture_output=True, text=True, timeout=120)
-    said = plain.stdout + plain.stderr
-    assert plain.returncode != 0 and "Exit Code: 303" in said, said[-2000:]
+    with open(tmp / "keyed-plaintext.log", "w") as log:
+        plain = subprocess.Popen(
+            [str(BIN / "flower-supernode"), "--insecure", "--auth-supernode-private-key",
+             str(creds / "node0.key"), "--superlink", f"127.0.0.1:{port}",
+             "--port", str(free_port()), "--max-retries", "1",
+             "--node-config", "partition-id=0 num-partitions=2"],
+            env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            plain.wait(timeout=120)
+        finally:
+            stop([plain])
+    said = (tmp / "keyed-plaintext.log").read_text()
+    assert plain.returncode == 1 and "Exit Code: 303" in said, said[-2000:]
     # a plaintext node with no key against the TLS SuperLink never activates
     with open(tmp / "plaintext.log", "w") as log:
         cleartext = subprocess.Popen(
@@ -274,8 +288,9 @@ def test_deployment_engine_with_tls_and_supernode_auth(secure_federation, synthe
             cleartext.wait(timeout=120)
         finally:
             stop([cleartext])
-    assert cleartext.returncode != 0, (tmp / "plaintext.log").read_text()[-2000:]
-    assert (tmp / "superlink.log").read_text().count("Activated node_id") == 2
+    said = (tmp / "plaintext.log").read_text()
+    assert cleartext.returncode != 0 and "could not establish a connection" in said, said[-2000:]
+    assert (tmp / "superlink.log").read_text().count("Activated node_id") == activated
 
 
 def deploy_and_compare(env: dict, tmp: Path, synthetic_csv: Path) -> None:
@@ -325,11 +340,13 @@ def test_the_insecure_loopback_federation_starts(tmp_path):
     """ENGINES.md's loopback commands (``--insecure`` on both sides): the SuperLink serves and
     both SuperNodes activate, without TLS and without any key registered."""
     federation = start_federation(tmp_path, secure=False)
-    env, tmp, port, creds = next(federation)
-    assert not creds.exists()
-    log = (tmp / "superlink.log").read_text()
-    assert "insecure" in log.lower() and log.count("Activated node_id") == 2
-    federation.close()
+    try:
+        env, tmp, port, creds = next(federation)
+        assert not creds.exists()
+        log = (tmp / "superlink.log").read_text()
+        assert "insecure" in log.lower() and log.count("Activated node_id") == 2
+    finally:
+        federation.close()  # stops every process, whatever failed above
 
 
 @pytest.fixture

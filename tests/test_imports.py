@@ -114,3 +114,39 @@ def test_config_is_a_leaf():
     for m in parts:
         outside = {d for d in graph[m] if d not in parts}
         assert outside <= {"lora_a2.errors"}, f"{m} imports {sorted(outside)}"
+
+
+#: the pure math both engines share (docs/DEVELOPMENT.md's layout): no I/O layer, no engine
+PURE = ("selection", "aggregation", "lowrank", "budgets", "privacy", "secure_sum")
+ENGINE_SIDE = ("lora_a2.engines", "lora_a2.runner", "lora_a2.launch", "lora_a2.cli",
+               "lora_a2.reporters", "lora_a2.experiment", "lora_a2.rounds", "flwr", "ray")
+
+
+def _everything_imported(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            names.add(("." * node.level) + (node.module or ""))
+    return names
+
+
+def test_the_pure_modules_reach_no_engine_even_indirectly():
+    """Every module the pure ones import (transitively, inside functions too) is outside the
+    engines, the round loop, the runner and Flower/Ray, so both engines can share them."""
+    graph, mods = import_graph(), _modules()
+    for pure in PURE:
+        seen, todo = set(), [f"{PACKAGE}.{pure}"]
+        assert todo[0] in graph, todo[0]
+        while todo:
+            m = todo.pop()
+            if m in seen:
+                continue
+            seen.add(m)
+            todo.extend(graph[m])
+        for m in seen:
+            outside = {n for n in _everything_imported(mods[m]) if not n.startswith(".")}
+            bad = [n for n in sorted(seen | outside)
+                   if any(n == e or n.startswith(e + ".") for e in ENGINE_SIDE)]
+            assert not bad, f"{pure} reaches {bad} (through {m})"

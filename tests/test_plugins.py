@@ -218,6 +218,7 @@ def test_bad_plugins_are_skipped_with_one_line_each(tmp_path, synthetic_csv):
     fl_lora_plugin("ratio", "Ratio", "name = 'ratio'\npaper_lr_ratio = '5'")
     fl_lora_plugin("flag", "Flag", "name = 'flag'\npersonalized = 'yes'")
     fl_lora_plugin("refusals", "Refusals", "name = 'refusals'\ndp_refusals = ['central']")
+    fl_lora_plugin("clear", "Clear", "name = 'clear'\ndp_local_clear = ['the rank']")
     fake_plugin(site, "nodefault", "nodefault_pkg:NoDefault", "nodefault_pkg",
                 "import dataclasses\nfrom lora_a2.strategies.fl_lora import FlLora\n"
                 "from lora_a2.strategies.options import StrategyOptions\n"
@@ -241,12 +242,14 @@ def test_bad_plugins_are_skipped_with_one_line_each(tmp_path, synthetic_csv):
     assert r.returncode == 0
     assert "fl-lora" in r.stdout and "lora-a2" in r.stdout  # the built-ins are untouched
     warnings = r.stderr.strip().splitlines()
-    assert len(warnings) == 10, r.stderr
+    assert len(warnings) == 11, r.stderr
     assert any("plugin 'hinted' (hinted_pkg): NameError" in w for w in warnings)
     assert any("plugin 'flag' (flag_pkg): TypeError: Flag.personalized must be True or False"
                in w for w in warnings)
     assert any("plugin 'refusals' (refusals_pkg): TypeError: Refusals.dp_refusals must be a "
                "dict" in w for w in warnings)
+    assert any("plugin 'clear' (clear_pkg): TypeError: Clear.dp_local_clear must be a string"
+               in w for w in warnings)
     assert any("plugin 'nodefault' (nodefault_pkg): TypeError" in w for w in warnings)
     assert any("plugin 'exiter' (exiter_pkg): SystemExit: exiter needs a GPU" in w
                for w in warnings)  # sys.exit() at import skips the plugin, not the command

@@ -108,6 +108,9 @@ def _check_plugin(cls: type, builtin: dict[str, type]) -> None:
         raise TypeError(f"{cls.__name__}.paper_lr_ratio must be a number > 0, got {ratio!r}")
     if not isinstance(cls.dp_refusals, dict):
         raise TypeError(f"{cls.__name__}.dp_refusals must be a dict of mode → reason")
+    if not isinstance(cls.dp_local_clear, str):
+        raise TypeError(f"{cls.__name__}.dp_local_clear must be a string (what its clients "
+                        f"send in the clear under local DP; empty: nothing)")
 
 
 #: the yes/no class attributes a strategy declares: those the interface annotates

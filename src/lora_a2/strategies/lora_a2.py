@@ -87,10 +87,12 @@ class LoraA2Options(StrategyOptions):
         self.require(self.probe_optimizer == "fresh" or self.probe == "reuse", "probe_optimizer",
                      f"'kept' continues the reuse probe's optimiser; it needs "
                      f"strategy.options.probe = 'reuse', not '{self.probe}'")
-        self.require(self.probe_epochs == 1 or self.probe == "full", "probe_epochs",
+        self.require(self.probe_epochs == LoraA2Options.probe_epochs or self.probe == "full",
+                     "probe_epochs",
                      f"sets the full probe's length; with strategy.options.probe = "
                      f"'{self.probe}' it would be ignored")
-        self.require(self.probe_batches == 4 or self.probe == "gradient", "probe_batches",
+        self.require(self.probe_batches == LoraA2Options.probe_batches
+                     or self.probe == "gradient", "probe_batches",
                      f"sets the gradient probe's batches; with strategy.options.probe = "
                      f"'{self.probe}' it would be ignored")
 

@@ -120,7 +120,9 @@ class FlowerRounds(Transport):
         for c in tasks:
             reply = by_node.get(self.node_of[c])
             if reply is None:
-                replies[c] = Reply(failure=f"no reply within {self._timeout()} s")
+                timeout = self._timeout()
+                replies[c] = Reply(failure="no reply" if timeout is None
+                                   else f"no reply within {timeout} s")
             elif reply.has_error():
                 self._up += message_bytes(reply)
                 replies[c] = Reply(failure=f"ClientApp error {reply.error.code}: "
