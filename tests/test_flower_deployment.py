@@ -247,50 +247,36 @@ def test_deployment_engine_with_tls_and_supernode_auth(secure_federation, synthe
     only started, in the test after it: a ``flwr run`` costs ≈ 60 s on 2 cores.)"""
     env, tmp, port, creds = secure_federation
     deploy_and_compare(env, tmp, synthetic_csv)
-    # (a log file, not a pipe: the node's helper process may hold a pipe open after it exits)
-    with open(tmp / "rogue.log", "w") as log:
-        rogue = subprocess.Popen(
-            [str(BIN / "flower-supernode"), "--root-certificates", str(creds / "ca.crt"),
-             "--auth-supernode-private-key", str(creds / "node2.key"), "--superlink",
-             f"127.0.0.1:{port}", "--port", str(free_port()), "--max-retries", "1",
-             "--node-config", "partition-id=0 num-partitions=2"],
-            env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            rogue.wait(timeout=120)
-        finally:
-            stop([rogue])
-    assert rogue.returncode != 0
-    assert "Failed to activate SuperNode" in (tmp / "rogue.log").read_text()
+    code, said = lone_node(env, tmp, "rogue", port, "--root-certificates", str(creds / "ca.crt"),
+                           "--auth-supernode-private-key", str(creds / "node2.key"))
+    assert code != 0 and "Failed to activate SuperNode" in said, said[-2000:]
     activated = (tmp / "superlink.log").read_text().count("Activated node_id")
     # a registered key without TLS: node authentication needs TLS, so Flower refuses to start
     # before it ever reaches the SuperLink: the process exits 1 and logs Flower's code 303
-    with open(tmp / "keyed-plaintext.log", "w") as log:
-        plain = subprocess.Popen(
-            [str(BIN / "flower-supernode"), "--insecure", "--auth-supernode-private-key",
-             str(creds / "node0.key"), "--superlink", f"127.0.0.1:{port}",
-             "--port", str(free_port()), "--max-retries", "1",
-             "--node-config", "partition-id=0 num-partitions=2"],
-            env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            plain.wait(timeout=120)
-        finally:
-            stop([plain])
-    said = (tmp / "keyed-plaintext.log").read_text()
-    assert plain.returncode == 1 and "Exit Code: 303" in said, said[-2000:]
+    code, said = lone_node(env, tmp, "keyed-plaintext", port, "--insecure",
+                           "--auth-supernode-private-key", str(creds / "node0.key"))
+    assert code == 1 and "Exit Code: 303" in said, said[-2000:]
     # a plaintext node with no key against the TLS SuperLink never activates
-    with open(tmp / "plaintext.log", "w") as log:
-        cleartext = subprocess.Popen(
-            [str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
+    code, said = lone_node(env, tmp, "plaintext", port, "--insecure")
+    assert code != 0 and "could not establish a connection" in said, said[-2000:]
+    assert (tmp / "superlink.log").read_text().count("Activated node_id") == activated
+
+
+def lone_node(env: dict, tmp: Path, name: str, port: int, *flags: str) -> tuple[int, str]:
+    """Start one more SuperNode with ``flags`` (one connection attempt) against the SuperLink
+    on ``port`` and wait for it to exit: its exit code and its log (``tmp/NAME.log``: a file,
+    not a pipe, since the node's helper process may hold a pipe open after it exits)."""
+    with open(tmp / f"{name}.log", "w") as log:
+        node = subprocess.Popen(
+            [str(BIN / "flower-supernode"), *flags, "--superlink", f"127.0.0.1:{port}",
              "--port", str(free_port()), "--max-retries", "1",
              "--node-config", "partition-id=0 num-partitions=2"],
             env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            cleartext.wait(timeout=120)
+            node.wait(timeout=120)
         finally:
-            stop([cleartext])
-    said = (tmp / "plaintext.log").read_text()
-    assert cleartext.returncode != 0 and "could not establish a connection" in said, said[-2000:]
-    assert (tmp / "superlink.log").read_text().count("Activated node_id") == activated
+            stop([node])
+    return node.returncode, (tmp / f"{name}.log").read_text()
 
 
 def deploy_and_compare(env: dict, tmp: Path, synthetic_csv: Path) -> None:
