@@ -4,8 +4,7 @@ vector, and how the server turns the unmasked sum back into the data-weighted me
 Client k sends x_k = [(n_k / S) · v_k, n_k / S] (v_k the dense form of its upload, n_k its
 example count, S a public scale: the largest client's training-set size). The sum's last entry
 is Σ_k n_k / S, which the server also computes from the public partition; the mean is
-Σ_k n_k v_k / Σ_k n_k, the plain aggregate's weighted mean (the paper's FedAvg step,
-Eq. 1 with data-size weights). SecAgg+ clips each entry to ±c and quantises it to Q levels, so
+Σ_k n_k v_k / Σ_k n_k, the plain aggregate's data-weighted (FedAvg) mean. SecAgg+ clips each entry to ±c and quantises it to Q levels, so
 each summed entry is off by at most n · 2c/Q. Flower's protocol itself lives in
 :mod:`lora_a2.engines.secagg`.
 """
