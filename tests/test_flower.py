@@ -529,6 +529,46 @@ def test_an_integer_threshold_of_3_halts_a_round_of_two_survivors_before_unmaski
         assert wf._check_threshold(state) is unmasks
 
 
+def test_the_unmask_stage_records_the_fewest_pairwise_masks_hiding_a_survivor(monkeypatch):
+    """Before unmasking, the round's record gets the fewest surviving neighbours (other than
+    itself) any survivor has: each is one pairwise mask still hiding its vector once the server
+    learns its own-mask seed. A ring of 5 with 3 shares (neighbours: itself and one on each
+    side) where nodes 2 and 4 dropped leaves node 3 with none and 1, 5 with one each."""
+    monkeypatch.setattr(SecAggPlusWorkflow, "unmask_stage", lambda self, g, c, s: "unmasked")
+    wf = secagg._workflow_class()(num_shares=1.0, reconstruction_threshold=0.5, max_weight=1.0,
+                                  clipping_range=8.0, quantization_range=1024,
+                                  modulus_range=2 ** 32)
+    full = {n: {1, 2, 3} for n in (1, 2, 3)}
+    for live, want in (({1, 2, 3}, 2), ({1, 2}, 1)):
+        s = SimpleNamespace(active_node_ids=live, nid_to_neighbours=full)
+        assert wf.unmask_stage(None, None, s) == "unmasked"
+        assert wf.settled["fewest_pairwise_masks"] == want
+    ring = {n: {(n - 2) % 5 + 1, n, n % 5 + 1} for n in range(1, 6)}
+    for live, want in (({1, 3, 5}, 0), ({1, 2, 3, 4, 5}, 2), ({1, 2, 4, 5}, 1)):
+        wf.unmask_stage(None, None, SimpleNamespace(active_node_ids=live, nid_to_neighbours=ring))
+        assert wf.settled["fewest_pairwise_masks"] == want, live
+
+
+def test_the_summary_lists_the_secagg_rounds_a_single_mask_hid():
+    """summary.json's ``secagg``: rounds the server unmasked, and those where some survivor had
+    fewer than two pairwise masks (failed rounds too: the unmasking happened); none without
+    SecAgg+."""
+    from lora_a2.runner import _secagg_summary
+
+    def rec(rnd, fewest, stages=("setup", "unmask")):
+        return {"round": rnd, "status": "ok",
+                "secagg": {"stages": dict.fromkeys(stages, [0, 0]),
+                           **({} if fewest is None else {"fewest_pairwise_masks": fewest})}}
+
+    assert _secagg_summary([{"round": 1, "status": "ok"}]) == {}
+    out = _secagg_summary([rec(1, 2), rec(2, 1), rec(3, 0), rec(4, 3), rec(5, None),
+                           rec(6, None, stages=("setup", "share_keys"))])["secagg"]
+    assert out["rounds_unmasked"] == 5 and out["weak_rounds"] == [2, 3, 5]
+    assert "round(s) 2, 3, 5" in out["caveat"] and "reconstruction_threshold" in out["caveat"]
+    fine = _secagg_summary([rec(1, 2), rec(2, 5)])["secagg"]
+    assert fine == {"rounds_unmasked": 2, "weak_rounds": []}
+
+
 def test_secagg_with_local_dp_sums_the_clients_noised_uploads(tmp_path, sim4):
     """SecAgg+ + local DP: each client noises its upload before it is masked, so the unmasked
     sum is the local engine's local-DP aggregate (the same seeded noise) up to quantisation,
@@ -560,6 +600,9 @@ def test_secagg_survives_a_client_that_drops_out(tmp_path, synthetic_csv, monkey
     (p,), (s,) = read_metrics(plain / "metrics.jsonl"), read_metrics(secure / "metrics.jsonl")
     assert p["dropped"] == [2] and s["dropped"] == [2]
     assert s["status"] == "ok" and s["secagg"]["survivors"] == [0, 1, 3]
+    assert s["secagg"]["fewest_pairwise_masks"] == 2
+    summary = json.loads((secure / "summary.json").read_text())
+    assert summary["secagg"] == {"rounds_unmasked": 1, "weak_rounds": []}
     assert max_diff(final_state(plain), final_state(secure)) < 4 * 3 * (2 * 8.0 / 4194304)
 
 

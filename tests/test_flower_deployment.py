@@ -354,6 +354,10 @@ def test_secagg_on_the_deployment_engine_with_a_node_dropping_out(
     out = deploy(env, tmp, synthetic_csv, sets + ["secagg.enabled=true"])
     (r,) = read_metrics(out / "metrics.jsonl")
     assert r["status"] == "ok" and r["secagg"]["survivors"] == [0, 1] and r["dropped"] == [2]
+    # two survivors: each hidden by one 32-bit pairwise mask once unmasked, and summary.json
+    # says so (PRIVACY.md)
+    assert r["secagg"]["fewest_pairwise_masks"] == 1
+    assert json.loads((out / "summary.json").read_text())["secagg"]["weak_rounds"] == [1]
     assert r["flower_query_bytes"] > 0 and len(r["failures"]) == 1
     for f in ("checkpoint.safetensors", "adapter/adapter_model.safetensors", "partition.json"):
         assert (out / f).is_file(), f

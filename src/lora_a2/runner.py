@@ -402,6 +402,7 @@ def summarize(exp: Experiment, records: list[dict[str, Any]], initial: dict[str,
         "wall_s": wall_s,
         "out_dir": str(out),
         **_privacy_summary(exp, records),
+        **_secagg_summary(records),
     }
 
 
@@ -491,6 +492,25 @@ def _privacy_summary(exp: Experiment, records: list[dict[str, Any]]) -> dict[str
                         "withheld_from_release": sorted({k for r in records
                                                          for k in r.get("withheld", [])}),
                         "caveats": caveats}}
+
+
+def _secagg_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The SecAgg+ rounds in which some survivor's vector, once unmasked, was hidden by a
+    single pairwise mask (one 32-bit seed of Flower's mask generator: a feasible search);
+    {} without SecAgg+. A round counts once the server has unmasked, whether or not its mean
+    was then used; a record without the count (written before it was kept) counts as weak."""
+    unmasked = [r for r in records if "unmask" in r.get("secagg", {}).get("stages", {})]
+    if not any("secagg" in r for r in records):
+        return {}
+    weak = sorted(r["round"] for r in unmasked
+                  if r["secagg"].get("fewest_pairwise_masks", 0) < 2)
+    out: dict[str, Any] = {"rounds_unmasked": len(unmasked), "weak_rounds": weak}
+    if weak:
+        out["caveat"] = (f"round(s) {', '.join(map(str, weak))}: a survivor's vector was hidden "
+                         "by one pairwise mask (a 32-bit seed) once the server unmasked; an "
+                         "integer secagg.reconstruction_threshold >= 3 halts such rounds before "
+                         "unmasking")
+    return {"secagg": out}
 
 
 class ReleaseLedger:

@@ -63,7 +63,8 @@ class SecureResult:
     weight_sum: float = 0.0  # the unmasked sum's weight entry, as the clients sent it
     reason: str | None = None  # why a completed protocol gave no mean
     #: the round's shares per client and reconstruction threshold, as Flower's setup stage
-    #: derived them from ``secagg.num_shares`` / ``reconstruction_threshold`` (fractions)
+    #: derived them from ``secagg.num_shares`` / ``reconstruction_threshold`` (fractions),
+    #: and ``fewest_pairwise_masks`` once the server unmasked (see ``unmask_stage``)
     settled: dict[str, int] = field(default_factory=dict)
 
 
@@ -108,7 +109,8 @@ def _workflow_class():
 
     class _PrunedSecAggPlus(SecAggPlusWorkflow):
         """Flower's workflow, plus: a node lost during the key exchange leaves the round, and
-        ``settled`` keeps the shares and threshold the setup stage derived (empty until then)."""
+        ``settled`` keeps the shares and threshold the setup stage derived (empty until then)
+        and, once the server unmasks, the fewest pairwise masks hiding any survivor."""
 
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
@@ -129,6 +131,15 @@ def _workflow_class():
                     neighbours -= gone
                 return self._check_threshold(state)
             return ok
+
+        def unmask_stage(self, grid, context, state) -> bool:  # noqa: D401
+            # At unmasking the server learns each survivor's own-mask seed, so what still hides
+            # a survivor's vector is its pairwise masks with the other survivors among its
+            # neighbours (32 bits of seed each): the fewest any survivor has, for the record.
+            live = set(state.active_node_ids)
+            self.settled["fewest_pairwise_masks"] = min(
+                (len((state.nid_to_neighbours[n] & live) - {n}) for n in live), default=0)
+            return super().unmask_stage(grid, context, state)
 
     return _PrunedSecAggPlus
 
