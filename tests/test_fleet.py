@@ -85,6 +85,18 @@ def test_close_round_clock():
     # everyone on time but a dropout is awaited: the deadline
     c = close_round_clock({1: 1.0}, [1], deadline_s=4.0, target=None, waiting=True)
     assert c.round_s == 4.0
+    # a late reply is a straggler even when its upload was refused: the server waited for it
+    c = close_round_clock({0: 1.0, 1: 3.0}, [0], deadline_s=2.0, target=None, waiting=False)
+    assert (c.kept, c.stragglers, c.round_s) == ([0], [1], 2.0)
+    # finishing exactly at the deadline is on time
+    c = close_round_clock({0: 2.0, 1: 1.0}, [0, 1], deadline_s=2.0, target=None, waiting=False)
+    assert (c.kept, c.stragglers, c.round_s) == ([0, 1], [], 2.0)
+    c = close_round_clock({0: 2.0, 1: 1.0}, [0, 1], deadline_s=2.0, target=2, waiting=False)
+    assert (c.kept, c.surplus, c.round_s) == ([0, 1], [], 2.0)
+    # a tie for the last place goes to the lower client id
+    c = close_round_clock({0: 1.0, 3: 2.0, 4: 2.0}, [0, 3, 4], deadline_s=0, target=2,
+                          waiting=False)
+    assert (c.kept, c.surplus) == ([0, 3], [4])
 
 
 def test_a_client_is_offline_with_probability_one_minus_its_availability():
@@ -189,7 +201,8 @@ def test_sim_time_is_the_formula_from_real_bytes_and_counted_flops(tmp_path, syn
 
     fleet = write_fleet(tmp_path / "f.csv", [(3e9, 10.0, 2.0), (7e9, 40.0, 8.0), (5e10, 5, 1)])
     sets = ["data.num_clients=3", "train.rounds=2", "strategy.name=fl-lora",
-            "strategy.rank_budget=2", f"fleet.profile=csv:{fleet}", "train.batch_size=8"]
+            "strategy.rank_budget=2", f"fleet.profile=csv:{fleet}", "train.batch_size=8",
+            "train.local_epochs=2"]
     out = run(tmp_path, "a", synthetic_csv, sets)
     # FLOPs of one training example, counted here on the run's first batch
     exp = prepare(load_config(out / "config.toml"))
@@ -212,9 +225,9 @@ def test_sim_time_is_the_formula_from_real_bytes_and_counted_flops(tmp_path, syn
                                                           / d.down_mbps, rel=1e-12)
             assert row["sim_upload_s"] == pytest.approx(8 * row["upload_bytes"] / 10**6
                                                         / d.up_mbps, rel=1e-12)
-            # FL+LoRA: one local epoch over the client's examples
+            # FL+LoRA: two local epochs over the client's examples (passes_k = 2)
             assert row["sim_compute_s"] == pytest.approx(
-                row["num_examples"] * 1 * per_example / d.flops, rel=1e-9)
+                row["num_examples"] * 2 * per_example / d.flops, rel=1e-9)
             finish.append(row["sim_download_s"] + row["sim_compute_s"] + row["sim_upload_s"])
         assert r["sim_round_s"] == max(finish)  # no deadline: the slowest client
         clock += r["sim_round_s"]
@@ -277,23 +290,29 @@ def deadline_sets(fleet: Path, rounds: int = 4) -> list[str]:
 
 
 def test_deadline_stragglers_are_discarded_and_runs_are_deterministic(tmp_path, synthetic_csv):
-    # client 2's device needs minutes for its local epochs: it misses every deadline
+    # client 2's device needs minutes for its local epochs: it misses every deadline; a
+    # simulated dropout got its task, so the server waits for it until the deadline too
     fleet = write_fleet(tmp_path / "f.csv", [FAST, FAST, (1e5, 100.0, 100.0), FAST])
-    a = run(tmp_path, "a", synthetic_csv, deadline_sets(fleet))
-    b = run(tmp_path, "b", synthetic_csv, deadline_sets(fleet))
+    sets = deadline_sets(fleet, rounds=6) + ["train.dropout=0.2"]
+    a = run(tmp_path, "a", synthetic_csv, sets)
+    b = run(tmp_path, "b", synthetic_csv, sets)
     assert lines(a) == lines(b)  # same seed: the same clock, to the last bit
     records = lines(a)
-    assert any(2 in r["clients"] for r in records)
+    late_rounds = [r for r in records if 2 in r["clients"] and 2 not in r["dropped"]]
+    dropout_rounds = [r for r in records if r["dropped"]]
+    quiet = [r for r in records if r not in late_rounds and r not in dropout_rounds]
+    assert late_rounds and quiet and [r for r in dropout_rounds if r not in late_rounds]
     clock = 0.0
     for r in records:
         rows = {row["client"]: row for row in r["per_client"]}
-        assert r["stragglers"] == ([2] if 2 in r["clients"] else [])
-        assert r["num_replies"] == len(r["clients"]) - len(r["stragglers"])
-        if 2 in r["clients"]:
+        assert r["stragglers"] == ([2] if r in late_rounds else [])
+        assert r["num_replies"] == len(r["clients"]) - len(r["stragglers"]) - len(r["dropped"])
+        if r in late_rounds:
             late = rows[2]
             assert late["straggler"] and late["upload_bytes"] == 0 and late["download_bytes"] > 0
             assert "train_loss" not in late
             assert late["sim_download_s"] + late["sim_compute_s"] + late["sim_upload_s"] > 2.0
+        if r in late_rounds or r in dropout_rounds:
             assert r["sim_round_s"] == 2.0  # the server waited until the deadline
         else:
             assert r["sim_round_s"] < 2.0

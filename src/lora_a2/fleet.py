@@ -283,15 +283,15 @@ def close_round_clock(finish: dict[int, float], accepted: list[int], *, deadline
     """Which accepted replies a round keeps (pure).
 
     ``finish``: simulated finish time of every client that replied; ``accepted``: those whose
-    upload passed validation. A client with t_k > ``deadline_s`` (when > 0) is a straggler.
-    With over-selection (``target`` = clients per round) the server keeps the first
+    upload passed validation. A client with t_k > ``deadline_s`` (when > 0) is a straggler,
+    whether or not its upload would have passed (the server stops waiting at the deadline, so
+    the round lasts until then); t_k = ``deadline_s`` is on time. With over-selection (``target`` = clients per round) the server keeps the first
     ``target`` on-time finishers (ties by client id) and closes the round at the last kept
     one's time; the later ones are ``surplus``. Otherwise the round lasts until the deadline
     when anyone it waits for is late or never replies (``waiting``: a dropout), else until the
     slowest reply."""
-    on_time = sorted((c for c in accepted if deadline_s <= 0 or finish[c] <= deadline_s),
-                     key=lambda c: (finish[c], c))
-    late = set(accepted) - set(on_time)
+    late = {c for c, t in finish.items() if deadline_s > 0 and t > deadline_s}
+    on_time = sorted((c for c in accepted if c not in late), key=lambda c: (finish[c], c))
     stragglers = sorted(late)
     if target is not None and len(on_time) >= target:
         kept, surplus = on_time[:target], on_time[target:]
@@ -302,10 +302,3 @@ def close_round_clock(finish: dict[int, float], accepted: list[int], *, deadline
         round_s = max([t for t in finish.values() if deadline_s <= 0 or t <= deadline_s],
                       default=0.0)
     return RoundClock(sorted(on_time), stragglers, [], round_s)
-
-
-def largest_fitting(budgets: list[int], seconds: dict[int, float], deadline_s: float) -> int | None:
-    """The largest budget whose client round time ``seconds[b]`` fits in ``deadline_s``;
-    None when not even the smallest does (the client is a straggler by construction)."""
-    fits = [b for b in budgets if seconds[b] <= deadline_s]
-    return max(fits) if fits else None

@@ -177,7 +177,7 @@ def plan_client(exp: Experiment, plan: RoundPlan, c: int, state: ServerState,
     why = transport.reachable(c)
     if why is not None:
         row.update(download_bytes=0, download_params=0, upload_bytes=0, upload_params=0,
-                   dropped=True)
+                   dropped=True, failure=why)
         plan.dropped.append(c)
         plan.failures.append(f"client {c}: {why}")
         if on_client is not None:
@@ -300,7 +300,10 @@ def apply_clock(exp: Experiment, plan: RoundPlan, ok: list[tuple[Task, Update]]
     target = clients_per_round(cfg) if cfg.train.over_select > 0 else None
     clock = close_round_clock(finish, [t.client_id for t, _ in ok],
                               deadline_s=cfg.train.deadline_s, target=target,
-                              waiting=bool(plan.dropped))
+                              # a dropout got its task, so the server waits for it; a
+                              # client it could not reach was never sent one
+                              waiting=any(plan.per_client[c]["download_bytes"] > 0
+                                          for c in plan.dropped))
     for c, why in [(c, "straggler") for c in clock.stragglers] + [(c, "surplus")
                                                                  for c in clock.surplus]:
         row = plan.per_client[c]
