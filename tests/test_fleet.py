@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from lora_a2.config import FLEET_PROFILES, load_config
 from lora_a2.fleet import (COMPUTE, LINKS, PROFILES, Device, Fleet, close_round_clock,
                            draw_profile, read_fleet_csv, selected_per_round,
                            training_flops_per_example)
+from lora_a2 import runner
 from lora_a2.report import read_metrics
 
 TINY = ["model.name=tiny-random-bert", "model.max_length=24", "strategy.global_rank=4",
@@ -411,6 +413,53 @@ def test_auto_budgets_grow_with_the_uplink(tmp_path, synthetic_csv, strategy):
             row = rows[c]
             assert not row.get("straggler") and row["upload_bytes"] > 0
             assert row["sim_download_s"] + row["sim_compute_s"] + row["sim_upload_s"] <= 1.0
+
+
+def test_reference_uploads_count_each_client_round_at_the_budget_it_had(monkeypatch):
+    """``rank_budget = "auto"`` changes budgets from round to round: the summary's reference
+    figures price each kept client-round at its own round's budget (the client's fixed budget
+    when the row has none), and skip discarded replies."""
+    class Ref:
+        @staticmethod
+        def reference_upload_values(model, layout, rank):
+            return 10 * rank
+
+    monkeypatch.setitem(runner.REGISTRY, "ref", Ref)
+    exp = SimpleNamespace(strategy=SimpleNamespace(budgets={0: 4, 1: 4}),
+                          runtime=SimpleNamespace(layout=None, model=None),
+                          cfg=SimpleNamespace(report=SimpleNamespace(references=["ref"])))
+    records = [{"upload_params": 7, "per_client": [
+                   {"client": 0, "num_examples": 5, "rank_budget": 1},
+                   {"client": 1, "num_examples": 5, "rank_budget": 2},
+                   {"client": 1, "num_examples": 5, "rank_budget": 3, "straggler": True}]},
+               {"upload_params": 3, "per_client": [{"client": 0, "num_examples": 5}]}]
+    out = runner.reference_uploads(exp, records)
+    assert (out["ref_upload_params"], out["ref_upload_bytes"]) == (10 * (1 + 2 + 4), 280)
+    assert out["upload_fraction_of_ref"] == pytest.approx(10 / 70)
+
+
+def test_a_resumed_auto_run_gets_back_each_clients_last_budget(tmp_path, monkeypatch):
+    """On resume the budgets are the first round's fit (partition.json) updated by every kept
+    round's fits, as the uninterrupted run had them; refitted at the resumed round only when
+    partition.json is unreadable or does not cover every client."""
+    refits = []
+    monkeypatch.setattr(runner, "fit_budgets",
+                        lambda exp, rnd, state, clients: refits.append((rnd, clients)))
+    exp = SimpleNamespace(cfg=SimpleNamespace(data=SimpleNamespace(num_clients=3)),
+                          strategy=SimpleNamespace(budgets={}))
+    part = tmp_path / "partition.json"
+    part.write_text(json.dumps({"clients": [{"client": c, "rank_budget": b}
+                                            for c, b in enumerate([4, 3, 2])]}))
+    records = [{"per_client": [{"client": 0, "rank_budget": 2}, {"client": 2, "offline": True}]},
+               {"per_client": [{"client": 0, "rank_budget": 1}, {"client": 1, "rank_budget": 4}]}]
+    runner.restore_budgets(exp, tmp_path, records, 3, None)
+    assert exp.strategy.budgets == {0: 1, 1: 4, 2: 2} and refits == []
+    for bad in ("{", json.dumps({"clients": [{"client": 0, "rank_budget": 4}]}),
+                json.dumps({"clients": [{"client": c, "rank_budget": 0} for c in range(3)]}),
+                json.dumps({"clients": [{"client": c} for c in range(3)]})):
+        part.write_text(bad)
+        runner.restore_budgets(exp, tmp_path, records, 3, None)
+    assert refits == [(3, [0, 1, 2])] * 4
 
 
 @pytest.mark.parametrize("value", ["[nan]", "['high']", "0.7"])

@@ -29,6 +29,7 @@ from .rounds import evaluate_state, fit_budgets
 from .errors import UserError
 from .experiment import Experiment, prepare
 from .locks import RUN_LOCK, folder_lock, lock_held
+from .messages import ServerState
 from .private import PrivateStrategy, rebuildable_noise_warning
 from .precision import bf16_hardware
 from .precision import describe as describe_precision
@@ -205,7 +206,7 @@ def _run_experiment(cfg: Config, out: Path, *, overwrite: bool, progress: bool, 
     else:
         start, state = ckpt[0] + 1, strategy.restore_state(ckpt[1])
         exp.client_stores.update(load_client_stores(out))
-    if cfg.strategy.rank_budget == "auto":  # every client's budget as of the first round run
+    if cfg.strategy.rank_budget == "auto" and ckpt is None:  # every client's, first round
         fit_budgets(exp, start, state, list(range(cfg.data.num_clients)))
     if ckpt is None:
         write_partition(exp, out)
@@ -239,6 +240,8 @@ def _run_experiment(cfg: Config, out: Path, *, overwrite: bool, progress: bool, 
         raise UserError(f"cannot resume '{out}': a kept line of metrics.jsonl (or "
                         f"server_log.jsonl) is not a round's record (edited by hand?); "
                         f"start it again (--overwrite, or delete the folder)")
+    if cfg.strategy.rank_budget == "auto" and ckpt is not None:
+        restore_budgets(exp, out, full, start, state)
     cumulative = full[-1]["cumulative_upload_bytes"] if full else 0
     # the simulated clock (fleet.profile) continues from the last kept round's line
     sim_time = full[-1].get("sim_time_s", 0.0) if full else 0.0
@@ -540,13 +543,37 @@ class ReleaseLedger:
         return sum(max(0, n - 1) for r, n in self.attempts.items() if int(r) <= rnd)
 
 
+def restore_budgets(exp: Experiment, out: Path, records: list[dict[str, Any]], start: int,
+                    state: ServerState) -> None:
+    """A resumed ``rank_budget = "auto"`` run's budgets as the uninterrupted run had them: the
+    first round's fit of every client (``partition.json``), then the fit each kept round gave
+    its sampled clients (``per_client[].rank_budget``), in order. Refitted at ``start`` when
+    ``partition.json`` cannot be read."""
+    n = exp.cfg.data.num_clients
+    part = _json_object(out / "partition.json") or {}
+    rows = part.get("clients")
+    try:
+        first = {int(row["client"]): int(row["rank_budget"]) for row in rows}
+    except (TypeError, KeyError, ValueError):
+        first = {}
+    if sorted(first) != list(range(n)) or min(first.values(), default=0) < 1:
+        fit_budgets(exp, start, state, list(range(n)))
+        return
+    exp.strategy.budgets.update(first)
+    for r in records:
+        for row in r.get("per_client", []):
+            if "rank_budget" in row:
+                exp.strategy.budgets[row["client"]] = int(row["rank_budget"])
+
+
 def reference_uploads(exp: Experiment, records: list[dict[str, Any]]) -> dict[str, Any]:
     """The summary's upload comparisons (``report.references``): what each reference strategy
-    would upload for the client-rounds this run accepted, each client at its own rank budget
-    (its declared :meth:`~lora_a2.strategies.Strategy.reference_upload_values`; one float32,
+    would upload for the client-rounds this run accepted, each client at the rank budget it
+    had in that round (its declared :meth:`~lora_a2.strategies.Strategy.reference_upload_values`; one float32,
     4 bytes, per value — the payload header adds ~100 bytes per message on top)."""
     budgets, layout, model = exp.strategy.budgets, exp.runtime.layout, exp.runtime.model
-    accepted = [c["client"] for r in records for c in r["per_client"]
+    kept_budgets = [c.get("rank_budget", budgets[c["client"]]) for r in records
+                for c in r["per_client"]
                 if c.get("num_examples") and not c.get("rejected")
                 and not c.get("straggler") and not c.get("surplus")
                 and not c.get("discarded")]
@@ -555,7 +582,7 @@ def reference_uploads(exp: Experiment, records: list[dict[str, Any]]) -> dict[st
     out: dict[str, Any] = {}
     for name in exp.cfg.report.references:
         cls, key = REGISTRY[name], name.replace("-", "_")
-        values = sum(cls.reference_upload_values(model, layout, budgets[c]) for c in accepted)
+        values = sum(cls.reference_upload_values(model, layout, b) for b in kept_budgets)
         out[f"{key}_upload_params"] = values
         out[f"{key}_upload_bytes"] = 4 * values
         out[f"upload_fraction_of_{key}"] = None if mine is None else mine / max(values, 1)
