@@ -186,27 +186,42 @@ def test_a_node_keeps_each_experiments_client_tensors_apart():
     assert read_store(node, "seed = 3") == {}
 
 
-def test_a_secagg_client_checks_its_own_upload_before_masking(monkeypatch):
-    """Under SecAgg+ the server never sees an upload to check it, so each client validates its
-    own before it is turned into the vector to mask: a malformed one (here a value short) fails
-    on the node, and nothing reaches the masking."""
+def _short(u):
+    u.values = u.values[:-1]
+
+
+def _nan(u):
+    u.values[0] = float("nan")
+
+
+def _miscounted(u):
+    u.num_examples += 1
+
+
+@pytest.mark.parametrize("spoil,needle", [(_short, "values"), (_nan, "NaN or Inf"),
+                                          (_miscounted, "training examples")])
+def test_a_secagg_client_checks_its_own_upload_before_masking(monkeypatch, spoil, needle):
+    """Under SecAgg+ the server never sees an upload to check it, so each client runs the
+    server's checks on its own before it is turned into the vector to mask: a malformed one (a
+    value short), a non-finite one (training diverged: SecAgg+'s clipping lets NaN through) or
+    one claiming another example count fails on the node, and nothing reaches the masking."""
     _, s, rt, ctxs = tiny_setup(["strategy.name='fl-lora'"], 2, n=40, max_length=16)
     task = Task.from_payload(s.configure(1, 0, s.init_state(rt.initial_state())).to_payload(
         rt.layout), rt.layout)
 
-    def short_upload(ctx, t):
+    def spoiled_upload(ctx, t):
         good = s.upload(ctx, t)
-        good.values = good.values[:-1]
+        spoil(good)
         return good
 
-    exp = SimpleNamespace(strategy=SimpleNamespace(upload=short_upload, validate=s.validate))
+    exp = SimpleNamespace(strategy=SimpleNamespace(upload=spoiled_upload, validate=s.validate))
     monkeypatch.setattr(clientapp, "task_bytes_of", lambda content: b"task")
     monkeypatch.setattr(clientapp, "_client_task", lambda *a: (exp, task, ctxs[0]))
     masked = []
     monkeypatch.setattr(clientapp, "client_vector", lambda *a: masked.append(a))
     msg = SimpleNamespace(content=SimpleNamespace(
         config_records={"fitins.config": {"config": "seed = 0"}}))
-    with pytest.raises(InvalidPayload):
+    with pytest.raises(InvalidPayload, match=needle):
         clientapp.client_train(msg, SimpleNamespace())
     assert masked == []
 

@@ -33,6 +33,15 @@ def receive_upload(strategy: Strategy, task: Task, blob: bytes, limits: UploadLi
     ``examples``: the client's training-set size in the partition the server drew (public):
     an upload claiming another count — the weight it gets in the aggregate — is refused."""
     update = Update.from_payload(decode(blob, limits.max_bytes))
+    check_update(strategy, task, update, limits, examples)
+    return update
+
+
+def check_update(strategy: Strategy, task: Task, update: Update, limits: UploadLimits,
+                 examples: int | None = None) -> None:
+    """The checks of :func:`receive_upload` after decoding: the client asked, the example
+    count, the strategy's structure, finite values, the norm bound. Under SecAgg+ each client
+    runs them on its own upload before masking it (the server never sees it)."""
     if update.client_id != task.client_id:
         raise InvalidPayload(f"upload names client {update.client_id}, expected {task.client_id}")
     if examples is not None and update.num_examples != examples:
@@ -53,4 +62,3 @@ def receive_upload(strategy: Strategy, task: Task, blob: bytes, limits: UploadLi
         norm = float(torch.linalg.vector_norm(update.values.double()))
         if norm > limits.max_norm:
             raise InvalidPayload(f"update L2 norm {norm:.4g} exceeds the bound {limits.max_norm:.4g}")
-    return update

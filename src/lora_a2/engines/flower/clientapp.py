@@ -12,10 +12,11 @@ from typing import Any
 from ...config import Config, config_from_dict
 from ...errors import UserError
 from ...experiment import prepare
-from ...payload import InvalidPayload, decode, encode
+from ...payload import decode, encode
 from ...rounds import eval_reply
 from ...messages import Task
 from ...secure_sum import client_vector
+from ...validation import UploadLimits, check_update
 from ..secagg import fit_reply, secagg_dispatch_mod, task_bytes_of, weight_scale
 from .records import CONFIG_RECORD, STORE_RECORD, pack, unpack
 
@@ -103,11 +104,9 @@ def client_train_secure(msg, context):
     config_toml = str(msg.content.config_records["fitins.config"]["config"])
     exp, task, ctx = _client_task(context, config_toml, task_bytes_of(msg.content))
     update = exp.strategy.upload(ctx, task)
-    exp.strategy.validate(task, update)  # a malformed upload fails here, loudly
-    if update.num_examples != ctx.num_examples:  # the server checks the sum's weight against
-        raise InvalidPayload(f"the upload claims {update.num_examples} training examples; "
-                             f"client {task.client_id} holds {ctx.num_examples} (the public "
-                             f"count the server weighs it by)")
+    # the server's own checks, here (a malformed or non-finite upload fails loudly on the
+    # node); the example count is the public one the server weighs the sum's entry by
+    check_update(exp.strategy, task, update, UploadLimits(), examples=ctx.num_examples)
     vector = client_vector(exp.strategy, task, update, exp.cfg.secagg.clipping_range,
                            weight_scale(exp))
     write_store(context, config_toml, ctx.store)
