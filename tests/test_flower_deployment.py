@@ -377,3 +377,36 @@ def test_the_overwrite_run_config_flag_reads_a_quoted_false_as_false(value, expe
         with pytest.raises(UserError, match=expected):
             run_config_flag({"overwrite": value}, "overwrite")
     assert run_config_flag({}, "overwrite") is False
+
+
+@pytest.mark.parametrize("rc,expected", [
+    ({}, (False, False)),
+    ({"resume": True}, (False, True)),
+    ({"resume": "true", "overwrite": "false"}, (False, True)),
+    ({"overwrite": True}, (True, False)),
+    ({"resume": True, "overwrite": True}, "cannot both be true"),
+    ({"resume": "yes"}, "run config 'resume' must be true or false"),
+])
+def test_the_deployment_server_app_passes_resume_and_overwrite(monkeypatch, tmp_path, rc,
+                                                                expected):
+    """``flwr run … --run-config 'resume=true'`` continues the run in ``out`` (the runner then
+    applies every resume check, the Flower client-state refusal included); resume and
+    overwrite together are refused."""
+    from types import SimpleNamespace
+
+    from lora_a2.engines.flower import serverapp
+
+    seen = {}
+    monkeypatch.setattr(serverapp, "FlowerRounds", lambda grid, cfg: "rounds")
+    monkeypatch.setattr(serverapp, "add_flower_totals", lambda *a: None)
+    monkeypatch.setattr(serverapp, "run_experiment",
+                        lambda cfg, out, **kw: seen.update(out=out, **kw) or {})
+    context = SimpleNamespace(run_config={"out": str(tmp_path / "r"), **rc})
+    if isinstance(expected, str):
+        with pytest.raises(UserError, match=expected):
+            serverapp.deployment_main(None, context)
+        assert seen == {}
+        return
+    serverapp.deployment_main(None, context)
+    assert (seen["overwrite"], seen["resume"]) == expected
+    assert seen["out"] == tmp_path / "r" and seen["round_fn"] == "rounds"

@@ -267,6 +267,47 @@ def test_fedsa_lora_resume_restores_every_clients_own_b(tmp_path, synthetic_csv)
         strip(read_metrics(tmp_path / "ref" / "metrics.jsonl"))
 
 
+@pytest.mark.parametrize("sets,kept", [
+    (["strategy.name='fedsa-lora'"], "own B and classifier head"),
+    (["strategy.name='lora-a2'", "strategy.options.reselect_every=2"], "last slot selection"),
+    (["strategy.name='lora-a2'"], None),
+    (["strategy.name='fl-lora'"], None),
+])
+def test_a_run_whose_clients_keep_state_is_not_resumed_on_flower(tmp_path, synthetic_csv,
+                                                                 sets, kept):
+    """On Flower a client's ``ctx.store`` lives in its node's Context, which a resumed (new)
+    Flower run starts without: such a run is refused ``--resume`` there, in one line and with
+    the folder untouched; a strategy that keeps nothing resumes. (The round function is the
+    local one: what is checked is the runner's refusal, not Flower.)"""
+    from lora_a2.config import load_config
+    from lora_a2.engines.local import run_round
+    from lora_a2.errors import UserError
+    from lora_a2.runner import run_experiment
+
+    cfg = load_config(None, [f"data.name='csv:{synthetic_csv}'", "model.name='tiny-random-bert'",
+                             "model.max_length=24", "strategy.global_rank=4",
+                             "strategy.rank_budget=2", "data.num_clients=2", "train.rounds=2",
+                             "engine.name='flower'", *sets])
+
+    def crash_in_round_2(exp, rnd, state, on_client=None):
+        if rnd == 2:
+            raise KeyboardInterrupt
+        return run_round(exp, rnd, state, on_client)
+
+    out = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, out, progress=False, round_fn=crash_in_round_2)
+    before = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
+    if kept is None:
+        run_experiment(cfg, out, progress=False, resume=True, round_fn=run_round)
+        assert (out / "summary.json").is_file()
+        return
+    with pytest.raises(UserError, match="cannot resume .* on Flower") as e:
+        run_experiment(cfg, out, progress=False, resume=True, round_fn=run_round)
+    assert kept in str(e.value) and "\n" not in str(e.value)
+    assert {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()} == before
+
+
 def test_fedsa_lora_refuses_the_causal_lm_task(capsys):
     assert main(["config", "--set", "strategy.name=fedsa-lora", "model.name=tiny-random-llama",
                  "data.name=chatterbot", "model.head=frozen"]) == 2

@@ -189,6 +189,12 @@ def _run_experiment(cfg: Config, out: Path, *, overwrite: bool, progress: bool, 
     ckpt = load_checkpoint(out) if resume else None
     if resume:
         check_resumable(out, ckpt[0] if ckpt is not None else None)
+        if ckpt is not None and cfg.engine.name == "flower" and (kept := strategy.client_state()):
+            raise UserError(f"cannot resume '{out}' on Flower: {strategy.name}'s clients keep "
+                            f"{kept} on their nodes between rounds, and a resumed run is a new "
+                            f"Flower run whose nodes start without it; start it again "
+                            f"(--overwrite), or run on the local engine, whose checkpoint keeps "
+                            f"it")
     private = strategy if isinstance(strategy, PrivateStrategy) else None
     ledger = ReleaseLedger(out / "privacy_ledger.json") \
         if private is not None and not private.plan.rebuildable else None

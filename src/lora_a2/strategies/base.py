@@ -209,6 +209,14 @@ class Strategy(ABC):
         with ctx.runtime.autocast():  # train.precision, as in training
             return ctx.runtime.task.evaluate_client(ctx)
 
+    def client_state(self) -> str:
+        """What this strategy's clients keep in ``ctx.store`` between their rounds, as one
+        clause ("" = nothing). The local engine saves it in the checkpoint; on Flower it lives
+        in each node's ``Context.state``, which a resumed run (a new Flower run) starts
+        without, so a run that keeps it is refused ``--resume`` on Flower. A strategy that
+        writes ``ctx.store`` must say so here."""
+        return ""
+
     def personal_tensors(self, ctx: ClientContext) -> dict[str, Tensor]:
         """The federated tensors this client holds for itself (from ``ctx.store``)."""
         return {}

@@ -93,6 +93,9 @@ class FedSaLora(DenseStrategy):
         return self.make_task(rnd, client_id, state, ["A"] + self._head_for(client_id, state),
                               evaluate=True)
 
+    def client_state(self) -> str:
+        return "their own B and classifier head"
+
     # -- client ---------------------------------------------------------------------------
     def personal_tensors(self, ctx: ClientContext) -> dict[str, Tensor]:
         """Its own B (zeros before its first round) and its head (once it has one)."""

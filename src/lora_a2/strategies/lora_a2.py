@@ -262,6 +262,10 @@ class LoraA2(Strategy):
             return None
         return ctx.store[key].bool()
 
+    def client_state(self) -> str:
+        return ("their last slot selection per factor (strategy.options.reselect_every > 1)"
+                if self.options.reselect_every > 1 else "")
+
     def remember_selection(self, ctx: ClientContext, task: Task, selected: torch.Tensor) -> None:
         if self.options.reselect_every > 1:
             ctx.store[f"selection.{task.config['factor']}"] = selected.to(torch.uint8)

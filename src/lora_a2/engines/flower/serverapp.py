@@ -155,7 +155,9 @@ def deployment_main(grid, context) -> None:
 
     Run config keys (``--run-config``): ``config`` (path to a lora-a2 TOML config on the
     SuperLink machine; "" = defaults), ``set`` (``;``-separated ``KEY=VALUE`` overrides),
-    ``out`` (output directory on the SuperLink machine), ``overwrite`` (bool).
+    ``out`` (output directory on the SuperLink machine), ``overwrite`` (bool), ``resume``
+    (bool: continue the run in ``out`` after its last checkpointed round, as ``lora-a2 run
+    --resume``; refused for a strategy whose clients keep state on their nodes).
     """
 
     rc = context.run_config
@@ -163,7 +165,10 @@ def deployment_main(grid, context) -> None:
     # this is the Flower engine whatever the config says (validated as such: secagg needs it)
     cfg = load_config(str(rc.get("config", "")) or None, overrides + ["engine.name=flower"])
     out = Path(str(rc.get("out", "runs/flower-deployment")))
-    summary = run_experiment(cfg, out, overwrite=run_config_flag(rc, "overwrite"),
+    overwrite, resume = run_config_flag(rc, "overwrite"), run_config_flag(rc, "resume")
+    if overwrite and resume:
+        raise UserError("run config 'resume' and 'overwrite' cannot both be true")
+    summary = run_experiment(cfg, out, overwrite=overwrite, resume=resume,
                              progress=False, round_fn=FlowerRounds(grid, cfg))
     add_flower_totals(out, summary, "flower-deployment")
 
