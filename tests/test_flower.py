@@ -243,11 +243,16 @@ def test_node_discovery_keeps_one_node_per_valid_partition(monkeypatch):
     def reply(msg, info):  # what a node's ClientApp answers (real Flower messages)
         if info is None:
             return Message(Error(code=0, reason="boom"), reply_to=msg)
+        if info == "no record":
+            return Message(RecordDict(), reply_to=msg)
         return Message(RecordDict({CONFIG_RECORD: ConfigRecord(info)}), reply_to=msg)
 
+    # 17–20: malformed answers (no record, no id, a string id, a float count) are warnings too
     answers = {11: {"partition-id": 0}, 12: {"partition-id": 7},
                13: {"partition-id": 1, "num-partitions": 9}, 14: {"partition-id": 0},
-               15: None, 16: {"partition-id": 2, "num-partitions": 3}}
+               15: None, 16: {"partition-id": 2, "num-partitions": 3}, 17: "no record",
+               18: {"num-partitions": 3}, 19: {"partition-id": "1"},
+               20: {"partition-id": 1, "num-partitions": 3.0}}
 
     class Grid:
         def get_node_ids(self):
@@ -260,7 +265,9 @@ def test_node_discovery_keeps_one_node_per_valid_partition(monkeypatch):
     warnings = rounds.discover(wait=False)
     assert rounds.node_of == {0: 11, 2: 16}
     assert sorted(w.split(":")[0] for w in warnings) == ["node 12", "node 13", "node 14",
-                                                         "node 15"]
+                                                         "node 15", "node 17", "node 18",
+                                                         "node 19", "node 20"]
+    assert sum("malformed answer to the partition query" in w for w in warnings) == 4
     assert "partition-id 7 outside [0, 3)" in " ".join(warnings)
     assert "num-partitions 9 ≠ data.num_clients 3" in " ".join(warnings)
     assert "partition 0 already held by node 11" in " ".join(warnings)

@@ -19,6 +19,17 @@ from .records import CONFIG_RECORD, message_bytes, pack, timing_of, unpack
 log = logging.getLogger(__name__)
 
 
+def _partition_claim(content) -> tuple[int, int | None]:
+    """(partition-id, num-partitions or None) from a node's answer to the partition query;
+    KeyError / TypeError / ValueError when the answer is not two integers where expected."""
+    info = content.config_records[CONFIG_RECORD]
+    pid, n_parts = info["partition-id"], info.get("num-partitions")
+    for key, v in (("partition-id", pid), ("num-partitions", n_parts)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise ValueError(f"{key} is {v!r}, not an integer")
+    return pid, n_parts
+
+
 class FlowerRounds(Transport):
     """The Flower transport under the one round loop (:mod:`lora_a2.rounds`), and the round
     function :func:`lora_a2.runner.run_experiment` calls: it moves the messages through a
@@ -62,14 +73,17 @@ class FlowerRounds(Transport):
                     if r.has_error():
                         warnings.append(f"node {node}: query failed: {r.error.reason[:200]}")
                         continue
-                    info = r.content.config_records[CONFIG_RECORD]
-                    pid = int(info["partition-id"])
-                    n_parts = info.get("num-partitions")
                     self.known.add(node)
+                    try:
+                        pid, n_parts = _partition_claim(r.content)
+                    except (KeyError, TypeError, ValueError) as e:
+                        warnings.append(f"node {node}: malformed answer to the partition query "
+                                        f"({type(e).__name__}: {str(e)[:120]}) — ignored")
+                        continue
                     if not 0 <= pid < num_clients:
                         warnings.append(f"node {node}: partition-id {pid} outside "
                                         f"[0, {num_clients}) — ignored")
-                    elif n_parts is not None and int(n_parts) != num_clients:
+                    elif n_parts is not None and n_parts != num_clients:
                         warnings.append(f"node {node}: num-partitions {n_parts} ≠ "
                                         f"data.num_clients {num_clients} — ignored")
                     elif pid in self.node_of and self.node_of[pid] != node:
