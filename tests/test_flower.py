@@ -275,6 +275,60 @@ def test_node_discovery_keeps_one_node_per_valid_partition(monkeypatch):
     assert rounds.discover(wait=False) == ["node 15: query failed: boom"]
 
 
+def test_failed_evaluation_answers_are_recorded_not_silently_dropped(monkeypatch):
+    """A personalised strategy's evaluate phase over Flower: a node whose ClientApp fails, one
+    that does not answer, an answer that cannot be unpacked and one that is not this client's
+    each leave that client's evaluation empty and are named in the round's
+    ``eval_failures`` (and logged); the good answer is used and counted."""
+    from flwr.app import Error, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from lora_a2.engines.flower import pack
+    from lora_a2.rounds import eval_reply, evaluate_clients
+
+    for key in ("_task_id", "_run_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, key, 1)
+    cfg, s, rt, _ = tiny_setup(["strategy.name='fedsa-lora'", "engine.name='flower'",
+                                "engine.round_timeout_s=30"], 5, n=40, max_length=16)
+    state = s.init_state(rt.initial_state())
+
+    def answer(msg):
+        c = msg.metadata.dst_node_id - 100
+        if c == 1:
+            return Message(Error(code=0, reason="boom"), reply_to=msg)
+        if c == 3:
+            return Message(RecordDict(), reply_to=msg)
+        who = 0 if c == 4 else c  # client 4 answers with client 0's metrics
+        return Message(pack(encode(eval_reply(who, {"local_accuracy": 0.5}))), reply_to=msg)
+
+    class Grid:
+        def send_and_receive(self, messages, timeout=None):
+            assert timeout == 30.0
+            return [answer(m) for m in messages if m.metadata.dst_node_id != 102]  # 2: silent
+
+    rounds = FlowerRounds(Grid(), cfg, 0)
+    rounds.node_of = {c: 100 + c for c in range(5)}
+    exp = SimpleNamespace(strategy=s, runtime=rt, cfg=cfg)
+    out = evaluate_clients(exp, 1, state, rounds)
+    assert out["client_eval"][0] == {"local_accuracy": 0.5}
+    assert out["client_eval"][1:] == [None] * 4
+    fails = out["eval_failures"]
+    assert [f.split(":")[0] for f in fails] == [f"client {c}" for c in (1, 2, 3, 4)], fails
+    assert "boom" in fails[0] and "no reply within 30.0 s" in fails[1]
+    assert "holds no" in fails[2] and "not an evaluation answer from this client" in fails[3]
+    assert out["eval_upload_bytes"] > 0 and out["eval_download_bytes"] > 0
+
+
+def test_the_fault_hook_can_fail_a_clients_evaluation_alone(monkeypatch):
+    monkeypatch.setenv(clientapp.FAULT_ENV, "2:1:eval,3:1")
+    clientapp._fault(2, 1)  # training in round 2: no fault
+    with pytest.raises(RuntimeError, match="evaluate"):
+        clientapp._fault(2, 1, evaluate=True)
+    clientapp._fault(3, 1, evaluate=True)  # a training fault does not fail the evaluation
+    with pytest.raises(RuntimeError, match="client 1 in round 3"):
+        clientapp._fault(3, 1)
+
+
 @pytest.mark.parametrize("timeout_s,passed", [(30.0, 30.0), (0.0, None)])
 def test_a_node_that_does_not_answer_in_time_is_a_dropped_client(monkeypatch, timeout_s,
                                                                   passed):

@@ -84,9 +84,9 @@ class Transport(ABC):
 
     @abstractmethod
     def exchange_eval(self, exp: Experiment, rnd: int, tasks: dict[int, bytes]
-                      ) -> dict[int, bytes | None]:
-        """Personalised evaluation: send the encoded evaluate tasks; the encoded answers (None:
-        no usable answer)."""
+                      ) -> dict[int, Reply]:
+        """Personalised evaluation: send the encoded evaluate tasks; each client's answer
+        (``blob``), or why it gave none (``failure``, ``unreadable``)."""
 
     def round_extras(self) -> dict[str, Any]:
         """Engine-specific fields of the round's record (Flower: its own byte counts)."""
@@ -354,10 +354,29 @@ def evaluate_clients(exp: Experiment, rnd: int, state: ServerState, transport: T
     tasks = {c: encode(strategy.eval_task(rnd, c, state).to_payload(layout))
              for c in range(exp.cfg.data.num_clients) if reachable(c)}
     answers = transport.exchange_eval(exp, rnd, tasks)
-    evals = [None if answers.get(c) is None else read_eval_reply(answers[c], c)
-             for c in range(exp.cfg.data.num_clients)]
+    evals: list[dict[str, Any] | None] = []
+    failures: list[str] = []
+    for c in range(exp.cfg.data.num_clients):
+        reply = answers.get(c)
+        if c not in tasks:  # unreachable: never asked
+            evals.append(None)
+            continue
+        if reply is None or reply.blob is None:
+            why = "no reply" if reply is None else reply.failure or reply.unreadable
+            failures.append(f"client {c}: {why or 'empty answer'}")
+            evals.append(None)
+            continue
+        try:
+            evals.append(eval_answer(reply.blob, c))
+        except InvalidPayload as e:
+            failures.append(f"client {c}: evaluation answer rejected: {e}")
+            evals.append(None)
+    for f in failures:
+        log.warning("evaluation: %s", f)
     return {"client_eval": evals, "eval_download_bytes": sum(len(b) for b in tasks.values()),
-            "eval_upload_bytes": sum(len(b) for b in answers.values() if b is not None)}
+            "eval_upload_bytes": sum(len(r.blob) for r in answers.values()
+                                     if r.blob is not None),
+            "eval_failures": failures}
 
 
 def run_round(exp: Experiment, rnd: int, state: ServerState, transport: Transport,
@@ -383,19 +402,27 @@ def eval_reply(client: int, metrics: dict[str, Any]) -> Payload:
     return Payload(values=torch.zeros(0), meta={"client": client, "metrics": metrics})
 
 
-def read_eval_reply(blob: bytes, client: int) -> dict[str, Any] | None:
-    """The metrics of an evaluation answer, or None (logged) when it is not a well-formed
-    answer from ``client`` with finite numbers in [0, ∞)."""
+def eval_answer(blob: bytes, client: int) -> dict[str, Any]:
+    """The metrics of an evaluation answer; :class:`InvalidPayload` when it is not a
+    well-formed answer from ``client`` with finite numbers in [0, ∞)."""
     try:
         meta = decode(blob).meta
         metrics = meta["metrics"]
-        if meta.get("client") != client or not isinstance(metrics, dict):
-            raise InvalidPayload("not an evaluation answer from this client")
-        for k, v in metrics.items():
-            if v is not None and not (finite_number(v) and v >= 0):
-                raise InvalidPayload(f"metric {k!r} = {str(v)[:40]!r}")
-        return metrics
-    except (InvalidPayload, KeyError, TypeError) as e:
+    except (KeyError, TypeError) as e:
+        raise InvalidPayload(f"malformed ({type(e).__name__})") from None
+    if meta.get("client") != client or not isinstance(metrics, dict):
+        raise InvalidPayload("not an evaluation answer from this client")
+    for k, v in metrics.items():
+        if v is not None and not (finite_number(v) and v >= 0):
+            raise InvalidPayload(f"metric {k!r} = {str(v)[:40]!r}")
+    return metrics
+
+
+def read_eval_reply(blob: bytes, client: int) -> dict[str, Any] | None:
+    """:func:`eval_answer`, or None (logged) when the answer is not usable."""
+    try:
+        return eval_answer(blob, client)
+    except InvalidPayload as e:
         log.warning("client %d: evaluation answer rejected: %s", client, e)
         return None
 

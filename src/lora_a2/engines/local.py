@@ -40,13 +40,13 @@ class LocalTransport(Transport):
         return replies
 
     def exchange_eval(self, exp: Experiment, rnd: int, tasks: dict[int, bytes]
-                      ) -> dict[int, bytes | None]:
+                      ) -> dict[int, Reply]:
         layout = exp.runtime.layout
-        out: dict[int, bytes | None] = {}
+        out: dict[int, Reply] = {}
         for c, down in tasks.items():
             task = Task.from_payload(decode(down), layout)
-            out[c] = encode(eval_reply(c, exp.strategy.client_evaluate(exp.client_context(c),
-                                                                       task)))
+            out[c] = Reply(encode(eval_reply(
+                c, exp.strategy.client_evaluate(exp.client_context(c), task))))
         return out
 
 

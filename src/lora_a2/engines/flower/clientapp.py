@@ -20,7 +20,7 @@ from ...validation import UploadLimits, check_update
 from ..secagg import fit_reply, secagg_dispatch_mod, task_bytes_of, weight_scale
 from .records import CONFIG_RECORD, STORE_RECORD, pack, unpack
 
-FAULT_ENV = "LORA_A2_FLOWER_FAULT"  # fault injection for tests: "ROUND:CLIENT[:hang]" entries
+FAULT_ENV = "LORA_A2_FLOWER_FAULT"  # fault injection for tests: see _fault
 
 _CACHE: dict[str, Any] = {}  # config hash → experiment: this worker process's one cache
 
@@ -51,14 +51,21 @@ def partition_of(context) -> int:
                         "it with --node-config 'partition-id=K'") from None
 
 
-def _fault(rnd: int, client: int) -> None:
+def _fault(rnd: int, client: int, evaluate: bool = False) -> None:
+    """Test hook (``LORA_A2_FLOWER_FAULT="ROUND:CLIENT[:KIND],…"``): raise in that client's
+    training (no KIND), sleep (``hang[:SECONDS]``), or raise in its evaluate phase (``eval``)."""
     for entry in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
         parts = entry.strip().split(":")
-        if int(parts[0]) == rnd and int(parts[1]) == client:
-            if len(parts) > 2 and parts[2] == "hang":
-                time.sleep(float(parts[3]) if len(parts) > 3 else 3600)
-            else:
-                raise RuntimeError(f"injected fault: client {client} in round {rnd}")
+        if int(parts[0]) != rnd or int(parts[1]) != client:
+            continue
+        kind = parts[2] if len(parts) > 2 else "raise"
+        if (kind == "eval") != evaluate:
+            continue
+        if kind == "hang":
+            time.sleep(float(parts[3]) if len(parts) > 3 else 3600)
+        else:
+            raise RuntimeError(f"injected fault: client {client} in round {rnd}"
+                               + (" (evaluate)" if evaluate else ""))
 
 
 def client_train(msg, context):
@@ -147,6 +154,7 @@ def client_evaluate(msg, context):
     if task.client_id != pid:
         raise RuntimeError(f"evaluation for client {task.client_id} sent to the node holding "
                            f"partition {pid}")
+    _fault(task.round, task.client_id, evaluate=True)
     metrics = exp.strategy.client_evaluate(exp.client_context(pid, read_store(context,
                                                                               config_toml)),
                                            task)

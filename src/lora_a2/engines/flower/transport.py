@@ -129,20 +129,25 @@ class FlowerRounds(Transport):
                                               timeout=self._timeout())) if messages else []
         self._timing = {"discover_s": round(self._discover_s, 4),
                         **round_timing(time.perf_counter() - t_send, got)}
+        self._up += sum(message_bytes(r) for r in got)
+        return self._replies(tasks, got, on_client)
+
+    def _replies(self, tasks: dict[int, bytes], got, on_client=None) -> dict[int, Reply]:
+        """Each asked client's answer among Flower's replies ``got``: its bytes, or why there
+        are none (no reply in time, the ClientApp's error, an answer that cannot be
+        unpacked)."""
         by_node = {r.metadata.src_node_id: r for r in got}
+        timeout = self._timeout()
         replies: dict[int, Reply] = {}
         for c in tasks:
             reply = by_node.get(self.node_of[c])
             if reply is None:
-                timeout = self._timeout()
                 replies[c] = Reply(failure="no reply" if timeout is None
                                    else f"no reply within {timeout} s")
             elif reply.has_error():
-                self._up += message_bytes(reply)
                 replies[c] = Reply(failure=f"ClientApp error {reply.error.code}: "
                                            f"{error_text(reply.error.reason)}")
             else:
-                self._up += message_bytes(reply)
                 try:
                     replies[c] = Reply(unpack(reply.content))
                 except InvalidPayload as e:
@@ -209,9 +214,10 @@ class FlowerRounds(Transport):
         })
         return state, record
 
-    def exchange_eval(self, exp, rnd: int, tasks: dict[int, bytes]) -> dict[int, bytes | None]:
+    def exchange_eval(self, exp, rnd: int, tasks: dict[int, bytes]) -> dict[int, Reply]:
         """A personalised strategy's evaluate phase: an EVALUATE message to every client's
-        node; a node that fails answers None."""
+        node; a node that fails or does not answer in time gives a ``failure``, an answer that
+        cannot be unpacked is ``unreadable`` (both reach the round's ``eval_failures``)."""
         from flwr.app import Message, MessageType
 
         messages = {c: Message(pack(down, self.config_toml), dst_node_id=self.node_of[c],
@@ -219,18 +225,7 @@ class FlowerRounds(Transport):
                     for c, down in tasks.items()}
         got = list(self.grid.send_and_receive(list(messages.values()),
                                               timeout=self._timeout())) if messages else []
-        by_node = {r.metadata.src_node_id: r for r in got}
-        out: dict[int, bytes | None] = {}
-        for c in tasks:
-            reply = by_node.get(self.node_of[c])
-            if reply is None or reply.has_error():
-                out[c] = None
-                continue
-            try:
-                out[c] = unpack(reply.content)
-            except InvalidPayload:
-                out[c] = None
-        return out
+        return self._replies(tasks, got)
 
 
 def round_timing(send_receive_s: float, replies) -> dict[str, float]:
