@@ -54,10 +54,18 @@ def run_local_failing(out: Path, data: Path, sets: list[str],
     return out
 
 
+#: what only a Flower round's record has: Flower's own byte counts, timings and node warnings
+FLOWER_ONLY = {"flower_download_bytes", "flower_upload_bytes", "flower_query_bytes",
+               "flower_timing", "node_warnings"}
+
+
 def assert_same_run(local: list[dict], flower: list[dict], tol: float = 1e-4) -> None:
     assert len(local) == len(flower)
     for a, b in zip(local, flower):
         assert {k: a[k] for k in SAME} == {k: b[k] for k in SAME}
+        # the same fields, but for Flower's own; per client the same fields too
+        assert set(b) - set(a) <= FLOWER_ONLY and set(a) <= set(b), set(a) ^ set(b)
+        assert [sorted(c) for c in a["per_client"]] == [sorted(c) for c in b["per_client"]]
         for k in ("accuracy", "macro_f1", "loss", "train_loss", "epsilon"):
             if a.get(k) is None:  # e.g. no train_loss under local DP, no epsilon without DP
                 assert b.get(k) is None, (a["round"], k)

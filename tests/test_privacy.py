@@ -830,6 +830,30 @@ def test_withheld_eval_bytes_total_null_not_zero(tmp_path, synthetic_csv):
     assert all(pub["loss"] != own["loss"] for pub, own in pairs)
 
 
+def test_central_release_cuts_a_client_apps_own_error_text():
+    """Under central DP a Flower ClientApp's error message (text the client's code wrote: it
+    could quote the client's data) is not released, in ``failures`` or a row's ``failure``;
+    the engine's own reasons are, and the server's full record keeps everything."""
+    _, s, _, _ = tiny_setup(["strategy.name='fl-lora'", "privacy.mechanism='gaussian'",
+                             "privacy.mode='central'", "privacy.noise_multiplier=1",
+                             "privacy.clip=0.1"], 2)
+    secret = "ValueError: could not parse 'Jane Doe, 12 Elm St'"
+    full = {"round": 1, "strategy": "fl-lora", "active_factor": None, "clients": [0, 1],
+            "failures": [f"client 0: ClientApp error 0: {secret}",
+                         "client 1: no reply within 30.0 s"],
+            "per_client": [{"client": 0, "dropped": True, "download_bytes": 5,
+                            "failure": f"ClientApp error 0: {secret}"},
+                           {"client": 1, "dropped": True, "download_bytes": 5,
+                            "failure": "no reply within 30.0 s"}]}
+    out = s.release_record(full)
+    assert "Jane" not in json.dumps(out)
+    assert out["failures"] == ["client 0: ClientApp error 0: message withheld (central DP)",
+                               "client 1: no reply within 30.0 s"]
+    assert [c["failure"] for c in out["per_client"]] == [
+        "ClientApp error 0: message withheld (central DP)", "no reply within 30.0 s"]
+    assert "Jane" in json.dumps(full)  # the trusted server's own record is untouched
+
+
 def test_central_release_holds_only_noised_or_data_independent_values(tmp_path, synthetic_csv):
     sets = ["privacy.mechanism=gaussian", "privacy.mode=central", "privacy.noise_multiplier=1",
             "privacy.clip=0.1", "data.local_test_fraction=0.2"]

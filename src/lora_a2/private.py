@@ -37,6 +37,7 @@ Every draw comes from :func:`lora_a2.privacy.noise_generator` with the run's
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -221,12 +222,25 @@ class PrivateStrategy:
             allowed |= set(SIZE_KEYS)
         allowed -= set(client_metric_keys)
         out = {k: v for k, v in record.items() if k in allowed}
+        if "failures" in out:
+            out["failures"] = [public_failure(f) for f in out["failures"]]
         if "per_client" in record:
             keep = set(PUBLIC_CLIENT_KEYS) | ({"upload_bytes", "upload_params"} if sizes else set())
-            out["per_client"] = [{k: v for k, v in c.items() if k in keep}
+            out["per_client"] = [{k: public_failure(v) if k == "failure" else v
+                                  for k, v in c.items() if k in keep}
                                  for c in record["per_client"]]
         out["withheld"] = sorted(k for k in record if k not in out and k != "eval_metric_keys")
         return out
+
+
+_CLIENT_ERROR = re.compile(r"(ClientApp error[^:]*):.*", re.S)
+
+
+def public_failure(reason: str) -> str:
+    """A failure reason as central DP releases it: the engine's own words stay (no reply, not
+    reachable, the timeout), a ClientApp's error message — text the client's code wrote, which
+    could quote its data — is cut (the trusted server's log keeps it)."""
+    return _CLIENT_ERROR.sub(r"\1: message withheld (central DP)", reason)
 
 
 #: per-client keys of a round record that never depend on a client's data (its example count

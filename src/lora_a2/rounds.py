@@ -337,8 +337,7 @@ def close_round(exp: Experiment, plan: RoundPlan, state: ServerState,
     rows = [plan.per_client[c] for c in plan.clients]
     record = round_record(strategy, plan.rnd, plan.clients, rows, num_replies=len(ok),
                           failed=failed, dropped=plan.dropped, reasons=reasons, info=info)
-    if plan.failures or extras:
-        record["failures"] = plan.failures
+    record["failures"] = plan.failures  # every engine writes it (empty: none failed)
     record.update(extras or {})
     record.update(plan.sim)
     record.update(per_client=rows, train_wall_s=time.perf_counter() - plan.t0)
