@@ -511,6 +511,12 @@ def test_secagg_simulation_gives_the_plain_aggregate_up_to_quantisation(tmp_path
                                               "unmask"}
         assert r["upload_bytes"] == sum(v[1] for v in r["secagg"]["stages"].values())
     plain_rows = read_metrics(plain / "metrics.jsonl")
+    # the record has the plain (local) one's fields, Flower's own, and the SecAgg+ block
+    from flower_util import FLOWER_ONLY
+    assert set(rows[0]) - set(plain_rows[0]) == FLOWER_ONLY | {"secagg"}
+    # (but LoRA-A2's rank_allocation: the server never sees a client's selection under SecAgg+)
+    assert set(plain_rows[0]) - set(rows[0]) <= {"rank_allocation"}
+    assert rows[0]["flower_timing"]["secagg_s"] > 0
     # the dense masked upload gives up LoRA-A2's sparsity: it costs more than the plain one
     assert rows[0]["upload_bytes"] > plain_rows[0]["upload_bytes"]
 

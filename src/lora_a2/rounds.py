@@ -321,21 +321,25 @@ def close_round(exp: Experiment, plan: RoundPlan, state: ServerState,
                 ok: list[tuple[Task, Update]], reasons: list[str],
                 extras: dict[str, Any] | None = None,
                 aggregate: Callable[[ServerState, list[tuple[Task, Update]]],
-                                    tuple[ServerState, dict[str, Any]]] | None = None
+                                    tuple[ServerState, dict[str, Any]]] | None = None,
+                num_replies: int | None = None, usable: bool = True
                 ) -> tuple[ServerState, dict[str, Any]]:
     """Aggregate when at least ``train.min_replies`` uploads were accepted (else the round
     fails and the state stays); the round's record. ``aggregate(state, ok)``: how (default:
-    ``strategy.aggregate_round``; the asynchronous schedule weights by staleness)."""
+    ``strategy.aggregate_round``; the asynchronous schedule weights by staleness). Under
+    secure aggregation the server holds no upload: ``num_replies`` is the clients in the
+    secure sum and ``usable`` whether the sum can be used."""
     strategy = exp.strategy
     info: dict[str, Any] = {}
-    failed = len(ok) < max(1, exp.cfg.train.min_replies)
+    n = len(ok) if num_replies is None else num_replies
+    failed = not usable or n < max(1, exp.cfg.train.min_replies)
     if not failed:
         if aggregate is None:
             state, info = strategy.aggregate_round(plan.rnd, state, ok)  # + central DP noise
         else:
             state, info = aggregate(state, ok)
     rows = [plan.per_client[c] for c in plan.clients]
-    record = round_record(strategy, plan.rnd, plan.clients, rows, num_replies=len(ok),
+    record = round_record(strategy, plan.rnd, plan.clients, rows, num_replies=n,
                           failed=failed, dropped=plan.dropped, reasons=reasons, info=info)
     record["failures"] = plan.failures  # every engine writes it (empty: none failed)
     record.update(extras or {})

@@ -11,7 +11,7 @@ from typing import Any
 
 from ...config import Config
 from ...payload import InvalidPayload
-from ...rounds import Reply, RoundPlan, Transport, round_record, run_round
+from ...rounds import Reply, RoundPlan, Transport, close_round, run_round
 from ...messages import ServerState
 from ..secagg import run_secure_round, weight_scale
 from .records import CONFIG_RECORD, message_bytes, pack, timing_of, unpack
@@ -171,6 +171,7 @@ class FlowerRounds(Transport):
         server gets only the weighted mean of the clients' dense vectors."""
         cfg, strategy = exp.cfg, exp.strategy
         scale = weight_scale(exp)  # n_k / S from the public partition, as each client sends
+        t_secure = time.perf_counter()
         result = run_secure_round(self.grid, cfg, plan.rnd, plan.blobs, self.node_of,
                                   self.config_toml, message_bytes,
                                   {c: len(exp.client_train[c]) / scale for c in plan.blobs})
@@ -187,16 +188,15 @@ class FlowerRounds(Transport):
             if on_client is not None:
                 on_client(c)
         plan.dropped.sort()
-        failed = result.mean is None or len(survivors) < max(1, cfg.train.min_replies)
-        info: dict[str, Any] = {}
-        if not failed:
+
+        def aggregate(state: ServerState, _ok) -> tuple[ServerState, dict[str, Any]]:
             state, info = strategy.aggregate_secure(plan.rnd, state, result.mean)
-            state, info = strategy.finalize(plan.rnd, state, info)
-        rows = [plan.per_client[c] for c in plan.clients]
-        record = round_record(strategy, plan.rnd, plan.clients, rows,
-                              num_replies=len(survivors), failed=failed, dropped=plan.dropped,
-                              reasons=[], info=info)
-        record.update({
+            return strategy.finalize(plan.rnd, state, info)
+
+        self._timing = {"discover_s": round(self._discover_s, 4),
+                        "secagg_s": round(time.perf_counter() - t_secure, 4)}
+        return close_round(exp, plan, state, [], [], {
+            **self.round_extras(),
             # what crossed the wire for the round's training, every SecAgg+ stage included
             "upload_bytes": result.up_bytes,
             "download_bytes": result.down_bytes,
@@ -204,15 +204,9 @@ class FlowerRounds(Transport):
                                                else int(result.mean.numel()) + 1),
             "secagg": {"survivors": sorted(survivors), "stages": result.stages,
                        "weight_sum": result.weight_sum, **result.settled},
-            "failures": plan.failures,
-            "node_warnings": self._node_warnings,
             "flower_download_bytes": result.down_bytes,
             "flower_upload_bytes": result.up_bytes,
-            "flower_query_bytes": self.query_bytes - self._query_before,
-            "per_client": rows,
-            "train_wall_s": time.perf_counter() - plan.t0,
-        })
-        return state, record
+        }, aggregate=aggregate, num_replies=len(survivors), usable=result.mean is not None)
 
     def exchange_eval(self, exp, rnd: int, tasks: dict[int, bytes]) -> dict[int, Reply]:
         """A personalised strategy's evaluate phase: an EVALUATE message to every client's
