@@ -112,14 +112,35 @@ def test_lora_a2_buffer_of_both_phases_updates_each_factor():
 
 
 # ---------------------------------------------------------------------- the schedule
-def test_async_run_buffers_staleness_and_clock(tmp_path, synthetic_csv):
+def test_async_run_buffers_staleness_and_clock(tmp_path, synthetic_csv, monkeypatch):
+    from lora_a2.strategies import REGISTRY
+
+    # every round's step is FedBuff's (aggregate_buffer), given the record's staleness and
+    # the round's accepted replies, and its result is the state the run goes on with
+    steps = []
+    real = REGISTRY["fl-lora"].aggregate_buffer
+
+    def spy(self, rnd, state, replies, staleness):
+        new, info = real(self, rnd, state, replies, staleness)
+        steps.append((rnd, list(staleness), len(replies),
+                      {k: v.clone() for k, v in new.tensors.items()}))
+        return new, info
+
+    monkeypatch.setattr(REGISTRY["fl-lora"], "aggregate_buffer", spy)
     fleet = write_fleet(tmp_path / "f.csv")
     sets = async_sets(fleet, "strategy.name=fl-lora", "train.rounds=5", "train.server_lr=0.9")
     a = run_cli(tmp_path / "a", *sets, data=synthetic_csv)
+    a_steps, steps[:] = list(steps), []
     b = run_cli(tmp_path / "b", *sets, data=synthetic_csv)
     assert lines(a) == lines(b)  # same seed: the same schedule and clock, to the last bit
     clock, arrivals = 0.0, []
     records = lines(a)
+    assert [(rnd, tau, n) for rnd, tau, n, _ in a_steps] == [
+        (r["round"], r["staleness"], r["num_replies"]) for r in records]
+    from lora_a2.checkpoint import load_checkpoint
+    rnd, final = load_checkpoint(a)
+    assert rnd == 5 and set(final.tensors) == set(a_steps[-1][3])
+    assert all(torch.equal(final.tensors[k], v) for k, v in a_steps[-1][3].items())
     for r in records:
         assert r["status"] == "ok" and r["num_replies"] == 2 and len(r["staleness"]) == 2
         used = [row for row in r["per_client"] if row.get("num_examples")]
@@ -157,7 +178,7 @@ def test_alternating_phases_and_cross_phase_updates(tmp_path, synthetic_csv, mod
         assert r["cross_phase"] == len(crossed)
         assert r["frozen_target"] == sum(bool(row.get("frozen_target")) for row in crossed)
         if mode == "drop":
-            assert all(row["discarded"] for row in crossed)
+            assert all(row["discarded"] and "train_loss" not in row for row in crossed)
             assert r["num_replies"] == len([row for row in r["per_client"]
                                             if row.get("num_examples")]) - len(crossed)
         else:

@@ -199,6 +199,7 @@ def _arrive(exp: Experiment, rnd: int, f: Flight, rd: _Round, on_client: OnClien
                 row["frozen_target"] = True
             if exp.cfg.train.cross_phase == "drop":
                 row["discarded"] = True
+                row.pop("train_loss", None)  # the round's train_loss: aggregated updates only
                 use = False
         if use:
             rd.ok.append(got[0])
