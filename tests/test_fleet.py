@@ -248,6 +248,10 @@ def test_time_to_target_is_the_first_round_that_reached_it():
     assert [(t["target"], t["round"], t["sim_time_s"], t["upload_bytes"], t["wall_s"])
             for t in got] == [(0.5, 2, 20.0, 2, 3.0), (0.9, None, None, None, None),
                               (0.1, 0, 0.0, 0, 0.0), (0.46, 2, 20.0, 2, 3.0)]
+    # without a fleet there is no simulated time, not even for round 0
+    plain = [{k: v for k, v in r.items() if k != "sim_time_s"} for r in records]
+    assert [t["sim_time_s"] for t in time_to_targets(plain, {"accuracy": 0.2}, "accuracy",
+                                                     True, [0.1, 0.5])] == [None, None]
     # a metric where lower is better (a loss) is reached from above
     loss = [{"round": r, "loss": v} for r, v in ((1, 2.0), (2, 1.2), (3, 0.9))]
     assert [t["round"] for t in time_to_targets(loss, {"loss": 2.5}, "loss", False,

@@ -113,6 +113,7 @@ def time_to_targets(records: list[dict[str, Any]], initial: dict[str, Any] | Non
     clock; None without one or when the release withheld it), the cumulative upload bytes and
     the wall time to that round. A target never reached has ``round`` None."""
     rows = ([{"round": 0, **initial}] if initial else []) + list(records)
+    clocked = any("sim_time_s" in r for r in records)  # round 0 is at 0 s only on a clock
     out = []
     for target in targets:
         hit = next((r for r in rows if r.get(metric) is not None and (
@@ -120,7 +121,8 @@ def time_to_targets(records: list[dict[str, Any]], initial: dict[str, Any] | Non
         done = [r for r in records if hit is not None and r["round"] <= hit["round"]]
         out.append({
             "target": target, "round": None if hit is None else hit["round"],
-            "sim_time_s": None if hit is None else (0.0 if hit["round"] == 0 else
+            "sim_time_s": None if hit is None else ((0.0 if clocked else None)
+                                                    if hit["round"] == 0 else
                                                     hit.get("sim_time_s")),
             "upload_bytes": None if hit is None else (0 if hit["round"] == 0 else
                                                       hit.get("cumulative_upload_bytes")),
