@@ -14,7 +14,8 @@ from lora_a2.checks import load_config
 from lora_a2.cli import main
 from lora_a2.data import load_dataset, load_instructions
 from lora_a2.data.partition import natural_partition
-from lora_a2.data.readers import SKIP_NO_CLIENT, SKIP_SMALL_CLIENT
+from lora_a2.data.readers import (SKIP_BEYOND_CAP, SKIP_BEYOND_CLIENTS, SKIP_NO_CLIENT,
+                                   SKIP_SMALL_CLIENT)
 from lora_a2.errors import UserError
 
 from conftest import WORDS
@@ -103,11 +104,16 @@ def test_numeric_ids_sort_as_numbers_and_floats_from_pandas_are_ints() -> None:
 
 def test_num_clients_keeps_the_largest_and_max_examples_whole_clients() -> None:
     ids = ["a"] * 5 + ["b"] * 2 + ["c"] * 4 + ["d"] * 3
-    top = natural_partition(ids, num_clients=2, min_examples=1)
+    stats = {"read": 14, "kept": 14, "skipped": {}}
+    top = natural_partition(ids, num_clients=2, min_examples=1, stats=stats)
     assert top.natural_ids == ["a", "c"] and top.counts["beyond_num_clients"] == 2
-    capped = natural_partition(ids, max_examples=10, min_examples=1)
+    # the left-out clients' rows are skipped rows, with the reason (b 2 + d 3)
+    assert stats["skipped"] == {SKIP_BEYOND_CLIENTS: 5} and stats["kept"] == 9
+    stats = {"read": 14, "kept": 14, "skipped": {}}
+    capped = natural_partition(ids, max_examples=10, min_examples=1, stats=stats)
     # a (5) and c (4) fit under 10 rows; d (3) would make 12: whole clients, never a sample
     assert capped.natural_ids == ["a", "c"] and capped.counts["beyond_max_train_examples"] == 2
+    assert stats["skipped"] == {SKIP_BEYOND_CAP: 5} and stats["kept"] == 9
     assert sum(len(p) for p in capped.parts) == 9
     # a cap the running total meets exactly keeps the client that meets it: 5 + 4 = 9
     assert natural_partition(ids, max_examples=9, min_examples=1).natural_ids == ["a", "c"]
@@ -212,6 +218,12 @@ def test_cli_run_writes_natural_ids_and_resumes(tmp_path: Path, users_csv: Path,
     summary = json.loads((out / "summary.json").read_text())
     assert summary["num_clients"] == 4
     assert summary["data_rows"]["natural_clients"]["below_min"] == 1
+    # the training rows the kept clients hold: erin's are not among them
+    assert summary["train_examples"] == sum(c["num_examples"] + c["local_test_examples"]
+                                            for c in part["clients"])
+    assert summary["train_examples"] + summary["data_rows"]["skipped"][SKIP_SMALL_CLIENT] \
+        + summary["test_examples"] == summary["data_rows"]["read"] - sum(
+            n for k, n in summary["data_rows"]["skipped"].items() if k != SKIP_SMALL_CLIENT)
     assert "num_clients = 0" in (out / "config.toml").read_text()  # the user's, as given
     assert main(["run", "--quiet", "--resume", str(out)]) == 0
 

@@ -390,7 +390,8 @@ def summarize(exp: Experiment, records: list[dict[str, Any]], initial: dict[str,
         **({"time_to_target": time_to_targets(
             records, initial, exp.task.metric, exp.task.metric_higher_is_better,
             cfg.report.targets)} if cfg.report.targets else {}),
-        "train_examples": len(exp.train),
+        # the training rows the clients hold (a natural partition's left-out clients' are not)
+        "train_examples": sum(len(ix) for ix in [*exp.client_train, *exp.client_test]),
         "test_examples": len(exp.test),
         "data_rows": exp.train.stats,  # rows read, kept, skipped (with the reason), shortened
         "device": str(exp.runtime.device),

@@ -68,7 +68,8 @@ import numpy as np
 
 from lora_a2.errors import UserError
 
-from .readers import SKIP_SMALL_CLIENT, client_key, count_skip, skipped_note
+from .readers import (SKIP_BEYOND_CAP, SKIP_BEYOND_CLIENTS, SKIP_SMALL_CLIENT, client_key,
+                      count_skip, skipped_note)
 
 PARTITION_METHODS: tuple[str, ...] = ("iid", "dirichlet", "pathological", "paired")
 """The label-based methods of :func:`partition` (``natural`` is :func:`natural_partition`)."""
@@ -232,6 +233,7 @@ def natural_partition(
                             f"training examples ({len(small)} of {len(groups)} below)"
                             f"{skipped_note(stats)}")
         counts["beyond_num_clients"] = len(order) - num_clients
+        count_skip(stats, SKIP_BEYOND_CLIENTS, sum(len(big[i][1]) for i in order[num_clients:]))
         order = order[:num_clients]
     if max_examples > 0:
         total, fit = 0, 0
@@ -245,6 +247,7 @@ def natural_partition(
                             f"largest natural client{by} ({len(big[order[0]][1])} examples); "
                             "raise it or set 0 (a natural partition keeps whole clients)")
         counts["beyond_max_train_examples"] = len(order) - fit
+        count_skip(stats, SKIP_BEYOND_CAP, sum(len(big[i][1]) for i in order[fit:]))
         order = order[:fit]
     kept = sorted(order)  # back to the sorted order of the ids
     counts["clients"] = len(kept)

@@ -252,6 +252,9 @@ SKIP_DUPLICATE = "duplicate or conflicting text"
 SKIP_NO_CLIENT = "empty client id"
 
 SKIP_SMALL_CLIENT = "in natural clients below data.min_examples_per_client"
+#: rows of natural clients left out by data.num_clients (the largest are kept) or by the cap
+SKIP_BEYOND_CLIENTS = "in natural clients beyond data.num_clients"
+SKIP_BEYOND_CAP = "in natural clients beyond data.max_train_examples"
 
 def count_skip(stats: dict[str, Any] | None, reason: str, n: int) -> None:
     """Record ``n`` rows skipped for ``reason`` in a dataset's ``stats`` (no-op without)."""
