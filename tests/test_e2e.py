@@ -64,6 +64,7 @@ def test_outputs_and_metrics_fields(tmp_path, synthetic_csv):
     assert summary["git_commit"] == (head or None)
     assert summary["precision"] == "fp32" and summary["noise_source"] is None
     assert summary["schema_version"] == 2
+    assert summary["engine"] == "local" and summary["failed_client_rounds"] == 0
     # the resolved config reruns
     assert main(["run", "--quiet", "--config", str(out / "config.toml"), "--out",
                  str(tmp_path / "again")]) == 0

@@ -398,7 +398,6 @@ def test_the_deployment_server_app_passes_resume_and_overwrite(monkeypatch, tmp_
 
     seen = {}
     monkeypatch.setattr(serverapp, "FlowerRounds", lambda grid, cfg: "rounds")
-    monkeypatch.setattr(serverapp, "add_flower_totals", lambda *a: None)
     monkeypatch.setattr(serverapp, "run_experiment",
                         lambda cfg, out, **kw: seen.update(out=out, **kw) or {})
     context = SimpleNamespace(run_config={"out": str(tmp_path / "r"), **rc})
@@ -410,3 +409,4 @@ def test_the_deployment_server_app_passes_resume_and_overwrite(monkeypatch, tmp_
     serverapp.deployment_main(None, context)
     assert (seen["overwrite"], seen["resume"]) == expected
     assert seen["out"] == tmp_path / "r" and seen["round_fn"] == "rounds"
+    assert seen["engine_summary"]([])["engine"] == "flower-deployment"

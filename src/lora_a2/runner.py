@@ -17,7 +17,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .checkpoint import load_checkpoint, load_client_stores, save_checkpoint
@@ -138,7 +138,9 @@ def check_same_config(cfg: Config, saved: Config, out: Path) -> None:
 
 def run_experiment(cfg: Config, out: Path, *, overwrite: bool = False, progress: bool = True,
                    resume: bool = False, round_fn=None, console: bool = False,
-                   exp: Experiment | None = None) -> dict[str, Any]:
+                   exp: Experiment | None = None,
+                   engine_summary: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None
+                   ) -> dict[str, Any]:
     """Run ``cfg`` on the local engine, writing every output under ``out``; return the summary.
 
     After every round the metrics line is appended and then an atomic checkpoint written; with
@@ -148,6 +150,9 @@ def run_experiment(cfg: Config, out: Path, *, overwrite: bool = False, progress:
     (:mod:`lora_a2.reporters`): metrics.jsonl, the plots, ``report.to``'s, the progress bar
     with ``progress``, the console summary with ``console``. ``exp``: ``prepare(cfg)`` when the
     caller already built it (Flower's simulation needs the client count before it starts).
+    ``engine_summary(records)``: the engine's own fields of ``summary.json`` (its name, its
+    byte totals), in the summary before it is written and reported; default ``engine =
+    "local"``.
     ``config.toml`` is ``cfg`` as given; the run itself uses ``exp.cfg`` (with the number of
     clients the partition drew).
 
@@ -157,12 +162,13 @@ def run_experiment(cfg: Config, out: Path, *, overwrite: bool = False, progress:
     """
     with contextlib.ExitStack() as held:
         return _run_experiment(cfg, out, overwrite=overwrite, progress=progress, resume=resume,
-                               round_fn=round_fn, console=console, exp=exp, held=held)
+                               round_fn=round_fn, console=console, exp=exp, held=held,
+                               engine_summary=engine_summary)
 
 
 def _run_experiment(cfg: Config, out: Path, *, overwrite: bool, progress: bool, resume: bool,
                     round_fn, console: bool, exp: Experiment | None,
-                    held: contextlib.ExitStack) -> dict[str, Any]:
+                    held: contextlib.ExitStack, engine_summary=None) -> dict[str, Any]:
     """:func:`run_experiment`'s body; ``held`` takes the run folder's lock."""
     if cfg.engine.name == "flower" and round_fn is None:
         raise UserError("engine.name = 'flower' runs through Flower's Simulation Engine: start "
@@ -301,6 +307,9 @@ def _run_experiment(cfg: Config, out: Path, *, overwrite: bool, progress: bool, 
         summary["session_wall_s"] = session_s
         summary["resumed_from_round"] = start - 1 if resume else None
         summary["setup_s"] = setup_s
+        summary["failed_client_rounds"] = sum(len(r.get("failures", [])) for r in records)
+        summary.update(engine_summary(records) if engine_summary is not None
+                       else {"engine": "local"})
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
         report.end(summary, records)
     finally:

@@ -50,15 +50,15 @@ from .clientapp import (FAULT_ENV, client_evaluate, client_query, client_train,
                         read_store, store_key, write_store)
 from .records import (CONFIG_RECORD, PAYLOAD_KEY, RECORD, STORE_RECORD, STYPE, TIMING_RECORD,
                       message_bytes, pack, timing_of, unpack)
-from .serverapp import (add_flower_totals, backend_config, deployment_main, num_workers,
-                        run_simulation, run_simulations)
+from .serverapp import (add_simulation_times, backend_config, deployment_main, flower_summary,
+                        num_workers, run_simulation, run_simulations)
 from .transport import FlowerRounds, error_text, round_timing
 
 __all__ = [
     "CONFIG_RECORD", "FAULT_ENV", "PAYLOAD_KEY", "RECORD", "STORE_RECORD", "STYPE",
-    "TIMING_RECORD", "FlowerRounds", "add_flower_totals", "backend_config", "client_evaluate",
+    "TIMING_RECORD", "FlowerRounds", "add_simulation_times", "backend_config", "client_evaluate",
     "client_query", "client_train", "client_train_secure", "config_from_toml",
-    "deployment_main", "error_text", "make_client_app", "message_bytes", "num_workers", "pack",
+    "deployment_main", "error_text", "flower_summary", "make_client_app", "message_bytes", "num_workers", "pack",
     "partition_of", "read_store", "round_timing", "run_simulation", "run_simulations",
     "store_key", "timing_of", "unpack",
     "write_store",

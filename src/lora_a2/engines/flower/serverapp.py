@@ -19,19 +19,25 @@ from .clientapp import make_client_app
 from .transport import FlowerRounds
 
 
-def add_flower_totals(out: Path, summary: dict[str, Any], engine: str,
-                      extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Totals of the Flower-measured bytes (and ``extra``), added to ``summary.json``."""
-    from ...report import atomic_write_text, read_metrics
+def flower_summary(engine: str):
+    """The Flower engine's fields of ``summary.json`` (``run_experiment``'s
+    ``engine_summary``): its name and the totals of the bytes Flower measured."""
 
-    records = read_metrics(out / "metrics.jsonl")
-    summary = {**summary, "engine": engine,
-               "total_flower_download_bytes": sum(r.get("flower_download_bytes", 0)
-                                                  for r in records),
-               "total_flower_upload_bytes": sum(r.get("flower_upload_bytes", 0) for r in records),
-               "total_flower_query_bytes": sum(r.get("flower_query_bytes", 0) for r in records),
-               "failed_client_rounds": sum(len(r.get("failures", [])) for r in records),
-               **(extra or {})}
+    def fields(records: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"engine": engine,
+                **{f"total_{k}": sum(r.get(k, 0) for r in records)
+                   for k in ("flower_download_bytes", "flower_upload_bytes",
+                             "flower_query_bytes")}}
+    return fields
+
+
+def add_simulation_times(out: Path, summary: dict[str, Any], times: dict[str, Any]
+                         ) -> dict[str, Any]:
+    """The simulation's start-up and shut-down seconds, known only once Flower has returned,
+    added to ``summary.json``."""
+    from ...report import atomic_write_text
+
+    summary = {**summary, **times}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return summary
 
@@ -111,10 +117,10 @@ def run_simulations(runs: list[tuple[Config, Path]], *, overwrite: bool = False,
             result["startup_s"] = time.perf_counter() - t_ready \
                 if result is not results[0] else t_ready - t_call
             try:
-                result["summary"] = run_experiment(cfg, out, overwrite=overwrite,
-                                                   progress=progress, resume=resume,
-                                                   round_fn=FlowerRounds(grid, cfg),
-                                                   console=console, exp=exp)
+                result["summary"] = run_experiment(
+                    cfg, out, overwrite=overwrite, progress=progress, resume=resume,
+                    round_fn=FlowerRounds(grid, cfg), console=console, exp=exp,
+                    engine_summary=flower_summary("flower-simulation"))
             except BaseException as e:  # re-raised in the caller's thread below
                 result["error"] = e
                 return
@@ -136,7 +142,7 @@ def run_simulations(runs: list[tuple[Config, Path]], *, overwrite: bool = False,
         summary = result["summary"]
         last = result is results[-1]
         shutdown = t_end - result["end"] if last else 0.0
-        summaries.append(add_flower_totals(Path(out), summary, "flower-simulation", {
+        summaries.append(add_simulation_times(Path(out), summary, {
             "flower_startup_s": result["startup_s"],
             "flower_shutdown_s": shutdown,
             "flower_total_s": result["startup_s"] + summary["wall_s"] + shutdown}))
@@ -168,9 +174,9 @@ def deployment_main(grid, context) -> None:
     overwrite, resume = run_config_flag(rc, "overwrite"), run_config_flag(rc, "resume")
     if overwrite and resume:
         raise UserError("run config 'resume' and 'overwrite' cannot both be true")
-    summary = run_experiment(cfg, out, overwrite=overwrite, resume=resume,
-                             progress=False, round_fn=FlowerRounds(grid, cfg))
-    add_flower_totals(out, summary, "flower-deployment")
+    run_experiment(cfg, out, overwrite=overwrite, resume=resume, progress=False,
+                   round_fn=FlowerRounds(grid, cfg),
+                   engine_summary=flower_summary("flower-deployment"))
 
 
 def run_config_flag(rc, key: str) -> bool:
