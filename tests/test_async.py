@@ -163,6 +163,34 @@ def test_async_run_buffers_staleness_and_clock(tmp_path, synthetic_csv, monkeypa
     assert any(t > 0 for r in lines(a) for t in r["staleness"])
 
 
+def test_async_availability_and_dropout_are_drawn_per_dispatch(tmp_path, synthetic_csv):
+    """In async mode a client's availability and dropout draws are keyed by its dispatch
+    number (a client can be dispatched several times in one round's span): every offline row
+    is one whose (seed, dispatch, client) draw says offline, every dropout one whose draw says
+    it drops, and every other dispatch drew online and staying."""
+    from lora_a2.fleet import Fleet, read_fleet_csv
+    from lora_a2.rounds import drops_out
+
+    path = tmp_path / "f.csv"
+    with open(path, "w") as f:
+        f.write("client,flops,down_mbps,up_mbps,availability\n")
+        for c, r in enumerate(DEVICES):
+            f.write(f"{c},{r[0]},{r[1]},{r[2]},{0.6 if c % 2 else 1.0}\n")
+    sets = async_sets(path, "strategy.name=fl-lora", "train.rounds=4", "train.dropout=0.2")
+    out = run_cli(tmp_path / "a", *sets, data=synthetic_csv)
+    fleet = Fleet(read_fleet_csv(path, 6))
+    rows = [row for r in lines(out) for row in r["per_client"]]
+    offline = [row for row in rows if row.get("offline")]
+    dropped = [row for row in rows if row.get("dropped")]
+    assert offline and dropped, "no draw to check: change the seed or the rates"
+    assert len({row["dispatch"] for row in rows}) == len(rows)  # each dispatch once
+    for row in rows:
+        c, d = row["client"], row["dispatch"]
+        assert fleet.offline(0, d, c) == bool(row.get("offline")), row
+        if not row.get("offline"):
+            assert drops_out(0, d, c, 0.2) == bool(row.get("dropped")), row
+
+
 @pytest.mark.parametrize("mode", ["drop", "apply"])
 def test_alternating_phases_and_cross_phase_updates(tmp_path, synthetic_csv, mode):
     fleet = write_fleet(tmp_path / "f.csv")

@@ -148,6 +148,7 @@ def _fill(exp: Experiment, sched: Schedule, rd: _Round, state: ServerState,
         task = plan_client(exp, one, c, state, transport, draw=d,
                            seed=client_seed(cfg.seed, d, c))
         row = one.per_client[c]
+        row["dispatch"] = d  # the key of its availability, dropout and training draws
         if task is None:  # offline, dropped out or unreachable: this round's record has it
             rd.seen.add(c)
             plan = rd.plan
@@ -165,7 +166,7 @@ def _fill(exp: Experiment, sched: Schedule, rd: _Round, state: ServerState,
         down, compute, up = fleet.times(c, row["download_bytes"],
                                         len(reply.blob) if sent and reply.blob else 0,
                                         example_passes(exp, one.rnd, c))
-        row.update(dispatch=d, version=sched.version, sim_start_s=sched.clock_s,
+        row.update(version=sched.version, sim_start_s=sched.clock_s,
                    sim_download_s=down, sim_compute_s=compute, sim_upload_s=up)
         sched.flights.append(Flight(d, c, sched.version, sched.clock_s + down + compute + up,
                                     task.round, task.config, row, reply.failure,
