@@ -329,6 +329,23 @@ def test_deadline_stragglers_are_discarded_and_runs_are_deterministic(tmp_path, 
     assert summary["stragglers"] == sum(len(r["stragglers"]) for r in records)
 
 
+def test_a_late_upload_that_would_be_refused_is_a_straggler_not_a_rejection(tmp_path,
+                                                                            synthetic_csv):
+    """With a norm bound no upload meets, the on-time clients are rejected; the slow client's
+    upload arrives after the deadline, so the server never received it to refuse: it is a
+    straggler only, and the round still lasts until the deadline."""
+    fleet = write_fleet(tmp_path / "f.csv", [FAST, FAST, (1e5, 100.0, 100.0), FAST])
+    out = run(tmp_path, "a", synthetic_csv, deadline_sets(fleet, rounds=3)
+              + ["server.max_update_norm=1e-9", "train.clients_per_round=4",
+                 "strategy.name=fl-lora"])
+    for r in lines(out):
+        rows = {row["client"]: row for row in r["per_client"]}
+        assert r["stragglers"] == [2] and rows[2]["straggler"] and "rejected" not in rows[2]
+        assert r["rejected"] == 3 == len(r["reject_reasons"])
+        assert not any(x.startswith("client 2:") for x in r["reject_reasons"])
+        assert r["sim_round_s"] == 2.0 and r["status"] == "failed"
+
+
 def test_kill_and_resume_keep_the_clock_exact(tmp_path, synthetic_csv):
     from test_reliability import _kill_after
 
@@ -445,25 +462,70 @@ def test_reference_uploads_count_each_client_round_at_the_budget_it_had(monkeypa
 def test_a_resumed_auto_run_gets_back_each_clients_last_budget(tmp_path, monkeypatch):
     """On resume the budgets are the first round's fit (partition.json) updated by every kept
     round's fits, as the uninterrupted run had them; refitted at the resumed round only when
-    partition.json is unreadable or does not cover every client."""
+    partition.json is unreadable or does not cover every client, or a kept row is broken."""
     refits = []
     monkeypatch.setattr(runner, "fit_budgets",
                         lambda exp, rnd, state, clients: refits.append((rnd, clients)))
-    exp = SimpleNamespace(cfg=SimpleNamespace(data=SimpleNamespace(num_clients=3)),
-                          strategy=SimpleNamespace(budgets={}))
+    exp = SimpleNamespace(cfg=SimpleNamespace(data=SimpleNamespace(num_clients=3),
+                                              train=SimpleNamespace(mode="sync")),
+                          strategy=SimpleNamespace(budgets=[9, 9, 9]))
     part = tmp_path / "partition.json"
     part.write_text(json.dumps({"clients": [{"client": c, "rank_budget": b}
                                             for c, b in enumerate([4, 3, 2])]}))
     records = [{"per_client": [{"client": 0, "rank_budget": 2}, {"client": 2, "offline": True}]},
                {"per_client": [{"client": 0, "rank_budget": 1}, {"client": 1, "rank_budget": 4}]}]
     runner.restore_budgets(exp, tmp_path, records, 3, None)
-    assert exp.strategy.budgets == {0: 1, 1: 4, 2: 2} and refits == []
+    assert exp.strategy.budgets == [1, 4, 2] and refits == []
     for bad in ("{", json.dumps({"clients": [{"client": 0, "rank_budget": 4}]}),
                 json.dumps({"clients": [{"client": c, "rank_budget": 0} for c in range(3)]}),
                 json.dumps({"clients": [{"client": c} for c in range(3)]})):
         part.write_text(bad)
         runner.restore_budgets(exp, tmp_path, records, 3, None)
-    assert refits == [(3, [0, 1, 2])] * 4
+    part.write_text(json.dumps({"clients": [{"client": c, "rank_budget": 2} for c in range(3)]}))
+    for row in ({"client": 7, "rank_budget": 2}, {"client": 0, "rank_budget": None}):
+        runner.restore_budgets(exp, tmp_path, [{"per_client": [row]}], 3, None)
+    assert refits == [(3, [0, 1, 2])] * 6
+
+
+def test_an_interrupted_auto_budget_run_resumes_to_the_same_run(tmp_path, synthetic_csv,
+                                                                monkeypatch):
+    """``rank_budget = "auto"`` with 3 of 5 clients a round, budgets that change from round to
+    round (here the upload the fit assumes is sized at twice the rank in even rounds): a run
+    stopped after round 2 and resumed writes the same metrics and summary budgets as one that
+    ran straight through (a client not sampled since keeps the budget of its last round)."""
+    from lora_a2.engines.local import run_round
+    from lora_a2.runner import run_experiment
+    from lora_a2.strategies import REGISTRY
+
+    real = REGISTRY["lora-a2"].largest_update
+    monkeypatch.setattr(REGISTRY["lora-a2"], "largest_update",
+                        lambda self, rnd, c, n, r: real(self, rnd, c, n,
+                                                        r if rnd % 2 else min(2 * r, 4)))
+
+    # client 3 (0.05 Mbit/s up) fits rank 3 in odd rounds and 1 in even ones; it is sampled in
+    # rounds 1 and 2 only, so its last budget is round 2's
+    ups = [0.03, 0.06, 0.5, 0.05, 100.0]
+    fleet = write_fleet(tmp_path / "f.csv", [(1e12, 100.0, u) for u in ups])
+    cfg = load_config(None, [f"data.name=csv:{synthetic_csv}", *TINY, "data.num_clients=5",
+                             "train.rounds=4", "train.clients_per_round=3",
+                             "strategy.name=lora-a2", f"fleet.profile=csv:{fleet}",
+                             "train.deadline_s=1.0", "strategy.rank_budget=auto"])
+    ref = run_experiment(cfg, tmp_path / "ref", progress=False)
+
+    def stop_in_round_3(exp, rnd, state, on_client=None):
+        if rnd == 3:
+            raise KeyboardInterrupt
+        return run_round(exp, rnd, state, on_client)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, tmp_path / "cut", progress=False, round_fn=stop_in_round_3)
+    again = run_experiment(cfg, tmp_path / "cut", progress=False, resume=True)
+    assert lines(tmp_path / "cut") == lines(tmp_path / "ref")
+    assert ref["rank_budgets"][3] == 1 != json.loads(
+        (tmp_path / "ref" / "partition.json").read_text())["clients"][3]["rank_budget"]
+    assert again["rank_budgets"] == ref["rank_budgets"]
+    for k in ("fl_lora_upload_params", "fedavg_full_upload_params"):
+        assert again[k] == ref[k]
 
 
 @pytest.mark.parametrize("value", ["[nan]", "['high']", "0.7"])

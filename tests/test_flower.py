@@ -30,12 +30,13 @@ from lora_a2.engines.flower.records import CONFIG_RECORD  # noqa: E402
 from lora_a2.engines.flower.transport import FlowerRounds  # noqa: E402
 from lora_a2.payload import InvalidPayload, encode  # noqa: E402
 from lora_a2.report import read_metrics  # noqa: E402
+from lora_a2.runner import _secagg_summary  # noqa: E402
 from lora_a2.strategies import REGISTRY, Task  # noqa: E402
 
 from conftest import tiny_setup  # noqa: E402
 
-from flower_util import (assert_same_run, final_state, max_diff, run,  # noqa: E402
-                         run_local_failing, simulate_together)
+from flower_util import (FLOWER_ONLY, assert_same_run, final_state, max_diff,  # noqa: E402
+                         run, run_local_failing, simulate_together)
 
 
 # Ray and Flower processes: one test at a time (one xdist worker)
@@ -512,7 +513,6 @@ def test_secagg_simulation_gives_the_plain_aggregate_up_to_quantisation(tmp_path
         assert r["upload_bytes"] == sum(v[1] for v in r["secagg"]["stages"].values())
     plain_rows = read_metrics(plain / "metrics.jsonl")
     # the record has the plain (local) one's fields, Flower's own, and the SecAgg+ block
-    from flower_util import FLOWER_ONLY
     assert set(rows[0]) - set(plain_rows[0]) == FLOWER_ONLY | {"secagg"}
     # (but LoRA-A2's rank_allocation: the server never sees a client's selection under SecAgg+)
     assert set(plain_rows[0]) - set(rows[0]) <= {"rank_allocation"}
@@ -635,8 +635,6 @@ def test_the_summary_lists_the_secagg_rounds_a_single_mask_hid():
     """summary.json's ``secagg``: rounds the server unmasked, and those where some survivor had
     fewer than two pairwise masks (failed rounds too: the unmasking happened); none without
     SecAgg+."""
-    from lora_a2.runner import _secagg_summary
-
     def rec(rnd, fewest, stages=("setup", "unmask")):
         return {"round": rnd, "status": "ok",
                 "secagg": {"stages": dict.fromkeys(stages, [0, 0]),
@@ -645,8 +643,10 @@ def test_the_summary_lists_the_secagg_rounds_a_single_mask_hid():
     assert _secagg_summary([{"round": 1, "status": "ok"}]) == {}
     out = _secagg_summary([rec(1, 2), rec(2, 1), rec(3, 0), rec(4, 3), rec(5, None),
                            rec(6, None, stages=("setup", "share_keys"))])["secagg"]
-    assert out["rounds_unmasked"] == 5 and out["weak_rounds"] == [2, 3, 5]
-    assert "round(s) 2, 3, 5" in out["caveat"] and "reconstruction_threshold" in out["caveat"]
+    assert out["rounds_unmasked"] == 5 and out["weak_rounds"] == [2, 3]
+    assert out["unknown_rounds"] == [5]  # a record from before the count was kept
+    assert "round(s) 2, 3: a survivor" in out["caveat"] and "reconstruction_threshold" in \
+        out["caveat"] and "round(s) 5: how many masks" in out["caveat"]
     fine = _secagg_summary([rec(1, 2), rec(2, 5)])["secagg"]
     assert fine == {"rounds_unmasked": 2, "weak_rounds": []}
 

@@ -274,7 +274,7 @@ def test_fedsa_lora_resume_restores_every_clients_own_b(tmp_path, synthetic_csv)
     (["strategy.name='fl-lora'"], None),
 ])
 def test_a_run_whose_clients_keep_state_is_not_resumed_on_flower(tmp_path, synthetic_csv,
-                                                                 sets, kept):
+                                                                 monkeypatch, sets, kept):
     """On Flower a client's ``ctx.store`` lives in its node's Context, which a resumed (new)
     Flower run starts without: such a run is refused ``--resume`` there, in one line and with
     the folder untouched; a strategy that keeps nothing resumes. (The round function is the
@@ -305,6 +305,18 @@ def test_a_run_whose_clients_keep_state_is_not_resumed_on_flower(tmp_path, synth
     with pytest.raises(UserError, match="cannot resume .* on Flower") as e:
         run_experiment(cfg, out, progress=False, resume=True, round_fn=run_round)
     assert kept in str(e.value) and "\n" not in str(e.value)
+    assert {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()} == before
+    # the simulation refuses it before Ray and the SuperNodes start
+    import flwr.simulation
+
+    from lora_a2.engines.flower import run_simulation
+
+    def no_simulation(**kwargs):
+        raise AssertionError("the simulation started")
+
+    monkeypatch.setattr(flwr.simulation, "run_simulation", no_simulation)
+    with pytest.raises(UserError, match="cannot resume .* on Flower"):
+        run_simulation(cfg, out, resume=True)
     assert {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()} == before
 
 

@@ -285,11 +285,11 @@ def close_round_clock(finish: dict[int, float], accepted: list[int], *, deadline
     ``finish``: simulated finish time of every client that replied; ``accepted``: those whose
     upload passed validation. A client with t_k > ``deadline_s`` (when > 0) is a straggler,
     whether or not its upload would have passed (the server stops waiting at the deadline, so
-    the round lasts until then); t_k = ``deadline_s`` is on time. With over-selection (``target`` = clients per round) the server keeps the first
-    ``target`` on-time finishers (ties by client id) and closes the round at the last kept
-    one's time; the later ones are ``surplus``. Otherwise the round lasts until the deadline
-    when anyone it waits for is late or never replies (``waiting``: a dropout), else until the
-    slowest reply."""
+    the round lasts until then); t_k = ``deadline_s`` is on time. With over-selection
+    (``target`` = clients per round) the server keeps the first ``target`` on-time finishers
+    (ties by client id) and closes the round at the last kept one's time; the later ones are
+    ``surplus``. Otherwise the round lasts until the deadline when anyone it waits for is late
+    or never replies (``waiting``: a dropout), else until the slowest reply."""
     late = {c for c, t in finish.items() if deadline_s > 0 and t > deadline_s}
     on_time = sorted((c for c in accepted if c not in late), key=lambda c: (finish[c], c))
     stragglers = sorted(late)

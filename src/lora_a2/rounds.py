@@ -272,14 +272,16 @@ def fit_budgets(exp: Experiment, rnd: int, state: ServerState, clients: list[int
     return out
 
 
-def apply_clock(exp: Experiment, plan: RoundPlan, ok: list[tuple[Task, Update]]
-                ) -> list[tuple[Task, Update]]:
+def apply_clock(exp: Experiment, plan: RoundPlan, ok: list[tuple[Task, Update]],
+                reasons: list[str] | None = None) -> list[tuple[Task, Update]]:
     """Each client's simulated download, compute and upload seconds from its real encoded
     bytes and its work (:meth:`lora_a2.fleet.Fleet.times`), then who the round keeps
     (:func:`lora_a2.fleet.close_round_clock`): a straggler past ``train.deadline_s`` and a
     surplus finisher beyond the first ``clients_per_round`` (``train.over_select``) have their
-    work discarded — their upload is not counted, their download is. Returns the kept replies;
-    the record's fields go to ``plan.sim``. Without a fleet: ``ok`` unchanged."""
+    work discarded — their upload is not counted, their download is; a late upload that would
+    have been refused is a straggler, not a rejection (the server stopped waiting before it
+    came: its entry leaves ``reasons``). Returns the kept replies; the record's fields go to
+    ``plan.sim``. Without a fleet: ``ok`` unchanged."""
     fleet, cfg = exp.fleet, exp.cfg
     if fleet is None:
         return ok
@@ -308,6 +310,8 @@ def apply_clock(exp: Experiment, plan: RoundPlan, ok: list[tuple[Task, Update]]
                                                                  for c in clock.surplus]:
         row = plan.per_client[c]
         row.pop("train_loss", None)
+        if row.pop("rejected", None) is not None and reasons is not None:
+            reasons[:] = [r for r in reasons if not r.startswith(f"client {c}: ")]
         row.update(upload_bytes=0, upload_params=0, upload_slot_ids=0, **{why: True})
     plan.sim = {"sim_round_s": clock.round_s, "stragglers": clock.stragglers,
                 "offline": plan.offline}
@@ -391,7 +395,7 @@ def run_round(exp: Experiment, rnd: int, state: ServerState, transport: Transpor
     else:
         replies = transport.exchange(exp, rnd, plan.blobs, on_client) if plan.blobs else {}
         ok, reasons = collect_replies(exp, plan, replies)
-        ok = apply_clock(exp, plan, ok)
+        ok = apply_clock(exp, plan, ok, reasons)
         state, record = close_round(exp, plan, state, ok, reasons, transport.round_extras())
     if exp.strategy.personalized:
         record.update(evaluate_clients(exp, rnd, state, transport,

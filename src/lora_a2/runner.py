@@ -25,6 +25,7 @@ from .checks import check_config, load_config
 from .config import Config, clients_per_round, differences
 from .data import label_histogram, local_inputs
 from .engines.local import run_async_round, run_round
+from .fedbuff import Schedule
 from .rounds import evaluate_state, fit_budgets
 from .errors import UserError
 from .experiment import Experiment, prepare
@@ -136,6 +137,17 @@ def check_same_config(cfg: Config, saved: Config, out: Path) -> None:
                         f"run's own is {theirs!r}{more}")
 
 
+def check_flower_resume(cfg: Config, strategy, out: Path) -> None:
+    """Refuse to resume ``out`` on Flower when the strategy's clients keep state between rounds
+    (:meth:`~lora_a2.strategies.Strategy.client_state`): it lives in the nodes'
+    ``Context.state``, which a resumed run — a new Flower run — starts without."""
+    if cfg.engine.name == "flower" and (kept := strategy.client_state()):
+        raise UserError(f"cannot resume '{out}' on Flower: {strategy.name}'s clients keep "
+                        f"{kept} on their nodes between rounds, and a resumed run is a new "
+                        f"Flower run whose nodes start without it; start it again "
+                        f"(--overwrite), or run on the local engine, whose checkpoint keeps it")
+
+
 def run_experiment(cfg: Config, out: Path, *, overwrite: bool = False, progress: bool = True,
                    resume: bool = False, round_fn=None, console: bool = False,
                    exp: Experiment | None = None,
@@ -195,12 +207,8 @@ def _run_experiment(cfg: Config, out: Path, *, overwrite: bool, progress: bool, 
     ckpt = load_checkpoint(out) if resume else None
     if resume:
         check_resumable(out, ckpt[0] if ckpt is not None else None)
-        if ckpt is not None and cfg.engine.name == "flower" and (kept := strategy.client_state()):
-            raise UserError(f"cannot resume '{out}' on Flower: {strategy.name}'s clients keep "
-                            f"{kept} on their nodes between rounds, and a resumed run is a new "
-                            f"Flower run whose nodes start without it; start it again "
-                            f"(--overwrite), or run on the local engine, whose checkpoint keeps "
-                            f"it")
+        if ckpt is not None:
+            check_flower_resume(cfg, strategy, out)
     private = strategy if isinstance(strategy, PrivateStrategy) else None
     ledger = ReleaseLedger(out / "privacy_ledger.json") \
         if private is not None and not private.plan.rebuildable else None
@@ -517,18 +525,24 @@ def _secagg_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
     """The SecAgg+ rounds in which some survivor's vector, once unmasked, was hidden by a
     single pairwise mask (one 32-bit seed of Flower's mask generator: a feasible search);
     {} without SecAgg+. A round counts once the server has unmasked, whether or not its mean
-    was then used; a record without the count (written before it was kept) counts as weak."""
-    unmasked = [r for r in records if "unmask" in r.get("secagg", {}).get("stages", {})]
+    was then used; a round recorded before the count was kept is listed apart (unknown)."""
     if not any("secagg" in r for r in records):
         return {}
+    unmasked = [r for r in records if "unmask" in r.get("secagg", {}).get("stages", {})]
     weak = sorted(r["round"] for r in unmasked
-                  if r["secagg"].get("fewest_pairwise_masks", 0) < 2)
+                  if r["secagg"].get("fewest_pairwise_masks", 2) < 2)
+    unknown = sorted(r["round"] for r in unmasked if "fewest_pairwise_masks" not in r["secagg"])
     out: dict[str, Any] = {"rounds_unmasked": len(unmasked), "weak_rounds": weak}
-    if weak:
-        out["caveat"] = (f"round(s) {', '.join(map(str, weak))}: a survivor's vector was hidden "
-                         "by one pairwise mask (a 32-bit seed) once the server unmasked; an "
-                         "integer secagg.reconstruction_threshold >= 3 halts such rounds before "
-                         "unmasking")
+    if unknown:
+        out["unknown_rounds"] = unknown
+    if weak or unknown:
+        out["caveat"] = "; ".join(
+            [f"round(s) {', '.join(map(str, weak))}: a survivor's vector was hidden by one "
+             "pairwise mask (a 32-bit seed) once the server unmasked"] * bool(weak)
+            + [f"round(s) {', '.join(map(str, unknown))}: how many masks hid each survivor "
+               "was not recorded (an older version ran them)"] * bool(unknown)
+        ) + ("; an integer secagg.reconstruction_threshold >= 3 halts a round of two "
+             "survivors before unmasking")
     return {"secagg": out}
 
 
@@ -562,37 +576,42 @@ class ReleaseLedger:
 def restore_budgets(exp: Experiment, out: Path, records: list[dict[str, Any]], start: int,
                     state: ServerState) -> None:
     """A resumed ``rank_budget = "auto"`` run's budgets as the uninterrupted run had them: the
-    first round's fit of every client (``partition.json``), then the fit each kept round gave
-    its sampled clients (``per_client[].rank_budget``), in order. Refitted at ``start`` when
-    ``partition.json`` cannot be read."""
+    first round's fit of every client (``partition.json``), then each later fit in the order
+    it was made — the kept rounds' ``per_client[].rank_budget`` (asynchronous mode: by dispatch
+    number, the checkpoint's tasks still in flight included). Refitted at ``start`` when
+    ``partition.json`` or a kept row cannot be read."""
     n = exp.cfg.data.num_clients
     part = _json_object(out / "partition.json") or {}
-    rows = part.get("clients")
+    rows = [row for r in records for row in r.get("per_client", []) if "rank_budget" in row]
+    if exp.cfg.train.mode == "async":
+        rows += [f.row for f in Schedule.load(state).flights if "rank_budget" in f.row]
+        rows.sort(key=lambda row: row.get("dispatch", 0))
     try:
-        first = {int(row["client"]): int(row["rank_budget"]) for row in rows}
-    except (TypeError, KeyError, ValueError):
-        first = {}
-    if sorted(first) != list(range(n)) or min(first.values(), default=0) < 1:
+        first = [(int(row["client"]), int(row["rank_budget"])) for row in part["clients"]]
+        later = [(int(row["client"]), int(row["rank_budget"])) for row in rows]
+    except (TypeError, KeyError, ValueError, AttributeError):
+        first, later = [], []
+    fits = first + later
+    if sorted(c for c, _ in first) != list(range(n)) or any(
+            not 0 <= c < n or b < 1 for c, b in fits):
         fit_budgets(exp, start, state, list(range(n)))
         return
-    exp.strategy.budgets.update(first)
-    for r in records:
-        for row in r.get("per_client", []):
-            if "rank_budget" in row:
-                exp.strategy.budgets[row["client"]] = int(row["rank_budget"])
+    for c, b in fits:
+        exp.strategy.budgets[c] = b
 
 
 def reference_uploads(exp: Experiment, records: list[dict[str, Any]]) -> dict[str, Any]:
     """The summary's upload comparisons (``report.references``): what each reference strategy
     would upload for the client-rounds this run accepted, each client at the rank budget it
-    had in that round (its declared :meth:`~lora_a2.strategies.Strategy.reference_upload_values`; one float32,
-    4 bytes, per value — the payload header adds ~100 bytes per message on top)."""
+    had in that round (its declared
+    :meth:`~lora_a2.strategies.Strategy.reference_upload_values`; one float32, 4 bytes, per
+    value — the payload header adds ~100 bytes per message on top)."""
     budgets, layout, model = exp.strategy.budgets, exp.runtime.layout, exp.runtime.model
     kept_budgets = [c.get("rank_budget", budgets[c["client"]]) for r in records
-                for c in r["per_client"]
-                if c.get("num_examples") and not c.get("rejected")
-                and not c.get("straggler") and not c.get("surplus")
-                and not c.get("discarded")]
+                    for c in r["per_client"]
+                    if c.get("num_examples") and not c.get("rejected")
+                    and not c.get("straggler") and not c.get("surplus")
+                    and not c.get("discarded")]
     mine = None if any("upload_params" not in r for r in records) else sum(
         r["upload_params"] for r in records)
     out: dict[str, Any] = {}

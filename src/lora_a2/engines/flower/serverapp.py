@@ -10,11 +10,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ...checkpoint import CHECKPOINT
 from ...checks import check_config, load_config
 from ...config import Config, clients_known, clients_per_round
 from ...errors import UserError
 from ...experiment import prepare
-from ...runner import run_experiment
+from ...private import build_strategy
+from ...report import atomic_write_text
+from ...runner import check_flower_resume, run_experiment
 from .clientapp import make_client_app
 from .transport import FlowerRounds
 
@@ -24,8 +27,10 @@ def flower_summary(engine: str):
     ``engine_summary``): its name and the totals of the bytes Flower measured."""
 
     def fields(records: list[dict[str, Any]]) -> dict[str, Any]:
+        # None when the release withheld a round's figure (central DP), as the other totals
         return {"engine": engine,
-                **{f"total_{k}": sum(r.get(k, 0) for r in records)
+                **{f"total_{k}": None if any(k not in r for r in records)
+                   else sum(r[k] for r in records)
                    for k in ("flower_download_bytes", "flower_upload_bytes",
                              "flower_query_bytes")}}
     return fields
@@ -35,8 +40,6 @@ def add_simulation_times(out: Path, summary: dict[str, Any], times: dict[str, An
                          ) -> dict[str, Any]:
     """The simulation's start-up and shut-down seconds, known only once Flower has returned,
     added to ``summary.json``."""
-    from ...report import atomic_write_text
-
     summary = {**summary, **times}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return summary
@@ -99,6 +102,10 @@ def run_simulations(runs: list[tuple[Config, Path]], *, overwrite: bool = False,
     # A natural partition with data.num_clients = 0 has as many clients (nodes) as the data
     # hold: build the experiment here, before Flower starts one SuperNode per client.
     exps = [None if clients_known(cfg) else prepare(check_config(cfg)) for cfg, _ in runs]
+    for (cfg, out), exp in zip(runs, exps):  # refused before Ray starts, not after
+        if resume and (Path(out) / CHECKPOINT).exists():
+            check_flower_resume(cfg, build_strategy(check_config(cfg)) if exp is None
+                                else exp.strategy, Path(out))
     run_cfgs = [cfg if exp is None else exp.cfg for (cfg, _), exp in zip(runs, exps)]
     nodes = {c.data.num_clients for c in run_cfgs}
     backends = {json.dumps(backend_config(c), sort_keys=True) for c in run_cfgs}
