@@ -55,6 +55,23 @@ def test_the_size_cap_is_the_limit_given():
         receive_upload(Stub(), TASK, data, UploadLimits(max_bytes=len(data) - 1))
 
 
+@pytest.mark.parametrize("held", [6, 8, 0, 70])
+def test_an_upload_claiming_another_example_count_is_rejected(held):
+    """The example count an upload claims is its weight in the aggregate: one other than the
+    client's public count in the partition (more or fewer) is refused before the strategy sees
+    it; the same count passes, and no count given checks nothing."""
+    stub = Stub()
+    with pytest.raises(InvalidPayload, match=f"claims 7 training examples; client 3 holds {held}"):
+        receive_upload(stub, TASK, blob([1.0]), UploadLimits(), examples=held)
+    assert stub.calls == []
+    assert receive_upload(stub, TASK, blob([1.0]), UploadLimits(), examples=7).num_examples == 7
+    assert receive_upload(stub, TASK, blob([1.0]), UploadLimits()).num_examples == 7
+    # an equal count is equal by value, not identity (large ints are separate objects)
+    big = int("1000000")
+    assert receive_upload(stub, TASK, blob([1.0], num_examples=10 ** 6), UploadLimits(),
+                          examples=big).num_examples == big
+
+
 @pytest.mark.parametrize("client", [0, 2, 4, -3])
 def test_an_upload_naming_another_client_is_rejected_before_the_strategy_sees_it(client):
     stub = Stub()
