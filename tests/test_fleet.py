@@ -511,6 +511,7 @@ def test_an_interrupted_auto_budget_run_resumes_to_the_same_run(tmp_path, synthe
                              "strategy.name=lora-a2", f"fleet.profile=csv:{fleet}",
                              "train.deadline_s=1.0", "strategy.rank_budget=auto"])
     ref = run_experiment(cfg, tmp_path / "ref", progress=False)
+    assert [3 in r["clients"] for r in lines(tmp_path / "ref")] == [True, True, False, False]
 
     def stop_in_round_3(exp, rnd, state, on_client=None):
         if rnd == 3:

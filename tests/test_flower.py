@@ -631,6 +631,22 @@ def test_the_unmask_stage_records_the_fewest_pairwise_masks_hiding_a_survivor(mo
         assert wf.settled["fewest_pairwise_masks"] == want, live
 
 
+def test_flowers_byte_totals_are_null_where_a_round_withheld_them():
+    """summary.json's Flower totals: the sums over the rounds, or null when the release
+    withheld a round's figure (central DP with a data-dependent upload size), as every
+    other total."""
+    from lora_a2.engines.flower import flower_summary
+
+    fields = flower_summary("flower-simulation")
+    full = [{"flower_download_bytes": 5, "flower_upload_bytes": 7, "flower_query_bytes": 1}] * 2
+    assert fields(full) == {"engine": "flower-simulation", "total_flower_download_bytes": 10,
+                            "total_flower_upload_bytes": 14, "total_flower_query_bytes": 2}
+    withheld = [{"flower_download_bytes": 5, "flower_query_bytes": 1}, full[0]]
+    got = fields(withheld)
+    assert got["total_flower_upload_bytes"] is None
+    assert (got["total_flower_download_bytes"], got["total_flower_query_bytes"]) == (10, 2)
+
+
 def test_the_summary_lists_the_secagg_rounds_a_single_mask_hid():
     """summary.json's ``secagg``: rounds the server unmasked, and those where some survivor had
     fewer than two pairwise masks (failed rounds too: the unmasking happened); none without

@@ -25,7 +25,6 @@ from .checks import check_config, load_config
 from .config import Config, clients_per_round, differences
 from .data import label_histogram, local_inputs
 from .engines.local import run_async_round, run_round
-from .fedbuff import Schedule
 from .rounds import evaluate_state, fit_budgets
 from .errors import UserError
 from .experiment import Experiment, prepare
@@ -541,8 +540,8 @@ def _secagg_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
              "pairwise mask (a 32-bit seed) once the server unmasked"] * bool(weak)
             + [f"round(s) {', '.join(map(str, unknown))}: how many masks hid each survivor "
                "was not recorded (an older version ran them)"] * bool(unknown)
-        ) + ("; an integer secagg.reconstruction_threshold >= 3 halts a round of two "
-             "survivors before unmasking")
+        ) + ("; an integer secagg.reconstruction_threshold >= 3 halts such rounds before "
+             "unmasking")
     return {"secagg": out}
 
 
@@ -577,15 +576,12 @@ def restore_budgets(exp: Experiment, out: Path, records: list[dict[str, Any]], s
                     state: ServerState) -> None:
     """A resumed ``rank_budget = "auto"`` run's budgets as the uninterrupted run had them: the
     first round's fit of every client (``partition.json``), then each later fit in the order
-    it was made — the kept rounds' ``per_client[].rank_budget`` (asynchronous mode: by dispatch
-    number, the checkpoint's tasks still in flight included). Refitted at ``start`` when
-    ``partition.json`` or a kept row cannot be read."""
+    it was made: the kept rounds' ``per_client[].rank_budget`` (``rank_budget = "auto"`` needs
+    a deadline, so it never runs in asynchronous mode, whose fits would follow the dispatch
+    order). Refitted at ``start`` when ``partition.json`` or a kept row cannot be read."""
     n = exp.cfg.data.num_clients
     part = _json_object(out / "partition.json") or {}
     rows = [row for r in records for row in r.get("per_client", []) if "rank_budget" in row]
-    if exp.cfg.train.mode == "async":
-        rows += [f.row for f in Schedule.load(state).flights if "rank_budget" in f.row]
-        rows.sort(key=lambda row: row.get("dispatch", 0))
     try:
         first = [(int(row["client"]), int(row["rank_budget"])) for row in part["clients"]]
         later = [(int(row["client"]), int(row["rank_budget"])) for row in rows]
