@@ -122,3 +122,15 @@ def run_cli(out, *sets: str, data=None, base: list[str] | None = None, code: int
         argv += ["--set", item]
     assert main(argv) == code
     return out
+
+
+def stop_before_round(stop: int):
+    """A local-engine round function that raises KeyboardInterrupt when round ``stop`` starts:
+    the run stops as if killed after round ``stop - 1`` was checkpointed."""
+    from lora_a2.engines.local import run_round
+
+    def round_fn(exp, rnd, state, on_client=None):
+        if rnd == stop:
+            raise KeyboardInterrupt
+        return run_round(exp, rnd, state, on_client)
+    return round_fn

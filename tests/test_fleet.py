@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import assert_config_error
+from conftest import assert_config_error, stop_before_round
 from lora_a2.cli import main
 from lora_a2.config import FLEET_PROFILES, load_config
 from lora_a2.fleet import (COMPUTE, LINKS, PROFILES, Device, Fleet, close_round_clock,
@@ -493,7 +493,6 @@ def test_an_interrupted_auto_budget_run_resumes_to_the_same_run(tmp_path, synthe
     round (here the upload the fit assumes is sized at twice the rank in even rounds): a run
     stopped after round 2 and resumed writes the same metrics and summary budgets as one that
     ran straight through (a client not sampled since keeps the budget of its last round)."""
-    from lora_a2.engines.local import run_round
     from lora_a2.runner import run_experiment
     from lora_a2.strategies import REGISTRY
 
@@ -513,13 +512,8 @@ def test_an_interrupted_auto_budget_run_resumes_to_the_same_run(tmp_path, synthe
     ref = run_experiment(cfg, tmp_path / "ref", progress=False)
     assert [3 in r["clients"] for r in lines(tmp_path / "ref")] == [True, True, False, False]
 
-    def stop_in_round_3(exp, rnd, state, on_client=None):
-        if rnd == 3:
-            raise KeyboardInterrupt
-        return run_round(exp, rnd, state, on_client)
-
     with pytest.raises(KeyboardInterrupt):
-        run_experiment(cfg, tmp_path / "cut", progress=False, round_fn=stop_in_round_3)
+        run_experiment(cfg, tmp_path / "cut", progress=False, round_fn=stop_before_round(3))
     again = run_experiment(cfg, tmp_path / "cut", progress=False, resume=True)
     assert lines(tmp_path / "cut") == lines(tmp_path / "ref")
     assert ref["rank_budgets"][3] == 1 != json.loads(

@@ -10,7 +10,7 @@ import torch
 from lora_a2.cli import main
 from lora_a2.strategies import ClientContext, Task
 
-from conftest import tiny_setup
+from conftest import stop_before_round, tiny_setup
 from test_strategies import wire
 
 
@@ -243,7 +243,6 @@ def test_fedsa_lora_resume_restores_every_clients_own_b(tmp_path, synthetic_csv)
     """The clients' B live in the checkpoint: an interrupted personalised run resumes to the
     same metrics and adapter as one that ran straight through."""
     from lora_a2.config import load_config
-    from lora_a2.engines.local import run_round
     from lora_a2.report import read_metrics
     from lora_a2.runner import run_experiment
 
@@ -254,13 +253,8 @@ def test_fedsa_lora_resume_restores_every_clients_own_b(tmp_path, synthetic_csv)
                              "data.alpha=0.5"])
     run_experiment(cfg, tmp_path / "ref", progress=False)
 
-    def crash_in_round_3(exp, rnd, state, on_client=None):
-        if rnd == 3:
-            raise KeyboardInterrupt
-        return run_round(exp, rnd, state, on_client)
-
     with pytest.raises(KeyboardInterrupt):
-        run_experiment(cfg, tmp_path / "cut", progress=False, round_fn=crash_in_round_3)
+        run_experiment(cfg, tmp_path / "cut", progress=False, round_fn=stop_before_round(3))
     run_experiment(cfg, tmp_path / "cut", progress=False, resume=True)
     strip = lambda rs: [{k: v for k, v in r.items() if not k.endswith("wall_s")} for r in rs]
     assert strip(read_metrics(tmp_path / "cut" / "metrics.jsonl")) == \
@@ -289,14 +283,9 @@ def test_a_run_whose_clients_keep_state_is_not_resumed_on_flower(tmp_path, synth
                              "strategy.rank_budget=2", "data.num_clients=2", "train.rounds=2",
                              "engine.name='flower'", *sets])
 
-    def crash_in_round_2(exp, rnd, state, on_client=None):
-        if rnd == 2:
-            raise KeyboardInterrupt
-        return run_round(exp, rnd, state, on_client)
-
     out = tmp_path / "cut"
     with pytest.raises(KeyboardInterrupt):
-        run_experiment(cfg, out, progress=False, round_fn=crash_in_round_2)
+        run_experiment(cfg, out, progress=False, round_fn=stop_before_round(2))
     before = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
     if kept is None:
         run_experiment(cfg, out, progress=False, resume=True, round_fn=run_round)
