@@ -4,8 +4,12 @@
     python mutation/report.py skip-annotations MODULE SESSION  # after init: skip the mutants
                                                     # inside type annotations (never evaluated)
     python mutation/report.py reopen MODULE SESSION # forget SESSION's survivors, to re-test them
-    python mutation/report.py record MODULE MODE SECONDS COMMIT DIRTY  # after a run (MODE: full
-                                                    # or survivors), in the run's scratch copy
+    python mutation/report.py record MODULE MODE SECONDS COMMIT DIRTY  # after a run (MODE: full,
+                                                    # survivors or resume), in the scratch copy
+    python mutation/report.py fingerprint MODULE    # the module's code fingerprint
+    python mutation/report.py save-partial MODULE SESSION SECONDS COMMIT DIRTY FINGERPRINT
+                                                    # an interrupted full run, kept for --resume
+    python mutation/report.py resume-partial MODULE SESSION  # continue it (same code only)
     python mutation/report.py render                # mutation/sessions/* → mutation/REPORT.md
 
 Score = (killed + timed out) / total. cosmic-ray records a timed-out mutant as killed with the
@@ -32,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 # In the checkout: scripts/mutation.sh sets it when it runs this file from its scratch copy.
 SESSIONS = Path(os.environ.get("MUTATION_SESSIONS", HERE / "sessions"))
 ORDER = ("privacy", "selection", "aggregation", "lowrank", "payload", "validation", "budgets",
-         "secure_sum")
+         "secure_sum", "private", "audit")
 
 
 def config(module: str) -> dict:
@@ -128,11 +132,72 @@ def reopen(module: str, session: str) -> None:
     print(f"mutation: re-testing {n} survivors of {module}")
 
 
+def _partial(module: str) -> tuple[Path, Path]:
+    return SESSIONS / f"{module}.partial.sqlite", SESSIONS / f"{module}.partial.json"
+
+
+def _copy_db(src: str | Path, dst: str | Path) -> None:
+    """Copy a session through SQLite's backup API: opening ``src`` rolls back a transaction
+    that an interrupted cosmic-ray left half written, where a plain copy would not."""
+    a, b = sqlite3.connect(src), sqlite3.connect(dst)
+    with b:
+        a.backup(b)
+    a.close()
+    b.close()
+
+
+def _progress(session: str | Path) -> str:
+    db = sqlite3.connect(session)
+    total = db.execute("SELECT COUNT(*) FROM mutation_specs").fetchone()[0]
+    done = db.execute("SELECT COUNT(*) FROM work_results").fetchone()[0]
+    db.close()
+    return f"{done} of {total} mutants done"
+
+
+def save_partial(module: str, session: str, seconds: str, commit: str, dirty: str,
+                 fingerprint: str) -> None:
+    """Keep an interrupted full run (``--resume`` continues it): its session, the module's
+    fingerprint at the start, and the seconds spent so far (added to an earlier part's)."""
+    db_path, meta_path = _partial(module)
+    spent = int(seconds)
+    if meta_path.exists():
+        old = json.loads(meta_path.read_text())
+        if old.get("module_code_sha256") == fingerprint:
+            spent += old["seconds"]
+            commit = old["commit"]
+            dirty = ",".join(sorted(set(old["dirty"]) | {d for d in dirty.split(",") if d}))
+    _copy_db(session, db_path)
+    meta_path.write_text(json.dumps({
+        "module_code_sha256": fingerprint, "commit": commit, "seconds": spent,
+        "dirty": [d for d in dirty.split(",") if d],
+        "saved": datetime.datetime.now().isoformat(timespec="seconds")}, indent=1) + "\n")
+    print(f"mutation: {module}: interrupted, kept for --resume ({_progress(db_path)})")
+
+
+def resume_partial(module: str, session: str) -> None:
+    """Continue an interrupted full run; refuse if the module changed since it started."""
+    db_path, meta_path = _partial(module)
+    meta = json.loads(meta_path.read_text())
+    if meta["module_code_sha256"] != _fingerprint(module):
+        sys.exit(f"mutation: the code of {config(module)['module-path']} changed since its "
+                 f"interrupted run started; run scripts/mutation.sh {module}")
+    _copy_db(db_path, session)
+    print(f"mutation: resuming {module}: {_progress(session)}")
+
+
 def record(module: str, mode: str, seconds: str, commit: str, dirty: str) -> None:
     path = SESSIONS / f"{module}.json"
     run = {"date": datetime.date.today().isoformat(), "commit": commit,
            "dirty": [d for d in dirty.split(",") if d], "seconds": int(seconds)}
+    db_path, meta_path = _partial(module)
+    if mode == "resume":  # the interrupted parts and this one make one full run
+        old = json.loads(meta_path.read_text())
+        run.update(seconds=run["seconds"] + old["seconds"], commit=old["commit"],
+                   dirty=sorted(set(old["dirty"]) | set(run["dirty"])))
+        mode = "full"
     if mode == "full":
+        db_path.unlink(missing_ok=True)
+        meta_path.unlink(missing_ok=True)
         meta = {"module_code_sha256": _fingerprint(module), "full": run, "survivors": []}
     else:
         meta = json.loads(path.read_text())
@@ -281,6 +346,12 @@ if __name__ == "__main__":
         skip_annotations(*sys.argv[2:5])
     elif sys.argv[1:2] == ["reopen"]:
         reopen(*sys.argv[2:4])
+    elif sys.argv[1:2] == ["fingerprint"]:
+        print(_fingerprint(sys.argv[2]))
+    elif sys.argv[1:2] == ["save-partial"]:
+        save_partial(*sys.argv[2:8])
+    elif sys.argv[1:2] == ["resume-partial"]:
+        resume_partial(*sys.argv[2:4])
     elif sys.argv[1:2] == ["record"]:
         record(*sys.argv[2:7])
     elif sys.argv[1:2] == ["render"]:

@@ -6,12 +6,16 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
-from scipy.stats import beta
+import torch
+from scipy.stats import beta, binom
 
-from lora_a2.audit import (PLANTS, clopper_pearson_upper, epsilon_lower_bound, planned_rows,
-                           run_audit)
+from lora_a2.audit import (PLANTS, AuditRow, audit_selection, choose_event,
+                           clopper_pearson_lower, clopper_pearson_upper, epsilon_lower_bound,
+                           event_bound, planned_rows, run_audit, threshold_audit)
 from lora_a2.cli import main
 from lora_a2.strategies import REGISTRY, load_all
 
@@ -28,6 +32,75 @@ def test_clopper_pearson_and_the_epsilon_bound():
                       / clopper_pearson_upper(fp, n, 0.025))
     assert epsilon_lower_bound(fp, fn, n, d, 0.05) == pytest.approx(expect)
     assert epsilon_lower_bound(n, 0, n, d, 0.05) == 0.0  # a useless test bounds nothing
+
+
+@pytest.mark.parametrize("k,n,a", [(3, 1000, 0.05), (40, 100, 0.01), (99, 100, 0.025),
+                                   (1, 7, 0.1)])
+def test_clopper_pearson_bounds_are_the_exact_binomial_tail_bounds(k, n, a):
+    """Checked on the binomial law itself, not the beta quantile the code uses: the upper
+    bound p⁺ of k successes in n has P[Bin(n, p⁺) ≤ k] = α, the lower p⁻ has
+    P[Bin(n, p⁻) ≥ k] = α."""
+    up, lo = clopper_pearson_upper(k, n, a), clopper_pearson_lower(k, n, a)
+    assert binom.cdf(k, n, up) == pytest.approx(a)
+    assert binom.sf(k - 1, n, lo) == pytest.approx(a)
+    assert lo < k / n < up
+
+
+def test_clopper_pearson_bounds_at_the_edges():
+    assert clopper_pearson_lower(0, 10, 0.05) == 0.0  # nothing seen: no lower bound
+    assert clopper_pearson_upper(10, 10, 0.05) == 1.0
+    assert clopper_pearson_lower(10, 10, 0.05) == pytest.approx(0.05 ** (1 / 10))  # p¹⁰ = α
+
+
+@pytest.mark.parametrize("p,q,event", [
+    ([80, 10, 10], [5, 50, 45], (0, False, False)),  # "slot 0 selected" favours p: 81/6
+    ([5, 50, 45], [80, 10, 10], (0, True, False)),  # the same, favouring q
+    ([99, 1, 0], [50, 30, 20], (0, True, True)),  # "slot 0 not selected" favours q: 51/2
+    ([50, 30, 20], [99, 1, 0], (0, False, True)),
+    ([40, 30, 30], [99, 1, 0], (2, False, False)),  # 31/1 beats "slot 0 not selected"'s 61/2
+])
+def test_the_selection_audit_chooses_the_event_with_the_largest_ratio(p, q, event):
+    """Add-one ratios of the selection draws' counts (n = 100 a side), every event listed by
+    hand in the comments: the chosen one and the runner-up."""
+    assert choose_event(np.array(p, float), np.array(q, float), 100) == event
+
+
+def test_the_selection_audit_bounds_its_event_on_fresh_draws():
+    lo, up = clopper_pearson_lower, clopper_pearson_upper
+    p, q = np.array([80.0, 12, 8]), np.array([5.0, 50, 45])
+    # "slot 0 selected" as evidence for p: rate 80/100 under p against 5/100 under q
+    lb, fpr, fnr = event_bound(p, q, 100, (0, False, False), 0.05)
+    assert lb == pytest.approx(math.log(lo(80, 100, 0.025) / up(5, 100, 0.025)))
+    assert (fpr, fnr) == (0.05, pytest.approx(0.2))
+    # "slot 0 not selected" as evidence for q: 95 of 100 under q against 20 under p
+    lb, fpr, fnr = event_bound(p, q, 100, (0, True, True), 0.05)
+    assert lb == pytest.approx(math.log(lo(95, 100, 0.025) / up(20, 100, 0.025)))
+    assert (fpr, fnr) == (0.2, pytest.approx(0.05))
+    # an event the fresh draws do not bear out bounds nothing (never a negative ε)
+    assert event_bound(p, q, 100, (1, False, False), 0.05)[0] == 0.0
+    assert event_bound(np.zeros(3), q, 100, (0, False, False), 0.05) == (0.0, 0.05, 1.0)
+
+
+def test_the_threshold_audit_reports_the_rates_of_its_bound():
+    rng = np.random.default_rng(0)
+    null, alt, null_e, alt_e = (rng.normal(mu, 1.0, 20_000) for mu in (0, 2, 0, 2))
+    eps, fpr, fnr = threshold_audit(null, alt, null_e, alt_e, 1e-5, 0.05)
+    assert 0 < fpr < 0.01 and 0 < fnr < 1  # the best bound sits far in the null's tail
+    m = len(null_e)
+    assert eps == pytest.approx(epsilon_lower_bound(round(fpr * m), round(fnr * m), m, 1e-5,
+                                                    0.05))
+    # μ = 2 at σ = 1: the Gaussian's ε at δ = 1e-5 is ≈ 9.6, so the bound is below it
+    assert 0.5 < eps < 9.6
+    # separated samples: no false positive, a bound limited only by the draws
+    eps, fpr, fnr = threshold_audit(null, alt + 100, null_e, alt_e + 100, 1e-5, 0.05)
+    assert fpr == 0.0 and fnr < 0.01
+    assert eps == pytest.approx(epsilon_lower_bound(0, round(fnr * m), m, 1e-5, 0.05))
+
+
+def test_an_audit_row_prints_its_confidence_in_percent():
+    row = AuditRow("lora-a2", "local", "gaussian", 1.0, 0.25, 0.95, 1000, 0.1, 0.2, "ok")
+    assert row.line().split() == ["lora-a2", "local", "gaussian", "claimed", "ε", "1.000",
+                                  "lower", "bound", "0.250", "(95.00", "%)", "ok"]
 
 
 def test_every_mechanism_the_project_offers_is_audited():
@@ -62,6 +135,32 @@ def test_a_planted_bug_is_flagged(plant, select):
     rows = run_audit(*select, plant=plant, quick=True)
     assert len(rows) == 1 and rows[0].verdict == "VIOLATED"
     assert rows[0].lower_bound > rows[0].claimed_epsilon
+
+
+@pytest.mark.parametrize("plant,select", [
+    ("no-server-clip", (["fl-lora"], ["local"], ["laplace"])),  # a client-side release
+    ("renormalised-weights", (["fl-lora"], ["local"], ["gaussian"])),
+    ("gumbel-scale", (["fl-lora"], ["central"], ["laplace"])),  # no selection in the row
+])
+def test_a_planted_bug_leaves_the_rows_it_does_not_touch_within_their_claim(plant, select):
+    """The plants are one bug each: a row whose release the bug does not reach stays honest
+    (so a flagged row is the bug's doing, not the planting's)."""
+    rows = run_audit(*select, plant=plant, quick=True)
+    assert len(rows) == 1 and rows[0].verdict == "ok"
+
+
+def test_every_draw_of_the_selection_audit_is_fresh():
+    """Each selection the audit counts is one fresh draw of the real selector: no two share a
+    (round, client) — the key of the noise generator — across the four batches."""
+    seen = []
+
+    def select_slots(scores, k, task):
+        seen.append((task.round, task.client_id))
+        return (torch.arange(scores.shape[1]) == len(seen) % 3).reshape(1, -1)
+
+    f = SimpleNamespace(strategy=SimpleNamespace(select_slots=select_slots))
+    audit_selection(f, (50, 70), 0.05)
+    assert len(seen) == 2 * 50 + 2 * 70 == len(set(seen))
 
 
 def test_cli_exit_codes_and_json(tmp_path, capsys):

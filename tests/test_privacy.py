@@ -846,12 +846,37 @@ def test_central_release_cuts_a_client_apps_own_error_text():
                            {"client": 1, "dropped": True, "download_bytes": 5,
                             "failure": "no reply within 30.0 s"}]}
     out = s.release_record(full)
+    # and the same record as read back from JSON (a resumed run's server log): its keys are
+    # fresh strings, not the interned literals of the code that wrote it
+    assert s.release_record(json.loads(json.dumps(full))) == out
     assert "Jane" not in json.dumps(out)
     assert out["failures"] == ["client 0: ClientApp error 0: message withheld (central DP)",
                                "client 1: no reply within 30.0 s"]
     assert [c["failure"] for c in out["per_client"]] == [
         "ClientApp error 0: message withheld (central DP)", "no reply within 30.0 s"]
     assert "Jane" in json.dumps(full)  # the trusted server's own record is untouched
+
+
+@pytest.mark.parametrize("mode", ["local", "central"])
+def test_central_dp_refuses_a_strategy_whose_aggregate_takes_no_weights(mode):
+    """The fixed-denominator estimator passes its weights into ``aggregate``: a (plugin)
+    strategy whose ``aggregate`` takes no ``weights`` is refused under central DP, in one line
+    that names it; under local DP (the uploads are private already) it is wrapped as it is."""
+    from lora_a2.errors import UserError
+    from lora_a2.private import PrivateStrategy
+
+    def aggregate(rnd, state, replies):  # no weights parameter
+        return state, {}
+
+    inner = SimpleNamespace(name="my-plugin", aggregate=aggregate)
+    plan = resolve_plan(load_config(None, ["privacy.mechanism='gaussian'", f"privacy.mode='{mode}'",
+                                           "privacy.noise_multiplier=1"]))
+    if mode == "local":
+        assert PrivateStrategy(inner, plan).inner is inner
+        return
+    with pytest.raises(UserError, match="strategy 'my-plugin' cannot run central DP: its "
+                                        "aggregate\\(\\) takes no 'weights'"):
+        PrivateStrategy(inner, plan)
 
 
 def test_central_release_holds_only_noised_or_data_independent_values(tmp_path, synthetic_csv):

@@ -140,6 +140,7 @@ def clopper_pearson_upper(k: int, n: int, alpha: float) -> float:
 
 
 def clopper_pearson_lower(k: int, n: int, alpha: float) -> float:
+    """One-sided (1 − α) lower confidence bound on a binomial rate from k of n."""
     return 0.0 if k <= 0 else float(beta.ppf(alpha, k, n - k + 1))
 
 
@@ -337,22 +338,39 @@ def audit_selection(f: Federation, draws: int, alpha: float) -> tuple[float, flo
             out += s.select_slots(scores, 1, task).reshape(-1).numpy()
         return out
 
-    sel_p, sel_q = counts(u, 1, choose), counts(v, 1 + choose, choose)
-    # choose the event (slot i selected, or not, in either direction) on the selection draws
+    event = choose_event(counts(u, 1, choose), counts(v, 1 + choose, choose), choose)
+    return event_bound(counts(u, 1 + 2 * choose, draws), counts(v, 1 + 2 * choose + draws, draws),
+                       draws, event, alpha)
+
+
+def choose_event(sel_p: np.ndarray, sel_q: np.ndarray, n: int) -> tuple[int, bool, bool]:
+    """The event of the selection audit, chosen on the selection draws: ``(i, swap,
+    complement)`` — "slot i selected" (or, ``complement``, "not selected"), as evidence for the
+    first neighbour (or, ``swap``, the second) — with the largest add-one ratio of its
+    frequencies out of ``n`` draws per side (a ratio of zero counts stays finite)."""
     events = []
-    for i in range(3):
+    for i in range(len(sel_p)):
         for a, b, swap in ((sel_p[i], sel_q[i], False), (sel_q[i], sel_p[i], True)):
             events.append(((a + 1) / (b + 1), i, swap, False))
-            events.append(((choose - a + 1) / (choose - b + 1), i, swap, True))
+            events.append(((n - a + 1) / (n - b + 1), i, swap, True))
     _, i, swap, complement = max(events)
-    ev_p, ev_q = counts(u, 1 + 2 * choose, draws), counts(v, 1 + 2 * choose + draws, draws)
+    return i, swap, complement
+
+
+def event_bound(ev_p: np.ndarray, ev_q: np.ndarray, n: int, event: tuple[int, bool, bool],
+                alpha: float) -> tuple[float, float, float]:
+    """(ε lower bound, FPR, FNR) of ``event`` on fresh draws, ``n`` per side, for a pure-ε
+    mechanism: ε ≥ log(P⁻/Q⁺) with P⁻ the Clopper–Pearson lower bound on the event's rate
+    under the neighbour it favours and Q⁺ the upper bound under the other, each at one-sided
+    confidence 1 − α/2 (0 when the bound says nothing)."""
+    i, swap, complement = event
     a, b = (ev_q[i], ev_p[i]) if swap else (ev_p[i], ev_q[i])
     if complement:
-        a, b = draws - a, draws - b
-    lo = clopper_pearson_lower(int(a), draws, alpha / 2)
-    hi = clopper_pearson_upper(int(b), draws, alpha / 2)
+        a, b = n - a, n - b
+    lo = clopper_pearson_lower(int(a), n, alpha / 2)
+    hi = clopper_pearson_upper(int(b), n, alpha / 2)
     lb = max(0.0, math.log(lo / hi)) if lo > 0 else 0.0
-    return lb, float(b / draws), float(1 - a / draws)
+    return lb, float(b / n), float(1 - a / n)
 
 
 # ---------------------------------------------------------------------- the command
