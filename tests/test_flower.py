@@ -284,7 +284,7 @@ def test_failed_evaluation_answers_are_recorded_not_silently_dropped(monkeypatch
     from flwr.app import Error, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from lora_a2.engines.flower import pack
+    from lora_a2.engines.flower import message_bytes, pack
     from lora_a2.rounds import eval_reply, evaluate_clients
 
     for key in ("_task_id", "_run_id", "_node_id"):
@@ -302,10 +302,15 @@ def test_failed_evaluation_answers_are_recorded_not_silently_dropped(monkeypatch
         who = 0 if c == 4 else c  # client 4 answers with client 0's metrics
         return Message(pack(encode(eval_reply(who, {"local_accuracy": 0.5}))), reply_to=msg)
 
+    sizes = {"down": 0, "up": 0}  # what Flower serialised, as the fake grid saw it
+
     class Grid:
         def send_and_receive(self, messages, timeout=None):
             assert timeout == 30.0
-            return [answer(m) for m in messages if m.metadata.dst_node_id != 102]  # 2: silent
+            got = [answer(m) for m in messages if m.metadata.dst_node_id != 102]  # 2: silent
+            sizes["down"] += sum(message_bytes(m) for m in messages)
+            sizes["up"] += sum(message_bytes(r) for r in got)
+            return got
 
     rounds = FlowerRounds(Grid(), cfg, 0)
     rounds.node_of = {c: 100 + c for c in range(5)}
@@ -318,6 +323,10 @@ def test_failed_evaluation_answers_are_recorded_not_silently_dropped(monkeypatch
     assert "boom" in fails[0] and "no reply within 30.0 s" in fails[1]
     assert "holds no" in fails[2] and "not an evaluation answer from this client" in fails[3]
     assert out["eval_upload_bytes"] > 0 and out["eval_download_bytes"] > 0
+    # Flower's own sizes of the evaluate messages, both ways (payloads + records + config)
+    assert rounds.eval_extras() == {"flower_eval_download_bytes": sizes["down"],
+                                    "flower_eval_upload_bytes": sizes["up"]}
+    assert sizes["down"] > out["eval_download_bytes"] and sizes["up"] > out["eval_upload_bytes"]
 
 
 def test_the_fault_hook_can_fail_a_clients_evaluation_alone(monkeypatch):
@@ -480,6 +489,14 @@ def test_newer_methods_match_on_both_engines(tmp_path, sim3, strategy):
         assert b.get("eval_upload_bytes") == a.get("eval_upload_bytes")
     if strategy == "fedsa-lora":  # each client evaluated its own B: the clients differ
         assert local[-1]["eval_download_bytes"] > 0
+        # Flower's sizes of the evaluate messages are in every round, and in the totals
+        for r in flower:
+            assert r["flower_eval_download_bytes"] > r["eval_download_bytes"]
+            assert r["flower_eval_upload_bytes"] > r["eval_upload_bytes"]
+        summary = json.loads((outs[strategy] / "summary.json").read_text())
+        for way in ("download", "upload"):
+            assert summary[f"total_flower_eval_{way}_bytes"] == sum(
+                r[f"flower_eval_{way}_bytes"] for r in flower)
         assert len(set(local[-1]["local_accuracy"])) > 1 or \
             local[-1]["accuracy"] != local[-1]["shared_model_accuracy"]
 
@@ -645,6 +662,15 @@ def test_flowers_byte_totals_are_null_where_a_round_withheld_them():
     got = fields(withheld)
     assert got["total_flower_upload_bytes"] is None
     assert (got["total_flower_download_bytes"], got["total_flower_query_bytes"]) == (10, 2)
+    # a personalised strategy's evaluate phase: its own totals, null where a round withheld
+    # them; a run without an evaluate phase has none (not a misleading 0)
+    ev = [{**full[0], "flower_eval_download_bytes": 3, "flower_eval_upload_bytes": 2}] * 3
+    keys = ("total_flower_eval_download_bytes", "total_flower_eval_upload_bytes")
+    assert [fields(ev)[k] for k in keys] == [9, 6]
+    got = fields([*ev[:2], {**full[0], "flower_eval_download_bytes": 3,
+                            "withheld": ["flower_eval_upload_bytes"]}])
+    assert [got[k] for k in keys] == [9, None]
+    assert "total_flower_eval_download_bytes" not in fields(full)
 
 
 def test_the_summary_lists_the_secagg_rounds_a_single_mask_hid():

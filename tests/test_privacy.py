@@ -830,6 +830,20 @@ def test_withheld_eval_bytes_total_null_not_zero(tmp_path, synthetic_csv):
     assert all(pub["loss"] != own["loss"] for pub, own in pairs)
 
 
+@pytest.mark.parametrize("sets", [["privacy.mode='local'"],
+                                  ["privacy.mode='central'", "privacy.release_client_stats=true"]])
+def test_a_release_that_withholds_nothing_is_the_full_record(sets):
+    """Local DP (the uploads are private already) and central DP with the opt-in publish the
+    server's whole round record: the clients' losses and their per-client rows included."""
+    _, s, _, _ = tiny_setup(["strategy.name='fl-lora'", "privacy.mechanism='gaussian'",
+                             "privacy.noise_multiplier=1", "privacy.clip=0.1", *sets], 2)
+    full = {"round": 1, "strategy": "fl-lora", "clients": [0, 1], "train_loss": 0.7,
+            "upload_bytes": 123, "per_client": [{"client": 0, "loss": 0.6, "upload_bytes": 60},
+                                                {"client": 1, "loss": 0.8, "upload_bytes": 63}]}
+    assert not s.withholds
+    assert s.release_record(json.loads(json.dumps(full))) == full
+
+
 def test_central_release_cuts_a_client_apps_own_error_text():
     """Under central DP a Flower ClientApp's error message (text the client's code wrote: it
     could quote the client's data) is not released, in ``failures`` or a row's ``failure``;

@@ -92,6 +92,11 @@ class Transport(ABC):
         """Engine-specific fields of the round's record (Flower: its own byte counts)."""
         return {}
 
+    def eval_extras(self) -> dict[str, Any]:
+        """Engine-specific fields of a personalised evaluate phase's record (Flower: the bytes
+        it serialised for the evaluate messages)."""
+        return {}
+
     def secure(self, exp: Experiment) -> bool:
         """The round runs under secure aggregation (the server sees only a sum)."""
         return False
@@ -400,6 +405,7 @@ def run_round(exp: Experiment, rnd: int, state: ServerState, transport: Transpor
     if exp.strategy.personalized:
         record.update(evaluate_clients(exp, rnd, state, transport,
                                        lambda c: transport.reachable(c) is None))
+        record.update(transport.eval_extras())
     return state, record
 
 

@@ -28,11 +28,17 @@ def flower_summary(engine: str):
 
     def fields(records: list[dict[str, Any]]) -> dict[str, Any]:
         # None when the release withheld a round's figure (central DP), as the other totals
-        return {"engine": engine,
-                **{f"total_{k}": None if any(k not in r for r in records)
-                   else sum(r[k] for r in records)
-                   for k in ("flower_download_bytes", "flower_upload_bytes",
-                             "flower_query_bytes")}}
+        out = {"engine": engine,
+               **{f"total_{k}": None if any(k not in r for r in records)
+                  else sum(r[k] for r in records)
+                  for k in ("flower_download_bytes", "flower_upload_bytes",
+                            "flower_query_bytes")}}
+        for k in ("flower_eval_download_bytes", "flower_eval_upload_bytes"):
+            # only rounds with an evaluate phase have them (a personalised strategy's)
+            if any(k in r or k in r.get("withheld", ()) for r in records):
+                out[f"total_{k}"] = (None if any(k in r.get("withheld", ()) for r in records)
+                                     else sum(r.get(k, 0) for r in records))
+        return out
     return fields
 
 

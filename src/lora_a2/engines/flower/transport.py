@@ -113,6 +113,7 @@ class FlowerRounds(Transport):
         self._discover_s = time.perf_counter() - t0  # round 1: waits for Ray and the nodes
         self._down = self._up = 0
         self._timing: dict[str, Any] = {}
+        self._eval: dict[str, int] = {}
 
     def reachable(self, client: int) -> str | None:
         return None if client in self.node_of else "no connected node holds this partition"
@@ -219,7 +220,13 @@ class FlowerRounds(Transport):
                     for c, down in tasks.items()}
         got = list(self.grid.send_and_receive(list(messages.values()),
                                               timeout=self._timeout())) if messages else []
+        self._eval = {"flower_eval_download_bytes": sum(message_bytes(m)
+                                                        for m in messages.values()),
+                      "flower_eval_upload_bytes": sum(message_bytes(r) for r in got)}
         return self._replies(tasks, got)
+
+    def eval_extras(self) -> dict[str, Any]:
+        return self._eval
 
 
 def round_timing(send_receive_s: float, replies) -> dict[str, float]:
