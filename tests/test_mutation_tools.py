@@ -1,0 +1,78 @@
+"""The mutation-testing tools (scripts/mutation.sh, mutation/report.py): every module is
+configured in the three places that name it, and an interrupted full run is kept and resumed
+with its time summed (docs/DEVELOPMENT.md, "Mutation testing")."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.fixture
+def report(tmp_path, monkeypatch):
+    monkeypatch.setenv("MUTATION_SESSIONS", str(tmp_path / "sessions"))
+    (tmp_path / "sessions").mkdir()
+    spec = importlib.util.spec_from_file_location("mutation_report",
+                                                  ROOT / "mutation" / "report.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_every_module_is_named_in_the_script_the_report_and_a_config(report):
+    script = (ROOT / "scripts" / "mutation.sh").read_text()
+    listed = re.search(r"^ALL=\((.*)\)$", script, re.M).group(1).split()
+    assert listed == list(report.ORDER)
+    assert {p.stem for p in (ROOT / "mutation").glob("*.toml")} - {"survivors"} == set(listed)
+    for m in listed:  # each config mutates a real module and runs real test files
+        assert (ROOT / report.config(m)["module-path"]).is_file(), m
+        assert all((ROOT / f).is_file() for f in report.files(m)), m
+
+
+def _session(path: Path, done: int, total: int) -> None:
+    db = sqlite3.connect(path)
+    with db:
+        db.execute("CREATE TABLE mutation_specs (job_id TEXT)")
+        db.execute("CREATE TABLE work_results (job_id TEXT, test_outcome TEXT)")
+        db.executemany("INSERT INTO mutation_specs VALUES (?)", [(str(i),) for i in range(total)])
+        db.executemany("INSERT INTO work_results VALUES (?, 'KILLED')",
+                       [(str(i),) for i in range(done)])
+    db.close()
+
+
+def test_an_interrupted_run_is_kept_resumed_and_its_parts_timed_as_one(report, tmp_path,
+                                                                       monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)  # the fingerprint reads the module from the checkout
+    fp = report._fingerprint("validation")
+    work = tmp_path / "work.sqlite"
+    _session(work, 3, 10)
+    report.save_partial("validation", str(work), "40", "abc1234", "tests/a.py", fp)
+    assert "3 of 10 mutants done" in capsys.readouterr().out
+    _session(work2 := tmp_path / "work2.sqlite", 0, 1)
+    report.resume_partial("validation", str(work2))  # the kept session replaces the scratch one
+    assert "resuming validation: 3 of 10" in capsys.readouterr().out
+    # a second interruption adds its seconds; the first part's commit names the run
+    report.save_partial("validation", str(work2), "25", "def5678", "tests/b.py", fp)
+    meta = json.loads((tmp_path / "sessions" / "validation.partial.json").read_text())
+    assert (meta["seconds"], meta["commit"], meta["dirty"]) == (65, "abc1234",
+                                                                 ["tests/a.py", "tests/b.py"])
+    report.record("validation", "resume", "10", "def5678", "")
+    full = json.loads((tmp_path / "sessions" / "validation.json").read_text())["full"]
+    assert (full["seconds"], full["commit"]) == (75, "abc1234")
+    assert not list((tmp_path / "sessions").glob("validation.partial.*"))  # done: forgotten
+
+
+def test_a_module_changed_since_its_interrupted_run_is_not_resumed(report, tmp_path,
+                                                                   monkeypatch):
+    monkeypatch.chdir(ROOT)
+    _session(work := tmp_path / "w.sqlite", 1, 2)
+    report.save_partial("validation", str(work), "5", "abc", "", "another fingerprint")
+    with pytest.raises(SystemExit, match="changed since its interrupted run started"):
+        report.resume_partial("validation", str(work))
