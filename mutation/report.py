@@ -36,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 # In the checkout: scripts/mutation.sh sets it when it runs this file from its scratch copy.
 SESSIONS = Path(os.environ.get("MUTATION_SESSIONS", HERE / "sessions"))
 ORDER = ("privacy", "selection", "aggregation", "lowrank", "payload", "validation", "budgets",
-         "secure_sum", "private", "audit")
+         "secure_sum", "private", "audit", "ledger")
 
 
 def config(module: str) -> dict:

@@ -22,7 +22,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 VENV=${VENV:-$ROOT/.venv}
 PY=$VENV/bin/python
-ALL=(privacy selection aggregation lowrank payload validation budgets secure_sum private audit)
+ALL=(privacy selection aggregation lowrank payload validation budgets secure_sum private audit ledger)
 mode=full
 if [ "${1:-}" = "--survivors" ]; then mode=survivors; shift
 elif [ "${1:-}" = "--resume" ]; then mode=resume; shift; fi

@@ -5,8 +5,8 @@
 ``DIR/samples.jsonl`` (causal LM: a few generations per round, round 0 = the base model).
 Under central DP (:mod:`lora_a2.private`) ``metrics.jsonl`` and ``summary.json`` hold only
 what may be released, and ``DIR/server_log.jsonl`` the trusted server's full record; with
-fresh ("os") noise ``DIR/privacy_ledger.json`` counts every attempt of a round, so a round run
-again after a crash is charged again.
+fresh ("os") noise ``DIR/privacy_ledger.json`` (:mod:`lora_a2.ledger`) counts every attempt of a
+round, so a round run again after a crash is charged again.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from .engines.local import run_async_round, run_round
 from .rounds import evaluate_state, fit_budgets
 from .errors import UserError
 from .experiment import Experiment, prepare
+from .ledger import FILE as LEDGER_FILE
+from .ledger import ReleaseLedger
 from .locks import RUN_LOCK, folder_lock, lock_held
 from .messages import ServerState
 from .private import PrivateStrategy, rebuildable_noise_warning
@@ -209,17 +211,10 @@ def _run_experiment(cfg: Config, out: Path, *, overwrite: bool, progress: bool, 
         if ckpt is not None:
             check_flower_resume(cfg, strategy, out)
     private = strategy if isinstance(strategy, PrivateStrategy) else None
-    ledger = ReleaseLedger(out / "privacy_ledger.json") \
+    ledger = ReleaseLedger(out / LEDGER_FILE) \
         if private is not None and not private.plan.rebuildable else None
     if ledger is not None and ckpt is not None:  # before anything in the folder changes
-        unknown = [r for r in range(1, ckpt[0] + 1) if ledger.attempts.get(str(r), 0) < 1]
-        if unknown:  # rounds that ran without the ledger's count: their releases are unknown
-            raise UserError(
-                f"cannot resume '{out}': {ledger.path.name} "
-                + ("is missing" if not ledger.path.exists() else
-                   f"counts no attempt of round(s) {', '.join(map(str, unknown))}")
-                + ", so the privacy accountant cannot know how often those rounds released "
-                "noise; start the run again (--overwrite)")
+        ledger.check_resume(out, ckpt[0])
     if ckpt is None:
         start, state = 1, strategy.init_state(exp.runtime.initial_state())
     else:
@@ -543,33 +538,6 @@ def _secagg_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
         ) + ("; an integer secagg.reconstruction_threshold >= 3 halts such rounds before "
              "unmasking")
     return {"secagg": out}
-
-
-class ReleaseLedger:
-    """How often each round was attempted under fresh ("os") noise (``privacy_ledger.json``).
-
-    A round re-run after a crash draws new noise, so what its first attempt released (uploads
-    in local mode, the broadcast in central mode) and what the second releases are two
-    different noisy views of the same data: the accountant charges every attempt."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.attempts: dict[str, int] = {}
-        if self.path.exists():
-            try:
-                self.attempts = {str(int(k)): int(v) for k, v in
-                                 json.loads(self.path.read_text())["attempts"].items()}
-            except (ValueError, KeyError, TypeError, AttributeError):
-                raise UserError(f"'{self.path}' is not a privacy ledger: refusing to resume "
-                                f"without knowing how often each round released noise") from None
-
-    def attempt(self, rnd: int) -> None:
-        self.attempts[str(rnd)] = self.attempts.get(str(rnd), 0) + 1
-        atomic_write_text(self.path, json.dumps({"attempts": self.attempts}))
-
-    def extra_releases(self, rnd: int) -> int:
-        """Attempts beyond the first of rounds 1 … ``rnd``."""
-        return sum(max(0, n - 1) for r, n in self.attempts.items() if int(r) <= rnd)
 
 
 def restore_budgets(exp: Experiment, out: Path, records: list[dict[str, Any]], start: int,
