@@ -30,14 +30,15 @@ def test_attempts_are_counted_written_at_once_and_read_back(tmp_path):
 
 def test_extra_releases_count_the_attempts_beyond_the_first_up_to_a_round(tmp_path):
     ledger = ReleaseLedger(tmp_path / FILE)
-    ledger.attempts = {"1": 1, "2": 3, "3": 1, "4": 2, "10": 4}
-    assert [ledger.extra_releases(r) for r in (0, 1, 2, 3, 4, 9, 10, 11)] == [
-        0, 0, 2, 2, 3, 3, 6, 6]  # round 10 compares as a number, not as the string "10"
+    ledger.attempts = {"1": 1, "2": 3, "3": 1, "4": 2, "5": 0, "10": 4}
+    assert [ledger.extra_releases(r) for r in (0, 1, 2, 3, 4, 5, 9, 10, 11)] == [
+        0, 0, 2, 2, 3, 3, 3, 6, 6]  # round 10 compares as a number, not as the string "10";
+    # a count of 0 (no attempt) takes nothing off the others
 
 
 @pytest.mark.parametrize("text", ['{"attempts": {"one": 1}}', '{"attempts": {"1": "x"}}',
                                   '{"attempts": [1, 2]}', '{"rounds": {}}', '[]', 'not json',
-                                  '{"attempts": {"1": null}}'])
+                                  '{"attempts": {"1": null}}', '{"attempts": {"1": 2, "2": -1}}'])
 def test_a_file_that_is_not_a_ledger_is_refused_in_one_line(tmp_path, text):
     (tmp_path / FILE).write_text(text)
     with pytest.raises(UserError, match="is not a privacy ledger") as e:
@@ -53,13 +54,14 @@ def test_a_resume_is_refused_when_a_kept_round_has_no_count(tmp_path):
     with pytest.raises(UserError, match=f"{FILE} is missing, so the privacy accountant"):
         missing.check_resume(out, 1)
     ledger = ReleaseLedger(out / FILE)
-    for rnd in (1, 2, 4):
+    for rnd in (1, 2, 2, 4):
         ledger.attempt(rnd)
-    ledger.check_resume(out, 2)
+    ledger.check_resume(out, 2)  # round 2 ran twice: known (and charged twice)
     with pytest.raises(UserError, match=r"counts no attempt of round\(s\) 3,"):
         ledger.check_resume(out, 4)
     with pytest.raises(UserError, match=r"counts no attempt of round\(s\) 3, 5,"):
         ledger.check_resume(out, 5)
-    ledger.attempts["3"] = 0  # a zero count is no attempt either
+    # a zero count is no attempt either: it reads, and the resume is refused for that round
+    (out / FILE).write_text('{"attempts": {"1": 1, "2": 2, "3": 0, "4": 1}}')
     with pytest.raises(UserError, match=r"round\(s\) 3, 5,"):
-        ledger.check_resume(out, 5)
+        ReleaseLedger(out / FILE).check_resume(out, 5)

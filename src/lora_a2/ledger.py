@@ -28,6 +28,8 @@ class ReleaseLedger:
             try:
                 self.attempts = {str(int(k)): int(v) for k, v in
                                  json.loads(self.path.read_text())["attempts"].items()}
+                if any(n < 0 for n in self.attempts.values()):
+                    raise ValueError("a negative count")
             except (ValueError, KeyError, TypeError, AttributeError):
                 raise UserError(f"'{self.path}' is not a privacy ledger: refusing to resume "
                                 f"without knowing how often each round released noise") from None
