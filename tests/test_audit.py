@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,9 +14,10 @@ import pytest
 import torch
 from scipy.stats import beta, binom
 
-from lora_a2.audit import (PLANTS, AuditRow, audit_selection, choose_event,
+from lora_a2.audit import (PLANTS, AuditRow, _with_change, audit_selection, choose_event,
                            clopper_pearson_lower, clopper_pearson_upper, epsilon_lower_bound,
-                           event_bound, planned_rows, run_audit, threshold_audit)
+                           event_bound, federation, planned_rows, run_audit,
+                           threshold_audit)
 from lora_a2.cli import main
 from lora_a2.strategies import REGISTRY, load_all
 
@@ -119,6 +121,8 @@ def test_every_mechanism_the_project_offers_is_audited():
 def test_honest_mechanisms_pass_and_the_laplace_bound_is_tight():
     rows = run_audit(["lora-a2"], None, None, quick=True)
     assert [r.verdict for r in rows] == ["ok"] * len(rows) and len(rows) == 5
+    # 95 % overall: Bonferroni over the rows (each row's two rates share its α)
+    assert all(r.confidence == pytest.approx(1 - 0.05 / 5) for r in rows)
     lap = [r for r in rows if r.mechanism == "laplace"]
     # the Laplace test reaches its claim (ε₀ = 1) to within a few per cent: the audit has power
     assert all(0.9 < r.lower_bound <= r.claimed_epsilon for r in lap)
@@ -149,28 +153,51 @@ def test_a_planted_bug_leaves_the_rows_it_does_not_touch_within_their_claim(plan
     assert len(rows) == 1 and rows[0].verdict == "ok"
 
 
-def test_every_draw_of_the_selection_audit_is_fresh():
-    """Each selection the audit counts is one fresh draw of the real selector: no two share a
-    (round, client) — the key of the noise generator — across the four batches."""
+def test_every_draw_of_the_selection_audit_is_fresh_and_on_neighbouring_scores():
+    """Each selection the audit counts is one fresh draw of the real selector, k = 1: the four
+    batches (choose u, choose u', evaluate u, evaluate u') take rounds 1, 2, … in turn, so no
+    two share a (round, client) — the key of the noise generator. The scores are the two
+    neighbours u = [1, 0, 0], u' = [0, 1, 1]: every slot's score moves by at most 1."""
     seen = []
 
     def select_slots(scores, k, task):
-        seen.append((task.round, task.client_id))
+        seen.append((task.round, task.client_id, k, tuple(scores.reshape(-1).tolist())))
         return (torch.arange(scores.shape[1]) == len(seen) % 3).reshape(1, -1)
 
     f = SimpleNamespace(strategy=SimpleNamespace(select_slots=select_slots))
-    audit_selection(f, (50, 70), 0.05)
-    assert len(seen) == 2 * 50 + 2 * 70 == len(set(seen))
+    choose, draws = 51, 71  # odd: an offset that adds by "|" or "^" would show
+    audit_selection(f, (choose, draws), 0.05)
+    u, v = (1.0, 0.0, 0.0), (0.0, 1.0, 1.0)
+    want = [u] * choose + [v] * choose + [u] * draws + [v] * draws
+    assert seen == [(r, 0, 1, s) for r, s in enumerate(want, start=1)]
+
+
+def test_the_canary_is_the_strategys_reference_plus_the_change():
+    """The audit's canary upload carries ``values = reference + change`` (what the strategy's
+    own clip bounds is the change), here for FlexLoRA, whose reference is not zero."""
+    f = federation("flexlora", 0)
+    s = f.wrap("local", "gaussian", 1.0, None)
+    task, like = f.raw
+    ref = s.upload_reference(task, like)
+    assert ref is not None and float(ref.abs().max()) > 0
+    change = torch.linspace(-1, 1, like.values.numel()).to(like.values.dtype)
+    u = _with_change(f, task, like, 0, change)
+    assert torch.allclose(u.values, ref + change)
+    assert (u.client_id, u.num_examples) == (0, f.contexts[0].num_examples)
 
 
 def test_cli_exit_codes_and_json(tmp_path, capsys):
     out = tmp_path / "audit.json"
-    assert main(["audit-privacy", "--quick", "--strategy", "fl-lora", "--mode", "local",
-                 "--mechanism", "laplace", "--json", str(out)]) == 0
+    # the arguments as a shell hands them over (strings made at run time, as sys.argv's)
+    assert main(shlex.split(f"audit-privacy --quick --strategy fl-lora --mode local "
+                            f"--mechanism laplace --json {out}")) == 0
     text = capsys.readouterr().out
     assert "1 of 1 mechanisms within their claimed ε" in text
     data = json.loads(out.read_text())
     assert data["within_claim"] == 1 and data["rows"][0]["verdict"] == "ok"
+    # the same audit as the Python API's (seeded draws): the CLI's strings take the same path
+    api = run_audit(["fl-lora"], ["local"], ["laplace"], quick=True)[0]
+    assert data["rows"][0]["lower_bound"] == pytest.approx(api.lower_bound)
     assert main(["audit-privacy", "--quick", "--plant", "half-noise", "--strategy", "fl-lora",
                  "--mode", "local", "--mechanism", "laplace"]) == 1
     assert "0 of 1 mechanisms" in capsys.readouterr().out
