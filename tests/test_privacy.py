@@ -168,6 +168,14 @@ def test_central_noise_on_the_aggregate_has_the_configured_scale():
     expected = z * clip / 3
     assert s.central_noise_scale() == pytest.approx(expected)
     assert noise.numel() > 30_000
+    # exactly the seeded draws of the server's generator for round 1, added (not subtracted),
+    # tensor after tensor in the noise groups' order
+    gen = dp.noise_generator(s.inner.cfg.seed, 1, "server", "seeded")
+    groups = rt.layout.group_names(s.inner.noise_groups(1))
+    assert groups == names
+    rebuilt = torch.cat([dp.noise(clean.tensors[n].numel(), "gaussian", expected, gen)
+                         for n in groups]).double()
+    assert torch.allclose(noise, rebuilt, atol=1e-6)
     assert abs(noise.std() / expected - 1) < 0.02
     assert abs(noise.mean()) < 0.05 * expected
 
@@ -830,6 +838,32 @@ def test_withheld_eval_bytes_total_null_not_zero(tmp_path, synthetic_csv):
     assert all(pub["loss"] != own["loss"] for pub, own in pairs)
 
 
+def test_local_dp_weights_the_private_uploads_by_their_data():
+    """Local DP: the uploads are private already, so the server weights them as without DP,
+    w_k = n_k / Σ n (no fixed denominator, which is central DP's)."""
+    s, _, _ = make("fl-lora", "privacy.mechanism='gaussian'", "privacy.mode='local'",
+                   "privacy.noise_multiplier=1")
+    replies = [(None, SimpleNamespace(num_examples=n)) for n in (10, 30, 60)]
+    assert s.weights(replies) == pytest.approx([0.1, 0.3, 0.6])
+
+
+def test_a_central_release_keeps_the_strategys_public_keys_and_names_what_it_withheld():
+    """FLoRA's ``stacked_rank`` (Σ of public ranks) is published under central DP; the task's
+    shared-test-set metrics are too; ``withheld`` names exactly the keys left out. A wrapper
+    built without saying otherwise withholds (``release_client_stats`` is an opt-in)."""
+    from lora_a2.private import PrivateStrategy
+
+    _, s, _, _ = tiny_setup(["strategy.name='flora'", "privacy.mechanism='gaussian'",
+                             "privacy.mode='central'", "privacy.noise_multiplier=1"], 2)
+    full = {"round": 1, "strategy": "flora", "clients": [0, 1], "stacked_rank": 4,
+            "accuracy": 0.5, "eval_metric_keys": ["accuracy"], "train_loss": 0.7,
+            "client_mean_norm": 0.2}
+    out = s.release_record(json.loads(json.dumps(full)))
+    assert out == {"round": 1, "strategy": "flora", "clients": [0, 1], "stacked_rank": 4,
+                   "accuracy": 0.5, "withheld": ["client_mean_norm", "train_loss"]}
+    assert PrivateStrategy(s.inner, s.plan).withholds
+
+
 @pytest.mark.parametrize("sets", [["privacy.mode='local'"],
                                   ["privacy.mode='central'", "privacy.release_client_stats=true"]])
 def test_a_release_that_withholds_nothing_is_the_full_record(sets):
@@ -941,6 +975,9 @@ def test_central_release_of_a_fixed_size_strategy_keeps_its_bytes(tmp_path, synt
     assert all("train_loss" not in r and r["upload_bytes"] > 0 for r in rows)
     assert json.loads((out / "summary.json").read_text())["total_upload_bytes"] == sum(
         r["upload_bytes"] for r in rows)
+    # and each client's, which add up to the round's
+    for r in rows:
+        assert sum(c["upload_bytes"] for c in r["per_client"]) == r["upload_bytes"] > 0
 
 
 @pytest.mark.parametrize("name,says", [
