@@ -838,6 +838,18 @@ def test_withheld_eval_bytes_total_null_not_zero(tmp_path, synthetic_csv):
     assert all(pub["loss"] != own["loss"] for pub, own in pairs)
 
 
+def test_a_refused_mode_names_the_strategies_that_run_it_and_no_mechanism_refuses_nothing(capsys):
+    """A strategy that refuses a DP mode (FedEx-LoRA: central) is refused in one line that names
+    the strategies that do run it; without a DP mechanism the mode is moot and nothing is
+    refused."""
+    assert main(["config", "--set", "strategy.name=fedex-lora", "privacy.mechanism=gaussian",
+                 "privacy.epsilon=1", "privacy.mode=central"]) == 2
+    others = capsys.readouterr().err.strip().split("(it is with ")[1]
+    assert "fl-lora" in others and "lora-a2" in others and "fedex-lora" not in others
+    assert main(["config", "--set", "strategy.name=fedex-lora", "privacy.mechanism=none",
+                 "privacy.mode=central"]) == 0
+
+
 def test_local_dp_weights_the_private_uploads_by_their_data():
     """Local DP: the uploads are private already, so the server weights them as without DP,
     w_k = n_k / Σ n (no fixed denominator, which is central DP's)."""
@@ -862,6 +874,9 @@ def test_a_central_release_keeps_the_strategys_public_keys_and_names_what_it_wit
     assert out == {"round": 1, "strategy": "flora", "clients": [0, 1], "stacked_rank": 4,
                    "accuracy": 0.5, "withheld": ["client_mean_norm", "train_loss"]}
     assert PrivateStrategy(s.inner, s.plan).withholds
+    # a (plugin) strategy may declare keys that are public anyway: they stay published
+    s.inner.public_info_keys = ("round", "accuracy", "stacked_rank")
+    assert s.release_record(json.loads(json.dumps(full))) == out
 
 
 @pytest.mark.parametrize("sets", [["privacy.mode='local'"],
