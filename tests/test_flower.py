@@ -35,8 +35,8 @@ from lora_a2.strategies import REGISTRY, Task  # noqa: E402
 
 from conftest import tiny_setup  # noqa: E402
 
-from flower_util import (FLOWER_ONLY, assert_same_run, final_state, max_diff,  # noqa: E402
-                         run, run_local_failing, simulate_together)
+from flower_util import (FLOWER_EVAL, FLOWER_ONLY, assert_same_run,  # noqa: E402
+                         final_state, max_diff, run, run_local_failing, simulate_together)
 
 
 # Ray and Flower processes: one test at a time (one xdist worker)
@@ -530,7 +530,8 @@ def test_secagg_simulation_gives_the_plain_aggregate_up_to_quantisation(tmp_path
         assert r["upload_bytes"] == sum(v[1] for v in r["secagg"]["stages"].values())
     plain_rows = read_metrics(plain / "metrics.jsonl")
     # the record has the plain (local) one's fields, Flower's own, and the SecAgg+ block
-    assert set(rows[0]) - set(plain_rows[0]) == FLOWER_ONLY | {"secagg"}
+    # no evaluate phase under SecAgg+ (a personalised strategy is refused there)
+    assert set(rows[0]) - set(plain_rows[0]) == (FLOWER_ONLY - FLOWER_EVAL) | {"secagg"}
     # (but LoRA-A2's rank_allocation: the server never sees a client's selection under SecAgg+)
     assert set(plain_rows[0]) - set(rows[0]) <= {"rank_allocation"}
     assert rows[0]["flower_timing"]["secagg_s"] > 0
