@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shlex
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,9 +15,10 @@ import pytest
 import torch
 from scipy.stats import beta, binom
 
-from lora_a2.audit import (PLANTS, AuditRow, _with_change, audit_selection, choose_event,
+import lora_a2.audit as audit
+from lora_a2.audit import (DEFAULT_Z, PLANTS, SELECTION_EPSILON, AuditRow, _with_change, audit_selection, choose_event,
                            clopper_pearson_lower, clopper_pearson_upper, epsilon_lower_bound,
-                           event_bound, federation, planned_rows, run_audit,
+                           event_bound, federation, planned_rows, report, run_audit,
                            threshold_audit)
 from lora_a2.cli import main
 from lora_a2.strategies import REGISTRY, load_all
@@ -184,6 +186,118 @@ def test_the_canary_is_the_strategys_reference_plus_the_change():
     u = _with_change(f, task, like, 0, change)
     assert torch.allclose(u.values, ref + change)
     assert (u.client_id, u.num_examples) == (0, f.contexts[0].num_examples)
+
+
+class _Recorder:
+    """Fakes of the audit's sampling (``federation``, ``audit_noise``, ``audit_selection``)
+    that record what :func:`run_audit` asks of them and answer a chosen lower bound."""
+
+    def __init__(self, monkeypatch, noise_lb: float = 0.5, selection_lb: float = 1.0):
+        self.feds, self.wraps, self.noise, self.selection = [], [], [], []
+        rec = self
+
+        class Fed:
+            def __init__(self, name, seed):
+                rec.feds.append((name, seed))
+                self.strategy = None
+
+            def wrap(self, mode, mech, z, plant):
+                rec.wraps.append((mode, mech, z, plant))
+                self.strategy = SimpleNamespace(plan=SimpleNamespace(release_epsilon=lambda: 0.5))
+                return self.strategy
+
+        def audit_noise(f, mode, mech, draws, delta, alpha, rng_seed):
+            rec.noise.append((mode, mech, draws, delta, alpha, rng_seed))
+            return noise_lb, 0.1, 0.2
+
+        def audit_selection(f, draws, alpha):
+            rec.selection.append((draws, alpha))
+            return selection_lb, 0.3, 0.4
+
+        monkeypatch.setattr(audit, "federation", Fed)
+        monkeypatch.setattr(audit, "audit_noise", audit_noise)
+        monkeypatch.setattr(audit, "audit_selection", audit_selection)
+
+
+def test_an_audit_records_its_draws_confidence_and_noise_per_row(monkeypatch):
+    """The bookkeeping of :func:`run_audit` around the sampling (faked here): the draws a row
+    took (the evaluation half of a selection audit's), a full audit's draws by default and the
+    quick one's on ``quick``, Bonferroni's α per row, each row's own noise multiplier, one
+    model per strategy, and ``ok`` up to and including a bound equal to the claim."""
+    a5, a3 = pytest.approx(0.05 / 5, rel=1e-12), pytest.approx(0.05 / 3, rel=1e-12)
+    rec = _Recorder(monkeypatch)
+    rows = run_audit(["lora-a2"], None, None, seed=3, delta=1e-6)
+    plan = planned_rows(["lora-a2"], None, None)
+    assert [(r.strategy, r.mode, r.mechanism) for r in rows] == plan and len(plan) == 5
+    assert rec.feds == [("lora-a2", 3)]
+    assert rec.selection == [((10_000, 40_000), a5)]
+    assert [(m, d, dl, a) for _, m, d, dl, a, _ in rec.noise] == [
+        (m, 2_000_000, 1e-6, a5) for _, _, m in plan if m != "selection"]
+    assert [r.draws for r in rows] == [40_000 if m == "selection" else 2_000_000
+                                       for _, _, m in plan]
+    assert [z for _, _, z, _ in rec.wraps] == [
+        DEFAULT_Z.get((m, md), DEFAULT_Z[("gaussian", md)]) for _, md, m in plan]
+    for r in rows:
+        assert r.confidence == pytest.approx(1 - 0.05 / 5, rel=1e-12)
+        claimed = SELECTION_EPSILON if r.mechanism == "selection" else 0.5
+        assert (r.claimed_epsilon, r.lower_bound, r.verdict) == (claimed, claimed, "ok")
+        assert (r.fpr, r.fnr) == ((0.3, 0.4) if r.mechanism == "selection" else (0.1, 0.2))
+
+    rec = _Recorder(monkeypatch, noise_lb=0.5000001)
+    rows = run_audit(["lora-a2"], ["local"], None, quick=True, noise_multiplier=0.5)
+    assert rec.selection == [((2_000, 6_000), a3)]
+    assert [d for _, _, d, _, _, _ in rec.noise] == [200_000, 200_000]
+    assert [r.draws for r in rows] == [200_000, 200_000, 6_000]
+    assert [z for _, _, z, _ in rec.wraps] == [0.5] * 3  # a z below 1 is a valid choice
+    assert [r.verdict for r in rows] == ["VIOLATED", "VIOLATED", "ok"]
+
+
+def test_every_row_of_every_audit_seed_draws_its_own_noise(monkeypatch):
+    """No two rows share a noise stream, within one audit or across the audits of seeds 0–2
+    (two audits at different seeds are independent evidence)."""
+    streams = []
+    for seed in range(3):
+        rec = _Recorder(monkeypatch)
+        run_audit(None, None, None, quick=True, seed=seed)
+        streams.append([s for *_, s in rec.noise])
+    assert len(streams[0]) > 20
+    flat = [s for run in streams for s in run]
+    assert len(set(flat)) == len(flat)
+
+
+def test_the_audit_report_counts_the_rows_within_their_claim():
+    ok = AuditRow("fl-lora", "local", "laplace", 1.0, 0.9, 0.99, 10, 0.1, 0.2, "ok")
+    bad = AuditRow("fl-lora", "central", "laplace", 1.0, 1.9, 0.99, 10, 0.1, 0.2, "VIOLATED")
+    out = report([ok, bad, ok], "half-noise", 12.5)
+    assert (out["mechanisms"], out["within_claim"], out["plant"], out["wall_s"]) == (
+        3, 2, "half-noise", 12.5)
+    assert out["confidence_overall"] == 0.95 and out["rows"][1]["verdict"] == "VIOLATED"
+
+
+def test_the_audit_json_reports_the_commands_own_wall_time(tmp_path, monkeypatch):
+    _Recorder(monkeypatch, noise_lb=2.0)
+    out = tmp_path / "a.json"
+    t0 = time.perf_counter()
+    code = audit.audit_command(["fl-lora"], ["local"], None, None, True, str(out), None)
+    took = time.perf_counter() - t0
+    data = json.loads(out.read_text())
+    assert code == 1 and (data["mechanisms"], data["within_claim"]) == (2, 0)
+    assert 0 <= data["wall_s"] <= took
+
+
+@pytest.mark.parametrize("mode", ["local", "central"])
+def test_a_plant_changes_only_what_it_names(mode):
+    """``half-noise`` halves the noise scale (and nothing else does); every other plant keeps
+    the honest wrapper's noise scales and its selection."""
+    f = federation("fl-lora", 0)
+    for z in (1.0, 3.0):
+        honest = f.wrap(mode, "gaussian", z, None)
+        scales = honest.local_noise_scale(), honest.central_noise_scale()
+        for plant in PLANTS:
+            s = f.wrap(mode, "gaussian", z, plant)
+            got = s.local_noise_scale(), s.central_noise_scale()
+            want = tuple(0.5 * x for x in scales) if plant == "half-noise" else scales
+            assert got == want, (plant, z)
 
 
 def test_cli_exit_codes_and_json(tmp_path, capsys):
