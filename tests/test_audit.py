@@ -300,6 +300,27 @@ def test_a_plant_changes_only_what_it_names(mode):
             assert got == want, (plant, z)
 
 
+def test_the_tiny_federation_is_four_equal_clients_and_client_0s_round_1_upload():
+    f = federation("fl-lora", 0)
+    sizes = [c.num_examples for c in f.contexts]
+    assert len(sizes) == 4 and len(set(sizes)) == 1 and sizes[0] >= 10
+    task, raw = f.raw
+    assert (task.round, task.client_id, raw.client_id) == (1, 0, 0)
+
+
+@pytest.mark.parametrize("name", ["rolora", "lora-a2"])
+def test_the_central_audit_reads_what_round_1_trains(name):
+    """For a strategy whose trained factor alternates by round, the central audit compares the
+    two neighbours' releases on the factor (and head) round 1 trains."""
+    f = federation(name, 0)
+    f.wrap("central", "gaussian", 1.0, None)
+    inner = f.strategy.inner
+    assert inner.active_factor(1) != inner.active_factor(2)
+    names = f.runtime.layout.group_names([inner.active_factor(1)] + inner.head_groups())
+    want = torch.cat([f.state.tensors[n].reshape(-1).double() for n in names])
+    assert torch.equal(audit._flat(f, f.state), want)
+
+
 def test_cli_exit_codes_and_json(tmp_path, capsys):
     out = tmp_path / "audit.json"
     # the arguments as a shell hands them over (strings made at run time, as sys.argv's)
