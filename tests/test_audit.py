@@ -16,10 +16,10 @@ import torch
 from scipy.stats import beta, binom
 
 import lora_a2.audit as audit
-from lora_a2.audit import (DEFAULT_Z, PLANTS, SELECTION_EPSILON, AuditRow, _with_change, audit_selection, choose_event,
-                           clopper_pearson_lower, clopper_pearson_upper, epsilon_lower_bound,
-                           event_bound, federation, planned_rows, report, run_audit,
-                           threshold_audit)
+from lora_a2.audit import (DEFAULT_Z, PLANTS, SELECTION_EPSILON, AuditRow, _with_change,
+                           audit_selection, choose_event, clopper_pearson_lower,
+                           clopper_pearson_upper, epsilon_lower_bound, event_bound, federation,
+                           planned_rows, report, run_audit, threshold_audit)
 from lora_a2.cli import main
 from lora_a2.strategies import REGISTRY, load_all
 
@@ -53,6 +53,9 @@ def test_clopper_pearson_bounds_are_the_exact_binomial_tail_bounds(k, n, a):
 def test_clopper_pearson_bounds_at_the_edges():
     assert clopper_pearson_lower(0, 10, 0.05) == 0.0  # nothing seen: no lower bound
     assert clopper_pearson_upper(10, 10, 0.05) == 1.0
+    n = int("6000")  # a count made at run time, as the audit's are (not a shared constant)
+    assert clopper_pearson_upper(n, 6_000, 0.05) == 1.0
+    assert clopper_pearson_upper(n - 1, n, 0.05) < 1.0
     assert clopper_pearson_lower(10, 10, 0.05) == pytest.approx(0.05 ** (1 / 10))  # p¹⁰ = α
 
 
