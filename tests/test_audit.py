@@ -16,8 +16,8 @@ import torch
 from scipy.stats import beta, binom
 
 import lora_a2.audit as audit
-from lora_a2.audit import (DEFAULT_Z, PLANTS, SELECTION_EPSILON, AuditRow, _with_change,
-                           audit_selection, choose_event, clopper_pearson_lower,
+from lora_a2.audit import (CLIP, DEFAULT_Z, PLANTS, SELECTION_EPSILON, AuditRow,
+                           _with_change, audit_selection, choose_event, clopper_pearson_lower,
                            clopper_pearson_upper, epsilon_lower_bound, event_bound, federation,
                            planned_rows, report, run_audit, threshold_audit)
 from lora_a2.cli import main
@@ -36,6 +36,8 @@ def test_clopper_pearson_and_the_epsilon_bound():
                       / clopper_pearson_upper(fp, n, 0.025))
     assert epsilon_lower_bound(fp, fn, n, d, 0.05) == pytest.approx(expect)
     assert epsilon_lower_bound(n, 0, n, d, 0.05) == 0.0  # a useless test bounds nothing
+    # every positive missed (FNR⁺ = 1 > 1 − δ): no bound at all, 0 and not a negative ε
+    assert epsilon_lower_bound(0, n, n, d, 0.05) == 0.0
 
 
 @pytest.mark.parametrize("k,n,a", [(3, 1000, 0.05), (40, 100, 0.01), (99, 100, 0.025),
@@ -65,6 +67,9 @@ def test_clopper_pearson_bounds_at_the_edges():
     ([99, 1, 0], [50, 30, 20], (0, True, True)),  # "slot 0 not selected" favours q: 51/2
     ([50, 30, 20], [99, 1, 0], (0, False, True)),
     ([40, 30, 30], [99, 1, 0], (2, False, False)),  # 31/1 beats "slot 0 not selected"'s 61/2
+    # ratios a whole number apart no more: 5/3 ("slot 0" for p) beats 9/7 ("slot 0 not
+    # selected" for q) and 5/4 ("slot 1" or "slot 2" for q) — rounded down, all would be 1
+    ([4, 3, 3], [2, 4, 4], (0, False, False)),
 ])
 def test_the_selection_audit_chooses_the_event_with_the_largest_ratio(p, q, event):
     """Add-one ratios of the selection draws' counts (n = 100 a side), every event listed by
@@ -131,6 +136,12 @@ def test_honest_mechanisms_pass_and_the_laplace_bound_is_tight():
     lap = [r for r in rows if r.mechanism == "laplace"]
     # the Laplace test reaches its claim (ε₀ = 1) to within a few per cent: the audit has power
     assert all(0.9 < r.lower_bound <= r.claimed_epsilon for r in lap)
+    # the Gaussian rows reach about half their claim at these draws (2.7 of 4.73, measured;
+    # docs/PRIVACY.md), the selection row half its ε = 1 (its neighbours' exact ratio e^0.66)
+    gauss = [r for r in rows if r.mechanism == "gaussian"]
+    assert len(gauss) == 2 and all(0.45 * r.claimed_epsilon < r.lower_bound for r in gauss)
+    sel = [r for r in rows if r.mechanism == "selection"]
+    assert len(sel) == 1 and 0.4 < sel[0].lower_bound <= sel[0].claimed_epsilon
 
 
 @pytest.mark.parametrize("plant,select", [
@@ -301,6 +312,11 @@ def test_a_plant_changes_only_what_it_names(mode):
             got = s.local_noise_scale(), s.central_noise_scale()
             want = tuple(0.5 * x for x in scales) if plant == "half-noise" else scales
             assert got == want, (plant, z)
+            if mode == "central":  # the server re-clips, unless the plant is not to
+                task0, raw = f.raw
+                big = _with_change(f, task0, raw, 0, torch.full_like(raw.values, 10 * CLIP))
+                kept = torch.equal(s.server_clip(task0, big).values, big.values)
+                assert kept == (plant == "no-server-clip"), plant
 
 
 def test_the_tiny_federation_is_four_equal_clients_and_client_0s_round_1_upload():
