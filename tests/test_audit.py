@@ -88,6 +88,10 @@ def test_the_selection_audit_bounds_its_event_on_fresh_draws():
     lb, fpr, fnr = event_bound(p, q, 100, (0, True, True), 0.05)
     assert lb == pytest.approx(math.log(lo(95, 100, 0.025) / up(20, 100, 0.025)))
     assert (fpr, fnr) == (0.2, pytest.approx(0.05))
+    # "slot 1 not selected" as evidence for p: 88 of 100 under p against 50 under q
+    lb, fpr, fnr = event_bound(p, q, 100, (1, False, True), 0.05)
+    assert lb == pytest.approx(math.log(lo(88, 100, 0.025) / up(50, 100, 0.025)))
+    assert (fpr, fnr) == (0.5, pytest.approx(0.12))
     # an event the fresh draws do not bear out bounds nothing (never a negative ε)
     assert event_bound(p, q, 100, (1, False, False), 0.05)[0] == 0.0
     assert event_bound(np.zeros(3), q, 100, (0, False, False), 0.05) == (0.0, 0.05, 1.0)
