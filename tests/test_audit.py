@@ -67,6 +67,8 @@ def test_clopper_pearson_bounds_at_the_edges():
     ([99, 1, 0], [50, 30, 20], (0, True, True)),  # "slot 0 not selected" favours q: 51/2
     ([50, 30, 20], [99, 1, 0], (0, False, True)),
     ([40, 30, 30], [99, 1, 0], (2, False, False)),  # 31/1 beats "slot 0 not selected"'s 61/2
+    # "slot 0 not selected" for q: 51/2 beats "slot 2" for q's 25/1 only by the added one
+    ([99, 1, 0], [50, 26, 24], (0, True, True)),
     # ratios a whole number apart no more: 5/3 ("slot 0" for p) beats 9/7 ("slot 0 not
     # selected" for q) and 5/4 ("slot 1" or "slot 2" for q) — rounded down, all would be 1
     ([4, 3, 3], [2, 4, 4], (0, False, False)),
@@ -190,6 +192,27 @@ def test_every_draw_of_the_selection_audit_is_fresh_and_on_neighbouring_scores()
     u, v = (1.0, 0.0, 0.0), (0.0, 1.0, 1.0)
     want = [u] * choose + [v] * choose + [u] * draws + [v] * draws
     assert seen == [(r, 0, 1, s) for r, s in enumerate(want, start=1)]
+
+
+@pytest.mark.parametrize("mechanism", ["gaussian", "laplace"])
+def test_the_noise_audit_draws_four_independent_samples(monkeypatch, mechanism):
+    """The threshold is chosen on one pair of samples and the bound evaluated on another, and
+    no two of the four share a draw (the alternatives are the canary's shift of their own)."""
+    f = federation("fl-lora", 0)
+    f.wrap("local", mechanism, 2.0, None)
+    seen = []
+    monkeypatch.setattr(audit, "threshold_audit",
+                        lambda *a: seen.append(a[:4]) or (0.0, 0.0, 0.0))
+    audit.audit_noise(f, "local", mechanism, 500, 1e-5, 0.05, rng_seed=0)
+    null, alt, null_e, alt_e = seen[0]
+    if mechanism == "gaussian":  # alternatives: a fresh null draw shifted by μ = ‖d‖
+        d, _ = audit.neighbours(f, "local")
+        alt, alt_e = alt - float(d.norm()), alt_e - float(d.norm())
+    samples = [null, alt, null_e, alt_e]
+    assert all(len(x) == 500 for x in samples)
+    for i in range(4):
+        for j in range(i + 1, 4):
+            assert not np.allclose(np.sort(samples[i]), np.sort(samples[j])), (i, j)
 
 
 def test_the_canary_is_the_strategys_reference_plus_the_change():
@@ -351,6 +374,7 @@ def test_cli_exit_codes_and_json(tmp_path, capsys):
                             f"--mechanism laplace --json {out}")) == 0
     text = capsys.readouterr().out
     assert "1 of 1 mechanisms within their claimed ε" in text
+    assert "planted bug" not in text  # an honest audit names no plant
     data = json.loads(out.read_text())
     assert data["within_claim"] == 1 and data["rows"][0]["verdict"] == "ok"
     # the same audit as the Python API's (seeded draws): the CLI's strings take the same path
@@ -358,7 +382,9 @@ def test_cli_exit_codes_and_json(tmp_path, capsys):
     assert data["rows"][0]["lower_bound"] == pytest.approx(api.lower_bound)
     assert main(["audit-privacy", "--quick", "--plant", "half-noise", "--strategy", "fl-lora",
                  "--mode", "local", "--mechanism", "laplace"]) == 1
-    assert "0 of 1 mechanisms" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "0 of 1 mechanisms" in text
+    assert text.splitlines()[0] == f"planted bug: half-noise — {PLANTS['half-noise']}"
 
 
 @pytest.mark.parametrize("args,needle", [
