@@ -113,6 +113,13 @@ def test_the_threshold_audit_reports_the_rates_of_its_bound():
     eps, fpr, fnr = threshold_audit(null, alt + 100, null_e, alt_e + 100, 1e-5, 0.05)
     assert fpr == 0.0 and fnr < 0.01
     assert eps == pytest.approx(epsilon_lower_bound(0, round(fnr * m), m, 1e-5, 0.05))
+    # a statistic with atoms (the Laplace one is clipped at ±Σ|d|): the threshold falls on
+    # one, and an alternative draw equal to it is a miss ("in" is T > t, strictly)
+    zeros, ones = np.zeros(1000), np.ones(1000)
+    alt_e = np.concatenate([np.zeros(100), np.ones(900)])
+    eps, fpr, fnr = threshold_audit(zeros, ones, zeros, alt_e, 1e-5, 0.05)
+    assert (fpr, fnr) == (0.0, 0.1)
+    assert eps == pytest.approx(epsilon_lower_bound(0, 100, 1000, 1e-5, 0.05))
 
 
 def test_an_audit_row_prints_its_confidence_in_percent():
