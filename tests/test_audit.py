@@ -79,6 +79,20 @@ def test_the_selection_audit_chooses_the_event_with_the_largest_ratio(p, q, even
     assert choose_event(np.array(p, float), np.array(q, float), 100) == event
 
 
+def test_the_selection_audit_adds_one_to_each_count_of_a_complement_event():
+    # n = 200: "slot 1 selected" for q, 105/4 = 26.25, beats "slot 0 not selected" for q,
+    # 131/5 = 26.2 — which would win at 133/5 with two added, or any other count
+    assert choose_event(np.array([196.0, 3, 1]), np.array([70.0, 104, 26]), 200) == (1, True,
+                                                                                       False)
+
+
+def test_a_row_wraps_its_own_mechanism():
+    f = federation("fl-lora", 0)
+    for mech, want in (("gaussian", "gaussian"), ("laplace", "laplace"),
+                       ("selection", "gaussian")):  # selection rows: Gaussian uploads
+        assert f.wrap("local", mech, 2.0, None).plan.mechanism == want, mech
+
+
 def test_the_selection_audit_bounds_its_event_on_fresh_draws():
     lo, up = clopper_pearson_lower, clopper_pearson_upper
     p, q = np.array([80.0, 12, 8]), np.array([5.0, 50, 45])
@@ -174,6 +188,7 @@ def test_a_planted_bug_is_flagged(plant, select):
     ("no-server-clip", (["fl-lora"], ["local"], ["laplace"])),  # a client-side release
     ("renormalised-weights", (["fl-lora"], ["local"], ["gaussian"])),
     ("gumbel-scale", (["fl-lora"], ["central"], ["laplace"])),  # no selection in the row
+    ("half-noise", (["lora-a2"], ["local"], ["selection"])),  # the selection is not noise
 ])
 def test_a_planted_bug_leaves_the_rows_it_does_not_touch_within_their_claim(plant, select):
     """The plants are one bug each: a row whose release the bug does not reach stays honest
@@ -215,6 +230,10 @@ def test_the_noise_audit_draws_four_independent_samples(monkeypatch, mechanism):
     if mechanism == "gaussian":  # alternatives: a fresh null draw shifted by μ = ‖d‖
         d, _ = audit.neighbours(f, "local")
         alt, alt_e = alt - float(d.norm()), alt_e - float(d.norm())
+    else:  # the Laplace likelihood-ratio statistic Σ |x| − |x − d| lies within ±Σ |d|
+        d, _ = audit.neighbours(f, "local")
+        for x in seen[0]:
+            assert np.abs(x).max() <= float(d.abs().sum()) + 1e-9
     samples = [null, alt, null_e, alt_e]
     assert all(len(x) == 500 for x in samples)
     for i in range(4):
