@@ -119,17 +119,27 @@ def skip_annotations(module: str, session: str, source_file: str | None = None) 
     print(f"mutation: {module}: {n} mutants inside type annotations skipped")
 
 
-def reopen(module: str, session: str) -> None:
-    """Mark the survivors of ``session`` as not run; refuse if the module changed since."""
+def reopen(module: str, session: str, which: str = "all") -> None:
+    """Mark the survivors of ``session`` as not run — all of them, or (``which`` =
+    ``unexplained``) those without a reason in survivors.toml; refuse if the module changed
+    since. Adding tests can only turn survivors into kills, so either way the rest of the
+    session stays valid; re-testing all of them also shows a reason that a new test outdated."""
     meta = json.loads((SESSIONS / f"{module}.json").read_text())
     if meta.get("module_code_sha256") != _fingerprint(module):
         sys.exit(f"mutation: the code of {config(module)['module-path']} changed since its last "
                  f"full run; run scripts/mutation.sh {module}")
     db = sqlite3.connect(session)
     with db:
-        n = db.execute("DELETE FROM work_results WHERE test_outcome = 'SURVIVED'").rowcount
+        rows = db.execute("SELECT r.job_id, s.operator_name, r.diff FROM work_results r "
+                          "JOIN mutation_specs s ON s.job_id = r.job_id "
+                          "WHERE r.test_outcome = 'SURVIVED'").fetchall()
+        notes = _notes()
+        ids = [job for job, op, diff in rows
+               if which == "all" or not _why(notes, module, op, _diff_lines(diff or "")[1])]
+        db.executemany("DELETE FROM work_results WHERE job_id = ?", [(j,) for j in ids])
     db.close()
-    print(f"mutation: re-testing {n} survivors of {module}")
+    what = "survivors" if which == "all" else "survivors without a reason"
+    print(f"mutation: re-testing {len(ids)} {what} of {module}")
 
 
 def _partial(module: str) -> tuple[Path, Path]:
@@ -345,7 +355,7 @@ if __name__ == "__main__":
     elif sys.argv[1:2] == ["skip-annotations"]:
         skip_annotations(*sys.argv[2:5])
     elif sys.argv[1:2] == ["reopen"]:
-        reopen(*sys.argv[2:4])
+        reopen(*sys.argv[2:5])
     elif sys.argv[1:2] == ["fingerprint"]:
         print(_fingerprint(sys.argv[2]))
     elif sys.argv[1:2] == ["save-partial"]:

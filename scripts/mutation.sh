@@ -3,6 +3,7 @@
 #
 #   scripts/mutation.sh [MODULE ...]               # default: every module below, in this order
 #   scripts/mutation.sh --survivors [MODULE ...]   # re-test only the last run's survivors
+#   scripts/mutation.sh --unexplained [MODULE ...] # … only those without a reason in survivors.toml
 #   scripts/mutation.sh --resume MODULE ...         # continue an interrupted full run
 #
 # One config per module, mutation/MODULE.toml: the file to mutate, a per-mutant timeout, and a
@@ -23,8 +24,9 @@ ROOT=$PWD
 VENV=${VENV:-$ROOT/.venv}
 PY=$VENV/bin/python
 ALL=(privacy selection aggregation lowrank payload validation budgets secure_sum private audit ledger)
-mode=full
+mode=full which=all
 if [ "${1:-}" = "--survivors" ]; then mode=survivors; shift
+elif [ "${1:-}" = "--unexplained" ]; then mode=survivors which=unexplained; shift
 elif [ "${1:-}" = "--resume" ]; then mode=resume; shift; fi
 mods=("$@")
 [ ${#mods[@]} -gt 0 ] || mods=("${ALL[@]}")
@@ -94,7 +96,7 @@ for m in "${mods[@]}"; do
     "$PY" mutation/report.py resume-partial "$m" "$session"
   else
     cp "$ROOT/mutation/sessions/$m.sqlite" "$session"
-    "$PY" mutation/report.py reopen "$m" "$session"
+    "$PY" mutation/report.py reopen "$m" "$session" "$which"
   fi
   "$PY" mutation/report.py skip-annotations "$m" "$session"
   if ! run nice -n 15 "$VENV/bin/cosmic-ray" baseline "mutation/$m.toml" >"$log.$mode" 2>&1; then

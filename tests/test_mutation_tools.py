@@ -76,3 +76,43 @@ def test_a_module_changed_since_its_interrupted_run_is_not_resumed(report, tmp_p
     report.save_partial("validation", str(work), "5", "abc", "", "another fingerprint")
     with pytest.raises(SystemExit, match="changed since its interrupted run started"):
         report.resume_partial("validation", str(work))
+
+
+def test_a_survivors_run_reopens_all_survivors_or_only_those_without_a_reason(
+        report, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    (tmp_path / "sessions" / "validation.json").write_text(
+        json.dumps({"module_code_sha256": report._fingerprint("validation")}))
+    monkeypatch.setattr(report, "_notes", lambda: [
+        {"module": "validation", "operator": "core/NumberReplacer", "mutated": "x = 2",
+         "why": "equivalent: a test's"}])
+    diff = "--- a\n+++ b\n-x = 1\n+{}\n"
+    rows = [("0", "core/NumberReplacer", "KILLED", diff.format("x = 0")),
+            ("1", "core/NumberReplacer", "SURVIVED", diff.format("x = 2")),  # has a reason
+            ("2", "core/AddNot", "SURVIVED", diff.format("x = 2")),  # another operator
+            ("3", "core/NumberReplacer", "SURVIVED", diff.format("x = 3"))]
+
+    def session() -> Path:
+        path = tmp_path / "s.sqlite"
+        path.unlink(missing_ok=True)
+        db = sqlite3.connect(path)
+        with db:
+            db.execute("CREATE TABLE mutation_specs (job_id TEXT, operator_name TEXT)")
+            db.execute("CREATE TABLE work_results (job_id TEXT, test_outcome TEXT, diff TEXT)")
+            db.executemany("INSERT INTO mutation_specs VALUES (?, ?)", [r[:2] for r in rows])
+            db.executemany("INSERT INTO work_results VALUES (?, ?, ?)",
+                           [(r[0], r[2], r[3]) for r in rows])
+        db.close()
+        return path
+
+    def left(path: Path) -> list[str]:
+        db = sqlite3.connect(path)
+        out = [r[0] for r in db.execute("SELECT job_id FROM work_results ORDER BY job_id")]
+        db.close()
+        return out
+
+    report.reopen("validation", str(path := session()))
+    assert left(path) == ["0"] and "re-testing 3 survivors" in capsys.readouterr().out
+    report.reopen("validation", str(path := session()), "unexplained")
+    assert left(path) == ["0", "1"]
+    assert "re-testing 2 survivors without a reason" in capsys.readouterr().out
