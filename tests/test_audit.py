@@ -90,7 +90,11 @@ def test_a_row_wraps_its_own_mechanism():
     f = federation("fl-lora", 0)
     for mech, want in (("gaussian", "gaussian"), ("laplace", "laplace"),
                        ("selection", "gaussian")):  # selection rows: Gaussian uploads
-        assert f.wrap("local", mech, 2.0, None).plan.mechanism == want, mech
+        plan = f.wrap("local", mech, 2.0, None).plan
+        assert plan.mechanism == want, mech
+        # a selection row's wrapper runs (and accounts) the private selection
+        assert plan.private_selection == (mech == "selection"), mech
+        assert plan.selection_epsilon == SELECTION_EPSILON or mech != "selection"
 
 
 def test_the_selection_audit_bounds_its_event_on_fresh_draws():
