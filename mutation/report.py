@@ -124,6 +124,8 @@ def reopen(module: str, session: str, which: str = "all") -> None:
     ``unexplained``) those without a reason in survivors.toml; refuse if the module changed
     since. Adding tests can only turn survivors into kills, so either way the rest of the
     session stays valid; re-testing all of them also shows a reason that a new test outdated."""
+    if which not in ("all", "unexplained"):
+        sys.exit(f"mutation: reopen: '{which}' is not one of all, unexplained")
     meta = json.loads((SESSIONS / f"{module}.json").read_text())
     if meta.get("module_code_sha256") != _fingerprint(module):
         sys.exit(f"mutation: the code of {config(module)['module-path']} changed since its last "

@@ -116,3 +116,7 @@ def test_a_survivors_run_reopens_all_survivors_or_only_those_without_a_reason(
     report.reopen("validation", str(path := session()), "unexplained")
     assert left(path) == ["0", "1"]
     assert "re-testing 2 survivors without a reason" in capsys.readouterr().out
+    # a misspelt selector is refused in one line, before the session is touched
+    with pytest.raises(SystemExit, match="^mutation: reopen: 'unexplaned' is not one of"):
+        report.reopen("validation", str(path := session()), "unexplaned")
+    assert left(path) == ["0", "1", "2", "3"]
