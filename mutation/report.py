@@ -3,9 +3,10 @@
     python mutation/report.py files MODULE          # the module's source and test files
     python mutation/report.py skip-annotations MODULE SESSION  # after init: skip the mutants
                                                     # inside type annotations (never evaluated)
-    python mutation/report.py reopen MODULE SESSION # forget SESSION's survivors, to re-test them
+    python mutation/report.py reopen MODULE SESSION [all|unexplained]  # forget SESSION's
+                                                    # survivors (or those without a reason)
     python mutation/report.py record MODULE MODE SECONDS COMMIT DIRTY  # after a run (MODE: full,
-                                                    # survivors or resume), in the scratch copy
+                                                    # resume, survivors or unexplained)
     python mutation/report.py fingerprint MODULE    # the module's code fingerprint
     python mutation/report.py save-partial MODULE SESSION SECONDS COMMIT DIRTY FINGERPRINT
                                                     # an interrupted full run, kept for --resume
@@ -198,6 +199,11 @@ def resume_partial(module: str, session: str) -> None:
 
 
 def record(module: str, mode: str, seconds: str, commit: str, dirty: str) -> None:
+    """Write a finished run into the module's meta: ``full`` (or ``resume``, its last part)
+    starts it afresh; ``survivors`` and ``unexplained`` (only the survivors without a reason
+    were re-tested) append a round, labelled as such in REPORT.md."""
+    if mode not in ("full", "resume", "survivors", "unexplained"):
+        sys.exit(f"mutation: record: '{mode}' is not one of full, resume, survivors, unexplained")
     path = SESSIONS / f"{module}.json"
     run = {"date": datetime.date.today().isoformat(), "commit": commit,
            "dirty": [d for d in dirty.split(",") if d], "seconds": int(seconds)}
@@ -213,6 +219,8 @@ def record(module: str, mode: str, seconds: str, commit: str, dirty: str) -> Non
         meta = {"module_code_sha256": _fingerprint(module), "full": run, "survivors": []}
     else:
         meta = json.loads(path.read_text())
+        if mode == "unexplained":
+            run["which"] = "unexplained"
         meta["survivors"].append(run)
     path.write_text(json.dumps(meta, indent=1) + "\n")
 
@@ -283,6 +291,13 @@ def module_results(module: str):
     return counts, sorted(survivors, key=lambda s: (s["line"], s["operator"]))
 
 
+def _runs(meta: dict) -> list[tuple[str, dict]]:
+    """The module's runs in order, each with the label REPORT.md gives it."""
+    return [("all mutants", meta["full"])] + [
+        ("survivors without a reason re-tested" if r.get("which") == "unexplained"
+         else "survivors re-tested", r) for r in meta.get("survivors", [])]
+
+
 def render() -> str:
     notes = _notes()
     rows, sections = [], []
@@ -293,8 +308,7 @@ def render() -> str:
         meta = json.loads((SESSIONS / f"{module}.json").read_text())
         c, survivors = module_results(module)
         score = (c["killed"] + c["timeout"]) / c["total"] if c["total"] else float("nan")
-        runs = [("all mutants", meta["full"])] + [("survivors re-tested", r)
-                                                 for r in meta.get("survivors", [])]
+        runs = _runs(meta)
         ran = "; ".join(f"{what}: {r['date']}, commit `{r['commit']}`"
                         + (f" + uncommitted {', '.join(r['dirty'])}" if r["dirty"] else "")
                         for what, r in runs)

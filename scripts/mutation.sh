@@ -107,7 +107,8 @@ for m in "${mods[@]}"; do
   CURRENT=
   seconds=$(( $(date +%s) - start ))
   cp "$session" "$ROOT/mutation/sessions/$m.sqlite"
-  "$PY" mutation/report.py record "$m" "$mode" "$seconds" "$commit" "$dirty"
+  rec=$mode; [ "$which" = all ] || rec=$which
+  "$PY" mutation/report.py record "$m" "$rec" "$seconds" "$commit" "$dirty"
   if [ "$mode" = resume ]; then
     echo "mutation.sh: $m done; this part took ${seconds}s (the report adds the earlier parts)"
   else

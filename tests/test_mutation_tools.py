@@ -120,3 +120,19 @@ def test_a_survivors_run_reopens_all_survivors_or_only_those_without_a_reason(
     with pytest.raises(SystemExit, match="^mutation: reopen: 'unexplaned' is not one of"):
         report.reopen("validation", str(path := session()), "unexplaned")
     assert left(path) == ["0", "1", "2", "3"]
+
+
+def test_a_round_that_re_tested_only_unexplained_survivors_is_labelled_so(report, tmp_path,
+                                                                          monkeypatch):
+    monkeypatch.chdir(ROOT)
+    report.record("validation", "full", "60", "abc", "")
+    report.record("validation", "survivors", "30", "def", "tests/a.py")
+    report.record("validation", "unexplained", "6", "0123", "")
+    meta = json.loads((tmp_path / "sessions" / "validation.json").read_text())
+    assert [(what, r["seconds"]) for what, r in report._runs(meta)] == [
+        ("all mutants", 60), ("survivors re-tested", 30),
+        ("survivors without a reason re-tested", 6)]
+    with pytest.raises(SystemExit, match="^mutation: record: 'survivor' is not one of"):
+        report.record("validation", "survivor", "1", "abc", "")
+    assert len(json.loads((tmp_path / "sessions" / "validation.json").read_text())
+               ["survivors"]) == 2  # the refused record changed nothing
