@@ -38,10 +38,12 @@ same wrapper with one method changed): the auditor must flag it — that is its 
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -461,9 +463,6 @@ def audit_command(strategies, modes, mechanisms, plant, quick, json_path, noise_
                   ) -> int:
     """``lora-a2 audit-privacy``: print a row per mechanism and the verdict line; exit 1 when
     any lower bound exceeds its claim."""
-    import json
-    from pathlib import Path
-
     t0 = time.perf_counter()
     if plant:
         print(f"planted bug: {plant} — {PLANTS.get(plant, '?')}")

@@ -47,7 +47,7 @@ import hashlib
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -349,14 +349,10 @@ class PrivacyPlan:
                 "guarantee_holds_against_config_holders": not self.rebuildable}
 
 
-def resolve(p, rounds: int, sample_rate: float) -> PrivacyPlan | None:
-    """The run's :class:`PrivacyPlan` from a ``privacy`` config table ``p`` (None when
-    ``p.mechanism = 'none'``); ``sample_rate`` = clients per round / clients (the central
-    estimator's q; the accountant, in either mode, counts every round at q = 1)."""
-    if p.mechanism == "none":
-        return None
+def plan_builder(p, rounds: int, sample_rate: float) -> Callable[[float], PrivacyPlan]:
+    """z ↦ the run's :class:`PrivacyPlan` at noise multiplier z, from a ``privacy`` config
+    table ``p`` (what :func:`resolve` calibrates z over)."""
     q = 1.0 if p.mode == "local" else float(sample_rate)
-    factor = 2.0 if p.mode == "local" else 1.0
     target = None if p.epsilon is None else float(p.epsilon)
 
     def plan(z: float) -> PrivacyPlan:
@@ -364,6 +360,17 @@ def resolve(p, rounds: int, sample_rate: float) -> PrivacyPlan | None:
                            target, p.selection, float(p.selection_epsilon), p.noise_source,
                            float(p.weight_cap))
 
+    return plan
+
+
+def resolve(p, rounds: int, sample_rate: float) -> PrivacyPlan | None:
+    """The run's :class:`PrivacyPlan` from a ``privacy`` config table ``p`` (None when
+    ``p.mechanism = 'none'``); ``sample_rate`` = clients per round / clients (the central
+    estimator's q; the accountant, in either mode, counts every round at q = 1)."""
+    if p.mechanism == "none":
+        return None
+    factor = 2.0 if p.mode == "local" else 1.0
+    plan = plan_builder(p, rounds, sample_rate)
     if p.noise_multiplier is not None:
         return plan(float(p.noise_multiplier))
     if p.selection == "private":
@@ -382,14 +389,21 @@ def resolve(p, rounds: int, sample_rate: float) -> PrivacyPlan | None:
     return plan(z)
 
 
-def calibrate_with_selection(plan, target: float, rounds: int) -> float:
-    """Smallest noise multiplier z whose upload noise and private selection together reach
-    ``target`` over ``rounds`` (bisection on z; ``plan(z)`` builds the run's plan)."""
-    floor = plan(1e12).epsilon(rounds)  # the selection alone (the upload noise ~ infinite)
+def check_selection_floor(plan, target: float, rounds: int) -> None:
+    """Refuse (one-line :class:`UserError`) a ``target`` ε that the private selection alone
+    already spends over ``rounds`` (``plan(z)`` builds the run's plan; z → ∞ leaves only the
+    selection's share)."""
+    floor = plan(1e12).epsilon(rounds)
     if floor >= target:
         raise UserError(f"config key 'privacy.epsilon': {target:g} is not reachable: the private "
                         f"selection alone spends ε = {floor:.3g} over {rounds} rounds (lower "
                         f"privacy.selection_epsilon or raise privacy.epsilon)")
+
+
+def calibrate_with_selection(plan, target: float, rounds: int) -> float:
+    """Smallest noise multiplier z whose upload noise and private selection together reach
+    ``target`` over ``rounds`` (bisection on z; ``plan(z)`` builds the run's plan)."""
+    check_selection_floor(plan, target, rounds)
     lo, hi = 1e-3, 1.0
     while plan(hi).epsilon(rounds) > target:
         hi *= 2

@@ -282,12 +282,7 @@ def check_config(cfg: Config) -> None:
     if p.mechanism == "none":
         return
     if p.selection == "private" and p.epsilon is not None:
-        floor = dp.PrivacyPlan(p.mechanism, p.mode, p.clip, 1e12, p.delta, 1.0, t.rounds, None,
-                               "private", float(p.selection_epsilon)).epsilon(t.rounds)
-        if floor >= p.epsilon:
-            raise UserError(f"config key 'privacy.epsilon': {p.epsilon:g} is not reachable: the "
-                            f"private selection alone spends ε = {floor:.3g} over {t.rounds} "
-                            f"rounds (lower privacy.selection_epsilon or raise privacy.epsilon)")
+        dp.check_selection_floor(dp.plan_builder(p, t.rounds, 1.0), float(p.epsilon), t.rounds)
     refusal = cls.dp_refusal(p.mode)
     if refusal:
         ok = sorted(n for n, c in REGISTRY.items() if not c.dp_refusal(p.mode))
