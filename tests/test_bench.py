@@ -222,6 +222,27 @@ def test_the_flop_counter_counts_the_cpus_fused_attention():
     assert fused.get_total_flops() == plain.get_total_flops() > 0
 
 
+def test_every_fused_attention_kernel_counts_as_the_cpus_so_devices_agree():
+    """The same config must count the same FLOPs on CPU and on CUDA (the fleet's simulated
+    clock is built on the count): every fused kernel, forward and backward, counts what the
+    CPU's does — torch's own CUDA rule counts five products backward, not four."""
+    import torch
+
+    from lora_a2.flops import _fused_attention_ops, flop_counter
+
+    registry = flop_counter().flop_registry
+    fwd, bwd = _fused_attention_ops()
+    names = [op.__name__ for op in fwd]
+    assert {"_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+            "_scaled_dot_product_efficient_attention"} <= set(names)
+    q, kv = torch.empty(2, 6, 8, 4), torch.empty(2, 3, 5, 4)  # grouped-query: 6 heads on 3
+    eager = 2 * (2 * (2 * 6) * 8 * 4 * 5)  # q·kᵀ and scores·v: 2 FLOPs a multiply-add, b·h = 12
+    for op in fwd:
+        assert registry[op](q, kv, kv) == eager, op
+    for op in bwd:
+        assert registry[op](q, q, kv, kv) == 2 * eager, op
+
+
 def test_speed_rejects_a_misplaced_option_or_json_path_before_measuring(tmp_path, capsys,
                                                                         monkeypatch):
     """Each measurement's options belong to it: one given to another (or two measurements at

@@ -10,7 +10,7 @@ A client's simulated round time (docs/FLEETS.md):
 with the real encoded sizes of the client's task and upload, n_k its training examples, passes_k
 what its strategy's task costs in passes over them (:meth:`Strategy.local_passes`) and
 ``flops_per_example`` the FLOPs of one training step (forward + backward) per example, counted
-once per model with torch's FLOP counter, the CPU's fused attention included
+once per model with torch's FLOP counter, fused attention included (the same on every device)
 (:func:`training_flops_per_example`). A round with a deadline keeps the clients with t_k ≤
 deadline; over-selection keeps the first ``clients_per_round`` to finish (Bonawitz et al.,
 "Towards Federated Learning at Scale: System Design", MLSys 2019) — :func:`close_round_clock`.
@@ -237,8 +237,8 @@ def selected_per_round(cfg: Config, per_round: int) -> int:
 def training_flops_per_example(runtime: Any, batch: tuple[torch.Tensor, ...]) -> float:
     """FLOPs of one training step (task loss forward + backward, gradients for the federated
     parameters only, as local training computes them) on ``batch``, per example, by torch's
-    FLOP counter, taught the CPU's fused attention (:func:`~lora_a2.flops.flop_counter`: torch's
-    own counter sees only CUDA's, and a model without attention dropout — Llama, SmolLM2 —
+    FLOP counter, with one rule for every fused attention kernel, CPU's and CUDA's
+    (:func:`~lora_a2.flops.flop_counter`: a model without attention dropout — Llama, SmolLM2 —
     trains with the fused kernel on CPU too). The model runs in train mode, as in local
     training, under a forked RNG so that its dropout draws change no later draw; nothing else
     is changed."""
