@@ -128,6 +128,8 @@ def test_fleet_csv_read_and_refused(tmp_path):
     ("client,flops,down_mbps,up_mbps\n0,-1,10,2\n", "flops must be > 0"),
     ("client,flops,down_mbps,up_mbps\n0,1e9,10,x\n", "must be a number"),
     ("client,flops,down_mbps,up_mbps\n0,1e9,10,2\n", "no row for client 1"),
+    ("client,flops,down_mbps,up_mbps\n", "no row for client 0"),  # a header alone
+    ("", "lacks column(s) client, flops, down_mbps, up_mbps"),  # an empty file
     ("client,flops,down_mbps,up_mbps\n0,1e9,10,2\n1,1e9,\xe9t\xe9,2\n".encode("latin-1"),
      "not a UTF-8 CSV"),
 ])
@@ -167,6 +169,9 @@ def test_over_selection_samples_the_ceiling():
     assert selected_per_round(cfg, 3) == 4
     cfg.train.over_select = 1.0
     assert selected_per_round(cfg, 3) == 6 and selected_per_round(cfg, 8) == 10
+    # a product that floating point rounds just above an integer: 25 · 1.12 = 28.000000000000004
+    cfg.data.num_clients, cfg.train.over_select = 100, 0.12
+    assert 25 * (1 + 0.12) > 28 and selected_per_round(cfg, 25) == 28
 
 
 def test_lora_a2_declares_its_probe_in_its_passes():

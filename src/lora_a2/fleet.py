@@ -172,8 +172,9 @@ def read_fleet_csv(path: str | Path, num_clients: int) -> list[Device]:
     where = f"fleet.profile: '{path}'"
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:  # Excel's BOM too
-            rows = list(csv.DictReader(f))
-            fields = rows[0].keys() if rows else []
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            fields = reader.fieldnames or []
     except OSError as e:
         raise UserError(f"{where} cannot be read: {e.strerror or e}") from None
     except (UnicodeDecodeError, csv.Error) as e:
