@@ -191,6 +191,32 @@ def test_async_availability_and_dropout_are_drawn_per_dispatch(tmp_path, synthet
             assert drops_out(0, d, c, 0.2) == bool(row.get("dropped")), row
 
 
+def _check_phases(records: list[dict], every: int) -> tuple[int, int]:
+    """Every arrived reply is flagged cross-phase exactly when the phase of the round it was
+    dispatched for (its model version + 1) differs from the round's, and frozen-target exactly
+    when the factor it trained differs (phase ⌈t / every⌉, B in odd phases) — computed here
+    from the rows, not from the counters. Returns (cross-phase, frozen-target) counts."""
+    def phase(t: int) -> int:
+        return (t - 1) // every + 1
+
+    def factor(t: int) -> str:
+        return "B" if phase(t) % 2 else "A"
+
+    crossed = frozen = 0
+    for r in records:
+        rows = [row for row in r["per_client"] if row.get("num_examples")]
+        for row in rows:
+            sent_for = row["version"] + 1
+            assert bool(row.get("cross_phase")) == (phase(sent_for) != r["phase"]), row
+            assert bool(row.get("frozen_target")) == (factor(sent_for) != r["active_factor"]), row
+        crossed += sum(bool(row.get("cross_phase")) for row in rows)
+        frozen += sum(bool(row.get("frozen_target")) for row in rows)
+        assert r["cross_phase"] == sum(bool(row.get("cross_phase")) for row in r["per_client"])
+        assert r["frozen_target"] == sum(bool(row.get("frozen_target"))
+                                         for row in r["per_client"])
+    return crossed, frozen
+
+
 @pytest.mark.parametrize("mode", ["drop", "apply"])
 def test_alternating_phases_and_cross_phase_updates(tmp_path, synthetic_csv, mode):
     fleet = write_fleet(tmp_path / "f.csv")
@@ -201,10 +227,9 @@ def test_alternating_phases_and_cross_phase_updates(tmp_path, synthetic_csv, mod
     # phase_every = auto = ⌈4 / 2⌉: B, B, A, A, B
     assert [r["active_factor"] for r in records] == ["B", "B", "A", "A", "B"]
     assert [r["phase"] for r in records] == [1, 1, 2, 2, 3]
+    _check_phases(records, 2)
     for r in records:
         crossed = [row for row in r["per_client"] if row.get("cross_phase")]
-        assert r["cross_phase"] == len(crossed)
-        assert r["frozen_target"] == sum(bool(row.get("frozen_target")) for row in crossed)
         if mode == "drop":
             assert all(row["discarded"] and "train_loss" not in row for row in crossed)
             assert r["num_replies"] == len([row for row in r["per_client"]
@@ -212,6 +237,19 @@ def test_alternating_phases_and_cross_phase_updates(tmp_path, synthetic_csv, mod
         else:
             assert not any(row.get("discarded") for row in crossed)
     assert sum(r["cross_phase"] for r in records) > 0
+
+
+def test_a_cross_phase_reply_is_frozen_target_only_when_its_factor_differs(tmp_path,
+                                                                           synthetic_csv):
+    """With a phase a round, a reply one round stale trained the other factor (frozen target)
+    and one two rounds stale the same factor (cross-phase only): the run has both."""
+    fleet = write_fleet(tmp_path / "f.csv")
+    out = run_cli(tmp_path / "r", *async_sets(fleet, "strategy.name=rolora", "train.rounds=6",
+                                               "train.phase_every=1"), data=synthetic_csv)
+    records = lines(out)
+    assert [r["active_factor"] for r in records] == ["B", "A", "B", "A", "B", "A"]
+    crossed, frozen = _check_phases(records, 1)
+    assert 0 < frozen < crossed, (crossed, frozen)
 
 
 def test_kill_and_resume_agree_exactly(tmp_path, synthetic_csv):
