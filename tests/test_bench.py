@@ -618,6 +618,26 @@ def test_workers_do_not_retry_a_cell_that_failed_in_the_same_call(tmp_path, caps
         [(False, True), (True, False)], logs
 
 
+def test_workers_that_crash_make_the_call_fail_and_name_their_logs(tmp_path, capsys,
+                                                                    monkeypatch):
+    """A worker that dies (here: every worker's Python exits with status 3 at start-up, before
+    running a cell) is reported with its log, and the cells it left are counted unfinished:
+    the call exits 1, not 0 with an empty table."""
+    boot = tmp_path / "boot"
+    boot.mkdir()
+    (boot / "sitecustomize.py").write_text("import os\nos._exit(3)\n")
+    monkeypatch.setenv("PYTHONPATH", str(boot))
+    grid = tmp_path / "g.toml"
+    grid.write_text(tiny_grid(rounds=1, alphas="0.5, 1.0"))
+    out = tmp_path / "o"
+    assert main(["bench", str(grid), "-q", "--workers", "2", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    logs = sorted(str(p) for p in (out / "workers").glob("*.log"))
+    assert len(logs) == 2
+    assert sorted(re.findall(r"lora-a2: a worker failed; see (\S+)", err)) == logs
+    assert "lora-a2: 2 selected cells were left unfinished when the workers ended" in err
+
+
 def test_an_empty_grid_is_a_one_line_error(tmp_path, capsys):
     grid = tmp_path / "g.toml"
     grid.write_text('name = "g"\nseeds = []\n[axes]\n"data.alpha" = [0.5]\n')
