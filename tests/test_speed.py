@@ -1,0 +1,77 @@
+"""`lora-a2 speed`'s arithmetic, each figure against a value computed here: the matrix-product
+peak (2·m·k·n per product), the per-step time (a median over ``steps`` steps), the upload's
+information minimum (4 bytes a value and a slot id), the overhead ratio (median of per-repeat
+ratios), and the bare loop doing the engine's optimiser steps (what the overhead figure
+compares). The end-to-end command is tested in tests/test_bench.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lora_a2 import speed
+from lora_a2.config import load_config
+from lora_a2.experiment import prepare
+
+
+def test_gemm_peak_counts_two_flops_per_multiply_add(monkeypatch):
+    monkeypatch.setattr(speed, "_best_and_median", lambda fn, repeats, budget_s: (1.0, 1.0))
+    assert speed.gemm_gflops(torch.float32, shape=(2, 3, 4)) == {"mm": 48e-9, "linear": 48e-9}
+
+
+def test_a_train_step_is_the_median_over_the_steps_it_ran(monkeypatch):
+    exp, data = speed.limit_experiment("tiny-random-bert", 4, 16, "fp32")
+    steps = []
+    real_step = torch.optim.AdamW.step
+
+    def counted(self, *args, **kwargs):
+        steps.append(1)
+        return real_step(self, *args, **kwargs)
+
+    def best_and_median(fn, repeats, budget_s, warmup=True):
+        steps.clear()
+        fn()
+        assert len(steps) == 4  # one timed call runs every step
+        return 1.0, 1.0
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", counted)
+    monkeypatch.setattr(speed, "_best_and_median", best_and_median)
+    assert speed.time_train_steps(exp, data, steps=4, repeats=1, budget_s=1e9) == 0.25
+
+
+def test_the_information_minimum_is_four_bytes_a_value_and_a_slot_id(monkeypatch):
+    monkeypatch.setattr(speed, "run_round", lambda exp, rnd, state: (state, {
+        "upload_params": 100, "upload_slot_ids": 10, "upload_bytes": 460}))
+    assert speed.measure_bytes("tiny-random-bert") == {
+        "upload_bytes": 460, "information_minimum": 440, "ratio": 460 / 440}
+
+
+def test_the_overhead_ratio_is_the_median_of_per_repeat_ratios(monkeypatch):
+    bare, engine = iter([1.0, 1.0, 4.0]), iter([9.0, 3.0, 1.5, 2.0])  # engine: warm-up first
+    monkeypatch.setattr(speed, "bare_round", lambda exp, state: next(bare))
+    monkeypatch.setattr(speed, "engine_round", lambda exp, state: next(engine))
+    r = speed.measure_overhead("tiny-random-bert", repeats=3)
+    # per-repeat ratios 3, 1.5, 0.5 → 1.5; the ratio of the medians would be 2 / 1
+    assert (r["bare_s"], r["engine_s"], r["ratio"]) == (1.0, 2.0, 1.5)
+
+
+def test_the_bare_loop_takes_the_engines_optimiser_steps(monkeypatch):
+    """The overhead figure compares the engine's fl-lora round with a plain loop: the same
+    optimiser steps, at the same learning rates and weight decay, on the same clients."""
+    exp = prepare(load_config(None, speed.BASE + ["model.name=tiny-random-bert",
+                                                  "strategy.name=fl-lora",
+                                                  "strategy.lr_ratio=3"]))  # A's lr ≠ B's
+    state = exp.strategy.init_state(exp.runtime.initial_state())
+    seen: list[tuple] = []
+    real_step = torch.optim.AdamW.step
+
+    def recorded(self, *args, **kwargs):
+        seen.append(tuple((len(g["params"]), g["lr"], g["weight_decay"])
+                          for g in self.param_groups))
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recorded)
+    speed.bare_round(exp, state)
+    bare, seen[:] = list(seen), []
+    speed.engine_round(exp, state)
+    assert bare and sorted(bare) == sorted(seen)
