@@ -55,6 +55,8 @@ def test_profile_attributes_the_whole_run_to_its_phases(tmp_path, synthetic_csv,
                   if p["part"] in ("forward", "backward", "optimiser step"))
     assert r["compute_s"] == pytest.approx(compute) and 0 < r["compute_share"] < 1
     assert r["non_compute_s"] == pytest.approx(r["wall_s"] - compute)
+    assert r["non_compute_per_round_s"] == pytest.approx(
+        (r["wall_s"] - compute - r["groups"]["setup"]["seconds"]) / 2)
     assert r["rounds"] == 2 and r["strategy"] == "lora-a2" and r["model"] == "tiny-random-bert"
     printed = capsys.readouterr().out
     assert "probe" in printed and "optimiser creation" in printed and "unwrapped" in printed
@@ -110,3 +112,42 @@ def test_causal_speed_with_no_variant_run_is_one_line_exit_2(monkeypatch, capsys
     err = capsys.readouterr().err.strip()
     assert err == ("lora-a2: error: --causal-lm nosuch: no variant ran (config key "
                    "'model.name' no such model)"), err
+
+
+def test_phase_time_is_exclusive_and_a_group_does_not_nest_in_itself(monkeypatch):
+    """An outer phase 0 → 10 s with a part 2 → 6 s inside: the outer row gets 6 s, the part
+    4 s; re-entering the open group adds no row; a part outside any group goes to other."""
+    import lora_a2.profiling as profiling
+
+    clock = iter([0.0, 2.0, 3.0, 4.0, 6.0, 10.0, 20.0, 21.5])
+    monkeypatch.setattr(profiling.time, "perf_counter", lambda: next(clock))
+    t = profiling.PhaseTimer()
+    with t.phase("train"):  # 0
+        with t.phase(None, "forward"):  # 2
+            with t.phase("train"):  # the open group again: no new row, no clock read
+                pass
+            with t.phase(None, "collation"):  # 3 → 4
+                pass
+        # forward left at 6
+    # train left at 10
+    with t.phase(None, "backward"):  # 20 → 21.5, no group open
+        pass
+    assert dict(t.seconds) == {("train", "rest"): 6.0, ("train", "forward"): 3.0,
+                               ("train", "collation"): 1.0, ("other", "backward"): 1.5}
+    assert dict(t.calls) == {("train", "rest"): 1, ("train", "forward"): 1,
+                             ("train", "collation"): 1, ("other", "backward"): 1}
+    assert not t.stack
+
+
+@pytest.mark.parametrize("sets,ratio", [(["train.local_epochs=2"], 2),
+                                        (["strategy.reselect_every=2", "train.rounds=4"], 2)])
+def test_the_probe_is_told_from_the_training_after_it(synthetic_csv, sets, ratio):
+    """Two local epochs after a one-epoch probe: twice the probe's optimiser steps in train.
+    Selections reused (reselect_every = 2, 4 rounds: rounds 3 and 4 reuse rounds 1 and 2's):
+    those rounds' training is train, not probe — again twice the probe's steps."""
+    from lora_a2.profiling import profile_run
+
+    r = profile_run([*TINY, f"data.name=csv:{synthetic_csv}", *sets], rounds=None)
+    rows = {(p["group"], p["part"]): p["calls"] for p in r["phases"]}
+    probe = rows[("probe", "optimiser step")]
+    assert probe > 0 and rows[("train", "optimiser step")] == ratio * probe
