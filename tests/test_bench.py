@@ -497,6 +497,11 @@ def test_time_left_uses_cells_of_this_machines_device_kind(tmp_path, monkeypatch
     gpu_left, _ = bench.remaining_time("smoke", out, smoke=True, only=todo)
     assert cpu_left == pytest.approx(100.0 * len(todo))
     assert gpu_left == pytest.approx(4.0 * len(todo))
+    # no finished cell ran on this kind of device: every finished cell informs the estimate
+    (out / "cells" / fl[0].cell_id / "summary.json").unlink()
+    monkeypatch.setattr(status, "torch_cuda_available", lambda: False)
+    assert bench.remaining_time("smoke", out, smoke=True, only=todo)[0] == pytest.approx(
+        4.0 * len(todo))
 
 
 def test_speed_keeps_its_timings_when_the_memory_runs_cannot_start(monkeypatch, capsys):
