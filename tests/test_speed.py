@@ -75,3 +75,35 @@ def test_the_bare_loop_takes_the_engines_optimiser_steps(monkeypatch):
     bare, seen[:] = list(seen), []
     speed.engine_round(exp, state)
     assert bare and sorted(bare) == sorted(seen)
+
+
+def test_the_reselect_variant_is_timed_on_a_round_that_reuses_its_selection(monkeypatch):
+    """`reselect_every=2 (a round that reuses)` must time a round whose every client reuses
+    its stored selection (no probe), not round 1, which probes."""
+    from lora_a2.strategies.lora_a2 import LoraA2
+
+    monkeypatch.setattr(speed, "PROBE_VARIANTS", {
+        "reselect_every=2 (a round that reuses)": ["strategy.reselect_every=2"]})
+    reused: list[tuple[int, bool]] = []
+    stored = LoraA2.stored_selection
+
+    def spy(self, ctx, task):
+        out = stored(self, ctx, task)
+        reused.append((task.round, out is not None))
+        return out
+
+    timed: list[list[tuple[int, bool]]] = []
+    engine_round = speed.engine_round
+
+    def recorded(exp, state, rnd=1):
+        n = len(reused)
+        seconds = engine_round(exp, state, rnd)
+        if exp.cfg.strategy.options.get("reselect_every", 1) > 1:
+            timed.append(reused[n:])
+        return seconds
+
+    monkeypatch.setattr(LoraA2, "stored_selection", spy)
+    monkeypatch.setattr(speed, "engine_round", recorded)
+    speed.measure_a2_vs_fl("tiny-random-bert", repeats=2, local_epochs=1, probe_fraction=1.0)
+    assert len(timed) == 3  # the warm-up and two repeats
+    assert all(calls and all(rnd == 3 and ok for rnd, ok in calls) for calls in timed), timed
