@@ -122,6 +122,13 @@ def test_num_clients_keeps_the_largest_and_max_examples_whole_clients() -> None:
     assert natural_partition(tied, num_clients=2, min_examples=1).natural_ids == ["a", "b"]
     with pytest.raises(UserError, match=r"only 4 natural clients"):
         natural_partition(ids, num_clients=5, min_examples=1)
+    # asked for 3 clients, but only the largest 2 fit under the cap (a 5 + c 4 + d 3 = 12 > 9):
+    # an error, not 2 clients in silence
+    with pytest.raises(UserError, match=r"data.num_clients = 3, but only the largest 2 natural "
+                                        r"clients fit under data.max_train_examples = 9 .*12"):
+        natural_partition(ids, num_clients=3, max_examples=9, min_examples=1)
+    assert natural_partition(ids, num_clients=2, max_examples=9,
+                             min_examples=1).natural_ids == ["a", "c"]
     with pytest.raises(UserError, match=r"smaller than the largest natural client .*\(5 "):
         natural_partition(ids, max_examples=4, min_examples=1, column="u")
 

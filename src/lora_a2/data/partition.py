@@ -246,6 +246,12 @@ def natural_partition(
             raise UserError(f"data.max_train_examples = {max_examples} is smaller than the "
                             f"largest natural client{by} ({len(big[order[0]][1])} examples); "
                             "raise it or set 0 (a natural partition keeps whole clients)")
+        if 0 < fit < num_clients:
+            need = sum(len(big[i][1]) for i in order)
+            raise UserError(f"data.num_clients = {num_clients}, but only the largest {fit} "
+                            f"natural clients{by} fit under data.max_train_examples = "
+                            f"{max_examples} (the {num_clients} largest hold {need} examples); "
+                            "raise the cap, set it to 0, or lower data.num_clients")
         counts["beyond_max_train_examples"] = len(order) - fit
         count_skip(stats, SKIP_BEYOND_CAP, sum(len(big[i][1]) for i in order[fit:]))
         order = order[:fit]
