@@ -441,6 +441,31 @@ def test_auto_budgets_grow_with_the_uplink(tmp_path, synthetic_csv, strategy):
             assert row["sim_download_s"] + row["sim_compute_s"] + row["sim_upload_s"] <= 1.0
 
 
+def test_auto_budgets_fit_every_natural_client_when_num_clients_is_0(tmp_path):
+    """``data.num_clients = 0`` (every natural client): the first round's fit covers the
+    clients the partition found, as with their count written out."""
+    from conftest import synthetic_texts
+
+    texts, labels = synthetic_texts(160)
+    data = tmp_path / "n.csv"
+    with open(data, "w") as f:
+        f.write("text,label,user\n")
+        for i, (t, y) in enumerate(zip(texts, labels)):
+            f.write(f"{t},{['fruit', 'animal', 'colour'][y]},u{i % 4}\n")
+    fleet = write_fleet(tmp_path / "f.csv", [(1e12, 100.0, u) for u in (0.002, 0.06, 0.5, 100.0)])
+    sets = ["data.partition=natural", "data.client_column=user", "train.rounds=1",
+            "train.clients_per_round=1", f"fleet.profile=csv:{fleet}", "train.deadline_s=1.0",
+            "strategy.rank_budget=auto"]
+
+    def budgets(name: str, k: int) -> list[int]:
+        out = run(tmp_path, name, data, [*sets, f"data.num_clients={k}"])
+        return [c["rank_budget"] for c in json.loads((out / "partition.json").read_text())[
+            "clients"]]
+
+    every = budgets("every", 0)
+    assert every == budgets("four", 4) and len(set(every)) >= 3, every
+
+
 def test_reference_uploads_count_each_client_round_at_the_budget_it_had(monkeypatch):
     """``rank_budget = "auto"`` changes budgets from round to round: the summary's reference
     figures price each kept client-round at its own round's budget (the client's fixed budget

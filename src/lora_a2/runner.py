@@ -221,7 +221,7 @@ def _run_experiment(cfg: Config, out: Path, *, overwrite: bool, progress: bool, 
         start, state = ckpt[0] + 1, strategy.restore_state(ckpt[1])
         exp.client_stores.update(load_client_stores(out))
     if cfg.strategy.rank_budget == "auto" and ckpt is None:  # every client's, first round
-        fit_budgets(exp, start, state, list(range(cfg.data.num_clients)))
+        fit_budgets(exp, start, state, list(range(exp.cfg.data.num_clients)))
     if ckpt is None:
         write_partition(exp, out)
     initial_path = out / "initial_eval.json"
