@@ -607,6 +607,12 @@ def test_resume_refuses_a_lost_checkpoint_or_lost_metrics_lines(tmp_path, synthe
     assert "server_log.jsonl lacks round(s) 1 that the checkpoint (round 2)" in \
         capsys.readouterr().err
     assert _snapshot(out) == before
+    (out / "server_log.jsonl").unlink()  # the whole record lost: refused as well
+    before = _snapshot(out)
+    assert main(["run", "--quiet", "--resume", str(out)]) == 2
+    assert "server_log.jsonl lacks round(s) 1, 2 that the checkpoint (round 2)" in \
+        capsys.readouterr().err
+    assert _snapshot(out) == before
 
 
 def test_resume_takes_the_lines_a_crash_leaves_before_a_checkpoint(tmp_path, synthetic_csv):

@@ -96,12 +96,15 @@ def replace_out_dir(out: Path, overwrite: bool, inputs: Sequence[Path] = ()) -> 
     return out
 
 
-def check_resumable(out: Path, checkpoint_round: int | None) -> None:
+def check_resumable(out: Path, checkpoint_round: int | None, server_log: bool = False) -> None:
     """Refuse to resume ``out`` when its checkpoint and its metrics disagree: a checkpoint
     lost from a run that recorded rounds (resuming would silently start it again), or metrics
-    lines missing for rounds the checkpoint has run (the summary would sum a partial record)."""
+    lines missing for rounds the checkpoint has run (the summary would sum a partial record).
+    ``server_log``: the run keeps the trusted server's full record too (central DP, which
+    withholds from metrics.jsonl what the release does not cover); its lines are checked the
+    same way, a lost file included (the totals would restart at zero)."""
     out = Path(out)
-    for name in ("metrics.jsonl", "server_log.jsonl"):  # the second only under central DP
+    for name in ("metrics.jsonl", "server_log.jsonl")[:2 if server_log else 1]:
         path = out / name
         rounds = recorded_rounds(path)
         if checkpoint_round is None:  # round 1's line may precede its checkpoint (a crash)
@@ -109,8 +112,6 @@ def check_resumable(out: Path, checkpoint_round: int | None) -> None:
                 raise UserError(f"cannot resume '{out}': it has recorded rounds but no "
                                 f"checkpoint.safetensors to continue from; start it again "
                                 f"(--overwrite, or delete the folder)")
-            continue
-        if name != "metrics.jsonl" and not path.exists():
             continue
         missing = sorted(set(range(1, checkpoint_round + 1)) - rounds)
         if missing:
@@ -205,12 +206,13 @@ def _run_experiment(cfg: Config, out: Path, *, overwrite: bool, progress: bool, 
         if warning := rebuildable_noise_warning(cfg):  # a new run, once its folder is set up
             print(f"lora-a2: warning: {warning}", file=sys.stderr)
     strategy = exp.strategy
+    private = strategy if isinstance(strategy, PrivateStrategy) else None
+    withholds = private is not None and private.withholds
     ckpt = load_checkpoint(out) if resume else None
     if resume:
-        check_resumable(out, ckpt[0] if ckpt is not None else None)
+        check_resumable(out, ckpt[0] if ckpt is not None else None, server_log=withholds)
         if ckpt is not None:
             check_flower_resume(cfg, strategy, out)
-    private = strategy if isinstance(strategy, PrivateStrategy) else None
     ledger = ReleaseLedger(out / LEDGER_FILE) \
         if private is not None and not private.plan.rebuildable else None
     if ledger is not None and ckpt is not None:  # before anything in the folder changes
@@ -226,7 +228,6 @@ def _run_experiment(cfg: Config, out: Path, *, overwrite: bool, progress: bool, 
         write_partition(exp, out)
     initial_path = out / "initial_eval.json"
     metric = exp.task.metric
-    withholds = private is not None and private.withholds
     saved = _json_object(initial_path) if ckpt is not None else None
     if saved is not None:
         initial = saved
