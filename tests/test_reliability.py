@@ -456,6 +456,12 @@ def test_damaged_run_files_on_resume(tmp_path, synthetic_csv, capsys):
     assert main(["run", "--quiet", "--resume", str(out)]) == 0
     assert json.loads((out / "initial_eval.json").read_text()) == \
         json.loads((ref / "initial_eval.json").read_text())
+    # a JSON object without the run's metric: recomputed too, not a KeyError after the rounds
+    (out / "summary.json").unlink()
+    (out / "initial_eval.json").write_text("{}")
+    assert main(["run", "--quiet", "--resume", str(out)]) == 0
+    assert json.loads((out / "initial_eval.json").read_text()) == \
+        json.loads((ref / "initial_eval.json").read_text())
     (out / "summary.json").unlink()
     lines = (out / "metrics.jsonl").read_text().splitlines()
     (out / "metrics.jsonl").write_text('{"round": 1}\n' + lines[1] + "\n")

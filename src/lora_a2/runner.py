@@ -229,6 +229,8 @@ def _run_experiment(cfg: Config, out: Path, *, overwrite: bool, progress: bool, 
     initial_path = out / "initial_eval.json"
     metric = exp.task.metric
     saved = _json_object(initial_path) if ckpt is not None else None
+    if saved is not None and metric not in saved:  # an object, but not this run's evaluation
+        saved = None
     if saved is not None:
         initial = saved
     else:  # a new run, or one whose file is missing or damaged: it is recomputed
