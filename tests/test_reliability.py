@@ -546,6 +546,13 @@ def test_overwrite_deletes_only_a_run_folder_and_only_once_the_new_run_can_start
             args=("--overwrite",))
     err = capsys.readouterr().err
     assert "which this run reads" in err and "my.csv" in err
+    (proj / "ds").mkdir()  # a saved hub dataset folder, read with a config name after it
+    (proj / "ds" / "dataset_dict.json").write_text('{"splits": ["train"]}')
+    kept = _snapshot(proj)
+    run_cli(proj, "train.rounds=1", data=f"hf:{proj / 'ds'}:default", base=TINY, code=2,
+            args=("--overwrite",))
+    err = capsys.readouterr().err
+    assert "which this run reads" in err and "ds" in err
     assert _snapshot(proj) == kept
 
     old = run_cli(tmp_path / "old", "train.rounds=1", data=synthetic_csv, base=TINY)

@@ -45,8 +45,8 @@ import numpy as np
 
 from ..errors import UserError
 from .readers import (SKIP_DUPLICATE, SKIP_EMPTY, SKIP_NO_CLIENT, Table, count_skip, file_paths,
-                      hf_load, is_missing, natural_column, package_file, read_csv, read_table,
-                      read_text_file, require_columns)
+                      hf_load, hf_spec, is_missing, natural_column, package_file, read_csv,
+                      read_table, read_text_file, require_columns)
 from .splits import stratified_sample, stratified_split
 
 logger = logging.getLogger(__name__)
@@ -387,8 +387,7 @@ def _read_hf(spec: str, text_column: str, label_column: str,
              client_column: str | None = None) -> _Source:
     import datasets
 
-    name, _, config = spec.strip().partition(":")
-    name, config = name.strip(), config.strip() or None
+    name, config = hf_spec(spec)
     if not name:
         raise UserError("'hf:' needs a dataset name, e.g. hf:banking77 or hf:glue:sst2")
     loaded = hf_load(name, config)

@@ -44,8 +44,8 @@ import numpy as np
 
 from ..errors import UserError
 from .readers import (SKIP_DUPLICATE, SKIP_NO_CLIENT, count_skip, file_paths, first_line,
-                      hf_load, is_missing, natural_column, package_file, read_csv, read_table,
-                      read_text_file)
+                      hf_load, hf_spec, is_missing, natural_column, package_file, read_csv,
+                      read_table, read_text_file)
 from .splits import stratified_sample, stratified_split
 
 logger = logging.getLogger(__name__)
@@ -310,10 +310,10 @@ def _read_files(fmt: str, spec: str, *columns: str, client: str | None = None) -
 def _read_hf(spec: str, *columns: str, client: str | None = None) -> list[_Rows]:
     import datasets
 
-    name, _, config = spec.strip().partition(":")
-    if not name.strip():
+    name, config = hf_spec(spec)
+    if not name:
         raise UserError("'hf:' needs a dataset name, e.g. hf:databricks/databricks-dolly-15k")
-    loaded = hf_load(name.strip(), config.strip() or None)
+    loaded = hf_load(name, config)
     splits = {"train": loaded} if isinstance(loaded, datasets.Dataset) else dict(loaded)
     if "train" not in splits and len(splits) != 1:
         raise UserError(f"hub dataset '{name}' has no 'train' split (splits: {', '.join(splits)})")

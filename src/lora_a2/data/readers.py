@@ -199,9 +199,16 @@ def local_inputs(name: str) -> list[Path]:
     kind, _, spec = name.partition(":")
     if kind in ("csv", "json", "parquet"):
         return [Path(p).expanduser() for p in file_paths(spec) if p]
-    if kind == "hf" and spec.strip() and Path(spec.strip()).expanduser().exists():
-        return [Path(spec.strip()).expanduser()]
+    if kind == "hf" and (folder := hf_spec(spec)[0]) and Path(folder).expanduser().exists():
+        return [Path(folder).expanduser()]  # a saved dataset folder, its :CONFIG split off
     return []
+
+
+def hf_spec(spec: str) -> tuple[str, str | None]:
+    """``(name, config)`` of an ``hf:NAME[:CONFIG]`` spec (the part after ``hf:``); NAME is a
+    hub id or a local folder, CONFIG None when absent."""
+    name, _, config = spec.strip().partition(":")
+    return name.strip(), config.strip() or None
 
 
 def hf_load(name: str, config: str | None) -> Any:
