@@ -156,6 +156,22 @@ def test_csv_and_parquet_instruction_files_with_named_columns(tmp_path):
         assert any(i for i in exp.train.inputs)  # the input column was read (NaN = no input)
 
 
+def test_numeric_categories_are_one_id_whichever_file_they_come_from(tmp_path):
+    """A CSV category column of numbers with one empty cell is read as floats (1.0, 2.0); the
+    test file's, without a gap, as ints: category 1 is one id, not "1" and "1.0"."""
+    import pandas as pd
+
+    from lora_a2.data.instructions import load_instructions
+
+    rows = [{**r, "category": 1 + i % 2} for i, r in enumerate(instruction_rows(40))]
+    frame = pd.DataFrame(rows)
+    frame.loc[0, "category"] = None  # the gap that turns the column into floats
+    frame.to_csv(tmp_path / "train.csv", index=False)
+    pd.DataFrame(rows[:10]).to_csv(tmp_path / "test.csv", index=False)
+    train, test = load_instructions(f"csv:{tmp_path / 'train.csv'},{tmp_path / 'test.csv'}")
+    assert train.label_names == test.label_names == ["(none)", "1", "2"]
+
+
 def test_hf_saved_dataset_folder(tmp_path):
     import datasets
 

@@ -45,8 +45,8 @@ import numpy as np
 
 from ..errors import UserError
 from .readers import (SKIP_DUPLICATE, SKIP_EMPTY, SKIP_NO_CLIENT, Table, count_skip, file_paths,
-                      hf_load, hf_spec, is_missing, natural_column, package_file, read_csv,
-                      read_table, read_text_file, require_columns)
+                      hf_load, hf_spec, is_missing, natural_column, normalise_label, package_file,
+                      read_csv, read_table, read_text_file, require_columns)
 from .splits import stratified_sample, stratified_split
 
 logger = logging.getLogger(__name__)
@@ -456,20 +456,6 @@ def _as_text(value: Any, where: str) -> str:
     raise UserError(f"{where}: text column holds {type(value).__name__} values, not text")
 
 
-def _normalise_label(value: Any) -> str | int | float:
-    """Hashable label key: ints stay ints (integral floats too: pandas turns an int column
-    with gaps into floats), strings are stripped."""
-    if isinstance(value, (bool, np.bool_)):
-        return str(bool(value))
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return int(value) if float(value).is_integer() else float(value)
-    if isinstance(value, str):
-        return value.strip()
-    return str(value)
-
-
 def _clean(
     split: _RawSplit, *, dedupe: bool, allow_empty: bool = False,
     stats: dict[str, Any] | None = None,
@@ -492,7 +478,7 @@ def _clean(
                 continue
             clients.append(split.clients[i])
         texts.append(_as_text(text, split.where))
-        labels.append(_normalise_label(label))
+        labels.append(normalise_label(label))
     if missing:
         logger.info("%s: dropped %d rows with empty text or missing label", split.where, missing)
     if stats is not None:

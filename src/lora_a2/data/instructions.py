@@ -44,8 +44,8 @@ import numpy as np
 
 from ..errors import UserError
 from .readers import (SKIP_DUPLICATE, SKIP_NO_CLIENT, count_skip, file_paths, first_line,
-                      hf_load, hf_spec, is_missing, natural_column, package_file, read_csv,
-                      read_table, read_text_file)
+                      hf_load, hf_spec, is_missing, natural_column, normalise_label,
+                      package_file, read_csv, read_table, read_text_file)
 from .splits import stratified_sample, stratified_split
 
 logger = logging.getLogger(__name__)
@@ -365,7 +365,8 @@ def _clean(rows: _Rows, stats: dict[str, Any], dedupe: bool):
         ins.append(row[0])
         inp.append(row[1])
         resp.append(row[2])
-        cat.append("(none)" if is_missing(rows.categories[i]) else str(rows.categories[i]).strip())
+        cat.append("(none)" if is_missing(rows.categories[i])
+                   else str(normalise_label(rows.categories[i])))  # 1.0 (a gap in a CSV) is 1
         if ids is not None:
             ids.append(rows.clients[i])
     count_skip(stats, SKIP_EMPTY_INSTRUCTION, empty)

@@ -324,3 +324,17 @@ def natural_column(name: str, client_column: str | None,
         raise UserError(f"data.partition = 'natural' needs data.client_column (the column whose "
                         f"values are the clients) for dataset '{name}'")
     return client_column
+
+
+def normalise_label(value: Any) -> str | int | float:
+    """Hashable label key (a class label, an instruction category): ints stay ints (integral
+    floats too: pandas turns an int column with gaps into floats), strings are stripped."""
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return int(value) if float(value).is_integer() else float(value)
+    if isinstance(value, str):
+        return value.strip()
+    return str(value)
