@@ -112,6 +112,23 @@ def test_builtin_missing_package(monkeypatch: pytest.MonkeyPatch) -> None:
 # --------------------------------------------------------------------------- local files
 
 
+def test_the_test_share_of_each_class_is_rounded_half_up() -> None:
+    """0.2 · 8 = 1.6 → 2 of each class (a floor would give 1); 0.5 · 5 = 2.5 → 3 (Python's
+    round, half to even, would give 2); at least one test and one train example a class."""
+    from lora_a2.data.splits import stratified_split
+
+    rng = np.random.default_rng(0)
+    labels = np.array([0] * 8 + [1] * 8)
+    train, test = stratified_split(labels, 0.2, rng)
+    assert np.bincount(labels[test]).tolist() == [2, 2] and len(train) == 12
+    _, test = stratified_split(np.zeros(5, dtype=int), 0.5, rng)
+    assert len(test) == 3
+    _, test = stratified_split(np.zeros(2, dtype=int), 0.99, rng)  # n − 1 at most
+    assert len(test) == 1
+    _, test = stratified_split(np.array([0, 0, 0, 1]), 0.1, rng)  # 0.3 → at least 1; 1 alone
+    assert np.bincount(np.array([0, 0, 0, 1])[test], minlength=2).tolist() == [1, 0]
+
+
 def test_csv_stratified_split(csv_file: Path) -> None:
     train, test = load_dataset(f"csv:{csv_file}", test_fraction=0.2, seed=1)
     assert train.label_names == ["arts", "sport", "tech"]  # sorted

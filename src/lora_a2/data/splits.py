@@ -10,7 +10,8 @@ import numpy as np
 def stratified_split(
     labels: np.ndarray, test_fraction: float, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Split positions per class: ``round(test_fraction * n_c)`` of class ``c`` go to test.
+    """Split positions per class: ``test_fraction * n_c`` rounded half up (⌊x + ½⌋: 2.5 → 3,
+    where Python's ``round`` gives 2) of class ``c`` go to test.
 
     Every class with ``n_c >= 2`` gets at least one test and one train example; a class with a
     single example stays in train. Returns sorted ``(train_idx, test_idx)``.
