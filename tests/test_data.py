@@ -112,6 +112,23 @@ def test_builtin_missing_package(monkeypatch: pytest.MonkeyPatch) -> None:
 # --------------------------------------------------------------------------- local files
 
 
+def test_a_top_up_takes_the_receivers_class_first_where_the_donor_has_it() -> None:
+    """The receiver's most common class the donor holds, else the donor's main class; then
+    the donor's other examples."""
+    from lora_a2.data.partition import _pick_for_topup
+
+    donor = np.array([0, 0, 0, 1, 1, 2])
+    rng = np.random.default_rng(0)
+    assert set(_pick_for_topup(donor, np.array([1]), 2, rng)) == {3, 4}
+    # the receiver's main class (3) is not the donor's: its next one (1) is
+    assert set(_pick_for_topup(donor, np.array([3, 3, 3, 1]), 2, rng)) == {3, 4}
+    # no class in common, or an empty receiver: the donor's main class
+    assert set(_pick_for_topup(donor, np.array([4]), 3, rng)) == {0, 1, 2}
+    assert set(_pick_for_topup(donor, np.array([], dtype=int), 2, rng)) <= {0, 1, 2}
+    # more than the preferred class holds: all of it, then others
+    assert set(_pick_for_topup(donor, np.array([2]), 3, rng)) >= {5}
+
+
 def test_the_test_share_of_each_class_is_rounded_half_up() -> None:
     """0.2 · 8 = 1.6 → 2 of each class (a floor would give 1); 0.5 · 5 = 2.5 → 3 (Python's
     round, half to even, would give 2); at least one test and one train example a class."""
