@@ -12,8 +12,8 @@ import lora_a2
 from lora_a2.config import load_config
 from lora_a2.errors import UserError
 from lora_a2.report import read_metrics
-from lora_a2.reporters import (Reporter, Reporters, RunStart, build_reporters, check_config,
-                               scalars)
+from lora_a2.reporters import (OPTIONAL, MetricsFile, Reporter, Reporters, RunStart,
+                               build_reporters, check_config, scalars)
 
 from conftest import TINY as TINY_RUN
 from conftest import assert_config_error
@@ -124,8 +124,9 @@ def test_a_reporter_whose_package_is_missing_is_named(monkeypatch):
         check_config(cfg)
 
 
-def test_events_reach_reporters_in_order_metrics_file_first(tmp_path):
-    """Every reporter hears each event after metrics.jsonl has the round on disk."""
+def test_events_reach_reporters_in_order_metrics_file_first(tmp_path, monkeypatch):
+    """Every reporter hears each event after metrics.jsonl has the round on disk: the spy is
+    an optional reporter, placed where build_reporters places them."""
     seen: list[tuple[str, object]] = []
 
     class Spy(Reporter):
@@ -140,9 +141,11 @@ def test_events_reach_reporters_in_order_metrics_file_first(tmp_path):
             seen.append(("close", None))
 
     run_dir = tmp_path
-    cfg = load_config(None, [])
-    reps = build_reporters(cfg, progress=False)
-    reps.reporters.append(Spy())
+    monkeypatch.setitem(OPTIONAL, "tensorboard", Spy)
+    cfg = load_config(None, ['report.to=["tensorboard"]'])
+    reps = build_reporters(cfg, progress=True, console=True)
+    assert type(reps.reporters[0]) is MetricsFile
+    assert sum(type(r) is Spy for r in reps.reporters) == 1
     reps.start(RunStart(cfg, run_dir, 1, 1, "accuracy", {"accuracy": 0.5}))
     reps.round_end({"round": 1, "accuracy": 0.6})
     reps.round_end({"round": 2, "accuracy": 0.7})
