@@ -419,9 +419,19 @@ def test_offline_instruction_sources():
     assert train.label_names == ["business", "entertainment", "politics", "sports", "tech"]
     assert train.instructions[0] == HEADLINE_INSTRUCTION and train.responses[0]
     assert train.stats["read"] == 2225 and len(train) + len(test) == train.stats["kept"]
+
+    def triples(*parts):
+        return [t for d in parts for t in zip(d.instructions, d.inputs, d.responses)]
+
+    # duplicates dropped (the same article and headline twice would sit on both sides of the
+    # split): 116 of BBC's rows, none left
+    assert train.stats["skipped"]["duplicate or conflicting text"] == 116
+    assert len(set(triples(train, test))) == len(train) + len(test) == 2109
     train, test = load_instructions("chatterbot")
     assert len(train.label_names) == 21 and train.stats["read"] == 2026
     assert train.stats["skipped"]["empty instruction or response"] == 1
+    assert train.stats["skipped"]["duplicate or conflicting text"] == 1128
+    assert len(set(triples(train, test))) == len(train) + len(test) == 897
 
 
 def test_chatterbot_on_the_tiny_llama_from_the_cli(tmp_path, capsys):
