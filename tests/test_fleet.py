@@ -487,6 +487,9 @@ def test_reference_uploads_count_each_client_round_at_the_budget_it_had(monkeypa
     out = runner.reference_uploads(exp, records)
     assert (out["ref_upload_params"], out["ref_upload_bytes"]) == (10 * (1 + 2 + 4), 280)
     assert out["upload_fraction_of_ref"] == pytest.approx(10 / 70)
+    assert out["ref_scales_with_rank"] is True
+    Ref.reference_upload_values = staticmethod(lambda model, layout, rank: 1000)  # full model
+    assert runner.reference_uploads(exp, records)["ref_scales_with_rank"] is False
 
 
 def test_a_resumed_auto_run_gets_back_each_clients_last_budget(tmp_path, monkeypatch):

@@ -209,3 +209,18 @@ def test_scalars_flatten_tables_and_skip_the_rest():
               "rank_allocation": {"query": 4, "value": 2}, "per_client": [{"loss": 1.0}]}
     assert scalars(record) == {"round": 3.0, "accuracy": 0.5, "rank_allocation/query": 4.0,
                                "rank_allocation/value": 2.0}
+
+
+def test_the_upload_line_labels_each_reference_by_what_it_depends_on():
+    """"at the same rank" for a rank-based reference wherever it is listed, and the size of a
+    rank-free one (fedavg-full) even when it comes second."""
+    from lora_a2.reporters.console import _references
+
+    full = {"upload_fraction_of_fedavg_full": 0.00282, "fedavg_full_upload_params": 1,
+            "fedavg_full_upload_bytes": 7.27e9, "fedavg_full_scales_with_rank": False}
+    lora = {"upload_fraction_of_fl_lora": 0.771, "fl_lora_upload_params": 1,
+            "fl_lora_upload_bytes": 26.6e6, "fl_lora_scales_with_rank": True}
+    assert _references({**full, **lora}) == (
+        " = 0.282% of fedavg-full's 7.27 GB, 77.1% of fl-lora's at the same rank")
+    assert _references({**lora, **full}) == (
+        " = 77.1% of fl-lora's 26.60 MB at the same rank, 0.282% of fedavg-full's 7.27 GB")

@@ -588,6 +588,9 @@ def reference_uploads(exp: Experiment, records: list[dict[str, Any]]) -> dict[st
         out[f"{key}_upload_params"] = values
         out[f"{key}_upload_bytes"] = 4 * values
         out[f"upload_fraction_of_{key}"] = None if mine is None else mine / max(values, 1)
+        # rank-based (fl-lora) or not (fedavg-full: the whole model whatever the budget)
+        out[f"{key}_scales_with_rank"] = cls.reference_upload_values(model, layout, 1) != \
+            cls.reference_upload_values(model, layout, 2)
     return out
 
 

@@ -30,17 +30,23 @@ def human_bytes(n: float) -> str:
 
 
 def _references(s: dict[str, Any]) -> str:
-    """`` = x% of fedavg-full's N MB, y% of fl-lora's`` for the summary's reference
-    strategies (``report.references``, in the order given; the first with its size)."""
+    """`` = x% of fedavg-full's N MB, y% of fl-lora's at the same rank`` for the summary's
+    reference strategies (``report.references``, in the order given): the first with its size,
+    and any later one whose upload does not depend on the rank too; "at the same rank" for a
+    rank-based one (a summary without ``NAME_scales_with_rank``, from before it was recorded:
+    the first one is taken as rank-free, the rest as rank-based)."""
     names = [k[len("upload_fraction_of_"):] for k in s if k.startswith("upload_fraction_of_")]
     parts = []
-    for i, key in enumerate(names):
+    for key in names:
         frac, size = s.get(f"upload_fraction_of_{key}"), s.get(f"{key}_upload_bytes")
         if frac is None or not s.get(f"{key}_upload_params"):
             continue
-        name = key.replace("_", "-")
-        parts.append(f"{100 * frac:.3f}% of {name}'s {human_bytes(size)}" if not parts else
-                     f"{100 * frac:.1f}% of {name}'s at the same rank")
+        scales = s.get(f"{key}_scales_with_rank", bool(parts))
+        part = f"{100 * frac:.3f}%" if frac < 0.01 else f"{100 * frac:.1f}%"
+        part += f" of {key.replace('_', '-')}'s"
+        if not parts or not scales:
+            part += f" {human_bytes(size)}"
+        parts.append(part + (" at the same rank" if scales else ""))
     return (" = " + ", ".join(parts)) if parts else ""
 
 
