@@ -787,6 +787,25 @@ def test_rebuildable_noise_is_warned_when_a_new_run_starts(tmp_path, synthetic_c
     assert rebuildable_noise_warning(load_config(old, ["privacy.mechanism=none"])) is None
 
 
+def test_a_noise_level_without_a_mechanism_is_warned_not_silently_ignored(tmp_path,
+                                                                          synthetic_csv, capsys):
+    """privacy.epsilon (or noise_multiplier) with the default mechanism 'none' adds no noise:
+    the run says so when it starts (a warning: 'none' on a DP config is how DP is switched
+    off); with a mechanism, or with neither set, nothing is said."""
+    from lora_a2.private import inert_privacy_warning
+
+    run_cli(tmp_path / "a", "train.rounds=1", "privacy.epsilon=1", data=synthetic_csv)
+    err = capsys.readouterr().err
+    assert "lora-a2: warning: privacy.epsilon set but privacy.mechanism = 'none'" in err
+    assert "not differentially private" in err and err.count("\n") == 1, err
+    both = inert_privacy_warning(load_config(None, ["privacy.epsilon=1",
+                                                    "privacy.noise_multiplier=2"]))
+    assert both and both.startswith("privacy.epsilon and privacy.noise_multiplier set")
+    assert inert_privacy_warning(load_config(None, [])) is None
+    assert inert_privacy_warning(load_config(None, ["privacy.mechanism=laplace",
+                                                    "privacy.epsilon=1"])) is None
+
+
 def test_committed_cells_load_with_the_noise_they_ran_with():
     from pathlib import Path
 

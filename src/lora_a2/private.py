@@ -309,6 +309,22 @@ def rebuildable_noise_warning(cfg: Config) -> str | None:
             f"config")
 
 
+def inert_privacy_warning(cfg: Config) -> str | None:
+    """One line to print when a new run starts and ``cfg`` sets a noise level
+    (``privacy.epsilon`` or ``privacy.noise_multiplier``) with ``privacy.mechanism = 'none'``:
+    no noise is added, the run is not private. A warning, not an error: setting the mechanism
+    to 'none' on a config that has DP is how DP is switched off."""
+    p = cfg.privacy
+    given = [f"privacy.{k}" for k, v in (("epsilon", p.epsilon),
+                                          ("noise_multiplier", p.noise_multiplier))
+             if v is not None]
+    if p.mechanism != "none" or not given:
+        return None
+    return (f"{' and '.join(given)} set but privacy.mechanism = 'none': no noise is added and "
+            f"this run is not differentially private (set privacy.mechanism = 'gaussian' or "
+            f"'laplace' for DP)")
+
+
 def build_strategy(cfg: Config) -> Strategy | PrivateStrategy:
     """The run's strategy: ``get_strategy(cfg)``, wrapped in :class:`PrivateStrategy` when
     ``privacy.mechanism`` is not ``none``."""

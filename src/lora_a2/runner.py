@@ -32,7 +32,7 @@ from .ledger import FILE as LEDGER_FILE
 from .ledger import ReleaseLedger
 from .locks import RUN_LOCK, folder_lock, lock_held
 from .messages import ServerState
-from .private import PrivateStrategy, rebuildable_noise_warning
+from .private import PrivateStrategy, inert_privacy_warning, rebuildable_noise_warning
 from .precision import bf16_hardware
 from .precision import describe as describe_precision
 from .privacy import round_record
@@ -203,8 +203,9 @@ def _run_experiment(cfg: Config, out: Path, *, overwrite: bool, progress: bool, 
         replace_out_dir(out, overwrite, inputs)
         held.enter_context(folder_lock(out))
         atomic_write_text(out / "config.toml", cfg.to_toml())
-        if warning := rebuildable_noise_warning(cfg):  # a new run, once its folder is set up
-            print(f"lora-a2: warning: {warning}", file=sys.stderr)
+        for warning in (rebuildable_noise_warning(cfg), inert_privacy_warning(cfg)):
+            if warning:  # a new run, once its folder is set up
+                print(f"lora-a2: warning: {warning}", file=sys.stderr)
     strategy = exp.strategy
     private = strategy if isinstance(strategy, PrivateStrategy) else None
     withholds = private is not None and private.withholds

@@ -291,7 +291,8 @@ class PrivacyConfig:
     """Bound C on the norm of each client's transmitted change (L2; L1 for `laplace`); finite."""
     noise_multiplier: float | None = None
     """z: noise std (Laplace: scale) = z · clip, finite and > 0. Give this or `privacy.epsilon`,
-    not both."""
+    not both. Either needs `privacy.mechanism` ≠ `none` (with `none` no noise is added; the run
+    warns when it starts)."""
     epsilon: float | None = None
     """Target ε over `train.rounds`, in (0, 1000]; the noise multiplier is calibrated to reach
     it (a target too small to calibrate at this δ is refused before the run starts)."""
