@@ -4,6 +4,7 @@ site folder runs on both engines; bad plugins are skipped with a one-line reason
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -195,6 +196,25 @@ def test_every_way_to_name_a_strategy_gives_a_failed_plugins_reason(monkeypatch,
             assert needle in str(e.value), str(e.value)
 
 
+def test_the_plugin_guides_own_example_loads_and_takes_its_option(tmp_path):
+    """docs/STRATEGIES.md §1's FedProx snippet, installed as written: it registers, takes
+    strategy.options.mu, and its options' check refuses a negative μ in one line."""
+    guide = (ROOT / "docs" / "STRATEGIES.md").read_text()
+    code = re.search(r"```python\n(.*?class FedProxLora.*?)```", guide, re.S).group(1)
+    site = tmp_path / "site"
+    site.mkdir()
+    fake_plugin(site, "fedprox-lora", "guide_fedprox:FedProxLora", "guide_fedprox", code)
+    env = with_path(site)
+    r = cli("config", "--set", "strategy.name=fedprox-lora", "--set", "strategy.options.mu=0.1",
+            env=env)
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+    assert re.search(r"mu = 0\.1\b", r.stdout), r.stdout
+    r = cli("config", "--set", "strategy.name=fedprox-lora", "--set", "strategy.options.mu=-1",
+            env=env)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "config key 'strategy.options.mu' must be ≥ 0" in r.stderr
+
+
 def test_bad_plugins_are_skipped_with_one_line_each(tmp_path, synthetic_csv):
     site = tmp_path / "site"
     site.mkdir()
@@ -235,6 +255,8 @@ def test_bad_plugins_are_skipped_with_one_line_each(tmp_path, synthetic_csv):
                 "class Hinted(FlLora):\n    name = 'hinted'\n"
                 "    @dataclasses.dataclass\n    class Options(StrategyOptions):\n"
                 "        mu: Real = 0.5\n")
+    fl_lora_plugin("olddefaults", "OldDefaults",  # the options API of earlier versions
+                   "name = 'olddefaults'\noption_defaults = {'mu': 0.01}")
     fl_lora_plugin("checky", "Checky", "name = 'checky'\n@classmethod\n"
                    "def check(cls, cfg, options):\n    1 / 0")
     env = with_path(site)
@@ -242,7 +264,9 @@ def test_bad_plugins_are_skipped_with_one_line_each(tmp_path, synthetic_csv):
     assert r.returncode == 0
     assert "fl-lora" in r.stdout and "lora-a2" in r.stdout  # the built-ins are untouched
     warnings = r.stderr.strip().splitlines()
-    assert len(warnings) == 11, r.stderr
+    assert len(warnings) == 12, r.stderr
+    assert any("plugin 'olddefaults' (olddefaults_pkg): TypeError: OldDefaults.option_defaults "
+               "is no longer read" in w for w in warnings)
     assert any("plugin 'hinted' (hinted_pkg): NameError" in w for w in warnings)
     assert any("plugin 'flag' (flag_pkg): TypeError: Flag.personalized must be True or False"
                in w for w in warnings)

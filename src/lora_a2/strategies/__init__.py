@@ -93,6 +93,9 @@ def _check_plugin(cls: type, builtin: dict[str, type]) -> None:
     missing = sorted(getattr(cls, "__abstractmethods__", ()))
     if missing:
         raise TypeError(f"{cls.__name__} does not implement {', '.join(missing)}")
+    if hasattr(cls, "option_defaults"):  # the options API of earlier versions: never read
+        raise TypeError(f"{cls.__name__}.option_defaults is no longer read: declare the "
+                        f"options as an Options dataclass (docs/STRATEGIES.md §3)")
     opts = cls.Options
     if not (inspect.isclass(opts) and issubclass(opts, StrategyOptions)
             and dataclasses.is_dataclass(opts)):
