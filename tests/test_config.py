@@ -35,9 +35,9 @@ def test_toml_file_and_overrides(tmp_path):
     p = tmp_path / "c.toml"
     p.write_text('seed = 3\n[data]\nalpha = 0.5\n[strategy]\nrank_budget = [1, 2]\n'
                  '[train]\nrounds = 2\n')
-    cfg = load_config(p, ["data.num_clients=2", "strategy.name=fl-lora", "train.rounds=4"])
+    cfg = load_config(p, ["data.num_clients=2", "strategy.name=hetlora", "train.rounds=4"])
     assert cfg.seed == 3 and cfg.data.alpha == 0.5 and cfg.train.rounds == 4
-    assert cfg.strategy.name == "fl-lora" and cfg.strategy.rank_budget == [1, 2]
+    assert cfg.strategy.name == "hetlora" and cfg.strategy.rank_budget == [1, 2]
     # the resolved config round-trips through TOML
     again = tmp_path / "again.toml"
     again.write_text(cfg.to_toml())
@@ -53,6 +53,12 @@ def test_toml_file_and_overrides(tmp_path):
     (["data.alpha=-1"], "'data.alpha' must be > 0"),
     (["strategy.rank_budget=9"], "'strategy.rank_budget' must be in [1, strategy.global_rank = 8]"),
     (["strategy.rank_budget=[1, 2]"], "one budget per client (10)"),
+    # a baseline that trains one rank everywhere: refused before anything loads
+    (["strategy.name=fl-lora", "data.num_clients=2", "strategy.rank_budget=[1, 2]"],
+     "strategy 'fl-lora' trains one rank on every client: give a single integer (this gives "
+     "ranks 1, 2)"),
+    (["strategy.name=rolora", "data.num_clients=20", "strategy.rank_budget=uniform"],
+     "strategy 'rolora' trains one rank on every client"),
     (["strategy.name=lora-a3"], "did you mean 'lora-a2'"),
     (["model.head=thawed"], "'model.head'"),
     (["data.partition=random"], "'data.partition'"),
@@ -77,6 +83,16 @@ def test_bad_values_are_one_line_errors(sets, needle):
     with pytest.raises(UserError) as e:
         load_config(None, sets)
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_single_rank_baseline_takes_a_list_or_draw_that_gives_one_rank():
+    """[2, 2] or any list with one value is one rank: accepted, as for the built-in check at
+    run time; every single-rank baseline declares it."""
+    from lora_a2.strategies import REGISTRY
+
+    load_config(None, ["strategy.name=fl-lora", "data.num_clients=2", "strategy.rank_budget=[2, 2]"])
+    assert {n for n, c in REGISTRY.items() if c.single_rank} == {
+        "fl-lora", "ffa-lora", "rolora", "fedsa-lora", "fedex-lora", "fedsvd"}
 
 
 def test_bad_files(tmp_path):

@@ -216,8 +216,12 @@ def test_lora_a2_rejects_more_slots_than_budget():
 def test_homogeneous_baselines_refuse_per_client_rank_lists():
     from lora_a2.errors import UserError
 
-    cfg = load_config(None, ["strategy.name='fl-lora'", "data.num_clients=2",
-                             "strategy.rank_budget=[1, 2]"])
+    with pytest.raises(UserError, match="trains one rank on every client: give a single"):
+        load_config(None, ["strategy.name='fl-lora'", "data.num_clients=2",
+                           "strategy.rank_budget=[1, 2]"])  # refused when the config is read
+    # and by the strategy itself, for a config that escaped the check (a hand-built one)
+    cfg = load_config(None, ["strategy.name='fl-lora'", "data.num_clients=2"])
+    cfg.strategy.rank_budget = [1, 2]
     with pytest.raises(UserError, match="single integer"):
         get_strategy(cfg).lora_rank()
 

@@ -151,7 +151,9 @@ class StrategyConfig:
     `heavy-tail` (most clients small), `normal` (most in the middle); see `lora_a2.budgets`.
     `auto` (needs a `fleet.profile` and `train.deadline_s`): each round, each client gets the
     largest r_k ≤ global_rank whose upload still fits in what the deadline leaves after its
-    download and compute, on its own link and device (docs/FLEETS.md)."""
+    download and compute, on its own link and device (docs/FLEETS.md). Baselines that train
+    one rank on every client (fl-lora, ffa-lora, rolora, fedsa-lora, fedex-lora, fedsvd) take
+    a single value."""
     lr: float = 5e-4
     """Learning rate of A (lr_A). AdamW."""
     lr_ratio: float = 0.0

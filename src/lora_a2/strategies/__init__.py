@@ -20,8 +20,9 @@ import pkgutil
 from importlib import metadata
 from typing import get_type_hints
 
+from ..budgets import resolve as resolve_budgets
 from ..errors import UserError
-from ..config import Config
+from ..config import Config, clients_known
 from ..tasks import resolve_task_name
 from ..messages import ServerState, Task, Update
 from .base import Strategy
@@ -196,6 +197,13 @@ def check_config(cfg: Config) -> None:
         raise UserError(f"config key 'strategy.rank_budget' 'auto' needs a strategy whose upload "
                         f"is sized by each client's budget ({', '.join(sized)}); '{s.name}' "
                         f"trains one rank on every client, got 'auto'")
+    if cls.single_rank and s.rank_budget != "auto" and clients_known(cfg):
+        ranks = sorted(set(resolve_budgets(s.rank_budget, cfg.data.num_clients, s.global_rank,
+                                           cfg.seed)))
+        if len(ranks) > 1:
+            raise UserError(f"config key 'strategy.rank_budget' strategy '{s.name}' trains one "
+                            f"rank on every client: give a single integer (this gives ranks "
+                            f"{', '.join(map(str, ranks))}), got {s.rank_budget!r}")
     if cfg.train.mode == "async" and not cls.supports_async:
         ok = sorted(n for n in names if REGISTRY[n].supports_async)
         raise UserError(f"config key 'train.mode' 'async' needs a strategy that adds stale "

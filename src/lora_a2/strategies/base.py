@@ -68,6 +68,10 @@ class Strategy(ABC):
     #: ``["rank"]``), so ``strategy.rank_budget = "auto"`` can fit it to the client's link
     #: (:meth:`largest_update` must then be implemented)
     budget_sized_upload: ClassVar[bool] = False
+    #: trains one LoRA rank on every client (:func:`~lora_a2.strategies.fl_lora.uniform_rank`):
+    #: a ``strategy.rank_budget`` that gives clients different ranks is refused when the config
+    #: is checked, before any data or model loads
+    single_rank: ClassVar[bool] = False
     #: can run under ``train.mode = "async"`` (FedBuff, :mod:`lora_a2.fedbuff`): its uploads are
     #: changes relative to the state the client downloaded and :meth:`aggregate` adds
     #: Σ_k w_k Δ_k with the weights it is given (linear in them), so a stale update can be

@@ -50,6 +50,7 @@ class FedExLora(DenseStrategy):
     """FL+LoRA plus the exact residual Σ w_k B_k A_k − B̄Ā merged into the base each round."""
 
     name = "fedex-lora"
+    single_rank = True
     secure_aggregation = False  # the residual needs each client's B_k A_k, not just a sum
     dp_refusals = {"central": "its residual Σ w_k B_k A_k − B̄Ā is a product of uploads, so "
                               "clipping an upload does not bound a client's influence on it"}

@@ -53,6 +53,7 @@ class FedSaLora(DenseStrategy):
     """Share and average A; every client keeps its own B (personalised, never uploaded)."""
 
     name = "fedsa-lora"
+    single_rank = True
     central_dp = True
     personalized = True
     tasks = ("classification",)

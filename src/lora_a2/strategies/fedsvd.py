@@ -40,6 +40,7 @@ class FedSvd(DenseStrategy):
     """Train and average B only; the server re-splits B A by SVD (A orthonormal) each round."""
 
     name = "fedsvd"
+    single_rank = True
     central_dp = True
 
     def lora_rank(self) -> int:

@@ -16,6 +16,7 @@ class FfaLora(DenseStrategy):
     """Train and upload B only. A is sent once, on a client's first participation."""
 
     name = "ffa-lora"
+    single_rank = True
     central_dp = True
     supports_async = True
 

@@ -28,6 +28,7 @@ class FlLora(DenseStrategy):
     """FedIT: upload ΔA and ΔB at rank ``rank_budget``; A ← A + Σ w_k ΔA_k, B ← B + Σ w_k ΔB_k."""
 
     name = "fl-lora"
+    single_rank = True
     central_dp = True
     supports_async = True
 

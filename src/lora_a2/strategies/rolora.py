@@ -32,6 +32,7 @@ class RoLora(DenseStrategy):
     """Alternate B (odd rounds) and A (even) at one rank; average the trained factor."""
 
     name = "rolora"
+    single_rank = True
     central_dp = True
     supports_async = True
     alternating = True
