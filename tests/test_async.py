@@ -66,8 +66,8 @@ def test_staleness_weight_is_fedbuffs_rule():
 
 
 def test_buffered_step_adds_the_staleness_weighted_deltas():
-    cfg, s, rt, ctxs = tiny_setup(["strategy.name=fl-lora", "strategy.rank_budget=2",
-                                   "train.server_lr=0.5"], 3)
+    cfg, s, rt, ctxs = tiny_setup(["strategy.name=fl-lora", "strategy.rank_budget=2"], 3)
+    cfg.train.server_lr = 0.5  # an async run's η_g (the config is a sync one)
     state = s.init_state(rt.initial_state())
     names = s.layout.group_names(["A", "B"])
     gen = torch.Generator().manual_seed(0)

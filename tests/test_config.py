@@ -59,6 +59,13 @@ def test_toml_file_and_overrides(tmp_path):
      "ranks 1, 2)"),
     (["strategy.name=rolora", "data.num_clients=20", "strategy.rank_budget=uniform"],
      "strategy 'rolora' trains one rank on every client"),
+    # knobs that would do nothing here: refused, not silently ignored
+    (["train.buffer_size=2"], "'train.buffer_size' is for train.mode = 'async'"),
+    (["train.concurrency=3"], "'train.concurrency' is for train.mode = 'async'"),
+    (["train.server_lr=0.5"], "'train.server_lr' is for train.mode = 'async'"),
+    (["train.cross_phase=apply"], "'train.cross_phase' is for train.mode = 'async'"),
+    (["strategy.name=fl-lora", "train.phase_every=2"],
+     "'train.phase_every' is for strategies that alternate the LoRA factors (lora-a2, rolora)"),
     (["strategy.name=lora-a3"], "did you mean 'lora-a2'"),
     (["model.head=thawed"], "'model.head'"),
     (["data.partition=random"], "'data.partition'"),

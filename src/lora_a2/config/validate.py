@@ -11,7 +11,7 @@ from typing import Any
 from ..errors import UserError
 from .schema import (BF16_MATMULS, CROSS_PHASE, FLEET_PROFILES, MECHANISMS, MODEL_DTYPES, MODES,
                      NOISE_SOURCES, PARTITIONS, PRECISIONS, RANK_DISTRIBUTIONS, REPORTERS,
-                     TRAIN_MODES, Config)
+                     TRAIN_MODES, Config, TrainConfig)
 
 
 def require(cond: bool, key: str, msg: str, value: Any) -> None:
@@ -180,7 +180,12 @@ def _validate_async(cfg: Config) -> None:
     require(t.phase_every >= 0, "train.phase_every", "must be ≥ 0 (0 = auto)", t.phase_every)
     require(t.cross_phase in CROSS_PHASE, "train.cross_phase",
              f"must be one of {', '.join(CROSS_PHASE)}", t.cross_phase)
-    if t.mode != "async":
+    if t.mode != "async":  # the async knobs would be silently ignored
+        defaults = TrainConfig()
+        for key in ("concurrency", "buffer_size", "server_lr", "cross_phase"):
+            require(getattr(t, key) == getattr(defaults, key), f"train.{key}",
+                    "is for train.mode = 'async' (FedBuff); this run is synchronous",
+                    getattr(t, key))
         return
     require(t.concurrency >= 1, "train.concurrency", "must be ≥ 1", t.concurrency)
     require(t.buffer_size >= 1, "train.buffer_size", "must be ≥ 1", t.buffer_size)

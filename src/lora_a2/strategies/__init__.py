@@ -204,6 +204,11 @@ def check_config(cfg: Config) -> None:
             raise UserError(f"config key 'strategy.rank_budget' strategy '{s.name}' trains one "
                             f"rank on every client: give a single integer (this gives ranks "
                             f"{', '.join(map(str, ranks))}), got {s.rank_budget!r}")
+    if cfg.train.phase_every and not cls.alternating:  # would be silently ignored
+        alt = sorted(n for n in names if REGISTRY[n].alternating)
+        raise UserError(f"config key 'train.phase_every' is for strategies that alternate the "
+                        f"LoRA factors ({', '.join(alt)}); '{s.name}' does not, got "
+                        f"{cfg.train.phase_every}")
     if cfg.train.mode == "async" and not cls.supports_async:
         ok = sorted(n for n in names if REGISTRY[n].supports_async)
         raise UserError(f"config key 'train.mode' 'async' needs a strategy that adds stale "
