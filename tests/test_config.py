@@ -60,6 +60,8 @@ def test_toml_file_and_overrides(tmp_path):
     (["strategy.name=rolora", "data.num_clients=20", "strategy.rank_budget=uniform"],
      "strategy 'rolora' trains one rank on every client"),
     # knobs that would do nothing here: refused, not silently ignored
+    (["strategy.name=flora", "model.lora_alpha=32"],
+     "'model.lora_alpha' is not used by strategy 'flora'"),
     (["train.buffer_size=2"], "'train.buffer_size' is for train.mode = 'async'"),
     (["train.concurrency=3"], "'train.concurrency' is for train.mode = 'async'"),
     (["train.server_lr=0.5"], "'train.server_lr' is for train.mode = 'async'"),

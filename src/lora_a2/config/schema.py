@@ -53,7 +53,8 @@ class ModelConfig:
     target_modules: list[str] = field(default_factory=list)
     """Linear layers that get LoRA; empty = every linear layer of every encoder block."""
     lora_alpha: float = 16.0
-    """LoRA scaling numerator: ΔW = (lora_alpha / rank) · B A."""
+    """LoRA scaling numerator: ΔW = (lora_alpha / rank) · B A. FLoRA fixes its own (α_k = 2 r_k)
+    and refuses another value."""
     lora_dropout: float = 0.0
     """Dropout on the LoRA input (not stated in the paper)."""
     init_std: float = 0.0

@@ -28,9 +28,12 @@ from typing import Any
 
 import torch
 
+from ..config import Config, ModelConfig
+from ..errors import UserError
 from ..lowrank import stack_lora
 from ..messages import ServerState, Task, Update
 from .context import ClientContext
+from .options import StrategyOptions
 from .registry import register
 from .hetero import HeteroRankStrategy
 
@@ -47,6 +50,16 @@ class Flora(HeteroRankStrategy):
     uses_merged = True
     merges_products = True
     public_info_keys = ("stacked_rank",)  # Σ of the replying clients' (public) ranks
+
+    @classmethod
+    def check(cls, cfg: Config, options: StrategyOptions) -> None:
+        """FLoRA fixes its scaling (α_k = 2 r_k): a ``model.lora_alpha`` other than the default
+        would be silently ignored."""
+        default = ModelConfig().lora_alpha
+        if cfg.model.lora_alpha != default:
+            raise UserError(f"config key 'model.lora_alpha' is not used by strategy 'flora', "
+                            f"which trains at its paper's fixed scaling 2 (α_k = 2 r_k); leave "
+                            f"it at {default:g}, got {cfg.model.lora_alpha:g}")
 
     def scaling_for(self, rank: int) -> float:
         return FLORA_SCALING
