@@ -264,6 +264,7 @@ def test_speed_rejects_a_misplaced_option_or_json_path_before_measuring(tmp_path
         ("--repeats", "2", "--length", "64"): "--length goes with --causal-lm",
         ("--limit-only", "--rounds", "2"): "--rounds goes with --profile",
         ("--causal-lm", "smollm2", "--set", "train.rounds=2"): "--set goes with --profile",
+        ("--causal-lm", "smollm2", "--model", "minilm"): "--model goes with --profile",
         ("--limit-only", "--json", str(tmp_path / "missing" / "x.json")):
             f"folder '{tmp_path / 'missing'}' does not exist",
         ("--limit-only", "--json", str(tmp_path)): "is a folder",

@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="one JSON object per answer")
     speed = sub.add_parser("speed", help="measure engine overhead, LoRA-A2 cost, memory, bytes, "
                                          "and the machine's limit")
-    speed.add_argument("--model", default="minilm", help="minilm (default) or tiny-random-bert")
+    speed.add_argument("--model", help="minilm (default) or tiny-random-bert (not with "
+                       "--causal-lm, which names its own model)")
     # the options of one measurement default to None here, so that one given to another
     # measurement is told apart from a default (_cmd_speed fills SPEED_DEFAULTS in)
     speed.add_argument("--repeats", type=int, help="timed repeats (default 3)")
@@ -229,6 +230,10 @@ def _speed_mode(args: argparse.Namespace) -> str | None:
     if len(given) > 1:
         raise UserError(f"{' and '.join(given)} are separate measurements: give one")
     mode = given[0] if given else None
+    if mode == "--causal-lm" and args.model is not None:
+        raise UserError("--model goes with --profile, --limit-only or the full measurement; "
+                        "--causal-lm names its own model")
+    args.model = args.model or "minilm"
     for other, options in SPEED_OPTIONS.items():
         for opt in options:
             if other != mode and getattr(args, opt) not in (None, []):
