@@ -9,7 +9,7 @@ from lora_a2.client import ParamGroup, train_local
 from lora_a2.checks import load_config
 from lora_a2.payload import InvalidPayload, decode, encode
 from lora_a2.selection import selection_from_ids, slot_size
-from lora_a2.strategies import get_strategy
+from lora_a2.strategies import REGISTRY, get_strategy
 from lora_a2.strategies import Task, Update
 
 from conftest import tiny_setup
@@ -428,3 +428,31 @@ def test_bad_probe_settings_are_one_line_errors(capsys, sets, needle):
     assert main(["config", "--set", *sets]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err
+
+
+@pytest.mark.parametrize("name", sorted(n for n, c in REGISTRY.items() if c.secure_aggregation))
+def test_the_secure_form_aggregates_as_the_plain_one(name):
+    """Every strategy that declares a secure form (SecAgg+ gives the server only the weighted
+    mean Σ n_k v_k / Σ n_k): from that mean alone, ``aggregate_secure`` + ``finalize`` give the
+    state ``aggregate`` + ``finalize`` give from the uploads, in a B round and an A round
+    (alternating methods), the mean computed here from each client's ``secure_vector``."""
+    cfg, s, rt, ctxs = make(name, clients=3)
+    state = s.init_state(rt.initial_state())
+    for rnd in (1, 2):
+        replies = []
+        for c, ctx in enumerate(ctxs):
+            task = s.configure(rnd, c, state)
+            update, _ = wire(s, rt, task, ctx)
+            replies.append((task, update))
+        plain, info = s.aggregate(rnd, state, replies)
+        plain, _ = s.finalize(rnd, plain, info)
+        n = torch.tensor([float(u.num_examples) for _, u in replies], dtype=torch.float64)
+        vectors = torch.stack([s.secure_vector(t, u).double() for t, u in replies])
+        mean = (n[:, None] * vectors).sum(0) / n.sum()
+        secure, info = s.aggregate_secure(rnd, state, mean.float())
+        secure, _ = s.finalize(rnd, secure, info)
+        assert plain.tensors.keys() == secure.tensors.keys()
+        for key in plain.tensors:
+            torch.testing.assert_close(secure.tensors[key], plain.tensors[key], rtol=1e-5,
+                                       atol=1e-6, msg=f"{name}, round {rnd}, {key}")
+        state = plain
