@@ -372,3 +372,67 @@ def test_hetero_strategies_run_end_to_end(tmp_path, synthetic_csv, strategy):
     assert per[0] < per[1] < per[2]
     if strategy in ("flexlora", "flora"):
         assert (out / "adapter" / "merged_delta.safetensors").is_file()
+
+
+def test_each_client_trains_at_its_methods_scaling_and_the_adapter_gets_its_own_back(
+        monkeypatch):
+    """FlexLoRA trains a rank-r_k client at α / r_k, FLoRA at 2, HetLoRA at the adapter's
+    α / r_max; every layer, read while the client trains, and restored after its update."""
+    from lora_a2.strategies import ClientContext
+
+    seen: list[set[float]] = []
+    train = ClientContext.train
+
+    def recorded(self, *args, **kwargs):
+        seen.append({float(layer.scaling["default"]) for layer in self.runtime._lora_layers})
+        return train(self, *args, **kwargs)
+
+    monkeypatch.setattr(ClientContext, "train", recorded)
+    for name, want in (("flexlora", lambda r: 16.0 / r), ("flora", lambda r: 2.0),
+                       ("hetlora", lambda r: 16.0 / 4)):
+        cfg, s, rt, ctxs = make(name, ranks=(1, 2, 4))
+        assert cfg.model.lora_alpha == 16.0 and cfg.strategy.global_rank == 4
+        state = s.init_state(rt.initial_state())
+        seen.clear()
+        for c, ctx in enumerate(ctxs):
+            s.client_update(ctx, s.configure(1, c, state))
+            assert {float(layer.scaling["default"]) for layer in rt._lora_layers} == \
+                {rt.default_scaling} == {16.0 / 4}, name  # restored
+        assert seen == [{want(r)} for r in (1, 2, 4)], (name, seen)
+
+
+def test_hetlora_adds_its_self_pruning_term_to_the_local_loss(monkeypatch):
+    """The regulariser reaching local training is λ Σ_m ‖B_m[:, t:r] A_m[t:r]‖_F with
+    t = ⌊γ r⌋ (computed here from the factors); none when λ = 0 or nothing can be pruned
+    (rank 1)."""
+    from lora_a2.strategies import ClientContext
+
+    regs: list = []
+    train = ClientContext.train
+
+    def recorded(self, *args, regularizer=None, **kwargs):
+        loss = train(self, *args, regularizer=regularizer, **kwargs)
+        # read after training, on the trained factors (B = 0 at the start would hide λ)
+        regs.append((regularizer, regularizer() if regularizer is not None else None,
+                     {n: p.detach().clone() for n, p in self.runtime.params.items()}))
+        return loss
+
+    monkeypatch.setattr(ClientContext, "train", recorded)
+    for lam in (0.5, 0.0):
+        cfg, s, rt, ctxs = make("hetlora", ranks=(1, 4, 4),
+                                extra=[f"strategy.options.prune_lambda={lam}",
+                                       "strategy.options.prune_gamma=0.5"])
+        state = s.init_state(rt.initial_state())
+        regs.clear()
+        for c, ctx in enumerate(ctxs):
+            s.client_update(ctx, s.configure(1, c, state))
+        assert regs[0][0] is None  # rank 1: nothing to prune
+        for reg, value, params in regs[1:]:
+            if lam == 0:
+                assert reg is None
+                continue
+            want = lam * sum(
+                torch.linalg.matrix_norm(params[b][:, 2:4] @ params[a][2:4])
+                for a, b in zip(rt.layout.names("A"), rt.layout.names("B")))
+            assert float(want) > 1e-4  # the tail has grown: the check can tell λ apart
+            assert float(value) == pytest.approx(float(want), rel=1e-4)
