@@ -456,3 +456,26 @@ def test_the_secure_form_aggregates_as_the_plain_one(name):
             torch.testing.assert_close(secure.tensors[key], plain.tensors[key], rtol=1e-5,
                                        atol=1e-6, msg=f"{name}, round {rnd}, {key}")
         state = plain
+
+
+@pytest.mark.parametrize("name", ["fl-lora", "fedsa-lora"])
+def test_a_client_too_small_to_hold_any_out_is_scored_like_the_others(tmp_path, synthetic_csv,
+                                                                      name):
+    """data.local_test_fraction > 0 with clients too small to hold any example out: each such
+    client's local accuracy is the label-weighted one (never missing) for the shared model
+    (fl-lora) as for a client's own (fedsa-lora), and the summary says which clients were
+    measured how."""
+    import json
+
+    from conftest import run_cli
+
+    out = run_cli(tmp_path / name, "train.rounds=1", "data.local_test_fraction=0.02",
+                  f"strategy.name={name}", data=synthetic_csv)
+    sizes = [c["num_examples"] for c in json.loads((out / "partition.json").read_text())[
+        "clients"]]
+    held = sum(round(0.02 * n) > 0 for n in sizes)
+    assert 0 < held < len(sizes), sizes  # the run has both kinds of client
+    line = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert None not in line["local_accuracy"] and line["local_accuracy_held_out"] == held
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["local_accuracy_split"].startswith(f"held-out for {held} of {len(sizes)}")

@@ -75,13 +75,11 @@ class Classification(LearningTask):
         bs = exp.cfg.train.eval_batch_size
         metrics: dict[str, Any] = evaluate(exp.runtime, exp.enc_test, bs, per_class=True)
         per_class = metrics.pop("class_accuracy")
-        if any(len(t) for t in exp.client_test):
-            local = [evaluate(exp.runtime, exp.enc_train, bs, idx)["accuracy"]
-                     if len(idx) else None for idx in exp.client_test]
-        else:
-            local = [label_weighted_accuracy(per_class, exp.enc_train.labels[idx].numpy())
-                     for idx in exp.client_train]
+        local = [_local_accuracy(exp.runtime, exp.enc_train, held, idx, per_class, bs)
+                 for held, idx in zip(exp.client_test, exp.client_train)]
         metrics.update(local_accuracy_fields(local))
+        if exp.cfg.data.local_test_fraction > 0:
+            metrics["local_accuracy_held_out"] = sum(len(held) > 0 for held in exp.client_test)
         return metrics
 
     def evaluate_client(self, ctx) -> dict[str, Any]:
@@ -90,12 +88,10 @@ class Classification(LearningTask):
         assert ctx.test_data is not None
         metrics: dict[str, Any] = evaluate(ctx.runtime, ctx.test_data, bs, per_class=True)
         per_class = metrics.pop("class_accuracy")
-        if ctx.local_test is not None and len(ctx.local_test):
-            metrics["local_accuracy"] = evaluate(ctx.runtime, ctx.data, bs,
-                                                 ctx.local_test)["accuracy"]
-        else:
-            metrics["local_accuracy"] = label_weighted_accuracy(
-                per_class, ctx.data.labels[ctx.indices].numpy())
+        held = ctx.local_test if ctx.local_test is not None else []
+        metrics["local_accuracy"] = _local_accuracy(ctx.runtime, ctx.data, held, ctx.indices,
+                                                    per_class, bs)
+        metrics["local_held_out"] = int(len(held) > 0)  # an answer carries numbers only
         return metrics
 
     def merge_client_evals(self, metrics: dict[str, Any], evals: list[dict[str, Any] | None]
@@ -111,6 +107,8 @@ class Classification(LearningTask):
                 out[key] = float(np.mean([e[key] for e in got]))
         out.update(local_accuracy_fields([None if e is None else e["local_accuracy"]
                                           for e in evals]))
+        if self.cfg.data.local_test_fraction > 0:
+            out["local_accuracy_held_out"] = sum(int(e.get("local_held_out", 0)) for e in got)
         return out
 
     def summary(self, initial, records):
@@ -124,8 +122,7 @@ class Classification(LearningTask):
                 "best_round": best["round"],
                 "initial_local_accuracy": initial.get("local_accuracy_mean"),
                 "final_local_accuracy": last.get("local_accuracy_mean"),
-                "local_accuracy_split": ("held-out" if self.cfg.data.local_test_fraction > 0
-                                         else "test set weighted by each client's label mix")}
+                "local_accuracy_split": _split_label(self.cfg, last)}
 
     @staticmethod
     def summary_lines(s):
@@ -146,6 +143,30 @@ def encode_texts(tokenizer, texts: list[str], labels: np.ndarray, max_length: in
                     return_tensors="pt")
     return EncodedData(enc["input_ids"].long(), enc["attention_mask"].long(),
                        torch.as_tensor(np.asarray(labels), dtype=torch.long))
+
+
+def _local_accuracy(runtime, data, held_out, train_idx, per_class: list[float],
+                    batch_size: int) -> float | None:
+    """One client's ``local_accuracy``, the same rule for the shared model and a client's own:
+    on its held-out examples when it has any, else the test set's per-class accuracy weighted
+    by its training labels (a client too small to hold any out included)."""
+    if len(held_out):
+        return evaluate(runtime, data, batch_size, held_out)["accuracy"]
+    return label_weighted_accuracy(per_class, data.labels[train_idx].numpy())
+
+
+def _split_label(cfg, record: dict[str, Any]) -> str:
+    """What the summary's ``final_local_accuracy`` was measured on."""
+    weighted = "test set weighted by each client's label mix"
+    if cfg.data.local_test_fraction <= 0:
+        return weighted
+    held, total = record.get("local_accuracy_held_out"), len(record.get("local_accuracy") or [])
+    if held is None or held == total:
+        return "held-out"
+    if held == 0:
+        return f"{weighted} (no client large enough to hold any out)"
+    return (f"held-out for {held} of {total} clients; the {total - held} too small to hold any "
+            f"out: {weighted}")
 
 
 def local_accuracy_fields(local: list[float | None]) -> dict[str, Any]:
