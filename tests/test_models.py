@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import numpy as np
 import torch
 import transformers
 
@@ -101,6 +102,39 @@ def test_a_decoder_without_a_pad_token_classifies_padded_batches(tmp_path):
         alone = clf(**tok2(["a short one"], return_tensors="pt")).logits
     assert logits.shape == (2, 3)
     assert torch.allclose(logits[0], alone[0], atol=1e-5)  # padding did not change row 0
+
+
+def test_a_left_padding_tokenizer_is_padded_right_and_batches_keep_every_token(tmp_path):
+    """Llama's tokenizers pad on the left by default: loaded as a classifier the tokenizer pads
+    on the right, as every encoded dataset does, and a batch trimmed of shared padding keeps
+    each row's tokens (a row classifies as it does alone)."""
+    from lora_a2.client import EncodedData, batch_of
+    from lora_a2.tasks.classification import encode_texts
+
+    import json
+
+    model, tok = tiny_random_llama(seed=0)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    config = tmp_path / "tokenizer_config.json"  # as Llama's own checkpoints say
+    config.write_text(json.dumps({**json.loads(config.read_text()), "padding_side": "left"}))
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path).padding_side == "left"
+    clf, tok2, _ = load_base_model(str(tmp_path), num_labels=3, seed=0)
+    assert tok2.padding_side == "right"
+    texts = ["a short one", "a somewhat longer text than that one is"]
+    enc = encode_texts(tok2, texts, np.array([0, 1]), max_length=32)
+    ids, att, _ = batch_of(enc, torch.arange(2), torch.device("cpu"))
+    assert att.sum(1).tolist() == enc.attention_mask.sum(1).tolist()
+    clf.eval()
+    with torch.no_grad():
+        logits = clf(input_ids=ids, attention_mask=att).logits
+        alone = clf(**tok2(texts[:1], return_tensors="pt")).logits
+    assert torch.allclose(logits[0], alone[0], atol=1e-5)
+    # an EncodedData padded on the left (built by hand) loses no token either
+    left = EncodedData(torch.tensor([[0, 0, 5, 6], [0, 7, 8, 9]]),
+                       torch.tensor([[0, 0, 1, 1], [0, 1, 1, 1]]), torch.tensor([0, 1]))
+    ids, att, _ = batch_of(left, torch.arange(2), torch.device("cpu"))
+    assert ids.tolist() == [[0, 5, 6], [7, 8, 9]] and att.sum().item() == 5
 
 
 def test_the_position_limit_is_the_learned_table_less_its_padding_rows():

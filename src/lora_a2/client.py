@@ -43,12 +43,14 @@ class EncodedData:
 def batch_of(data: EncodedData, idx: Tensor, device: torch.device):
     """``(input_ids, attention_mask, labels)`` of the examples ``idx`` on ``device``."""
     mask = data.attention_mask[idx]
-    # Trim padding shared by the whole batch: same result, less compute on short texts.
-    length = max(int(mask.sum(dim=1).max()), 1)
+    # Trim the padding columns the whole batch shares, on either side (data pad on the right;
+    # a left-padded EncodedData built elsewhere keeps its tokens too): same result, less compute
+    cols = torch.nonzero(mask.any(dim=0)).flatten()
+    lo, hi = (int(cols[0]), int(cols[-1]) + 1) if len(cols) else (0, 1)
     labels = data.labels[idx]
     if labels.dim() == 2:
-        labels = labels[:, :length]
-    return (data.input_ids[idx, :length].to(device), mask[:, :length].to(device),
+        labels = labels[:, lo:hi]
+    return (data.input_ids[idx, lo:hi].to(device), mask[:, lo:hi].to(device),
             labels.to(device))
 
 

@@ -135,6 +135,9 @@ def load_base_model(name: str, num_labels: int, seed: int, dtype: str = "float32
                         f"the shape its config.json implies (a broken or mismatched checkpoint)")
     if tok.pad_token is None:  # a decoder (GPT-2, Llama) used as a classifier: batches pad,
         tok.pad_token = tok.eos_token  # and its head reads the last token that is not padding
+    # every encoded dataset pads on the right (client.EncodedData); Llama's and Gemma's
+    # tokenizers default to the left, which batch trimming would have cut into
+    tok.padding_side = "right"
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tok.pad_token_id
     return model, tok, source
