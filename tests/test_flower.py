@@ -537,6 +537,13 @@ def test_secagg_simulation_gives_the_plain_aggregate_up_to_quantisation(tmp_path
     assert rows[0]["flower_timing"]["secagg_s"] > 0
     # the dense masked upload gives up LoRA-A2's sparsity: it costs more than the plain one
     assert rows[0]["upload_bytes"] > plain_rows[0]["upload_bytes"]
+    # the summary's reference figures count the survivors' client-rounds as the plain run's do
+    # (each at its public size): a fraction of fedavg-full's upload, not a raw value count
+    summary = json.loads((secure / "summary.json").read_text())
+    plain_summary = json.loads((plain / "summary.json").read_text())
+    assert summary["fl_lora_upload_params"] == plain_summary["fl_lora_upload_params"] > 0
+    assert 0 < summary["upload_fraction_of_fedavg_full"] < 1
+    assert all(row["num_examples"] > 0 for row in rows[0]["per_client"])
 
 
 def test_secagg_server_receives_only_keys_shares_and_masked_vectors(sim4_seen):

@@ -176,13 +176,13 @@ class FlowerRounds(Transport):
         result = run_secure_round(self.grid, cfg, plan.rnd, plan.blobs, self.node_of,
                                   self.config_toml, message_bytes,
                                   {c: len(exp.client_train[c]) / scale for c in plan.blobs})
-        if result.reason is not None:
-            plan.failures.append(result.reason)
         survivors = set(result.survivors)
         for c in plan.blobs:
             row = plan.per_client[c]
             row.update(upload_bytes=0, upload_params=0)  # per-client uploads are not visible
-            if c not in survivors:
+            if c in survivors:  # in the sum, with its public partition size as its weight
+                row["num_examples"] = len(exp.client_train[c])
+            else:
                 row.update(dropped=True, failure="not in the secure sum")
                 plan.dropped.append(c)
                 plan.failures.append(f"client {c}: not in the secure sum (failed or timed out)")
@@ -204,7 +204,9 @@ class FlowerRounds(Transport):
             "upload_params": len(survivors) * (0 if result.mean is None
                                                else int(result.mean.numel()) + 1),
             "secagg": {"survivors": sorted(survivors), "stages": result.stages,
-                       "weight_sum": result.weight_sum, **result.settled},
+                       "weight_sum": result.weight_sum, **result.settled,
+                       # why a completed protocol gave no usable mean (not a client's failure)
+                       **({"reason": result.reason} if result.reason is not None else {})},
             "flower_download_bytes": result.down_bytes,
             "flower_upload_bytes": result.up_bytes,
         }, aggregate=aggregate, num_replies=len(survivors), usable=result.mean is not None)
