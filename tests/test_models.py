@@ -3,6 +3,8 @@
 import json
 
 import pytest
+import json
+
 import numpy as np
 import torch
 import transformers
@@ -111,8 +113,6 @@ def test_a_left_padding_tokenizer_is_padded_right_and_batches_keep_every_token(t
     from lora_a2.client import EncodedData, batch_of
     from lora_a2.tasks.classification import encode_texts
 
-    import json
-
     model, tok = tiny_random_llama(seed=0)
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
@@ -149,6 +149,10 @@ def test_the_position_limit_is_the_learned_table_less_its_padding_rows():
     assert position_limit(tiny_random_bert(3, seed=0)[0]) == 512
     assert position_limit(roberta) == 512
     assert position_limit(gpt2) == 64
+    opt = transformers.OPTForSequenceClassification(transformers.OPTConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, ffn_dim=32, vocab_size=100,
+        max_position_embeddings=64, word_embed_proj_dim=32))
+    assert position_limit(opt) == 64  # a 66-row table whose first two rows are an offset
     assert position_limit(tiny_random_llama(seed=0)[0]) is None
 
 
@@ -162,3 +166,33 @@ def test_the_position_limit_is_the_learned_table_less_its_padding_rows():
 def test_a_folder_is_a_decoder_only_by_its_config_s_architectures(tmp_path, text, expected):
     (tmp_path / "config.json").write_text(text)
     assert is_causal_lm_folder(str(tmp_path)) is expected
+
+
+def test_a_decoder_needs_room_for_what_evaluation_generates():
+    """A causal LM with a learned position table (GPT-2) generates task.max_new_tokens after a
+    prompt of up to model.max_length: the two must fit in its positions (else an index error
+    in the first evaluation); a classifier needs only max_length."""
+    from lora_a2.experiment import check_positions
+
+    gpt2 = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=64, vocab_size=100))
+    causal = ["task.name=causal-lm", "model.name=tiny-random-llama", "data.name=chatterbot",
+              "task.max_new_tokens=16"]
+    check_positions(load_config(None, [*causal, "model.max_length=48"]), gpt2)  # 48 + 16 = 64
+    with pytest.raises(UserError, match=r"'model.max_length' must be ≤ 64 − task.max_new_tokens "
+                                        r"\(16\) = 48: .* got 49"):
+        check_positions(load_config(None, [*causal, "model.max_length=49"]), gpt2)
+    check_positions(load_config(None, ["model.max_length=64"]), gpt2)  # classification
+
+
+def test_generate_refuses_a_prompt_and_answer_past_the_position_table():
+    """`lora-a2 generate` on a learned-position decoder: a prompt whose tokens plus
+    --max-new-tokens exceed the table is one line naming both, not an index error."""
+    from lora_a2.generate import answer
+
+    _, tok = tiny_random_llama(seed=0)
+    gpt2 = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=64, vocab_size=100))
+    with pytest.raises(UserError, match=r"prompt 1 is \d+ tokens; with --max-new-tokens 60 it "
+                                        r"needs \d+ positions, and the model has 64"):
+        answer(gpt2, tok, ["a prompt of a few words"], max_new_tokens=60)

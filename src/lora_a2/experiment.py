@@ -22,12 +22,12 @@ from .data.partition import NATURAL, natural_partition
 from .data.readers import skipped_note
 from .errors import UserError
 from .fleet import Fleet, build_fleet
-from .models import pick_device
+from .models import pick_device, position_limit
 from .checks import check_config
 from .private import PrivateStrategy, build_strategy
 from .strategies import Strategy
 from .strategies.context import ClientContext
-from .tasks import LearningTask, get_task
+from .tasks import LearningTask, get_task, resolve_task_name
 
 
 @dataclass
@@ -88,16 +88,14 @@ def check_positions(cfg: Config, model) -> None:
     if positions is not None and cfg.model.max_length > positions:
         raise UserError(f"config key 'model.max_length' must be ≤ {positions}, the positions "
                         f"model '{cfg.model.name}' has, got {cfg.model.max_length}")
-
-
-def position_limit(model: torch.nn.Module) -> int | None:
-    """Tokens per row the model's learned position embedding can index (None: no table)."""
-    for name, module in model.named_modules():
-        if name.split(".")[-1] in ("position_embeddings", "wpe") \
-                and isinstance(module, torch.nn.Embedding):
-            pad = module.padding_idx  # RoBERTa: positions start after the padding index
-            return module.num_embeddings - (pad + 1 if pad is not None else 0)
-    return None
+    if positions is not None and resolve_task_name(cfg) == "causal-lm" \
+            and cfg.model.max_length + cfg.task.max_new_tokens > positions:
+        # evaluation generates up to max_new_tokens after a prompt of up to max_length
+        raise UserError(f"config key 'model.max_length' must be ≤ {positions} − "
+                        f"task.max_new_tokens ({cfg.task.max_new_tokens}) = "
+                        f"{positions - cfg.task.max_new_tokens}: model '{cfg.model.name}' has "
+                        f"{positions} positions and evaluation generates after the prompt, got "
+                        f"{cfg.model.max_length}")
 
 
 def prepare(cfg: Config) -> Experiment:

@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 
 from .config import load_config
 from .errors import UserError
-from .models import _quiet_transformers, load_causal_lm, pick_device
+from .models import _quiet_transformers, load_causal_lm, pick_device, position_limit
 from .precision import bf16_products_in_fp32, forward
 from .tasks import TASKS, resolve_task_name
 from .tasks.causal_lm import format_prompt, generate
@@ -105,6 +105,13 @@ def answer(model, tokenizer, prompts: list[str], input_: str = "",
     device = next(model.parameters()).device
     ids = [list(tokenizer(format_prompt(tokenizer, p, input_), add_special_tokens=False)
                 ["input_ids"]) for p in prompts]
+    positions = position_limit(model)  # a learned table (GPT-2) cannot index past its rows
+    for i, row in enumerate(ids):
+        if positions is not None and len(row) + max_new_tokens > positions:
+            raise UserError(f"prompt {i + 1} is {len(row)} tokens; with --max-new-tokens "
+                            f"{max_new_tokens} it needs {len(row) + max_new_tokens} positions, "
+                            f"and the model has {positions}: shorten it or lower "
+                            f"--max-new-tokens")
     with forward(precision, device, bf16_products_in_fp32(precision, bf16_matmul, device)):
         return generate(model, tokenizer, ids, max_new_tokens, 8, device)
 

@@ -367,3 +367,14 @@ def is_causal_lm_folder(name: str) -> bool:
         return False
     archs = data.get("architectures") if isinstance(data, dict) else None
     return isinstance(archs, list) and any(str(a).endswith("ForCausalLM") for a in archs)
+
+
+def position_limit(model: torch.nn.Module) -> int | None:
+    """Tokens per row the model's learned position embedding can index (None: no table)."""
+    for name, module in model.named_modules():
+        if name.split(".")[-1] in ("position_embeddings", "wpe", "embed_positions") \
+                and isinstance(module, torch.nn.Embedding):
+            pad = module.padding_idx  # RoBERTa: positions start after the padding index
+            offset = getattr(module, "offset", 0)  # OPT: its first two rows are never indexed
+            return module.num_embeddings - (pad + 1 if pad is not None else 0) - offset
+    return None
