@@ -196,3 +196,17 @@ def test_generate_refuses_a_prompt_and_answer_past_the_position_table():
     with pytest.raises(UserError, match=r"prompt 1 is \d+ tokens; with --max-new-tokens 60 it "
                                         r"needs \d+ positions, and the model has 64"):
         answer(gpt2, tok, ["a prompt of a few words"], max_new_tokens=60)
+
+
+def test_a_model_folder_given_with_a_tilde_is_loaded_from_there(tmp_path, monkeypatch):
+    """model.name = "~/m" is a local folder (as config_inputs and the causal-LM check take
+    it): both loaders expand it, and record the folder as the adapter's base."""
+    from lora_a2.models import load_causal_lm
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, tok = tiny_random_llama(seed=0)
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    assert load_base_model("~/m", num_labels=3, seed=0)[2] == str(tmp_path / "m")
+    assert load_causal_lm("~/m", seed=0)[2] == str(tmp_path / "m")

@@ -107,7 +107,8 @@ def load_base_model(name: str, num_labels: int, seed: int, dtype: str = "float32
         return model, tok, None
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    source = str(minilm_path()) if name == "minilm" else name
+    folder = Path(name).expanduser()  # a local folder given as ~/…, as a data path may be
+    source = str(minilm_path()) if name == "minilm" else str(folder) if folder.exists() else name
     local = Path(source).exists()
     if not local and os.environ.get("HF_HUB_OFFLINE") == "1":
         raise UserError(f"model '{name}' is not a local folder and HF_HUB_OFFLINE=1 is set")
@@ -324,7 +325,7 @@ def causal_lm_source(name: str) -> str:
         if not path.is_file():
             raise UserError(f"model '{name}': GGUF file not found")
         return str(gguf_as_folder(path.resolve()))
-    return name
+    return str(path) if path.exists() else name  # a local folder, ~ expanded; else a hub name
 
 
 def load_causal_lm(name: str, seed: int, dtype: str = "float32"):
