@@ -158,7 +158,8 @@ def run_simulations(runs: list[tuple[Config, Path]], *, overwrite: bool = False,
         summaries.append(add_simulation_times(Path(out), summary, {
             "flower_startup_s": result["startup_s"],
             "flower_shutdown_s": shutdown,
-            "flower_total_s": result["startup_s"] + summary["wall_s"] + shutdown}))
+            # this simulation's own time: a resumed run's wall_s counts earlier sessions' rounds
+            "flower_total_s": result["startup_s"] + summary["session_wall_s"] + shutdown}))
     return summaries
 
 
