@@ -708,3 +708,34 @@ def test_rows_skipped_from_a_classification_file_are_counted_and_reported(tmp_pa
     rows = json.loads((out / "summary.json").read_text())["data_rows"]
     assert rows == {"read": 60, "kept": 58, "skipped": {"empty text or label": 2}}
     assert "60 rows read, 58 kept; skipped: 2 empty text or label" in capsys.readouterr().out
+
+
+def test_a_checkpoint_round_trips_every_kind_of_extra_state(tmp_path):
+    """What a strategy may keep in ServerState.extra comes back from the checkpoint as it
+    went in: a tensor, a dict of tensors, a list of tensors (each with its dtype), and plain
+    JSON values; the global tensors keep their order."""
+    from lora_a2.checkpoint import load_checkpoint, save_checkpoint
+    from lora_a2.messages import ServerState
+
+    extra = {"t": torch.arange(3, dtype=torch.float64),
+             "d": {"x": torch.ones(2, dtype=torch.bfloat16), "7": torch.zeros(1, dtype=torch.int64)},
+             "l": [torch.full((2,), 3.0), torch.tensor([1], dtype=torch.int32)],
+             "n": 4, "s": "text", "ints": [1, 2], "empty": [], "nested": {"a": [1.5, None]}}
+    state = ServerState({"z": torch.randn(2, 2), "a": torch.randn(3)}, extra)
+    save_checkpoint(tmp_path, 5, state)
+    rnd, back = load_checkpoint(tmp_path)
+    assert rnd == 5 and list(back.tensors) == ["z", "a"]
+    assert all(torch.equal(back.tensors[k], state.tensors[k]) for k in state.tensors)
+    assert back.extra.keys() == extra.keys()
+    for key, value in extra.items():
+        got = back.extra[key]
+        if isinstance(value, torch.Tensor):
+            assert got.dtype == value.dtype and torch.equal(got, value)
+        elif key == "d":
+            assert list(got) == ["x", "7"] and all(
+                got[k].dtype == v.dtype and torch.equal(got[k], v) for k, v in value.items())
+        elif key == "l":
+            assert len(got) == 2 and all(
+                g.dtype == v.dtype and torch.equal(g, v) for g, v in zip(got, value))
+        else:
+            assert got == value, key
