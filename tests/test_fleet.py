@@ -590,3 +590,15 @@ def test_a_clients_training_flops_count_the_attention_whatever_the_kernel(monkey
     base.set_attn_implementation("eager")
     eager = training_flops_per_example(rt, batch)
     assert fused == eager > blind > 0
+
+
+def test_a_round_lasts_until_its_last_reply_a_rejected_one_included():
+    """The server has to receive an upload to reject it: a rejected reply that arrives last
+    sets the round's length (docs/FLEETS.md), though it is not kept."""
+    clock = close_round_clock({0: 10.0, 1: 12.0, 2: 30.0}, [0, 1], deadline_s=0, target=None,
+                              waiting=False)
+    assert clock.kept == [0, 1] and clock.round_s == 30.0
+    # with a deadline it is cut off there: a late reply, rejected or not, is a straggler
+    clock = close_round_clock({0: 10.0, 1: 12.0, 2: 30.0}, [0, 1], deadline_s=20.0,
+                              target=None, waiting=False)
+    assert clock.stragglers == [2] and clock.round_s == 20.0
