@@ -173,16 +173,21 @@ def test_a_decoder_needs_room_for_what_evaluation_generates():
     prompt of up to model.max_length: the two must fit in its positions (else an index error
     in the first evaluation); a classifier needs only max_length."""
     from lora_a2.experiment import check_positions
+    from lora_a2.tasks import get_task
 
     gpt2 = transformers.GPT2LMHeadModel(
         transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=64, vocab_size=100))
     causal = ["task.name=causal-lm", "model.name=tiny-random-llama", "data.name=chatterbot",
               "task.max_new_tokens=16"]
-    check_positions(load_config(None, [*causal, "model.max_length=48"]), gpt2)  # 48 + 16 = 64
+    def check(sets):
+        cfg = load_config(None, sets)
+        check_positions(cfg, gpt2, get_task(cfg).generated_tokens())
+
+    check([*causal, "model.max_length=48"])  # 48 + 16 = 64
     with pytest.raises(UserError, match=r"'model.max_length' must be ≤ 64 − task.max_new_tokens "
                                         r"\(16\) = 48: .* got 49"):
-        check_positions(load_config(None, [*causal, "model.max_length=49"]), gpt2)
-    check_positions(load_config(None, ["model.max_length=64"]), gpt2)  # classification
+        check([*causal, "model.max_length=49"])
+    check(["model.max_length=64"])  # classification generates nothing
 
 
 def test_generate_refuses_a_prompt_and_answer_past_the_position_table():

@@ -27,7 +27,7 @@ from .checks import check_config
 from .private import PrivateStrategy, build_strategy
 from .strategies import Strategy
 from .strategies.context import ClientContext
-from .tasks import LearningTask, get_task, resolve_task_name
+from .tasks import LearningTask, get_task
 
 
 @dataclass
@@ -79,7 +79,7 @@ def split_local_test(parts: list[np.ndarray], fraction: float, seed: int):
     return train, test
 
 
-def check_positions(cfg: Config, model) -> None:
+def check_positions(cfg: Config, model, generated: int = 0) -> None:
     """Refuse a ``model.max_length`` past the model's learned position table (BERT, RoBERTa,
     GPT-2: the first forward pass would fail with an index error deep in the model). A
     table with a padding row (RoBERTa) counts positions after it; a model with rotary
@@ -88,12 +88,11 @@ def check_positions(cfg: Config, model) -> None:
     if positions is not None and cfg.model.max_length > positions:
         raise UserError(f"config key 'model.max_length' must be ≤ {positions}, the positions "
                         f"model '{cfg.model.name}' has, got {cfg.model.max_length}")
-    if positions is not None and resolve_task_name(cfg) == "causal-lm" \
-            and cfg.model.max_length + cfg.task.max_new_tokens > positions:
-        # evaluation generates up to max_new_tokens after a prompt of up to max_length
+    if positions is not None and generated and cfg.model.max_length + generated > positions:
+        # evaluation generates ``generated`` tokens (the task's) after a prompt of max_length
         raise UserError(f"config key 'model.max_length' must be ≤ {positions} − "
-                        f"task.max_new_tokens ({cfg.task.max_new_tokens}) = "
-                        f"{positions - cfg.task.max_new_tokens}: model '{cfg.model.name}' has "
+                        f"task.max_new_tokens ({generated}) = "
+                        f"{positions - generated}: model '{cfg.model.name}' has "
                         f"{positions} positions and evaluation generates after the prompt, got "
                         f"{cfg.model.max_length}")
 
@@ -112,7 +111,7 @@ def prepare(cfg: Config) -> Experiment:
     task = get_task(cfg)
     train, test = task.load_data()
     base = task.load_model(len(train.label_names), cfg.seed)  # (model, tokenizer, source)
-    check_positions(cfg, base[0])
+    check_positions(cfg, base[0], task.generated_tokens())
     # Encoding may drop examples that cannot fit (counted in the datasets' stats), so the
     # partition is drawn over what was encoded.
     enc_train, train = task.encode(base[1], train, "train")

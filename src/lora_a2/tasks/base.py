@@ -74,6 +74,11 @@ class LearningTask(ABC):
         """True when the config's model or data can only mean this task."""
         return cfg.model.name in cls.model_names or cfg.data.name in cls.data_names
 
+    def generated_tokens(self) -> int:
+        """Tokens evaluation generates after a prompt of up to ``model.max_length`` (a model with
+        a learned position table must have room for both); 0 for a task that generates none."""
+        return 0
+
     def check(self, cfg: Config) -> None:
         """Refuse a model or dataset that belongs to another task (one-line :class:`UserError`)."""
         why = (f"the data '{cfg.data.name}' is {self.name} data" if cfg.task.name == "auto"

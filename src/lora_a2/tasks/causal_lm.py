@@ -71,6 +71,9 @@ class CausalLM(LearningTask):
                        "data.min_examples_per_client": 2, "task.generate_examples": 4,
                        "task.max_new_tokens": 4}
 
+    def generated_tokens(self) -> int:
+        return self.cfg.task.max_new_tokens
+
     def check(self, cfg) -> None:
         super().check(cfg)
         if cfg.model.head != "frozen":
