@@ -707,3 +707,26 @@ def test_partition_properties(
         assert all(len(np.unique(labels[p])) <= classes_per_client for p in parts)
     again = partition(labels, num_clients, method, **kwargs)
     assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
+
+
+def test_csv_cells_are_the_text_in_the_file(tmp_path: Path) -> None:
+    # "NA", "None", "null", "nan" are class names here (pandas' default reads them as
+    # missing and drops the rows); "007" stays "007", and "01" and "1" are two classes
+    path = tmp_path / "na.csv"
+    labels = ["NA", "None", "null", "nan", "01", "1"]
+    rows = "".join(f"{'007' if i == 0 else f'text {i}'},{labels[i % 6]}\n" for i in range(60))
+    path.write_text("text,label\n" + rows)
+    train, test = load_dataset(f"csv:{path}")
+    assert sorted(train.label_names) == sorted(labels)
+    assert len(train) + len(test) == 60
+    assert "007" in list(train.texts) + list(test.texts)
+
+
+def test_csv_whole_number_labels_sort_as_numbers_and_empty_cells_are_missing(
+        tmp_path: Path) -> None:
+    path = tmp_path / "ints.csv"
+    rows = "".join(f"text {i},{[2, 10, 1][i % 3] if i != 7 else ''}\n" for i in range(30))
+    path.write_text("text,label\n" + rows)
+    train, test = load_dataset(f"csv:{path}")
+    assert train.label_names == ["1", "2", "10"]  # not "1", "10", "2"
+    assert len(train) + len(test) == 29  # the row with an empty label is dropped

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -84,7 +85,11 @@ def read_csv(path: Path, shown: str, encoding: str | None = None) -> Table:
     import pandas as pd
 
     def read(enc: str) -> Any:
-        return pd.read_csv(path, encoding=enc)
+        # Every cell as the text in the file: pandas' default would read "NA", "None", "null"
+        # or "nan" as missing (a class named NA, a row dropped) and "007" as 7.0. Only an
+        # empty cell is missing; whole-number columns become ints below.
+        return pd.read_csv(path, encoding=enc, dtype=str, keep_default_na=False,
+                           na_values=[""])
 
     try:
         if encoding is not None:
@@ -99,7 +104,20 @@ def read_csv(path: Path, shown: str, encoding: str | None = None) -> Table:
         raise UserError(
             f"could not read data file '{shown}' as CSV: {first_line(error)}"
         ) from None
-    return {str(column): frame[column].tolist() for column in frame.columns}
+    return {str(column): _csv_column(frame[column].tolist()) for column in frame.columns}
+
+
+_WHOLE_NUMBER = re.compile(r"-?(0|[1-9][0-9]*)")
+
+
+def _csv_column(values: list[Any]) -> list[Any]:
+    """A CSV column as JSON or parquet would give it: ints where every non-empty cell is a
+    whole number written plainly ("3", "-12"; not "007" or "3.0"), else the cells' text; an
+    empty cell is None."""
+    present = [v for v in values if isinstance(v, str)]
+    if present and all(_WHOLE_NUMBER.fullmatch(v) for v in present):
+        return [int(v) if isinstance(v, str) else None for v in values]
+    return [v if isinstance(v, str) else None for v in values]
 
 
 def _read_parquet(path: Path, shown: str) -> Table:
