@@ -19,6 +19,7 @@ from lora_a2.fleet import (COMPUTE, LINKS, PROFILES, Device, Fleet, close_round_
                            training_flops_per_example)
 from lora_a2 import runner
 from lora_a2.report import read_metrics
+from lora_a2.rounds import RoundPlan, apply_clock
 
 TINY = ["model.name=tiny-random-bert", "model.max_length=24", "strategy.global_rank=4",
         "data.partition=iid"]
@@ -81,6 +82,11 @@ def test_close_round_clock():
     # over-selection: the first two finishers (ties by id), closed at the second's time
     c = close_round_clock(finish, [0, 2, 3, 4], deadline_s=0, target=2, waiting=False)
     assert (c.kept, c.surplus, c.round_s) == ([3, 4], [0, 2], 2.0)
+    # a refused reply that would arrive after the round closed is surplus, not a rejection;
+    # one that arrived before the close is a rejection (neither kept nor surplus)
+    c = close_round_clock({0: 1.0, 1: 2.0, 2: 8.0, 3: 1.5}, [0, 1], deadline_s=0, target=2,
+                          waiting=False)
+    assert (c.kept, c.surplus, c.round_s) == ([0, 1], [2], 2.0)
     # too few on time for the target: keep them, wait until the deadline
     c = close_round_clock(finish, [0, 2], deadline_s=5.0, target=2, waiting=False)
     assert (c.kept, c.stragglers, c.round_s) == ([0], [2], 5.0)
@@ -393,6 +399,34 @@ def test_offline_clients_never_get_a_task(tmp_path, synthetic_csv):
             else:
                 assert row["download_bytes"] > 0
         assert r["num_replies"] == len(r["clients"]) - len(r["offline"])
+
+
+def test_apply_clock_discards_a_refused_reply_that_arrives_after_the_close():
+    """Over-selection: clients 0 and 1 are accepted and close the round at 2 s; client 2's
+    upload was refused but would arrive at 8 s: the server never read it, so it is surplus
+    (upload not counted, its reason gone), not a rejection."""
+    class StubFleet:
+        flops_per_example = 1.0
+
+        def times(self, c, down, up, work):
+            return 0.0, ({0: 1.0, 1: 2.0, 2: 8.0}[c] if work else 0.0), 0.0
+
+    cfg = load_config(overrides=["fleet.profile=mobile", "data.num_clients=3",
+                                 "train.clients_per_round=2", "train.over_select=0.5"])
+    exp = SimpleNamespace(fleet=StubFleet(), cfg=cfg, client_train={c: [0] * 4 for c in range(3)},
+                          strategy=SimpleNamespace(local_passes=lambda rnd, n: 1.0))
+    plan = RoundPlan(rnd=1, t0=0.0, clients=[0, 1, 2],
+                     tasks={c: SimpleNamespace(client_id=c) for c in range(3)},
+                     per_client={c: {"client": c, "download_bytes": 10, "upload_bytes": 100}
+                                 for c in range(3)})
+    plan.per_client[2]["rejected"] = "norm too large"
+    ok = [(plan.tasks[c], None) for c in (0, 1)]
+    reasons = ["client 2: norm too large"]
+    kept = apply_clock(exp, plan, ok, reasons)
+    assert [t.client_id for t, _ in kept] == [0, 1]
+    assert plan.sim["surplus"] == [2] and plan.sim["sim_round_s"] == 2.0
+    assert reasons == [] and plan.per_client[2]["upload_bytes"] == 0
+    assert plan.per_client[2]["surplus"] and "rejected" not in plan.per_client[2]
 
 
 def test_over_selection_keeps_the_first_finishers(tmp_path, synthetic_csv):

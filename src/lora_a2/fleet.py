@@ -288,15 +288,19 @@ def close_round_clock(finish: dict[int, float], accepted: list[int], *, deadline
     whether or not its upload would have passed (the server stops waiting at the deadline, so
     the round lasts until then); t_k = ``deadline_s`` is on time. With over-selection
     (``target`` = clients per round) the server keeps the first ``target`` on-time finishers
-    (ties by client id) and closes the round at the last kept one's time; the later ones are
-    ``surplus``. Otherwise the round lasts until the deadline when anyone it waits for is late
+    (ties by client id) and closes the round at the last kept one's time; the other on-time
+    accepted replies are ``surplus``, and so is a refused reply that would arrive after that
+    close (the server never received it: not a rejection). Otherwise the round lasts until the deadline when anyone it waits for is late
     or never replies (``waiting``: a dropout), else until the slowest reply."""
     late = {c for c, t in finish.items() if deadline_s > 0 and t > deadline_s}
     on_time = sorted((c for c in accepted if c not in late), key=lambda c: (finish[c], c))
     stragglers = sorted(late)
     if target is not None and len(on_time) >= target:
         kept, surplus = on_time[:target], on_time[target:]
-        return RoundClock(sorted(kept), stragglers, sorted(surplus), finish[kept[-1]])
+        round_s = finish[kept[-1]]
+        unread = [c for c, t in finish.items()
+                  if c not in late and c not in accepted and t > round_s]
+        return RoundClock(sorted(kept), stragglers, sorted(surplus + unread), round_s)
     if deadline_s > 0 and (stragglers or waiting):
         round_s = deadline_s
     else:

@@ -284,8 +284,9 @@ def apply_clock(exp: Experiment, plan: RoundPlan, ok: list[tuple[Task, Update]],
     (:func:`lora_a2.fleet.close_round_clock`): a straggler past ``train.deadline_s`` and a
     surplus finisher beyond the first ``clients_per_round`` (``train.over_select``) have their
     work discarded — their upload is not counted, their download is; a late upload that would
-    have been refused is a straggler, not a rejection (the server stopped waiting before it
-    came: its entry leaves ``reasons``). Returns the kept replies; the record's fields go to
+    have been refused is a straggler (or surplus, arriving after an over-selected round
+    closed), not a rejection (the server stopped waiting before it came: its entry leaves
+    ``reasons``). Returns the kept replies; the record's fields go to
     ``plan.sim``. Without a fleet: ``ok`` unchanged."""
     fleet, cfg = exp.fleet, exp.cfg
     if fleet is None:
