@@ -275,6 +275,9 @@ def test_a_resolved_config_can_switch_strategy(tmp_path):
      "probe_batches' sets the gradient probe's batches"),
     (["strategy.name=hetlora", "strategy.options.prune_gamma=0"], "prune_gamma' must be in (0, 1]"),
     (["strategy.name=hetlora", "strategy.hetlora_weights=layer"], "hetlora_weights' must be one"),
+    (["fleet.profile=mobile", "train.deadline_s=60", "strategy.rank_budget=auto",
+      "strategy.options.reselect_every=2"],
+     "reselect_every' cannot be combined with strategy.rank_budget = 'auto'"),
     (["strategy.options.renormalize=true", "privacy.mechanism=gaussian", "privacy.mode=central",
       "privacy.noise_multiplier=1"], "'central' cannot be combined with strategy.options.renormalize"),
 ])

@@ -243,7 +243,7 @@ def test_hetlora_rounds_norm_weighted_padding_and_self_pruning():
         fell = upd.meta["tail"] < tails1[str(c)]
         fell_any |= fell
         assert upd.meta["rank"] == (pruned_rank(r, 0.5) if fell else r)
-        assert new2.extra["ranks"][str(c)] == upd.meta["rank"]
+        assert new2.extra["ranks"].get(str(c), r) == upd.meta["rank"] == info2["client_ranks"][str(c)]
         assert s.configure(3, c, new2).config["rank"] == upd.meta["rank"]
     assert fell_any and info2["pruned"] > 0  # the pruning branch ran
 
@@ -436,3 +436,15 @@ def test_hetlora_adds_its_self_pruning_term_to_the_local_loss(monkeypatch):
                 for a, b in zip(rt.layout.names("A"), rt.layout.names("B")))
             assert float(want) > 1e-4  # the tail has grown: the check can tell λ apart
             assert float(value) == pytest.approx(float(want), rel=1e-4)
+
+
+def test_hetlora_a_round_capped_by_a_lower_budget_does_not_lower_the_clients_own_rank():
+    """strategy.rank_budget = "auto" can cap one round's rank below the client's own; only its
+    own pruning lowers that rank for good (round 1 has no earlier tail: nobody prunes)."""
+    cfg, s, rt, ctxs = make("hetlora", ranks=[4, 4, 4])
+    s.budgets[0] = 1  # one slow round for client 0
+    new, info, replies, *_ = run_round(s, rt, ctxs, 1, s.init_state(rt.initial_state()))
+    assert replies[0][0].config["rank"] == 1 and info["pruned"] == 0
+    s.budgets[0] = 4
+    assert s.configure(2, 0, new).config["rank"] == 4
+    assert [s.configure(2, c, new).config["rank"] for c in (1, 2)] == [4, 4]

@@ -90,8 +90,9 @@ class HetLora(HeteroRankStrategy):
         return int(state.extra.get("ranks", {}).get(str(client_id), self.budgets[client_id]))
 
     def configure(self, rnd: int, client_id: int, state: ServerState) -> Task:
-        # the self-pruned rank, capped by this round's budget (it only changes under
-        # strategy.rank_budget = "auto": pruning never raises a rank above the first budget)
+        # this round's budget (it only changes under strategy.rank_budget = "auto"), capped
+        # by the rank the client pruned itself to, if it did: a round capped lower by its
+        # budget does not lower the client's own rank, only its pruning does
         rank = min(self.current_rank(state, client_id), self.budgets[client_id])
         prev = state.extra.get("tails", {}).get(str(client_id))
         return self.make_task(rnd, client_id, state, ["A", "B"] + self.head_groups(),
@@ -164,9 +165,13 @@ class HetLora(HeteroRankStrategy):
         extra = dict(state.extra)
         ranks, tails = dict(extra.get("ranks", {})), dict(extra.get("tails", {}))
         for (t, u), pt in zip(replies, parts):
-            ranks[str(u.client_id)] = pt[3]  # str keys: the extra state is saved as JSON
+            # the client's own rank (str keys: the extra state is saved as JSON) changes only
+            # when it pruned: a round capped lower by its budget ("auto") does not lower it
+            if pt[3] < int(t.config["rank"]):
+                ranks[str(u.client_id)] = pt[3]
             tails[str(u.client_id)] = float(u.meta["tail"])
         extra.update(ranks=ranks, tails=tails)
         return ServerState(tensors, extra), {
-            "client_ranks": {c: ranks[c] for c in sorted(ranks, key=int)},
+            "client_ranks": {str(u.client_id): pt[3] for (_, u), pt in  # this round's
+                             sorted(zip(replies, parts), key=lambda x: x[0][1].client_id)},
             "pruned": sum(pt[3] < int(t.config["rank"]) for (t, _), pt in zip(replies, parts))}

@@ -62,7 +62,8 @@ class LoraA2Options(StrategyOptions):
     probe's ("kept")."""
     reselect_every: int = 1
     """A client re-scores its slots every this many rounds of the same factor and reuses its
-    last selection for that factor in between (kept on the client); 1 = the paper."""
+    last selection for that factor in between (kept on the client); 1 = the paper. Not with
+    strategy.rank_budget = "auto" (a kept selection would be sized for an earlier budget)."""
     slot_score: str = "frobenius"
     """How slots are scored. "frobenius" = ‖ΔB_i A_i‖_F (the paper); "rms" divides it by
     √(d_out · d_in) so large modules are not favoured for their size alone (an experiment
@@ -124,6 +125,11 @@ class LoraA2(Strategy):
             raise UserError("config key 'train.mode': 'async' cannot be combined with "
                             "strategy.options.renormalize = true (per-slot renormalisation "
                             "would undo the staleness weights), got 'async'")
+        if options.reselect_every > 1 and cfg.strategy.rank_budget == "auto":
+            raise UserError("config key 'strategy.options.reselect_every' cannot be combined "
+                            "with strategy.rank_budget = 'auto' (a kept selection was made "
+                            "for an earlier round's budget, which 'auto' changes every round), "
+                            f"got {options.reselect_every}")
         if options.renormalize and cfg.secagg.enabled:
             raise UserError("config key 'secagg.enabled' cannot be combined with "
                             "strategy.options.renormalize = true (per-slot client counts would "
