@@ -248,6 +248,23 @@ def test_rouge_l_and_exact_match():
     assert rouge_l(["a cat sat"], ["the cat sat down"])[0] == pytest.approx(
         2 * (2 / 3) * (2 / 4) / (2 / 3 + 2 / 4))
     assert exact_match("The Apple!", "apple") == 1.0 and exact_match("pear", "apple") == 0.0
+    # any script has words (rouge-score's default tokenizer keeps only [a-z0-9]: these scored 0)
+    assert rouge_l(["Привет мир", "Καλημέρα κόσμε"], ["Привет мир", "Καλημέρα κόσμε"]) == [1.0, 1.0]
+    # a Chinese character is a word: 4 of 5 in order, P = R = 4/5
+    assert rouge_l(["北京是首府"], ["北京是首都"])[0] == pytest.approx(0.8)
+    # ASCII words are stemmed as rouge-score stems them ("cats" → "cat", "sits" → "sit")
+    assert rouge_l(["the cats sits"], ["the cat sit"]) == [1.0]
+
+
+def test_rouge_words_are_rouge_scores_own_on_ascii_text():
+    from rouge_score.tokenizers import DefaultTokenizer
+
+    from lora_a2.tasks.causal_lm import UnicodeWords
+
+    texts = ["Running, they'd jumped over 3 fences!", "U.S.A. e-mail x_y 007 ok",
+             "The quick brown foxes -- aren't lazy; dogs' tails wag.", "Its cat was his", ""]
+    for t in texts:
+        assert UnicodeWords().tokenize(t) == DefaultTokenizer(use_stemmer=True).tokenize(t), t
 
 
 # ---------------------------------------------------------------------- runs

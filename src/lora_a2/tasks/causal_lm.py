@@ -29,6 +29,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from nltk.stem.porter import PorterStemmer
+from rouge_score import rouge_scorer
+from rouge_score import tokenizers as rouge_tokenizers
 from torch import Tensor, nn
 
 from ..client import EncodedData, batch_of
@@ -339,16 +342,31 @@ def generate(model: nn.Module, tokenizer, prompts: list[list[int]], max_new_toke
     return out
 
 
-_SCORER = None
+# one CJK character (Han, kana) is one word; any other word is a run of letters and digits
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_WORD = re.compile(f"[{_CJK}]|[^\\W_{_CJK}]+")
+
+
+class UnicodeWords(rouge_tokenizers.Tokenizer):
+    """rouge-score's own tokenizer (lower case, words of letters and digits, Porter stemming of
+    words longer than 3 characters) for any script: its default keeps only ``[a-z0-9]``, so a
+    Cyrillic, Greek or Chinese answer had no words and scored 0 however right it was. On ASCII
+    text the words are the same; the English stemmer is applied to ASCII words only."""
+
+    def __init__(self) -> None:
+        self._stemmer = PorterStemmer()
+
+    def tokenize(self, text: str) -> list[str]:
+        return [self._stemmer.stem(w) if len(w) > 3 and w.isascii() else w
+                for w in _WORD.findall(text.lower())]
+
+
+_SCORER = rouge_scorer.RougeScorer(["rougeL"], tokenizer=UnicodeWords())
 
 
 def rouge_l(predictions: list[str], references: list[str]) -> list[float]:
-    """ROUGE-L F-measure per pair (``rouge-score``, Porter stemming; 0 for an empty answer)."""
-    global _SCORER
-    if _SCORER is None:
-        from rouge_score import rouge_scorer
-
-        _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    """ROUGE-L F-measure per pair (``rouge-score`` with :class:`UnicodeWords`; 0 for an empty
+    answer)."""
     return [float(_SCORER.score(r, p)["rougeL"].fmeasure) for p, r in zip(predictions, references)]
 
 
