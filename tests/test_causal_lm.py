@@ -76,6 +76,42 @@ def test_task_is_chosen_by_model_and_data(instr_json):
                            "model.head=trained"])
 
 
+@pytest.mark.parametrize("arch,task", [("LlamaForCausalLM", "causal-lm"),
+                                       ("BertForSequenceClassification", "classification")])
+def test_a_hub_decoder_in_the_local_cache_selects_causal_lm(tmp_path, monkeypatch, instr_json,
+                                                            arch, task):
+    """A hub model name (not a local folder) is a decoder when its cached config.json says so:
+    read from the Hugging Face cache only, never the network."""
+    import huggingface_hub.constants
+
+    from lora_a2.tasks import resolve_task_name
+
+    repo = tmp_path / "models--org--some-model"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "snapshots" / "abc123" / "config.json").write_text(
+        json.dumps({"architectures": [arch]}))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    cfg = load_config(None, ["model.name=org/some-model", f"data.name=json:{instr_json}",
+                             "task.name=auto"]) if task == "causal-lm" else None
+    if cfg is not None:
+        assert resolve_task_name(cfg) == "causal-lm"
+    else:  # not in the cache as a decoder: classification, as any unknown hub name
+        cfg = load_config(None, ["model.name=org/some-model"])
+        assert resolve_task_name(cfg) == "classification"
+    # a name that is not in the cache at all
+    assert resolve_task_name(load_config(None, ["model.name=org/not-cached"])) == \
+        "classification"
+
+
+def test_instruction_data_read_as_classification_names_the_task_to_set(instr_json):
+    from lora_a2.data import load_dataset
+
+    with pytest.raises(UserError, match=r"has no column 'text' .*set task.name = 'causal-lm'"):
+        load_dataset(f"json:{instr_json}")
+
+
 def test_labels_cover_exactly_the_response_and_its_eos(instr_json):
     """Pad and end-of-turn are the same id: the response's own EOS is labelled, padding is not."""
     exp = tiny_task(f"json:{instr_json}")

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub import try_to_load_from_cache
+from huggingface_hub.errors import HFValidationError
 from torch import nn
 
 from .errors import UserError
@@ -354,20 +356,36 @@ def load_causal_lm(name: str, seed: int, dtype: str = "float32"):
     return model, tok, source
 
 
-def is_causal_lm_folder(name: str) -> bool:
-    """True for a ``.gguf`` file or a local folder whose config names a ``*ForCausalLM``."""
-    path = Path(name).expanduser()
-    if path.suffix == ".gguf":
-        return True
-    config = path / "config.json"
-    if not config.is_file():
-        return False
+def _config_names_a_decoder(config: Path) -> bool:
     try:
         data = json.loads(config.read_text())
     except (OSError, ValueError):
         return False
     archs = data.get("architectures") if isinstance(data, dict) else None
     return isinstance(archs, list) and any(str(a).endswith("ForCausalLM") for a in archs)
+
+
+def is_causal_lm_folder(name: str) -> bool:
+    """True for a ``.gguf`` file or a local folder whose config names a ``*ForCausalLM``."""
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        return True
+    config = path / "config.json"
+    return config.is_file() and _config_names_a_decoder(config)
+
+
+def is_causal_lm(name: str) -> bool:
+    """True for a decoder: a local one (:func:`is_causal_lm_folder`) or a hub model whose
+    ``config.json`` is in the local Hugging Face cache and names a ``*ForCausalLM`` (read from
+    the cache only: deciding the task never touches the network)."""
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf" or path.exists():
+        return is_causal_lm_folder(name)
+    try:
+        cached = try_to_load_from_cache(name, "config.json")
+    except (HFValidationError, ValueError, OSError):  # not a hub id
+        return False
+    return isinstance(cached, str) and _config_names_a_decoder(Path(cached))
 
 
 def position_limit(model: torch.nn.Module) -> int | None:

@@ -45,8 +45,9 @@ import numpy as np
 
 from ..errors import UserError
 from .readers import (SKIP_DUPLICATE, SKIP_EMPTY, SKIP_NO_CLIENT, Table, count_skip, file_paths,
-                      hf_load, hf_spec, is_missing, natural_column, normalise_label, package_file,
-                      read_csv, read_table, read_text_file, require_columns)
+                      hf_load, hf_spec, instruction_hint, is_missing, natural_column,
+                      normalise_label, package_file, read_csv, read_table, read_text_file,
+                      require_columns)
 from .splits import stratified_sample, stratified_split
 
 logger = logging.getLogger(__name__)
@@ -362,7 +363,8 @@ def _read_files(fmt: str, spec: str, text_column: str, label_column: str,
 
 def _columns(table: Table, text_column: str, label_column: str, where: str,
              client_column: str | None = None, required: bool = True) -> _RawSplit:
-    require_columns(list(table), (text_column, label_column), where)
+    require_columns(list(table), (text_column, label_column), where,
+                    instruction_hint(list(table)))
     return _RawSplit(list(table[text_column]), list(table[label_column]), where,
                      _client_values(list(table), lambda c: table[c], client_column, where,
                                     required))
@@ -433,7 +435,8 @@ def _hf_split(
     split: Any, text_column: str, label_column: str, where: str, class_names: list[str] | None,
     client_column: str | None = None, required: bool = True,
 ) -> _RawSplit:
-    require_columns(list(split.column_names), (text_column, label_column), where)
+    require_columns(list(split.column_names), (text_column, label_column), where,
+                    instruction_hint(list(split.column_names)))
     labels = split[label_column]
     names = class_names if class_names is not None else _class_label_names(split, label_column)
     if names is not None:

@@ -195,12 +195,25 @@ def _records_to_table(records: list[Any], shown: str) -> Table:
     return table
 
 
-def require_columns(available: list[str], needed: Sequence[str], where: str) -> None:
+def require_columns(available: list[str], needed: Sequence[str], where: str,
+                    hint: str = "") -> None:
+    """A one-line error naming the first missing column and the columns there are (``hint``:
+    appended, e.g. which task such columns belong to)."""
     for column in needed:
         if column not in available:
             raise UserError(
                 f"{where} has no column '{column}' (columns: {', '.join(available) or 'none'})"
+                + hint
             )
+
+
+def instruction_hint(available: Sequence[str]) -> str:
+    """For a classification loader's missing-column error: columns ``instruction`` and
+    ``response`` are instruction data, which the causal-LM task reads."""
+    if {"instruction", "response"} <= set(available):
+        return ("; instruction/response columns are instruction data: set "
+                "task.name = 'causal-lm' with a decoder model")
+    return ""
 
 
 def file_paths(spec: str) -> list[str]:

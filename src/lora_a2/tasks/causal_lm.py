@@ -43,7 +43,7 @@ from ..data.instructions import (
 )
 from ..data.readers import count_skip
 from ..errors import UserError
-from ..models import is_causal_lm_folder, load_causal_lm
+from ..models import is_causal_lm, load_causal_lm
 from .base import LearningTask, client_column, register_task
 
 IGNORE = -100
@@ -90,7 +90,7 @@ class CausalLM(LearningTask):
     @classmethod
     def claims(cls, cfg) -> bool:
         return (super().claims(cfg) or bool(cfg.data.response_column)
-                or is_causal_lm_folder(cfg.model.name))
+                or is_causal_lm(cfg.model.name))
 
     # -- data ---------------------------------------------------------------------
     def load_data(self):
