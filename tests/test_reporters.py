@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -96,6 +97,28 @@ def test_a_resumed_run_continues_its_mlflow_run(reported_run):
     again, same = _mlflow(out)
     assert same == run_id and again.get_run(run_id).info.status == "FINISHED"
     assert len(again.search_runs([again.get_run(run_id).info.experiment_id])) == 1
+
+
+def test_every_metric_key_is_a_name_mlflow_takes():
+    """Instruction categories become parts of metric keys (``category_loss/(none)``, the
+    loader's name for a missing category): MLflow refused the whole run's start with them."""
+    pytest.importorskip("mlflow")
+    from mlflow.utils.validation import _validate_metric_name
+
+    from lora_a2.reporters.mlflow import MlflowReporter
+
+    logged: list[str] = []
+    rep = MlflowReporter()
+    rep.client = SimpleNamespace(log_batch=lambda run_id, metrics: logged.extend(
+        m.key for m in metrics))
+    rep.run_id = "run"
+    rep.round_end({"round": 1, "accuracy": 0.5, "category_loss": {
+        "(none)": 1.0, "Q&A": 2.0, "a,b": 3.0, "open qa": 4.0, "brain-storm.v2": 5.0}})
+    assert sorted(logged) == sorted(["accuracy", "category_loss/_none_", "category_loss/Q_A",
+                                     "category_loss/a_b", "category_loss/open qa",
+                                     "category_loss/brain-storm.v2"])
+    for name in logged:
+        _validate_metric_name(name)
 
 
 @pytest.mark.parametrize("value,needle", [

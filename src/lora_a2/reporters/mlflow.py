@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,16 @@ from typing import Any
 from ..config import flatten as flatten_config
 from ..report import atomic_write_text
 from .base import Reporter, RunStart, scalars
+
+
+_NOT_IN_A_NAME = re.compile(r"[^\w\-. :/]")
+
+
+def metric_name(key: str) -> str:
+    """``key`` as an MLflow metric name: MLflow takes letters, digits, ``_ - . : /`` and spaces
+    only, and a category ("(none)", "Q&A") becomes part of a key (``category_loss/(none)``);
+    any other character becomes ``_``."""
+    return _NOT_IN_A_NAME.sub("_", key)
 
 
 def tracking_uri(run: RunStart) -> str:
@@ -70,7 +81,7 @@ class MlflowReporter(Reporter):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [Metric(k, v, now, step) for k, v in values.items()]
+        metrics = [Metric(metric_name(k), v, now, step) for k, v in values.items()]
         for i in range(0, len(metrics), 1000):
             self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
 
