@@ -77,9 +77,12 @@ def session_csv(tmp_path_factory):
     return write_synthetic_csv(tmp_path_factory.mktemp("data") / "toy.csv")
 
 
-def tiny_setup(sets: list[str], clients: int, n: int = 90, max_length: int = 24):
+def tiny_setup(sets: list[str], clients: int, n: int = 90, max_length: int = 24,
+               unequal: bool = False):
     """(cfg, strategy, runtime, client contexts) on the tiny random BERT and synthetic texts,
-    the clients holding equal contiguous shares of ``n`` examples."""
+    the clients holding equal contiguous shares of ``n`` examples — or, ``unequal``, shares
+    growing as 1 : 3 : 5 : … (90 examples, 3 clients: 10, 30, 50), so that a test of an
+    aggregation rule fails when the data weights are wrong (equal shares hide it)."""
     from lora_a2.adapter import ModelRuntime
     from lora_a2.tasks.classification import Classification, encode_texts
     from lora_a2.config import load_config
@@ -94,7 +97,12 @@ def tiny_setup(sets: list[str], clients: int, n: int = 90, max_length: int = 24)
     s.bind(rt.layout)
     texts, labels = synthetic_texts(n)
     enc = encode_texts(rt.tokenizer, texts, labels, max_length)
-    parts = np.array_split(np.arange(n), clients)
+    if unequal:
+        cuts = np.cumsum([2 * k + 1 for k in range(clients)])
+        cuts = np.round(cuts / cuts[-1] * n).astype(int)
+        parts = np.split(np.arange(n), cuts[:-1])
+    else:
+        parts = np.array_split(np.arange(n), clients)
     s.bind_clients([len(p) for p in parts])
     return cfg, s, rt, [ClientContext(rt, enc, parts[c], cfg) for c in range(clients)]
 

@@ -31,7 +31,7 @@ RANKS = [1, 2, 4]
 
 def make(strategy: str, ranks=RANKS, head: str = "trained", extra=()):
     return tiny_setup([f"strategy.name='{strategy}'", f"model.head='{head}'",
-                       f"strategy.rank_budget={list(ranks)}", *extra], len(ranks))
+                       f"strategy.rank_budget={list(ranks)}", *extra], len(ranks), unequal=True)
 
 
 def wire(s, rt, task: Task, ctx):

@@ -17,7 +17,7 @@ from conftest import tiny_setup
 
 def make(strategy: str, head: str = "trained", budget=2, clients: int = 3, extra=()):
     return tiny_setup([f"strategy.name='{strategy}'", f"model.head='{head}'",
-                       f"strategy.rank_budget={budget}", *extra], clients)
+                       f"strategy.rank_budget={budget}", *extra], clients, unequal=True)
 
 
 def wire(s, rt, task: Task, ctx) -> tuple[Update, int]:
