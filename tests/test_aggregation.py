@@ -129,7 +129,11 @@ def test_aggregation_keeps_the_module_order_and_the_dtype():
 
 def test_negative_example_counts_are_rejected():
     with pytest.raises(ValueError, match="at least one example"):
-        data_weights([-1, -2])
+        data_weights([0, 0])
+    # a positive total does not excuse a negative count (it would weigh as −0.5 and 1.5)
+    for counts in ([-1, 3], [-1, -2]):
+        with pytest.raises(ValueError, match="counts ≥ 0"):
+            data_weights(counts)
 
 
 def test_weighted_sum_of_many_clients():

@@ -117,6 +117,54 @@ def test_lora_a2_renormalize_option_averages_each_slot_over_its_selectors():
     assert partial > 0  # some slot had fewer than all clients: renormalising changed it
 
 
+def _tampered(upd: Update, how: str, total: int) -> Update:
+    slots, values, meta = upd.slots.clone(), upd.values.clone(), dict(upd.meta)
+    if how == "other factor":
+        meta["factor"] = "A"
+    elif how == "no slots":
+        slots = None
+    elif how == "id past the end":
+        slots[-1] = total  # one past the last slot id
+    elif how == "negative id":
+        slots[0] = -1
+    elif how == "duplicate":
+        slots[1] = slots[0]
+    elif how == "descending":
+        slots = slots.flip(0)
+    elif how == "over budget":
+        slots = torch.arange(slots.numel() + 1, dtype=slots.dtype)
+    elif how == "a value short":
+        values = values[:-1]
+    elif how == "NaN":
+        values[0] = float("nan")
+    return Update(upd.client_id, upd.num_examples, values, slots, meta)
+
+
+@pytest.mark.parametrize("how,needle", [
+    ("other factor", "upload is for factor 'A', round trains 'B'"),
+    ("no slots", "carries no slot indices"),
+    ("id past the end", "slot index out of range"),
+    ("negative id", "slot index out of range"),
+    ("duplicate", "duplicate slot indices"),
+    ("descending", "not in ascending order"),
+    ("over budget", "exceed the budget"),
+    ("a value short", "values for"),
+    ("NaN", "NaN or Inf"),
+])
+def test_lora_a2_refuses_a_malformed_upload(how, needle):
+    """Each check of LoRA-A2's upload validation on a tampered copy of an honest upload (the
+    honest one passes): a descending id list has the right value count when the modules are
+    equally wide, so only the order check stops its values landing in the wrong slots."""
+    cfg, s, rt, ctxs = make("lora-a2", budget=1)
+    state = s.init_state(rt.initial_state())
+    task = s.configure(1, 0, state)
+    upd, _ = wire(s, rt, task, ctxs[0])
+    s.validate(task, upd)
+    assert upd.slots.numel() >= 2
+    with pytest.raises(InvalidPayload, match=needle):
+        s.validate(task, _tampered(upd, how, rt.layout.num_modules * rt.layout.rank))
+
+
 def test_lora_a2_unselected_slots_of_client_upload_zero_delta():
     cfg, s, rt, ctxs = make("lora-a2", budget=1)
     state = s.init_state(rt.initial_state())

@@ -17,6 +17,8 @@ from .selection import factor_mask
 
 def data_weights(num_examples: Sequence[int]) -> list[float]:
     """w_k = |D_k| / Σ_j |D_j| over the clients that replied this round (docs/ALGORITHM.md §1.1)."""
+    if any(n < 0 for n in num_examples):
+        raise ValueError(f"aggregation weights need example counts ≥ 0, got {list(num_examples)}")
     total = float(sum(num_examples))
     if total <= 0:
         raise ValueError("aggregation weights need at least one example in the round")

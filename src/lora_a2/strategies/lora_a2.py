@@ -305,6 +305,10 @@ class LoraA2(Strategy):
             raise InvalidPayload(f"slot index out of range [0, {total})")
         if torch.unique(slots).numel() != slots.numel():
             raise InvalidPayload("duplicate slot indices")
+        if slots.numel() > 1 and not bool((slots[1:] > slots[:-1]).all()):
+            # the values follow the ids in ascending order (the wire format): out of order,
+            # they would be scattered into the wrong slots without any other check failing
+            raise InvalidPayload("slot indices are not in ascending order")
         allowed = task.config["budget"] * layout.num_modules
         if slots.numel() > allowed:
             raise InvalidPayload(f"{slots.numel()} slots exceed the budget of {allowed}")
