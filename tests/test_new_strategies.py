@@ -10,7 +10,7 @@ import torch
 from lora_a2.cli import main
 from lora_a2.strategies import ClientContext, Task
 
-from conftest import stop_before_round, tiny_setup
+from conftest import run_cli, stop_before_round, tiny_setup
 from test_strategies import wire
 
 
@@ -355,3 +355,12 @@ def test_fedsa_lora_resends_the_head_to_a_client_that_dropped_out():
         {n: rt.params[n].detach().cpu().clone() for n in lay.names("head")}), 0.0)[1]
     wire(s, rt, again, ctxs[1])
     assert all(torch.equal(seen[n], own[n]) for n in lay.names("head"))
+
+
+def test_fedsvd_refuses_a_rank_above_a_module_s_smaller_side(tmp_path, synthetic_csv, capsys):
+    """A' has r orthonormal rows of length d_in: with r above a module's smaller side it does
+    not exist (the SVD's shapes stopped matching in the first round's finalize)."""
+    run_cli(tmp_path / "r", "strategy.name=fedsvd", "strategy.global_rank=48",
+            "strategy.rank_budget=48", data=synthetic_csv, code=2)
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "fedsvd's orthonormal A needs a rank ≤" in err, err

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..adapter import ParamLayout
+from ..errors import UserError
 from ..lowrank import orthonormal_refactor
 from ..messages import ServerState
 from .dense import DenseStrategy
@@ -45,6 +47,16 @@ class FedSvd(DenseStrategy):
 
     def lora_rank(self) -> int:
         return uniform_rank(self)
+
+    def bind(self, layout: ParamLayout) -> None:
+        # A' = Vᵀ[:r] has r orthonormal rows of length d_in, and B' = U[:, :r] Σ[:r]: neither
+        # exists for a rank above a module's smaller side
+        small = min(layout.modules, key=lambda m: min(m.d_in, m.d_out))
+        if layout.rank > min(small.d_in, small.d_out):
+            raise UserError(f"config key 'strategy.rank_budget': fedsvd's orthonormal A needs a "
+                            f"rank ≤ every target module's smaller side ({small.name}: "
+                            f"{small.d_out} × {small.d_in}), got {layout.rank}")
+        super().bind(layout)
 
     def active_factor(self, rnd: int) -> str:
         return "B"
