@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from lora_a2.client import ParamGroup, train_local
 from lora_a2.checks import load_config
 from lora_a2.payload import InvalidPayload, decode, encode
+from lora_a2.rounds import RoundPlan, plan_client
 from lora_a2.selection import selection_from_ids, slot_size
 from lora_a2.strategies import REGISTRY, get_strategy
 from lora_a2.strategies import Task, Update
@@ -527,3 +530,24 @@ def test_a_client_too_small_to_hold_any_out_is_scored_like_the_others(tmp_path, 
     assert None not in line["local_accuracy"] and line["local_accuracy_held_out"] == held
     summary = json.loads((out / "summary.json").read_text())
     assert summary["local_accuracy_split"].startswith(f"held-out for {held} of {len(sizes)}")
+
+
+def test_an_unreachable_client_is_not_configured_so_ffa_lora_still_sends_it_a():
+    """FFA-LoRA sends A once, on a client's first task, and records that in its state when it
+    builds the task. A client the transport cannot reach is never sent one, so it is not
+    configured at all: its first task that arrives (round 2 here) still carries A."""
+    cfg, s, rt, _ = make("ffa-lora")
+    exp = SimpleNamespace(cfg=cfg, strategy=s, runtime=rt, fleet=None)
+    state = s.init_state(rt.initial_state())
+    a_names = set(rt.layout.names("A"))
+    for rnd, down in ((1, "no node"), (2, None)):
+        transport = SimpleNamespace(reachable=lambda c, why=down: why if c == 0 else None)
+        plan = RoundPlan(rnd=rnd, t0=0.0, clients=[0, 1])
+        tasks = {c: plan_client(exp, plan, c, state, transport) for c in (0, 1)}
+        if rnd == 1:
+            assert tasks[0] is None and plan.per_client[0]["download_bytes"] == 0
+            assert plan.failures == ["client 0: no node"]
+            assert a_names <= set(tasks[1].download)  # client 1's first task: A
+        else:
+            assert a_names <= set(tasks[0].download)  # client 0's first task: A
+            assert not a_names & set(tasks[1].download)  # client 1 holds it already

@@ -161,6 +161,17 @@ def plan_client(exp: Experiment, plan: RoundPlan, c: int, state: ServerState,
         if on_client is not None:
             on_client(c)
         return None
+    why = transport.reachable(c)
+    if why is not None:  # never sent a task: a strategy that records what it sent (FFA-LoRA's
+        # one-off A) must not record this one, so it is not configured
+        plan.per_client[c] = {"client": c, "download_bytes": 0, "download_params": 0,
+                              "upload_bytes": 0, "upload_params": 0, "dropped": True,
+                              "failure": why}
+        plan.dropped.append(c)
+        plan.failures.append(f"client {c}: {why}")
+        if on_client is not None:
+            on_client(c)
+        return None
     budget_row: dict[str, Any] = {}
     if cfg.strategy.rank_budget == "auto":
         fitted = fit_budgets(exp, plan.rnd, state, [c])[c]
@@ -176,15 +187,6 @@ def plan_client(exp: Experiment, plan: RoundPlan, c: int, state: ServerState,
     if drops_out(cfg.seed, draw, c, cfg.train.dropout):
         row.update(upload_bytes=0, upload_params=0, dropped=True)
         plan.dropped.append(c)
-        if on_client is not None:
-            on_client(c)
-        return None
-    why = transport.reachable(c)
-    if why is not None:
-        row.update(download_bytes=0, download_params=0, upload_bytes=0, upload_params=0,
-                   dropped=True, failure=why)
-        plan.dropped.append(c)
-        plan.failures.append(f"client {c}: {why}")
         if on_client is not None:
             on_client(c)
         return None
