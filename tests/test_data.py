@@ -730,3 +730,24 @@ def test_csv_whole_number_labels_sort_as_numbers_and_empty_cells_are_missing(
     train, test = load_dataset(f"csv:{path}")
     assert train.label_names == ["1", "2", "10"]  # not "1", "10", "2"
     assert len(train) + len(test) == 29  # the row with an empty label is dropped
+
+
+def test_too_few_rows_per_class_for_a_test_split_is_a_one_line_error(tmp_path: Path) -> None:
+    # a label column that is really an id: every class has one row, none can go to test
+    path = tmp_path / "ids.json"
+    path.write_text(json.dumps([{"text": f"row {i}", "label": f"id{i}"} for i in range(3)]))
+    with pytest.raises(UserError, match=r"leaves no test examples: 3 rows in 3 classes"):
+        load_dataset(f"json:{path}")
+
+
+def test_a_class_only_in_the_test_file_is_warned_about(tmp_path: Path, caplog) -> None:
+    train = _write_csv(tmp_path / "train.csv", _rows({"a": 5, "b": 5}))
+    test = _write_csv(tmp_path / "test.csv", _rows({"a": 2, "b": 2, "c": 3}))
+    with caplog.at_level("WARNING", logger="lora_a2.data.classification"):
+        tr, te = load_dataset(f"csv:{train},{test}")
+    assert tr.label_names == ["a", "b", "c"] and len(te) == 7
+    assert "classes 'c' appear only in the test file (3 test examples)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lora_a2.data.classification"):
+        load_dataset(f"csv:{train},{_write_csv(tmp_path / 't2.csv', _rows({'a': 2}))}")
+    assert "only in the test file" not in caplog.text

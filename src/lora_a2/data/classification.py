@@ -235,6 +235,16 @@ def load_dataset(
         test_labels = np.array([to_id[v] for v in test_rows[1]], dtype=np.int64)
         train, test = full_train, TextDataset(test_rows[0], test_labels, names, stats,
                                               test_rows[2])
+        unseen = sorted(set(test_labels.tolist()) - set(train_labels.tolist()))
+        if unseen:  # their head outputs never train: every such test example scores wrong
+            logger.warning("%s: classes %s appear only in the test file (%d test examples); "
+                           "no client can learn them", source.train.where,
+                           ", ".join(repr(names[i]) for i in unseen[:5]),
+                           int(np.isin(test_labels, unseen).sum()))
+    if not len(test):
+        raise UserError(f"{source.train.where} leaves no test examples: {len(full_train)} rows "
+                        f"in {len(names)} classes are too few per class for a test split of "
+                        f"{test_fraction:g} (is data.label_column an id column?)")
 
     if column is None:
         train = _maybe_subsample(train, max_train_examples, [seed, _TRAIN_SUBSAMPLE_STREAM])
