@@ -216,6 +216,25 @@ def test_hf_saved_dataset_folder(tmp_path):
     assert len(exp.train) + len(exp.test) == 60
 
 
+def test_hub_categories_stored_as_class_labels_keep_their_names(tmp_path):
+    """A hub dataset's ClassLabel category is read by its names (as a classification label
+    is), not its ids: category_loss and partition.json show "animal", not "1"."""
+    import datasets
+
+    from lora_a2.data.instructions import load_instructions
+
+    rows = instruction_rows(60)
+    names = sorted(TOPICS)
+    ds = datasets.Dataset.from_list(rows).cast_column("category", datasets.ClassLabel(names=names))
+    assert ds[0]["category"] == names.index(rows[0]["category"])  # stored as an id
+    ds.save_to_disk(str(tmp_path / "ds"))
+    train, test = load_instructions(f"hf:{tmp_path / 'ds'}")
+    assert train.label_names == names
+    got = [train.label_names[y] for y in train.labels]
+    by_text = {(r["instruction"], r["input"], r["response"]): r["category"] for r in rows}
+    assert got == [by_text[k] for k in zip(train.instructions, train.inputs, train.responses)]
+
+
 # ---------------------------------------------------------------------- loss
 def test_response_only_loss_equals_the_full_logits_loss(instr_json):
     """Gathering hidden states before lm_head gives the same loss and gradients as computing

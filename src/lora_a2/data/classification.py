@@ -44,10 +44,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
-from .readers import (SKIP_DUPLICATE, SKIP_EMPTY, SKIP_NO_CLIENT, Table, count_skip, file_paths,
-                      hf_load, hf_spec, instruction_hint, is_missing, natural_column,
-                      normalise_label, package_file, read_csv, read_table, read_text_file,
-                      require_columns)
+from .readers import (SKIP_DUPLICATE, SKIP_EMPTY, SKIP_NO_CLIENT, Table, class_label_names,
+                      count_skip, file_paths, hf_load, hf_spec, instruction_hint, is_missing,
+                      natural_column, normalise_label, package_file, read_csv, read_table,
+                      read_text_file, require_columns)
 from .splits import stratified_sample, stratified_split
 
 logger = logging.getLogger(__name__)
@@ -419,7 +419,7 @@ def _read_hf(spec: str, text_column: str, label_column: str,
         raise UserError(f"{shown} has no 'train' split (splits: {', '.join(splits)})")
     test = splits.get("test")
 
-    class_names = _class_label_names(train, label_column)
+    class_names = class_label_names(train, label_column)
     source = _Source(
         train=_hf_split(train, text_column, label_column, f"{shown} split 'train'", class_names,
                         client_column),
@@ -432,15 +432,6 @@ def _read_hf(spec: str, text_column: str, label_column: str,
     return source
 
 
-def _class_label_names(split: Any, label_column: str) -> list[str] | None:
-    import datasets
-
-    feature = split.features.get(label_column)
-    if isinstance(feature, datasets.ClassLabel):
-        return [str(n) for n in feature.names]
-    return None
-
-
 def _hf_split(
     split: Any, text_column: str, label_column: str, where: str, class_names: list[str] | None,
     client_column: str | None = None, required: bool = True,
@@ -448,7 +439,7 @@ def _hf_split(
     require_columns(list(split.column_names), (text_column, label_column), where,
                     instruction_hint(list(split.column_names)))
     labels = split[label_column]
-    names = class_names if class_names is not None else _class_label_names(split, label_column)
+    names = class_names if class_names is not None else class_label_names(split, label_column)
     if names is not None:
         # ClassLabel ids become their names (-1 = unlabelled, e.g. hidden GLUE test labels);
         # the vocabulary then maps names back to the train feature's ids.

@@ -44,8 +44,8 @@ import numpy as np
 
 from ..errors import UserError
 from .readers import (SKIP_DUPLICATE, SKIP_NO_CLIENT, count_skip, file_paths, first_line,
-                      hf_load, hf_spec, is_missing, natural_column, normalise_label,
-                      package_file, read_csv, read_table, read_text_file)
+                      hf_load, hf_spec, is_missing, named_values, natural_column,
+                      normalise_label, package_file, read_csv, read_table, read_text_file)
 from .splits import stratified_sample, stratified_split
 
 logger = logging.getLogger(__name__)
@@ -325,8 +325,9 @@ def _read_hf(spec: str, *columns: str, client: str | None = None) -> list[_Rows]
         split = splits[split_name]
         where = f"hub dataset '{name}' split '{split_name}'"
         cols = _columns(list(split.column_names), where, *columns)
-        out.append(_rows(lambda c: split[c], len(split), cols, where, list(split.column_names),
-                         client, not out))
+        # a ClassLabel column (a category, a client id) by its names, not its ids
+        out.append(_rows(lambda c: named_values(split, c), len(split), cols, where,
+                         list(split.column_names), client, not out))
     return out
 
 

@@ -242,6 +242,26 @@ def hf_spec(spec: str) -> tuple[str, str | None]:
     return name.strip(), config.strip() or None
 
 
+def class_label_names(split: Any, column: str) -> list[str] | None:
+    """The names of a hub split's ``ClassLabel`` column (its values are ids into them); None
+    for any other column."""
+    import datasets  # optional until a hub dataset is read: it is slow to import
+
+    feature = split.features.get(column)
+    if isinstance(feature, datasets.ClassLabel):
+        return [str(n) for n in feature.names]
+    return None
+
+
+def named_values(split: Any, column: str) -> list[Any]:
+    """A hub split's column, a ``ClassLabel``'s ids as their names (-1, unlabelled: None)."""
+    values = list(split[column])
+    names = class_label_names(split, column)
+    if names is None:
+        return values
+    return [names[v] if isinstance(v, int) and 0 <= v < len(names) else None for v in values]
+
+
 def hf_load(name: str, config: str | None) -> Any:
     import datasets
 
