@@ -120,13 +120,17 @@ def run_cli(out, *sets: str, data=None, base: list[str] | None = None, code: int
             args: tuple[str, ...] = ()):
     """``lora-a2 run --quiet --out OUT [--set data.name=DATA] --set ITEM …`` in this
     process, with the items of ``base`` (default :data:`TINY`) before ``sets``; asserts the
-    exit code and returns ``out``."""
+    exit code and returns ``out``. When ``sets`` choose a partition other than Dirichlet, the
+    base's ``data.alpha`` is left out (set for another partition it is refused)."""
     from lora_a2.cli import main
 
+    base = TINY if base is None else base
+    if any(s.startswith("data.partition=") and "dirichlet" not in s for s in sets):
+        base = [b for b in base if not b.startswith("data.alpha=")]
     argv = ["run", "--quiet", "--out", str(out), *args]
     if data is not None:  # a path is a CSV file; a string is a data.name as written
         argv += ["--set", f"data.name={data}" if isinstance(data, str) else f"data.name=csv:{data}"]
-    for item in [*(TINY if base is None else base), *sets]:
+    for item in [*base, *sets]:
         argv += ["--set", item]
     assert main(argv) == code
     return out

@@ -11,7 +11,7 @@ from typing import Any
 from ..errors import UserError
 from .schema import (BF16_MATMULS, CROSS_PHASE, FLEET_PROFILES, MECHANISMS, MODEL_DTYPES, MODES,
                      NOISE_SOURCES, PARTITIONS, PRECISIONS, RANK_DISTRIBUTIONS, REPORTERS,
-                     TRAIN_MODES, Config, TrainConfig)
+                     TRAIN_MODES, Config, DataConfig, TrainConfig)
 
 
 def require(cond: bool, key: str, msg: str, value: Any) -> None:
@@ -50,6 +50,14 @@ def validate(cfg: Config) -> None:
     known = clients_known(cfg)
     require(d.alpha > 0, "data.alpha", "must be > 0", d.alpha)
     require(d.classes_per_client >= 1, "data.classes_per_client", "must be ≥ 1", d.classes_per_client)
+    # a partition's own knob, set for another partition, would do nothing
+    require(d.partition == "dirichlet" or d.alpha == DataConfig.alpha, "data.alpha",
+            f"is read only by data.partition = 'dirichlet' (this run's is '{d.partition}')",
+            d.alpha)
+    require(d.partition in ("pathological", "paired")
+            or d.classes_per_client == DataConfig.classes_per_client, "data.classes_per_client",
+            f"is read only by data.partition = 'pathological' or 'paired' (this run's is "
+            f"'{d.partition}')", d.classes_per_client)
     require(d.min_examples_per_client >= 1, "data.min_examples_per_client", "must be ≥ 1",
              d.min_examples_per_client)
     require(0 < d.test_fraction < 1, "data.test_fraction", "must be in (0, 1)", d.test_fraction)

@@ -65,6 +65,9 @@ class LearningTask(ABC):
     bench_note: ClassVar[str] = ""
     #: the task the config means when no task claims its model or data
     fallback: ClassVar[bool] = False
+    #: config keys ("section.field") only this task reads: set away from their default for
+    #: another task they would do nothing, so that task's :meth:`check` refuses them
+    own_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -94,6 +97,15 @@ class LearningTask(ABC):
                 raise UserError(f"dataset '{cfg.data.name}' is {other.name} data, but the task "
                                 f"is '{self.name}' (model '{cfg.model.name}'); use "
                                 f"{self.name} data ({', '.join(self.data_names)}, or a file)")
+        defaults = Config()
+        for other in TASKS.values():
+            for key in () if other is type(self) else other.own_keys:
+                section, name = key.split(".")
+                value = getattr(getattr(cfg, section), name)
+                if value != getattr(getattr(defaults, section), name):
+                    raise UserError(f"config key '{key}' is read only by task '{other.name}'; "
+                                    f"this run's task is '{self.name}' (model "
+                                    f"'{cfg.model.name}', data '{cfg.data.name}'), got {value!r}")
 
     # -- data -------------------------------------------------------------------
     @abstractmethod

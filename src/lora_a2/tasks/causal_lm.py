@@ -63,6 +63,9 @@ class CausalLM(LearningTask):
     model_names = ("smollm2", "tiny-random-llama")
     data_names = INSTRUCTION_DATASETS
     generative = True
+    own_keys = ("data.instruction_column", "data.input_column", "data.response_column",
+                "data.category_column", "task.generate_examples", "task.max_new_tokens",
+                "task.samples")
     bench_columns = (("final_rouge_l", 100.0), ("best_rouge_l", 100.0), ("last3_rouge_l", 100.0),
                      ("initial_rouge_l", 100.0), ("final_loss", 1.0), ("initial_loss", 1.0))
     bench_note = ("ROUGE-L (F, %) of greedy answers to the fixed held-out subset and test loss "

@@ -34,6 +34,7 @@ class Classification(LearningTask):
     model_names = ("minilm", "tiny-random-bert")
     data_names = DATASET_NAMES
     fallback = True  # a hub model or data file no task claims: classification
+    own_keys = ("data.text_column", "data.label_column")
     bench_columns = (("final_accuracy", 100.0), ("best_accuracy", 100.0),
                      ("last3_accuracy", 100.0), ("final_local_accuracy", 100.0))
     bench_note = ("Accuracy in %, mean ± std over seeds; last3 = mean of the last three rounds' "
