@@ -258,8 +258,8 @@ def test_kill_and_resume_agree_exactly(tmp_path, synthetic_csv):
     from conftest import TINY
 
     fleet = write_fleet(tmp_path / "f.csv")
-    sets = TINY + async_sets(fleet, "strategy.name=lora-a2", "train.rounds=6",
-                             "train.cross_phase=apply")
+    sets = [t for t in TINY if not t.startswith("data.alpha=")] + async_sets(  # iid here
+        fleet, "strategy.name=lora-a2", "train.rounds=6", "train.cross_phase=apply")
     ref = run_cli(tmp_path / "ref", data=synthetic_csv, base=sets)
     out = tmp_path / "k"
     args = [sys.executable, "-m", "lora_a2.cli", "run", "--quiet", "--out", str(out),
