@@ -179,6 +179,7 @@ def test_async_availability_and_dropout_are_drawn_per_dispatch(tmp_path, synthet
     sets = async_sets(path, "strategy.name=fl-lora", "train.rounds=4", "train.dropout=0.2")
     out = run_cli(tmp_path / "a", *sets, data=synthetic_csv)
     fleet = Fleet(read_fleet_csv(path, 6))
+    fleet.flops_per_example = 1.0  # for times(): a download alone does no work
     rows = [row for r in lines(out) for row in r["per_client"]]
     offline = [row for row in rows if row.get("offline")]
     dropped = [row for row in rows if row.get("dropped")]
@@ -189,6 +190,12 @@ def test_async_availability_and_dropout_are_drawn_per_dispatch(tmp_path, synthet
         assert fleet.offline(0, d, c) == bool(row.get("offline")), row
         if not row.get("offline"):
             assert drops_out(0, d, c, 0.2) == bool(row.get("dropped")), row
+        else:
+            assert "sim_start_s" not in row and "version" not in row, row
+        if row.get("dropped"):  # it downloaded its task, then never replied
+            assert row["download_bytes"] > 0 and row["sim_start_s"] >= 0, row
+            assert isinstance(row["version"], int), row
+            assert row["sim_download_s"] == fleet.times(c, row["download_bytes"], 0, 0.0)[0]
 
 
 def _check_phases(records: list[dict], every: int) -> tuple[int, int]:

@@ -150,6 +150,10 @@ def _fill(exp: Experiment, sched: Schedule, rd: _Round, state: ServerState,
         row = one.per_client[c]
         row["dispatch"] = d  # the key of its availability, dropout and training draws
         if task is None:  # offline, dropped out or unreachable: this round's record has it
+            if row.get("download_bytes"):  # a dropout: it got its task, then never replies
+                # (the schedule does not wait for it: its slot is refilled at once)
+                row.update(version=sched.version, sim_start_s=sched.clock_s,
+                           sim_download_s=fleet.times(c, row["download_bytes"], 0, 0.0)[0])
             rd.seen.add(c)
             plan = rd.plan
             plan.clients.append(c)
