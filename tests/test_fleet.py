@@ -190,6 +190,10 @@ def test_lora_a2_declares_its_probe_in_its_passes():
     assert passes() == 3.0  # E = 2 plus a one-epoch probe
     assert passes("strategy.options.probe_epochs=2") == 4.0
     assert passes("strategy.options.probe_fraction=0.25") == pytest.approx(2.3)  # 3 of 10 steps
+    # 100 examples in batches of 30: 4 steps an epoch (30, 30, 30, 10); a two-epoch probe
+    # cut to 0.8 runs ⌈0.8 · 8⌉ = 7 steps: one whole epoch (100) and 3 steps (90) = 1.9 passes
+    assert passes("train.batch_size=30", "strategy.options.probe_epochs=2",
+                  "strategy.options.probe_fraction=0.8") == pytest.approx(3.9)
     assert passes("strategy.options.probe=reuse") == 2.0  # the probe is the first epoch
     # reselect_every = 2: a round of a phase that reuses its selection runs no probe
     cfg = load_config(None, ["train.local_epochs=2", "train.batch_size=10",

@@ -158,9 +158,11 @@ class LoraA2(Strategy):
         steps_per_epoch = -(-n // t.batch_size)
         if st.probe == "gradient":
             return passes + min(st.probe_batches * t.batch_size, n) / n
-        if st.probe == "full":
+        if st.probe == "full":  # its steps run whole epochs (each ending in a short batch)
+            # first, then the rest of the last one
             steps = max(1, math.ceil(st.probe_fraction * st.probe_epochs * steps_per_epoch))
-            return passes + min(steps * t.batch_size, st.probe_epochs * n) / n
+            epochs, rest = divmod(steps, steps_per_epoch)
+            return passes + (epochs * n + min(rest * t.batch_size, n)) / n
         return passes  # "reuse"
 
     def largest_update(self, rnd: int, client_id: int, num_examples: int,
