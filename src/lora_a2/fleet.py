@@ -236,8 +236,9 @@ def selected_per_round(cfg: Config, per_round: int) -> int:
 
 # ---------------------------------------------------------------------- FLOPs of a model
 def training_flops_per_example(runtime: Any, batch: tuple[torch.Tensor, ...]) -> float:
-    """FLOPs of one training step (task loss forward + backward, gradients for the federated
-    parameters only, as local training computes them) on ``batch``, per example, by torch's
+    """FLOPs of one training step (task loss forward + backward, gradients for every federated
+    parameter — both factors even where a method trains one a round, docs/FLEETS.md) on
+    ``batch``, per example, by torch's
     FLOP counter, with one rule for every fused attention kernel, CPU's and CUDA's
     (:func:`~lora_a2.flops.flop_counter`: a model without attention dropout — Llama, SmolLM2 —
     trains with the fused kernel on CPU too). The model runs in train mode, as in local
