@@ -312,6 +312,10 @@ def test_kill_and_resume_agree_exactly(tmp_path, synthetic_csv):
       "train.min_replies=3"], "'train.min_replies' must be ≤ train.buffer_size (2)"),
     (["train.mode=later"], "'train.mode' must be one of sync, async"),
     (["train.cross_phase=keep"], "'train.cross_phase' must be one of drop, apply"),
+    (["train.mode=async", "fleet.profile=uniform", "strategy.name=fl-lora",
+      "train.cross_phase=apply"],
+     "'train.cross_phase' is for strategies that alternate the LoRA factors (lora-a2, rolora); "
+     "'fl-lora' does not, got 'apply'"),
 ])
 def test_bad_async_combinations_are_one_line_errors(capsys, sets, needle):
     assert_config_error(capsys, ["data.num_clients=10", *sets], needle)

@@ -22,7 +22,7 @@ from typing import get_type_hints
 
 from ..budgets import resolve as resolve_budgets
 from ..errors import UserError
-from ..config import Config, clients_known
+from ..config import Config, TrainConfig, clients_known
 from ..tasks import resolve_task_name
 from ..messages import ServerState, Task, Update
 from .base import Strategy
@@ -204,11 +204,14 @@ def check_config(cfg: Config) -> None:
             raise UserError(f"config key 'strategy.rank_budget' strategy '{s.name}' trains one "
                             f"rank on every client: give a single integer (this gives ranks "
                             f"{', '.join(map(str, ranks))}), got {s.rank_budget!r}")
-    if cfg.train.phase_every and not cls.alternating:  # would be silently ignored
-        alt = sorted(n for n in names if REGISTRY[n].alternating)
-        raise UserError(f"config key 'train.phase_every' is for strategies that alternate the "
-                        f"LoRA factors ({', '.join(alt)}); '{s.name}' does not, got "
-                        f"{cfg.train.phase_every}")
+    alternating_only = [("phase_every", cfg.train.phase_every, TrainConfig.phase_every),
+                        ("cross_phase", cfg.train.cross_phase, TrainConfig.cross_phase)]
+    for key, value, default in alternating_only:  # would be silently ignored
+        if value != default and not cls.alternating:
+            alt = sorted(n for n in names if REGISTRY[n].alternating)
+            raise UserError(f"config key 'train.{key}' is for strategies that alternate the "
+                            f"LoRA factors ({', '.join(alt)}); '{s.name}' does not, got "
+                            f"{value!r}")
     if cfg.train.mode == "async" and not cls.supports_async:
         ok = sorted(n for n in names if REGISTRY[n].supports_async)
         raise UserError(f"config key 'train.mode' 'async' needs a strategy that adds stale "
