@@ -126,6 +126,15 @@ def test_fleet_csv_read_and_refused(tmp_path):
     bom = tmp_path / "bom.csv"  # Excel's "CSV UTF-8" starts with a byte-order mark
     bom.write_bytes(b"\xef\xbb\xbf" + ok.read_bytes())
     assert read_fleet_csv(bom, 2) == read_fleet_csv(ok, 2)
+    # rows past the run's clients are not used: one fleet file serves runs of fewer clients
+    assert read_fleet_csv(ok, 1) == [Device(1e9, 10, 2, 1.0)]
+
+
+def test_a_fleet_csv_path_may_start_with_a_tilde(tmp_path, monkeypatch, capsys):
+    write_fleet(tmp_path / "f.csv", [(1e9, 10, 2), (2e9, 20, 4)])
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert read_fleet_csv("~/f.csv", 2) == read_fleet_csv(tmp_path / "f.csv", 2)
+    assert main(["config", "--set", "fleet.profile=csv:~/f.csv", "data.num_clients=2"]) == 0
 
 
 @pytest.mark.parametrize("content,needle", [
@@ -135,6 +144,8 @@ def test_fleet_csv_read_and_refused(tmp_path):
     ("client,flops,down_mbps,up_mbps\n0,1e9,10,x\n", "must be a number"),
     ("client,flops,down_mbps,up_mbps\n0,1e9,10,2\n", "no row for client 1"),
     ("client,flops,down_mbps,up_mbps\n", "no row for client 0"),  # a header alone
+    ("client,flops,down_mbps,up_mbps\n0,1e9,10,2\n1,1e9,10,2\n-1,1e9,10,2\n",
+     "line 4: client ids start at 0, got -1"),
     ("", "lacks column(s) client, flops, down_mbps, up_mbps"),  # an empty file
     ("client,flops,down_mbps,up_mbps\n0,1e9,10,2\n1,1e9,\xe9t\xe9,2\n".encode("latin-1"),
      "not a UTF-8 CSV"),

@@ -168,10 +168,12 @@ def draw_profile(name: str, num_clients: int, seed: int) -> list[Device]:
 def read_fleet_csv(path: str | Path, num_clients: int) -> list[Device]:
     """One device per client from a CSV with columns ``client`` (0-based), ``flops``,
     ``down_mbps``, ``up_mbps`` and optionally ``availability`` (default 1); one-line
-    :class:`UserError` on anything missing or out of range."""
+    :class:`UserError` on anything missing or out of range. Rows for clients ≥ ``num_clients``
+    are not used (one fleet file serves runs of fewer clients)."""
     where = f"fleet.profile: '{path}'"
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:  # Excel's BOM too
+        with open(Path(str(path).strip()).expanduser(), newline="",
+                  encoding="utf-8-sig") as f:  # Excel's BOM too
             reader = csv.DictReader(f)
             rows = list(reader)
             fields = reader.fieldnames or []
@@ -197,6 +199,8 @@ def read_fleet_csv(path: str | Path, num_clients: int) -> list[Device]:
             raise UserError(f"{where} line {i}: column {bad[0]} must be > 0, got {row[bad[0]]!r}")
         if not 0 < avail <= 1:
             raise UserError(f"{where} line {i}: availability must be in (0, 1], got {avail}")
+        if c < 0:
+            raise UserError(f"{where} line {i}: client ids start at 0, got {c}")
         if c in by_client:
             raise UserError(f"{where} line {i}: client {c} listed twice")
         by_client[c] = Device(vals["flops"], vals["down_mbps"], vals["up_mbps"], avail)
