@@ -247,3 +247,53 @@ def test_the_upload_line_labels_each_reference_by_what_it_depends_on():
         " = 0.282% of fedavg-full's 7.27 GB, 77.1% of fl-lora's at the same rank")
     assert _references({**lora, **full}) == (
         " = 77.1% of fl-lora's 26.60 MB at the same rank, 0.282% of fedavg-full's 7.27 GB")
+
+
+@pytest.mark.parametrize("sets,per_round", [
+    ([], 4),  # every client each round
+    (["train.clients_per_round=2", "train.over_select=0.5", "fleet.profile=uniform"], 3),
+    (["train.mode=async", "fleet.profile=uniform", "train.concurrency=3",
+      "train.buffer_size=2"], 0),  # no fixed count: progress in rounds
+])
+def test_the_progress_total_is_what_each_round_reports(tmp_path, monkeypatch, synthetic_csv,
+                                                       sets, per_round):
+    """RunStart.clients_per_round is the count of clients each round reports done (sampled,
+    over-selected ones included); asynchronous rounds have none (0)."""
+    seen: dict[str, list] = {"start": [], "done": [], "rounds": []}
+
+    class Spy(Reporter):
+        name = "tensorboard"
+
+        def start(self, run):
+            seen["start"].append(run.clients_per_round)
+
+        def client_done(self, client):
+            seen["done"].append(client)
+
+        def round_end(self, record):
+            seen["rounds"].append(len(seen["done"]))
+
+    monkeypatch.setitem(OPTIONAL, "tensorboard", Spy)
+    lora_a2.run(None, out=tmp_path / "o", overrides=[
+        f"data.name=csv:{synthetic_csv}", *TINY_RUN, "train.rounds=2", 'report.to=["tensorboard"]',
+        *sets])
+    assert seen["start"] == [per_round]
+    if per_round:
+        assert seen["rounds"] == [per_round, 2 * per_round]
+
+
+def test_the_progress_bar_stands_at_each_round_s_end(tmp_path):
+    from lora_a2.reporters.progress import ProgressBar
+
+    cfg = load_config(None, ["train.rounds=3"])
+    for per_round, calls, want in ((4, 5, [4, 8]), (0, 3, [1, 2])):
+        bar = ProgressBar()
+        bar.start(RunStart(cfg, tmp_path, 1, per_round, "accuracy", {"accuracy": 0.5}))
+        got = []
+        for rnd in (1, 2):
+            for c in range(calls):  # more (or fewer) client events than the round's count
+                bar.client_done(c)
+            bar.round_end({"round": rnd, "accuracy": 0.5})
+            got.append(bar.bar.n)
+        bar.close()
+        assert got == want

@@ -25,6 +25,7 @@ from .checks import check_config, load_config
 from .config import Config, clients_per_round, differences
 from .data import label_histogram, local_inputs
 from .engines.local import run_async_round, run_round
+from .fleet import selected_per_round
 from .rounds import evaluate_state, fit_budgets
 from .errors import UserError
 from .experiment import Experiment, prepare
@@ -269,8 +270,9 @@ def _run_experiment(cfg: Config, out: Path, *, overwrite: bool, progress: bool, 
     title = f"{strategy.name} · {cfg.data.name} · {cfg.data.partition}" + (
         f"({cfg.data.alpha})" if cfg.data.partition == "dirichlet" else "")
     try:
-        per_round = cfg.train.buffer_size if cfg.train.mode == "async" \
-            else clients_per_round(exp.cfg)
+        # an async round's arrivals, offline and dropped-out clients are not a fixed count
+        per_round = 0 if cfg.train.mode == "async" \
+            else selected_per_round(exp.cfg, clients_per_round(exp.cfg))
         report.start(RunStart(cfg, out, start, per_round, metric, initial,
                               exp.task.plots, title, list(records), exp.task.summary_lines))
         setup_s = time.perf_counter() - t_start  # model, data, partition, initial evaluation

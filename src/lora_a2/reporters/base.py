@@ -33,7 +33,8 @@ class RunStart:
     out: Path
     #: the first round this process runs (> 1 when resumed)
     start_round: int
-    #: clients sampled per round (progress in client units)
+    #: clients sampled per round, over-selected ones included (progress in client units); 0
+    #: when a round has no fixed count (asynchronous: progress in rounds)
     clients_per_round: int
     #: the task's headline metric key (``accuracy``, ``eval_loss`` …)
     metric: str

@@ -15,16 +15,20 @@ class ProgressBar(Reporter):
         self.metric = ""
         self.rounds = 0
         self.round = 0
+        self.per_round = 0
 
     def start(self, run: RunStart) -> None:
         from tqdm import tqdm
 
         self.metric, self.rounds = run.metric, run.cfg.train.rounds
-        self.bar = tqdm(total=run.cfg.train.rounds * run.clients_per_round, unit="client",
+        self.per_round = run.clients_per_round
+        unit = "client" if self.per_round else "round"  # 0: no fixed count a round (async)
+        per = self.per_round or 1
+        self.bar = tqdm(total=run.cfg.train.rounds * per, unit=unit,
                         file=sys.stderr, dynamic_ncols=True,
-                        bar_format="{desc} {bar} {n_fmt}/{total_fmt} clients "
+                        bar_format="{desc} {bar} {n_fmt}/{total_fmt} " + unit + "s "
                                    "[{elapsed}<{remaining}]{postfix}")
-        self.bar.update((run.start_round - 1) * run.clients_per_round)
+        self.bar.update((run.start_round - 1) * per)
         self._describe(run.start_round)
 
     def _describe(self, rnd: int) -> None:
@@ -33,7 +37,7 @@ class ProgressBar(Reporter):
             self.bar.set_description(f"round {rnd}/{self.rounds}")
 
     def client_done(self, client: int) -> None:
-        if self.bar is not None:
+        if self.bar is not None and self.per_round:
             self.bar.update(1)
 
     def round_end(self, record: dict[str, Any]) -> None:
@@ -45,6 +49,8 @@ class ProgressBar(Reporter):
             shown["loss"] = f"{record['loss']:.3f}"
         if "cumulative_upload_bytes" in record:
             shown["up"] = f"{record['cumulative_upload_bytes'] / 1e6:.1f}MB"
+        # the bar stands at the round's end whatever was counted within it
+        self.bar.update(record["round"] * (self.per_round or 1) - self.bar.n)
         self.bar.set_postfix(shown)
         self._describe(record["round"] + 1)
 
