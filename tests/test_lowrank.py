@@ -229,9 +229,9 @@ def test_gram_fallback_on_a_rank_deficient_matrix_is_finite_and_exact(monkeypatc
     assert torch.allclose(res.left @ res.right, W, atol=1e-9)
     assert res.singular_values[:2].numpy() == pytest.approx(_numpy_sv(W)[:2], rel=1e-8)
     assert float(res.singular_values[2:].abs().max()) < 1e-6
-    if shape[0] >= shape[1]:  # the eigenvectors of WᵀW: orthonormal right vectors, null ones too
-        assert torch.allclose(res.right @ res.right.T, torch.eye(4, dtype=torch.float64),
-                              atol=1e-8)
+    # orthonormal right vectors, null ones too (tall: the eigenvectors of WᵀW; wide: the kept
+    # rows completed to an orthonormal set): a factor built from them can still train
+    assert torch.allclose(res.right @ res.right.T, torch.eye(4, dtype=torch.float64), atol=1e-8)
 
 
 # ---------------------------------------------------------------------- HetLoRA

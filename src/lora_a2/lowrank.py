@@ -134,15 +134,23 @@ def _fallback_svd(w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     order = torch.argsort(evals, descending=True)
     s = evals[order].clamp_min(0).sqrt()
     vecs = evecs[:, order]
-    safe = torch.where(s > s.max() * 1e-12, s, torch.ones_like(s))
+    # σ² is known to ≈ eps · σ_max², so σ below √eps · σ_max is rounding noise: a null direction
+    null = s <= s.max() * 10 * torch.finfo(w.dtype).eps ** 0.5
+    s = torch.where(null, torch.zeros_like(s), s)
+    safe = torch.where(null, torch.ones_like(s), s)
     if tall:  # vecs = V; U = W V / σ
         vh = vecs.T
         u = (w @ vecs) / safe
-        u[:, s <= s.max() * 1e-12] = 0
+        u[:, null] = 0
     else:  # vecs = U; Vᵀ = Σ⁻¹ Uᵀ W
         u = vecs
         vh = (vecs.T @ w) / safe[:, None]
-        vh[s <= s.max() * 1e-12] = 0
+        if null.any():  # Σ⁻¹ Uᵀ W is 0 there: complete the rows to an orthonormal set (the
+            # QR of [kept rows; I]ᵀ starts with the kept rows' span), so a factor built from
+            # them still has trainable directions, as the tall branch's eigenvectors do
+            kept = int((~null).sum())
+            q, _ = torch.linalg.qr(torch.cat([vh[~null], torch.eye(w.shape[1], dtype=w.dtype)]).T)
+            vh[null] = q[:, kept:kept + int(null.sum())].T
     return u, s, vh
 
 
