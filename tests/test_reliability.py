@@ -109,12 +109,19 @@ def _mutants(upd: Update, kind: str, n: int, x: float):
         return os.urandom(1 + n % 200)
     elif kind == "header-json":
         return (8).to_bytes(8, "little") + b"{notjson"
+    elif kind == "unsupported-dtype":  # safetensors knows these; torch has no such dtype
+        dtype, size = [("F4", 2), ("F6_E2M3", 3), ("F6_E3M2", 3), ("F8_E8M0", 4)][n % 4]
+        header = json.dumps({"values" if x > 0 else "extra": {
+            "dtype": dtype, "shape": [4], "data_offsets": [0, size]},
+            "__metadata__": {"meta": json.dumps(meta)}}).encode()
+        header += b" " * (-len(header) % 8)
+        return len(header).to_bytes(8, "little") + header + bytes(size)
     return encode(Payload(v, sl, meta))
 
 
 KINDS = ["truncate", "nan", "drop-values", "extra-values", "dtype", "slot-range", "slot-dup",
          "too-many-slots", "wrong-client", "bad-examples", "huge-examples", "bad-loss",
-         "deep-json", "long-number", "huge", "garbage", "header-json"]
+         "deep-json", "long-number", "huge", "garbage", "header-json", "unsupported-dtype"]
 FUZZ_CASES = 400
 
 

@@ -64,6 +64,10 @@ def decode(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Payload:
         tensors = st_load(bytes(data))
     except (SafetensorError, ValueError, RuntimeError, OverflowError) as e:
         raise InvalidPayload(f"not a safetensors payload: {str(e).splitlines()[0][:200]}") from None
+    except (KeyError, TypeError, AttributeError) as e:  # a dtype safetensors knows and torch
+        # does not (F4, F6_E2M3, F8_E8M0 …): the library's own lookup fails
+        raise InvalidPayload(f"payload has a tensor of a dtype torch cannot hold: "
+                             f"{str(e)[:60]}") from None
     extra = set(tensors) - {"values", "slots"}
     if extra:
         raise InvalidPayload(f"unexpected tensors in payload: {sorted(extra)}")
