@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -26,10 +27,11 @@ from lora_a2.payload import InvalidPayload, Payload, decode, encode
 from lora_a2.errors import UserError
 from lora_a2.locks import RUN_LOCK
 from lora_a2.report import read_metrics
-from lora_a2.rounds import Reply
+from lora_a2.rounds import Reply, evaluate_clients
 from lora_a2.rounds import run_round as run_round_over
 from lora_a2.runner import check_out_dir, replace_out_dir
 from lora_a2.strategies import ClientContext, Update
+from lora_a2.tasks.classification import Classification
 from lora_a2.validation import UploadLimits, receive_upload
 
 from conftest import TINY as TINY_RUN
@@ -161,6 +163,39 @@ def test_a_bad_evaluation_answer_is_dropped_not_raised(meta):
     assert read_eval_reply(encode(Payload(torch.zeros(0), None, {"client": 0, "metrics": {
         "accuracy": 0.5, "loss": None}})), 0) == {"accuracy": 0.5, "loss": None}
     assert read_eval_reply(encode(Payload(torch.zeros(0), None, meta)), 0) is None
+
+
+GOOD_ANSWER = {"accuracy": 0.5, "macro_f1": 0.4, "loss": 1.2, "local_accuracy": 0.6,
+               "local_held_out": 1}
+
+
+@pytest.mark.parametrize("metrics,needle", [
+    ({}, "missing"),  # every key the server reads is there
+    ({**GOOD_ANSWER, "accuracy": None}, "'accuracy' = 'None'"),
+    ({**GOOD_ANSWER, "accuracy": 1e300}, "'accuracy' = '1e+300' is outside [0, 1]"),
+    ({**GOOD_ANSWER, "macro_f1": 1.5}, "'macro_f1'"),
+    ({**GOOD_ANSWER, "local_held_out": 2}, "'local_held_out'"),
+    ({**GOOD_ANSWER, "bonus": 1.0}, "'bonus'] not expected"),
+])
+def test_an_evaluation_answer_without_the_tasks_metrics_is_rejected_and_named(metrics, needle):
+    """A personalised run's evaluate phase reads each answer's accuracy, macro-F1, loss and
+    local accuracy: one missing, None or out of range crashed the server's merge (and every
+    resume after it); now the round goes on without that client, naming it."""
+    good = {"client": 0, "metrics": GOOD_ANSWER}
+    answers = {0: Reply(encode(Payload(torch.zeros(0), None, good))),
+               1: Reply(encode(Payload(torch.zeros(0), None, {"client": 1, "metrics": metrics})))}
+    task = Classification(load_config(None, []))
+    exp = SimpleNamespace(cfg=SimpleNamespace(data=SimpleNamespace(num_clients=2)), task=task,
+                          strategy=SimpleNamespace(eval_task=lambda rnd, c, state: SimpleNamespace(
+                              to_payload=lambda layout: Payload(torch.zeros(0), None, {}))),
+                          runtime=SimpleNamespace(layout=None))
+    transport = SimpleNamespace(exchange_eval=lambda exp, rnd, tasks: answers)
+    out = evaluate_clients(exp, 1, None, transport)
+    assert out["client_eval"][0] == GOOD_ANSWER and out["client_eval"][1] is None
+    assert len(out["eval_failures"]) == 1 and out["eval_failures"][0].startswith(
+        "client 1: evaluation answer rejected: ") and needle in out["eval_failures"][0]
+    merged = task.merge_client_evals({"accuracy": 0.1}, out["client_eval"])  # no crash
+    assert merged["accuracy"] == 0.5 and merged["local_accuracy"] == [0.6, None]
 
 
 # ---------------------------------------------------------------------- bytes on the wire

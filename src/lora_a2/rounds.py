@@ -382,7 +382,7 @@ def evaluate_clients(exp: Experiment, rnd: int, state: ServerState, transport: T
             evals.append(None)
             continue
         try:
-            evals.append(eval_answer(reply.blob, c))
+            evals.append(eval_answer(reply.blob, c, exp.task.client_eval_ranges))
         except InvalidPayload as e:
             failures.append(f"client {c}: evaluation answer rejected: {e}")
             evals.append(None)
@@ -418,9 +418,12 @@ def eval_reply(client: int, metrics: dict[str, Any]) -> Payload:
     return Payload(values=torch.zeros(0), meta={"client": client, "metrics": metrics})
 
 
-def eval_answer(blob: bytes, client: int) -> dict[str, Any]:
+def eval_answer(blob: bytes, client: int,
+                expected: dict[str, tuple[float, float, bool]] | None = None) -> dict[str, Any]:
     """The metrics of an evaluation answer; :class:`InvalidPayload` when it is not a
-    well-formed answer from ``client`` with finite numbers in [0, ∞)."""
+    well-formed answer from ``client`` with finite numbers in [0, ∞) — and, with ``expected``
+    (the task's :attr:`~lora_a2.tasks.LearningTask.client_eval_ranges`), exactly its keys,
+    each in its range (None only where allowed): the server reads them all."""
     try:
         meta = decode(blob).meta
         metrics = meta["metrics"]
@@ -431,6 +434,16 @@ def eval_answer(blob: bytes, client: int) -> dict[str, Any]:
     for k, v in metrics.items():
         if v is not None and not (finite_number(v) and v >= 0):
             raise InvalidPayload(f"metric {k!r} = {str(v)[:40]!r}")
+    if expected is not None:
+        missing, extra = sorted(set(expected) - set(metrics)), sorted(set(metrics) - set(expected))
+        if missing or extra:
+            raise InvalidPayload(f"metrics {missing[:3]} missing, {[k[:40] for k in extra[:3]]} "
+                                 f"not expected")
+        for k, (low, high, may_be_none) in expected.items():
+            v = metrics[k]
+            if (v is None and not may_be_none) or (v is not None and not low <= v <= high):
+                raise InvalidPayload(f"metric {k!r} = {str(v)[:40]!r} is outside "
+                                     f"[{low:g}, {high:g}]")
     return metrics
 
 

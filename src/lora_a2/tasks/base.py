@@ -65,6 +65,10 @@ class LearningTask(ABC):
     bench_note: ClassVar[str] = ""
     #: the task the config means when no task claims its model or data
     fallback: ClassVar[bool] = False
+    #: what a client's evaluation answer (:meth:`evaluate_client`) must hold: key → (low,
+    #: high, may be None); the server refuses an answer with a key missing, extra or out of
+    #: range (empty: the task has no per-client evaluation)
+    client_eval_ranges: ClassVar[dict[str, tuple[float, float, bool]]] = {}
     #: config keys ("section.field") only this task reads: set away from their default for
     #: another task they would do nothing, so that task's :meth:`check` refuses them
     own_keys: ClassVar[tuple[str, ...]] = ()

@@ -8,6 +8,7 @@ outside the LoRA targets (frozen and seeded, or trained: ``model.head``).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,9 @@ class Classification(LearningTask):
     data_names = DATASET_NAMES
     fallback = True  # a hub model or data file no task claims: classification
     own_keys = ("data.text_column", "data.label_column")
+    client_eval_ranges = {"accuracy": (0.0, 1.0, False), "macro_f1": (0.0, 1.0, False),
+                          "loss": (0.0, math.inf, False), "local_accuracy": (0.0, 1.0, True),
+                          "local_held_out": (0.0, 1.0, False)}
     bench_columns = (("final_accuracy", 100.0), ("best_accuracy", 100.0),
                      ("last3_accuracy", 100.0), ("final_local_accuracy", 100.0))
     bench_note = ("Accuracy in %, mean ± std over seeds; last3 = mean of the last three rounds' "
