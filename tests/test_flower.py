@@ -684,8 +684,8 @@ def test_flowers_byte_totals_are_null_where_a_round_withheld_them():
 
 def test_the_summary_lists_the_secagg_rounds_a_single_mask_hid():
     """summary.json's ``secagg``: rounds the server unmasked, and those where some survivor had
-    fewer than two pairwise masks (failed rounds too: the unmasking happened); none without
-    SecAgg+."""
+    fewer than three pairwise masks (two fall to a meet-in-the-middle search; failed rounds
+    too: the unmasking happened); none without SecAgg+."""
     def rec(rnd, fewest, stages=("setup", "unmask")):
         return {"round": rnd, "status": "ok",
                 "secagg": {"stages": dict.fromkeys(stages, [0, 0]),
@@ -694,11 +694,12 @@ def test_the_summary_lists_the_secagg_rounds_a_single_mask_hid():
     assert _secagg_summary([{"round": 1, "status": "ok"}]) == {}
     out = _secagg_summary([rec(1, 2), rec(2, 1), rec(3, 0), rec(4, 3), rec(5, None),
                            rec(6, None, stages=("setup", "share_keys"))])["secagg"]
-    assert out["rounds_unmasked"] == 5 and out["weak_rounds"] == [2, 3]
+    assert out["rounds_unmasked"] == 5 and out["weak_rounds"] == [1, 2, 3]
     assert out["unknown_rounds"] == [5]  # a record from before the count was kept
-    assert "round(s) 2, 3: a survivor" in out["caveat"] and "reconstruction_threshold" in \
-        out["caveat"] and "round(s) 5: how many masks" in out["caveat"]
-    fine = _secagg_summary([rec(1, 2), rec(2, 5)])["secagg"]
+    assert "round(s) 1, 2, 3: a survivor's vector was hidden by fewer than 3" in out["caveat"]
+    assert "reconstruction_threshold >= 4" in out["caveat"]
+    assert "round(s) 5: how many masks" in out["caveat"]
+    fine = _secagg_summary([rec(1, 3), rec(2, 5)])["secagg"]
     assert fine == {"rounds_unmasked": 2, "weak_rounds": []}
 
 
@@ -733,9 +734,9 @@ def test_secagg_survives_a_client_that_drops_out(tmp_path, synthetic_csv, monkey
     (p,), (s,) = read_metrics(plain / "metrics.jsonl"), read_metrics(secure / "metrics.jsonl")
     assert p["dropped"] == [2] and s["dropped"] == [2]
     assert s["status"] == "ok" and s["secagg"]["survivors"] == [0, 1, 3]
-    assert s["secagg"]["fewest_pairwise_masks"] == 2
+    assert s["secagg"]["fewest_pairwise_masks"] == 2  # three survivors: two masks each
     summary = json.loads((secure / "summary.json").read_text())
-    assert summary["secagg"] == {"rounds_unmasked": 1, "weak_rounds": []}
+    assert summary["secagg"]["weak_rounds"] == [1]  # two masks: a meet-in-the-middle search
     assert max_diff(final_state(plain), final_state(secure)) < 4 * 3 * (2 * 8.0 / 4194304)
 
 

@@ -521,28 +521,35 @@ def _privacy_summary(exp: Experiment, records: list[dict[str, Any]]) -> dict[str
                         "caveats": caveats}}
 
 
+#: the fewest pairwise masks (32-bit seeds each) that hide an unmasked survivor's vector
+#: beyond a search: k masks fall to a meet-in-the-middle search of about 2^(32·⌈k/2⌉) steps
+SAFE_MASKS = 3
+
+
 def _secagg_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """The SecAgg+ rounds in which some survivor's vector, once unmasked, was hidden by a
-    single pairwise mask (one 32-bit seed of Flower's mask generator: a feasible search);
+    """The SecAgg+ rounds in which some survivor's vector, once unmasked, was hidden by fewer
+    than three pairwise masks (32-bit seeds of Flower's mask generator: one is a 2³² search,
+    two fall to a meet-in-the-middle search of about the same cost — docs/PRIVACY.md);
     {} without SecAgg+. A round counts once the server has unmasked, whether or not its mean
     was then used; a round recorded before the count was kept is listed apart (unknown)."""
     if not any("secagg" in r for r in records):
         return {}
     unmasked = [r for r in records if "unmask" in r.get("secagg", {}).get("stages", {})]
     weak = sorted(r["round"] for r in unmasked
-                  if r["secagg"].get("fewest_pairwise_masks", 2) < 2)
+                  if r["secagg"].get("fewest_pairwise_masks", SAFE_MASKS) < SAFE_MASKS)
     unknown = sorted(r["round"] for r in unmasked if "fewest_pairwise_masks" not in r["secagg"])
     out: dict[str, Any] = {"rounds_unmasked": len(unmasked), "weak_rounds": weak}
     if unknown:
         out["unknown_rounds"] = unknown
     if weak or unknown:
         out["caveat"] = "; ".join(
-            [f"round(s) {', '.join(map(str, weak))}: a survivor's vector was hidden by one "
-             "pairwise mask (a 32-bit seed) once the server unmasked"] * bool(weak)
+            [f"round(s) {', '.join(map(str, weak))}: a survivor's vector was hidden by fewer "
+             f"than {SAFE_MASKS} pairwise masks (32-bit seeds) once the server unmasked"]
+            * bool(weak)
             + [f"round(s) {', '.join(map(str, unknown))}: how many masks hid each survivor "
                "was not recorded (an older version ran them)"] * bool(unknown)
-        ) + ("; an integer secagg.reconstruction_threshold >= 3 halts such rounds before "
-             "unmasking")
+        ) + (f"; an integer secagg.reconstruction_threshold >= {SAFE_MASKS + 1} halts such "
+             "rounds before unmasking")
     return {"secagg": out}
 
 
