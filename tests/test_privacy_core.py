@@ -177,7 +177,10 @@ def test_plan_summary_says_what_it_is():
     s = p.summary()
     assert s == {"mechanism": "gaussian", "mode": "central", "clip": 0.5, "noise_multiplier": 2.0,
                  "delta": 1e-6, "target_epsilon": 3.0,
-                 "epsilon": p.epsilon(8), "selection": "public",
+                 "epsilon": p.epsilon(8),
+                 # replacing a client's data: sensitivity 2C/(qW), the ε at z/2 = 1
+                 "epsilon_replace_one": pytest.approx(dp.gaussian_epsilon(1.0, 8, 1e-6)),
+                 "selection": "public",
                  "selection_epsilon_per_round": None, "selection_epsilon": None,
                  "noise_source": "seeded", "estimator": "fixed-denominator", "weight_cap": 40.0,
                  "estimator_sample_rate": 0.25, "amplification_by_sampling": False,
@@ -187,6 +190,11 @@ def test_plan_summary_says_what_it_is():
     t = q.summary()
     assert not q.rebuildable and t["guarantee_holds_against_config_holders"] is True
     assert t["estimator"] is None and t["weight_cap"] is None
+    assert t["epsilon_replace_one"] is None  # local mode's ε already is against replacement
+    # Laplace, central, one round: zero-out ε₀ = 1/z, replace-one 2/z
+    lap = dp.PrivacyPlan("laplace", "central", 1.0, 4.0, 1e-5, 0.5, 1).summary()
+    assert lap["epsilon"] == pytest.approx(0.25) and lap["epsilon_replace_one"] == \
+        pytest.approx(0.5)
     assert t["estimator_sample_rate"] is None and t["amplification_by_sampling"] is False
     assert t["selection_epsilon_per_round"] == 0.5
     assert t["selection_epsilon"] == q.selection_spent(2)

@@ -15,8 +15,10 @@ For each row (strategy × mode × mechanism, and LoRA-A2's private selection):
    client that does not clip, so the server's own clip is under test too).
 2. The accountant's worst-case neighbours go through the **real code** of the DP wrapper
    (:class:`lora_a2.private.PrivateStrategy`): ``central`` — the round with the canary and
-   three other clients at −C along e_j, against the round without the canary (add/remove one
-   client; the estimator's weights, the server clip, the aggregation are the run's);
+   one other client at −C along e_j (the round's two other sampled clients dropped out),
+   against the same round with the canary client's change zero (zero-out neighbours: the
+   release shows who replied, so both rounds have the same replies; the estimator's weights,
+   the server clip, the aggregation are the run's);
    ``local`` — the canary's upload at +C against the same upload at −C (replace-one).
    This is the deterministic part of the release, computed once per neighbour.
 3. The noise is drawn in batch through the wrapper's real noise function at the scale the
@@ -281,9 +283,13 @@ def neighbours(f: Federation, mode: str) -> tuple[Tensor, float]:
             scale = s.local_noise_scale()
         else:
             canary = (task0, _with_change(f, task0, raw, 0, 10 * CLIP * e))  # does not clip
-            others = [(t, _with_change(f, t, raw, t.client_id, -CLIP * e)) for t in tasks[1:]]
+            # one other client at −C; the rest of the round's sample dropped out (zero-out
+            # neighbours keep who replied public and equal, so a denominator taken over the
+            # replies, not fixed, shows only when some did not reply)
+            others = [(t, _with_change(f, t, raw, t.client_id, -CLIP * e)) for t in tasks[1:2]]
+            zero = (task0, _with_change(f, task0, raw, 0, torch.zeros_like(e)))
             with_c, _ = s.central_aggregate(1, f.state, [canary] + others)
-            without, _ = s.central_aggregate(1, f.state, others)
+            without, _ = s.central_aggregate(1, f.state, [zero] + others)
             d = _flat(f, with_c) - _flat(f, without)
             scale = s.central_noise_scale()
         if float(d.abs().max()) > 0:

@@ -14,9 +14,12 @@ the noise scale relative to the sensitivity unit:
   update (+C against −C), so the sensitivity is 2C: multiplier z/2, Laplace ε₀ = 2/z per round,
   sampling rate 1 (the server picks who takes part), every round counted.
 - ``central``: the fixed-denominator estimator of DP-FedAvg (McMahan, Ramage, Talwar, Zhang,
-  ICLR 2018; :func:`fixed_denominator_weights`) has add/remove-one-client sensitivity C/(qW)
-  (:func:`central_sensitivity`); std (Laplace: scale) z·C/(qW) on every entry the round can
-  change: multiplier z, Laplace ε₀ = 1/z per round, every round counted at sampling rate 1.
+  ICLR 2018; :func:`fixed_denominator_weights`) moves by at most C/(qW)
+  (:func:`central_sensitivity`) when one client's update is replaced by zero (zero-out
+  neighbours: the release shows who replied, so "present or absent" is not what it hides);
+  std (Laplace: scale) z·C/(qW) on every entry the round can change: multiplier z, Laplace
+  ε₀ = 1/z per round, every round counted at sampling rate 1. Against replacing one client's
+  data with any other (2C/(qW)) it is the ε at z/2, reported as ``epsilon_replace_one``.
   No amplification by sampling is claimed: amplification needs the sample hidden from the
   adversary, and here who takes part is public (a fixed-size sample drawn from the seed in the
   released config, and listed in every released round).
@@ -157,7 +160,7 @@ def fixed_denominator_weights(num_examples: Sequence[int], population: Sequence[
     Δ = Σ_{k in round} w_k Δ_k / (q W), with w_k = min(n_k / ŵ, 1) and W = Σ_{all clients} w_j.
 
     The denominator q·W is the *expected* total weight of a round, fixed before the round, so
-    adding or removing one client moves Δ by at most ‖w_k Δ_k‖ / (qW) ≤ C / (qW) whatever the
+    zeroing one client's update moves Δ by at most ‖w_k Δ_k‖ / (qW) ≤ C / (qW) whatever the
     others sent or who replied (:func:`central_sensitivity`). With ŵ = the largest client's
     count these are the data weights n_k / Σ_j n_j in expectation (they sum to 1 when every
     sampled client replies under full participation); a dropout shrinks the round's step
@@ -288,7 +291,8 @@ class PrivacyPlan:
     @property
     def sensitivity_factor(self) -> float:
         """Sensitivity / clip unit: 2 in local mode (replace-one: +C against −C), 1 in central
-        (add/remove one client of the fixed-denominator estimator, in units of C / (qW))."""
+        (one client's update against zero in the fixed-denominator estimator, in units of
+        C / (qW))."""
         return 2.0 if self.mode == "local" else 1.0
 
     @property
@@ -309,7 +313,10 @@ class PrivacyPlan:
         ε_sel/k gives ε_sel²/(8k), so this is conservative by the number of slots k). Gaussian:
         its RDP α·ρ is added to the Gaussian's at every order. Laplace: the per-round pure ε's
         add (2/z + ε_sel), then compose over rounds as without selection."""
-        z = self.noise_multiplier / self.sensitivity_factor
+        return self._epsilon(rounds, self.sensitivity_factor)
+
+    def _epsilon(self, rounds: int, sensitivity_factor: float) -> float:
+        z = self.noise_multiplier / sensitivity_factor
         sel = self.selection_epsilon if self.private_selection else 0.0
         if self.mechanism == "gaussian":
             if sel:
@@ -336,7 +343,12 @@ class PrivacyPlan:
         return {"mechanism": self.mechanism, "mode": self.mode, "clip": self.clip,
                 "noise_multiplier": self.noise_multiplier, "delta": self.delta,
                 "target_epsilon": self.target_epsilon,
-                "epsilon": self.epsilon(self.rounds), "selection": self.selection,
+                "epsilon": self.epsilon(self.rounds),
+                # central: ε against replacing one client's data with any other (sensitivity
+                # 2C/(qW)); local mode's ε already is
+                "epsilon_replace_one": self._epsilon(self.rounds, 2.0)
+                if self.mode == "central" else None,
+                "selection": self.selection,
                 "selection_epsilon_per_round": self.selection_epsilon
                 if self.private_selection else None,
                 "selection_epsilon": self.selection_spent(self.rounds),

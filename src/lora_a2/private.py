@@ -24,7 +24,7 @@ drops the training loss from the upload header.
 the server releases. The server clips every upload again (a client that does not clip cannot
 raise the sensitivity) and aggregates with DP-FedAvg's **fixed-denominator estimator**
 (McMahan, Ramage, Talwar, Zhang, ICLR 2018): Δ = Σ_k w_k Δ_k / (qW), w_k = min(n_k/ŵ, 1),
-W = Σ over all clients, so adding or removing a client moves Δ by at most C/(qW) whatever else
+W = Σ over all clients, so zeroing one client's update moves Δ by at most C/(qW) whatever else
 happened in the round; the noise N(0, (z·C/(qW))²) (Laplace: scale z·C/(qW)) goes on every
 entry of :meth:`~Strategy.noise_groups`. What the aggregate sums therefore has exactly the
 sensitivity the accountant assumes (noise multiplier z; every round counted at sampling rate 1:
