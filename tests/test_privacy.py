@@ -1002,6 +1002,24 @@ def test_central_release_holds_only_noised_or_data_independent_values(tmp_path, 
     assert "local_accuracy" in json.loads((opt / "initial_eval.json").read_text())
 
 
+@pytest.mark.parametrize("mode", ["central", "local"])
+def test_a_dp_upload_carries_no_loss_so_its_size_does_not_depend_on_the_data(mode):
+    """The training loss is a data-dependent number; in central mode its text's length changed
+    the upload's size (0.5 against 0.6931471805599453: 16 bytes more), a size the release
+    publishes for a fixed-size strategy as not depending on any client's data."""
+    s, rt, ctxs = make("fl-lora", "privacy.mechanism='gaussian'", f"privacy.mode='{mode}'",
+                       "privacy.noise_multiplier=1")
+    task, raw = client_side(s, rt, s.configure(1, 0, s.init_state(rt.initial_state())), ctxs[0])
+    sizes = set()
+    for loss in (0.5, 0.6931471805599453, float("nan")):
+        raw.meta["loss"] = loss
+        sent = s.privatize_upload(task, Update(raw.client_id, raw.num_examples,
+                                               raw.values.clone(), raw.slots, dict(raw.meta)))
+        assert "loss" not in sent.meta
+        sizes.add(len(encode(sent.to_payload())))
+    assert len(sizes) == 1, sizes
+
+
 def test_central_release_of_a_fixed_size_strategy_keeps_its_bytes(tmp_path, synthetic_csv):
     out = _run(tmp_path, "fl", synthetic_csv, "strategy.name=fl-lora", "privacy.mechanism=gaussian",
                "privacy.mode=central", "privacy.noise_multiplier=1")
@@ -1012,6 +1030,13 @@ def test_central_release_of_a_fixed_size_strategy_keeps_its_bytes(tmp_path, synt
     # and each client's, which add up to the round's
     for r in rows:
         assert sum(c["upload_bytes"] for c in r["per_client"]) == r["upload_bytes"] > 0
+    # released as not depending on the data: a client's upload is the same size every round
+    # (its training loss, a data-dependent number, changed the header's length by a few bytes)
+    sizes: dict[int, set[int]] = {}
+    for r in rows:
+        for c in r["per_client"]:
+            sizes.setdefault(c["client"], set()).add(c["upload_bytes"])
+    assert len(rows) >= 2 and all(len(v) == 1 for v in sizes.values()), sizes
 
 
 @pytest.mark.parametrize("name,says", [

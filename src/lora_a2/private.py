@@ -109,13 +109,15 @@ class PrivateStrategy:
         return self.plan.noise_multiplier * self.plan.clip
 
     def privatize_upload(self, task: Task, update: Update) -> Update:
-        """Clip; in local mode add the noise and drop the loss (a data-dependent scalar)."""
+        """Clip; in local mode add the noise. Either mode drops the loss: a data-dependent
+        scalar, and in central mode its text's length changed the upload's size by a few
+        bytes, a size the release publishes as not depending on the client's data."""
         out = self.client_clip(task, update)
         if self.plan.mode == "local":
             gen = self.generator(task.round, task.client_id)
             out.values = out.values + self.draw_noise(out.values.numel(),
                                                       self.local_noise_scale(), gen)
-            out.meta.pop("loss", None)
+        out.meta.pop("loss", None)
         return out
 
     def selection_epsilon(self) -> float:
