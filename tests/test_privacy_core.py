@@ -48,6 +48,16 @@ def test_clip_of_zero_is_zero():
     assert torch.equal(dp.clip(z, 1.0), z)
 
 
+@pytest.mark.parametrize("mech", ["gaussian", "laplace"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_change_is_clipped_to_zero(mech, bad):
+    """The clip holds on every input: a diverged client's change (NaN skipped the scaling, Inf
+    turned it into NaN) is sent as zero, so its noised upload is pure noise."""
+    v = torch.tensor([bad, 1.0, 2.0])
+    out = dp.clip(v, 1.0, mech)
+    assert torch.equal(out, torch.zeros(3))
+
+
 # ---------------------------------------------------------------------- noise
 def test_noise_draws_have_their_law():
     n = 200_000

@@ -72,8 +72,12 @@ def norm_of(values: Tensor, mechanism: str) -> float:
 
 
 def clip(values: Tensor, bound: float, mechanism: str = "gaussian") -> Tensor:
-    """``values`` scaled down so that their L2 (Laplace: L1) norm is at most ``bound``."""
+    """``values`` scaled down so that their L2 (Laplace: L1) norm is at most ``bound``. A
+    non-finite one (a client whose training diverged) becomes zero: NaN skipped the scaling and
+    Inf made NaN of it, so the noised upload told which client and coordinate overflowed."""
     norm = norm_of(values, mechanism)
+    if not math.isfinite(norm):
+        return torch.zeros_like(values)
     if norm <= bound or norm == 0.0:
         return values.clone()
     out = (values.double() * (bound / norm)).to(values.dtype)
