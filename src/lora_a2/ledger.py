@@ -26,11 +26,15 @@ class ReleaseLedger:
         self.attempts: dict[str, int] = {}
         if self.path.exists():
             try:
-                self.attempts = {str(int(k)): int(v) for k, v in
-                                 json.loads(self.path.read_text())["attempts"].items()}
-                if any(n < 0 for n in self.attempts.values()):
-                    raise ValueError("a negative count")
-            except (ValueError, KeyError, TypeError, AttributeError):
+                raw = json.loads(self.path.read_text())["attempts"]
+                # only the ledger's own form: round numbers written plainly, counts that are
+                # whole numbers ≥ 0 (1.9 read as 1, true as 1 or "01" beside "1" would
+                # under-charge; Infinity overflowed int())
+                if not all(isinstance(k, str) and k.isdigit() and str(int(k)) == k
+                           and type(v) is int and v >= 0 for k, v in raw.items()):
+                    raise ValueError("not a count per round")
+                self.attempts = dict(raw)
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
                 raise UserError(f"'{self.path}' is not a privacy ledger: refusing to resume "
                                 f"without knowing how often each round released noise") from None
 
