@@ -72,6 +72,15 @@ def test_an_upload_claiming_another_example_count_is_rejected(held):
                           examples=big).num_examples == big
 
 
+@pytest.mark.parametrize("client,num_examples", [(True, 7), ("3", 7), (3.99, 7), (3, "7"),
+                                                (3, 7.9), (3, True), (None, 7)])
+def test_an_upload_header_needs_json_integers(client, num_examples):
+    """int() would have read "3", 3.99 or true as client 3 (or 1): the header is refused."""
+    with pytest.raises(InvalidPayload, match="lacks an integer 'client' or 'num_examples'"):
+        receive_upload(Stub(), TASK, blob([1.0], client=client, num_examples=num_examples),
+                       UploadLimits(), examples=7)
+
+
 @pytest.mark.parametrize("client", [0, 2, 4, -3])
 def test_an_upload_naming_another_client_is_rejected_before_the_strategy_sees_it(client):
     stub = Stub()

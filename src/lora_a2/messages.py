@@ -115,10 +115,10 @@ class Update:
     @classmethod
     def from_payload(cls, payload: Payload) -> Update:
         meta = dict(payload.meta)
-        try:
-            client, n = int(meta.pop("client")), int(meta.pop("num_examples"))
-        except (KeyError, TypeError, ValueError, OverflowError):  # int(inf) overflows
-            raise InvalidPayload("upload header lacks an integer 'client' or 'num_examples'") from None
+        client, n = meta.pop("client", None), meta.pop("num_examples", None)
+        if type(client) is not int or type(n) is not int:  # JSON integers only: not true,
+            # "1", 1.99 or inf, which int() would have turned into some number
+            raise InvalidPayload("upload header lacks an integer 'client' or 'num_examples'")
         if not 0 < n <= MAX_EXAMPLES:
             raise InvalidPayload(f"upload claims {str(n)[:24]} training examples")
         loss = meta.get("loss")
