@@ -6,6 +6,9 @@ compares). The end-to-end command is tested in tests/test_bench.py."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -107,3 +110,17 @@ def test_the_reselect_variant_is_timed_on_a_round_that_reuses_its_selection(monk
     speed.measure_a2_vs_fl("tiny-random-bert", repeats=2, local_epochs=1, probe_fraction=1.0)
     assert len(timed) == 3  # the warm-up and two repeats
     assert all(calls and all(rnd == 3 and ok for rnd, ok in calls) for calls in timed), timed
+
+
+def test_the_peak_memory_is_the_child_s_own_not_its_parent_s():
+    """A process started by fork and exec reported its parent's peak in ru_maxrss: every
+    memory row of `lora-a2 speed` showed the parent's high-water mark (1390 MB for 10, 100 and
+    1,000 clients). peak_rss_mb in a fresh child that allocates nothing stays small while the
+    parent has touched 300 MB more."""
+    ballast = bytearray(300 * 1024 * 1024)  # touched: bytearray zero-fills its memory
+    assert speed.peak_rss_mb() > 300
+    out = subprocess.run([sys.executable, "-c",
+                          "from lora_a2.speed import peak_rss_mb; print(peak_rss_mb())"],
+                         capture_output=True, text=True, check=True).stdout
+    del ballast
+    assert float(out) < 250, out  # the child's imports (torch) alone, well under the parent

@@ -17,6 +17,7 @@ Medians over ``repeats``; everything in one process run, so the ratios compare l
 from __future__ import annotations
 
 import json
+import resource
 import statistics
 import subprocess
 import sys
@@ -161,6 +162,19 @@ def measure_bytes(model: str) -> dict[str, Any]:
             "ratio": record["upload_bytes"] / minimum}
 
 
+def peak_rss_mb() -> float:
+    """This process's own peak resident memory (MB): Linux's VmHWM. Not ``ru_maxrss``: a
+    process started by fork and exec reports max(its parent's peak at the fork, its own) there,
+    so every child of a large parent reported the parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # elsewhere: its best
+
+
 def measure_memory(model: str, clients: list[int]) -> tuple[list[dict[str, Any]], str | None]:
     """Peak RSS of a 1-round run per client count, each in a fresh process: the rows measured
     and, if a run failed, why (the counts after it are not tried)."""
@@ -168,23 +182,24 @@ def measure_memory(model: str, clients: list[int]) -> tuple[list[dict[str, Any]]
     for k in clients:
         with tempfile.TemporaryDirectory() as tmp:
             code = (
-                "import resource, sys\n"
+                "import sys\n"
                 "from lora_a2.cli import main\n"
+                "from lora_a2.speed import peak_rss_mb\n"
                 f"rc = main(['run', '--quiet', '--out', {str(Path(tmp) / 'r')!r}, "
                 f"'--set', 'model.name={model}', '--set', 'data.name=twitter-sentiment', "
                 f"'--set', 'data.num_clients={k}', '--set', 'train.clients_per_round=10', "
                 "'--set', 'data.max_train_examples=4000', '--set', 'data.max_test_examples=200', "
                 "'--set', 'data.min_examples_per_client=2', '--set', 'model.max_length=16', "
                 "'--set', 'data.partition=iid', '--set', 'train.rounds=1'])\n"
-                "print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+                "print('RSS', peak_rss_mb())\n"
                 "sys.exit(rc)\n")
             t0 = time.perf_counter()
             res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
             if res.returncode != 0:
                 last = (res.stderr.strip().splitlines() or ["no output"])[-1]
                 return rows, f"memory run with {k} clients failed: {last}"
-            rss_kb = int(res.stdout.split("RSS")[-1].split()[0])
-            rows.append({"clients": k, "peak_rss_mb": rss_kb / 1024,
+            rss_mb = float(res.stdout.split("RSS")[-1].split()[0])
+            rows.append({"clients": k, "peak_rss_mb": rss_mb,
                          "wall_s": time.perf_counter() - t0})
     return rows, None
 
@@ -514,8 +529,6 @@ def causal_step_child(model: str, variant: str, steps: int, batch_size: int,
     """In a fresh process: ``steps`` LoRA training steps (r 8 on every attention and MLP
     projection) on ``batch_size`` × ``length``-token bbc-headlines examples; the median step
     time and the process's peak RSS."""
-    import resource
-
     response_only, checkpointing, dtype = CAUSAL_VARIANTS[variant]
     cfg = load_config(None, [f"model.name={model}", "data.name=bbc-headlines",
                              "strategy.name=fl-lora", "strategy.global_rank=8",
@@ -548,7 +561,7 @@ def causal_step_child(model: str, variant: str, steps: int, batch_size: int,
         opt.step()
         times.append(time.perf_counter() - t0)
     return {"variant": variant, "step_s": statistics.median(times[1:]),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mb": peak_rss_mb(),
             "loss": float(loss.detach()), "trainable": sum(p.numel() for p in params),
             "tokens": batch_size * length}
 
