@@ -2,10 +2,8 @@
 
 import json
 
-import pytest
-import json
-
 import numpy as np
+import pytest
 import torch
 import transformers
 
@@ -41,6 +39,31 @@ def test_auto_keeps_the_checkpoint_dtype_and_lora_stays_float32(bf16_folder):
     base = [p for n, p in rt.model.named_parameters() if "lora_" not in n]
     assert {p.dtype for p in base} == {torch.bfloat16}
     assert {p.dtype for n, p in rt.params.items() if n.endswith((".A", ".B"))} == {torch.float32}
+
+
+def test_distilbert_gets_lora_on_its_blocks_not_its_pre_classifier(tmp_path):
+    """DistilBERT's head is pre_classifier + classifier; PEFT's SEQ_CLS task wraps the first as
+    a head module too, so LoRA put on it failed with an AttributeError in ModelRuntime."""
+    _, tok = tiny_random_bert(3, seed=0)
+    config = transformers.DistilBertConfig(vocab_size=len(tok), dim=32, n_layers=2, n_heads=2,
+                                           hidden_dim=64, num_labels=3, pad_token_id=0)
+    transformers.DistilBertForSequenceClassification(config).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    cfg = load_config(None, [f"model.name={tmp_path}"])
+    rt = ModelRuntime(cfg.model, 3, 4, 0, torch.device("cpu"), task=Classification(cfg))
+    names = [m.name for m in rt.layout.modules]
+    assert len(names) == 2 * 6 and not any("classifier" in n for n in names), names
+
+
+def test_a_gpt2_style_model_is_a_one_line_error(tmp_path):
+    _, tok = tiny_random_bert(3, seed=0)
+    config = transformers.GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2,
+                                     num_labels=3, pad_token_id=0)
+    transformers.GPT2ForSequenceClassification(config).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    cfg = load_config(None, [f"model.name={tmp_path}"])
+    with pytest.raises(UserError, match="Conv1D projections are not supported"):
+        ModelRuntime(cfg.model, 3, 4, 0, torch.device("cpu"), task=Classification(cfg))
 
 
 def test_a_checkpoint_with_another_number_of_labels_gets_a_fresh_head(bf16_folder):

@@ -25,7 +25,9 @@ from .errors import UserError
 # Heads as PEFT's SEQ_CLS task type names them (also what it adds to modules_to_save).
 HEAD_NAMES = ("classifier", "score")
 # Never put LoRA on these, even if they are linear layers (the head, the pooler, embeddings).
-_NOT_TARGETS = ("classifier", "score", "pooler", "embeddings", "lm_head")
+#: parts of the model that never get LoRA: the head (DistilBERT's has a pre_classifier layer,
+#: which PEFT's SEQ_CLS task wraps as a head), the pooler, the embeddings
+_NOT_TARGETS = ("classifier", "pre_classifier", "score", "pooler", "embeddings", "lm_head")
 
 
 @dataclass(frozen=True)
@@ -181,7 +183,8 @@ def find_target_modules(model: nn.Module, targets: list[str] | None = None) -> l
             raise UserError(f"config key 'model.target_modules': no linear layer matches "
                             f"{', '.join(repr(m) for m in missing)}")
     if not found:
-        raise UserError("the model has no linear layers to put LoRA on")
+        raise UserError("the model has no nn.Linear layers to put LoRA on (GPT-2-style Conv1D "
+                        "projections are not supported)")
     return found
 
 
