@@ -244,8 +244,8 @@ class ModelRuntime:
                 w = inner.get_submodule(m.name).get_base_layer().weight
                 self._base_weights[m.name] = (w, w.detach().clone())
             w, w0 = self._base_weights[m.name]
-            if m.name in deltas:
-                w.copy_(w0 + deltas[m.name].to(w0.device, w0.dtype))
+            if m.name in deltas:  # the sum in float32, rounded once to the base's dtype
+                w.copy_(w0.float() + deltas[m.name].to(w0.device, torch.float32))
             else:
                 w.copy_(w0)
 
