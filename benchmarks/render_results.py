@@ -502,7 +502,7 @@ def probe_variants_table(main_rows: list[dict[str, Any]], rows: list[dict[str, A
             line = [f"{data} {SPLIT_NAMES[split]}", budget,
                     fmt([r["final_accuracy"] for r in base.values()])]
             for label, _ in PROBE_VARIANTS:
-                mine = {r["seed"]: r for r in rows if r["cell"] == cell
+                mine = {r["seed"]: r for r in rows if r["setting"] == cell
                         and r["budget"] == budget and r["variant"] == label}
                 seeds = sorted(set(mine) & set(base))
                 if not seeds:

@@ -3,10 +3,12 @@
 import ast
 import json
 import re
+from pathlib import Path
 
 import pytest
 
 from lora_a2.bench import builtin_grids, expand, load_grid, run_grid
+from lora_a2.bench.grid import is_row_field
 from lora_a2.cli import main
 from lora_a2.errors import UserError
 from lora_a2.models import pick_device
@@ -422,9 +424,16 @@ def test_bad_grid_shapes_and_out_folders_are_one_line_errors(tmp_path, capsys):
         "base = 1\n": "'base' must be a table",
         "[axes]\nm = [{label = 'a', 'train.rounds' = 1}, {label = 'a', 'train.rounds' = 2}]\n":
             "grid cells named 'a__seed0' have different configs",
-        "[axes]\n'seed' = [1979-05-27]\n": "TOML dates and inf/nan are not config values",
+        "[axes]\n'when' = [1979-05-27]\n": "TOML dates and inf/nan are not config values",
         "[base]\n'strategy.lr' = inf\n": "'base''s value inf must be",
         "[axes]\nm = [{label = 'a', 'strategy.lr' = nan}]\n": "axis 'm''s value nan must be",
+        # a label named like a row field would be overwritten (4 cells averaged as seeds)
+        "[axes]\nepsilon = [{label = 'e1', 'strategy.lr' = 1e-3}]\n":
+            "axis 'epsilon' must be named apart from a results row's own fields",
+        "[axes]\nfinal_x = [1]\n": "axis 'final_x' must be named apart",
+        "product = [{a = 1}]\n": "'product' must be a list of axis names",
+        "[axes]\nx = [1]\n[[include]]\naxes = [['x']]\n":
+            "an [[include]] block's 'axes' must be a list of axis names",
     }
     for text, message in cases.items():
         grid = tmp_path / "g.toml"
@@ -463,6 +472,10 @@ def test_time_left_is_costed_from_finished_cells_of_the_same_strategy_and_data()
         150 + 150 * 5 / 8 + 400 / 4 + 700 / 3)
     nothing, n = estimate_remaining(cells, ["todo"] * 7, {})
     assert nothing != nothing and n == 7  # NaN: nothing to time yet
+    # a stale cell (its config no longer the grid's) is never re-run: no time left for it
+    statuses[3] = "stale: its config differs"
+    assert estimate_remaining(cells, statuses, wall)[0] == pytest.approx(
+        150 * 5 / 8 + 400 / 4 + 700 / 3)
 
 
 def test_last_rounds_accuracy_is_the_mean_of_the_last_evaluated_rounds(tmp_path):
@@ -840,3 +853,23 @@ def test_damaged_cell_files_are_read_without_a_traceback(tmp_path):
             {"total_upload_bytes": 3e6, "strategy.name": "c"}]
     _plot(rows, tmp_path / "plots", ["strategy.name"], "rouge_l")
     assert (tmp_path / "plots" / "rouge_l_vs_upload.png").stat().st_size > 0
+
+
+def test_every_field_of_a_committed_results_row_is_reserved_from_axis_names():
+    """is_row_field must cover every field collect_rows writes besides a cell's axis labels
+    (else an axis of that name would be overwritten again): checked on every committed
+    results.json of a built-in grid."""
+    results = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+    checked = 0
+    for name in builtin_grids():
+        path = results / name / "results.json"
+        if not path.exists():
+            continue
+        grid = load_grid(name)  # labels: the axes', and each [[include]] override's
+        axes = set(grid["axes"]) | {k for inc in grid["include"]
+                                    for k in inc.get("overrides", {})}
+        for row in json.loads(path.read_text())["rows"]:
+            extra = [k for k in row if k not in axes and not is_row_field(k)]
+            assert not extra, (name, extra)
+            checked += 1
+    assert checked > 100

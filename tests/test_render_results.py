@@ -66,9 +66,9 @@ def test_probe_variants_table_pairs_each_variant_with_the_full_probe():
             row("dir0.1", "1", "lora-a2", 0.6, 1, alpha="256.0")]
     for r in main:
         r["wall_s"] = 200.0
-    pv = [{"cell": "bbc-news__dir0.1", "budget": "1", "variant": "reuse", "seed": s,
+    pv = [{"setting": "bbc-news__dir0.1", "budget": "1", "variant": "reuse", "seed": s,
            "final_accuracy": a, "wall_s": 100.0} for s, a in ((0, 0.5), (1, 0.3))]
-    pv.append({"cell": "bbc-news__dir0.1", "budget": "2", "variant": "gradient", "seed": 0,
+    pv.append({"setting": "bbc-news__dir0.1", "budget": "2", "variant": "gradient", "seed": 0,
                "final_accuracy": 0.9, "wall_s": 100.0})  # budget 2: no full probe here
     lines = render.probe_variants_table(main, pv).splitlines()
     b1 = [c.strip() for c in lines[2].strip("|").split("|")]

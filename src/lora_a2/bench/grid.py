@@ -33,6 +33,17 @@ def builtin_grids() -> list[str]:
     return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".toml"))
 
 
+#: the fields a results row (:func:`lora_a2.bench.tables.collect_rows`) has besides its cell's
+#: axis labels: no axis may take one of these names
+ROW_FIELDS = ("cell", "seed", "metric", "device", "bf16_products_in_fp32",
+              "upload_fraction_of_fedavg_full", "epsilon", "wall_s", "upload_time_share")
+ROW_FIELD_PREFIXES = ("total_", "final_", "best_", "last3_", "initial_", "sim_", "time_to_")
+
+
+def is_row_field(name: str) -> bool:
+    return name in ROW_FIELDS or name.startswith(ROW_FIELD_PREFIXES)
+
+
 def load_grid(spec: str) -> dict[str, Any]:
     """A grid by built-in name or TOML path."""
     path = Path(spec)
@@ -80,6 +91,14 @@ def _check_shapes(spec: str, grid: dict[str, Any]) -> None:
     for axis, values in grid["axes"].items():
         if not isinstance(values, list) or not values:
             raise bad(f"axis '{axis}'", "a non-empty list of values or tables")
+        if is_row_field(axis):
+            raise bad(f"axis '{axis}'", "named apart from a results row's own fields (cell, "
+                      "seed, metric, device, epsilon, wall_s, total_…, final_…, best_…, "
+                      "last3_…, initial_…, sim_…, time_to_…): a label of that name would be "
+                      "overwritten, mixing cells in one table row")
+    product = grid.get("product", [])
+    if not isinstance(product, list) or not all(isinstance(a, str) for a in product):
+        raise bad("'product'", "a list of axis names")
     include = grid["include"]
     if not isinstance(include, list) or not all(isinstance(i, dict) for i in include):
         raise bad("'include'", "an array of tables ([[include]] blocks)")
@@ -87,7 +106,8 @@ def _check_shapes(spec: str, grid: dict[str, Any]) -> None:
         if set(inc) - {"axes", "overrides"}:
             raise bad("an [[include]] block", f"'axes' and 'overrides' only, not "
                       f"{sorted(set(inc) - {'axes', 'overrides'})}")
-        if not isinstance(inc.get("axes", []), list):
+        axes = inc.get("axes", [])
+        if not isinstance(axes, list) or not all(isinstance(a, str) for a in axes):
             raise bad("an [[include]] block's 'axes'", "a list of axis names")
         if not isinstance(inc.get("overrides", {}), dict):
             raise bad("an [[include]] block's 'overrides'", "a table")

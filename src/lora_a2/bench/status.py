@@ -162,7 +162,7 @@ def estimate_remaining(cells: list[Cell], statuses: list[str],
     total, guessed = 0.0, 0
     overall = sum(wall.values()) / len(wall)
     for cell, st in zip(cells, statuses):
-        if st == "done":
+        if st == "done" or st.startswith("stale"):  # a stale cell is never re-run
             continue
         name, data = cell.overrides.get("strategy.name"), cell.overrides.get("data.name")
         est = by_data.get((name, data), by_strategy.get((name,)))
