@@ -151,3 +151,29 @@ def test_the_probe_is_told_from_the_training_after_it(synthetic_csv, sets, ratio
     rows = {(p["group"], p["part"]): p["calls"] for p in r["phases"]}
     probe = rows[("probe", "optimiser step")]
     assert probe > 0 and rows[("train", "optimiser step")] == ratio * probe
+
+
+def test_generation_s_forward_passes_are_timed_as_evaluation(tmp_path):
+    """A causal LM's loss runs the decoder body and the output projection apart, and its greedy
+    answers call the transformers model directly, never PEFT's wrapper: hooks on the wrapper
+    timed none of them. Now training's and the probe's passes are forward time, and each
+    generated token is a forward pass of the evaluation group."""
+    from lora_a2.profiling import profile_run
+
+    rows = [{"instruction": f"Name a thing {i}.", "response": "x", "category": "ab"[i % 2]}
+            for i in range(48)]
+    (tmp_path / "i.json").write_text(json.dumps(rows))
+    base = ["model.name=tiny-random-llama", "model.max_length=48", "strategy.global_rank=4",
+            "strategy.rank_budget=2", f"data.name=json:{tmp_path / 'i.json'}",
+            "data.num_clients=2", "data.min_examples_per_client=2", "task.samples=0",
+            "task.max_new_tokens=5", "engine.threads=1", "train.rounds=1"]
+    calls = {}
+    for n in (0, 4):
+        r = profile_run([*base, f"task.generate_examples={n}"], rounds=None)
+        calls[n] = {(p["group"], p["part"]): p["calls"] for p in r["phases"]}
+        for group in ("train", "probe"):  # each step: the body's pass and the projection's
+            assert calls[n][(group, "forward")] == 2 * calls[n][(group, "optimiser step")] > 0
+    # two evaluations (initial, round 1), each one greedy batch of 5 new tokens: ≥ 4 passes
+    # (the prompt's, then one per token after the first), unless every answer ends early
+    gained = calls[4][("evaluation", "forward")] - calls[0][("evaluation", "forward")]
+    assert gained >= 2 * 4, gained

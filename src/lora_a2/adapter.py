@@ -131,6 +131,9 @@ class ModelRuntime:
         if getattr(base.config, "use_cache", None):
             base.config.use_cache = False  # a KV cache is for generation, not training
         self.head_attr = task.head_attr(base)
+        #: the transformers model itself: ``model`` wraps it with PEFT when there is LoRA (its
+        #: ``generate`` calls this one's forward directly)
+        self.hf_model = base
         self.params: dict[str, nn.Parameter] = {}
         self._base_weights: dict[str, tuple[nn.Parameter, Tensor]] = {}
         self._lora_layers: list[nn.Module] = []

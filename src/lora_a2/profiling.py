@@ -203,21 +203,33 @@ def _timed(fn: Callable, timer: PhaseTimer, wrap: Wrap) -> Callable:
 def _forward_hooks(timer: PhaseTimer, handles: list[Any]) -> list[tuple[Any, str, Any]]:
     """Every model a :class:`~lora_a2.adapter.ModelRuntime` builds times its forward passes
     (a part, ``forward``, of whichever group runs them: training, the probe, evaluation), by
-    forward hooks on the top module, removed when the profile ends."""
+    forward hooks removed when the profile ends — on the transformers model, its body
+    (``get_decoder``) and its output projection, the outermost call of them timed: a causal
+    LM's loss runs the body and the projection apart, and its generation calls the
+    transformers model, never PEFT's wrapper (hooks on the wrapper timed neither)."""
     init = ModelRuntime.__init__
+    depth = [0]
 
     def pre(module, args):
-        timer.enter((timer.group() or "other", "forward"))
+        depth[0] += 1
+        if depth[0] == 1:
+            timer.enter((timer.group() or "other", "forward"))
 
     def post(module, args, output):
-        timer.leave()
+        depth[0] -= 1
+        if depth[0] == 0:
+            timer.leave()
 
     @functools.wraps(init)
     def built(self, *args, **kwargs):
         with timer.phase(None, "LoRA model build"):
             init(self, *args, **kwargs)
-        handles.append(self.model.register_forward_pre_hook(pre))
-        handles.append(self.model.register_forward_hook(post))
+        model = self.hf_model
+        for module in {id(m): m for m in (model, model.get_decoder(),
+                                          model.get_output_embeddings()) if m is not None
+                       }.values():
+            handles.append(module.register_forward_pre_hook(pre))
+            handles.append(module.register_forward_hook(post))
 
     return [(ModelRuntime, "__init__", built)]
 
