@@ -938,7 +938,10 @@ def precision_table(rows: list[dict[str, Any]], main_rows: list[dict[str, Any]] 
         fp = by.get("fp32") or twin
         walls = [fp["wall_s"] if fp else None, by["bf16-mixed"]["wall_s"]
                  if "bf16-mixed" in by else None]
-        wall = " / ".join(f"{w:.0f}" if w is not None else "·" for w in walls)
+        # a main-grid cell's wall (ᵐ) ran in another session, one of two 1-thread workers:
+        # it does not divide this grid's bf16 wall
+        marks = ["ᵐ" if "fp32" not in by else "", ""]
+        wall = " / ".join(f"{w:.0f}{m}" if w is not None else "·" for w, m in zip(walls, marks))
         diff = "·"
         if fp is not None and "bf16-mixed" in by:
             d = by["bf16-mixed"]["final_accuracy"] - fp["final_accuracy"]
@@ -964,7 +967,8 @@ def precision_table(rows: list[dict[str, Any]], main_rows: list[dict[str, Any]] 
                      f"{100 * statistics.fmean(size):.1f}), largest "
                      f"{100 * max(deltas, key=abs):+.1f}"
                      + (f"; ᵐ {on_main} against the main-grid cell itself (its fp32 rerun here "
-                        f"not run yet)" if on_main else "") + ".")
+                        f"not run yet; its wall time, from another session, does not divide "
+                        f"this grid's)" if on_main else "") + ".")
     if rounding:
         worst = max(abs(d) for d in rounding)
         n = len(rounding)

@@ -475,6 +475,12 @@ def test_precision_table_pairs_each_seed_and_reads_against_rounding_alone():
     assert lines[2] == "| Dir(0.1) | 1 | 0 | 74.0 (cpu) | 75.0 | +1.0 | · | · | 570 / · |"
     assert lines[3] == "| Dir(0.1) | 2 | 1 | 77.0 (cpu) | 80.0 | +3.0 | 70.0 | -10.0 | 580 / 290 |"
     assert lines[4] == "| Dir(0.01) | 1 | 0 | 52.0 (cpu) | 50.0 | -2.0 | 56.0 | +6.0 | 600 / 300 |"
+    # a bf16 cell paired with the main-grid cell itself: that wall is marked (another session)
+    lone = render.precision_table(
+        [pr("dir0.01", "2", 1, "bf16-mixed", 0.60, 310.0)],
+        [{"cell": "m-d", "final_accuracy": 0.58, "device": "cpu", "wall_s": 350.0}], spread,
+        {"dir0.01__2__bf16-mixed__seed1": "m-d"}).splitlines()
+    assert lone[2] == "| Dir(0.01) | 2 | 1 | 58.0 (cpu) | · | · | 60.0 | +2.0ᵐ | 350ᵐ / 310 |"
     assert lines[-4] == ("- 2 complete pairs: bf16 − fp32 mean -2.0 points (mean size 8.0), "
                          "largest -10.0.")
     assert lines[-3] == ("- rounding alone: 3 fp32 cells against the main-grid cells they repeat "
@@ -506,7 +512,7 @@ def test_precision_table_pairs_each_seed_and_reads_against_rounding_alone():
     main_walls = [{**m, "wall_s": 350.0} for m in main]
     lone = [pr("dir0.01", "1", 0, "bf16-mixed", 0.56, 300.0)]
     lines = render.precision_table(lone, main_walls, (), twins).splitlines()
-    assert lines[2] == "| Dir(0.01) | 1 | 0 | 52.0 (cpu) | · | · | 56.0 | +4.0ᵐ | 350 / 300 |"
+    assert lines[2] == "| Dir(0.01) | 1 | 0 | 52.0 (cpu) | · | · | 56.0 | +4.0ᵐ | 350ᵐ / 300 |"
     assert lines[-2] == ("- 1 complete pairs: bf16 − fp32 mean +4.0 points (mean size 4.0), "
                          "largest +4.0; ᵐ 1 against the main-grid cell itself (its fp32 rerun "
                          "here not run yet).")
