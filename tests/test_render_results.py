@@ -515,7 +515,8 @@ def test_precision_table_pairs_each_seed_and_reads_against_rounding_alone():
     assert lines[2] == "| Dir(0.01) | 1 | 0 | 52.0 (cpu) | · | · | 56.0 | +4.0ᵐ | 350ᵐ / 300 |"
     assert lines[-2] == ("- 1 complete pairs: bf16 − fp32 mean +4.0 points (mean size 4.0), "
                          "largest +4.0; ᵐ 1 against the main-grid cell itself (its fp32 rerun "
-                         "here not run yet).")
+                         "here not run yet; its wall time, from another session, does not "
+                         "divide this grid's).")
     assert not any(x.startswith("- rounding alone") for x in lines)
 
 
