@@ -408,5 +408,10 @@ def test_the_deployment_server_app_passes_resume_and_overwrite(monkeypatch, tmp_
         return
     serverapp.deployment_main(None, context)
     assert (seen["overwrite"], seen["resume"]) == expected
+    assert seen["inputs"] == []  # no config file: nothing else the run reads
+    (tmp_path / "my.toml").write_text("seed = 3\n")  # a config file is an input --overwrite
+    context.run_config["config"] = str(tmp_path / "my.toml")  # must not delete
+    serverapp.deployment_main(None, context)
+    assert seen["inputs"] == [tmp_path / "my.toml"]
     assert seen["out"] == tmp_path / "r" and seen["round_fn"] == "rounds"
     assert seen["engine_summary"]([])["engine"] == "flower-deployment"

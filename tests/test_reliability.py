@@ -19,6 +19,7 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import save as st_save
 from safetensors.torch import save_file
 
+import lora_a2
 from lora_a2.cli import main
 from lora_a2.config import load_config
 from lora_a2.engines.local import LocalTransport, drops_out, read_eval_reply, run_round
@@ -29,7 +30,7 @@ from lora_a2.locks import RUN_LOCK
 from lora_a2.report import read_metrics
 from lora_a2.rounds import Reply, evaluate_clients
 from lora_a2.rounds import run_round as run_round_over
-from lora_a2.runner import check_out_dir, replace_out_dir
+from lora_a2.runner import check_out_dir, replace_out_dir, run_experiment
 from lora_a2.strategies import ClientContext, Update
 from lora_a2.tasks.classification import Classification
 from lora_a2.validation import UploadLimits, receive_upload
@@ -584,6 +585,13 @@ def test_overwrite_deletes_only_a_run_folder_and_only_once_the_new_run_can_start
                  "--set", f"data.name=csv:{synthetic_csv}", *[x for s in TINY for x in
                                                             ("--set", s)]]) == 2
     assert "which this run reads" in capsys.readouterr().err
+    with pytest.raises(UserError, match="which this run reads"):  # the Python API: the same
+        lora_a2.run(str(proj / "my.toml"), out=proj, overwrite=True,
+                    overrides=[f"data.name=csv:{synthetic_csv}", *TINY])
+    with pytest.raises(UserError, match="which this run reads"):  # the Deployment ServerApp's
+        run_experiment(load_config(None, [f"data.name=csv:{synthetic_csv}", *TINY]), proj,
+                       overwrite=True, inputs=[proj / "my.toml"])
+    assert _snapshot(proj) == kept
     run_cli(proj, "train.rounds=1", data=proj / "my.csv", base=TINY, code=2,
             args=("--overwrite",))
     err = capsys.readouterr().err

@@ -73,6 +73,7 @@ def run(config: Config | str | Path | dict[str, Any] | None = None, *,
 
     from .config import Config as _Config
     from .launch import run as _launch
+    from .runner import check_out_dir
 
     if isinstance(config, _Config):
         # re-read, so a Config edited in a notebook is checked as a file would be
@@ -83,6 +84,9 @@ def run(config: Config | str | Path | dict[str, Any] | None = None, *,
         cfg = load_config(config, overrides)
     if out is None:
         out = Path("runs") / (time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.strategy.name}")
+    if isinstance(config, (str, Path)):  # the TOML file is an input the run's folder must
+        # not hold either (``overwrite`` would delete it), as the CLI checks for --config
+        check_out_dir(Path(out), overwrite, [Path(config)])
     return _launch(cfg, Path(out), overwrite=overwrite, progress=progress)
 
 

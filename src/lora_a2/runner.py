@@ -154,8 +154,8 @@ def check_flower_resume(cfg: Config, strategy, out: Path) -> None:
 def run_experiment(cfg: Config, out: Path, *, overwrite: bool = False, progress: bool = True,
                    resume: bool = False, round_fn=None, console: bool = False,
                    exp: Experiment | None = None,
-                   engine_summary: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None
-                   ) -> dict[str, Any]:
+                   engine_summary: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None,
+                   inputs: Sequence[Path] = ()) -> dict[str, Any]:
     """Run ``cfg`` on the local engine, writing every output under ``out``; return the summary.
 
     After every round the metrics line is appended and then an atomic checkpoint written; with
@@ -167,7 +167,8 @@ def run_experiment(cfg: Config, out: Path, *, overwrite: bool = False, progress:
     caller already built it (Flower's simulation needs the client count before it starts).
     ``engine_summary(records)``: the engine's own fields of ``summary.json`` (its name, its
     byte totals), in the summary before it is written and reported; default ``engine =
-    "local"``.
+    "local"``. ``inputs``: files the run read that ``cfg`` does not name (its TOML file):
+    ``overwrite`` refuses to delete a folder holding one, as it does the data and model.
     ``config.toml`` is ``cfg`` as given; the run itself uses ``exp.cfg`` (with the number of
     clients the partition drew).
 
@@ -178,12 +179,13 @@ def run_experiment(cfg: Config, out: Path, *, overwrite: bool = False, progress:
     with contextlib.ExitStack() as held:
         return _run_experiment(cfg, out, overwrite=overwrite, progress=progress, resume=resume,
                                round_fn=round_fn, console=console, exp=exp, held=held,
-                               engine_summary=engine_summary)
+                               engine_summary=engine_summary, inputs=inputs)
 
 
 def _run_experiment(cfg: Config, out: Path, *, overwrite: bool, progress: bool, resume: bool,
                     round_fn, console: bool, exp: Experiment | None,
-                    held: contextlib.ExitStack, engine_summary=None) -> dict[str, Any]:
+                    held: contextlib.ExitStack, engine_summary=None,
+                    inputs: Sequence[Path] = ()) -> dict[str, Any]:
     """:func:`run_experiment`'s body; ``held`` takes the run folder's lock."""
     if cfg.engine.name == "flower" and round_fn is None:
         raise UserError("engine.name = 'flower' runs through Flower's Simulation Engine: start "
@@ -197,7 +199,7 @@ def _run_experiment(cfg: Config, out: Path, *, overwrite: bool, progress: bool, 
         check_same_config(cfg, resume_config(out), out)
         held.enter_context(folder_lock(out))
     else:  # a bad --out is refused before the model loads; the old run is deleted only after
-        inputs = config_inputs(cfg)
+        inputs = [*config_inputs(cfg), *inputs]
         out = check_out_dir(out, overwrite, inputs)
     exp = exp if exp is not None else prepare(cfg)  # a bad model or data source fails here
     if not resume:

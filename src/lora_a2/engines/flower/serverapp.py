@@ -183,14 +183,16 @@ def deployment_main(grid, context) -> None:
     rc = context.run_config
     overrides = [s.strip() for s in str(rc.get("set", "")).split(";") if s.strip()]
     # this is the Flower engine whatever the config says (validated as such: secagg needs it)
-    cfg = load_config(str(rc.get("config", "")) or None, overrides + ["engine.name=flower"])
+    config = str(rc.get("config", "")) or None
+    cfg = load_config(config, overrides + ["engine.name=flower"])
     out = Path(str(rc.get("out", "runs/flower-deployment")))
     overwrite, resume = run_config_flag(rc, "overwrite"), run_config_flag(rc, "resume")
     if overwrite and resume:
         raise UserError("run config 'resume' and 'overwrite' cannot both be true")
     run_experiment(cfg, out, overwrite=overwrite, resume=resume, progress=False,
                    round_fn=FlowerRounds(grid, cfg),
-                   engine_summary=flower_summary("flower-deployment"))
+                   engine_summary=flower_summary("flower-deployment"),
+                   inputs=[Path(config)] if config else [])
 
 
 def run_config_flag(rc, key: str) -> bool:
