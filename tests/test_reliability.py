@@ -714,6 +714,49 @@ def test_a_run_folder_taken_while_this_run_loaded_is_not_deleted(tmp_path):
     assert (out / "config.toml").exists()
 
 
+def test_overwrite_takes_the_folder_s_lock_before_it_deletes_anything(tmp_path, monkeypatch):
+    """Another process that takes the run folder's lock right after this one checked it (a
+    --resume starting there): --overwrite is refused and nothing of that run is deleted (the
+    folder was emptied first and locked after, so both ran in it)."""
+    from lora_a2 import runner
+    from lora_a2.locks import release_lock, take_lock
+
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "config.toml").write_text("seed = 1\n")
+    (out / "metrics.jsonl").write_text("{}\n")
+    taken: list[int] = []
+
+    def held_after_the_check(path, other_hosts=True):
+        fd = take_lock(out / RUN_LOCK, other_hosts=False)  # the other process, just now
+        assert fd is not None
+        taken.append(fd)
+        return False  # it was free when looked at
+
+    monkeypatch.setattr(runner, "lock_held", held_after_the_check)
+    with pytest.raises(UserError, match="is in use by another lora-a2 process"):
+        replace_out_dir(out, overwrite=True)
+    assert (out / "config.toml").exists() and (out / "metrics.jsonl").exists()
+    release_lock(out / RUN_LOCK, taken[0])
+    monkeypatch.undo()
+    replace_out_dir(out, overwrite=True)  # free now: emptied, its lock let go
+    assert list(out.iterdir()) == []
+
+
+def test_a_lock_file_made_anew_by_another_process_is_not_deleted_on_release(tmp_path):
+    from lora_a2.locks import release_lock, take_lock
+
+    path = tmp_path / RUN_LOCK
+    fd = take_lock(path, other_hosts=False)
+    path.unlink()  # someone removed it and another process made its own
+    other = take_lock(path, other_hosts=False)
+    assert other is not None
+    release_lock(path, fd)
+    assert path.exists()  # still the other's
+    release_lock(path, other)
+    assert not path.exists()
+
+
 @pytest.mark.slow
 def test_sigkill_at_many_points(tmp_path, synthetic_csv):
     """More kill points (after each round's line, with delays that land inside the next round's

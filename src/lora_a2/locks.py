@@ -64,10 +64,17 @@ def take_lock(path: Path, other_hosts: bool = True) -> int | None:
 
 def release_lock(path: Path, fd: int) -> None:
     """Delete the lock file, then let go of it (in that order: nobody can hold a lock file that
-    is about to vanish without seeing it vanish, :func:`take_lock`)."""
-    path.unlink(missing_ok=True)
-    if fcntl is not None:
-        os.close(fd)
+    is about to vanish without seeing it vanish, :func:`take_lock`) — only if it is still the
+    file this process holds (one deleted and made anew by someone else is theirs)."""
+    if fcntl is None:
+        path.unlink(missing_ok=True)
+        return
+    try:
+        if os.fstat(fd).st_ino == os.stat(path).st_ino:
+            path.unlink(missing_ok=True)
+    except FileNotFoundError:
+        pass
+    os.close(fd)
 
 
 def lock_held(path: Path, other_hosts: bool = True) -> bool:

@@ -84,16 +84,31 @@ def check_out_dir(out: Path, overwrite: bool, inputs: Sequence[Path] = ()) -> Pa
     return out
 
 
-def replace_out_dir(out: Path, overwrite: bool, inputs: Sequence[Path] = ()) -> Path:
-    """Empty ``out`` and create it, checking it again first (:func:`check_out_dir`): another
-    run may have started writing there while this one loaded its model."""
+def replace_out_dir(out: Path, overwrite: bool, inputs: Sequence[Path] = (),
+                    held: contextlib.ExitStack | None = None) -> Path:
+    """Create ``out``, take its run lock (:func:`~lora_a2.locks.folder_lock`, held in
+    ``held``, else let go at once), and only then empty it of all but that lock — after
+    checking it again (:func:`check_out_dir`): another run may have started writing there
+    while this one loaded its model. Locking before deleting leaves no moment in which another
+    process could take the folder between the check and the deletion and lose its files."""
     check_out_dir(out, overwrite, inputs)
     try:
-        if out.exists() and any(out.iterdir()):
-            shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot set up output directory '{out}': {e.strerror or e}") from None
+    with contextlib.ExitStack() as mine:
+        (held if held is not None else mine).enter_context(folder_lock(out))
+        try:
+            for entry in out.iterdir():
+                if entry.name == RUN_LOCK:
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+        except OSError as e:
+            raise UserError(f"cannot set up output directory '{out}': {e.strerror or e}") \
+                from None
     return out
 
 
@@ -203,8 +218,7 @@ def _run_experiment(cfg: Config, out: Path, *, overwrite: bool, progress: bool, 
         out = check_out_dir(out, overwrite, inputs)
     exp = exp if exp is not None else prepare(cfg)  # a bad model or data source fails here
     if not resume:
-        replace_out_dir(out, overwrite, inputs)
-        held.enter_context(folder_lock(out))
+        replace_out_dir(out, overwrite, inputs, held)
         atomic_write_text(out / "config.toml", cfg.to_toml())
         for warning in (rebuildable_noise_warning(cfg), inert_privacy_warning(cfg)):
             if warning:  # a new run, once its folder is set up
