@@ -33,7 +33,7 @@ from lora_a2.report import read_metrics  # noqa: E402
 from lora_a2.runner import _secagg_summary  # noqa: E402
 from lora_a2.strategies import REGISTRY, Task  # noqa: E402
 
-from conftest import tiny_setup  # noqa: E402
+from conftest import TINY, tiny_setup  # noqa: E402
 
 from flower_util import (FLOWER_EVAL, FLOWER_ONLY, assert_same_run,  # noqa: E402
                          final_state, max_diff, run, run_local_failing, simulate_together)
@@ -186,6 +186,23 @@ def test_a_node_keeps_each_experiments_client_tensors_apart():
     assert torch.equal(read_store(node, "seed = 1")["B"], torch.ones(2))
     assert torch.equal(read_store(node, "seed = 2")["B"], torch.zeros(3))
     assert read_store(node, "seed = 3") == {}
+
+
+def test_two_runs_of_one_stateful_config_in_one_simulation_are_refused(tmp_path, synthetic_csv):
+    """A node keys each experiment's kept client state by its config: two runs of one config
+    (FedSA-LoRA: each client keeps its own B) would share it — refused before Ray starts. The
+    same pair of a stateless strategy is not refused by this check."""
+    from lora_a2.engines.flower import run_simulations
+
+    def cfg(name):
+        return load_config(None, [*TINY, f"data.name=csv:{synthetic_csv}", "engine.name=flower",
+                                  f"strategy.name={name}"])
+
+    with pytest.raises(UserError, match=r"share one config in one Flower simulation, and its "
+                                        r"clients keep their own B"):
+        run_simulations([(cfg("fedsa-lora"), tmp_path / "a"), (cfg("fedsa-lora"), tmp_path / "b")],
+                        progress=False)
+    assert not (tmp_path / "a").exists()
 
 
 def _short(u):

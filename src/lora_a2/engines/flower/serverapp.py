@@ -95,7 +95,8 @@ def run_simulations(runs: list[tuple[Config, Path]], *, overwrite: bool = False,
     ``Grid`` (each worker builds each experiment once, keyed by its config; each node keeps
     each experiment's own tensors apart). Every run's outputs are those of
     :func:`run_simulation` alone; the runs must agree on the number of clients (SuperNodes)
-    and on the Ray backend (``engine.num_workers``, ``engine.threads``, ``engine.device``).
+    and on the Ray backend (``engine.num_workers``, ``engine.threads``, ``engine.device``),
+    and two runs of one config are refused when its clients keep state on their nodes.
     The summaries, in order; a run that fails stops the rest (its error is raised)."""
     try:
         from flwr.serverapp import ServerApp
@@ -118,6 +119,17 @@ def run_simulations(runs: list[tuple[Config, Path]], *, overwrite: bool = False,
     if len(nodes) > 1 or len(backends) > 1:
         raise UserError("runs sharing one Flower simulation need the same number of clients "
                         "and the same engine.num_workers, engine.threads and engine.device")
+    # a node keeps each experiment's client state under its config's key: two runs of one
+    # config would share it, the second starting from the first's (not what it does alone)
+    seen: dict[str, Path] = {}
+    for (cfg, out), run_cfg in zip(runs, run_cfgs):
+        text = run_cfg.to_toml()
+        if text in seen and (kept := build_strategy(check_config(cfg)).client_state()):
+            raise UserError(f"runs '{seen[text]}' and '{out}' share one config in one Flower "
+                            f"simulation, and its clients keep {kept} on their nodes: the "
+                            f"second would start from the first's; run them apart or change "
+                            f"one (e.g. its seed)")
+        seen.setdefault(text, Path(out))
     results: list[dict[str, Any]] = [{} for _ in runs]
     server = ServerApp()
     t_call = time.perf_counter()
