@@ -292,6 +292,12 @@ def test_node_discovery_keeps_one_node_per_valid_partition(monkeypatch):
     assert "partition 0 already held by node 11" in " ".join(warnings)
     # a node is asked once, except one whose query failed: it is asked again
     assert rounds.discover(wait=False) == ["node 15: query failed: boom"]
+    # node 11 leaves and a new node (a restarted SuperNode, new key) claims its partition 0
+    del answers[11]
+    answers[21] = {"partition-id": 0}
+    again = rounds.discover(wait=False)
+    assert "node 11: gone — partition 0 is free again" in again
+    assert rounds.node_of == {0: 21, 2: 16} and 11 not in rounds.known
 
 
 def test_failed_evaluation_answers_are_recorded_not_silently_dropped(monkeypatch):

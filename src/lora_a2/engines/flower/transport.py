@@ -61,7 +61,15 @@ class FlowerRounds(Transport):
         if num_clients is None:
             num_clients = self.cfg.data.num_clients
         while True:
-            new = [n for n in self.grid.get_node_ids() if n not in self.known]
+            online = list(self.grid.get_node_ids())
+            # a node that left frees its partition: a SuperNode restarted with a new key (a
+            # new node id) may claim it, where it was refused as "already held" for good
+            for pid, node in sorted(self.node_of.items()):
+                if node not in online:
+                    warnings.append(f"node {node}: gone — partition {pid} is free again")
+                    del self.node_of[pid]
+                    self.known.discard(node)
+            new = [n for n in online if n not in self.known]
             if new:
                 msgs = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY,
                                 group_id="discover") for n in new]
