@@ -208,6 +208,17 @@ def test_numeric_categories_are_one_id_whichever_file_they_come_from(tmp_path):
     assert train.label_names == test.label_names == ["(none)", "1", "2"]
 
 
+def test_a_hub_set_whose_only_split_is_test_is_split_not_used_as_both(tmp_path):
+    import datasets
+
+    from lora_a2.data.instructions import load_instructions
+
+    datasets.DatasetDict({"test": datasets.Dataset.from_list(instruction_rows(40))}).save_to_disk(
+        str(tmp_path / "only_test"))
+    train, test = load_instructions(f"hf:{tmp_path / 'only_test'}")
+    assert len(train) + len(test) == 40 and 0 < len(test) < len(train)  # was 40 and 40
+
+
 def test_hf_saved_dataset_folder(tmp_path):
     import datasets
 

@@ -343,6 +343,17 @@ def test_hf_saved_single_dataset_is_split(tmp_path: Path, offline_hub: None) -> 
     assert (len(tr), len(te)) == (16, 4)
 
 
+def test_hf_lone_test_split_is_split_not_used_as_both(tmp_path: Path, offline_hub: None) -> None:
+    """A saved DatasetDict whose only split is 'test': it was train and test at once (every
+    test example trained on); now it is split like a single file."""
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"sentence": [f"s{i}" for i in range(20)], "y": ["p", "n"] * 10})
+    datasets.DatasetDict({"test": ds}).save_to_disk(str(tmp_path / "only_test"))
+    tr, te = load_dataset(f"hf:{tmp_path / 'only_test'}", text_column="sentence", label_column="y")
+    assert (len(tr), len(te)) == (16, 4) and not set(tr.texts) & set(te.texts)
+
+
 def test_hf_hidden_test_labels_fall_back_to_split(tmp_path: Path, offline_hub: None) -> None:
     import datasets
 

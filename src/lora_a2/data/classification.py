@@ -417,7 +417,9 @@ def _read_hf(spec: str, text_column: str, label_column: str,
         train = next(iter(splits.values()))
     else:
         raise UserError(f"{shown} has no 'train' split (splits: {', '.join(splits)})")
-    test = splits.get("test")
+    # a dataset whose only split is 'test' is split here like a single file: used as both, its
+    # every test example was a training example too
+    test = splits.get("test") if "train" in splits else None
 
     class_names = class_label_names(train, label_column)
     source = _Source(

@@ -318,8 +318,8 @@ def _read_hf(spec: str, *columns: str, client: str | None = None) -> list[_Rows]
     if "train" not in splits and len(splits) != 1:
         raise UserError(f"hub dataset '{name}' has no 'train' split (splits: {', '.join(splits)})")
     order = ["train" if "train" in splits else next(iter(splits))]
-    if "test" in splits:
-        order.append("test")
+    if "test" in splits and order[0] != "test":  # a lone 'test' split is split here: used as
+        order.append("test")  # both train and test, every test row was a training row too
     out = []
     for split_name in order:
         split = splits[split_name]
