@@ -255,3 +255,17 @@ def test_a_weight_delta_on_a_bfloat16_base_is_rounded_once():
     assert torch.equal(w, (w0.float() + delta).to(torch.bfloat16))
     rt.set_weight_delta(None)
     assert torch.equal(w, w0)
+
+
+def test_a_decoder_whose_tokenizer_has_no_eos_is_a_one_line_error(tmp_path):
+    """Every response ends with EOS and generation stops at it: a tokenizer without one was an
+    int(None) traceback when the first example was encoded."""
+    from lora_a2.models import load_causal_lm
+
+    model, tok = tiny_random_llama(seed=0)
+    model.save_pretrained(tmp_path)
+    tok.eos_token = None
+    tok.pad_token = None
+    tok.save_pretrained(tmp_path)
+    with pytest.raises(UserError, match="has no end-of-sequence token"):
+        load_causal_lm(str(tmp_path), seed=0)

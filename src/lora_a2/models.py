@@ -354,6 +354,9 @@ def load_causal_lm(name: str, seed: int, dtype: str = "float32"):
     except (OSError, ValueError, RuntimeError) as e:
         raise UserError(f"could not load model '{name}' as a causal LM: {_first_line(e)}") \
             from None
+    if tok.eos_token_id is None:  # every example ends with it, and generation stops at it
+        raise UserError(f"model '{name}': its tokenizer has no end-of-sequence token (eos_token); "
+                        f"instruction tuning needs one to end each response")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model, tok, source
