@@ -208,6 +208,25 @@ def test_numeric_categories_are_one_id_whichever_file_they_come_from(tmp_path):
     assert train.label_names == test.label_names == ["(none)", "1", "2"]
 
 
+def test_a_test_file_reads_the_train_file_s_columns(tmp_path):
+    """TRAIN,TEST files: a test file without the train file's category or input column was
+    read with one category ("all") and no input, silently; now it is a one-line error, and a
+    test file with them is read by the same names."""
+    from lora_a2.data.instructions import load_instructions
+
+    rows = instruction_rows(40)
+    (tmp_path / "train.json").write_text(json.dumps(rows))
+    (tmp_path / "test.json").write_text(json.dumps([{"instruction": r["instruction"],
+                                                      "response": r["response"]}
+                                                     for r in rows[:9]]))
+    with pytest.raises(UserError, match=r"test.json' has no column 'input'"):
+        load_instructions(f"json:{tmp_path / 'train.json'},{tmp_path / 'test.json'}")
+    (tmp_path / "test.json").write_text(json.dumps(rows[:9]))
+    train, test = load_instructions(f"json:{tmp_path / 'train.json'},{tmp_path / 'test.json'}")
+    assert test.label_names == train.label_names == sorted(TOPICS)
+    assert list(test.inputs) == [r["input"] for r in rows[:9]]
+
+
 def test_a_hub_set_whose_only_split_is_test_is_split_not_used_as_both(tmp_path):
     import datasets
 

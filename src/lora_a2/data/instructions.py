@@ -276,6 +276,21 @@ def _columns(available: list[str], where: str, instruction: str, input_: str, re
         _pick(available, category, "category", "category_column", where, False))
 
 
+def _test_columns(train: _Columns, available: list[str], where: str) -> _Columns:
+    """A test split's columns: the train split's own (a test file without the train file's
+    ``category`` or ``input`` column would have fallen back to one category and no input,
+    silently: no per-category loss, prompts without their context)."""
+    def same(col: str | None, key: str, required: bool = True) -> str | None:
+        if col is None:
+            return None
+        return _pick(available, col, col, key, where, required)
+
+    return _Columns(same(train.instruction, "instruction_column"),  # type: ignore[arg-type]
+                    same(train.input, "input_column"),
+                    same(train.response, "response_column"),  # type: ignore[arg-type]
+                    same(train.category, "category_column"))
+
+
 def _rows(get, n: int, cols: _Columns, where: str, available: list[str], client: str | None,
           required: bool) -> _Rows:
     """The rows of one split; the client ids when ``client`` names a column (a test split that
@@ -298,10 +313,13 @@ def _read_files(fmt: str, spec: str, *columns: str, client: str | None = None) -
     if len(paths) > 2 or not all(paths):
         raise UserError(f"'{fmt}:{spec}' must name one file or two files TRAIN,TEST")
     out = []
+    train_cols: _Columns | None = None
     for path in paths:
         table = read_table(path, fmt)
         where = f"data file '{path}'"
-        cols = _columns(list(table), where, *columns)
+        cols = _columns(list(table), where, *columns) if train_cols is None else \
+            _test_columns(train_cols, list(table), where)
+        train_cols = train_cols or cols
         n = len(next(iter(table.values())))
         out.append(_rows(lambda c: table[c], n, cols, where, list(table), client, not out))
     return out
@@ -321,10 +339,13 @@ def _read_hf(spec: str, *columns: str, client: str | None = None) -> list[_Rows]
     if "test" in splits and order[0] != "test":  # a lone 'test' split is split here: used as
         order.append("test")  # both train and test, every test row was a training row too
     out = []
+    train_cols: _Columns | None = None
     for split_name in order:
         split = splits[split_name]
         where = f"hub dataset '{name}' split '{split_name}'"
-        cols = _columns(list(split.column_names), where, *columns)
+        cols = _columns(list(split.column_names), where, *columns) if train_cols is None else \
+            _test_columns(train_cols, list(split.column_names), where)
+        train_cols = train_cols or cols
         # a ClassLabel column (a category, a client id) by its names, not its ids
         out.append(_rows(lambda c: named_values(split, c), len(split), cols, where,
                          list(split.column_names), client, not out))

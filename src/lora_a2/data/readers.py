@@ -108,15 +108,19 @@ def read_csv(path: Path, shown: str, encoding: str | None = None) -> Table:
 
 
 _WHOLE_NUMBER = re.compile(r"-?(0|[1-9][0-9]*)")
+_PLAIN_NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?")
 
 
 def _csv_column(values: list[Any]) -> list[Any]:
-    """A CSV column as JSON or parquet would give it: ints where every non-empty cell is a
-    whole number written plainly ("3", "-12"; not "007" or "3.0"), else the cells' text; an
-    empty cell is None."""
+    """A CSV column as JSON or parquet would give it: where every non-empty cell is a number
+    written plainly ("3", "-12", "2.0", "1e-3"; not "007" or "01", which are codes), ints or
+    floats (pandas writes an int column with a gap as "1.0": the same class as "1", see
+    :func:`normalise_label`), else the cells' text; an empty cell is None."""
     present = [v for v in values if isinstance(v, str)]
     if present and all(_WHOLE_NUMBER.fullmatch(v) for v in present):
         return [int(v) if isinstance(v, str) else None for v in values]
+    if present and all(_PLAIN_NUMBER.fullmatch(v) for v in present):
+        return [float(v) if isinstance(v, str) else None for v in values]
     return [v if isinstance(v, str) else None for v in values]
 
 
