@@ -241,8 +241,10 @@ def test_alternating_phases_and_cross_phase_updates(tmp_path, synthetic_csv, mod
             assert all(row["discarded"] and "train_loss" not in row for row in crossed)
             assert r["num_replies"] == len([row for row in r["per_client"]
                                             if row.get("num_examples")]) - len(crossed)
-        else:
+        else:  # applied: every accepted reply, cross-phase ones too, is in the aggregate
             assert not any(row.get("discarded") for row in crossed)
+            used = [row for row in r["per_client"] if row.get("num_examples")]
+            assert r["num_replies"] == len(used) == len(r["staleness"])
     assert sum(r["cross_phase"] for r in records) > 0
 
 

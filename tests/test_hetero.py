@@ -302,6 +302,21 @@ def test_flora_merges_into_base_and_clients_restart():
     task = s.configure(2, 0, new)
     dense = sum(m.d_in * m.d_out for m in rt.layout.modules)
     assert task.to_payload(rt.layout).num_values == dense + head
+    # when the client trains: the base holds the merged delta, and B starts at zero
+    seen: dict = {}
+    train = ctxs[0].train
+
+    def spy(*args, **kwargs):
+        seen.update({n: d.clone() for n, d in rt.weight_deltas().items()})
+        seen.update(rt.snapshot(rt.layout.names("B")))
+        return train(*args, **kwargs)
+
+    ctxs[0].train = spy
+    rt.set_weight_delta(None)
+    wire(s, rt, task, ctxs[0])
+    for m in rt.layout.modules:
+        assert torch.allclose(seen[m.name], new.tensors[f"merged.{m.name}"], atol=1e-6)
+        assert not seen[f"{m.name}.B"].any()
     # reversible: no delta → W0 bit-identical
     rt.set_weight_delta(None)
     for m in rt.layout.modules:

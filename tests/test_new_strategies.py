@@ -116,11 +116,19 @@ def test_fedex_lora_clients_train_on_the_merged_base():
     state, _ = s.aggregate_round(1, state, replies)
     task = Task.from_payload(s.configure(2, 0, state).to_payload(rt.layout), rt.layout)
     rt.set_weight_delta(None)
-    rt.load(task.download)
-    assert {k: v for k, v in rt.weight_deltas().items()}, "the residual must reach the base"
-    m = rt.layout.modules[0]
-    assert torch.allclose(rt.weight_deltas()[m.name], state.tensors[f"merged.{m.name}"],
-                          atol=1e-6)
+    # what the base holds when the client trains: its own update, from the task it got
+    seen: dict = {}
+    train = ctxs[0].train
+
+    def spy(*args, **kwargs):
+        seen.update({n: d.clone() for n, d in rt.weight_deltas().items()})
+        return train(*args, **kwargs)
+
+    ctxs[0].train = spy
+    s.client_update(ctxs[0], task)
+    assert seen, "the residual must reach the base before training"
+    for m in rt.layout.modules:
+        assert torch.allclose(seen[m.name], state.tensors[f"merged.{m.name}"], atol=1e-6)
 
 
 def test_fedex_lora_refuses_central_dp_with_its_reason(capsys):
