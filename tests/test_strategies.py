@@ -374,8 +374,9 @@ def test_lora_a2_a_round_uploads_only_slots_whose_b_column_is_non_zero():
 
 
 # ---------------------------------------------------------------------- cheaper probes (issue 19)
-def _spy_train(ctx):
-    """Record every local-training call of ``ctx`` (epochs, masked or not)."""
+def _spy_train(ctx, trainers: list | None = None):
+    """Record every local-training call of ``ctx`` (epochs, masked or not, max steps) and, in
+    ``trainers``, the optimiser it was handed (None: a fresh one)."""
     from lora_a2.strategies import ClientContext
 
     calls = []
@@ -383,6 +384,8 @@ def _spy_train(ctx):
 
     def spy(groups, epochs, gen, masks=None, **kw):
         calls.append((epochs, masks is not None, kw.get("max_steps")))
+        if trainers is not None:
+            trainers.append(kw.get("trainer"))
         return real(groups, epochs, gen, masks=masks, **kw)
 
     ctx.train = spy
@@ -418,10 +421,23 @@ def test_reused_probe_at_two_epochs_trains_the_selection_once_more(optimizer):
     cfg, s, rt, ctxs = make("lora-a2", budget=1, head="frozen",
                             extra=["strategy.options.probe='reuse'", "train.local_epochs=2",
                                    f"strategy.options.probe_optimizer='{optimizer}'"])
-    calls = _spy_train(ctxs[0])
+    trainers: list = []
+    calls = _spy_train(ctxs[0], trainers)
     upd, _ = wire(s, rt, s.configure(1, 0, s.init_state(rt.initial_state())), ctxs[0])
     assert calls == [(1, False, None), (1, True, None)]
     assert upd.slots.numel() == rt.layout.num_modules
+    if optimizer == "kept":  # the training after the probe continues the probe's optimiser
+        assert trainers[0] is not None and trainers[1] is trainers[0]
+    else:
+        assert trainers == [None, None]
+
+
+def test_a_two_epoch_full_probe_trains_two_epochs_then_the_selection():
+    cfg, s, rt, ctxs = make("lora-a2", budget=1, head="frozen",
+                            extra=["strategy.options.probe_epochs=2"])
+    calls = _spy_train(ctxs[0])
+    wire(s, rt, s.configure(1, 0, s.init_state(rt.initial_state())), ctxs[0])
+    assert calls == [(2, False, None), (1, True, None)]
 
 
 def test_gradient_probe_scores_by_the_gradient_and_trains_only_the_selection():
