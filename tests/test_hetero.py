@@ -57,6 +57,7 @@ def run_round(s, rt, ctxs, rnd, state):
                                  snap[f"{m.name}.A"][r:], snap[f"{m.name}.B"][:, r:])
                         for m in rt.layout.modules})
     new, info = s.aggregate(rnd, state, replies)
+    assert [u.num_examples for _, u in replies] == [len(c.indices) for c in ctxs]
     weights = [u.num_examples / sum(x.num_examples for _, x in replies) for _, u in replies]
     return new, info, replies, trained, weights, down_sizes
 

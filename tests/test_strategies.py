@@ -76,6 +76,8 @@ def test_lora_a2_round_trip_upload_counts_and_exact_aggregation():
                 (trained[f"{m.name}.B"] @ trained[f"{m.name}.A"]).double()
                 for m in rt.layout.modules])
         new, info = s.aggregate(rnd, state, replies)
+        # the weights from the clients' true sizes (10, 30, 50), not read back from the uploads
+        assert [u.num_examples for _, u in replies] == [len(c.indices) for c in ctxs]
         w = [u.num_examples / sum(u.num_examples for _, u in replies) for _, u in replies]
         for i, m in enumerate(rt.layout.modules):
             expected = sum(wk * p[i] for wk, p in zip(w, client_products))
@@ -105,6 +107,7 @@ def test_lora_a2_renormalize_option_averages_each_slot_over_its_selectors():
         sels.append(selection_from_ids(upd.slots, rt.layout.num_modules, rt.layout.rank))
         replies.append((task, upd))
     new, _ = s.aggregate(1, state, replies)
+    assert [u.num_examples for _, u in replies] == [len(c.indices) for c in ctxs]
     w = [u.num_examples / sum(u.num_examples for _, u in replies) for _, u in replies]
     partial = 0
     for m, mod in enumerate(rt.layout.modules):
@@ -202,6 +205,7 @@ def test_fl_lora_is_separate_weighted_means():
         client_states.append(rt.snapshot(list(state.tensors)))  # the client's trained factors
     new, _ = s.aggregate(1, state, replies)
     n = [u.num_examples for _, u in replies]
+    assert n == [len(c.indices) for c in ctxs] == [10, 30, 50]
     w = [k / sum(n) for k in n]
     for name in rt.layout.group_names(["A", "B", "head"]):
         expected = sum(wk * cs[name].double() for wk, cs in zip(w, client_states))
