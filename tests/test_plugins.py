@@ -86,6 +86,26 @@ def test_python_api_runs_reads_and_overrides(tmp_path, synthetic_csv):
     assert lora_a2.load_config(overrides=["data.alpha=0.3 train.rounds=4"]).train.rounds == 4
     with pytest.raises(lora_a2.UserError, match="unknown config key 'data.alpah'"):
         lora_a2.load_config(overrides={"data.alpah": 1})
+    # one quoted string of pairs, a value with a space in it: two pairs, not one value
+    spaced = lora_a2.load_config(overrides='data.name="csv:my data.csv" train.rounds=3')
+    assert spaced.data.name == "csv:my data.csv" and spaced.train.rounds == 3
+    # (key, value) pairs as load_config takes them; anything else is one line, no traceback
+    assert lora_a2.load_config(overrides=[("data.alpha", 0.5)]).data.alpha == 0.5
+    with pytest.raises(lora_a2.UserError, match="must be a 'key=value' string, got 3"):
+        lora_a2.load_config(overrides=["data.alpha=0.5", 3])
+
+
+def test_python_api_merges_a_dict_config_and_its_overrides_key_by_key(monkeypatch, tmp_path):
+    """lora_a2.run({"data": {...}}, overrides={"data": {...}}): the override's table was a
+    shallow replacement of the config's, resetting its other keys to their defaults."""
+    import lora_a2.launch
+
+    seen = {}
+    monkeypatch.setattr(lora_a2.launch, "run", lambda cfg, out, **kw: seen.update(cfg=cfg) or {})
+    lora_a2.run({"data": {"alpha": 0.5, "num_clients": 4}}, out=tmp_path / "o",
+                overrides={"data": {"max_train_examples": 100}})
+    d = seen["cfg"].data
+    assert (d.alpha, d.num_clients, d.max_train_examples) == (0.5, 4, 100)
     assert issubclass(lora_a2.DenseStrategy, lora_a2.Strategy)
 
 

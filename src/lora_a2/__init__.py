@@ -72,14 +72,16 @@ def run(config: Config | str | Path | dict[str, Any] | None = None, *,
     import time
 
     from .config import Config as _Config
+    from .config import overrides_to_sets
     from .launch import run as _launch
     from .runner import check_out_dir
 
     if isinstance(config, _Config):
         # re-read, so a Config edited in a notebook is checked as a file would be
         cfg = _apply_overrides(config, [] if overrides is None else overrides)
-    elif isinstance(config, dict):
-        cfg = load_config(None, {**config, **_as_dict(overrides)})
+    elif isinstance(config, dict):  # key by key: an override's table does not replace the
+        # config's whole table (a shallow merge reset its other keys to their defaults)
+        cfg = load_config(None, [*overrides_to_sets(config), *overrides_to_sets(overrides)])
     else:
         cfg = load_config(config, overrides)
     if out is None:
@@ -126,16 +128,6 @@ def read_summary(run_dir: str | Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"'{path}' is not valid JSON ({e})") from None
-
-
-def _as_dict(overrides: Any) -> dict[str, Any]:
-    if overrides is None:
-        return {}
-    if isinstance(overrides, dict):
-        return overrides
-    from .config import parse_set, split_sets
-
-    return dict(parse_set(item) for item in split_sets(overrides))
 
 
 def _apply_overrides(cfg: Config, overrides: Any) -> Config:

@@ -143,19 +143,21 @@ def parse_set(item: str) -> tuple[str, Any]:
 
 
 _PAIR = re.compile(r"^[A-Za-z_][\w.]*=")
+#: whitespace before the next ``key=`` of an item holding several pairs
+_NEXT_PAIR = re.compile(r"\s+(?=[A-Za-z_][\w.]*=)")
 
 
 def split_sets(items: str | list[str]) -> list[str]:
     """``key=value`` items; one item holding several space-separated pairs (``"a=1 b=2"``, as
-    flwr's ``--run-config``) is split, but only when every piece is itself ``key=...`` — so a
-    value with spaces (``strategy.rank_budget=[1, 2]``, ``data.name=csv:my file.csv``) is not."""
+    flwr's ``--run-config``) is split before each ``key=`` — so a value with spaces stays
+    whole (``strategy.rank_budget=[1, 2]``, ``data.name="csv:my file.csv" train.rounds=2`` is
+    two pairs)."""
     out: list[str] = []
     for item in [items] if isinstance(items, str) else items:
-        parts = item.split()
-        if len(parts) > 1 and all(_PAIR.match(p) for p in parts):
-            out += parts
-        else:
-            out.append(item.strip())
+        if not isinstance(item, str):
+            raise UserError(f"an override must be a 'key=value' string, got {item!r}")
+        item = item.strip()
+        out += _NEXT_PAIR.split(item) if _PAIR.match(item) else [item]
     return [o for o in out if o]
 
 
@@ -166,8 +168,16 @@ def overrides_to_sets(overrides: Any) -> list[str | tuple[str, Any]]:
         return []
     if isinstance(overrides, dict):
         return [(k, v) for k, v in flatten(overrides) if v is not None]
-    if isinstance(overrides, (str, list, tuple)):
-        return list(split_sets(list(overrides) if not isinstance(overrides, str) else overrides))
+    if isinstance(overrides, str):
+        return list(split_sets(overrides))
+    if isinstance(overrides, (list, tuple)):  # 'key=value' strings and (key, value) pairs
+        out: list[str | tuple[str, Any]] = []
+        for item in overrides:
+            if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+                out.append(item)
+            else:
+                out += split_sets([item])
+        return out
     raise UserError(f"overrides must be a dict, a list of 'key=value' strings or one string, "
                     f"got {type(overrides).__name__}")
 
