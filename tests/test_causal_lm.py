@@ -415,6 +415,10 @@ def test_lora_a2_learns_and_the_adapter_reloads_with_peft(tmp_path, instr_json, 
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\xff\n"), encoding="utf-8"))
     assert main(["generate", str(out), "--max-new-tokens", "4"]) == 2
     assert "not UTF-8 text" in capsys.readouterr().err
+    # no prompt at all (empty stdin): one line and exit 2, not exit 0 with no answer
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    assert main(["generate", str(out), "--max-new-tokens", "4"]) == 2
+    assert "no prompts" in capsys.readouterr().err
     # a damaged tokenizer file (the tokenizers library raises a plain Exception)
     tokenizer = next((out / "adapter").glob("tokenizer.json"), None) or next(
         out.rglob("tokenizer.json"))

@@ -127,6 +127,8 @@ def main_generate(run_dir: Path, prompts: list[str], input_: str, max_new_tokens
         except UnicodeDecodeError as e:
             raise UserError(f"the prompts on standard input are not UTF-8 text ({e.reason} at "
                             f"byte {e.start})") from None
+        if not prompts:
+            raise UserError("no prompts: give them with -p, or one per line on standard input")
     for prompt, reply in zip(prompts, answer(model, tok, prompts, input_, max_new_tokens,
                                                 train.precision, train.bf16_matmul)):
         if as_json:
