@@ -441,6 +441,17 @@ def test_bad_grid_shapes_and_out_folders_are_one_line_errors(tmp_path, capsys):
         assert main(["bench", str(grid), "--list", "--out", str(tmp_path / "o")]) == 2, text
         err = capsys.readouterr().err
         assert message in err and len(err.splitlines()) == 1, (text, err)
+    # a config typo in a grid is refused before any cell runs (it failed cell by cell)
+    grid = tmp_path / "g.toml"
+    grid.write_text("[base]\n'data.alpah' = 1\n")
+    assert main(["bench", str(grid), "--list", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "grid cell 'seed0': unknown config key 'data.alpah'" in err and len(err.splitlines()) == 1
+    assert main(["bench", str(grid), "--quiet", "--out", str(tmp_path / "o")]) == 2
+    assert not (tmp_path / "o").exists()
+    capsys.readouterr()
+    assert main(["bench", "smoke", "--list", "--workers", "0"]) == 2  # --list checks it too
+    assert "--workers must be between 1 and 256" in capsys.readouterr().err
     (tmp_path / "latin1.toml").write_bytes(b"name = '\xe9'\n")
     assert main(["bench", str(tmp_path / "latin1.toml"), "--list"]) == 2
     assert "cannot read grid" in capsys.readouterr().err
@@ -547,7 +558,7 @@ def test_a_failed_memory_run_keeps_the_rows_measured_before_it(monkeypatch):
     import lora_a2.speed as speed
 
     class Ok:
-        returncode, stdout, stderr = 0, "RSS 2048\n", ""
+        returncode, stdout, stderr = 0, "RSS 2.0\n", ""  # the child's own peak, in MB
 
     class Failed:
         returncode, stdout, stderr = 2, "", "lora-a2: error: no such dataset\n"
@@ -601,7 +612,7 @@ def test_workers_share_a_grid_and_each_cell_runs_once(tmp_path, capsys):
 
 
 def tiny_grid(rounds: int, alphas: str) -> str:
-    """A two-cell grid of tiny-model runs (one cell per ``data.alpha``; -1 is invalid)."""
+    """A grid of tiny-model runs, one cell per ``data.alpha``."""
     return f"""
 name = "g"
 seeds = [0]
@@ -620,7 +631,11 @@ seeds = [0]
 
 def test_workers_do_not_retry_a_cell_that_failed_in_the_same_call(tmp_path, capsys):
     grid = tmp_path / "g.toml"
-    grid.write_text(tiny_grid(rounds=1, alphas="0.5, -1.0"))
+    # the second cell fails when it runs (a data file that is not there), not at the grid's
+    # config check, which refuses a bad config value before any cell runs
+    grid.write_text(tiny_grid(rounds=1, alphas="0.5").replace(
+        '[axes]', f'[[include]]\noverrides = {{"data.name" = "csv:{tmp_path / "none.csv"}"}}\n'
+        f'axes = []\n[axes]'))
     out = tmp_path / "o"
     assert main(["bench", str(grid), "-q", "--workers", "2", "--out", str(out)]) == 1
     printed = capsys.readouterr()
@@ -628,9 +643,9 @@ def test_workers_do_not_retry_a_cell_that_failed_in_the_same_call(tmp_path, caps
     bad = [d for d in (out / "cells").iterdir() if (d / "error.txt").exists()]
     assert len(bad) == 1
     # the failed cell and its reason are named, on the run and in --list
-    assert f"lora-a2: cell {bad[0].name} failed: config key 'data.alpha'" in printed.err
+    assert f"lora-a2: cell {bad[0].name} failed: data file" in printed.err
     assert main(["bench", str(grid), "--list", "--out", str(out)]) == 0
-    assert "error: config key 'data.alpha'" in capsys.readouterr().out
+    assert "error: data file" in capsys.readouterr().out
     # each worker's log: one worker tried the bad cell, the other skipped it as already failed
     logs = [p.read_text() for p in (out / "workers").glob("*.log")]
     assert sorted(("'error': 1" in log, "'error-not-retried': 1" in log) for log in logs) == \

@@ -152,11 +152,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import list_grid, load_grid, remaining_time, run_grid, run_grid_workers
+    from .bench import (check_cells, expand, list_grid, load_grid, remaining_time, run_grid,
+                        run_grid_workers, select)
 
     grid = load_grid(args.grid)
     out = Path(args.out) if args.out else Path("benchmarks") / "results" / (
         grid["name"] + ("-smoke" if args.smoke else ""))
+    if not 1 <= args.workers <= 256:
+        raise UserError(f"--workers must be between 1 and 256, got {args.workers}")
+    check_cells(select(expand(grid, args.smoke), args.only or None))
     if args.list:
         rows = list_grid(args.grid, out, smoke=args.smoke, only=args.only or None)
         width = max(len(c) for c, _ in rows)
@@ -178,8 +182,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                       + (f" ({guessed} cells costed at the grid mean)" if guessed else "")
                       + "; divide by the number of workers")
         return 0
-    if not 1 <= args.workers <= 256:
-        raise UserError(f"--workers must be between 1 and 256, got {args.workers}")
     if args.workers > 1:
         result = run_grid_workers(args.grid, out, args.workers, smoke=args.smoke,
                                   progress=not args.quiet, only=args.only or None)

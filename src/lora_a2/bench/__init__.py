@@ -27,14 +27,14 @@ worker processes) and :mod:`~lora_a2.bench.tables` (results.json, table.md and p
 
 from __future__ import annotations
 
-from .cells import SINCE_ENV, run_cell
+from .cells import SINCE_ENV, check_cells, run_cell
 from .grid import Cell, builtin_grids, expand, load_grid, select, smoke_overrides
 from .status import cell_status, estimate_remaining, list_grid, remaining_time, torch_cuda_available
 from .tables import aggregate, collect_rows, last_rounds_accuracy, task_of_metric
 from .workers import run_grid, run_grid_workers
 
 __all__ = [
-    "SINCE_ENV", "Cell", "aggregate", "builtin_grids", "cell_status", "collect_rows",
+    "SINCE_ENV", "Cell", "aggregate", "builtin_grids", "cell_status", "check_cells", "collect_rows",
     "estimate_remaining", "expand", "last_rounds_accuracy", "list_grid", "load_grid",
     "remaining_time", "run_cell", "run_grid", "run_grid_workers", "select", "smoke_overrides",
     "task_of_metric", "torch_cuda_available",

@@ -53,6 +53,17 @@ def _finished(cell: Cell, out: Path) -> tuple[str, dict[str, Any] | None]:
     return "skipped", read_cell_summary(out, cell)
 
 
+def check_cells(cells: list[Cell]) -> None:
+    """Every cell's config loads and validates (a one-line :class:`UserError` naming the
+    first that does not): a typo in a grid's base or an axis is refused before any cell runs,
+    not met cell by cell as the grid reaches them."""
+    for cell in cells:
+        try:
+            load_config(None, _to_sets(cell.overrides))
+        except UserError as e:
+            raise UserError(f"grid cell '{cell.cell_id}': {e}") from None
+
+
 def _run_locked(cell: Cell, cell_dir: Path) -> tuple[str, dict[str, Any] | None]:
     resume = (cell_dir / "config.toml").exists()
     (cell_dir / "error.txt").unlink(missing_ok=True)  # a retry: only its own failure counts
