@@ -403,6 +403,15 @@ def test_lora_a2_learns_and_the_adapter_reloads_with_peft(tmp_path, instr_json, 
     assert main(["generate", str(out), "-p", "Name a fruit.", "--max-new-tokens", "4",
                  "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["prompt"] == "Name a fruit."
+    # it takes the task the run trained from its export, not task.name = "auto" resolved
+    # again (elsewhere — another directory, another cache — it could come out otherwise)
+    import lora_a2.generate
+
+    monkeypatch.setattr(lora_a2.generate, "resolve_task_name", lambda cfg: "classification")
+    assert main(["generate", str(out), "-p", "Name a fruit.", "--max-new-tokens", "4",
+                 "--json"]) == 0
+    capsys.readouterr()
+    monkeypatch.undo()
     # a damaged export is one line naming the run, not a safetensors traceback
     weights = out / "adapter" / "adapter_model.safetensors"
     whole = weights.read_bytes()

@@ -25,6 +25,20 @@ from .tasks import TASKS, resolve_task_name
 from .tasks.causal_lm import format_prompt, generate
 
 
+def _trained_task(run_dir: Path) -> str | None:
+    """The task the run trained, as its export (``adapter/lora_a2.json``) or summary recorded
+    it: ``task.name = "auto"`` resolved again here could differ (another working directory for
+    a relative model path, another Hugging Face cache)."""
+    for path in (run_dir / "adapter" / "lora_a2.json", run_dir / "summary.json"):
+        try:
+            task = json.loads(path.read_text()).get("task")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(task, str) and task:
+            return task
+    return None
+
+
 def load_trained(run_dir: Path, base_only: bool = False):
     """(model, tokenizer, train) of a finished causal-LM run (or its base model alone);
     ``train`` is the run's ``[train]`` section, whose ``precision`` and ``bf16_matmul`` its
@@ -36,7 +50,7 @@ def load_trained(run_dir: Path, base_only: bool = False):
     # the config's own checks only: generating needs neither the run's reporters, nor its
     # fleet file, nor a plugin strategy installed here
     cfg = load_config(run_dir / "config.toml")
-    name = resolve_task_name(cfg)
+    name = _trained_task(run_dir) or resolve_task_name(cfg)
     if name not in TASKS:
         raise UserError(f"run '{run_dir}' was trained for task '{name}', which is not "
                         f"installed here (tasks: {', '.join(sorted(TASKS))})")
