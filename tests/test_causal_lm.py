@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import transformers
 import torch.nn.functional as F
 
 from lora_a2.cli import main
@@ -286,6 +287,35 @@ def test_response_only_loss_equals_the_full_logits_loss(instr_json):
     (g_ref,) = torch.autograd.grad(ref, p)
     assert float(ours.detach()) == pytest.approx(float(ref.detach()), rel=1e-5)
     assert torch.allclose(g_ours, g_ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "granite", "gemma2"])
+def test_the_loss_uses_the_model_s_own_logits_when_it_transforms_them(arch):
+    """Granite divides its logits by logits_scaling and Gemma 2 soft-caps them after the output
+    projection: the gathered projection alone gave another loss (24.3 against 5.3 on a tiny
+    Granite); such a model's loss comes from its own forward. Llama keeps the gathered path."""
+    from lora_a2.tasks.causal_lm import head_is_the_projection, response_logits
+
+    common = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=2, head_dim=16)
+    cfg = {"llama": lambda: transformers.LlamaConfig(**common),
+           "granite": lambda: transformers.GraniteConfig(**common, logits_scaling=8.0),
+           "gemma2": lambda: transformers.Gemma2Config(**common, final_logit_softcapping=2.0)}
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg[arch]()).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(100)  # logits large enough to tell apart
+    ids = torch.randint(1, 64, (3, 10))
+    att = torch.ones_like(ids)
+    labels = ids.clone()
+    labels[:, :4] = -100  # the prompt
+    logits, target, _ = response_logits(model, ids, att, labels)
+    ours = F.cross_entropy(logits, target)
+    full = model(input_ids=ids, attention_mask=att).logits
+    ref = F.cross_entropy(full[:, :-1].reshape(-1, full.shape[-1]), labels[:, 1:].reshape(-1),
+                          ignore_index=-100)
+    assert float(ours.detach()) == pytest.approx(float(ref.detach()), rel=1e-5)
+    assert head_is_the_projection(model) is (arch == "llama")
 
 
 def test_gradient_checkpointing_and_bf16_train_the_same_factors(instr_json):

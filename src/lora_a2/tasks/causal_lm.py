@@ -270,15 +270,43 @@ def causal_lm_of(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def head_is_the_projection(lm: nn.Module) -> bool:
+    """Whether ``lm``'s logits are its output projection of the decoder's last hidden state and
+    nothing more — not so for a model that transforms them after (Gemma 2's soft-capping,
+    Cohere's ``logit_scale``, Granite's ``logits_scaling``). Checked once per model, in eval
+    mode (no dropout), on a 4-token input; the answer is kept on the module."""
+    known = getattr(lm, "_lora_a2_plain_head", None)
+    if known is not None:
+        return known
+    was_training = lm.training
+    lm.eval()
+    try:
+        with torch.no_grad():
+            ids = torch.ones(1, 4, dtype=torch.long, device=lm.get_output_embeddings().weight.device)
+            full = lm(input_ids=ids).logits[0, -1].float()
+            part = lm.get_output_embeddings()(
+                lm.get_decoder()(input_ids=ids).last_hidden_state)[0, -1].float()
+            plain = bool(torch.allclose(full, part, rtol=1e-3, atol=1e-3))
+    finally:
+        lm.train(was_training)
+    lm._lora_a2_plain_head = plain
+    return plain
+
+
 def response_logits(model: nn.Module, ids: Tensor, att: Tensor, labels: Tensor
                     ) -> tuple[Tensor, Tensor, Tensor]:
     """Logits (float32) at the positions that predict a response token, their targets, and the
     (batch, length − 1) mask of those positions. The vocabulary projection runs on those rows
-    only: hidden states are gathered first (the memory knob "loss only where labels are")."""
+    only: hidden states are gathered first (the memory knob "loss only where labels are") —
+    unless the model transforms its logits after the projection
+    (:func:`head_is_the_projection`): then its own forward computes them, every position."""
     lm = causal_lm_of(model)
-    hidden = lm.get_decoder()(input_ids=ids, attention_mask=att).last_hidden_state
     target = labels[:, 1:]
     where = target != IGNORE
+    if not head_is_the_projection(lm):
+        logits = lm(input_ids=ids, attention_mask=att).logits[:, :-1][where].float()
+        return logits, target[where], where
+    hidden = lm.get_decoder()(input_ids=ids, attention_mask=att).last_hidden_state
     logits = lm.get_output_embeddings()(hidden[:, :-1][where]).float()
     return logits, target[where], where
 
