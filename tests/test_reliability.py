@@ -704,6 +704,13 @@ def test_resume_takes_the_lines_a_crash_leaves_before_a_checkpoint(tmp_path, syn
         assert _final(out) == _final(tmp_path / "ref"), name
 
 
+def test_an_out_inside_a_file_is_refused_before_anything_loads(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserError, match="is inside .*afile', which is not a directory"):
+        check_out_dir(tmp_path / "afile" / "sub" / "run", overwrite=False)
+    check_out_dir(tmp_path / "new" / "sub" / "run", overwrite=False)  # made when the run starts
+
+
 def test_a_run_folder_taken_while_this_run_loaded_is_not_deleted(tmp_path):
     """--out is checked before the model loads and again before the folder is set up: a run
     that started writing there in between is refused, not deleted."""

@@ -62,6 +62,9 @@ def check_out_dir(out: Path, overwrite: bool, inputs: Sequence[Path] = ()) -> Pa
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"output path '{out}' exists and is not a directory")
+    above = next((p for p in out.absolute().parents if p.exists()), None)
+    if above is not None and not above.is_dir():  # out would be made inside a file
+        raise UserError(f"output path '{out}' is inside '{above}', which is not a directory")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise UserError(f"output directory '{out}' is not empty; pass --overwrite to replace it "
