@@ -469,17 +469,19 @@ def test_lora_a2_learns_and_the_adapter_reloads_with_peft(tmp_path, instr_json, 
     assert err.count("\n") == 0 and "its exported tokenizer cannot be loaded" in err, err
 
 
-@pytest.mark.parametrize("strategy", ["flexlora", "fedex-lora"])
-def test_an_exported_merged_delta_reproduces_the_run(tmp_path, instr_json, strategy):
-    """FlexLoRA's and FedEx-LoRA's global model is not base + one LoRA product: the export
-    adds merged_delta.safetensors to the base, and what `lora-a2 generate` loads from it (base +
-    delta + adapter) gives the run's own final held-out loss."""
+@pytest.mark.parametrize("strategy,dtype", [("flexlora", "float32"), ("fedex-lora", "float32"),
+                                            ("flora", "bfloat16")])
+def test_an_exported_merged_delta_reproduces_the_run(tmp_path, instr_json, strategy, dtype):
+    """FlexLoRA's, FedEx-LoRA's and FLoRA's global model is not base + one LoRA product: the
+    export adds merged_delta.safetensors to the base, and what `lora-a2 generate` loads from it
+    (base + delta + adapter) gives the run's own final held-out loss — on a bfloat16 base too
+    (the delta exported in float32 and added once; the saved base in the run's dtype)."""
     from lora_a2.generate import load_trained
     from lora_a2.tasks.causal_lm import example_nll
 
     out = run_cli(tmp_path / strategy, f"json:{instr_json}", "data.num_clients=3",
                   "train.rounds=2", "strategy.lr=5e-3", f"strategy.name={strategy}",
-                  "task.generate_examples=0")
+                  "task.generate_examples=0", f"model.dtype={dtype}")
     assert (out / "adapter" / "merged_delta.safetensors").is_file()
     summary = json.loads((out / "summary.json").read_text())
     model, _, _ = load_trained(out, base_only=False)

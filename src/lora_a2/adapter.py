@@ -254,10 +254,12 @@ class ModelRuntime:
 
     @torch.no_grad()
     def weight_deltas(self) -> dict[str, Tensor]:
-        """The current non-zero base-weight deltas W − W0 per module (CPU copies)."""
+        """The current non-zero base-weight deltas W − W0 per module (float32 CPU copies: on a
+        bfloat16 base the difference of the two rounded weights is exact in float32, so
+        W0 + it, rounded once, gives W back bit for bit — a bfloat16 difference did not)."""
         out = {}
         for name, (w, w0) in self._base_weights.items():
-            d = (w - w0).detach().to("cpu", copy=True)
+            d = (w.detach().float() - w0.float()).to("cpu")
             if bool(d.any()):
                 out[name] = d
         return out
@@ -313,5 +315,7 @@ class ModelRuntime:
         state, config, cls = self._tiny_base
         base = cls(config)
         base.load_state_dict(state)
-        base.save_pretrained(path)
+        # in the dtype the run trained it in (load_state_dict keeps the new model's float32)
+        base.to(next(v.dtype for v in state.values() if v.is_floating_point())) \
+            .save_pretrained(path)
         self.tokenizer.save_pretrained(path)

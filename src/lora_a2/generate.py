@@ -93,7 +93,8 @@ def _load(run_dir: Path, adapter: Path, cfg, base_only: bool):
     if whole_model and not base_only:
         return AutoModelForCausalLM.from_pretrained(str(adapter)), tok
     if (run_dir / "base_model").is_dir():  # a random base built in code, saved by the run
-        base = AutoModelForCausalLM.from_pretrained(str(run_dir / "base_model"))
+        base = AutoModelForCausalLM.from_pretrained(str(run_dir / "base_model"),
+                                                    torch_dtype="auto")  # as saved
     else:
         base, _, _ = load_causal_lm(cfg.model.name, cfg.seed, cfg.model.dtype)
     if base_only:
@@ -104,8 +105,8 @@ def _load(run_dir: Path, adapter: Path, cfg, base_only: bool):
 
         with torch.no_grad():
             for name, delta in load_file(str(deltas)).items():
-                w = base.get_submodule(name).weight
-                w.add_(delta.to(w.dtype))
+                w = base.get_submodule(name).weight  # W0 + Δ in float32, rounded once
+                w.copy_((w.float() + delta.to(w.device, torch.float32)).to(w.dtype))
     from peft import PeftModel
 
     return PeftModel.from_pretrained(base, str(adapter)), tok
