@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from lora_a2.cli import main
 from lora_a2.checks import load_config
 from lora_a2.errors import UserError
+from lora_a2.models import tiny_random_llama
 from lora_a2.report import read_metrics
 
 TOPICS = {"fruit": ["apple", "banana", "cherry", "grape"],
@@ -675,3 +676,28 @@ def test_bad_generate_and_task_flags_are_one_line_errors(capsys, args, needle):
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_an_alpaca_prompt_starts_with_the_tokenizer_s_own_bos_and_the_response_never_does():
+    """A tokenizer without a chat template that puts a BOS before a text (Llama-2, Mistral, OPT
+    base models): the prompt gets it, as the base model was trained with it and as plain HF
+    tokenization gives it; the response does not. Training and `lora-a2 generate` agree."""
+    from tokenizers.processors import TemplateProcessing
+
+    from lora_a2.tasks.causal_lm import encode_example, prompt_ids
+
+    _, tok = tiny_random_llama(seed=0)
+    tok.chat_template = None
+    bos = tok.bos_token_id
+    tok._tokenizer.post_processor = TemplateProcessing(
+        single=f"{tok.bos_token} $A", special_tokens=[(tok.bos_token, bos)])
+    assert tok("x")["input_ids"][0] == bos  # what the tokenizer does to any text
+    prompt, response, _, _ = encode_example(tok, "Name a fruit.", "", "apple", 64)
+    assert prompt[0] == bos and prompt.count(bos) == 1
+    assert bos not in response and response[-1] == tok.eos_token_id
+    assert prompt_ids(tok, "Name a fruit.") == prompt  # generate's prompt is training's
+    # with a chat template the template writes the special tokens itself: nothing added
+    _, chat = tiny_random_llama(seed=0)
+    assert prompt_ids(chat, "Name a fruit.") == list(chat(
+        chat.apply_chat_template([{"role": "user", "content": "Name a fruit."}], tokenize=False,
+                                 add_generation_prompt=True), add_special_tokens=False)["input_ids"])

@@ -22,7 +22,7 @@ from .errors import UserError
 from .models import _quiet_transformers, load_causal_lm, pick_device, position_limit
 from .precision import bf16_products_in_fp32, forward
 from .tasks import TASKS, resolve_task_name
-from .tasks.causal_lm import format_prompt, generate
+from .tasks.causal_lm import generate, prompt_ids
 
 
 def _trained_task(run_dir: Path) -> str | None:
@@ -118,8 +118,7 @@ def answer(model, tokenizer, prompts: list[str], input_: str = "",
     """Greedy answers to ``prompts`` (each with ``input_``), under ``precision``'s autocast
     and ``bf16_matmul``'s kernels (``train.precision``, ``train.bf16_matmul``)."""
     device = next(model.parameters()).device
-    ids = [list(tokenizer(format_prompt(tokenizer, p, input_), add_special_tokens=False)
-                ["input_ids"]) for p in prompts]
+    ids = [prompt_ids(tokenizer, p, input_) for p in prompts]  # as the run's training did
     positions = position_limit(model)  # a learned table (GPT-2) cannot index past its rows
     for i, row in enumerate(ids):
         if positions is not None and len(row) + max_new_tokens > positions:

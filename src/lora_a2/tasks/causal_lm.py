@@ -239,27 +239,42 @@ def _ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def prompt_ids(tokenizer, instruction: str, input_: str = "") -> list[int]:
+    """The prompt's token ids (:func:`format_prompt`). A chat template writes its own special
+    tokens; the Alpaca block gets what the tokenizer itself puts before a text (a BOS, for
+    Llama-2, Mistral or OPT base models, which were trained with one) — never after it, and
+    never on the response."""
+    text = format_prompt(tokenizer, instruction, input_)
+    plain = _ids(tokenizer, text)
+    if getattr(tokenizer, "chat_template", None) or not plain:
+        return plain
+    full = list(tokenizer(text)["input_ids"])
+    start = next((i for i in range(len(full) - len(plain) + 1)
+                  if full[i:i + len(plain)] == plain), 0)
+    return full[:start] + plain
+
+
 def encode_example(tokenizer, instruction: str, input_: str, response: str, max_length: int
                    ) -> tuple[list[int], list[int], str, int] | None:
     """(prompt ids, response ids incl. EOS, user text, 1 if the input was shortened) or None
     when even an empty input leaves no room for the whole response."""
     response_ids = _ids(tokenizer, response) + [int(tokenizer.eos_token_id)]
-    prompt_ids = _ids(tokenizer, format_prompt(tokenizer, instruction, input_))
-    if len(prompt_ids) + len(response_ids) <= max_length:
-        return prompt_ids, response_ids, user_text(instruction, input_), 0
+    prompt = prompt_ids(tokenizer, instruction, input_)
+    if len(prompt) + len(response_ids) <= max_length:
+        return prompt, response_ids, user_text(instruction, input_), 0
     if not input_:
         return None
     input_ids = _ids(tokenizer, input_)
-    excess = len(prompt_ids) + len(response_ids) - max_length
+    excess = len(prompt) + len(response_ids) - max_length
     for _ in range(4):  # re-tokenising the cut text can merge differently: shave a bit more
         keep = len(input_ids) - excess
         if keep <= 0:
             return None
         short = tokenizer.decode(input_ids[:keep]).strip()
-        prompt_ids = _ids(tokenizer, format_prompt(tokenizer, instruction, short))
-        over = len(prompt_ids) + len(response_ids) - max_length
+        prompt = prompt_ids(tokenizer, instruction, short)
+        over = len(prompt) + len(response_ids) - max_length
         if over <= 0:
-            return prompt_ids, response_ids, user_text(instruction, short), 1
+            return prompt, response_ids, user_text(instruction, short), 1
         excess += over
     return None
 
