@@ -471,7 +471,9 @@ def audit_command(strategies, modes, mechanisms, plant, quick, json_path, noise_
     any lower bound exceeds its claim."""
     t0 = time.perf_counter()
     if plant:
-        print(f"planted bug: {plant} — {PLANTS.get(plant, '?')}")
+        if plant not in PLANTS:  # one line, before anything is printed
+            raise UserError(f"--plant: unknown bug '{plant}'; valid: {', '.join(PLANTS)}")
+        print(f"planted bug: {plant} — {PLANTS[plant]}")
     rows = run_audit(strategies, modes, mechanisms, plant, quick,
                      noise_multiplier=noise_multiplier,
                      progress=lambda r: print(r.line(), flush=True))
