@@ -32,6 +32,7 @@ from lora_a2.payload import InvalidPayload, encode  # noqa: E402
 from lora_a2.report import read_metrics  # noqa: E402
 from lora_a2.runner import _secagg_summary  # noqa: E402
 from lora_a2.strategies import REGISTRY, Task  # noqa: E402
+from lora_a2.tasks.classification import Classification  # noqa: E402
 
 from conftest import TINY, tiny_setup  # noqa: E402
 
@@ -324,7 +325,10 @@ def test_failed_evaluation_answers_are_recorded_not_silently_dropped(monkeypatch
         if c == 3:
             return Message(RecordDict(), reply_to=msg)
         who = 0 if c == 4 else c  # client 4 answers with client 0's metrics
-        return Message(pack(encode(eval_reply(who, {"local_accuracy": 0.5}))), reply_to=msg)
+        return Message(pack(encode(eval_reply(who, good))), reply_to=msg)
+
+    good = {"accuracy": 0.5, "macro_f1": 0.4, "loss": 1.1, "local_accuracy": 0.5,
+            "local_held_out": 0}  # every metric the classification task's answers carry
 
     sizes = {"down": 0, "up": 0}  # what Flower serialised, as the fake grid saw it
 
@@ -338,9 +342,9 @@ def test_failed_evaluation_answers_are_recorded_not_silently_dropped(monkeypatch
 
     rounds = FlowerRounds(Grid(), cfg, 0)
     rounds.node_of = {c: 100 + c for c in range(5)}
-    exp = SimpleNamespace(strategy=s, runtime=rt, cfg=cfg)
+    exp = SimpleNamespace(strategy=s, runtime=rt, cfg=cfg, task=Classification(cfg))
     out = evaluate_clients(exp, 1, state, rounds)
-    assert out["client_eval"][0] == {"local_accuracy": 0.5}
+    assert out["client_eval"][0] == good
     assert out["client_eval"][1:] == [None] * 4
     fails = out["eval_failures"]
     assert [f.split(":")[0] for f in fails] == [f"client {c}" for c in (1, 2, 3, 4)], fails

@@ -145,7 +145,11 @@ class CausalLM(LearningTask):
     # -- model ----------------------------------------------------------------------
     def load_model(self, num_labels: int, seed: int):
         m = self.cfg.model
-        return load_causal_lm(m.name, seed, m.dtype)
+        model, tok, source = load_causal_lm(m.name, seed, m.dtype)
+        # decided here, once, before anything counts or times a forward pass (the simulated
+        # clock's FLOP count, the profile): not at the first loss
+        head_is_the_projection(model)
+        return model, tok, source
 
     # -- training -------------------------------------------------------------------
     def loss(self, model: nn.Module, batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
