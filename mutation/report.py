@@ -298,12 +298,27 @@ def _runs(meta: dict) -> list[tuple[str, dict]]:
          else "survivors re-tested", r) for r in meta.get("survivors", [])]
 
 
+def carried(previous: str, module: str) -> tuple[str | None, str | None]:
+    """``module``'s table row and survivors section in an earlier REPORT.md (``previous``):
+    the sessions are not committed (a new checkout has none), so a module not run here keeps
+    the record its last run left, rather than turning into "not run"."""
+    row = next((line for line in previous.splitlines() if line.startswith(f"| {module} |")
+                and "| not run |" not in line), None)
+    found = re.search(rf"^### {re.escape(module)} \(.*?(?=^### |\Z)", previous, re.S | re.M)
+    return row, found.group(0).rstrip("\n") if found else None
+
+
 def render() -> str:
     notes = _notes()
     rows, sections = [], []
+    report = HERE / "REPORT.md"
+    previous = report.read_text() if report.is_file() else ""
     for module in ORDER:
         if not (SESSIONS / f"{module}.sqlite").exists():
-            rows.append(f"| {module} | – | – | – | – | – | – | not run | |")
+            row, section = carried(previous, module)
+            rows.append(row or f"| {module} | – | – | – | – | – | – | not run | |")
+            if section:
+                sections.append(section)
             continue
         meta = json.loads((SESSIONS / f"{module}.json").read_text())
         c, survivors = module_results(module)

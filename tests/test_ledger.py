@@ -43,7 +43,8 @@ def test_extra_releases_count_the_attempts_beyond_the_first_up_to_a_round(tmp_pa
                                   # written twice
                                   '{"attempts": {"1": Infinity}}', '{"attempts": {"1": 1e999}}',
                                   '{"attempts": {"1": 1.9}}', '{"attempts": {"1": true}}',
-                                  '{"attempts": {"1": 1, "01": 3}}', '{"attempts": {"-1": 1}}'])
+                                  '{"attempts": {"1": 1, "01": 3}}', '{"attempts": {"-1": 1}}',
+                                  '{"attempts": {"00": 1}}'])
 def test_a_file_that_is_not_a_ledger_is_refused_in_one_line(tmp_path, text):
     (tmp_path / FILE).write_text(text)
     with pytest.raises(UserError, match="is not a privacy ledger") as e:

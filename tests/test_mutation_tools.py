@@ -136,3 +136,15 @@ def test_a_round_that_re_tested_only_unexplained_survivors_is_labelled_so(report
         report.record("validation", "survivor", "1", "abc", "")
     assert len(json.loads((tmp_path / "sessions" / "validation.json").read_text())
                ["survivors"]) == 2  # the refused record changed nothing
+
+
+def test_a_module_without_a_session_keeps_its_last_recorded_row_and_survivors(report):
+    """Sessions are not committed: rendering in a new checkout after running two modules wrote
+    every other module as "not run", losing the committed record of its last run."""
+    previous = (ROOT / "mutation" / "REPORT.md").read_text()
+    row, section = report.carried(previous, "privacy")
+    assert row.startswith("| privacy | ") and "| not run |" not in row
+    assert section.startswith("### privacy (") and "\n### " not in section
+    last = report.ORDER[-1]  # the last section runs to the end of the file
+    assert report.carried(previous, last)[1].startswith(f"### {last} (")
+    assert report.carried("| x | – | – | – | – | – | – | not run | |\n", "x") == (None, None)
