@@ -19,7 +19,7 @@ import lora_a2.audit as audit
 from lora_a2.audit import (CLIP, DEFAULT_Z, PLANTS, SELECTION_EPSILON, AuditRow,
                            _with_change, audit_selection, choose_event, clopper_pearson_lower,
                            clopper_pearson_upper, epsilon_lower_bound, event_bound, federation,
-                           planned_rows, report, run_audit, threshold_audit)
+                           planned_rows, plant_reaches, report, run_audit, threshold_audit)
 from lora_a2.cli import main
 from lora_a2.strategies import REGISTRY, load_all
 
@@ -183,6 +183,7 @@ def test_honest_mechanisms_pass_and_the_laplace_bound_is_tight():
     ("gumbel-scale", (["lora-a2"], ["local"], ["selection"])),
 ])
 def test_a_planted_bug_is_flagged(plant, select):
+    assert plant_reaches(plant, select[1][0], select[2][0])  # the CLI's refusal agrees
     rows = run_audit(*select, plant=plant, quick=True)
     assert len(rows) == 1 and rows[0].verdict == "VIOLATED"
     assert rows[0].lower_bound > rows[0].claimed_epsilon
@@ -197,8 +198,36 @@ def test_a_planted_bug_is_flagged(plant, select):
 def test_a_planted_bug_leaves_the_rows_it_does_not_touch_within_their_claim(plant, select):
     """The plants are one bug each: a row whose release the bug does not reach stays honest
     (so a flagged row is the bug's doing, not the planting's)."""
+    assert not plant_reaches(plant, select[1][0], select[2][0])
     rows = run_audit(*select, plant=plant, quick=True)
     assert len(rows) == 1 and rows[0].verdict == "ok"
+
+
+@pytest.mark.parametrize("plant", sorted(PLANTS))
+def test_plant_reach_covers_every_mode_and_mechanism_the_bug_touches(plant):
+    """The declared reach, row by row: the noise plants every noise row (server-side ones
+    central only), gumbel-scale only selection rows."""
+    got = {(m, x) for m in audit.MODES for x in audit.MECHANISMS if plant_reaches(plant, m, x)}
+    noise = {(m, x) for m in audit.MODES for x in ("gaussian", "laplace")}
+    want = {"half-noise": noise, "gumbel-scale": {("local", "selection"),
+                                                 ("central", "selection")},
+            "no-server-clip": {r for r in noise if r[0] == "central"},
+            "renormalised-weights": {r for r in noise if r[0] == "central"}}[plant]
+    assert got == want
+
+
+@pytest.mark.parametrize("args", [
+    ["--plant", "gumbel-scale", "--strategy", "fl-lora", "--mode", "central"],
+    ["--plant", "no-server-clip", "--mode", "local", "--mechanism", "laplace"],
+    ["--plant", "half-noise", "--strategy", "lora-a2", "--mechanism", "selection"],
+])
+def test_a_plant_the_selectors_keep_out_of_reach_is_refused(capsys, args):
+    """An audit whose rows the planted bug cannot touch would pass (exit 0) and test nothing:
+    one line, exit 2, before any sampling."""
+    assert main(["audit-privacy", "--quick", *args]) == 2
+    out, err = capsys.readouterr()
+    assert len(err.strip().splitlines()) == 1 and args[1] in err and "reaches" in err, err
+    assert out == ""
 
 
 def test_every_draw_of_the_selection_audit_is_fresh_and_on_neighbouring_scores():

@@ -77,6 +77,17 @@ PLANTS = {
     "gumbel-scale": "private selection's Gumbel noise at scale 1/ε instead of 2k/ε",
 }
 
+
+def plant_reaches(plant: str, mode: str, mechanism: str) -> bool:
+    """Whether ``plant``'s bug reaches the release of a (mode, mechanism) row: the noise
+    plants reach noise rows (the server-side ones only central rows), ``gumbel-scale`` only
+    private selection. A row it does not reach is audited as the honest mechanism."""
+    if plant == "gumbel-scale":
+        return mechanism == "selection"
+    if mechanism == "selection":
+        return False
+    return plant == "half-noise" or mode == "central"
+
 #: noise multipliers audited (z, as ``privacy.noise_multiplier``): per-release ε near 4–5 for
 #: the Gaussian (where a one-release audit has power) and ε₀ = 1 for Laplace
 DEFAULT_Z = {("gaussian", "central"): 1.0, ("gaussian", "local"): 2.0,
@@ -473,6 +484,11 @@ def audit_command(strategies, modes, mechanisms, plant, quick, json_path, noise_
     if plant:
         if plant not in PLANTS:  # one line, before anything is printed
             raise UserError(f"--plant: unknown bug '{plant}'; valid: {', '.join(PLANTS)}")
+        reached = [r for r in planned_rows(strategies, modes, mechanisms)
+                   if plant_reaches(plant, r[1], r[2])]
+        if not reached:  # an audit the bug cannot touch would exit 0: it tests nothing
+            raise UserError(f"--plant {plant}: the selectors leave no mechanism it reaches "
+                            f"({PLANTS[plant]})")
         print(f"planted bug: {plant} — {PLANTS[plant]}")
     rows = run_audit(strategies, modes, mechanisms, plant, quick,
                      noise_multiplier=noise_multiplier,
@@ -485,5 +501,5 @@ def audit_command(strategies, modes, mechanisms, plant, quick, json_path, noise_
     return 0 if ok == len(rows) else 1
 
 
-__all__ = ["AuditRow", "PLANTS", "PlantedStrategy", "run_audit", "audit_command",
+__all__ = ["AuditRow", "PLANTS", "PlantedStrategy", "plant_reaches", "run_audit", "audit_command",
            "epsilon_lower_bound", "clopper_pearson_upper"]
