@@ -266,6 +266,11 @@ def test_private_top_k_of_nothing_and_epsilon_checks():
         with pytest.raises(ValueError, match="epsilon"):
             private_top_k(scores, 1, eps, gen)
     assert int(private_top_k(scores, 1, 0.5, gen).sum()) == 1  # ε below 1 is allowed
+    # no slots at all, k > 0: an empty selection, as select_top_k's (it divided ε by 0)
+    for shape in ((0, 4), (3, 0)):
+        out = private_top_k(torch.zeros(shape), 2, 1.0, gen)
+        assert out.shape == shape and out.dtype == torch.bool
+        assert torch.equal(out, select_top_k(torch.zeros(shape), 2))
 
 
 @pytest.mark.parametrize("epsilon", [4.0, 16.0, 64.0])

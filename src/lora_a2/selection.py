@@ -164,6 +164,8 @@ def private_top_k(scores: Tensor, k: int, epsilon: float, generator: torch.Gener
     top = float(flat.max()) if flat.numel() else 0.0
     utility = flat / top if top > 0 else torch.zeros_like(flat)
     k = min(k, flat.numel())
+    if k == 0:  # no slots at all: nothing to select (ε/k below would divide by zero)
+        return torch.zeros(scores.shape, dtype=torch.bool)
     eps0 = epsilon / k
     # a generator with its own ``uniform`` (lora_a2.privacy.OSRandom: the OS CSPRNG) or torch's
     u = (generator.uniform(flat.numel()) if hasattr(generator, "uniform")
