@@ -102,8 +102,8 @@ class DataConfig:
     """Held-out fraction when the source has no test split (stratified, seeded)."""
     max_train_examples: int = 1000
     """Cap on training examples (stratified subsample); 0 = all. The default 1000 sizes the
-    embedded demo for 7–11 minutes on 2 CPU cores (6 min 46 s and 10 min 42 s measured on two
-    machines); set 0 for the whole dataset. `natural`: keeps whole clients, largest first, as
+    embedded demo for about 7 to 11 minutes on 2 CPU cores (6 min 46 s and 10 min 42 s measured
+    on two machines, README); set 0 for the whole dataset. `natural`: keeps whole clients, largest first, as
     many as fit under the cap (never a row sample)."""
     max_test_examples: int = 0
     """Cap on test examples; 0 = all."""
