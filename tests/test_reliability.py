@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -23,13 +24,15 @@ import lora_a2
 from lora_a2.cli import main
 from lora_a2.config import load_config
 from lora_a2.engines.local import LocalTransport, drops_out, read_eval_reply, run_round
-from lora_a2.experiment import prepare
+from lora_a2.client import EncodedData
+from lora_a2.experiment import data_digest, prepare
 from lora_a2.payload import InvalidPayload, Payload, decode, encode
 from lora_a2.errors import UserError
 from lora_a2.locks import RUN_LOCK
 from lora_a2.report import read_metrics
 from lora_a2.rounds import Reply, evaluate_clients
 from lora_a2.rounds import run_round as run_round_over
+import lora_a2.runner as runner_module
 from lora_a2.runner import check_out_dir, replace_out_dir, run_experiment
 from lora_a2.strategies import ClientContext, Update
 from lora_a2.tasks.classification import Classification
@@ -294,6 +297,23 @@ def _cli(out: Path, csv: Path, rounds: int, *extra: str) -> list[str]:
     return args
 
 
+def _crashed_at(out: Path, argv: list[str], rnd: int) -> None:
+    """Run ``argv`` in this process and stop it as Ctrl-C would as round ``rnd`` starts:
+    rounds before it are recorded and checkpointed, nothing of it is."""
+    real = runner_module.run_round
+
+    def crashing(exp, r, state, **kw):
+        if r == rnd:
+            raise KeyboardInterrupt
+        return real(exp, r, state, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runner_module, "run_round", crashing)
+        assert main(argv) == 130
+    assert [r["round"] for r in read_metrics(out / "metrics.jsonl")] == list(range(1, rnd))
+    assert not (out / "summary.json").exists()
+
+
 def _final(out: Path):
     records = [{k: v for k, v in r.items() if not k.endswith("wall_s")}
                for r in read_metrics(out / "metrics.jsonl")]
@@ -356,9 +376,7 @@ def test_torn_metrics_line_is_dropped_on_resume(tmp_path, synthetic_csv):
     out = tmp_path / "t"
     # A 2-round run that crashed while writing round 2's metrics line: round 1 complete and
     # checkpointed, then a torn line (the checkpoint of round 2 is only written after its line).
-    assert main(args(out, 1)) == 0
-    cfg = (out / "config.toml").read_text().replace("rounds = 1", "rounds = 2")
-    (out / "config.toml").write_text(cfg)
+    _crashed_at(out, args(out, 2), 2)
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"round":2,"strategy":"lora-a2","accur')
     assert main(["run", "--quiet", "--resume", str(out)]) == 0
@@ -376,11 +394,9 @@ def test_a_round_written_twice_is_kept_once_on_resume(tmp_path, synthetic_csv):
 
     assert main(args(tmp_path / "ref", 3)) == 0
     out = tmp_path / "d"
-    assert main(args(out, 2)) == 0
+    _crashed_at(out, args(out, 3), 3)
     lines = (out / "metrics.jsonl").read_text().splitlines()
     (out / "metrics.jsonl").write_text("\n".join([lines[0], lines[1], lines[1]]) + "\n")
-    cfg = (out / "config.toml").read_text().replace("rounds = 2", "rounds = 3")
-    (out / "config.toml").write_text(cfg)
     assert main(["run", "--quiet", "--resume", str(out)]) == 0
     got = _final(out)
     assert [r["round"] for r in got[0]] == [1, 2, 3]
@@ -549,6 +565,70 @@ def test_resume_misuse(tmp_path, capsys):
     assert "do not combine" in capsys.readouterr().err
 
 
+def test_a_resume_continues_only_the_run_its_checkpoint_ran(tmp_path, synthetic_csv, capsys,
+                                                             monkeypatch):
+    """The checkpoint keeps what the run is (its config, its data's digest): a config.toml
+    edited since the run started, or data that differ from what it trained on — the same
+    relative path read from another folder — is refused with one line, the folder untouched.
+    The same run from where it started resumes."""
+    home, elsewhere = tmp_path / "home", tmp_path / "elsewhere"
+    home.mkdir()
+    elsewhere.mkdir()
+    (home / "toy.csv").write_bytes(synthetic_csv.read_bytes())
+    head, *rows = synthetic_csv.read_text().splitlines()
+    (elsewhere / "toy.csv").write_text("\n".join([head, *rows[::-1]]) + "\n")  # same rows
+    monkeypatch.chdir(home)
+    out = run_cli(tmp_path / "run", "train.rounds=2", data="csv:toy.csv", base=TINY)
+    toml = (out / "config.toml").read_text()
+    assert "num_clients = 4" in toml
+    (out / "config.toml").write_text(toml.replace("num_clients = 4", "num_clients = 5"))
+    before = _snapshot(out)
+    assert main(["run", "--quiet", "--resume", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "'data.num_clients' = 5" in err and "started with 4" in err
+    assert _snapshot(out) == before
+    (out / "config.toml").write_text(toml)
+    monkeypatch.chdir(elsewhere)
+    before = _snapshot(out)
+    assert main(["run", "--quiet", "--resume", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "data read now differ" in err, err
+    assert _snapshot(out) == before
+    monkeypatch.chdir(home)
+    assert main(["run", "--quiet", "--resume", str(out)]) == 0
+    assert [r["round"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2]
+
+
+def test_the_data_digest_sees_every_part_of_the_data():
+    """One token, mask bit or label of either set, or one client's index, changes the digest;
+    equal data give equal digests."""
+    def exp(**change):
+        gen = torch.Generator().manual_seed(0)
+        parts = {n: torch.randint(0, 50, (6, 5), generator=gen) for n in
+                 ("train_ids", "test_ids", "train_mask", "test_mask")}
+        parts |= {"train_labels": torch.arange(6), "test_labels": torch.arange(6) % 2,
+                  "client_train": [np.array([0, 1, 2]), np.array([3, 4, 5])],
+                  "client_test": [np.array([], dtype=np.int64)] * 2}
+        parts |= change
+        return SimpleNamespace(
+            enc_train=EncodedData(parts["train_ids"], parts["train_mask"], parts["train_labels"]),
+            enc_test=EncodedData(parts["test_ids"], parts["test_mask"], parts["test_labels"]),
+            client_train=parts["client_train"], client_test=parts["client_test"])
+
+    base = data_digest(exp())
+    assert data_digest(exp()) == base
+    for name in ("train_ids", "test_ids", "train_mask", "test_mask"):
+        t = getattr(getattr(exp(), "enc_" + name.split("_")[0]),
+                    "input_ids" if name.endswith("ids") else "attention_mask").clone()
+        t[2, 3] += 1
+        assert data_digest(exp(**{name: t})) != base, name
+    assert data_digest(exp(train_labels=torch.tensor([0, 1, 2, 3, 4, 6]))) != base
+    assert data_digest(exp(test_labels=torch.tensor([0, 1, 0, 1, 0, 0]))) != base
+    moved = [np.array([0, 1]), np.array([2, 3, 4, 5])]  # the same indices, split otherwise
+    assert data_digest(exp(client_train=moved)) != base
+    assert data_digest(exp(client_test=[np.array([0]), np.array([], dtype=np.int64)])) != base
+
+
 def _snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
             if p.is_file()}
@@ -691,10 +771,7 @@ def test_resume_takes_the_lines_a_crash_leaves_before_a_checkpoint(tmp_path, syn
     ref_lines = (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()
     for name, keep_checkpoint in (("no-ckpt", False), ("ckpt-1", True)):
         out = tmp_path / name
-        assert main(args(out, 1)) == 0
-        (out / "summary.json").unlink()
-        (out / "config.toml").write_text(
-            (out / "config.toml").read_text().replace("rounds = 1", "rounds = 2"))
+        _crashed_at(out, args(out, 2), 2)
         if keep_checkpoint:  # round 2's line written, its checkpoint not
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(ref_lines[1] + "\n")

@@ -66,11 +66,14 @@ def _join_extra(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> dict
 
 
 def save_checkpoint(out_dir: Path, rnd: int, state: ServerState,
-                    client_stores: dict[int, dict[str, torch.Tensor]] | None = None) -> Path:
+                    client_stores: dict[int, dict[str, torch.Tensor]] | None = None,
+                    identity: dict[str, str] | None = None) -> Path:
     """Atomically replace ``DIR/checkpoint.safetensors`` with the state after round ``rnd``.
 
     ``client_stores``: what the simulated clients keep between their rounds (local engine), so
-    that a resumed personalised run continues with each client's own tensors."""
+    that a resumed personalised run continues with each client's own tensors. ``identity``:
+    digests of what the run is (its config, its data), kept in the header so that a resume can
+    check it continues the same run (:func:`checkpoint_identity`)."""
     out_dir = Path(out_dir)
     extra_tensors, plain = _split_extra(state.extra)
     tensors = {f"{_STATE}{k}": v.detach().cpu().contiguous() for k, v in state.tensors.items()}
@@ -78,8 +81,11 @@ def save_checkpoint(out_dir: Path, rnd: int, state: ServerState,
     for c, store in (client_stores or {}).items():
         tensors.update({f"{_CLIENT}{c}/{k}": v.detach().cpu().contiguous()
                         for k, v in store.items()})
-    blob = st_save(tensors, metadata={"round": str(rnd), "extra": json.dumps(plain),
-                                      "state_order": json.dumps(list(state.tensors))})
+    meta = {"round": str(rnd), "extra": json.dumps(plain),
+            "state_order": json.dumps(list(state.tensors))}
+    if identity:
+        meta["identity"] = json.dumps(identity, sort_keys=True)
+    blob = st_save(tensors, metadata=meta)
     path = out_dir / CHECKPOINT
     atomic_write_bytes(path, blob)
     return path
@@ -103,6 +109,25 @@ def load_checkpoint(out_dir: Path) -> tuple[int, ServerState] | None:
     except (SafetensorError, ValueError, KeyError, TypeError, AttributeError, IndexError):
         raise UserError(f"checkpoint '{path}' is unreadable; cannot resume this run") from None
     return rnd, ServerState(state, extra)
+
+
+def checkpoint_identity(out_dir: Path) -> dict[str, str]:
+    """The ``identity`` digests the last checkpoint was saved with (empty: none, or a
+    checkpoint written before they were kept)."""
+    path = Path(out_dir) / CHECKPOINT
+    if not path.exists():
+        return {}
+    try:
+        with path.open("rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            meta = json.loads(f.read(header_len)).get("__metadata__") or {}
+        identity = json.loads(meta.get("identity", "{}"))
+    except (ValueError, AttributeError, OSError):
+        raise UserError(f"checkpoint '{path}' is unreadable; cannot resume this run") from None
+    if not isinstance(identity, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in identity.items()):
+        raise UserError(f"checkpoint '{path}' is unreadable; cannot resume this run")
+    return identity
 
 
 def load_client_stores(out_dir: Path) -> dict[int, dict[str, torch.Tensor]]:

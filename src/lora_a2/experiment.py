@@ -8,6 +8,7 @@ depends on which task it is.
 from __future__ import annotations
 
 import copy
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -166,3 +167,20 @@ def resolve_clients(cfg: Config, num_clients: int) -> Config:
     resolved.data.num_clients = num_clients
     validate(resolved)  # the checks against the count, skipped while it was unknown
     return check_config(resolved)
+
+
+def data_digest(exp: Experiment) -> str:
+    """SHA-256 of the data the clients train and are tested on: the encoded training and test
+    sets (token ids, masks, labels) and each client's training and local-test indices. A
+    resumed run must read exactly the data it trained on, wherever its paths now resolve."""
+    h = hashlib.sha256()
+    for enc in (exp.enc_train, exp.enc_test):
+        for t in (enc.input_ids, enc.attention_mask, enc.labels):
+            t = t.detach().cpu().contiguous()
+            h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+            h.update(t.numpy().tobytes())
+    for idx in [*exp.client_train, *exp.client_test]:
+        arr = np.asarray(idx, dtype=np.int64)
+        h.update(f"|{len(arr)}|".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()

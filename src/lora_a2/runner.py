@@ -16,19 +16,21 @@ import json
 import shutil
 import sys
 import time
+import tomllib
 from pathlib import Path
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .checkpoint import load_checkpoint, load_client_stores, save_checkpoint
+from .checkpoint import (checkpoint_identity, load_checkpoint, load_client_stores,
+                         save_checkpoint)
 from .checks import check_config, load_config
-from .config import Config, clients_per_round, differences
+from .config import Config, clients_per_round, config_from_dict, differences
 from .data import label_histogram, local_inputs
 from .engines.local import run_async_round, run_round
 from .fleet import selected_per_round
 from .rounds import evaluate_state, fit_budgets
 from .errors import UserError
-from .experiment import Experiment, prepare
+from .experiment import Experiment, data_digest, prepare
 from .ledger import FILE as LEDGER_FILE
 from .ledger import ReleaseLedger
 from .locks import RUN_LOCK, folder_lock, lock_held
@@ -158,6 +160,39 @@ def check_same_config(cfg: Config, saved: Config, out: Path) -> None:
                         f"run's own is {theirs!r}{more}")
 
 
+def run_identity(cfg: Config, exp: Experiment) -> dict[str, str]:
+    """What a run is, kept with every checkpoint: the config it started with (as written to
+    ``config.toml``) and the digest of its data (:func:`~lora_a2.experiment.data_digest`)."""
+    return {"config": cfg.to_toml(), "data_sha256": data_digest(exp)}
+
+
+def check_same_run(identity: dict[str, str], out: Path) -> None:
+    """Refuse to resume ``out`` as another run than its checkpoint's: a ``config.toml`` edited
+    since the run started (its rounds so far ran under the old values), or data that differ
+    from what it trained on (a changed file; a relative path now read from another folder).
+    A checkpoint written before these were kept is trusted as before."""
+    saved = checkpoint_identity(out)
+    if "config" in saved:
+        try:
+            started = config_from_dict(tomllib.loads(saved["config"]))
+        except (tomllib.TOMLDecodeError, UserError):
+            raise UserError(f"checkpoint '{Path(out) / 'checkpoint.safetensors'}' is "
+                            f"unreadable; cannot resume this run") from None
+        now = config_from_dict(tomllib.loads(identity["config"]))
+        diff = differences(now, started)
+        if diff:
+            k, mine, theirs = diff[0]
+            more = f" (and {len(diff) - 1} more)" if len(diff) > 1 else ""
+            raise UserError(f"cannot resume '{out}': its config.toml has '{k}' = {mine!r}, but "
+                            f"the run started with {theirs!r}{more} (edited since?); restore it, "
+                            f"or start the run again (--overwrite)")
+    if saved.get("data_sha256", identity["data_sha256"]) != identity["data_sha256"]:
+        raise UserError(f"cannot resume '{out}': the data read now differ from those it "
+                        f"trained on (a changed file, or a relative path read from another "
+                        f"folder?); resume from where it started, or start it again "
+                        f"(--overwrite)")
+
+
 def check_flower_resume(cfg: Config, strategy, out: Path) -> None:
     """Refuse to resume ``out`` on Flower when the strategy's clients keep state between rounds
     (:meth:`~lora_a2.strategies.Strategy.client_state`): it lives in the nodes'
@@ -230,9 +265,11 @@ def _run_experiment(cfg: Config, out: Path, *, overwrite: bool, progress: bool, 
     private = strategy if isinstance(strategy, PrivateStrategy) else None
     withholds = private is not None and private.withholds
     ckpt = load_checkpoint(out) if resume else None
+    identity = run_identity(cfg, exp)
     if resume:
         check_resumable(out, ckpt[0] if ckpt is not None else None, server_log=withholds)
         if ckpt is not None:
+            check_same_run(identity, out)  # before anything in the folder changes
             check_flower_resume(cfg, strategy, out)
     ledger = ReleaseLedger(out / LEDGER_FILE) \
         if private is not None and not private.plan.rebuildable else None
@@ -324,7 +361,7 @@ def _run_experiment(cfg: Config, out: Path, *, overwrite: bool, progress: bool, 
                     exp.task.client_metric_keys)
             write_samples(out, rnd, samples)
             report.round_end(record)  # metrics.jsonl first, then every other reporter
-            save_checkpoint(out, rnd, state, exp.client_stores)
+            save_checkpoint(out, rnd, state, exp.client_stores, identity)
             records.append(record)
 
         exp.runtime.load(state.tensors)
