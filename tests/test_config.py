@@ -87,11 +87,37 @@ def test_toml_file_and_overrides(tmp_path):
     (["engine.device=tpu"], "'engine.device'"),
     (["engine.device=cuda:abc"], "'engine.device'"),
     (["engine.device=cudafoo"], "'engine.device'"),
+    # past float32 (the model's), a number is inf there: 1e39 broke AdamW mid-run
+    (["strategy.lr=1e39"], "'strategy.lr' must fit in float32"),
+    (["train.mode=async", "train.server_lr=1e300"], "'train.server_lr' must fit in float32"),
+    (["privacy.mechanism=gaussian", "privacy.noise_multiplier=1", "privacy.clip=1e308"],
+     "'privacy.clip' must fit in float32"),
+    (["strategy.lr=-3.5e38"], "'strategy.lr' must fit in float32"),
+    (["engine.threads=100000"], "'engine.threads' must be in [0, 1024]"),
+    (["engine.threads=100000000000000000000"], "'engine.threads' must be in [0, 1024]"),
+    (["report.targets=[70]"], "'report.targets' entries must be fractions in [0, 1]"),
+    (["report.targets=[0.5, -1]"], "'report.targets' entries must be fractions in [0, 1]"),
+    # argv's undecodable byte (a lone surrogate): config.toml could not be written
+    (["report.mlflow_experiment=\udcff"], "'report.mlflow_experiment' must be text that UTF-8"),
+    (["data.name=csv:/tmp/x\udcff.csv"], "'data.name' must be text that UTF-8"),
+    (["model.target_modules=['query', '\udcff']"], "'model.target_modules' must be text"),
 ])
 def test_bad_values_are_one_line_errors(sets, needle):
     with pytest.raises(UserError) as e:
         load_config(None, sets)
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_noise_multiplier_the_accountant_cannot_account_is_refused_by_the_config_checks(
+        capsys):
+    assert_config_error(capsys, ["privacy.mechanism=gaussian", "privacy.noise_multiplier=1e-300"],
+                        "finite ε")
+
+
+def test_values_at_the_edges_of_those_ranges_are_accepted():
+    cfg = load_config(None, ["strategy.lr=3.4e38", "engine.threads=1024",
+                             "report.targets=[0.0, 1.0]", "report.mlflow_experiment=café ☕"])
+    assert (cfg.strategy.lr, cfg.engine.threads, cfg.report.targets) == (3.4e38, 1024, [0.0, 1.0])
 
 
 def test_a_single_rank_baseline_takes_a_list_or_draw_that_gives_one_rank():

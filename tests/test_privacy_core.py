@@ -305,6 +305,18 @@ def test_an_unreachable_target_is_a_one_line_error():
         assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("mode", ["local", "central"])
+@pytest.mark.parametrize("z", [1e-300, 1e-200, 1e-160])  # ÷0, ÷0, ε = inf
+def test_a_noise_multiplier_the_accountant_cannot_account_is_a_one_line_error(mode, z):
+    """Opacus divides by zero (or overflows) at such a z: found when the plan resolves —
+    before the run starts — not in round 1's ε, after the old run folder was replaced."""
+    with pytest.raises(UserError, match=r"privacy.noise_multiplier.*finite ε") as e:
+        dp.resolve(_cfg(mechanism="gaussian", mode=mode, noise_multiplier=z), 5, 1.0)
+    assert "\n" not in str(e.value)
+    ok = dp.resolve(_cfg(mechanism="gaussian", mode=mode, noise_multiplier=1e-10), 5, 1.0)
+    assert math.isfinite(ok.epsilon(5)) and ok.epsilon(5) > 1e15  # extreme, but a number
+
+
 def test_a_laplace_target_gives_the_noise_multiplier_of_its_per_round_budget():
     # one round at ε = 0.7: ε₀ = 0.7, so z = 2 / 0.7 locally (replace-one), 1 / 0.7 centrally
     assert dp.resolve(_cfg(mechanism="laplace", mode="local", epsilon=0.7), 1, 1.0

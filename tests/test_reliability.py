@@ -21,6 +21,7 @@ from safetensors.torch import save as st_save
 from safetensors.torch import save_file
 
 import lora_a2
+from lora_a2.checkpoint import load_checkpoint
 from lora_a2.cli import main
 from lora_a2.config import load_config
 from lora_a2.engines.local import LocalTransport, drops_out, read_eval_reply, run_round
@@ -627,6 +628,28 @@ def test_the_data_digest_sees_every_part_of_the_data():
     moved = [np.array([0, 1]), np.array([2, 3, 4, 5])]  # the same indices, split otherwise
     assert data_digest(exp(client_train=moved)) != base
     assert data_digest(exp(client_test=[np.array([0]), np.array([], dtype=np.int64)])) != base
+
+
+def test_a_run_that_diverges_stops_with_one_line_and_keeps_its_rounds(tmp_path, synthetic_csv,
+                                                                       capsys, monkeypatch):
+    """A round whose global state holds a NaN or an inf (a diverged run: an lr or a server step
+    too large) stops the run, exit 2, one line; nothing of that round is recorded, the rounds
+    before it and their checkpoint stay (it was evaluated and reported as a result before)."""
+    real = runner_module.run_round
+
+    def diverging(exp, r, state, **kw):
+        state, record = real(exp, r, state, **kw)
+        if r == 2:
+            name = sorted(state.tensors)[1]
+            state.tensors[name] = state.tensors[name].clone().fill_(float("inf"))
+        return state, record
+
+    monkeypatch.setattr(runner_module, "run_round", diverging)
+    out = run_cli(tmp_path / "d", "train.rounds=3", data=synthetic_csv, base=TINY, code=2)
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "round 2: the global model has non-finite values" in err
+    assert [r["round"] for r in read_metrics(out / "metrics.jsonl")] == [1]
+    assert load_checkpoint(out)[0] == 1 and not (out / "summary.json").exists()
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:

@@ -379,6 +379,24 @@ def plan_builder(p, rounds: int, sample_rate: float) -> Callable[[float], Privac
     return plan
 
 
+def check_accountable(plan: PrivacyPlan, key: str) -> PrivacyPlan:
+    """``plan`` when every ε the run reports (each round's, the summary's, one release's) is a
+    finite number; else a one-line error naming ``key``. An extreme noise multiplier (1e-300,
+    1e200) makes the RDP accountant divide by zero or overflow — found before the run starts,
+    not after its first round has trained."""
+    try:
+        figures = [plan.release_epsilon(), plan.epsilon(1),
+                   *(v for v in plan.summary().values() if isinstance(v, float))]
+        ok = all(math.isfinite(f) for f in figures)
+    except (ZeroDivisionError, OverflowError, ValueError, FloatingPointError):
+        ok = False
+    if not ok:
+        raise UserError(f"config key '{key}': the accountant cannot compute a finite ε at "
+                        f"{plan.noise_multiplier:g} (over {plan.rounds} rounds at "
+                        f"δ = {plan.delta:g}); choose a less extreme value")
+    return plan
+
+
 def resolve(p, rounds: int, sample_rate: float) -> PrivacyPlan | None:
     """The run's :class:`PrivacyPlan` from a ``privacy`` config table ``p`` (None when
     ``p.mechanism = 'none'``); ``sample_rate`` = clients per round / clients (the central
@@ -388,7 +406,7 @@ def resolve(p, rounds: int, sample_rate: float) -> PrivacyPlan | None:
     factor = 2.0 if p.mode == "local" else 1.0
     plan = plan_builder(p, rounds, sample_rate)
     if p.noise_multiplier is not None:
-        return plan(float(p.noise_multiplier))
+        return check_accountable(plan(float(p.noise_multiplier)), "privacy.noise_multiplier")
     if p.selection == "private":
         return plan(calibrate_with_selection(plan, float(p.epsilon), rounds))
     try:

@@ -21,6 +21,8 @@ from pathlib import Path
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
+
 from .checkpoint import (checkpoint_identity, load_checkpoint, load_client_stores,
                          save_checkpoint)
 from .checks import check_config, load_config
@@ -158,6 +160,20 @@ def check_same_config(cfg: Config, saved: Config, out: Path) -> None:
         more = f" (and {len(diff) - 1} more)" if len(diff) > 1 else ""
         raise UserError(f"cannot resume '{out}' with another config: '{k}' is {mine!r}, the "
                         f"run's own is {theirs!r}{more}")
+
+
+def check_finite(state: ServerState, rnd: int) -> None:
+    """Stop the run, one line, when round ``rnd`` left a global tensor with a NaN or an
+    infinity: a run that diverged (a learning rate or server step too large, noise beyond
+    float32) would otherwise go on evaluating NaN and report it as a result. Nothing of the
+    round is recorded; the last checkpoint stays."""
+    bad = [name for name, t in state.tensors.items()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise UserError(f"round {rnd}: the global model has non-finite values ('{bad[0]}'"
+                        f"{more}): the run diverged; lower strategy.lr, train.server_lr or the "
+                        f"noise, and start it again (--overwrite); rounds before it are kept")
 
 
 def run_identity(cfg: Config, exp: Experiment) -> dict[str, str]:
@@ -337,6 +353,7 @@ def _run_experiment(cfg: Config, out: Path, *, overwrite: bool, progress: bool, 
             if ledger is not None:  # before any noise is drawn: a crash after this is charged
                 ledger.attempt(rnd)
             state, record = round_fn(exp, rnd, state, on_client=report.client_done)
+            check_finite(state, rnd)
             client_evals = record.pop("client_eval", None)  # personalised: each client's own
             server_metrics = evaluate_state(exp, state)  # the released state on the test set
             samples = server_metrics.pop("samples", None)

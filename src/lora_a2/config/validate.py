@@ -28,6 +28,14 @@ def validate(cfg: Config) -> None:
             v = getattr(section, f.name)
             require(not isinstance(v, float) or math.isfinite(v), f"{sec.name}.{f.name}",
                     "must be a finite number", v)
+            # the model trains in float32: a larger number is inf there (an lr of 1e39 broke
+            # the optimiser after the run had started)
+            require(not isinstance(v, float) or abs(v) <= FLOAT32_MAX, f"{sec.name}.{f.name}",
+                    f"must fit in float32 (|x| ≤ {FLOAT32_MAX:.4g})", v)
+            for text in (v if isinstance(v, list) else [v]):  # written to config.toml as UTF-8
+                require(not isinstance(text, str) or _utf8(text), f"{sec.name}.{f.name}",
+                        "must be text that UTF-8 can write (it holds an undecodable byte)",
+                        text)
     require(0 <= cfg.seed < 2**63, "seed", "must be in [0, 2^63)", cfg.seed)  # torch's range
     require(m.max_length >= 8, "model.max_length", "must be ≥ 8", m.max_length)
     require(m.head in ("frozen", "trained"), "model.head", "must be 'frozen' or 'trained'", m.head)
@@ -123,9 +131,12 @@ def validate(cfg: Config) -> None:
              e.connect_timeout_s)
     require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", e.device) is not None,
             "engine.device", "must be 'auto', 'cpu' or 'cuda[:N]'", e.device)
-    require(e.threads >= 0, "engine.threads", "must be ≥ 0", e.threads)
+    require(0 <= e.threads <= MAX_THREADS, "engine.threads",
+            f"must be in [0, {MAX_THREADS}] (0 = torch's default)", e.threads)
     for target in cfg.report.targets:
-        require(math.isfinite(target), "report.targets", "entries must be finite numbers", target)
+        require(math.isfinite(target) and 0 <= target <= 1, "report.targets",
+                "entries must be fractions in [0, 1] (0.7 = 70 %), as the headline metric is",
+                target)
     for name in cfg.report.to:
         require(name in REPORTERS, "report.to", f"entries must be among {', '.join(REPORTERS)}",
                  name)
@@ -239,6 +250,20 @@ def phase_every(cfg: Config) -> int:
 
 
 MAX_EPSILON = 1000.0  # a larger ε promises nothing (e^1000 overflows a float) and stalls calibration
+
+
+#: the largest finite float32
+FLOAT32_MAX = 3.4028234663852886e38
+#: more intra-op threads than this is no setting (100,000 crashed torch's thread pool)
+MAX_THREADS = 1024
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: an undecodable byte of argv or a path
+        return False
+    return True
 
 
 def _number(v) -> bool:
