@@ -130,6 +130,23 @@ def test_fleet_csv_read_and_refused(tmp_path):
     assert read_fleet_csv(ok, 1) == [Device(1e9, 10, 2, 1.0)]
 
 
+def test_the_slowest_device_and_link_a_fleet_file_may_give(tmp_path):
+    write_fleet(tmp_path / "f.csv", [(1, 1e-6, 1e-6)])
+    assert read_fleet_csv(tmp_path / "f.csv", 1) == [Device(1.0, 1e-6, 1e-6, 1.0)]
+
+
+@pytest.mark.parametrize("sets,needle", [
+    (["fleet.profile=csv:~nosuchuser/f.csv"], "'fleet.profile' names the home folder of "
+                                             "'nosuchuser'"),
+    (["data.name=csv:~nosuchuser/x.csv"], "'data.name' names the home folder of 'nosuchuser'"),
+    (["model.name=~nosuchuser/m"], "'model.name' names the home folder of 'nosuchuser'"),
+    (["fleet.profile='csv:/tmp/a\u0000b'"], "'fleet.profile' must not hold a NUL character"),
+])
+def test_a_path_no_machine_could_open_is_a_one_line_config_error(capsys, sets, needle):
+    """They were tracebacks (Path.expanduser's RuntimeError, open's embedded null byte)."""
+    assert_config_error(capsys, sets, needle)
+
+
 def test_a_fleet_csv_path_may_start_with_a_tilde(tmp_path, monkeypatch, capsys):
     write_fleet(tmp_path / "f.csv", [(1e9, 10, 2), (2e9, 20, 4)])
     monkeypatch.setenv("HOME", str(tmp_path))
@@ -139,8 +156,14 @@ def test_a_fleet_csv_path_may_start_with_a_tilde(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("content,needle", [
     ("client,flops,down_mbps\n0,1e9,10\n", "lacks column(s) up_mbps"),
-    ("client,flops,down_mbps,up_mbps\n0,1e9,10,0\n", "up_mbps must be > 0"),
-    ("client,flops,down_mbps,up_mbps\n0,-1,10,2\n", "flops must be > 0"),
+    ("client,flops,down_mbps,up_mbps\n0,1e9,10,0\n", "up_mbps must be a number ≥ 1e-06 (1 bit/s)"),
+    ("client,flops,down_mbps,up_mbps\n0,-1,10,2\n", "flops must be a number ≥ 1 (1 FLOP/s)"),
+    # so slow that the simulated clock's times were infinite (Infinity written into JSON)
+    ("client,flops,down_mbps,up_mbps\n0,1e-310,10,2\n1,1e9,10,2\n", "column flops must be"),
+    ("client,flops,down_mbps,up_mbps\n0,1e9,1e-310,2\n1,1e9,10,2\n", "column down_mbps must"),
+    ("client,flops,down_mbps,up_mbps\n0,0.5,10,2\n1,1e9,10,2\n", "column flops must be"),
+    ("client,flops,down_mbps,up_mbps\n0,1e9,10,9e-7\n1,1e9,10,2\n", "column up_mbps must"),
+    ("client,flops,down_mbps,up_mbps\n0,1e9,9e-7,2\n1,1e9,10,2\n", "column down_mbps must"),
     ("client,flops,down_mbps,up_mbps\n0,1e9,10,x\n", "must be a number"),
     ("client,flops,down_mbps,up_mbps\n0,1e9,10,2\n", "no row for client 1"),
     ("client,flops,down_mbps,up_mbps\n", "no row for client 0"),  # a header alone

@@ -165,6 +165,12 @@ def draw_profile(name: str, num_clients: int, seed: int) -> list[Device]:
     return out
 
 
+#: the slowest device and link a fleet file may give: 1 FLOP/s, 1 bit/s. Slower is no device,
+#: and 1e-310 made every time of the simulated clock infinite (written as Infinity in JSON)
+FLOORS = {"flops": 1.0, "down_mbps": 1e-6, "up_mbps": 1e-6}
+FLOOR_UNITS = {"flops": "1 FLOP/s", "down_mbps": "1 bit/s", "up_mbps": "1 bit/s"}
+
+
 def read_fleet_csv(path: str | Path, num_clients: int) -> list[Device]:
     """One device per client from a CSV with columns ``client`` (0-based), ``flops``,
     ``down_mbps``, ``up_mbps`` and optionally ``availability`` (default 1); one-line
@@ -194,9 +200,10 @@ def read_fleet_csv(path: str | Path, num_clients: int) -> list[Device]:
                 else 1.0
         except (TypeError, ValueError):
             raise UserError(f"{where} line {i}: every value must be a number") from None
-        bad = [k for k, v in vals.items() if not (math.isfinite(v) and v > 0)]
+        bad = [k for k, v in vals.items() if not (math.isfinite(v) and v >= FLOORS[k])]
         if bad:
-            raise UserError(f"{where} line {i}: column {bad[0]} must be > 0, got {row[bad[0]]!r}")
+            raise UserError(f"{where} line {i}: column {bad[0]} must be a number ≥ "
+                            f"{FLOORS[bad[0]]:g} ({FLOOR_UNITS[bad[0]]}), got {row[bad[0]]!r}")
         if not 0 < avail <= 1:
             raise UserError(f"{where} line {i}: availability must be in (0, 1], got {avail}")
         if c < 0:

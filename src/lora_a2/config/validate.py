@@ -4,6 +4,7 @@ with that component and run in :mod:`lora_a2.checks`)."""
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import fields, is_dataclass
 from typing import Any
@@ -36,6 +37,16 @@ def validate(cfg: Config) -> None:
                 require(not isinstance(text, str) or _utf8(text), f"{sec.name}.{f.name}",
                         "must be text that UTF-8 can write (it holds an undecodable byte)",
                         text)
+                require(not isinstance(text, str) or "\0" not in text, f"{sec.name}.{f.name}",
+                        "must not hold a NUL character (no path or name can)", text)
+    for key, value in (("model.name", m.name), ("data.name", d.name),
+                       ("fleet.profile", cfg.fleet.profile)):
+        for part in re.split(r"[,:]", value):  # csv:PATH, csv:A,B, hf:NAME:CONFIG
+            if part.strip().startswith("~"):
+                user = part.strip()[1:].split("/", 1)[0]
+                require(os.path.expanduser(f"~{user}") != f"~{user}", key,
+                        f"names the home folder of '{user or '(you)'}', which this machine "
+                        f"does not know", value)
     require(0 <= cfg.seed < 2**63, "seed", "must be in [0, 2^63)", cfg.seed)  # torch's range
     require(m.max_length >= 8, "model.max_length", "must be ≥ 8", m.max_length)
     require(m.head in ("frozen", "trained"), "model.head", "must be 'frozen' or 'trained'", m.head)
