@@ -12,7 +12,7 @@ from lora_a2.cli import main
 from lora_a2.checks import load_config
 from lora_a2.errors import UserError
 from lora_a2.experiment import position_limit
-from lora_a2.models import (is_causal_lm_folder, load_base_model, tiny_random_bert,
+from lora_a2.models import (find_target_modules, is_causal_lm_folder, load_base_model, tiny_random_bert,
                              tiny_random_llama)
 from lora_a2.tasks.classification import Classification
 
@@ -53,6 +53,21 @@ def test_distilbert_gets_lora_on_its_blocks_not_its_pre_classifier(tmp_path):
     rt = ModelRuntime(cfg.model, 3, 4, 0, torch.device("cpu"), task=Classification(cfg))
     names = [m.name for m in rt.layout.modules]
     assert len(names) == 2 * 6 and not any("classifier" in n for n in names), names
+
+
+@pytest.mark.parametrize("targets,needle", [
+    (["classifier"], "'classifier' matches 'classifier', the model's output head"),
+    (["query", "classifier"], "the model's output head"),
+    (["query", "no_such_layer"], "no linear layer matches 'no_such_layer'"),
+])
+def test_target_modules_that_name_the_head_or_nothing_are_one_line_errors(targets, needle):
+    """The head was handed to PEFT, which refused it with its own error (a traceback)."""
+    model = tiny_random_bert(3, seed=0)[0]
+    with pytest.raises(UserError, match=needle.replace("(", r"\(")) as e:
+        find_target_modules(model, targets)
+    assert "\n" not in str(e.value)
+    assert [m.name for m in find_target_modules(model, ["query"])][0].endswith("query")
+    assert any(m.name == "bert.pooler.dense" for m in find_target_modules(model, ["pooler.dense"]))
 
 
 def test_a_gpt2_style_model_is_a_one_line_error(tmp_path):

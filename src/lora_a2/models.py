@@ -28,6 +28,8 @@ HEAD_NAMES = ("classifier", "score")
 #: parts of the model that never get LoRA: the head (DistilBERT's has a pre_classifier layer,
 #: which PEFT's SEQ_CLS task wraps as a head), the pooler, the embeddings
 _NOT_TARGETS = ("classifier", "pre_classifier", "score", "pooler", "embeddings", "lm_head")
+#: output heads: never LoRA targets, even when named (PEFT refuses, or keeps them whole)
+_HEADS = ("classifier", "score", "lm_head")
 
 
 @dataclass(frozen=True)
@@ -173,6 +175,10 @@ def find_target_modules(model: nn.Module, targets: list[str] | None = None) -> l
             hit = [t for t in targets if name == t or name.endswith("." + t)]
             if not hit:
                 continue
+            if name.split(".")[-1] in _HEADS:  # PEFT keeps a head whole (modules_to_save)
+                raise UserError(f"config key 'model.target_modules': {hit[0]!r} matches "
+                                f"'{name}', the model's output head, which gets no LoRA "
+                                f"(model.head = 'trained' trains it whole)")
             matched.update(hit)
         elif any(part in _NOT_TARGETS for part in name.split(".")):
             continue
