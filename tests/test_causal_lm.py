@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -455,6 +457,15 @@ def test_lora_a2_learns_and_the_adapter_reloads_with_peft(tmp_path, instr_json, 
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\xff\n"), encoding="utf-8"))
     assert main(["generate", str(out), "--max-new-tokens", "4"]) == 2
     assert "not UTF-8 text" in capsys.readouterr().err
+    # the same byte as a C-locale stdin or argv carries it (a lone surrogate): the tokenizer
+    # refused it with a TypeError
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"ok\n\xff\n"),
+                                                       encoding="utf-8",
+                                                       errors="surrogateescape"))
+    assert main(["generate", str(out), "--max-new-tokens", "4"]) == 2
+    assert "prompt 2 is not UTF-8 text" in capsys.readouterr().err
+    assert main(["generate", str(out), "-p", "\udcff", "--max-new-tokens", "4"]) == 2
+    assert "prompt 1 is not UTF-8 text" in capsys.readouterr().err
     # no prompt at all (empty stdin): one line and exit 2, not exit 0 with no answer
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
     assert main(["generate", str(out), "--max-new-tokens", "4"]) == 2
@@ -501,6 +512,14 @@ def test_generate_refuses_a_classification_run(tmp_path, synthetic_csv, capsys):
     assert main(["generate", str(out), "-p", "hi"]) == 2
     assert "generate needs a run of a task that generates text (causal-lm)" in \
         capsys.readouterr().err
+    # a fresh process, as a user runs it: generate imports only the causal-LM task, and the
+    # run's "classification" was named a task "not installed here"
+    got = subprocess.run([sys.executable, "-m", "lora_a2.cli", "generate", str(out), "-p", "hi"],
+                         capture_output=True, text=True, env={**os.environ,
+                                                              "OMP_NUM_THREADS": "1"})
+    assert got.returncode == 2 and got.stderr.count("\n") == 1, got.stderr
+    assert "is a classification run; generate needs a run of a task that generates text" in \
+        got.stderr
 
 
 def test_resume_after_kill_equals_uninterrupted(tmp_path, instr_json):

@@ -21,7 +21,7 @@ from .config import load_config
 from .errors import UserError
 from .models import _quiet_transformers, load_causal_lm, pick_device, position_limit
 from .precision import bf16_products_in_fp32, forward
-from .tasks import TASKS, resolve_task_name
+from .tasks import TASKS, resolve_task_name, task_names
 from .tasks.causal_lm import generate, prompt_ids
 
 
@@ -51,7 +51,7 @@ def load_trained(run_dir: Path, base_only: bool = False):
     # fleet file, nor a plugin strategy installed here
     cfg = load_config(run_dir / "config.toml")
     name = _trained_task(run_dir) or resolve_task_name(cfg)
-    if name not in TASKS:
+    if name not in task_names():  # every task registered, not only the one imported here
         raise UserError(f"run '{run_dir}' was trained for task '{name}', which is not "
                         f"installed here (tasks: {', '.join(sorted(TASKS))})")
     task = TASKS[name]
@@ -143,6 +143,12 @@ def main_generate(run_dir: Path, prompts: list[str], input_: str, max_new_tokens
                             f"byte {e.start})") from None
         if not prompts:
             raise UserError("no prompts: give them with -p, or one per line on standard input")
+    for i, prompt in enumerate(prompts):  # argv and stdin carry a byte UTF-8 cannot decode as
+        try:                              # a lone surrogate, which the tokenizer refuses
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UserError(f"prompt {i + 1} is not UTF-8 text (it holds an undecodable "
+                            f"byte)") from None
     for prompt, reply in zip(prompts, answer(model, tok, prompts, input_, max_new_tokens,
                                                 train.precision, train.bf16_matmul)):
         if as_json:
