@@ -147,6 +147,9 @@ def test_speed_command_reports_every_figure(tmp_path, capsys):
     assert "engine overhead" in printed and "probe=gradient" in printed
     assert "matmul peak" in printed
     assert main(["speed", "--clients", "x"]) == 2
+    for empty in (",", "", " , "):  # measured the default counts, for minutes
+        assert main(["speed", "--clients", empty]) == 2
+        assert "--clients expects at least one count" in capsys.readouterr().err
     assert main(["speed", "--probe-fraction", "0"]) == 2
 
 

@@ -287,6 +287,8 @@ def _cmd_speed(args: argparse.Namespace) -> int:
     except ValueError:
         raise UserError(f"--clients expects comma-separated integers, got '{args.clients}'") \
             from None
+    if not clients:  # "," or "" would measure the default counts instead
+        raise UserError(f"--clients expects at least one count, got '{args.clients}'")
     if args.repeats < 1 or args.local_epochs < 1 or any(c < 10 for c in clients):
         raise UserError("--repeats and --local-epochs must be ≥ 1 and every --clients value ≥ 10")
     if not 0.0 < args.probe_fraction <= 1.0:
