@@ -437,6 +437,11 @@ def test_bad_grid_shapes_and_out_folders_are_one_line_errors(tmp_path, capsys):
         "product = [{a = 1}]\n": "'product' must be a list of axis names",
         "[axes]\nx = [1]\n[[include]]\naxes = [['x']]\n":
             "an [[include]] block's 'axes' must be a list of axis names",
+        # a seed set anywhere but 'seeds' was silently replaced by the seeds list's
+        "[base]\nseed = 5\n": "'base' must be free of 'seed'",
+        "[axes]\nm = [{label = 'a', seed = 3}]\n": "axis 'm' must be free of 'seed'",
+        "[[include]]\n[include.overrides]\nseed = 2\n":
+            "an [[include]] block's 'overrides' must be free of 'seed'",
     }
     for text, message in cases.items():
         grid = tmp_path / "g.toml"

@@ -114,6 +114,10 @@ def _check_shapes(spec: str, grid: dict[str, Any]) -> None:
     values = [("'base'", grid["base"])] + [(f"axis '{a}'", v) for a, v in grid["axes"].items()] \
         + [("an [[include]] block's 'overrides'", inc.get("overrides", {})) for inc in include]
     for where, value in values:
+        tables = [value] if isinstance(value, dict) else [v for v in value if isinstance(v, dict)]
+        if any("seed" in t for t in tables):  # expand() sets it last: it would be ignored
+            raise bad(f"{where}", "free of 'seed' (each cell's seed comes from the grid's "
+                      "'seeds' list, e.g. seeds = [5])")
         odd = _not_a_config_value(value)
         if odd is not None:
             raise bad(f"{where}'s value {odd!r}", "a string, number, boolean or list of them "
