@@ -564,6 +564,13 @@ def test_resume_misuse(tmp_path, capsys):
     assert "no config.toml" in capsys.readouterr().err
     assert main(["run", "--resume", str(tmp_path), "--set", "seed=1"]) == 2
     assert "do not combine" in capsys.readouterr().err
+    # an empty folder name is the current folder to Path: it ran into runs/<time> (--out) or
+    # would resume whatever run the working directory is
+    for argv in (["run", "--out", ""], ["run", "--resume", " "], ["bench", "smoke", "--out", ""]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"{argv[-2]} needs a folder name, got an empty one" in err and \
+            err.count("\n") == 1, err
 
 
 def test_a_resume_continues_only_the_run_its_checkpoint_ran(tmp_path, synthetic_csv, capsys,

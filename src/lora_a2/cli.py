@@ -135,6 +135,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .launch import run
     from .runner import check_out_dir, resume_config
 
+    for flag, value in (("--out", args.out), ("--resume", args.resume)):
+        if value is not None and not value.strip():  # "" is "." to Path: the current folder
+            raise UserError(f"{flag} needs a folder name, got an empty one")
     if args.resume is not None:
         if args.config or args.set or args.out or args.overwrite:
             raise UserError("--resume DIR continues a run with its own config; "
@@ -155,6 +158,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench import (check_cells, expand, list_grid, load_grid, remaining_time, run_grid,
                         run_grid_workers, select)
 
+    if args.out is not None and not args.out.strip():
+        raise UserError("--out needs a folder name, got an empty one")
     grid = load_grid(args.grid)
     out = Path(args.out) if args.out else Path("benchmarks") / "results" / (
         grid["name"] + ("-smoke" if args.smoke else ""))
