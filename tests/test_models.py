@@ -70,6 +70,24 @@ def test_target_modules_that_name_the_head_or_nothing_are_one_line_errors(target
     assert any(m.name == "bert.pooler.dense" for m in find_target_modules(model, ["pooler.dense"]))
 
 
+@pytest.mark.parametrize("rank,ok", [(64, True), (65, False), (10**20, False)])
+def test_a_rank_past_every_side_of_every_layer_is_a_one_line_error(rank, ok):
+    """tiny-random-bert's longest layer side is 64 (intermediate); 10^20 was an allocator
+    traceback."""
+    cfg = load_config(None, ["model.name=tiny-random-bert"])
+
+    def build():
+        return ModelRuntime(cfg.model, 3, rank, 0, torch.device("cpu"),
+                            task=Classification(cfg))
+    if ok:
+        assert build().params
+        return
+    with pytest.raises(UserError, match=f"'strategy.global_rank': {rank} exceeds every side of "
+                                        f"every LoRA layer of 'tiny-random-bert' "
+                                        f"\\(at most 64\\)"):
+        build()
+
+
 def test_a_gpt2_style_model_is_a_one_line_error(tmp_path):
     _, tok = tiny_random_bert(3, seed=0)
     config = transformers.GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2,

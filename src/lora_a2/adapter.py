@@ -149,6 +149,11 @@ class ModelRuntime:
             from peft import LoraConfig, get_peft_model
 
             modules = find_target_modules(base, list(cfg.target_modules) or None)
+            widest = max(max(m.d_in, m.d_out) for m in modules)
+            if lora_rank > widest:  # no layer has a side that long: such a rank adds nothing
+                # but memory (a rank of 10^20 was a traceback from the allocator)
+                raise UserError(f"config key 'strategy.global_rank': {lora_rank} exceeds every "
+                                f"side of every LoRA layer of '{cfg.name}' (at most {widest})")
             self.peft_config = LoraConfig(
                 r=lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                 target_modules=[m.name for m in modules], task_type=task.peft_task_type)
