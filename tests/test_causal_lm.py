@@ -697,6 +697,21 @@ def test_bad_generate_and_task_flags_are_one_line_errors(capsys, args, needle):
     assert len(err.splitlines()) == 1 and needle in err, err
 
 
+def test_a_max_length_whose_encoded_data_outgrow_the_machine_is_a_one_line_error(tmp_path,
+                                                                               instr_json,
+                                                                               capsys):
+    """A RoPE decoder has no position table to bound model.max_length: 10^12 was an
+    allocator traceback (the data are padded to it)."""
+    args = ["run", "--quiet", "--out", str(tmp_path / "o"), "--set", f"data.name=json:{instr_json}"]
+    for item in [*LLAMA, "model.max_length=1000000000000"]:
+        args += ["--set", item]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "model.max_length = 1000000000000: the" in err and \
+        "lower model.max_length" in err, err
+    assert not (tmp_path / "o").exists()
+
+
 def test_an_alpaca_prompt_starts_with_the_tokenizer_s_own_bos_and_the_response_never_does():
     """A tokenizer without a chat template that puts a BOS before a text (Llama-2, Mistral, OPT
     base models): the prompt gets it, as the base model was trained with it and as plain HF

@@ -22,6 +22,7 @@ assistant's turn opened; without a template, an Alpaca-style ``### Instruction /
 from __future__ import annotations
 
 import math
+import os
 import re
 import string
 from typing import Any
@@ -129,6 +130,12 @@ class CausalLM(LearningTask):
                             f"(raise model.max_length)")
         kept = dataset.subset(np.asarray(keep))
         n = len(rows)
+        need = 3 * n * length * 8  # ids, mask and labels, int64, each padded to ``length``
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if need > ram:  # a model with no position table takes any max_length
+            raise UserError(f"model.max_length = {length}: the {n} encoded {split} examples "
+                            f"would need {need / 1e9:.3g} GB, more than this machine's "
+                            f"{ram / 1e9:.3g} GB; lower model.max_length")
         ids = torch.full((n, length), int(tokenizer.pad_token_id), dtype=torch.long)
         att = torch.zeros((n, length), dtype=torch.long)
         labels = torch.full((n, length), IGNORE, dtype=torch.long)
