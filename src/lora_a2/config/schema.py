@@ -272,7 +272,7 @@ class EngineConfig:
     device: str = "auto"
     """`auto` (CUDA when present), `cpu`, `cuda`, `cuda:N`."""
     threads: int = 0
-    """torch CPU threads; 0 = torch's default."""
+    """torch CPU threads (at most 1024); 0 = torch's default."""
     num_workers: int = 0
     """flower: ClientApp worker processes (Ray actors); 0 = min(CPU cores, clients per round)."""
     round_timeout_s: float = 3600.0
@@ -360,7 +360,7 @@ class ReportConfig:
     """`mlflow`: the experiment the run is logged under."""
     targets: list[float] = field(default_factory=list)
     """Values of the task's headline metric (as metrics.jsonl records it: accuracy and ROUGE-L
-    as fractions, e.g. 0.7 = 70 %) whose first reaching the summary reports in
+    as fractions in [0, 1], e.g. 0.7 = 70 %) whose first reaching the summary reports in
     `time_to_target`: the round, the simulated time (with a `fleet`), the upload and the wall
     time it took. Empty (default) = none."""
     references: list[str] = field(default_factory=lambda: ["fedavg-full", "fl-lora"])
