@@ -95,8 +95,6 @@ def test_toml_file_and_overrides(tmp_path):
     (["strategy.lr=-3.5e38"], "'strategy.lr' must fit in float32"),
     (["engine.threads=100000"], "'engine.threads' must be in [0, 1024]"),
     (["engine.threads=100000000000000000000"], "'engine.threads' must be in [0, 1024]"),
-    (["report.targets=[70]"], "'report.targets' entries must be fractions in [0, 1]"),
-    (["report.targets=[0.5, -1]"], "'report.targets' entries must be fractions in [0, 1]"),
     # argv's undecodable byte (a lone surrogate): config.toml could not be written
     (["report.mlflow_experiment=\udcff"], "'report.mlflow_experiment' must be text that UTF-8"),
     (["data.name=csv:/tmp/x\udcff.csv"], "'data.name' must be text that UTF-8"),
@@ -106,6 +104,25 @@ def test_bad_values_are_one_line_errors(sets, needle):
     with pytest.raises(UserError) as e:
         load_config(None, sets)
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("sets,needle", [
+    (["report.targets=[70]"], "'report.targets' entries must be within task 'classification''s "
+                              "accuracy range [0, 1] (0.7 = 70 %), got 70.0"),
+    (["report.targets=[0.5, -1]"], "range [0, 1]"),
+    (["model.name=tiny-random-llama", "data.name=chatterbot", "report.targets=[1.5]"],
+     "task 'causal-lm''s rouge_l range [0, 1]"),
+])
+def test_targets_outside_the_task_s_metric_range_are_refused(capsys, sets, needle):
+    """70 (for 70 %) could never be reached, -1 is reached at once."""
+    assert_config_error(capsys, sets, needle)
+
+
+def test_a_task_with_an_unbounded_metric_takes_any_target(monkeypatch):
+    from lora_a2.tasks import TASKS
+
+    monkeypatch.setattr(TASKS["classification"], "metric_range", None)
+    assert load_config(None, ["report.targets=[70]"]).report.targets == [70.0]
 
 
 def test_a_noise_multiplier_the_accountant_cannot_account_is_refused_by_the_config_checks(

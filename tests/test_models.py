@@ -56,8 +56,8 @@ def test_distilbert_gets_lora_on_its_blocks_not_its_pre_classifier(tmp_path):
 
 
 @pytest.mark.parametrize("targets,needle", [
-    (["classifier"], "'classifier' matches 'classifier', the model's output head"),
-    (["query", "classifier"], "the model's output head"),
+    (["classifier"], "'classifier' matches only 'classifier', in the model's output head"),
+    (["query", "classifier"], "in the model's output head"),
     (["query", "no_such_layer"], "no linear layer matches 'no_such_layer'"),
 ])
 def test_target_modules_that_name_the_head_or_nothing_are_one_line_errors(targets, needle):
@@ -68,6 +68,20 @@ def test_target_modules_that_name_the_head_or_nothing_are_one_line_errors(target
     assert "\n" not in str(e.value)
     assert [m.name for m in find_target_modules(model, ["query"])][0].endswith("query")
     assert any(m.name == "bert.pooler.dense" for m in find_target_modules(model, ["pooler.dense"]))
+
+
+def test_a_target_that_also_matches_a_layer_inside_the_head_skips_that_layer():
+    """RoBERTa's head is classifier.dense + classifier.out_proj: target "dense" means the
+    encoder's dense layers, not the head's (PEFT keeps the head whole)."""
+    model = tiny_random_bert(3, seed=0)[0]
+    model.classifier = torch.nn.Sequential()  # a head with layers inside, as RoBERTa's
+    model.classifier.dense = torch.nn.Linear(32, 32)
+    model.classifier.out_proj = torch.nn.Linear(32, 3)
+    names = [m.name for m in find_target_modules(model, ["dense"])]
+    assert names and not any(n.startswith("classifier") for n in names)
+    assert "bert.pooler.dense" in names
+    with pytest.raises(UserError, match="'out_proj' matches only 'classifier.out_proj'"):
+        find_target_modules(model, ["out_proj"])
 
 
 @pytest.mark.parametrize("rank,ok", [(64, True), (65, False), (10**20, False)])

@@ -603,6 +603,9 @@ def test_a_resume_continues_only_the_run_its_checkpoint_ran(tmp_path, synthetic_
     assert err.count("\n") == 0 and "data read now differ" in err, err
     assert _snapshot(out) == before
     monkeypatch.chdir(home)
+    # where it runs and what it reports to may change (engine.*, report.*)
+    assert "threads = 1" in toml
+    (out / "config.toml").write_text(toml.replace("threads = 1", "threads = 2"))
     assert main(["run", "--quiet", "--resume", str(out)]) == 0
     assert [r["round"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2]
 

@@ -178,9 +178,9 @@ def data_digest(exp: Experiment) -> str:
         for t in (enc.input_ids, enc.attention_mask, enc.labels):
             t = t.detach().cpu().contiguous()
             h.update(f"{tuple(t.shape)}{t.dtype}".encode())
-            h.update(t.numpy().tobytes())
+            h.update(t.numpy())  # the buffer itself, not a copy of it
     for idx in [*exp.client_train, *exp.client_test]:
         arr = np.asarray(idx, dtype=np.int64)
         h.update(f"|{len(arr)}|".encode())
-        h.update(arr.tobytes())
+        h.update(arr)
     return h.hexdigest()

@@ -168,6 +168,7 @@ def find_target_modules(model: nn.Module, targets: list[str] | None = None) -> l
     """
     found: list[LoraModule] = []
     matched: set[str] = set()
+    heads: dict[str, str] = {}  # target → a head layer it matched (and nothing else, if missing)
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.Linear):
             continue
@@ -175,16 +176,22 @@ def find_target_modules(model: nn.Module, targets: list[str] | None = None) -> l
             hit = [t for t in targets if name == t or name.endswith("." + t)]
             if not hit:
                 continue
-            if name.split(".")[-1] in _HEADS:  # PEFT keeps a head whole (modules_to_save)
-                raise UserError(f"config key 'model.target_modules': {hit[0]!r} matches "
-                                f"'{name}', the model's output head, which gets no LoRA "
-                                f"(model.head = 'trained' trains it whole)")
+            if any(part in _HEADS for part in name.split(".")):  # a head or a layer inside
+                # one (RoBERTa's classifier.dense): PEFT keeps heads whole (modules_to_save)
+                heads.update({t: name for t in hit})
+                continue
             matched.update(hit)
         elif any(part in _NOT_TARGETS for part in name.split(".")):
             continue
         found.append(LoraModule(name, mod.in_features, mod.out_features))
     if targets:
         missing = [t for t in targets if t not in matched]
+        only_heads = [t for t in missing if t in heads]
+        if only_heads:
+            t = only_heads[0]
+            raise UserError(f"config key 'model.target_modules': {t!r} matches only "
+                            f"'{heads[t]}', in the model's output head, which gets no LoRA "
+                            f"(model.head = 'trained' trains it whole)")
         if missing:
             raise UserError(f"config key 'model.target_modules': no linear layer matches "
                             f"{', '.join(repr(m) for m in missing)}")

@@ -285,8 +285,10 @@ def check_config(cfg: Config) -> None:
         return
     if p.selection == "private" and p.epsilon is not None:
         dp.check_selection_floor(dp.plan_builder(p, t.rounds, 1.0), float(p.epsilon), t.rounds)
-    if p.noise_multiplier is not None:  # every ε the run will report must be a number
-        resolve_plan(cfg)
+    if p.noise_multiplier is not None:  # every ε the run will report must be a number (the
+        # accountant counts every round at q = 1: the sample rate, unknown before a natural
+        # partition draws its clients, does not enter it)
+        dp.resolve(p, t.rounds, 1.0)
     refusal = cls.dp_refusal(p.mode)
     if refusal:
         ok = sorted(n for n, c in REGISTRY.items() if not c.dp_refusal(p.mode))

@@ -182,11 +182,17 @@ def run_identity(cfg: Config, exp: Experiment) -> dict[str, str]:
     return {"config": cfg.to_toml(), "data_sha256": data_digest(exp)}
 
 
+#: config sections a resumed run may change in its config.toml: where it runs and what it
+#: reports to (a moved tracking server, another device), never what it computes
+RESUMABLE_EDITS = ("engine.", "report.")
+
+
 def check_same_run(identity: dict[str, str], out: Path) -> None:
     """Refuse to resume ``out`` as another run than its checkpoint's: a ``config.toml`` edited
-    since the run started (its rounds so far ran under the old values), or data that differ
-    from what it trained on (a changed file; a relative path now read from another folder).
-    A checkpoint written before these were kept is trusted as before."""
+    since the run started (its rounds so far ran under the old values; ``engine.*`` and
+    ``report.*`` may change), or data that differ from what it trained on (a changed file; a
+    relative path now read from another folder; another tokenizer version). A checkpoint
+    written before these were kept is trusted as before."""
     saved = checkpoint_identity(out)
     if "config" in saved:
         try:
@@ -195,18 +201,19 @@ def check_same_run(identity: dict[str, str], out: Path) -> None:
             raise UserError(f"checkpoint '{Path(out) / 'checkpoint.safetensors'}' is "
                             f"unreadable; cannot resume this run") from None
         now = config_from_dict(tomllib.loads(identity["config"]))
-        diff = differences(now, started)
+        diff = [d for d in differences(now, started) if not d[0].startswith(RESUMABLE_EDITS)]
         if diff:
             k, mine, theirs = diff[0]
             more = f" (and {len(diff) - 1} more)" if len(diff) > 1 else ""
             raise UserError(f"cannot resume '{out}': its config.toml has '{k}' = {mine!r}, but "
-                            f"the run started with {theirs!r}{more} (edited since?); restore it, "
-                            f"or start the run again (--overwrite)")
+                            f"the run started with {theirs!r}{more} (edited since? only engine.* "
+                            f"and report.* may change); restore it, or start the run again "
+                            f"(--overwrite)")
     if saved.get("data_sha256", identity["data_sha256"]) != identity["data_sha256"]:
         raise UserError(f"cannot resume '{out}': the data read now differ from those it "
-                        f"trained on (a changed file, or a relative path read from another "
-                        f"folder?); resume from where it started, or start it again "
-                        f"(--overwrite)")
+                        f"trained on (a changed file, a relative path read from another "
+                        f"folder, or another tokenizers/transformers version?); resume from "
+                        f"where it started, or start it again (--overwrite)")
 
 
 def check_flower_resume(cfg: Config, strategy, out: Path) -> None:

@@ -58,7 +58,14 @@ def check_config(cfg: Config) -> None:
         raise UserError(f"config key 'task.name' must be 'auto' or one of {', '.join(names)}, "
                         f"got {t.name!r}")
     resolved = resolve_task_name(cfg)
-    TASKS[resolved](cfg).check(cfg)  # a model or dataset of another task: one line, here
+    task = TASKS[resolved]
+    bounds = task.metric_range
+    for target in cfg.report.targets if bounds is not None else ():
+        if not bounds[0] <= target <= bounds[1]:
+            raise UserError(f"config key 'report.targets' entries must be within task "
+                            f"'{resolved}''s {task.metric} range [{bounds[0]:g}, {bounds[1]:g}] "
+                            f"(0.7 = 70 %), got {target!r}")
+    task(cfg).check(cfg)  # a model or dataset of another task: one line, here
 
 
 __all__ = ["TASKS", "check_config", "LearningTask", "get_task", "load_all", "register_task",

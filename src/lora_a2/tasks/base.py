@@ -45,6 +45,9 @@ class LearningTask(ABC):
     metric: ClassVar[str]
     #: the headline metric's direction (``report.targets`` are reached from below when True)
     metric_higher_is_better: ClassVar[bool] = True
+    #: the headline metric's range (``report.targets`` outside it are refused: 70 for 70 %
+    #: could never be reached); None = unbounded (a loss, say)
+    metric_range: ClassVar[tuple[float, float] | None] = (0.0, 1.0)
     #: how plots and the console name it
     metric_label: ClassVar[str]
     #: (metrics key, axis label, scale) of each plot in ``DIR/plots/``

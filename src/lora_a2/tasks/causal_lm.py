@@ -131,8 +131,11 @@ class CausalLM(LearningTask):
         kept = dataset.subset(np.asarray(keep))
         n = len(rows)
         need = 3 * n * length * 8  # ids, mask and labels, int64, each padded to ``length``
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        if need > ram:  # a model with no position table takes any max_length
+        try:
+            ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (AttributeError, ValueError, OSError):  # no sysconf (Windows): not checked
+            ram = 0
+        if 0 < ram < need:  # a model with no position table takes any max_length
             raise UserError(f"model.max_length = {length}: the {n} encoded {split} examples "
                             f"would need {need / 1e9:.3g} GB, more than this machine's "
                             f"{ram / 1e9:.3g} GB; lower model.max_length")
