@@ -187,7 +187,7 @@ def run_identity(cfg: Config, exp: Experiment) -> dict[str, str]:
 RESUMABLE_EDITS = ("engine.", "report.")
 
 
-def check_same_run(identity: dict[str, str], out: Path) -> None:
+def check_same_run(cfg: Config, identity: dict[str, str], out: Path) -> None:
     """Refuse to resume ``out`` as another run than its checkpoint's: a ``config.toml`` edited
     since the run started (its rounds so far ran under the old values; ``engine.*`` and
     ``report.*`` may change), or data that differ from what it trained on (a changed file; a
@@ -200,8 +200,7 @@ def check_same_run(identity: dict[str, str], out: Path) -> None:
         except (tomllib.TOMLDecodeError, UserError):
             raise UserError(f"checkpoint '{Path(out) / 'checkpoint.safetensors'}' is "
                             f"unreadable; cannot resume this run") from None
-        now = config_from_dict(tomllib.loads(identity["config"]))
-        diff = [d for d in differences(now, started) if not d[0].startswith(RESUMABLE_EDITS)]
+        diff = [d for d in differences(cfg, started) if not d[0].startswith(RESUMABLE_EDITS)]
         if diff:
             k, mine, theirs = diff[0]
             more = f" (and {len(diff) - 1} more)" if len(diff) > 1 else ""
@@ -292,7 +291,7 @@ def _run_experiment(cfg: Config, out: Path, *, overwrite: bool, progress: bool, 
     if resume:
         check_resumable(out, ckpt[0] if ckpt is not None else None, server_log=withholds)
         if ckpt is not None:
-            check_same_run(identity, out)  # before anything in the folder changes
+            check_same_run(cfg, identity, out)  # before anything in the folder changes
             check_flower_resume(cfg, strategy, out)
     ledger = ReleaseLedger(out / LEDGER_FILE) \
         if private is not None and not private.plan.rebuildable else None
